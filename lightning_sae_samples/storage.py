@@ -1,0 +1,282 @@
+"""The samples directory: the seed tool's JSON layout plus a full-state file, written atomically.
+
+A save writes every new file into ``.pending/`` first, then an atomic ``COMMIT`` record, then moves
+the files into place. A crash before ``COMMIT`` leaves the previous save untouched; a crash after it
+leaves a complete new save that :func:`read_samples_dir` (and the next writer) picks up. See
+``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from lightning_sae_samples.collector import FORMAT_VERSION
+from lightning_sae_samples.statistics import feature_statistics, rank_features, run_summary
+from lightning_sae_samples.tokens import TokenDecoder
+
+SUMMARY_NAME = "collection_summary.json"
+FULL_STATE_NAME = "full_state.pt"
+REPORT_NAME = "interpretability_report.md"
+PENDING_DIR = ".pending"
+COMMIT_NAME = "COMMIT"
+_FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
+
+PathLike = Union[str, os.PathLike]
+
+
+class SamplesDirectoryError(ValueError):
+    """A samples directory is missing, empty, corrupt or of an unknown format version."""
+
+
+def feature_filename(feature_idx: int) -> str:
+    """File name of one feature's samples."""
+    return f"feature_{int(feature_idx):05d}_samples.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write strict JSON (no NaN/Infinity) atomically."""
+    text = json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_torch_save(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sample_records(state: dict, feature_idx: int, limit: int, decoder: TokenDecoder) -> list[dict]:
+    """The top ``limit`` samples of one latent as JSON records (``decoder`` must be prepared)."""
+    half = int(state["half_window"])
+    values = state["top_values"][feature_idx, :limit]
+    kept = int(torch.isfinite(values).sum())
+    windows = state["top_context_tokens"][feature_idx, :kept].tolist()
+    acts = state["top_context_acts"][feature_idx, :kept].tolist()
+    steps = state["top_step"][feature_idx, :kept].tolist()
+    positions = state["top_position"][feature_idx, :kept].tolist()
+    records = []
+    for value, window, act, step, position in zip(values[:kept].tolist(), windows, acts, steps, positions):
+        start = next(i for i, t in enumerate(window) if t >= 0)
+        stop = max(i for i, t in enumerate(window) if t >= 0) + 1
+        context = window[start:stop]
+        centre = half - start
+        records.append(
+            {
+                "feature_idx": int(feature_idx),
+                "activation_value": value,
+                "step": step,
+                "position": position,
+                "tokens": context[max(0, centre - 1) : centre + 1],
+                "text": decoder.token_str(context[centre]),
+                "context_tokens": context,
+                "context_text": decoder.context_text(context),
+                "context_token_strs": [decoder.token_str(t) for t in context],
+                "context_activations": act[start:stop],
+                "context_position": centre,
+            }
+        )
+    return records
+
+
+def _recover(dirpath: Path) -> None:
+    pending = dirpath / PENDING_DIR
+    if not pending.exists():
+        return
+    commit = pending / COMMIT_NAME
+    if commit.exists():
+        _apply_commit(dirpath, json.loads(commit.read_text()))
+    shutil.rmtree(pending, ignore_errors=True)
+
+
+def _apply_commit(dirpath: Path, record: dict) -> None:
+    pending = dirpath / PENDING_DIR
+    for name in record["files"]:
+        if (pending / name).exists():
+            os.replace(pending / name, dirpath / name)
+    for name in record["remove"]:
+        (dirpath / name).unlink(missing_ok=True)
+    (pending / COMMIT_NAME).unlink(missing_ok=True)
+
+
+def write_samples_dir(
+    dirpath: PathLike,
+    state: dict,
+    *,
+    config: dict,
+    tokenizer: Any,
+    top_features: int,
+    samples_per_feature: int,
+    rank_by: str,
+    global_step: int,
+    before_commit: Optional[Callable[[Path], None]] = None,
+) -> list[int]:
+    """Write the samples directory for a merged collector state, atomically.
+
+    Args:
+        dirpath: Target directory (created if missing).
+        state: A merged collector state dict (CPU tensors).
+        config: The callback's configuration, recorded in the summary.
+        tokenizer: Tokenizer object or ``None``.
+        top_features: How many features get a feature file.
+        samples_per_feature: Samples written per feature file.
+        rank_by: Ranking used to choose and order the saved features.
+        global_step: Trainer step at save time.
+        before_commit: Called with the pending directory once every new file is complete (tests use it
+            to simulate a crash).
+
+    Returns:
+        The saved feature indices, in rank order.
+    """
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    _recover(dirpath)
+    pending = dirpath / PENDING_DIR
+    pending.mkdir()
+
+    ranked = rank_features(state, rank_by, top_features).tolist()
+    decoder = TokenDecoder(tokenizer)
+    if ranked:
+        windows = state["top_context_tokens"][ranked, :samples_per_feature]
+        decoder.prepare(windows[windows >= 0].unique().tolist())
+
+    names = []
+    entries = []
+    for idx in ranked:
+        stats = feature_statistics(state, idx)
+        name = feature_filename(idx)
+        atomic_write_json(
+            pending / name,
+            {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)},
+        )
+        names.append(name)
+        entries.append(
+            {
+                "feature_idx": idx,
+                "max_activation": stats["max_activation"],
+                "num_samples": stats["num_samples"],
+                "activation_count": stats["activation_count"],
+                "frequency": stats["frequency"],
+                "mean_activation": stats["mean_activation"],
+                "file": name,
+            }
+        )
+    summary = {"format_version": FORMAT_VERSION, "global_step": int(global_step), **run_summary(state)}
+    summary["config"] = config
+    summary["top_features_by_activation"] = entries
+    atomic_write_json(pending / SUMMARY_NAME, summary)
+    _atomic_torch_save(pending / FULL_STATE_NAME, state)
+
+    keep = set(names)
+    stale = sorted(p.name for p in dirpath.iterdir() if _FEATURE_FILE.match(p.name) and p.name not in keep)
+    if before_commit is not None:
+        before_commit(pending)
+    record = {"files": [*names, FULL_STATE_NAME, SUMMARY_NAME], "remove": stale}
+    atomic_write_json(pending / COMMIT_NAME, record)
+    _apply_commit(dirpath, record)
+    shutil.rmtree(pending, ignore_errors=True)
+    return ranked
+
+
+@dataclass
+class SamplesDirectory:
+    """What a samples directory holds, with an interrupted commit already resolved.
+
+    Attributes:
+        path: The directory.
+        summary: Parsed ``collection_summary.json``.
+        feature_files: Feature index to the file holding its samples.
+        full_state_path: The full-state file, if present.
+    """
+
+    path: Path
+    summary: dict
+    feature_files: dict[int, Path]
+    full_state_path: Optional[Path]
+
+
+def _visible_files(dirpath: Path) -> dict[str, Path]:
+    files = {p.name: p for p in dirpath.iterdir() if p.is_file() and not p.name.startswith(".")}
+    commit = dirpath / PENDING_DIR / COMMIT_NAME
+    if commit.exists():
+        record = load_json(commit)
+        for name in record.get("remove", []):
+            files.pop(name, None)
+        for name in record.get("files", []):
+            candidate = dirpath / PENDING_DIR / name
+            if candidate.exists():
+                files[name] = candidate
+    return files
+
+
+def load_json(path: Path) -> Any:
+    """Read a JSON file, raising :class:`SamplesDirectoryError` naming the path if it is corrupt."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SamplesDirectoryError(f"Cannot read {path}: {err}. The file is corrupt or unreadable.") from err
+
+
+def read_samples_dir(path: PathLike) -> SamplesDirectory:
+    """Open a samples directory without modifying it.
+
+    Raises:
+        SamplesDirectoryError: The directory is missing, holds no samples, is corrupt, or was written
+            by an incompatible version.
+    """
+    dirpath = Path(path)
+    if not dirpath.is_dir():
+        raise SamplesDirectoryError(
+            f"Samples directory {dirpath} does not exist. Pass the `dirpath` the callback wrote to"
+            " (default: <log_dir>/activation_samples)."
+        )
+    files = _visible_files(dirpath)
+    if SUMMARY_NAME not in files:
+        raise SamplesDirectoryError(
+            f"{dirpath} holds no samples: {SUMMARY_NAME} is missing. A run writes it at each checkpoint"
+            " and at the end of training."
+        )
+    summary = load_json(files[SUMMARY_NAME])
+    if not isinstance(summary, dict) or "format_version" not in summary:
+        raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} has no `format_version`; it is not a samples summary.")
+    if summary["format_version"] != FORMAT_VERSION:
+        raise SamplesDirectoryError(
+            f"{files[SUMMARY_NAME]} has format_version {summary['format_version']}, this version reads"
+            f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
+        )
+    features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.match(name))}
+    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME))
+
+
+def load_full_state(path: PathLike) -> dict:
+    """Load a full-state file safely (tensors only, no pickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
+
+
+def iter_feature_indices(directory: SamplesDirectory) -> Iterable[int]:
+    """Saved feature indices in the summary's rank order."""
+    return [int(e["feature_idx"]) for e in directory.summary.get("top_features_by_activation", [])]
