@@ -31,6 +31,7 @@ HISTOGRAM_MIN_FLOOR = 1e-3
 
 _TOP_FIELDS = ("top_values", "top_step", "top_order", "top_position", "top_context_tokens", "top_context_acts")
 _STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
+PER_LATENT_FIELDS = (*_TOP_FIELDS, *_STAT_FIELDS)
 
 
 def histogram_edges(threshold: float, num_bins: int = HISTOGRAM_BINS) -> Tensor:
@@ -290,8 +291,8 @@ class SampleCollector:
         return torch.isfinite(self.top_values).sum(1)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """All state as CPU tensors and plain numbers (loadable with ``torch.load(weights_only=True)``)."""
+    def tensors(self) -> dict:
+        """The state as a dict of the live tensors (no copy, on the state's device) and plain numbers."""
         cfg = self.config
         state = {
             "format_version": FORMAT_VERSION,
@@ -300,21 +301,25 @@ class SampleCollector:
             "context_size": cfg.context_size,
             "half_window": cfg.half_window,
             "threshold": cfg.threshold,
-            "hist_edges": self.hist_edges.clone(),
-            "tokens_seen": self.tokens_seen.cpu(),
-            "nonfinite_skipped": self.nonfinite_skipped.cpu(),
+            "hist_edges": self.hist_edges,
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_skipped": self.nonfinite_skipped,
             "steps_collected": self.steps_collected,
             "first_collected_step": self.first_collected_step,
             "last_collected_step": self.last_collected_step,
         }
-        for name in (*_TOP_FIELDS, *_STAT_FIELDS):
-            state[name] = getattr(self, name).cpu()
+        for name in PER_LATENT_FIELDS:
+            state[name] = getattr(self, name)
         return state
+
+    def state_dict(self) -> dict:
+        """A copy of the state on the CPU (loadable with ``torch.load(weights_only=True)``)."""
+        return {k: v.to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in self.tensors().items()}
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
         """Rebuild a collector from :meth:`state_dict` output, on ``device``."""
-        missing = [k for k in ("num_latents", "max_samples", *_TOP_FIELDS, *_STAT_FIELDS) if k not in state]
+        missing = [k for k in ("num_latents", "max_samples", *PER_LATENT_FIELDS) if k not in state]
         if missing:
             raise ValueError(f"Collector state is missing {missing}; it was not written by this version.")
         config = CollectorConfig(
@@ -327,7 +332,7 @@ class SampleCollector:
         collector.config = config
         collector.hist_edges = state["hist_edges"].to(torch.float64).cpu()
         collector._inner_edges = collector.hist_edges[1:-1].to(device=device, dtype=torch.float32)
-        for name in (*_TOP_FIELDS, *_STAT_FIELDS):
+        for name in PER_LATENT_FIELDS:
             setattr(collector, name, state[name].to(device).clone())
         collector.tokens_seen = torch.as_tensor(state["tokens_seen"], dtype=torch.int64).to(device)
         collector.nonfinite_skipped = torch.as_tensor(state["nonfinite_skipped"], dtype=torch.int64).to(device)
@@ -363,7 +368,7 @@ def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
     check_compatible(a, b)
     sel = slice(None) if latents is None else latents
     k = int(a["max_samples"])
-    merged = {key: value for key, value in a.items() if not isinstance(value, Tensor)}
+    merged = {}
     values = torch.cat([a["top_values"][sel], b["top_values"][sel]], dim=1)
     step = torch.cat([a["top_step"][sel], b["top_step"][sel]], dim=1)
     order = torch.cat([a["top_order"][sel], b["top_order"][sel]], dim=1)
@@ -383,7 +388,13 @@ def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
         (first_a == EMPTY) | ((first_b != EMPTY) & (first_b < first_a)), first_b, first_a
     )
     merged["last_step"] = torch.maximum(a["last_step"][sel], b["last_step"][sel])
-    merged["hist_edges"] = a["hist_edges"]
+    merged.update(merge_counters(a, b))
+    return merged
+
+
+def merge_counters(a: dict, b: dict) -> dict:
+    """Merge the run-level entries of two states (everything that is not per latent)."""
+    merged = {key: value for key, value in a.items() if key not in PER_LATENT_FIELDS}
     merged["tokens_seen"] = a["tokens_seen"] + b["tokens_seen"]
     merged["nonfinite_skipped"] = a["nonfinite_skipped"] + b["nonfinite_skipped"]
     merged["steps_collected"] = max(int(a["steps_collected"]), int(b["steps_collected"]))

@@ -1,0 +1,100 @@
+"""Small synthetic SAEs and data for driving a real Trainer in tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from oracle import Seen
+
+
+class TokenDataset(Dataset):
+    """Fixed random token sequences, as dicts ``{"tokens": LongTensor[T]}``."""
+
+    def __init__(self, num_sequences: int = 24, seq_len: int = 9, vocab: int = 30, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (num_sequences, seq_len), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"tokens": self.tokens[i]}
+
+
+def latent_table(vocab: int, num_latents: int, seed: int = 1) -> torch.Tensor:
+    """Per-token latent values on a 0.5 grid (ties and values equal to 0.5), with dead latents 0 and 1."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.round(torch.randn(vocab, num_latents, generator=gen) * 3) / 2
+    table[:, :2] = 0.0
+    return table
+
+
+class SyntheticSAE(L.LightningModule):
+    """Latents are a fixed function of the tokens plus a position term; records what it returned.
+
+    ``mode``: ``"dense"`` ([B,T,F]), ``"flat"`` ([B*T,F]) or ``"sparse"`` (top-``k`` indices and values).
+    """
+
+    def __init__(self, vocab: int = 30, num_latents: int = 10, mode: str = "dense", k: int = 3,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.mode, self.k, self.num_latents = mode, k, num_latents
+        self.latent_dtype = dtype
+        self.register_buffer("table", latent_table(vocab, num_latents), persistent=False)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[Seen] = []
+        self._row_offset: dict[int, int] = {}
+
+    def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
+        return self.table[tokens] + 0.5 * pos.view(1, -1, 1)
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch["tokens"]
+        lat = (self.latents_for(tokens) * self.scale).to(self.latent_dtype)
+        loss = (self.scale - 1.0) ** 2 + 0.0 * lat.float().sum()
+        step = self.trainer.global_step
+        offset = self._row_offset.get(step, 0)
+        self._row_offset[step] = offset + tokens.shape[0]
+        out = {"loss": loss}
+        if self.mode == "sparse":
+            vals, idx = torch.topk(lat, self.k, dim=-1)
+            dense = torch.zeros_like(lat).scatter(-1, idx, vals)
+            out.update(latent_indices=idx, latent_values=vals)
+        else:
+            dense = lat
+            out["latents"] = lat if self.mode == "dense" else lat.reshape(-1, lat.shape[-1])
+        self.seen.append(Seen(step, self.global_rank, offset, tokens.detach().cpu(), dense.detach().float().cpu()))
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(dataset: Dataset | None = None, batch_size: int = 4) -> DataLoader:
+    return DataLoader(dataset or TokenDataset(), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def read_dir(path: Path) -> dict[str, object]:
+    """Every JSON file of a samples directory, parsed, and the full state."""
+    out: dict[str, object] = {}
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix == ".json":
+            out[file.name] = json.loads(file.read_text())
+        elif file.name == "full_state.pt":
+            out[file.name] = torch.load(file, weights_only=True)
+    return out

@@ -1,0 +1,189 @@
+import json
+
+import pytest
+import torch
+from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from oracle import assert_feature_file_matches, oracle
+
+from lightning_sae_samples import ActivationSampleCallback
+from lightning_sae_samples.schedule import CollectionSchedule
+
+F, K, CTX, THR = 10, 4, 4, 0.5
+
+
+def make_callback(tmp_path, **kwargs):
+    args = dict(collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
+                top_features_to_save=F, samples_per_feature_to_save=K, dirpath=tmp_path / "samples")
+    args.update(kwargs)
+    return ActivationSampleCallback(**args)
+
+
+def collected(module, schedule):
+    return [s for s in module.seen if CollectionSchedule(schedule).is_due(s.step)]
+
+
+def check_against_oracle(dirpath, seen, n=K):
+    files = read_dir(dirpath)
+    summary = files["collection_summary.json"]
+    feats = oracle(seen, F, K, CTX, THR)
+    tokens_seen = sum(s.tokens.numel() for s in seen)
+    assert summary["tokens_seen"] == tokens_seen
+    assert summary["steps_collected"] == len({s.step for s in seen})
+    alive = [f for f, feat in feats.items() if feat.count]
+    assert summary["alive_features"] == len(alive)
+    assert summary["never_fired_features"] == F - len(alive)
+    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
+    saved = {e["feature_idx"] for e in summary["top_features_by_activation"]}
+    assert saved == set(alive)
+    ranked = [e["max_activation"] for e in summary["top_features_by_activation"]]
+    assert ranked == sorted(ranked, reverse=True)
+    for f in alive:
+        assert_feature_file_matches(files[f"feature_{f:05d}_samples.json"], feats[f], tokens_seen, n)
+    for f in set(range(F)) - set(alive):
+        assert f"feature_{f:05d}_samples.json" not in files
+    return files
+
+
+@pytest.mark.parametrize("mode", ["dense", "flat", "sparse"])
+def test_files_match_brute_force_oracle(tmp_path, mode):
+    module = SyntheticSAE(num_latents=F, mode=mode)
+    cb = make_callback(tmp_path)
+    trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
+    seen = collected(module, 2)
+    assert len(seen) == 6 and len(module.seen) == 12
+    files = check_against_oracle(tmp_path / "samples", seen)
+    assert files["collection_summary.json"]["never_fired_features"] >= 2  # latents 0 and 1 never fire
+    state = files["full_state.pt"]
+    assert state["top_values"].shape == (F, K)
+
+
+def test_windows_clip_at_sequence_edges(tmp_path):
+    module = SyntheticSAE(num_latents=F)
+    trainer(tmp_path, [make_callback(tmp_path, context_size=6)]).fit(module, loader())
+    files = read_dir(tmp_path / "samples")
+    positions = set()
+    for name, record in files.items():
+        if name.startswith("feature_"):
+            for s in record["top_samples"]:
+                lo = max(0, s["position"] - 3)
+                assert s["context_position"] == s["position"] - lo
+                assert len(s["context_tokens"]) == min(9, s["position"] + 4) - lo
+                assert len(s["context_activations"]) == len(s["context_tokens"]) == len(s["context_token_strs"])
+                positions.add(s["position"])
+    assert 0 in positions and 8 in positions
+
+
+def test_gradient_accumulation_collects_every_micro_batch_of_a_due_step(tmp_path):
+    module = SyntheticSAE(num_latents=F, mode="sparse")
+    cb = make_callback(tmp_path, collection_freq=2)
+    trainer(tmp_path, [cb], accumulate_grad_batches=2).fit(module, loader())
+    seen = collected(module, 2)
+    assert {s.step for s in seen} == {0, 2}
+    assert len(seen) == 4  # two micro-batches per collected step
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+def test_schedule_dict(tmp_path):
+    module = SyntheticSAE(num_latents=F)
+    schedule = {0: 4, 3: 1}
+    trainer(tmp_path, [make_callback(tmp_path, collection_freq=schedule)], max_epochs=2).fit(module, loader())
+    seen = collected(module, schedule)
+    assert sorted({s.step for s in seen}) == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+class Snapshot(Callback):
+    """Records the collector state after every batch (runs after the sample callback)."""
+
+    def __init__(self, sample_cb):
+        self.sample_cb, self.states = sample_cb, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        collector = self.sample_cb.collector
+        self.states.append(None if collector is None else collector.state_dict())
+
+
+def test_non_collection_step_leaves_state_untouched(tmp_path):
+    module = SyntheticSAE(num_latents=F)
+    cb = make_callback(tmp_path, collection_freq=3)
+    snap = Snapshot(cb)
+    trainer(tmp_path, [cb, snap]).fit(module, loader())
+    steps = [s.step for s in module.seen]
+    for i in range(1, len(steps)):
+        before, after = snap.states[i - 1], snap.states[i]
+        if steps[i] % 3:
+            for key, value in before.items():
+                if torch.is_tensor(value):
+                    assert torch.equal(value, after[key]), (steps[i], key)
+                else:
+                    assert value == after[key]
+        else:
+            assert not torch.equal(before["count"], after["count"])
+
+
+def test_latents_requiring_grad_and_bf16_are_collected_and_untouched(tmp_path):
+    module = SyntheticSAE(num_latents=F, dtype=torch.bfloat16)
+    trainer(tmp_path, [make_callback(tmp_path, collection_freq=1)]).fit(module, loader())
+    assert module.scale.grad is not None
+    check_against_oracle(tmp_path / "samples", module.seen)
+
+
+def _two_epoch_run(tmp_path, mode):
+    module = SyntheticSAE(num_latents=F, mode=mode)
+    cb = make_callback(tmp_path, collection_freq=2)
+    trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
+    return read_dir(tmp_path / "samples")
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_resume_writes_identical_files(tmp_path, mode):
+    full = _two_epoch_run(tmp_path / "full", mode)
+
+    ckpt_dir = tmp_path / "ckpt"
+    first = trainer(
+        tmp_path / "part",
+        [make_callback(tmp_path / "part"), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        max_epochs=1, enable_checkpointing=True,
+    )
+    first.fit(SyntheticSAE(num_latents=F, mode=mode), loader())
+    resumed = trainer(tmp_path / "part", [make_callback(tmp_path / "part")], max_epochs=2)
+    resumed.fit(SyntheticSAE(num_latents=F, mode=mode), loader(), ckpt_path=ckpt_dir / "last.ckpt")
+    part = read_dir(tmp_path / "part" / "samples")
+
+    assert full.keys() == part.keys()
+    for name in full:
+        if name == "full_state.pt":
+            for key, value in full[name].items():
+                assert torch.equal(value, part[name][key]) if torch.is_tensor(value) else value == part[name][key]
+        else:
+            if name == "collection_summary.json":
+                full[name]["config"].pop("dirpath", None), part[name]["config"].pop("dirpath", None)
+            assert full[name] == part[name], name
+
+
+def test_resume_with_other_sizes_is_a_clear_error(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    trainer(tmp_path, [make_callback(tmp_path), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+            enable_checkpointing=True).fit(SyntheticSAE(num_latents=F), loader())
+    with pytest.raises(ValueError, match=r"max_samples_per_feature=4.*max_samples_per_feature=5"):
+        trainer(tmp_path, [make_callback(tmp_path, max_samples_per_feature=5)], max_epochs=2).fit(
+            SyntheticSAE(num_latents=F), loader(), ckpt_path=ckpt_dir / "last.ckpt")
+    with pytest.raises(ValueError, match=r"10 latents.*12"):
+        trainer(tmp_path, [make_callback(tmp_path)], max_epochs=2).fit(
+            SyntheticSAE(num_latents=12), loader(), ckpt_path=ckpt_dir / "last.ckpt")
+
+
+def test_feature_files_that_leave_the_top_are_removed(tmp_path):
+    cb = make_callback(tmp_path, top_features_to_save=3, collection_freq=1)
+    trainer(tmp_path, [cb], max_steps=1).fit(SyntheticSAE(num_latents=F), loader())
+    first = sorted(p.name for p in (tmp_path / "samples").glob("feature_*"))
+    cb2 = make_callback(tmp_path, top_features_to_save=3, collection_freq=1, rank_features_by="activation_count")
+    trainer(tmp_path, [cb2], max_epochs=2).fit(SyntheticSAE(num_latents=F), loader(TokenDataset(seed=5)))
+    second = sorted(p.name for p in (tmp_path / "samples").glob("feature_*"))
+    summary = json.loads((tmp_path / "samples" / "collection_summary.json").read_text())
+    assert len(second) == 3
+    assert second == sorted(e["file"] for e in summary["top_features_by_activation"])
+    counts = [e["activation_count"] for e in summary["top_features_by_activation"]]
+    assert counts == sorted(counts, reverse=True)
+    assert len(first) == 3
