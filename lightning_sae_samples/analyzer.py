@@ -1,0 +1,670 @@
+"""Read a samples directory back: typed statistics and samples of every latent, and reports.
+
+:class:`ActivationSampleAnalyzer` opens what :class:`~lightning_sae_samples.ActivationSampleCallback`
+wrote (see ``docs/format.md``). Saved features come from their JSON files, with display strings
+decoded by the run's tokenizer; when ``full_state.pt`` is present every latent is reachable, and its
+token ids are shown with the strings known from the saved files (or a tokenizer you pass).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+from lightning_sae_samples.statistics import RANK_CHOICES, feature_statistics, rank_features
+from lightning_sae_samples.storage import (
+    REPORT_NAME,
+    SamplesDirectoryError,
+    atomic_write_bytes,
+    load_full_state,
+    load_json,
+    read_samples_dir,
+    sample_records,
+)
+from lightning_sae_samples.tokens import TokenDecoder, load_tokenizer
+
+PathLike = Union[str, os.PathLike]
+_T = TypeVar("_T")
+_FULL_STATE_KEYS = (
+    "num_latents",
+    "half_window",
+    "top_values",
+    "top_step",
+    "top_position",
+    "top_context_tokens",
+    "top_context_acts",
+    "count",
+    "max",
+    "hist",
+    "hist_edges",
+    "tokens_seen",
+)
+
+
+class UnknownFeatureError(KeyError):
+    """A feature index that the samples directory cannot show.
+
+    The message gives the valid range and the saved features nearest to the requested one.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts over fixed bins.
+
+    Attributes:
+        bin_edges: ``len(counts) + 1`` edges.
+        counts: Count per bin.
+    """
+
+    bin_edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, record: dict) -> Histogram:
+        """Build from ``{"bin_edges": [...], "counts": [...]}``."""
+        return cls(tuple(float(e) for e in record["bin_edges"]), tuple(int(c) for c in record["counts"]))
+
+    @property
+    def total(self) -> int:
+        """Sum of all counts."""
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Statistics of one latent over everything collected (see ``docs/format.md``).
+
+    Attributes:
+        feature_idx: Latent index.
+        num_samples: Top samples kept in memory for it.
+        max_activation: Largest kept activation.
+        mean_activation: Mean over all activations above the threshold.
+        std_activation: Population standard deviation of those.
+        min_activation: Smallest activation above the threshold.
+        activation_count: Number of activations above the threshold.
+        all_time_max: Largest activation seen.
+        tokens_seen: Tokens in the collected batches.
+        frequency: ``activation_count / tokens_seen``.
+        first_step: First step it fired at (``None`` if never).
+        last_step: Last step it fired at (``None`` if never).
+        histogram: Histogram of its activation values.
+    """
+
+    feature_idx: int
+    num_samples: int
+    max_activation: float
+    mean_activation: float
+    std_activation: float
+    min_activation: float
+    activation_count: int
+    all_time_max: float
+    tokens_seen: int
+    frequency: float
+    first_step: Optional[int]
+    last_step: Optional[int]
+    histogram: Histogram
+
+    @classmethod
+    def from_json(cls, record: dict) -> FeatureStats:
+        """Build from a feature file's ``statistics`` object."""
+        return cls(
+            feature_idx=int(record["feature_idx"]),
+            num_samples=int(record["num_samples"]),
+            max_activation=float(record["max_activation"]),
+            mean_activation=float(record["mean_activation"]),
+            std_activation=float(record["std_activation"]),
+            min_activation=float(record["min_activation"]),
+            activation_count=int(record["activation_count"]),
+            all_time_max=float(record["all_time_max"]),
+            tokens_seen=int(record["tokens_seen"]),
+            frequency=float(record["frequency"]),
+            first_step=None if record["first_step"] is None else int(record["first_step"]),
+            last_step=None if record["last_step"] is None else int(record["last_step"]),
+            histogram=Histogram.from_json(record["histogram"]),
+        )
+
+
+@dataclass(frozen=True)
+class ContextToken:
+    """One token of a sample's context window.
+
+    Attributes:
+        token_id: Token id.
+        text: Raw display string (not escaped; see ``render/escaping.py`` before showing it).
+        activation: The latent's activation on this token.
+    """
+
+    token_id: int
+    text: str
+    activation: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One top-activating occurrence of a latent.
+
+    Attributes:
+        feature_idx: Latent index.
+        activation_value: Activation on the activating token.
+        step: Global step at which it was seen.
+        position: Position of the activating token in its sequence.
+        context: Tokens around it, clipped at the sequence edges.
+        context_position: Index of the activating token in ``context``.
+        context_text: Decoded context.
+    """
+
+    feature_idx: int
+    activation_value: float
+    step: int
+    position: int
+    context: tuple[ContextToken, ...]
+    context_position: int
+    context_text: str
+
+    @property
+    def activating_token(self) -> ContextToken:
+        """The token the latent fired on."""
+        return self.context[self.context_position]
+
+    @classmethod
+    def from_json(cls, record: dict) -> Sample:
+        """Build from one ``top_samples`` record."""
+        ids, strs, acts = record["context_tokens"], record["context_token_strs"], record["context_activations"]
+        if not (len(ids) == len(strs) == len(acts)) or not 0 <= int(record["context_position"]) < len(ids):
+            raise ValueError("context_tokens, context_token_strs and context_activations disagree")
+        return cls(
+            feature_idx=int(record["feature_idx"]),
+            activation_value=float(record["activation_value"]),
+            step=int(record["step"]),
+            position=int(record["position"]),
+            context=tuple(ContextToken(int(i), str(s), float(a)) for i, s, a in zip(ids, strs, acts)),
+            context_position=int(record["context_position"]),
+            context_text=str(record["context_text"]),
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSamples:
+    """A latent's statistics and its top samples, best first.
+
+    Attributes:
+        stats: Its statistics.
+        samples: Its top samples (as many as were asked for and are available).
+        saved: Whether it has a feature file (else it comes from ``full_state.pt`` only).
+    """
+
+    stats: FeatureStats
+    samples: tuple[Sample, ...]
+    saved: bool = True
+
+    @property
+    def feature_idx(self) -> int:
+        """Latent index."""
+        return self.stats.feature_idx
+
+    def top_tokens(self, limit: int = 5) -> list[tuple[str, int]]:
+        """The activating tokens it fires on most among its samples, as ``(text, occurrences)``."""
+        counts = Counter(s.activating_token.text for s in self.samples)
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Run-level facts from ``collection_summary.json``.
+
+    Attributes:
+        path: The samples directory.
+        global_step: Trainer step at the save.
+        save_id: Save counter (``None`` if not recorded).
+        num_features_tracked: Number of latents ``F``.
+        alive_features: Latents that fired at least once.
+        never_fired_features: Latents that never fired.
+        total_samples_seen: Activations above threshold, over all latents.
+        total_samples_stored: Kept top samples over all latents.
+        steps_collected: Optimizer steps that were collected.
+        tokens_seen: Tokens in collected batches.
+        first_collected_step: First collected step.
+        last_collected_step: Last collected step.
+        frequency_histogram: Histogram of log10 firing frequency of alive latents.
+        rank_by: Ranking used to choose the saved features.
+        saved_features: Saved feature indices, in rank order.
+        has_full_state: Whether ``full_state.pt`` is present (every latent reachable).
+        config: The callback configuration recorded with the run.
+    """
+
+    path: Path
+    global_step: int
+    save_id: Optional[int]
+    num_features_tracked: int
+    alive_features: int
+    never_fired_features: int
+    total_samples_seen: int
+    total_samples_stored: int
+    steps_collected: int
+    tokens_seen: int
+    first_collected_step: Optional[int]
+    last_collected_step: Optional[int]
+    frequency_histogram: Histogram
+    rank_by: str
+    saved_features: tuple[int, ...]
+    has_full_state: bool
+    config: dict = field(default_factory=dict)
+
+    @property
+    def alive_fraction(self) -> float:
+        """Share of latents that fired."""
+        return self.alive_features / self.num_features_tracked if self.num_features_tracked else 0.0
+
+
+def _progress(items: Sequence[_T], enabled: bool, description: str) -> Iterator[_T]:
+    if not enabled:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+class _KnownTokenStrings:
+    """Token strings for full-state samples when no tokenizer is given: those seen in saved files."""
+
+    def __init__(self, strings: dict[int, str]) -> None:
+        self._strings = strings
+
+    def prepare(self, token_ids: Iterable[int]) -> None:
+        """Nothing to decode."""
+
+    def token_str(self, token_id: int) -> str:
+        """The saved display string of a token, or its id."""
+        return self._strings.get(int(token_id), str(int(token_id)))
+
+    def context_text(self, token_ids: list[int]) -> str:
+        """Concatenated display strings."""
+        return "".join(self.token_str(t) for t in token_ids)
+
+
+class ActivationSampleAnalyzer:
+    """Explore a samples directory and write reports from it.
+
+    Example::
+
+        analyzer = ActivationSampleAnalyzer("lightning_logs/version_0/activation_samples")
+        analyzer.print_feature_report(feature_idx=42, num_examples=10)
+        analyzer.generate_interpretability_report("report.md", top_k_features=50)
+        analyzer.generate_html_report("report.html", top_k_features=50)
+
+    Args:
+        samples_dir: The directory the callback wrote.
+        template_dir: Folder of Jinja templates (``report.md.j2``, ``report.html.j2``) overriding the
+            shipped ones by name.
+        tokenizer: Tokenizer object or Hugging Face name used to decode latents that only
+            ``full_state.pt`` holds; without it they show the strings known from the saved feature
+            files, else the token ids.
+
+    Raises:
+        SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
+    """
+
+    def __init__(
+        self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
+    ) -> None:
+        self.directory = read_samples_dir(samples_dir)
+        self.template_dir = template_dir
+        self.tokenizer = load_tokenizer(tokenizer)
+        self._state: Optional[dict] = None
+        raw = self.directory.summary
+        try:
+            saved = tuple(int(e["feature_idx"]) for e in raw.get("top_features_by_activation", []))
+            self.summary = RunSummary(
+                path=self.directory.path,
+                global_step=int(raw.get("global_step", 0)),
+                save_id=raw.get("save_id"),
+                num_features_tracked=int(raw["num_features_tracked"]),
+                alive_features=int(raw["alive_features"]),
+                never_fired_features=int(raw["never_fired_features"]),
+                total_samples_seen=int(raw["total_samples_seen"]),
+                total_samples_stored=int(raw["total_samples_stored"]),
+                steps_collected=int(raw["steps_collected"]),
+                tokens_seen=int(raw["tokens_seen"]),
+                first_collected_step=raw.get("first_collected_step"),
+                last_collected_step=raw.get("last_collected_step"),
+                frequency_histogram=Histogram.from_json(raw["frequency_histogram"]),
+                rank_by=str((raw.get("config") or {}).get("rank_features_by") or RANK_CHOICES[0]),
+                saved_features=saved,
+                has_full_state=self.directory.full_state_path is not None,
+                config=dict(raw.get("config") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise SamplesDirectoryError(
+                f"{self.directory.path / 'collection_summary.json'} is not a valid samples summary"
+                f" ({type(err).__name__}: {err}). Re-run the save, or point to a directory the callback wrote."
+            ) from err
+        self._saved = {idx: self._load_feature_file(idx) for idx in saved}
+
+    # ------------------------------------------------------------------ loading
+    def _load_feature_file(self, idx: int) -> FeatureSamples:
+        path = self.directory.feature_files.get(idx)
+        if path is None:
+            raise SamplesDirectoryError(
+                f"{self.directory.path} lists feature {idx} in its summary but its file"
+                f" feature_{idx:05d}_samples.json is missing. The directory is incomplete; re-run the save."
+            )
+        record = load_json(path)
+        try:
+            stats = FeatureStats.from_json(record["statistics"])
+            samples = tuple(Sample.from_json(s) for s in record["top_samples"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SamplesDirectoryError(
+                f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
+                " The file is corrupt; re-run the save."
+            ) from err
+        return FeatureSamples(stats, samples, saved=True)
+
+    def _full_state(self) -> Optional[dict]:
+        if self._state is None and self.directory.full_state_path is not None:
+            path = self.directory.full_state_path
+            state = load_full_state(path)
+            missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
+            if missing:
+                raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
+            if int(state["num_latents"]) != self.summary.num_features_tracked:
+                raise SamplesDirectoryError(
+                    f"{path} tracks {int(state['num_latents'])} latents but the summary says"
+                    f" {self.summary.num_features_tracked}; the directory mixes two runs."
+                )
+            self._state = state
+        return self._state
+
+    def _decoder(self) -> Any:
+        if self.tokenizer is not None:
+            return TokenDecoder(self.tokenizer)
+        strings: dict[int, str] = {}
+        for feature in self._saved.values():
+            for sample in feature.samples:
+                strings.update((t.token_id, t.text) for t in sample.context)
+        return _KnownTokenStrings(strings)
+
+    def _state_samples(self, state: dict, idx: int, start: int, stop: int) -> list[Sample]:
+        if stop <= start:
+            return []
+        decoder = self._decoder()
+        window = state["top_context_tokens"][idx, :stop]
+        decoder.prepare(window[window >= 0].unique().tolist())
+        records = sample_records(state, idx, stop, decoder)
+        return [Sample.from_json(r) for r in records[start:]]
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def num_features(self) -> int:
+        """Number of latents the run tracked."""
+        return self.summary.num_features_tracked
+
+    @property
+    def saved_features(self) -> list[int]:
+        """Indices with a feature file, in the run's rank order."""
+        return list(self.summary.saved_features)
+
+    def _check_rank(self, rank_by: Optional[str]) -> str:
+        rank = rank_by or self.summary.rank_by
+        if rank not in RANK_CHOICES:
+            raise ValueError(f"`rank_by` must be one of {', '.join(RANK_CHOICES)}; got {rank!r}.")
+        return rank
+
+    def features(self, rank_by: Optional[str] = None, limit: Optional[int] = None) -> list[FeatureStats]:
+        """Statistics of the latents that fired, best first.
+
+        With ``full_state.pt`` every latent that fired is listed; otherwise only the saved ones.
+
+        Args:
+            rank_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``; default: the run's
+                ``rank_features_by``.
+            limit: Return at most this many.
+        """
+        rank = self._check_rank(rank_by)
+        saved_cover = (
+            self.directory.full_state_path is None
+            or len(self._saved) >= self.summary.alive_features
+            or (rank == self.summary.rank_by and limit is not None and limit <= len(self._saved))
+        )
+        if saved_cover:
+            stats = [self._saved[i].stats for i in self.summary.saved_features]
+            if rank != self.summary.rank_by:
+                key = "max_activation" if rank == "max_activation" else "activation_count"
+                stats.sort(key=lambda s: (-getattr(s, key), s.feature_idx))
+            return stats if limit is None else stats[:limit]
+        state = self._full_state()
+        assert state is not None
+        ranked = rank_features(state, rank, limit).tolist()
+        return [
+            self._saved[i].stats if i in self._saved else FeatureStats.from_json(feature_statistics(state, i))
+            for i in ranked
+        ]
+
+    def feature(self, feature_idx: int, num_examples: Optional[int] = None) -> FeatureSamples:
+        """Statistics and top samples of one latent.
+
+        Args:
+            feature_idx: Latent index.
+            num_examples: Samples wanted; default: those in its feature file (or all kept ones for a
+                latent only ``full_state.pt`` holds). More than the file holds are read from
+                ``full_state.pt`` when present.
+
+        Raises:
+            UnknownFeatureError: The index is out of range, or it has no feature file and there is no
+                ``full_state.pt``.
+        """
+        idx = self._check_index(feature_idx)
+        saved = self._saved.get(idx)
+        state = None
+        if saved is None or (num_examples is not None and num_examples > len(saved.samples)):
+            if saved is None or saved.stats.num_samples > len(saved.samples):
+                state = self._full_state()
+        if saved is not None:
+            samples = list(saved.samples[:num_examples] if num_examples is not None else saved.samples)
+            if state is not None and num_examples is not None:
+                samples += self._state_samples(state, idx, len(samples), num_examples)
+            return FeatureSamples(saved.stats, tuple(samples), saved=True)
+        if state is None:
+            raise UnknownFeatureError(
+                f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
+                f" to read it from. {self._nearby_message(idx)}"
+            )
+        stats = FeatureStats.from_json(feature_statistics(state, idx))
+        limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
+        return FeatureSamples(stats, tuple(self._state_samples(state, idx, 0, limit)), saved=False)
+
+    def _check_index(self, feature_idx: Any) -> int:
+        try:
+            idx = int(feature_idx)
+        except (TypeError, ValueError):
+            idx = -1
+        if isinstance(feature_idx, bool) or idx != feature_idx or not 0 <= idx < self.num_features:
+            raise UnknownFeatureError(
+                f"Feature {feature_idx!r} does not exist: valid indices are 0 to {self.num_features - 1}."
+                f" {self._nearby_message(idx if idx == feature_idx else 0)}"
+            )
+        return idx
+
+    def _nearby_message(self, idx: int, count: int = 5) -> str:
+        saved = self.summary.saved_features
+        if not saved:
+            return "No feature was saved (no latent fired above the threshold)."
+        near = sorted(sorted(saved, key=lambda s: (abs(s - idx), s))[:count])
+        return f"Saved features near {idx}: {', '.join(map(str, near))} ({len(saved)} saved in all)."
+
+    def top_features(
+        self,
+        top_k: int = 50,
+        examples_per_feature: int = 10,
+        rank_by: Optional[str] = None,
+        progress: bool = False,
+    ) -> list[FeatureSamples]:
+        """The ``top_k`` best latents with up to ``examples_per_feature`` samples each.
+
+        Args:
+            top_k: Number of latents.
+            examples_per_feature: Samples per latent.
+            rank_by: Ranking (default: the run's).
+            progress: Show a progress bar on stderr.
+        """
+        if top_k < 0 or examples_per_feature < 0:
+            raise ValueError("`top_k` and `examples_per_feature` must be >= 0.")
+        ranked = self.features(rank_by, top_k)
+        return [
+            self.feature(s.feature_idx, examples_per_feature)
+            for s in _progress(ranked, progress, "Reading features")
+        ]
+
+    # ------------------------------------------------------------------ reports
+    def print_feature_report(self, feature_idx: int, num_examples: int = 10, console: Any = None) -> None:
+        """Print a latent's statistics, activation histogram and highlighted examples.
+
+        Args:
+            feature_idx: Latent index.
+            num_examples: Examples to show.
+            console: A ``rich.console.Console``; default: a new one on stdout.
+
+        Raises:
+            UnknownFeatureError: See :meth:`feature`.
+        """
+        from lightning_sae_samples.render.console import print_feature
+
+        print_feature(self.feature(feature_idx, num_examples), console=console)
+
+    def print_summary(self, top_k: int = 20, rank_by: Optional[str] = None, console: Any = None) -> None:
+        """Print the run summary and a table of the top latents.
+
+        Args:
+            top_k: Rows in the table.
+            rank_by: Ranking (default: the run's).
+            console: A ``rich.console.Console``; default: a new one on stdout.
+        """
+        from lightning_sae_samples.render.console import print_summary
+
+        rank = self._check_rank(rank_by)
+        print_summary(self.summary, self.top_features(top_k, 10, rank), rank, console=console)
+
+    def render_markdown(
+        self, top_k_features: int = 50, examples_per_feature: int = 10, rank_by: Optional[str] = None,
+        progress: bool = False,
+    ) -> str:
+        """The Markdown report as a string (see :meth:`generate_interpretability_report`)."""
+        from lightning_sae_samples.render.markdown import render_markdown
+
+        rank = self._check_rank(rank_by)
+        features = self.top_features(top_k_features, examples_per_feature, rank, progress)
+        return render_markdown(self.summary, features, rank, template_dir=self.template_dir)
+
+    def render_html(
+        self, top_k_features: int = 50, examples_per_feature: int = 10, rank_by: Optional[str] = None,
+        progress: bool = False,
+    ) -> str:
+        """The HTML report as a string (see :meth:`generate_html_report`)."""
+        from lightning_sae_samples.render.html import render_html
+
+        rank = self._check_rank(rank_by)
+        features = self.top_features(top_k_features, examples_per_feature, rank, progress)
+        return render_html(self.summary, features, rank, template_dir=self.template_dir)
+
+    def generate_interpretability_report(
+        self,
+        output_path: PathLike,
+        top_k_features: int = 50,
+        examples_per_feature: int = 10,
+        rank_by: Optional[str] = None,
+        progress: bool = False,
+    ) -> Path:
+        """Write the Markdown report: run summary, top-feature table, one section per feature.
+
+        Args:
+            output_path: File to write (atomically).
+            top_k_features: Features in the report.
+            examples_per_feature: Examples per feature.
+            rank_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"`` (default: the run's).
+            progress: Show a progress bar on stderr.
+
+        Returns:
+            The written path.
+        """
+        text = self.render_markdown(top_k_features, examples_per_feature, rank_by, progress)
+        return _write_text(output_path, text)
+
+    def generate_html_report(
+        self,
+        output_path: PathLike,
+        top_k_features: int = 50,
+        examples_per_feature: int = 10,
+        rank_by: Optional[str] = None,
+        progress: bool = False,
+    ) -> Path:
+        """Write a self-contained HTML report (inline CSS and SVG, no network access).
+
+        Args:
+            output_path: File to write (atomically).
+            top_k_features: Features in the report.
+            examples_per_feature: Examples per feature.
+            rank_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"`` (default: the run's).
+            progress: Show a progress bar on stderr.
+
+        Returns:
+            The written path.
+        """
+        text = self.render_html(top_k_features, examples_per_feature, rank_by, progress)
+        return _write_text(output_path, text)
+
+
+def _write_text(output_path: PathLike, text: str) -> Path:
+    path = Path(output_path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it first.")
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def write_report(
+    dirpath: PathLike,
+    tokenizer: Any = None,
+    *,
+    top_k_features: Optional[int] = None,
+    examples_per_feature: Optional[int] = None,
+    rank_by: Optional[str] = None,
+    template_dir: Optional[PathLike] = None,
+) -> Path:
+    """Write ``interpretability_report.md`` into a samples directory, atomically.
+
+    Meant to be called after each save. With the defaults it reads only the saved feature files (all
+    of them, with every sample they hold), never ``full_state.pt``.
+
+    Args:
+        dirpath: The samples directory just written.
+        tokenizer: The run's tokenizer (only used for latents read from ``full_state.pt``).
+        top_k_features: Features in the report (default: every saved feature).
+        examples_per_feature: Examples per feature (default: the run's ``samples_per_feature_to_save``).
+        rank_by: Ranking (default: the run's ``rank_features_by``).
+        template_dir: Folder overriding ``report.md.j2``.
+
+    Returns:
+        The path of the report.
+    """
+    analyzer = ActivationSampleAnalyzer(dirpath, template_dir=template_dir, tokenizer=tokenizer)
+    top_k = len(analyzer.saved_features) if top_k_features is None else top_k_features
+    if examples_per_feature is None:
+        saved_counts = [len(analyzer.feature(i).samples) for i in analyzer.saved_features]
+        examples_per_feature = int(analyzer.summary.config.get("samples_per_feature_to_save") or 0) or max(
+            saved_counts, default=0
+        )
+    path = analyzer.directory.path / REPORT_NAME
+    return analyzer.generate_interpretability_report(path, top_k, examples_per_feature, rank_by)

@@ -1,0 +1,1 @@
+"""Renderers of a samples directory: console, Markdown and HTML, sharing one escaping module."""

@@ -1,0 +1,32 @@
+"""Colour of a token by the latent's activation on it, relative to the feature's maximum."""
+
+from __future__ import annotations
+
+_LOW = (255, 243, 214)
+_HIGH = (234, 88, 12)
+
+
+def strength(activation: float, feature_max: float) -> float:
+    """``activation / feature_max`` clipped to ``[0, 1]`` (0 when the maximum is not positive)."""
+    if feature_max <= 0 or activation <= 0:
+        return 0.0
+    return min(1.0, activation / feature_max)
+
+
+def rgb(level: float) -> tuple[int, int, int]:
+    """Background colour for a strength in ``[0, 1]``: pale amber to deep orange."""
+    return tuple(round(lo + (hi - lo) * level) for lo, hi in zip(_LOW, _HIGH))  # type: ignore[return-value]
+
+
+def css_background(activation: float, feature_max: float) -> str:
+    """CSS declaration for a token's background (transparent when it does not fire)."""
+    level = strength(activation, feature_max)
+    if level == 0:
+        return "background-color: transparent"
+    r, g, b = rgb(level)
+    return f"background-color: rgb({r}, {g}, {b})"
+
+
+def needs_light_text(level: float) -> bool:
+    """Whether text on this background reads better in white."""
+    return level > 0.7

@@ -1,0 +1,106 @@
+"""The Markdown report: ``report.md.j2`` rendered with pre-escaped token text.
+
+Every piece of token text reaches the template already escaped by
+:mod:`lightning_sae_samples.render.escaping` (fields ending in ``_md``); numbers are formatted here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional, Union
+
+from lightning_sae_samples.render import formatting
+from lightning_sae_samples.render.escaping import markdown_emphasis, markdown_text
+from lightning_sae_samples.render.histogram import display_bins, text_histogram
+from lightning_sae_samples.render.templates import MARKDOWN_TEMPLATE, make_environment
+
+if TYPE_CHECKING:
+    from lightning_sae_samples.analyzer import FeatureSamples, RunSummary, Sample
+
+
+def context_markdown(sample: Sample) -> str:
+    """A sample's context as one line of Markdown with the activating token in bold."""
+    parts = []
+    for i, token in enumerate(sample.context):
+        parts.append(markdown_emphasis(token.text) if i == sample.context_position else markdown_text(token.text))
+    return "".join(parts)
+
+
+def top_tokens_markdown(feature: FeatureSamples, limit: int = 3) -> str:
+    """``token ×n, ...`` for a table cell."""
+    return ", ".join(f"{markdown_text(text)} ×{n}" for text, n in feature.top_tokens(limit))
+
+
+def feature_context(feature: FeatureSamples) -> dict:
+    """Template variables of one feature section."""
+    stats = feature.stats
+    return {
+        "idx": stats.feature_idx,
+        "anchor": f"feature-{stats.feature_idx}",
+        "saved": feature.saved,
+        "stats": stats,
+        "max": formatting.value(stats.max_activation),
+        "mean": formatting.value(stats.mean_activation),
+        "std": formatting.value(stats.std_activation),
+        "min": formatting.value(stats.min_activation),
+        "count": formatting.count(stats.activation_count),
+        "frequency": formatting.frequency(stats.frequency),
+        "num_samples": formatting.count(stats.num_samples),
+        "first_step": formatting.step(stats.first_step),
+        "last_step": formatting.step(stats.last_step),
+        "histogram_lines": text_histogram(display_bins(stats.histogram.bin_edges, stats.histogram.counts), 24),
+        "top_tokens_md": top_tokens_markdown(feature),
+        "examples": [
+            {
+                "value": formatting.value(s.activation_value),
+                "step": s.step,
+                "position": s.position,
+                "context_md": context_markdown(s),
+            }
+            for s in feature.samples
+        ],
+    }
+
+
+def summary_context(summary: RunSummary) -> dict:
+    """Template variables of the run summary."""
+    freq = summary.frequency_histogram
+    return {
+        "summary": summary,
+        "path_md": markdown_text(str(summary.path)),
+        "global_step": summary.global_step,
+        "steps_collected": formatting.count(summary.steps_collected),
+        "first_step": formatting.step(summary.first_collected_step),
+        "last_step": formatting.step(summary.last_collected_step),
+        "tokens_seen": formatting.count(summary.tokens_seen),
+        "latents": formatting.count(summary.num_features_tracked),
+        "alive": formatting.count(summary.alive_features),
+        "alive_share": formatting.frequency(summary.alive_fraction),
+        "never_fired": formatting.count(summary.never_fired_features),
+        "samples_seen": formatting.count(summary.total_samples_seen),
+        "samples_stored": formatting.count(summary.total_samples_stored),
+        "frequency_lines": text_histogram(display_bins(freq.bin_edges, freq.counts, log10_edges=True), 30),
+    }
+
+
+def render_markdown(
+    summary: RunSummary,
+    features: Sequence[FeatureSamples],
+    rank_by: str,
+    template_dir: Optional[Union[str, os.PathLike]] = None,
+) -> str:
+    """Render ``report.md.j2``.
+
+    Args:
+        summary: The run summary.
+        features: Features in report order, with their examples.
+        rank_by: The ranking the order follows.
+        template_dir: Folder overriding the shipped template.
+    """
+    template = make_environment(template_dir).get_template(MARKDOWN_TEMPLATE)
+    return template.render(
+        run=summary_context(summary),
+        features=[feature_context(f) for f in features],
+        rank_by=rank_by,
+    )

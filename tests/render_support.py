@@ -1,0 +1,97 @@
+"""Samples directories for the analyzer/report tests, written by a real collector and writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_sae_samples.collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.storage import write_samples_dir
+
+HOSTILE_TOKENS = [
+    "<script>alert(1)</script>",
+    "|",
+    "`code`",
+    "*",
+    "_",
+    "#",
+    "[x](javascript:alert(1))",
+    "\\",
+    "</td>",
+    "\n",
+    " ",
+    "<img src=x onerror=alert(2)>",
+    "a|b",
+    "**bold**",
+    "\t",
+    "&amp;",
+    "'\"",
+    "-",
+]
+PLAIN_TOKENS = ["the", " Lord", " said", " unto", " Moses", ",", " and", " the", " people", "."]
+
+
+class FakeTokenizer:
+    """A tokenizer whose vocabulary is a fixed list of strings (``convert_ids_to_tokens`` / ``decode``)."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab[i] for i in ids]
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+
+def hostile_vocab(size: int = 30) -> list[str]:
+    words = HOSTILE_TOKENS + PLAIN_TOKENS
+    return [words[i % len(words)] for i in range(size)]
+
+
+def collect_state(vocab: int = 30, num_latents: int = 16, steps: int = 3, seed: int = 0) -> dict:
+    """A collector state where latent ``f`` fires mostly on token ``f`` (and a little elsewhere).
+
+    Latents 14 and 15 never fire.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.rand(vocab, num_latents, generator=gen) * 0.6
+    for f in range(num_latents):
+        table[f % vocab, f] = 2.0 + f * 0.5
+    table[:, 14:] = 0.0
+    collector = SampleCollector(CollectorConfig(num_latents=num_latents, max_samples=8, context_size=6, threshold=0.3))
+    for step in range(steps):
+        tokens = torch.randint(0, vocab, (4, 12), generator=gen)
+        noise = torch.rand(4, 12, num_latents, generator=gen)
+        collector.update_dense(tokens, table[tokens] * (0.5 + noise), step=step * 10)
+    return collector.state_dict()
+
+
+def write_fixture_dir(
+    path: Path,
+    tokenizer=None,
+    top_features: int = 6,
+    samples_per_feature: int = 4,
+    rank_by: str = "max_activation",
+    keep_full_state: bool = True,
+    **state_kwargs,
+) -> Path:
+    state = collect_state(**state_kwargs)
+    config = {
+        "collection_freq": 10,
+        "max_samples_per_feature": 8,
+        "context_size": 6,
+        "activation_threshold": 0.3,
+        "top_features_to_save": top_features,
+        "samples_per_feature_to_save": samples_per_feature,
+        "rank_features_by": rank_by,
+        "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
+    }
+    write_samples_dir(
+        path, state, config=config, tokenizer=tokenizer, top_features=top_features,
+        samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=30,
+    )
+    if not keep_full_state:
+        (Path(path) / "full_state.pt").unlink()
+    return Path(path)
