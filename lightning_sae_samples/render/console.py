@@ -83,11 +83,15 @@ def statistics_table(stats: FeatureStats) -> Table:
         ("Activation count", formatting.count(stats.activation_count)),
         ("Frequency", formatting.frequency(stats.frequency)),
         ("Samples kept", formatting.count(stats.num_samples)),
-        ("Steps fired", f"{formatting.step(stats.first_step)} – {formatting.step(stats.last_step)}"),
+        ("Steps fired", _step_range(stats.first_step, stats.last_step)),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _step_range(first: Optional[int], last: Optional[int]) -> str:
+    return "never" if first is None else f"{first} – {last}"
 
 
 def print_feature(feature: FeatureSamples, console: Optional[Console] = None) -> None:
@@ -105,9 +109,10 @@ def print_feature(feature: FeatureSamples, console: Optional[Console] = None) ->
             histogram_text(hist.bin_edges, hist.counts),
         )
     )
-    console.print(Text(f"\nTop {len(feature.samples)} examples", style="bold"))
     if not feature.samples:
-        console.print(Text("This latent never fired above the threshold.", style="dim"))
+        console.print(Text("\nNo examples: this latent never fired above the threshold.", style="dim"))
+        return
+    console.print(Text(f"\nTop {len(feature.samples)} examples", style="bold"))
     examples = Table(show_header=True, header_style="bold", expand=True, show_lines=False)
     examples.add_column("#", justify="right", no_wrap=True)
     examples.add_column("Activation", justify="right", no_wrap=True)
@@ -120,8 +125,7 @@ def print_feature(feature: FeatureSamples, console: Optional[Console] = None) ->
             str(sample.step),
             highlighted_context(sample, stats.max_activation),
         )
-    if feature.samples:
-        console.print(examples)
+    console.print(examples)
 
 
 def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:

@@ -1,0 +1,86 @@
+"""The ``lightning-sae-samples`` command: summarize a samples directory, show a feature, write reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from rich.console import Console
+
+from lightning_sae_samples.statistics import RANK_CHOICES
+
+PROG = "lightning-sae-samples"
+EPILOG = f"""examples:
+  {PROG} lightning_logs/version_0/activation_samples
+  {PROG} activation_samples --feature 42 --num-examples 20
+  {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by ``python -m lightning_sae_samples``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Show the top activating contexts of SAE latents collected by ActivationSampleCallback,"
+        " and write Markdown or HTML reports. Without --feature/--report/--html it prints a summary table.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("--feature", type=int, metavar="N", help="print the report of latent N")
+    parser.add_argument("--num-examples", type=int, default=10, metavar="K", help="examples for --feature")
+    parser.add_argument("--report", metavar="PATH", help="write a Markdown report to PATH")
+    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report to PATH")
+    parser.add_argument("--top-k", type=int, default=50, metavar="K", help="features in reports and the table")
+    parser.add_argument("--examples-per-feature", type=int, default=10, metavar="K", help="examples per feature")
+    parser.add_argument("--rank-by", choices=RANK_CHOICES, default=None, help="ranking (default: the run's)")
+    parser.add_argument("--template-dir", metavar="DIR", help="folder with report.md.j2/report.html.j2 overrides")
+    parser.add_argument(
+        "--tokenizer", metavar="NAME", help="Hugging Face tokenizer to decode latents only full_state.pt holds"
+    )
+    return parser
+
+
+def _run(args: argparse.Namespace, console: Console) -> None:
+    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+
+    for name in ("num_examples", "top_k", "examples_per_feature"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
+    analyzer = ActivationSampleAnalyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
+    if args.feature is not None:
+        analyzer.print_feature_report(args.feature, args.num_examples, console=console)
+    if args.report:
+        path = analyzer.generate_interpretability_report(
+            args.report, args.top_k, args.examples_per_feature, args.rank_by, progress=True
+        )
+        console.print(f"Wrote Markdown report to {path}", highlight=False, markup=False)
+    if args.html:
+        path = analyzer.generate_html_report(
+            args.html, args.top_k, args.examples_per_feature, args.rank_by, progress=True
+        )
+        console.print(f"Wrote HTML report to {path}", highlight=False, markup=False)
+    if args.feature is None and not args.report and not args.html:
+        analyzer.print_summary(args.top_k, args.rank_by, console=console)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 1 on a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(args, Console())
+    except KeyboardInterrupt:
+        sys.stderr.write("Interrupted.\n")
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line, never a traceback
+        message = " ".join(str(err).split()) or type(err).__name__
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
