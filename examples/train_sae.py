@@ -1,0 +1,138 @@
+"""Train a sparse autoencoder on language-model activations and collect its top activating contexts.
+
+Run (from the repository root)::
+
+    HF_HUB_OFFLINE=1 python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml
+
+Any setting can be overridden on the command line, for example
+``--trainer.max_steps 500 --model.init_args.num_latents 2048 --data.max_tokens 100000``.
+Use ``--data.source files --data.text_files '["notes/**/*.txt"]'`` for your own text, or
+``--data.model_name <hugging-face-name>`` for another model (hidden size is picked up automatically).
+
+After ``fit`` the program prints where the samples directory and the reports are, and prints the
+console report of the strongest feature. ``ActivationSampleCallback`` (configured under
+``trainer.callbacks``) finds the tokenizer on the datamodule (``trainer.datamodule.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from rich.console import Console  # noqa: E402
+from sae_data import ActivationDataModule  # noqa: E402
+from sae_models import SAEModule  # noqa: E402
+
+console = Console()
+
+
+def find_sample_callback(trainer):
+    """The trainer's ``ActivationSampleCallback``, or ``None``."""
+    try:
+        from lightning_sae_samples import ActivationSampleCallback
+    except ImportError:
+        return None
+    for cb in trainer.callbacks:
+        if isinstance(cb, ActivationSampleCallback):
+            return cb
+    return None
+
+
+def samples_dir_of(callback, trainer) -> Path:
+    """Where the callback wrote its samples (its resolved ``dirpath``, else the documented default)."""
+    if getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    root = trainer.log_dir or trainer.default_root_dir
+    return Path(root) / "activation_samples"
+
+
+def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) -> None:
+    """Print where the samples and reports are, write the HTML report, print one feature."""
+    callback = find_sample_callback(trainer)
+    if callback is None:
+        console.print("[yellow]No ActivationSampleCallback in trainer.callbacks: nothing collected.[/yellow]")
+        return
+    samples = samples_dir_of(callback, trainer)
+    console.rule("[bold]Activation samples")
+    console.print(f"samples directory : {samples.resolve()}")
+    md = samples / "interpretability_report.md"
+    if md.exists():
+        console.print(f"Markdown report   : {md.resolve()}")
+    try:
+        from lightning_sae_samples import ActivationSampleAnalyzer
+    except ImportError:
+        console.print(
+            "[yellow]lightning_sae_samples.ActivationSampleAnalyzer is not available in this version; "
+            "the samples directory above is complete (see docs/format.md).[/yellow]"
+        )
+        return
+    analyzer = ActivationSampleAnalyzer(str(samples))
+    if not md.exists():
+        analyzer.generate_interpretability_report(
+            str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
+        )
+        console.print(f"Markdown report   : {md.resolve()}")
+    html = samples / "report.html"
+    analyzer.generate_html_report(
+        str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature
+    )
+    console.print(f"HTML report       : {html.resolve()}")
+    feature = _strongest_feature(samples)
+    if feature is not None:
+        console.rule(f"[bold]Feature {feature}")
+        analyzer.print_feature_report(feature_idx=feature, num_examples=5)
+
+
+def _strongest_feature(samples: Path):
+    """First feature of the summary's ranking, or ``None``."""
+    from lightning_sae_samples import read_samples_dir
+
+    ranked = read_samples_dir(samples).summary.get("top_features_by_activation", [])
+    return int(ranked[0]["feature_idx"]) if ranked else None
+
+
+class SAECLI(LightningCLI):
+    """LightningCLI that takes the SAE input width from the datamodule and reports after ``fit``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
+        parser.add_argument("--report.top_k_features", type=int, default=50, help="Features in the reports")
+        parser.add_argument(
+            "--report.examples_per_feature", type=int, default=10, help="Examples per feature in the reports"
+        )
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        console.print(f"fit took {time.perf_counter() - self._fit_start:.1f} s")
+        cfg = self.config.get(self.subcommand, self.config)
+        rep = cfg.get("report", {}) if hasattr(cfg, "get") else {}
+        report(
+            self.trainer,
+            top_k_features=rep.get("top_k_features", 50),
+            examples_per_feature=rep.get("examples_per_feature", 10),
+        )
+
+
+def main(args=None) -> None:
+    SAECLI(
+        SAEModule,
+        ActivationDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
