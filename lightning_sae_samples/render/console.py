@@ -34,7 +34,7 @@ def token_style(activation: float, feature_max: float) -> Style:
     if level == 0:
         return Style()
     r, g, b = heat.rgb(level)
-    text_colour = "white" if heat.needs_light_text(level) else "black"
+    text_colour = Color.from_rgb(255, 255, 255) if heat.needs_light_text(level) else Color.from_rgb(0, 0, 0)
     return Style(color=text_colour, bgcolor=Color.from_rgb(r, g, b))
 
 
