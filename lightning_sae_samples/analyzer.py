@@ -265,13 +265,14 @@ class RunSummary:
 
 
 def _progress(items: Sequence[_T], enabled: bool, description: str) -> Iterator[_T]:
-    if not enabled:
-        yield from items
-        return
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield from items
+        return
+    with Progress(console=console, transient=True) as progress:
         task = progress.add_task(description, total=len(items))
         for item in items:
             yield item
