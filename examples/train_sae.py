@@ -80,9 +80,7 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         )
         console.print(f"Markdown report   : {md.resolve()}")
     html = samples / "report.html"
-    analyzer.generate_html_report(
-        str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature
-    )
+    analyzer.generate_html_report(str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature)
     console.print(f"HTML report       : {html.resolve()}")
     feature = _strongest_feature(samples)
     if feature is not None:

@@ -86,8 +86,9 @@ class OneHotSAE(L.LightningModule):
 
 def run(tmp_path, mode: str, corrupt: str | None = None):
     seqs = make_sequences()
-    loader = torch.utils.data.DataLoader(SeqDataset(seqs), batch_size=BATCH, shuffle=True,
-                                         generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(
+        SeqDataset(seqs), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
     dirpath = tmp_path / f"samples_{mode}_{corrupt}"
     callback = ActivationSampleCallback(
         collection_freq=1,

