@@ -344,7 +344,7 @@ class ActivationSampleCallback(Callback):
         strategy = self._strategy
         if strategy is None or strategy.world_size == 1:
             return self.collector.state_dict()
-        return gather_merged_state(self.collector.tensors(), strategy, is_root=self._rank == 0)
+        return gather_merged_state(self.collector, strategy, is_root=self._rank == 0)
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self._resolved_tokenizer is None:

@@ -88,8 +88,21 @@ class CollectorConfig:
         return 2 * self.half_window + 1
 
 
+def _group_key(latent_idx: Tensor, values: Tensor) -> Tensor:
+    """An int64 key whose ascending order is (latent ascending, value descending), for one stable sort."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    ascending = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+    return latent_idx * (1 << 33) + ((1 << 31) - ascending)
+
+
 class SampleCollector:
     """Exact top-k activating contexts and streaming statistics for every latent.
+
+    Layout: per latent, ``top_values``/``top_step``/``top_order`` are kept sorted (best first) with a
+    ``top_slot`` pointer into an unordered pool holding each sample's position and context window.
+    An update re-sorts only the small per-sample keys of the latents it touches and writes context
+    windows only for samples that enter the top, so its cost follows the number of activations, not
+    ``F x K`` context windows.
 
     Args:
         config: Sizes and threshold.
@@ -114,9 +127,10 @@ class SampleCollector:
         self.top_values = torch.full((num_latents, k), -math.inf, device=device)
         self.top_step = torch.full((num_latents, k), EMPTY, dtype=torch.int64, device=device)
         self.top_order = torch.full((num_latents, k), EMPTY, dtype=torch.int64, device=device)
-        self.top_position = torch.full((num_latents, k), EMPTY, dtype=torch.int32, device=device)
-        self.top_context_tokens = torch.full((num_latents, k, w), EMPTY, dtype=torch.int32, device=device)
-        self.top_context_acts = torch.zeros((num_latents, k, w), device=device)
+        self.top_slot = torch.arange(k, dtype=torch.int64, device=device).repeat(num_latents, 1)
+        self.pool_position = torch.full((num_latents, k), EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_tokens = torch.full((num_latents, k, w), EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_acts = torch.zeros((num_latents, k, w), device=device)
 
         self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
         self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
@@ -178,8 +192,7 @@ class SampleCollector:
         batch, seq = tokens.shape
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
-        mask = above_threshold(flat_val, self.config.threshold)
-        token_idx, slot = mask.nonzero(as_tuple=True)
+        token_idx, slot = above_threshold(flat_val, self.config.threshold).nonzero(as_tuple=True)
         latent_idx = flat_idx[token_idx, slot].long()
         picked = flat_val[token_idx, slot].float()
         self.nonfinite_skipped += (~torch.isfinite(flat_val)).sum()
@@ -187,15 +200,22 @@ class SampleCollector:
         token_idx, latent_idx, picked = token_idx[finite], latent_idx[finite], picked[finite]
 
         def window_acts(rows: Tensor, latent: Tensor) -> Tensor:
-            hit = flat_idx[rows] == latent.view(-1, 1, 1)
-            acts = torch.where(hit, flat_val[rows].float(), torch.zeros((), device=flat_val.device))
-            return acts.sum(-1)
+            # Look up (token, latent) pairs among the k active entries of each token: one sort of the
+            # B*T*k active keys, then a binary search per context position of the samples that entered.
+            num_latents = self.config.num_latents
+            keys = (torch.arange(batch * seq, device=flat_idx.device).unsqueeze(1) * num_latents + flat_idx).view(-1)
+            sorted_keys, order = torch.sort(keys)
+            query = rows * num_latents + latent.unsqueeze(1)
+            at = torch.searchsorted(sorted_keys, query).clamp(max=len(sorted_keys) - 1)
+            found = sorted_keys[at] == query
+            return torch.where(found, flat_val.reshape(-1)[order[at]].float(), 0.0)
 
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
 
     def _fold(self, tokens, token_idx, latent_idx, values, step, order_base, window_acts) -> None:
         cfg = self.config
         dev = self.device
+        k = cfg.max_samples
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
         self.tokens_seen += tokens.numel()
         if self.first_collected_step == EMPTY:
@@ -206,58 +226,65 @@ class SampleCollector:
 
         self._update_statistics(latent_idx, values, step)
 
+        # Candidates that can enter the top: strictly above the latent's current K-th value (an equal
+        # value loses the tie to the earlier sample already kept).
         beats = values > self.top_values[latent_idx, -1]
         token_idx, latent_idx, values = token_idx[beats], latent_idx[beats], values[beats]
-        by_value = torch.argsort(values, descending=True, stable=True)
-        by_latent = torch.argsort(latent_idx[by_value], stable=True)
-        perm = by_value[by_latent]
+        perm = torch.argsort(_group_key(latent_idx, values), stable=True)
         token_idx, latent_idx, values = token_idx[perm], latent_idx[perm], values[perm]
-
         per_latent = torch.bincount(latent_idx, minlength=cfg.num_latents)
-        starts = torch.cumsum(per_latent, 0) - per_latent
-        rank = torch.arange(len(latent_idx), device=dev) - starts[latent_idx]
-        keep = rank < cfg.max_samples
+        rank = torch.arange(len(latent_idx), device=dev) - (torch.cumsum(per_latent, 0) - per_latent)[latent_idx]
+        keep = rank < k
         token_idx, latent_idx, values, rank = token_idx[keep], latent_idx[keep], values[keep], rank[keep]
 
         touched = (per_latent > 0).nonzero(as_tuple=True)[0]
-        slot_of = torch.full((cfg.num_latents,), EMPTY, dtype=torch.int64, device=dev)
-        slot_of[touched] = torch.arange(len(touched), device=dev)
-        row = slot_of[latent_idx]
+        row_of = torch.full((cfg.num_latents,), EMPTY, dtype=torch.int64, device=dev)
+        row_of[touched] = torch.arange(len(touched), device=dev)
+        row = row_of[latent_idx]
+        grid = (len(touched), k)
+        new_values = torch.full(grid, -math.inf, device=dev)
+        new_values[row, rank] = values
+        new_tokens = torch.zeros(grid, dtype=torch.int64, device=dev)
+        new_tokens[row, rank] = token_idx
 
+        # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new
+        # one lands after every old one greater or equal. Positions >= K fall out.
+        old_values = self.top_values[touched]
+        columns = torch.arange(k, device=dev)
+        pos_old = columns + torch.searchsorted(-new_values, -old_values, right=False)
+        pos_new = columns + torch.searchsorted(-old_values, -new_values, right=True)
+        entered = (pos_new < k).sum(1, keepdim=True)
+        # The samples pushed out are the last `entered` old ones; new samples take over their pool slots.
+        old_slots = self.top_slot[touched]
+        freed = torch.gather(old_slots, 1, (k - entered + columns).clamp(max=k - 1))
+
+        fields = (
+            ("top_values", old_values, new_values),
+            ("top_step", self.top_step[touched], torch.full(grid, step, dtype=torch.int64, device=dev)),
+            ("top_order", self.top_order[touched], order_base + new_tokens),
+            ("top_slot", old_slots, freed),
+        )
+        for name, old, new in fields:
+            merged = torch.empty((grid[0], k + 1), dtype=old.dtype, device=dev)
+            merged.scatter_(1, pos_old.clamp(max=k), old)
+            merged.scatter_(1, pos_new.clamp(max=k), new)
+            getattr(self, name)[touched] = merged[:, :k]
+
+        enters = rank < entered[row, 0]
+        token_idx, latent_idx, rank, row = token_idx[enters], latent_idx[enters], rank[enters], row[enters]
+        slot = freed[row, rank]
         seq = tokens.shape[1]
-        h = cfg.half_window
         position = token_idx % seq
-        offsets = torch.arange(-h, h + 1, device=dev)
-        window_pos = position.unsqueeze(1) + offsets
+        window_pos = position.unsqueeze(1) + torch.arange(-cfg.half_window, cfg.half_window + 1, device=dev)
         inside = (window_pos >= 0) & (window_pos < seq)
         window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
         flat_tokens = tokens.reshape(-1).to(dev)
-        ctx_tokens = torch.where(inside, flat_tokens[window_rows], EMPTY).to(torch.int32)
-        ctx_acts = window_acts(window_rows.to(flat_tokens.device), latent_idx.to(flat_tokens.device)).to(dev)
-        ctx_acts = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
-
-        shape = (len(touched), cfg.max_samples)
-        new = {
-            "top_values": torch.full(shape, -math.inf, device=dev),
-            "top_step": torch.full(shape, EMPTY, dtype=torch.int64, device=dev),
-            "top_order": torch.full(shape, EMPTY, dtype=torch.int64, device=dev),
-            "top_position": torch.full(shape, EMPTY, dtype=torch.int32, device=dev),
-            "top_context_tokens": torch.full((*shape, cfg.window), EMPTY, dtype=torch.int32, device=dev),
-            "top_context_acts": torch.zeros((*shape, cfg.window), device=dev),
-        }
-        new["top_values"][row, rank] = values
-        new["top_step"][row, rank] = step
-        new["top_order"][row, rank] = order_base + token_idx
-        new["top_position"][row, rank] = position.to(torch.int32)
-        new["top_context_tokens"][row, rank] = ctx_tokens
-        new["top_context_acts"][row, rank] = ctx_acts
-
-        combined = torch.cat([self.top_values[touched], new["top_values"]], dim=1)
-        best = torch.argsort(combined, dim=1, descending=True, stable=True)[:, : cfg.max_samples]
-        for name in _TOP_FIELDS:
-            both = torch.cat([getattr(self, name)[touched], new[name]], dim=1)
-            index = best if both.dim() == 2 else best.unsqueeze(-1).expand(-1, -1, cfg.window)
-            getattr(self, name)[touched] = torch.gather(both, 1, index)
+        ctx_acts = window_acts(window_rows, latent_idx)
+        self.pool_position[latent_idx, slot] = position.to(torch.int32)
+        self.pool_context_tokens[latent_idx, slot] = torch.where(inside, flat_tokens[window_rows], EMPTY).to(
+            torch.int32
+        )
+        self.pool_context_acts[latent_idx, slot] = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
 
     def _update_statistics(self, latent_idx: Tensor, values: Tensor, step: int) -> None:
         num_latents = self.config.num_latents
@@ -275,24 +302,13 @@ class SampleCollector:
         self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)
         self.last_step = torch.where(fired, step, self.last_step)
 
-    # ------------------------------------------------------------------ derived
-    def mean(self) -> Tensor:
-        """Mean activation over all activations above the threshold (0 where never fired)."""
-        return torch.where(self.count > 0, self.sum / self.count.clamp(min=1), 0.0)
-
-    def std(self) -> Tensor:
-        """Population standard deviation over all activations above the threshold."""
-        mean = self.mean()
-        var = self.sum_sq / self.count.clamp(min=1) - mean * mean
-        return torch.where(self.count > 0, var.clamp(min=0).sqrt(), 0.0)
-
-    def num_kept(self) -> Tensor:
-        """Kept top samples per latent."""
-        return torch.isfinite(self.top_values).sum(1)
-
     # ------------------------------------------------------------------ state
-    def tensors(self) -> dict:
-        """The state as a dict of the live tensors (no copy, on the state's device) and plain numbers."""
+    def export(self, latents: slice = slice(None)) -> dict:
+        """The state of a range of latents in canonical form (samples in rank order), on the state's device.
+
+        The result has every per-latent field of :data:`PER_LATENT_FIELDS` for ``latents`` plus the run-level
+        numbers; it is what :func:`merge_states`, the checkpoint and the full-state file hold.
+        """
         cfg = self.config
         state = {
             "format_version": FORMAT_VERSION,
@@ -301,48 +317,56 @@ class SampleCollector:
             "context_size": cfg.context_size,
             "half_window": cfg.half_window,
             "threshold": cfg.threshold,
-            "hist_edges": self.hist_edges,
-            "tokens_seen": self.tokens_seen,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "hist_edges": self.hist_edges.clone(),
+            "tokens_seen": self.tokens_seen.clone(),
+            "nonfinite_skipped": self.nonfinite_skipped.clone(),
             "steps_collected": self.steps_collected,
             "first_collected_step": self.first_collected_step,
             "last_collected_step": self.last_collected_step,
         }
-        for name in PER_LATENT_FIELDS:
-            state[name] = getattr(self, name)
+        slot = self.top_slot[latents]
+        window_slot = slot.unsqueeze(-1).expand(-1, -1, cfg.window)
+        state["top_values"] = self.top_values[latents].clone()
+        state["top_step"] = self.top_step[latents].clone()
+        state["top_order"] = self.top_order[latents].clone()
+        state["top_position"] = torch.gather(self.pool_position[latents], 1, slot)
+        state["top_context_tokens"] = torch.gather(self.pool_context_tokens[latents], 1, window_slot)
+        state["top_context_acts"] = torch.gather(self.pool_context_acts[latents], 1, window_slot)
+        for name in _STAT_FIELDS:
+            state[name] = getattr(self, name)[latents].clone()
         return state
 
     def state_dict(self) -> dict:
-        """A copy of the state on the CPU (loadable with ``torch.load(weights_only=True)``)."""
-        return {k: v.to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in self.tensors().items()}
+        """The whole state, canonical, on the CPU (loadable with ``torch.load(weights_only=True)``)."""
+        return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.export().items()}
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
         """Rebuild a collector from :meth:`state_dict` output, on ``device``."""
-        missing = [k for k in ("num_latents", "max_samples", *PER_LATENT_FIELDS) if k not in state]
+        missing = [k for k in ("num_latents", "max_samples", "context_size", *PER_LATENT_FIELDS) if k not in state]
         if missing:
-            raise ValueError(f"Collector state is missing {missing}; it was not written by this version.")
+            raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
         config = CollectorConfig(
             num_latents=int(state["num_latents"]),
             max_samples=int(state["max_samples"]),
             context_size=int(state["context_size"]),
             threshold=float(state["threshold"]),
         )
-        collector = cls.__new__(cls)
-        collector.config = config
-        collector.hist_edges = state["hist_edges"].to(torch.float64).cpu()
-        collector._inner_edges = collector.hist_edges[1:-1].to(device=device, dtype=torch.float32)
-        for name in PER_LATENT_FIELDS:
-            setattr(collector, name, state[name].to(device).clone())
-        collector.tokens_seen = torch.as_tensor(state["tokens_seen"], dtype=torch.int64).to(device)
-        collector.nonfinite_skipped = torch.as_tensor(state["nonfinite_skipped"], dtype=torch.int64).to(device)
+        collector = cls(config, device, state["hist_edges"])
+        for name in ("top_values", "top_step", "top_order", *_STAT_FIELDS):
+            getattr(collector, name).copy_(state[name])
+        collector.pool_position.copy_(state["top_position"])
+        collector.pool_context_tokens.copy_(state["top_context_tokens"])
+        collector.pool_context_acts.copy_(state["top_context_acts"])
+        collector.tokens_seen.fill_(int(state["tokens_seen"]))
+        collector.nonfinite_skipped.fill_(int(state["nonfinite_skipped"]))
         collector.steps_collected = int(state["steps_collected"])
         collector.first_collected_step = int(state["first_collected_step"])
         collector.last_collected_step = int(state["last_collected_step"])
         return collector
 
     def empty_like(self) -> SampleCollector:
-        """A collector with the same configuration and histogram edges and no data."""
+        """A collector with the same configuration, histogram edges and step counters, and no samples."""
         empty = SampleCollector(self.config, self.device, self.hist_edges)
         empty.steps_collected = self.steps_collected
         empty.first_collected_step = self.first_collected_step
