@@ -368,7 +368,8 @@ class ActivationDataModule(L.LightningDataModule):
         stream: list[int] = []
         budget = max(self.max_tokens, self.seq_len)
         for doc in self._documents():
-            ids = tok(doc, add_special_tokens=False)["input_ids"]
+            # Documents are longer than the model's context on purpose: windows are cut below.
+            ids = tok(doc, add_special_tokens=False, verbose=False)["input_ids"]
             stream.extend(ids)
             if len(stream) >= budget:
                 break

