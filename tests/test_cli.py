@@ -29,27 +29,18 @@ def run_all(commands, cwd):
     return results
 
 
-def test_cli_summary_feature_reports_and_error_exits(samples, tmp_path):
+def test_cli_feature_reports_and_error_exit_as_subprocesses(samples, tmp_path):
     analyzer = ActivationSampleAnalyzer(samples)
     top = analyzer.saved_features[0]
     (tmp_path / "out").mkdir()
-    summary, feature, missing = run_all(
+    feature, missing = run_all(
         [
-            [str(samples), "--top-k", "3", "--rank-by", "activation_count"],
             [str(samples), "--feature", str(top), "--num-examples", "2", "--report", "out/r.md", "--html",
              "out/r.html", "--top-k", "4", "--examples-per-feature", "3"],
             [str(tmp_path / "nowhere")],
         ],
         cwd=tmp_path,
     )
-
-    assert summary.returncode == 0, summary.stderr
-    assert "Top 3 features by activation_count" in summary.stdout
-    by_count = [s.feature_idx for s in analyzer.features("activation_count", 3)]
-    rows = [line for line in summary.stdout.splitlines() if line.startswith("│")]
-    assert [int(r.split("│")[2]) for r in rows if r.split("│")[1].strip().isdigit()] == by_count
-    assert f"Alive latents      {analyzer.summary.alive_features}" in summary.stdout
-
     assert feature.returncode == 0, feature.stderr
     assert f"Feature {top}" in feature.stdout and "Top 2 examples" in feature.stdout
     assert "Wrote Markdown report to out/r.md" in feature.stdout
@@ -61,6 +52,18 @@ def test_cli_summary_feature_reports_and_error_exits(samples, tmp_path):
     assert missing.returncode != 0 and missing.stdout == "" and "Traceback" not in missing.stderr
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lightning-sae-samples: error:") and "does not exist" in lines[0]
+
+
+def test_cli_summary_table_of_top_features(samples, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    assert main([str(samples), "--top-k", "3", "--rank-by", "activation_count"]) == 0
+    out = capsys.readouterr().out
+    analyzer = ActivationSampleAnalyzer(samples)
+    assert "Top 3 features by activation_count" in out
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
+    ranked = [int(r[2]) for r in rows if r[1].strip().isdigit()]
+    assert ranked == [s.feature_idx for s in analyzer.features("activation_count", 3)]
+    assert f"Alive latents      {analyzer.summary.alive_features}" in out
 
 
 def test_cli_help_shows_an_example(capsys):

@@ -32,7 +32,8 @@ def test_installed_wheel_writes_reports_with_shipped_templates(tmp_path):
 
     target = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(target), str(wheel)],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(target),
+         str(wheel)],
         capture_output=True, text=True,
     )
     assert install.returncode == 0, install.stderr

@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+from oracle import Seen, oracle
+
+from lightning_sae_samples.collector import (
+    RANK_SHIFT,
+    CollectorConfig,
+    SampleCollector,
+    above_threshold,
+    merge_states,
+)
+
+F, K, CTX, THR = 7, 5, 4, 0.5
+
+
+def random_batches(n, batch=3, seq=6, seed=0, vocab=20):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=gen)
+        latents = torch.round(torch.randn(batch, seq, F, generator=gen) * 2) / 2  # ties on a 0.5 grid
+        latents[..., 0] = 0.0  # never fires
+        out.append((tokens, latents))
+    return out
+
+
+def to_sparse(latents, k=3):
+    values, indices = torch.topk(latents, k, dim=-1)
+    return indices, values, torch.zeros_like(latents).scatter(-1, indices, values)
+
+
+def assert_state_matches_oracle(state, seen, k=K):
+    feats = oracle(seen, F, k, CTX, THR)
+    half = CTX // 2
+    for f, feat in feats.items():
+        assert int(state["count"][f]) == feat.count
+        kept = int(torch.isfinite(state["top_values"][f]).sum())
+        assert kept == len(feat.samples)
+        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
+            assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
+            assert int(state["top_step"][f, j]) == step
+            assert int(state["top_position"][f, j]) == pos
+            window = state["top_context_tokens"][f, j].tolist()
+            assert window[half] == ctx[ctx_pos]
+            assert [t for t in window if t >= 0] == ctx
+            got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
+            assert got_acts == pytest.approx(acts)
+        if feat.count:
+            values = torch.tensor(feat.values, dtype=torch.float64)
+            assert float(state["sum"][f]) == pytest.approx(float(values.sum()))
+            assert float(state["max"][f]) == float(values.max())
+            assert float(state["min"][f]) == float(values.min())
+        else:
+            assert int(state["first_step"][f]) == -1
+
+
+def test_dense_updates_equal_brute_force_topk():
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(8)):
+        c.update_dense(tokens, latents, step)
+        seen.append(Seen(step, 0, 0, tokens, latents))
+    assert_state_matches_oracle(c.state_dict(), seen)
+
+
+def test_sparse_updates_equal_brute_force_topk():
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(8, seed=3)):
+        indices, values, dense = to_sparse(latents)
+        c.update_sparse(tokens, indices, values, step)
+        seen.append(Seen(step, 0, 0, tokens, dense))
+    assert_state_matches_oracle(c.state_dict(), seen)
+
+
+def test_sparse_and_dense_paths_agree():
+    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    for step, (tokens, latents) in enumerate(random_batches(5, seed=4)):
+        indices, values, dense = to_sparse(latents)
+        dense_c.update_dense(tokens, dense, step)
+        sparse_c.update_sparse(tokens, indices, values, step)
+    a, b = dense_c.state_dict(), sparse_c.state_dict()
+    for key, value in a.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, b[key]), key
+
+
+def test_merge_of_two_ranks_equals_oracle_over_the_union():
+    ranks = [SampleCollector(CollectorConfig(F, K, CTX, THR)) for _ in range(2)]
+    seen = []
+    batches = random_batches(10, seed=7)
+    for i, (tokens, latents) in enumerate(batches):
+        step, rank = i // 2, i % 2
+        ranks[rank].update_dense(tokens, latents, step, order_base=rank << RANK_SHIFT)
+        seen.append(Seen(step, rank, 0, tokens, latents))
+    merged = merge_states(ranks[1].state_dict(), ranks[0].state_dict())
+    assert_state_matches_oracle(merged, seen)
+    assert int(merged["tokens_seen"]) == sum(t.numel() for t, _ in batches)
+    # merging is commutative
+    other = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
+    for key, value in merged.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, other[key]), key
+
+
+def test_state_dict_round_trip_continues_exactly():
+    batches = random_batches(6, seed=9)
+    straight = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    for step, (tokens, latents) in enumerate(batches):
+        straight.update_dense(tokens, latents, step)
+    first = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    for step, (tokens, latents) in enumerate(batches[:3]):
+        first.update_dense(tokens, latents, step)
+    resumed = SampleCollector.from_state_dict(first.state_dict())
+    for step, (tokens, latents) in enumerate(batches[3:], start=3):
+        resumed.update_dense(tokens, latents, step)
+    a, b = straight.state_dict(), resumed.state_dict()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_threshold_is_strict_in_exact_arithmetic_for_every_dtype(dtype):
+    threshold = 0.1
+    grid = torch.tensor([0.0999, 0.1, 0.1001, 0.1002, 0.11], dtype=dtype)
+    want = torch.tensor([float(v) > threshold for v in grid.double()])
+    assert torch.equal(above_threshold(grid, threshold), want)
+
+
+def test_non_finite_values_are_skipped_and_counted():
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    tokens, latents = random_batches(1, seed=11)[0]
+    clean = latents.clone()
+    latents[0, 1, 2] = math.nan
+    latents[1, 2, 3] = math.inf
+    latents[2, 0, 4] = -math.inf
+    c.update_dense(tokens, latents, 0)
+    state = c.state_dict()
+    assert int(state["nonfinite_skipped"]) == 3
+    assert torch.isfinite(state["top_context_acts"]).all()
+    clean[0, 1, 2] = clean[1, 2, 3] = clean[2, 0, 4] = 0.0
+    ref = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    ref.update_dense(tokens, clean, 0)
+    assert torch.equal(ref.state_dict()["count"], state["count"])
+    assert torch.equal(ref.state_dict()["top_values"], state["top_values"])
+    # an all-NaN batch changes nothing but the skip counter
+    c.update_dense(tokens, torch.full_like(latents, math.nan), 1)
+    after = c.state_dict()
+    assert torch.equal(after["count"], state["count"]) and int(after["nonfinite_skipped"]) == 3 + latents.numel()
+
+
+def test_memory_is_bounded_by_k_per_latent():
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    sizes = set()
+    for step, (tokens, latents) in enumerate(random_batches(6, seed=12)):
+        c.update_dense(tokens, latents, step)
+        sizes.add(tuple(c.state_dict()["top_context_tokens"].shape))
+    assert sizes == {(F, K, 2 * (CTX // 2) + 1)}
