@@ -7,9 +7,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from oracle import Seen
+from torch.utils.data import DataLoader, Dataset
 
 
 class TokenDataset(Dataset):
