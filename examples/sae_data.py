@@ -150,15 +150,24 @@ def load_model(name: str):
     path, kwargs = resolve_model(name)
     if "gguf_file" in kwargs:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        model = model.base_model  # hidden states only: skip the LM head (vocab x d_model per token)
     else:
         model = AutoModel.from_pretrained(path)
     return model.eval().requires_grad_(False)
 
 
 def hidden_size_of(name: str) -> int:
-    """``hidden_size`` of a model from its config (cheap; weights are not loaded)."""
+    """``hidden_size`` of a model from its config (weights are not loaded).
+
+    Known for the packaged models (reading a GGUF file's config parses the whole file).
+    """
     from transformers import AutoConfig
 
+    low = name.lower()
+    if low in MINILM_NAMES:
+        return 384
+    if low in SMOLLM2_NAMES:
+        return 576
     path, kwargs = resolve_model(name)
     config = AutoConfig.from_pretrained(path, **kwargs)
     config = getattr(config, "text_config", config)
@@ -302,7 +311,11 @@ class ActivationDataModule(L.LightningDataModule):
     def d_model(self) -> int:
         """Width of the cached hidden states (read from the model config, without loading weights)."""
         if self._d_model is None:
-            self._d_model = hidden_size_of(self.model_name)
+            meta = self.cache_dir / self.cache_key() / "meta.json"
+            if meta.exists():
+                self._d_model = int(json.loads(meta.read_text())["d_model"])
+            else:
+                self._d_model = hidden_size_of(self.model_name)
         return self._d_model
 
     @property
