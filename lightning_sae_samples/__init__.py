@@ -1,19 +1,53 @@
-"""Exact top activating contexts of every SAE latent, collected during Lightning training."""
+"""Exact top activating contexts of every SAE latent, collected during Lightning training.
 
-from lightning_sae_samples.callback import ActivationSampleCallback
-from lightning_sae_samples.collector import CollectorConfig, SampleCollector, merge_states
-from lightning_sae_samples.inputs import LatentInputError
-from lightning_sae_samples.schedule import CollectionSchedule
+The callback and the collector import Lightning and are loaded on first use, so the command line and the
+analyzer start without importing Lightning.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from lightning_sae_samples.analyzer import (
+    ActivationSampleAnalyzer,
+    FeatureSamples,
+    FeatureStats,
+    RunSummary,
+    Sample,
+    UnknownFeatureError,
+    write_report,
+)
 from lightning_sae_samples.storage import SamplesDirectory, SamplesDirectoryError, read_samples_dir
 
+_LAZY = {
+    "ActivationSampleCallback": "lightning_sae_samples.callback",
+    "CollectionSchedule": "lightning_sae_samples.schedule",
+    "CollectorConfig": "lightning_sae_samples.collector",
+    "SampleCollector": "lightning_sae_samples.collector",
+    "merge_states": "lightning_sae_samples.collector",
+    "LatentInputError": "lightning_sae_samples.inputs",
+}
+
 __all__ = [
+    "ActivationSampleAnalyzer",
     "ActivationSampleCallback",
     "CollectionSchedule",
     "CollectorConfig",
+    "FeatureSamples",
+    "FeatureStats",
     "LatentInputError",
+    "RunSummary",
+    "Sample",
     "SampleCollector",
     "SamplesDirectory",
     "SamplesDirectoryError",
+    "UnknownFeatureError",
     "merge_states",
     "read_samples_dir",
+    "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_sae_samples' has no attribute {name!r}")

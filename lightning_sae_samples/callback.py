@@ -17,7 +17,8 @@ from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.inputs import InputKeys, LatentInputError, check_indices_in_range, read_latents
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.statistics import RANK_CHOICES
-from lightning_sae_samples.storage import write_samples_dir
+from lightning_sae_samples.analyzer import write_report
+from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
@@ -365,13 +366,19 @@ class ActivationSampleCallback(Callback):
                 " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
             )
             self._warned_nonfinite = skipped
+        tokenizer = self._tokenizer(trainer, pl_module)
         write_samples_dir(
             self.dirpath,
             merged,
             config=self.config(),
-            tokenizer=self._tokenizer(trainer, pl_module),
+            tokenizer=tokenizer,
             top_features=self.top_features_to_save,
             samples_per_feature=self.samples_per_feature_to_save,
             rank_by=self.rank_features_by,
             global_step=trainer.global_step,
         )
+        if self.write_report:
+            try:
+                write_report(self.dirpath, tokenizer=tokenizer)
+            except Exception as err:  # noqa: BLE001 - a report must never stop training
+                rank_zero_warn(f"ActivationSampleCallback could not write {REPORT_NAME}: {err}")

@@ -38,6 +38,7 @@ def main() -> None:
         enable_checkpointing=bool(args.save_ckpt), default_root_dir=args.out, callbacks=callbacks,
     )
     module = SyntheticSAE(num_latents=args.num_latents, mode=args.mode)
+    module.seen_dir = str(args.out)
     trainer.fit(module, loader(), ckpt_path=args.ckpt_path)
     torch.save(module.seen, args.out / f"seen_{args.max_epochs}_{trainer.global_rank}.pt")
 

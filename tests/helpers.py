@@ -71,6 +71,10 @@ class SyntheticSAE(L.LightningModule):
         self.seen.append(Seen(step, self.global_rank, offset, tokens.detach().cpu(), dense.detach().float().cpu()))
         return out
 
+    def on_train_end(self):
+        if getattr(self, "seen_dir", None):  # under ddp_spawn the parent never sees the workers' module
+            torch.save(self.seen, Path(self.seen_dir) / f"seen_spawn_{self.global_rank}.pt")
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 

@@ -122,9 +122,10 @@ def test_non_collection_step_leaves_state_untouched(tmp_path):
             assert not torch.equal(before["count"], after["count"])
 
 
-def test_latents_requiring_grad_and_bf16_are_collected_and_untouched(tmp_path):
-    module = SyntheticSAE(num_latents=F, dtype=torch.bfloat16)
-    trainer(tmp_path, [make_callback(tmp_path, collection_freq=1)]).fit(module, loader())
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "bf16-mixed"), (torch.float16, "32-true")])
+def test_half_precision_latents_requiring_grad_are_collected_and_untouched(tmp_path, dtype, precision):
+    module = SyntheticSAE(num_latents=F, dtype=dtype)
+    trainer(tmp_path, [make_callback(tmp_path, collection_freq=1)], precision=precision).fit(module, loader())
     assert module.scale.grad is not None
     check_against_oracle(tmp_path / "samples", module.seen)
 
@@ -187,3 +188,37 @@ def test_feature_files_that_leave_the_top_are_removed(tmp_path):
     counts = [e["activation_count"] for e in summary["top_features_by_activation"]]
     assert counts == sorted(counts, reverse=True)
     assert len(first) == 3
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_131072_latents_collect_and_save_in_seconds(tmp_path, mode):
+    wide = 131072
+    module = SyntheticSAE(num_latents=wide, mode=mode, k=4)
+    cb = make_callback(tmp_path, collection_freq=1, max_samples_per_feature=8, top_features_to_save=100,
+                       samples_per_feature_to_save=3)
+    trainer(tmp_path, [cb], max_steps=3).fit(module, loader())
+    files = read_dir(tmp_path / "samples")
+    summary = files["collection_summary.json"]
+    dense = torch.cat([s.latents.reshape(-1, wide) for s in module.seen])
+    fired = (dense.double() > THR).sum(0)
+    assert summary["alive_features"] == int((fired > 0).sum())
+    assert summary["num_features_tracked"] == wide
+    assert len([n for n in files if n.startswith("feature_")]) == 100
+    assert files["full_state.pt"]["top_values"].shape == (wide, 8)
+    best = summary["top_features_by_activation"][0]["feature_idx"]
+    want = torch.sort(dense[:, best][dense[:, best].double() > THR], descending=True).values[:3]
+    got = [s["activation_value"] for s in files[f"feature_{best:05d}_samples.json"]["top_samples"]]
+    assert got == want.tolist()
+    assert files[f"feature_{best:05d}_samples.json"]["statistics"]["activation_count"] == int(fired[best])
+
+
+def test_each_save_writes_the_markdown_report_unless_turned_off(tmp_path):
+    trainer(tmp_path, [make_callback(tmp_path)]).fit(SyntheticSAE(num_latents=F), loader())
+    report = (tmp_path / "samples" / "interpretability_report.md").read_text()
+    summary = json.loads((tmp_path / "samples" / "collection_summary.json").read_text())
+    top = summary["top_features_by_activation"][0]["feature_idx"]
+    assert "Steps collected" in report and f"[{top}](#feature-{top})" in report
+    trainer(tmp_path / "off", [make_callback(tmp_path / "off", write_report=False)]).fit(
+        SyntheticSAE(num_latents=F), loader())
+    assert not (tmp_path / "off" / "samples" / "interpretability_report.md").exists()
+    assert (tmp_path / "off" / "samples" / "collection_summary.json").exists()

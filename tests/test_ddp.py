@@ -25,13 +25,20 @@ def seen_of(out, epochs):
     return seen
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("mode", ["dense", "flat"])
 def test_two_process_ddp_equals_oracle_over_both_ranks(tmp_path, mode):
     run(tmp_path, "--mode", mode, "--devices", 2)
     seen = seen_of(tmp_path, 2)
     assert {s.rank for s in seen} == {0, 1}
     check_against_oracle(tmp_path / "samples", seen)
     assert not list((tmp_path / "samples").glob(".*")), "no temporary files may remain"
+
+
+def test_ddp_spawn_equals_oracle(tmp_path):
+    run(tmp_path, "--mode", "sparse", "--devices", 2, "--strategy", "ddp_spawn")
+    seen = seen_of(tmp_path, "spawn")
+    assert {s.rank for s in seen} == {0, 1}
+    check_against_oracle(tmp_path / "samples", seen)
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
