@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_sae_samples.analyzer import write_report
 from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.inputs import InputKeys, LatentInputError, check_indices_in_range, read_latents
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.statistics import RANK_CHOICES
-from lightning_sae_samples.analyzer import write_report
 from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
