@@ -8,19 +8,26 @@ is copied to the host.
 Exactness. For every latent the state holds the ``K`` largest activations strictly above the
 threshold over everything seen, ordered by value descending and, among equal values, by the
 earliest ``(step, order)`` where ``order = rank << 40 | token offset within the step on that rank``.
-Within one process new tokens always come after the kept ones, so a stable sort of
-``[kept, new]`` realises the tie-break; :func:`merge_collectors` sorts explicitly by the keys and is
-exact for states from different processes or runs.
+Within one process new tokens always come after the kept ones, so a merge of ``[kept, new]`` that
+puts kept samples first among equals realises the tie-break; :func:`merge_states` sorts explicitly by
+the keys and is exact for states from different processes or runs.
+
+Besides the top, optional tables keep, per latent, ``samples_per_interval`` random samples from each
+activation interval (the ones with the largest :func:`sample_priority`, a hash of where the sample was
+seen: a uniform sample that every process and resume reproduces) and the top activations of the recent
+window of steps (the current and the previous block of ``recent_window_steps`` steps).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from lightning_sae_samples.sample_table import TABLE_FIELDS, BatchContext, SampleTable, merge_exported
 
 FORMAT_VERSION = 1
 RANK_SHIFT = 40
@@ -29,9 +36,49 @@ HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 1e4
 HISTOGRAM_MIN_FLOOR = 1e-3
 
-_TOP_FIELDS = ("top_values", "top_step", "top_order", "top_position", "top_context_tokens", "top_context_acts")
+INTERVAL_RATIO = math.sqrt(10.0)
 _STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
-PER_LATENT_FIELDS = (*_TOP_FIELDS, *_STAT_FIELDS)
+RUN_TENSORS = frozenset({"hist_edges", "interval_edges", "tokens_seen", "nonfinite_skipped"})
+TABLE_PREFIXES = ("top", "interval", "recent", "recent_prev")
+_MASK64 = (1 << 64) - 1
+
+
+def per_latent_fields(state: dict) -> list[str]:
+    """Names of the entries of a state that are indexed by latent (first dimension ``F``)."""
+    return [k for k, v in state.items() if isinstance(v, Tensor) and k not in RUN_TENSORS]
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def sample_priority(step: int, order: Tensor, seed: int = 0) -> Tensor:
+    """A pseudo-random priority in ``[0, 2**31)`` (as float64) for samples seen at ``(step, order)``.
+
+    A SplitMix64 hash: the same sample gets the same priority in every process, run and resume, so
+    keeping the largest priorities is a reproducible uniform sample that merges exactly.
+    """
+    x = order + _signed(step * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03)
+    x = x ^ _shift_right(x, 30)
+    x = x * _signed(0xBF58476D1CE4E5B9)
+    x = x ^ _shift_right(x, 27)
+    x = x * _signed(0x94D049BB133111EB)
+    x = x ^ _shift_right(x, 31)
+    return _shift_right(x, 33).double()
+
+
+def interval_edges(threshold: float, num_intervals: int) -> Tensor:
+    """Edges of the activation intervals sampled per latent: half-decades up from the threshold.
+
+    The last interval is open above; values below the first edge (threshold 0) fall into the first.
+    """
+    low = max(float(threshold), HISTOGRAM_MIN_FLOOR)
+    return low * INTERVAL_RATIO ** torch.arange(num_intervals + 1, dtype=torch.float64)
 
 
 def histogram_edges(threshold: float, num_bins: int = HISTOGRAM_BINS) -> Tensor:
@@ -70,12 +117,22 @@ class CollectorConfig:
         max_samples: Top samples kept per latent ``K``.
         context_size: Context tokens around the activating one (``context_size // 2`` on each side).
         threshold: An activation counts only if strictly greater than this.
+        samples_per_interval: Random samples kept per latent and activation interval (0: none).
+        num_intervals: Number of activation intervals (half-decades from the threshold up).
+        recent_window_steps: Block length in steps of the recent-top window (``None``: no recent top).
+        recent_samples: Top samples kept per latent for the recent window.
+        seed: Seed of the interval sampling.
     """
 
     num_latents: int
     max_samples: int
     context_size: int
     threshold: float
+    samples_per_interval: int = 0
+    num_intervals: int = 8
+    recent_window_steps: Optional[int] = None
+    recent_samples: int = 10
+    seed: int = 0
 
     @property
     def half_window(self) -> int:
@@ -88,24 +145,24 @@ class CollectorConfig:
         return 2 * self.half_window + 1
 
 
-def _group_key(latent_idx: Tensor, values: Tensor) -> Tensor:
-    """An int64 key whose ascending order is (latent ascending, value descending), for one stable sort."""
-    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
-    ascending = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
-    return latent_idx * (1 << 33) + ((1 << 31) - ascending)
+_CONFIG_KEYS = {
+    "num_latents": "num_latents",
+    "max_samples": "max_samples",
+    "context_size": "context_size",
+    "threshold": "threshold",
+    "samples_per_interval": "samples_per_interval",
+    "num_intervals": "num_intervals",
+    "recent_window_steps": "recent_window_steps",
+    "recent_samples": "recent_samples",
+    "seed": "seed",
+}
 
 
 class SampleCollector:
     """Exact top-k activating contexts and streaming statistics for every latent.
 
-    Layout: per latent, ``top_values``/``top_step``/``top_order`` are kept sorted (best first) with a
-    ``top_slot`` pointer into an unordered pool holding each sample's position and context window.
-    An update re-sorts only the small per-sample keys of the latents it touches and writes context
-    windows only for samples that enter the top, so its cost follows the number of activations, not
-    ``F x K`` context windows.
-
     Args:
-        config: Sizes and threshold.
+        config: Sizes, threshold and optional sample groups.
         device: Where the state lives; put it on the latents' device.
         hist_edges: Histogram bin edges; defaults to :func:`histogram_edges` of the threshold.
     """
@@ -118,19 +175,25 @@ class SampleCollector:
     ) -> None:
         self.config = config
         device = torch.device(device)
-        num_latents, k, w = config.num_latents, config.max_samples, config.window
+        num_latents, w = config.num_latents, config.window
         edges = histogram_edges(config.threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
         self._inner_edges = self.hist_edges[1:-1].to(device=device, dtype=torch.float32)
         num_bins = len(self.hist_edges) - 1
 
-        self.top_values = torch.full((num_latents, k), -math.inf, device=device)
-        self.top_step = torch.full((num_latents, k), EMPTY, dtype=torch.int64, device=device)
-        self.top_order = torch.full((num_latents, k), EMPTY, dtype=torch.int64, device=device)
-        self.top_slot = torch.arange(k, dtype=torch.int64, device=device).repeat(num_latents, 1)
-        self.pool_position = torch.full((num_latents, k), EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.full((num_latents, k, w), EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_acts = torch.zeros((num_latents, k, w), device=device)
+        self.tables: dict[str, SampleTable] = {"top": SampleTable(num_latents, config.max_samples, w, device)}
+        self.interval_edges: Optional[Tensor] = None
+        if config.samples_per_interval:
+            self.interval_edges = interval_edges(config.threshold, config.num_intervals)
+            self._interval_inner = self.interval_edges[1:-1].to(device=device, dtype=torch.float32)
+            self.tables["interval"] = SampleTable(
+                num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
+            )
+            self.interval_count = torch.zeros((num_latents, config.num_intervals), dtype=torch.int64, device=device)
+        self.recent_block = EMPTY
+        if config.recent_window_steps:
+            self.tables["recent"] = SampleTable(num_latents, config.recent_samples, w, device)
+            self.tables["recent_prev"] = SampleTable(num_latents, config.recent_samples, w, device)
 
         self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
         self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
@@ -149,7 +212,12 @@ class SampleCollector:
     @property
     def device(self) -> torch.device:
         """Device of the state tensors."""
-        return self.top_values.device
+        return self.count.device
+
+    @property
+    def top_values(self) -> Tensor:
+        """Kept top activations ``[F, K]``, best first (``-inf`` where empty)."""
+        return self.tables["top"].values
 
     # ------------------------------------------------------------------ update
     def update_dense(self, tokens: Tensor, latents: Tensor, step: int, order_base: int = 0) -> None:
@@ -198,13 +266,16 @@ class SampleCollector:
         self.nonfinite_skipped += (~torch.isfinite(flat_val)).sum()
         finite = torch.isfinite(picked)
         token_idx, latent_idx, picked = token_idx[finite], latent_idx[finite], picked[finite]
+        lookup: list[tuple[Tensor, Tensor]] = []
 
         def window_acts(rows: Tensor, latent: Tensor) -> Tensor:
             # Look up (token, latent) pairs among the k active entries of each token: one sort of the
-            # B*T*k active keys, then a binary search per context position of the samples that entered.
+            # B*T*k active keys (shared by all tables), then a binary search per context position.
             num_latents = self.config.num_latents
-            keys = (torch.arange(batch * seq, device=flat_idx.device).unsqueeze(1) * num_latents + flat_idx).view(-1)
-            sorted_keys, order = torch.sort(keys)
+            if not lookup:
+                keys = torch.arange(batch * seq, device=flat_idx.device).unsqueeze(1) * num_latents + flat_idx
+                lookup.append(torch.sort(keys.view(-1)))
+            sorted_keys, order = lookup[0]
             query = rows * num_latents + latent.unsqueeze(1)
             at = torch.searchsorted(sorted_keys, query).clamp(max=len(sorted_keys) - 1)
             found = sorted_keys[at] == query
@@ -212,10 +283,18 @@ class SampleCollector:
 
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
 
-    def _fold(self, tokens, token_idx, latent_idx, values, step, order_base, window_acts) -> None:
+    def _fold(
+        self,
+        tokens: Tensor,
+        token_idx: Tensor,
+        latent_idx: Tensor,
+        values: Tensor,
+        step: int,
+        order_base: int,
+        window_acts: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
         cfg = self.config
         dev = self.device
-        k = cfg.max_samples
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
         self.tokens_seen += tokens.numel()
         if self.first_collected_step == EMPTY:
@@ -225,66 +304,32 @@ class SampleCollector:
             self.last_collected_step = step
 
         self._update_statistics(latent_idx, values, step)
+        batch = BatchContext(tokens.to(dev), step, order_base, cfg.half_window, window_acts)
+        self.tables["top"].insert(latent_idx, latent_idx, values, values, token_idx, batch)
+        if "interval" in self.tables:
+            interval = torch.bucketize(values, self._interval_inner, right=True)
+            self.interval_count.view(-1).index_add_(
+                0, latent_idx * cfg.num_intervals + interval, torch.ones_like(interval)
+            )
+            priority = sample_priority(step, order_base + token_idx, cfg.seed)
+            rows = latent_idx * cfg.num_intervals + interval
+            self.tables["interval"].insert(rows, latent_idx, priority, values, token_idx, batch)
+        if "recent" in self.tables:
+            self._rotate_recent(step)
+            self.tables["recent"].insert(latent_idx, latent_idx, values, values, token_idx, batch)
 
-        # Candidates that can enter the top: strictly above the latent's current K-th value (an equal
-        # value loses the tie to the earlier sample already kept).
-        beats = values > self.top_values[latent_idx, -1]
-        token_idx, latent_idx, values = token_idx[beats], latent_idx[beats], values[beats]
-        perm = torch.argsort(_group_key(latent_idx, values), stable=True)
-        token_idx, latent_idx, values = token_idx[perm], latent_idx[perm], values[perm]
-        per_latent = torch.bincount(latent_idx, minlength=cfg.num_latents)
-        rank = torch.arange(len(latent_idx), device=dev) - (torch.cumsum(per_latent, 0) - per_latent)[latent_idx]
-        keep = rank < k
-        token_idx, latent_idx, values, rank = token_idx[keep], latent_idx[keep], values[keep], rank[keep]
-
-        touched = (per_latent > 0).nonzero(as_tuple=True)[0]
-        row_of = torch.full((cfg.num_latents,), EMPTY, dtype=torch.int64, device=dev)
-        row_of[touched] = torch.arange(len(touched), device=dev)
-        row = row_of[latent_idx]
-        grid = (len(touched), k)
-        new_values = torch.full(grid, -math.inf, device=dev)
-        new_values[row, rank] = values
-        new_tokens = torch.zeros(grid, dtype=torch.int64, device=dev)
-        new_tokens[row, rank] = token_idx
-
-        # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new
-        # one lands after every old one greater or equal. Positions >= K fall out.
-        old_values = self.top_values[touched]
-        columns = torch.arange(k, device=dev)
-        pos_old = columns + torch.searchsorted(-new_values, -old_values, right=False)
-        pos_new = columns + torch.searchsorted(-old_values, -new_values, right=True)
-        entered = (pos_new < k).sum(1, keepdim=True)
-        # The samples pushed out are the last `entered` old ones; new samples take over their pool slots.
-        old_slots = self.top_slot[touched]
-        freed = torch.gather(old_slots, 1, (k - entered + columns).clamp(max=k - 1))
-
-        fields = (
-            ("top_values", old_values, new_values),
-            ("top_step", self.top_step[touched], torch.full(grid, step, dtype=torch.int64, device=dev)),
-            ("top_order", self.top_order[touched], order_base + new_tokens),
-            ("top_slot", old_slots, freed),
-        )
-        for name, old, new in fields:
-            merged = torch.empty((grid[0], k + 1), dtype=old.dtype, device=dev)
-            merged.scatter_(1, pos_old.clamp(max=k), old)
-            merged.scatter_(1, pos_new.clamp(max=k), new)
-            getattr(self, name)[touched] = merged[:, :k]
-
-        enters = rank < entered[row, 0]
-        token_idx, latent_idx, rank, row = token_idx[enters], latent_idx[enters], rank[enters], row[enters]
-        slot = freed[row, rank]
-        seq = tokens.shape[1]
-        position = token_idx % seq
-        window_pos = position.unsqueeze(1) + torch.arange(-cfg.half_window, cfg.half_window + 1, device=dev)
-        inside = (window_pos >= 0) & (window_pos < seq)
-        window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
-        flat_tokens = tokens.reshape(-1).to(dev)
-        ctx_acts = window_acts(window_rows, latent_idx)
-        self.pool_position[latent_idx, slot] = position.to(torch.int32)
-        self.pool_context_tokens[latent_idx, slot] = torch.where(inside, flat_tokens[window_rows], EMPTY).to(
-            torch.int32
-        )
-        self.pool_context_acts[latent_idx, slot] = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
+    def _rotate_recent(self, step: int) -> None:
+        block = step // int(self.config.recent_window_steps)
+        if block == self.recent_block:
+            return
+        current, previous = self.tables["recent"], self.tables["recent_prev"]
+        if block == self.recent_block + 1:
+            self.tables["recent_prev"], self.tables["recent"] = current, previous
+            previous.clear()
+        else:
+            current.clear()
+            previous.clear()
+        self.recent_block = block
 
     def _update_statistics(self, latent_idx: Tensor, values: Tensor, step: int) -> None:
         num_latents = self.config.num_latents
@@ -304,34 +349,35 @@ class SampleCollector:
 
     # ------------------------------------------------------------------ state
     def export(self, latents: slice = slice(None)) -> dict:
-        """The state of a range of latents in canonical form (samples in rank order), on the state's device.
+        """The state of a range of latents in canonical form (samples best first), on the state's device.
 
-        The result has every per-latent field of :data:`PER_LATENT_FIELDS` for ``latents`` plus the run-level
-        numbers; it is what :func:`merge_states`, the checkpoint and the full-state file hold.
+        Per-latent entries (see :func:`per_latent_fields`) cover ``latents``; run-level numbers are whole.
+        This is what :func:`merge_states`, the checkpoint and the full-state file hold.
         """
         cfg = self.config
-        state = {
-            "format_version": FORMAT_VERSION,
-            "num_latents": cfg.num_latents,
-            "max_samples": cfg.max_samples,
-            "context_size": cfg.context_size,
-            "half_window": cfg.half_window,
-            "threshold": cfg.threshold,
-            "hist_edges": self.hist_edges.clone(),
-            "tokens_seen": self.tokens_seen.clone(),
-            "nonfinite_skipped": self.nonfinite_skipped.clone(),
-            "steps_collected": self.steps_collected,
-            "first_collected_step": self.first_collected_step,
-            "last_collected_step": self.last_collected_step,
-        }
-        slot = self.top_slot[latents]
-        window_slot = slot.unsqueeze(-1).expand(-1, -1, cfg.window)
-        state["top_values"] = self.top_values[latents].clone()
-        state["top_step"] = self.top_step[latents].clone()
-        state["top_order"] = self.top_order[latents].clone()
-        state["top_position"] = torch.gather(self.pool_position[latents], 1, slot)
-        state["top_context_tokens"] = torch.gather(self.pool_context_tokens[latents], 1, window_slot)
-        state["top_context_acts"] = torch.gather(self.pool_context_acts[latents], 1, window_slot)
+        state = {"format_version": FORMAT_VERSION, **{key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()}}
+        state.update(
+            half_window=cfg.half_window,
+            hist_edges=self.hist_edges.clone(),
+            tokens_seen=self.tokens_seen.clone(),
+            nonfinite_skipped=self.nonfinite_skipped.clone(),
+            steps_collected=self.steps_collected,
+            first_collected_step=self.first_collected_step,
+            last_collected_step=self.last_collected_step,
+            recent_block=self.recent_block,
+        )
+        start, stop, _ = latents.indices(cfg.num_latents)
+        for prefix, table in self.tables.items():
+            if prefix == "interval":
+                rows = slice(start * cfg.num_intervals, stop * cfg.num_intervals)
+                exported = table.export(rows)
+                exported = {k: v.reshape(stop - start, cfg.num_intervals, *v.shape[1:]) for k, v in exported.items()}
+            else:
+                exported = table.export(latents)
+            state.update({f"{prefix}_{name}": value for name, value in exported.items()})
+        if "interval" in self.tables:
+            state["interval_edges"] = self.interval_edges.clone()
+            state["interval_count"] = self.interval_count[latents].clone()
         for name in _STAT_FIELDS:
             state[name] = getattr(self, name)[latents].clone()
         return state
@@ -343,26 +389,30 @@ class SampleCollector:
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
         """Rebuild a collector from :meth:`state_dict` output, on ``device``."""
-        missing = [k for k in ("num_latents", "max_samples", "context_size", *PER_LATENT_FIELDS) if k not in state]
+        missing = [k for k in ("num_latents", "max_samples", "context_size", "top_values", *_STAT_FIELDS)
+                   if k not in state]
         if missing:
             raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
+        defaults = CollectorConfig(0, 0, 0, 0.0)
         config = CollectorConfig(
-            num_latents=int(state["num_latents"]),
-            max_samples=int(state["max_samples"]),
-            context_size=int(state["context_size"]),
-            threshold=float(state["threshold"]),
+            **{attr: state.get(key, getattr(defaults, attr)) for key, attr in _CONFIG_KEYS.items()}
         )
         collector = cls(config, device, state["hist_edges"])
-        for name in ("top_values", "top_step", "top_order", *_STAT_FIELDS):
+        for prefix, table in collector.tables.items():
+            exported = {name: state[f"{prefix}_{name}"] for name in table.export(slice(0, 0))}
+            if prefix == "interval":
+                exported = {k: v.reshape(-1, *v.shape[2:]) for k, v in exported.items()}
+            table.load(exported)
+        if "interval" in collector.tables:
+            collector.interval_count.copy_(state["interval_count"])
+        for name in _STAT_FIELDS:
             getattr(collector, name).copy_(state[name])
-        collector.pool_position.copy_(state["top_position"])
-        collector.pool_context_tokens.copy_(state["top_context_tokens"])
-        collector.pool_context_acts.copy_(state["top_context_acts"])
         collector.tokens_seen.fill_(int(state["tokens_seen"]))
         collector.nonfinite_skipped.fill_(int(state["nonfinite_skipped"]))
         collector.steps_collected = int(state["steps_collected"])
         collector.first_collected_step = int(state["first_collected_step"])
         collector.last_collected_step = int(state["last_collected_step"])
+        collector.recent_block = int(state.get("recent_block", EMPTY))
         return collector
 
     def empty_like(self) -> SampleCollector:
@@ -371,36 +421,39 @@ class SampleCollector:
         empty.steps_collected = self.steps_collected
         empty.first_collected_step = self.first_collected_step
         empty.last_collected_step = self.last_collected_step
+        empty.recent_block = self.recent_block
         return empty
 
 
-def sort_samples(values: Tensor, step: Tensor, order: Tensor) -> Tensor:
-    """Indices that order samples along the last dim by value desc, then ``(step, order)`` asc."""
-    perm = torch.argsort(order, dim=-1, stable=True)
-    perm = torch.gather(perm, -1, torch.argsort(torch.gather(step, -1, perm), dim=-1, stable=True))
-    by_value = torch.argsort(torch.gather(values, -1, perm), dim=-1, descending=True, stable=True)
-    return torch.gather(perm, -1, by_value)
+def _table_view(state: dict, prefix: str, sel: slice) -> dict[str, Tensor]:
+    out = {}
+    for name in (*TABLE_FIELDS, "priority"):
+        if f"{prefix}_{name}" in state:
+            value = state[f"{prefix}_{name}"][sel]
+            out[name] = value.reshape(-1, *value.shape[2:]) if prefix == "interval" else value
+    return out
 
 
 def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
     """Exactly merge two collector states (as produced by ``state_dict``), optionally a slice of latents.
 
-    Top samples are re-ranked over the union by value, then earliest ``(step, order)``; counts, sums and
-    histograms add; maxima, minima, first and last steps combine. ``merge_states`` is associative and
-    commutative, so it serves DDP gathers and resumes alike.
+    Every sample table is re-ranked over the union (priority, then earliest ``(step, order)``); counts,
+    sums and histograms add; maxima, minima, first and last steps combine. ``merge_states`` is associative
+    and commutative, so it serves DDP gathers and resumes alike.
     """
     check_compatible(a, b)
     sel = slice(None) if latents is None else latents
-    k = int(a["max_samples"])
     merged = {}
-    values = torch.cat([a["top_values"][sel], b["top_values"][sel]], dim=1)
-    step = torch.cat([a["top_step"][sel], b["top_step"][sel]], dim=1)
-    order = torch.cat([a["top_order"][sel], b["top_order"][sel]], dim=1)
-    best = sort_samples(values, step, order)[:, :k]
-    for name in _TOP_FIELDS:
-        both = torch.cat([a[name][sel], b[name][sel]], dim=1)
-        index = best if both.dim() == 2 else best.unsqueeze(-1).expand(-1, -1, both.shape[-1])
-        merged[name] = torch.gather(both, 1, index)
+    for prefix in TABLE_PREFIXES:
+        if f"{prefix}_values" not in a:
+            continue
+        table_a, table_b = _table_view(a, prefix, sel), _table_view(b, prefix, sel)
+        capacity = a[f"{prefix}_values"].shape[-1]
+        rows = a[f"{prefix}_values"][sel].shape[0]
+        for name, value in merge_exported(table_a, table_b, capacity).items():
+            merged[f"{prefix}_{name}"] = value.reshape(rows, -1, *value.shape[1:]) if prefix == "interval" else value
+    if "interval_count" in a:
+        merged["interval_count"] = a["interval_count"][sel] + b["interval_count"][sel]
     merged["count"] = a["count"][sel] + b["count"][sel]
     merged["sum"] = a["sum"][sel] + b["sum"][sel]
     merged["sum_sq"] = a["sum_sq"][sel] + b["sum_sq"][sel]
@@ -418,7 +471,8 @@ def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
 
 def merge_counters(a: dict, b: dict) -> dict:
     """Merge the run-level entries of two states (everything that is not per latent)."""
-    merged = {key: value for key, value in a.items() if key not in PER_LATENT_FIELDS}
+    per_latent = set(per_latent_fields(a))
+    merged = {key: value for key, value in a.items() if key not in per_latent}
     merged["tokens_seen"] = a["tokens_seen"] + b["tokens_seen"]
     merged["nonfinite_skipped"] = a["nonfinite_skipped"] + b["nonfinite_skipped"]
     merged["steps_collected"] = max(int(a["steps_collected"]), int(b["steps_collected"]))
@@ -430,8 +484,12 @@ def merge_counters(a: dict, b: dict) -> dict:
 
 def check_compatible(a: dict, b: dict) -> None:
     """Raise a clear error when two states cannot be merged."""
-    for key in ("num_latents", "max_samples", "context_size"):
-        if int(a[key]) != int(b[key]):
-            raise ValueError(f"Cannot merge collector states with different {key}: {a[key]} and {b[key]}.")
+    for key in ("num_latents", "max_samples", "context_size", "samples_per_interval", "recent_window_steps"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"Cannot merge collector states with different {key}: {a.get(key)} and {b.get(key)}.")
     if not torch.equal(a["hist_edges"], b["hist_edges"]):
         raise ValueError("Cannot merge collector states with different histogram bin edges (threshold changed).")
+    if a.get("recent_block", EMPTY) != b.get("recent_block", EMPTY):
+        raise ValueError(
+            f"Cannot merge recent windows of different blocks ({a.get('recent_block')} and {b.get('recent_block')})."
+        )

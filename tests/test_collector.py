@@ -159,3 +159,103 @@ def test_memory_is_bounded_by_k_per_latent():
         c.update_dense(tokens, latents, step)
         sizes.add(tuple(c.state_dict()["top_context_tokens"].shape))
     assert sizes == {(F, K, 2 * (CTX // 2) + 1)}
+
+
+def _samples(seen, threshold=THR, seq=6):
+    """Every activation above the threshold: (latent, value, step, order, position)."""
+    out = []
+    for s in seen:
+        for b in range(s.tokens.shape[0]):
+            for p in range(seq):
+                for f in range(F):
+                    v = float(s.latents[b, p, f])
+                    if v > threshold:
+                        out.append((f, v, s.step, (s.rank << RANK_SHIFT) + (s.row_offset + b) * seq + p, p))
+    return out
+
+
+def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval():
+    from lightning_sae_samples.collector import interval_edges, sample_priority
+
+    cfg = CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=4, seed=3)
+    c = SampleCollector(cfg)
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(12, seed=21)):
+        latents = latents.abs() * 3
+        c.update_dense(tokens, latents, step)
+        seen.append(Seen(step, 0, 0, tokens, latents))
+    state = c.state_dict()
+    edges = interval_edges(THR, 4)[1:-1].float().tolist()
+    groups = {}
+    for f, v, step, order, p in _samples(seen):
+        interval = sum(1 for e in edges if v >= e)
+        prio = float(sample_priority(step, torch.tensor([order]), 3)[0])
+        groups.setdefault((f, interval), []).append((-prio, step, order, v, p))
+    assert int(state["interval_count"].sum()) == sum(len(g) for g in groups.values())
+    for (f, interval), group in groups.items():
+        assert int(state["interval_count"][f, interval]) == len(group)
+        want = sorted(group)[:2]
+        got_values = state["interval_values"][f, interval]
+        assert [float(v) for v in got_values[: len(want)]] == [w[3] for w in want]
+        assert state["interval_step"][f, interval, : len(want)].tolist() == [w[1] for w in want]
+        assert state["interval_position"][f, interval, : len(want)].tolist() == [w[4] for w in want]
+    # a sample's interval holds it: values lie inside the interval's edges
+    full_edges = interval_edges(THR, 4).tolist()
+    kept = state["interval_values"]
+    for interval in range(4):
+        vals = kept[:, interval][torch.isfinite(kept[:, interval])]
+        assert (vals.double() > full_edges[interval] * (1 - 1e-6) if interval else vals > THR).all()
+        if interval < 3:
+            assert (vals.double() < full_edges[interval + 1] * (1 + 1e-6)).all()
+
+
+def test_interval_sampling_is_close_to_uniform():
+    from lightning_sae_samples.collector import sample_priority
+
+    # the hash priority picks each of 8 candidates equally often over many independent sequences
+    orders = torch.arange(8)
+    wins = torch.zeros(8)
+    for step in range(4000):
+        wins[int(torch.argmax(sample_priority(step, orders)))] += 1
+    assert wins.min() > 4000 / 8 * 0.8 and wins.max() < 4000 / 8 * 1.2
+
+
+def test_recent_window_keeps_the_top_of_the_current_and_previous_block():
+    cfg = CollectorConfig(F, K, CTX, THR, recent_window_steps=3, recent_samples=2)
+    c = SampleCollector(cfg)
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(11, seed=5)):
+        c.update_dense(tokens, latents, step)
+        seen.append(Seen(step, 0, 0, tokens, latents))
+    state = c.state_dict()
+    assert state["recent_block"] == 10 // 3
+    window = [s for s in seen if s.step // 3 >= 10 // 3 - 1]
+    by_latent = {}
+    for f, v, step, order, p in _samples(window):
+        by_latent.setdefault(f, []).append((-v, step, order, p))
+    from lightning_sae_samples.sample_table import TABLE_FIELDS, merge_exported
+
+    prev = {name: state[f"recent_prev_{name}"] for name in TABLE_FIELDS}
+    cur = {name: state[f"recent_{name}"] for name in TABLE_FIELDS}
+    merged = merge_exported(cur, prev, 2)
+    for f in range(F):
+        want = sorted(by_latent.get(f, []))[:2]
+        got = merged["values"][f]
+        assert [float(v) for v in got[torch.isfinite(got)]] == [-w[0] for w in want]
+        assert merged["step"][f, : len(want)].tolist() == [w[1] for w in want]
+
+
+def test_merge_with_interval_and_recent_tables_equals_single_process():
+    cfg = CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2)
+    single = SampleCollector(cfg)
+    ranks = [SampleCollector(cfg) for _ in range(2)]
+    for i, (tokens, latents) in enumerate(random_batches(10, seed=8)):
+        step, rank = i // 2, i % 2
+        order = rank << RANK_SHIFT
+        ranks[rank].update_dense(tokens, latents, step, order)
+        single.update_dense(tokens, latents, step, order)
+    merged = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
+    want = single.state_dict()
+    for key in ("interval_values", "interval_priority", "interval_step", "interval_order", "interval_context_tokens",
+                "interval_count", "recent_values", "recent_order", "recent_prev_values", "top_values", "top_order"):
+        assert torch.equal(merged[key], want[key]), key

@@ -1,0 +1,210 @@
+"""A table of rows, each keeping the samples with the largest priority, updated without Python loops.
+
+The collector uses one table for every kind of kept sample: the exact top activations of each latent
+(priority = activation), random samples per activation interval (priority = a hash of where the sample
+was seen, so the kept ones are a uniform sample that any process or resume reproduces), and the top
+activations of the recent window.
+
+Per row, ``priority``/``value``/``step``/``order`` are kept sorted (best first; among equal priorities the
+earliest ``(step, order)`` first) with a ``slot`` pointer into an unordered pool that holds each sample's
+position and context window. An insert re-sorts only the small keys of the rows it touches and writes
+context windows only for the samples that enter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+EMPTY = -1
+TABLE_FIELDS = ("values", "step", "order", "position", "context_tokens", "context_acts")
+
+
+@dataclass
+class BatchContext:
+    """What an insert needs to know about the batch its samples come from.
+
+    Attributes:
+        tokens: Token ids ``[B, T]`` on the table's device.
+        step: Global optimizer step.
+        order_base: Order key of the batch's first token (``rank << 40 | offset within the step``).
+        half_window: Context tokens kept on each side of the activating one.
+        window_acts: ``(token rows [S, W], latent [S]) -> [S, W]`` activations of each sample's latent on
+            its context tokens.
+    """
+
+    tokens: Tensor
+    step: int
+    order_base: int
+    half_window: int
+    window_acts: Callable[[Tensor, Tensor], Tensor]
+
+
+def _group_key(row: Tensor, priority: Tensor) -> Tensor:
+    """An int64 key whose ascending order is (row ascending, priority descending), for one stable sort."""
+    if priority.dtype == torch.float64:  # random priorities: integers in [0, 2**31), exact in float64
+        return row * (1 << 32) + ((1 << 31) - 1 - priority.long())
+    bits = (priority.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    ascending = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+    return row * (1 << 33) + ((1 << 31) - ascending)
+
+
+class SampleTable:
+    """Per row, the ``capacity`` samples with the largest priority.
+
+    Args:
+        rows: Number of rows (latents, or latent x interval pairs).
+        capacity: Samples kept per row.
+        window: Stored context window length ``2 * half_window + 1``.
+        device: Where the table lives.
+        random_priority: Priorities are hashes (integers below ``2**31``, held in float64) stored beside the
+            activation values; otherwise the activation value is the priority.
+    """
+
+    def __init__(
+        self, rows: int, capacity: int, window: int, device: torch.device, random_priority: bool = False
+    ) -> None:
+        self.rows, self.capacity, self.window = rows, capacity, window
+        self.random_priority = random_priority
+        shape = (rows, capacity)
+        self.values = torch.full(shape, -math.inf, device=device)
+        self.priority = torch.full(shape, -math.inf, dtype=torch.float64, device=device) if random_priority else None
+        self.step = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
+        self.order = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
+        self.slot = torch.arange(capacity, dtype=torch.int64, device=device).repeat(rows, 1)
+        self.pool_position = torch.full(shape, EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_tokens = torch.full((*shape, window), EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_acts = torch.zeros((*shape, window), device=device)
+
+    @property
+    def sort_key(self) -> Tensor:
+        """The sorted priority column."""
+        return self.priority if self.random_priority else self.values
+
+    def clear(self) -> None:
+        """Drop every sample."""
+        fresh = SampleTable(self.rows, self.capacity, self.window, self.values.device, self.random_priority)
+        self.__dict__.update(fresh.__dict__)
+
+    def insert(
+        self, row: Tensor, latent: Tensor, priority: Tensor, value: Tensor, token_idx: Tensor, batch: BatchContext
+    ) -> None:
+        """Offer samples to their rows; each row keeps its best ``capacity`` over old and new samples.
+
+        Samples must come in token order (``token_idx`` ascending), which breaks ties among new samples.
+        """
+        cap, dev = self.capacity, self.values.device
+        # Only samples strictly above the row's last priority can enter (equal ones lose to the earlier).
+        beats = priority > self.sort_key[row, -1]
+        row, latent, priority, value, token_idx = (t[beats] for t in (row, latent, priority, value, token_idx))
+        perm = torch.argsort(_group_key(row, priority), stable=True)
+        row, latent, priority, value, token_idx = (t[perm] for t in (row, latent, priority, value, token_idx))
+        per_row = torch.bincount(row, minlength=self.rows)
+        rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
+        keep = rank < cap
+        row, latent, priority, value, token_idx, rank = (
+            t[keep] for t in (row, latent, priority, value, token_idx, rank)
+        )
+
+        touched = (per_row > 0).nonzero(as_tuple=True)[0]
+        local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
+        local_of[touched] = torch.arange(len(touched), device=dev)
+        local = local_of[row]
+        grid = (len(touched), cap)
+        new_priority = torch.full(grid, -math.inf, dtype=self.sort_key.dtype, device=dev)
+        new_priority[local, rank] = priority.to(new_priority.dtype)
+        new_values = torch.full(grid, -math.inf, device=dev)
+        new_values[local, rank] = value
+        new_tokens = torch.zeros(grid, dtype=torch.int64, device=dev)
+        new_tokens[local, rank] = token_idx
+
+        # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new one
+        # lands after every old one greater or equal. Positions >= capacity fall out.
+        old_priority = self.sort_key[touched]
+        columns = torch.arange(cap, device=dev)
+        pos_old = columns + torch.searchsorted(-new_priority, -old_priority, right=False)
+        pos_new = columns + torch.searchsorted(-old_priority, -new_priority, right=True)
+        entered = (pos_new < cap).sum(1, keepdim=True)
+        # The samples pushed out are the last `entered` old ones; new samples take over their pool slots.
+        old_slots = self.slot[touched]
+        freed = torch.gather(old_slots, 1, (cap - entered + columns).clamp(max=cap - 1))
+
+        fields = [
+            ("values", self.values[touched], new_values),
+            ("step", self.step[touched], torch.full(grid, batch.step, dtype=torch.int64, device=dev)),
+            ("order", self.order[touched], batch.order_base + new_tokens),
+            ("slot", old_slots, freed),
+        ]
+        if self.random_priority:
+            fields.append(("priority", old_priority, new_priority))
+        for name, old, new in fields:
+            merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
+            merged.scatter_(1, pos_old.clamp(max=cap), old)
+            merged.scatter_(1, pos_new.clamp(max=cap), new)
+            getattr(self, name)[touched] = merged[:, :cap]
+
+        enters = rank < entered[local, 0]
+        slot = freed[local[enters], rank[enters]]
+        row, latent, token_idx = row[enters], latent[enters], token_idx[enters]
+        seq = batch.tokens.shape[1]
+        position = token_idx % seq
+        offsets = torch.arange(-batch.half_window, batch.half_window + 1, device=dev)
+        window_pos = position.unsqueeze(1) + offsets
+        inside = (window_pos >= 0) & (window_pos < seq)
+        window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
+        ctx_acts = batch.window_acts(window_rows, latent)
+        flat_tokens = batch.tokens.reshape(-1)
+        self.pool_position[row, slot] = position.to(torch.int32)
+        self.pool_context_tokens[row, slot] = torch.where(inside, flat_tokens[window_rows], EMPTY).to(torch.int32)
+        self.pool_context_acts[row, slot] = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
+
+    def export(self, rows: slice = slice(None)) -> dict[str, Tensor]:
+        """Rows in canonical form (samples best first), as new tensors on the table's device."""
+        slot = self.slot[rows]
+        window_slot = slot.unsqueeze(-1).expand(-1, -1, self.window)
+        out = {
+            "values": self.values[rows].clone(),
+            "step": self.step[rows].clone(),
+            "order": self.order[rows].clone(),
+            "position": torch.gather(self.pool_position[rows], 1, slot),
+            "context_tokens": torch.gather(self.pool_context_tokens[rows], 1, window_slot),
+            "context_acts": torch.gather(self.pool_context_acts[rows], 1, window_slot),
+        }
+        if self.random_priority:
+            out["priority"] = self.priority[rows].clone()
+        return out
+
+    def load(self, exported: dict[str, Tensor]) -> None:
+        """Fill the table from :meth:`export` output (any device)."""
+        for name in ("values", "step", "order"):
+            getattr(self, name).copy_(exported[name])
+        if self.random_priority:
+            self.priority.copy_(exported["priority"])
+        self.slot.copy_(torch.arange(self.capacity).repeat(self.rows, 1))
+        self.pool_position.copy_(exported["position"])
+        self.pool_context_tokens.copy_(exported["context_tokens"])
+        self.pool_context_acts.copy_(exported["context_acts"])
+
+
+def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:
+    """Indices that order samples along the last dim by priority desc, then ``(step, order)`` asc."""
+    perm = torch.argsort(order, dim=-1, stable=True)
+    perm = torch.gather(perm, -1, torch.argsort(torch.gather(step, -1, perm), dim=-1, stable=True))
+    by_priority = torch.argsort(torch.gather(priority, -1, perm), dim=-1, descending=True, stable=True)
+    return torch.gather(perm, -1, by_priority)
+
+
+def merge_exported(a: dict[str, Tensor], b: dict[str, Tensor], capacity: int) -> dict[str, Tensor]:
+    """Exactly merge two exported tables with the same rows: each row keeps its best ``capacity`` of both."""
+    key = "priority" if "priority" in a else "values"
+    both = {name: torch.cat([a[name], b[name]], dim=1) for name in a}
+    best = sort_samples(both[key], both["step"], both["order"])[:, :capacity]
+    out = {}
+    for name, value in both.items():
+        index = best if value.dim() == 2 else best.unsqueeze(-1).expand(-1, -1, value.shape[-1])
+        out[name] = torch.gather(value, 1, index)
+    return out
