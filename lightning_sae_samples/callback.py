@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +15,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_sae_samples.analyzer import write_report
 from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
 from lightning_sae_samples.distributed import gather_merged_state
+from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import InputKeys, LatentInputError, check_indices_in_range, read_latents
+from lightning_sae_samples.logit_effects import logit_effect_extras, resolve_logit_effects_fn
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.statistics import RANK_CHOICES
 from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
@@ -62,6 +64,18 @@ class ActivationSampleCallback(Callback):
         latent_values_key: Outputs key of sparse latent values.
         tokens_key: Outputs or batch key of the token ids.
         write_report: Also write ``interpretability_report.md`` into ``dirpath`` at each save.
+        log_feature_health: At each collected step (and only then), log ``feature_health/never_fired_frac``,
+            ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0`` to ``trainer.loggers``, and a histogram of
+            log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see
+            :mod:`lightning_sae_samples.health`. Under DDP these are global rank 0's local view.
+        dead_window_steps: A latent counts as dead if it did not fire in the last this many optimizer steps;
+            make it span several collection steps. ``dead_frac`` is logged once the collection covers a
+            whole window.
+        logit_effects: A function taking the LightningModule and returning ``(W_dec [F, d_model],
+            W_U [d_model, vocab])``, or its import path ``"package.module:function"`` (for YAML configs).
+            Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
+            decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
+        logit_effects_k: Tokens per side in ``logit_effects``.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -90,6 +104,10 @@ class ActivationSampleCallback(Callback):
         latent_values_key: str = "latent_values",
         tokens_key: str = "tokens",
         write_report: bool = True,
+        log_feature_health: bool = True,
+        dead_window_steps: int = 10_000,
+        logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
+        logit_effects_k: int = 10,
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
@@ -134,6 +152,12 @@ class ActivationSampleCallback(Callback):
                              " non-empty strings naming entries of the training_step outputs or batch.")
         self.keys = InputKeys(*keys)
         self.write_report = bool(write_report)
+        dead_window_steps = _positive_int(
+            dead_window_steps, "dead_window_steps", "Use a window of several collection steps, e.g. 10000."
+        )
+        self._health = FeatureHealthMonitor(dead_window_steps) if log_feature_health else None
+        self.logit_effects = resolve_logit_effects_fn(logit_effects)
+        self.logit_effects_k = _positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
 
         self.collector: Optional[SampleCollector] = None
         self._pending_state: Optional[dict] = None
@@ -220,6 +244,9 @@ class ActivationSampleCallback(Callback):
         if not self._collecting:
             return
         self._collect(pl_module, outputs, batch)
+        # Health metrics: once per collected optimizer step, after its last micro-batch (the step counter moved).
+        if self._health is not None and trainer.is_global_zero and trainer.global_step != self._batch_step:
+            self._health.log(trainer, self.collector)
 
     def state_dict(self) -> dict[str, Any]:
         """Merge all processes' collections (collective) and return what exact resume needs."""
@@ -238,6 +265,8 @@ class ActivationSampleCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
+        if self._health is not None and trainer.is_global_zero and self._health.pending_step is not None:
+            self._health.log(trainer, self.collector)
         merged = self._merged_state()
         if trainer.is_global_zero:
             self._write(trainer, pl_module, merged)
@@ -278,6 +307,8 @@ class ActivationSampleCallback(Callback):
         if step != self._offset_step:
             self._offset_step, self._token_offset = step, 0
         order_base = (self._rank << RANK_SHIFT) + self._token_offset
+        if self._health is not None and self._rank == 0:
+            self._health.observe(step, source, latents.tokens.numel(), self.activation_threshold)
         tokens = latents.tokens.to(source.device)
         self._token_offset += tokens.numel()
         if latents.dense is not None:
@@ -376,6 +407,10 @@ class ActivationSampleCallback(Callback):
             samples_per_feature=self.samples_per_feature_to_save,
             rank_by=self.rank_features_by,
             global_step=trainer.global_step,
+            feature_extras=logit_effect_extras(
+                self.logit_effects, pl_module, merged, self.rank_features_by, self.top_features_to_save,
+                self.logit_effects_k, tokenizer,
+            ),
         )
         if self.write_report:
             try:

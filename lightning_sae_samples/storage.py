@@ -131,6 +131,7 @@ def write_samples_dir(
     rank_by: str,
     global_step: int,
     before_commit: Optional[Callable[[Path], None]] = None,
+    feature_extras: Optional[dict[int, dict]] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -145,6 +146,8 @@ def write_samples_dir(
         global_step: Trainer step at save time.
         before_commit: Called with the pending directory once every new file is complete (tests use it
             to simulate a crash).
+        feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
+            (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
 
     Returns:
         The saved feature indices, in rank order.
@@ -166,10 +169,9 @@ def write_samples_dir(
     for idx in ranked:
         stats = feature_statistics(state, idx)
         name = feature_filename(idx)
-        atomic_write_json(
-            pending / name,
-            {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)},
-        )
+        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)}
+        record.update((k, v) for k, v in (feature_extras or {}).get(idx, {}).items() if k not in record)
+        atomic_write_json(pending / name, record)
         names.append(name)
         entries.append(
             {
