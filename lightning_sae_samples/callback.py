@@ -64,6 +64,17 @@ class ActivationSampleCallback(Callback):
         latent_values_key: Outputs key of sparse latent values.
         tokens_key: Outputs or batch key of the token ids.
         write_report: Also write ``interpretability_report.md`` into ``dirpath`` at each save.
+        samples_per_interval: Besides the top, keep this many samples per latent from each activation interval
+            (half-decades above the threshold), drawn uniformly at random among the activations that fell in
+            it, reproducibly for a ``seed`` and across processes and resumes; 0 turns it off.
+        num_intervals: Number of activation intervals for ``samples_per_interval``.
+        recent_window_steps: Also keep, per latent, the top samples of the recent steps: those of the current
+            and the previous block of this many optimizer steps (``None`` turns it off). Feature files then
+            show them and ``recent_overlap``, the share of activating tokens they have in common with the
+            all-time top (low when the latent's meaning moved).
+        recent_samples_per_feature: Samples kept per latent for the recent window (default:
+            ``samples_per_feature_to_save``).
+        seed: Seed of the interval sampling.
         log_feature_health: At each collected step (and only then), log ``feature_health/never_fired_frac``,
             ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0`` to ``trainer.loggers``, and a histogram of
             log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see
@@ -104,6 +115,11 @@ class ActivationSampleCallback(Callback):
         latent_values_key: str = "latent_values",
         tokens_key: str = "tokens",
         write_report: bool = True,
+        samples_per_interval: int = 2,
+        num_intervals: int = 8,
+        recent_window_steps: Optional[int] = None,
+        recent_samples_per_feature: Optional[int] = None,
+        seed: int = 0,
         log_feature_health: bool = True,
         dead_window_steps: int = 10_000,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
@@ -152,6 +168,23 @@ class ActivationSampleCallback(Callback):
                              " non-empty strings naming entries of the training_step outputs or batch.")
         self.keys = InputKeys(*keys)
         self.write_report = bool(write_report)
+        self.samples_per_interval = _positive_int(
+            samples_per_interval, "samples_per_interval", "Use 0 to keep no interval samples, e.g. 2.", 0
+        )
+        self.num_intervals = _positive_int(num_intervals, "num_intervals", "Use e.g. 8 half-decade intervals.")
+        if recent_window_steps is not None:
+            recent_window_steps = _positive_int(
+                recent_window_steps, "recent_window_steps", "Use a window of several collection steps, or None."
+            )
+        self.recent_window_steps = recent_window_steps
+        if recent_samples_per_feature is None:
+            recent_samples_per_feature = self.samples_per_feature_to_save
+        self.recent_samples_per_feature = _positive_int(
+            recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
+        )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.seed = seed
         dead_window_steps = _positive_int(
             dead_window_steps, "dead_window_steps", "Use a window of several collection steps, e.g. 10000."
         )
@@ -196,6 +229,11 @@ class ActivationSampleCallback(Callback):
             "latent_values_key": self.keys.latent_values,
             "tokens_key": self.keys.tokens,
             "tokenizer": describe_tokenizer(self.tokenizer),
+            "samples_per_interval": self.samples_per_interval,
+            "num_intervals": self.num_intervals,
+            "recent_window_steps": self.recent_window_steps,
+            "recent_samples_per_feature": self.recent_samples_per_feature,
+            "seed": self.seed,
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -274,9 +312,12 @@ class ActivationSampleCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
         config = state_dict.get("config", {})
-        for name in ("max_samples_per_feature", "context_size"):
+        for name in (
+            "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals",
+            "recent_window_steps", "recent_samples_per_feature", "seed",
+        ):
             saved, current = config.get(name), getattr(self, name)
-            if saved is not None and saved != current:
+            if name in config and saved != current:
                 raise ValueError(
                     f"Cannot resume: the checkpoint's ActivationSampleCallback has {name}={saved}, this one has"
                     f" {name}={current}. Use the same value, or start a new collection without `ckpt_path`."
@@ -358,7 +399,15 @@ class ActivationSampleCallback(Callback):
         pending, self._pending_state = self._pending_state, None
         if pending is None:
             config = CollectorConfig(
-                num_latents, self.max_samples_per_feature, self.context_size, self.activation_threshold
+                num_latents,
+                self.max_samples_per_feature,
+                self.context_size,
+                self.activation_threshold,
+                samples_per_interval=self.samples_per_interval,
+                num_intervals=self.num_intervals,
+                recent_window_steps=self.recent_window_steps,
+                recent_samples=self.recent_samples_per_feature,
+                seed=self.seed,
             )
             return SampleCollector(config, device)
         restored = SampleCollector.from_state_dict(pending, device)

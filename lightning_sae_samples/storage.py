@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from lightning_sae_samples.collector import FORMAT_VERSION
+from lightning_sae_samples.sample_table import TABLE_FIELDS, merge_exported
 from lightning_sae_samples.statistics import feature_statistics, rank_features, run_summary
 from lightning_sae_samples.tokens import TokenDecoder
 
@@ -67,17 +68,41 @@ def _atomic_torch_save(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def sample_records(state: dict, feature_idx: int, limit: int, decoder: TokenDecoder) -> list[dict]:
-    """The top ``limit`` samples of one latent as JSON records (``decoder`` must be prepared)."""
+def sample_records(
+    state: dict,
+    feature_idx: int,
+    limit: int,
+    decoder: TokenDecoder,
+    prefix: str = "top",
+    interval: Optional[int] = None,
+) -> list[dict]:
+    """Up to ``limit`` kept samples of one latent as JSON records (``decoder`` must be prepared).
+
+    Args:
+        state: A collector state dict.
+        feature_idx: The latent.
+        limit: Most samples to return, best first.
+        decoder: Prepared with every token id of the windows returned.
+        prefix: Which table: ``"top"``, ``"recent"`` or ``"interval"``.
+        interval: The activation interval, for ``prefix="interval"``.
+    """
+
+    def field(name: str) -> torch.Tensor:
+        tensor = state[f"{prefix}_{name}"][feature_idx]
+        return (tensor if interval is None else tensor[interval])[:limit]
+
     half = int(state["half_window"])
-    values = state["top_values"][feature_idx, :limit]
+    values = field("values")
     kept = int(torch.isfinite(values).sum())
-    windows = state["top_context_tokens"][feature_idx, :kept].tolist()
-    acts = state["top_context_acts"][feature_idx, :kept].tolist()
-    steps = state["top_step"][feature_idx, :kept].tolist()
-    positions = state["top_position"][feature_idx, :kept].tolist()
+    columns = zip(
+        values[:kept].tolist(),
+        field("context_tokens")[:kept].tolist(),
+        field("context_acts")[:kept].tolist(),
+        field("step")[:kept].tolist(),
+        field("position")[:kept].tolist(),
+    )
     records = []
-    for value, window, act, step, position in zip(values[:kept].tolist(), windows, acts, steps, positions):
+    for value, window, act, step, position in columns:
         start = next(i for i, t in enumerate(window) if t >= 0)
         stop = max(i for i, t in enumerate(window) if t >= 0) + 1
         context = window[start:stop]
@@ -98,6 +123,63 @@ def sample_records(state: dict, feature_idx: int, limit: int, decoder: TokenDeco
             }
         )
     return records
+
+
+def with_recent_view(state: dict) -> dict:
+    """A shallow copy of ``state`` whose ``recent_*`` table is the top over the current and previous block."""
+    if "recent_values" not in state:
+        return state
+    view = dict(state)
+    current = {name: state[f"recent_{name}"] for name in TABLE_FIELDS}
+    previous = {name: state[f"recent_prev_{name}"] for name in TABLE_FIELDS}
+    merged = merge_exported(current, previous, state["recent_values"].shape[1])
+    view.update({f"recent_{name}": value for name, value in merged.items()})
+    return view
+
+
+def _activating_tokens(records: list[dict]) -> set[int]:
+    return {r["context_tokens"][r["context_position"]] for r in records}
+
+
+def sample_groups(state: dict, feature_idx: int, limit: int, decoder: TokenDecoder) -> dict[str, Any]:
+    """The optional sample groups of one latent for its feature file: interval and recent samples.
+
+    ``state`` must come through :func:`with_recent_view`. ``recent_overlap`` is the Jaccard overlap of the
+    activating tokens of the recent and the all-time top samples (low: the latent's meaning moved).
+    """
+    groups: dict[str, Any] = {}
+    if "interval_values" in state:
+        edges = [float(e) for e in state["interval_edges"]]
+        counts = state["interval_count"][feature_idx].tolist()
+        groups["interval_samples"] = [
+            {
+                "interval": [
+                    edges[i] if i else float(state["threshold"]),
+                    edges[i + 1] if i + 2 < len(edges) else None,
+                ],
+                "count": counts[i],
+                "samples": sample_records(state, feature_idx, limit, decoder, "interval", i),
+            }
+            for i in range(len(counts))
+        ]
+    if "recent_values" in state:
+        recent = sample_records(state, feature_idx, limit, decoder, "recent")
+        top = sample_records(state, feature_idx, limit, decoder, "top")
+        union = _activating_tokens(recent) | _activating_tokens(top)
+        overlap = len(_activating_tokens(recent) & _activating_tokens(top)) / len(union) if union else 1.0
+        groups["recent_samples"] = recent
+        groups["recent_overlap"] = overlap
+    return groups
+
+
+def _window_token_ids(state: dict, ranked: list[int], limit: int) -> list[int]:
+    ids = []
+    for prefix in ("top", "interval", "recent"):
+        if f"{prefix}_context_tokens" in state:
+            windows = state[f"{prefix}_context_tokens"][ranked]
+            windows = windows[..., :limit, :] if prefix == "interval" else windows[:, :limit]
+            ids.append(windows[windows >= 0].unique())
+    return torch.cat(ids).unique().tolist()
 
 
 def _recover(dirpath: Path) -> None:
@@ -159,10 +241,10 @@ def write_samples_dir(
     pending.mkdir()
 
     ranked = rank_features(state, rank_by, top_features).tolist()
+    view = with_recent_view(state)
     decoder = TokenDecoder(tokenizer)
     if ranked:
-        windows = state["top_context_tokens"][ranked, :samples_per_feature]
-        decoder.prepare(windows[windows >= 0].unique().tolist())
+        decoder.prepare(_window_token_ids(view, ranked, samples_per_feature))
 
     names = []
     entries = []
@@ -170,6 +252,10 @@ def write_samples_dir(
         stats = feature_statistics(state, idx)
         name = feature_filename(idx)
         record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)}
+        groups = sample_groups(view, idx, samples_per_feature, decoder)
+        if "recent_overlap" in groups:
+            stats["recent_overlap"] = groups.pop("recent_overlap")
+        record.update(groups)
         record.update((k, v) for k, v in (feature_extras or {}).get(idx, {}).items() if k not in record)
         atomic_write_json(pending / name, record)
         names.append(name)
@@ -181,6 +267,7 @@ def write_samples_dir(
                 "activation_count": stats["activation_count"],
                 "frequency": stats["frequency"],
                 "mean_activation": stats["mean_activation"],
+                **({"recent_overlap": stats["recent_overlap"]} if "recent_overlap" in stats else {}),
                 "file": name,
             }
         )

@@ -24,6 +24,7 @@ class OracleFeature:
     count: int = 0
     values: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # (value, step, rank, row, pos, context_tokens, acts, ctx_pos)
+    every: list = field(default_factory=list)  # (value, step, order, pos) of every activation above threshold
     first_step: int | None = None
     last_step: int | None = None
 
@@ -50,10 +51,42 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
                     ctx = tokens[b][lo:hi]
                     acts = [float(lat[b, q, f]) if math.isfinite(float(lat[b, q, f])) else 0.0 for q in range(lo, hi)]
                     feat.samples.append((v, item.step, item.rank, item.row_offset + b, p, ctx, acts, p - lo))
+                    order = (item.rank << 40) + (item.row_offset + b) * seq + p
+                    feat.every.append((v, item.step, order, p))
     for feat in feats.values():
         feat.samples.sort(key=lambda s: (-s[0], s[1], s[2], s[3], s[4]))
         feat.samples = feat.samples[:k]
     return feats
+
+
+def assert_groups_match(record: dict, feat: OracleFeature, config: dict, last_step: int, n: int) -> None:
+    """Interval samples (uniform by hash priority) and the recent window's top, against the oracle."""
+    from lightning_sae_samples.collector import interval_edges, sample_priority
+
+    if config.get("samples_per_interval"):
+        edges = [float(torch.tensor(e, dtype=torch.float32)) for e in
+                 interval_edges(config["activation_threshold"], config["num_intervals"])[1:-1]]
+        groups = record["interval_samples"]
+        assert len(groups) == config["num_intervals"]
+        for i, group in enumerate(groups):
+            members = [s for s in feat.every if sum(1 for e in edges if float(torch.tensor(s[0])) >= e) == i]
+            assert group["count"] == len(members)
+            ranked = sorted(members, key=lambda s: (-float(sample_priority(s[1], torch.tensor([s[2]]),
+                                                                           config["seed"])[0]), s[1], s[2]))
+            want = ranked[: min(n, config["samples_per_interval"])]
+            got = [(x["activation_value"], x["step"], x["position"]) for x in group["samples"]]
+            assert got == [(float(torch.tensor(w[0], dtype=torch.float32)), w[1], w[3]) for w in want]
+    else:
+        assert "interval_samples" not in record
+    if config.get("recent_window_steps"):
+        block = last_step // config["recent_window_steps"]
+        recent = [s for s in feat.every if s[1] // config["recent_window_steps"] >= block - 1]
+        want = sorted(recent, key=lambda s: (-s[0], s[1], s[2]))[: min(n, config["recent_samples_per_feature"])]
+        got = [(x["activation_value"], x["step"], x["position"]) for x in record["recent_samples"]]
+        assert got == [(float(torch.tensor(w[0], dtype=torch.float32)), w[1], w[3]) for w in want]
+        assert 0.0 <= record["statistics"]["recent_overlap"] <= 1.0
+    else:
+        assert "recent_samples" not in record
 
 
 def assert_feature_file_matches(record: dict, feat: OracleFeature, tokens_seen: int, n: int) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from oracle import assert_feature_file_matches, oracle
+from oracle import assert_feature_file_matches, assert_groups_match, oracle
 
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples.schedule import CollectionSchedule
@@ -38,8 +38,11 @@ def check_against_oracle(dirpath, seen, n=K):
     assert saved == set(alive)
     ranked = [e["max_activation"] for e in summary["top_features_by_activation"]]
     assert ranked == sorted(ranked, reverse=True)
+    last_step = max(s.step for s in seen)
     for f in alive:
-        assert_feature_file_matches(files[f"feature_{f:05d}_samples.json"], feats[f], tokens_seen, n)
+        record = files[f"feature_{f:05d}_samples.json"]
+        assert_feature_file_matches(record, feats[f], tokens_seen, n)
+        assert_groups_match(record, feats[f], summary["config"], last_step, n)
     for f in set(range(F)) - set(alive):
         assert f"feature_{f:05d}_samples.json" not in files
     return files
@@ -48,7 +51,7 @@ def check_against_oracle(dirpath, seen, n=K):
 @pytest.mark.parametrize("mode", ["dense", "flat", "sparse"])
 def test_files_match_brute_force_oracle(tmp_path, mode):
     module = SyntheticSAE(num_latents=F, mode=mode)
-    cb = make_callback(tmp_path)
+    cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7)
     trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
     seen = collected(module, 2)
     assert len(seen) == 6 and len(module.seen) == 12
@@ -130,9 +133,12 @@ def test_half_precision_latents_requiring_grad_are_collected_and_untouched(tmp_p
     check_against_oracle(tmp_path / "samples", module.seen)
 
 
+RESUME_ARGS = dict(collection_freq=2, recent_window_steps=4, samples_per_interval=3)
+
+
 def _two_epoch_run(tmp_path, mode):
     module = SyntheticSAE(num_latents=F, mode=mode)
-    cb = make_callback(tmp_path, collection_freq=2)
+    cb = make_callback(tmp_path, **RESUME_ARGS)
     trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
     return read_dir(tmp_path / "samples")
 
@@ -144,11 +150,11 @@ def test_resume_writes_identical_files(tmp_path, mode):
     ckpt_dir = tmp_path / "ckpt"
     first = trainer(
         tmp_path / "part",
-        [make_callback(tmp_path / "part"), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        [make_callback(tmp_path / "part", **RESUME_ARGS), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
         max_epochs=1, enable_checkpointing=True,
     )
     first.fit(SyntheticSAE(num_latents=F, mode=mode), loader())
-    resumed = trainer(tmp_path / "part", [make_callback(tmp_path / "part")], max_epochs=2)
+    resumed = trainer(tmp_path / "part", [make_callback(tmp_path / "part", **RESUME_ARGS)], max_epochs=2)
     resumed.fit(SyntheticSAE(num_latents=F, mode=mode), loader(), ckpt_path=ckpt_dir / "last.ckpt")
     part = read_dir(tmp_path / "part" / "samples")
 
