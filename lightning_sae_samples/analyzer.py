@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
+from lightning_sae_samples.logit_effects import LogitEffects, compute_logit_effects
 from lightning_sae_samples.statistics import RANK_CHOICES, feature_statistics, rank_features
 from lightning_sae_samples.storage import (
     REPORT_NAME,
@@ -199,11 +200,14 @@ class FeatureSamples:
         stats: Its statistics.
         samples: Its top samples (as many as were asked for and are available).
         saved: Whether it has a feature file (else it comes from ``full_state.pt`` only).
+        logit_effects: Tokens its decoder direction promotes and suppresses most, when known (from its
+            feature file, or computed with :meth:`ActivationSampleAnalyzer.logit_effects`).
     """
 
     stats: FeatureStats
     samples: tuple[Sample, ...]
     saved: bool = True
+    logit_effects: Optional[LogitEffects] = None
 
     @property
     def feature_idx(self) -> int:
@@ -326,6 +330,7 @@ class ActivationSampleAnalyzer:
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
         self._state: Optional[dict] = None
+        self._computed_effects: dict[int, LogitEffects] = {}
         raw = self.directory.summary
         try:
             saved = tuple(int(e["feature_idx"]) for e in raw.get("top_features_by_activation", []))
@@ -367,12 +372,14 @@ class ActivationSampleAnalyzer:
         try:
             stats = FeatureStats.from_json(record["statistics"])
             samples = tuple(Sample.from_json(s) for s in record["top_samples"])
+            effects = record.get("logit_effects")
+            effects = None if effects is None else LogitEffects.from_json(idx, effects)
         except (KeyError, TypeError, ValueError) as err:
             raise SamplesDirectoryError(
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."
             ) from err
-        return FeatureSamples(stats, samples, saved=True)
+        return FeatureSamples(stats, samples, saved=True, logit_effects=effects)
 
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
@@ -477,7 +484,8 @@ class ActivationSampleAnalyzer:
             samples = list(saved.samples[:num_examples] if num_examples is not None else saved.samples)
             if state is not None and num_examples is not None:
                 samples += self._state_samples(state, idx, len(samples), num_examples)
-            return FeatureSamples(saved.stats, tuple(samples), saved=True)
+            effects = self._computed_effects.get(idx, saved.logit_effects)
+            return FeatureSamples(saved.stats, tuple(samples), saved=True, logit_effects=effects)
         if state is None:
             raise UnknownFeatureError(
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
@@ -485,7 +493,8 @@ class ActivationSampleAnalyzer:
             )
         stats = FeatureStats.from_json(feature_statistics(state, idx))
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
-        return FeatureSamples(stats, tuple(self._state_samples(state, idx, 0, limit)), saved=False)
+        samples = tuple(self._state_samples(state, idx, 0, limit))
+        return FeatureSamples(stats, samples, saved=False, logit_effects=self._computed_effects.get(idx))
 
     def _check_index(self, feature_idx: Any) -> int:
         try:
@@ -528,6 +537,55 @@ class ActivationSampleAnalyzer:
             self.feature(s.feature_idx, examples_per_feature)
             for s in _progress(ranked, progress, "Reading features")
         ]
+
+    def logit_effects(
+        self,
+        W_dec: Any,  # noqa: N803 - the usual name of the matrix
+        W_U: Any,  # noqa: N803
+        k: int = 10,
+        tokenizer: Any = None,
+        features: Optional[Iterable[int]] = None,
+    ) -> dict[int, LogitEffects]:
+        """The tokens each latent's decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
+
+        One matrix product per chunk of latents; each distinct token is decoded once. The results are
+        also attached to this analyzer's features, so :meth:`feature` and every report show them.
+
+        Example::
+
+            effects = analyzer.logit_effects(sae.W_dec, lm.lm_head.weight.T, k=10)
+            [t.token for t in effects[42].promoted]
+
+        Args:
+            W_dec: Decoder ``[F, d_model]`` (a tensor, or a function of no argument returning ``(W_dec, W_U)``
+                when ``W_U`` is ``None``).
+            W_U: Unembedding ``[d_model, vocab]`` (for a Hugging Face model: ``lm_head.weight.T``).
+            k: Tokens per side.
+            tokenizer: Tokenizer object or name for the token strings; default: the analyzer's tokenizer,
+                else the strings known from the saved feature files, else token ids.
+            features: Latent indices; default: the saved features.
+
+        Returns:
+            Latent index to its :class:`~lightning_sae_samples.logit_effects.LogitEffects`.
+
+        Raises:
+            ValueError: A shape does not fit (the message says which transpose fixes it), or ``k`` < 1.
+        """
+        if W_U is None and callable(W_dec):
+            W_dec, W_U = W_dec()
+        from lightning_sae_samples.logit_effects import check_matrices
+
+        check_matrices(W_dec, W_U, self.num_features)
+        indices = self.saved_features if features is None else [self._check_index(f) for f in features]
+        if tokenizer is not None:
+            decoder: Any = TokenDecoder(load_tokenizer(tokenizer))
+        elif self.tokenizer is not None:
+            decoder = TokenDecoder(self.tokenizer)
+        else:
+            decoder = self._decoder()
+        effects = compute_logit_effects(W_dec, W_U, indices, k, decoder=decoder)
+        self._computed_effects.update(effects)
+        return effects
 
     # ------------------------------------------------------------------ reports
     def print_feature_report(self, feature_idx: int, num_examples: int = 10, console: Any = None) -> None:

@@ -90,6 +90,27 @@ def statistics_table(stats: FeatureStats) -> Table:
     return table
 
 
+def logit_effects_table(feature: FeatureSamples) -> Optional[Table]:
+    """Promoted and suppressed tokens side by side, or ``None`` when the logit effects are unknown."""
+    effects = feature.logit_effects
+    if effects is None:
+        return None
+    table = Table(title="Logit effects", title_justify="left", header_style="bold", show_edge=False)
+    table.add_column("Promotes")
+    table.add_column("", justify="right", no_wrap=True)
+    table.add_column("Suppresses")
+    table.add_column("", justify="right", no_wrap=True)
+    for n in range(max(len(effects.promoted), len(effects.suppressed))):
+        cells: list = []
+        for side in (effects.promoted, effects.suppressed):
+            if n < len(side):
+                cells += [Text(visible(side[n].token)), Text(formatting.signed(side[n].value), style="dim")]
+            else:
+                cells += ["", ""]
+        table.add_row(*cells)
+    return table
+
+
 def _step_range(first: Optional[int], last: Optional[int]) -> str:
     return "never" if first is None else f"{first} – {last}"
 
@@ -109,6 +130,9 @@ def print_feature(feature: FeatureSamples, console: Optional[Console] = None) ->
             histogram_text(hist.bin_edges, hist.counts),
         )
     )
+    effects = logit_effects_table(feature)
+    if effects is not None:
+        console.print(Text(""), effects)
     if not feature.samples:
         console.print(Text("\nNo examples: this latent never fired above the threshold.", style="dim"))
         return

@@ -10,6 +10,11 @@ def value(number: float) -> str:
     return f"{number:.4g}"
 
 
+def signed(number: float) -> str:
+    """A logit change with its sign and four significant digits (``+1.234``, ``-0.5``)."""
+    return f"{number:+.4g}"
+
+
 def count(number: int) -> str:
     """An integer with thousands separators."""
     return f"{int(number):,}"

@@ -55,6 +55,21 @@ def token_views(sample: Sample, feature_max: float) -> list[dict]:
     return views
 
 
+def logit_effects_view(feature: FeatureSamples) -> Optional[dict]:
+    """``{"promoted": [...], "suppressed": [...]}`` of ``{"text", "value", "title"}`` (raw text), or ``None``."""
+    effects = feature.logit_effects
+    if effects is None:
+        return None
+
+    def items(effects_list: Sequence) -> list[dict]:
+        return [
+            {"text": t.token, "value": formatting.signed(t.value), "title": f"token id {t.token_id}: {t.value:+.6g}"}
+            for t in effects_list
+        ]
+
+    return {"promoted": items(effects.promoted), "suppressed": items(effects.suppressed)}
+
+
 def feature_view(feature: FeatureSamples) -> dict:
     """Template variables of one feature section."""
     stats = feature.stats
@@ -75,6 +90,7 @@ def feature_view(feature: FeatureSamples) -> dict:
         "bins": bins,
         "bars": svg_bars(bins),
         "top_tokens": feature.top_tokens(3),
+        "logit_effects": logit_effects_view(feature),
         "examples": [
             {
                 "value": formatting.value(s.activation_value),

@@ -32,6 +32,18 @@ def top_tokens_markdown(feature: FeatureSamples, limit: int = 3) -> str:
     return ", ".join(f"{markdown_text(text)} ×{n}" for text, n in feature.top_tokens(limit))
 
 
+def logit_effects_markdown(feature: FeatureSamples) -> Optional[dict]:
+    """``{"promoted_md", "suppressed_md"}``: escaped ``token (+value)`` lists, or ``None`` when unknown."""
+    effects = feature.logit_effects
+    if effects is None:
+        return None
+
+    def line(items: Sequence) -> str:
+        return ", ".join(f"{markdown_text(t.token)} ({formatting.signed(t.value)})" for t in items) or "–"
+
+    return {"promoted_md": line(effects.promoted), "suppressed_md": line(effects.suppressed)}
+
+
 def feature_context(feature: FeatureSamples) -> dict:
     """Template variables of one feature section."""
     stats = feature.stats
@@ -51,6 +63,7 @@ def feature_context(feature: FeatureSamples) -> dict:
         "last_step": formatting.step(stats.last_step),
         "histogram_lines": text_histogram(display_bins(stats.histogram.bin_edges, stats.histogram.counts), 24),
         "top_tokens_md": top_tokens_markdown(feature),
+        "logit_effects": logit_effects_markdown(feature),
         "examples": [
             {
                 "value": formatting.value(s.activation_value),
