@@ -587,6 +587,53 @@ class ActivationSampleAnalyzer:
         self._computed_effects.update(effects)
         return effects
 
+    # ------------------------------------------------------------------ export
+    def to_dataframe(
+        self, level: str = "feature", features: Optional[Iterable[int]] = None, num_examples: Optional[int] = None
+    ) -> Any:
+        """A pandas DataFrame with one row per feature or one row per sample (schema: ``docs/export.md``).
+
+        Example::
+
+            samples = analyzer.to_dataframe("sample")
+            samples[samples.feature_idx == 42][["activation_value", "token", "context_text"]]
+
+        Args:
+            level: ``"feature"`` (statistics, histogram, logit effects) or ``"sample"`` (activating token and
+                context window as list columns).
+            features: Latent indices, in the order wanted; default: the saved features in rank order.
+            num_examples: Samples per feature for ``"sample"``; default: those in its feature file.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install pandas``).
+            ValueError: ``level`` is neither ``"feature"`` nor ``"sample"``.
+        """
+        from lightning_sae_samples.export import to_dataframe
+
+        return to_dataframe(self, level, features, num_examples)
+
+    def export(
+        self,
+        out_dir: PathLike,
+        format: str = "jsonl",  # noqa: A002 - the command line's name too
+        features: Optional[Iterable[int]] = None,
+        num_examples: Optional[int] = None,
+    ) -> dict[str, Path]:
+        """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir`` (``docs/export.md``).
+
+        Args:
+            out_dir: Output folder, created if missing.
+            format: ``"jsonl"`` (JSON Lines) or ``"parquet"`` (needs pyarrow).
+            features: Latent indices; default: the saved features in rank order.
+            num_examples: Samples per feature; default: those in its feature file.
+
+        Returns:
+            The written paths by table name (``"features"``, ``"samples"``, ``"summary"``).
+        """
+        from lightning_sae_samples.export import export_samples
+
+        return export_samples(self, out_dir, format, features, num_examples)
+
     # ------------------------------------------------------------------ reports
     def print_feature_report(self, feature_idx: int, num_examples: int = 10, console: Any = None) -> None:
         """Print a latent's statistics, activation histogram and highlighted examples.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -11,12 +12,17 @@ from rich.console import Console
 
 from lightning_sae_samples.statistics import RANK_CHOICES
 
+SUMMARY = "collection_summary.json"
+
 PROG = "lightning-sae-samples"
 EPILOG = f"""examples:
   {PROG} lightning_logs/version_0/activation_samples
   {PROG} activation_samples --feature 42 --num-examples 20
   {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
+  {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
 """
+EXPORT_COMMAND = "export"
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +47,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", metavar="NAME", help="Hugging Face tokenizer to decode latents only full_state.pt holds"
     )
     return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-sae-samples export SAMPLES_DIR --format jsonl|parquet OUT``."""
+    from lightning_sae_samples.export import FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {EXPORT_COMMAND}",
+        description="Write the saved features, their statistics and samples as flat tables (features.<ext>,"
+        " samples.<ext>, summary.json) that pandas, DuckDB or a static viewer read directly. Schema: docs/export.md.",
+        epilog=f"example:\n  {PROG} {EXPORT_COMMAND} activation_samples --format parquet exported/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("out", metavar="OUT", help="output folder (created if missing)")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="file format (default: jsonl)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="only the K best saved features")
+    parser.add_argument(
+        "--examples-per-feature", type=int, default=None, metavar="K",
+        help="samples per feature (default: those in the feature files; more are read from full_state.pt)",
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="NAME", help="Hugging Face tokenizer for latents only full_state.pt holds"
+    )
+    return parser
+
+
+def _run_export(args: argparse.Namespace, console: Console) -> None:
+    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+
+    for name in ("top_k", "examples_per_feature"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    analyzer = ActivationSampleAnalyzer(args.samples_dir, tokenizer=args.tokenizer)
+    features = analyzer.saved_features if args.top_k is None else analyzer.saved_features[: args.top_k]
+    paths = analyzer.export(args.out, args.format, features, args.examples_per_feature)
+    names = ", ".join(p.name for p in paths.values())
+    console.print(f"Wrote {names} to {paths['summary'].parent}", highlight=False, markup=False)
+
+
+def _is_export(argv: Sequence[str]) -> bool:
+    # A samples directory literally named "export" stays reachable as before (or as ./export).
+    return bool(argv) and argv[0] == EXPORT_COMMAND and not os.path.isfile(os.path.join(EXPORT_COMMAND, SUMMARY))
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -68,10 +118,12 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 on success, 1 on a user error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    export = _is_export(argv)
+    parser = build_export_parser() if export else build_parser()
+    args = parser.parse_args(argv[1:] if export else argv)
     try:
-        _run(args, Console())
+        (_run_export if export else _run)(args, Console())
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         return 130

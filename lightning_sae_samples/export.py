@@ -1,0 +1,283 @@
+"""Flat tables of a samples directory: pandas DataFrames, JSON Lines and Parquet files.
+
+One row per feature (statistics, histogram and logit effects) and one row per sample (activating token
+and its context window as list columns). The schema is documented in ``docs/export.md``; pandas, DuckDB,
+Polars or a static viewer read the files directly. ``pandas`` and ``pyarrow`` are optional: only
+:func:`to_dataframe` and the Parquet format need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from lightning_sae_samples.storage import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, FeatureSamples
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("jsonl", "parquet")
+LEVELS = ("feature", "sample")
+EXPORT_VERSION = 1
+FEATURES_NAME = "features"
+SAMPLES_NAME = "samples"
+SUMMARY_NAME = "summary.json"
+
+# Column name -> type ("int", "float", "bool", "str", or "list<...>"); nullable columns end in "?".
+FEATURE_COLUMNS = {
+    "feature_idx": "int",
+    "rank": "int",
+    "saved": "bool",
+    "num_samples": "int",
+    "max_activation": "float",
+    "mean_activation": "float",
+    "std_activation": "float",
+    "min_activation": "float",
+    "activation_count": "int",
+    "all_time_max": "float",
+    "tokens_seen": "int",
+    "frequency": "float",
+    "first_step": "int?",
+    "last_step": "int?",
+    "histogram_bin_edges": "list<float>",
+    "histogram_counts": "list<int>",
+    "promoted_token_ids": "list<int>?",
+    "promoted_tokens": "list<str>?",
+    "promoted_values": "list<float>?",
+    "suppressed_token_ids": "list<int>?",
+    "suppressed_tokens": "list<str>?",
+    "suppressed_values": "list<float>?",
+}
+SAMPLE_COLUMNS = {
+    "feature_idx": "int",
+    "sample_rank": "int",
+    "activation_value": "float",
+    "step": "int",
+    "position": "int",
+    "token_id": "int",
+    "token": "str",
+    "context_position": "int",
+    "context_text": "str",
+    "context_token_ids": "list<int>",
+    "context_tokens": "list<str>",
+    "context_activations": "list<float>",
+}
+# Characters that JSON may leave raw but that some line splitters (Python's str.splitlines) treat as line
+# breaks; escaped so that every JSON Lines record stays on one line for every reader.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def _selected(
+    analyzer: ActivationSampleAnalyzer, features: Optional[Iterable[int]], num_examples: Optional[int]
+) -> list[FeatureSamples]:
+    indices = analyzer.saved_features if features is None else list(features)
+    return [analyzer.feature(i, num_examples) for i in indices]
+
+
+def feature_row(feature: FeatureSamples, rank: int) -> dict[str, Any]:
+    """One feature's row (see ``FEATURE_COLUMNS``)."""
+    s = feature.stats
+    row: dict[str, Any] = {
+        "feature_idx": s.feature_idx,
+        "rank": rank,
+        "saved": feature.saved,
+        "num_samples": s.num_samples,
+        "max_activation": s.max_activation,
+        "mean_activation": s.mean_activation,
+        "std_activation": s.std_activation,
+        "min_activation": s.min_activation,
+        "activation_count": s.activation_count,
+        "all_time_max": s.all_time_max,
+        "tokens_seen": s.tokens_seen,
+        "frequency": s.frequency,
+        "first_step": s.first_step,
+        "last_step": s.last_step,
+        "histogram_bin_edges": list(s.histogram.bin_edges),
+        "histogram_counts": list(s.histogram.counts),
+    }
+    effects = feature.logit_effects
+    for side in ("promoted", "suppressed"):
+        items = None if effects is None else getattr(effects, side)
+        row[f"{side}_token_ids"] = None if items is None else [t.token_id for t in items]
+        row[f"{side}_tokens"] = None if items is None else [t.token for t in items]
+        row[f"{side}_values"] = None if items is None else [t.value for t in items]
+    return row
+
+
+def sample_rows(feature: FeatureSamples) -> list[dict[str, Any]]:
+    """One row per sample of a feature, best first (see ``SAMPLE_COLUMNS``)."""
+    rows = []
+    for n, sample in enumerate(feature.samples):
+        activating = sample.activating_token
+        rows.append(
+            {
+                "feature_idx": sample.feature_idx,
+                "sample_rank": n,
+                "activation_value": sample.activation_value,
+                "step": sample.step,
+                "position": sample.position,
+                "token_id": activating.token_id,
+                "token": activating.text,
+                "context_position": sample.context_position,
+                "context_text": sample.context_text,
+                "context_token_ids": [t.token_id for t in sample.context],
+                "context_tokens": [t.text for t in sample.context],
+                "context_activations": [t.activation for t in sample.context],
+            }
+        )
+    return rows
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"`level` must be one of {LEVELS}, got {level!r}: 'feature' gives one row per feature,"
+                         " 'sample' one row per sample.")
+
+
+def table_rows(
+    analyzer: ActivationSampleAnalyzer,
+    level: str,
+    features: Optional[Iterable[int]] = None,
+    num_examples: Optional[int] = None,
+) -> list[dict[str, Any]]:
+    """Rows of the ``"feature"`` or ``"sample"`` table as plain dicts.
+
+    Args:
+        analyzer: The opened samples directory.
+        level: ``"feature"`` or ``"sample"``.
+        features: Latent indices, in the order wanted; default: the saved features in rank order.
+        num_examples: Samples per feature; default: those in its feature file.
+    """
+    _check_level(level)
+    selected = _selected(analyzer, features, num_examples)
+    if level == "feature":
+        return [feature_row(f, rank) for rank, f in enumerate(selected, start=1)]
+    return [row for f in selected for row in sample_rows(f)]
+
+
+def _require(module: str, purpose: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{purpose} needs `{module}`, which is not installed: run `pip install {module}`"
+            " (pandas and pyarrow cover every export format)."
+        ) from err
+
+
+def to_dataframe(
+    analyzer: ActivationSampleAnalyzer,
+    level: str = "feature",
+    features: Optional[Iterable[int]] = None,
+    num_examples: Optional[int] = None,
+) -> Any:
+    """A pandas DataFrame with one row per feature or per sample (columns as in ``docs/export.md``).
+
+    List columns hold Python lists; ``first_step``/``last_step`` and the logit-effect columns are
+    nullable.
+
+    Raises:
+        ImportError: pandas is not installed.
+        ValueError: ``level`` is not ``"feature"`` or ``"sample"``.
+    """
+    _check_level(level)
+    pandas = _require("pandas", "`to_dataframe`")
+    columns = FEATURE_COLUMNS if level == "feature" else SAMPLE_COLUMNS
+    frame = pandas.DataFrame.from_records(table_rows(analyzer, level, features, num_examples), columns=list(columns))
+    for name, kind in columns.items():
+        if kind == "int?":
+            frame[name] = frame[name].astype("Int64")
+    return frame
+
+
+def _arrow_schema(columns: dict[str, str]) -> Any:
+    pa = _require("pyarrow", "The parquet format")
+    scalar = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
+
+    def arrow_type(kind: str) -> Any:
+        kind = kind.rstrip("?")
+        if kind.startswith("list<"):
+            return pa.list_(scalar[kind[5:-1]])
+        return scalar[kind]
+
+    return pa.schema([pa.field(name, arrow_type(kind), nullable=kind.endswith("?")) for name, kind in columns.items()])
+
+
+def jsonl_bytes(rows: Iterable[dict]) -> bytes:
+    """Strict JSON Lines (UTF-8, one object per line, no NaN) of ``rows``."""
+    lines = []
+    for row in rows:
+        text = json.dumps(row, ensure_ascii=False, allow_nan=False)
+        for char, escape in _LINE_BREAKS.items():
+            text = text.replace(char, escape)
+        lines.append(text + "\n")
+    return "".join(lines).encode("utf-8")
+
+
+def _write_parquet(path: Path, rows: list[dict], columns: dict[str, str]) -> None:
+    pa = _require("pyarrow", "The parquet format")
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=_arrow_schema(columns))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def export_samples(
+    analyzer: ActivationSampleAnalyzer,
+    out_dir: PathLike,
+    format: str = "jsonl",  # noqa: A002 - the natural name on the command line too
+    features: Optional[Iterable[int]] = None,
+    num_examples: Optional[int] = None,
+) -> dict[str, Path]:
+    """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir``.
+
+    Args:
+        analyzer: The opened samples directory.
+        out_dir: Output folder (created if missing); existing export files in it are replaced.
+        format: ``"jsonl"`` or ``"parquet"``.
+        features: Latent indices; default: the saved features in rank order.
+        num_examples: Samples per feature; default: those in its feature file.
+
+    Returns:
+        ``{"features": path, "samples": path, "summary": path}``.
+
+    Raises:
+        ValueError: Unknown ``format``.
+        ImportError: ``format="parquet"`` without pyarrow.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+    if format == "parquet":
+        _require("pyarrow", "The parquet format")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = _selected(analyzer, features, num_examples)
+    tables = {
+        FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
+        SAMPLES_NAME: ([row for f in selected for row in sample_rows(f)], SAMPLE_COLUMNS),
+    }
+    paths: dict[str, Path] = {}
+    for name, (rows, columns) in tables.items():
+        path = out / f"{name}.{format}"
+        if format == "jsonl":
+            atomic_write_bytes(path, jsonl_bytes(rows))
+        else:
+            _write_parquet(path, rows, columns)
+        paths[name] = path
+    summary = {
+        "export_version": EXPORT_VERSION,
+        "format": format,
+        "samples_dir": str(analyzer.directory.path),
+        "features": len(tables[FEATURES_NAME][0]),
+        "samples": len(tables[SAMPLES_NAME][0]),
+        "run": analyzer.directory.summary,
+    }
+    paths["summary"] = out / SUMMARY_NAME
+    atomic_write_bytes(paths["summary"], json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False).encode())
+    return paths
