@@ -73,19 +73,26 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
             "the samples directory above is complete (see docs/format.md).[/yellow]"
         )
         return
-    analyzer = ActivationSampleAnalyzer(str(samples))
-    if not md.exists():
-        analyzer.generate_interpretability_report(
-            str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
+    try:
+        analyzer = ActivationSampleAnalyzer(str(samples))
+        if not md.exists():
+            analyzer.generate_interpretability_report(
+                str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
+            )
+            console.print(f"Markdown report   : {md.resolve()}")
+        html = samples / "report.html"
+        analyzer.generate_html_report(
+            str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature
         )
-        console.print(f"Markdown report   : {md.resolve()}")
-    html = samples / "report.html"
-    analyzer.generate_html_report(str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature)
-    console.print(f"HTML report       : {html.resolve()}")
-    feature = _strongest_feature(samples)
-    if feature is not None:
-        console.rule(f"[bold]Feature {feature}")
-        analyzer.print_feature_report(feature_idx=feature, num_examples=5)
+        console.print(f"HTML report       : {html.resolve()}")
+        feature = _strongest_feature(samples)
+        if feature is not None:
+            console.rule(f"[bold]Feature {feature}")
+            analyzer.print_feature_report(feature_idx=feature, num_examples=5)
+    except Exception as err:  # noqa: BLE001 - training is done; a report problem must not hide the paths
+        console.print(f"[red]Report failed: {type(err).__name__}: {err}[/red]")
+        console.print(f"The samples directory is complete: lightning-sae-samples {samples} (or the analyzer API).")
+        raise SystemExit(1) from err
 
 
 def _strongest_feature(samples: Path):
