@@ -75,6 +75,9 @@ class ActivationSampleCallback(Callback):
         recent_samples_per_feature: Samples kept per latent for the recent window (default:
             ``samples_per_feature_to_save``).
         seed: Seed of the interval sampling.
+        deduplicate_contexts: A latent keeps no two top (or recent) samples whose context windows overlap in
+            the same sequence or whose context tokens are identical; the kept set is the exact top-k under
+            that rule (see :mod:`lightning_sae_samples.dedup`). Useful on repetitive text.
         log_feature_health: At each collected step (and only then), log ``feature_health/never_fired_frac``,
             ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0`` to ``trainer.loggers``, and a histogram of
             log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see
@@ -120,6 +123,7 @@ class ActivationSampleCallback(Callback):
         recent_window_steps: Optional[int] = None,
         recent_samples_per_feature: Optional[int] = None,
         seed: int = 0,
+        deduplicate_contexts: bool = False,
         log_feature_health: bool = True,
         dead_window_steps: int = 10_000,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
@@ -185,6 +189,7 @@ class ActivationSampleCallback(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.seed = seed
+        self.deduplicate_contexts = bool(deduplicate_contexts)
         dead_window_steps = _positive_int(
             dead_window_steps, "dead_window_steps", "Use a window of several collection steps, e.g. 10000."
         )
@@ -234,6 +239,7 @@ class ActivationSampleCallback(Callback):
             "recent_window_steps": self.recent_window_steps,
             "recent_samples_per_feature": self.recent_samples_per_feature,
             "seed": self.seed,
+            "deduplicate_contexts": self.deduplicate_contexts,
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -314,7 +320,7 @@ class ActivationSampleCallback(Callback):
         config = state_dict.get("config", {})
         for name in (
             "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals",
-            "recent_window_steps", "recent_samples_per_feature", "seed",
+            "recent_window_steps", "recent_samples_per_feature", "seed", "deduplicate_contexts",
         ):
             saved, current = config.get(name), getattr(self, name)
             if name in config and saved != current:
@@ -408,6 +414,7 @@ class ActivationSampleCallback(Callback):
                 recent_window_steps=self.recent_window_steps,
                 recent_samples=self.recent_samples_per_feature,
                 seed=self.seed,
+                deduplicate_contexts=self.deduplicate_contexts,
             )
             return SampleCollector(config, device)
         restored = SampleCollector.from_state_dict(pending, device)

@@ -122,6 +122,8 @@ class CollectorConfig:
         recent_window_steps: Block length in steps of the recent-top window (``None``: no recent top).
         recent_samples: Top samples kept per latent for the recent window.
         seed: Seed of the interval sampling.
+        deduplicate_contexts: Apply the de-duplication rule of :mod:`lightning_sae_samples.dedup` to the top
+            and recent tables.
     """
 
     num_latents: int
@@ -133,6 +135,7 @@ class CollectorConfig:
     recent_window_steps: Optional[int] = None
     recent_samples: int = 10
     seed: int = 0
+    deduplicate_contexts: bool = False
 
     @property
     def half_window(self) -> int:
@@ -155,6 +158,7 @@ _CONFIG_KEYS = {
     "recent_window_steps": "recent_window_steps",
     "recent_samples": "recent_samples",
     "seed": "seed",
+    "deduplicate_contexts": "deduplicate_contexts",
 }
 
 
@@ -181,7 +185,10 @@ class SampleCollector:
         self._inner_edges = self.hist_edges[1:-1].to(device=device, dtype=torch.float32)
         num_bins = len(self.hist_edges) - 1
 
-        self.tables: dict[str, SampleTable] = {"top": SampleTable(num_latents, config.max_samples, w, device)}
+        radius = 2 * config.half_window if config.deduplicate_contexts else None
+        self.tables: dict[str, SampleTable] = {
+            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius)
+        }
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.threshold, config.num_intervals)
@@ -192,8 +199,10 @@ class SampleCollector:
             self.interval_count = torch.zeros((num_latents, config.num_intervals), dtype=torch.int64, device=device)
         self.recent_block = EMPTY
         if config.recent_window_steps:
-            self.tables["recent"] = SampleTable(num_latents, config.recent_samples, w, device)
-            self.tables["recent_prev"] = SampleTable(num_latents, config.recent_samples, w, device)
+            self.tables["recent"] = SampleTable(num_latents, config.recent_samples, w, device, dedup_radius=radius)
+            self.tables["recent_prev"] = SampleTable(
+                num_latents, config.recent_samples, w, device, dedup_radius=radius
+            )
 
         self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
         self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
@@ -427,7 +436,7 @@ class SampleCollector:
 
 def _table_view(state: dict, prefix: str, sel: slice) -> dict[str, Tensor]:
     out = {}
-    for name in (*TABLE_FIELDS, "priority"):
+    for name in (*TABLE_FIELDS, "priority", "hash"):
         if f"{prefix}_{name}" in state:
             value = state[f"{prefix}_{name}"][sel]
             out[name] = value.reshape(-1, *value.shape[2:]) if prefix == "interval" else value
@@ -484,7 +493,8 @@ def merge_counters(a: dict, b: dict) -> dict:
 
 def check_compatible(a: dict, b: dict) -> None:
     """Raise a clear error when two states cannot be merged."""
-    for key in ("num_latents", "max_samples", "context_size", "samples_per_interval", "recent_window_steps"):
+    for key in ("num_latents", "max_samples", "context_size", "samples_per_interval", "recent_window_steps",
+                "deduplicate_contexts"):
         if a.get(key) != b.get(key):
             raise ValueError(f"Cannot merge collector states with different {key}: {a.get(key)} and {b.get(key)}.")
     if not torch.equal(a["hist_edges"], b["hist_edges"]):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
 
 EMPTY = -1
 TABLE_FIELDS = ("values", "step", "order", "position", "context_tokens", "context_acts")
@@ -63,13 +65,22 @@ class SampleTable:
         device: Where the table lives.
         random_priority: Priorities are hashes (integers below ``2**31``, held in float64) stored beside the
             activation values; otherwise the activation value is the priority.
+        dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.dedup`): samples of one sequence
+            at most this many positions apart overlap. ``None`` keeps every sample.
     """
 
     def __init__(
-        self, rows: int, capacity: int, window: int, device: torch.device, random_priority: bool = False
+        self,
+        rows: int,
+        capacity: int,
+        window: int,
+        device: torch.device,
+        random_priority: bool = False,
+        dedup_radius: Optional[int] = None,
     ) -> None:
         self.rows, self.capacity, self.window = rows, capacity, window
         self.random_priority = random_priority
+        self.dedup_radius = dedup_radius
         shape = (rows, capacity)
         self.values = torch.full(shape, -math.inf, device=device)
         self.priority = torch.full(shape, -math.inf, dtype=torch.float64, device=device) if random_priority else None
@@ -79,6 +90,7 @@ class SampleTable:
         self.pool_position = torch.full(shape, EMPTY, dtype=torch.int32, device=device)
         self.pool_context_tokens = torch.full((*shape, window), EMPTY, dtype=torch.int32, device=device)
         self.pool_context_acts = torch.zeros((*shape, window), device=device)
+        self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
 
     @property
     def sort_key(self) -> Tensor:
@@ -87,7 +99,9 @@ class SampleTable:
 
     def clear(self) -> None:
         """Drop every sample."""
-        fresh = SampleTable(self.rows, self.capacity, self.window, self.values.device, self.random_priority)
+        fresh = SampleTable(
+            self.rows, self.capacity, self.window, self.values.device, self.random_priority, self.dedup_radius
+        )
         self.__dict__.update(fresh.__dict__)
 
     def insert(
@@ -101,14 +115,21 @@ class SampleTable:
         # Only samples strictly above the row's last priority can enter (equal ones lose to the earlier).
         beats = priority > self.sort_key[row, -1]
         row, latent, priority, value, token_idx = (t[beats] for t in (row, latent, priority, value, token_idx))
+        hashes = None
+        if self.dedup_radius is not None:
+            row, latent, priority, value, token_idx, hashes = self._deduplicate(
+                row, latent, priority, value, token_idx, batch
+            )
         perm = torch.argsort(_group_key(row, priority), stable=True)
         row, latent, priority, value, token_idx = (t[perm] for t in (row, latent, priority, value, token_idx))
+        hashes = hashes[perm] if hashes is not None else None
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
         keep = rank < cap
         row, latent, priority, value, token_idx, rank = (
             t[keep] for t in (row, latent, priority, value, token_idx, rank)
         )
+        hashes = hashes[keep] if hashes is not None else None
 
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -141,6 +162,10 @@ class SampleTable:
         ]
         if self.random_priority:
             fields.append(("priority", old_priority, new_priority))
+        if hashes is not None:
+            new_hash = torch.zeros(grid, dtype=torch.int64, device=dev)
+            new_hash[local, rank] = hashes
+            fields.append(("hash", self.hash[touched], new_hash))
         for name, old, new in fields:
             merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
             merged.scatter_(1, pos_old.clamp(max=cap), old)
@@ -150,17 +175,56 @@ class SampleTable:
         enters = rank < entered[local, 0]
         slot = freed[local[enters], rank[enters]]
         row, latent, token_idx = row[enters], latent[enters], token_idx[enters]
-        seq = batch.tokens.shape[1]
-        position = token_idx % seq
-        offsets = torch.arange(-batch.half_window, batch.half_window + 1, device=dev)
-        window_pos = position.unsqueeze(1) + offsets
-        inside = (window_pos >= 0) & (window_pos < seq)
-        window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
+        window_rows, inside, window_tokens = _windows(token_idx, batch)
         ctx_acts = batch.window_acts(window_rows, latent)
-        flat_tokens = batch.tokens.reshape(-1)
-        self.pool_position[row, slot] = position.to(torch.int32)
-        self.pool_context_tokens[row, slot] = torch.where(inside, flat_tokens[window_rows], EMPTY).to(torch.int32)
+        self.pool_position[row, slot] = (token_idx % batch.tokens.shape[1]).to(torch.int32)
+        self.pool_context_tokens[row, slot] = window_tokens.to(torch.int32)
         self.pool_context_acts[row, slot] = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
+
+    def _deduplicate(
+        self, row: Tensor, latent: Tensor, priority: Tensor, value: Tensor, token_idx: Tensor, batch: BatchContext
+    ) -> tuple[Tensor, ...]:
+        """Apply the de-duplication rule to candidates (in token order); evict kept samples they replace."""
+        nseq, seq = batch.tokens.shape
+        keep = suppress_overlaps(row * nseq + token_idx // seq, token_idx % seq, priority, self.dedup_radius)
+        row, latent, priority, value, token_idx = (t[keep] for t in (row, latent, priority, value, token_idx))
+        hashes = context_hash(_windows(token_idx, batch)[2])
+        preference = torch.empty_like(row)
+        preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
+        keep = best_of_each_class(row, hashes, preference)
+        row, latent, priority, value, token_idx, hashes = (
+            t[keep] for t in (row, latent, priority, value, token_idx, hashes)
+        )
+        same = (self.hash[row] == hashes.unsqueeze(1)) & torch.isfinite(self.sort_key[row])
+        kept_class = same.any(1)
+        column = same.to(torch.int8).argmax(1)
+        # A kept sample of the class wins ties: it was seen earlier.
+        old_wins = kept_class & (self.sort_key[row, column] >= priority)
+        replaced = kept_class & ~old_wins
+        self._evict(row[replaced], column[replaced])
+        keep = ~old_wins
+        return tuple(t[keep] for t in (row, latent, priority, value, token_idx, hashes))
+
+    def _evict(self, rows: Tensor, columns: Tensor) -> None:
+        """Remove samples and re-sort their rows (the freed slots move to the end)."""
+        if not len(rows):
+            return
+        slots = self.slot[rows, columns]
+        self.values[rows, columns] = -math.inf
+        if self.random_priority:
+            self.priority[rows, columns] = -math.inf
+        self.step[rows, columns] = EMPTY
+        self.order[rows, columns] = EMPTY
+        self.hash[rows, columns] = 0
+        self.pool_position[rows, slots] = EMPTY
+        self.pool_context_tokens[rows, slots] = EMPTY
+        self.pool_context_acts[rows, slots] = 0.0
+        touched = rows.unique()
+        perm = torch.argsort(self.sort_key[touched], dim=1, descending=True, stable=True)
+        for name in ("values", "priority", "step", "order", "slot", "hash"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor[touched] = torch.gather(tensor[touched], 1, perm)
 
     def export(self, rows: slice = slice(None)) -> dict[str, Tensor]:
         """Rows in canonical form (samples best first), as new tensors on the table's device."""
@@ -176,6 +240,8 @@ class SampleTable:
         }
         if self.random_priority:
             out["priority"] = self.priority[rows].clone()
+        if self.hash is not None:
+            out["hash"] = self.hash[rows].clone()
         return out
 
     def load(self, exported: dict[str, Tensor]) -> None:
@@ -184,10 +250,27 @@ class SampleTable:
             getattr(self, name).copy_(exported[name])
         if self.random_priority:
             self.priority.copy_(exported["priority"])
+        if self.hash is not None:
+            self.hash.copy_(exported["hash"])
         self.slot.copy_(torch.arange(self.capacity).repeat(self.rows, 1))
         self.pool_position.copy_(exported["position"])
         self.pool_context_tokens.copy_(exported["context_tokens"])
         self.pool_context_acts.copy_(exported["context_acts"])
+
+
+def _windows(token_idx: Tensor, batch: BatchContext) -> tuple[Tensor, Tensor, Tensor]:
+    """Each sample's context window: flat token rows ``[S, W]`` (clamped), inside-sequence mask, token ids.
+
+    Token ids are ``-1`` where the window leaves the sequence.
+    """
+    seq = batch.tokens.shape[1]
+    position = token_idx % seq
+    offsets = torch.arange(-batch.half_window, batch.half_window + 1, device=token_idx.device)
+    window_pos = position.unsqueeze(1) + offsets
+    inside = (window_pos >= 0) & (window_pos < seq)
+    window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
+    window_tokens = torch.where(inside, batch.tokens.reshape(-1)[window_rows], EMPTY)
+    return window_rows, inside, window_tokens
 
 
 def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:
@@ -202,7 +285,18 @@ def merge_exported(a: dict[str, Tensor], b: dict[str, Tensor], capacity: int) ->
     """Exactly merge two exported tables with the same rows: each row keeps its best ``capacity`` of both."""
     key = "priority" if "priority" in a else "values"
     both = {name: torch.cat([a[name], b[name]], dim=1) for name in a}
-    best = sort_samples(both[key], both["step"], both["order"])[:, :capacity]
+    best = sort_samples(both[key], both["step"], both["order"])
+    if "hash" in both:
+        # De-duplicated tables: of samples with the same context, only the best stays.
+        hashes = torch.gather(both["hash"], 1, best)
+        filled = torch.isfinite(torch.gather(both[key], 1, best))
+        by_hash = torch.argsort(hashes, dim=1, stable=True)
+        sorted_hash = torch.gather(hashes, 1, by_hash)
+        repeat = torch.zeros_like(filled)
+        repeat[:, 1:] = sorted_hash[:, 1:] == sorted_hash[:, :-1]
+        duplicate = torch.zeros_like(filled).scatter(1, by_hash, repeat) & filled
+        best = torch.gather(best, 1, torch.argsort(duplicate.to(torch.int8), dim=1, stable=True))
+    best = best[:, :capacity]
     out = {}
     for name, value in both.items():
         index = best if value.dim() == 2 else best.unsqueeze(-1).expand(-1, -1, value.shape[-1])

@@ -130,8 +130,9 @@ def with_recent_view(state: dict) -> dict:
     if "recent_values" not in state:
         return state
     view = dict(state)
-    current = {name: state[f"recent_{name}"] for name in TABLE_FIELDS}
-    previous = {name: state[f"recent_prev_{name}"] for name in TABLE_FIELDS}
+    names = [name for name in (*TABLE_FIELDS, "hash") if f"recent_{name}" in state]
+    current = {name: state[f"recent_{name}"] for name in names}
+    previous = {name: state[f"recent_prev_{name}"] for name in names}
     merged = merge_exported(current, previous, state["recent_values"].shape[1])
     view.update({f"recent_{name}": value for name, value in merged.items()})
     return view

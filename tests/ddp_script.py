@@ -29,7 +29,7 @@ def main() -> None:
     callbacks = [ActivationSampleCallback(
         collection_freq=2, max_samples_per_feature=4, context_size=4, activation_threshold=0.5,
         top_features_to_save=args.num_latents, samples_per_feature_to_save=4, dirpath=args.out / "samples",
-        recent_window_steps=3, samples_per_interval=2,
+        recent_window_steps=3, samples_per_interval=2, deduplicate_contexts=True,
     )]
     if args.save_ckpt:
         callbacks.append(ModelCheckpoint(dirpath=args.save_ckpt, save_last=True))

@@ -29,7 +29,26 @@ class OracleFeature:
     last_step: int | None = None
 
 
-def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, threshold: float) -> dict[int, OracleFeature]:
+def deduplicate(samples: list, radius: int) -> list:
+    """The two-stage rule of lightning_sae_samples.dedup, written plainly."""
+    by_sequence: dict = {}
+    for s in samples:
+        by_sequence.setdefault((s[1], s[2], s[3]), []).append(s)
+    survivors = []
+    for group in by_sequence.values():
+        accepted = []
+        for s in sorted(group, key=lambda s: (-s[0], s[4])):
+            if all(abs(s[4] - a[4]) > radius for a in accepted):
+                accepted.append(s)
+        survivors.extend(accepted)
+    best: dict = {}
+    for s in sorted(survivors, key=lambda s: (-s[0], s[1], s[2], s[3], s[4])):
+        best.setdefault(tuple(s[5]), s)
+    return list(best.values())
+
+
+def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, threshold: float,
+           dedup: bool = False) -> dict[int, OracleFeature]:
     half = context_size // 2
     feats = {f: OracleFeature() for f in range(num_latents)}
     for item in seen:
@@ -52,8 +71,10 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
                     acts = [float(lat[b, q, f]) if math.isfinite(float(lat[b, q, f])) else 0.0 for q in range(lo, hi)]
                     feat.samples.append((v, item.step, item.rank, item.row_offset + b, p, ctx, acts, p - lo))
                     order = (item.rank << 40) + (item.row_offset + b) * seq + p
-                    feat.every.append((v, item.step, order, p))
+                    feat.every.append((v, item.step, order, p, item.rank, item.row_offset + b, ctx))
     for feat in feats.values():
+        if dedup:
+            feat.samples = deduplicate(feat.samples, 2 * half)
         feat.samples.sort(key=lambda s: (-s[0], s[1], s[2], s[3], s[4]))
         feat.samples = feat.samples[:k]
     return feats
@@ -81,6 +102,9 @@ def assert_groups_match(record: dict, feat: OracleFeature, config: dict, last_st
     if config.get("recent_window_steps"):
         block = last_step // config["recent_window_steps"]
         recent = [s for s in feat.every if s[1] // config["recent_window_steps"] >= block - 1]
+        if config.get("deduplicate_contexts"):
+            as_samples = [(s[0], s[1], s[4], s[5], s[3], s[6], s) for s in recent]
+            recent = [t[-1] for t in deduplicate(as_samples, 2 * (config["context_size"] // 2))]
         want = sorted(recent, key=lambda s: (-s[0], s[1], s[2]))[: min(n, config["recent_samples_per_feature"])]
         got = [(x["activation_value"], x["step"], x["position"]) for x in record["recent_samples"]]
         assert got == [(float(torch.tensor(w[0], dtype=torch.float32)), w[1], w[3]) for w in want]

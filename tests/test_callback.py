@@ -26,7 +26,7 @@ def collected(module, schedule):
 def check_against_oracle(dirpath, seen, n=K):
     files = read_dir(dirpath)
     summary = files["collection_summary.json"]
-    feats = oracle(seen, F, K, CTX, THR)
+    feats = oracle(seen, F, K, CTX, THR, dedup=summary["config"]["deduplicate_contexts"])
     tokens_seen = sum(s.tokens.numel() for s in seen)
     assert summary["tokens_seen"] == tokens_seen
     assert summary["steps_collected"] == len({s.step for s in seen})
@@ -48,11 +48,12 @@ def check_against_oracle(dirpath, seen, n=K):
     return files
 
 
-@pytest.mark.parametrize("mode", ["dense", "flat", "sparse"])
-def test_files_match_brute_force_oracle(tmp_path, mode):
+@pytest.mark.parametrize("mode, dedup", [("dense", False), ("flat", True), ("sparse", False), ("sparse", True)])
+def test_files_match_brute_force_oracle(tmp_path, mode, dedup):
     module = SyntheticSAE(num_latents=F, mode=mode)
-    cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7)
-    trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
+    cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7, deduplicate_contexts=dedup)
+    data = TokenDataset(vocab=3) if dedup else TokenDataset()  # few tokens: identical contexts across sequences
+    trainer(tmp_path, [cb], max_epochs=2).fit(module, loader(data))
     seen = collected(module, 2)
     assert len(seen) == 6 and len(module.seen) == 12
     files = check_against_oracle(tmp_path / "samples", seen)
@@ -133,7 +134,7 @@ def test_half_precision_latents_requiring_grad_are_collected_and_untouched(tmp_p
     check_against_oracle(tmp_path / "samples", module.seen)
 
 
-RESUME_ARGS = dict(collection_freq=2, recent_window_steps=4, samples_per_interval=3)
+RESUME_ARGS = dict(collection_freq=2, recent_window_steps=4, samples_per_interval=3, deduplicate_contexts=True)
 
 
 def _two_epoch_run(tmp_path, mode):

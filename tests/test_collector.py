@@ -259,3 +259,68 @@ def test_merge_with_interval_and_recent_tables_equals_single_process():
     for key in ("interval_values", "interval_priority", "interval_step", "interval_order", "interval_context_tokens",
                 "interval_count", "recent_values", "recent_order", "recent_prev_values", "top_values", "top_order"):
         assert torch.equal(merged[key], want[key]), key
+
+
+def repetitive_batches(n, seed=0, batch=3, seq=8):
+    """Few distinct tokens (identical contexts across sequences) and latents firing on runs of tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, 3, (batch, seq), generator=gen)
+        latents = torch.round(torch.rand(batch, seq, F, generator=gen) * 4) / 2
+        out.append((tokens, latents))
+    return out
+
+
+def assert_top_equals(state, feats):
+    for f, feat in feats.items():
+        got = state["top_values"][f]
+        kept = int(torch.isfinite(got).sum())
+        want = [(float(torch.tensor(s[0], dtype=torch.float32)), s[1], s[4], s[5]) for s in feat.samples]
+        half = CTX // 2
+        rows = [
+            (float(got[j]), int(state["top_step"][f, j]), int(state["top_position"][f, j]),
+             [t for t in state["top_context_tokens"][f, j].tolist() if t >= 0])
+            for j in range(kept)
+        ]
+        assert rows == want, f
+        for j in range(kept):
+            assert int(state["top_context_tokens"][f, j, half]) >= 0
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_deduplicated_top_equals_oracle_with_the_same_rule(mode):
+    cfg = CollectorConfig(F, K, CTX, THR, deduplicate_contexts=True)
+    c = SampleCollector(cfg)
+    seen = []
+    for step, (tokens, latents) in enumerate(repetitive_batches(10, seed=1)):
+        if mode == "sparse":
+            indices, values, latents = to_sparse(latents)
+            c.update_sparse(tokens, indices, values, step)
+        else:
+            c.update_dense(tokens, latents, step)
+        seen.append(Seen(step, 0, 0, tokens, latents))
+    state = c.state_dict()
+    feats = oracle(seen, F, K, CTX, THR, dedup=True)
+    assert_top_equals(state, feats)
+    # the rule holds: no two kept samples with identical contexts or overlapping windows in one sequence
+    for f in range(F):
+        kept = int(torch.isfinite(state["top_values"][f]).sum())
+        contexts = [tuple(t for t in state["top_context_tokens"][f, j].tolist() if t >= 0) for j in range(kept)]
+        assert len(set(contexts)) == kept
+    plain = oracle(seen, F, K, CTX, THR)
+    assert any(len(plain[f].samples) and plain[f].samples != feats[f].samples for f in range(F))
+
+
+def test_deduplicated_merge_of_two_ranks_equals_oracle():
+    cfg = CollectorConfig(F, K, CTX, THR, deduplicate_contexts=True)
+    ranks = [SampleCollector(cfg) for _ in range(2)]
+    seen = []
+    for i, (tokens, latents) in enumerate(repetitive_batches(12, seed=2)):
+        step, rank = i // 2, i % 2
+        ranks[rank].update_dense(tokens, latents, step, order_base=rank << RANK_SHIFT)
+        seen.append(Seen(step, rank, 0, tokens, latents))
+    merged = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
+    assert_top_equals(merged, oracle(seen, F, K, CTX, THR, dedup=True))
+    resumed = SampleCollector.from_state_dict(merged)
+    assert torch.equal(resumed.state_dict()["top_hash"], merged["top_hash"])

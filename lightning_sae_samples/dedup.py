@@ -1,0 +1,114 @@
+"""Context de-duplication: the rule, and its vectorized pieces.
+
+With ``deduplicate_contexts=True`` a latent's kept samples follow a two-stage rule, applied by the
+collector and by the test oracle alike:
+
+1. Within one sequence (one row of one step on one process), overlapping context windows
+   (positions at most ``2 * half_window`` apart) are suppressed greedily: the best sample (value, then
+   earliest position) is kept, those overlapping it are dropped, and so on.
+2. Among the survivors of all sequences, samples with identical context tokens form one class; only the
+   best of a class (value, then earliest ``(step, order)``) is kept.
+
+The kept set is the top-k over these. Stage 1 only ever concerns one batch and stage 2 only needs, per
+class, its best sample, so the rule streams exactly: the collector stores a hash of each kept sample's
+context and replaces a kept sample when a better one of its class arrives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MIX = (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64))
+_POWER_BASE = 1_000_003
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _powers(count: int) -> list[int]:
+    out, x = [], 1
+    for _ in range(count):
+        out.append(x - (1 << 64) if x >= 1 << 63 else x)
+        x = (x * _POWER_BASE) & ((1 << 64) - 1)
+    return out
+
+
+def context_hash(windows: Tensor) -> Tensor:
+    """A 64-bit hash of each window's tokens, ignoring the ``-1`` padding outside the sequence.
+
+    Two samples get the same hash when their (clipped) context token lists are equal.
+
+    Args:
+        windows: Token ids ``[n, W]`` with ``-1`` where the window leaves the sequence.
+    """
+    valid = windows >= 0
+    rank = torch.cumsum(valid, dim=1) - 1
+    powers = torch.tensor(_powers(windows.shape[1] + 1), dtype=torch.int64, device=windows.device)
+    terms = torch.where(valid, (windows.long() + 1) * powers[rank.clamp(min=0)], 0)
+    x = terms.sum(dim=1) + valid.sum(dim=1) * powers[-1]
+    x = x ^ _shift_right(x, 30)
+    x = x * _MIX[0]
+    x = x ^ _shift_right(x, 27)
+    x = x * _MIX[1]
+    return x ^ _shift_right(x, 31)
+
+
+def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: int) -> Tensor:
+    """Greedy suppression of overlapping samples within each group (stage 1 of the rule).
+
+    Samples of a group are ranked by value descending, then position ascending; a sample is kept unless
+    a kept sample of its group lies within ``radius`` positions. Resolved in parallel rounds: each round
+    accepts the samples that no undecided better neighbour blocks and drops the neighbours of accepted
+    ones, which gives exactly the sequential greedy result.
+
+    Args:
+        group: Group id per sample (one group per latent and sequence); positions are distinct within a group.
+        position: Position in the sequence.
+        value: Activation.
+        radius: Samples at most this far apart overlap.
+
+    Returns:
+        A boolean mask of the samples kept.
+    """
+    n = len(group)
+    keep = torch.ones(n, dtype=torch.bool, device=group.device)
+    if n < 2 or radius <= 0:
+        return keep
+    span = int(position.max()) + 1
+    perm = torch.argsort(group * span + position)
+    g, p, v = group[perm], position[perm], value[perm]
+    offsets = torch.cat([torch.arange(-radius, 0), torch.arange(1, radius + 1)]).to(group.device)
+    neighbour = (torch.arange(n, device=group.device).unsqueeze(1) + offsets).clamp(0, n - 1)
+    near = (g[neighbour] == g.unsqueeze(1)) & ((p[neighbour] - p.unsqueeze(1)).abs() <= radius)
+    near &= neighbour != torch.arange(n, device=group.device).unsqueeze(1)
+    v_near, p_near = v[neighbour], p[neighbour]
+    better = near & ((v_near > v.unsqueeze(1)) | ((v_near == v.unsqueeze(1)) & (p_near < p.unsqueeze(1))))
+    undecided, accepted = torch.ones(n, dtype=torch.bool, device=group.device), torch.zeros_like(keep)
+    while bool(undecided.any()):
+        undecided &= ~(near & accepted[neighbour]).any(1)
+        newly = undecided & ~(better & undecided[neighbour]).any(1)
+        accepted |= newly
+        undecided &= ~newly
+    keep[perm] = accepted
+    return keep
+
+
+def best_of_each_class(row: Tensor, key: Tensor, sort_key: Tensor) -> Tensor:
+    """Mask of the first sample of each ``(row, key)`` class, given samples already in preference order.
+
+    Args:
+        row: Row of each sample.
+        key: Class key (context hash) of each sample.
+        sort_key: Position of each sample in preference order (ascending is better).
+    """
+    perm = torch.argsort(sort_key, stable=True)
+    perm = perm[torch.argsort(key[perm], stable=True)]
+    perm = perm[torch.argsort(row[perm], stable=True)]
+    r, k = row[perm], key[perm]
+    first = torch.ones(len(perm), dtype=torch.bool, device=row.device)
+    first[1:] = (r[1:] != r[:-1]) | (k[1:] != k[:-1])
+    keep = torch.zeros_like(first)
+    keep[perm] = first
+    return keep
