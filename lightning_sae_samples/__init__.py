@@ -25,6 +25,8 @@ _LAZY = {
     "SampleCollector": "lightning_sae_samples.collector",
     "merge_states": "lightning_sae_samples.collector",
     "LatentInputError": "lightning_sae_samples.inputs",
+    "LogitEffects": "lightning_sae_samples.logit_effects",
+    "TokenEffect": "lightning_sae_samples.logit_effects",
 }
 
 __all__ = [
@@ -35,11 +37,13 @@ __all__ = [
     "FeatureSamples",
     "FeatureStats",
     "LatentInputError",
+    "LogitEffects",
     "RunSummary",
     "Sample",
     "SampleCollector",
     "SamplesDirectory",
     "SamplesDirectoryError",
+    "TokenEffect",
     "UnknownFeatureError",
     "merge_states",
     "read_samples_dir",
