@@ -8,12 +8,15 @@ token ids are shown with the strings known from the saved files (or a tokenizer 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
+
+import torch
 
 from lightning_sae_samples.logit_effects import LogitEffects, compute_logit_effects
 from lightning_sae_samples.statistics import RANK_CHOICES, feature_statistics, rank_features
@@ -24,12 +27,16 @@ from lightning_sae_samples.storage import (
     load_full_state,
     load_json,
     read_samples_dir,
+    sample_groups,
     sample_records,
+    with_recent_view,
 )
 from lightning_sae_samples.tokens import TokenDecoder, load_tokenizer
 
 PathLike = Union[str, os.PathLike]
 _T = TypeVar("_T")
+#: A latent whose ``recent_overlap`` is below this is flagged: its meaning may have moved.
+DRIFT_THRESHOLD = 0.25
 _FULL_STATE_KEYS = (
     "num_latents",
     "half_window",
@@ -97,6 +104,8 @@ class FeatureStats:
         first_step: First step it fired at (``None`` if never).
         last_step: Last step it fired at (``None`` if never).
         histogram: Histogram of its activation values.
+        recent_overlap: Jaccard overlap of the activating tokens of its recent-window and all-time top
+            samples (low: its meaning may have moved); ``None`` when the run kept no recent window.
     """
 
     feature_idx: int
@@ -112,6 +121,7 @@ class FeatureStats:
     first_step: Optional[int]
     last_step: Optional[int]
     histogram: Histogram
+    recent_overlap: Optional[float] = None
 
     @classmethod
     def from_json(cls, record: dict) -> FeatureStats:
@@ -130,6 +140,7 @@ class FeatureStats:
             first_step=None if record["first_step"] is None else int(record["first_step"]),
             last_step=None if record["last_step"] is None else int(record["last_step"]),
             histogram=Histogram.from_json(record["histogram"]),
+            recent_overlap=None if record.get("recent_overlap") is None else float(record["recent_overlap"]),
         )
 
 
@@ -193,8 +204,42 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class IntervalGroup:
+    """Samples drawn uniformly at random among a latent's activations in one activation interval.
+
+    The intervals are half-decades above the activation threshold: the first holds the values above the
+    threshold and below its upper edge, the others ``low <= value < high``, the last is open above.
+
+    Attributes:
+        low: Lower edge (for the first interval: the threshold, itself excluded).
+        high: Upper edge (excluded), or ``None`` for the last, open interval.
+        count: Activations of the latent in this interval over the whole collection.
+        samples: The random samples kept from it, in the order the feature file lists them.
+        low_open: Whether ``low`` itself is excluded (the first interval, starting at the threshold).
+    """
+
+    low: float
+    high: Optional[float]
+    count: int
+    samples: tuple[Sample, ...]
+    low_open: bool = False
+
+    @classmethod
+    def from_json(cls, record: dict, first: bool = False) -> IntervalGroup:
+        """Build from one ``interval_samples`` record (``first``: the lowest interval)."""
+        low, high = record["interval"]
+        return cls(
+            low=float(low),
+            high=None if high is None else float(high),
+            count=int(record["count"]),
+            samples=tuple(Sample.from_json(s) for s in record["samples"]),
+            low_open=first,
+        )
+
+
+@dataclass(frozen=True)
 class FeatureSamples:
-    """A latent's statistics and its top samples, best first.
+    """A latent's statistics and its top samples, best first, with its optional sample groups.
 
     Attributes:
         stats: Its statistics.
@@ -202,17 +247,34 @@ class FeatureSamples:
         saved: Whether it has a feature file (else it comes from ``full_state.pt`` only).
         logit_effects: Tokens its decoder direction promotes and suppresses most, when known (from its
             feature file, or computed with :meth:`ActivationSampleAnalyzer.logit_effects`).
+        interval_groups: Random samples per activation interval, lowest interval first (empty when the
+            run kept none: ``samples_per_interval=0``). Intervals the latent never reached are included
+            with ``count == 0``.
+        recent_samples: Its top samples of the recent window, best first (empty when the run kept no
+            recent window, or the latent did not fire in it; see :attr:`recent_overlap`).
     """
 
     stats: FeatureStats
     samples: tuple[Sample, ...]
     saved: bool = True
     logit_effects: Optional[LogitEffects] = None
+    interval_groups: tuple[IntervalGroup, ...] = ()
+    recent_samples: tuple[Sample, ...] = ()
 
     @property
     def feature_idx(self) -> int:
         """Latent index."""
         return self.stats.feature_idx
+
+    @property
+    def recent_overlap(self) -> Optional[float]:
+        """Jaccard overlap of the recent and all-time top activating tokens (``None``: no recent window)."""
+        return self.stats.recent_overlap
+
+    @property
+    def recent_drift(self) -> bool:
+        """Whether :attr:`recent_overlap` is below :data:`DRIFT_THRESHOLD`: its meaning may have moved."""
+        return self.recent_overlap is not None and self.recent_overlap < DRIFT_THRESHOLD
 
     def top_tokens(self, limit: int = 5) -> list[tuple[str, int]]:
         """The activating tokens it fires on most among its samples, as ``(text, occurrences)``."""
@@ -266,6 +328,27 @@ class RunSummary:
     def alive_fraction(self) -> float:
         """Share of latents that fired."""
         return self.alive_features / self.num_features_tracked if self.num_features_tracked else 0.0
+
+    @property
+    def recent_window_steps(self) -> Optional[int]:
+        """Block length in steps of the recent window (``None``: the run kept no recent window)."""
+        steps = self.config.get("recent_window_steps")
+        return int(steps) if steps else None
+
+    @property
+    def recent_window(self) -> Optional[tuple[int, int]]:
+        """First and last step of the recent window at this save: the current and the previous block.
+
+        ``None`` when the run kept no recent window or collected nothing.
+        """
+        block_steps = self.recent_window_steps
+        if block_steps is None or self.last_collected_step is None:
+            return None
+        last = int(self.last_collected_step)
+        start = (last // block_steps - 1) * block_steps
+        if self.first_collected_step is not None:
+            start = max(start, int(self.first_collected_step))
+        return max(start, 0), last
 
 
 def _progress(items: Sequence[_T], enabled: bool, description: str) -> Iterator[_T]:
@@ -330,6 +413,7 @@ class ActivationSampleAnalyzer:
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
         self._state: Optional[dict] = None
+        self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
         raw = self.directory.summary
         try:
@@ -374,12 +458,18 @@ class ActivationSampleAnalyzer:
             samples = tuple(Sample.from_json(s) for s in record["top_samples"])
             effects = record.get("logit_effects")
             effects = None if effects is None else LogitEffects.from_json(idx, effects)
+            groups = tuple(
+                IntervalGroup.from_json(g, first=n == 0) for n, g in enumerate(record.get("interval_samples") or [])
+            )
+            recent = tuple(Sample.from_json(s) for s in record.get("recent_samples") or [])
         except (KeyError, TypeError, ValueError) as err:
             raise SamplesDirectoryError(
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."
             ) from err
-        return FeatureSamples(stats, samples, saved=True, logit_effects=effects)
+        return FeatureSamples(
+            stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent
+        )
 
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
@@ -401,7 +491,8 @@ class ActivationSampleAnalyzer:
             return TokenDecoder(self.tokenizer)
         strings: dict[int, str] = {}
         for feature in self._saved.values():
-            for sample in feature.samples:
+            groups = (feature.samples, feature.recent_samples, *(g.samples for g in feature.interval_groups))
+            for sample in (s for group in groups for s in group):
                 strings.update((t.token_id, t.text) for t in sample.context)
         return _KnownTokenStrings(strings)
 
@@ -413,6 +504,34 @@ class ActivationSampleAnalyzer:
         decoder.prepare(window[window >= 0].unique().tolist())
         records = sample_records(state, idx, stop, decoder)
         return [Sample.from_json(r) for r in records[start:]]
+
+    def _state_groups(
+        self, state: dict, idx: int
+    ) -> tuple[tuple[IntervalGroup, ...], tuple[Sample, ...], Optional[float]]:
+        """Interval groups, recent samples and recent overlap of a latent, as a feature file would hold them.
+
+        Built by :func:`~lightning_sae_samples.storage.sample_groups` with the run's
+        ``samples_per_feature_to_save``, so ``recent_overlap`` is the value the writer would record.
+        """
+        if "interval_values" not in state and "recent_values" not in state:
+            return (), (), None
+        if self._view is None:
+            self._view = with_recent_view(state)
+        view = self._view
+        limit = int(self.summary.config.get("samples_per_feature_to_save") or state["top_values"].shape[1])
+        decoder = self._decoder()
+        windows = [view[f"{p}_context_tokens"][idx] for p in ("top", "recent") if f"{p}_context_tokens" in view]
+        windows = [w[:limit].reshape(-1) for w in windows]
+        if "interval_context_tokens" in view:
+            windows.append(view["interval_context_tokens"][idx][:, :limit].reshape(-1))
+        ids = torch.cat(windows)
+        decoder.prepare(ids[ids >= 0].unique().tolist())
+        raw = sample_groups(view, idx, limit, decoder)
+        groups = tuple(
+            IntervalGroup.from_json(g, first=n == 0) for n, g in enumerate(raw.get("interval_samples") or [])
+        )
+        recent = tuple(Sample.from_json(r) for r in raw.get("recent_samples") or [])
+        return groups, recent, raw.get("recent_overlap")
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -462,13 +581,17 @@ class ActivationSampleAnalyzer:
         ]
 
     def feature(self, feature_idx: int, num_examples: Optional[int] = None) -> FeatureSamples:
-        """Statistics and top samples of one latent.
+        """Statistics, top samples and sample groups of one latent.
+
+        The interval groups, recent samples and ``recent_overlap`` come from its feature file, or, for a
+        latent only ``full_state.pt`` holds, are built from it exactly as the writer builds a feature file.
 
         Args:
             feature_idx: Latent index.
             num_examples: Samples wanted; default: those in its feature file (or all kept ones for a
                 latent only ``full_state.pt`` holds). More than the file holds are read from
-                ``full_state.pt`` when present.
+                ``full_state.pt`` when present. Also caps the recent samples (not the interval groups,
+                which hold ``samples_per_interval`` each).
 
         Raises:
             UnknownFeatureError: The index is out of range, or it has no feature file and there is no
@@ -485,7 +608,8 @@ class ActivationSampleAnalyzer:
             if state is not None and num_examples is not None:
                 samples += self._state_samples(state, idx, len(samples), num_examples)
             effects = self._computed_effects.get(idx, saved.logit_effects)
-            return FeatureSamples(saved.stats, tuple(samples), saved=True, logit_effects=effects)
+            recent = saved.recent_samples if num_examples is None else saved.recent_samples[:num_examples]
+            return dataclasses.replace(saved, samples=tuple(samples), logit_effects=effects, recent_samples=recent)
         if state is None:
             raise UnknownFeatureError(
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
@@ -494,7 +618,17 @@ class ActivationSampleAnalyzer:
         stats = FeatureStats.from_json(feature_statistics(state, idx))
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
         samples = tuple(self._state_samples(state, idx, 0, limit))
-        return FeatureSamples(stats, samples, saved=False, logit_effects=self._computed_effects.get(idx))
+        groups, recent, overlap = self._state_groups(state, idx)
+        if overlap is not None:
+            stats = dataclasses.replace(stats, recent_overlap=float(overlap))
+        return FeatureSamples(
+            stats,
+            samples,
+            saved=False,
+            logit_effects=self._computed_effects.get(idx),
+            interval_groups=groups,
+            recent_samples=recent if num_examples is None else recent[:num_examples],
+        )
 
     def _check_index(self, feature_idx: Any) -> int:
         try:
