@@ -66,7 +66,9 @@ def test_analyzer_reads_a_trainer_run(run_dir):
     unsaved = next(s.feature_idx for s in analyzer.features() if s.feature_idx not in analyzer.saved_features)
     other = analyzer.feature(unsaved)
     assert not other.saved and len(other.samples) == min(K, other.stats.activation_count)
-    saved_samples = [s for i in analyzer.saved_features for s in analyzer.feature(i).samples]
+    saved = [analyzer.feature(i) for i in analyzer.saved_features]
+    saved_samples = [s for f in saved for group in (f.samples, f.recent_samples, *(g.samples for g in
+                     f.interval_groups)) for s in group]  # every sample in the files lends its strings
     known = {t.token_id: t.text for s in saved_samples for t in s.context}
     for token in (t for s in other.samples for t in s.context):
         assert token.text == known.get(token.token_id, str(token.token_id))
