@@ -63,16 +63,83 @@ def feature_context(feature: FeatureSamples) -> dict:
         "last_step": formatting.step(stats.last_step),
         "histogram_lines": text_histogram(display_bins(stats.histogram.bin_edges, stats.histogram.counts), 24),
         "top_tokens_md": top_tokens_markdown(feature),
+        "recent_overlap": formatting.overlap(feature.recent_overlap),
         "logit_effects": logit_effects_markdown(feature),
-        "examples": [
-            {
-                "value": formatting.value(s.activation_value),
-                "step": s.step,
-                "position": s.position,
-                "context_md": context_markdown(s),
-            }
-            for s in feature.samples
-        ],
+        "examples": [example_context(s) for s in feature.samples],
+        **groups_context(feature),
+    }
+
+
+def example_context(sample: Sample) -> dict:
+    """Template variables of one example line: value, step, position and escaped context."""
+    return {
+        "value": formatting.value(sample.activation_value),
+        "step": sample.step,
+        "position": sample.position,
+        "context_md": context_markdown(sample),
+    }
+
+
+def interval_share(count: int, total: int) -> str:
+    """Share of a latent's activations that fall in one interval."""
+    return formatting.frequency(count / total) if total else "0%"
+
+
+def groups_context(feature: FeatureSamples) -> dict:
+    """Template variables of a feature's sample groups (also used by the HTML renderer's shape).
+
+    Returns:
+        ``interval_groups``: the non-empty intervals, lowest first, each with ``label``, ``count``,
+        ``share`` and ``examples``; ``has_intervals``: whether the run kept interval samples; ``recent``:
+        ``None`` without a recent window, else ``overlap``, ``drift_md`` (the flag, or ``None``) and
+        ``examples``.
+    """
+    from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
+
+    total = feature.stats.activation_count
+    groups = [
+        {
+            "label": formatting.interval(g.low, g.high, g.low_open),  # numbers only: no escaping needed
+            "count": formatting.count(g.count),
+            "share": interval_share(g.count, total),
+            "examples": [example_context(s) for s in g.samples],
+        }
+        for g in feature.interval_groups
+        if g.count or g.samples
+    ]
+    recent = None
+    if feature.recent_overlap is not None:
+        note = formatting.drift_note(feature.recent_overlap, len(feature.recent_samples), DRIFT_THRESHOLD)
+        recent = {
+            "overlap": formatting.overlap(feature.recent_overlap),
+            "drift": note is not None,
+            "drift_md": None if note is None else markdown_text(note),
+            "examples": [example_context(s) for s in feature.recent_samples],
+        }
+    return {"interval_groups": groups, "has_intervals": bool(feature.interval_groups), "recent": recent}
+
+
+def drift_context(summary: RunSummary, features: Sequence[FeatureSamples]) -> Optional[dict]:
+    """The run-level recent-window facts, or ``None`` when the run kept no recent window.
+
+    Returns:
+        ``window`` (steps of the recent window), ``block_steps``, ``threshold`` and ``flagged``: the reported
+        features below the drift threshold as ``{"idx", "anchor", "overlap"}``, in report order.
+    """
+    from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
+
+    if summary.recent_window_steps is None:
+        return None
+    flagged = [
+        {"idx": f.feature_idx, "anchor": f"feature-{f.feature_idx}", "overlap": formatting.overlap(f.recent_overlap)}
+        for f in features
+        if f.recent_drift
+    ]
+    return {
+        "window": formatting.step_range(summary.recent_window),
+        "block_steps": summary.recent_window_steps,
+        "threshold": f"{DRIFT_THRESHOLD:g}",
+        "flagged": flagged,
     }
 
 
@@ -94,6 +161,8 @@ def summary_context(summary: RunSummary) -> dict:
         "samples_seen": formatting.count(summary.total_samples_seen),
         "samples_stored": formatting.count(summary.total_samples_stored),
         "frequency_lines": text_histogram(display_bins(freq.bin_edges, freq.counts, log10_edges=True), 30),
+        "recent_window": formatting.step_range(summary.recent_window),
+        "has_recent": summary.recent_window_steps is not None,
     }
 
 
@@ -115,5 +184,6 @@ def render_markdown(
     return template.render(
         run=summary_context(summary),
         features=[feature_context(f) for f in features],
+        drift=drift_context(summary, features),
         rank_by=rank_by,
     )
