@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from lightning_sae_samples.render import formatting, heat
 from lightning_sae_samples.render.histogram import DisplayBin, display_bins
-from lightning_sae_samples.render.markdown import summary_context
+from lightning_sae_samples.render.markdown import drift_context, interval_share, summary_context
 from lightning_sae_samples.render.templates import HTML_TEMPLATE, make_environment
 
 if TYPE_CHECKING:
@@ -91,16 +91,51 @@ def feature_view(feature: FeatureSamples) -> dict:
         "bars": svg_bars(bins),
         "top_tokens": feature.top_tokens(3),
         "logit_effects": logit_effects_view(feature),
-        "examples": [
-            {
-                "value": formatting.value(s.activation_value),
-                "step": s.step,
-                "position": s.position,
-                "tokens": token_views(s, stats.max_activation),
-            }
-            for s in feature.samples
-        ],
+        "examples": [example_view(s, stats.max_activation) for s in feature.samples],
+        "recent_overlap": formatting.overlap(feature.recent_overlap),
+        **groups_view(feature),
     }
+
+
+def example_view(sample: Sample, feature_max: float) -> dict:
+    """Template variables of one example: value, step, position and per-token views (raw text)."""
+    return {
+        "value": formatting.value(sample.activation_value),
+        "step": sample.step,
+        "position": sample.position,
+        "tokens": token_views(sample, feature_max),
+    }
+
+
+def groups_view(feature: FeatureSamples) -> dict:
+    """Template variables of a feature's sample groups.
+
+    Returns:
+        ``interval_groups`` (non-empty intervals with ``label``, ``count``, ``share``, ``examples``),
+        ``has_intervals`` and ``recent`` (``None`` without a recent window, else ``overlap``, ``drift``
+        (the flag text or ``None``) and ``examples``).
+    """
+    from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
+
+    feature_max = feature.stats.max_activation
+    groups = [
+        {
+            "label": formatting.interval(g.low, g.high, g.low_open),
+            "count": formatting.count(g.count),
+            "share": interval_share(g.count, feature.stats.activation_count),
+            "examples": [example_view(s, feature_max) for s in g.samples],
+        }
+        for g in feature.interval_groups
+        if g.count or g.samples
+    ]
+    recent = None
+    if feature.recent_overlap is not None:
+        recent = {
+            "overlap": formatting.overlap(feature.recent_overlap),
+            "drift": formatting.drift_note(feature.recent_overlap, len(feature.recent_samples), DRIFT_THRESHOLD),
+            "examples": [example_view(s, feature_max) for s in feature.recent_samples],
+        }
+    return {"interval_groups": groups, "has_intervals": bool(feature.interval_groups), "recent": recent}
 
 
 def render_html(
@@ -124,6 +159,7 @@ def render_html(
         run=summary_context(summary),
         frequency_bars=svg_bars(freq_bins, width=480, height=110),
         features=[feature_view(f) for f in features],
+        drift=drift_context(summary, features),
         rank_by=rank_by,
         svg={"width": SVG_WIDTH, "height": SVG_HEIGHT, "label_space": SVG_LABEL_SPACE},
     )
