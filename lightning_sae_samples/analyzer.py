@@ -770,7 +770,7 @@ class ActivationSampleAnalyzer:
 
     # ------------------------------------------------------------------ reports
     def print_feature_report(self, feature_idx: int, num_examples: int = 10, console: Any = None) -> None:
-        """Print a latent's statistics, activation histogram and highlighted examples.
+        """Print a latent's statistics, histogram, highlighted examples, interval and recent samples.
 
         Args:
             feature_idx: Latent index.
@@ -782,7 +782,9 @@ class ActivationSampleAnalyzer:
         """
         from lightning_sae_samples.render.console import print_feature
 
-        print_feature(self.feature(feature_idx, num_examples), console=console)
+        print_feature(
+            self.feature(feature_idx, num_examples), console=console, recent_window=self.summary.recent_window
+        )
 
     def print_summary(self, top_k: int = 20, rank_by: Optional[str] = None, console: Any = None) -> None:
         """Print the run summary and a table of the top latents.

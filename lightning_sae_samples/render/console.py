@@ -115,8 +115,94 @@ def _step_range(first: Optional[int], last: Optional[int]) -> str:
     return "never" if first is None else f"{first} – {last}"
 
 
-def print_feature(feature: FeatureSamples, console: Optional[Console] = None) -> None:
-    """Print one latent: statistics, activation histogram and highlighted examples."""
+def examples_table(samples: Sequence[Sample], feature_max: float) -> Table:
+    """Numbered examples: activation, step and highlighted context."""
+    table = Table(show_header=True, header_style="bold", expand=True, show_lines=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("Activation", justify="right", no_wrap=True)
+    table.add_column("Step", justify="right", no_wrap=True)
+    table.add_column("Context", ratio=1)
+    for n, sample in enumerate(samples, start=1):
+        value = formatting.value(sample.activation_value)
+        table.add_row(str(n), value, str(sample.step), highlighted_context(sample, feature_max))
+    return table
+
+
+def interval_table(feature: FeatureSamples) -> Optional[Table]:
+    """One table of the random samples per activation interval (a section per interval), or ``None``.
+
+    Intervals the latent never reached are left out; ``None`` when the run kept no interval samples.
+    """
+    if not feature.interval_groups:
+        return None
+    stats = feature.stats
+    table = Table(
+        title="Samples across the activation range", title_justify="left", title_style="bold",
+        header_style="bold", expand=True,
+    )
+    table.add_column("Interval", no_wrap=True)
+    table.add_column("Count", justify="right", no_wrap=True)
+    table.add_column("Activation", justify="right", no_wrap=True)
+    table.add_column("Step", justify="right", no_wrap=True)
+    table.add_column("Context", ratio=1)
+    groups = [g for g in feature.interval_groups if g.count or g.samples]
+    for n, group in enumerate(groups):
+        if n:
+            table.add_section()
+        label = formatting.interval(group.low, group.high, group.low_open)
+        share = formatting.frequency(group.count / stats.activation_count) if stats.activation_count else "0%"
+        count = f"{formatting.count(group.count)} ({share})"
+        if not group.samples:
+            table.add_row(label, count, "", "", Text("no samples kept", style="dim"))
+        for i, sample in enumerate(group.samples):
+            table.add_row(
+                label if i == 0 else "",
+                count if i == 0 else "",
+                formatting.value(sample.activation_value),
+                str(sample.step),
+                highlighted_context(sample, stats.max_activation),
+            )
+    if not groups:
+        table.add_row("", "", "", "", Text("no activations", style="dim"))
+    return table
+
+
+def drift_text(feature: FeatureSamples) -> Optional[Text]:
+    """The drift flag of a latent (bold red), or ``None`` when it is not flagged."""
+    from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
+
+    note = formatting.drift_note(feature.recent_overlap, len(feature.recent_samples), DRIFT_THRESHOLD)
+    return None if note is None else Text(f"⚠ {note}", style="bold red")
+
+
+def print_recent(feature: FeatureSamples, console: Console, window: Optional[tuple[int, int]] = None) -> None:
+    """Print a latent's recent top samples and its recent overlap, flagged when low; nothing without a window."""
+    if feature.recent_overlap is None:
+        return
+    head = Text("\nRecent top samples", style="bold")
+    if window is not None:
+        head.append(f" (steps {formatting.step_range(window)})", style="bold")
+    head.append(f"  recent overlap {formatting.overlap(feature.recent_overlap)}", style="dim")
+    console.print(head)
+    flag = drift_text(feature)
+    if flag is not None:
+        console.print(flag)
+    if feature.recent_samples:
+        console.print(examples_table(feature.recent_samples, feature.stats.max_activation))
+    else:
+        console.print(Text("No activation in the recent window.", style="dim"))
+
+
+def print_feature(
+    feature: FeatureSamples, console: Optional[Console] = None, recent_window: Optional[tuple[int, int]] = None
+) -> None:
+    """Print one latent: statistics, histogram, highlighted examples, interval samples and recent samples.
+
+    Args:
+        feature: The latent.
+        console: Where to print; default: a new console on stdout.
+        recent_window: First and last step of the run's recent window, shown with the recent samples.
+    """
     console = console or Console()
     stats = feature.stats
     source = "" if feature.saved else " (from full_state.pt)"
@@ -137,19 +223,11 @@ def print_feature(feature: FeatureSamples, console: Optional[Console] = None) ->
         console.print(Text("\nNo examples: this latent never fired above the threshold.", style="dim"))
         return
     console.print(Text(f"\nTop {len(feature.samples)} examples", style="bold"))
-    examples = Table(show_header=True, header_style="bold", expand=True, show_lines=False)
-    examples.add_column("#", justify="right", no_wrap=True)
-    examples.add_column("Activation", justify="right", no_wrap=True)
-    examples.add_column("Step", justify="right", no_wrap=True)
-    examples.add_column("Context", ratio=1)
-    for n, sample in enumerate(feature.samples, start=1):
-        examples.add_row(
-            str(n),
-            formatting.value(sample.activation_value),
-            str(sample.step),
-            highlighted_context(sample, stats.max_activation),
-        )
-    console.print(examples)
+    console.print(examples_table(feature.samples, stats.max_activation))
+    intervals = interval_table(feature)
+    if intervals is not None:
+        console.print(Text(""), intervals)
+    print_recent(feature, console, recent_window)
 
 
 def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
@@ -166,7 +244,10 @@ def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
 def print_summary(
     summary: RunSummary, features: Sequence[FeatureSamples], rank_by: str, console: Optional[Console] = None
 ) -> None:
-    """Print the run summary and a table of top latents."""
+    """Print the run summary and a table of top latents.
+
+    When the run kept a recent window, the table has a recent-overlap column and the flagged latents follow it.
+    """
     console = console or Console()
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold cyan")
@@ -195,12 +276,18 @@ def print_summary(
             expand=False,
         )
     )
+    recent = summary.recent_window_steps is not None
     table = Table(title=f"Top {len(features)} features by {rank_by}", header_style="bold")
-    for name in ("Rank", "Feature", "Max", "Mean", "Count", "Frequency"):
+    for name in ("Rank", "Feature", "Max", "Mean", "Count", "Frequency", *(["Recent overlap"] if recent else [])):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("Fires most on")
     for rank, feature in enumerate(features, start=1):
         s = feature.stats
+        overlap = []
+        if recent:
+            flagged = feature.recent_drift
+            overlap = [Text(("⚠ " if flagged else "") + formatting.overlap(s.recent_overlap),
+                            style="bold red" if flagged else "")]
         table.add_row(
             str(rank),
             str(s.feature_idx),
@@ -208,6 +295,19 @@ def print_summary(
             formatting.value(s.mean_activation),
             formatting.count(s.activation_count),
             formatting.frequency(s.frequency),
+            *overlap,
             top_tokens_text(feature),
         )
     console.print(table)
+    if recent:
+        from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
+
+        flagged_idx = [f.feature_idx for f in features if f.recent_drift]
+        line = Text(f"Recent window: steps {formatting.step_range(summary.recent_window)}. ")
+        if flagged_idx:
+            flagged_list = ", ".join(map(str, flagged_idx))
+            message = f"Meaning may have moved (recent overlap < {DRIFT_THRESHOLD:g}): {flagged_list}"
+            line.append(message, style="bold red")
+        else:
+            line.append("No feature in this table is flagged for a low recent overlap.", style="dim")
+        console.print(line)
