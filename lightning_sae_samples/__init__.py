@@ -8,9 +8,11 @@ from importlib import import_module
 from typing import Any
 
 from lightning_sae_samples.analyzer import (
+    DRIFT_THRESHOLD,
     ActivationSampleAnalyzer,
     FeatureSamples,
     FeatureStats,
+    IntervalGroup,
     RunSummary,
     Sample,
     UnknownFeatureError,
@@ -30,12 +32,14 @@ _LAZY = {
 }
 
 __all__ = [
+    "DRIFT_THRESHOLD",
     "ActivationSampleAnalyzer",
     "ActivationSampleCallback",
     "CollectionSchedule",
     "CollectorConfig",
     "FeatureSamples",
     "FeatureStats",
+    "IntervalGroup",
     "LatentInputError",
     "LogitEffects",
     "RunSummary",
