@@ -285,10 +285,16 @@ class SampleCollector:
                 keys = torch.arange(batch * seq, device=flat_idx.device).unsqueeze(1) * num_latents + flat_idx
                 lookup.append(torch.sort(keys.view(-1)))
             sorted_keys, order = lookup[0]
+            # Queried in key order (each column of the window then ascends), which keeps the binary
+            # searches cache-friendly.
             query = rows * num_latents + latent.unsqueeze(1)
+            by_key = torch.argsort(query[:, rows.shape[1] // 2])
+            query = query[by_key].T.contiguous()
             at = torch.searchsorted(sorted_keys, query).clamp(max=len(sorted_keys) - 1)
-            found = sorted_keys[at] == query
-            return torch.where(found, flat_val.reshape(-1)[order[at]].float(), 0.0)
+            acts = torch.where(sorted_keys[at] == query, flat_val.reshape(-1)[order[at]].float(), 0.0)
+            out = torch.empty_like(acts.T)
+            out[by_key] = acts.T
+            return out
 
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
 
