@@ -1,9 +1,10 @@
 """Flat tables of a samples directory: pandas DataFrames, JSON Lines and Parquet files.
 
-One row per feature (statistics, histogram and logit effects) and one row per sample (activating token
-and its context window as list columns). The schema is documented in ``docs/export.md``; pandas, DuckDB,
-Polars or a static viewer read the files directly. ``pandas`` and ``pyarrow`` are optional: only
-:func:`to_dataframe` and the Parquet format need them.
+One row per feature (statistics, histogram, logit effects, recent overlap and interval counts) and one row
+per sample (activating token and its context window as list columns) of every sample group: the top
+samples, the random samples per activation interval and the top samples of the recent window. The schema
+is documented in ``docs/export.md``; pandas, DuckDB, Polars or a static viewer read the files directly.
+``pandas`` and ``pyarrow`` are optional: only :func:`to_dataframe` and the Parquet format need them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from lightning_sae_samples.storage import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, FeatureSamples
+    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, FeatureSamples, IntervalGroup, Sample
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("jsonl", "parquet")
 LEVELS = ("feature", "sample")
-EXPORT_VERSION = 1
+#: Sample groups, in the order their rows come per feature (``group`` column of the samples table).
+GROUPS = ("top", "interval", "recent")
+EXPORT_VERSION = 2
 FEATURES_NAME = "features"
 SAMPLES_NAME = "samples"
 SUMMARY_NAME = "summary.json"
@@ -51,6 +54,10 @@ FEATURE_COLUMNS = {
     "suppressed_token_ids": "list<int>?",
     "suppressed_tokens": "list<str>?",
     "suppressed_values": "list<float>?",
+    "recent_overlap": "float?",
+    "recent_drift": "bool?",
+    "interval_edges": "list<float>?",
+    "interval_counts": "list<int>?",
 }
 SAMPLE_COLUMNS = {
     "feature_idx": "int",
@@ -65,6 +72,10 @@ SAMPLE_COLUMNS = {
     "context_token_ids": "list<int>",
     "context_tokens": "list<str>",
     "context_activations": "list<float>",
+    "group": "str",
+    "interval_index": "int?",
+    "interval_low": "float?",
+    "interval_high": "float?",
 }
 # Characters that JSON may leave raw but that some line splitters (Python's str.splitlines) treat as line
 # breaks; escaped so that every JSON Lines record stays on one line for every reader.
@@ -76,6 +87,19 @@ def _selected(
 ) -> list[FeatureSamples]:
     indices = analyzer.saved_features if features is None else list(features)
     return [analyzer.feature(i, num_examples) for i in indices]
+
+
+def _check_groups(groups: Optional[Iterable[str]]) -> tuple[str, ...]:
+    if groups is None:
+        return GROUPS
+    if isinstance(groups, str):
+        groups = (groups,)
+    chosen = tuple(groups)
+    unknown = [g for g in chosen if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"`groups` must be among {GROUPS}, got {unknown[0]!r}: 'top' are the top samples,"
+                         " 'interval' the random samples per activation interval, 'recent' the recent top ones.")
+    return tuple(g for g in GROUPS if g in chosen)
 
 
 def feature_row(feature: FeatureSamples, rank: int) -> dict[str, Any]:
@@ -105,30 +129,53 @@ def feature_row(feature: FeatureSamples, rank: int) -> dict[str, Any]:
         row[f"{side}_token_ids"] = None if items is None else [t.token_id for t in items]
         row[f"{side}_tokens"] = None if items is None else [t.token for t in items]
         row[f"{side}_values"] = None if items is None else [t.value for t in items]
+    row["recent_overlap"] = feature.recent_overlap
+    row["recent_drift"] = None if feature.recent_overlap is None else feature.recent_drift
+    groups = feature.interval_groups
+    row["interval_edges"] = [g.low for g in groups] if groups else None
+    row["interval_counts"] = [g.count for g in groups] if groups else None
     return row
 
 
-def sample_rows(feature: FeatureSamples) -> list[dict[str, Any]]:
-    """One row per sample of a feature, best first (see ``SAMPLE_COLUMNS``)."""
+def _sample_row(sample: Sample, rank: int, group: str, interval: Optional[tuple[int, IntervalGroup]] = None
+                ) -> dict[str, Any]:
+    activating = sample.activating_token
+    index, span = interval if interval is not None else (None, None)
+    return {
+        "feature_idx": sample.feature_idx,
+        "sample_rank": rank,
+        "activation_value": sample.activation_value,
+        "step": sample.step,
+        "position": sample.position,
+        "token_id": activating.token_id,
+        "token": activating.text,
+        "context_position": sample.context_position,
+        "context_text": sample.context_text,
+        "context_token_ids": [t.token_id for t in sample.context],
+        "context_tokens": [t.text for t in sample.context],
+        "context_activations": [t.activation for t in sample.context],
+        "group": group,
+        "interval_index": index,
+        "interval_low": None if span is None else span.low,
+        "interval_high": None if span is None else span.high,
+    }
+
+
+def sample_rows(feature: FeatureSamples, groups: Optional[Iterable[str]] = None) -> list[dict[str, Any]]:
+    """One row per sample of a feature (see ``SAMPLE_COLUMNS``).
+
+    Top samples first (best first), then the interval samples (lowest interval first, in the feature file's
+    order within one), then the recent top samples (best first); ``groups`` restricts them (default: all).
+    """
+    chosen = _check_groups(groups)
     rows = []
-    for n, sample in enumerate(feature.samples):
-        activating = sample.activating_token
-        rows.append(
-            {
-                "feature_idx": sample.feature_idx,
-                "sample_rank": n,
-                "activation_value": sample.activation_value,
-                "step": sample.step,
-                "position": sample.position,
-                "token_id": activating.token_id,
-                "token": activating.text,
-                "context_position": sample.context_position,
-                "context_text": sample.context_text,
-                "context_token_ids": [t.token_id for t in sample.context],
-                "context_tokens": [t.text for t in sample.context],
-                "context_activations": [t.activation for t in sample.context],
-            }
-        )
+    if "top" in chosen:
+        rows += [_sample_row(s, n, "top") for n, s in enumerate(feature.samples)]
+    if "interval" in chosen:
+        for i, group in enumerate(feature.interval_groups):
+            rows += [_sample_row(s, n, "interval", (i, group)) for n, s in enumerate(group.samples)]
+    if "recent" in chosen:
+        rows += [_sample_row(s, n, "recent") for n, s in enumerate(feature.recent_samples)]
     return rows
 
 
@@ -143,6 +190,7 @@ def table_rows(
     level: str,
     features: Optional[Iterable[int]] = None,
     num_examples: Optional[int] = None,
+    groups: Optional[Iterable[str]] = None,
 ) -> list[dict[str, Any]]:
     """Rows of the ``"feature"`` or ``"sample"`` table as plain dicts.
 
@@ -150,13 +198,15 @@ def table_rows(
         analyzer: The opened samples directory.
         level: ``"feature"`` or ``"sample"``.
         features: Latent indices, in the order wanted; default: the saved features in rank order.
-        num_examples: Samples per feature; default: those in its feature file.
+        num_examples: Top (and recent) samples per feature; default: those in its feature file.
+        groups: Sample groups of the ``"sample"`` table, among :data:`GROUPS` (default: all).
     """
     _check_level(level)
+    chosen = _check_groups(groups)
     selected = _selected(analyzer, features, num_examples)
     if level == "feature":
         return [feature_row(f, rank) for rank, f in enumerate(selected, start=1)]
-    return [row for f in selected for row in sample_rows(f)]
+    return [row for f in selected for row in sample_rows(f, chosen)]
 
 
 def _require(module: str, purpose: str) -> Any:
@@ -174,23 +224,39 @@ def to_dataframe(
     level: str = "feature",
     features: Optional[Iterable[int]] = None,
     num_examples: Optional[int] = None,
+    groups: Optional[Iterable[str]] = None,
 ) -> Any:
     """A pandas DataFrame with one row per feature or per sample (columns as in ``docs/export.md``).
 
-    List columns hold Python lists; ``first_step``/``last_step`` and the logit-effect columns are
-    nullable.
+    List columns hold Python lists; the nullable integer columns (``first_step``, ``last_step``,
+    ``interval_index``) are ``Int64``, the nullable bool ``recent_drift`` is ``boolean``; other missing
+    values are ``None`` (``NaN`` in the float columns).
+
+    Args:
+        analyzer: The opened samples directory.
+        level: ``"feature"`` or ``"sample"``.
+        features: Latent indices, in the order wanted; default: the saved features in rank order.
+        num_examples: Top (and recent) samples per feature; default: those in its feature file.
+        groups: For ``"sample"``: the sample groups wanted, among ``("top", "interval", "recent")``
+            (default: all; ``("top",)`` gives the rows of export version 1).
 
     Raises:
         ImportError: pandas is not installed.
-        ValueError: ``level`` is not ``"feature"`` or ``"sample"``.
+        ValueError: ``level`` is not ``"feature"`` or ``"sample"``, or an unknown group.
     """
     _check_level(level)
+    chosen = _check_groups(groups)
     pandas = _require("pandas", "`to_dataframe`")
     columns = FEATURE_COLUMNS if level == "feature" else SAMPLE_COLUMNS
-    frame = pandas.DataFrame.from_records(table_rows(analyzer, level, features, num_examples), columns=list(columns))
+    rows = table_rows(analyzer, level, features, num_examples, chosen)
+    frame = pandas.DataFrame.from_records(rows, columns=list(columns))
     for name, kind in columns.items():
         if kind == "int?":
             frame[name] = frame[name].astype("Int64")
+        elif kind == "bool?":
+            frame[name] = frame[name].astype("boolean")
+        elif kind == "float?":
+            frame[name] = frame[name].astype("float64")
     return frame
 
 
@@ -234,6 +300,7 @@ def export_samples(
     format: str = "jsonl",  # noqa: A002 - the natural name on the command line too
     features: Optional[Iterable[int]] = None,
     num_examples: Optional[int] = None,
+    groups: Optional[Iterable[str]] = None,
 ) -> dict[str, Path]:
     """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir``.
 
@@ -242,17 +309,19 @@ def export_samples(
         out_dir: Output folder (created if missing); existing export files in it are replaced.
         format: ``"jsonl"`` or ``"parquet"``.
         features: Latent indices; default: the saved features in rank order.
-        num_examples: Samples per feature; default: those in its feature file.
+        num_examples: Top (and recent) samples per feature; default: those in its feature file.
+        groups: Sample groups in the samples table, among ``("top", "interval", "recent")`` (default: all).
 
     Returns:
         ``{"features": path, "samples": path, "summary": path}``.
 
     Raises:
-        ValueError: Unknown ``format``.
+        ValueError: Unknown ``format`` or group.
         ImportError: ``format="parquet"`` without pyarrow.
     """
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+    chosen = _check_groups(groups)
     if format == "parquet":
         _require("pyarrow", "The parquet format")
     out = Path(out_dir)
@@ -260,7 +329,7 @@ def export_samples(
     selected = _selected(analyzer, features, num_examples)
     tables = {
         FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
-        SAMPLES_NAME: ([row for f in selected for row in sample_rows(f)], SAMPLE_COLUMNS),
+        SAMPLES_NAME: ([row for f in selected for row in sample_rows(f, chosen)], SAMPLE_COLUMNS),
     }
     paths: dict[str, Path] = {}
     for name, (rows, columns) in tables.items():
@@ -276,6 +345,7 @@ def export_samples(
         "samples_dir": str(analyzer.directory.path),
         "features": len(tables[FEATURES_NAME][0]),
         "samples": len(tables[SAMPLES_NAME][0]),
+        "samples_by_group": {g: sum(r["group"] == g for r in tables[SAMPLES_NAME][0]) for g in chosen},
         "run": analyzer.directory.summary,
     }
     paths["summary"] = out / SUMMARY_NAME

@@ -1,8 +1,14 @@
-"""Samples directories for the analyzer/report tests, written by a real collector and writer."""
+"""Samples directories for the analyzer/report tests, written by a real collector and writer.
+
+:func:`write_fixture_dir` drives the collector and the writer directly (no sample groups);
+:func:`write_run_dir` runs a real ``lightning.Trainer`` with the callback, optionally with interval and
+recent sample groups and latents that change meaning mid-run (so that the drift flag shows).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -95,3 +101,56 @@ def write_fixture_dir(
     if not keep_full_state:
         (Path(path) / "full_state.pt").unlink()
     return Path(path)
+
+
+def _drifting_sae(num_latents: int, drift_step: int):
+    from helpers import SyntheticSAE
+
+    class DriftingSAE(SyntheticSAE):
+        """From ``drift_step`` on, odd latents fire on other tokens (a permuted table) at 60% strength."""
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            gen = torch.Generator().manual_seed(7)
+            moved = self.table.clone()
+            odd = torch.arange(1, self.num_latents, 2)
+            moved[:, odd] = self.table[torch.randperm(self.table.shape[0], generator=gen)][:, odd] * 0.6
+            self.register_buffer("moved", moved, persistent=False)
+
+        def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
+            table = self.moved if self.trainer.global_step >= drift_step else self.table
+            pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
+            return table[tokens] + 0.5 * pos.view(1, -1, 1)
+
+    return DriftingSAE(num_latents=num_latents)
+
+
+def write_run_dir(
+    root: Path,
+    tokenizer=None,
+    *,
+    recent_window_steps: Optional[int] = None,
+    samples_per_interval: int = 0,
+    num_latents: int = 12,
+    top_features: int = 6,
+    samples_per_feature: int = 3,
+    drift_step: int = 2,
+) -> Path:
+    """``root/samples`` written by a real ``Trainer`` run (6 steps) with the callback.
+
+    Odd latents change meaning at ``drift_step``: with a recent window, some of them are flagged
+    (``recent_drift``). ``recent_window_steps=None, samples_per_interval=0`` keeps no sample group.
+    """
+    from helpers import loader, trainer
+
+    from lightning_sae_samples.callback import ActivationSampleCallback
+
+    root = Path(root)
+    cb = ActivationSampleCallback(
+        collection_freq=1, max_samples_per_feature=5, context_size=4, activation_threshold=0.5,
+        top_features_to_save=top_features, samples_per_feature_to_save=samples_per_feature,
+        dirpath=root / "samples", tokenizer=tokenizer, write_report=False,
+        recent_window_steps=recent_window_steps, samples_per_interval=samples_per_interval,
+    )
+    trainer(root, [cb], max_epochs=1).fit(_drifting_sae(num_latents, drift_step), loader())
+    return root / "samples"
