@@ -1,7 +1,10 @@
 """The HTML report in headless Chromium, driven through the Chrome DevTools Protocol.
 
 Needs ``chromium`` (``apt-get install -y chromium``) and ``websocket-client``; skipped without them.
-Set ``SAE_REPORT_SCREENSHOT=/some/file.png`` to keep a full-size screenshot for a human to look at.
+Two reports: one from the collector fixture (top samples only) and one from a real Trainer run with
+interval and recent sample groups and latents that drift (``render_support.write_run_dir``).
+Set ``SAE_REPORT_SCREENSHOT=/some/file.png`` to keep full-size screenshots for a human to look at (the
+groups report's goes next to it, as ``/some/file.groups.png``).
 """
 
 import json
@@ -15,9 +18,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
+from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir, write_run_dir
 
 from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.render.escaping import visible
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = [
@@ -81,13 +85,8 @@ class DevTools:
         return bad
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    samples = write_fixture_dir(root / "samples", tokenizer=FakeTokenizer(hostile_vocab()))
-    analyzer = ActivationSampleAnalyzer(samples)
-    report = analyzer.generate_html_report(root / "report.html", top_k_features=14, examples_per_feature=6)
-    profile = root / "profile"
+def open_report(report: Path, profile: Path):
+    """Chromium showing ``report``; yields its DevTools client, closes the browser after."""
     proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -106,7 +105,7 @@ def page(tmp_path_factory):
         tools.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
         tools.send("Page.navigate", url=report.resolve().as_uri())
         tools.wait_for("Page.loadEventFired")
-        yield tools, analyzer
+        yield tools
         tools.ws.close()
     finally:
         proc.terminate()
@@ -114,6 +113,16 @@ def page(tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    samples = write_fixture_dir(root / "samples", tokenizer=FakeTokenizer(hostile_vocab()))
+    analyzer = ActivationSampleAnalyzer(samples)
+    report = analyzer.generate_html_report(root / "report.html", top_k_features=14, examples_per_feature=6)
+    for tools in open_report(report, root / "profile"):
+        yield tools, analyzer
 
 
 def png_pixels(data: bytes) -> tuple[int, int, list[bytearray]]:
@@ -224,3 +233,163 @@ def test_screenshot_is_not_blank(page):
     assert variance > 200, f"screenshot looks blank (variance {variance:.1f})"
     orange = sum(1 for row in rows for i in range(0, len(row), 3) if row[i] > 200 and row[i + 2] < 120)
     assert orange > 50  # highlighted tokens and histogram bars are visible
+
+
+# ---------------------------------------------------------------- interval and recent groups, drift flag
+GROUP_FEATURES, GROUP_EXAMPLES = 12, 3
+
+
+@pytest.fixture(scope="module")
+def group_page(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-groups")
+    samples = write_run_dir(root, FakeTokenizer(hostile_vocab()), recent_window_steps=2, samples_per_interval=2)
+    analyzer = ActivationSampleAnalyzer(samples)
+    report = analyzer.generate_html_report(root / "report.html", GROUP_FEATURES, GROUP_EXAMPLES)
+    features = analyzer.top_features(GROUP_FEATURES, GROUP_EXAMPLES)
+    flagged = [f for f in features if f.recent_drift]
+    assert flagged and len(flagged) < len(features), "the run needs flagged and unflagged features"
+    assert all(f.interval_groups and f.recent_samples for f in features)
+    for tools in open_report(report, root / "profile"):
+        yield tools, features
+
+
+def group_state(tools, idx: int, kind: str) -> dict:
+    """A feature's ``details.<kind>``: open or not, and its tokens (text, title, class, rendered or not).
+
+    A closed ``<details>`` keeps its content laid out but skips rendering it (``content-visibility``), so
+    "rendered" is ``checkVisibility()``, not the size of its box.
+    """
+    return tools.js(f"""(() => {{
+        const d = document.querySelector('#feature-{idx} details.{kind}');
+        return {{open: d.open, tokens: Array.from(d.querySelectorAll('.ctx .tok')).map(t => ({{
+            text: t.textContent, title: t.title, act: t.classList.contains('act'),
+            shown: t.checkVisibility() && t.getBoundingClientRect().width > 0}}))}};
+    }})()""")
+
+
+def mouse(tools, kind: str, point: dict) -> None:
+    tools.send("Input.dispatchMouseEvent", type=kind, x=point["x"], y=point["y"], button="left", clickCount=1)
+
+
+def point_on(tools, selector: str, dx: float = 0.5) -> dict:
+    """Scroll ``selector`` into view; a point on it that is really it (not covered), in viewport pixels."""
+    point = tools.js(f"""(() => {{
+        const e = document.querySelector({json.dumps(selector)});
+        e.scrollIntoView({{block: 'center'}});
+        const r = e.getBoundingClientRect();
+        const x = r.left + Math.min(r.width * {dx}, 40), y = r.top + r.height / 2;
+        const hit = document.elementFromPoint(x, y);
+        return {{x, y, hit: hit === e || e.contains(hit)}};
+    }})()""")
+    assert point["hit"], f"{selector} is covered or not rendered"
+    return point
+
+
+def click(tools, selector: str) -> None:
+    point = point_on(tools, selector)
+    mouse(tools, "mousePressed", point)
+    mouse(tools, "mouseReleased", point)
+
+
+def expected_tokens(samples) -> tuple[list[str], list[float]]:
+    return [visible(t.text) for s in samples for t in s.context], [s.activation_value for s in samples]
+
+
+def test_group_report_loads_with_groups_closed_and_drifted_recent_open(group_page):
+    tools, features = group_page
+    assert tools.errors() == []
+    assert tools.js("document.querySelectorAll('script').length") == 1
+    assert tools.js("document.querySelectorAll('img, iframe, [onerror]').length") == 0
+    for f in features:
+        intervals, recent = group_state(tools, f.feature_idx, "intervals"), group_state(tools, f.feature_idx, "recent")
+        assert intervals["open"] is False and recent["open"] is f.recent_drift
+        assert not any(t["shown"] for t in intervals["tokens"])  # collapsed: not rendered
+        assert all(t["shown"] for t in recent["tokens"]) is f.recent_drift
+        for state, samples in ((intervals, [s for g in f.interval_groups for s in g.samples]),
+                               (recent, f.recent_samples)):
+            texts, values = expected_tokens(samples)
+            assert [t["text"] for t in state["tokens"]] == texts
+            assert all(t["title"].startswith("activation ") for t in state["tokens"])
+            active = [t for t in state["tokens"] if t["act"]]
+            assert [t["title"].split()[1] for t in active] == [f"{v:.6g}" for v in values]
+
+
+def test_groups_open_and_close_on_click_and_tokens_have_hover_titles(group_page):
+    tools, features = group_page
+    calm = next(f for f in features if not f.recent_drift)
+    drifted = next(f for f in features if f.recent_drift)
+    for f, kind in ((calm, "intervals"), (calm, "recent"), (drifted, "intervals")):
+        summary = f"#feature-{f.feature_idx} details.{kind} > summary"
+        click(tools, summary)
+        state = group_state(tools, f.feature_idx, kind)
+        assert state["open"] is True and state["tokens"] and all(t["shown"] for t in state["tokens"])
+    # Clicking the open recent group of a drifted feature closes it.
+    click(tools, f"#feature-{drifted.feature_idx} details.recent > summary")
+    state = group_state(tools, drifted.feature_idx, "recent")
+    assert state["open"] is False and not any(t["shown"] for t in state["tokens"])
+    click(tools, f"#feature-{drifted.feature_idx} details.recent > summary")
+    assert group_state(tools, drifted.feature_idx, "recent")["open"] is True
+    # Hovering tokens of an opened interval group: the pointer is on that token only, its title holds its
+    # activation, and it gets the hover outline.
+    selector = f"#feature-{calm.feature_idx} details.intervals .ctx .tok:not(.act)"
+    count = tools.js(f"document.querySelectorAll({json.dumps(selector)}).length")
+    assert count >= 2
+    for n in (0, count - 1):
+        target = f"document.querySelectorAll({json.dumps(selector)})[{n}]"
+        before = tools.js(f"getComputedStyle({target}).outlineStyle")
+        point = tools.js(f"""(() => {{ const t = {target}; t.scrollIntoView({{block: 'center'}});
+            const r = t.getBoundingClientRect(); return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()""")
+        mouse(tools, "mouseMoved", point)
+        hovered = tools.js(f"""(() => {{ const t = {target}, h = Array.from(document.querySelectorAll('.tok:hover'));
+            return {{same: h.length === 1 && h[0] === t, title: t.title, outline: getComputedStyle(t).outlineStyle}};
+        }})()""")
+        assert hovered["same"] and before == "none" and hovered["outline"] == "solid"
+        assert hovered["title"].startswith("activation ")
+    assert tools.errors() == []
+
+
+def test_drift_badge_is_visible_only_for_flagged_features(group_page):
+    tools, features = group_page
+    for f in features:
+        badges = tools.js(f"""Array.from(document.querySelectorAll('#feature-{f.feature_idx} .drift-badge')).map(b => {{
+            b.scrollIntoView({{block: 'center'}});
+            const r = b.getBoundingClientRect(), style = getComputedStyle(b);
+            const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+            return {{text: b.textContent, width: r.width, height: r.height, color: style.color,
+                     visibility: style.visibility, opacity: style.opacity, hit: hit === b || b.contains(hit),
+                     inHeading: b.closest('h2') !== null}};
+        }})""")
+        if not f.recent_drift:
+            assert badges == []
+            continue
+        assert len(badges) == 1
+        badge = badges[0]
+        assert "meaning may have moved" in badge["text"] and badge["inHeading"] and badge["hit"]
+        assert badge["width"] > 20 and badge["height"] > 5
+        assert badge["visibility"] == "visible" and float(badge["opacity"]) == 1.0
+        assert badge["color"] == "rgb(185, 28, 28)"
+    links = tools.js("Array.from(document.querySelectorAll('#drift-flagged a.flag')).map(a => a.textContent)")
+    assert links == [str(f.feature_idx) for f in features if f.recent_drift]
+    cells = tools.js("Array.from(document.querySelectorAll('td.overlap.drift'))"
+                     ".map(td => td.closest('tr').dataset.feature)")
+    assert cells == [str(f.feature_idx) for f in features if f.recent_drift]
+    assert tools.errors() == []
+
+
+def test_group_report_screenshot_shows_opened_groups(group_page, tmp_path):
+    tools, features = group_page
+    drifted = next(f for f in features if f.recent_drift)
+    section = f"#feature-{drifted.feature_idx}"
+    if not tools.js(f"document.querySelector('{section} details.intervals').open"):
+        click(tools, f"{section} details.intervals > summary")
+    tools.js(f"document.querySelector('{section}').scrollIntoView({{block: 'start'}})")
+    shot = __import__("base64").b64decode(tools.send("Page.captureScreenshot", format="png")["data"])
+    keep = os.environ.get("SAE_REPORT_SCREENSHOT")
+    if keep:
+        Path(keep).with_suffix(".groups.png").write_bytes(shot)
+    width, height, rows = png_pixels(shot)
+    assert (width, height) == (WIDTH, HEIGHT)
+    red = sum(1 for row in rows[::4] for i in range(0, len(row), 12)
+              if row[i] > 150 and row[i + 1] < 80 and row[i + 2] < 80)
+    assert red > 5  # the drift badge, the drifted group's border
+    assert tools.errors() == []
