@@ -723,7 +723,11 @@ class ActivationSampleAnalyzer:
 
     # ------------------------------------------------------------------ export
     def to_dataframe(
-        self, level: str = "feature", features: Optional[Iterable[int]] = None, num_examples: Optional[int] = None
+        self,
+        level: str = "feature",
+        features: Optional[Iterable[int]] = None,
+        num_examples: Optional[int] = None,
+        groups: Optional[Iterable[str]] = None,
     ) -> Any:
         """A pandas DataFrame with one row per feature or one row per sample (schema: ``docs/export.md``).
 
@@ -737,6 +741,7 @@ class ActivationSampleAnalyzer:
                 context window as list columns).
             features: Latent indices, in the order wanted; default: the saved features in rank order.
             num_examples: Samples per feature for ``"sample"``; default: those in its feature file.
+            groups: Sample groups for ``"sample"`` (``"top"``, ``"interval"``, ``"recent"``); default: all.
 
         Raises:
             ImportError: pandas is not installed (``pip install pandas``).
@@ -744,7 +749,7 @@ class ActivationSampleAnalyzer:
         """
         from lightning_sae_samples.export import to_dataframe
 
-        return to_dataframe(self, level, features, num_examples)
+        return to_dataframe(self, level, features, num_examples, groups=groups)
 
     def export(
         self,
@@ -752,6 +757,7 @@ class ActivationSampleAnalyzer:
         format: str = "jsonl",  # noqa: A002 - the command line's name too
         features: Optional[Iterable[int]] = None,
         num_examples: Optional[int] = None,
+        groups: Optional[Iterable[str]] = None,
     ) -> dict[str, Path]:
         """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir`` (``docs/export.md``).
 
@@ -760,13 +766,14 @@ class ActivationSampleAnalyzer:
             format: ``"jsonl"`` (JSON Lines) or ``"parquet"`` (needs pyarrow).
             features: Latent indices; default: the saved features in rank order.
             num_examples: Samples per feature; default: those in its feature file.
+            groups: Sample groups to write (``"top"``, ``"interval"``, ``"recent"``); default: all.
 
         Returns:
             The written paths by table name (``"features"``, ``"samples"``, ``"summary"``).
         """
         from lightning_sae_samples.export import export_samples
 
-        return export_samples(self, out_dir, format, features, num_examples)
+        return export_samples(self, out_dir, format, features, num_examples, groups=groups)
 
     # ------------------------------------------------------------------ reports
     def print_feature_report(self, feature_idx: int, num_examples: int = 10, console: Any = None) -> None:
