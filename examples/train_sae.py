@@ -87,7 +87,6 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         console.print(f"HTML report       : {html.resolve()}")
         feature = _strongest_feature(samples)
         if feature is not None:
-            console.rule(f"[bold]Feature {feature}")
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)
     except Exception as err:  # noqa: BLE001 - training is done; a report problem must not hide the paths
         console.print(f"[red]Report failed: {type(err).__name__}: {err}[/red]")
