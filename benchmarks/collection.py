@@ -222,11 +222,26 @@ def sample_callback(freq: Any, dirpath: str, threshold: float) -> ActivationSamp
     )
 
 
+def tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
+    """Bytes of every tensor reachable from ``obj`` through attributes, dicts, lists and tuples."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
 def collector_bytes(callback: ActivationSampleCallback) -> int:
     collector = getattr(callback, "collector", None)
-    if collector is None:
-        return 0
-    return sum(v.numel() * v.element_size() for v in vars(collector).values() if isinstance(v, torch.Tensor))
+    return 0 if collector is None else tensor_bytes(collector)
 
 
 def memory_probe(args) -> None:
