@@ -249,7 +249,10 @@ class SampleCollector:
         bad_rows = ~torch.isfinite(flat.sum(dim=1))
         self.nonfinite_skipped += (~torch.isfinite(flat[bad_rows])).sum()
 
-        def window_acts(rows: Tensor, latent: Tensor) -> Tensor:
+        def window_acts(token: Tensor, latent: Tensor) -> Tensor:
+            position = token % seq
+            offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
+            rows = (token - position).unsqueeze(1) + (position.unsqueeze(1) + offsets).clamp(0, seq - 1)
             return flat[rows, latent.unsqueeze(1).expand_as(rows)].float()
 
         self._fold(tokens, token_idx, latent_idx, values, step, order_base, window_acts)
@@ -276,25 +279,38 @@ class SampleCollector:
         finite = torch.isfinite(picked)
         token_idx, latent_idx, picked = token_idx[finite], latent_idx[finite], picked[finite]
         lookup: list[tuple[Tensor, Tensor]] = []
+        num_tokens = batch * seq
 
-        def window_acts(rows: Tensor, latent: Tensor) -> Tensor:
-            # Look up (token, latent) pairs among the k active entries of each token: one sort of the
-            # B*T*k active keys (shared by all tables), then a binary search per context position.
-            num_latents = self.config.num_latents
+        def window_acts(token: Tensor, latent: Tensor) -> Tensor:
+            # Active entries sorted by (latent, token): a sample's neighbours of the same latent sit right
+            # next to it, so walking out one entry at a time finds every one inside its window; the walk
+            # stops at the first offset where no sample has such a neighbour (usually the first).
             if not lookup:
-                keys = torch.arange(batch * seq, device=flat_idx.device).unsqueeze(1) * num_latents + flat_idx
+                keys = flat_idx.long() * num_tokens + torch.arange(num_tokens, device=flat_idx.device).unsqueeze(1)
                 lookup.append(torch.sort(keys.view(-1)))
             sorted_keys, order = lookup[0]
-            # Queried in key order (each column of the window then ascends), which keeps the binary
-            # searches cache-friendly.
-            query = rows * num_latents + latent.unsqueeze(1)
-            by_key = torch.argsort(query[:, rows.shape[1] // 2])
-            query = query[by_key].T.contiguous()
-            at = torch.searchsorted(sorted_keys, query).clamp(max=len(sorted_keys) - 1)
-            acts = torch.where(sorted_keys[at] == query, flat_val.reshape(-1)[order[at]].float(), 0.0)
-            out = torch.empty_like(acts.T)
-            out[by_key] = acts.T
-            return out
+            flat_values = flat_val.reshape(-1)
+            half = self.config.half_window
+            own = latent * num_tokens + token
+            at = torch.searchsorted(sorted_keys, own).clamp(max=len(sorted_keys) - 1)
+            acts = torch.zeros((len(token), 2 * half + 1), device=token.device)
+            acts[:, half] = flat_values[order[at]].float()
+            position = token % seq
+            for direction in (1, -1):
+                for distance in range(1, half + 1):
+                    neighbour = (at + direction * distance).clamp(0, len(sorted_keys) - 1)
+                    offset = sorted_keys[neighbour] - own
+                    hit = (
+                        (offset != 0)
+                        & (offset.abs() <= half)
+                        & (sorted_keys[neighbour] // num_tokens == latent)
+                        & (position + offset >= 0)
+                        & (position + offset < seq)
+                    )
+                    if not bool(hit.any()):
+                        break
+                    acts[hit, half + offset[hit]] = flat_values[order[neighbour[hit]]].float()
+            return acts
 
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
 
@@ -319,8 +335,9 @@ class SampleCollector:
             self.last_collected_step = step
 
         self._update_statistics(latent_idx, values, step)
-        batch = BatchContext(tokens.to(dev), step, order_base, cfg.half_window, window_acts)
-        self.tables["top"].insert(latent_idx, latent_idx, values, values, token_idx, batch)
+        batch = BatchContext(tokens.to(dev), token_idx, latent_idx, step, order_base, cfg.half_window, window_acts)
+        candidate = torch.arange(len(token_idx), device=dev)
+        self.tables["top"].insert(latent_idx, candidate, values, values, batch)
         if "interval" in self.tables:
             interval = torch.bucketize(values, self._interval_inner, right=True)
             self.interval_count.view(-1).index_add_(
@@ -328,10 +345,10 @@ class SampleCollector:
             )
             priority = sample_priority(step, order_base + token_idx, cfg.seed)
             rows = latent_idx * cfg.num_intervals + interval
-            self.tables["interval"].insert(rows, latent_idx, priority, values, token_idx, batch)
+            self.tables["interval"].insert(rows, candidate, priority, values, batch)
         if "recent" in self.tables:
             self._rotate_recent(step)
-            self.tables["recent"].insert(latent_idx, latent_idx, values, values, token_idx, batch)
+            self.tables["recent"].insert(latent_idx, candidate, values, values, batch)
 
     def _rotate_recent(self, step: int) -> None:
         block = step // int(self.config.recent_window_steps)

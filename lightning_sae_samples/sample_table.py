@@ -14,7 +14,6 @@ context windows only for the samples that enter.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -26,24 +25,73 @@ EMPTY = -1
 TABLE_FIELDS = ("values", "step", "order", "position", "context_tokens", "context_acts")
 
 
-@dataclass
 class BatchContext:
-    """What an insert needs to know about the batch its samples come from.
+    """One batch's candidate samples, and their context windows computed once for all tables.
 
-    Attributes:
-        tokens: Token ids ``[B, T]`` on the table's device.
+    Args:
+        tokens: Token ids ``[B, T]`` on the tables' device.
+        token_idx: Flat token index (``b * T + t``) of each candidate, ascending.
+        latent: Latent of each candidate.
         step: Global optimizer step.
         order_base: Order key of the batch's first token (``rank << 40 | offset within the step``).
         half_window: Context tokens kept on each side of the activating one.
-        window_acts: ``(token rows [S, W], latent [S]) -> [S, W]`` activations of each sample's latent on
-            its context tokens.
+        window_acts: ``(token index [S], latent [S]) -> [S, W]`` activations of each sample's latent on its
+            context tokens (anything where the window leaves the sequence).
     """
 
-    tokens: Tensor
-    step: int
-    order_base: int
-    half_window: int
-    window_acts: Callable[[Tensor, Tensor], Tensor]
+    def __init__(
+        self,
+        tokens: Tensor,
+        token_idx: Tensor,
+        latent: Tensor,
+        step: int,
+        order_base: int,
+        half_window: int,
+        window_acts: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        self.tokens, self.token_idx, self.latent = tokens, token_idx, latent
+        self.step, self.order_base, self.half_window = step, order_base, half_window
+        self.window_acts = window_acts
+        self._done: Optional[Tensor] = None
+        self._window_tokens: Optional[Tensor] = None
+        self._window_acts: Optional[Tensor] = None
+        self._padded: Optional[Tensor] = None
+
+    def window_tokens(self, token_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids of each sample's window ``[S, W]`` (``-1`` outside the sequence) and where it is inside."""
+        seq = self.tokens.shape[1]
+        width = 2 * self.half_window + 1
+        if self._padded is None:
+            self._padded = torch.nn.functional.pad(self.tokens, (self.half_window, self.half_window), value=EMPTY)
+        position = token_idx % seq
+        start = (token_idx // seq) * (seq + 2 * self.half_window) + position
+        columns = torch.arange(width, device=token_idx.device)
+        tokens = self._padded.reshape(-1)[start.unsqueeze(1) + columns]
+        shifted = columns - self.half_window
+        inside = (shifted >= -position.unsqueeze(1)) & (shifted < (seq - position).unsqueeze(1))
+        return tokens, inside
+
+    def contexts(self, candidate: Tensor) -> tuple[Tensor, Tensor]:
+        """Window token ids and activations of candidates; each candidate's window is computed once."""
+        if self._done is None:
+            count, width = len(self.token_idx), 2 * self.half_window + 1
+            self._done = torch.zeros(count, dtype=torch.bool, device=self.token_idx.device)
+            self._window_tokens = torch.empty((count, width), dtype=torch.int32, device=self.token_idx.device)
+            self._window_acts = torch.empty((count, width), device=self.token_idx.device)
+        missing = candidate[~self._done[candidate]]
+        if not len(missing):
+            return self._window_tokens[candidate], self._window_acts[candidate]
+        token_idx = self.token_idx[missing]
+        window_tokens, inside = self.window_tokens(token_idx)
+        acts = self.window_acts(token_idx, self.latent[missing])
+        window_tokens = window_tokens.to(torch.int32)
+        acts = torch.where(inside & torch.isfinite(acts), acts, 0.0)
+        self._window_tokens[missing] = window_tokens
+        self._window_acts[missing] = acts
+        self._done[missing] = True
+        if len(missing) == len(candidate):
+            return window_tokens, acts
+        return self._window_tokens[candidate], self._window_acts[candidate]
 
 
 def _group_key(row: Tensor, priority: Tensor) -> Tensor:
@@ -104,38 +152,37 @@ class SampleTable:
         )
         self.__dict__.update(fresh.__dict__)
 
-    def insert(
-        self, row: Tensor, latent: Tensor, priority: Tensor, value: Tensor, token_idx: Tensor, batch: BatchContext
-    ) -> None:
-        """Offer samples to their rows; each row keeps its best ``capacity`` over old and new samples.
+    def insert(self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext) -> None:
+        """Offer candidates of ``batch`` to rows; each row keeps its best ``capacity`` over old and new samples.
 
-        Samples must come in token order (``token_idx`` ascending), which breaks ties among new samples.
+        Candidates must come in token order (as in ``batch``), which breaks ties among new samples.
         """
         cap, dev = self.capacity, self.values.device
         # Only samples strictly above the row's last priority can enter (equal ones lose to the earlier).
         beats = priority > self.sort_key[row, -1]
-        row, latent, priority, value, token_idx = (t[beats] for t in (row, latent, priority, value, token_idx))
+        row, candidate, priority, value = (t[beats] for t in (row, candidate, priority, value))
         hashes = None
         if self.dedup_radius is not None:
-            row, latent, priority, value, token_idx, hashes = self._deduplicate(
-                row, latent, priority, value, token_idx, batch
-            )
+            row, candidate, priority, value, hashes = self._deduplicate(row, candidate, priority, value, batch)
         perm = torch.argsort(_group_key(row, priority), stable=True)
-        row, latent, priority, value, token_idx = (t[perm] for t in (row, latent, priority, value, token_idx))
+        row, candidate, priority, value = (t[perm] for t in (row, candidate, priority, value))
         hashes = hashes[perm] if hashes is not None else None
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
         keep = rank < cap
-        row, latent, priority, value, token_idx, rank = (
-            t[keep] for t in (row, latent, priority, value, token_idx, rank)
-        )
+        row, candidate, priority, value, rank = (t[keep] for t in (row, candidate, priority, value, rank))
+        token_idx = batch.token_idx[candidate]
         hashes = hashes[keep] if hashes is not None else None
 
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
+        if not len(touched):
+            return
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
         local_of[touched] = torch.arange(len(touched), device=dev)
         local = local_of[row]
-        grid = (len(touched), cap)
+        # New samples go into a grid only as wide as the most any row received (usually far below capacity).
+        width = int(rank.max()) + 1
+        grid = (len(touched), width)
         new_priority = torch.full(grid, -math.inf, dtype=self.sort_key.dtype, device=dev)
         new_priority[local, rank] = priority.to(new_priority.dtype)
         new_values = torch.full(grid, -math.inf, device=dev)
@@ -146,13 +193,15 @@ class SampleTable:
         # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new one
         # lands after every old one greater or equal. Positions >= capacity fall out.
         old_priority = self.sort_key[touched]
-        columns = torch.arange(cap, device=dev)
-        pos_old = columns + torch.searchsorted(-new_priority, -old_priority, right=False)
-        pos_new = columns + torch.searchsorted(-old_priority, -new_priority, right=True)
+        pos_old = torch.arange(cap, device=dev) + torch.searchsorted(-new_priority, -old_priority, right=False)
+        new_columns = torch.arange(width, device=dev)
+        pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
         entered = (pos_new < cap).sum(1, keepdim=True)
         # The samples pushed out are the last `entered` old ones; new samples take over their pool slots.
         old_slots = self.slot[touched]
-        freed = torch.gather(old_slots, 1, (cap - entered + columns).clamp(max=cap - 1))
+        freed = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
+        pos_old.clamp_(max=cap)
+        pos_new.clamp_(max=cap)
 
         fields = [
             ("values", self.values[touched], new_values),
@@ -166,35 +215,37 @@ class SampleTable:
             new_hash = torch.zeros(grid, dtype=torch.int64, device=dev)
             new_hash[local, rank] = hashes
             fields.append(("hash", self.hash[touched], new_hash))
+        all_rows = len(touched) == self.rows
         for name, old, new in fields:
             merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
-            merged.scatter_(1, pos_old.clamp(max=cap), old)
-            merged.scatter_(1, pos_new.clamp(max=cap), new)
-            getattr(self, name)[touched] = merged[:, :cap]
+            merged.scatter_(1, pos_old, old)
+            merged.scatter_(1, pos_new, new)
+            if all_rows:
+                getattr(self, name).copy_(merged[:, :cap])
+            else:
+                getattr(self, name)[touched] = merged[:, :cap]
 
         enters = rank < entered[local, 0]
         slot = freed[local[enters], rank[enters]]
-        row, latent, token_idx = row[enters], latent[enters], token_idx[enters]
-        window_rows, inside, window_tokens = _windows(token_idx, batch)
-        ctx_acts = batch.window_acts(window_rows, latent)
+        row, candidate, token_idx = row[enters], candidate[enters], token_idx[enters]
+        window_tokens, window_acts = batch.contexts(candidate)
         self.pool_position[row, slot] = (token_idx % batch.tokens.shape[1]).to(torch.int32)
-        self.pool_context_tokens[row, slot] = window_tokens.to(torch.int32)
-        self.pool_context_acts[row, slot] = torch.where(inside & torch.isfinite(ctx_acts), ctx_acts, 0.0)
+        self.pool_context_tokens[row, slot] = window_tokens
+        self.pool_context_acts[row, slot] = window_acts
 
     def _deduplicate(
-        self, row: Tensor, latent: Tensor, priority: Tensor, value: Tensor, token_idx: Tensor, batch: BatchContext
+        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext
     ) -> tuple[Tensor, ...]:
         """Apply the de-duplication rule to candidates (in token order); evict kept samples they replace."""
         nseq, seq = batch.tokens.shape
+        token_idx = batch.token_idx[candidate]
         keep = suppress_overlaps(row * nseq + token_idx // seq, token_idx % seq, priority, self.dedup_radius)
-        row, latent, priority, value, token_idx = (t[keep] for t in (row, latent, priority, value, token_idx))
-        hashes = context_hash(_windows(token_idx, batch)[2])
+        row, candidate, priority, value, token_idx = (t[keep] for t in (row, candidate, priority, value, token_idx))
+        hashes = context_hash(batch.window_tokens(token_idx)[0])
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
         keep = best_of_each_class(row, hashes, preference)
-        row, latent, priority, value, token_idx, hashes = (
-            t[keep] for t in (row, latent, priority, value, token_idx, hashes)
-        )
+        row, candidate, priority, value, hashes = (t[keep] for t in (row, candidate, priority, value, hashes))
         same = (self.hash[row] == hashes.unsqueeze(1)) & torch.isfinite(self.sort_key[row])
         kept_class = same.any(1)
         column = same.to(torch.int8).argmax(1)
@@ -203,7 +254,7 @@ class SampleTable:
         replaced = kept_class & ~old_wins
         self._evict(row[replaced], column[replaced])
         keep = ~old_wins
-        return tuple(t[keep] for t in (row, latent, priority, value, token_idx, hashes))
+        return tuple(t[keep] for t in (row, candidate, priority, value, hashes))
 
     def _evict(self, rows: Tensor, columns: Tensor) -> None:
         """Remove samples and re-sort their rows (the freed slots move to the end)."""
@@ -256,21 +307,6 @@ class SampleTable:
         self.pool_position.copy_(exported["position"])
         self.pool_context_tokens.copy_(exported["context_tokens"])
         self.pool_context_acts.copy_(exported["context_acts"])
-
-
-def _windows(token_idx: Tensor, batch: BatchContext) -> tuple[Tensor, Tensor, Tensor]:
-    """Each sample's context window: flat token rows ``[S, W]`` (clamped), inside-sequence mask, token ids.
-
-    Token ids are ``-1`` where the window leaves the sequence.
-    """
-    seq = batch.tokens.shape[1]
-    position = token_idx % seq
-    offsets = torch.arange(-batch.half_window, batch.half_window + 1, device=token_idx.device)
-    window_pos = position.unsqueeze(1) + offsets
-    inside = (window_pos >= 0) & (window_pos < seq)
-    window_rows = (token_idx - position).unsqueeze(1) + window_pos.clamp(0, seq - 1)
-    window_tokens = torch.where(inside, batch.tokens.reshape(-1)[window_rows], EMPTY)
-    return window_rows, inside, window_tokens
 
 
 def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:
