@@ -35,6 +35,7 @@ EMPTY = -1
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 1e4
 HISTOGRAM_MIN_FLOOR = 1e-3
+DENSE_SCAN_ELEMENTS = 1 << 23
 
 INTERVAL_RATIO = math.sqrt(10.0)
 _STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
@@ -240,14 +241,22 @@ class SampleCollector:
         """
         batch, seq = tokens.shape
         flat = latents.detach().reshape(batch * seq, self.config.num_latents)
-        token_idx, latent_idx = above_threshold(flat, self.config.threshold).nonzero(as_tuple=True)
+        # Scanned in blocks of rows: a [B*T, F] boolean mask at once costs page faults on every call,
+        # a block's mask stays in cache. A row sum is non-finite iff the row holds a NaN or an infinity
+        # (or overflows); non-finite values are then counted on those rows only.
+        block = max(1, DENSE_SCAN_ELEMENTS // self.config.num_latents)
+        found, bad = [], []
+        for start in range(0, len(flat), block):
+            rows = flat[start : start + block]
+            hits = above_threshold(rows, self.config.threshold).nonzero()
+            hits[:, 0] += start
+            found.append(hits)
+            bad.append(~torch.isfinite(rows.sum(dim=1)))
+        token_idx, latent_idx = torch.cat(found).unbind(1)
         values = flat[token_idx, latent_idx].float()
         finite = torch.isfinite(values)
         token_idx, latent_idx, values = token_idx[finite], latent_idx[finite], values[finite]
-        # A row sum is non-finite iff the row holds a NaN or an infinity (or overflows): one cheap read
-        # of the latents; the exact count is then taken on those rows only.
-        bad_rows = ~torch.isfinite(flat.sum(dim=1))
-        self.nonfinite_skipped += (~torch.isfinite(flat[bad_rows])).sum()
+        self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
 
         def window_acts(token: Tensor, latent: Tensor) -> Tensor:
             position = token % seq
