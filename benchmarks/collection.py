@@ -465,6 +465,41 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{n:.1f} GiB"
 
 
+def hooks_alone_us(trainer_for_hooks: Any, threshold: float, work: str, calls: int = 200_000) -> float:
+    """Time of the two batch hooks of a callback whose collection is not due, per step, in microseconds."""
+    cb = sample_callback(NEVER, os.path.join(work, "hooks"), threshold)
+    start, end = cb.on_train_batch_start, cb.on_train_batch_end
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        start(trainer_for_hooks, None, None, 0)
+        end(trainer_for_hooks, None, None, None, 0)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def collector_phases(
+    num_latents: int, k: int, tokens: int, seq_len: int, threshold: float, steps: int, device: torch.device,
+    extra: dict,
+) -> tuple[float, float]:
+    """Median ``update_sparse`` time over collections 2-6 and over the last five of ``steps``."""
+    from lightning_sae_samples.collector import CollectorConfig, SampleCollector
+
+    config = CollectorConfig(num_latents, 100, 20, threshold, samples_per_interval=2, **extra)
+    collector = SampleCollector(config, device)
+    gen = torch.Generator().manual_seed(0)
+    batch = tokens // seq_len
+    times = []
+    for step in range(steps):
+        ids = torch.randint(0, 30522, (batch, seq_len), generator=gen).to(device)
+        indices = torch.randint(0, num_latents, (batch, seq_len, k), generator=gen).to(device)
+        values = (torch.rand(batch, seq_len, k, generator=gen) * 5).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        collector.update_sparse(ids, indices, values, step)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return median(times[1:6]), median(times[-5:])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-latents", type=int, default=16384, help="F (up to 131072)")
@@ -480,6 +515,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--baseline-tokens", type=int, nargs=2, default=[256, 1024], help="two sizes to extrapolate from")
     p.add_argument("--tiny-steps", type=int, default=1500, help="steps of the tiny-model A/B for (c)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense run (it allocates [tokens, F])")
+    p.add_argument("--phase-steps", type=int, default=60, help="collections of the collector-alone rows (f)")
     p.add_argument("--memory-probe", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe:
@@ -576,6 +612,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     # (c) non-collection step: direct hook time (from the sparse run), and a tiny-model A/B
     hook_idle = results["sparse"][5]
     rows.append(("(c) non-collection step: callback hook time (direct)", fmt_ms(hook_idle), "", "target <20 µs"))
+    hook_alone = hooks_alone_us(trainer_for_hooks=results["sparse"][0], threshold=args.threshold, work=work)
+    rows.append(
+        (
+            "(c) non-collection step: the two hooks alone (200k calls)",
+            f"{hook_alone:.2f} µs",
+            "",
+            "on_train_batch_start + on_train_batch_end, collection not due; the row above adds the timing"
+            " wrapper and cache misses after a large step",
+        )
+    )
     tiny_batch = {
         "tokens": torch.randint(0, 100, (1, 8)),
         "latents": torch.zeros(1, 8, 16),
@@ -679,6 +725,24 @@ def main(argv: Optional[list[str]] = None) -> None:
                 "",
                 ("CUDA allocator peak" if device.type == "cuda" else "peak RSS above start, fresh process")
                 + f"; the latents themselves: {fmt_bytes(latents_bytes)}",
+            )
+        )
+
+    # (f) the collector alone, by how far the collection has come
+    for label, extra in (
+        ("defaults", {}),
+        ("+ recent_window_steps=1000", {"recent_window_steps": 1000}),
+        ("+ deduplicate_contexts", {"deduplicate_contexts": True}),
+    ):
+        early, late = collector_phases(
+            num_latents, k, tokens, args.seq_len, args.threshold, args.phase_steps, device, extra
+        )
+        rows.append(
+            (
+                f"(f) collector alone, {label}: collections 2–6 / {args.phase_steps - 4}–{args.phase_steps}",
+                f"{fmt_ms(early)} / {fmt_ms(late)}",
+                f"{early / ref:.1%} / {late / ref:.1%}",
+                "update_sparse on uniform random TopK latents; early on every activation enters the top",
             )
         )
 

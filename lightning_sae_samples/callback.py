@@ -354,8 +354,6 @@ class ActivationSampleCallback(Callback):
         if step != self._offset_step:
             self._offset_step, self._token_offset = step, 0
         order_base = (self._rank << RANK_SHIFT) + self._token_offset
-        if self._health is not None and self._rank == 0:
-            self._health.observe(step, source, latents.tokens.numel(), self.activation_threshold)
         tokens = latents.tokens.to(source.device)
         self._token_offset += tokens.numel()
         if latents.dense is not None:
@@ -363,6 +361,8 @@ class ActivationSampleCallback(Callback):
         else:
             check_indices_in_range(latents.indices, num_latents, self.keys.latent_indices)
             collector.update_sparse(tokens, latents.indices, latents.values, step, order_base)
+        if self._health is not None and self._rank == 0:
+            self._health.observe(step, collector.last_active, tokens.numel())
 
     def _sparse_num_latents(self, pl_module: pl.LightningModule) -> int:
         if self.num_latents is not None:

@@ -218,6 +218,7 @@ class SampleCollector:
         self.steps_collected = 0
         self.first_collected_step = EMPTY
         self.last_collected_step = EMPTY
+        self.last_active = 0
 
     @property
     def device(self) -> torch.device:
@@ -344,6 +345,7 @@ class SampleCollector:
             self.last_collected_step = step
 
         self._update_statistics(latent_idx, values, step)
+        self.last_active = len(values)
         batch = BatchContext(tokens.to(dev), token_idx, latent_idx, step, order_base, cfg.half_window, window_acts)
         candidate = torch.arange(len(token_idx), device=dev)
         self.tables["top"].insert(latent_idx, candidate, values, values, batch)

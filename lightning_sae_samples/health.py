@@ -28,8 +28,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.collector import above_threshold
-
 PREFIX = "feature_health/"
 DENSE_FREQUENCY = 0.1
 
@@ -103,7 +101,7 @@ class FeatureHealthMonitor:
         self.dead_window_steps = dead_window_steps
         self.dense_threshold = dense_threshold
         self._step: Optional[int] = None
-        self._active: Optional[Tensor] = None
+        self._active: Optional[int] = None
         self._tokens = 0
 
     @property
@@ -111,20 +109,17 @@ class FeatureHealthMonitor:
         """The collected step whose metrics are not logged yet."""
         return self._step
 
-    def observe(self, step: int, values: Tensor, num_tokens: int, threshold: float) -> None:
-        """Add one collected batch's active-latent count (dense latents or sparse values).
+    def observe(self, step: int, active: int, num_tokens: int) -> None:
+        """Add one collected batch's count of active latents (activations above the threshold).
 
         Args:
             step: The optimizer step the batch belongs to.
-            values: Dense latents ``[..., F]`` or sparse latent values ``[..., k]``.
+            active: Finite activations above the threshold in the batch (the collector counts them).
             num_tokens: Tokens in the batch.
-            threshold: Activation threshold; a latent is active on a token if strictly above it.
         """
-        active = above_threshold(values.detach(), threshold).sum()
         if self._step != step or self._active is None:
-            self._step, self._active, self._tokens = step, active, 0
-        else:
-            self._active = self._active + active
+            self._step, self._active, self._tokens = step, 0, 0
+        self._active += int(active)
         self._tokens += int(num_tokens)
 
     def log(self, trainer: Any, collector: Any) -> Optional[dict[str, float]]:
