@@ -62,11 +62,26 @@ class TokenDecoder:
                 self._strings[i] = self._raw[i] = str(i)
             return
         raw = tok.convert_ids_to_tokens(new) if hasattr(tok, "convert_ids_to_tokens") else None
+        wordpiece = self._is_wordpiece()
         for n, i in enumerate(new):
             text = tok.decode([i]) if hasattr(tok, "decode") else None
             piece = raw[n] if raw is not None else None
             self._raw[i] = str(piece if piece is not None else text)
-            self._strings[i] = str(text if text not in (None, "") else self._raw[i])
+            display = str(text if text not in (None, "") else self._raw[i])
+            if wordpiece:
+                # WordPiece marks continuations with "##" instead of marking word starts with a space (as
+                # byte-level BPE does): give word starts a space so joined display strings read as text.
+                display = display[2:] if self._raw[i].startswith("##") and display.startswith("##") else " " + display
+            self._strings[i] = display
+
+    def _is_wordpiece(self) -> bool:
+        join = getattr(self.tokenizer, "convert_tokens_to_string", None)
+        if join is None:
+            return False
+        try:
+            return join(["a", "##b"]) == "ab"
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot join these is not WordPiece
+            return False
 
     def token_str(self, token_id: int) -> str:
         """Display string of one token (after :meth:`prepare`)."""

@@ -229,3 +229,31 @@ def test_each_save_writes_the_markdown_report_unless_turned_off(tmp_path):
         SyntheticSAE(num_latents=F), loader())
     assert not (tmp_path / "off" / "samples" / "interpretability_report.md").exists()
     assert (tmp_path / "off" / "samples" / "collection_summary.json").exists()
+
+
+class WordPieceLike:
+    """A tokenizer with WordPiece's conventions: '##' marks a continuation, tokens join with spaces."""
+
+    vocab = {i: (f"##p{i}" if i % 4 == 0 else f"w{i}") for i in range(30)}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab[i] for i in ids]
+
+    def decode(self, ids):
+        return self.convert_tokens_to_string(self.convert_ids_to_tokens(ids))
+
+    def convert_tokens_to_string(self, tokens):
+        return " ".join(tokens).replace(" ##", "")
+
+
+def test_wordpiece_display_strings_read_as_text(tmp_path):
+    trainer(tmp_path, [make_callback(tmp_path, tokenizer=WordPieceLike())]).fit(SyntheticSAE(num_latents=F), loader())
+    files = read_dir(tmp_path / "samples")
+    checked = 0
+    for name, record in files.items():
+        if name.startswith("feature_"):
+            for s in record["top_samples"]:
+                joined = "".join(s["context_token_strs"])
+                assert joined.strip() == s["context_text"].replace("##", "")
+                checked += 1
+    assert checked
