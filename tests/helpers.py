@@ -79,6 +79,24 @@ class SyntheticSAE(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class DriftingSAE(SyntheticSAE):
+    """From ``drift_step`` on, odd latents fire on other tokens (a permuted table) at 60% strength."""
+
+    def __init__(self, drift_step: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.drift_step = drift_step
+        gen = torch.Generator().manual_seed(7)
+        moved = self.table.clone()
+        odd = torch.arange(1, self.num_latents, 2)
+        moved[:, odd] = self.table[torch.randperm(self.table.shape[0], generator=gen)][:, odd] * 0.6
+        self.register_buffer("moved", moved, persistent=False)
+
+    def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.moved if self.trainer.global_step >= self.drift_step else self.table
+        pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
+        return table[tokens] + 0.5 * pos.view(1, -1, 1)
+
+
 def loader(dataset: Dataset | None = None, batch_size: int = 4) -> DataLoader:
     return DataLoader(dataset or TokenDataset(), batch_size=batch_size, shuffle=False)
 

@@ -104,25 +104,9 @@ def write_fixture_dir(
 
 
 def _drifting_sae(num_latents: int, drift_step: int):
-    from helpers import SyntheticSAE
+    from helpers import DriftingSAE
 
-    class DriftingSAE(SyntheticSAE):
-        """From ``drift_step`` on, odd latents fire on other tokens (a permuted table) at 60% strength."""
-
-        def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
-            gen = torch.Generator().manual_seed(7)
-            moved = self.table.clone()
-            odd = torch.arange(1, self.num_latents, 2)
-            moved[:, odd] = self.table[torch.randperm(self.table.shape[0], generator=gen)][:, odd] * 0.6
-            self.register_buffer("moved", moved, persistent=False)
-
-        def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
-            table = self.moved if self.trainer.global_step >= drift_step else self.table
-            pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
-            return table[tokens] + 0.5 * pos.view(1, -1, 1)
-
-    return DriftingSAE(num_latents=num_latents)
+    return DriftingSAE(num_latents=num_latents, drift_step=drift_step)
 
 
 def write_run_dir(

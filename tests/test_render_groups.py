@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from helpers import SyntheticSAE, loader, trainer
+from helpers import DriftingSAE, loader, trainer
 from markdown_it import MarkdownIt
 from render_support import FakeTokenizer, hostile_vocab
 from rich.console import Console
@@ -27,23 +27,6 @@ MD = MarkdownIt("commonmark").enable("table")
 FLAG = "low recent overlap"
 
 
-class DriftingSAE(SyntheticSAE):
-    """From ``DRIFT_STEP`` on, odd latents fire on other tokens (a permuted table) at 60% strength."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        gen = torch.Generator().manual_seed(7)
-        moved = self.table.clone()
-        odd = torch.arange(1, self.num_latents, 2)
-        moved[:, odd] = self.table[torch.randperm(self.table.shape[0], generator=gen)][:, odd] * 0.6
-        self.register_buffer("moved", moved, persistent=False)
-
-    def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
-        table = self.moved if self.trainer.global_step >= DRIFT_STEP else self.table
-        pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
-        return table[tokens] + 0.5 * pos.view(1, -1, 1)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("groups")
@@ -52,7 +35,7 @@ def run_dir(tmp_path_factory):
         top_features_to_save=SAVED, samples_per_feature_to_save=PER_FILE, dirpath=root / "samples",
         tokenizer=FakeTokenizer(VOCAB), write_report=False, recent_window_steps=WINDOW, samples_per_interval=2,
     )
-    trainer(root, [cb], max_epochs=1).fit(DriftingSAE(num_latents=F), loader())
+    trainer(root, [cb], max_epochs=1).fit(DriftingSAE(num_latents=F, drift_step=DRIFT_STEP), loader())
     return root / "samples"
 
 
