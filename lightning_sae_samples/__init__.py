@@ -1,7 +1,7 @@
 """Exact top activating contexts of every SAE latent, collected during Lightning training.
 
-The callback and the collector import Lightning and are loaded on first use, so the command line and the
-analyzer start without importing Lightning.
+The callback (which imports Lightning) and the tensor engine are loaded on first use, so the command line and
+the analyzer start without importing Lightning.
 """
 
 from importlib import import_module

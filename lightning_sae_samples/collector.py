@@ -1,6 +1,7 @@
 """The tensor engine: exact per-latent top-k samples and streaming statistics, in pure torch.
 
-Nothing here knows about Lightning. One call to :meth:`SampleCollector.update` folds one batch of
+Nothing here knows about Lightning. One call to :meth:`SampleCollector.update_dense` or
+:meth:`SampleCollector.update_sparse` folds one batch of
 latent activations into the state with a fixed number of vectorized tensor operations; there is no
 Python loop over latents, tokens or samples, sparse (TopK) latents are never densified, and no value
 is copied to the host.
