@@ -3,8 +3,9 @@
 Nothing here knows about Lightning. One call to :meth:`SampleCollector.update_dense` or
 :meth:`SampleCollector.update_sparse` folds one batch of
 latent activations into the state with a fixed number of vectorized tensor operations; there is no
-Python loop over latents, tokens or samples, sparse (TopK) latents are never densified, and no value
-is copied to the host.
+Python loop over latents, tokens or samples, and sparse (TopK) latents are never densified. The state
+stays on the latents' device; the host only learns sizes (of boolean selections, the widest row of new
+samples, whether a window walk can stop), never activations.
 
 Exactness. For every latent the state holds the ``K`` largest activations strictly above the
 threshold over everything seen, ordered by value descending and, among equal values, by the
