@@ -29,11 +29,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.sample_table import TABLE_FIELDS, BatchContext, SampleTable, merge_exported
+from lightning_sae_samples.hashing import mix64, shift_right, signed64
+from lightning_sae_samples.sample_table import EMPTY, TABLE_FIELDS, BatchContext, SampleTable, merge_exported
 
 FORMAT_VERSION = 1
 RANK_SHIFT = 40
-EMPTY = -1
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 1e4
 HISTOGRAM_MIN_FLOOR = 1e-3
@@ -43,21 +43,11 @@ INTERVAL_RATIO = math.sqrt(10.0)
 _STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
 RUN_TENSORS = frozenset({"hist_edges", "interval_edges", "tokens_seen", "nonfinite_skipped"})
 TABLE_PREFIXES = ("top", "interval", "recent", "recent_prev")
-_MASK64 = (1 << 64) - 1
 
 
 def per_latent_fields(state: dict) -> list[str]:
     """Names of the entries of a state that are indexed by latent (first dimension ``F``)."""
     return [k for k, v in state.items() if isinstance(v, Tensor) and k not in RUN_TENSORS]
-
-
-def _signed(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def sample_priority(step: int, order: Tensor, seed: int = 0) -> Tensor:
@@ -66,13 +56,8 @@ def sample_priority(step: int, order: Tensor, seed: int = 0) -> Tensor:
     A SplitMix64 hash: the same sample gets the same priority in every process, run and resume, so
     keeping the largest priorities is a reproducible uniform sample that merges exactly.
     """
-    x = order + _signed(step * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03)
-    x = x ^ _shift_right(x, 30)
-    x = x * _signed(0xBF58476D1CE4E5B9)
-    x = x ^ _shift_right(x, 27)
-    x = x * _signed(0x94D049BB133111EB)
-    x = x ^ _shift_right(x, 31)
-    return _shift_right(x, 33).double()
+    x = mix64(order + signed64(step * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03))
+    return shift_right(x, 33).double()
 
 
 def interval_edges(threshold: float, num_intervals: int) -> Tensor:

@@ -19,20 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_MIX = (0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64))
+from lightning_sae_samples.hashing import mix64, signed64
+
 _POWER_BASE = 1_000_003
 
 
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def _powers(count: int) -> list[int]:
-    out, x = [], 1
-    for _ in range(count):
-        out.append(x - (1 << 64) if x >= 1 << 63 else x)
-        x = (x * _POWER_BASE) & ((1 << 64) - 1)
-    return out
+    return [signed64(_POWER_BASE**i) for i in range(count)]
 
 
 def context_hash(windows: Tensor) -> Tensor:
@@ -47,12 +40,7 @@ def context_hash(windows: Tensor) -> Tensor:
     rank = torch.cumsum(valid, dim=1) - 1
     powers = torch.tensor(_powers(windows.shape[1] + 1), dtype=torch.int64, device=windows.device)
     terms = torch.where(valid, (windows.long() + 1) * powers[rank.clamp(min=0)], 0)
-    x = terms.sum(dim=1) + valid.sum(dim=1) * powers[-1]
-    x = x ^ _shift_right(x, 30)
-    x = x * _MIX[0]
-    x = x ^ _shift_right(x, 27)
-    x = x * _MIX[1]
-    return x ^ _shift_right(x, 31)
+    return mix64(terms.sum(dim=1) + valid.sum(dim=1) * powers[-1])
 
 
 def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: int) -> Tensor:

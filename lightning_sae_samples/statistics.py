@@ -12,8 +12,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.sample_table import EMPTY
+
 RANK_CHOICES = ("max_activation", "activation_count", "frequency")
-EMPTY = -1
 
 
 def _mean_std(state: dict, idx: Tensor) -> tuple[Tensor, Tensor]:

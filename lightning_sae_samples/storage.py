@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -365,8 +364,3 @@ def load_full_state(path: PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
-
-
-def iter_feature_indices(directory: SamplesDirectory) -> Iterable[int]:
-    """Saved feature indices in the summary's rank order."""
-    return [int(e["feature_idx"]) for e in directory.summary.get("top_features_by_activation", [])]
