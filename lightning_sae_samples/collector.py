@@ -112,6 +112,8 @@ class CollectorConfig:
         seed: Seed of the interval sampling.
         deduplicate_contexts: Apply the de-duplication rule of :mod:`lightning_sae_samples.dedup` to the top
             and recent tables.
+        stage_limit: Samples a table stages before merging them into its sorted rows (``None``: a quarter of
+            the table's size). Lower trades speed for memory; the kept samples do not depend on it.
     """
 
     num_latents: int
@@ -124,6 +126,7 @@ class CollectorConfig:
     recent_samples: int = 10
     seed: int = 0
     deduplicate_contexts: bool = False
+    stage_limit: Optional[int] = None
 
     @property
     def half_window(self) -> int:
@@ -174,23 +177,29 @@ class SampleCollector:
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
+        stage = config.stage_limit
         self.tables: dict[str, SampleTable] = {
-            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius)
+            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius, stage_limit=stage)
         }
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.threshold, config.num_intervals)
             self._interval_inner = self.interval_edges[1:-1].to(device=device, dtype=torch.float32)
             self.tables["interval"] = SampleTable(
-                num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
+                num_latents * config.num_intervals,
+                config.samples_per_interval,
+                w,
+                device,
+                random_priority=True,
+                stage_limit=stage,
             )
             self.interval_count = torch.zeros((num_latents, config.num_intervals), dtype=torch.int64, device=device)
         self.recent_block = EMPTY
         if config.recent_window_steps:
-            self.tables["recent"] = SampleTable(num_latents, config.recent_samples, w, device, dedup_radius=radius)
-            self.tables["recent_prev"] = SampleTable(
-                num_latents, config.recent_samples, w, device, dedup_radius=radius
-            )
+            for name in ("recent", "recent_prev"):
+                self.tables[name] = SampleTable(
+                    num_latents, config.recent_samples, w, device, dedup_radius=radius, stage_limit=stage
+                )
 
         self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
         self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
@@ -215,6 +224,7 @@ class SampleCollector:
     @property
     def top_values(self) -> Tensor:
         """Kept top activations ``[F, K]``, best first (``-inf`` where empty)."""
+        self.tables["top"].flush()
         return self.tables["top"].values
 
     # ------------------------------------------------------------------ update
@@ -246,11 +256,15 @@ class SampleCollector:
         token_idx, latent_idx, values = token_idx[finite], latent_idx[finite], values[finite]
         self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
 
-        def window_acts(token: Tensor, latent: Tensor) -> Tensor:
+        def window_acts(candidate: Tensor) -> Tensor:
+            token, latent = token_idx[candidate], latent_idx[candidate]
             position = token % seq
             offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
-            rows = (token - position).unsqueeze(1) + (position.unsqueeze(1) + offsets).clamp(0, seq - 1)
-            return flat[rows, latent.unsqueeze(1).expand_as(rows)].float()
+            shifted = position.unsqueeze(1) + offsets
+            rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
+            acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].float()
+            inside = (shifted >= 0) & (shifted < seq)
+            return torch.where(inside & torch.isfinite(acts), acts, 0.0)
 
         self._fold(tokens, token_idx, latent_idx, values, step, order_base, window_acts)
 
@@ -269,44 +283,46 @@ class SampleCollector:
         batch, seq = tokens.shape
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
-        token_idx, slot = above_threshold(flat_val, self.config.threshold).nonzero(as_tuple=True)
-        latent_idx = flat_idx[token_idx, slot].long()
-        picked = flat_val[token_idx, slot].float()
-        self.nonfinite_skipped += (~torch.isfinite(flat_val)).sum()
-        finite = torch.isfinite(picked)
-        token_idx, latent_idx, picked = token_idx[finite], latent_idx[finite], picked[finite]
-        lookup: list[tuple[Tensor, Tensor]] = []
+        k = flat_idx.shape[1]
+        finite = torch.isfinite(flat_val)
+        self.nonfinite_skipped += finite.numel() - finite.sum()
+        entry = (above_threshold(flat_val, self.config.threshold) & finite).view(-1).nonzero(as_tuple=True)[0]
+        token_idx = entry // k
+        latent_idx = flat_idx.view(-1)[entry].long()
+        picked = flat_val.view(-1)[entry].float()
         num_tokens = batch * seq
+        half = self.config.half_window
+        lookup: list[Tensor] = []
 
-        def window_acts(token: Tensor, latent: Tensor) -> Tensor:
+        def window_acts(candidate: Tensor) -> Tensor:
             # Active entries sorted by (latent, token): a sample's neighbours of the same latent sit right
-            # next to it, so walking out one entry at a time finds every one inside its window; the walk
-            # stops at the first offset where no sample has such a neighbour (usually the first).
+            # next to it in that order, and further entries are further away, so walking out one entry at a
+            # time finds every one inside the window; a sample leaves the walk at its first miss.
             if not lookup:
-                keys = flat_idx.long() * num_tokens + torch.arange(num_tokens, device=flat_idx.device).unsqueeze(1)
-                lookup.append(torch.sort(keys.view(-1)))
-            sorted_keys, order = lookup[0]
+                tokens_of = torch.arange(num_tokens, device=flat_idx.device).repeat_interleave(k)
+                keys, order = torch.sort(flat_idx.long().view(-1) * num_tokens + tokens_of)
+                where = torch.empty_like(order)
+                where[order] = torch.arange(len(order), device=order.device)
+                lookup.extend((keys, order, where))
+            keys, order, where = lookup
             flat_values = flat_val.reshape(-1)
-            half = self.config.half_window
-            own = latent * num_tokens + token
-            at = torch.searchsorted(sorted_keys, own).clamp(max=len(sorted_keys) - 1)
-            acts = torch.zeros((len(token), 2 * half + 1), device=token.device)
-            acts[:, half] = flat_values[order[at]].float()
+            token = token_idx[candidate]
+            at = where[entry[candidate]]
+            acts = torch.zeros((len(candidate), 2 * half + 1), device=token.device)
+            acts[:, half] = picked[candidate]
             position = token % seq
             for direction in (1, -1):
+                walking = torch.arange(len(candidate), device=token.device)
                 for distance in range(1, half + 1):
-                    neighbour = (at + direction * distance).clamp(0, len(sorted_keys) - 1)
-                    offset = sorted_keys[neighbour] - own
-                    hit = (
-                        (offset != 0)
-                        & (offset.abs() <= half)
-                        & (sorted_keys[neighbour] // num_tokens == latent)
-                        & (position + offset >= 0)
-                        & (position + offset < seq)
-                    )
-                    if not bool(hit.any()):
+                    neighbour = (at[walking] + direction * distance).clamp(0, len(keys) - 1)
+                    offset = keys[neighbour] - (keys[at[walking]])
+                    here = position[walking] + offset
+                    hit = (offset != 0) & (offset.abs() <= half) & (here >= 0) & (here < seq)
+                    walking, neighbour, offset = walking[hit], neighbour[hit], offset[hit]
+                    if not len(walking):
                         break
-                    acts[hit, half + offset[hit]] = flat_values[order[neighbour[hit]]].float()
+                    found = flat_values[order[neighbour]].float()
+                    acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
             return acts
 
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
@@ -319,7 +335,7 @@ class SampleCollector:
         values: Tensor,
         step: int,
         order_base: int,
-        window_acts: Callable[[Tensor, Tensor], Tensor],
+        window_acts: Callable[[Tensor], Tensor],
     ) -> None:
         cfg = self.config
         dev = self.device
@@ -333,20 +349,24 @@ class SampleCollector:
 
         self._update_statistics(latent_idx, values, step)
         self.last_active = len(values)
-        batch = BatchContext(tokens.to(dev), token_idx, latent_idx, step, order_base, cfg.half_window, window_acts)
-        candidate = torch.arange(len(token_idx), device=dev)
-        self.tables["top"].insert(latent_idx, candidate, values, values, batch)
+        offers = [(self.tables["top"], latent_idx, values)]
         if "interval" in self.tables:
             interval = torch.bucketize(values, self._interval_inner, right=True)
-            self.interval_count.view(-1).index_add_(
-                0, latent_idx * cfg.num_intervals + interval, torch.ones_like(interval)
-            )
-            priority = sample_priority(step, order_base + token_idx, cfg.seed)
             rows = latent_idx * cfg.num_intervals + interval
-            self.tables["interval"].insert(rows, candidate, priority, values, batch)
+            self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
+            offers.append((self.tables["interval"], rows, sample_priority(step, order_base + token_idx, cfg.seed)))
         if "recent" in self.tables:
             self._rotate_recent(step)
-            self.tables["recent"].insert(latent_idx, candidate, values, values, batch)
+            offers.append((self.tables["recent"], latent_idx, values))
+        may_enter = [table.can_enter(rows, priority) for table, rows, priority in offers]
+        anywhere = may_enter[0]
+        for mask in may_enter[1:]:
+            anywhere = anywhere | mask
+        batch = BatchContext(tokens.to(dev), token_idx, latent_idx, step, order_base, cfg.half_window, window_acts)
+        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
+        for (table, rows, priority), mask in zip(offers, may_enter):
+            candidate = mask.nonzero(as_tuple=True)[0]
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
 
     def _rotate_recent(self, step: int) -> None:
         block = step // int(self.config.recent_window_steps)

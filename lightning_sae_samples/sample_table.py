@@ -6,9 +6,10 @@ was seen, so the kept ones are a uniform sample that any process or resume repro
 activations of the recent window.
 
 Per row, ``priority``/``value``/``step``/``order`` are kept sorted (best first; among equal priorities the
-earliest ``(step, order)`` first) with a ``slot`` pointer into an unordered pool that holds each sample's
-position and context window. An insert re-sorts only the small keys of the rows it touches and writes
-context windows only for the samples that enter.
+earliest ``(step, order)`` first) with a ``slot`` pointer into a pool shared by all rows that holds each
+sample's position and context window. Samples that can enter are staged and merged in bulk: a merge
+re-sorts only the small keys of the rows it touches and copies context windows only for the samples that
+enter, into free pool slots taken in arrival order.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from torch import Tensor
 from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
 
 EMPTY = -1
-TABLE_FIELDS = ("values", "step", "order", "position", "context_tokens", "context_acts")
+MIN_STAGE_LIMIT = 1 << 14
+WINDOW_FIELDS = ("position", "context_tokens", "context_acts")
+TABLE_FIELDS = ("values", "step", "order", *WINDOW_FIELDS)
 
 
 class BatchContext:
-    """One batch's candidate samples, and their context windows computed once for all tables.
+    """One batch's candidate samples, and the context windows of those some table may keep.
 
     Args:
         tokens: Token ids ``[B, T]`` on the tables' device.
@@ -35,8 +38,8 @@ class BatchContext:
         step: Global optimizer step.
         order_base: Order key of the batch's first token (``rank << 40 | offset within the step``).
         half_window: Context tokens kept on each side of the activating one.
-        window_acts: ``(token index [S], latent [S]) -> [S, W]`` activations of each sample's latent on its
-            context tokens (anything where the window leaves the sequence).
+        window_acts: ``candidates [S] -> [S, W]``: activations of each candidate's latent on its context
+            tokens, 0 where the window leaves the sequence or the activation is not finite.
     """
 
     def __init__(
@@ -47,51 +50,40 @@ class BatchContext:
         step: int,
         order_base: int,
         half_window: int,
-        window_acts: Callable[[Tensor, Tensor], Tensor],
+        window_acts: Callable[[Tensor], Tensor],
     ) -> None:
         self.tokens, self.token_idx, self.latent = tokens, token_idx, latent
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
-        self._done: Optional[Tensor] = None
-        self._window_tokens: Optional[Tensor] = None
-        self._window_acts: Optional[Tensor] = None
-        self._padded: Optional[Tensor] = None
+        self.windows: dict[str, Tensor] = {}
+        self.window_of: Optional[Tensor] = None
+        self._hashes: Optional[Tensor] = None
 
-    def window_tokens(self, token_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids of each sample's window ``[S, W]`` (``-1`` outside the sequence) and where it is inside."""
+    def window_tokens(self, token_idx: Tensor) -> Tensor:
+        """Token ids of each sample's window ``[S, W]`` (int32, ``-1`` outside the sequence)."""
         seq = self.tokens.shape[1]
-        width = 2 * self.half_window + 1
-        if self._padded is None:
-            self._padded = torch.nn.functional.pad(self.tokens, (self.half_window, self.half_window), value=EMPTY)
-        position = token_idx % seq
-        start = (token_idx // seq) * (seq + 2 * self.half_window) + position
-        columns = torch.arange(width, device=token_idx.device)
-        tokens = self._padded.reshape(-1)[start.unsqueeze(1) + columns]
-        shifted = columns - self.half_window
-        inside = (shifted >= -position.unsqueeze(1)) & (shifted < (seq - position).unsqueeze(1))
-        return tokens, inside
+        half = self.half_window
+        padded = torch.nn.functional.pad(self.tokens.to(torch.int32), (half, half), value=EMPTY)
+        start = token_idx + (token_idx // seq) * (2 * half)
+        columns = torch.arange(2 * half + 1, device=token_idx.device)
+        return padded.reshape(-1)[start.unsqueeze(1) + columns]
 
-    def contexts(self, candidate: Tensor) -> tuple[Tensor, Tensor]:
-        """Window token ids and activations of candidates; each candidate's window is computed once."""
-        if self._done is None:
-            count, width = len(self.token_idx), 2 * self.half_window + 1
-            self._done = torch.zeros(count, dtype=torch.bool, device=self.token_idx.device)
-            self._window_tokens = torch.empty((count, width), dtype=torch.int32, device=self.token_idx.device)
-            self._window_acts = torch.empty((count, width), device=self.token_idx.device)
-        missing = candidate[~self._done[candidate]]
-        if not len(missing):
-            return self._window_tokens[candidate], self._window_acts[candidate]
-        token_idx = self.token_idx[missing]
-        window_tokens, inside = self.window_tokens(token_idx)
-        acts = self.window_acts(token_idx, self.latent[missing])
-        window_tokens = window_tokens.to(torch.int32)
-        acts = torch.where(inside & torch.isfinite(acts), acts, 0.0)
-        self._window_tokens[missing] = window_tokens
-        self._window_acts[missing] = acts
-        self._done[missing] = True
-        if len(missing) == len(candidate):
-            return window_tokens, acts
-        return self._window_tokens[candidate], self._window_acts[candidate]
+    def compute_windows(self, candidate: Tensor) -> None:
+        """Compute the windows of these candidates (the union of what every table may keep), once."""
+        token_idx = self.token_idx[candidate]
+        self.windows = {
+            "position": (token_idx % self.tokens.shape[1]).to(torch.int32),
+            "context_tokens": self.window_tokens(token_idx),
+            "context_acts": self.window_acts(candidate),
+        }
+        self.window_of = torch.full_like(self.token_idx, EMPTY)
+        self.window_of[candidate] = torch.arange(len(candidate), device=candidate.device)
+
+    def context_hashes(self, window: Tensor) -> Tensor:
+        """:func:`~lightning_sae_samples.dedup.context_hash` of windows, computed once per batch."""
+        if self._hashes is None:
+            self._hashes = context_hash(self.windows["context_tokens"])
+        return self._hashes[window]
 
 
 def _group_key(row: Tensor, priority: Tensor) -> Tensor:
@@ -106,6 +98,11 @@ def _group_key(row: Tensor, priority: Tensor) -> Tensor:
 class SampleTable:
     """Per row, the ``capacity`` samples with the largest priority.
 
+    Samples that beat a row's last kept priority are staged and merged into the sorted rows when
+    :attr:`stage_limit` samples wait, or before anything reads the table (:meth:`export`). A merge touches
+    every row that received samples, so staging turns one re-sort of the rows per step into one per many
+    steps; the kept samples are exactly those of a merge at every step.
+
     Args:
         rows: Number of rows (latents, or latent x interval pairs).
         capacity: Samples kept per row.
@@ -115,6 +112,7 @@ class SampleTable:
             activation values; otherwise the activation value is the priority.
         dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.dedup`): samples of one sequence
             at most this many positions apart overlap. ``None`` keeps every sample.
+        stage_limit: Staged samples that trigger a merge; defaults to a quarter of the table's size.
     """
 
     def __init__(
@@ -125,151 +123,234 @@ class SampleTable:
         device: torch.device,
         random_priority: bool = False,
         dedup_radius: Optional[int] = None,
+        stage_limit: Optional[int] = None,
     ) -> None:
         self.rows, self.capacity, self.window = rows, capacity, window
         self.random_priority = random_priority
         self.dedup_radius = dedup_radius
-        shape = (rows, capacity)
+        self.stage_limit = max(rows * capacity // 4, MIN_STAGE_LIMIT) if stage_limit is None else stage_limit
+        shape, size = (rows, capacity), rows * capacity
         self.values = torch.full(shape, -math.inf, device=device)
         self.priority = torch.full(shape, -math.inf, dtype=torch.float64, device=device) if random_priority else None
         self.step = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
         self.order = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
-        self.slot = torch.arange(capacity, dtype=torch.int64, device=device).repeat(rows, 1)
-        self.pool_position = torch.full(shape, EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.full((*shape, window), EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_acts = torch.zeros((*shape, window), device=device)
+        self.slot = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
+        self.pool_position = torch.full((size,), EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_tokens = torch.full((size, window), EMPTY, dtype=torch.int32, device=device)
+        self.pool_context_acts = torch.zeros((size, window), device=device)
+        self.free = torch.arange(size, device=device)
+        self.free_start = 0
+        self._staged: list[dict[str, Tensor]] = []
+        self._staged_windows: list[dict[str, Tensor]] = []
+        self._staged_count = 0
+        self._floor: Optional[Tensor] = None
 
     @property
     def sort_key(self) -> Tensor:
         """The sorted priority column."""
         return self.priority if self.random_priority else self.values
 
+    @property
+    def staged(self) -> int:
+        """Samples waiting to be merged into the sorted rows."""
+        return self._staged_count
+
     def clear(self) -> None:
         """Drop every sample."""
         fresh = SampleTable(
-            self.rows, self.capacity, self.window, self.values.device, self.random_priority, self.dedup_radius
+            self.rows,
+            self.capacity,
+            self.window,
+            self.values.device,
+            self.random_priority,
+            self.dedup_radius,
+            self.stage_limit,
         )
         self.__dict__.update(fresh.__dict__)
 
-    def insert(self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext) -> None:
-        """Offer candidates of ``batch`` to rows; each row keeps its best ``capacity`` over old and new samples.
+    def can_enter(self, row: Tensor, priority: Tensor) -> Tensor:
+        """Mask of the samples that may enter: strictly above their row's last kept priority.
 
-        Candidates must come in token order (as in ``batch``), which breaks ties among new samples.
+        Equal ones lose to the earlier kept sample. Kept rows only get better, so a sample rejected now
+        could never have entered, whatever is staged.
+        """
+        if self._floor is None:
+            self._floor = self.sort_key[:, -1].contiguous()
+        return priority > self._floor[row]
+
+    def insert(self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext) -> None:
+        """Stage candidates of ``batch`` that passed :meth:`can_enter`, in token order.
+
+        Their windows must be in ``batch.windows``. Token order breaks ties among new samples.
+        """
+        if not len(row):
+            return
+        token_idx = batch.token_idx[candidate]
+        if self.dedup_radius is not None:
+            nseq, seq = batch.tokens.shape
+            keep = suppress_overlaps(row * nseq + token_idx // seq, token_idx % seq, priority, self.dedup_radius)
+            row, candidate, priority, value, token_idx = (
+                t[keep] for t in (row, candidate, priority, value, token_idx)
+            )
+        window = batch.window_of[candidate]
+        staged = {
+            "row": row,
+            "sort": priority,
+            "values": value,
+            "step": torch.full_like(token_idx, batch.step),
+            "order": batch.order_base + token_idx,
+            "window": window,
+        }
+        if self.dedup_radius is not None:
+            staged["hash"] = batch.context_hashes(window)
+        self._staged.append(staged)
+        self._staged_windows.append(batch.windows)
+        self._staged_count += len(row)
+        if self._staged_count >= self.stage_limit:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the staged samples into the sorted rows."""
+        if not self._staged:
+            return
+        parts, windows = self._staged, self._staged_windows
+        self._staged, self._staged_windows, self._staged_count = [], [], 0
+        new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
+        if self.dedup_radius is not None:
+            new = self._resolve_classes(new)
+        perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
+        sizes = [len(part["row"]) for part in parts]
+        self._merge({name: value[perm] for name, value in new.items()}, sizes, windows)
+        self._floor = None
+
+    def _merge(self, new: dict[str, Tensor], part_sizes: list[int], part_windows: list[dict[str, Tensor]]) -> None:
+        """Merge new samples, sorted by row then priority (ties in arrival order), into the sorted rows.
+
+        ``new["source"]`` is each sample's arrival index; arrivals come in parts (one per insert) of
+        ``part_sizes``, and ``new["window"]`` indexes the sample's window in its part's ``part_windows``.
         """
         cap, dev = self.capacity, self.values.device
-        # Only samples strictly above the row's last priority can enter (equal ones lose to the earlier).
-        beats = priority > self.sort_key[row, -1]
-        row, candidate, priority, value = (t[beats] for t in (row, candidate, priority, value))
-        hashes = None
-        if self.dedup_radius is not None:
-            row, candidate, priority, value, hashes = self._deduplicate(row, candidate, priority, value, batch)
-        perm = torch.argsort(_group_key(row, priority), stable=True)
-        row, candidate, priority, value = (t[perm] for t in (row, candidate, priority, value))
-        hashes = hashes[perm] if hashes is not None else None
+        row = new["row"]
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
         keep = rank < cap
-        row, candidate, priority, value, rank = (t[keep] for t in (row, candidate, priority, value, rank))
-        token_idx = batch.token_idx[candidate]
-        hashes = hashes[keep] if hashes is not None else None
-
+        new = {name: value[keep] for name, value in new.items()}
+        row, rank = new["row"], rank[keep]
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
         if not len(touched):
             return
+        all_rows = len(touched) == self.rows
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
         local_of[touched] = torch.arange(len(touched), device=dev)
         local = local_of[row]
-        # New samples go into a grid only as wide as the most any row received (usually far below capacity).
+        # New samples go into a grid only as wide as the most any row received (often far below capacity).
         width = int(rank.max()) + 1
         grid = (len(touched), width)
-        new_priority = torch.full(grid, -math.inf, dtype=self.sort_key.dtype, device=dev)
-        new_priority[local, rank] = priority.to(new_priority.dtype)
-        new_values = torch.full(grid, -math.inf, device=dev)
-        new_values[local, rank] = value
-        new_tokens = torch.zeros(grid, dtype=torch.int64, device=dev)
-        new_tokens[local, rank] = token_idx
 
+        def to_grid(values: Tensor, fill: float) -> Tensor:
+            out = torch.full(grid, fill, dtype=values.dtype, device=dev)
+            out[local, rank] = values
+            return out
+
+        def kept(name: str) -> Tensor:
+            return getattr(self, name) if all_rows else getattr(self, name)[touched]
+
+        new_priority = to_grid(new["sort"].to(self.sort_key.dtype), -math.inf)
         # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new one
         # lands after every old one greater or equal. Positions >= capacity fall out.
-        old_priority = self.sort_key[touched]
+        old_priority = kept("priority" if self.random_priority else "values")
         pos_old = torch.arange(cap, device=dev) + torch.searchsorted(-new_priority, -old_priority, right=False)
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
         entered = (pos_new < cap).sum(1, keepdim=True)
-        # The samples pushed out are the last `entered` old ones; new samples take over their pool slots.
-        old_slots = self.slot[touched]
-        freed = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
         pos_old.clamp_(max=cap)
         pos_new.clamp_(max=cap)
+        # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
+        # or free slots where they were empty.
+        old_slots = kept("slot")
+        new_slots = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
+        enters = rank < entered[local, 0]
+        source = new["source"][enters]
+        by_arrival = torch.argsort(source)
+        source = source[by_arrival]
+        at_local, at_rank = local[enters][by_arrival], rank[enters][by_arrival]
+        slot = new_slots[at_local, at_rank]
+        fresh = slot == EMPTY
+        fresh_count = int(fresh.sum())
+        slot[fresh] = self.free[self.free_start : self.free_start + fresh_count]
+        self.free_start += fresh_count
+        new_slots[at_local, at_rank] = slot
 
         fields = [
-            ("values", self.values[touched], new_values),
-            ("step", self.step[touched], torch.full(grid, batch.step, dtype=torch.int64, device=dev)),
-            ("order", self.order[touched], batch.order_base + new_tokens),
-            ("slot", old_slots, freed),
+            ("values", kept("values"), to_grid(new["values"], -math.inf)),
+            ("step", kept("step"), to_grid(new["step"], EMPTY)),
+            ("order", kept("order"), to_grid(new["order"], EMPTY)),
+            ("slot", old_slots, new_slots),
         ]
         if self.random_priority:
             fields.append(("priority", old_priority, new_priority))
-        if hashes is not None:
-            new_hash = torch.zeros(grid, dtype=torch.int64, device=dev)
-            new_hash[local, rank] = hashes
-            fields.append(("hash", self.hash[touched], new_hash))
-        all_rows = len(touched) == self.rows
-        for name, old, new in fields:
+        if self.hash is not None:
+            fields.append(("hash", kept("hash"), to_grid(new["hash"], 0)))
+        for name, old, fresh_grid in fields:
             merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
             merged.scatter_(1, pos_old, old)
-            merged.scatter_(1, pos_new, new)
+            merged.scatter_(1, pos_new, fresh_grid)
             if all_rows:
                 getattr(self, name).copy_(merged[:, :cap])
             else:
                 getattr(self, name)[touched] = merged[:, :cap]
 
-        enters = rank < entered[local, 0]
-        slot = freed[local[enters], rank[enters]]
-        row, candidate, token_idx = row[enters], candidate[enters], token_idx[enters]
-        window_tokens, window_acts = batch.contexts(candidate)
-        self.pool_position[row, slot] = (token_idx % batch.tokens.shape[1]).to(torch.int32)
-        self.pool_context_tokens[row, slot] = window_tokens
-        self.pool_context_acts[row, slot] = window_acts
+        window = new["window"][enters][by_arrival]
+        offsets = torch.tensor([0, *part_sizes], device=dev).cumsum(0)
+        bounds = torch.searchsorted(source, offsets).tolist()
+        for part, windows in enumerate(part_windows):
+            chunk = slice(bounds[part], bounds[part + 1])
+            if chunk.start == chunk.stop:
+                continue
+            index = window[chunk]
+            for name in WINDOW_FIELDS:
+                pool = getattr(self, f"pool_{name}")
+                pool.index_copy_(0, slot[chunk], windows[name].index_select(0, index))
 
-    def _deduplicate(
-        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext
-    ) -> tuple[Tensor, ...]:
-        """Apply the de-duplication rule to candidates (in token order); evict kept samples they replace."""
-        nseq, seq = batch.tokens.shape
-        token_idx = batch.token_idx[candidate]
-        keep = suppress_overlaps(row * nseq + token_idx // seq, token_idx % seq, priority, self.dedup_radius)
-        row, candidate, priority, value, token_idx = (t[keep] for t in (row, candidate, priority, value, token_idx))
-        hashes = context_hash(batch.window_tokens(token_idx)[0])
+    def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
+
+        Staged samples come in arrival order; of a class, the best staged one survives, and it replaces a
+        kept sample of its class only when strictly better (the kept one was seen earlier).
+        """
+        row, priority, hashes = new["row"], new["sort"], new["hash"]
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
-        keep = best_of_each_class(row, hashes, preference)
-        row, candidate, priority, value, hashes = (t[keep] for t in (row, candidate, priority, value, hashes))
-        same = (self.hash[row] == hashes.unsqueeze(1)) & torch.isfinite(self.sort_key[row])
-        kept_class = same.any(1)
-        column = same.to(torch.int8).argmax(1)
-        # A kept sample of the class wins ties: it was seen earlier.
-        old_wins = kept_class & (self.sort_key[row, column] >= priority)
+        new = {name: value[best_of_each_class(row, hashes, preference)] for name, value in new.items()}
+        row, priority, hashes = new["row"], new["sort"], new["hash"]
+        kept_class = torch.zeros(len(row), dtype=torch.bool, device=row.device)
+        column = torch.zeros_like(row)
+        block = max(1, (1 << 22) // self.capacity)
+        for start in range(0, len(row), block):
+            part = slice(start, start + block)
+            same = (self.hash[row[part]] == hashes[part].unsqueeze(1)) & torch.isfinite(self.sort_key[row[part]])
+            kept_class[part] = same.any(1)
+            column[part] = same.to(torch.int8).argmax(1)
+        old_wins = kept_class & (self.sort_key[row, column] >= priority.to(self.sort_key.dtype))
         replaced = kept_class & ~old_wins
         self._evict(row[replaced], column[replaced])
-        keep = ~old_wins
-        return tuple(t[keep] for t in (row, candidate, priority, value, hashes))
+        return {name: value[~old_wins] for name, value in new.items()}
 
     def _evict(self, rows: Tensor, columns: Tensor) -> None:
-        """Remove samples and re-sort their rows (the freed slots move to the end)."""
+        """Remove samples, free their pool slots and re-sort their rows (the empty places move to the end)."""
         if not len(rows):
             return
-        slots = self.slot[rows, columns]
+        self.free = torch.cat([self.free[self.free_start :], self.slot[rows, columns]])
+        self.free_start = 0
         self.values[rows, columns] = -math.inf
         if self.random_priority:
             self.priority[rows, columns] = -math.inf
         self.step[rows, columns] = EMPTY
         self.order[rows, columns] = EMPTY
+        self.slot[rows, columns] = EMPTY
         self.hash[rows, columns] = 0
-        self.pool_position[rows, slots] = EMPTY
-        self.pool_context_tokens[rows, slots] = EMPTY
-        self.pool_context_acts[rows, slots] = 0.0
         touched = rows.unique()
         perm = torch.argsort(self.sort_key[touched], dim=1, descending=True, stable=True)
         for name in ("values", "priority", "step", "order", "slot", "hash"):
@@ -279,15 +360,17 @@ class SampleTable:
 
     def export(self, rows: slice = slice(None)) -> dict[str, Tensor]:
         """Rows in canonical form (samples best first), as new tensors on the table's device."""
+        self.flush()
         slot = self.slot[rows]
-        window_slot = slot.unsqueeze(-1).expand(-1, -1, self.window)
+        filled = slot != EMPTY
+        at = slot.clamp(min=0)
         out = {
             "values": self.values[rows].clone(),
             "step": self.step[rows].clone(),
             "order": self.order[rows].clone(),
-            "position": torch.gather(self.pool_position[rows], 1, slot),
-            "context_tokens": torch.gather(self.pool_context_tokens[rows], 1, window_slot),
-            "context_acts": torch.gather(self.pool_context_acts[rows], 1, window_slot),
+            "position": torch.where(filled, self.pool_position[at], EMPTY),
+            "context_tokens": torch.where(filled.unsqueeze(-1), self.pool_context_tokens[at], EMPTY),
+            "context_acts": torch.where(filled.unsqueeze(-1), self.pool_context_acts[at], 0.0),
         }
         if self.random_priority:
             out["priority"] = self.priority[rows].clone()
@@ -296,17 +379,23 @@ class SampleTable:
         return out
 
     def load(self, exported: dict[str, Tensor]) -> None:
-        """Fill the table from :meth:`export` output (any device)."""
+        """Fill the table from :meth:`export` output (any device); staged samples are dropped."""
+        self._staged, self._staged_windows, self._staged_count = [], [], 0
+        self._floor = None
         for name in ("values", "step", "order"):
             getattr(self, name).copy_(exported[name])
         if self.random_priority:
             self.priority.copy_(exported["priority"])
         if self.hash is not None:
             self.hash.copy_(exported["hash"])
-        self.slot.copy_(torch.arange(self.capacity).repeat(self.rows, 1))
-        self.pool_position.copy_(exported["position"])
-        self.pool_context_tokens.copy_(exported["context_tokens"])
-        self.pool_context_acts.copy_(exported["context_acts"])
+        filled = torch.isfinite(self.sort_key)
+        places = torch.arange(self.rows * self.capacity, device=self.slot.device)
+        self.slot.copy_(torch.where(filled, places.view(self.rows, self.capacity), EMPTY))
+        self.free = places[~filled.view(-1)]
+        self.free_start = 0
+        self.pool_position.copy_(exported["position"].reshape(-1))
+        self.pool_context_tokens.copy_(exported["context_tokens"].reshape(-1, self.window))
+        self.pool_context_acts.copy_(exported["context_acts"].reshape(-1, self.window))
 
 
 def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:

@@ -15,6 +15,12 @@ from lightning_sae_samples.collector import (
 F, K, CTX, THR = 7, 5, 4, 0.5
 
 
+@pytest.fixture(params=[None, 1, 7], ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples"])
+def stage_limit(request):
+    """How many staged samples trigger a merge; the kept samples must not depend on it."""
+    return request.param
+
+
 def random_batches(n, batch=3, seq=6, seed=0, vocab=20):
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -56,8 +62,8 @@ def assert_state_matches_oracle(state, seen, k=K):
             assert int(state["first_step"][f]) == -1
 
 
-def test_dense_updates_equal_brute_force_topk():
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+def test_dense_updates_equal_brute_force_topk(stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(8)):
         c.update_dense(tokens, latents, step)
@@ -65,8 +71,8 @@ def test_dense_updates_equal_brute_force_topk():
     assert_state_matches_oracle(c.state_dict(), seen)
 
 
-def test_sparse_updates_equal_brute_force_topk():
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+def test_sparse_updates_equal_brute_force_topk(stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(8, seed=3)):
         indices, values, dense = to_sparse(latents)
@@ -75,9 +81,9 @@ def test_sparse_updates_equal_brute_force_topk():
     assert_state_matches_oracle(c.state_dict(), seen)
 
 
-def test_sparse_and_dense_paths_agree():
-    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR))
-    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+def test_sparse_and_dense_paths_agree(stage_limit):
+    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     for step, (tokens, latents) in enumerate(random_batches(5, seed=4)):
         indices, values, dense = to_sparse(latents)
         dense_c.update_dense(tokens, dense, step)
@@ -88,8 +94,8 @@ def test_sparse_and_dense_paths_agree():
             assert torch.equal(value, b[key]), key
 
 
-def test_merge_of_two_ranks_equals_oracle_over_the_union():
-    ranks = [SampleCollector(CollectorConfig(F, K, CTX, THR)) for _ in range(2)]
+def test_merge_of_two_ranks_equals_oracle_over_the_union(stage_limit):
+    ranks = [SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit)) for _ in range(2)]
     seen = []
     batches = random_batches(10, seed=7)
     for i, (tokens, latents) in enumerate(batches):
@@ -106,12 +112,12 @@ def test_merge_of_two_ranks_equals_oracle_over_the_union():
             assert torch.equal(value, other[key]), key
 
 
-def test_state_dict_round_trip_continues_exactly():
+def test_state_dict_round_trip_continues_exactly(stage_limit):
     batches = random_batches(6, seed=9)
-    straight = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    straight = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     for step, (tokens, latents) in enumerate(batches):
         straight.update_dense(tokens, latents, step)
-    first = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    first = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     for step, (tokens, latents) in enumerate(batches[:3]):
         first.update_dense(tokens, latents, step)
     resumed = SampleCollector.from_state_dict(first.state_dict())
@@ -130,8 +136,8 @@ def test_threshold_is_strict_in_exact_arithmetic_for_every_dtype(dtype):
     assert torch.equal(above_threshold(grid, threshold), want)
 
 
-def test_non_finite_values_are_skipped_and_counted():
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+def test_non_finite_values_are_skipped_and_counted(stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     tokens, latents = random_batches(1, seed=11)[0]
     clean = latents.clone()
     latents[0, 1, 2] = math.nan
@@ -142,7 +148,7 @@ def test_non_finite_values_are_skipped_and_counted():
     assert int(state["nonfinite_skipped"]) == 3
     assert torch.isfinite(state["top_context_acts"]).all()
     clean[0, 1, 2] = clean[1, 2, 3] = clean[2, 0, 4] = 0.0
-    ref = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    ref = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     ref.update_dense(tokens, clean, 0)
     assert torch.equal(ref.state_dict()["count"], state["count"])
     assert torch.equal(ref.state_dict()["top_values"], state["top_values"])
@@ -174,10 +180,10 @@ def _samples(seen, threshold=THR, seq=6):
     return out
 
 
-def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval():
+def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval(stage_limit):
     from lightning_sae_samples.collector import interval_edges, sample_priority
 
-    cfg = CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=4, seed=3)
+    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, samples_per_interval=2, num_intervals=4, seed=3)
     c = SampleCollector(cfg)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(12, seed=21)):
@@ -220,8 +226,8 @@ def test_interval_sampling_is_close_to_uniform():
     assert wins.min() > 4000 / 8 * 0.8 and wins.max() < 4000 / 8 * 1.2
 
 
-def test_recent_window_keeps_the_top_of_the_current_and_previous_block():
-    cfg = CollectorConfig(F, K, CTX, THR, recent_window_steps=3, recent_samples=2)
+def test_recent_window_keeps_the_top_of_the_current_and_previous_block(stage_limit):
+    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, recent_window_steps=3, recent_samples=2)
     c = SampleCollector(cfg)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(11, seed=5)):
@@ -245,8 +251,10 @@ def test_recent_window_keeps_the_top_of_the_current_and_previous_block():
         assert merged["step"][f, : len(want)].tolist() == [w[1] for w in want]
 
 
-def test_merge_with_interval_and_recent_tables_equals_single_process():
-    cfg = CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2)
+def test_merge_with_interval_and_recent_tables_equals_single_process(stage_limit):
+    cfg = CollectorConfig(
+        F, K, CTX, THR, stage_limit=stage_limit, samples_per_interval=2, num_intervals=3, recent_window_steps=2
+    )
     single = SampleCollector(cfg)
     ranks = [SampleCollector(cfg) for _ in range(2)]
     for i, (tokens, latents) in enumerate(random_batches(10, seed=8)):
@@ -289,8 +297,8 @@ def assert_top_equals(state, feats):
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_deduplicated_top_equals_oracle_with_the_same_rule(mode):
-    cfg = CollectorConfig(F, K, CTX, THR, deduplicate_contexts=True)
+def test_deduplicated_top_equals_oracle_with_the_same_rule(mode, stage_limit):
+    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, deduplicate_contexts=True)
     c = SampleCollector(cfg)
     seen = []
     for step, (tokens, latents) in enumerate(repetitive_batches(10, seed=1)):
@@ -312,8 +320,8 @@ def test_deduplicated_top_equals_oracle_with_the_same_rule(mode):
     assert any(len(plain[f].samples) and plain[f].samples != feats[f].samples for f in range(F))
 
 
-def test_deduplicated_merge_of_two_ranks_equals_oracle():
-    cfg = CollectorConfig(F, K, CTX, THR, deduplicate_contexts=True)
+def test_deduplicated_merge_of_two_ranks_equals_oracle(stage_limit):
+    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, deduplicate_contexts=True)
     ranks = [SampleCollector(cfg) for _ in range(2)]
     seen = []
     for i, (tokens, latents) in enumerate(repetitive_batches(12, seed=2)):
