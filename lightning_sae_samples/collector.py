@@ -38,6 +38,7 @@ HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 1e4
 HISTOGRAM_MIN_FLOOR = 1e-3
 DENSE_SCAN_ELEMENTS = 1 << 23
+DENSE_GROUP = 32
 
 INTERVAL_RATIO = math.sqrt(10.0)
 _STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
@@ -94,6 +95,80 @@ def above_threshold(values: Tensor, threshold: float) -> Tensor:
     else:
         mask = values > rounded.item()
     return mask
+
+
+def dense_hits(rows: Tensor, threshold: float) -> Tensor:
+    """Flat indices (row-major, ascending) of the entries of a contiguous ``[n, F]`` block above ``threshold``.
+
+    Columns are read in groups of up to :data:`DENSE_GROUP`: a group's maximum says whether any of its
+    entries is above the threshold (a NaN maximum is looked into as well), and only those groups are
+    compared entry by entry. With sparse rows (ReLU or TopK latents) few groups are, so most entries are
+    read once, by the maximum.
+    """
+    n, f = rows.shape
+    group = math.gcd(f, DENSE_GROUP)
+    peak = rows.view(n, f // group, group).amax(dim=2)
+    opened = (above_threshold(peak, threshold) | torch.isnan(peak)).view(-1).nonzero(as_tuple=True)[0]
+    inside, column = above_threshold(rows.view(-1, group).index_select(0, opened), threshold).nonzero(as_tuple=True)
+    return opened[inside] * group + column
+
+
+class SparseWindowActs:
+    """Activations of each sample's latent on its context tokens, read from TopK-style latents.
+
+    Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it,
+    and further entries are further away; walking out one entry at a time therefore finds every one inside
+    the window, and a sample leaves the walk at its first miss (usually the first step).
+
+    Args:
+        indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
+        values: Their activations ``[N, k]``.
+        entry: Flat index into ``indices`` of each candidate sample.
+        picked: Activation of each candidate sample (finite).
+        seq: Sequence length (tokens ``b * seq .. (b + 1) * seq - 1`` form one sequence).
+        half_window: Context tokens on each side.
+    """
+
+    def __init__(
+        self, indices: Tensor, values: Tensor, entry: Tensor, picked: Tensor, seq: int, half_window: int
+    ) -> None:
+        self.indices, self.values, self.entry, self.picked = indices, values.reshape(-1), entry, picked
+        self.seq, self.half = seq, half_window
+        self._sorted: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def _sort(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._sorted is None:
+            num_tokens, k = self.indices.shape
+            # Entries come in token order, so a stable sort by latent orders them by (latent, token).
+            latent, order = torch.sort(self.indices.reshape(-1).to(torch.int32), stable=True)
+            keys = latent.long() * num_tokens + order // k
+            where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+            self._sorted = keys, order, where
+        return self._sorted
+
+    def __call__(self, candidate: Tensor) -> Tensor:
+        """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside the sequence)."""
+        keys, order, where = self._sort()
+        half, seq = self.half, self.seq
+        at = where[self.entry[candidate]]
+        token = self.entry[candidate] // self.indices.shape[1]
+        acts = torch.zeros((len(candidate), 2 * half + 1), device=candidate.device)
+        acts[:, half] = self.picked[candidate]
+        position = token % seq
+        own = keys[at]
+        for direction in (1, -1):
+            walking = torch.arange(len(candidate), device=candidate.device)
+            for distance in range(1, half + 1):
+                neighbour = (at[walking] + direction * distance).clamp(0, len(keys) - 1)
+                offset = keys[neighbour] - own[walking]
+                here = position[walking] + offset
+                hit = (offset != 0) & (offset.abs() <= half) & (here >= 0) & (here < seq)
+                walking, neighbour, offset = walking[hit], neighbour[hit], offset[hit]
+                if not len(walking):
+                    break
+                found = self.values[order[neighbour]].float()
+                acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
+        return acts
 
 
 @dataclass
@@ -238,22 +313,22 @@ class SampleCollector:
             order_base: Order key of the batch's first token (``rank << 40 | offset``).
         """
         batch, seq = tokens.shape
-        flat = latents.detach().reshape(batch * seq, self.config.num_latents)
-        # Scanned in blocks of rows: a [B*T, F] boolean mask at once costs page faults on every call,
-        # a block's mask stays in cache. A row sum is non-finite iff the row holds a NaN or an infinity
-        # (or overflows); non-finite values are then counted on those rows only.
-        block = max(1, DENSE_SCAN_ELEMENTS // self.config.num_latents)
+        flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
+        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
+        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
+        num_latents = self.config.num_latents
+        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
         found, bad = [], []
         for start in range(0, len(flat), block):
             rows = flat[start : start + block]
-            hits = above_threshold(rows, self.config.threshold).nonzero()
-            hits[:, 0] += start
-            found.append(hits)
+            found.append(dense_hits(rows, self.config.threshold) + start * num_latents)
             bad.append(~torch.isfinite(rows.sum(dim=1)))
-        token_idx, latent_idx = torch.cat(found).unbind(1)
-        values = flat[token_idx, latent_idx].float()
+        entry = torch.cat(found)
+        values = flat.view(-1)[entry].float()
         finite = torch.isfinite(values)
-        token_idx, latent_idx, values = token_idx[finite], latent_idx[finite], values[finite]
+        if not bool(finite.all()):
+            entry, values = entry[finite], values[finite]
+        token_idx, latent_idx = entry // num_latents, entry % num_latents
         self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
 
         def window_acts(candidate: Tensor) -> Tensor:
@@ -290,41 +365,7 @@ class SampleCollector:
         token_idx = entry // k
         latent_idx = flat_idx.view(-1)[entry].long()
         picked = flat_val.view(-1)[entry].float()
-        num_tokens = batch * seq
-        half = self.config.half_window
-        lookup: list[Tensor] = []
-
-        def window_acts(candidate: Tensor) -> Tensor:
-            # Active entries sorted by (latent, token): a sample's neighbours of the same latent sit right
-            # next to it in that order, and further entries are further away, so walking out one entry at a
-            # time finds every one inside the window; a sample leaves the walk at its first miss.
-            if not lookup:
-                tokens_of = torch.arange(num_tokens, device=flat_idx.device).repeat_interleave(k)
-                keys, order = torch.sort(flat_idx.long().view(-1) * num_tokens + tokens_of)
-                where = torch.empty_like(order)
-                where[order] = torch.arange(len(order), device=order.device)
-                lookup.extend((keys, order, where))
-            keys, order, where = lookup
-            flat_values = flat_val.reshape(-1)
-            token = token_idx[candidate]
-            at = where[entry[candidate]]
-            acts = torch.zeros((len(candidate), 2 * half + 1), device=token.device)
-            acts[:, half] = picked[candidate]
-            position = token % seq
-            for direction in (1, -1):
-                walking = torch.arange(len(candidate), device=token.device)
-                for distance in range(1, half + 1):
-                    neighbour = (at[walking] + direction * distance).clamp(0, len(keys) - 1)
-                    offset = keys[neighbour] - (keys[at[walking]])
-                    here = position[walking] + offset
-                    hit = (offset != 0) & (offset.abs() <= half) & (here >= 0) & (here < seq)
-                    walking, neighbour, offset = walking[hit], neighbour[hit], offset[hit]
-                    if not len(walking):
-                        break
-                    found = flat_values[order[neighbour]].float()
-                    acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
-            return acts
-
+        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, seq, self.config.half_window)
         self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
 
     def _fold(
