@@ -67,18 +67,28 @@ def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: in
     span = int(position.max()) + 1
     perm = torch.argsort(group * span + position)
     g, p, v = group[perm], position[perm], value[perm]
+    # Sorted by (group, position), a sample overlaps nobody iff neither sorted neighbour is in its group
+    # within the radius; only the others need the rounds below.
+    close = (g[1:] == g[:-1]) & (p[1:] - p[:-1] <= radius)
+    crowded = torch.zeros(n, dtype=torch.bool, device=group.device)
+    crowded[1:] |= close
+    crowded[:-1] |= close
+    rows = crowded.nonzero(as_tuple=True)[0]
+    if not len(rows):
+        return keep
     offsets = torch.cat([torch.arange(-radius, 0), torch.arange(1, radius + 1)]).to(group.device)
-    neighbour = (torch.arange(n, device=group.device).unsqueeze(1) + offsets).clamp(0, n - 1)
-    near = (g[neighbour] == g.unsqueeze(1)) & ((p[neighbour] - p.unsqueeze(1)).abs() <= radius)
-    near &= neighbour != torch.arange(n, device=group.device).unsqueeze(1)
+    neighbour = (rows.unsqueeze(1) + offsets).clamp(0, n - 1)
+    g_rows, p_rows, v_rows = g[rows].unsqueeze(1), p[rows].unsqueeze(1), v[rows].unsqueeze(1)
+    near = (g[neighbour] == g_rows) & ((p[neighbour] - p_rows).abs() <= radius) & (neighbour != rows.unsqueeze(1))
     v_near, p_near = v[neighbour], p[neighbour]
-    better = near & ((v_near > v.unsqueeze(1)) | ((v_near == v.unsqueeze(1)) & (p_near < p.unsqueeze(1))))
-    undecided, accepted = torch.ones(n, dtype=torch.bool, device=group.device), torch.zeros_like(keep)
-    while bool(undecided.any()):
-        undecided &= ~(near & accepted[neighbour]).any(1)
-        newly = undecided & ~(better & undecided[neighbour]).any(1)
-        accepted |= newly
-        undecided &= ~newly
+    better = near & ((v_near > v_rows) | ((v_near == v_rows) & (p_near < p_rows)))
+    # Decisions live on all samples (uncrowded ones are accepted from the start); rounds update the crowded.
+    undecided, accepted = crowded.clone(), ~crowded
+    while bool(undecided[rows].any()):
+        undecided[rows] &= ~(near & accepted[neighbour]).any(1)
+        newly = undecided[rows] & ~(better & undecided[neighbour]).any(1)
+        accepted[rows] |= newly
+        undecided[rows] &= ~newly
     keep[perm] = accepted
     return keep
 

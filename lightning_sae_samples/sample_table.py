@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
+from lightning_sae_samples.hashing import signed64
 
 EMPTY = -1
 MIN_STAGE_LIMIT = 1 << 14
@@ -93,6 +94,11 @@ def _group_key(row: Tensor, priority: Tensor) -> Tensor:
     bits = (priority.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
     ascending = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
     return row * (1 << 33) + ((1 << 31) - ascending)
+
+
+def _class_key(row: Tensor, hashes: Tensor) -> Tensor:
+    """A key of ``(row, context hash)`` pairs whose low bits are as uniform as the hash's."""
+    return hashes ^ (row * signed64(0x9E3779B97F4A7C15))
 
 
 class SampleTable:
@@ -323,20 +329,39 @@ class SampleTable:
         row, priority, hashes = new["row"], new["sort"], new["hash"]
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
-        new = {name: value[best_of_each_class(row, hashes, preference)] for name, value in new.items()}
+        best = best_of_each_class(row, hashes, preference)
+        new = {name: value[best] for name, value in new.items()}
         row, priority, hashes = new["row"], new["sort"], new["hash"]
-        kept_class = torch.zeros(len(row), dtype=torch.bool, device=row.device)
-        column = torch.zeros_like(row)
-        block = max(1, (1 << 22) // self.capacity)
-        for start in range(0, len(row), block):
-            part = slice(start, start + block)
-            same = (self.hash[row[part]] == hashes[part].unsqueeze(1)) & torch.isfinite(self.sort_key[row[part]])
-            kept_class[part] = same.any(1)
-            column[part] = same.to(torch.int8).argmax(1)
+        kept_class, column = self._kept_of_class(row, hashes)
         old_wins = kept_class & (self.sort_key[row, column] >= priority.to(self.sort_key.dtype))
         replaced = kept_class & ~old_wins
         self._evict(row[replaced], column[replaced])
-        return {name: value[~old_wins] for name, value in new.items()}
+        survive = ~old_wins
+        return {name: value[survive] for name, value in new.items()}
+
+    def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column.
+
+        A bit set of the kept ``(row, hash)`` pairs first rules out most pairs; the rest are compared with
+        their row's kept hashes.
+        """
+        found = torch.zeros(len(row), dtype=torch.bool, device=row.device)
+        column = torch.zeros_like(row)
+        filled = torch.isfinite(self.sort_key)
+        kept = filled.view(-1).nonzero(as_tuple=True)[0]
+        if not len(kept) or not len(row):
+            return found, column
+        size = 1 << min(max(int(len(kept)).bit_length() + 3, 16), 27)
+        bits = torch.zeros(size, dtype=torch.bool, device=row.device)
+        bits[_class_key(kept // self.capacity, self.hash.view(-1)[kept]) & (size - 1)] = True
+        maybe = bits[_class_key(row, hashes) & (size - 1)].nonzero(as_tuple=True)[0]
+        block = max(1, (1 << 22) // self.capacity)
+        for start in range(0, len(maybe), block):
+            part = maybe[start : start + block]
+            same = (self.hash[row[part]] == hashes[part].unsqueeze(1)) & filled[row[part]]
+            found[part] = same.any(1)
+            column[part] = same.to(torch.int8).argmax(1)
+        return found, column
 
     def _evict(self, rows: Tensor, columns: Tensor) -> None:
         """Remove samples, free their pool slots and re-sort their rows (the empty places move to the end)."""
