@@ -226,24 +226,27 @@ class SampleTable:
         new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
         if self.dedup_radius is not None:
             new = self._resolve_classes(new)
-        perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
         sizes = [len(part["row"]) for part in parts]
-        self._merge({name: value[perm] for name, value in new.items()}, sizes, windows)
+        self._merge(new, sizes, windows)
         self._floor = None
 
     def _merge(self, new: dict[str, Tensor], part_sizes: list[int], part_windows: list[dict[str, Tensor]]) -> None:
-        """Merge new samples, sorted by row then priority (ties in arrival order), into the sorted rows.
+        """Merge new samples (in arrival order) into the sorted rows.
 
         ``new["source"]`` is each sample's arrival index; arrivals come in parts (one per insert) of
         ``part_sizes``, and ``new["window"]`` indexes the sample's window in its part's ``part_windows``.
         """
         cap, dev = self.capacity, self.values.device
-        row = new["row"]
+        # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
+        # `capacity` new samples can enter.
+        perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
+        row = new["row"][perm]
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
         keep = rank < cap
-        new = {name: value[keep] for name, value in new.items()}
-        row, rank = new["row"], rank[keep]
+        perm, rank = perm[keep], rank[keep]
+        new = {name: value[perm] for name, value in new.items()}
+        row = new["row"]
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
         if not len(touched):
             return
@@ -264,12 +267,13 @@ class SampleTable:
             return getattr(self, name) if all_rows else getattr(self, name)[touched]
 
         new_priority = to_grid(new["sort"].to(self.sort_key.dtype), -math.inf)
-        # Merge two descending rows: an old sample moves down by the new ones strictly greater; a new one
-        # lands after every old one greater or equal. Positions >= capacity fall out.
+        # Merge two descending rows: a new sample lands after every old one greater or equal, and the old
+        # ones fill the other places in order. Positions >= capacity fall out.
         old_priority = kept("priority" if self.random_priority else "values")
-        pos_old = torch.arange(cap, device=dev) + torch.searchsorted(-new_priority, -old_priority, right=False)
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
+        taken = torch.zeros((grid[0], cap + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
+        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], cap)
         entered = (pos_new < cap).sum(1, keepdim=True)
         pos_old.clamp_(max=cap)
         pos_new.clamp_(max=cap)
