@@ -6,10 +6,18 @@ from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import assert_feature_file_matches, assert_groups_match, oracle
 
-from lightning_sae_samples import ActivationSampleCallback
+from lightning_sae_samples import ActivationSampleCallback, sample_table
 from lightning_sae_samples.schedule import CollectionSchedule
 
 F, K, CTX, THR = 10, 4, 4, 0.5
+
+
+@pytest.fixture(params=["merge-when-read", "merge-often"])
+def merge_policy(request, monkeypatch):
+    """With "merge-often", tables this small merge their staged samples every few inserts (default: at saves)."""
+    if request.param == "merge-often":
+        monkeypatch.setattr(sample_table, "MIN_STAGE_LIMIT", 1)
+    return request.param
 
 
 def make_callback(tmp_path, **kwargs):
@@ -49,7 +57,7 @@ def check_against_oracle(dirpath, seen, n=K):
 
 
 @pytest.mark.parametrize("mode, dedup", [("dense", False), ("flat", True), ("sparse", False), ("sparse", True)])
-def test_files_match_brute_force_oracle(tmp_path, mode, dedup):
+def test_files_match_brute_force_oracle(tmp_path, mode, dedup, merge_policy):
     module = SyntheticSAE(num_latents=F, mode=mode)
     cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7, deduplicate_contexts=dedup)
     data = TokenDataset(vocab=3) if dedup else TokenDataset()  # few tokens: identical contexts across sequences
@@ -145,7 +153,7 @@ def _two_epoch_run(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_resume_writes_identical_files(tmp_path, mode):
+def test_resume_writes_identical_files(tmp_path, mode, merge_policy):
     full = _two_epoch_run(tmp_path / "full", mode)
 
     ckpt_dir = tmp_path / "ckpt"
