@@ -11,8 +11,9 @@ Rows of the printed table:
 (b) collection cost inside a real ``lightning.Trainer`` with ``ActivationSampleCallback``, sparse
     (``latent_indices``/``latent_values``) and dense (``latents [B, T, F]``) outputs. The run uses
     ``collection_freq=2`` so collected and not-collected steps alternate in the same run; the cost is
-    (median step time of collected steps) - (median of not-collected steps). The time spent inside
-    the callback's own hooks on collected steps is also shown (the direct measurement).
+    (mean step time of collected steps, which includes the merges some of them do) - (median of
+    not-collected steps). The time spent inside the callback's own hooks on collected steps is also shown
+    (the direct measurement). The run is short, so this is the fill phase, where every activation enters.
 (c) cost of a step on which collection is not due: the callback's hook time on such steps (direct),
     and a tiny-model A/B of step times (callback present but never due vs. no callback).
 (d) the original tool's algorithm (per-latent Python ``heapq``, every activation above threshold,
@@ -20,6 +21,8 @@ Rows of the printed table:
     extrapolated linearly to the step's token count (fit ``a + b * tokens`` on two sizes).
 (e) state bytes per latent, ``trainer.save_checkpoint`` time (writes the samples directory with the
     top 100 features), and peak extra memory of one collection.
+(f) the collector alone (no Trainer, no model) over hundreds of collections from an empty state: mean
+    cost per collection by phase, as the tops fill and ever fewer activations enter them.
 
 Nothing here asserts a time; the targets are printed next to the measurements.
 """
@@ -476,11 +479,20 @@ def hooks_alone_us(trainer_for_hooks: Any, threshold: float, work: str, calls: i
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+PHASES = ((1, 10), (11, 50), (51, 100), (101, 300))
+
+
 def collector_phases(
     num_latents: int, k: int, tokens: int, seq_len: int, threshold: float, steps: int, device: torch.device,
-    extra: dict,
-) -> tuple[float, float]:
-    """Median ``update_sparse`` time over collections 2-6 and over the last five of ``steps``."""
+    extra: dict, dense: bool = False,
+) -> dict[tuple[int, int], float]:
+    """Mean update time over ranges of collections (1-based, see ``PHASES``), from an empty state.
+
+    The latents are uniform random TopK codes (k distinct latents per token, values uniform in [0, 5)), so
+    every latent fires about ``tokens * k / F`` times per collection and its top fills within
+    ``K * F / (tokens * k)`` collections; after that, ever fewer activations enter it. Means include the
+    merges of staged samples whenever they happen.
+    """
     from lightning_sae_samples.collector import CollectorConfig, SampleCollector
 
     config = CollectorConfig(num_latents, 100, 20, threshold, samples_per_interval=2, **extra)
@@ -490,14 +502,21 @@ def collector_phases(
     times = []
     for step in range(steps):
         ids = torch.randint(0, 30522, (batch, seq_len), generator=gen).to(device)
-        indices = torch.randint(0, num_latents, (batch, seq_len, k), generator=gen).to(device)
+        start = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen)
+        stride = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen) | 1  # odd: k distinct latents
+        indices = ((start + torch.arange(k) * stride) % num_latents).view(batch, seq_len, k).to(device)
         values = (torch.rand(batch, seq_len, k, generator=gen) * 5).to(device)
+        if dense:
+            latents = torch.zeros(batch, seq_len, num_latents, device=device).scatter_(2, indices, values)
         sync(device)
         t0 = time.perf_counter()
-        collector.update_sparse(ids, indices, values, step)
+        if dense:
+            collector.update_dense(ids, latents, step)
+        else:
+            collector.update_sparse(ids, indices, values, step)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return median(times[1:6]), median(times[-5:])
+    return {(lo, hi): statistics.mean(times[lo - 1 : hi]) for lo, hi in PHASES if hi <= steps}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -515,7 +534,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--baseline-tokens", type=int, nargs=2, default=[256, 1024], help="two sizes to extrapolate from")
     p.add_argument("--tiny-steps", type=int, default=1500, help="steps of the tiny-model A/B for (c)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense run (it allocates [tokens, F])")
-    p.add_argument("--phase-steps", type=int, default=60, help="collections of the collector-alone rows (f)")
+    p.add_argument("--phase-steps", type=int, default=300, help="collections of the collector-alone rows (f)")
     p.add_argument("--memory-probe", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe:
@@ -583,14 +602,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             continue
         trainer, cb, durs = trainer_run(dense, 2)
         due, idle = split(durs, cb)
-        step_due, step_idle = median([d[1] for d in due]), median([d[1] for d in idle])
-        hook_due = median([d[2] for d in due])
+        # Collected steps: the mean, which includes the merges of staged samples that some of them do.
+        step_due, step_idle = statistics.mean([d[1] for d in due]), median([d[1] for d in idle])
+        hook_due = statistics.mean([d[2] for d in due])
         hook_idle = median([d[2] for d in idle])
         results[label] = (trainer, cb, step_due, step_idle, hook_due, hook_idle)
         target = "≤1%" if not dense else "≤5%"
         rows.append(
             (
-                f"(b) collection cost, {label}: step(collected) − step(not due)",
+                f"(b) collection cost, {label}: mean step(collected) − median step(not due)",
                 fmt_ms(step_due - step_idle),
                 f"{(step_due - step_idle) / ref:.2%}",
                 f"target {target} of (a)",
@@ -729,22 +749,27 @@ def main(argv: Optional[list[str]] = None) -> None:
         )
 
     # (f) the collector alone, by how far the collection has come
-    for label, extra in (
-        ("defaults", {}),
-        ("+ recent_window_steps=1000", {"recent_window_steps": 1000}),
-        ("+ deduplicate_contexts", {"deduplicate_contexts": True}),
+    for label, extra, dense, steps in (
+        ("sparse, defaults", {}, False, args.phase_steps),
+        ("sparse, + recent_window_steps=1000", {"recent_window_steps": 1000}, False, args.phase_steps),
+        ("sparse, + deduplicate_contexts", {"deduplicate_contexts": True}, False, args.phase_steps),
+        ("dense, defaults", {}, True, min(args.phase_steps, 100)),
     ):
-        early, late = collector_phases(
-            num_latents, k, tokens, args.seq_len, args.threshold, args.phase_steps, device, extra
+        if dense and args.no_dense:
+            continue
+        phases = collector_phases(
+            num_latents, k, tokens, args.seq_len, args.threshold, steps, device, extra, dense=dense
         )
         rows.append(
             (
-                f"(f) collector alone, {label}: collections 2–6 / {args.phase_steps - 4}–{args.phase_steps}",
-                f"{fmt_ms(early)} / {fmt_ms(late)}",
-                f"{early / ref:.1%} / {late / ref:.1%}",
-                "update_sparse on uniform random TopK latents; early on every activation enters the top",
+                f"(f) collector alone, {label}: mean over collections "
+                + " / ".join(f"{lo}–{hi}" for lo, hi in phases),
+                " / ".join(fmt_ms(t) for t in phases.values()),
+                " / ".join(f"{t / ref:.1%}" for t in phases.values()),
+                "uniform random TopK latents, from an empty state; merges included",
             )
         )
+        console.print(f"(f) {label}: " + ", ".join(f"{lo}-{hi}: {fmt_ms(t)}" for (lo, hi), t in phases.items()))
 
     table = Table(title=f"ActivationSampleCallback cost — F={num_latents}, k={k}, {tokens} tokens/step, {device}")
     table.add_column("measurement")
