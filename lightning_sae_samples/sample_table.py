@@ -9,7 +9,8 @@ Per row, ``priority``/``value``/``step``/``order`` are kept sorted (best first; 
 earliest ``(step, order)`` first) with a ``slot`` pointer into a pool shared by all rows that holds each
 sample's position and context window. Samples that can enter are staged and merged in bulk: a merge
 re-sorts only the small keys of the rows it touches and copies context windows only for the samples that
-enter, into free pool slots taken in arrival order.
+enter, into the slots of the samples they push out or else into never used slots, taken in arrival order
+(so the pool fills front to back).
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class SampleTable:
         self.pool_position = torch.full((size,), EMPTY, dtype=torch.int32, device=device)
         self.pool_context_tokens = torch.full((size, window), EMPTY, dtype=torch.int32, device=device)
         self.pool_context_acts = torch.zeros((size, window), device=device)
-        self.free = torch.arange(size, device=device)
-        self.free_start = 0
+        self.next_unused = 0
+        self.released = torch.empty(0, dtype=torch.int64, device=device)
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
         self._staged_count = 0
@@ -289,8 +290,7 @@ class SampleTable:
         slot = new_slots[at_local, at_rank]
         fresh = slot == EMPTY
         fresh_count = int(fresh.sum())
-        slot[fresh] = self.free[self.free_start : self.free_start + fresh_count]
-        self.free_start += fresh_count
+        slot[fresh] = self._take_slots(fresh_count)
         new_slots[at_local, at_rank] = slot
 
         fields = [
@@ -343,6 +343,14 @@ class SampleTable:
         survive = ~old_wins
         return {name: value[survive] for name, value in new.items()}
 
+    def _take_slots(self, count: int) -> Tensor:
+        """Pool slots for new samples: released ones first, then never used ones in order."""
+        reused = min(count, len(self.released))
+        taken, self.released = self.released[:reused], self.released[reused:]
+        unused = torch.arange(self.next_unused, self.next_unused + count - reused, device=self.slot.device)
+        self.next_unused += count - reused
+        return torch.cat([taken, unused])
+
     def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
         """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column.
 
@@ -371,8 +379,7 @@ class SampleTable:
         """Remove samples, free their pool slots and re-sort their rows (the empty places move to the end)."""
         if not len(rows):
             return
-        self.free = torch.cat([self.free[self.free_start :], self.slot[rows, columns]])
-        self.free_start = 0
+        self.released = torch.cat([self.released, self.slot[rows, columns]])
         self.values[rows, columns] = -math.inf
         if self.random_priority:
             self.priority[rows, columns] = -math.inf
@@ -418,13 +425,13 @@ class SampleTable:
         if self.hash is not None:
             self.hash.copy_(exported["hash"])
         filled = torch.isfinite(self.sort_key)
-        places = torch.arange(self.rows * self.capacity, device=self.slot.device)
-        self.slot.copy_(torch.where(filled, places.view(self.rows, self.capacity), EMPTY))
-        self.free = places[~filled.view(-1)]
-        self.free_start = 0
-        self.pool_position.copy_(exported["position"].reshape(-1))
-        self.pool_context_tokens.copy_(exported["context_tokens"].reshape(-1, self.window))
-        self.pool_context_acts.copy_(exported["context_acts"].reshape(-1, self.window))
+        kept = filled.view(-1).nonzero(as_tuple=True)[0]
+        self.slot.view(-1).fill_(EMPTY).index_copy_(0, kept, torch.arange(len(kept), device=kept.device))
+        self.next_unused = len(kept)
+        self.released = self.released[:0]
+        for name in WINDOW_FIELDS:
+            pool = getattr(self, f"pool_{name}")
+            pool[: len(kept)] = exported[name].to(pool.device).reshape(len(pool), *pool.shape[1:])[kept]
 
 
 def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:
