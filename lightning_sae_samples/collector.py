@@ -134,36 +134,45 @@ class SparseWindowActs:
     ) -> None:
         self.indices, self.values, self.entry, self.picked = indices, values.reshape(-1), entry, picked
         self.seq, self.half = seq, half_window
-        self._sorted: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self._sorted: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
-    def _sort(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _sort(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._sorted is None:
             num_tokens, k = self.indices.shape
             # Entries come in token order, so a stable sort by latent orders them by (latent, token).
             latent, order = torch.sort(self.indices.reshape(-1).to(torch.int32), stable=True)
-            keys = latent.long() * num_tokens + order // k
+            token = order // k
+            keys = latent.long() * num_tokens + token
             where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-            self._sorted = keys, order, where
+            sequence = token // self.seq
+            linked = (
+                (latent[1:] == latent[:-1]) & (sequence[1:] == sequence[:-1]) & (keys[1:] - keys[:-1] <= self.half)
+            )
+            self._sorted = keys, order, where, linked
         return self._sorted
 
     def __call__(self, candidate: Tensor) -> Tensor:
         """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside the sequence)."""
-        keys, order, where = self._sort()
-        half, seq = self.half, self.seq
+        keys, order, where, linked = self._sort()
+        half, last = self.half, len(keys) - 1
         at = where[self.entry[candidate]]
-        token = self.entry[candidate] // self.indices.shape[1]
         acts = torch.zeros((len(candidate), 2 * half + 1), device=candidate.device)
         acts[:, half] = self.picked[candidate]
-        position = token % seq
-        own = keys[at]
         for direction in (1, -1):
-            walking = torch.arange(len(candidate), device=candidate.device)
+            # `linked[i]`: sorted entries i and i + 1 are the same latent, in one sequence, within the window.
+            if direction == 1:
+                starts = linked[at.clamp(max=last - 1)] & (at < last)
+            else:
+                starts = linked[(at - 1).clamp(min=0)] & (at > 0)
+            walking = starts.nonzero(as_tuple=True)[0]
+            own = keys[at[walking]]
             for distance in range(1, half + 1):
-                neighbour = (at[walking] + direction * distance).clamp(0, len(keys) - 1)
-                offset = keys[neighbour] - own[walking]
-                here = position[walking] + offset
-                hit = (offset != 0) & (offset.abs() <= half) & (here >= 0) & (here < seq)
-                walking, neighbour, offset = walking[hit], neighbour[hit], offset[hit]
+                neighbour = (at[walking] + direction * distance).clamp(0, last)
+                offset = keys[neighbour] - own
+                hit = (offset != 0) & (offset.abs() <= half)
+                if distance > 1:
+                    hit &= linked[torch.minimum(neighbour, neighbour - direction)]
+                walking, neighbour, offset, own = walking[hit], neighbour[hit], offset[hit], own[hit]
                 if not len(walking):
                     break
                 found = self.values[order[neighbour]].float()

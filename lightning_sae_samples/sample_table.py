@@ -67,8 +67,7 @@ class BatchContext:
         half = self.half_window
         padded = torch.nn.functional.pad(self.tokens.to(torch.int32), (half, half), value=EMPTY)
         start = token_idx + (token_idx // seq) * (2 * half)
-        columns = torch.arange(2 * half + 1, device=token_idx.device)
-        return padded.reshape(-1)[start.unsqueeze(1) + columns]
+        return padded.reshape(-1).unfold(0, 2 * half + 1, 1).index_select(0, start)
 
     def compute_windows(self, candidate: Tensor) -> None:
         """Compute the windows of these candidates (the union of what every table may keep), once."""

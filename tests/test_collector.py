@@ -332,3 +332,23 @@ def test_deduplicated_merge_of_two_ranks_equals_oracle(stage_limit):
     assert_top_equals(merged, oracle(seen, F, K, CTX, THR, dedup=True))
     resumed = SampleCollector.from_state_dict(merged)
     assert torch.equal(resumed.state_dict()["top_hash"], merged["top_hash"])
+
+
+def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence(stage_limit):
+    # In (latent, token) order, latent 1 at the last token sits right before latent 2 at the first one.
+    tokens = torch.arange(6).unsqueeze(0)
+    latents = torch.zeros(1, 6, F)
+    latents[0, 5, 1] = 1.5
+    latents[0, 0, 2] = 2.0
+    latents[0, 1, 2] = 1.0
+    indices, values, dense = to_sparse(latents, k=2)
+    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    sparse_c.update_sparse(tokens, indices, values, 0)
+    dense_c.update_dense(tokens, dense, 0)
+    state = sparse_c.state_dict()
+    assert state["top_context_acts"][2, 0].tolist() == [0.0, 0.0, 2.0, 1.0, 0.0]
+    assert state["top_context_acts"][1, 0].tolist() == [0.0, 0.0, 1.5, 0.0, 0.0]
+    for key, value in dense_c.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, state[key]), key
