@@ -527,7 +527,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per Trainer run (after warm-up)")
+    p.add_argument("--steps", type=int, default=16, help="measured steps per Trainer run (after warm-up)")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured first steps (the collector state fills up)")
     p.add_argument("--threshold", type=float, default=0.1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
