@@ -224,17 +224,17 @@ class SampleTable:
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
+        arrivals = [(windows[i], part["window"]) for i, part in enumerate(parts)]
         if self.dedup_radius is not None:
             new = self._resolve_classes(new)
-        sizes = [len(part["row"]) for part in parts]
-        self._merge(new, sizes, windows)
+        self._merge(new, arrivals)
         self._floor = None
 
-    def _merge(self, new: dict[str, Tensor], part_sizes: list[int], part_windows: list[dict[str, Tensor]]) -> None:
+    def _merge(self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
         """Merge new samples (in arrival order) into the sorted rows.
 
-        ``new["source"]`` is each sample's arrival index; arrivals come in parts (one per insert) of
-        ``part_sizes``, and ``new["window"]`` indexes the sample's window in its part's ``part_windows``.
+        ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
+        is its batch's windows and, per arrival, the index of its window there.
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -283,14 +283,16 @@ class SampleTable:
         new_slots = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
         enters = rank < entered[local, 0]
         source = new["source"][enters]
-        by_arrival = torch.argsort(source)
-        source = source[by_arrival]
-        at_local, at_rank = local[enters][by_arrival], rank[enters][by_arrival]
-        slot = new_slots[at_local, at_rank]
-        fresh = slot == EMPTY
-        fresh_count = int(fresh.sum())
-        slot[fresh] = self._take_slots(fresh_count)
-        new_slots[at_local, at_rank] = slot
+        at = local[enters] * width + rank[enters]
+        slot = new_slots.view(-1)[at]
+        fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
+        if len(fresh):
+            # Never used slots go in arrival order, so the windows of one batch land side by side.
+            arrived = sum(len(index) for _, index in arrivals)
+            in_arrival = torch.zeros(arrived, dtype=torch.int64, device=dev).index_fill_(0, source[fresh], 1)
+            turn = torch.cumsum(in_arrival, 0)[source[fresh]] - 1
+            slot[fresh] = self._take_slots(len(fresh))[turn]
+            new_slots.view(-1)[at] = slot
 
         fields = [
             ("values", kept("values"), to_grid(new["values"], -math.inf)),
@@ -311,17 +313,18 @@ class SampleTable:
             else:
                 getattr(self, name)[touched] = merged[:, :cap]
 
-        window = new["window"][enters][by_arrival]
-        offsets = torch.tensor([0, *part_sizes], device=dev).cumsum(0)
-        bounds = torch.searchsorted(source, offsets).tolist()
-        for part, windows in enumerate(part_windows):
-            chunk = slice(bounds[part], bounds[part + 1])
-            if chunk.start == chunk.stop:
+        destination = torch.full((sum(len(index) for _, index in arrivals),), EMPTY, dtype=torch.int64, device=dev)
+        destination[source] = slot
+        start = 0
+        for windows, index in arrivals:
+            part = destination[start : start + len(index)]
+            start += len(index)
+            entering = (part != EMPTY).nonzero(as_tuple=True)[0]
+            if not len(entering):
                 continue
-            index = window[chunk]
             for name in WINDOW_FIELDS:
                 pool = getattr(self, f"pool_{name}")
-                pool.index_copy_(0, slot[chunk], windows[name].index_select(0, index))
+                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
