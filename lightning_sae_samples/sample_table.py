@@ -278,7 +278,7 @@ class SampleTable:
         pos_old.clamp_(max=cap)
         pos_new.clamp_(max=cap)
         # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
-        # or free slots where they were empty.
+        # or never used (or released) ones where they were empty.
         old_slots = kept("slot")
         new_slots = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
         enters = rank < entered[local, 0]
@@ -286,9 +286,9 @@ class SampleTable:
         at = local[enters] * width + rank[enters]
         slot = new_slots.view(-1)[at]
         fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
+        arrived = sum(len(index) for _, index in arrivals)
         if len(fresh):
             # Never used slots go in arrival order, so the windows of one batch land side by side.
-            arrived = sum(len(index) for _, index in arrivals)
             in_arrival = torch.zeros(arrived, dtype=torch.int64, device=dev).index_fill_(0, source[fresh], 1)
             turn = torch.cumsum(in_arrival, 0)[source[fresh]] - 1
             slot[fresh] = self._take_slots(len(fresh))[turn]
@@ -313,8 +313,11 @@ class SampleTable:
             else:
                 getattr(self, name)[touched] = merged[:, :cap]
 
-        destination = torch.full((sum(len(index) for _, index in arrivals),), EMPTY, dtype=torch.int64, device=dev)
-        destination[source] = slot
+        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
+        self._write_windows(destination.index_copy_(0, source, slot), arrivals)
+
+    def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
+        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""
         start = 0
         for windows, index in arrivals:
             part = destination[start : start + len(index)]
