@@ -224,7 +224,7 @@ class SampleTable:
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
-        arrivals = [(windows[i], part["window"]) for i, part in enumerate(parts)]
+        arrivals = [(batch_windows, part["window"]) for batch_windows, part in zip(windows, parts)]
         if self.dedup_radius is not None:
             new = self._resolve_classes(new)
         self._merge(new, arrivals)
