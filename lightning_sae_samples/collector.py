@@ -412,7 +412,7 @@ class SampleCollector:
         anywhere = may_enter[0]
         for mask in may_enter[1:]:
             anywhere = anywhere | mask
-        batch = BatchContext(tokens.to(dev), token_idx, latent_idx, step, order_base, cfg.half_window, window_acts)
+        batch = BatchContext(tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts)
         batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]

@@ -36,7 +36,6 @@ class BatchContext:
     Args:
         tokens: Token ids ``[B, T]`` on the tables' device.
         token_idx: Flat token index (``b * T + t``) of each candidate, ascending.
-        latent: Latent of each candidate.
         step: Global optimizer step.
         order_base: Order key of the batch's first token (``rank << 40 | offset within the step``).
         half_window: Context tokens kept on each side of the activating one.
@@ -48,13 +47,12 @@ class BatchContext:
         self,
         tokens: Tensor,
         token_idx: Tensor,
-        latent: Tensor,
         step: int,
         order_base: int,
         half_window: int,
         window_acts: Callable[[Tensor], Tensor],
     ) -> None:
-        self.tokens, self.token_idx, self.latent = tokens, token_idx, latent
+        self.tokens, self.token_idx = tokens, token_idx
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
@@ -156,11 +154,6 @@ class SampleTable:
     def sort_key(self) -> Tensor:
         """The sorted priority column."""
         return self.priority if self.random_priority else self.values
-
-    @property
-    def staged(self) -> int:
-        """Samples waiting to be merged into the sorted rows."""
-        return self._staged_count
 
     def clear(self) -> None:
         """Drop every sample."""
