@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import trainer
 
 L = pytest.importorskip("lightning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -77,7 +78,7 @@ def test_relu_outputs():
     assert (out["latents"] >= 0).all() and not out["latents"].requires_grad
 
 
-def test_decoder_columns_stay_unit_norm_and_loss_drops():
+def test_decoder_columns_stay_unit_norm_and_loss_drops(tmp_path):
     sae = TopKSAE(d_model=D, num_latents=F, k=K, warmup_steps=1, lr=1e-2)
     loader = torch.utils.data.DataLoader([batch(seed=i) for i in range(8)] * 5, batch_size=None)
     losses = []
@@ -86,16 +87,7 @@ def test_decoder_columns_stay_unit_norm_and_loss_drops():
         def on_train_batch_end(self, trainer, module, outputs, b, i):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    )
-    trainer.fit(sae, loader)
+    trainer(tmp_path, [Record()]).fit(sae, loader)
     norms = sae.decoder.weight.norm(dim=0)
     torch.testing.assert_close(norms, torch.ones_like(norms))
     assert sum(losses[-5:]) < sum(losses[:5])
@@ -110,16 +102,7 @@ def test_example_modules_feed_the_callback(tmp_path, cls):
     cb = samples_mod.ActivationSampleCallback(
         collection_freq=1, context_size=4, dirpath=str(tmp_path / "samples"), write_report=False
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    trainer.fit(sae, loader)
+    trainer(tmp_path, [cb]).fit(sae, loader)
     summary = json.loads((tmp_path / "samples" / "collection_summary.json").read_text())
     assert summary["num_features_tracked"] == F
     assert summary["tokens_seen"] == 6 * 3 * 10
