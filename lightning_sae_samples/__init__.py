@@ -7,16 +7,14 @@ the analyzer start without importing Lightning.
 from importlib import import_module
 from typing import Any
 
-from lightning_sae_samples.analyzer import (
+from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, UnknownFeatureError, write_report
+from lightning_sae_samples.records import (
     DRIFT_THRESHOLD,
-    ActivationSampleAnalyzer,
     FeatureSamples,
     FeatureStats,
     IntervalGroup,
     RunSummary,
     Sample,
-    UnknownFeatureError,
-    write_report,
 )
 from lightning_sae_samples.storage import SamplesDirectory, SamplesDirectoryError, read_samples_dir
 

@@ -13,12 +13,10 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
-from lightning_sae_samples.storage import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, FeatureSamples, IntervalGroup, Sample
+from lightning_sae_samples.records import FeatureSamples, IntervalGroup, Sample
+from lightning_sae_samples.storage import SamplesDirectory, atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("jsonl", "parquet")
@@ -29,6 +27,21 @@ EXPORT_VERSION = 2
 FEATURES_NAME = "features"
 SAMPLES_NAME = "samples"
 SUMMARY_NAME = "summary.json"
+
+
+
+class FeatureSource(Protocol):
+    """What the export reads from: an opened samples directory (an ``ActivationSampleAnalyzer``)."""
+
+    directory: SamplesDirectory
+
+    @property
+    def saved_features(self) -> list[int]:
+        """Saved feature indices in rank order."""
+
+    def feature(self, feature_idx: int, num_examples: Optional[int] = None) -> FeatureSamples:
+        """One latent with up to ``num_examples`` samples."""
+
 
 # Column name -> type ("int", "float", "bool", "str", or "list<...>"); nullable columns end in "?".
 FEATURE_COLUMNS = {
@@ -83,7 +96,7 @@ _LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
 
 
 def _selected(
-    analyzer: ActivationSampleAnalyzer, features: Optional[Iterable[int]], num_examples: Optional[int]
+    analyzer: FeatureSource, features: Optional[Iterable[int]], num_examples: Optional[int]
 ) -> list[FeatureSamples]:
     indices = analyzer.saved_features if features is None else list(features)
     return [analyzer.feature(i, num_examples) for i in indices]
@@ -186,7 +199,7 @@ def _check_level(level: str) -> None:
 
 
 def table_rows(
-    analyzer: ActivationSampleAnalyzer,
+    analyzer: FeatureSource,
     level: str,
     features: Optional[Iterable[int]] = None,
     num_examples: Optional[int] = None,
@@ -220,7 +233,7 @@ def _require(module: str, purpose: str) -> Any:
 
 
 def to_dataframe(
-    analyzer: ActivationSampleAnalyzer,
+    analyzer: FeatureSource,
     level: str = "feature",
     features: Optional[Iterable[int]] = None,
     num_examples: Optional[int] = None,
@@ -295,7 +308,7 @@ def _write_parquet(path: Path, rows: list[dict], columns: dict[str, str]) -> Non
 
 
 def export_samples(
-    analyzer: ActivationSampleAnalyzer,
+    analyzer: FeatureSource,
     out_dir: PathLike,
     format: str = "jsonl",  # noqa: A002 - the natural name on the command line too
     features: Optional[Iterable[int]] = None,

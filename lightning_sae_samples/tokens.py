@@ -2,15 +2,63 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any, Optional, Union
+from urllib.parse import urlparse
+
+#: How a token id that no tokenizer could decode is shown: ``[12575]``.
+UNDECODED_FORMAT = "[{}]"
+_UNDECODED = re.compile(r"\[\d+\]")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def load_tokenizer(tokenizer: Union[str, Any, None]) -> Any:
+class TokenizerNotAvailableError(OSError):
+    """A tokenizer name or path that cannot be loaded here (not cached locally, and the Hub is out of reach)."""
+
+
+def undecoded(token_id: int) -> str:
+    """Display string of a token id that could not be decoded: ``[12575]``."""
+    return UNDECODED_FORMAT.format(int(token_id))
+
+
+def is_undecoded(text: str) -> bool:
+    """Whether a display string is an undecoded token id (``[12575]``)."""
+    return _UNDECODED.fullmatch(text) is not None
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks Hugging Face libraries not to use the network."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in _OFFLINE_VARIABLES)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_tokenizer(tokenizer: Union[str, Any, None], local_only: bool = False) -> Any:
     """Return a tokenizer object, loading a Hugging Face name or path with ``AutoTokenizer``.
+
+    A name is looked up in the local cache first (``local_files_only=True``), so a cached tokenizer loads
+    without the network. Only when it is not cached, ``local_only`` is false, ``HF_HUB_OFFLINE`` is not set
+    and the Hub answers is it downloaded; otherwise it fails at once instead of retrying for a minute.
+
+    Args:
+        tokenizer: A tokenizer object (returned as is), a Hugging Face name or local path, or ``None``.
+        local_only: Never use the network.
 
     Raises:
         ImportError: A name was given but ``transformers`` is not installed.
+        TokenizerNotAvailableError: The name is neither a local path nor cached, and cannot be downloaded.
         TypeError: The object has neither ``convert_ids_to_tokens`` nor ``decode``.
     """
     if tokenizer is None:
@@ -23,6 +71,23 @@ def load_tokenizer(tokenizer: Union[str, Any, None]) -> Any:
                 f"`tokenizer={tokenizer!r}` is a name or path, and loading it needs `transformers`:"
                 " run `pip install transformers`, or pass a tokenizer object."
             ) from err
+        try:
+            return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a missing one
+            local_error = err
+        why = (
+            "the network is off (HF_HUB_OFFLINE)" if hub_offline()
+            else "only local files are used here" if local_only
+            else None if _hub_reachable()
+            else "the Hugging Face Hub cannot be reached"
+        )
+        if why is not None:
+            raise TokenizerNotAvailableError(
+                f"Tokenizer {tokenizer!r} is not a local folder nor in the local Hugging Face cache, and {why}"
+                f" ({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]})."
+                " Pass the path of a folder holding the tokenizer files, or download it once where the Hub"
+                " is reachable (`AutoTokenizer.from_pretrained(name)`)."
+            ) from local_error
         return AutoTokenizer.from_pretrained(tokenizer)
     if not (hasattr(tokenizer, "convert_ids_to_tokens") or hasattr(tokenizer, "decode")):
         raise TypeError(
@@ -39,11 +104,58 @@ def describe_tokenizer(tokenizer: Union[str, Any, None]) -> Optional[str]:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 byte values (as GPT-2's ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            stand_ins[chr(byte)] = byte
+        else:
+            stand_ins[chr(256 + extra)] = byte
+            extra += 1
+    return stand_ins
+
+
+def byte_fallback_display(piece: str) -> Optional[str]:
+    """Display string of a token that decodes to an incomplete UTF-8 sequence (``"\ufffd"``).
+
+    SentencePiece and GGUF byte tokens (``<0xE8>``) are kept as they are; a byte-level BPE piece (GPT-2's
+    ``Ã¨`` alphabet) shows its text with the bytes that are not valid UTF-8 as ``<0xE8>``. ``None`` when the
+    piece is neither.
+    """
+    if _BYTE_TOKEN.fullmatch(piece):
+        return piece.upper().replace("0X", "0x")
+    alphabet = _byte_level_alphabet()
+    if not piece or any(c not in alphabet for c in piece):
+        return None
+    return _bytes_display(bytes(alphabet[c] for c in piece))
+
+
+def _bytes_display(data: bytes) -> str:
+    """UTF-8 text of ``data``, each byte that is not part of a valid character shown as ``<0xE8>``."""
+    out, start = [], 0
+    while start < len(data):
+        try:
+            out.append(data[start:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as err:
+            out.append(data[start : start + err.start].decode("utf-8"))
+            bad = start + err.start
+            out.append(f"<0x{data[bad]:02X}>")
+            start = bad + 1
+    return "".join(out)
+
+
 class TokenDecoder:
     """Turns token ids into display strings and context text for one save.
 
+    A token that decodes to an incomplete character (``"\ufffd"``: a byte-fallback token) shows as its
+    byte (``<0xE8>``, see :func:`byte_fallback_display`), so distinct bytes stay distinct.
+
     Args:
-        tokenizer: Anything with ``decode`` and/or ``convert_ids_to_tokens``; ``None`` shows ids.
+        tokenizer: Anything with ``decode`` and/or ``convert_ids_to_tokens``; ``None`` shows ids as ``[12575]``.
     """
 
     def __init__(self, tokenizer: Any = None) -> None:
@@ -59,7 +171,7 @@ class TokenDecoder:
         tok = self.tokenizer
         if tok is None:
             for i in new:
-                self._strings[i] = self._raw[i] = str(i)
+                self._strings[i] = self._raw[i] = undecoded(i)
             return
         raw = tok.convert_ids_to_tokens(new) if hasattr(tok, "convert_ids_to_tokens") else None
         wordpiece = self._is_wordpiece()
@@ -68,6 +180,8 @@ class TokenDecoder:
             piece = raw[n] if raw is not None else None
             self._raw[i] = str(piece if piece is not None else text)
             display = str(text if text not in (None, "") else self._raw[i])
+            if "\ufffd" in display and piece is not None:
+                display = byte_fallback_display(str(piece)) or display
             if wordpiece:
                 # WordPiece marks continuations with "##" instead of marking word starts with a space (as
                 # byte-level BPE does): give word starts a space so joined display strings read as text.

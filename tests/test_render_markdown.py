@@ -106,6 +106,6 @@ def test_user_template_overrides_markdown_and_html_falls_back(hostile_dir, tmp_p
     )
     analyzer = ActivationSampleAnalyzer(hostile_dir, template_dir=tmp_path / "tpl")
     text = analyzer.generate_interpretability_report(tmp_path / "r.md", top_k_features=2).read_text()
-    assert text.startswith("custom 2 ") and "<script" not in text
+    assert text.startswith("custom 2 ") and "<script" not in MD.render(text)
     html = analyzer.generate_html_report(tmp_path / "r.html", top_k_features=2).read_text()
     assert html.startswith("<!DOCTYPE html>")

@@ -7,7 +7,7 @@ markup), after :func:`~lightning_sae_samples.render.escaping.visible`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from rich.color import Color
 from rich.console import Console, Group
@@ -16,12 +16,11 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from lightning_sae_samples.records import DRIFT_THRESHOLD, FeatureSamples, FeatureStats, RunSummary, Sample
 from lightning_sae_samples.render import formatting, heat
-from lightning_sae_samples.render.escaping import visible
+from lightning_sae_samples.render.escaping import token_label, visible
 from lightning_sae_samples.render.histogram import display_bins, text_bar
-
-if TYPE_CHECKING:
-    from lightning_sae_samples.analyzer import FeatureSamples, FeatureStats, RunSummary, Sample
+from lightning_sae_samples.render.views import interval_share, needs_gap
 
 BAR_STYLE = "dark_orange"
 ACTIVATING = Style(bold=True, underline=True)
@@ -41,11 +40,14 @@ def token_style(activation: float, feature_max: float) -> Style:
 def highlighted_context(sample: Sample, feature_max: float) -> Text:
     """A sample's context, each token on its heat background, the activating token marked.
 
-    The activating token is bold and underlined and followed by its value in brackets.
+    The activating token is bold and underlined and followed by its value in brackets; an undecoded id
+    (``[12575]``) is spaced from its neighbours.
     """
     text = Text()
     for i, token in enumerate(sample.context):
         style = token_style(token.activation, feature_max)
+        if i and needs_gap(sample.context[i - 1].text, token.text):
+            text.append(" ")
         if i == sample.context_position:
             text.append(visible(token.text), style + ACTIVATING)
             text.append(f"[{formatting.value(token.activation)}]", VALUE_STYLE)
@@ -104,7 +106,7 @@ def logit_effects_table(feature: FeatureSamples) -> Optional[Table]:
         cells: list = []
         for side in (effects.promoted, effects.suppressed):
             if n < len(side):
-                cells += [Text(visible(side[n].token)), Text(formatting.signed(side[n].value), style="dim")]
+                cells += [Text(token_label(side[n].token)), Text(formatting.signed(side[n].value), style="dim")]
             else:
                 cells += ["", ""]
         table.add_row(*cells)
@@ -150,7 +152,7 @@ def interval_table(feature: FeatureSamples) -> Optional[Table]:
         if n:
             table.add_section()
         label = formatting.interval(group.low, group.high, group.low_open)
-        share = formatting.frequency(group.count / stats.activation_count) if stats.activation_count else "0%"
+        share = interval_share(group.count, stats.activation_count)
         count = f"{formatting.count(group.count)} ({share})"
         if not group.samples:
             table.add_row(label, count, "", "", Text("no samples kept", style="dim"))
@@ -169,8 +171,6 @@ def interval_table(feature: FeatureSamples) -> Optional[Table]:
 
 def drift_text(feature: FeatureSamples) -> Optional[Text]:
     """The drift flag of a latent (bold red), or ``None`` when it is not flagged."""
-    from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
-
     note = formatting.drift_note(feature.recent_overlap, len(feature.recent_samples), DRIFT_THRESHOLD)
     return None if note is None else Text(f"⚠ {note}", style="bold red")
 
@@ -236,7 +236,7 @@ def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
     for n, (token, occurrences) in enumerate(feature.top_tokens(limit)):
         if n:
             text.append(", ")
-        text.append(visible(token), style="bold")
+        text.append(token_label(token), style="bold")
         text.append(f" ×{occurrences}", style="dim")
     return text
 
@@ -300,8 +300,6 @@ def print_summary(
         )
     console.print(table)
     if recent:
-        from lightning_sae_samples.analyzer import DRIFT_THRESHOLD
-
         flagged_idx = [f.feature_idx for f in features if f.recent_drift]
         line = Text(f"Recent window: steps {formatting.step_range(summary.recent_window)}. ")
         if flagged_idx:

@@ -6,16 +6,30 @@ through nothing else:
 
 * :func:`visible` makes whitespace-only tokens, line breaks, tabs and control characters visible
   (console, Markdown and HTML all use it);
-* :func:`markdown_text` makes a string inert in Markdown: HTML characters become entities, every
-  other ASCII punctuation character is backslash-escaped (so ``|`` becomes ``\|`` and cannot split
-  a table row) and no line break survives;
+* :func:`token_label` also marks the leading and trailing spaces of a token shown on its own (``·of``), so
+  that " of" and "of" differ in token lists (console, Markdown and HTML all use it);
+* :func:`markdown_text` makes a string inert in Markdown with as few backslashes as possible, so that the
+  plain file reads as text: only characters that can start Markdown syntax in running text or split a
+  table row are escaped, no HTML entity is written, and no line break survives;
 * HTML relies on Jinja autoescaping of the :func:`visible` string (see ``render/templates.py``).
 """
 
 from __future__ import annotations
 
-import string
 import unicodedata
+from typing import Optional
+
+from lightning_sae_samples.tokens import is_undecoded
+
+__all__ = [
+    "SPACE_MARK",
+    "is_undecoded",
+    "markdown_emphasis",
+    "markdown_text",
+    "split_outer_spaces",
+    "token_label",
+    "visible",
+]
 
 SPACE_MARK = "·"
 NEWLINE_MARK = "⏎"
@@ -24,8 +38,9 @@ CARRIAGE_RETURN_MARK = "␍"
 EMPTY_MARK = "∅"
 
 _ALWAYS_VISIBLE = {"\n": NEWLINE_MARK, "\t": TAB_MARK, "\r": CARRIAGE_RETURN_MARK}
-_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}
-_MARKDOWN_PUNCTUATION = frozenset(string.punctuation) - _HTML_ENTITIES.keys()
+# Escaped wherever they stand: emphasis, code spans, links and images, raw HTML and autolinks, table pipes,
+# GFM strikethrough and math, entity references.
+_MARKDOWN_SYNTAX = frozenset("*_`[]<|~$&")
 # Characters that reorder or hide text (Trojan-source style) are shown as code points.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
@@ -67,32 +82,67 @@ def split_outer_spaces(text: str) -> tuple[str, str, str]:
     return text[:start], core, text[start + len(core) :]
 
 
-def markdown_text(text: str) -> str:
-    """Escape a string so Markdown renders it literally, also inside a table cell.
+def token_label(token: str) -> str:
+    """Display form of a token shown on its own (a token list, a table cell).
 
-    ``& < > " '`` become HTML entities (no raw HTML, no autolinks), other ASCII punctuation is
-    backslash-escaped (no emphasis, links, headings, code spans or table pipes), and the text is
-    passed through :func:`visible` first, so no line break can end a paragraph or a table row.
+    :func:`visible`, with its leading and trailing spaces shown as ``·``: ``" of"`` reads ``·of``, ``"of"`` ``of``.
+    """
+    lead, core, trail = split_outer_spaces(visible(token))
+    return SPACE_MARK * len(lead) + core + SPACE_MARK * len(trail)
+
+
+def _is_punctuation(char: str) -> bool:
+    # CommonMark's punctuation: ASCII punctuation and the Unicode P and S categories.
+    return unicodedata.category(char)[0] in "PS"
+
+
+def markdown_text(text: str) -> str:
+    r"""Escape a string so that Markdown renders it literally, also inside a table cell, and reads as text.
+
+    The text goes through :func:`visible` first (no line break can end a paragraph or a table row). Then
+    ``* _ ` [ ] < | ~ $ &`` are backslash-escaped (no emphasis, code, link, HTML, autolink, strikethrough,
+    math, entity or cell split), and a backslash only where it would escape what follows it (before ASCII
+    punctuation or at the end, where the next token may start with some). Everything else stays as it is,
+    so ``mother's`` and ``west,`` read the same in the file as on the page.
+
+    The text never stands at the start of a line in the reports, so line-start syntax (``#``, ``>``,
+    ``1.``, ``-``) needs no escape.
 
     Args:
         text: Untrusted text (a token or a label built from tokens).
     """
+    shown = visible(text)
     out = []
-    for char in visible(text):
-        if char in _HTML_ENTITIES:
-            out.append(_HTML_ENTITIES[char])
-        elif char in _MARKDOWN_PUNCTUATION:
+    for n, char in enumerate(shown):
+        if char in _MARKDOWN_SYNTAX:
             out.append("\\" + char)
+        elif char == "\\":
+            following = shown[n + 1 : n + 2]
+            out.append("\\\\" if following == "" or (following.isascii() and _is_punctuation(following)) else char)
         else:
             out.append(char)
     return "".join(out)
 
 
-def markdown_emphasis(token: str) -> str:
-    """A token emphasized in Markdown (bold), safe next to any neighbouring text.
+def markdown_emphasis(token: str, before: Optional[str] = None, after: Optional[str] = None) -> str:
+    """A token in bold Markdown, glued to its neighbours as the tokens are in the text.
 
-    Leading and trailing spaces stay outside the ``**`` markers, and hair spaces (U+200A, Unicode
-    whitespace for CommonMark) around them keep the markers valid whatever punctuation touches them.
+    Leading and trailing spaces stay outside the ``**`` markers. No space is added, except a hair space
+    (U+200A, whitespace for CommonMark) where the bold would otherwise not parse: between a letter or digit
+    of a neighbour and punctuation at that edge of the token (``west`` then ``,``).
+
+    Args:
+        token: Raw token text.
+        before: The Markdown text right before it on the line (``""``: the line starts here); ``None`` when
+            unknown: a letter is assumed.
+        after: The Markdown text right after it (``""``: the line ends here); ``None``: a letter is assumed.
     """
     lead, core, trail = split_outer_spaces(visible(token))
-    return f"{lead}\u200a**{markdown_text(core)}**\u200a{trail}"
+    body = markdown_text(core)
+    left = lead[-1:] if lead else ("a" if before is None else before[-1:])
+    right = trail[:1] if trail else ("a" if after is None else after[:1])
+    open_gap = "\u200a" if _is_punctuation(body[0]) and left and not (left.isspace() or _is_punctuation(left)) else ""
+    close_gap = (
+        "\u200a" if _is_punctuation(body[-1]) and right and not (right.isspace() or _is_punctuation(right)) else ""
+    )
+    return f"{lead}{open_gap}**{body}**{close_gap}{trail}"

@@ -20,7 +20,11 @@ def rgb(level: float) -> tuple[int, int, int]:
 
 def css_background(activation: float, feature_max: float) -> str:
     """CSS declaration for a token's background (transparent when it does not fire)."""
-    level = strength(activation, feature_max)
+    return css_background_level(strength(activation, feature_max))
+
+
+def css_background_level(level: float) -> str:
+    """CSS declaration for the background of a strength in ``[0, 1]`` (transparent at 0)."""
     if level == 0:
         return "background-color: transparent"
     r, g, b = rgb(level)

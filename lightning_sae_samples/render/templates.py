@@ -80,6 +80,7 @@ def make_environment(template_dir: Optional[Union[str, os.PathLike]] = None) -> 
         keep_trailing_newline=True,
     )
     env.filters["visible"] = escaping.visible
+    env.filters["label"] = escaping.token_label
     env.filters["md"] = escaping.markdown_text
     env.filters["md_emphasis"] = escaping.markdown_emphasis
     env.filters["csp_hash"] = _csp_hash
