@@ -38,7 +38,7 @@ from lightning_sae_samples.storage import (
     sample_records,
     with_recent_view,
 )
-from lightning_sae_samples.tokens import TokenDecoder, load_tokenizer
+from lightning_sae_samples.tokens import TokenDecoder, is_undecoded, load_tokenizer, undecoded
 
 __all__ = [
     "DRIFT_THRESHOLD",
@@ -96,21 +96,36 @@ def _progress(items: Sequence[_T], enabled: bool, description: str) -> Iterator[
 
 
 class _KnownTokenStrings:
-    """Token strings for full-state samples when no tokenizer is given: those seen in saved files."""
+    """Token strings for full-state samples when no tokenizer can be loaded: those seen in saved files.
 
-    def __init__(self, strings: dict[int, str]) -> None:
+    A token no saved file shows is displayed as ``[12575]`` and remembered in ``undecoded``.
+    """
+
+    def __init__(self, strings: dict[int, str], undecoded_ids: set[int]) -> None:
         self._strings = strings
+        self.undecoded = undecoded_ids
 
     def prepare(self, token_ids: Iterable[int]) -> None:
         """Nothing to decode."""
 
     def token_str(self, token_id: int) -> str:
-        """The saved display string of a token, or its id."""
-        return self._strings.get(int(token_id), str(int(token_id)))
+        """The saved display string of a token, or its id as ``[12575]``."""
+        token_id = int(token_id)
+        if token_id in self._strings:
+            return self._strings[token_id]
+        self.undecoded.add(token_id)
+        return undecoded(token_id)
 
     def context_text(self, token_ids: list[int]) -> str:
-        """Concatenated display strings."""
-        return "".join(self.token_str(t) for t in token_ids)
+        """Concatenated display strings, an undecoded id spaced from its neighbours."""
+        text, previous = "", None
+        for token_id in token_ids:
+            piece = self.token_str(token_id)
+            spaced = previous is not None and (is_undecoded(piece) or is_undecoded(previous))
+            if spaced and not (previous[-1:].isspace() or piece[:1].isspace()):
+                text += " "
+            text, previous = text + piece, piece
+        return text
 
 
 class ActivationSampleAnalyzer:
@@ -127,9 +142,10 @@ class ActivationSampleAnalyzer:
         samples_dir: The directory the callback wrote.
         template_dir: Folder of Jinja templates (``report.md.j2``, ``report.html.j2``) overriding the
             shipped ones by name.
-        tokenizer: Tokenizer object or Hugging Face name used to decode latents that only
-            ``full_state.pt`` holds; without it they show the strings known from the saved feature
-            files, else the token ids.
+        tokenizer: Tokenizer object or Hugging Face name or local path used to decode latents that only
+            ``full_state.pt`` holds; default: the tokenizer the run recorded (``config["tokenizer"]``),
+            loaded from local files only. Without either, they show the strings known from the saved
+            feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
@@ -141,6 +157,9 @@ class ActivationSampleAnalyzer:
         self.directory = read_samples_dir(samples_dir)
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
+        self._recorded_tokenizer_tried = tokenizer is not None
+        self._tokenizer_problem: Optional[str] = None
+        self._undecoded_ids: set[int] = set()
         self._state: Optional[dict] = None
         self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
@@ -215,7 +234,46 @@ class ActivationSampleAnalyzer:
             self._state = state
         return self._state
 
+    @property
+    def recorded_tokenizer(self) -> Optional[str]:
+        """The tokenizer name or local path the run recorded (``config["tokenizer"]``), if any."""
+        name = self.summary.config.get("tokenizer")
+        return name if isinstance(name, str) and name.strip() else None
+
+    def _load_recorded_tokenizer(self) -> None:
+        """Load the run's recorded tokenizer from local files only (never the network), once."""
+        if self._recorded_tokenizer_tried:
+            return
+        self._recorded_tokenizer_tried = True
+        name = self.recorded_tokenizer
+        if name is None:
+            self._tokenizer_problem = "the run recorded no tokenizer name or path"
+            return
+        try:
+            self.tokenizer = load_tokenizer(name, local_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure leaves the ids undecoded, with the reason kept
+            self._tokenizer_problem = f"its recorded tokenizer {name!r} cannot be loaded from local files ({err})"
+
+    @property
+    def decoding_note(self) -> Optional[str]:
+        """Why some token ids were shown as ``[12575]``, and how to fix it; ``None`` when every token was decoded.
+
+        Only latents that ``full_state.pt`` alone holds need decoding: their token strings come from the
+        tokenizer passed in, else the run's recorded one (local files only), else the strings the saved
+        feature files show.
+        """
+        if not self._undecoded_ids:
+            return None
+        reason = self._tokenizer_problem or "no tokenizer was given"
+        count = len(self._undecoded_ids)
+        return (
+            f"{count} token id{'s' if count != 1 else ''} could not be decoded and show as [id]: {reason}."
+            " Pass the tokenizer's name or local folder (command line: --tokenizer NAME_OR_PATH; Python:"
+            " ActivationSampleAnalyzer(..., tokenizer=...))."
+        )
+
     def _decoder(self) -> Any:
+        self._load_recorded_tokenizer()
         if self.tokenizer is not None:
             return TokenDecoder(self.tokenizer)
         strings: dict[int, str] = {}
@@ -223,7 +281,7 @@ class ActivationSampleAnalyzer:
             groups = (feature.samples, feature.recent_samples, *(g.samples for g in feature.interval_groups))
             for sample in (s for group in groups for s in group):
                 strings.update((t.token_id, t.text) for t in sample.context)
-        return _KnownTokenStrings(strings)
+        return _KnownTokenStrings(strings, self._undecoded_ids)
 
     def _state_samples(self, state: dict, idx: int, start: int, stop: int) -> list[Sample]:
         if stop <= start:

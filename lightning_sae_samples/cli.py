@@ -6,13 +6,20 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
 from lightning_sae_samples.statistics import RANK_CHOICES
+from lightning_sae_samples.storage import SamplesDirectoryError
+
+if TYPE_CHECKING:
+    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
 
 SUMMARY = "collection_summary.json"
+#: How deep below a given folder the command looks for samples directories to suggest.
+SEARCH_DEPTH = 4
+MAX_SUGGESTIONS = 5
 
 PROG = "lightning-sae-samples"
 EPILOG = f"""examples:
@@ -22,7 +29,7 @@ EPILOG = f"""examples:
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
 """
 EXPORT_COMMAND = "export"
-
+EXPORT_USAGE = f"{PROG} {EXPORT_COMMAND} SAMPLES_DIR OUT [--format {{jsonl,parquet}}] [--top-k K] [...]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank-by", choices=RANK_CHOICES, default=None, help="ranking (default: the run's)")
     parser.add_argument("--template-dir", metavar="DIR", help="folder with report.md.j2/report.html.j2 overrides")
     parser.add_argument(
-        "--tokenizer", metavar="NAME", help="Hugging Face tokenizer to decode latents only full_state.pt holds"
+        "--tokenizer", metavar="NAME",
+        help="Hugging Face tokenizer name or local folder to decode latents only full_state.pt holds"
+        " (default: the one the run recorded, from local files)",
     )
+    parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()}\n       {EXPORT_USAGE}"
     return parser
 
 
@@ -74,18 +84,56 @@ def build_export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_export(args: argparse.Namespace, console: Console) -> None:
+def find_samples_dirs(root: str, depth: int = SEARCH_DEPTH, limit: int = MAX_SUGGESTIONS) -> list[str]:
+    """Folders below ``root`` (at most ``depth`` levels, hidden ones skipped) that hold a samples summary."""
+    found: list[str] = []
+    start = os.path.normpath(root)
+    for current, dirs, files in os.walk(start):
+        level = 0 if current == start else os.path.relpath(current, start).count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
+        if current != start and SUMMARY in files:
+            found.append(current)
+            dirs[:] = []
+            if len(found) >= limit:
+                break
+    return found
+
+
+def open_analyzer(samples_dir: str, **kwargs: object) -> ActivationSampleAnalyzer:
+    """The analyzer of ``samples_dir``; when it is a parent of samples directories, the error names them."""
     from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
 
+    try:
+        return ActivationSampleAnalyzer(samples_dir, **kwargs)  # type: ignore[arg-type]
+    except SamplesDirectoryError as err:
+        if not os.path.isdir(samples_dir) or os.path.isfile(os.path.join(samples_dir, SUMMARY)):
+            raise
+        found = find_samples_dirs(samples_dir)
+        if not found:
+            raise
+        raise SamplesDirectoryError(
+            f"{samples_dir} is not a samples directory ({SUMMARY} is missing), but it holds"
+            f" {'one' if len(found) == 1 else 'some'}: {', '.join(found)}. Run: {PROG} {found[0]}"
+        ) from err
+
+
+def _note_undecoded(analyzer: ActivationSampleAnalyzer) -> None:
+    note = analyzer.decoding_note
+    if note is not None:
+        sys.stderr.write(f"{PROG}: note: {note}\n")
+
+
+def _run_export(args: argparse.Namespace, console: Console) -> None:
     for name in ("top_k", "examples_per_feature"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    analyzer = ActivationSampleAnalyzer(args.samples_dir, tokenizer=args.tokenizer)
+    analyzer = open_analyzer(args.samples_dir, tokenizer=args.tokenizer)
     features = analyzer.saved_features if args.top_k is None else analyzer.saved_features[: args.top_k]
     paths = analyzer.export(args.out, args.format, features, args.examples_per_feature)
     names = ", ".join(p.name for p in paths.values())
     console.print(f"Wrote {names} to {paths['summary'].parent}", highlight=False, markup=False)
+    _note_undecoded(analyzer)
 
 
 def _is_export(argv: Sequence[str]) -> bool:
@@ -94,12 +142,10 @@ def _is_export(argv: Sequence[str]) -> bool:
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
-
     for name in ("num_examples", "top_k", "examples_per_feature"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
-    analyzer = ActivationSampleAnalyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
+    analyzer = open_analyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
     if args.feature is not None:
         analyzer.print_feature_report(args.feature, args.num_examples, console=console)
     if args.report:
@@ -114,6 +160,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"Wrote HTML report to {path}", highlight=False, markup=False)
     if args.feature is None and not args.report and not args.html:
         analyzer.print_summary(args.top_k, args.rank_by, console=console)
+    _note_undecoded(analyzer)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

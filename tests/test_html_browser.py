@@ -393,3 +393,85 @@ def test_group_report_screenshot_shows_opened_groups(group_page, tmp_path):
               if row[i] > 150 and row[i + 1] < 80 and row[i + 2] < 80)
     assert red > 5  # the drift badge, the drifted group's border
     assert tools.errors() == []
+
+
+# ---------------------------------------------------------------- layout on a phone and on a wide screen
+LAYOUT_JS = """(() => {
+    const boxOf = t => {
+        const rects = Array.from(t.getClientRects()).filter(r => r.width > 0);
+        const style = getComputedStyle(t);
+        const ring = style.outlineStyle === 'none' ? 0
+            : parseFloat(style.outlineWidth) + Math.max(0, parseFloat(style.outlineOffset));
+        return {first: rects[0], last: rects[rects.length - 1], ring, text: t.textContent};
+    };
+    const overlaps = (a, b) => a.left < b.right - 0.5 && b.left < a.right - 0.5
+        && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5;
+    const glued = [], covered = [], marks = [];
+    for (const ctx of document.querySelectorAll('ol.top-examples .ctx')) {
+        const tokens = Array.from(ctx.querySelectorAll('.tok')).map(boxOf).filter(b => b.first);
+        for (let i = 1; i < tokens.length; i++) {
+            const a = tokens[i - 1], b = tokens[i];
+            const sameLine = a.last.top < b.first.bottom && b.first.top < a.last.bottom;
+            if (sameLine && a.last.right + a.ring > b.first.left - b.ring + 0.5) {
+                glued.push([a.text, b.text, a.last.right + a.ring, b.first.left - b.ring]);
+            }
+        }
+        for (const badge of ctx.querySelectorAll('.val')) {
+            const r = badge.getBoundingClientRect();
+            for (const t of ctx.querySelectorAll('.tok')) {
+                for (const q of t.getClientRects()) {
+                    if (overlaps(r, q)) covered.push([badge.textContent, t.textContent]);
+                }
+            }
+        }
+        for (const t of ctx.querySelectorAll('.tok.punct')) {
+            const r = t.getBoundingClientRect(), size = parseFloat(getComputedStyle(t).fontSize);
+            if (r.width < 0.9 * size) marks.push([t.textContent, r.width]);
+        }
+    }
+    const cards = Array.from(document.querySelectorAll('.card')).filter(c => c.offsetParent !== null);
+    const spilled = [];
+    for (const card of cards) {
+        const edge = card.getBoundingClientRect();
+        for (const figure of card.querySelectorAll('svg.hist')) {
+            const r = figure.getBoundingClientRect();
+            if (r.right > edge.right + 0.5 || r.left < edge.left - 0.5) {
+                spilled.push([card.id, r.left, r.right, edge.right]);
+            }
+        }
+    }
+    const box = document.querySelector('.table-scroll'), table = box.querySelector('table');
+    return {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+            tokens: document.querySelectorAll('ol.top-examples .tok').length, glued, covered, marks, spilled,
+            tableScrolls: getComputedStyle(box).overflowX === 'auto', tableWidth: table.scrollWidth,
+            tableBox: box.clientWidth, tableRight: box.getBoundingClientRect().right};
+})()"""
+
+
+@pytest.mark.parametrize("width", [420, 1400])
+def test_layout_fits_the_viewport_and_tokens_do_not_overlap(page, width, tmp_path):
+    tools, _ = page
+    tools.send("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1, mobile=False)
+    try:
+        tools.js("window.scrollTo(0, 0)")
+        layout = tools.js(LAYOUT_JS)
+        shot = __import__("base64").b64decode(tools.send("Page.captureScreenshot", format="png")["data"])
+        keep = os.environ.get("SAE_REPORT_SCREENSHOT")
+        target = Path(keep).with_suffix(f".w{width}.png") if keep else tmp_path / f"w{width}.png"
+        target.write_bytes(shot)
+        tools.js("document.querySelector('ol.top-examples').scrollIntoView({block: 'start'})")
+        target.with_suffix(".examples.png").write_bytes(
+            __import__("base64").b64decode(tools.send("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        tools.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+    assert layout["innerWidth"] == width
+    assert layout["scrollWidth"] <= layout["innerWidth"], "the page scrolls sideways"
+    assert layout["tokens"] > 50
+    assert layout["glued"] == [], "adjacent tokens (or the activating token's ring) overlap"
+    assert layout["covered"] == [], "the value badge covers a token"
+    assert layout["marks"] == [], "a punctuation token's box is narrower than a letter"
+    assert layout["spilled"] == [], "a histogram spills out of its card"
+    assert layout["tableScrolls"] and layout["tableRight"] <= width
+    if width == 420:
+        assert layout["tableWidth"] > layout["tableBox"], "at 420 px the index table scrolls in its own box"
+    assert tools.errors() == []

@@ -8,11 +8,13 @@ Jinja autoescaping turns any markup in it into text. Nothing holding token text 
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from typing import Optional, Union
 
 from lightning_sae_samples.records import FeatureSamples, RunSummary, Sample
 from lightning_sae_samples.render import heat, views
+from lightning_sae_samples.render.escaping import visible
 from lightning_sae_samples.render.histogram import DisplayBin
 from lightning_sae_samples.render.templates import HTML_TEMPLATE, make_environment
 
@@ -41,11 +43,18 @@ def token_style(level: float) -> str:
     return style + ("; color: #fff" if heat.needs_light_text(level) else "")
 
 
+def is_mark(text: str) -> bool:
+    """Whether a token shows as one or two punctuation marks (``.``, ``,``, ``·``): it gets a box of its own."""
+    shown = visible(text).strip(" ")
+    return 0 < len(shown) <= 2 and all(unicodedata.category(c)[0] in "PS" for c in shown)
+
+
 def example_view(sample: Sample, feature_max: float) -> dict:
-    """The shared example view with each token's ``style``."""
+    """The shared example view with each token's ``style`` and ``punct`` (:func:`is_mark`)."""
     view = views.example_view(sample, feature_max)
     for token in view["tokens"]:
         token["style"] = token_style(token["level"])
+        token["punct"] = is_mark(token["text"])
     return view
 
 
