@@ -280,7 +280,7 @@ class ActivationSampleAnalyzer:
         for feature in self._saved.values():
             groups = (feature.samples, feature.recent_samples, *(g.samples for g in feature.interval_groups))
             for sample in (s for group in groups for s in group):
-                strings.update((t.token_id, t.text) for t in sample.context)
+                strings.update((t.token_id, t.text) for t in sample.context if not is_undecoded(t.text))
         return _KnownTokenStrings(strings, self._undecoded_ids)
 
     def _state_samples(self, state: dict, idx: int, start: int, stop: int) -> list[Sample]:

@@ -38,6 +38,17 @@ HOSTILE_TOKENS = [
 PLAIN_TOKENS = ["the", " Lord", " said", " unto", " Moses", ",", " and", " the", " people", "."]
 
 
+def save_word_tokenizer(path: Path, words: list[str]) -> Path:
+    """A real Hugging Face tokenizer folder (``tokenizers`` WordLevel, token ``i`` is ``words[i]``) at ``path``."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=words[0]))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=words[0]).save_pretrained(str(path))
+    return Path(path)
+
+
 class FakeTokenizer:
     """A tokenizer whose vocabulary is a fixed list of strings (``convert_ids_to_tokens`` / ``decode``)."""
 
@@ -81,8 +92,14 @@ def write_fixture_dir(
     samples_per_feature: int = 4,
     rank_by: str = "max_activation",
     keep_full_state: bool = True,
+    recorded_tokenizer: Optional[str] = "class name",
     **state_kwargs,
 ) -> Path:
+    """A samples directory of :func:`collect_state`, written by the real writer.
+
+    ``recorded_tokenizer`` is the ``config["tokenizer"]`` the summary records: by default the tokenizer's
+    class name (what a run records for a tokenizer object without a name), else the given name or path.
+    """
     state = collect_state(**state_kwargs)
     config = {
         "collection_freq": 10,
@@ -92,7 +109,8 @@ def write_fixture_dir(
         "top_features_to_save": top_features,
         "samples_per_feature_to_save": samples_per_feature,
         "rank_features_by": rank_by,
-        "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
+        "tokenizer": (None if tokenizer is None else type(tokenizer).__name__)
+        if recorded_tokenizer == "class name" else recorded_tokenizer,
     }
     write_samples_dir(
         path, state, config=config, tokenizer=tokenizer, top_features=top_features,

@@ -71,7 +71,7 @@ def test_analyzer_reads_a_trainer_run(run_dir):
                      f.interval_groups)) for s in group]  # every sample in the files lends its strings
     known = {t.token_id: t.text for s in saved_samples for t in s.context}
     for token in (t for s in other.samples for t in s.context):
-        assert token.text == known.get(token.token_id, str(token.token_id))
+        assert token.text == known.get(token.token_id, f"[{token.token_id}]")
     # ... and decoded when a tokenizer is given.
     decoded = ActivationSampleAnalyzer(run_dir, tokenizer=FakeTokenizer(VOCAB)).feature(unsaved)
     assert all(t.text == VOCAB[t.token_id] for s in decoded.samples for t in s.context)
@@ -132,3 +132,96 @@ def test_rank_by_is_validated(tmp_path):
     analyzer = ActivationSampleAnalyzer(write_fixture_dir(tmp_path / "s"))
     with pytest.raises(ValueError, match="max_activation, activation_count, frequency"):
         analyzer.features(rank_by="loudness")
+
+
+# ---------------------------------------------------------------- decoding latents only full_state.pt holds
+def _unsaved_feature(analyzer):
+    return next(s.feature_idx for s in analyzer.features() if s.feature_idx not in analyzer.saved_features)
+
+
+def test_unsaved_features_decode_with_the_tokenizer_the_run_recorded(tmp_path):
+    from render_support import save_word_tokenizer
+
+    words = [f"tok{i}" for i in range(30)]
+    folder = save_word_tokenizer(tmp_path / "tokenizer", words)
+    samples = write_fixture_dir(tmp_path / "samples", tokenizer=None, top_features=2, recorded_tokenizer=str(folder))
+    analyzer = ActivationSampleAnalyzer(samples)
+    feature = analyzer.feature(_unsaved_feature(analyzer))
+    assert not feature.saved and feature.samples
+    for sample in feature.samples:
+        assert [t.text for t in sample.context] == [words[t.token_id] for t in sample.context]
+    assert analyzer.decoding_note is None
+
+
+def test_undecoded_ids_are_bracketed_spaced_and_the_note_says_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    samples = write_fixture_dir(tmp_path / "samples", tokenizer=None, top_features=2,
+                                recorded_tokenizer="no-such-org/no-such-tokenizer")
+    analyzer = ActivationSampleAnalyzer(samples)
+    assert analyzer.decoding_note is None  # nothing shown yet
+    feature = analyzer.feature(_unsaved_feature(analyzer))
+    sample = feature.samples[0]
+    assert [t.text for t in sample.context] == [f"[{t.token_id}]" for t in sample.context]
+    assert sample.context_text == " ".join(f"[{t.token_id}]" for t in sample.context)
+    note = analyzer.decoding_note
+    assert note is not None and "no-such-org/no-such-tokenizer" in note and "--tokenizer" in note
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200, color_system=None)
+    analyzer.print_feature_report(feature.feature_idx, 3, console=console)
+    shown = console.file.getvalue()
+    ids = [t.token_id for t in sample.context]
+    assert " ".join(f"[{i}]" for i in ids[: sample.context_position]) in shown  # spaced, never glued
+
+
+def test_package_modules_import_each_other_without_a_cycle():
+    """The import graph of the package (module-level and function-level imports, not type-checking ones)."""
+    import ast
+    from pathlib import Path
+
+    import lightning_sae_samples
+
+    root = Path(lightning_sae_samples.__file__).parent
+    modules = {
+        ".".join(("lightning_sae_samples", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+
+    def imports(path):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+        skipped = {id(n) for node in guarded for body in node.body for n in ast.walk(body)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found |= {n for n in names if n in modules}
+        return found
+
+    graph = {name: imports(path) - {name} for name, path in modules.items() if not name.endswith("__main__")}
+    # The package's __init__ re-exports: a module importing the package itself is not a cycle of the reading side.
+    graph["lightning_sae_samples"] = set()
+    assert not graph["lightning_sae_samples.records"] & {"lightning_sae_samples.analyzer"}
+    for reader in [m for m in graph if m.startswith(("lightning_sae_samples.render", "lightning_sae_samples.export"))]:
+        assert "lightning_sae_samples.analyzer" not in graph[reader], reader
+
+    state: dict = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import cycle: " + " -> ".join([*path, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
