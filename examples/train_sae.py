@@ -63,8 +63,6 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
     console.rule("[bold]Activation samples")
     console.print(f"samples directory : {samples.resolve()}")
     md = samples / "interpretability_report.md"
-    if md.exists():
-        console.print(f"Markdown report   : {md.resolve()}")
     try:
         from lightning_sae_samples import ActivationSampleAnalyzer
     except ImportError:
@@ -75,11 +73,11 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         return
     try:
         analyzer = ActivationSampleAnalyzer(str(samples))
-        if not md.exists():
-            analyzer.generate_interpretability_report(
-                str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
-            )
-            console.print(f"Markdown report   : {md.resolve()}")
+        # The callback's report lists every saved feature; rewrite it with report.top_k_features like the HTML.
+        analyzer.generate_interpretability_report(
+            str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
+        )
+        console.print(f"Markdown report   : {md.resolve()}")
         html = samples / "report.html"
         analyzer.generate_html_report(
             str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature

@@ -77,3 +77,28 @@ def test_unknown_feature_message_gives_range_and_nearby_saved(analyzer):
     assert "0 to 15" in message
     nearest = sorted(analyzer.saved_features, key=lambda i: abs(i - 10_000))[0]
     assert str(nearest) in message.split("near")[1]
+
+
+def test_console_marks_leading_spaces_in_token_lists_and_spaces_undecoded_ids(analyzer):
+    import dataclasses
+
+    from lightning_sae_samples.logit_effects import LogitEffects, TokenEffect
+    from lightning_sae_samples.records import ContextToken
+    from lightning_sae_samples.render.console import print_feature
+
+    feature = analyzer.feature(analyzer.saved_features[0], 1)
+    sample = feature.samples[0]
+    ids_context = (ContextToken(7, "cry", 0.1), ContextToken(12575, "[12575]", sample.activation_value),
+                   ContextToken(9, "[9]", 0.0), ContextToken(3, " and", 0.0))
+    feature = dataclasses.replace(
+        feature,
+        logit_effects=LogitEffects(feature.feature_idx, (TokenEffect(1, " of", 2.0), TokenEffect(2, "of", 1.0)), ()),
+        samples=(dataclasses.replace(sample, context=ids_context, context_position=1),),
+    )
+    console = Console(record=True, width=140, color_system=None, file=io.StringIO())
+    print_feature(feature, console=console)
+    text = console.export_text(styles=False)
+    (first,) = [line.split() for line in text.splitlines() if "+2" in line.split()]
+    (second,) = [line.split() for line in text.splitlines() if "+1" in line.split()]
+    assert first[0] == "·of" and second[0] == "of"  # " of" and "of" differ
+    assert f"cry [12575][{sample.activation_value:.4g}] [9] and" in text

@@ -109,3 +109,113 @@ def test_user_template_overrides_markdown_and_html_falls_back(hostile_dir, tmp_p
     assert text.startswith("custom 2 ") and "<script" not in MD.render(text)
     html = analyzer.generate_html_report(tmp_path / "r.html", top_k_features=2).read_text()
     assert html.startswith("<!DOCTYPE html>")
+
+
+# ---------------------------------------------------------------- token text a reader sees in the file
+def _sample(texts, position, activations=None):
+    from lightning_sae_samples.records import ContextToken, Sample
+
+    acts = activations or [1.0] * len(texts)
+    context = tuple(ContextToken(i, t, a) for i, (t, a) in enumerate(zip(texts, acts)))
+    return Sample(0, acts[position], 5, position, context, position, "".join(texts))
+
+
+def _inline(source):
+    (inline,) = [t for t in MD.parse(source) if t.type == "inline"]
+    return inline.children
+
+
+def test_bold_token_is_glued_to_its_word_pieces_and_plain_text_stays_plain():
+    from lightning_sae_samples.render.markdown import context_markdown
+
+    line = context_markdown(_sample(["She", " chem", "istry", " of", " my", " mother", "'s", " west", ","], 1))
+    assert line == "She **chem**istry of my mother's west,"  # no added space, no entity, no backslash
+    children = _inline("x " + line)
+    assert [c.type for c in children] == ["text", "strong_open", "text", "strong_close", "text"]
+    assert children[2].content == "chem" and children[4].content == "istry of my mother's west,"
+
+    # Punctuation glued to a word is bold too, and only what Markdown needs is escaped.
+    for texts, position, strong in [(["west", ",", "and"], 1, ","), (["a", "*", "b"], 1, "*"),
+                                    (["Mr", ".", "Smith"], 1, "."), (["x", "|", "y"], 0, "x")]:
+        line = context_markdown(_sample(texts, position))
+        children = _inline("1. " + line)
+        types = [c.type for c in children]
+        assert types.count("strong_open") == 1 and "html_inline" not in types, (texts, line)
+        assert children[types.index("strong_open") + 1].content == strong
+        # A hair space only where CommonMark cannot open or close bold between a letter and punctuation.
+        assert "".join(c.content for c in children if c.type == "text").replace("\u200a", "") == "".join(texts)
+        assert line.count("\u200a") == sum(1 for n in (position - 1, position + 1) if 0 <= n < len(texts)
+                                            and texts[n][-1 if n < position else 0].isalnum()
+                                            and not texts[position].isalnum())
+
+
+def test_token_lists_show_a_leading_space_and_byte_tokens_stay_distinct(hostile_dir):
+    import dataclasses
+
+    from lightning_sae_samples.logit_effects import LogitEffects, TokenEffect
+    from lightning_sae_samples.render.markdown import feature_context
+
+    analyzer = ActivationSampleAnalyzer(hostile_dir)
+    feature = analyzer.feature(analyzer.saved_features[0], 2)
+    effects = LogitEffects(feature.feature_idx, (TokenEffect(1, " of", 2.0), TokenEffect(2, "of", 1.5)),
+                           (TokenEffect(3, "<0xE8>", -1.0), TokenEffect(4, "<0xE9>", -2.0)))
+    view = feature_context(dataclasses.replace(feature, logit_effects=effects))
+    assert view["logit_effects"]["promoted_md"] == "·of (+2), of (+1.5)"
+    rendered = MD.render("Suppresses: " + view["logit_effects"]["suppressed_md"])
+    assert "&lt;0xE8&gt; (-1), &lt;0xE9&gt; (-2)" in rendered
+
+
+def test_byte_fallback_tokens_decode_to_their_bytes_not_replacement_characters():
+    from lightning_sae_samples.tokens import TokenDecoder
+
+    class SentencePieceLike:  # decodes a lone byte token to U+FFFD, as SentencePiece tokenizers do
+        pieces = ["▁the", "<0xE8>", "<0xA9>", "<0xE9>"]
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.pieces[i] for i in ids]
+
+        def decode(self, ids):
+            return "".join(" the" if i == 0 else "\ufffd" for i in ids)
+
+    class ByteLevelLike:  # GPT-2 style: "Ġ" is a space, "ç" the byte 0xE7
+        pieces = ["Ġthe", "Ġç", "è"]
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.pieces[i] for i in ids]
+
+        def decode(self, ids):
+            return "".join(" the" if i == 0 else "\ufffd" for i in ids)
+
+    decoder = TokenDecoder(SentencePieceLike())
+    decoder.prepare([0, 1, 2, 3])
+    assert [decoder.token_str(i) for i in range(4)] == [" the", "<0xE8>", "<0xA9>", "<0xE9>"]
+    decoder = TokenDecoder(ByteLevelLike())
+    decoder.prepare([0, 1, 2])
+    assert [decoder.token_str(i) for i in range(3)] == [" the", " <0xE7>", "<0xE8>"]
+
+
+def test_example_program_limits_the_markdown_report_to_report_top_k(tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from helpers import SyntheticSAE, loader, trainer
+
+    from lightning_sae_samples.callback import ActivationSampleCallback
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        train_sae = importlib.import_module("train_sae")
+    finally:
+        sys.path.pop(0)
+    cb = ActivationSampleCallback(collection_freq=1, max_samples_per_feature=4, context_size=4,
+                                  activation_threshold=0.5, top_features_to_save=6, samples_per_feature_to_save=2,
+                                  dirpath=tmp_path / "samples", tokenizer=FakeTokenizer(hostile_vocab()))
+    fitted = trainer(tmp_path, [cb])
+    fitted.fit(SyntheticSAE(num_latents=10), loader())
+    md = tmp_path / "samples" / REPORT_NAME
+    assert md.read_text(encoding="utf-8").count("\n## Feature ") == 6  # the callback's: every saved feature
+    train_sae.report(fitted, top_k_features=2, examples_per_feature=2)
+    text = md.read_text(encoding="utf-8")
+    assert "## Top 2 features" in text and text.count("\n## Feature ") == 2
+    assert (tmp_path / "samples" / "report.html").read_text(encoding="utf-8").count('class="card feature"') == 2
