@@ -13,7 +13,7 @@ from rich.console import Console
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.logit_effects import compute_logit_effects, top_logit_effects
-from lightning_sae_samples.render.escaping import markdown_text, visible
+from lightning_sae_samples.render.escaping import markdown_text, token_label
 
 VOCAB, D_MODEL = 30, 8
 
@@ -79,9 +79,9 @@ def test_reports_show_logit_effects_escaped(hostile):
     idx = analyzer.saved_features[0]
     md = analyzer.render_markdown(top_k_features=3, examples_per_feature=2)
     section = md.split(f"## Feature {idx}\n")[1].split("\n## ")[0]
-    expected = ", ".join(f"{markdown_text(t.token)} ({t.value:+.4g})" for t in effects[idx].promoted)
+    expected = ", ".join(f"{markdown_text(token_label(t.token))} ({t.value:+.4g})" for t in effects[idx].promoted)
     assert f"Promotes: {expected}" in section
-    assert "Suppresses: " + markdown_text(effects[idx].suppressed[0].token) in section
+    assert "Suppresses: " + markdown_text(token_label(effects[idx].suppressed[0].token)) in section
     links = [t for t in MarkdownIt("commonmark").parse(md) if t.type in ("html_block", "html_inline")]
     assert links == []  # no hostile token became raw HTML
 
@@ -113,7 +113,7 @@ def test_reports_show_logit_effects_escaped(hostile):
 
     Chips(convert_charrefs=True).feed(html)
     first = [text for side, text in chips if side == "logit-promoted"][:4]
-    assert first == [f"{visible(t.token)} {t.value:+.4g}" for t in effects[idx].promoted]
+    assert first == [f"{token_label(t.token)} {t.value:+.4g}" for t in effects[idx].promoted]
     assert "<script>alert(1)</script>" not in html
 
     console = Console(record=True, width=160, file=io.StringIO())
@@ -121,7 +121,7 @@ def test_reports_show_logit_effects_escaped(hostile):
     text = console.export_text()
     assert "Logit effects" in text
     for t in effects[idx].promoted + effects[idx].suppressed:
-        assert visible(t.token) in text and f"{t.value:+.4g}" in text
+        assert token_label(t.token) in text and f"{t.value:+.4g}" in text
 
 
 def test_shape_errors_name_the_fix(hostile):

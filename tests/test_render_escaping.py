@@ -34,10 +34,12 @@ def test_markdown_text_renders_literally_as_one_text_run(token):
 
 
 @pytest.mark.parametrize("token", NASTY)
-@pytest.mark.parametrize("neighbours", [("a", "b"), ("*", "*"), ("", ""), ("\\", "|")])
-def test_emphasis_is_bold_whatever_the_neighbours(token, neighbours):
-    left, right = (markdown_text(n) for n in neighbours)
-    children = inline_children("x" + left + markdown_emphasis(token) + right + "y")
+@pytest.mark.parametrize("neighbours", [("a", "b"), ("*", "*"), ("", ""), ("\\", "|"), (" ", " "), (",", ".")])
+@pytest.mark.parametrize("told", [False, True])
+def test_emphasis_is_bold_whatever_the_neighbours(token, neighbours, told):
+    left, right = ("x" + markdown_text(neighbours[0]), markdown_text(neighbours[1]) + "y")
+    bold = markdown_emphasis(token, left, right) if told else markdown_emphasis(token)
+    children = inline_children(left + bold + right)
     types = [c.type for c in children]
     assert types.count("strong_open") == 1 and "html_inline" not in types and "link_open" not in types
     inside = children[types.index("strong_open") + 1]
@@ -52,3 +54,14 @@ def test_markdown_text_cannot_split_a_table_row(token):
     cells = [t for t in tokens if t.type in ("td_open", "th_open")]
     assert len(rows) == 2 and len(cells) == 4
     assert not any(t.type.startswith("html") for t in tokens)
+
+
+def test_markdown_text_leaves_ordinary_text_alone():
+    assert markdown_text("mother's") == "mother's" and markdown_text("west,") == "west,"
+    assert markdown_text("(see p. 3) - 50% off!") == "(see p. 3) - 50% off!"
+    assert markdown_text("a\\b") == "a\\b" and markdown_text("a\\") == "a\\\\"  # escaped only before punctuation
+
+
+def test_emphasis_adds_no_space_between_word_pieces():
+    assert "She" + markdown_emphasis(" chem", "She", "istry") + "istry" == "She **chem**istry"
+    assert "un" + markdown_emphasis("believ", "un", "able") + "able" == "un**believ**able"
