@@ -475,3 +475,20 @@ def test_layout_fits_the_viewport_and_tokens_do_not_overlap(page, width, tmp_pat
     if width == 420:
         assert layout["tableWidth"] > layout["tableBox"], "at 420 px the index table scrolls in its own box"
     assert tools.errors() == []
+
+
+def test_group_report_with_opened_groups_fits_a_phone(group_page):
+    tools, features = group_page
+    tools.send("Emulation.setDeviceMetricsOverride", width=420, height=900, deviceScaleFactor=1, mobile=False)
+    try:
+        tools.js("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+        widths = tools.js("({scroll: document.documentElement.scrollWidth, inner: window.innerWidth})")
+        keep = os.environ.get("SAE_REPORT_SCREENSHOT")
+        if keep:
+            tools.js(f"document.querySelector('#feature-{features[0].feature_idx} details.intervals').scrollIntoView()")
+            shot = tools.send("Page.captureScreenshot", format="png")["data"]
+            Path(keep).with_suffix(".groups.w420.png").write_bytes(__import__("base64").b64decode(shot))
+    finally:
+        tools.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+    assert widths["inner"] == 420 and widths["scroll"] <= 420, "the page scrolls sideways"
+    assert tools.errors() == []

@@ -88,3 +88,20 @@ def test_self_contained_with_anchors_histograms_and_a_locked_down_policy(parsed)
     csp = next(a["content"] for tag, a in parser.elements if tag == "meta" and a.get("http-equiv"))
     assert "default-src 'none'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1]
     assert any(tag == "input" and a.get("id") == "feature-filter" for tag, a in parser.elements)
+
+
+def test_undecoded_ids_are_spaced_in_html_and_markdown(tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_fixture_dir(tmp_path / "s", tokenizer=None, top_features=1, recorded_tokenizer="no-such/tokenizer")
+    analyzer = ActivationSampleAnalyzer(path)
+    html = analyzer.render_html(top_k_features=4, examples_per_feature=2)
+    without_badges = re.sub(r'<span class="val"[^>]*>[^<]*</span>', "", html)
+    contexts = [re.sub(r"<[^>]+>", "", c)
+                for c in re.findall(r'<span class="ctx">(.*?)</span></li>', without_badges, re.S)]
+    assert contexts and all(re.fullmatch(r"\[\d+\]( \[\d+\])*", c.split("\n")[0].strip()) for c in contexts), contexts
+    md = analyzer.render_markdown(top_k_features=4, examples_per_feature=2)
+    lines = [line.split(": ", 1)[1] for line in md.splitlines() if re.match(r"\d+\. \*\*.*· position \d+: ", line)]
+    assert lines and all(re.fullmatch(r"(\\\[\d+\]|\*\*\\\[\d+\]\*\*)( (\\\[\d+\]|\*\*\\\[\d+\]\*\*))*", x)
+                         for x in lines), lines

@@ -38,9 +38,9 @@ CARRIAGE_RETURN_MARK = "␍"
 EMPTY_MARK = "∅"
 
 _ALWAYS_VISIBLE = {"\n": NEWLINE_MARK, "\t": TAB_MARK, "\r": CARRIAGE_RETURN_MARK}
-# Escaped wherever they stand: emphasis, code spans, links and images, raw HTML and autolinks, table pipes,
-# GFM strikethrough and math, entity references.
-_MARKDOWN_SYNTAX = frozenset("*_`[]<|~$&")
+# Escaped wherever they stand: emphasis, code spans, links and images (a "]" cannot close a link whose "[" is
+# escaped), raw HTML and autolinks, table pipes, GFM strikethrough and math, entity references.
+_MARKDOWN_SYNTAX = frozenset("*_`[<|~$&")
 # Characters that reorder or hide text (Trojan-source style) are shown as code points.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
@@ -100,7 +100,7 @@ def markdown_text(text: str) -> str:
     r"""Escape a string so that Markdown renders it literally, also inside a table cell, and reads as text.
 
     The text goes through :func:`visible` first (no line break can end a paragraph or a table row). Then
-    ``* _ ` [ ] < | ~ $ &`` are backslash-escaped (no emphasis, code, link, HTML, autolink, strikethrough,
+    ``* _ ` [ < | ~ $ &`` are backslash-escaped (no emphasis, code, link, HTML, autolink, strikethrough,
     math, entity or cell split), and a backslash only where it would escape what follows it (before ASCII
     punctuation or at the end, where the next token may start with some). Everything else stays as it is,
     so ``mother's`` and ``west,`` read the same in the file as on the page.
