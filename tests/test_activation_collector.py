@@ -1,6 +1,10 @@
 """ActivationSampleCollector in a plain training loop (no Trainer), against the brute-force oracle."""
 
 import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +181,16 @@ def test_bad_updates_are_explained():
 def test_save_without_updates_writes_nothing(tmp_path):
     assert make().save(tmp_path / "samples") == []
     assert not (tmp_path / "samples").exists()
+
+
+def test_two_processes_merge_exactly_under_torch_distributed(tmp_path, mode="sparse"):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "collector_ddp_script.py"
+    cmd = [sys.executable, str(script), "--out", str(tmp_path), "--mode", mode, "--port", str(port)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [Seen(*item) for rank in (0, 1) for item in torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True)]
+    assert {s.rank for s in seen} == {0, 1}
+    check_saved(tmp_path / "samples", seen)
