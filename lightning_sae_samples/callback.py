@@ -54,8 +54,10 @@ class ActivationSampleCallback(Callback):
             (loaded lazily at the first save), or ``None`` to use ``datamodule.tokenizer`` or
             ``pl_module.tokenizer`` when present, else to show token ids.
         rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
-        num_latents: Latent count ``F``; needed for sparse latents unless the LightningModule has a
-            ``num_latents`` (or ``d_sae``) attribute or hyperparameter.
+        num_latents: Latent count ``F``; needed for sparse latents unless it is found at fit start as a
+            ``num_latents`` (or ``d_sae``) attribute or hyperparameter of the LightningModule, or an attribute of
+            its ``cfg``, of a direct submodule or of that submodule's ``cfg`` (``self.sae.num_latents`` as in
+            sparsify, ``self.sae.cfg.d_sae`` as in SAELens).
         latents_key: Outputs key of dense latents.
         latent_indices_key: Outputs key of sparse latent indices.
         latent_values_key: Outputs key of sparse latent values.

@@ -127,7 +127,9 @@ class TokenPositions:
         excluded: ``[B, T]`` bool, True at positions not to collect, or ``None``.
     """
 
-    def __init__(self, tokens: Tensor, attention_mask: Optional[Tensor] = None, excluded: Optional[Tensor] = None):
+    def __init__(
+        self, tokens: Tensor, attention_mask: Optional[Tensor] = None, excluded: Optional[Tensor] = None
+    ) -> None:
         batch, seq = tokens.shape
         padding = tokens < 0
         if attention_mask is not None:
