@@ -368,11 +368,12 @@ class ActivationSampleCollector:
         A collective under ``torch.distributed`` (every process calls it); the collection is held by rank 0's
         result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
         """
-        return self.wrap_state(self.merged_state())
+        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state()}
 
-    def wrap_state(self, merged: Optional[dict]) -> dict[str, Any]:
-        """The :meth:`state_dict` layout around an already merged state."""
-        return {"version": STATE_VERSION, "config": self.config(), "collector": merged}
+    @property
+    def has_collection(self) -> bool:
+        """Whether there is anything to save: collected batches or a restored state."""
+        return self.collector is not None or self._pending_state is not None
 
     def load_state_dict(self, state: dict[str, Any], owner: str = "ActivationSampleCollector") -> None:
         """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
@@ -423,7 +424,7 @@ class ActivationSampleCollector:
         if merged is None:
             rank_zero_info("ActivationSampleCollector: nothing collected yet, no samples written.")
             return []
-        self.warn_nonfinite(merged, "ActivationSampleCollector")
+        self._warn_nonfinite(merged)
         tokenizer = load_tokenizer(tokenizer)
         config = {**self.config(), "tokenizer": describe_tokenizer(tokenizer)}
         saved = write_samples_dir(
@@ -443,12 +444,11 @@ class ActivationSampleCollector:
                 rank_zero_warn(f"ActivationSampleCollector could not write {REPORT_NAME}: {err}")
         return saved
 
-    def warn_nonfinite(self, merged: dict, owner: str) -> None:
-        """Warn once per new count of non-finite latent values skipped."""
+    def _warn_nonfinite(self, merged: dict) -> None:
         skipped = int(merged["nonfinite_skipped"])
         if skipped > self._warned_nonfinite:
             rank_zero_warn(
-                f"{owner} skipped {skipped} non-finite latent values (NaN/Inf) so far; they are not counted or"
-                " stored. Check the SAE for overflow (e.g. fp16) or diverging training."
+                f"ActivationSampleCollector skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
+                " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
             )
             self._warned_nonfinite = skipped

@@ -350,7 +350,7 @@ class ActivationSampleCallback(Callback):
         found = self._found_num_latents or find_num_latents(pl_module)
         if found is not None:
             self.engine.num_latents = found
-        elif self.engine.collector is None and self.engine._pending_state is None:
+        elif not self.engine.has_collection:
             raise LatentInputError(
                 "Sparse latents do not tell the latent count: pass `num_latents=F` to ActivationSampleCallback or"
                 f" give the LightningModule (or its SAE submodule, or their `cfg`) one of {NUM_LATENTS_ATTRS}."
