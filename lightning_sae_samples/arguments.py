@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable
 from typing import Any, Optional
 
+TOKEN_ID_MAX = 2**31 - 1
+
 
 def positive_int(value: Any, name: str, fix: str, minimum: int = 1) -> int:
     """``value`` if it is an integer ``>= minimum`` (not a bool), else a ``ValueError`` naming ``name``."""
@@ -49,9 +51,9 @@ def token_ids(value: Any, name: str) -> tuple[int, ...]:
     for item in value:
         if hasattr(item, "item") and callable(item.item):  # a tensor or numpy scalar
             item = item.item()
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= TOKEN_ID_MAX:
             raise ValueError(
-                f"`{name}` must hold non-negative integer token ids, got {item!r}. Pass e.g."
+                f"`{name}` must hold integer token ids in [0, {TOKEN_ID_MAX}], got {item!r}. Pass e.g."
                 " `tokenizer.all_special_ids` or `(tokenizer.bos_token_id,)`."
             )
         ids.append(item)

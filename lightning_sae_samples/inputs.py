@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-TOKEN_ID_MAX = 2**31 - 1
+from lightning_sae_samples.arguments import TOKEN_ID_MAX
+
 NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
 
 

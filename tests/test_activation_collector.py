@@ -154,6 +154,7 @@ def test_resume_with_other_sizes_names_the_setting():
         (dict(seed=1.5), "seed"),
         (dict(exclude_token_ids=[1, -3]), "exclude_token_ids"),
         (dict(exclude_token_ids="bos"), "exclude_token_ids"),
+        (dict(exclude_token_ids=[2**40]), "exclude_token_ids"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
