@@ -57,6 +57,8 @@ class _ProcessGroup:
 
     def __init__(self) -> None:
         self.world_size = torch.distributed.get_world_size()
+        nccl = torch.distributed.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -354,12 +356,22 @@ class ActivationSampleCollector:
         """
         if self.collector is None and self._pending_state is not None:
             self.collector = self._materialize(int(self._pending_state["num_latents"]), device or torch.device("cpu"))
+        if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
+            group = _ProcessGroup()
+            collecting = group.all_gather(torch.tensor([self.collector is not None], device=group.device)).view(-1)
+            if not bool(collecting.any()):
+                return None
+            if not bool(collecting.all()):
+                idle = collecting.logical_not().nonzero().view(-1).tolist()
+                raise RuntimeError(
+                    f"ActivationSampleCollector: rank(s) {idle} have not called `update` yet while others have;"
+                    " every process must collect at least one batch before `state_dict` or `save`."
+                )
+            return gather_merged_state(self.collector, group, is_root=self._rank() == 0)
         if self.collector is None:
             return None
         if gather is not None:
             return gather(self.collector)
-        if _distributed() and torch.distributed.get_world_size() > 1:
-            return gather_merged_state(self.collector, _ProcessGroup(), is_root=self._rank() == 0)
         return self.collector.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
