@@ -106,7 +106,7 @@ class ActivationSampleCollector:
 
         >>> import torch
         >>> from lightning_sae_samples import ActivationSampleCollector
-        >>> collector = ActivationSampleCollector(max_samples_per_feature=4, context_size=4)
+        >>> collector = ActivationSampleCollector(context_size=4)
         >>> tokens = torch.randint(0, 100, (2, 8))
         >>> collector.update(tokens, latents=torch.rand(2, 8, 16), step=0)
         >>> collector.num_latents
