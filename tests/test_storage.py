@@ -10,6 +10,7 @@ import torch
 
 from lightning_sae_samples.collector import CollectorConfig, SampleCollector
 from lightning_sae_samples.storage import (
+    PENDING_DIR,
     SUMMARY_NAME,
     SamplesDirectoryError,
     load_json,
@@ -45,7 +46,7 @@ def test_failure_before_commit_leaves_previous_save(tmp_path):
     assert snapshot(tmp_path) == before
     # the next save cleans up the abandoned pending files
     write_samples_dir(tmp_path, state_after(5, seed=2), global_step=5, **WRITE)
-    assert not (tmp_path / ".pending").exists()
+    assert not (tmp_path / PENDING_DIR).exists()
     assert read_samples_dir(tmp_path).summary["global_step"] == 5
 
 
@@ -61,7 +62,7 @@ KILL = textwrap.dedent(
 
     def replace(src, dst):
         real_replace(src, dst)
-        if str(dst).endswith(".json") and ".pending" not in str(dst):
+        if str(dst).endswith(".json") and storage.PENDING_DIR not in str(dst):
             calls.append(dst)
             if len(calls) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -92,11 +93,11 @@ def test_killed_process_mid_save_leaves_a_complete_save(tmp_path, where):
         assert stats["activation_count"] == entry["activation_count"]
     if where == "during":
         # files on disk are a mix; the reader resolves the commit record to the new complete save
-        assert (out / ".pending" / "COMMIT").exists()
+        assert (out / PENDING_DIR / "COMMIT").exists()
         on_disk = json.loads((out / SUMMARY_NAME).read_text())
         assert on_disk["global_step"] == 1
         write_samples_dir(out, state_after(6, seed=3), global_step=7, **WRITE)
-        assert not (out / ".pending").exists()
+        assert not (out / PENDING_DIR).exists()
 
 
 def test_reader_errors_name_the_path(tmp_path):
