@@ -2,41 +2,73 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
+_ONLINE = ("0", "false", "off", "no")
 
-def load_tokenizer(tokenizer: Union[str, Any, None]) -> Any:
-    """Return a tokenizer object, loading a Hugging Face name or path with ``AutoTokenizer``.
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Check a tokenizer argument without loading anything.
 
     Raises:
-        ImportError: A name was given but ``transformers`` is not installed.
-        TypeError: The object has neither ``convert_ids_to_tokens`` nor ``decode``.
+        TypeError: It is not ``None``, a name or path, or an object with ``convert_ids_to_tokens`` or ``decode``.
     """
-    if tokenizer is None:
-        return None
-    if isinstance(tokenizer, str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                f"`tokenizer={tokenizer!r}` is a name or path, and loading it needs `transformers`:"
-                " run `pip install transformers`, or pass a tokenizer object."
-            ) from err
-        return AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        return
     if not (hasattr(tokenizer, "convert_ids_to_tokens") or hasattr(tokenizer, "decode")):
         raise TypeError(
             f"`tokenizer` must have `convert_ids_to_tokens` or `decode`; got {type(tokenizer).__name__}."
             " Pass a Hugging Face tokenizer, its name or path, or None to show token ids."
         )
-    return tokenizer
 
 
-def describe_tokenizer(tokenizer: Union[str, Any, None]) -> Optional[str]:
-    """A short JSON-friendly description of a tokenizer argument."""
-    if tokenizer is None or isinstance(tokenizer, str):
+def load_tokenizer(tokenizer: Union[str, os.PathLike, Any, None]) -> Any:
+    """Return a tokenizer object, loading a Hugging Face name or path with ``AutoTokenizer``.
+
+    A name is looked up locally first (a path, or the Hugging Face cache); it is downloaded only when
+    ``HF_HUB_OFFLINE=0`` is set, so a missing name fails at once instead of retrying without a network.
+
+    Raises:
+        ImportError: A name was given but ``transformers`` is not installed.
+        OSError: The name or path cannot be loaded; the message says how to fix it.
+        TypeError: The object has neither ``convert_ids_to_tokens`` nor ``decode``.
+    """
+    check_tokenizer(tokenizer)
+    if not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    name = os.fspath(tokenizer)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ImportError(
+            f"`tokenizer={name!r}` is a name or path, and loading it needs `transformers`:"
+            " run `pip install transformers`, or pass a tokenizer object."
+        ) from err
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if os.path.exists(name):
+            raise OSError(f"Cannot load the tokenizer at local path {name!r}: {err}") from err
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in _ONLINE:
+            raise OSError(
+                f"Tokenizer {name!r} was not found locally (no such path, not in the Hugging Face cache). Set"
+                " HF_HUB_OFFLINE=0 with network access to download it, or pass a local path or a tokenizer object."
+            ) from err
+    return AutoTokenizer.from_pretrained(name)
+
+
+def describe_tokenizer(tokenizer: Union[str, os.PathLike, Any, None]) -> Optional[str]:
+    """A short JSON-friendly description of a tokenizer: its name or local path where known, else its class."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return os.fspath(tokenizer)
+    name = getattr(tokenizer, "name_or_path", None)
+    if isinstance(name, (str, os.PathLike)) and os.fspath(name):
+        return os.fspath(name)
+    return type(tokenizer).__name__
 
 
 class TokenDecoder:
