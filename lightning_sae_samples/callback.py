@@ -315,6 +315,12 @@ class ActivationSampleCallback(Callback):
         path = self.dirpath
         try:
             path.mkdir(parents=True, exist_ok=True)
+            claim_samples_dir(path)  # before writing anything into a directory that may not be ours
+        except SamplesDirectoryError as err:
+            return f"ActivationSampleCallback will not write into `dirpath`: {err}"
+        except OSError:
+            pass  # reported below, with the fix
+        try:
             probe = path / f".write_probe_{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -333,7 +339,7 @@ class ActivationSampleCallback(Callback):
                 " died is released with it)."
             )
         try:
-            reused = claim_samples_dir(path)
+            reused = claim_samples_dir(path)  # again under the lock
         except (SamplesDirectoryError, OSError) as err:
             lock.release()
             return f"ActivationSampleCallback will not write into `dirpath`: {err}"
