@@ -579,7 +579,7 @@ class ActivationSampleCallback(Callback):
                 "ActivationSampleCallback could not save samples to %s at step %d: %s: %s. Training goes on: the"
                 " collection stays in memory and in the model checkpoint, and the next save retries (pass"
                 " on_save_error='raise' to stop training instead).",
-                self.dirpath, trainer.global_step, type(err).__name__, err, exc_info=err,
+                self.dirpath, trainer.global_step, type(err).__name__, str(err).rstrip("."), exc_info=err,
             )
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
