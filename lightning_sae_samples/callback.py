@@ -307,6 +307,7 @@ class ActivationSampleCallback(Callback):
 
     def _take_dirpath(self) -> Optional[str]:
         """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""
+        self._release_lock()  # a lock still held from an earlier fit of this callback that did not end cleanly
         if isinstance(self.tokenizer, (str, os.PathLike)):
             try:
                 self._resolved_tokenizer = load_tokenizer(self.tokenizer)
