@@ -187,3 +187,18 @@ def test_the_lock_is_released_at_teardown(tmp_path):
     fit(tmp_path, make_callback(samples), steps=1)
     fit(tmp_path, make_callback(samples), steps=2)  # a second run after the first ended is not blocked
     assert read_samples_dir(samples).summary["global_step"] == 2
+
+
+def test_under_ddp_a_refused_directory_stops_every_rank(tmp_path):
+    samples = tmp_path / "samples"
+    put_user_files(samples)
+    before = snapshot(tmp_path)
+    script = Path(__file__).parent / "ddp_script.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--devices", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    # both ranks raise (neither waits for the other in a collective)
+    assert proc.stderr.count(f"ValueError: ActivationSampleCallback will not write into `dirpath`: Samples directory"
+                             f" {samples} is not empty") == 2, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("seen_*"))  # no rank trained
+    assert snapshot(tmp_path) == before
