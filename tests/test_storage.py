@@ -10,10 +10,12 @@ import torch
 
 from lightning_sae_samples.collector import CollectorConfig, SampleCollector
 from lightning_sae_samples.storage import (
+    MANIFEST_NAME,
     PENDING_DIR,
     SUMMARY_NAME,
     SamplesDirectoryError,
     load_json,
+    read_manifest,
     read_samples_dir,
     write_samples_dir,
 )
@@ -119,3 +121,25 @@ def test_json_never_holds_non_finite_numbers(tmp_path):
     for file in tmp_path.glob("*.json"):
         text = file.read_text()
         assert "NaN" not in text and "Infinity" not in text
+
+
+def test_the_manifest_lists_what_each_save_wrote_and_only_its_stale_files_go(tmp_path):
+    write_samples_dir(tmp_path, state_after(2), global_step=2, **{**WRITE, "top_features": 5})
+    first = read_manifest(tmp_path)
+    assert sorted(first) == sorted(p.name for p in tmp_path.iterdir() if p.name != MANIFEST_NAME)
+    (tmp_path / "feature_7_samples.json").write_text("{}")  # not a name the writer produces
+    (tmp_path / "feature_99999_samples.json").write_text("{}")  # the writer's form, but never written here
+    write_samples_dir(tmp_path, state_after(6, seed=4), global_step=6, **{**WRITE, "top_features": 1})
+    second = read_manifest(tmp_path)
+    assert len([n for n in second if n.startswith("feature_")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*second, MANIFEST_NAME, "feature_7_samples.json", "feature_99999_samples.json"])
+    assert 7 not in read_samples_dir(tmp_path).feature_files
+
+
+def test_a_foreign_directory_is_refused_by_the_writer_itself(tmp_path):
+    (tmp_path / "collection_summary.json").write_text('{"mine": true}')
+    with pytest.raises(SamplesDirectoryError, match="holds no sae_samples_manifest.json"):
+        write_samples_dir(tmp_path, state_after(1), global_step=1, **WRITE)
+    assert [p.name for p in tmp_path.iterdir()] == ["collection_summary.json"]
+    assert (tmp_path / "collection_summary.json").read_text() == '{"mine": true}'
