@@ -291,7 +291,7 @@ def claim_samples_dir(dirpath: PathLike) -> bool:
         SamplesDirectoryError: The directory is not empty and holds no manifest of ours.
     """
     dirpath = Path(dirpath)
-    if read_manifest(dirpath) is not None:
+    if read_manifest(dirpath) is not None or _commits_a_manifest(dirpath / PENDING_DIR):
         return True
     others = sorted(
         p.name
@@ -323,6 +323,13 @@ def _load_commit(pending: Path) -> Optional[dict]:
         _warn(f"Ignored {commit}: not a commit record.")
         return None
     return record
+
+
+def _commits_a_manifest(pending: Path) -> bool:
+    """Whether our pending directory holds a commit (interrupted while moving) that brings a manifest."""
+    record = _load_commit(pending)
+    files = record.get("files") if record is not None else None
+    return isinstance(files, list) and MANIFEST_NAME in files and _is_plain_file(pending / MANIFEST_NAME)
 
 
 def _commit_plan(dirpath: Path, record: dict) -> tuple[list[str], list[str]]:

@@ -143,3 +143,25 @@ def test_a_foreign_directory_is_refused_by_the_writer_itself(tmp_path):
         write_samples_dir(tmp_path, state_after(1), global_step=1, **WRITE)
     assert [p.name for p in tmp_path.iterdir()] == ["collection_summary.json"]
     assert (tmp_path / "collection_summary.json").read_text() == '{"mine": true}'
+
+
+def test_a_first_save_interrupted_while_committing_is_finished_not_refused(tmp_path, monkeypatch):
+    from lightning_sae_samples import storage
+
+    real_move, moved = storage._move_in, []
+
+    def move_then_die(pending, dirpath, name):
+        if len(moved) == 2:
+            raise KeyboardInterrupt("killed")
+        real_move(pending, dirpath, name)
+        moved.append(name)
+
+    monkeypatch.setattr(storage, "_move_in", move_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_samples_dir(tmp_path, state_after(2), global_step=2, **WRITE)
+    monkeypatch.setattr(storage, "_move_in", real_move)
+    assert len(moved) == 2 and not (tmp_path / MANIFEST_NAME).exists()
+    assert storage.claim_samples_dir(tmp_path)  # the data files on disk belong to a committed save of ours
+    assert read_samples_dir(tmp_path).summary["global_step"] == 2
+    write_samples_dir(tmp_path, state_after(3), global_step=3, **WRITE)
+    assert read_samples_dir(tmp_path).summary["global_step"] == 3 and not (tmp_path / PENDING_DIR).exists()
