@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -21,8 +24,19 @@ from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.logit_effects import logit_effect_extras, resolve_logit_effects_fn
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
-from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
+from lightning_sae_samples.storage import (
+    LOCK_NAME,
+    REPORT_NAME,
+    SamplesDirectoryError,
+    claim_samples_dir,
+    foreign_entries,
+    write_samples_dir,
+)
+from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
+
+_SAVE_ERROR_CHOICES = ("log", "raise")
+# A child of Lightning's own logger: error-level records go where Lightning's messages go.
+_log = logging.getLogger("lightning.pytorch").getChild(__name__)
 
 
 def _engine_setting(name: str) -> property:
@@ -49,10 +63,13 @@ class ActivationSampleCallback(Callback):
         activation_threshold: An activation counts only if strictly greater than this.
         top_features_to_save: Features written as JSON files at each save, best first by ``rank_features_by``.
         samples_per_feature_to_save: Samples written per feature file (the full-state file keeps all).
-        dirpath: Where to write; default ``<trainer.log_dir or default_root_dir>/activation_samples``.
+        dirpath: Where to write; default ``<trainer.log_dir or default_root_dir>/activation_samples``. The
+            directory must be empty or hold an earlier save of this callback (its manifest); only one run may
+            write it at a time (a lock file held from ``setup`` to ``teardown``).
         tokenizer: A tokenizer object (``convert_ids_to_tokens`` / ``decode``), a Hugging Face name or path
-            (loaded lazily at the first save), or ``None`` to use ``datamodule.tokenizer`` or
-            ``pl_module.tokenizer`` when present, else to show token ids.
+            (loaded in ``setup``: local files or the cache first, the Hub only when reachable and not offline),
+            or ``None`` to use ``datamodule.tokenizer`` or ``pl_module.tokenizer`` when present, else to show
+            token ids.
         rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
         num_latents: Latent count ``F``; needed for sparse latents unless it is found at fit start as a
             ``num_latents`` (or ``d_sae``) attribute or hyperparameter of the LightningModule, or an attribute of
@@ -97,6 +114,9 @@ class ActivationSampleCallback(Callback):
             Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
             decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
         logit_effects_k: Tokens per side in ``logit_effects``.
+        on_save_error: What a samples save that fails (unwritable directory, full disk) does: ``"log"`` reports
+            it at error level and training goes on, the collection kept in memory and in the model checkpoint
+            and the next save retrying; ``"raise"`` stops training with the error.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -138,6 +158,7 @@ class ActivationSampleCallback(Callback):
         attention_mask_key: str = "attention_mask",
         exclude_token_ids: Sequence[int] = (),
         exclude_special_tokens: bool = False,
+        on_save_error: str = "log",
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
@@ -161,6 +182,11 @@ class ActivationSampleCallback(Callback):
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path or None, got {type(dirpath).__name__}.")
         self.dirpath: Optional[Path] = Path(dirpath) if dirpath is not None else None
+        self._dirpath_arg = None if dirpath is None else os.fspath(dirpath)
+        try:
+            check_tokenizer(tokenizer)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
         self.tokenizer = tokenizer
         keys = (latents_key, latent_indices_key, latent_values_key, tokens_key, attention_mask_key)
         if not all(isinstance(k, str) and k for k in keys):
@@ -175,6 +201,12 @@ class ActivationSampleCallback(Callback):
         self._health = FeatureHealthMonitor(dead_window_steps) if log_feature_health else None
         self.logit_effects = resolve_logit_effects_fn(logit_effects)
         self.logit_effects_k = positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
+        if on_save_error not in _SAVE_ERROR_CHOICES:
+            raise ValueError(
+                f"`on_save_error` must be one of {_SAVE_ERROR_CHOICES}, got {on_save_error!r}. Use 'log' to keep"
+                " training when a samples save fails, 'raise' to stop."
+            )
+        self.on_save_error = on_save_error
 
         self._found_num_latents: Optional[int] = None
         self._collecting = False
@@ -185,6 +217,7 @@ class ActivationSampleCallback(Callback):
         self._merged: Optional[dict] = None
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
+        self._lock: Optional[FileLock] = None
 
     max_samples_per_feature = _engine_setting("max_samples_per_feature")
     context_size = _engine_setting("context_size")
@@ -210,10 +243,19 @@ class ActivationSampleCallback(Callback):
     # ------------------------------------------------------------------ identity and config
     @property
     def state_key(self) -> str:
-        """Stable checkpoint key; distinct for callbacks reading different outputs."""
-        return self._generate_state_key(
-            latents_key=self.keys.latents, latent_indices_key=self.keys.latent_indices, tokens_key=self.keys.tokens
-        )
+        """Stable checkpoint key; distinct for callbacks reading different outputs or given different ``dirpath``."""
+        return self._generate_state_key(**self._state_key_parts())
+
+    def _state_key_parts(self) -> dict[str, str]:
+        parts = {
+            "latents_key": self.keys.latents,
+            "latent_indices_key": self.keys.latent_indices,
+            "latent_values_key": self.keys.latent_values,
+            "tokens_key": self.keys.tokens,
+        }
+        if self._dirpath_arg is not None:
+            parts["dirpath"] = self._dirpath_arg
+        return parts
 
     def config(self) -> dict[str, Any]:
         """The configuration as JSON-friendly values."""
@@ -230,7 +272,7 @@ class ActivationSampleCallback(Callback):
             "latent_indices_key": self.keys.latent_indices,
             "latent_values_key": self.keys.latent_values,
             "tokens_key": self.keys.tokens,
-            "tokenizer": describe_tokenizer(self.tokenizer),
+            "tokenizer": describe_tokenizer(self.tokenizer if self.tokenizer is not None else self._resolved_tokenizer),
             "samples_per_interval": self.samples_per_interval,
             "num_intervals": self.num_intervals,
             "recent_window_steps": self.recent_window_steps,
@@ -244,7 +286,7 @@ class ActivationSampleCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve ``dirpath`` and check it is writable before the first step."""
+        """Resolve ``dirpath``, take it (writable, ours, locked) and load a named tokenizer before the first step."""
         self._rank = trainer.global_rank
         self._strategy = trainer.strategy
         if self.dirpath is None:
@@ -252,15 +294,36 @@ class ActivationSampleCallback(Callback):
             self.dirpath = Path(root) / "activation_samples"
         if stage != "fit":
             return
-        problem = self._check_dirpath() if trainer.is_global_zero else None
+        weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
+        if weights_only:
+            rank_zero_warn(
+                "ModelCheckpoint(save_weights_only=True) saves no callback state: its checkpoints do not hold the"
+                " ActivationSampleCallback collection, so resuming from them starts the collection afresh, and no"
+                " samples are written at those saves (only at the end of training). Use save_weights_only=False,"
+                " or add a ModelCheckpoint without it, to resume the collection."
+            )
+        problem = self._take_dirpath() if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem:
             raise ValueError(problem)
 
-    def _check_dirpath(self) -> Optional[str]:
+    def _take_dirpath(self) -> Optional[str]:
+        """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""
+        self._release_lock()  # a lock still held from an earlier fit of this callback that did not end cleanly
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            try:
+                self._resolved_tokenizer = load_tokenizer(self.tokenizer)
+            except (ImportError, OSError, ValueError) as err:
+                return f"ActivationSampleCallback cannot load `tokenizer`: {err}"
         path = self.dirpath
         try:
             path.mkdir(parents=True, exist_ok=True)
+            claim_samples_dir(path)  # before writing anything into a directory that may not be ours
+        except SamplesDirectoryError as err:
+            return f"ActivationSampleCallback will not write into `dirpath`: {err}"
+        except OSError:
+            pass  # reported below, with the fix
+        try:
             probe = path / f".write_probe_{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -269,6 +332,29 @@ class ActivationSampleCallback(Callback):
                 f"ActivationSampleCallback cannot write to `dirpath` {str(path)!r}: {err.strerror or err}."
                 " Pass a writable directory as `dirpath`."
             )
+        lock = FileLock(path / LOCK_NAME)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return (
+                f"Another run is writing samples to `dirpath` {str(path)!r}: it holds the lock {path / LOCK_NAME}."
+                " Give each run its own `dirpath`, or wait for the other run to end (a lock of a process that"
+                " died is released with it)."
+            )
+        try:
+            reused = claim_samples_dir(path)  # again under the lock
+        except (SamplesDirectoryError, OSError) as err:
+            lock.release()
+            return f"ActivationSampleCallback will not write into `dirpath`: {err}"
+        self._lock = lock
+        if reused:
+            rank_zero_warn(
+                f"Samples directory {path} exists and is not empty: it holds an earlier save of"
+                " ActivationSampleCallback, which this run's saves replace. Files that save did not write are"
+                " left alone."
+            )
+        for entry in foreign_entries(path):
+            rank_zero_warn(f"{entry} was not written by ActivationSampleCallback; it is left alone.")
         return None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,6 +370,19 @@ class ActivationSampleCallback(Callback):
                     " `exclude_token_ids`."
                 )
             self.engine.exclude_tokens(special)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Release the lock on ``dirpath``."""
+        self._release_lock()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Release the lock on ``dirpath`` when the run fails (``teardown`` is not called then)."""
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -319,7 +418,7 @@ class ActivationSampleCallback(Callback):
         """Write the samples directory for the state merged in :meth:`state_dict`."""
         merged, self._merged = self._merged, None
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, merged)
+            self._save(trainer, pl_module, merged)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
@@ -327,7 +426,37 @@ class ActivationSampleCallback(Callback):
             self._health.log(trainer, self.collector)
         merged = self._merged_state()
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, merged)
+            self._save(trainer, pl_module, merged)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Find this callback's state when it was saved under another ``dirpath`` (resuming into a new directory).
+
+        The state is adopted when exactly one unclaimed entry of the checkpoint reads the same outputs.
+        """
+        states = checkpoint.get("callbacks")
+        if not states or self.state_key in states:
+            return
+        inputs = {k: v for k, v in self._state_key_parts().items() if k != "dirpath"}
+        claimed = {cb.state_key for cb in trainer.callbacks}
+        candidates = [key for key in states if key not in claimed and self._reads_same_inputs(key, inputs)]
+        if len(candidates) == 1:
+            states[self.state_key] = states[candidates[0]]
+            rank_zero_info(f"ActivationSampleCallback resumes the collection saved as {candidates[0]}.")
+        elif candidates:
+            rank_zero_warn(
+                f"The checkpoint holds {len(candidates)} ActivationSampleCallback collections this callback could"
+                f" resume ({candidates}); it starts afresh. Pass each callback the `dirpath` it had."
+            )
+
+    def _reads_same_inputs(self, key: Any, inputs: dict[str, str]) -> bool:
+        prefix = type(self).__qualname__
+        if not isinstance(key, str) or not key.startswith(prefix + "{"):
+            return False
+        try:
+            parts = ast.literal_eval(key[len(prefix) :])
+        except (ValueError, SyntaxError):
+            return False
+        return isinstance(parts, dict) and all(parts.get(k, v) == v for k, v in inputs.items())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
@@ -375,6 +504,20 @@ class ActivationSampleCallback(Callback):
             self._resolved_tokenizer = load_tokenizer(candidate)
         return self._resolved_tokenizer
 
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
+        """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised."""
+        try:
+            self._write(trainer, pl_module, merged)
+        except Exception as err:
+            if self.on_save_error == "raise":
+                raise
+            _log.error(
+                "ActivationSampleCallback could not save samples to %s at step %d: %s: %s. Training goes on: the"
+                " collection stays in memory and in the model checkpoint, and the next save retries (pass"
+                " on_save_error='raise' to stop training instead).",
+                self.dirpath, trainer.global_step, type(err).__name__, str(err).rstrip("."), exc_info=err,
+            )
+
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
         if merged is None:
             rank_zero_info("ActivationSampleCallback: nothing collected yet, no samples written.")
@@ -387,7 +530,7 @@ class ActivationSampleCallback(Callback):
             )
             self._warned_nonfinite = skipped
         tokenizer = self._tokenizer(trainer, pl_module)
-        write_samples_dir(
+        saved = write_samples_dir(
             self.dirpath,
             merged,
             config=self.config(),
@@ -400,6 +543,12 @@ class ActivationSampleCallback(Callback):
                 self.logit_effects, pl_module, merged, self.rank_features_by, self.top_features_to_save,
                 self.logit_effects_k, tokenizer,
             ),
+        )
+        kept = torch.isfinite(merged["top_values"])
+        rank_zero_info(
+            f"ActivationSampleCallback: saved samples to {self.dirpath} at step {trainer.global_step}:"
+            f" {len(saved)} feature files ({int(kept[saved, : self.samples_per_feature_to_save].sum())} samples) and"
+            f" the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
         )
         if self.write_report:
             try:

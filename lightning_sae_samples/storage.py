@@ -1,8 +1,12 @@
 """The samples directory: the seed tool's JSON layout plus a full-state file, written atomically.
 
-A save writes every new file into ``.pending/`` first, then an atomic ``COMMIT`` record, then moves
+A save writes every new file into its pending directory first, then an atomic ``COMMIT`` record, then moves
 the files into place. A crash before ``COMMIT`` leaves the previous save untouched; a crash after it
-leaves a complete new save that :func:`read_samples_dir` (and the next writer) picks up. See
+leaves a complete new save that :func:`read_samples_dir` (and the next writer) picks up.
+
+The directory is not ours alone: everything read from it is untrusted. Only the plain names the writer
+itself produces (:func:`is_writer_name`) are ever moved or removed, a save removes only stale files listed in
+the manifest of the previous save, and a non-empty directory without a manifest of ours is refused. See
 ``docs/format.md``.
 """
 
@@ -11,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -26,20 +31,35 @@ from lightning_sae_samples.tokens import TokenDecoder
 SUMMARY_NAME = "collection_summary.json"
 FULL_STATE_NAME = "full_state.pt"
 REPORT_NAME = "interpretability_report.md"
-PENDING_DIR = ".pending"
+MANIFEST_NAME = "sae_samples_manifest.json"
+LOCK_NAME = "sae_samples.lock"
+PENDING_DIR = ".sae_samples_pending"
+PENDING_MARKER = "WRITER"
 COMMIT_NAME = "COMMIT"
+WRITER_ID = "lightning-sae-samples"
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
+_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, REPORT_NAME, MANIFEST_NAME})
 
 PathLike = Union[str, os.PathLike]
 
 
 class SamplesDirectoryError(ValueError):
-    """A samples directory is missing, empty, corrupt or of an unknown format version."""
+    """A samples directory is missing, empty, corrupt, of an unknown format version, or not ours to write."""
 
 
 def feature_filename(feature_idx: int) -> str:
     """File name of one feature's samples."""
     return f"feature_{int(feature_idx):05d}_samples.json"
+
+
+def _is_feature_name(name: str) -> bool:
+    match = _FEATURE_FILE.fullmatch(name)
+    return match is not None and feature_filename(int(match.group(1))) == name
+
+
+def is_writer_name(name: Any) -> bool:
+    """Whether ``name`` is a plain file name the writer produces (no separator, no ``..``, nothing else)."""
+    return isinstance(name, str) and (name in _FIXED_NAMES or _is_feature_name(name))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -182,24 +202,217 @@ def _window_token_ids(state: dict, ranked: list[int], limit: int) -> list[int]:
     return torch.cat(ids).unique().tolist()
 
 
-def _recover(dirpath: Path) -> None:
-    pending = dirpath / PENDING_DIR
-    if not pending.exists():
-        return
+def _lstat(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _is_plain_file(path: Path) -> bool:
+    """A regular file, not a symlink (never followed)."""
+    info = _lstat(path)
+    return info is not None and stat.S_ISREG(info.st_mode)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _writer_names(names: Any, source: Path, field: str) -> list[str]:
+    """The entries of a record read from disk that are names this writer produces; the rest is ignored."""
+    if not isinstance(names, list):
+        _warn(f"Ignored `{field}` in {source}: expected a list of file names, got {type(names).__name__}.")
+        return []
+    kept = [name for name in names if is_writer_name(name)]
+    for name in names:
+        if not is_writer_name(name):
+            _warn(
+                f"Ignored {name!r} in `{field}` of {source}: not a file name this writer produces (only"
+                f" {SUMMARY_NAME}, {FULL_STATE_NAME}, {MANIFEST_NAME} and feature_NNNNN_samples.json, no paths)."
+            )
+    return kept
+
+
+def _is_empty_dir(path: Path) -> bool:
+    info = _lstat(path)
+    return info is not None and stat.S_ISDIR(info.st_mode) and not any(path.iterdir())
+
+
+def _pending_is_ours(pending: Path) -> bool:
+    """A real directory (not a symlink) holding our marker file."""
+    info = _lstat(pending)
+    if info is None or not stat.S_ISDIR(info.st_mode) or not _is_plain_file(pending / PENDING_MARKER):
+        return False
+    try:
+        marker = json.loads((pending / PENDING_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(marker, dict) and marker.get("writer") == WRITER_ID
+
+
+def foreign_entries(dirpath: PathLike) -> list[Path]:
+    """Pending directories in ``dirpath`` that this writer did not create; they are left alone."""
+    dirpath = Path(dirpath)
+    found = []
+    for name in (PENDING_DIR, ".pending"):
+        path = dirpath / name
+        if _lstat(path) is not None and not _pending_is_ours(path) and not _is_empty_dir(path):
+            found.append(path)
+    return found
+
+
+def read_manifest(dirpath: PathLike) -> Optional[list[str]]:
+    """The files the last committed save wrote into ``dirpath``, or ``None`` if it holds no manifest.
+
+    Raises:
+        SamplesDirectoryError: The manifest exists but is not one this writer wrote.
+    """
+    path = Path(dirpath) / MANIFEST_NAME
+    if _lstat(path) is None:
+        return None
+    record = load_json(path) if _is_plain_file(path) else None
+    if not isinstance(record, dict) or record.get("writer") != WRITER_ID:
+        raise SamplesDirectoryError(
+            f"{path} is not a manifest written by {WRITER_ID}. Remove it only if the directory is yours to"
+            " overwrite, or pass another `dirpath`."
+        )
+    return _writer_names(record.get("files"), path, "files")
+
+
+def claim_samples_dir(dirpath: PathLike) -> bool:
+    """Check that ``dirpath`` is ours to write.
+
+    Returns:
+        ``True`` if it holds an earlier save of ours (its manifest), ``False`` if it is empty (ignoring our
+        lock file and a pending directory of ours).
+
+    Raises:
+        SamplesDirectoryError: The directory is not empty and holds no manifest of ours.
+    """
+    dirpath = Path(dirpath)
+    if read_manifest(dirpath) is not None or _commits_a_manifest(dirpath / PENDING_DIR):
+        return True
+    others = sorted(
+        p.name
+        for p in dirpath.iterdir()
+        if p.name != LOCK_NAME
+        and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
+        and not p.name.startswith(".write_probe_")
+    )
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise SamplesDirectoryError(
+            f"Samples directory {dirpath} is not empty ({shown}) and holds no {MANIFEST_NAME} of an earlier"
+            f" {WRITER_ID} save, so its files are not ours to overwrite or delete. Pass an empty or new"
+            " `dirpath`, or move its contents away."
+        )
+    return False
+
+
+def _load_commit(pending: Path) -> Optional[dict]:
     commit = pending / COMMIT_NAME
-    if commit.exists():
-        _apply_commit(dirpath, json.loads(commit.read_text()))
-    shutil.rmtree(pending, ignore_errors=True)
+    if not _pending_is_ours(pending) or not _is_plain_file(commit):
+        return None
+    try:
+        record = load_json(commit)
+    except SamplesDirectoryError as err:
+        _warn(f"Ignored the commit record: {err}")
+        return None
+    if not isinstance(record, dict):
+        _warn(f"Ignored {commit}: not a commit record.")
+        return None
+    return record
+
+
+def _commits_a_manifest(pending: Path) -> bool:
+    """Whether our pending directory holds a commit (interrupted while moving) that brings a manifest."""
+    record = _load_commit(pending)
+    files = record.get("files") if record is not None else None
+    return isinstance(files, list) and MANIFEST_NAME in files and _is_plain_file(pending / MANIFEST_NAME)
+
+
+def _commit_plan(dirpath: Path, record: dict) -> tuple[list[str], list[str]]:
+    """The names a commit record may move into place and remove, by the rules for untrusted records.
+
+    A file may be removed only if it is a feature file the manifest on disk lists (what the previous save
+    wrote) and the commit does not write it again.
+    """
+    source = dirpath / PENDING_DIR / COMMIT_NAME
+    moves = _writer_names(record.get("files", []), source, "files")
+    previous = set(read_manifest(dirpath) or ())
+    removes = []
+    for name in _writer_names(record.get("remove", []), source, "remove"):
+        if _is_feature_name(name) and name in previous and name not in moves:
+            removes.append(name)
+        else:
+            _warn(f"Ignored {name!r} in `remove` of {source}: not a stale file of the last save's manifest.")
+    return moves, removes
+
+
+def _move_in(pending: Path, dirpath: Path, name: str) -> None:
+    source = pending / name
+    info = _lstat(source)
+    if info is None:
+        return  # moved already, before an interruption
+    if not stat.S_ISREG(info.st_mode):
+        _warn(f"Did not move {source} into place: not a regular file.")
+        return
+    os.replace(source, dirpath / name)
 
 
 def _apply_commit(dirpath: Path, record: dict) -> None:
+    """Move the new files into place, remove the stale ones, then move the manifest (last: it is the proof)."""
     pending = dirpath / PENDING_DIR
-    for name in record["files"]:
-        if (pending / name).exists():
-            os.replace(pending / name, dirpath / name)
-    for name in record["remove"]:
-        (dirpath / name).unlink(missing_ok=True)
+    moves, removes = _commit_plan(dirpath, record)
+    for name in moves:
+        if name != MANIFEST_NAME:
+            _move_in(pending, dirpath, name)
+    for name in removes:
+        try:
+            os.unlink(dirpath / name)  # unlinks a symlink itself, never its target
+        except FileNotFoundError:
+            pass
+    if MANIFEST_NAME in moves:
+        _move_in(pending, dirpath, MANIFEST_NAME)
     (pending / COMMIT_NAME).unlink(missing_ok=True)
+
+
+def _is_pending_name(name: str) -> bool:
+    """A name the writer creates in its pending directory: its files, the record, the marker, their temp files."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return name in (COMMIT_NAME, PENDING_MARKER) or is_writer_name(name)
+
+
+def _clear_pending(pending: Path) -> None:
+    """Remove our pending directory: only the names we write in it; anything else stays, with a warning."""
+    if _is_empty_dir(pending):
+        pending.rmdir()
+        return
+    if not _pending_is_ours(pending):
+        return
+    for name in os.listdir(pending):
+        if _is_pending_name(name) and name != PENDING_MARKER:
+            try:
+                os.unlink(pending / name)  # a symlink is unlinked itself, never followed
+            except IsADirectoryError:
+                pass
+    left = sorted(name for name in os.listdir(pending) if name != PENDING_MARKER)
+    if left:
+        _warn(f"Left {pending} in place: it holds entries this writer did not write ({', '.join(left[:5])}).")
+        return
+    (pending / PENDING_MARKER).unlink()
+    pending.rmdir()
+
+
+def _recover(dirpath: Path) -> None:
+    """Finish an interrupted commit of ours and clear our pending directory; a foreign one is left alone."""
+    pending = dirpath / PENDING_DIR
+    record = _load_commit(pending)
+    if record is not None:
+        _apply_commit(dirpath, record)
+    _clear_pending(pending)
 
 
 def write_samples_dir(
@@ -233,12 +446,23 @@ def write_samples_dir(
 
     Returns:
         The saved feature indices, in rank order.
+
+    Raises:
+        SamplesDirectoryError: ``dirpath`` is not empty and holds no manifest of ours (see
+            :func:`claim_samples_dir`), or something that is not ours sits where the pending directory goes.
     """
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
+    claim_samples_dir(dirpath)
     _recover(dirpath)
     pending = dirpath / PENDING_DIR
-    pending.mkdir()
+    if _lstat(pending) is not None and not _pending_is_ours(pending):
+        raise SamplesDirectoryError(
+            f"{pending} exists and was not created by {WRITER_ID}; it is left alone. Move it away so saves can"
+            " use this name."
+        )
+    pending.mkdir(exist_ok=True)
+    atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
 
     ranked = rank_features(state, rank_by, top_features).tolist()
     view = with_recent_view(state)
@@ -277,14 +501,15 @@ def write_samples_dir(
     atomic_write_json(pending / SUMMARY_NAME, summary)
     _atomic_torch_save(pending / FULL_STATE_NAME, state)
 
-    keep = set(names)
-    stale = sorted(p.name for p in dirpath.iterdir() if _FEATURE_FILE.match(p.name) and p.name not in keep)
+    written = [*names, FULL_STATE_NAME, SUMMARY_NAME]
+    atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "files": sorted(written)})
+    stale = sorted(name for name in read_manifest(dirpath) or () if _is_feature_name(name) and name not in names)
     if before_commit is not None:
         before_commit(pending)
-    record = {"files": [*names, FULL_STATE_NAME, SUMMARY_NAME], "remove": stale}
+    record = {"files": [*written, MANIFEST_NAME], "remove": stale}
     atomic_write_json(pending / COMMIT_NAME, record)
     _apply_commit(dirpath, record)
-    shutil.rmtree(pending, ignore_errors=True)
+    _clear_pending(pending)
     return ranked
 
 
@@ -306,16 +531,17 @@ class SamplesDirectory:
 
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
-    files = {p.name: p for p in dirpath.iterdir() if p.is_file() and not p.name.startswith(".")}
-    commit = dirpath / PENDING_DIR / COMMIT_NAME
-    if commit.exists():
-        record = load_json(commit)
-        for name in record.get("remove", []):
+    """Our files in ``dirpath``, overlaid by a committed but unfinished save, by the writer's rules."""
+    files = {p.name: p for p in dirpath.iterdir() if is_writer_name(p.name) and p.name != MANIFEST_NAME and p.is_file()}
+    pending = dirpath / PENDING_DIR
+    record = _load_commit(pending)
+    if record is not None:
+        moves, removes = _commit_plan(dirpath, record)
+        for name in removes:
             files.pop(name, None)
-        for name in record.get("files", []):
-            candidate = dirpath / PENDING_DIR / name
-            if candidate.exists():
-                files[name] = candidate
+        for name in moves:
+            if name != MANIFEST_NAME and _is_plain_file(pending / name):
+                files[name] = pending / name
     return files
 
 
@@ -354,7 +580,7 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f"{files[SUMMARY_NAME]} has format_version {summary['format_version']}, this version reads"
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
-    features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.match(name))}
+    features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
     return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME))
 
 

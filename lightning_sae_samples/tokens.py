@@ -46,7 +46,22 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def load_tokenizer(tokenizer: Union[str, Any, None], local_only: bool = False) -> Any:
+def check_tokenizer(tokenizer: Any) -> None:
+    """Check a tokenizer argument without loading anything.
+
+    Raises:
+        TypeError: It is not ``None``, a name or path, or an object with ``convert_ids_to_tokens`` or ``decode``.
+    """
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        return
+    if not (hasattr(tokenizer, "convert_ids_to_tokens") or hasattr(tokenizer, "decode")):
+        raise TypeError(
+            f"`tokenizer` must have `convert_ids_to_tokens` or `decode`; got {type(tokenizer).__name__}."
+            " Pass a Hugging Face tokenizer, its name or path, or None to show token ids."
+        )
+
+
+def load_tokenizer(tokenizer: Union[str, os.PathLike, Any, None], local_only: bool = False) -> Any:
     """Return a tokenizer object, loading a Hugging Face name or path with ``AutoTokenizer``.
 
     A name is looked up in the local cache first (``local_files_only=True``), so a cached tokenizer loads
@@ -62,47 +77,49 @@ def load_tokenizer(tokenizer: Union[str, Any, None], local_only: bool = False) -
         TokenizerNotAvailableError: The name is neither a local path nor cached, and cannot be downloaded.
         TypeError: The object has neither ``convert_ids_to_tokens`` nor ``decode``.
     """
+    check_tokenizer(tokenizer)
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    name = os.fspath(tokenizer)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ImportError(
+            f"`tokenizer={name!r}` is a name or path, and loading it needs `transformers`:"
+            " run `pip install transformers`, or pass a tokenizer object."
+        ) from err
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a missing one
+        local_error = err
+    if os.path.exists(name):
+        raise TokenizerNotAvailableError(f"Cannot load the tokenizer at local path {name!r}: {local_error}")
+    why = (
+        "the network is off (HF_HUB_OFFLINE)" if hub_offline()
+        else "only local files are used here" if local_only
+        else None if _hub_reachable()
+        else "the Hugging Face Hub cannot be reached"
+    )
+    if why is not None:
+        raise TokenizerNotAvailableError(
+            f"Tokenizer {name!r} was not found locally (no such folder, not in the Hugging Face cache), and {why}"
+            f" ({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]})."
+            " Pass the path of a folder holding the tokenizer files or a tokenizer object, or download it once"
+            " where the Hub is reachable (HF_HUB_OFFLINE=0 with network access)."
+        ) from local_error
+    return AutoTokenizer.from_pretrained(name)
+
+
+def describe_tokenizer(tokenizer: Union[str, os.PathLike, Any, None]) -> Optional[str]:
+    """A short JSON-friendly description of a tokenizer: its name or local path where known, else its class."""
     if tokenizer is None:
         return None
-    if isinstance(tokenizer, str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                f"`tokenizer={tokenizer!r}` is a name or path, and loading it needs `transformers`:"
-                " run `pip install transformers`, or pass a tokenizer object."
-            ) from err
-        try:
-            return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a missing one
-            local_error = err
-        why = (
-            "the network is off (HF_HUB_OFFLINE)" if hub_offline()
-            else "only local files are used here" if local_only
-            else None if _hub_reachable()
-            else "the Hugging Face Hub cannot be reached"
-        )
-        if why is not None:
-            raise TokenizerNotAvailableError(
-                f"Tokenizer {tokenizer!r} is not a local folder nor in the local Hugging Face cache, and {why}"
-                f" ({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]})."
-                " Pass the path of a folder holding the tokenizer files, or download it once where the Hub"
-                " is reachable (`AutoTokenizer.from_pretrained(name)`)."
-            ) from local_error
-        return AutoTokenizer.from_pretrained(tokenizer)
-    if not (hasattr(tokenizer, "convert_ids_to_tokens") or hasattr(tokenizer, "decode")):
-        raise TypeError(
-            f"`tokenizer` must have `convert_ids_to_tokens` or `decode`; got {type(tokenizer).__name__}."
-            " Pass a Hugging Face tokenizer, its name or path, or None to show token ids."
-        )
-    return tokenizer
-
-
-def describe_tokenizer(tokenizer: Union[str, Any, None]) -> Optional[str]:
-    """A short JSON-friendly description of a tokenizer argument."""
-    if tokenizer is None or isinstance(tokenizer, str):
-        return tokenizer
-    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return os.fspath(tokenizer)
+    name = getattr(tokenizer, "name_or_path", None)
+    if isinstance(name, (str, os.PathLike)) and os.fspath(name):
+        return os.fspath(name)
+    return type(tokenizer).__name__
 
 
 @lru_cache(maxsize=1)
