@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_sae_samples.analyzer import write_report
-from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.collector import (
+    RANK_SHIFT,
+    CollectorConfig,
+    SampleCollector,
+    available_memory_bytes,
+    estimate_state_bytes,
+)
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import InputKeys, LatentInputError, check_indices_in_range, read_latents
@@ -24,7 +30,19 @@ from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
+SAVE_FULL_STATE_CHOICES = ("every", "end", "never")
 _NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
+
+
+def _module_num_latents(pl_module: pl.LightningModule) -> Optional[int]:
+    hparams = getattr(pl_module, "hparams", {})
+    for name in _NUM_LATENTS_ATTRS:
+        value = getattr(pl_module, name, None)
+        if value is None and name in hparams:
+            value = hparams[name]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _positive_int(value: Any, name: str, fix: str, minimum: int = 1) -> int:
@@ -90,6 +108,10 @@ class ActivationSampleCallback(Callback):
             Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
             decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
         logit_effects_k: Tokens per side in ``logit_effects``.
+        save_full_state: When the samples directory gets ``full_state.pt`` (every latent's samples, for the
+            analyzer): ``"every"`` save, at the ``"end"`` of training only, or ``"never"``. The checkpoint holds the
+            same state, so ``"end"`` or ``"never"`` make checkpoints of large SAEs faster. A save without it removes
+            the previous one, which would be older than the summary.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -128,6 +150,7 @@ class ActivationSampleCallback(Callback):
         dead_window_steps: int = 10_000,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
         logit_effects_k: int = 10,
+        save_full_state: str = "every",
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
@@ -196,6 +219,12 @@ class ActivationSampleCallback(Callback):
         self._health = FeatureHealthMonitor(dead_window_steps) if log_feature_health else None
         self.logit_effects = resolve_logit_effects_fn(logit_effects)
         self.logit_effects_k = _positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
+        if save_full_state not in SAVE_FULL_STATE_CHOICES:
+            raise ValueError(
+                f"`save_full_state` must be one of {SAVE_FULL_STATE_CHOICES}, got {save_full_state!r}. Use 'end' or"
+                " 'never' to save time at checkpoints (the checkpoint holds the state too)."
+            )
+        self.save_full_state = save_full_state
 
         self.collector: Optional[SampleCollector] = None
         self._pending_state: Optional[dict] = None
@@ -240,6 +269,7 @@ class ActivationSampleCallback(Callback):
             "recent_samples_per_feature": self.recent_samples_per_feature,
             "seed": self.seed,
             "deduplicate_contexts": self.deduplicate_contexts,
+            "save_full_state": self.save_full_state,
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -252,10 +282,42 @@ class ActivationSampleCallback(Callback):
             self.dirpath = Path(root) / "activation_samples"
         if stage != "fit":
             return
+        num_latents = self.num_latents or _module_num_latents(pl_module)
+        if num_latents is not None:
+            self._check_memory(num_latents, trainer.strategy.root_device)
         problem = self._check_dirpath() if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem:
             raise ValueError(problem)
+
+    def _check_memory(self, num_latents: int, device: torch.device) -> None:
+        """Refuse a state that cannot fit the latents' device, before allocating it."""
+        need = estimate_state_bytes(self._collector_config(num_latents), stored_samples=0)
+        available = available_memory_bytes(device)
+        if available is None or need["total"] <= available:
+            return
+        largest = max(("top", "interval", "recent"), key=lambda kind: need.get(kind, 0))
+        argument = {"top": "max_samples_per_feature", "interval": "samples_per_interval",
+                    "recent": "recent_samples_per_feature"}[largest]
+        raise ValueError(
+            f"ActivationSampleCallback's state for {num_latents} latents needs {need['total']:,} bytes up front on"
+            f" {device}, which has {available:,} bytes available. Lower `{argument}` (now"
+            f" {getattr(self, argument)}), or collect on a device with more memory."
+        )
+
+    def _collector_config(self, num_latents: int) -> CollectorConfig:
+        return CollectorConfig(
+            num_latents,
+            self.max_samples_per_feature,
+            self.context_size,
+            self.activation_threshold,
+            samples_per_interval=self.samples_per_interval,
+            num_intervals=self.num_intervals,
+            recent_window_steps=self.recent_window_steps,
+            recent_samples=self.recent_samples_per_feature,
+            seed=self.seed,
+            deduplicate_contexts=self.deduplicate_contexts,
+        )
 
     def _check_dirpath(self) -> Optional[str]:
         path = self.dirpath
@@ -313,7 +375,7 @@ class ActivationSampleCallback(Callback):
             self._health.log(trainer, self.collector)
         merged = self._merged_state()
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, merged)
+            self._write(trainer, pl_module, merged, final=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
@@ -404,19 +466,8 @@ class ActivationSampleCallback(Callback):
     def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
         pending, self._pending_state = self._pending_state, None
         if pending is None:
-            config = CollectorConfig(
-                num_latents,
-                self.max_samples_per_feature,
-                self.context_size,
-                self.activation_threshold,
-                samples_per_interval=self.samples_per_interval,
-                num_intervals=self.num_intervals,
-                recent_window_steps=self.recent_window_steps,
-                recent_samples=self.recent_samples_per_feature,
-                seed=self.seed,
-                deduplicate_contexts=self.deduplicate_contexts,
-            )
-            return SampleCollector(config, device)
+            self._check_memory(num_latents, device)
+            return SampleCollector(self._collector_config(num_latents), device)
         restored = SampleCollector.from_state_dict(pending, device)
         # Every process loads the same merged checkpoint; keeping it on one process only makes the next
         # merge count each sample once.
@@ -442,7 +493,9 @@ class ActivationSampleCallback(Callback):
             self._resolved_tokenizer = load_tokenizer(candidate)
         return self._resolved_tokenizer
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
+    def _write(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False
+    ) -> None:
         if merged is None:
             rank_zero_info("ActivationSampleCallback: nothing collected yet, no samples written.")
             return
@@ -463,6 +516,7 @@ class ActivationSampleCallback(Callback):
             samples_per_feature=self.samples_per_feature_to_save,
             rank_by=self.rank_features_by,
             global_step=trainer.global_step,
+            full_state=self.save_full_state == "every" or (final and self.save_full_state == "end"),
             feature_extras=logit_effect_extras(
                 self.logit_effects, pl_module, merged, self.rank_features_by, self.top_features_to_save,
                 self.logit_effects_k, tokenizer,
