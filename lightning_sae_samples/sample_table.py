@@ -158,6 +158,7 @@ class SampleTable:
         self.pool_context_tokens = torch.empty((0, window), dtype=torch.int32, device=device)
         self.pool_context_acts = torch.empty((0, window), device=device)
         self.next_unused = 0
+        self.fill_bound = 0
         self.released = torch.empty(0, dtype=torch.int64, device=device)
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
@@ -264,6 +265,9 @@ class SampleTable:
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         width = int(rank.max()) + 1
         grid = (len(touched), width)
+        # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
+        # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
+        span = min(cap, self.fill_bound + width)
 
         def to_grid(values: Tensor, fill: float) -> Tensor:
             out = torch.full(grid, fill, dtype=values.dtype, device=dev)
@@ -271,23 +275,23 @@ class SampleTable:
             return out
 
         def kept(name: str) -> Tensor:
-            return getattr(self, name) if all_rows else getattr(self, name)[touched]
+            return getattr(self, name)[:, :span] if all_rows else getattr(self, name)[touched, :span]
 
         new_priority = to_grid(new["sort"].to(self.sort_key.dtype), -math.inf)
         # Merge two descending rows: a new sample lands after every old one greater or equal, and the old
-        # ones fill the other places in order. Positions >= capacity fall out.
+        # ones fill the other places in order. Positions >= span (then = capacity) fall out.
         old_priority = kept("priority" if self.random_priority else "values")
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
-        taken = torch.zeros((grid[0], cap + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
-        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], cap)
-        entered = (pos_new < cap).sum(1, keepdim=True)
-        pos_old.clamp_(max=cap)
-        pos_new.clamp_(max=cap)
+        taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
+        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], span)
+        entered = (pos_new < span).sum(1, keepdim=True)
+        pos_old.clamp_(max=span)
+        pos_new.clamp_(max=span)
         # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
         # or never used (or released) ones where they were empty.
         old_slots = kept("slot")
-        new_slots = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
+        new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
         enters = rank < entered[local, 0]
         source = new["source"][enters]
         at = local[enters] * width + rank[enters]
@@ -312,13 +316,15 @@ class SampleTable:
         if self.hash is not None:
             fields.append(("hash", kept("hash"), to_grid(new["hash"], 0)))
         for name, old, fresh_grid in fields:
-            merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
+            merged = torch.empty((grid[0], span + 1), dtype=old.dtype, device=dev)
             merged.scatter_(1, pos_old, old)
             merged.scatter_(1, pos_new, fresh_grid.to(old.dtype))
             if all_rows:
-                getattr(self, name).copy_(merged[:, :cap])
+                getattr(self, name)[:, :span] = merged[:, :span]
             else:
-                getattr(self, name)[touched] = merged[:, :cap]
+                getattr(self, name)[touched, :span] = merged[:, :span]
+            if name == "slot":
+                self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
 
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
         self._write_windows(destination.index_copy_(0, source, slot.long()), arrivals)
@@ -377,8 +383,8 @@ class SampleTable:
         grown = min(max(slots, 2 * size, MIN_POOL_SLOTS), self.rows * self.capacity)
         for name in WINDOW_FIELDS:
             pool = getattr(self, f"pool_{name}")
-            field = SAMPLE_FIELD[name]
-            bigger = torch.full((grown, *pool.shape[1:]), field.fill, dtype=pool.dtype, device=pool.device)
+            # Slots past `next_unused` are written before they are read, so the new part needs no fill.
+            bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
             bigger[:size] = pool
             setattr(self, f"pool_{name}", bigger)
 
@@ -499,6 +505,7 @@ class SampleTable:
         self.slot[row, column] = torch.arange(total, device=dev, dtype=self.slot.dtype)
         self._reserve(total)
         self.next_unused = total
+        self.fill_bound = int(count.max()) if len(count) else 0
         for name in WINDOW_FIELDS:
             pool = getattr(self, f"pool_{name}")
             pool[:total] = table[name].to(device=dev, dtype=pool.dtype)
