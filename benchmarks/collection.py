@@ -548,6 +548,33 @@ class RandomTopK(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class RssPeak:
+    """Peak resident memory above the level at entry, sampled every 2 ms by a thread (Linux)."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(0, self.peak - self.start)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def scale_row(args) -> None:
     """Child-process mode: one size of the scale table, printed as JSON on stdout."""
     import json
@@ -565,13 +592,20 @@ def scale_row(args) -> None:
                         default_root_dir=work, num_sanity_val_steps=0)
     # Wall and CPU seconds of the callback's collection hook, and of its end-of-training samples save.
     spent: dict[str, list[tuple[float, float]]] = {"on_train_batch_end": [], "on_train_end": []}
+    extra: dict[str, int] = {}
 
     def timed(name: str):
         real = getattr(cb, name)
 
         def hook(*a):
             t0, c0 = time.perf_counter(), time.process_time()
-            real(*a)
+            if name == "on_train_end":
+                extra["state"] = collector_bytes(cb)
+                with RssPeak() as peak:
+                    real(*a)
+                extra["samples_save"] = peak.extra
+            else:
+                real(*a)
             spent[name].append((time.perf_counter() - t0, time.process_time() - c0))
 
         return hook
@@ -581,8 +615,10 @@ def scale_row(args) -> None:
     trainer.fit(module, loader_of({"tokens": tokens}, collections))
     ckpt = os.path.join(work, "scale.ckpt")
     t0, c0 = time.perf_counter(), time.process_time()
-    trainer.save_checkpoint(ckpt)
+    with RssPeak() as peak:
+        trainer.save_checkpoint(ckpt)
     ckpt_s = (time.perf_counter() - t0, time.process_time() - c0)
+    extra["save_checkpoint"] = peak.extra
     full_state = Path(cb.dirpath) / "full_state.pt"
     hooks = spent["on_train_batch_end"]
     result = {
@@ -595,6 +631,9 @@ def scale_row(args) -> None:
         "stored_top": int(cb.collector.tables["top"].export()["count"].sum()),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "load_average": os.getloadavg()[0],
+        "state_bytes": extra["state"],
+        "samples_save_extra_bytes": extra["samples_save"],
+        "save_checkpoint_extra_bytes": extra["save_checkpoint"],
     }
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
@@ -672,7 +711,10 @@ def run_scale(args) -> list[tuple[str, str, str, str]]:
             "",
             f"checkpoint {fmt_bytes(r['checkpoint_bytes'])}, full_state.pt {fmt_bytes(r['full_state_bytes'])},"
             f" samples save {wall_cpu(r['samples_save_s'])}, save_checkpoint {wall_cpu(r['save_checkpoint_s'])},"
-            f" collection {wall_cpu(r['collection_s'])} (hook, mean), {r['stored_top']} top samples stored,"
+            f" collection {wall_cpu(r['collection_s'])} (hook, mean), {r['stored_top']} top samples stored;"
+            f" state {fmt_bytes(r['state_bytes'])}, extra memory of the samples save"
+            f" {fmt_bytes(r['samples_save_extra_bytes'])}, of save_checkpoint"
+            f" {fmt_bytes(r['save_checkpoint_extra_bytes'])};"
             f" load average {r['load_average']:.1f}",
         ))  # fmt: skip
     if args.dispatch_collections:

@@ -43,9 +43,11 @@ from lightning_sae_samples.state_format import (
     STATE_FORMAT_VERSION,
     check_compatible,
     check_state_version,
+    dense_counts,
     empty_field,
     merge_counters,
     merge_states,
+    sparse_counts,
 )
 
 __all__ = [
@@ -536,7 +538,8 @@ class SampleCollector:
             state[name] = table.export_padded(rows) if padded else table.export(rows)
         for field in LATENT_FIELDS:
             if hasattr(self, field.name):
-                state[field.name] = getattr(self, field.name)[start:stop].clone()
+                rows = getattr(self, field.name)[start:stop]
+                state[field.name] = sparse_counts(rows) if field.sparse and not padded else rows.clone()
         return state
 
     def export(self, latents: slice = slice(None)) -> dict:
@@ -585,11 +588,14 @@ class SampleCollector:
             if not hasattr(collector, field.name):
                 continue
             target = getattr(collector, field.name)
-            if field.name not in state or tuple(state[field.name].shape) != tuple(target.shape):
+            value = state.get(field.name)
+            if field.sparse and isinstance(value, dict) and _valid_counts(value, target):
+                value = dense_counts(value)
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
                 raise ValueError(
                     f"Collector state field {field.name!r} is missing or not of shape {tuple(target.shape)}."
                 )
-            target.copy_(state[field.name])
+            target.copy_(value)
         for field in RUN_FIELDS:
             value = state.get(field.name, field.fill)
             if field.dtype is not None:
@@ -605,6 +611,17 @@ class SampleCollector:
             if field.dtype is None:
                 setattr(empty, field.name, getattr(self, field.name))
         return empty
+
+
+def _valid_counts(counts: dict, target: Tensor) -> bool:
+    index = counts.get("index")
+    return (
+        [int(n) for n in counts.get("shape", [])] == list(target.shape)
+        and isinstance(index, Tensor) and isinstance(counts.get("value"), Tensor)
+        and index.shape == counts["value"].shape
+        and (not len(index) or (int(index.min()) >= 0 and int(index.max()) < target.numel()))
+        and bool((index[1:] > index[:-1]).all())
+    )
 
 
 def _to_cpu(state: dict) -> dict:

@@ -13,11 +13,13 @@ from lightning_sae_samples.state_format import (
     LATENT_FIELDS,
     RUN_FIELDS,
     TABLE_NAMES,
+    concat_sparse_counts,
     concat_tables,
     merge_counters,
     merge_field,
     merge_padded_tables,
     pack_table,
+    sparse_counts,
 )
 
 CHUNK_BYTES = 32 * 2**20
@@ -81,7 +83,8 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         for name, field in _FIELD.items():
             if name in gathered:
                 parts = [gathered[name][r] for r in range(ranks)]
-                stats.setdefault(name, []).append(functools.reduce(functools.partial(merge_field, field), parts))
+                part = functools.reduce(functools.partial(merge_field, field), parts)
+                stats.setdefault(name, []).append(sparse_counts(part) if field.sparse else part)
         for table in TABLE_NAMES:
             fields = {key.split("/", 1)[1]: value for key, value in gathered.items() if key.startswith(f"{table}/")}
             if not fields:
@@ -92,6 +95,7 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
             tables.setdefault(table, []).append(pack_table(best, capacity))
     if merged is not None:
         merged["hist_edges"] = head["hist_edges"]
-        merged.update({name: torch.cat(parts) for name, parts in stats.items()})
+        for name, parts in stats.items():
+            merged[name] = concat_sparse_counts(parts) if _FIELD[name].sparse else torch.cat(parts)
         merged.update({name: concat_tables(parts) for name, parts in tables.items()})
     return merged

@@ -459,20 +459,18 @@ class SampleTable:
         See :mod:`lightning_sae_samples.state_format`. New tensors on the table's device.
         """
         self.flush()
-        slot = self.slot[rows]
+        # Kept samples fill a prefix of each row, and no row more than `fill_bound` places.
+        places = slice(0, max(1, min(self.capacity, self.fill_bound)))
+        slot = self.slot[rows, places]
         filled = slot != EMPTY
-        at = slot[filled].long()
-        out: dict = {
-            "capacity": self.capacity,
-            "count": filled.sum(1, dtype=torch.int32),
-            "values": self.values[rows][filled],
-            "step": self.step[rows][filled].long(),
-            "order": self.order[rows][filled],
-        }
-        if self.random_priority:
-            out["priority"] = self.priority[rows][filled]
-        if self.hash is not None:
-            out["hash"] = self.hash[rows][filled]
+        row, column = filled.nonzero(as_tuple=True)
+        out: dict = {"capacity": self.capacity, "count": filled.sum(1, dtype=torch.int32)}
+        for name in ("values", "step", "order", "priority", "hash"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                out[name] = tensor[rows, places][row, column]
+        out["step"] = out["step"].long()
+        at = slot[row, column].long()
         for name in WINDOW_FIELDS:
             out[name] = getattr(self, f"pool_{name}").index_select(0, at)
         return out

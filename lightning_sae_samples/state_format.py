@@ -10,7 +10,8 @@ read states without it.
 The compact form (``format_version`` :data:`STATE_FORMAT_VERSION`) holds what was seen, not the capacity:
 every sample table is a dict under its name (``state["top"]``, ``state["interval"]``, ...) with
 ``capacity``, a per-row ``count`` (int32) and the kept samples packed row-major, each row best first.
-Rows of the ``interval`` table are ``latent * num_intervals + interval``.
+Rows of the ``interval`` table are ``latent * num_intervals + interval``. Counts per latent and bin or
+interval (``hist``, ``interval_count``) are stored by their nonzero entries (:func:`sparse_counts`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class StateField:
         merge: How two states combine: ``"sum"``, ``"min"``, ``"max"``, ``"first"`` (earliest step, ignoring
             ``EMPTY``), ``"last"`` (latest step), ``"same"`` (must be equal; checked on merge), or
             ``"top-k"`` (sample fields: re-ranked over both, see :func:`merge_padded_tables`).
+        sparse: Counts stored by their nonzero entries (see :func:`sparse_counts`): dense in memory, but
+            in the compact form only what was counted.
     """
 
     name: str
@@ -60,6 +63,7 @@ class StateField:
     dtype: Optional[torch.dtype]
     fill: Number
     merge: str
+    sparse: bool = False
 
 
 #: Configuration entries: equal in states that merge (``check_compatible``).
@@ -94,12 +98,12 @@ STAT_FIELDS = (
     StateField("sum_sq", "latent", torch.float64, 0.0, "sum"),
     StateField("max", "latent", torch.float32, -math.inf, "max"),
     StateField("min", "latent", torch.float32, math.inf, "min"),
-    StateField("hist", "latent", torch.int64, 0, "sum"),
+    StateField("hist", "latent", torch.int64, 0, "sum", sparse=True),
     StateField("first_step", "latent", torch.int64, EMPTY, "first"),
     StateField("last_step", "latent", torch.int64, EMPTY, "last"),
 )
 #: Activations per latent and interval (only with interval sampling).
-INTERVAL_FIELDS = (StateField("interval_count", "interval", torch.int64, 0, "sum"),)
+INTERVAL_FIELDS = (StateField("interval_count", "interval", torch.int64, 0, "sum", sparse=True),)
 #: Fields of one kept sample, in every table.
 SAMPLE_FIELDS = (
     StateField("values", "sample", torch.float32, -math.inf, "top-k"),
@@ -143,6 +147,36 @@ def _merge_number(field: StateField, a: int, b: int) -> int:
         present = [s for s in (a, b) if s != EMPTY]
         return min(present) if present else EMPTY
     return a
+
+
+def sparse_counts(dense: Tensor) -> dict:
+    """Counts ``[rows, ...]`` as their nonzero entries: ``shape``, flat ``index`` (ascending) and ``value``."""
+    flat = dense.reshape(-1)
+    index = flat.nonzero(as_tuple=True)[0]
+    return {"shape": list(dense.shape), "index": index, "value": flat[index]}
+
+
+def dense_counts(counts: dict, rows: slice = slice(None)) -> Tensor:
+    """Rows ``rows`` of :func:`sparse_counts` output, dense (int64, on the CPU)."""
+    shape = [int(n) for n in counts["shape"]]
+    width = math.prod(shape[1:])
+    start, stop, _ = rows.indices(shape[0])
+    index, value = counts["index"].cpu(), counts["value"].cpu()
+    lo, hi = torch.searchsorted(index, torch.tensor([start * width, stop * width])).tolist()
+    out = torch.zeros((stop - start) * width, dtype=torch.int64)
+    out[index[lo:hi] - start * width] = value[lo:hi].to(torch.int64)
+    return out.view(stop - start, *shape[1:])
+
+
+def concat_sparse_counts(parts: list[dict]) -> dict:
+    """:func:`sparse_counts` of consecutive row ranges joined into one."""
+    width = math.prod(int(n) for n in parts[0]["shape"][1:])
+    index, value, rows = [], [], 0
+    for part in parts:
+        index.append(part["index"] + rows * width)
+        value.append(part["value"])
+        rows += int(part["shape"][0])
+    return {"shape": [rows, *parts[0]["shape"][1:]], "index": torch.cat(index), "value": torch.cat(value)}
 
 
 def table_rows(state: dict, name: str) -> int:
@@ -345,7 +379,10 @@ def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
     sel = slice(None) if latents is None else latents
     merged = merge_counters(a, b)
     for field in LATENT_FIELDS:
-        if field.name in a:
+        if field.name in a and field.sparse:
+            both = dense_counts(a[field.name], sel) + dense_counts(b[field.name], sel)
+            merged[field.name] = sparse_counts(both)
+        elif field.name in a:
             merged[field.name] = merge_field(field, a[field.name][sel], b[field.name][sel])
     start, stop, _ = sel.indices(int(a["num_latents"]))
     for name in TABLE_NAMES:
@@ -362,6 +399,9 @@ def padded_state(state: dict) -> dict:
     the tables' capacity, not what was seen.
     """
     out = {key: value for key, value in state.items() if key not in TABLE_NAMES}
+    for field in LATENT_FIELDS:
+        if field.sparse and field.name in state:
+            out[field.name] = dense_counts(state[field.name])
     num_latents = int(state["num_latents"])
     for name in TABLE_NAMES:
         if name not in state:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state_format import EMPTY, kept_per_latent, row_samples
+from lightning_sae_samples.state_format import EMPTY, dense_counts, kept_per_latent, row_samples
 
 RANK_CHOICES = ("max_activation", "activation_count", "frequency")
 
@@ -70,7 +70,7 @@ def feature_statistics(state: dict, idx: int) -> dict[str, Any]:
         "last_step": last if last != EMPTY else None,
         "histogram": {
             "bin_edges": [float(e) for e in state["hist_edges"]],
-            "counts": [int(c) for c in state["hist"][idx]],
+            "counts": dense_counts(state["hist"], slice(idx, idx + 1))[0].tolist(),
         },
     }
 

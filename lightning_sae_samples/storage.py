@@ -21,6 +21,7 @@ import torch
 from lightning_sae_samples.state_format import (
     FORMAT_VERSION,
     check_state_version,
+    dense_counts,
     merge_tables,
     row_samples,
     rows_index,
@@ -146,7 +147,7 @@ def sample_groups(state: dict, feature_idx: int, limit: int, decoder: TokenDecod
     groups: dict[str, Any] = {}
     if "interval" in state:
         edges = [float(e) for e in state["interval_edges"]]
-        counts = state["interval_count"][feature_idx].tolist()
+        counts = dense_counts(state["interval_count"], slice(feature_idx, feature_idx + 1))[0].tolist()
         groups["interval_samples"] = [
             {
                 "interval": [

@@ -72,6 +72,9 @@ def test_compact_round_trip_through_a_weights_only_file(tmp_path, fill):
     assert len(top["values"]) == int(per_latent.sum()) == len(top["context_tokens"])
     if fill == "full":
         assert int(top["count"][1:].min()) == K
+    # counts per latent and bin are stored by what was counted
+    assert len(state["hist"]["index"]) <= int((fired > THR).sum())
+    assert torch.equal(padded_state(state)["hist"].sum(1), state["count"])
     if fill == "empty":
         assert all(len(state[t]["values"]) == 0 for t in ("top", "interval", "recent", "recent_prev"))
 
