@@ -171,17 +171,19 @@ class SampleTable:
         return self.priority if self.random_priority else self.values
 
     def clear(self) -> None:
-        """Drop every sample."""
-        fresh = SampleTable(
-            self.rows,
-            self.capacity,
-            self.window,
-            self.values.device,
-            self.random_priority,
-            self.dedup_radius,
-            self.stage_limit,
-        )
-        self.__dict__.update(fresh.__dict__)
+        """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
+        for name in ("values", "priority", "step", "order", "slot", "hash"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
+        for name in WINDOW_FIELDS:
+            pool = getattr(self, f"pool_{name}")
+            setattr(self, f"pool_{name}", pool.new_empty((0, *pool.shape[1:])))
+        self.next_unused = 0
+        self.fill_bound = 0
+        self.released = self.released[:0]
+        self._staged, self._staged_windows, self._staged_count = [], [], 0
+        self._floor = None
 
     def can_enter(self, row: Tensor, priority: Tensor) -> Tensor:
         """Mask of the samples that may enter: strictly above their row's last kept priority.
