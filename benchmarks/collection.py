@@ -519,6 +519,218 @@ def collector_phases(
     return {(lo, hi): statistics.mean(times[lo - 1 : hi]) for lo, hi in PHASES if hi <= steps}
 
 
+# --------------------------------------------------------------------------------------------------
+# Scale: state, checkpoint and save at F = 16k .. 1M (each size in a fresh process)
+# --------------------------------------------------------------------------------------------------
+
+
+class RandomTopK(L.LightningModule):
+    """TopK latents drawn at random per step (no encoder: F = 1M needs no [d_model, F] weights)."""
+
+    def __init__(self, num_latents: int, k: int, seq_len: int) -> None:
+        super().__init__()
+        self.num_latents, self.k, self.seq_len = num_latents, k, seq_len
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        tokens = batch["tokens"]
+        gen = torch.Generator().manual_seed(int(self.global_step))
+        b, t = tokens.shape
+        scores = torch.rand(b * t, self.num_latents // 64, generator=gen)
+        # k distinct latents per token: k of F/64 blocks, a random latent in each
+        block = torch.topk(scores, self.k, dim=1).indices
+        idx = block * 64 + torch.randint(0, 64, block.shape, generator=gen)
+        vals = torch.rand(b * t, self.k, generator=gen) * 5
+        return {"loss": self.w.pow(2) + 1.0, "tokens": tokens, "latent_indices": idx.view(b, t, self.k),
+                "latent_values": vals.view(b, t, self.k)}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class RssPeak:
+    """Peak resident memory above the level at entry, sampled every 2 ms by a thread (Linux)."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(0, self.peak - self.start)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def scale_row(args) -> None:
+    """Child-process mode: one size of the scale table, printed as JSON on stdout."""
+    import json
+    import resource
+
+    num_latents, collections = args.scale_row, args.collections
+    work = tempfile.mkdtemp(prefix="sae-samples-scale-")
+    tokens = torch.randint(0, args.vocab, (args.scale_tokens // args.seq_len, args.seq_len),
+                           generator=torch.Generator().manual_seed(0))
+    module = RandomTopK(num_latents, args.k, args.seq_len)
+    cb = ActivationSampleCallback(collection_freq=1, dirpath=os.path.join(work, "samples"), write_report=False,
+                                  save_full_state=args.save_full_state)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=collections, callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=work, num_sanity_val_steps=0)
+    # Wall and CPU seconds of the callback's collection hook, and of its end-of-training samples save.
+    spent: dict[str, list[tuple[float, float]]] = {"on_train_batch_end": [], "on_train_end": []}
+    extra: dict[str, int] = {}
+
+    def timed(name: str):
+        real = getattr(cb, name)
+
+        def hook(*a):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "on_train_end":
+                extra["state"] = collector_bytes(cb)
+                with RssPeak() as peak:
+                    real(*a)
+                extra["samples_save"] = peak.extra
+            else:
+                real(*a)
+            spent[name].append((time.perf_counter() - t0, time.process_time() - c0))
+
+        return hook
+
+    for name in spent:
+        setattr(cb, name, timed(name))
+    trainer.fit(module, loader_of({"tokens": tokens}, collections))
+    ckpt = os.path.join(work, "scale.ckpt")
+    t0, c0 = time.perf_counter(), time.process_time()
+    with RssPeak() as peak:
+        trainer.save_checkpoint(ckpt)
+    ckpt_s = (time.perf_counter() - t0, time.process_time() - c0)
+    extra["save_checkpoint"] = peak.extra
+    full_state = Path(cb.dirpath) / "full_state.pt"
+    hooks = spent["on_train_batch_end"]
+    result = {
+        "num_latents": num_latents, "k": args.k, "collections": collections, "tokens": args.scale_tokens,
+        "collection_s": [statistics.mean(h[i] for h in hooks) for i in (0, 1)],
+        "samples_save_s": spent["on_train_end"][0],
+        "save_checkpoint_s": ckpt_s,
+        "checkpoint_bytes": os.path.getsize(ckpt),
+        "full_state_bytes": full_state.stat().st_size if full_state.exists() else None,
+        "stored_top": int(cb.collector.tables["top"].export()["count"].sum()),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "load_average": os.getloadavg()[0],
+        "state_bytes": extra["state"],
+        "samples_save_extra_bytes": extra["samples_save"],
+        "save_checkpoint_extra_bytes": extra["save_checkpoint"],
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+DATA_DEPENDENT = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "unique_consecutive",
+                  "unique_dim", "repeat_interleave", "item"}
+
+
+def dispatch_counts(args) -> dict:
+    """Operators dispatched and host synchronisations of one collection (collector alone, sparse latents)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_sae_samples import CollectorConfig, SampleCollector
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+            self.syncs: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            name = func.overloadpacket.__name__
+            bool_index = name in ("index", "index_put", "index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
+            )
+            if name in DATA_DEPENDENT or bool_index:
+                key = f"{name}[bool]" if bool_index else name
+                self.syncs[key] = self.syncs.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randint(0, args.vocab, (args.scale_tokens // args.seq_len, args.seq_len))
+    collector = SampleCollector(CollectorConfig(args.num_latents, 100, 20, args.threshold, samples_per_interval=2))
+    counts = []
+    for step in range(args.dispatch_collections):
+        gen = torch.Generator().manual_seed(step)
+        b, t = tokens.shape
+        block = torch.topk(torch.rand(b * t, args.num_latents // 64, generator=gen), args.k, dim=1).indices
+        idx = (block * 64 + torch.randint(0, 64, block.shape, generator=gen)).view(b, t, args.k)
+        vals = (torch.rand(b * t, args.k, generator=gen) * 5).view(b, t, args.k)
+        with Counter() as counter:
+            collector.update_sparse(tokens, idx, vals, step)
+        counts.append(counter)
+    return {"ops": [c.ops for c in counts], "syncs": [sum(c.syncs.values()) for c in counts],
+            "sync_ops": counts[-1].syncs}
+
+
+def wall_cpu(seconds: list[float]) -> str:
+    """``wall (CPU)`` seconds: on a shared machine the CPU time is the steadier of the two."""
+    return f"{fmt_ms(seconds[0])} ({fmt_ms(seconds[1])} CPU)"
+
+
+def run_scale(args) -> list[tuple[str, str, str, str]]:
+    """The scale rows: each size in a fresh process (peak RSS is the process's), then the dispatch counts."""
+    import json
+    import subprocess
+
+    rows = []
+    for num_latents in args.scale:
+        collections = args.collections if num_latents < 1 << 20 else min(args.collections, 3)
+        argv = [sys.executable, __file__, "--scale-row", str(num_latents), "--collections", str(collections),
+                "--k", str(args.k if num_latents < 1 << 20 else 64), "--scale-tokens", str(args.scale_tokens),
+                "--seq-len", str(args.seq_len), "--save-full-state", args.save_full_state]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            console.print(f"[yellow]F={num_latents} failed:[/yellow] {done.stderr[-1500:]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        console.print(r)
+        rows.append((
+            f"(g) F={num_latents}, TopK k={r['k']}, {r['collections']} collections of {r['tokens']} tokens",
+            f"RSS {fmt_bytes(r['peak_rss_bytes'])}",
+            "",
+            f"checkpoint {fmt_bytes(r['checkpoint_bytes'])}, full_state.pt {fmt_bytes(r['full_state_bytes'])},"
+            f" samples save {wall_cpu(r['samples_save_s'])}, save_checkpoint {wall_cpu(r['save_checkpoint_s'])},"
+            f" collection {wall_cpu(r['collection_s'])} (hook, mean), {r['stored_top']} top samples stored;"
+            f" state {fmt_bytes(r['state_bytes'])}, extra memory of the samples save"
+            f" {fmt_bytes(r['samples_save_extra_bytes'])}, of save_checkpoint"
+            f" {fmt_bytes(r['save_checkpoint_extra_bytes'])};"
+            f" load average {r['load_average']:.1f}",
+        ))  # fmt: skip
+    if args.dispatch_collections:
+        counts = dispatch_counts(args)
+        console.print(counts)
+        rows.append((
+            f"(h) operators dispatched per collection, F={args.num_latents}, k={args.k}, {args.scale_tokens} tokens",
+            " / ".join(str(n) for n in counts["ops"]), "", "collector alone, sparse, per collection from empty",
+        ))  # fmt: skip
+        rows.append((
+            "(h) host synchronisations per collection (data-dependent sizes, .item())",
+            " / ".join(str(n) for n in counts["syncs"]), "", f"last collection: {counts['sync_ops']}",
+        ))  # fmt: skip
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-latents", type=int, default=16384, help="F (up to 131072)")
@@ -536,9 +748,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the dense run (it allocates [tokens, F])")
     p.add_argument("--phase-steps", type=int, default=300, help="collections of the collector-alone rows (f)")
     p.add_argument("--memory-probe", choices=["sparse", "dense"], help=argparse.SUPPRESS)
+    p.add_argument("--scale", type=int, nargs="*", metavar="F",
+                   help="only the scale rows (g, h): state, checkpoint and saves at these F (e.g. 16384 131072"
+                        " 1048576), each in a fresh process; F >= 1048576 uses k=64 and at most 3 collections")
+    p.add_argument("--collections", type=int, default=4, help="collections of the scale rows")
+    p.add_argument("--scale-tokens", type=int, default=2048, help="tokens per collection of the scale rows")
+    p.add_argument("--save-full-state", default="every", choices=["every", "end", "never"])
+    p.add_argument("--dispatch-collections", type=int, default=3,
+                   help="collections counted by the dispatch rows (h), at --num-latents and --k; 0: none")
+    p.add_argument("--scale-row", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe:
         memory_probe(args)
+        return
+    if args.scale_row:
+        scale_row(args)
+        return
+    if args.scale is not None:
+        table = Table(title="ActivationSampleCallback at scale (CPU)")
+        for column in ("measurement", "peak memory", "", "notes"):
+            table.add_column(column)
+        for row in run_scale(args):
+            table.add_row(*row)
+        console.print(table)
         return
 
     device = torch.device(args.device)

@@ -25,6 +25,8 @@ _LAZY = {
     "CollectorConfig": "lightning_sae_samples.collector",
     "SampleCollector": "lightning_sae_samples.collector",
     "merge_states": "lightning_sae_samples.collector",
+    "estimate_state_bytes": "lightning_sae_samples.collector",
+    "padded_state": "lightning_sae_samples.state_format",
     "LatentInputError": "lightning_sae_samples.inputs",
     "LogitEffects": "lightning_sae_samples.logit_effects",
     "TokenEffect": "lightning_sae_samples.logit_effects",
@@ -49,7 +51,9 @@ __all__ = [
     "SamplesDirectoryError",
     "TokenEffect",
     "UnknownFeatureError",
+    "estimate_state_bytes",
     "merge_states",
+    "padded_state",
     "read_samples_dir",
     "write_report",
 ]

@@ -26,7 +26,13 @@ from lightning_sae_samples.arguments import (
     positive_int,
     token_ids,
 )
-from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.collector import (
+    RANK_SHIFT,
+    CollectorConfig,
+    SampleCollector,
+    available_memory_bytes,
+    estimate_state_bytes,
+)
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.inputs import (
     InputKeys,
@@ -37,12 +43,17 @@ from lightning_sae_samples.inputs import (
     check_latents,
     check_token_ids,
 )
+from lightning_sae_samples.state_format import kept_per_latent
 from lightning_sae_samples.statistics import RANK_CHOICES
 from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
 DEFAULT_KEYS = InputKeys()
+# Which argument bounds each kind of sample table, for the out-of-memory message.
+_TABLE_ARGUMENT = {
+    "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",
+}
 # Settings a resumed collection must share with the one that wrote the checkpoint.
 RESUME_SETTINGS = (
     "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals", "recent_window_steps",
@@ -319,24 +330,45 @@ class ActivationSampleCollector:
         self.collector = self._materialize(num_latents, device)
         return self.collector
 
+    def collector_config(self, num_latents: int) -> CollectorConfig:
+        """The tensor engine's configuration for ``num_latents`` latents."""
+        return CollectorConfig(
+            num_latents,
+            self.max_samples_per_feature,
+            self.context_size,
+            self.activation_threshold,
+            samples_per_interval=self.samples_per_interval,
+            num_intervals=self.num_intervals,
+            recent_window_steps=self.recent_window_steps,
+            recent_samples=self.recent_samples_per_feature,
+            seed=self.seed,
+            deduplicate_contexts=self.deduplicate_contexts,
+        )
+
+    def check_memory(self, num_latents: int, device: Union[torch.device, str], owner: str = "") -> None:
+        """Refuse a state whose up-front part cannot fit ``device``, before allocating it.
+
+        Raises:
+            ValueError: Naming the bytes needed and available, and the argument to lower.
+        """
+        need = estimate_state_bytes(self.collector_config(num_latents), stored_samples=0)
+        available = available_memory_bytes(device)
+        if available is None or need["total"] <= available:
+            return
+        argument = _TABLE_ARGUMENT[max(_TABLE_ARGUMENT, key=lambda kind: need.get(kind, 0))]
+        raise ValueError(
+            f"{owner or type(self).__name__}'s state for {num_latents} latents needs {need['total']:,} bytes up"
+            f" front on {device}, which has {available:,} bytes available. Lower `{argument}` (now"
+            f" {getattr(self, argument)}), or collect on a device with more memory."
+        )
+
     def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
         pending, self._pending_state = self._pending_state, None
         if self.num_latents is None:
             self.num_latents = num_latents
         if pending is None:
-            config = CollectorConfig(
-                num_latents,
-                self.max_samples_per_feature,
-                self.context_size,
-                self.activation_threshold,
-                samples_per_interval=self.samples_per_interval,
-                num_intervals=self.num_intervals,
-                recent_window_steps=self.recent_window_steps,
-                recent_samples=self.recent_samples_per_feature,
-                seed=self.seed,
-                deduplicate_contexts=self.deduplicate_contexts,
-            )
-            return SampleCollector(config, device)
+            self.check_memory(num_latents, device)
+            return SampleCollector(self.collector_config(num_latents), device)
         restored = SampleCollector.from_state_dict(pending, device)
         # Every process loads the same merged checkpoint; keeping it on one process only makes the next
         # merge count each sample once.
@@ -417,7 +449,9 @@ class ActivationSampleCollector:
         self._offset_step, self._token_offset = -1, 0
 
     # ------------------------------------------------------------------ saving
-    def save(self, dirpath: PathLike, tokenizer: Any = None, *, global_step: Optional[int] = None) -> list[int]:
+    def save(
+        self, dirpath: PathLike, tokenizer: Any = None, *, global_step: Optional[int] = None, full_state: bool = True
+    ) -> list[int]:
         """Write the samples directory (and the Markdown report unless ``write_report=False``).
 
         A collective under ``torch.distributed``: every process calls it, rank 0 writes.
@@ -426,6 +460,8 @@ class ActivationSampleCollector:
             dirpath: The samples directory (created if missing; replaced atomically).
             tokenizer: A tokenizer object, a Hugging Face name or path, or ``None`` to show token ids.
             global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write ``full_state.pt`` (every latent's samples); a save without it removes the
+                previous one, which would be older than the summary.
 
         Returns:
             The saved feature indices, best first (empty on other ranks or when nothing was collected).
@@ -433,12 +469,52 @@ class ActivationSampleCollector:
         merged = self.merged_state()
         if self._rank() != 0:
             return []
-        if merged is None:
-            rank_zero_info("ActivationSampleCollector: nothing collected yet, no samples written.")
-            return []
-        self._warn_nonfinite(merged)
         tokenizer = load_tokenizer(tokenizer)
-        config = {**self.config(), "tokenizer": describe_tokenizer(tokenizer)}
+        return self.write(
+            dirpath,
+            merged,
+            tokenizer=tokenizer,
+            config={**self.config(), "tokenizer": describe_tokenizer(tokenizer)},
+            global_step=global_step,
+            full_state=full_state,
+        )
+
+    def write(
+        self,
+        dirpath: PathLike,
+        merged: Optional[dict],
+        *,
+        tokenizer: Any,
+        config: dict[str, Any],
+        global_step: Optional[int] = None,
+        full_state: bool = True,
+        feature_extras: Optional[dict[int, dict]] = None,
+        owner: Optional[str] = None,
+    ) -> list[int]:
+        """Write the samples directory of a merged state (see :meth:`merged_state`), on one process.
+
+        Warns once per new batch of skipped non-finite values, logs one line saying what was saved, and writes
+        the report unless ``write_report=False`` (a failing report only warns).
+
+        Args:
+            dirpath: The samples directory.
+            merged: The merged state, or ``None`` when nothing was collected (then nothing is written).
+            tokenizer: A tokenizer object or ``None``.
+            config: Recorded in the summary.
+            global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write ``full_state.pt``.
+            feature_extras: Extra keys per saved feature file (see ``write_samples_dir``).
+            owner: Who saves, in log messages (default: this class's name).
+
+        Returns:
+            The saved feature indices, best first.
+        """
+        owner = owner or type(self).__name__
+        if merged is None:
+            rank_zero_info(f"{owner}: nothing collected yet, no samples written.")
+            return []
+        self._warn_nonfinite(merged, owner)
+        step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
         saved = write_samples_dir(
             dirpath,
             merged,
@@ -447,20 +523,29 @@ class ActivationSampleCollector:
             top_features=self.top_features_to_save,
             samples_per_feature=self.samples_per_feature_to_save,
             rank_by=self.rank_features_by,
-            global_step=int(merged["last_collected_step"]) if global_step is None else global_step,
+            global_step=step,
+            full_state=full_state,
+            feature_extras=feature_extras,
+        )
+        kept = kept_per_latent(merged)
+        in_files = int(kept[saved].clamp(max=self.samples_per_feature_to_save).sum()) if saved else 0
+        rank_zero_info(
+            f"{owner}: saved samples to {dirpath} at step {step}: {len(saved)} feature files ({in_files} samples)"
+            + (f" and the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
+               if full_state else ".")
         )
         if self.write_report:
             try:
                 write_report(dirpath, tokenizer=tokenizer)
             except Exception as err:  # noqa: BLE001 - a report must never stop training
-                rank_zero_warn(f"ActivationSampleCollector could not write {REPORT_NAME}: {err}")
+                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
         return saved
 
-    def _warn_nonfinite(self, merged: dict) -> None:
+    def _warn_nonfinite(self, merged: dict, owner: str) -> None:
         skipped = int(merged["nonfinite_skipped"])
         if skipped > self._warned_nonfinite:
             rank_zero_warn(
-                f"ActivationSampleCollector skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
+                f"{owner} skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
                 " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
             )
             self._warned_nonfinite = skipped

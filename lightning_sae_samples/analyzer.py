@@ -36,6 +36,7 @@ from lightning_sae_samples.storage import (
     read_samples_dir,
     sample_groups,
     sample_records,
+    window_token_ids,
     with_recent_view,
 )
 from lightning_sae_samples.tokens import TokenDecoder, is_undecoded, load_tokenizer, undecoded
@@ -57,11 +58,7 @@ _T = TypeVar("_T")
 _FULL_STATE_KEYS = (
     "num_latents",
     "half_window",
-    "top_values",
-    "top_step",
-    "top_position",
-    "top_context_tokens",
-    "top_context_acts",
+    "top",
     "count",
     "max",
     "hist",
@@ -287,8 +284,7 @@ class ActivationSampleAnalyzer:
         if stop <= start:
             return []
         decoder = self._decoder()
-        window = state["top_context_tokens"][idx, :stop]
-        decoder.prepare(window[window >= 0].unique().tolist())
+        decoder.prepare(window_token_ids(state, "top", [idx], stop).tolist())
         records = sample_records(state, idx, stop, decoder)
         return [Sample.from_json(r) for r in records[start:]]
 
@@ -300,19 +296,15 @@ class ActivationSampleAnalyzer:
         Built by :func:`~lightning_sae_samples.storage.sample_groups` with the run's
         ``samples_per_feature_to_save``, so ``recent_overlap`` is the value the writer would record.
         """
-        if "interval_values" not in state and "recent_values" not in state:
+        if "interval" not in state and "recent" not in state:
             return (), (), None
         if self._view is None:
             self._view = with_recent_view(state)
         view = self._view
-        limit = int(self.summary.config.get("samples_per_feature_to_save") or state["top_values"].shape[1])
+        limit = int(self.summary.config.get("samples_per_feature_to_save") or state["top"]["capacity"])
         decoder = self._decoder()
-        windows = [view[f"{p}_context_tokens"][idx] for p in ("top", "recent") if f"{p}_context_tokens" in view]
-        windows = [w[:limit].reshape(-1) for w in windows]
-        if "interval_context_tokens" in view:
-            windows.append(view["interval_context_tokens"][idx][:, :limit].reshape(-1))
-        ids = torch.cat(windows)
-        decoder.prepare(ids[ids >= 0].unique().tolist())
+        ids = [window_token_ids(view, p, [idx], limit) for p in ("top", "recent", "interval") if p in view]
+        decoder.prepare(torch.cat(ids).unique().tolist())
         raw = sample_groups(view, idx, limit, decoder)
         groups = tuple(
             IntervalGroup.from_json(g, first=n == 0) for n, g in enumerate(raw.get("interval_samples") or [])

@@ -16,8 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_sae_samples.activation_collector import STATE_VERSION, ActivationSampleCollector
-from lightning_sae_samples.analyzer import write_report
-from lightning_sae_samples.arguments import positive_int
+from lightning_sae_samples.arguments import choice, positive_int
 from lightning_sae_samples.collector import SampleCollector
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.health import FeatureHealthMonitor
@@ -26,15 +25,14 @@ from lightning_sae_samples.logit_effects import logit_effect_extras, resolve_log
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.storage import (
     LOCK_NAME,
-    REPORT_NAME,
     SamplesDirectoryError,
     claim_samples_dir,
     foreign_entries,
-    write_samples_dir,
 )
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 _SAVE_ERROR_CHOICES = ("log", "raise")
+SAVE_FULL_STATE_CHOICES = ("every", "end", "never")
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
 _log = logging.getLogger("lightning.pytorch").getChild(__name__)
 
@@ -117,6 +115,10 @@ class ActivationSampleCallback(Callback):
         on_save_error: What a samples save that fails (unwritable directory, full disk) does: ``"log"`` reports
             it at error level and training goes on, the collection kept in memory and in the model checkpoint
             and the next save retrying; ``"raise"`` stops training with the error.
+        save_full_state: When the samples directory gets ``full_state.pt`` (every latent's samples, for the
+            analyzer): ``"every"`` save, at the ``"end"`` of training only, or ``"never"``. The checkpoint holds the
+            same state, so ``"end"`` or ``"never"`` make checkpoints of large SAEs faster. A save without it removes
+            the previous one, which would be older than the summary.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -159,6 +161,7 @@ class ActivationSampleCallback(Callback):
         exclude_token_ids: Sequence[int] = (),
         exclude_special_tokens: bool = False,
         on_save_error: str = "log",
+        save_full_state: str = "every",
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
@@ -207,6 +210,7 @@ class ActivationSampleCallback(Callback):
                 " training when a samples save fails, 'raise' to stop."
             )
         self.on_save_error = on_save_error
+        self.save_full_state = choice(save_full_state, "save_full_state", SAVE_FULL_STATE_CHOICES)
 
         self._found_num_latents: Optional[int] = None
         self._collecting = False
@@ -282,6 +286,7 @@ class ActivationSampleCallback(Callback):
             "attention_mask_key": self.keys.attention_mask,
             "exclude_token_ids": list(self.exclude_token_ids),
             "exclude_special_tokens": self.exclude_special_tokens,
+            "save_full_state": self.save_full_state,
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -302,6 +307,9 @@ class ActivationSampleCallback(Callback):
                 " samples are written at those saves (only at the end of training). Use save_weights_only=False,"
                 " or add a ModelCheckpoint without it, to resume the collection."
             )
+        num_latents = self.num_latents or find_num_latents(pl_module)
+        if num_latents is not None:
+            self.engine.check_memory(num_latents, trainer.strategy.root_device, owner="ActivationSampleCallback")
         problem = self._take_dirpath() if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem:
@@ -426,7 +434,7 @@ class ActivationSampleCallback(Callback):
             self._health.log(trainer, self.collector)
         merged = self._merged_state()
         if trainer.is_global_zero:
-            self._save(trainer, pl_module, merged)
+            self._save(trainer, pl_module, merged, final=True)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Find this callback's state when it was saved under another ``dirpath`` (resuming into a new directory).
@@ -504,10 +512,12 @@ class ActivationSampleCallback(Callback):
             self._resolved_tokenizer = load_tokenizer(candidate)
         return self._resolved_tokenizer
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
+    def _save(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False
+    ) -> None:
         """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised."""
         try:
-            self._write(trainer, pl_module, merged)
+            self._write(trainer, pl_module, merged, final)
         except Exception as err:
             if self.on_save_error == "raise":
                 raise
@@ -518,40 +528,21 @@ class ActivationSampleCallback(Callback):
                 self.dirpath, trainer.global_step, type(err).__name__, str(err).rstrip("."), exc_info=err,
             )
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict]) -> None:
-        if merged is None:
-            rank_zero_info("ActivationSampleCallback: nothing collected yet, no samples written.")
-            return
-        skipped = int(merged["nonfinite_skipped"])
-        if skipped > self._warned_nonfinite:
-            rank_zero_warn(
-                f"ActivationSampleCallback skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
-                " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
-            )
-            self._warned_nonfinite = skipped
-        tokenizer = self._tokenizer(trainer, pl_module)
-        saved = write_samples_dir(
-            self.dirpath,
-            merged,
-            config=self.config(),
-            tokenizer=tokenizer,
-            top_features=self.top_features_to_save,
-            samples_per_feature=self.samples_per_feature_to_save,
-            rank_by=self.rank_features_by,
-            global_step=trainer.global_step,
-            feature_extras=logit_effect_extras(
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
+        tokenizer = extras = None
+        if merged is not None:
+            tokenizer = self._tokenizer(trainer, pl_module)
+            extras = logit_effect_extras(
                 self.logit_effects, pl_module, merged, self.rank_features_by, self.top_features_to_save,
                 self.logit_effects_k, tokenizer,
-            ),
+            )
+        self.engine.write(
+            self.dirpath,
+            merged,
+            tokenizer=tokenizer,
+            config=self.config(),
+            global_step=trainer.global_step,
+            full_state=self.save_full_state == "every" or (final and self.save_full_state == "end"),
+            feature_extras=extras,
+            owner="ActivationSampleCallback",
         )
-        kept = torch.isfinite(merged["top_values"])
-        rank_zero_info(
-            f"ActivationSampleCallback: saved samples to {self.dirpath} at step {trainer.global_step}:"
-            f" {len(saved)} feature files ({int(kept[saved, : self.samples_per_feature_to_save].sum())} samples) and"
-            f" the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
-        )
-        if self.write_report:
-            try:
-                write_report(self.dirpath, tokenizer=tokenizer)
-            except Exception as err:  # noqa: BLE001 - a report must never stop training
-                rank_zero_warn(f"ActivationSampleCallback could not write {REPORT_NAME}: {err}")

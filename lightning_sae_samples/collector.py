@@ -23,6 +23,7 @@ window of steps (the current and the previous block of ``recent_window_steps`` s
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,9 +31,30 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.hashing import mix64, shift_right, signed64
-from lightning_sae_samples.sample_table import EMPTY, TABLE_FIELDS, BatchContext, SampleTable, merge_exported
+from lightning_sae_samples.sample_table import BatchContext, SampleTable
+from lightning_sae_samples.state_format import (
+    CONFIG_FIELDS,
+    EMPTY,
+    FORMAT_VERSION,
+    INTERVAL_FIELDS,
+    LATENT_FIELDS,
+    RUN_FIELDS,
+    STAT_FIELDS,
+    STATE_FORMAT_VERSION,
+    check_compatible,
+    check_state_version,
+    dense_counts,
+    empty_field,
+    merge_counters,
+    merge_states,
+    sparse_counts,
+)
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION", "STATE_FORMAT_VERSION", "CollectorConfig", "SampleCollector", "check_compatible",
+    "available_memory_bytes", "estimate_state_bytes", "merge_counters", "merge_states", "per_latent_fields",
+]
+
 RANK_SHIFT = 40
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 1e4
@@ -41,14 +63,11 @@ DENSE_SCAN_ELEMENTS = 1 << 23
 DENSE_GROUP = 32
 
 INTERVAL_RATIO = math.sqrt(10.0)
-_STAT_FIELDS = ("count", "sum", "sum_sq", "max", "min", "hist", "first_step", "last_step")
-RUN_TENSORS = frozenset({"hist_edges", "interval_edges", "tokens_seen", "nonfinite_skipped"})
-TABLE_PREFIXES = ("top", "interval", "recent", "recent_prev")
 
 
 def per_latent_fields(state: dict) -> list[str]:
-    """Names of the entries of a state that are indexed by latent (first dimension ``F``)."""
-    return [k for k, v in state.items() if isinstance(v, Tensor) and k not in RUN_TENSORS]
+    """Names of a state's statistics indexed by latent (first dimension ``F``); the tables are apart."""
+    return [field.name for field in LATENT_FIELDS if field.name in state]
 
 
 def sample_priority(step: int, order: Tensor, seed: int = 0) -> Tensor:
@@ -256,18 +275,72 @@ class CollectorConfig:
         return 2 * self.half_window + 1
 
 
-_CONFIG_KEYS = {
-    "num_latents": "num_latents",
-    "max_samples": "max_samples",
-    "context_size": "context_size",
-    "threshold": "threshold",
-    "samples_per_interval": "samples_per_interval",
-    "num_intervals": "num_intervals",
-    "recent_window_steps": "recent_window_steps",
-    "recent_samples": "recent_samples",
-    "seed": "seed",
-    "deduplicate_contexts": "deduplicate_contexts",
-}
+_CONFIG_KEYS = {field.name: field.name for field in CONFIG_FIELDS}
+
+
+def _table_bytes(rows: int, capacity: int, window: int, random: bool, dedup: bool, stored: int) -> tuple[int, int]:
+    """Bytes of a sample table: its sorted per-row keys, and its window pool holding ``stored`` samples."""
+    per_place = 4 + 4 + 8 + 4 + (8 if random else 0) + (8 if dedup else 0)  # values, step, order, slot, ...
+    per_sample = 4 + 2 * 4 * window  # position, context tokens (int32) and activations (fp32)
+    return rows * capacity * per_place + rows * 8, min(stored, rows * capacity) * per_sample
+
+
+def estimate_state_bytes(config: CollectorConfig, stored_samples: Optional[int] = None) -> dict[str, int]:
+    """Bytes a collector's state takes in memory.
+
+    Args:
+        config: The collector's configuration.
+        stored_samples: Samples stored per table (the window pools grow with them); ``None``: every table full.
+
+    Returns:
+        ``{"fixed": ..., "samples": ..., "total": ...}``: the part allocated up front (per-latent statistics and
+        every table's sorted keys), the window pools, and their sum; plus ``"top"``, ``"interval"`` and
+        ``"recent"``: each table kind's share of the total, to tell which argument to lower.
+    """
+    num_latents, window = config.num_latents, config.window
+    dedup = config.deduplicate_contexts
+    bins = HISTOGRAM_BINS
+    stats = num_latents * (8 + 8 + 8 + 4 + 4 + 8 * bins + 8 + 8)
+    tables = {"top": [(num_latents, config.max_samples, False, dedup)]}
+    if config.samples_per_interval:
+        stats += num_latents * config.num_intervals * 8
+        tables["interval"] = [(num_latents * config.num_intervals, config.samples_per_interval, True, False)]
+    if config.recent_window_steps:
+        tables["recent"] = [(num_latents, config.recent_samples, False, dedup)] * 2
+    out = {"fixed": stats, "samples": 0}
+    for kind, specs in tables.items():
+        out[kind] = 0
+        for rows, capacity, random, dup in specs:
+            stored = rows * capacity if stored_samples is None else stored_samples
+            keys, pool = _table_bytes(rows, capacity, window, random, dup, stored)
+            out["fixed"] += keys
+            out["samples"] += pool
+            out[kind] += keys + pool
+    out["total"] = out["fixed"] + out["samples"]
+    return out
+
+
+def available_memory_bytes(device: torch.device | str) -> Optional[int]:
+    """Memory free for new tensors on ``device``: host RAM (``MemAvailable``, else free pages) or CUDA memory.
+
+    ``None`` where it cannot be told (other accelerators).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class SampleCollector:
@@ -310,7 +383,8 @@ class SampleCollector:
                 random_priority=True,
                 stage_limit=stage,
             )
-            self.interval_count = torch.zeros((num_latents, config.num_intervals), dtype=torch.int64, device=device)
+            for field in INTERVAL_FIELDS:
+                setattr(self, field.name, empty_field(field, (num_latents, config.num_intervals), device))
         self.recent_block = EMPTY
         if config.recent_window_steps:
             for name in ("recent", "recent_prev"):
@@ -318,19 +392,12 @@ class SampleCollector:
                     num_latents, config.recent_samples, w, device, dedup_radius=radius, stage_limit=stage
                 )
 
-        self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
-        self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
-        self.sum_sq = torch.zeros(num_latents, dtype=torch.float64, device=device)
-        self.max = torch.full((num_latents,), -math.inf, device=device)
-        self.min = torch.full((num_latents,), math.inf, device=device)
-        self.hist = torch.zeros((num_latents, num_bins), dtype=torch.int64, device=device)
-        self.first_step = torch.full((num_latents,), EMPTY, dtype=torch.int64, device=device)
-        self.last_step = torch.full((num_latents,), EMPTY, dtype=torch.int64, device=device)
-        self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)
-        self.nonfinite_skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self.steps_collected = 0
-        self.first_collected_step = EMPTY
-        self.last_collected_step = EMPTY
+        for field in STAT_FIELDS:
+            shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
+            setattr(self, field.name, empty_field(field, shape, device))
+        for field in RUN_FIELDS:
+            value = empty_field(field, (), device) if field.dtype is not None else field.fill
+            setattr(self, field.name, value)
         self.last_active = 0
         self.last_seen: Tensor | int = 0
 
@@ -511,49 +578,64 @@ class SampleCollector:
         self.last_step = torch.where(fired, step, self.last_step)
 
     # ------------------------------------------------------------------ state
-    def export(self, latents: slice = slice(None)) -> dict:
-        """The state of a range of latents in canonical form (samples best first), on the state's device.
-
-        Per-latent entries (see :func:`per_latent_fields`) cover ``latents``; run-level numbers are whole.
-        This is what :func:`merge_states`, the checkpoint and the full-state file hold.
-        """
+    def _run_state(self) -> dict:
+        """The state's run-level entries: format, configuration, edges and counters."""
         cfg = self.config
-        state = {"format_version": FORMAT_VERSION, **{key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()}}
-        state.update(
-            half_window=cfg.half_window,
-            hist_edges=self.hist_edges.clone(),
-            tokens_seen=self.tokens_seen.clone(),
-            nonfinite_skipped=self.nonfinite_skipped.clone(),
-            steps_collected=self.steps_collected,
-            first_collected_step=self.first_collected_step,
-            last_collected_step=self.last_collected_step,
-            recent_block=self.recent_block,
-        )
-        start, stop, _ = latents.indices(cfg.num_latents)
-        for prefix, table in self.tables.items():
-            if prefix == "interval":
-                rows = slice(start * cfg.num_intervals, stop * cfg.num_intervals)
-                exported = table.export(rows)
-                exported = {k: v.reshape(stop - start, cfg.num_intervals, *v.shape[1:]) for k, v in exported.items()}
-            else:
-                exported = table.export(latents)
-            state.update({f"{prefix}_{name}": value for name, value in exported.items()})
-        if "interval" in self.tables:
+        state: dict = {"format_version": STATE_FORMAT_VERSION}
+        state.update({key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()})
+        state.update(half_window=cfg.half_window, hist_edges=self.hist_edges.clone())
+        if self.interval_edges is not None:
             state["interval_edges"] = self.interval_edges.clone()
-            state["interval_count"] = self.interval_count[latents].clone()
-        for name in _STAT_FIELDS:
-            state[name] = getattr(self, name)[latents].clone()
+        for field in RUN_FIELDS:
+            value = getattr(self, field.name)
+            state[field.name] = value.clone() if isinstance(value, Tensor) else value
         return state
 
+    def _export(self, latents: slice, padded: bool) -> dict:
+        cfg = self.config
+        state = self._run_state()
+        start, stop, _ = latents.indices(cfg.num_latents)
+        for name, table in self.tables.items():
+            per = cfg.num_intervals if name == "interval" else 1
+            rows = slice(start * per, stop * per)
+            state[name] = table.export_padded(rows) if padded else table.export(rows)
+        for field in LATENT_FIELDS:
+            if hasattr(self, field.name):
+                rows = getattr(self, field.name)[start:stop]
+                state[field.name] = sparse_counts(rows) if field.sparse and not padded else rows.clone()
+        return state
+
+    def export(self, latents: slice = slice(None)) -> dict:
+        """The state of a range of latents in compact form (see :mod:`~lightning_sae_samples.state_format`).
+
+        Per-latent statistics and the tables' rows cover ``latents``; run-level entries are whole. Tensors
+        are new and on the state's device. This is what :func:`merge_states`, the checkpoint and the
+        full-state file hold.
+        """
+        return self._export(latents, padded=False)
+
+    def export_padded(self, latents: slice = slice(None)) -> dict:
+        """Like :meth:`export`, with every table as padded ``[rows, capacity, ...]`` tensors.
+
+        The shapes depend only on the configuration, as collectives across processes need.
+        """
+        return self._export(latents, padded=True)
+
     def state_dict(self) -> dict:
-        """The whole state, canonical, on the CPU (loadable with ``torch.load(weights_only=True)``)."""
-        return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.export().items()}
+        """The whole state, compact, on the CPU (loadable with ``torch.load(weights_only=True)``)."""
+        return _to_cpu(self.export())
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
-        """Rebuild a collector from :meth:`state_dict` output, on ``device``."""
-        missing = [k for k in ("num_latents", "max_samples", "context_size", "top_values", *_STAT_FIELDS)
-                   if k not in state]
+        """Rebuild a collector from :meth:`state_dict` output, on ``device``.
+
+        Raises:
+            ValueError: ``state`` is not a compact collector state of this version, or does not fit its own
+                configuration.
+        """
+        check_state_version(state)
+        missing = [f.name for f in (*CONFIG_FIELDS[:3], *STAT_FIELDS) if f.name not in state]
+        missing += [name for name in ("top", "hist_edges") if name not in state]
         if missing:
             raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
         defaults = CollectorConfig(0, 0, 0, 0.0)
@@ -561,99 +643,52 @@ class SampleCollector:
             **{attr: state.get(key, getattr(defaults, attr)) for key, attr in _CONFIG_KEYS.items()}
         )
         collector = cls(config, device, state["hist_edges"])
-        for prefix, table in collector.tables.items():
-            exported = {name: state[f"{prefix}_{name}"] for name in table.export(slice(0, 0))}
-            if prefix == "interval":
-                exported = {k: v.reshape(-1, *v.shape[2:]) for k, v in exported.items()}
-            table.load(exported)
-        if "interval" in collector.tables:
-            collector.interval_count.copy_(state["interval_count"])
-        for name in _STAT_FIELDS:
-            getattr(collector, name).copy_(state[name])
-        collector.tokens_seen.fill_(int(state["tokens_seen"]))
-        collector.nonfinite_skipped.fill_(int(state["nonfinite_skipped"]))
-        collector.steps_collected = int(state["steps_collected"])
-        collector.first_collected_step = int(state["first_collected_step"])
-        collector.last_collected_step = int(state["last_collected_step"])
-        collector.recent_block = int(state.get("recent_block", EMPTY))
+        for name, table in collector.tables.items():
+            if name not in state:
+                raise ValueError(f"Collector state is missing its {name!r} sample table.")
+            table.load(state[name])
+        for field in LATENT_FIELDS:
+            if not hasattr(collector, field.name):
+                continue
+            target = getattr(collector, field.name)
+            value = state.get(field.name)
+            if field.sparse and isinstance(value, dict) and _valid_counts(value, target):
+                value = dense_counts(value)
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"Collector state field {field.name!r} is missing or not of shape {tuple(target.shape)}."
+                )
+            target.copy_(value)
+        for field in RUN_FIELDS:
+            value = state.get(field.name, field.fill)
+            if field.dtype is not None:
+                getattr(collector, field.name).fill_(int(value))
+            else:
+                setattr(collector, field.name, int(value))
         return collector
 
     def empty_like(self) -> SampleCollector:
         """A collector with the same configuration, histogram edges and step counters, and no samples."""
         empty = SampleCollector(self.config, self.device, self.hist_edges)
-        empty.steps_collected = self.steps_collected
-        empty.first_collected_step = self.first_collected_step
-        empty.last_collected_step = self.last_collected_step
-        empty.recent_block = self.recent_block
+        for field in RUN_FIELDS:
+            if field.dtype is None:
+                setattr(empty, field.name, getattr(self, field.name))
         return empty
 
 
-def _table_view(state: dict, prefix: str, sel: slice) -> dict[str, Tensor]:
-    out = {}
-    for name in (*TABLE_FIELDS, "priority", "hash"):
-        if f"{prefix}_{name}" in state:
-            value = state[f"{prefix}_{name}"][sel]
-            out[name] = value.reshape(-1, *value.shape[2:]) if prefix == "interval" else value
-    return out
-
-
-def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
-    """Exactly merge two collector states (as produced by ``state_dict``), optionally a slice of latents.
-
-    Every sample table is re-ranked over the union (priority, then earliest ``(step, order)``); counts,
-    sums and histograms add; maxima, minima, first and last steps combine. ``merge_states`` is associative
-    and commutative, so it serves DDP gathers and resumes alike.
-    """
-    check_compatible(a, b)
-    sel = slice(None) if latents is None else latents
-    merged = {}
-    for prefix in TABLE_PREFIXES:
-        if f"{prefix}_values" not in a:
-            continue
-        table_a, table_b = _table_view(a, prefix, sel), _table_view(b, prefix, sel)
-        capacity = a[f"{prefix}_values"].shape[-1]
-        rows = a[f"{prefix}_values"][sel].shape[0]
-        for name, value in merge_exported(table_a, table_b, capacity).items():
-            merged[f"{prefix}_{name}"] = value.reshape(rows, -1, *value.shape[1:]) if prefix == "interval" else value
-    if "interval_count" in a:
-        merged["interval_count"] = a["interval_count"][sel] + b["interval_count"][sel]
-    merged["count"] = a["count"][sel] + b["count"][sel]
-    merged["sum"] = a["sum"][sel] + b["sum"][sel]
-    merged["sum_sq"] = a["sum_sq"][sel] + b["sum_sq"][sel]
-    merged["max"] = torch.maximum(a["max"][sel], b["max"][sel])
-    merged["min"] = torch.minimum(a["min"][sel], b["min"][sel])
-    merged["hist"] = a["hist"][sel] + b["hist"][sel]
-    first_a, first_b = a["first_step"][sel], b["first_step"][sel]
-    merged["first_step"] = torch.where(
-        (first_a == EMPTY) | ((first_b != EMPTY) & (first_b < first_a)), first_b, first_a
+def _valid_counts(counts: dict, target: Tensor) -> bool:
+    index = counts.get("index")
+    return (
+        [int(n) for n in counts.get("shape", [])] == list(target.shape)
+        and isinstance(index, Tensor) and isinstance(counts.get("value"), Tensor)
+        and index.shape == counts["value"].shape
+        and (not len(index) or (int(index.min()) >= 0 and int(index.max()) < target.numel()))
+        and bool((index[1:] > index[:-1]).all())
     )
-    merged["last_step"] = torch.maximum(a["last_step"][sel], b["last_step"][sel])
-    merged.update(merge_counters(a, b))
-    return merged
 
 
-def merge_counters(a: dict, b: dict) -> dict:
-    """Merge the run-level entries of two states (everything that is not per latent)."""
-    per_latent = set(per_latent_fields(a))
-    merged = {key: value for key, value in a.items() if key not in per_latent}
-    merged["tokens_seen"] = a["tokens_seen"] + b["tokens_seen"]
-    merged["nonfinite_skipped"] = a["nonfinite_skipped"] + b["nonfinite_skipped"]
-    merged["steps_collected"] = max(int(a["steps_collected"]), int(b["steps_collected"]))
-    firsts = [int(s["first_collected_step"]) for s in (a, b) if int(s["first_collected_step"]) != EMPTY]
-    merged["first_collected_step"] = min(firsts) if firsts else EMPTY
-    merged["last_collected_step"] = max(int(a["last_collected_step"]), int(b["last_collected_step"]))
-    return merged
-
-
-def check_compatible(a: dict, b: dict) -> None:
-    """Raise a clear error when two states cannot be merged."""
-    for key in ("num_latents", "max_samples", "context_size", "samples_per_interval", "recent_window_steps",
-                "deduplicate_contexts"):
-        if a.get(key) != b.get(key):
-            raise ValueError(f"Cannot merge collector states with different {key}: {a.get(key)} and {b.get(key)}.")
-    if not torch.equal(a["hist_edges"], b["hist_edges"]):
-        raise ValueError("Cannot merge collector states with different histogram bin edges (threshold changed).")
-    if a.get("recent_block", EMPTY) != b.get("recent_block", EMPTY):
-        raise ValueError(
-            f"Cannot merge recent windows of different blocks ({a.get('recent_block')} and {b.get('recent_block')})."
-        )
+def _to_cpu(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        out[key] = _to_cpu(value) if isinstance(value, dict) else value.cpu() if isinstance(value, Tensor) else value
+    return out

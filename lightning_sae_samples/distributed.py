@@ -6,23 +6,48 @@ import functools
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
-from lightning_sae_samples.collector import SampleCollector, merge_counters, merge_states, per_latent_fields
+from lightning_sae_samples.collector import SampleCollector
+from lightning_sae_samples.state_format import (
+    LATENT_FIELDS,
+    RUN_FIELDS,
+    TABLE_NAMES,
+    concat_sparse_counts,
+    concat_tables,
+    merge_counters,
+    merge_field,
+    merge_padded_tables,
+    pack_table,
+    sparse_counts,
+)
 
 CHUNK_BYTES = 32 * 2**20
-_RUN_COUNTERS = ("tokens_seen", "nonfinite_skipped", "steps_collected", "first_collected_step", "last_collected_step")
+_RUN_COUNTERS = tuple(field.name for field in RUN_FIELDS if field.merge != "same")
+_FIELD = {field.name: field for field in LATENT_FIELDS}
 
 
-def state_bytes_per_latent(state: dict) -> int:
-    """Bytes one latent takes in an exported collector state."""
-    return sum(state[name][:1].numel() * state[name].element_size() for name in per_latent_fields(state))
+def _tensors(padded: dict) -> dict[str, Tensor]:
+    """The per-latent tensors of a padded export, flat: statistics by name, tables as ``table/field``."""
+    out = {name: padded[name] for name in _FIELD if name in padded}
+    for table in TABLE_NAMES:
+        for name, value in padded.get(table, {}).items():
+            out[f"{table}/{name}"] = value
+    return out
+
+
+def state_bytes_per_latent(padded: dict) -> int:
+    """Bytes one latent takes in a padded export of a collector state (its capacity, not its fill)."""
+    rows = max(1, len(padded["count"]))
+    return sum(v.numel() * v.element_size() for v in _tensors(padded).values()) // rows
 
 
 def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool) -> Optional[dict]:
     """All-gather every process's collection and merge it exactly; the result is returned on the root only.
 
-    Gathers go over latents in chunks of about ``CHUNK_BYTES`` per process, so besides the live state the
-    peak memory is the merged result (root only) and one gathered chunk, whatever the number of latents.
+    Gathers go over latents in chunks of about ``CHUNK_BYTES`` per process (padded, so every process sends
+    the same shapes); the root merges each chunk and keeps it compact. Besides the live state, the peak
+    memory is the compact merged result (root only) and one gathered chunk, whatever the number of latents.
 
     Args:
         collector: This process's collector (its device must suit the strategy's collectives).
@@ -30,36 +55,47 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         is_root: Whether this process keeps the merged state.
 
     Returns:
-        The merged CPU state on the root, ``None`` elsewhere.
+        The merged compact CPU state on the root, ``None`` elsewhere.
     """
-    head = collector.export(slice(0, 1))
-    fields = per_latent_fields(head)
+    head = collector.export_padded(slice(0, 1))
     device = collector.device
     counters = torch.tensor([int(head[name]) for name in _RUN_COUNTERS], dtype=torch.int64, device=device)
     gathered_counters = strategy.all_gather(counters).reshape(-1, len(_RUN_COUNTERS)).cpu()
+    run = {k: v for k, v in head.items() if k not in _FIELD and k not in TABLE_NAMES}
     per_rank = []
     for row in gathered_counters.tolist():
-        entry = {k: v for k, v in head.items() if k not in fields}
-        entry.update(zip(_RUN_COUNTERS, row))
+        entry = {**run, **dict(zip(_RUN_COUNTERS, row))}
         entry["tokens_seen"] = torch.tensor(entry["tokens_seen"])
         entry["nonfinite_skipped"] = torch.tensor(entry["nonfinite_skipped"])
         per_rank.append(entry)
 
     num_latents = collector.config.num_latents
-    merged: Optional[dict] = None
-    if is_root:
-        merged = functools.reduce(merge_counters, per_rank)
-        merged["hist_edges"] = head["hist_edges"]
-        for name in fields:
-            merged[name] = torch.empty((num_latents, *head[name].shape[1:]), dtype=head[name].dtype)
+    merged: Optional[dict] = functools.reduce(merge_counters, per_rank) if is_root else None
+    stats: dict[str, list[Tensor]] = {}
+    tables: dict[str, list[dict]] = {}
     chunk = max(1, CHUNK_BYTES // max(1, state_bytes_per_latent(head)))
     for start in range(0, num_latents, chunk):
-        local = collector.export(slice(start, min(num_latents, start + chunk)))
-        gathered = {name: strategy.all_gather(local[name].contiguous()).cpu() for name in fields}
+        local = _tensors(collector.export_padded(slice(start, min(num_latents, start + chunk))))
+        gathered = {name: strategy.all_gather(value.contiguous()).cpu() for name, value in local.items()}
         if merged is None:
             continue
-        parts = [{**per_rank[r], **{n: g[r] for n, g in gathered.items()}} for r in range(len(per_rank))]
-        part = functools.reduce(merge_states, parts)
-        for name in fields:
-            merged[name][start : start + len(part[name])] = part[name]
+        ranks = len(per_rank)
+        for name, field in _FIELD.items():
+            if name in gathered:
+                parts = [gathered[name][r] for r in range(ranks)]
+                part = functools.reduce(functools.partial(merge_field, field), parts)
+                stats.setdefault(name, []).append(sparse_counts(part) if field.sparse else part)
+        for table in TABLE_NAMES:
+            fields = {key.split("/", 1)[1]: value for key, value in gathered.items() if key.startswith(f"{table}/")}
+            if not fields:
+                continue
+            capacity = fields["values"].shape[2]
+            parts = [{name: value[r] for name, value in fields.items()} for r in range(ranks)]
+            best = functools.reduce(lambda a, b: merge_padded_tables(a, b, capacity), parts)
+            tables.setdefault(table, []).append(pack_table(best, capacity))
+    if merged is not None:
+        merged["hist_edges"] = head["hist_edges"]
+        for name, parts in stats.items():
+            merged[name] = concat_sparse_counts(parts) if _FIELD[name].sparse else torch.cat(parts)
+        merged.update({name: concat_tables(parts) for name, parts in tables.items()})
     return merged

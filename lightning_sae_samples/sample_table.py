@@ -10,7 +10,8 @@ earliest ``(step, order)`` first) with a ``slot`` pointer into a pool shared by 
 sample's position and context window. Samples that can enter are staged and merged in bulk: a merge
 re-sorts only the small keys of the rows it touches and copies context windows only for the samples that
 enter, into the slots of the samples they push out or else into never used slots, taken in arrival order
-(so the pool fills front to back).
+(so the pool fills front to back). The pool starts small and doubles when it runs out of never used slots,
+so its memory follows the samples stored, not the capacity ``rows * capacity``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,24 @@ from torch import Tensor
 
 from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
 from lightning_sae_samples.hashing import signed64
+from lightning_sae_samples.state_format import (
+    EMPTY,
+    SAMPLE_FIELD,
+    TABLE_FIELDS,
+    WINDOW_FIELDS,
+    merge_padded_tables,
+    sort_samples,
+)
 
-EMPTY = -1
+__all__ = ["EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "SampleTable", "merge_exported", "sort_samples"]
+
 MIN_STAGE_LIMIT = 1 << 14
-WINDOW_FIELDS = ("position", "context_tokens", "context_acts")
-TABLE_FIELDS = ("values", "step", "order", *WINDOW_FIELDS)
+#: Pool slots a table starts with; the pool then doubles as samples are stored.
+MIN_POOL_SLOTS = 1 << 10
+#: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
+STEP_DTYPE = torch.int32
+SLOT_DTYPE = torch.int32
+merge_exported = merge_padded_tables
 
 
 class BatchContext:
@@ -144,17 +158,18 @@ class SampleTable:
         self.random_priority = random_priority
         self.dedup_radius = dedup_radius
         self.stage_limit = max(rows * capacity // 4, MIN_STAGE_LIMIT) if stage_limit is None else stage_limit
-        shape, size = (rows, capacity), rows * capacity
+        shape = (rows, capacity)
         self.values = torch.full(shape, -math.inf, device=device)
         self.priority = torch.full(shape, -math.inf, dtype=torch.float64, device=device) if random_priority else None
-        self.step = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
+        self.step = torch.full(shape, EMPTY, dtype=STEP_DTYPE, device=device)
         self.order = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
-        self.slot = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
+        self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
-        self.pool_position = torch.full((size,), EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.full((size, window), EMPTY, dtype=torch.int32, device=device)
-        self.pool_context_acts = torch.zeros((size, window), device=device)
+        self.pool_position = torch.empty(0, dtype=torch.int32, device=device)
+        self.pool_context_tokens = torch.empty((0, window), dtype=torch.int32, device=device)
+        self.pool_context_acts = torch.empty((0, window), device=device)
         self.next_unused = 0
+        self.fill_bound = 0
         self.released = torch.empty(0, dtype=torch.int64, device=device)
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
@@ -167,17 +182,19 @@ class SampleTable:
         return self.priority if self.random_priority else self.values
 
     def clear(self) -> None:
-        """Drop every sample."""
-        fresh = SampleTable(
-            self.rows,
-            self.capacity,
-            self.window,
-            self.values.device,
-            self.random_priority,
-            self.dedup_radius,
-            self.stage_limit,
-        )
-        self.__dict__.update(fresh.__dict__)
+        """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
+        for name in ("values", "priority", "step", "order", "slot", "hash"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
+        for name in WINDOW_FIELDS:
+            pool = getattr(self, f"pool_{name}")
+            setattr(self, f"pool_{name}", pool.new_empty((0, *pool.shape[1:])))
+        self.next_unused = 0
+        self.fill_bound = 0
+        self.released = self.released[:0]
+        self._staged, self._staged_windows, self._staged_count = [], [], 0
+        self._floor = None
 
     def can_enter(self, row: Tensor, priority: Tensor) -> Tensor:
         """Mask of the samples that may enter: strictly above their row's last kept priority.
@@ -261,6 +278,9 @@ class SampleTable:
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         width = int(rank.max()) + 1
         grid = (len(touched), width)
+        # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
+        # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
+        span = min(cap, self.fill_bound + width)
 
         def to_grid(values: Tensor, fill: float) -> Tensor:
             out = torch.full(grid, fill, dtype=values.dtype, device=dev)
@@ -268,23 +288,23 @@ class SampleTable:
             return out
 
         def kept(name: str) -> Tensor:
-            return getattr(self, name) if all_rows else getattr(self, name)[touched]
+            return getattr(self, name)[:, :span] if all_rows else getattr(self, name)[touched, :span]
 
         new_priority = to_grid(new["sort"].to(self.sort_key.dtype), -math.inf)
         # Merge two descending rows: a new sample lands after every old one greater or equal, and the old
-        # ones fill the other places in order. Positions >= capacity fall out.
+        # ones fill the other places in order. Positions >= span (then = capacity) fall out.
         old_priority = kept("priority" if self.random_priority else "values")
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
-        taken = torch.zeros((grid[0], cap + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
-        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], cap)
-        entered = (pos_new < cap).sum(1, keepdim=True)
-        pos_old.clamp_(max=cap)
-        pos_new.clamp_(max=cap)
+        taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
+        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], span)
+        entered = (pos_new < span).sum(1, keepdim=True)
+        pos_old.clamp_(max=span)
+        pos_new.clamp_(max=span)
         # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
         # or never used (or released) ones where they were empty.
         old_slots = kept("slot")
-        new_slots = torch.gather(old_slots, 1, (cap - entered + new_columns).clamp(max=cap - 1))
+        new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
         enters = rank < entered[local, 0]
         source = new["source"][enters]
         at = local[enters] * width + rank[enters]
@@ -295,7 +315,7 @@ class SampleTable:
             # Never used slots go in arrival order, so the windows of one batch land side by side.
             in_arrival = torch.zeros(arrived, dtype=torch.int64, device=dev).index_fill_(0, source[fresh], 1)
             turn = torch.cumsum(in_arrival, 0)[source[fresh]] - 1
-            slot[fresh] = self._take_slots(len(fresh))[turn]
+            slot[fresh] = self._take_slots(len(fresh))[turn].to(slot.dtype)
             new_slots.view(-1)[at] = slot
 
         fields = [
@@ -309,16 +329,18 @@ class SampleTable:
         if self.hash is not None:
             fields.append(("hash", kept("hash"), to_grid(new["hash"], 0)))
         for name, old, fresh_grid in fields:
-            merged = torch.empty((grid[0], cap + 1), dtype=old.dtype, device=dev)
+            merged = torch.empty((grid[0], span + 1), dtype=old.dtype, device=dev)
             merged.scatter_(1, pos_old, old)
-            merged.scatter_(1, pos_new, fresh_grid)
+            merged.scatter_(1, pos_new, fresh_grid.to(old.dtype))
             if all_rows:
-                getattr(self, name).copy_(merged[:, :cap])
+                getattr(self, name)[:, :span] = merged[:, :span]
             else:
-                getattr(self, name)[touched] = merged[:, :cap]
+                getattr(self, name)[touched, :span] = merged[:, :span]
+            if name == "slot":
+                self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
 
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        self._write_windows(destination.index_copy_(0, source, slot), arrivals)
+        self._write_windows(destination.index_copy_(0, source, slot.long()), arrivals)
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
         """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""
@@ -358,7 +380,26 @@ class SampleTable:
         taken, self.released = self.released[:reused], self.released[reused:]
         unused = torch.arange(self.next_unused, self.next_unused + count - reused, device=self.slot.device)
         self.next_unused += count - reused
+        self._reserve(self.next_unused)
         return torch.cat([taken, unused])
+
+    @property
+    def pool_slots(self) -> int:
+        """Slots the context-window pool holds now (it grows as samples are stored)."""
+        return len(self.pool_position)
+
+    def _reserve(self, slots: int) -> None:
+        """Grow the pool to hold at least ``slots`` windows: doubling, at most ``rows * capacity``."""
+        size = self.pool_slots
+        if slots <= size:
+            return
+        grown = min(max(slots, 2 * size, MIN_POOL_SLOTS), self.rows * self.capacity)
+        for name in WINDOW_FIELDS:
+            pool = getattr(self, f"pool_{name}")
+            # Slots past `next_unused` are written before they are read, so the new part needs no fill.
+            bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            bigger[:size] = pool
+            setattr(self, f"pool_{name}", bigger)
 
     def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
         """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column.
@@ -388,7 +429,7 @@ class SampleTable:
         """Remove samples, free their pool slots and re-sort their rows (the empty places move to the end)."""
         if not len(rows):
             return
-        self.released = torch.cat([self.released, self.slot[rows, columns]])
+        self.released = torch.cat([self.released, self.slot[rows, columns].long()])
         self.values[rows, columns] = -math.inf
         if self.random_priority:
             self.priority[rows, columns] = -math.inf
@@ -403,72 +444,79 @@ class SampleTable:
             if tensor is not None:
                 tensor[touched] = torch.gather(tensor[touched], 1, perm)
 
-    def export(self, rows: slice = slice(None)) -> dict[str, Tensor]:
-        """Rows in canonical form (samples best first), as new tensors on the table's device."""
+    def export_padded(self, rows: slice = slice(None)) -> dict[str, Tensor]:
+        """Rows as padded ``[rows, capacity, ...]`` tensors, samples best first (as new tensors).
+
+        Every process exports the same shapes, as collectives need; :meth:`export` is the compact form.
+        """
         self.flush()
         slot = self.slot[rows]
         filled = slot != EMPTY
-        at = slot.clamp(min=0)
-        out = {
-            "values": self.values[rows].clone(),
-            "step": self.step[rows].clone(),
-            "order": self.order[rows].clone(),
-            "position": torch.where(filled, self.pool_position[at], EMPTY),
-            "context_tokens": torch.where(filled.unsqueeze(-1), self.pool_context_tokens[at], EMPTY),
-            "context_acts": torch.where(filled.unsqueeze(-1), self.pool_context_acts[at], 0.0),
-        }
+        at = slot[filled].long()
+        out = {"values": self.values[rows].clone(), "step": self.step[rows].long(), "order": self.order[rows].clone()}
+        for name in WINDOW_FIELDS:
+            pool = getattr(self, f"pool_{name}")
+            shape = (*slot.shape, *pool.shape[1:])
+            padded = torch.full(shape, SAMPLE_FIELD[name].fill, dtype=pool.dtype, device=pool.device)
+            padded[filled] = pool.index_select(0, at)
+            out[name] = padded
         if self.random_priority:
             out["priority"] = self.priority[rows].clone()
         if self.hash is not None:
             out["hash"] = self.hash[rows].clone()
         return out
 
-    def load(self, exported: dict[str, Tensor]) -> None:
-        """Fill the table from :meth:`export` output (any device); staged samples are dropped."""
-        self._staged, self._staged_windows, self._staged_count = [], [], 0
-        self._floor = None
-        for name in ("values", "step", "order"):
-            getattr(self, name).copy_(exported[name])
-        if self.random_priority:
-            self.priority.copy_(exported["priority"])
-        if self.hash is not None:
-            self.hash.copy_(exported["hash"])
-        filled = torch.isfinite(self.sort_key)
-        kept = filled.view(-1).nonzero(as_tuple=True)[0]
-        self.slot.view(-1).fill_(EMPTY).index_copy_(0, kept, torch.arange(len(kept), device=kept.device))
-        self.next_unused = len(kept)
-        self.released = self.released[:0]
+    def export(self, rows: slice = slice(None)) -> dict:
+        """Rows in compact form: ``capacity``, per-row ``count`` and the kept samples packed row-major, best first.
+
+        See :mod:`lightning_sae_samples.state_format`. New tensors on the table's device.
+        """
+        self.flush()
+        # Kept samples fill a prefix of each row, and no row more than `fill_bound` places.
+        places = slice(0, max(1, min(self.capacity, self.fill_bound)))
+        slot = self.slot[rows, places]
+        filled = slot != EMPTY
+        row, column = filled.nonzero(as_tuple=True)
+        out: dict = {"capacity": self.capacity, "count": filled.sum(1, dtype=torch.int32)}
+        for name in ("values", "step", "order", "priority", "hash"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                out[name] = tensor[rows, places][row, column]
+        out["step"] = out["step"].long()
+        at = slot[row, column].long()
+        for name in WINDOW_FIELDS:
+            out[name] = getattr(self, f"pool_{name}").index_select(0, at)
+        return out
+
+    def load(self, table: dict) -> None:
+        """Fill the table from :meth:`export` output (any device); staged samples are dropped.
+
+        Raises:
+            ValueError: The table does not fit this one (rows, capacity, or sample fields).
+        """
+        self.clear()
+        dev = self.values.device
+        count = table["count"].to(device=dev, dtype=torch.int64)
+        if count.shape != (self.rows,) or (len(count) and (int(count.max()) > self.capacity or int(count.min()) < 0)):
+            raise ValueError(
+                f"A sample table of {tuple(count.shape)} rows with up to {int(count.max()) if len(count) else 0}"
+                f" samples per row cannot load into {self.rows} rows of capacity {self.capacity}."
+            )
+        total = int(count.sum())
+        names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
+        for name in (*names, *WINDOW_FIELDS):
+            trailing = (self.window,) if name.startswith("context_") else ()
+            if name not in table or tuple(table[name].shape) != (total, *trailing):
+                raise ValueError(f"Sample table field {name!r} is missing or not of shape {(total, *trailing)}.")
+        row = torch.repeat_interleave(torch.arange(self.rows, device=dev), count)
+        column = torch.arange(total, device=dev) - (torch.cumsum(count, 0) - count)[row]
+        for name in names:
+            target = getattr(self, name)
+            target[row, column] = table[name].to(device=dev, dtype=target.dtype)
+        self.slot[row, column] = torch.arange(total, device=dev, dtype=self.slot.dtype)
+        self._reserve(total)
+        self.next_unused = total
+        self.fill_bound = int(count.max()) if len(count) else 0
         for name in WINDOW_FIELDS:
             pool = getattr(self, f"pool_{name}")
-            pool[: len(kept)] = exported[name].to(pool.device).reshape(len(pool), *pool.shape[1:])[kept]
-
-
-def sort_samples(priority: Tensor, step: Tensor, order: Tensor) -> Tensor:
-    """Indices that order samples along the last dim by priority desc, then ``(step, order)`` asc."""
-    perm = torch.argsort(order, dim=-1, stable=True)
-    perm = torch.gather(perm, -1, torch.argsort(torch.gather(step, -1, perm), dim=-1, stable=True))
-    by_priority = torch.argsort(torch.gather(priority, -1, perm), dim=-1, descending=True, stable=True)
-    return torch.gather(perm, -1, by_priority)
-
-
-def merge_exported(a: dict[str, Tensor], b: dict[str, Tensor], capacity: int) -> dict[str, Tensor]:
-    """Exactly merge two exported tables with the same rows: each row keeps its best ``capacity`` of both."""
-    key = "priority" if "priority" in a else "values"
-    both = {name: torch.cat([a[name], b[name]], dim=1) for name in a}
-    best = sort_samples(both[key], both["step"], both["order"])
-    if "hash" in both:
-        # De-duplicated tables: of samples with the same context, only the best stays.
-        hashes = torch.gather(both["hash"], 1, best)
-        filled = torch.isfinite(torch.gather(both[key], 1, best))
-        by_hash = torch.argsort(hashes, dim=1, stable=True)
-        sorted_hash = torch.gather(hashes, 1, by_hash)
-        repeat = torch.zeros_like(filled)
-        repeat[:, 1:] = sorted_hash[:, 1:] == sorted_hash[:, :-1]
-        duplicate = torch.zeros_like(filled).scatter(1, by_hash, repeat) & filled
-        best = torch.gather(best, 1, torch.argsort(duplicate.to(torch.int8), dim=1, stable=True))
-    best = best[:, :capacity]
-    out = {}
-    for name, value in both.items():
-        index = best if value.dim() == 2 else best.unsqueeze(-1).expand(-1, -1, value.shape[-1])
-        out[name] = torch.gather(value, 1, index)
-    return out
+            pool[:total] = table[name].to(device=dev, dtype=pool.dtype)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.sample_table import EMPTY
+from lightning_sae_samples.state_format import EMPTY, dense_counts, kept_per_latent, row_samples
 
 RANK_CHOICES = ("max_activation", "activation_count", "frequency")
 
@@ -45,14 +45,15 @@ def rank_features(state: dict, by: str = "max_activation", limit: Optional[int] 
 
 
 def feature_statistics(state: dict, idx: int) -> dict[str, Any]:
-    """The JSON statistics of one latent (see ``docs/format.md``)."""
+    """The JSON statistics of one latent (see ``docs/format.md``) from a compact state."""
     index = torch.tensor([idx])
     count = int(state["count"][idx])
     tokens_seen = int(state["tokens_seen"])
     mean, std = _mean_std(state, index)
-    kept = int(torch.isfinite(state["top_values"][idx]).sum())
+    top_values = row_samples(state["top"], idx, limit=1)["values"]
+    kept = int(state["top"]["count"][idx])
     fired = count > 0
-    top = float(state["top_values"][idx, 0]) if kept else None
+    top = float(top_values[0]) if kept else None
     first, last = int(state["first_step"][idx]), int(state["last_step"][idx])
     return {
         "feature_idx": int(idx),
@@ -69,7 +70,7 @@ def feature_statistics(state: dict, idx: int) -> dict[str, Any]:
         "last_step": last if last != EMPTY else None,
         "histogram": {
             "bin_edges": [float(e) for e in state["hist_edges"]],
-            "counts": [int(c) for c in state["hist"][idx]],
+            "counts": dense_counts(state["hist"], slice(idx, idx + 1))[0].tolist(),
         },
     }
 
@@ -92,7 +93,7 @@ def frequency_histogram(state: dict, bins_per_decade: int = 2) -> dict[str, list
 def run_summary(state: dict) -> dict[str, Any]:
     """Run-level counts derived from a state dict."""
     num_latents = int(state["num_latents"])
-    kept = torch.isfinite(state["top_values"]).sum(1)
+    kept = kept_per_latent(state, "top")
     alive = int((state["count"] > 0).sum())
     stored = int(kept.sum())
     return {

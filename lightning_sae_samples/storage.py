@@ -23,8 +23,14 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from lightning_sae_samples.collector import FORMAT_VERSION
-from lightning_sae_samples.sample_table import TABLE_FIELDS, merge_exported
+from lightning_sae_samples.state_format import (
+    FORMAT_VERSION,
+    check_state_version,
+    dense_counts,
+    merge_tables,
+    row_samples,
+    rows_index,
+)
 from lightning_sae_samples.statistics import feature_statistics, rank_features, run_summary
 from lightning_sae_samples.tokens import TokenDecoder
 
@@ -55,6 +61,11 @@ def feature_filename(feature_idx: int) -> str:
 def _is_feature_name(name: str) -> bool:
     match = _FEATURE_FILE.fullmatch(name)
     return match is not None and feature_filename(int(match.group(1))) == name
+
+
+def _is_stale_name(name: str) -> bool:
+    """A file a later save may remove when it does not write it again: a feature file or the full state."""
+    return name == FULL_STATE_NAME or _is_feature_name(name)
 
 
 def is_writer_name(name: Any) -> bool:
@@ -105,20 +116,15 @@ def sample_records(
         prefix: Which table: ``"top"``, ``"recent"`` or ``"interval"``.
         interval: The activation interval, for ``prefix="interval"``.
     """
-
-    def field(name: str) -> torch.Tensor:
-        tensor = state[f"{prefix}_{name}"][feature_idx]
-        return (tensor if interval is None else tensor[interval])[:limit]
-
+    row = feature_idx if interval is None else feature_idx * int(state["num_intervals"]) + interval
+    samples = row_samples(state[prefix], row, limit)
     half = int(state["half_window"])
-    values = field("values")
-    kept = int(torch.isfinite(values).sum())
     columns = zip(
-        values[:kept].tolist(),
-        field("context_tokens")[:kept].tolist(),
-        field("context_acts")[:kept].tolist(),
-        field("step")[:kept].tolist(),
-        field("position")[:kept].tolist(),
+        samples["values"].tolist(),
+        samples["context_tokens"].tolist(),
+        samples["context_acts"].tolist(),
+        samples["step"].tolist(),
+        samples["position"].tolist(),
     )
     records = []
     for value, window, act, step, position in columns:
@@ -145,15 +151,11 @@ def sample_records(
 
 
 def with_recent_view(state: dict) -> dict:
-    """A shallow copy of ``state`` whose ``recent_*`` table is the top over the current and previous block."""
-    if "recent_values" not in state:
+    """A shallow copy of ``state`` whose ``recent`` table is the top over the current and previous block."""
+    if "recent" not in state:
         return state
     view = dict(state)
-    names = [name for name in (*TABLE_FIELDS, "hash") if f"recent_{name}" in state]
-    current = {name: state[f"recent_{name}"] for name in names}
-    previous = {name: state[f"recent_prev_{name}"] for name in names}
-    merged = merge_exported(current, previous, state["recent_values"].shape[1])
-    view.update({f"recent_{name}": value for name, value in merged.items()})
+    view["recent"] = merge_tables(state["recent"], state["recent_prev"])
     return view
 
 
@@ -168,9 +170,9 @@ def sample_groups(state: dict, feature_idx: int, limit: int, decoder: TokenDecod
     activating tokens of the recent and the all-time top samples (low: the latent's meaning moved).
     """
     groups: dict[str, Any] = {}
-    if "interval_values" in state:
+    if "interval" in state:
         edges = [float(e) for e in state["interval_edges"]]
-        counts = state["interval_count"][feature_idx].tolist()
+        counts = dense_counts(state["interval_count"], slice(feature_idx, feature_idx + 1))[0].tolist()
         groups["interval_samples"] = [
             {
                 "interval": [
@@ -182,7 +184,7 @@ def sample_groups(state: dict, feature_idx: int, limit: int, decoder: TokenDecod
             }
             for i in range(len(counts))
         ]
-    if "recent_values" in state:
+    if "recent" in state:
         recent = sample_records(state, feature_idx, limit, decoder, "recent")
         top = sample_records(state, feature_idx, limit, decoder, "top")
         union = _activating_tokens(recent) | _activating_tokens(top)
@@ -192,13 +194,23 @@ def sample_groups(state: dict, feature_idx: int, limit: int, decoder: TokenDecod
     return groups
 
 
+def window_token_ids(state: dict, prefix: str, latents: list[int], limit: int) -> torch.Tensor:
+    """Distinct token ids in the windows of the first ``limit`` samples of ``latents`` in one table.
+
+    For ``"interval"``, of every interval of those latents.
+    """
+    table = state[prefix]
+    rows = torch.tensor(latents, dtype=torch.int64)
+    if prefix == "interval":
+        intervals = int(state["num_intervals"])
+        rows = (rows.unsqueeze(1) * intervals + torch.arange(intervals)).reshape(-1)
+    windows = table["context_tokens"][rows_index(table, rows, limit)]
+    return windows[windows >= 0].unique()
+
+
 def _window_token_ids(state: dict, ranked: list[int], limit: int) -> list[int]:
-    ids = []
-    for prefix in ("top", "interval", "recent"):
-        if f"{prefix}_context_tokens" in state:
-            windows = state[f"{prefix}_context_tokens"][ranked]
-            windows = windows[..., :limit, :] if prefix == "interval" else windows[:, :limit]
-            ids.append(windows[windows >= 0].unique())
+    prefixes = [prefix for prefix in ("top", "interval", "recent") if prefix in state]
+    ids = [window_token_ids(state, prefix, ranked, limit) for prefix in prefixes]
     return torch.cat(ids).unique().tolist()
 
 
@@ -335,15 +347,15 @@ def _commits_a_manifest(pending: Path) -> bool:
 def _commit_plan(dirpath: Path, record: dict) -> tuple[list[str], list[str]]:
     """The names a commit record may move into place and remove, by the rules for untrusted records.
 
-    A file may be removed only if it is a feature file the manifest on disk lists (what the previous save
-    wrote) and the commit does not write it again.
+    A file may be removed only if it is a feature file or the full-state file that the manifest on disk lists
+    (what the previous save wrote) and the commit does not write it again.
     """
     source = dirpath / PENDING_DIR / COMMIT_NAME
     moves = _writer_names(record.get("files", []), source, "files")
     previous = set(read_manifest(dirpath) or ())
     removes = []
     for name in _writer_names(record.get("remove", []), source, "remove"):
-        if _is_feature_name(name) and name in previous and name not in moves:
+        if _is_stale_name(name) and name in previous and name not in moves:
             removes.append(name)
         else:
             _warn(f"Ignored {name!r} in `remove` of {source}: not a stale file of the last save's manifest.")
@@ -427,6 +439,7 @@ def write_samples_dir(
     global_step: int,
     before_commit: Optional[Callable[[Path], None]] = None,
     feature_extras: Optional[dict[int, dict]] = None,
+    full_state: bool = True,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -443,6 +456,7 @@ def write_samples_dir(
             to simulate a crash).
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
             (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
+        full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
 
     Returns:
         The saved feature indices, in rank order.
@@ -499,11 +513,12 @@ def write_samples_dir(
     summary["config"] = config
     summary["top_features_by_activation"] = entries
     atomic_write_json(pending / SUMMARY_NAME, summary)
-    _atomic_torch_save(pending / FULL_STATE_NAME, state)
+    if full_state:
+        _atomic_torch_save(pending / FULL_STATE_NAME, state)
 
-    written = [*names, FULL_STATE_NAME, SUMMARY_NAME]
+    written = [*names, *([FULL_STATE_NAME] if full_state else []), SUMMARY_NAME]
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "files": sorted(written)})
-    stale = sorted(name for name in read_manifest(dirpath) or () if _is_feature_name(name) and name not in names)
+    stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
     if before_commit is not None:
         before_commit(pending)
     record = {"files": [*written, MANIFEST_NAME], "remove": stale}
@@ -585,8 +600,18 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
 
 
 def load_full_state(path: PathLike) -> dict:
-    """Load a full-state file safely (tensors only, no pickle)."""
+    """Load a full-state file safely (tensors only, no pickle).
+
+    Raises:
+        SamplesDirectoryError: The file is corrupt, or holds a state of another format version (the dense
+            layout of version 1 included).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
+    try:
+        check_state_version(state, f"full-state file {path}")
+    except ValueError as err:
+        raise SamplesDirectoryError(str(err)) from err
+    return state

@@ -12,6 +12,7 @@ from lightning_sae_samples.analyzer import (
     UnknownFeatureError,
 )
 from lightning_sae_samples.callback import ActivationSampleCallback
+from lightning_sae_samples.state_format import padded_state
 from lightning_sae_samples.storage import SamplesDirectoryError
 
 VOCAB = [f"w{i}" for i in range(30)]
@@ -33,7 +34,7 @@ def run_dir(tmp_path_factory):
 
 def test_analyzer_reads_a_trainer_run(run_dir):
     analyzer = ActivationSampleAnalyzer(run_dir)
-    state = torch.load(run_dir / "full_state.pt", weights_only=True)
+    state = padded_state(torch.load(run_dir / "full_state.pt", weights_only=True))
     summary = analyzer.summary
     assert summary.num_features_tracked == F and summary.has_full_state
     assert summary.tokens_seen == int(state["tokens_seen"]) and summary.steps_collected == 6

@@ -8,6 +8,7 @@ from oracle import assert_feature_file_matches, assert_groups_match, oracle
 
 from lightning_sae_samples import ActivationSampleCallback, sample_table
 from lightning_sae_samples.schedule import CollectionSchedule
+from lightning_sae_samples.state_format import padded_state
 
 F, K, CTX, THR = 10, 4, 4, 0.5
 
@@ -66,7 +67,7 @@ def test_files_match_brute_force_oracle(tmp_path, mode, dedup, merge_policy):
     assert len(seen) == 6 and len(module.seen) == 12
     files = check_against_oracle(tmp_path / "samples", seen)
     assert files["collection_summary.json"]["never_fired_features"] >= 2  # latents 0 and 1 never fire
-    state = files["full_state.pt"]
+    state = padded_state(files["full_state.pt"])
     assert state["top_values"].shape == (F, K)
 
 
@@ -113,7 +114,7 @@ class Snapshot(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         collector = self.sample_cb.collector
-        self.states.append(None if collector is None else collector.state_dict())
+        self.states.append(None if collector is None else padded_state(collector.state_dict()))
 
 
 def test_non_collection_step_leaves_state_untouched(tmp_path):
@@ -170,8 +171,9 @@ def test_resume_writes_identical_files(tmp_path, mode, merge_policy):
     assert full.keys() == part.keys()
     for name in full:
         if name == "full_state.pt":
-            for key, value in full[name].items():
-                assert torch.equal(value, part[name][key]) if torch.is_tensor(value) else value == part[name][key]
+            want, got = padded_state(full[name]), padded_state(part[name])
+            for key, value in want.items():
+                assert torch.equal(value, got[key]) if torch.is_tensor(value) else value == got[key]
         else:
             if name == "collection_summary.json":
                 full[name]["config"].pop("dirpath", None), part[name]["config"].pop("dirpath", None)
@@ -219,7 +221,8 @@ def test_131072_latents_collect_and_save_in_seconds(tmp_path, mode):
     assert summary["alive_features"] == int((fired > 0).sum())
     assert summary["num_features_tracked"] == wide
     assert len([n for n in files if n.startswith("feature_")]) == 100
-    assert files["full_state.pt"]["top_values"].shape == (wide, 8)
+    top = files["full_state.pt"]["top"]
+    assert top["capacity"] == 8 and top["count"].shape == (wide,) and len(top["values"]) == int(top["count"].sum())
     best = summary["top_features_by_activation"][0]["feature_idx"]
     want = torch.sort(dense[:, best][dense[:, best].double() > THR], descending=True).values[:3]
     got = [s["activation_value"] for s in files[f"feature_{best:05d}_samples.json"]["top_samples"]]

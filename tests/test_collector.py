@@ -11,6 +11,7 @@ from lightning_sae_samples.collector import (
     above_threshold,
     merge_states,
 )
+from lightning_sae_samples.state_format import padded_state
 
 F, K, CTX, THR = 7, 5, 4, 0.5
 
@@ -38,6 +39,7 @@ def to_sparse(latents, k=3):
 
 
 def assert_state_matches_oracle(state, seen, k=K):
+    state = padded_state(state)
     feats = oracle(seen, F, k, CTX, THR)
     half = CTX // 2
     for f, feat in feats.items():
@@ -88,7 +90,7 @@ def test_sparse_and_dense_paths_agree(stage_limit):
         indices, values, dense = to_sparse(latents)
         dense_c.update_dense(tokens, dense, step)
         sparse_c.update_sparse(tokens, indices, values, step)
-    a, b = dense_c.state_dict(), sparse_c.state_dict()
+    a, b = padded_state(dense_c.state_dict()), padded_state(sparse_c.state_dict())
     for key, value in a.items():
         if torch.is_tensor(value):
             assert torch.equal(value, b[key]), key
@@ -106,7 +108,8 @@ def test_merge_of_two_ranks_equals_oracle_over_the_union(stage_limit):
     assert_state_matches_oracle(merged, seen)
     assert int(merged["tokens_seen"]) == sum(t.numel() for t, _ in batches)
     # merging is commutative
-    other = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
+    other = padded_state(merge_states(ranks[0].state_dict(), ranks[1].state_dict()))
+    merged = padded_state(merged)
     for key, value in merged.items():
         if torch.is_tensor(value):
             assert torch.equal(value, other[key]), key
@@ -123,7 +126,7 @@ def test_state_dict_round_trip_continues_exactly(stage_limit):
     resumed = SampleCollector.from_state_dict(first.state_dict())
     for step, (tokens, latents) in enumerate(batches[3:], start=3):
         resumed.update_dense(tokens, latents, step)
-    a, b = straight.state_dict(), resumed.state_dict()
+    a, b = padded_state(straight.state_dict()), padded_state(resumed.state_dict())
     for key, value in a.items():
         assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
 
@@ -144,14 +147,14 @@ def test_non_finite_values_are_skipped_and_counted(stage_limit):
     latents[1, 2, 3] = math.inf
     latents[2, 0, 4] = -math.inf
     c.update_dense(tokens, latents, 0)
-    state = c.state_dict()
+    state = padded_state(c.state_dict())
     assert int(state["nonfinite_skipped"]) == 3
     assert torch.isfinite(state["top_context_acts"]).all()
     clean[0, 1, 2] = clean[1, 2, 3] = clean[2, 0, 4] = 0.0
     ref = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     ref.update_dense(tokens, clean, 0)
     assert torch.equal(ref.state_dict()["count"], state["count"])
-    assert torch.equal(ref.state_dict()["top_values"], state["top_values"])
+    assert torch.equal(padded_state(ref.state_dict())["top_values"], state["top_values"])
     # an all-NaN batch changes nothing but the skip counter
     c.update_dense(tokens, torch.full_like(latents, math.nan), 1)
     after = c.state_dict()
@@ -163,7 +166,9 @@ def test_memory_is_bounded_by_k_per_latent():
     sizes = set()
     for step, (tokens, latents) in enumerate(random_batches(6, seed=12)):
         c.update_dense(tokens, latents, step)
-        sizes.add(tuple(c.state_dict()["top_context_tokens"].shape))
+        state = c.state_dict()
+        assert int(state["top"]["count"].max()) <= K and c.tables["top"].pool_slots <= F * K
+        sizes.add(tuple(padded_state(state)["top_context_tokens"].shape))
     assert sizes == {(F, K, 2 * (CTX // 2) + 1)}
 
 
@@ -190,7 +195,7 @@ def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval(s
         latents = latents.abs() * 3
         c.update_dense(tokens, latents, step)
         seen.append(Seen(step, 0, 0, tokens, latents))
-    state = c.state_dict()
+    state = padded_state(c.state_dict())
     edges = interval_edges(THR, 4)[1:-1].float().tolist()
     groups = {}
     for f, v, step, order, p in _samples(seen):
@@ -233,7 +238,7 @@ def test_recent_window_keeps_the_top_of_the_current_and_previous_block(stage_lim
     for step, (tokens, latents) in enumerate(random_batches(11, seed=5)):
         c.update_dense(tokens, latents, step)
         seen.append(Seen(step, 0, 0, tokens, latents))
-    state = c.state_dict()
+    state = padded_state(c.state_dict())
     assert state["recent_block"] == 10 // 3
     window = [s for s in seen if s.step // 3 >= 10 // 3 - 1]
     by_latent = {}
@@ -262,8 +267,8 @@ def test_merge_with_interval_and_recent_tables_equals_single_process(stage_limit
         order = rank << RANK_SHIFT
         ranks[rank].update_dense(tokens, latents, step, order)
         single.update_dense(tokens, latents, step, order)
-    merged = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
-    want = single.state_dict()
+    merged = padded_state(merge_states(ranks[0].state_dict(), ranks[1].state_dict()))
+    want = padded_state(single.state_dict())
     for key in ("interval_values", "interval_priority", "interval_step", "interval_order", "interval_context_tokens",
                 "interval_count", "recent_values", "recent_order", "recent_prev_values", "top_values", "top_order"):
         assert torch.equal(merged[key], want[key]), key
@@ -308,7 +313,7 @@ def test_deduplicated_top_equals_oracle_with_the_same_rule(mode, stage_limit):
         else:
             c.update_dense(tokens, latents, step)
         seen.append(Seen(step, 0, 0, tokens, latents))
-    state = c.state_dict()
+    state = padded_state(c.state_dict())
     feats = oracle(seen, F, K, CTX, THR, dedup=True)
     assert_top_equals(state, feats)
     # the rule holds: no two kept samples with identical contexts or overlapping windows in one sequence
@@ -329,9 +334,9 @@ def test_deduplicated_merge_of_two_ranks_equals_oracle(stage_limit):
         ranks[rank].update_dense(tokens, latents, step, order_base=rank << RANK_SHIFT)
         seen.append(Seen(step, rank, 0, tokens, latents))
     merged = merge_states(ranks[0].state_dict(), ranks[1].state_dict())
-    assert_top_equals(merged, oracle(seen, F, K, CTX, THR, dedup=True))
+    assert_top_equals(padded_state(merged), oracle(seen, F, K, CTX, THR, dedup=True))
     resumed = SampleCollector.from_state_dict(merged)
-    assert torch.equal(resumed.state_dict()["top_hash"], merged["top_hash"])
+    assert torch.equal(padded_state(resumed.state_dict())["top_hash"], padded_state(merged)["top_hash"])
 
 
 def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence(stage_limit):
@@ -346,10 +351,10 @@ def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence
     dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
     sparse_c.update_sparse(tokens, indices, values, 0)
     dense_c.update_dense(tokens, dense, 0)
-    state = sparse_c.state_dict()
+    state = padded_state(sparse_c.state_dict())
     assert state["top_context_acts"][2, 0].tolist() == [0.0, 0.0, 2.0, 1.0, 0.0]
     assert state["top_context_acts"][1, 0].tolist() == [0.0, 0.0, 1.5, 0.0, 0.0]
-    for key, value in dense_c.state_dict().items():
+    for key, value in padded_state(dense_c.state_dict()).items():
         if torch.is_tensor(value):
             assert torch.equal(value, state[key]), key
 

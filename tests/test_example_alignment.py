@@ -178,7 +178,7 @@ def check_samples_dir(seqs: torch.Tensor, dirpath) -> None:
 
     # The full state holds every latent's kept samples as token windows with the activating token at h.
     assert directory.full_state_path is not None
-    state = torch.load(directory.full_state_path, weights_only=True)
+    state = sae_samples.state_format.padded_state(torch.load(directory.full_state_path, weights_only=True))
     h = int(state["half_window"])
     for j in range(VOCAB):
         kept = state["top_values"][j] > -math.inf

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples import callback as callback_module
+from lightning_sae_samples.state_format import kept_per_latent
 from lightning_sae_samples.storage import PENDING_DIR
 
 F = 10
@@ -107,7 +108,7 @@ def test_each_save_says_where_and_how_much(tmp_path, logged):
     files = len(summary["top_features_by_activation"])
     written = sum(min(e["num_samples"], 2) for e in summary["top_features_by_activation"])
     expected = (f"ActivationSampleCallback: saved samples to {samples} at step 3: {files} feature files"
-                f" ({written} samples) and the full state ({int(torch.isfinite(state['top_values']).sum())}"
+                f" ({written} samples) and the full state ({int(kept_per_latent(state).sum())}"
                 f" samples of {F} latents).")
     assert [r.getMessage() for r in logged if "saved samples" in r.getMessage()] == [expected]
 
