@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from helpers import assert_same  # noqa: E402
 from test_activation_collector import make, padded_batches, to_sparse  # noqa: E402
 
 
@@ -40,9 +41,7 @@ def worker(rank: int, world: int, out: Path, mode: str, port: int) -> None:
     resumed.load_state_dict(torch.load(out / "state.pt", weights_only=True))
     again = resumed.state_dict()
     if rank == 0:
-        for key, value in state["collector"].items():
-            other = again["collector"][key]
-            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+        assert_same(state["collector"], again["collector"])
     dist.destroy_process_group()
 
 

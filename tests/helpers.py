@@ -119,3 +119,15 @@ def read_dir(path: Path) -> dict[str, object]:
         elif file.name == "full_state.pt":
             out[file.name] = torch.load(file, weights_only=True)
     return out
+
+
+def assert_same(a, b, where="state"):
+    """Two collector states (nested dicts of tensors and numbers) are identical, dtypes included."""
+    assert a.keys() == b.keys(), where
+    for key, value in a.items():
+        if isinstance(value, dict):
+            assert_same(value, b[key], f"{where}.{key}")
+        elif torch.is_tensor(value):
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), f"{where}.{key}"
+        else:
+            assert value == b[key], f"{where}.{key}"

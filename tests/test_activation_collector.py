@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same
 from oracle import Seen, assert_feature_file_matches, assert_groups_match, oracle, tokens_seen
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError
+from lightning_sae_samples.state_format import padded_state
 
 F, K, CTX, THR = 9, 4, 6, 0.5
 PAD = -100
@@ -75,7 +77,7 @@ def test_plain_loop_with_padding_equals_oracle(tmp_path, mode):
     assert saved
     summary = check_saved(tmp_path / "samples", seen)
     assert summary["tokens_seen"] < sum(s.tokens.numel() for s in seen)  # padding is not seen
-    state = torch.load(tmp_path / "samples" / "full_state.pt", weights_only=True)
+    state = padded_state(torch.load(tmp_path / "samples" / "full_state.pt", weights_only=True))
     context = state["top_context_tokens"][torch.isfinite(state["top_values"])]
     assert int(context.min()) == -1 and PAD not in context  # padding shows as -1, never as a token
 
@@ -99,7 +101,7 @@ def test_excluded_tokens_are_seen_but_not_collected(tmp_path):
         seen.append(Seen(step, 0, 0, tokens, latents, mask))
     collector.save(tmp_path / "samples")
     check_saved(tmp_path / "samples", seen, exclude=(1, 2))
-    state = torch.load(tmp_path / "samples" / "full_state.pt", weights_only=True)
+    state = padded_state(torch.load(tmp_path / "samples" / "full_state.pt", weights_only=True))
     kept = torch.isfinite(state["top_values"])
     centre = state["top_context_tokens"][..., CTX // 2][kept]
     assert not torch.isin(centre, torch.tensor([1, 2])).any()
@@ -128,9 +130,7 @@ def test_state_dict_round_trip_continues_exactly(mode):
     feed(resumed, batches[3:], 3)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a["config"] == b["config"]
-    for key, value in a["collector"].items():
-        other = b["collector"][key]
-        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    assert_same(a["collector"], b["collector"])
 
 
 def test_resume_with_other_sizes_names_the_setting():

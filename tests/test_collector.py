@@ -373,7 +373,7 @@ def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_l
         else:
             c.update_dense(tokens, latents, step, attention_mask=mask, excluded=excluded)
         seen.append(Seen(step, 0, 0, tokens, latents, mask))
-    state = c.state_dict()
+    state = padded_state(c.state_dict())
     feats = oracle(seen, F, K, CTX, THR, exclude=(3,))
     assert int(state["tokens_seen"]) == tokens_seen(seen)
     for f, feat in feats.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
+from helpers import SyntheticSAE, TokenDataset, assert_same, loader, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_sae_samples import ActivationSampleCallback
@@ -129,8 +129,7 @@ def assert_same_dirs(full, part):
     assert full.keys() == part.keys()
     for name in full:
         if name == "full_state.pt":
-            for key, value in full[name].items():
-                assert torch.equal(value, part[name][key]) if torch.is_tensor(value) else value == part[name][key]
+            assert_same(full[name], part[name])
         else:
             assert full[name] == part[name], name
 

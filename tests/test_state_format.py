@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import SyntheticSAE, loader, trainer
+from helpers import SyntheticSAE, assert_same, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import Seen, oracle
 
@@ -34,17 +34,6 @@ def batches(n, seed=0, batch=2, seq=5, density=1.0):
 def config(stage_limit=None):
     return CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2,
                            deduplicate_contexts=True, stage_limit=stage_limit)
-
-
-def assert_same(a, b, where="state"):
-    assert a.keys() == b.keys(), where
-    for key, value in a.items():
-        if isinstance(value, dict):
-            assert_same(value, b[key], f"{where}.{key}")
-        elif torch.is_tensor(value):
-            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), f"{where}.{key}"
-        else:
-            assert value == b[key], f"{where}.{key}"
 
 
 # fill levels: nothing seen; a few sparse batches (rows partly filled); many dense batches (firing rows full);
