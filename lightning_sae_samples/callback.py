@@ -262,29 +262,16 @@ class ActivationSampleCallback(Callback):
         return parts
 
     def config(self) -> dict[str, Any]:
-        """The configuration as JSON-friendly values."""
+        """The configuration as JSON-friendly values: the collection's, plus what the callback decides."""
         return {
             "collection_freq": self.schedule.as_config(),
-            "max_samples_per_feature": self.max_samples_per_feature,
-            "context_size": self.context_size,
-            "activation_threshold": self.activation_threshold,
-            "top_features_to_save": self.top_features_to_save,
-            "samples_per_feature_to_save": self.samples_per_feature_to_save,
-            "rank_features_by": self.rank_features_by,
-            "num_latents": self.num_latents,
+            **self.engine.config(),
             "latents_key": self.keys.latents,
             "latent_indices_key": self.keys.latent_indices,
             "latent_values_key": self.keys.latent_values,
             "tokens_key": self.keys.tokens,
             "tokenizer": describe_tokenizer(self.tokenizer if self.tokenizer is not None else self._resolved_tokenizer),
-            "samples_per_interval": self.samples_per_interval,
-            "num_intervals": self.num_intervals,
-            "recent_window_steps": self.recent_window_steps,
-            "recent_samples_per_feature": self.recent_samples_per_feature,
-            "seed": self.seed,
-            "deduplicate_contexts": self.deduplicate_contexts,
             "attention_mask_key": self.keys.attention_mask,
-            "exclude_token_ids": list(self.exclude_token_ids),
             "exclude_special_tokens": self.exclude_special_tokens,
             "save_full_state": self.save_full_state,
         }

@@ -10,6 +10,8 @@ import torch
 from oracle import Seen
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sae_samples import ActivationSampleCallback
+
 
 class TokenDataset(Dataset):
     """Fixed random token sequences, as dicts ``{"tokens": LongTensor[T]}``."""
@@ -131,3 +133,11 @@ def assert_same(a, b, where="state"):
             assert value.dtype == b[key].dtype and torch.equal(value, b[key]), f"{where}.{key}"
         else:
             assert value == b[key], f"{where}.{key}"
+
+
+def make_callback(dirpath, **kwargs):
+    """A callback on small settings that collects every step into ``dirpath`` (no report)."""
+    args = dict(collection_freq=1, max_samples_per_feature=3, context_size=2, activation_threshold=0.5,
+                top_features_to_save=6, samples_per_feature_to_save=2, dirpath=dirpath, write_report=False)
+    args.update(kwargs)
+    return ActivationSampleCallback(**args)

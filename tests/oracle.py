@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -159,3 +160,34 @@ def assert_feature_file_matches(record: dict, feat: OracleFeature, tokens_seen: 
         assert (g["step"], g["position"], g["context_tokens"], g["context_position"]) == (step, pos, ctx, ctx_pos)
         assert g["tokens"][-1] == ctx[ctx_pos]
         assert torch.allclose(torch.tensor(g["context_activations"]), torch.tensor(acts, dtype=torch.float32))
+
+
+def assert_dir_matches_oracle(files: dict, seen: list[Seen], num_latents: int, k: int, context_size: int,
+                              threshold: float, *, exclude: tuple = (), n: Optional[int] = None) -> dict:
+    """A samples directory (``files`` as ``helpers.read_dir`` reads it) holds exactly what the oracle keeps.
+
+    ``n``: samples per feature file (default ``k``).
+    """
+    n = k if n is None else n
+    summary = files["collection_summary.json"]
+    feats = oracle(seen, num_latents, k, context_size, threshold, dedup=summary["config"]["deduplicate_contexts"],
+                   exclude=exclude)
+    seen_tokens = tokens_seen(seen)
+    assert summary["tokens_seen"] == seen_tokens
+    assert summary["steps_collected"] == len({s.step for s in seen if s.tokens.numel()})
+    alive = [f for f, feat in feats.items() if feat.count]
+    assert summary["alive_features"] == len(alive)
+    assert summary["never_fired_features"] == num_latents - len(alive)
+    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
+    assert {e["feature_idx"] for e in summary["top_features_by_activation"]} == set(alive)
+    if summary["config"]["rank_features_by"] == "max_activation":
+        ranked = [e["max_activation"] for e in summary["top_features_by_activation"]]
+        assert ranked == sorted(ranked, reverse=True)
+    last_step = max(s.step for s in seen)
+    for f in alive:
+        record = files[f"feature_{f:05d}_samples.json"]
+        assert_feature_file_matches(record, feats[f], seen_tokens, n)
+        assert_groups_match(record, feats[f], summary["config"], last_step, n)
+    for f in set(range(num_latents)) - set(alive):
+        assert f"feature_{f:05d}_samples.json" not in files
+    return files

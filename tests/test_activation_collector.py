@@ -1,6 +1,5 @@
 """ActivationSampleCollector in a plain training loop (no Trainer), against the brute-force oracle."""
 
-import json
 import socket
 import subprocess
 import sys
@@ -8,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same
-from oracle import Seen, assert_feature_file_matches, assert_groups_match, oracle, tokens_seen
+from helpers import assert_same, read_dir
+from oracle import Seen, assert_dir_matches_oracle
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError
 from lightning_sae_samples.state_format import padded_state
@@ -48,17 +47,8 @@ def make(**kwargs):
 
 
 def check_saved(dirpath, seen, exclude=()):
-    summary = json.loads((dirpath / "collection_summary.json").read_text())
-    feats = oracle(seen, F, K, CTX, THR, exclude=exclude)
-    assert summary["tokens_seen"] == tokens_seen(seen)
-    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
-    alive = [f for f, feat in feats.items() if feat.count]
-    assert {e["feature_idx"] for e in summary["top_features_by_activation"]} == set(alive)
-    for f in alive:
-        record = json.loads((dirpath / f"feature_{f:05d}_samples.json").read_text())
-        assert_feature_file_matches(record, feats[f], tokens_seen(seen), K)
-        assert_groups_match(record, feats[f], summary["config"], max(s.step for s in seen), K)
-    return summary
+    files = assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, exclude=exclude)
+    return files["collection_summary.json"]
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from oracle import assert_feature_file_matches, assert_groups_match, oracle
+from oracle import assert_dir_matches_oracle
 
 from lightning_sae_samples import ActivationSampleCallback, sample_table
 from lightning_sae_samples.schedule import CollectionSchedule
@@ -33,28 +33,7 @@ def collected(module, schedule):
 
 
 def check_against_oracle(dirpath, seen, n=K):
-    files = read_dir(dirpath)
-    summary = files["collection_summary.json"]
-    feats = oracle(seen, F, K, CTX, THR, dedup=summary["config"]["deduplicate_contexts"])
-    tokens_seen = sum(s.tokens.numel() for s in seen)
-    assert summary["tokens_seen"] == tokens_seen
-    assert summary["steps_collected"] == len({s.step for s in seen})
-    alive = [f for f, feat in feats.items() if feat.count]
-    assert summary["alive_features"] == len(alive)
-    assert summary["never_fired_features"] == F - len(alive)
-    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
-    saved = {e["feature_idx"] for e in summary["top_features_by_activation"]}
-    assert saved == set(alive)
-    ranked = [e["max_activation"] for e in summary["top_features_by_activation"]]
-    assert ranked == sorted(ranked, reverse=True)
-    last_step = max(s.step for s in seen)
-    for f in alive:
-        record = files[f"feature_{f:05d}_samples.json"]
-        assert_feature_file_matches(record, feats[f], tokens_seen, n)
-        assert_groups_match(record, feats[f], summary["config"], last_step, n)
-    for f in set(range(F)) - set(alive):
-        assert f"feature_{f:05d}_samples.json" not in files
-    return files
+    return assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, n=n)
 
 
 @pytest.mark.parametrize("mode, dedup", [("dense", False), ("flat", True), ("sparse", False), ("sparse", True)])

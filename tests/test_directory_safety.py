@@ -9,19 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import SyntheticSAE, TokenDataset, loader, trainer
+from helpers import SyntheticSAE, TokenDataset, loader, make_callback, trainer
 
-from lightning_sae_samples import ActivationSampleCallback, read_samples_dir
+from lightning_sae_samples import read_samples_dir
 from lightning_sae_samples.storage import LOCK_NAME, MANIFEST_NAME, PENDING_DIR, PENDING_MARKER, read_manifest
 
 F = 10
-
-
-def make_callback(dirpath, **kwargs):
-    args = dict(collection_freq=1, max_samples_per_feature=3, context_size=2, activation_threshold=0.5,
-                top_features_to_save=6, samples_per_feature_to_save=2, dirpath=dirpath, write_report=False)
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
 
 
 def fit(root, callback, steps=3, seed=0):

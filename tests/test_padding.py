@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from helpers import SyntheticSAE, loader, read_dir, trainer
-from oracle import assert_feature_file_matches, assert_groups_match, oracle, tokens_seen
+from oracle import assert_dir_matches_oracle
 from torch.utils.data import Dataset
 
 from lightning_sae_samples import ActivationSampleCallback, LatentInputError
@@ -68,18 +68,7 @@ def make_callback(tmp_path, **kwargs):
 
 
 def check_against_oracle(dirpath, seen, exclude=()):
-    files = read_dir(dirpath)
-    summary = files["collection_summary.json"]
-    feats = oracle(seen, F, K, CTX, THR, exclude=exclude)
-    assert summary["tokens_seen"] == tokens_seen(seen)
-    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
-    alive = [f for f, feat in feats.items() if feat.count]
-    assert {e["feature_idx"] for e in summary["top_features_by_activation"]} == set(alive)
-    for f in alive:
-        record = files[f"feature_{f:05d}_samples.json"]
-        assert_feature_file_matches(record, feats[f], tokens_seen(seen), K)
-        assert_groups_match(record, feats[f], summary["config"], max(s.step for s in seen), K)
-    return files
+    return assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, exclude=exclude)
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SyntheticSAE, TokenDataset, assert_same, loader, read_dir, trainer
+from helpers import SyntheticSAE, TokenDataset, assert_same, loader, make_callback, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_sae_samples import ActivationSampleCallback
@@ -16,13 +16,6 @@ from lightning_sae_samples.state_format import kept_per_latent
 from lightning_sae_samples.storage import PENDING_DIR
 
 F = 10
-
-
-def make_callback(dirpath, **kwargs):
-    args = dict(collection_freq=1, max_samples_per_feature=3, context_size=2, activation_threshold=0.5,
-                top_features_to_save=6, samples_per_feature_to_save=2, dirpath=dirpath, write_report=False)
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
 
 
 class Records(logging.Handler):
