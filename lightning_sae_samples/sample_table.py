@@ -38,6 +38,8 @@ __all__ = ["EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "SampleTabl
 MIN_STAGE_LIMIT = 1 << 14
 #: Pool slots a table starts with; the pool then doubles as samples are stored.
 MIN_POOL_SLOTS = 1 << 10
+#: Row places a merge works on at once (touched rows x places that can change): bounds its temporaries.
+MERGE_CELLS = 1 << 19
 #: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
 STEP_DTYPE = torch.int32
 SLOT_DTYPE = torch.int32
@@ -252,10 +254,11 @@ class SampleTable:
         self._floor = None
 
     def _merge(self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
-        """Merge new samples (in arrival order) into the sorted rows.
+        """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
-        is its batch's windows and, per arrival, the index of its window there.
+        is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
+        are bounded by :data:`MERGE_CELLS` places, whatever the number of rows touched.
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -264,23 +267,68 @@ class SampleTable:
         row = new["row"][perm]
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
-        keep = rank < cap
+        keep = (rank < cap).nonzero(as_tuple=True)[0]
         perm, rank = perm[keep], rank[keep]
         new = {name: value[perm] for name, value in new.items()}
-        row = new["row"]
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
         if not len(touched):
             return
-        all_rows = len(touched) == self.rows
-        local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
-        local_of[touched] = torch.arange(len(touched), device=dev)
-        local = local_of[row]
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
-        width = int(rank.max()) + 1
-        grid = (len(touched), width)
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
+        width = int(rank.max()) + 1
         span = min(cap, self.fill_bound + width)
+        arrived = sum(len(index) for _, index in arrivals)
+        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
+        chunk = max(1, MERGE_CELLS // (span + width))
+        self._reserve_for(touched, per_row, span, chunk, len(rank))
+        if chunk >= len(touched):
+            self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
+        else:
+            ends = torch.cumsum(per_row[touched].clamp(max=cap), 0)[chunk - 1 :: chunk].tolist()
+            first, lo = 0, 0
+            for hi in [*ends[: -1 if len(touched) % chunk == 0 else None], len(rank)]:
+                rows = touched[first : first + chunk]
+                part = {name: value[lo:hi] for name, value in new.items()}
+                self._merge_rows(rows, part, rank[lo:hi], width, span, destination, False)
+                first, lo = first + chunk, hi
+        self._write_windows(destination, arrivals)
+
+    def _reserve_for(self, touched: Tensor, per_row: Tensor, span: int, chunk: int, entering: int) -> None:
+        """Grow the pool once for a merge: by the most never used slots its new samples can take.
+
+        A row takes never used slots only while it has empty places, so at most ``capacity - fill`` of them;
+        one growth up front spares the pool the copies (and the transient double size) of growing chunk by chunk.
+        """
+        needed = self.next_unused + entering - len(self.released)
+        if needed <= self.pool_slots:
+            return
+        bound = 0
+        for first in range(0, len(touched), chunk):
+            rows = touched[first : first + chunk]
+            room = self.capacity - (self.slot[rows, :span] != EMPTY).sum(1)
+            bound += int(torch.minimum(per_row[rows], room).sum())
+        self._reserve(self.next_unused + max(0, bound - len(self.released)))
+
+    def _merge_rows(
+        self,
+        touched: Tensor,
+        new: dict[str, Tensor],
+        rank: Tensor,
+        width: int,
+        span: int,
+        destination: Tensor,
+        all_rows: bool,
+    ) -> None:
+        """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
+
+        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival).
+        """
+        dev = self.values.device
+        local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
+        local_of[touched] = torch.arange(len(touched), device=dev)
+        local = local_of[new["row"]]
+        grid = (len(touched), width)
 
         def to_grid(values: Tensor, fill: float) -> Tensor:
             out = torch.full(grid, fill, dtype=values.dtype, device=dev)
@@ -305,17 +353,15 @@ class SampleTable:
         # or never used (or released) ones where they were empty.
         old_slots = kept("slot")
         new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
-        enters = rank < entered[local, 0]
+        enters = (rank < entered[local, 0]).nonzero(as_tuple=True)[0]
         source = new["source"][enters]
         at = local[enters] * width + rank[enters]
         slot = new_slots.view(-1)[at]
         fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
-        arrived = sum(len(index) for _, index in arrivals)
         if len(fresh):
             # Never used slots go in arrival order, so the windows of one batch land side by side.
-            in_arrival = torch.zeros(arrived, dtype=torch.int64, device=dev).index_fill_(0, source[fresh], 1)
-            turn = torch.cumsum(in_arrival, 0)[source[fresh]] - 1
-            slot[fresh] = self._take_slots(len(fresh))[turn].to(slot.dtype)
+            turn = torch.argsort(source[fresh])
+            slot[fresh[turn]] = self._take_slots(len(fresh)).to(slot.dtype)
             new_slots.view(-1)[at] = slot
 
         fields = [
@@ -338,9 +384,7 @@ class SampleTable:
                 getattr(self, name)[touched, :span] = merged[:, :span]
             if name == "slot":
                 self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
-
-        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        self._write_windows(destination.index_copy_(0, source, slot.long()), arrivals)
+        destination.index_copy_(0, source, slot.long())
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
         """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 from oracle import Seen, oracle, tokens_seen
 
+from lightning_sae_samples import sample_table
 from lightning_sae_samples.collector import (
     RANK_SHIFT,
     CollectorConfig,
@@ -16,9 +17,18 @@ from lightning_sae_samples.state_format import padded_state
 F, K, CTX, THR = 7, 5, 4, 0.5
 
 
-@pytest.fixture(params=[None, 1, 7], ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples"])
-def stage_limit(request):
-    """How many staged samples trigger a merge; the kept samples must not depend on it."""
+@pytest.fixture(
+    params=[None, 1, 7, "rows-one-by-one"],
+    ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples", "merge-when-read-by-chunks-of-rows"],
+)
+def stage_limit(request, monkeypatch):
+    """How many staged samples trigger a merge; the kept samples must not depend on it.
+
+    ``"rows-one-by-one"``: merges when read, a chunk of one touched row at a time (as wide states do).
+    """
+    if request.param == "rows-one-by-one":
+        monkeypatch.setattr(sample_table, "MERGE_CELLS", 1)
+        return None
     return request.param
 
 
