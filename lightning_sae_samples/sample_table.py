@@ -43,6 +43,25 @@ MERGE_CELLS = 1 << 19
 #: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
 STEP_DTYPE = torch.int32
 SLOT_DTYPE = torch.int32
+#: Dtypes the window pools may hold: token ids in the smallest that holds every id seen (widened in place
+#: when a larger id arrives), context activations in the latents' own half dtype or float32.
+TOKEN_DTYPES = (torch.int16, torch.int32)
+ACTS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def token_dtype_for(max_id: int) -> torch.dtype:
+    """The smallest of :data:`TOKEN_DTYPES` that holds token ids up to ``max_id``."""
+    return torch.int16 if max_id < 2**15 else torch.int32
+
+
+def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
+    """Dtype of stored context activations for latents of this dtype (exact: no rounding of their values)."""
+    return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
+    return torch.promote_types(a, b)
 merge_exported = merge_padded_tables
 
 
@@ -59,6 +78,7 @@ class BatchContext:
             tokens, 0 where the window leaves the sequence or the activation is not finite.
         segment: Segment id of every token ``[B * T]``; a window keeps only the tokens of its centre's
             segment (padding cuts it as a sequence edge would). ``None``: whole sequences.
+        token_dtype: Dtype of the window token ids (it must hold every id of ``tokens``).
     """
 
     def __init__(
@@ -70,8 +90,10 @@ class BatchContext:
         half_window: int,
         window_acts: Callable[[Tensor], Tensor],
         segment: Optional[Tensor] = None,
+        token_dtype: torch.dtype = torch.int32,
     ) -> None:
         self.tokens, self.token_idx, self.segment = tokens, token_idx, segment
+        self.token_dtype = token_dtype
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
@@ -79,7 +101,7 @@ class BatchContext:
         self._hashes: Optional[Tensor] = None
 
     def window_tokens(self, token_idx: Tensor) -> Tensor:
-        """Token ids of each sample's window ``[S, W]`` (int32, ``-1`` outside the sequence or segment)."""
+        """Token ids of each sample's window ``[S, W]`` (``token_dtype``, ``-1`` outside the sequence or segment)."""
         seq = self.tokens.shape[1]
         half = self.half_window
         start = token_idx + (token_idx // seq) * (2 * half)
@@ -88,7 +110,7 @@ class BatchContext:
             padded = torch.nn.functional.pad(values.view(-1, seq), (half, half), value=EMPTY)
             return padded.reshape(-1).unfold(0, 2 * half + 1, 1).index_select(0, start)
 
-        tokens = windows(self.tokens.to(torch.int32))
+        tokens = windows(self.tokens.to(self.token_dtype))
         if self.segment is None:
             return tokens
         same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
@@ -144,6 +166,8 @@ class SampleTable:
         dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.dedup`): samples of one sequence
             at most this many positions apart overlap. ``None`` keeps every sample.
         stage_limit: Staged samples that trigger a merge; defaults to a quarter of the table's size.
+        token_dtype: Dtype of the stored context token ids (see :meth:`widen`).
+        acts_dtype: Dtype of the stored context activations (see :meth:`widen`).
     """
 
     def __init__(
@@ -155,6 +179,8 @@ class SampleTable:
         random_priority: bool = False,
         dedup_radius: Optional[int] = None,
         stage_limit: Optional[int] = None,
+        token_dtype: torch.dtype = torch.int16,
+        acts_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.rows, self.capacity, self.window = rows, capacity, window
         self.random_priority = random_priority
@@ -168,8 +194,8 @@ class SampleTable:
         self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
         self.pool_position = torch.empty(0, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.empty((0, window), dtype=torch.int32, device=device)
-        self.pool_context_acts = torch.empty((0, window), device=device)
+        self.pool_context_tokens = torch.empty((0, window), dtype=token_dtype, device=device)
+        self.pool_context_acts = torch.empty((0, window), dtype=acts_dtype, device=device)
         self.next_unused = 0
         self.fill_bound = 0
         self.released = torch.empty(0, dtype=torch.int64, device=device)
@@ -182,6 +208,22 @@ class SampleTable:
     def sort_key(self) -> Tensor:
         """The sorted priority column."""
         return self.priority if self.random_priority else self.values
+
+    def widen(self, token_dtype: Optional[torch.dtype] = None, acts_dtype: Optional[torch.dtype] = None) -> None:
+        """Let the pools hold token ids of ``token_dtype`` and activations of ``acts_dtype``, converting in place.
+
+        A pool only widens (the values it holds stay exact); an activation pool that never stored a sample
+        takes ``acts_dtype`` as is.
+        """
+        if token_dtype is not None:
+            dtype = wider(self.pool_context_tokens.dtype, token_dtype)
+            if dtype != self.pool_context_tokens.dtype:
+                self.pool_context_tokens = self.pool_context_tokens.to(dtype)
+        if acts_dtype is not None:
+            current = self.pool_context_acts.dtype
+            dtype = acts_dtype if self.next_unused == 0 else wider(current, acts_dtype)
+            if dtype != current:
+                self.pool_context_acts = self.pool_context_acts.to(dtype)
 
     def clear(self) -> None:
         """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
@@ -397,7 +439,7 @@ class SampleTable:
                 continue
             for name in WINDOW_FIELDS:
                 pool = getattr(self, f"pool_{name}")
-                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]))
+                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
@@ -547,6 +589,13 @@ class SampleTable:
                 f" samples per row cannot load into {self.rows} rows of capacity {self.capacity}."
             )
         total = int(count.sum())
+        for name, allowed in (("context_tokens", TOKEN_DTYPES), ("context_acts", ACTS_DTYPES)):
+            dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
+            if dtype not in allowed:
+                raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
+        self.pool_context_tokens = self.pool_context_tokens.to(wider(self.pool_context_tokens.dtype,
+                                                                     table["context_tokens"].dtype))
+        self.pool_context_acts = self.pool_context_acts.to(table["context_acts"].dtype)
         names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
         for name in (*names, *WINDOW_FIELDS):
             trailing = (self.window,) if name.startswith("context_") else ()
