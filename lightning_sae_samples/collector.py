@@ -526,6 +526,15 @@ class SampleCollector:
     ) -> None:
         cfg = self.config
         dev = self.device
+        source = values.device
+        if source != dev:
+            # The state lives elsewhere (e.g. host memory): windows are read where the latents are, and only
+            # those of the samples that may enter are copied.
+            read_windows = window_acts
+
+            def window_acts(candidate: Tensor) -> Tensor:
+                return read_windows(candidate.to(source)).to(dev)
+
         token_dtype = token_dtype_for(int(positions.tokens.max()) if positions.tokens.numel() else 0)
         for table in self.tables.values():
             table.widen(token_dtype, acts_dtype_for(latent_dtype))

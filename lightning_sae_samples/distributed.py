@@ -67,7 +67,8 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         The merged compact CPU state on the root, ``None`` elsewhere.
     """
     head = collector.export_padded(slice(0, 1))
-    device = collector.device
+    # Collectives run on the strategy's device, which a state kept in host memory (`state_device`) is not on.
+    device = getattr(strategy, "root_device", None) or getattr(strategy, "device", None) or collector.device
     # The window dtypes travel with the counters: every process sends its windows in the widest of all.
     tokens, acts = window_dtypes(collector)
     codes = [TOKEN_DTYPES.index(tokens), ACTS_DTYPES.index(acts)]
@@ -95,7 +96,7 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         local = _tensors(collector.export_padded(slice(start, min(num_latents, start + chunk))))
         # Collectives carry no int16 (gloo, NCCL): token ids travel as int32 and are narrowed back after.
         kept = {name: send.get(name.rsplit("/", 1)[-1], value.dtype) for name, value in local.items()}
-        local = {name: value.to(_TRANSFER.get(kept[name], kept[name])) for name, value in local.items()}
+        local = {name: value.to(device, _TRANSFER.get(kept[name], kept[name])) for name, value in local.items()}
         gathered = {name: strategy.all_gather(value.contiguous()).cpu().to(kept[name]) for name, value in local.items()}
         if merged is None:
             continue

@@ -468,3 +468,39 @@ def test_compact_window_dtypes_round_trip_through_torch_load_and_merges_widen(tm
     merged = merge_states(straight.state_dict(), wide.state_dict())
     assert (merged["top"]["context_tokens"].dtype, merged["top"]["context_acts"].dtype) == (torch.int32, torch.float32)
     assert_state_matches_oracle(merged, seen)
+
+
+# ---------------------------------------------------------------------- state_device
+def test_state_device_keeps_the_collection_where_asked_with_identical_files(tmp_path):
+    """``state_device="cpu"``: the state lives in host memory and the samples directory is the same.
+
+    Only CPU runs here: this checks the argument's plumbing and results, not a copy from an accelerator.
+    """
+    from helpers import SyntheticSAE, assert_same, loader, read_dir, trainer
+
+    from lightning_sae_samples import ActivationSampleCallback
+
+    dirs = {}
+    for name, device in (("default", None), ("cpu", "cpu")):
+        callback = ActivationSampleCallback(
+            collection_freq=1, dirpath=tmp_path / name, context_size=4, max_samples_per_feature=5,
+            samples_per_feature_to_save=5, write_report=False, state_device=device,
+        )
+        trainer(tmp_path / f"run-{name}", [callback], max_steps=6).fit(
+            SyntheticSAE(mode="sparse", num_latents=10), loader()
+        )
+        assert callback.engine.collector.device == torch.device("cpu")
+        assert callback.engine.state_device == (None if device is None else torch.device("cpu"))
+        dirs[name] = read_dir(tmp_path / name)
+    state = dirs["default"].pop("full_state.pt")
+    assert_same(state, dirs["cpu"].pop("full_state.pt"))
+    assert dirs["default"].keys() == dirs["cpu"].keys()
+    for file, record in dirs["default"].items():
+        assert record == dirs["cpu"][file], file
+
+
+def test_a_bad_state_device_is_a_clear_error():
+    from lightning_sae_samples import ActivationSampleCollector
+
+    with pytest.raises(ValueError, match="state_device"):
+        ActivationSampleCollector(state_device="no-such-device")
