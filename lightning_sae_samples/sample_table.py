@@ -39,7 +39,7 @@ MIN_STAGE_LIMIT = 1 << 14
 #: Pool slots a table starts with; the pool then doubles as samples are stored.
 MIN_POOL_SLOTS = 1 << 10
 #: Row places a merge works on at once (touched rows x places that can change): bounds its temporaries.
-MERGE_CELLS = 1 << 19
+MERGE_CELLS = 1 << 22
 #: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
 STEP_DTYPE = torch.int32
 SLOT_DTYPE = torch.int32
@@ -401,9 +401,8 @@ class SampleTable:
         slot = new_slots.view(-1)[at]
         fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
         if len(fresh):
-            # Never used slots go in arrival order, so the windows of one batch land side by side.
-            turn = torch.argsort(source[fresh])
-            slot[fresh[turn]] = self._take_slots(len(fresh)).to(slot.dtype)
+            # Never used slots go in row order, so the windows of a row land side by side.
+            slot[fresh] = self._take_slots(len(fresh)).to(slot.dtype)
             new_slots.view(-1)[at] = slot
 
         fields = [
