@@ -24,10 +24,12 @@ F, K, CTX, THR = 7, 5, 4, 0.5
 def stage_limit(request, monkeypatch):
     """How many staged samples trigger a merge; the kept samples must not depend on it.
 
-    ``"rows-one-by-one"``: merges when read, a chunk of one touched row at a time (as wide states do).
+    ``"rows-one-by-one"``: merges when read, a chunk of one touched row at a time (as wide states do), into a
+    window pool that starts with 2 slots (so merges grow it).
     """
     if request.param == "rows-one-by-one":
         monkeypatch.setattr(sample_table, "MERGE_CELLS", 1)
+        monkeypatch.setattr(sample_table, "MIN_POOL_SLOTS", 2)
         return None
     return request.param
 
