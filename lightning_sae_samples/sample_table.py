@@ -323,10 +323,11 @@ class SampleTable:
         arrived = sum(len(index) for _, index in arrivals)
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
         chunk = max(1, MERGE_CELLS // (span + width))
-        self._reserve_for(touched, per_row, span, chunk, len(rank))
         if chunk >= len(touched):
             self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
         else:
+            # One chunk takes its slots in one growth anyway; many would double the pool chunk by chunk.
+            self._reserve_for(touched, per_row, span, chunk, len(rank))
             ends = torch.cumsum(per_row[touched].clamp(max=cap), 0)[chunk - 1 :: chunk].tolist()
             first, lo = 0, 0
             for hi in [*ends[: -1 if len(touched) % chunk == 0 else None], len(rank)]:
