@@ -109,6 +109,9 @@ class ActivationSampleCollector:
         exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP): no statistics and no sample centred
             there, but they count in ``tokens_seen`` and show in other samples' contexts.
         write_report: Also write ``interpretability_report.md`` at each :meth:`save`.
+        state_device: Where the collection lives (e.g. ``"cpu"`` for an SAE that fills the accelerator's
+            memory); default: the latents' device. Each collection then copies there only the active entries
+            and the context windows of those that may enter the kept samples.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -142,7 +145,15 @@ class ActivationSampleCollector:
         deduplicate_contexts: bool = False,
         exclude_token_ids: Sequence[int] = (),
         write_report: bool = True,
+        state_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
+        try:
+            self.state_device = None if state_device is None else torch.device(state_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`state_device` must name a torch device such as 'cpu' or 'cuda:0', or be None (the latents'"
+                f" device); got {state_device!r}: {err}"
+            ) from None
         self.num_latents = optional_positive_int(num_latents, "num_latents", "It is the SAE's latent count F.")
         self.max_samples_per_feature = positive_int(
             max_samples_per_feature, "max_samples_per_feature", "Keep at least one sample per latent, e.g. 100."
@@ -327,7 +338,7 @@ class ActivationSampleCollector:
                     f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
                     f" {num_latents}. Resume the same SAE, or start a new collection without the checkpoint."
                 )
-        self.collector = self._materialize(num_latents, device)
+        self.collector = self._materialize(num_latents, self.state_device or device)
         return self.collector
 
     def collector_config(self, num_latents: int) -> CollectorConfig:
@@ -352,6 +363,7 @@ class ActivationSampleCollector:
             ValueError: Naming the bytes needed and available, and the argument to lower.
         """
         need = estimate_state_bytes(self.collector_config(num_latents), stored_samples=0)
+        device = self.state_device or device
         available = available_memory_bytes(device)
         if available is None or need["total"] <= available:
             return
@@ -387,7 +399,8 @@ class ActivationSampleCollector:
             The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
         """
         if self.collector is None and self._pending_state is not None:
-            self.collector = self._materialize(int(self._pending_state["num_latents"]), device or torch.device("cpu"))
+            where = self.state_device or device or torch.device("cpu")
+            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
         if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
             group = _ProcessGroup()
             collecting = group.all_gather(torch.tensor([self.collector is not None], device=group.device)).view(-1)

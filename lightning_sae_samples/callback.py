@@ -86,6 +86,8 @@ class ActivationSampleCallback(Callback):
             ``tokens_seen`` and show in other samples' contexts.
         exclude_special_tokens: Also exclude the tokenizer's ``all_special_ids`` (resolved at fit start).
         write_report: Also write ``interpretability_report.md`` into ``dirpath`` at each save.
+        state_device: Keep the collection on this device (e.g. ``"cpu"`` when the SAE fills the GPU); default:
+            the latents' device.
         samples_per_interval: Besides the top, keep this many samples per latent from each activation interval
             (half-decades above the threshold), drawn uniformly at random among the activations that fell in
             it, reproducibly for a ``seed`` and across processes and resumes; 0 turns it off.
@@ -162,6 +164,7 @@ class ActivationSampleCallback(Callback):
         exclude_special_tokens: bool = False,
         on_save_error: str = "log",
         save_full_state: str = "every",
+        state_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
@@ -181,6 +184,7 @@ class ActivationSampleCallback(Callback):
             deduplicate_contexts=deduplicate_contexts,
             exclude_token_ids=exclude_token_ids,
             write_report=write_report,
+            state_device=state_device,
         )
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path or None, got {type(dirpath).__name__}.")

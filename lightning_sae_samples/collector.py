@@ -22,6 +22,7 @@ window of steps (the current and the previous block of ``recent_window_steps`` s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.hashing import mix64, shift_right, signed64
-from lightning_sae_samples.sample_table import BatchContext, SampleTable
+from lightning_sae_samples.sample_table import BatchContext, SampleTable, acts_dtype_for, token_dtype_for
 from lightning_sae_samples.state_format import (
     CONFIG_FIELDS,
     EMPTY,
@@ -108,12 +109,18 @@ def above_threshold(values: Tensor, threshold: float) -> Tensor:
     first, which can admit or drop values equal to the rounded threshold. This picks ``>`` or ``>=``
     against the rounded threshold so the result equals the comparison in exact arithmetic.
     """
-    rounded = torch.tensor(threshold, dtype=torch.float64).to(values.dtype)
-    if float(rounded) > threshold:
-        mask = values >= rounded.item()
-    else:
-        mask = values > rounded.item()
-    return mask
+    rounded, inclusive = _rounded_threshold(float(threshold), values.dtype)
+    return values >= rounded if inclusive else values > rounded
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
+    """``threshold`` rounded to ``dtype``, and whether ``>=`` against it equals ``>`` against the exact one.
+
+    Cached: a collection asks with the same threshold and dtype every time, and pays no tensor op for it.
+    """
+    rounded = float(torch.tensor(threshold, dtype=torch.float64).to(dtype))
+    return rounded, rounded > threshold
 
 
 def dense_hits(rows: Tensor, threshold: float) -> Tensor:
@@ -208,8 +215,9 @@ class SparseWindowActs:
         keys, order, where, linked = self._sort()
         half, last = self.half, len(keys) - 1
         at = where[self.entry[candidate]]
-        acts = torch.zeros((len(candidate), 2 * half + 1), device=candidate.device)
-        acts[:, half] = self.picked[candidate]
+        dtype = acts_dtype_for(self.values.dtype)
+        acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
+        acts[:, half] = self.picked[candidate].to(dtype)
         for direction in (1, -1):
             # `linked[i]`: sorted entries i and i + 1 are the same latent, in one segment, within the window.
             if direction == 1:
@@ -224,10 +232,12 @@ class SparseWindowActs:
                 hit = (offset != 0) & (offset.abs() <= half)
                 if distance > 1:
                     hit &= linked[torch.minimum(neighbour, neighbour - direction)]
-                walking, neighbour, offset, own = walking[hit], neighbour[hit], offset[hit], own[hit]
-                if not len(walking):
+                # One nonzero (one host sync) selects the samples still walking from all four tensors.
+                going = hit.nonzero(as_tuple=True)[0]
+                if not len(going):
                     break
-                found = self.values[order[neighbour]].float()
+                walking, neighbour, offset, own = (t.index_select(0, going) for t in (walking, neighbour, offset, own))
+                found = self.values[order[neighbour]].to(dtype)
                 acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
         return acts
 
@@ -281,7 +291,7 @@ _CONFIG_KEYS = {field.name: field.name for field in CONFIG_FIELDS}
 def _table_bytes(rows: int, capacity: int, window: int, random: bool, dedup: bool, stored: int) -> tuple[int, int]:
     """Bytes of a sample table: its sorted per-row keys, and its window pool holding ``stored`` samples."""
     per_place = 4 + 4 + 8 + 4 + (8 if random else 0) + (8 if dedup else 0)  # values, step, order, slot, ...
-    per_sample = 4 + 2 * 4 * window  # position, context tokens (int32) and activations (fp32)
+    per_sample = 4 + 2 * 4 * window  # position, context tokens and activations at their widest (int32, fp32)
     return rows * capacity * per_place + rows * 8, min(stored, rows * capacity) * per_sample
 
 
@@ -461,11 +471,11 @@ class SampleCollector:
             offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
             shifted = position.unsqueeze(1) + offsets
             rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
-            acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].float()
+            acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].to(acts_dtype_for(flat.dtype))
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & torch.isfinite(acts), acts, 0.0)
 
-        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts)
+        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts, flat.dtype)
 
     def update_sparse(
         self,
@@ -501,7 +511,7 @@ class SampleCollector:
         latent_idx = flat_idx.view(-1)[entry].long()
         picked = flat_val.view(-1)[entry].float()
         window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
-        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts)
+        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts, flat_val.dtype)
 
     def _fold(
         self,
@@ -512,9 +522,22 @@ class SampleCollector:
         step: int,
         order_base: int,
         window_acts: Callable[[Tensor], Tensor],
+        latent_dtype: torch.dtype,
     ) -> None:
         cfg = self.config
         dev = self.device
+        source = values.device
+        if source != dev:
+            # The state lives elsewhere (e.g. host memory): windows are read where the latents are, and only
+            # those of the samples that may enter are copied.
+            read_windows = window_acts
+
+            def window_acts(candidate: Tensor) -> Tensor:
+                return read_windows(candidate.to(source)).to(dev)
+
+        token_dtype = token_dtype_for(int(positions.tokens.max()) if positions.tokens.numel() else 0)
+        for table in self.tables.values():
+            table.widen(token_dtype, acts_dtype_for(latent_dtype))
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
         self.last_seen = positions.num_seen
         self.tokens_seen += positions.num_seen.to(dev)
@@ -541,7 +564,7 @@ class SampleCollector:
             anywhere = anywhere | mask
         batch = BatchContext(
             positions.tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts,
-            segment=positions.segment.to(dev),
+            segment=positions.segment.to(dev), token_dtype=token_dtype,
         )
         batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
         for (table, rows, priority), mask in zip(offers, may_enter):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.collector import SampleCollector
+from lightning_sae_samples.sample_table import ACTS_DTYPES, TOKEN_DTYPES, wider
 from lightning_sae_samples.state_format import (
     LATENT_FIELDS,
     RUN_FIELDS,
@@ -25,6 +26,7 @@ from lightning_sae_samples.state_format import (
 CHUNK_BYTES = 32 * 2**20
 _RUN_COUNTERS = tuple(field.name for field in RUN_FIELDS if field.merge != "same")
 _FIELD = {field.name: field for field in LATENT_FIELDS}
+_TRANSFER = {torch.int16: torch.int32}
 
 
 def _tensors(padded: dict) -> dict[str, Tensor]:
@@ -40,6 +42,13 @@ def state_bytes_per_latent(padded: dict) -> int:
     """Bytes one latent takes in a padded export of a collector state (its capacity, not its fill)."""
     rows = max(1, len(padded["count"]))
     return sum(v.numel() * v.element_size() for v in _tensors(padded).values()) // rows
+
+
+def window_dtypes(collector: SampleCollector) -> tuple[torch.dtype, torch.dtype]:
+    """The widest dtypes of a collector's stored context token ids and activations, over its tables."""
+    tables = collector.tables.values()
+    tokens = functools.reduce(wider, [t.pool_context_tokens.dtype for t in tables])
+    return tokens, functools.reduce(wider, [t.pool_context_acts.dtype for t in tables])
 
 
 def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool) -> Optional[dict]:
@@ -58,9 +67,18 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         The merged compact CPU state on the root, ``None`` elsewhere.
     """
     head = collector.export_padded(slice(0, 1))
-    device = collector.device
-    counters = torch.tensor([int(head[name]) for name in _RUN_COUNTERS], dtype=torch.int64, device=device)
-    gathered_counters = strategy.all_gather(counters).reshape(-1, len(_RUN_COUNTERS)).cpu()
+    # Collectives run on the strategy's device, which a state kept in host memory (`state_device`) is not on.
+    device = getattr(strategy, "root_device", None) or getattr(strategy, "device", None) or collector.device
+    # The window dtypes travel with the counters: every process sends its windows in the widest of all.
+    tokens, acts = window_dtypes(collector)
+    codes = [TOKEN_DTYPES.index(tokens), ACTS_DTYPES.index(acts)]
+    counters = torch.tensor([int(head[name]) for name in _RUN_COUNTERS] + codes, dtype=torch.int64, device=device)
+    gathered = strategy.all_gather(counters).reshape(-1, len(_RUN_COUNTERS) + 2).cpu()
+    gathered_counters = gathered[:, : len(_RUN_COUNTERS)]
+    send = {
+        "context_tokens": functools.reduce(wider, [TOKEN_DTYPES[i] for i in gathered[:, -2].tolist()]),
+        "context_acts": functools.reduce(wider, [ACTS_DTYPES[i] for i in gathered[:, -1].tolist()]),
+    }
     run = {k: v for k, v in head.items() if k not in _FIELD and k not in TABLE_NAMES}
     per_rank = []
     for row in gathered_counters.tolist():
@@ -76,7 +94,10 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
     chunk = max(1, CHUNK_BYTES // max(1, state_bytes_per_latent(head)))
     for start in range(0, num_latents, chunk):
         local = _tensors(collector.export_padded(slice(start, min(num_latents, start + chunk))))
-        gathered = {name: strategy.all_gather(value.contiguous()).cpu() for name, value in local.items()}
+        # Collectives carry no int16 (gloo, NCCL): token ids travel as int32 and are narrowed back after.
+        kept = {name: send.get(name.rsplit("/", 1)[-1], value.dtype) for name, value in local.items()}
+        local = {name: value.to(device, _TRANSFER.get(kept[name], kept[name])) for name, value in local.items()}
+        gathered = {name: strategy.all_gather(value.contiguous()).cpu().to(kept[name]) for name, value in local.items()}
         if merged is None:
             continue
         ranks = len(per_rank)

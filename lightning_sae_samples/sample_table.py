@@ -38,9 +38,30 @@ __all__ = ["EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "SampleTabl
 MIN_STAGE_LIMIT = 1 << 14
 #: Pool slots a table starts with; the pool then doubles as samples are stored.
 MIN_POOL_SLOTS = 1 << 10
+#: Row places a merge works on at once (touched rows x places that can change): bounds its temporaries.
+MERGE_CELLS = 1 << 22
 #: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
 STEP_DTYPE = torch.int32
 SLOT_DTYPE = torch.int32
+#: Dtypes the window pools may hold: token ids in the smallest that holds every id seen (widened in place
+#: when a larger id arrives), context activations in the latents' own half dtype or float32.
+TOKEN_DTYPES = (torch.int16, torch.int32)
+ACTS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def token_dtype_for(max_id: int) -> torch.dtype:
+    """The smallest of :data:`TOKEN_DTYPES` that holds token ids up to ``max_id``."""
+    return torch.int16 if max_id < 2**15 else torch.int32
+
+
+def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
+    """Dtype of stored context activations for latents of this dtype (exact: no rounding of their values)."""
+    return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
+    return torch.promote_types(a, b)
 merge_exported = merge_padded_tables
 
 
@@ -57,6 +78,7 @@ class BatchContext:
             tokens, 0 where the window leaves the sequence or the activation is not finite.
         segment: Segment id of every token ``[B * T]``; a window keeps only the tokens of its centre's
             segment (padding cuts it as a sequence edge would). ``None``: whole sequences.
+        token_dtype: Dtype of the window token ids (it must hold every id of ``tokens``).
     """
 
     def __init__(
@@ -68,8 +90,10 @@ class BatchContext:
         half_window: int,
         window_acts: Callable[[Tensor], Tensor],
         segment: Optional[Tensor] = None,
+        token_dtype: torch.dtype = torch.int32,
     ) -> None:
         self.tokens, self.token_idx, self.segment = tokens, token_idx, segment
+        self.token_dtype = token_dtype
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
@@ -77,7 +101,7 @@ class BatchContext:
         self._hashes: Optional[Tensor] = None
 
     def window_tokens(self, token_idx: Tensor) -> Tensor:
-        """Token ids of each sample's window ``[S, W]`` (int32, ``-1`` outside the sequence or segment)."""
+        """Token ids of each sample's window ``[S, W]`` (``token_dtype``, ``-1`` outside the sequence or segment)."""
         seq = self.tokens.shape[1]
         half = self.half_window
         start = token_idx + (token_idx // seq) * (2 * half)
@@ -86,7 +110,7 @@ class BatchContext:
             padded = torch.nn.functional.pad(values.view(-1, seq), (half, half), value=EMPTY)
             return padded.reshape(-1).unfold(0, 2 * half + 1, 1).index_select(0, start)
 
-        tokens = windows(self.tokens.to(torch.int32))
+        tokens = windows(self.tokens.to(self.token_dtype))
         if self.segment is None:
             return tokens
         same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
@@ -142,6 +166,8 @@ class SampleTable:
         dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.dedup`): samples of one sequence
             at most this many positions apart overlap. ``None`` keeps every sample.
         stage_limit: Staged samples that trigger a merge; defaults to a quarter of the table's size.
+        token_dtype: Dtype of the stored context token ids (see :meth:`widen`).
+        acts_dtype: Dtype of the stored context activations (see :meth:`widen`).
     """
 
     def __init__(
@@ -153,6 +179,8 @@ class SampleTable:
         random_priority: bool = False,
         dedup_radius: Optional[int] = None,
         stage_limit: Optional[int] = None,
+        token_dtype: torch.dtype = torch.int16,
+        acts_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.rows, self.capacity, self.window = rows, capacity, window
         self.random_priority = random_priority
@@ -166,8 +194,8 @@ class SampleTable:
         self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
         self.pool_position = torch.empty(0, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.empty((0, window), dtype=torch.int32, device=device)
-        self.pool_context_acts = torch.empty((0, window), device=device)
+        self.pool_context_tokens = torch.empty((0, window), dtype=token_dtype, device=device)
+        self.pool_context_acts = torch.empty((0, window), dtype=acts_dtype, device=device)
         self.next_unused = 0
         self.fill_bound = 0
         self.released = torch.empty(0, dtype=torch.int64, device=device)
@@ -180,6 +208,22 @@ class SampleTable:
     def sort_key(self) -> Tensor:
         """The sorted priority column."""
         return self.priority if self.random_priority else self.values
+
+    def widen(self, token_dtype: Optional[torch.dtype] = None, acts_dtype: Optional[torch.dtype] = None) -> None:
+        """Let the pools hold token ids of ``token_dtype`` and activations of ``acts_dtype``, converting in place.
+
+        A pool only widens (the values it holds stay exact); an activation pool that never stored a sample
+        takes ``acts_dtype`` as is.
+        """
+        if token_dtype is not None:
+            dtype = wider(self.pool_context_tokens.dtype, token_dtype)
+            if dtype != self.pool_context_tokens.dtype:
+                self.pool_context_tokens = self.pool_context_tokens.to(dtype)
+        if acts_dtype is not None:
+            current = self.pool_context_acts.dtype
+            dtype = acts_dtype if self.next_unused == 0 else wider(current, acts_dtype)
+            if dtype != current:
+                self.pool_context_acts = self.pool_context_acts.to(dtype)
 
     def clear(self) -> None:
         """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
@@ -252,10 +296,11 @@ class SampleTable:
         self._floor = None
 
     def _merge(self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
-        """Merge new samples (in arrival order) into the sorted rows.
+        """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
-        is its batch's windows and, per arrival, the index of its window there.
+        is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
+        are bounded by :data:`MERGE_CELLS` places, whatever the number of rows touched.
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -264,23 +309,69 @@ class SampleTable:
         row = new["row"][perm]
         per_row = torch.bincount(row, minlength=self.rows)
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
-        keep = rank < cap
+        keep = (rank < cap).nonzero(as_tuple=True)[0]
         perm, rank = perm[keep], rank[keep]
         new = {name: value[perm] for name, value in new.items()}
-        row = new["row"]
         touched = (per_row > 0).nonzero(as_tuple=True)[0]
         if not len(touched):
             return
-        all_rows = len(touched) == self.rows
-        local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
-        local_of[touched] = torch.arange(len(touched), device=dev)
-        local = local_of[row]
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
-        width = int(rank.max()) + 1
-        grid = (len(touched), width)
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
+        width = int(rank.max()) + 1
         span = min(cap, self.fill_bound + width)
+        arrived = sum(len(index) for _, index in arrivals)
+        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
+        chunk = max(1, MERGE_CELLS // (span + width))
+        if chunk >= len(touched):
+            self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
+        else:
+            # One chunk takes its slots in one growth anyway; many would double the pool chunk by chunk.
+            self._reserve_for(touched, per_row, span, chunk, len(rank))
+            ends = torch.cumsum(per_row[touched].clamp(max=cap), 0)[chunk - 1 :: chunk].tolist()
+            first, lo = 0, 0
+            for hi in [*ends[: -1 if len(touched) % chunk == 0 else None], len(rank)]:
+                rows = touched[first : first + chunk]
+                part = {name: value[lo:hi] for name, value in new.items()}
+                self._merge_rows(rows, part, rank[lo:hi], width, span, destination, False)
+                first, lo = first + chunk, hi
+        self._write_windows(destination, arrivals)
+
+    def _reserve_for(self, touched: Tensor, per_row: Tensor, span: int, chunk: int, entering: int) -> None:
+        """Grow the pool once for a merge: by the most never used slots its new samples can take.
+
+        A row takes never used slots only while it has empty places, so at most ``capacity - fill`` of them;
+        one growth up front spares the pool the copies (and the transient double size) of growing chunk by chunk.
+        """
+        needed = self.next_unused + entering - len(self.released)
+        if needed <= self.pool_slots:
+            return
+        bound = 0
+        for first in range(0, len(touched), chunk):
+            rows = touched[first : first + chunk]
+            room = self.capacity - (self.slot[rows, :span] != EMPTY).sum(1)
+            bound += int(torch.minimum(per_row[rows], room).sum())
+        self._reserve(self.next_unused + max(0, bound - len(self.released)))
+
+    def _merge_rows(
+        self,
+        touched: Tensor,
+        new: dict[str, Tensor],
+        rank: Tensor,
+        width: int,
+        span: int,
+        destination: Tensor,
+        all_rows: bool,
+    ) -> None:
+        """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
+
+        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival).
+        """
+        dev = self.values.device
+        local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
+        local_of[touched] = torch.arange(len(touched), device=dev)
+        local = local_of[new["row"]]
+        grid = (len(touched), width)
 
         def to_grid(values: Tensor, fill: float) -> Tensor:
             out = torch.full(grid, fill, dtype=values.dtype, device=dev)
@@ -305,17 +396,14 @@ class SampleTable:
         # or never used (or released) ones where they were empty.
         old_slots = kept("slot")
         new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
-        enters = rank < entered[local, 0]
+        enters = (rank < entered[local, 0]).nonzero(as_tuple=True)[0]
         source = new["source"][enters]
         at = local[enters] * width + rank[enters]
         slot = new_slots.view(-1)[at]
         fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
-        arrived = sum(len(index) for _, index in arrivals)
         if len(fresh):
-            # Never used slots go in arrival order, so the windows of one batch land side by side.
-            in_arrival = torch.zeros(arrived, dtype=torch.int64, device=dev).index_fill_(0, source[fresh], 1)
-            turn = torch.cumsum(in_arrival, 0)[source[fresh]] - 1
-            slot[fresh] = self._take_slots(len(fresh))[turn].to(slot.dtype)
+            # Never used slots go in row order, so the windows of a row land side by side.
+            slot[fresh] = self._take_slots(len(fresh)).to(slot.dtype)
             new_slots.view(-1)[at] = slot
 
         fields = [
@@ -338,9 +426,7 @@ class SampleTable:
                 getattr(self, name)[touched, :span] = merged[:, :span]
             if name == "slot":
                 self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
-
-        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        self._write_windows(destination.index_copy_(0, source, slot.long()), arrivals)
+        destination.index_copy_(0, source, slot.long())
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
         """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""
@@ -353,7 +439,7 @@ class SampleTable:
                 continue
             for name in WINDOW_FIELDS:
                 pool = getattr(self, f"pool_{name}")
-                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]))
+                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
@@ -503,6 +589,13 @@ class SampleTable:
                 f" samples per row cannot load into {self.rows} rows of capacity {self.capacity}."
             )
         total = int(count.sum())
+        for name, allowed in (("context_tokens", TOKEN_DTYPES), ("context_acts", ACTS_DTYPES)):
+            dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
+            if dtype not in allowed:
+                raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
+        self.pool_context_tokens = self.pool_context_tokens.to(wider(self.pool_context_tokens.dtype,
+                                                                     table["context_tokens"].dtype))
+        self.pool_context_acts = self.pool_context_acts.to(table["context_acts"].dtype)
         names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
         for name in (*names, *WINDOW_FIELDS):
             trailing = (self.window,) if name.startswith("context_") else ()

@@ -112,6 +112,8 @@ SAMPLE_FIELDS = (
     StateField("order", "sample", torch.int64, EMPTY, "top-k"),
     StateField("hash", "sample", torch.int64, 0, "top-k"),
     StateField("position", "sample", torch.int32, EMPTY, "top-k"),
+    # Window fields are stored in the smallest dtype that holds them: token ids in int16 while every id seen is
+    # below 2**15, else int32; activations in the latents' own bfloat16/float16, else float32. Merges widen.
     StateField("context_tokens", "sample", torch.int32, EMPTY, "top-k"),
     StateField("context_acts", "sample", torch.float32, 0.0, "top-k"),
 )
@@ -244,7 +246,8 @@ def pad_table(table: dict, rows: slice, capacity: int) -> dict[str, Tensor]:
     out = {}
     for name in sample_fields(table):
         value = table[name][first:last]
-        padded = empty_field(SAMPLE_FIELD[name], (stop - start, capacity, *value.shape[1:]), value.device)
+        shape = (stop - start, capacity, *value.shape[1:])
+        padded = torch.full(shape, SAMPLE_FIELD[name].fill, dtype=value.dtype, device=value.device)
         padded[row.to(value.device), column.to(value.device)] = value
         out[name] = padded
     return out

@@ -4,6 +4,7 @@ import pytest
 import torch
 from oracle import Seen, oracle, tokens_seen
 
+from lightning_sae_samples import sample_table
 from lightning_sae_samples.collector import (
     RANK_SHIFT,
     CollectorConfig,
@@ -16,9 +17,20 @@ from lightning_sae_samples.state_format import padded_state
 F, K, CTX, THR = 7, 5, 4, 0.5
 
 
-@pytest.fixture(params=[None, 1, 7], ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples"])
-def stage_limit(request):
-    """How many staged samples trigger a merge; the kept samples must not depend on it."""
+@pytest.fixture(
+    params=[None, 1, 7, "rows-one-by-one"],
+    ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples", "merge-when-read-by-chunks-of-rows"],
+)
+def stage_limit(request, monkeypatch):
+    """How many staged samples trigger a merge; the kept samples must not depend on it.
+
+    ``"rows-one-by-one"``: merges when read, a chunk of one touched row at a time (as wide states do), into a
+    window pool that starts with 2 slots (so merges grow it).
+    """
+    if request.param == "rows-one-by-one":
+        monkeypatch.setattr(sample_table, "MERGE_CELLS", 1)
+        monkeypatch.setattr(sample_table, "MIN_POOL_SLOTS", 2)
+        return None
     return request.param
 
 
@@ -388,3 +400,109 @@ def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_l
             assert [t for t in window if t >= 0] == ctx
             got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
             assert got_acts == pytest.approx(acts)
+
+
+# ---------------------------------------------------------------------- compact window dtypes
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_latents_keep_the_oracle_samples_with_context_acts_in_their_own_dtype(mode, dtype, stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, samples_per_interval=1, stage_limit=stage_limit))
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(6, seed=21)):
+        half = latents.to(dtype)  # the 0.5 grid is exact in both dtypes
+        indices, values, dense = to_sparse(half)
+        if mode == "dense":
+            c.update_dense(tokens, half, step)
+        else:
+            c.update_sparse(tokens, indices, values, step)
+        seen.append(Seen(step, 0, 0, tokens, (half if mode == "dense" else dense).float()))
+    state = c.state_dict()
+    for name in ("top", "interval"):
+        assert state[name]["context_acts"].dtype == dtype
+        assert state[name]["values"].dtype == torch.float32
+    assert_state_matches_oracle(state, seen)
+
+
+def test_a_token_id_that_needs_widening_mid_run_keeps_earlier_samples_exact(stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    seen = []
+    batches = random_batches(6, seed=23)
+    for step, (tokens, latents) in enumerate(batches):
+        if step == 3:
+            assert c.state_dict()["top"]["context_tokens"].dtype == torch.int16
+            tokens = tokens.clone()
+            tokens[0, 2] = 40_000  # beyond int16
+        c.update_dense(tokens, latents, step)
+        seen.append(Seen(step, 0, 0, tokens, latents))
+    state = c.state_dict()
+    assert state["top"]["context_tokens"].dtype == torch.int32
+    assert int(state["top"]["context_tokens"].max()) == 40_000
+    assert_state_matches_oracle(state, seen)
+
+
+def test_compact_window_dtypes_round_trip_through_torch_load_and_merges_widen(tmp_path, stage_limit):
+    batches = random_batches(6, seed=25)
+    straight = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    for step, (tokens, latents) in enumerate(batches):
+        straight.update_dense(tokens, latents.bfloat16(), step)
+    first = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    for step, (tokens, latents) in enumerate(batches[:3]):
+        first.update_dense(tokens, latents.bfloat16(), step)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert (loaded["top"]["context_tokens"].dtype, loaded["top"]["context_acts"].dtype) == (torch.int16, torch.bfloat16)
+    resumed = SampleCollector.from_state_dict(loaded)
+    for step, (tokens, latents) in enumerate(batches[3:], start=3):
+        resumed.update_dense(tokens, latents.bfloat16(), step)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert b["top"]["context_acts"].dtype == torch.bfloat16
+    a, b = padded_state(a), padded_state(b)
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+
+    # A rank that saw a wide token id and float32 latents merges with a narrow bfloat16 one: the merge widens.
+    wide = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    seen = [Seen(step, 0, 0, tokens, latents.bfloat16().float()) for step, (tokens, latents) in enumerate(batches)]
+    tokens, latents = random_batches(1, seed=26)[0]
+    tokens[1, 1] = 50_000
+    wide.update_dense(tokens, latents, 6, order_base=1 << RANK_SHIFT)
+    seen.append(Seen(6, 1, 0, tokens, latents))
+    merged = merge_states(straight.state_dict(), wide.state_dict())
+    assert (merged["top"]["context_tokens"].dtype, merged["top"]["context_acts"].dtype) == (torch.int32, torch.float32)
+    assert_state_matches_oracle(merged, seen)
+
+
+# ---------------------------------------------------------------------- state_device
+def test_state_device_keeps_the_collection_where_asked_with_identical_files(tmp_path):
+    """``state_device="cpu"``: the state lives in host memory and the samples directory is the same.
+
+    Only CPU runs here: this checks the argument's plumbing and results, not a copy from an accelerator.
+    """
+    from helpers import SyntheticSAE, assert_same, loader, read_dir, trainer
+
+    from lightning_sae_samples import ActivationSampleCallback
+
+    dirs = {}
+    for name, device in (("default", None), ("cpu", "cpu")):
+        callback = ActivationSampleCallback(
+            collection_freq=1, dirpath=tmp_path / name, context_size=4, max_samples_per_feature=5,
+            samples_per_feature_to_save=5, write_report=False, state_device=device,
+        )
+        trainer(tmp_path / f"run-{name}", [callback], max_steps=6).fit(
+            SyntheticSAE(mode="sparse", num_latents=10), loader()
+        )
+        assert callback.engine.collector.device == torch.device("cpu")
+        assert callback.engine.state_device == (None if device is None else torch.device("cpu"))
+        dirs[name] = read_dir(tmp_path / name)
+    state = dirs["default"].pop("full_state.pt")
+    assert_same(state, dirs["cpu"].pop("full_state.pt"))
+    assert dirs["default"].keys() == dirs["cpu"].keys()
+    for file, record in dirs["default"].items():
+        assert record == dirs["cpu"][file], file
+
+
+def test_a_bad_state_device_is_a_clear_error():
+    from lightning_sae_samples import ActivationSampleCollector
+
+    with pytest.raises(ValueError, match="state_device"):
+        ActivationSampleCollector(state_device="no-such-device")
