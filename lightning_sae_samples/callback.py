@@ -256,6 +256,9 @@ class ActivationSampleCallback(Callback):
         problem = trainer.strategy.broadcast(problem)
         if problem:
             raise ValueError(problem)
+        sparse = self.schedule.sparse_run_warning(trainer.max_steps)
+        if sparse:
+            rank_zero_warn(f"ActivationSampleCallback: {sparse}")
 
     def _check_dirpath(self) -> Optional[str]:
         path = self.dirpath
