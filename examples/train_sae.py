@@ -61,10 +61,10 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         return
     samples = samples_dir_of(callback, trainer)
     console.rule("[bold]Activation samples")
-    console.print(f"samples directory : {samples.resolve()}")
+    console.print(f"samples directory : {samples.resolve()}", soft_wrap=True)
     md = samples / "interpretability_report.md"
     if md.exists():
-        console.print(f"Markdown report   : {md.resolve()}")
+        console.print(f"Markdown report   : {md.resolve()}", soft_wrap=True)
     try:
         from lightning_sae_samples import ActivationSampleAnalyzer
     except ImportError:
@@ -79,12 +79,12 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
             analyzer.generate_interpretability_report(
                 str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
             )
-            console.print(f"Markdown report   : {md.resolve()}")
+            console.print(f"Markdown report   : {md.resolve()}", soft_wrap=True)
         html = samples / "report.html"
         analyzer.generate_html_report(
             str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature
         )
-        console.print(f"HTML report       : {html.resolve()}")
+        console.print(f"HTML report       : {html.resolve()}", soft_wrap=True)
         feature = _strongest_feature(samples)
         if feature is not None:
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)
