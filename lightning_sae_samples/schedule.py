@@ -70,13 +70,13 @@ class CollectionSchedule:
     def sparse_run_warning(self, max_steps: int, minimum: int = 2) -> Optional[str]:
         """A message saying what to change when fewer than ``minimum`` steps before ``max_steps`` are collected.
 
-        ``None`` when the schedule collects enough, or when ``max_steps`` is not set (``-1``: the run's length
-        is not known in steps).
+        ``None`` when the schedule collects enough (or every step of a run shorter than ``minimum``), or when
+        ``max_steps`` is not set (``-1``: the run's length is not known in steps).
         """
         if max_steps is None or max_steps <= 0:
             return None
         count = self.num_due_before(max_steps)
-        if count >= minimum:
+        if count >= min(minimum, max_steps):  # a 1-step run cannot collect 2 steps: nothing to fix
             return None
         which = "no step" if count == 0 else f"only step {self.next_due(0)}"
         suggestion = max(1, max_steps // 20)

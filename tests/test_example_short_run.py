@@ -60,6 +60,12 @@ def test_no_warning_when_the_schedule_fits_the_run(tmp_path, frequency):
     assert fit(tmp_path, frequency, max_steps=8) == []
 
 
+def test_no_warning_when_the_run_is_too_short_for_more(tmp_path):
+    # One step, collected: there is nothing the schedule could do better.
+    assert fit(tmp_path, 1, max_steps=1) == []
+    assert "collects no step" in CollectionSchedule({1: 1}).sparse_run_warning(1)
+
+
 def test_no_warning_without_max_steps(tmp_path):
     # max_steps=-1 (epoch-based run): the number of steps is not known at setup; no guess, no warning.
     assert fit(tmp_path, {0: 500}, max_steps=-1, max_epochs=1) == []
