@@ -236,9 +236,10 @@ class ActivationDataModule(L.LightningDataModule):
         max_documents: Read at most this many documents from a Hugging Face dataset (0 = all).
         seq_len: Tokens per window (the model sees ``[CLS]/[BOS] + window (+ [SEP])``).
         drop_first_positions: Leading tokens of each model input whose hidden states are computed but
-            neither trained on nor collected. Causal LMs put a massive hidden state on their first
-            positions (an attention sink: SmolLM2-135M's layer 12 has norm ~400 on the first token after
-            ``[BOS]`` against ~140 elsewhere), which every latent would otherwise pick up. The model sees
+            neither trained on nor collected. Causal LMs put massive hidden states on their first
+            positions (attention sinks: at SmolLM2-135M's layer 12 the first token after ``[BOS]`` has norm
+            ~700 on average and up to ~27,000, the second up to ~400, later ones at most ~250 with ~135 on
+            average), which every latent would otherwise pick up. The model sees
             ``[BOS] + drop_first_positions + seq_len`` tokens; the dropped ones are the end of the previous
             window, so no text is lost.
         max_tokens: Stop after this many tokens (rounded down to whole windows).
