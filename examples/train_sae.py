@@ -5,12 +5,14 @@ Run (from the repository root)::
     HF_HUB_OFFLINE=1 python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml
 
 Any setting can be overridden on the command line, for example
-``--trainer.max_steps 500 --model.init_args.num_latents 2048 --data.max_tokens 100000``.
+``--trainer.max_steps 500 --trainer.callbacks.collection_freq '{0: 100, 300: 2}' --data.max_tokens 100000``
+(a shorter run needs a shorter collection schedule; the callback warns when it would collect almost nothing).
 Use ``--data.source files --data.text_files '["notes/**/*.txt"]'`` for your own text, or
 ``--data.model_name <hugging-face-name>`` for another model (hidden size is picked up automatically).
 
 After ``fit`` the program prints where the samples directory and the reports are, and prints the
-console report of the strongest feature. ``ActivationSampleCallback`` (configured under
+console report of the strongest feature. The configs set no ``dirpath``, so every run writes its own
+``<default_root_dir>/lightning_logs/version_N/activation_samples``. ``ActivationSampleCallback`` (configured under
 ``trainer.callbacks``) finds the tokenizer on the datamodule (``trainer.datamodule.tokenizer``).
 """
 
