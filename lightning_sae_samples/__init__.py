@@ -22,6 +22,7 @@ from lightning_sae_samples.storage import SamplesDirectory, SamplesDirectoryErro
 
 _LAZY = {
     "ActivationSampleCallback": "lightning_sae_samples.callback",
+    "ActivationSampleCollector": "lightning_sae_samples.activation_collector",
     "CollectionSchedule": "lightning_sae_samples.schedule",
     "CollectorConfig": "lightning_sae_samples.collector",
     "SampleCollector": "lightning_sae_samples.collector",
@@ -35,6 +36,7 @@ __all__ = [
     "DRIFT_THRESHOLD",
     "ActivationSampleAnalyzer",
     "ActivationSampleCallback",
+    "ActivationSampleCollector",
     "CollectionSchedule",
     "CollectorConfig",
     "FeatureSamples",

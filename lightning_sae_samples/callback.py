@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -12,25 +12,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_sae_samples.activation_collector import STATE_VERSION, ActivationSampleCollector
 from lightning_sae_samples.analyzer import write_report
-from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.arguments import positive_int
+from lightning_sae_samples.collector import SampleCollector
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.health import FeatureHealthMonitor
-from lightning_sae_samples.inputs import InputKeys, LatentInputError, check_indices_in_range, read_latents
+from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.logit_effects import logit_effect_extras, resolve_logit_effects_fn
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.statistics import RANK_CHOICES
 from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
-STATE_VERSION = 1
-_NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
 
-
-def _positive_int(value: Any, name: str, fix: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}. {fix}")
-    return value
+def _engine_setting(name: str) -> property:
+    """A read-only view of a setting validated and held by the callback's :class:`ActivationSampleCollector`."""
+    return property(lambda self: getattr(self.engine, name), doc=f"``{name}`` of the collection.")
 
 
 class ActivationSampleCallback(Callback):
@@ -57,12 +54,22 @@ class ActivationSampleCallback(Callback):
             (loaded lazily at the first save), or ``None`` to use ``datamodule.tokenizer`` or
             ``pl_module.tokenizer`` when present, else to show token ids.
         rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
-        num_latents: Latent count ``F``; needed for sparse latents unless the LightningModule has a
-            ``num_latents`` (or ``d_sae``) attribute or hyperparameter.
+        num_latents: Latent count ``F``; needed for sparse latents unless it is found at fit start as a
+            ``num_latents`` (or ``d_sae``) attribute or hyperparameter of the LightningModule, or an attribute of
+            its ``cfg``, of a direct submodule or of that submodule's ``cfg`` (``self.sae.num_latents`` as in
+            sparsify, ``self.sae.cfg.d_sae`` as in SAELens).
         latents_key: Outputs key of dense latents.
         latent_indices_key: Outputs key of sparse latent indices.
         latent_values_key: Outputs key of sparse latent values.
         tokens_key: Outputs or batch key of the token ids.
+        attention_mask_key: Outputs or batch key of the attention mask ``[B, T]`` (optional): positions where
+            it is 0/False are padding, neither collected nor counted in ``tokens_seen``, and context windows
+            stop at them as at a sequence edge. Without a mask, negative token ids (``-100``, ``-1``) are
+            padding.
+        exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP, whose attention-sink activations
+            would fill the tops): no statistics and no sample centred there, but they count in
+            ``tokens_seen`` and show in other samples' contexts.
+        exclude_special_tokens: Also exclude the tokenizer's ``all_special_ids`` (resolved at fit start).
         write_report: Also write ``interpretability_report.md`` into ``dirpath`` at each save.
         samples_per_interval: Besides the top, keep this many samples per latent from each activation interval
             (half-decades above the threshold), drawn uniformly at random among the activations that fell in
@@ -128,87 +135,77 @@ class ActivationSampleCallback(Callback):
         dead_window_steps: int = 10_000,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
         logit_effects_k: int = 10,
+        attention_mask_key: str = "attention_mask",
+        exclude_token_ids: Sequence[int] = (),
+        exclude_special_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = CollectionSchedule(collection_freq)
-        self.max_samples_per_feature = _positive_int(
-            max_samples_per_feature, "max_samples_per_feature", "Keep at least one sample per latent, e.g. 100."
+        self.engine = ActivationSampleCollector(
+            num_latents,
+            max_samples_per_feature=max_samples_per_feature,
+            context_size=context_size,
+            activation_threshold=activation_threshold,
+            top_features_to_save=top_features_to_save,
+            samples_per_feature_to_save=samples_per_feature_to_save,
+            rank_features_by=rank_features_by,
+            samples_per_interval=samples_per_interval,
+            num_intervals=num_intervals,
+            recent_window_steps=recent_window_steps,
+            recent_samples_per_feature=recent_samples_per_feature,
+            seed=seed,
+            deduplicate_contexts=deduplicate_contexts,
+            exclude_token_ids=exclude_token_ids,
+            write_report=write_report,
         )
-        self.context_size = _positive_int(
-            context_size, "context_size", "Use 0 for the activating token alone, e.g. 20 for ten each side.", 0
-        )
-        if isinstance(activation_threshold, bool) or not isinstance(activation_threshold, (int, float)) or not (
-            math.isfinite(activation_threshold)
-        ):
-            raise ValueError(
-                f"`activation_threshold` must be a finite number, got {activation_threshold!r}. Use e.g. 0.1;"
-                " only activations strictly above it count."
-            )
-        self.activation_threshold = float(activation_threshold)
-        self.top_features_to_save = _positive_int(
-            top_features_to_save, "top_features_to_save", "It is how many feature files each save writes.", 0
-        )
-        self.samples_per_feature_to_save = _positive_int(
-            samples_per_feature_to_save, "samples_per_feature_to_save", "Use e.g. 10."
-        )
-        if self.samples_per_feature_to_save > self.max_samples_per_feature:
-            raise ValueError(
-                f"`samples_per_feature_to_save` ({samples_per_feature_to_save}) cannot exceed"
-                f" `max_samples_per_feature` ({max_samples_per_feature}): raise the latter or lower the former."
-            )
-        if rank_features_by not in RANK_CHOICES:
-            raise ValueError(f"`rank_features_by` must be one of {RANK_CHOICES}, got {rank_features_by!r}.")
-        self.rank_features_by = rank_features_by
-        if num_latents is not None:
-            num_latents = _positive_int(num_latents, "num_latents", "It is the SAE's latent count F.")
-        self.num_latents = num_latents
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path or None, got {type(dirpath).__name__}.")
         self.dirpath: Optional[Path] = Path(dirpath) if dirpath is not None else None
         self.tokenizer = tokenizer
-        keys = (latents_key, latent_indices_key, latent_values_key, tokens_key)
+        keys = (latents_key, latent_indices_key, latent_values_key, tokens_key, attention_mask_key)
         if not all(isinstance(k, str) and k for k in keys):
-            raise ValueError("`latents_key`, `latent_indices_key`, `latent_values_key` and `tokens_key` must be"
-                             " non-empty strings naming entries of the training_step outputs or batch.")
+            raise ValueError("`latents_key`, `latent_indices_key`, `latent_values_key`, `tokens_key` and"
+                             " `attention_mask_key` must be non-empty strings naming entries of the training_step"
+                             " outputs or batch.")
         self.keys = InputKeys(*keys)
-        self.write_report = bool(write_report)
-        self.samples_per_interval = _positive_int(
-            samples_per_interval, "samples_per_interval", "Use 0 to keep no interval samples, e.g. 2.", 0
-        )
-        self.num_intervals = _positive_int(num_intervals, "num_intervals", "Use e.g. 8 half-decade intervals.")
-        if recent_window_steps is not None:
-            recent_window_steps = _positive_int(
-                recent_window_steps, "recent_window_steps", "Use a window of several collection steps, or None."
-            )
-        self.recent_window_steps = recent_window_steps
-        if recent_samples_per_feature is None:
-            recent_samples_per_feature = self.samples_per_feature_to_save
-        self.recent_samples_per_feature = _positive_int(
-            recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
-        )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        self.seed = seed
-        self.deduplicate_contexts = bool(deduplicate_contexts)
-        dead_window_steps = _positive_int(
+        self.exclude_special_tokens = bool(exclude_special_tokens)
+        dead_window_steps = positive_int(
             dead_window_steps, "dead_window_steps", "Use a window of several collection steps, e.g. 10000."
         )
         self._health = FeatureHealthMonitor(dead_window_steps) if log_feature_health else None
         self.logit_effects = resolve_logit_effects_fn(logit_effects)
-        self.logit_effects_k = _positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
+        self.logit_effects_k = positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
 
-        self.collector: Optional[SampleCollector] = None
-        self._pending_state: Optional[dict] = None
+        self._found_num_latents: Optional[int] = None
         self._collecting = False
         self._due_step = self.schedule.next_due(0)
         self._batch_step = 0
-        self._offset_step = -1
-        self._token_offset = 0
         self._rank = 0
         self._strategy: Any = None
         self._merged: Optional[dict] = None
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
+
+    max_samples_per_feature = _engine_setting("max_samples_per_feature")
+    context_size = _engine_setting("context_size")
+    activation_threshold = _engine_setting("activation_threshold")
+    top_features_to_save = _engine_setting("top_features_to_save")
+    samples_per_feature_to_save = _engine_setting("samples_per_feature_to_save")
+    rank_features_by = _engine_setting("rank_features_by")
+    num_latents = _engine_setting("num_latents")
+    samples_per_interval = _engine_setting("samples_per_interval")
+    num_intervals = _engine_setting("num_intervals")
+    recent_window_steps = _engine_setting("recent_window_steps")
+    recent_samples_per_feature = _engine_setting("recent_samples_per_feature")
+    seed = _engine_setting("seed")
+    deduplicate_contexts = _engine_setting("deduplicate_contexts")
+    exclude_token_ids = _engine_setting("exclude_token_ids")
+    write_report = _engine_setting("write_report")
+
+    @property
+    def collector(self) -> Optional[SampleCollector]:
+        """The tensor state of this process's collection (``None`` before the first collected batch)."""
+        return self.engine.collector
 
     # ------------------------------------------------------------------ identity and config
     @property
@@ -240,6 +237,9 @@ class ActivationSampleCallback(Callback):
             "recent_samples_per_feature": self.recent_samples_per_feature,
             "seed": self.seed,
             "deduplicate_contexts": self.deduplicate_contexts,
+            "attention_mask_key": self.keys.attention_mask,
+            "exclude_token_ids": list(self.exclude_token_ids),
+            "exclude_special_tokens": self.exclude_special_tokens,
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -273,6 +273,20 @@ class ActivationSampleCallback(Callback):
                 " Pass a writable directory as `dirpath`."
             )
         return None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the latent count on the module and the tokenizer's special ids before the first step."""
+        self._found_num_latents = find_num_latents(pl_module)
+        if self.exclude_special_tokens:
+            tokenizer = self._tokenizer(trainer, pl_module)
+            special = getattr(tokenizer, "all_special_ids", None)
+            if special is None:
+                raise ValueError(
+                    "`exclude_special_tokens=True` needs a tokenizer with `all_special_ids`: pass `tokenizer=`"
+                    " (or give the datamodule or LightningModule a `tokenizer`), or list the ids in"
+                    " `exclude_token_ids`."
+                )
+            self.engine.exclude_tokens(special)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -320,122 +334,41 @@ class ActivationSampleCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
-        config = state_dict.get("config", {})
-        for name in (
-            "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals",
-            "recent_window_steps", "recent_samples_per_feature", "seed", "deduplicate_contexts",
-        ):
-            saved, current = config.get(name), getattr(self, name)
-            if name in config and saved != current:
-                raise ValueError(
-                    f"Cannot resume: the checkpoint's ActivationSampleCallback has {name}={saved}, this one has"
-                    f" {name}={current}. Use the same value, or start a new collection without `ckpt_path`."
-                )
-        state = state_dict.get("collector")
-        if state is not None and self.num_latents is not None and int(state["num_latents"]) != self.num_latents:
-            raise ValueError(
-                f"Cannot resume: the checkpoint collected {int(state['num_latents'])} latents, this callback has"
-                f" num_latents={self.num_latents}. Resume the same SAE or start a new collection."
-            )
-        if state is not None and float(state["threshold"]) != self.activation_threshold:
-            rank_zero_warn(
-                f"Resuming a collection made with activation_threshold={state['threshold']}; this callback has"
-                f" {self.activation_threshold}. Statistics mix both thresholds."
-            )
-        self._pending_state = state
-        self.collector = None
+        self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback")
 
     # ------------------------------------------------------------------ collection
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         if outputs is None:
             return
         latents = read_latents(outputs, batch, self.keys)
-        source = latents.dense if latents.dense is not None else latents.values
-        num_latents = latents.num_latents or self._sparse_num_latents(pl_module)
-        collector = self._collector_for(num_latents, source.device)
-        step = self._batch_step
-        if step != self._offset_step:
-            self._offset_step, self._token_offset = step, 0
-        order_base = (self._rank << RANK_SHIFT) + self._token_offset
-        tokens = latents.tokens.to(source.device)
-        self._token_offset += tokens.numel()
-        if latents.dense is not None:
-            collector.update_dense(tokens, latents.dense, step, order_base)
-        else:
-            check_indices_in_range(latents.indices, num_latents, self.keys.latent_indices)
-            collector.update_sparse(tokens, latents.indices, latents.values, step, order_base)
-        if self._health is not None and self._rank == 0:
-            self._health.observe(step, collector.last_active, tokens.numel())
-
-    def _sparse_num_latents(self, pl_module: pl.LightningModule) -> int:
-        if self.num_latents is not None:
-            return self.num_latents
-        hparams = getattr(pl_module, "hparams", {})
-        for name in _NUM_LATENTS_ATTRS:
-            value = getattr(pl_module, name, None)
-            if value is None and name in hparams:
-                value = hparams[name]
-            if isinstance(value, int) and not isinstance(value, bool):
-                self.num_latents = value
-                return value
-        if self._pending_state is not None:
-            return int(self._pending_state["num_latents"])
-        raise LatentInputError(
-            "Sparse latents do not tell the latent count: pass `num_latents=F` to ActivationSampleCallback or"
-            f" give the LightningModule a `num_latents` attribute (one of {_NUM_LATENTS_ATTRS})."
-        )
-
-    def _collector_for(self, num_latents: int, device: torch.device) -> SampleCollector:
+        if latents.dense is None and self.engine.num_latents is None:
+            self._sparse_num_latents(pl_module)
+        self.engine.rank = self._rank
+        self.engine.fold(latents, self._batch_step, self.keys)
         collector = self.collector
-        if collector is not None:
-            if collector.config.num_latents != num_latents:
-                raise LatentInputError(
-                    f"The latent count changed from {collector.config.num_latents} to {num_latents} between"
-                    " steps. Return latents of the same SAE at every step."
-                )
-            return collector
-        if self._pending_state is not None:
-            saved = int(self._pending_state["num_latents"])
-            if saved != num_latents:
-                raise ValueError(
-                    f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
-                    f" {num_latents}. Resume the same SAE, or start a new collection without `ckpt_path`."
-                )
-        self.collector = self._materialize(num_latents, device)
-        return self.collector
+        if self._health is not None and self._rank == 0 and collector is not None and latents.tokens.numel():
+            self._health.observe(self._batch_step, collector.last_active, int(collector.last_seen))
 
-    def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
-        pending, self._pending_state = self._pending_state, None
-        if pending is None:
-            config = CollectorConfig(
-                num_latents,
-                self.max_samples_per_feature,
-                self.context_size,
-                self.activation_threshold,
-                samples_per_interval=self.samples_per_interval,
-                num_intervals=self.num_intervals,
-                recent_window_steps=self.recent_window_steps,
-                recent_samples=self.recent_samples_per_feature,
-                seed=self.seed,
-                deduplicate_contexts=self.deduplicate_contexts,
+    def _sparse_num_latents(self, pl_module: pl.LightningModule) -> None:
+        found = self._found_num_latents or find_num_latents(pl_module)
+        if found is not None:
+            self.engine.num_latents = found
+        elif not self.engine.has_collection:
+            raise LatentInputError(
+                "Sparse latents do not tell the latent count: pass `num_latents=F` to ActivationSampleCallback or"
+                f" give the LightningModule (or its SAE submodule, or their `cfg`) one of {NUM_LATENTS_ATTRS}."
             )
-            return SampleCollector(config, device)
-        restored = SampleCollector.from_state_dict(pending, device)
-        # Every process loads the same merged checkpoint; keeping it on one process only makes the next
-        # merge count each sample once.
-        return restored if self._rank == 0 else restored.empty_like()
 
     # ------------------------------------------------------------------ saving
     def _merged_state(self) -> Optional[dict]:
-        if self.collector is None and self._pending_state is not None:
-            device = self._strategy.root_device if self._strategy is not None else torch.device("cpu")
-            self.collector = self._materialize(int(self._pending_state["num_latents"]), device)
-        if self.collector is None:
-            return None
         strategy = self._strategy
-        if strategy is None or strategy.world_size == 1:
-            return self.collector.state_dict()
-        return gather_merged_state(self.collector, strategy, is_root=self._rank == 0)
+        device = strategy.root_device if strategy is not None else None
+        gather = None
+        if strategy is not None and strategy.world_size > 1:
+            def gather(collector: SampleCollector) -> Optional[dict]:
+                return gather_merged_state(collector, strategy, is_root=self._rank == 0)
+        self.engine.rank = self._rank
+        return self.engine.merged_state(device, gather)
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self._resolved_tokenizer is None:

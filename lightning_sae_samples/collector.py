@@ -113,6 +113,38 @@ def dense_hits(rows: Tensor, threshold: float) -> Tensor:
     return opened[inside] * group + column
 
 
+class TokenPositions:
+    """Which positions of a ``[B, T]`` batch are collected, and the segment each one belongs to.
+
+    Padding (``attention_mask`` 0/False, or a negative token id) is not collected and does not count as
+    seen; excluded positions count as seen but are not collected. Segments split each sequence at its
+    padding: a context window reaches only tokens of its own segment, as if each padding position were a
+    sequence edge.
+
+    Args:
+        tokens: Token ids ``[B, T]``.
+        attention_mask: ``[B, T]``, 0/False at padding, or ``None``.
+        excluded: ``[B, T]`` bool, True at positions not to collect, or ``None``.
+    """
+
+    def __init__(
+        self, tokens: Tensor, attention_mask: Optional[Tensor] = None, excluded: Optional[Tensor] = None
+    ) -> None:
+        batch, seq = tokens.shape
+        padding = tokens < 0
+        if attention_mask is not None:
+            padding = padding | ~attention_mask.to(device=tokens.device, dtype=torch.bool)
+        collect = ~padding if excluded is None else ~padding & ~excluded.to(tokens.device)
+        self.tokens = tokens
+        self.collect = collect.reshape(-1)
+        self.num_seen = (~padding).sum()
+        index = torch.arange(batch * seq, device=tokens.device).view(batch, seq)
+        # Unmasked tokens: the sequence and the count of padding positions before them (each padding
+        # position starts a new segment); padding: a negative id of its own, shared with nothing.
+        inside = (index // seq) * (seq + 1) + torch.cumsum(padding, dim=1)
+        self.segment = torch.where(padding, -1 - index, inside).reshape(-1)
+
+
 class SparseWindowActs:
     """Activations of each sample's latent on its context tokens, read from TopK-style latents.
 
@@ -125,15 +157,16 @@ class SparseWindowActs:
         values: Their activations ``[N, k]``.
         entry: Flat index into ``indices`` of each candidate sample.
         picked: Activation of each candidate sample (finite).
-        seq: Sequence length (tokens ``b * seq .. (b + 1) * seq - 1`` form one sequence).
+        segment: Segment id of each token ``[N]`` (see :func:`token_segments`): a window reaches only the
+            tokens of its own segment.
         half_window: Context tokens on each side.
     """
 
     def __init__(
-        self, indices: Tensor, values: Tensor, entry: Tensor, picked: Tensor, seq: int, half_window: int
+        self, indices: Tensor, values: Tensor, entry: Tensor, picked: Tensor, segment: Tensor, half_window: int
     ) -> None:
         self.indices, self.values, self.entry, self.picked = indices, values.reshape(-1), entry, picked
-        self.seq, self.half = seq, half_window
+        self.segment, self.half = segment, half_window
         self._sorted: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     def _sort(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,22 +177,22 @@ class SparseWindowActs:
             token = order // k
             keys = latent.long() * num_tokens + token
             where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-            sequence = token // self.seq
+            segment = self.segment[token]
             linked = (
-                (latent[1:] == latent[:-1]) & (sequence[1:] == sequence[:-1]) & (keys[1:] - keys[:-1] <= self.half)
+                (latent[1:] == latent[:-1]) & (segment[1:] == segment[:-1]) & (keys[1:] - keys[:-1] <= self.half)
             )
             self._sorted = keys, order, where, linked
         return self._sorted
 
     def __call__(self, candidate: Tensor) -> Tensor:
-        """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside the sequence)."""
+        """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside their segment)."""
         keys, order, where, linked = self._sort()
         half, last = self.half, len(keys) - 1
         at = where[self.entry[candidate]]
         acts = torch.zeros((len(candidate), 2 * half + 1), device=candidate.device)
         acts[:, half] = self.picked[candidate]
         for direction in (1, -1):
-            # `linked[i]`: sorted entries i and i + 1 are the same latent, in one sequence, within the window.
+            # `linked[i]`: sorted entries i and i + 1 are the same latent, in one segment, within the window.
             if direction == 1:
                 starts = linked[at.clamp(max=last - 1)] & (at < last)
             else:
@@ -257,7 +290,7 @@ class SampleCollector:
         num_latents, w = config.num_latents, config.window
         edges = histogram_edges(config.threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
-        self._inner_edges = self.hist_edges[1:-1].to(device=device, dtype=torch.float32)
+        self._inner_edges = self.hist_edges[1:-1].to(device=device)
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
@@ -268,7 +301,7 @@ class SampleCollector:
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.threshold, config.num_intervals)
-            self._interval_inner = self.interval_edges[1:-1].to(device=device, dtype=torch.float32)
+            self._interval_inner = self.interval_edges[1:-1].to(device=device)
             self.tables["interval"] = SampleTable(
                 num_latents * config.num_intervals,
                 config.samples_per_interval,
@@ -299,6 +332,7 @@ class SampleCollector:
         self.first_collected_step = EMPTY
         self.last_collected_step = EMPTY
         self.last_active = 0
+        self.last_seen: Tensor | int = 0
 
     @property
     def device(self) -> torch.device:
@@ -312,16 +346,29 @@ class SampleCollector:
         return self.tables["top"].values
 
     # ------------------------------------------------------------------ update
-    def update_dense(self, tokens: Tensor, latents: Tensor, step: int, order_base: int = 0) -> None:
+    def update_dense(
+        self,
+        tokens: Tensor,
+        latents: Tensor,
+        step: int,
+        order_base: int = 0,
+        attention_mask: Optional[Tensor] = None,
+        excluded: Optional[Tensor] = None,
+    ) -> None:
         """Fold dense latents into the state.
 
         Args:
-            tokens: Token ids ``[B, T]``.
+            tokens: Token ids ``[B, T]``; negative ids count as padding.
             latents: Activations ``[B, T, F]`` (any float dtype, any device).
             step: Global optimizer step of this batch.
             order_base: Order key of the batch's first token (``rank << 40 | offset``).
+            attention_mask: ``[B, T]``, 0/False at padding: not collected, not counted in ``tokens_seen``,
+                and context windows stop there as at a sequence edge.
+            excluded: ``[B, T]`` bool, True where nothing is collected although the token counts as seen
+                and shows in other samples' contexts (e.g. BOS).
         """
         batch, seq = tokens.shape
+        positions = TokenPositions(tokens, attention_mask, excluded)
         flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
         # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
         # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
@@ -331,14 +378,15 @@ class SampleCollector:
         for start in range(0, len(flat), block):
             rows = flat[start : start + block]
             found.append(dense_hits(rows, self.config.threshold) + start * num_latents)
-            bad.append(~torch.isfinite(rows.sum(dim=1)))
+            bad.append(~torch.isfinite(rows.sum(dim=1)) & positions.collect[start : start + block])
         entry = torch.cat(found)
         values = flat.view(-1)[entry].float()
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            entry, values = entry[finite], values[finite]
+        keep = torch.isfinite(values) & positions.collect[entry // num_latents]
+        if not bool(keep.all()):
+            entry, values = entry[keep], values[keep]
         token_idx, latent_idx = entry // num_latents, entry % num_latents
         self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
+        segment = positions.segment
 
         def window_acts(candidate: Tensor) -> Tensor:
             token, latent = token_idx[candidate], latent_idx[candidate]
@@ -347,39 +395,50 @@ class SampleCollector:
             shifted = position.unsqueeze(1) + offsets
             rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
             acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].float()
-            inside = (shifted >= 0) & (shifted < seq)
+            inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & torch.isfinite(acts), acts, 0.0)
 
-        self._fold(tokens, token_idx, latent_idx, values, step, order_base, window_acts)
+        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts)
 
     def update_sparse(
-        self, tokens: Tensor, indices: Tensor, values: Tensor, step: int, order_base: int = 0
+        self,
+        tokens: Tensor,
+        indices: Tensor,
+        values: Tensor,
+        step: int,
+        order_base: int = 0,
+        attention_mask: Optional[Tensor] = None,
+        excluded: Optional[Tensor] = None,
     ) -> None:
         """Fold TopK-style sparse latents into the state without densifying them.
 
         Args:
-            tokens: Token ids ``[B, T]``.
+            tokens: Token ids ``[B, T]``; negative ids count as padding.
             indices: Active latent indices ``[B, T, k]``.
             values: Their activations ``[B, T, k]``.
             step: Global optimizer step of this batch.
             order_base: Order key of the batch's first token (``rank << 40 | offset``).
+            attention_mask: ``[B, T]``, 0/False at padding (see :meth:`update_dense`).
+            excluded: ``[B, T]`` bool, True where nothing is collected (see :meth:`update_dense`).
         """
         batch, seq = tokens.shape
+        positions = TokenPositions(tokens, attention_mask, excluded)
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
         k = flat_idx.shape[1]
+        collect = positions.collect.unsqueeze(1)
         finite = torch.isfinite(flat_val)
-        self.nonfinite_skipped += finite.numel() - finite.sum()
-        entry = (above_threshold(flat_val, self.config.threshold) & finite).view(-1).nonzero(as_tuple=True)[0]
+        self.nonfinite_skipped += (~finite & collect).sum()
+        entry = (above_threshold(flat_val, self.config.threshold) & finite & collect).view(-1).nonzero(as_tuple=True)[0]
         token_idx = entry // k
         latent_idx = flat_idx.view(-1)[entry].long()
         picked = flat_val.view(-1)[entry].float()
-        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, seq, self.config.half_window)
-        self._fold(tokens, token_idx, latent_idx, picked, step, order_base, window_acts)
+        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
+        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts)
 
     def _fold(
         self,
-        tokens: Tensor,
+        positions: TokenPositions,
         token_idx: Tensor,
         latent_idx: Tensor,
         values: Tensor,
@@ -390,7 +449,8 @@ class SampleCollector:
         cfg = self.config
         dev = self.device
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
-        self.tokens_seen += tokens.numel()
+        self.last_seen = positions.num_seen
+        self.tokens_seen += positions.num_seen.to(dev)
         if self.first_collected_step == EMPTY:
             self.first_collected_step = step
         if self.last_collected_step != step:
@@ -401,7 +461,7 @@ class SampleCollector:
         self.last_active = len(values)
         offers = [(self.tables["top"], latent_idx, values)]
         if "interval" in self.tables:
-            interval = torch.bucketize(values, self._interval_inner, right=True)
+            interval = torch.bucketize(values.double(), self._interval_inner, right=True)
             rows = latent_idx * cfg.num_intervals + interval
             self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
             offers.append((self.tables["interval"], rows, sample_priority(step, order_base + token_idx, cfg.seed)))
@@ -412,7 +472,10 @@ class SampleCollector:
         anywhere = may_enter[0]
         for mask in may_enter[1:]:
             anywhere = anywhere | mask
-        batch = BatchContext(tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts)
+        batch = BatchContext(
+            positions.tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts,
+            segment=positions.segment.to(dev),
+        )
         batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]
@@ -441,7 +504,7 @@ class SampleCollector:
         self.max.scatter_reduce_(0, latent_idx, values, reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
         num_bins = self.hist.shape[1]
-        bins = torch.bucketize(values, self._inner_edges, right=True)
+        bins = torch.bucketize(values.double(), self._inner_edges, right=True)
         self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, torch.ones_like(bins))
         fired = fired_now > 0
         self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)

@@ -9,6 +9,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.arguments import TOKEN_ID_MAX
+
+NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
+
 
 class LatentInputError(ValueError):
     """The training step's outputs or batch do not hold usable latents and tokens."""
@@ -23,12 +27,15 @@ class InputKeys:
         latent_indices: Sparse (TopK) active indices ``[B, T, k]`` or ``[B*T, k]``.
         latent_values: Values of those indices, same shape.
         tokens: Token ids ``[B, T]``, in the outputs or else in the batch.
+        attention_mask: Attention mask ``[B, T]`` (0/False at padding), in the outputs or else in the batch;
+            optional.
     """
 
     latents: str = "latents"
     latent_indices: str = "latent_indices"
     latent_values: str = "latent_values"
     tokens: str = "tokens"
+    attention_mask: str = "attention_mask"
 
 
 @dataclass
@@ -42,6 +49,7 @@ class LatentBatch:
     dense: Optional[Tensor] = None
     indices: Optional[Tensor] = None
     values: Optional[Tensor] = None
+    attention_mask: Optional[Tensor] = None
 
     @property
     def num_latents(self) -> Optional[int]:
@@ -66,17 +74,16 @@ def _as_rows(tensor: Tensor, tokens: Tensor, name: str) -> Tensor:
     )
 
 
-def find_tokens(outputs: Mapping, batch: Any, key: str) -> Tensor:
-    """Token ids from ``outputs[key]``, else ``batch[key]``."""
+def _lookup(outputs: Mapping, batch: Any, key: str) -> Any:
     if key in outputs:
-        tokens = outputs[key]
-    elif isinstance(batch, Mapping) and key in batch:
-        tokens = batch[key]
-    else:
-        raise LatentInputError(
-            f"No token ids found: expected `{key}` in the training_step outputs (keys: {_keys_of(outputs)})"
-            f" or in the batch (keys: {_keys_of(batch)}). Return them as `{key}` or set `tokens_key`."
-        )
+        return outputs[key]
+    if isinstance(batch, Mapping) and key in batch:
+        return batch[key]
+    return None
+
+
+def check_tokens(tokens: Any, key: str) -> Tensor:
+    """``tokens`` detached, if it is a ``[batch, seq]`` integer tensor."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise LatentInputError(f"`{key}` must be a [batch, seq] tensor of token ids, got {shape}.")
@@ -88,8 +95,37 @@ def find_tokens(outputs: Mapping, batch: Any, key: str) -> Tensor:
     return tokens.detach()
 
 
+def find_tokens(outputs: Mapping, batch: Any, key: str) -> Tensor:
+    """Token ids from ``outputs[key]``, else ``batch[key]``."""
+    tokens = _lookup(outputs, batch, key)
+    if tokens is None:
+        raise LatentInputError(
+            f"No token ids found: expected `{key}` in the training_step outputs (keys: {_keys_of(outputs)})"
+            f" or in the batch (keys: {_keys_of(batch)}). Return them as `{key}` or set `tokens_key`."
+        )
+    return check_tokens(tokens, key)
+
+
+def check_attention_mask(mask: Any, tokens: Tensor, key: str) -> Optional[Tensor]:
+    """``mask`` as a bool tensor shaped like ``tokens`` (True where the token is real), or ``None``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(tokens.shape):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise LatentInputError(
+            f"`{key}` has shape {shape} but tokens have shape {tuple(tokens.shape)}: pass one 0/1 (or bool) entry"
+            f" per token, 0 at padding, or set `attention_mask_key` to the right entry."
+        )
+    if mask.is_floating_point() or mask.is_complex():
+        raise LatentInputError(
+            f"`{key}` must be a bool or integer 0/1 tensor, got dtype {mask.dtype}. Pass the tokenizer's"
+            " attention_mask, not an additive (float) mask."
+        )
+    return mask.detach() if mask.dtype == torch.bool else mask.detach() != 0
+
+
 def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
-    """Extract and validate one step's latents and tokens.
+    """Extract and validate one step's latents, tokens and (optional) attention mask.
 
     Raises:
         LatentInputError: With the keys found and expected, or both shapes, and how to fix it.
@@ -110,10 +146,39 @@ def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
             " callback's `latents_key` / `latent_indices_key` / `latent_values_key` to your names."
         )
     tokens = find_tokens(outputs, batch, keys.tokens)
+    mask = _lookup(outputs, batch, keys.attention_mask)
+    return check_latents(tokens, dense, indices, values, mask, keys)
+
+
+def check_latents(
+    tokens: Any,
+    dense: Any = None,
+    indices: Any = None,
+    values: Any = None,
+    attention_mask: Any = None,
+    keys: InputKeys = InputKeys(),
+) -> LatentBatch:
+    """Validate one batch's tokens, latents (dense, or sparse indices and values) and attention mask.
+
+    Raises:
+        LatentInputError: Naming the entry (by its key in ``keys``), the shapes or dtype found, and a fix.
+    """
+    tokens = check_tokens(tokens, keys.tokens)
+    mask = check_attention_mask(attention_mask, tokens, keys.attention_mask)
     if dense is not None:
+        if indices is not None or values is not None:
+            raise LatentInputError(
+                f"Pass either dense `{keys.latents}` or sparse `{keys.latent_indices}` + `{keys.latent_values}`,"
+                " not both."
+            )
         if not isinstance(dense, Tensor) or not dense.is_floating_point():
             raise LatentInputError(f"`{keys.latents}` must be a floating-point tensor.")
-        return LatentBatch(tokens=tokens, dense=_as_rows(dense.detach(), tokens, keys.latents))
+        return LatentBatch(tokens=tokens, dense=_as_rows(dense.detach(), tokens, keys.latents), attention_mask=mask)
+    if indices is None or values is None:
+        raise LatentInputError(
+            f"No latents: pass dense `{keys.latents}` [B, T, F], or sparse `{keys.latent_indices}` and"
+            f" `{keys.latent_values}` [B, T, k] together."
+        )
     if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
         dtype = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
         raise LatentInputError(
@@ -131,13 +196,79 @@ def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
         tokens=tokens,
         indices=_as_rows(indices.detach(), tokens, keys.latent_indices),
         values=_as_rows(values.detach(), tokens, keys.latent_values),
+        attention_mask=mask,
     )
 
 
-def check_indices_in_range(indices: Tensor, num_latents: int, key: str) -> None:
-    """Raise if any sparse index is outside ``[0, num_latents)``."""
-    if indices.numel() and bool(((indices < 0) | (indices >= num_latents)).any()):
-        low, high = int(indices.min()), int(indices.max())
+def _position(flat: int, seq: int) -> str:
+    return f"(batch row {flat // seq}, position {flat % seq})"
+
+
+def check_distinct_indices(indices: Tensor, real: Tensor, key: str) -> None:
+    """Raise if a real token's top-k lists one latent twice (one sort along k, one compare).
+
+    Args:
+        indices: Active latent indices ``[B, T, k]``.
+        real: ``[B, T]`` bool, the positions that are not padding.
+        key: Name of ``indices`` in messages.
+    """
+    if indices.shape[-1] < 2 or not indices.numel():
+        return
+    ordered = indices.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1) & real
+    if bool(repeated.any()):
+        flat = int(repeated.view(-1).nonzero()[0, 0])
+        row = ordered.reshape(-1, ordered.shape[-1])[flat]
+        latent = int(row[1:][row[1:] == row[:-1]][0])
+        raise LatentInputError(
+            f"`{key}` lists latent {latent} more than once for the token at {_position(flat, real.shape[1])}."
+            " Each token's active latents must be distinct, as torch.topk returns them."
+        )
+
+
+def check_token_ids(tokens: Tensor, real: Tensor, key: str) -> None:
+    """Raise if a real token's id does not fit the stored token dtype (int32)."""
+    if tokens.element_size() <= 4 or not tokens.numel():
+        return
+    too_large = (tokens > TOKEN_ID_MAX) & real
+    if bool(too_large.any()):
+        flat = int(too_large.view(-1).nonzero()[0, 0])
+        value = int(tokens.view(-1)[flat])
+        raise LatentInputError(
+            f"`{key}` holds token id {value} at {_position(flat, tokens.shape[1])}, above the largest storable id"
+            f" {TOKEN_ID_MAX}. Pass token ids from the tokenizer's vocabulary."
+        )
+
+
+def find_num_latents(module: Any) -> Optional[int]:
+    """The latent count ``F`` where SAE code keeps it, or ``None``.
+
+    Looks for ``num_latents`` / ``d_sae`` / ``n_latents`` / ``dict_size`` on ``module``, on its ``cfg``, in
+    its ``hparams``, then on each direct child module and its ``cfg`` (sparsify keeps ``sae.num_latents``,
+    SAELens ``sae.cfg.d_sae``).
+    """
+    hparams = getattr(module, "hparams", None)
+    places = [module, getattr(module, "cfg", None), hparams if isinstance(hparams, Mapping) else None]
+    children = module.children() if isinstance(module, torch.nn.Module) else ()
+    for child in children:
+        places += [child, getattr(child, "cfg", None)]
+    for place in places:
+        if place is None:
+            continue
+        for name in NUM_LATENTS_ATTRS:
+            value = place.get(name) if isinstance(place, Mapping) else getattr(place, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_indices_in_range(indices: Tensor, num_latents: int, key: str, real: Optional[Tensor] = None) -> None:
+    """Raise if any sparse index (of a real token, when ``real`` ``[B, T]`` is given) is outside ``[0, F)``."""
+    outside = (indices < 0) | (indices >= num_latents)
+    if real is not None:
+        outside &= real.unsqueeze(-1)
+    if indices.numel() and bool(outside.any()):
+        low, high = int(indices[outside].min()), int(indices[outside].max())
         raise LatentInputError(
             f"`{key}` holds indices in [{low}, {high}] but the SAE has {num_latents} latents (valid:"
             f" 0..{num_latents - 1}). Check `num_latents` and that indices index the latent dimension."

@@ -41,6 +41,8 @@ class BatchContext:
         half_window: Context tokens kept on each side of the activating one.
         window_acts: ``candidates [S] -> [S, W]``: activations of each candidate's latent on its context
             tokens, 0 where the window leaves the sequence or the activation is not finite.
+        segment: Segment id of every token ``[B * T]``; a window keeps only the tokens of its centre's
+            segment (padding cuts it as a sequence edge would). ``None``: whole sequences.
     """
 
     def __init__(
@@ -51,8 +53,9 @@ class BatchContext:
         order_base: int,
         half_window: int,
         window_acts: Callable[[Tensor], Tensor],
+        segment: Optional[Tensor] = None,
     ) -> None:
-        self.tokens, self.token_idx = tokens, token_idx
+        self.tokens, self.token_idx, self.segment = tokens, token_idx, segment
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
@@ -60,12 +63,20 @@ class BatchContext:
         self._hashes: Optional[Tensor] = None
 
     def window_tokens(self, token_idx: Tensor) -> Tensor:
-        """Token ids of each sample's window ``[S, W]`` (int32, ``-1`` outside the sequence)."""
+        """Token ids of each sample's window ``[S, W]`` (int32, ``-1`` outside the sequence or segment)."""
         seq = self.tokens.shape[1]
         half = self.half_window
-        padded = torch.nn.functional.pad(self.tokens.to(torch.int32), (half, half), value=EMPTY)
         start = token_idx + (token_idx // seq) * (2 * half)
-        return padded.reshape(-1).unfold(0, 2 * half + 1, 1).index_select(0, start)
+
+        def windows(values: Tensor) -> Tensor:
+            padded = torch.nn.functional.pad(values.view(-1, seq), (half, half), value=EMPTY)
+            return padded.reshape(-1).unfold(0, 2 * half + 1, 1).index_select(0, start)
+
+        tokens = windows(self.tokens.to(torch.int32))
+        if self.segment is None:
+            return tokens
+        same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
+        return torch.where(same, tokens, EMPTY)
 
     def compute_windows(self, candidate: Tensor) -> None:
         """Compute the windows of these candidates (the union of what every table may keep), once."""

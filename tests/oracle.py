@@ -17,6 +17,16 @@ class Seen:
     row_offset: int
     tokens: torch.Tensor  # [B, T]
     latents: torch.Tensor  # [B, T, F] float (dense view of whatever the SAE returned)
+    mask: torch.Tensor | None = None  # [B, T] attention mask, 0/False at padding
+
+    def padding(self, b: int, p: int) -> bool:
+        """Padding: masked out, or a negative token id."""
+        return int(self.tokens[b, p]) < 0 or (self.mask is not None and not bool(self.mask[b, p]))
+
+
+def tokens_seen(seen: list[Seen]) -> int:
+    """Tokens that count as seen: every position that is not padding."""
+    return sum(not s.padding(b, p) for s in seen for b in range(s.tokens.shape[0]) for p in range(s.tokens.shape[1]))
 
 
 @dataclass
@@ -48,7 +58,12 @@ def deduplicate(samples: list, radius: int) -> list:
 
 
 def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, threshold: float,
-           dedup: bool = False) -> dict[int, OracleFeature]:
+           dedup: bool = False, exclude: tuple = ()) -> dict[int, OracleFeature]:
+    """Every activation above threshold at a position that is neither padding nor an excluded token id.
+
+    A context window runs up to ``context_size // 2`` tokens each side, stopping before the sequence's edge
+    and before the nearest padding position on each side.
+    """
     half = context_size // 2
     feats = {f: OracleFeature() for f in range(num_latents)}
     for item in seen:
@@ -57,6 +72,13 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
         batch, seq = item.tokens.shape
         for b in range(batch):
             for p in range(seq):
+                if item.padding(b, p) or tokens[b][p] in exclude:
+                    continue
+                lo, hi = p, p + 1
+                while lo > max(0, p - half) and not item.padding(b, lo - 1):
+                    lo -= 1
+                while hi < min(seq, p + half + 1) and not item.padding(b, hi):
+                    hi += 1
                 for f in range(num_latents):
                     v = float(lat[b, p, f])
                     if not math.isfinite(v) or not v > threshold:
@@ -66,7 +88,6 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
                     feat.values.append(v)
                     feat.first_step = item.step if feat.first_step is None else min(feat.first_step, item.step)
                     feat.last_step = item.step if feat.last_step is None else max(feat.last_step, item.step)
-                    lo, hi = max(0, p - half), min(seq, p + half + 1)
                     ctx = tokens[b][lo:hi]
                     acts = [float(lat[b, q, f]) if math.isfinite(float(lat[b, q, f])) else 0.0 for q in range(lo, hi)]
                     feat.samples.append((v, item.step, item.rank, item.row_offset + b, p, ctx, acts, p - lo))
@@ -85,8 +106,8 @@ def assert_groups_match(record: dict, feat: OracleFeature, config: dict, last_st
     from lightning_sae_samples.collector import interval_edges, sample_priority
 
     if config.get("samples_per_interval"):
-        edges = [float(torch.tensor(e, dtype=torch.float32)) for e in
-                 interval_edges(config["activation_threshold"], config["num_intervals"])[1:-1]]
+        # Intervals and histogram bins hold exactly the values v with edge_i <= v < edge_i+1 (float64 edges).
+        edges = [float(e) for e in interval_edges(config["activation_threshold"], config["num_intervals"])[1:-1]]
         groups = record["interval_samples"]
         assert len(groups) == config["num_intervals"]
         for i, group in enumerate(groups):
@@ -124,7 +145,7 @@ def assert_feature_file_matches(record: dict, feat: OracleFeature, tokens_seen: 
     assert math.isclose(stats["std_activation"], float(vals.std(unbiased=False)), rel_tol=1e-5, abs_tol=1e-5)
     assert stats["tokens_seen"] == tokens_seen
     assert stats["first_step"] == feat.first_step and stats["last_step"] == feat.last_step
-    inner = [float(torch.tensor(e, dtype=torch.float32)) for e in stats["histogram"]["bin_edges"][1:-1]]
+    inner = [float(e) for e in stats["histogram"]["bin_edges"][1:-1]]
     want_hist = [0] * (len(inner) + 1)
     for v in feat.values:
         want_hist[sum(1 for e in inner if float(torch.tensor(v, dtype=torch.float32)) >= e)] += 1

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from oracle import Seen, oracle
+from oracle import Seen, oracle, tokens_seen
 
 from lightning_sae_samples.collector import (
     RANK_SHIFT,
@@ -352,3 +352,34 @@ def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence
     for key, value in dense_c.state_dict().items():
         if torch.is_tensor(value):
             assert torch.equal(value, state[key]), key
+
+
+def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_limit):
+    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    seen = []
+    for step, (tokens, latents) in enumerate(random_batches(8, seed=13)):
+        mask = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(step)) > 0.3
+        tokens = torch.where(mask, tokens, -100)
+        tokens[0, 0] = -1  # a negative id is padding even where the mask says otherwise
+        excluded = tokens == 3
+        if step % 2:
+            indices, values, latents = to_sparse(latents)
+            c.update_sparse(tokens, indices, values, step, attention_mask=mask, excluded=excluded)
+        else:
+            c.update_dense(tokens, latents, step, attention_mask=mask, excluded=excluded)
+        seen.append(Seen(step, 0, 0, tokens, latents, mask))
+    state = c.state_dict()
+    feats = oracle(seen, F, K, CTX, THR, exclude=(3,))
+    assert int(state["tokens_seen"]) == tokens_seen(seen)
+    for f, feat in feats.items():
+        assert int(state["count"][f]) == feat.count
+        kept = int(torch.isfinite(state["top_values"][f]).sum())
+        assert kept == len(feat.samples)
+        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
+            assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
+            assert (int(state["top_step"][f, j]), int(state["top_position"][f, j])) == (step, pos)
+            window = state["top_context_tokens"][f, j].tolist()
+            assert window[CTX // 2 - ctx_pos : CTX // 2 - ctx_pos + len(ctx)] == ctx
+            assert [t for t in window if t >= 0] == ctx
+            got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
+            assert got_acts == pytest.approx(acts)

@@ -1,0 +1,466 @@
+"""ActivationSampleCollector: the sample collection of the callback, for any training loop.
+
+Feed it each collected step's token ids and SAE latents with :meth:`~ActivationSampleCollector.update`,
+call :meth:`~ActivationSampleCollector.save` to write the samples directory, and keep
+:meth:`~ActivationSampleCollector.state_dict` in your checkpoints for an exact resume. Under
+``torch.distributed`` every process feeds its own batches; ``state_dict`` and ``save`` merge all of them
+exactly (both are collectives: call them on every process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_sae_samples.analyzer import write_report
+from lightning_sae_samples.arguments import (
+    choice,
+    finite_float,
+    integer,
+    optional_positive_int,
+    positive_int,
+    token_ids,
+)
+from lightning_sae_samples.collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.distributed import gather_merged_state
+from lightning_sae_samples.inputs import (
+    InputKeys,
+    LatentBatch,
+    LatentInputError,
+    check_distinct_indices,
+    check_indices_in_range,
+    check_latents,
+    check_token_ids,
+)
+from lightning_sae_samples.statistics import RANK_CHOICES
+from lightning_sae_samples.storage import REPORT_NAME, write_samples_dir
+from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
+
+STATE_VERSION = 1
+DEFAULT_KEYS = InputKeys()
+# Settings a resumed collection must share with the one that wrote the checkpoint.
+RESUME_SETTINGS = (
+    "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals", "recent_window_steps",
+    "recent_samples_per_feature", "seed", "deduplicate_contexts",
+)
+PathLike = Union[str, Path]
+Gather = Callable[[SampleCollector], Optional[dict]]
+
+
+class _ProcessGroup:
+    """``all_gather`` over the default ``torch.distributed`` process group, stacked on a new first dimension."""
+
+    def __init__(self) -> None:
+        self.world_size = torch.distributed.get_world_size()
+        nccl = torch.distributed.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class ActivationSampleCollector:
+    r"""Exact top activating contexts and streaming statistics of every SAE latent, for any training loop.
+
+    The engine of :class:`~lightning_sae_samples.ActivationSampleCallback`, without Lightning: call
+    :meth:`update` on the steps you want collected (it costs nothing on the others, since you do not call
+    it), :meth:`save` to write the samples directory (``docs/format.md``) that the analyzer, the reports
+    and ``lightning-sae-samples`` read, and keep :meth:`state_dict` in your checkpoint.
+
+    Args:
+        num_latents: Latent count ``F``; required for sparse latents, inferred from dense ones.
+        max_samples_per_feature: Top samples kept in memory per latent.
+        context_size: Context tokens kept around the activating one (``context_size // 2`` on each side,
+            clipped at the sequence's edges and at padding).
+        activation_threshold: An activation counts only if strictly greater than this.
+        top_features_to_save: Features written as JSON files at each save, best first by ``rank_features_by``.
+        samples_per_feature_to_save: Samples written per feature file (the full-state file keeps all).
+        rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
+        samples_per_interval: Random samples kept per latent from each activation interval (0: none).
+        num_intervals: Number of activation intervals (half-decades above the threshold).
+        recent_window_steps: Also keep the top samples of the current and previous block of this many steps.
+        recent_samples_per_feature: Samples kept per latent for the recent window (default:
+            ``samples_per_feature_to_save``).
+        seed: Seed of the interval sampling.
+        deduplicate_contexts: No two kept samples of a latent with overlapping windows in one sequence or
+            identical context tokens.
+        exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP): no statistics and no sample centred
+            there, but they count in ``tokens_seen`` and show in other samples' contexts.
+        write_report: Also write ``interpretability_report.md`` at each :meth:`save`.
+
+    Raises:
+        ValueError: If an argument is out of range; the message names the argument and a fix.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_sae_samples import ActivationSampleCollector
+        >>> collector = ActivationSampleCollector(context_size=4)
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> collector.update(tokens, latents=torch.rand(2, 8, 16), step=0)
+        >>> collector.num_latents
+        16
+    """
+
+    def __init__(
+        self,
+        num_latents: Optional[int] = None,
+        *,
+        max_samples_per_feature: int = 100,
+        context_size: int = 20,
+        activation_threshold: float = 0.1,
+        top_features_to_save: int = 100,
+        samples_per_feature_to_save: int = 10,
+        rank_features_by: str = "max_activation",
+        samples_per_interval: int = 2,
+        num_intervals: int = 8,
+        recent_window_steps: Optional[int] = None,
+        recent_samples_per_feature: Optional[int] = None,
+        seed: int = 0,
+        deduplicate_contexts: bool = False,
+        exclude_token_ids: Sequence[int] = (),
+        write_report: bool = True,
+    ) -> None:
+        self.num_latents = optional_positive_int(num_latents, "num_latents", "It is the SAE's latent count F.")
+        self.max_samples_per_feature = positive_int(
+            max_samples_per_feature, "max_samples_per_feature", "Keep at least one sample per latent, e.g. 100."
+        )
+        self.context_size = positive_int(
+            context_size, "context_size", "Use 0 for the activating token alone, e.g. 20 for ten each side.", 0
+        )
+        self.activation_threshold = finite_float(
+            activation_threshold, "activation_threshold", "Use e.g. 0.1; only activations strictly above it count."
+        )
+        self.top_features_to_save = positive_int(
+            top_features_to_save, "top_features_to_save", "It is how many feature files each save writes.", 0
+        )
+        self.samples_per_feature_to_save = positive_int(
+            samples_per_feature_to_save, "samples_per_feature_to_save", "Use e.g. 10."
+        )
+        if self.samples_per_feature_to_save > self.max_samples_per_feature:
+            raise ValueError(
+                f"`samples_per_feature_to_save` ({samples_per_feature_to_save}) cannot exceed"
+                f" `max_samples_per_feature` ({max_samples_per_feature}): raise the latter or lower the former."
+            )
+        self.rank_features_by = choice(rank_features_by, "rank_features_by", RANK_CHOICES)
+        self.samples_per_interval = positive_int(
+            samples_per_interval, "samples_per_interval", "Use 0 to keep no interval samples, e.g. 2.", 0
+        )
+        self.num_intervals = positive_int(num_intervals, "num_intervals", "Use e.g. 8 half-decade intervals.")
+        self.recent_window_steps = optional_positive_int(
+            recent_window_steps, "recent_window_steps", "Use a window of several collection steps, or None."
+        )
+        if recent_samples_per_feature is None:
+            recent_samples_per_feature = self.samples_per_feature_to_save
+        self.recent_samples_per_feature = positive_int(
+            recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
+        )
+        self.seed = integer(seed, "seed")
+        self.deduplicate_contexts = bool(deduplicate_contexts)
+        self.exclude_token_ids = token_ids(exclude_token_ids, "exclude_token_ids")
+        self.write_report = bool(write_report)
+
+        self.collector: Optional[SampleCollector] = None
+        self.rank: Optional[int] = None
+        self._pending_state: Optional[dict] = None
+        self._excluded: Optional[Tensor] = None
+        self._offset_step = -1
+        self._token_offset = 0
+        self._warned_nonfinite = 0
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict[str, Any]:
+        """The configuration as JSON-friendly values."""
+        return {
+            "max_samples_per_feature": self.max_samples_per_feature,
+            "context_size": self.context_size,
+            "activation_threshold": self.activation_threshold,
+            "top_features_to_save": self.top_features_to_save,
+            "samples_per_feature_to_save": self.samples_per_feature_to_save,
+            "rank_features_by": self.rank_features_by,
+            "num_latents": self.num_latents,
+            "samples_per_interval": self.samples_per_interval,
+            "num_intervals": self.num_intervals,
+            "recent_window_steps": self.recent_window_steps,
+            "recent_samples_per_feature": self.recent_samples_per_feature,
+            "seed": self.seed,
+            "deduplicate_contexts": self.deduplicate_contexts,
+            "exclude_token_ids": list(self.exclude_token_ids),
+        }
+
+    def exclude_tokens(self, ids: Sequence[int]) -> None:
+        """Also exclude these token ids from collection (e.g. a tokenizer's ``all_special_ids``)."""
+        self.exclude_token_ids = token_ids((*self.exclude_token_ids, *ids), "exclude_token_ids")
+        self._excluded = None
+
+    def _rank(self) -> int:
+        if self.rank is None:
+            self.rank = torch.distributed.get_rank() if _distributed() else 0
+        return self.rank
+
+    # ------------------------------------------------------------------ collection
+    def update(
+        self,
+        tokens: Tensor,
+        *,
+        latents: Optional[Tensor] = None,
+        latent_indices: Optional[Tensor] = None,
+        latent_values: Optional[Tensor] = None,
+        step: int,
+        attention_mask: Optional[Tensor] = None,
+    ) -> None:
+        """Fold one batch into the collection.
+
+        Several calls with the same ``step`` are micro-batches of one optimizer step; steps must not go back.
+
+        Args:
+            tokens: Token ids ``[B, T]``. Negative ids are padding.
+            latents: Dense latents ``[B, T, F]`` or ``[B*T, F]``.
+            latent_indices: Or sparse (TopK) active latent indices ``[B, T, k]`` or ``[B*T, k]``, distinct per
+                token; needs ``num_latents``.
+            latent_values: Their activations, same shape.
+            step: The optimizer step (an integer >= 0).
+            attention_mask: ``[B, T]``, 0/False at padding: padding is not collected, not counted in
+                ``tokens_seen``, and context windows stop at it as at a sequence edge.
+
+        Raises:
+            LatentInputError: The inputs have wrong shapes or dtypes, a sparse index is out of range or
+                repeated within one token, or a token id does not fit the stored int32.
+        """
+        batch = check_latents(tokens, latents, latent_indices, latent_values, attention_mask, DEFAULT_KEYS)
+        step = positive_int(step, "step", "Pass the optimizer step (0, 1, ...).", 0)
+        self.fold(batch, step)
+
+    def fold(self, batch: LatentBatch, step: int, keys: InputKeys = DEFAULT_KEYS) -> None:
+        """Fold an already checked batch (see :func:`~lightning_sae_samples.inputs.check_latents`)."""
+        if batch.tokens.numel() == 0:
+            return
+        source = batch.dense if batch.dense is not None else batch.values
+        device = source.device
+        tokens = batch.tokens.to(device)
+        mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+        real = tokens >= 0 if mask is None else (tokens >= 0) & mask
+        check_token_ids(tokens, real, keys.tokens)
+        num_latents = self._num_latents_of(batch, keys)
+        if batch.indices is not None:
+            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)
+            check_distinct_indices(batch.indices, real, keys.latent_indices)
+        collector = self._collector_for(num_latents, device)
+        if collector.last_collected_step > step:
+            raise LatentInputError(
+                f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
+                " never decreases; calls with the same step are micro-batches of that step."
+            )
+        if step != self._offset_step:
+            self._offset_step, self._token_offset = step, 0
+        order_base = (self._rank() << RANK_SHIFT) + self._token_offset
+        self._token_offset += tokens.numel()
+        excluded = self._excluded_positions(tokens)
+        if batch.dense is not None:
+            collector.update_dense(tokens, batch.dense, step, order_base, attention_mask=mask, excluded=excluded)
+        else:
+            collector.update_sparse(
+                tokens, batch.indices, batch.values, step, order_base, attention_mask=mask, excluded=excluded
+            )
+
+    def _excluded_positions(self, tokens: Tensor) -> Optional[Tensor]:
+        if not self.exclude_token_ids:
+            return None
+        if self._excluded is None or self._excluded.device != tokens.device:
+            self._excluded = torch.tensor(self.exclude_token_ids, dtype=tokens.dtype, device=tokens.device)
+        return torch.isin(tokens, self._excluded.to(tokens.dtype))
+
+    def _num_latents_of(self, batch: LatentBatch, keys: InputKeys) -> int:
+        if batch.dense is not None:
+            found = batch.dense.shape[-1]
+            if self.collector is None and self.num_latents is not None and found != self.num_latents:
+                raise LatentInputError(
+                    f"`{keys.latents}` has {found} latents but `num_latents` is {self.num_latents}. Pass the"
+                    " SAE's latent count as `num_latents`, or leave it out for dense latents."
+                )
+            return found
+        if self.num_latents is not None:
+            return self.num_latents
+        if self.collector is not None:
+            return self.collector.config.num_latents
+        if self._pending_state is not None:
+            return int(self._pending_state["num_latents"])
+        raise LatentInputError(
+            "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
+        )
+
+    def _collector_for(self, num_latents: int, device: torch.device) -> SampleCollector:
+        collector = self.collector
+        if collector is not None:
+            if collector.config.num_latents != num_latents:
+                raise LatentInputError(
+                    f"The latent count changed from {collector.config.num_latents} to {num_latents} between"
+                    " steps. Return latents of the same SAE at every step."
+                )
+            return collector
+        if self._pending_state is not None:
+            saved = int(self._pending_state["num_latents"])
+            if saved != num_latents:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
+                    f" {num_latents}. Resume the same SAE, or start a new collection without the checkpoint."
+                )
+        self.collector = self._materialize(num_latents, device)
+        return self.collector
+
+    def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
+        pending, self._pending_state = self._pending_state, None
+        if self.num_latents is None:
+            self.num_latents = num_latents
+        if pending is None:
+            config = CollectorConfig(
+                num_latents,
+                self.max_samples_per_feature,
+                self.context_size,
+                self.activation_threshold,
+                samples_per_interval=self.samples_per_interval,
+                num_intervals=self.num_intervals,
+                recent_window_steps=self.recent_window_steps,
+                recent_samples=self.recent_samples_per_feature,
+                seed=self.seed,
+                deduplicate_contexts=self.deduplicate_contexts,
+            )
+            return SampleCollector(config, device)
+        restored = SampleCollector.from_state_dict(pending, device)
+        # Every process loads the same merged checkpoint; keeping it on one process only makes the next
+        # merge count each sample once.
+        return restored if self._rank() == 0 else restored.empty_like()
+
+    # ------------------------------------------------------------------ state
+    def merged_state(self, device: Optional[torch.device] = None, gather: Optional[Gather] = None) -> Optional[dict]:
+        """The collection of all processes merged exactly (collective under ``torch.distributed``).
+
+        Args:
+            device: Where to rebuild a restored state that no :meth:`update` has placed yet (default: CPU).
+            gather: Merges this process's collector with the others' and returns the result on rank 0;
+                default: over ``torch.distributed``'s default group when its world size is above 1.
+
+        Returns:
+            The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
+        """
+        if self.collector is None and self._pending_state is not None:
+            self.collector = self._materialize(int(self._pending_state["num_latents"]), device or torch.device("cpu"))
+        if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
+            group = _ProcessGroup()
+            collecting = group.all_gather(torch.tensor([self.collector is not None], device=group.device)).view(-1)
+            if not bool(collecting.any()):
+                return None
+            if not bool(collecting.all()):
+                idle = collecting.logical_not().nonzero().view(-1).tolist()
+                raise RuntimeError(
+                    f"ActivationSampleCollector: rank(s) {idle} have not called `update` yet while others have;"
+                    " every process must collect at least one batch before `state_dict` or `save`."
+                )
+            return gather_merged_state(self.collector, group, is_root=self._rank() == 0)
+        if self.collector is None:
+            return None
+        if gather is not None:
+            return gather(self.collector)
+        return self.collector.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: the configuration and the merged collection.
+
+        A collective under ``torch.distributed`` (every process calls it); the collection is held by rank 0's
+        result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
+        """
+        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state()}
+
+    @property
+    def has_collection(self) -> bool:
+        """Whether there is anything to save: collected batches or a restored state."""
+        return self.collector is not None or self._pending_state is not None
+
+    def load_state_dict(self, state: dict[str, Any], owner: str = "ActivationSampleCollector") -> None:
+        """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
+
+        Raises:
+            ValueError: The checkpoint was made with other sizes (named in the message) or latent count.
+        """
+        config = state.get("config", {})
+        for name in RESUME_SETTINGS:
+            saved, current = config.get(name), getattr(self, name)
+            if name in config and saved != current:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint's {owner} has {name}={saved}, this one has {name}={current}."
+                    " Use the same value, or start a new collection without the checkpoint."
+                )
+        collected = state.get("collector")
+        if collected is not None and self.num_latents is not None and int(collected["num_latents"]) != self.num_latents:
+            raise ValueError(
+                f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
+                f" num_latents={self.num_latents}. Resume the same SAE or start a new collection."
+            )
+        if collected is not None and float(collected["threshold"]) != self.activation_threshold:
+            rank_zero_warn(
+                f"Resuming a collection made with activation_threshold={collected['threshold']}; this {owner} has"
+                f" {self.activation_threshold}. Statistics mix both thresholds."
+            )
+        self._pending_state = collected
+        self.collector = None
+        self._offset_step, self._token_offset = -1, 0
+
+    # ------------------------------------------------------------------ saving
+    def save(self, dirpath: PathLike, tokenizer: Any = None, *, global_step: Optional[int] = None) -> list[int]:
+        """Write the samples directory (and the Markdown report unless ``write_report=False``).
+
+        A collective under ``torch.distributed``: every process calls it, rank 0 writes.
+
+        Args:
+            dirpath: The samples directory (created if missing; replaced atomically).
+            tokenizer: A tokenizer object, a Hugging Face name or path, or ``None`` to show token ids.
+            global_step: Recorded as the save's step (default: the last collected step).
+
+        Returns:
+            The saved feature indices, best first (empty on other ranks or when nothing was collected).
+        """
+        merged = self.merged_state()
+        if self._rank() != 0:
+            return []
+        if merged is None:
+            rank_zero_info("ActivationSampleCollector: nothing collected yet, no samples written.")
+            return []
+        self._warn_nonfinite(merged)
+        tokenizer = load_tokenizer(tokenizer)
+        config = {**self.config(), "tokenizer": describe_tokenizer(tokenizer)}
+        saved = write_samples_dir(
+            dirpath,
+            merged,
+            config=config,
+            tokenizer=tokenizer,
+            top_features=self.top_features_to_save,
+            samples_per_feature=self.samples_per_feature_to_save,
+            rank_by=self.rank_features_by,
+            global_step=int(merged["last_collected_step"]) if global_step is None else global_step,
+        )
+        if self.write_report:
+            try:
+                write_report(dirpath, tokenizer=tokenizer)
+            except Exception as err:  # noqa: BLE001 - a report must never stop training
+                rank_zero_warn(f"ActivationSampleCollector could not write {REPORT_NAME}: {err}")
+        return saved
+
+    def _warn_nonfinite(self, merged: dict) -> None:
+        skipped = int(merged["nonfinite_skipped"])
+        if skipped > self._warned_nonfinite:
+            rank_zero_warn(
+                f"ActivationSampleCollector skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
+                " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
+            )
+            self._warned_nonfinite = skipped

@@ -1,0 +1,55 @@
+"""Two processes (gloo on CPU) feed ActivationSampleCollector in a plain loop, then save (run by tests)."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from test_activation_collector import make, padded_batches, to_sparse  # noqa: E402
+
+
+def worker(rank: int, world: int, out: Path, mode: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    collector = make(num_latents=9)
+    seen = []
+    for i, (tokens, mask, latents) in enumerate(padded_batches(6, seed=20 + rank)):
+        step, rows = i // 2, (i % 2) * tokens.shape[0]
+        if mode == "sparse":
+            indices, values, latents = to_sparse(latents)
+            collector.update(tokens, latent_indices=indices, latent_values=values, step=step, attention_mask=mask)
+        else:
+            collector.update(tokens, latents=latents, step=step, attention_mask=mask)
+        seen.append((step, rank, rows, tokens, latents, mask))
+    state = collector.state_dict()
+    saved = collector.save(out / "samples")
+    torch.save(seen, out / f"seen_{rank}.pt")
+    if rank == 0:
+        torch.save(state, out / "state.pt")
+        assert saved
+    else:
+        assert state["collector"] is None and saved == []
+    dist.barrier()
+    # Every process loads the same checkpoint; the merge after it must count each sample once.
+    resumed = make(num_latents=9)
+    resumed.load_state_dict(torch.load(out / "state.pt", weights_only=True))
+    again = resumed.state_dict()
+    if rank == 0:
+        for key, value in state["collector"].items():
+            other = again["collector"][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", default="dense")
+    parser.add_argument("--port", type=int, default=29533)
+    args = parser.parse_args()
+    mp.spawn(worker, args=(2, args.out, args.mode, args.port), nprocs=2)

@@ -1,0 +1,286 @@
+"""Real token streams through a Trainer: padding and attention masks, excluded tokens, odd batches, exact bins."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import SyntheticSAE, loader, read_dir, trainer
+from oracle import assert_feature_file_matches, assert_groups_match, oracle, tokens_seen
+from torch.utils.data import Dataset
+
+from lightning_sae_samples import ActivationSampleCallback, LatentInputError
+from lightning_sae_samples.collector import histogram_edges, interval_edges
+
+F, K, CTX, THR = 10, 4, 4, 0.5
+PAD_ACTIVATION = 9.0
+
+
+class PaddedDataset(Dataset):
+    """Right-padded sequences of random length with an ``attention_mask``, and one hole inside sequence 0."""
+
+    def __init__(self, pad_id: int = -100, num_sequences: int = 16, seq_len: int = 9, vocab: int = 30, seed: int = 0,
+                 with_mask: bool = True, bos: bool = False) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab, (num_sequences, seq_len), generator=gen)
+        if bos:
+            tokens[:, 0] = 0
+        lengths = torch.randint(2, seq_len + 1, (num_sequences,), generator=gen)
+        self.mask = torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)
+        self.mask[0, 1] = False
+        self.tokens = torch.where(self.mask, tokens, pad_id)
+        self.with_mask = with_mask
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"tokens": self.tokens[i]}
+        if self.with_mask:
+            item["attention_mask"] = self.mask[i].long()
+        return item
+
+
+class PaddedSAE(SyntheticSAE):
+    """Padding positions get large activations (the SAE sees the pad embedding): they must not be collected."""
+
+    def latents_for(self, tokens):
+        padding = tokens < 0
+        if "mask" in self.__dict__:
+            padding = padding | ~self.mask
+        return torch.where(padding.unsqueeze(-1), PAD_ACTIVATION, super().latents_for(tokens.clamp(min=0)))
+
+    def training_step(self, batch, batch_idx):
+        self.mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+        if self.mask is None:
+            del self.mask
+        out = super().training_step(batch, batch_idx)
+        self.seen[-1].mask = batch["attention_mask"].cpu() if "attention_mask" in batch else None
+        return out
+
+
+def make_callback(tmp_path, **kwargs):
+    args = dict(collection_freq=1, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
+                top_features_to_save=F, samples_per_feature_to_save=K, dirpath=tmp_path / "samples",
+                samples_per_interval=2, recent_window_steps=2)
+    args.update(kwargs)
+    return ActivationSampleCallback(**args)
+
+
+def check_against_oracle(dirpath, seen, exclude=()):
+    files = read_dir(dirpath)
+    summary = files["collection_summary.json"]
+    feats = oracle(seen, F, K, CTX, THR, exclude=exclude)
+    assert summary["tokens_seen"] == tokens_seen(seen)
+    assert summary["total_samples_seen"] == sum(feat.count for feat in feats.values())
+    alive = [f for f, feat in feats.items() if feat.count]
+    assert {e["feature_idx"] for e in summary["top_features_by_activation"]} == set(alive)
+    for f in alive:
+        record = files[f"feature_{f:05d}_samples.json"]
+        assert_feature_file_matches(record, feats[f], tokens_seen(seen), K)
+        assert_groups_match(record, feats[f], summary["config"], max(s.step for s in seen), K)
+    return files
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("pad_id", [-100, -1, 0])
+def test_padded_stream_with_attention_mask_equals_oracle_that_skips_padding(tmp_path, mode, pad_id):
+    module = PaddedSAE(num_latents=F, mode=mode)
+    trainer(tmp_path, [make_callback(tmp_path)], max_epochs=2).fit(module, loader(PaddedDataset(pad_id)))
+    files = check_against_oracle(tmp_path / "samples", module.seen)
+    summary = files["collection_summary.json"]
+    assert summary["tokens_seen"] < sum(s.tokens.numel() for s in module.seen)
+    for name, record in files.items():
+        if name.startswith("feature_"):
+            for sample in record["top_samples"]:
+                assert sample["activation_value"] < PAD_ACTIVATION  # padding activations are never kept
+                assert pad_id not in sample["context_tokens"] or pad_id >= 0
+
+
+def test_negative_token_ids_without_a_mask_are_padding(tmp_path):
+    module = PaddedSAE(num_latents=F)
+    trainer(tmp_path, [make_callback(tmp_path)]).fit(module, loader(PaddedDataset(-1, with_mask=False)))
+    check_against_oracle(tmp_path / "samples", module.seen)
+
+
+def test_attention_mask_key_names_the_mask(tmp_path):
+    class Renamed(PaddedDataset):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {"tokens": item["tokens"], "pad_mask": item.pop("attention_mask")}
+
+    class Module(PaddedSAE):
+        def training_step(self, batch, batch_idx):
+            return super().training_step({"tokens": batch["tokens"], "attention_mask": batch["pad_mask"]}, batch_idx)
+
+    module = Module(num_latents=F)
+    trainer(tmp_path, [make_callback(tmp_path, attention_mask_key="pad_mask")]).fit(module, loader(Renamed(7)))
+    check_against_oracle(tmp_path / "samples", module.seen)
+
+
+class SpecialTokenizer:
+    """A tokenizer with special ids 0 and 1 (as BOS and SEP)."""
+
+    all_special_ids = [0, 1]
+
+    def convert_ids_to_tokens(self, ids):
+        return [f"t{i}" for i in ids]
+
+    def decode(self, ids):
+        return "".join(f"t{i}" for i in ids)
+
+
+@pytest.mark.parametrize("how", ["ids", "special"])
+def test_excluded_tokens_are_seen_not_collected_and_shown_in_contexts(tmp_path, how):
+    class BosSAE(PaddedSAE):
+        def training_step(self, batch, batch_idx):
+            self.table[0] = 5.0  # BOS (every sequence starts with it) has the largest activations
+            return super().training_step(batch, batch_idx)
+
+    kwargs = dict(exclude_token_ids=[0, 1]) if how == "ids" else dict(exclude_special_tokens=True,
+                                                                      tokenizer=SpecialTokenizer())
+    module = BosSAE(num_latents=F, vocab=4)
+    trainer(tmp_path, [make_callback(tmp_path, **kwargs)]).fit(module, loader(PaddedDataset(-100, vocab=4, bos=True)))
+    files = check_against_oracle(tmp_path / "samples", module.seen, exclude=(0, 1))
+    shown = 0
+    for name, record in files.items():
+        if name.startswith("feature_"):
+            for sample in record["top_samples"]:
+                assert sample["context_tokens"][sample["context_position"]] not in (0, 1)
+                shown += 0 in sample["context_tokens"]
+    assert shown  # BOS still appears in the contexts of later tokens
+    assert files["collection_summary.json"]["config"]["exclude_token_ids"] == [0, 1]  # special ids resolved
+
+
+def test_exclude_special_tokens_without_a_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="exclude_special_tokens=True.*tokenizer"):
+        trainer(tmp_path, [make_callback(tmp_path, exclude_special_tokens=True)]).fit(
+            PaddedSAE(num_latents=F), loader(PaddedDataset()))
+
+
+class EmptySequences(Dataset):
+    """Batches with ``T = 0`` (every sequence empty)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"tokens": torch.zeros(0, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_empty_batches_are_skipped(tmp_path, mode):
+    class EmptyRows(SyntheticSAE):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            if batch_idx % 2:  # B = 0: the step's outputs hold no rows
+                for key in ("latents", "latent_indices", "latent_values"):
+                    if key in out:
+                        out[key] = out[key][:0]
+                out["tokens"] = batch["tokens"][:0]
+                self.seen.pop()
+            return out
+
+    module = EmptyRows(num_latents=F, mode=mode)
+    trainer(tmp_path, [make_callback(tmp_path)]).fit(module, loader())
+    check_against_oracle(tmp_path / "samples", module.seen)
+    module = SyntheticSAE(num_latents=F, mode=mode)
+    trainer(tmp_path / "t0", [make_callback(tmp_path / "t0")]).fit(module, loader(EmptySequences()))
+    assert not (tmp_path / "t0" / "samples" / "collection_summary.json").exists()  # nothing collected
+
+
+def test_duplicate_latent_indices_name_the_position(tmp_path):
+    class Duplicates(SyntheticSAE):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            out["latent_indices"] = out["latent_indices"].clone()
+            out["latent_indices"][1, 3, 2] = out["latent_indices"][1, 3, 0]
+            return out
+
+    with pytest.raises(LatentInputError, match=r"latent \d+ more than once .*batch row 1, position 3"):
+        trainer(tmp_path, [make_callback(tmp_path)]).fit(Duplicates(num_latents=F, mode="sparse"), loader())
+
+
+def test_token_ids_beyond_int32_name_the_position_and_value(tmp_path):
+    class HugeIds(SyntheticSAE):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            out["tokens"] = batch["tokens"].clone()
+            out["tokens"][2, 5] = 2**40
+            return out
+
+    with pytest.raises(LatentInputError, match=rf"token id {2**40} at \(batch row 2, position 5\)"):
+        trainer(tmp_path, [make_callback(tmp_path)]).fit(HugeIds(num_latents=F), loader())
+
+
+def just_below(edge: float) -> float:
+    """The largest float32 strictly below a float64 edge."""
+    value = torch.tensor(edge, dtype=torch.float64).float()
+    if float(value) >= edge:
+        value = torch.nextafter(value, torch.tensor(-math.inf))
+    return float(value)
+
+
+def just_above(edge: float) -> float:
+    """The smallest float32 at or above a float64 edge."""
+    value = torch.tensor(edge, dtype=torch.float64).float()
+    if float(value) < edge:
+        value = torch.nextafter(value, torch.tensor(math.inf))
+    return float(value)
+
+
+def test_values_next_to_bin_edges_land_in_the_bins_the_published_edges_say(tmp_path):
+    edges = [float(e) for e in histogram_edges(THR)[1:-1]] + [float(e) for e in interval_edges(THR, 8)[1:-1]]
+    values = torch.tensor([f(e) for e in edges for f in (just_below, just_above)], dtype=torch.float32)
+    values = values[values > THR]
+
+    class EdgeSAE(SyntheticSAE):
+        def latents_for(self, tokens):
+            flat = torch.arange(tokens.numel(), device=tokens.device) % len(values)
+            lat = torch.zeros(*tokens.shape, self.num_latents, device=tokens.device)
+            lat[..., 2] = values.to(tokens.device)[flat].view(tokens.shape)
+            return lat
+
+    module = EdgeSAE(num_latents=F)
+    trainer(tmp_path, [make_callback(tmp_path, max_samples_per_feature=100, samples_per_interval=100,
+                                     num_intervals=8)], max_steps=2).fit(module, loader())
+    record = json.loads((tmp_path / "samples" / "feature_00002_samples.json").read_text())
+    bin_edges = record["statistics"]["histogram"]["bin_edges"]
+    seen_values = torch.cat([s.latents[..., 2].reshape(-1) for s in module.seen]).double()
+    seen_values = seen_values[seen_values > THR]
+    want = [sum(1 for v in seen_values.tolist() if sum(1 for e in bin_edges[1:-1] if v >= e) == i)
+            for i in range(len(bin_edges) - 1)]
+    assert record["statistics"]["histogram"]["counts"] == want
+    published = [float(e) for e in interval_edges(THR, 8)[1:-1]]
+    for i, group in enumerate(record["interval_samples"]):
+        want_count = sum(1 for v in seen_values.tolist() if sum(1 for e in published if v >= e) == i)
+        assert group["count"] == want_count
+        for sample in group["samples"]:
+            assert sum(1 for e in published if sample["activation_value"] >= e) == i
+
+
+class SparsifyLikeSae(torch.nn.Module):
+    """Keeps the latent count where EleutherAI's sparsify does: ``sae.num_latents``."""
+
+    def __init__(self, num_latents):
+        super().__init__()
+        self.num_latents = num_latents
+
+
+class SaeLensLikeSae(torch.nn.Module):
+    """Keeps the latent count where SAELens does: ``sae.cfg.d_sae``."""
+
+    def __init__(self, d_sae):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"d_sae": d_sae})()
+
+
+@pytest.mark.parametrize("submodule", [SparsifyLikeSae, SaeLensLikeSae])
+def test_latent_count_is_found_on_the_sae_submodule(tmp_path, submodule):
+    module = SyntheticSAE(num_latents=F, mode="sparse")
+    del module.num_latents
+    module.sae = submodule(F)
+    trainer(tmp_path, [make_callback(tmp_path)], max_steps=3).fit(module, loader())
+    summary = json.loads((tmp_path / "samples" / "collection_summary.json").read_text())
+    assert summary["num_features_tracked"] == F
+    assert summary["config"]["num_latents"] == F
