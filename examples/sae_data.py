@@ -235,6 +235,13 @@ class ActivationDataModule(L.LightningDataModule):
         text_field: Column holding the text.
         max_documents: Read at most this many documents from a Hugging Face dataset (0 = all).
         seq_len: Tokens per window (the model sees ``[CLS]/[BOS] + window (+ [SEP])``).
+        drop_first_positions: Leading tokens of each model input whose hidden states are computed but
+            neither trained on nor collected. Causal LMs put massive hidden states on their first
+            positions (attention sinks: at SmolLM2-135M's layer 12 the first token after ``[BOS]`` has norm
+            ~700 on average and up to ~27,000, the second up to ~400, later ones at most ~250 with ~135 on
+            average), which every latent would otherwise pick up. The model sees
+            ``[BOS] + drop_first_positions + seq_len`` tokens; the dropped ones are the end of the previous
+            window, so no text is lost.
         max_tokens: Stop after this many tokens (rounded down to whole windows).
         shuffle_documents: Shuffle documents (KJV: chapters) before taking ``max_tokens`` tokens, so a
             small budget covers the whole text instead of its beginning.
@@ -258,6 +265,7 @@ class ActivationDataModule(L.LightningDataModule):
         text_field: str = "text",
         max_documents: int = 0,
         seq_len: int = 128,
+        drop_first_positions: int = 0,
         max_tokens: int = 400_000,
         shuffle_documents: bool = True,
         seed: int = 0,
@@ -274,6 +282,8 @@ class ActivationDataModule(L.LightningDataModule):
             raise ValueError("source='files' needs text_files (glob patterns)")
         if source == "hf_dataset" and not dataset_name:
             raise ValueError("source='hf_dataset' needs dataset_name")
+        if drop_first_positions < 0:
+            raise ValueError(f"drop_first_positions must be >= 0, got {drop_first_positions}")
         self.model_name = model_name
         self.layer = layer
         self.source = source
@@ -284,6 +294,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.max_documents = max_documents
         self.seq_len = seq_len
+        self.drop_first_positions = drop_first_positions
         self.max_tokens = max_tokens
         self.shuffle_documents = shuffle_documents
         self.seed = seed
@@ -353,6 +364,7 @@ class ActivationDataModule(L.LightningDataModule):
             "model": self.model_name,
             "layer": self.layer,
             "seq_len": self.seq_len,
+            **({"drop_first_positions": self.drop_first_positions} if self.drop_first_positions else {}),
             "max_tokens": self.max_tokens,
             "shuffle": self.shuffle_documents,
             "seed": self.seed,
@@ -375,21 +387,29 @@ class ActivationDataModule(L.LightningDataModule):
             random.Random(self.seed).shuffle(docs)
         return docs
 
-    def _token_windows(self) -> Tensor:
-        """Tokenize documents until ``max_tokens`` and pack them into ``[N, seq_len]`` windows."""
+    def _token_windows(self) -> tuple[Tensor, Tensor]:
+        """Tokenize documents until ``max_tokens`` and pack them into windows.
+
+        Returns ``(windows [N, seq_len], leading [N, drop_first_positions])``: ``leading[i]`` are the
+        stream tokens just before ``windows[i]``, which the model sees but the SAE does not.
+        """
         tok = self.tokenizer
         stream: list[int] = []
-        budget = max(self.max_tokens, self.seq_len)
+        lead = self.drop_first_positions
+        budget = max(self.max_tokens, self.seq_len) + lead
         for doc in self._documents():
             # Documents are longer than the model's context on purpose: windows are cut below.
             ids = tok(doc, add_special_tokens=False, verbose=False)["input_ids"]
             stream.extend(ids)
             if len(stream) >= budget:
                 break
-        n = min(len(stream), budget) // self.seq_len
-        if n == 0:
-            raise ValueError(f"Not enough text for one window of {self.seq_len} tokens")
-        return torch.tensor(stream[: n * self.seq_len], dtype=torch.long).view(n, self.seq_len)
+        n = (min(len(stream), budget) - lead) // self.seq_len
+        if n <= 0:
+            raise ValueError(f"Not enough text for one window of {lead} + {self.seq_len} tokens")
+        used = torch.tensor(stream[: lead + n * self.seq_len], dtype=torch.long)
+        starts = torch.arange(n).unsqueeze(1) * self.seq_len
+        leading = used[starts + torch.arange(lead)]
+        return used[lead:].view(n, self.seq_len), leading
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
         """Tokens the model sees around each window: ``[CLS] ... [SEP]`` for BERT-like, ``[BOS] ...`` else.
@@ -406,7 +426,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _compute(self, path: Path) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        windows = self._token_windows()
+        windows, leading = self._token_windows()
         n, t = windows.shape
         prefix, suffix = self._special_ids()
         model = load_model(self.model_name)
@@ -428,13 +448,15 @@ class ActivationDataModule(L.LightningDataModule):
                     ids = torch.cat(
                         [
                             torch.tensor(prefix, dtype=torch.long).expand(b, len(prefix)),
+                            leading[i : i + b],
                             chunk,
                             torch.tensor(suffix, dtype=torch.long).expand(b, len(suffix)),
                         ],
                         dim=1,
                     )
                     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-                    hidden = out.hidden_states[self.layer][:, len(prefix) : len(prefix) + t]
+                    first = len(prefix) + leading.shape[1]
+                    hidden = out.hidden_states[self.layer][:, first : first + t]
                     acts[i : i + b] = hidden.to(self.cache_dtype)
                     done = i + b
                     rate = done * t / (time.perf_counter() - start)

@@ -5,12 +5,14 @@ Run (from the repository root)::
     HF_HUB_OFFLINE=1 python examples/train_sae.py fit --config examples/configs/minilm_kjv.yaml
 
 Any setting can be overridden on the command line, for example
-``--trainer.max_steps 500 --model.init_args.num_latents 2048 --data.max_tokens 100000``.
+``--trainer.max_steps 500 --trainer.callbacks.collection_freq '{0: 100, 300: 2}' --data.max_tokens 100000``
+(a shorter run needs a shorter collection schedule; the callback warns when it would collect almost nothing).
 Use ``--data.source files --data.text_files '["notes/**/*.txt"]'`` for your own text, or
 ``--data.model_name <hugging-face-name>`` for another model (hidden size is picked up automatically).
 
 After ``fit`` the program prints where the samples directory and the reports are, and prints the
-console report of the strongest feature. ``ActivationSampleCallback`` (configured under
+console report of the strongest feature. The configs set no ``dirpath``, so every run writes its own
+``<default_root_dir>/lightning_logs/version_N/activation_samples``. ``ActivationSampleCallback`` (configured under
 ``trainer.callbacks``) finds the tokenizer on the datamodule (``trainer.datamodule.tokenizer``).
 """
 
@@ -61,7 +63,7 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         return
     samples = samples_dir_of(callback, trainer)
     console.rule("[bold]Activation samples")
-    console.print(f"samples directory : {samples.resolve()}")
+    console.print(f"samples directory : {samples.resolve()}", soft_wrap=True)
     md = samples / "interpretability_report.md"
     try:
         from lightning_sae_samples import ActivationSampleAnalyzer
@@ -77,12 +79,12 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         analyzer.generate_interpretability_report(
             str(md), top_k_features=top_k_features, examples_per_feature=examples_per_feature
         )
-        console.print(f"Markdown report   : {md.resolve()}")
+        console.print(f"Markdown report   : {md.resolve()}", soft_wrap=True)
         html = samples / "report.html"
         analyzer.generate_html_report(
             str(html), top_k_features=top_k_features, examples_per_feature=examples_per_feature
         )
-        console.print(f"HTML report       : {html.resolve()}")
+        console.print(f"HTML report       : {html.resolve()}", soft_wrap=True)
         feature = _strongest_feature(samples)
         if feature is not None:
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)

@@ -305,6 +305,9 @@ class ActivationSampleCallback(Callback):
         problem = trainer.strategy.broadcast(problem)
         if problem:
             raise ValueError(problem)
+        sparse = self.schedule.sparse_run_warning(trainer.max_steps)
+        if sparse:
+            rank_zero_warn(f"ActivationSampleCallback: {sparse}")
 
     def _take_dirpath(self) -> Optional[str]:
         """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
-from typing import Union
+from typing import Optional, Union
 
 Frequency = Union[int, Mapping[int, int]]
 
@@ -56,6 +56,36 @@ class CollectionSchedule:
         if seg + 1 < len(self.starts) and candidate >= self.starts[seg + 1]:
             return self.starts[seg + 1]
         return candidate
+
+    def num_due_before(self, stop: int) -> int:
+        """How many steps in ``[0, stop)`` are collected (arithmetic over the segments, no loop over steps)."""
+        total = 0
+        ends = self.starts[1:] + [stop]
+        for start, freq, end in zip(self.starts, self.freqs, ends):
+            end = min(end, stop)
+            if end > start:
+                total += -(-(end - start) // freq)
+        return total
+
+    def sparse_run_warning(self, max_steps: int, minimum: int = 2) -> Optional[str]:
+        """A message saying what to change when fewer than ``minimum`` steps before ``max_steps`` are collected.
+
+        ``None`` when the schedule collects enough (or every step of a run shorter than ``minimum``), or when
+        ``max_steps`` is not set (``-1``: the run's length is not known in steps).
+        """
+        if max_steps is None or max_steps <= 0:
+            return None
+        count = self.num_due_before(max_steps)
+        if count >= min(minimum, max_steps):  # a 1-step run cannot collect 2 steps: nothing to fix
+            return None
+        which = "no step" if count == 0 else f"only step {self.next_due(0)}"
+        suggestion = max(1, max_steps // 20)
+        return (
+            f"`collection_freq`={self.as_config()!r} collects {which} before `max_steps`={max_steps}, so the saved"
+            " samples say little about the trained SAE (and may come from its untrained start). Give a schedule"
+            f" that fits the run, e.g. `collection_freq={suggestion}` (or lower the start steps of yours),"
+            " or raise `max_steps`."
+        )
 
     def as_config(self) -> Union[int, dict[int, int]]:
         """The schedule as given (an int or a dict), for summaries and YAML."""

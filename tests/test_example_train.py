@@ -34,7 +34,8 @@ def tiny_config(tmp_path: Path) -> Path:
     trainer["default_root_dir"] = str(tmp_path / "run")
     callbacks = trainer["callbacks"]
     sample_cb = next(cb for cb in callbacks if cb["class_path"].endswith("ActivationSampleCallback"))
-    sample_cb["init_args"].update(collection_freq={0: 10, 20: 1}, dirpath=str(tmp_path / "samples"))
+    assert "dirpath" not in sample_cb["init_args"], "the shipped config must let each run write its own version dir"
+    sample_cb["init_args"]["collection_freq"] = {0: 10, 20: 1}
     trainer["callbacks"] = [sample_cb]  # no checkpoints needed here
     config["model"]["init_args"].update(num_latents=256, k=8, warmup_steps=5, dead_after_tokens=4096)
     config["data"].update(
@@ -65,7 +66,8 @@ def test_example_trains_collects_and_reports(tmp_path):
     config = tiny_config(tmp_path)
     done = run_example(config, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    samples = tmp_path / "samples"
+    # No dirpath in the config: the samples go under the logger's version, as checkpoints do.
+    samples = tmp_path / "run" / "lightning_logs" / "version_0" / "activation_samples"
     summary = json.loads((samples / "collection_summary.json").read_text())
     assert summary["num_features_tracked"] == 256
     assert summary["steps_collected"] == 2 + 20  # steps 0, 10, then 20..39
@@ -92,3 +94,8 @@ def test_example_trains_collects_and_reports(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "caching" not in again.stdout
     assert list((tmp_path / "cache").iterdir()) == cache_dirs
+    # ... and writes its samples into its own version directory, leaving the first run's alone.
+    second = tmp_path / "run" / "lightning_logs" / "version_1" / "activation_samples"
+    assert (second / "collection_summary.json").is_file()
+    assert str(second.resolve()) in again.stdout
+    assert json.loads((samples / "collection_summary.json").read_text()) == summary
