@@ -50,10 +50,11 @@ def to_sparse(latents, k=3):
     return indices, values, torch.zeros_like(latents).scatter(-1, indices, values)
 
 
-def assert_state_matches_oracle(state, seen, k=K):
+def assert_state_matches_oracle(state, seen, k=K, exclude=()):
     state = padded_state(state)
-    feats = oracle(seen, F, k, CTX, THR)
+    feats = oracle(seen, F, k, CTX, THR, exclude=exclude)
     half = CTX // 2
+    assert int(state["tokens_seen"]) == tokens_seen(seen)
     for f, feat in feats.items():
         assert int(state["count"][f]) == feat.count
         kept = int(torch.isfinite(state["top_values"][f]).sum())
@@ -63,7 +64,7 @@ def assert_state_matches_oracle(state, seen, k=K):
             assert int(state["top_step"][f, j]) == step
             assert int(state["top_position"][f, j]) == pos
             window = state["top_context_tokens"][f, j].tolist()
-            assert window[half] == ctx[ctx_pos]
+            assert window[half - ctx_pos : half - ctx_pos + len(ctx)] == ctx
             assert [t for t in window if t >= 0] == ctx
             got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
             assert got_acts == pytest.approx(acts)
@@ -385,21 +386,7 @@ def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_l
         else:
             c.update_dense(tokens, latents, step, attention_mask=mask, excluded=excluded)
         seen.append(Seen(step, 0, 0, tokens, latents, mask))
-    state = padded_state(c.state_dict())
-    feats = oracle(seen, F, K, CTX, THR, exclude=(3,))
-    assert int(state["tokens_seen"]) == tokens_seen(seen)
-    for f, feat in feats.items():
-        assert int(state["count"][f]) == feat.count
-        kept = int(torch.isfinite(state["top_values"][f]).sum())
-        assert kept == len(feat.samples)
-        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
-            assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
-            assert (int(state["top_step"][f, j]), int(state["top_position"][f, j])) == (step, pos)
-            window = state["top_context_tokens"][f, j].tolist()
-            assert window[CTX // 2 - ctx_pos : CTX // 2 - ctx_pos + len(ctx)] == ctx
-            assert [t for t in window if t >= 0] == ctx
-            got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
-            assert got_acts == pytest.approx(acts)
+    assert_state_matches_oracle(c.state_dict(), seen, exclude=(3,))
 
 
 # ---------------------------------------------------------------------- compact window dtypes
