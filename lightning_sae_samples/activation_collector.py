@@ -32,6 +32,7 @@ from lightning_sae_samples.collector import (
     SampleCollector,
     available_memory_bytes,
     estimate_state_bytes,
+    padding_positions,
 )
 from lightning_sae_samples.distributed import gather_merged_state
 from lightning_sae_samples.inputs import (
@@ -272,7 +273,7 @@ class ActivationSampleCollector:
         device = source.device
         tokens = batch.tokens.to(device)
         mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
-        real = tokens >= 0 if mask is None else (tokens >= 0) & mask
+        real = ~padding_positions(tokens, mask)
         check_token_ids(tokens, real, keys.tokens)
         num_latents = self._num_latents_of(batch, keys)
         if batch.indices is not None:

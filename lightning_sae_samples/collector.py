@@ -139,6 +139,14 @@ def dense_hits(rows: Tensor, threshold: float) -> Tensor:
     return opened[inside] * group + column
 
 
+def padding_positions(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """``[B, T]`` bool, True at padding: a negative token id, or 0/False in ``attention_mask``."""
+    padding = tokens < 0
+    if attention_mask is not None:
+        padding = padding | ~attention_mask.to(device=tokens.device, dtype=torch.bool)
+    return padding
+
+
 class TokenPositions:
     """Which positions of a ``[B, T]`` batch are collected, and the segment each one belongs to.
 
@@ -157,9 +165,7 @@ class TokenPositions:
         self, tokens: Tensor, attention_mask: Optional[Tensor] = None, excluded: Optional[Tensor] = None
     ) -> None:
         batch, seq = tokens.shape
-        padding = tokens < 0
-        if attention_mask is not None:
-            padding = padding | ~attention_mask.to(device=tokens.device, dtype=torch.bool)
+        padding = padding_positions(tokens, attention_mask)
         collect = ~padding if excluded is None else ~padding & ~excluded.to(tokens.device)
         self.tokens = tokens
         self.collect = collect.reshape(-1)
