@@ -300,8 +300,7 @@ class ActivationSampleCallback(Callback):
             )
         num_latents = self.num_latents or find_num_latents(pl_module)
         if num_latents is not None:
-            device = self.engine.state_device or trainer.strategy.root_device
-            self.engine.check_memory(num_latents, device, owner="ActivationSampleCallback")
+            self.engine.check_memory(num_latents, trainer.strategy.root_device, owner="ActivationSampleCallback")
         problem = self._take_dirpath() if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem:
