@@ -18,11 +18,6 @@ def rgb(level: float) -> tuple[int, int, int]:
     return tuple(round(lo + (hi - lo) * level) for lo, hi in zip(_LOW, _HIGH))  # type: ignore[return-value]
 
 
-def css_background(activation: float, feature_max: float) -> str:
-    """CSS declaration for a token's background (transparent when it does not fire)."""
-    return css_background_level(strength(activation, feature_max))
-
-
 def css_background_level(level: float) -> str:
     """CSS declaration for the background of a strength in ``[0, 1]`` (transparent at 0)."""
     if level == 0:
