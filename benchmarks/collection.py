@@ -493,7 +493,7 @@ def collector_phases(
     ``K * F / (tokens * k)`` collections; after that, ever fewer activations enter it. Means include the
     merges of staged samples whenever they happen.
     """
-    from lightning_sae_samples.collector import CollectorConfig, SampleCollector
+    from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
 
     config = CollectorConfig(num_latents, 100, 20, threshold, samples_per_interval=2, **extra)
     collector = SampleCollector(config, device)

@@ -1,14 +1,17 @@
 """Exact top activating contexts of every SAE latent, collected during Lightning training.
 
-The callback (which imports Lightning) and the tensor engine are loaded on first use, so the command line and
+The callback (which imports Lightning) and the collector are loaded on first use, so the command line and
 the analyzer start without importing Lightning.
 """
 
+from __future__ import annotations
+
+import warnings
 from importlib import import_module
 from typing import Any
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, UnknownFeatureError, write_report
-from lightning_sae_samples.records import (
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, UnknownFeatureError
+from lightning_sae_samples.analysis.records import (
     DRIFT_THRESHOLD,
     FeatureSamples,
     FeatureStats,
@@ -16,20 +19,28 @@ from lightning_sae_samples.records import (
     RunSummary,
     Sample,
 )
-from lightning_sae_samples.storage import SamplesDirectory, SamplesDirectoryError, read_samples_dir
+from lightning_sae_samples.analysis.reports import write_report
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import SamplesDirectory, read_samples_dir
+
+__version__ = "0.2.0"
 
 _LAZY = {
     "ActivationSampleCallback": "lightning_sae_samples.callback",
-    "ActivationSampleCollector": "lightning_sae_samples.activation_collector",
+    "ActivationSampleCollector": "lightning_sae_samples.collector",
+    "CollectionConfig": "lightning_sae_samples.config",
     "CollectionSchedule": "lightning_sae_samples.schedule",
-    "CollectorConfig": "lightning_sae_samples.collector",
-    "SampleCollector": "lightning_sae_samples.collector",
-    "merge_states": "lightning_sae_samples.collector",
-    "estimate_state_bytes": "lightning_sae_samples.collector",
-    "padded_state": "lightning_sae_samples.state_format",
     "LatentInputError": "lightning_sae_samples.inputs",
-    "LogitEffects": "lightning_sae_samples.logit_effects",
-    "TokenEffect": "lightning_sae_samples.logit_effects",
+    "LogitEffects": "lightning_sae_samples.analysis.records",
+    "TokenEffect": "lightning_sae_samples.analysis.records",
+}
+# Engine internals that the top level exported in 0.1; they still resolve, with a DeprecationWarning.
+_MOVED = {
+    "SampleCollector": "lightning_sae_samples.engine",
+    "CollectorConfig": "lightning_sae_samples.engine",
+    "estimate_state_bytes": "lightning_sae_samples.engine",
+    "merge_states": "lightning_sae_samples.state",
+    "padded_state": "lightning_sae_samples.state",
 }
 
 __all__ = [
@@ -37,8 +48,8 @@ __all__ = [
     "ActivationSampleAnalyzer",
     "ActivationSampleCallback",
     "ActivationSampleCollector",
+    "CollectionConfig",
     "CollectionSchedule",
-    "CollectorConfig",
     "FeatureSamples",
     "FeatureStats",
     "IntervalGroup",
@@ -46,14 +57,11 @@ __all__ = [
     "LogitEffects",
     "RunSummary",
     "Sample",
-    "SampleCollector",
     "SamplesDirectory",
     "SamplesDirectoryError",
     "TokenEffect",
     "UnknownFeatureError",
-    "estimate_state_bytes",
-    "merge_states",
-    "padded_state",
+    "__version__",
     "read_samples_dir",
     "write_report",
 ]
@@ -62,4 +70,16 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _MOVED:
+        warnings.warn(
+            f"`lightning_sae_samples.{name}` is an engine internal and moved to `{_MOVED[name]}.{name}`; the"
+            " top-level name goes away in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'lightning_sae_samples' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

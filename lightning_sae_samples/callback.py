@@ -15,20 +15,16 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_sae_samples.activation_collector import STATE_VERSION, ActivationSampleCollector
+from lightning_sae_samples.analysis.logit_effects import logit_effect_extras, resolve_logit_effects_fn
 from lightning_sae_samples.arguments import choice, positive_int
-from lightning_sae_samples.collector import SampleCollector
-from lightning_sae_samples.distributed import gather_merged_state
+from lightning_sae_samples.collector import STATE_VERSION, ActivationSampleCollector
+from lightning_sae_samples.engine.distributed import gather_merged_state
+from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
-from lightning_sae_samples.logit_effects import logit_effect_extras, resolve_logit_effects_fn
+from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, SamplesDirectoryError
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.storage import (
-    LOCK_NAME,
-    SamplesDirectoryError,
-    claim_samples_dir,
-    foreign_entries,
-)
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 _SAVE_ERROR_CHOICES = ("log", "raise")
@@ -101,7 +97,7 @@ class ActivationSampleCallback(Callback):
         seed: Seed of the interval sampling.
         deduplicate_contexts: A latent keeps no two top (or recent) samples whose context windows overlap in
             the same sequence or whose context tokens are identical; the kept set is the exact top-k under
-            that rule (see :mod:`lightning_sae_samples.dedup`). Useful on repetitive text.
+            that rule (see :mod:`lightning_sae_samples.engine.dedup`). Useful on repetitive text.
         log_feature_health: At each collected step (and only then), log ``feature_health/never_fired_frac``,
             ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0`` to ``trainer.loggers``, and a histogram of
             log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see

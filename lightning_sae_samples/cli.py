@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
-from lightning_sae_samples.statistics import RANK_CHOICES
-from lightning_sae_samples.storage import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.state.statistics import RANK_CHOICES
 
 if TYPE_CHECKING:
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+    from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 
 SUMMARY = "collection_summary.json"
 #: How deep below a given folder the command looks for samples directories to suggest.
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_export_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-sae-samples export SAMPLES_DIR --format jsonl|parquet OUT``."""
-    from lightning_sae_samples.export import FORMATS
+    from lightning_sae_samples.analysis.export import FORMATS
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} {EXPORT_COMMAND}",
@@ -101,7 +101,7 @@ def find_samples_dirs(root: str, depth: int = SEARCH_DEPTH, limit: int = MAX_SUG
 
 def open_analyzer(samples_dir: str, **kwargs: object) -> ActivationSampleAnalyzer:
     """The analyzer of ``samples_dir``; when it is a parent of samples directories, the error names them."""
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+    from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 
     try:
         return ActivationSampleAnalyzer(samples_dir, **kwargs)  # type: ignore[arg-type]

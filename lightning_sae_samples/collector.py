@@ -1,723 +1,577 @@
-"""The tensor engine: exact per-latent top-k samples and streaming statistics, in pure torch.
+"""ActivationSampleCollector: the sample collection of the callback, for any training loop.
 
-Nothing here knows about Lightning. One call to :meth:`SampleCollector.update_dense` or
-:meth:`SampleCollector.update_sparse` folds one batch of
-latent activations into the state with a fixed number of vectorized tensor operations; there is no
-Python loop over latents, tokens or samples, and sparse (TopK) latents are never densified. The state
-stays on the latents' device; the host only learns sizes (of boolean selections, the widest row of new
-samples, whether a window walk can stop), never activations.
-
-Exactness. For every latent the state holds the ``K`` largest activations strictly above the
-threshold over everything seen, ordered by value descending and, among equal values, by the
-earliest ``(step, order)`` where ``order = rank << 40 | token offset within the step on that rank``.
-Within one process new tokens always come after the kept ones, so a merge of ``[kept, new]`` that
-puts kept samples first among equals realises the tie-break; :func:`merge_states` sorts explicitly by
-the keys and is exact for states from different processes or runs.
-
-Besides the top, optional tables keep, per latent, ``samples_per_interval`` random samples from each
-activation interval (the ones with the largest :func:`sample_priority`, a hash of where the sample was
-seen: a uniform sample that every process and resume reproduces) and the top activations of the recent
-window of steps (the current and the previous block of ``recent_window_steps`` steps).
+Feed it each collected step's token ids and SAE latents with :meth:`~ActivationSampleCollector.update`,
+call :meth:`~ActivationSampleCollector.save` to write the samples directory, and keep
+:meth:`~ActivationSampleCollector.state_dict` in your checkpoints for an exact resume. Under
+``torch.distributed`` every process feeds its own batches; ``state_dict`` and ``save`` merge all of them
+exactly (both are collectives: call them on every process).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_sae_samples.hashing import mix64, shift_right, signed64
-from lightning_sae_samples.sample_table import BatchContext, SampleTable, acts_dtype_for, token_dtype_for
-from lightning_sae_samples.state_format import (
-    CONFIG_FIELDS,
-    EMPTY,
-    FORMAT_VERSION,
-    INTERVAL_FIELDS,
-    LATENT_FIELDS,
-    RUN_FIELDS,
-    STAT_FIELDS,
-    STATE_FORMAT_VERSION,
-    check_compatible,
-    check_state_version,
-    dense_counts,
-    empty_field,
-    merge_counters,
-    merge_states,
-    sparse_counts,
+from lightning_sae_samples._moved import forwarder, homes_of
+from lightning_sae_samples.analysis.reports import write_report
+from lightning_sae_samples.arguments import (
+    choice,
+    finite_float,
+    integer,
+    optional_positive_int,
+    positive_int,
+    token_ids,
 )
+from lightning_sae_samples.engine.distributed import gather_merged_state
+from lightning_sae_samples.engine.memory import estimate_state_bytes
+from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.windows import padding_positions
+from lightning_sae_samples.inputs import (
+    InputKeys,
+    LatentBatch,
+    LatentInputError,
+    check_distinct_indices,
+    check_indices_in_range,
+    check_latents,
+    check_token_ids,
+)
+from lightning_sae_samples.memory import available_memory_bytes
+from lightning_sae_samples.samples_dir.names import REPORT_NAME
+from lightning_sae_samples.samples_dir.writer import write_samples_dir
+from lightning_sae_samples.state.statistics import RANK_CHOICES
+from lightning_sae_samples.state.tables import kept_per_latent
+from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
-__all__ = [
-    "FORMAT_VERSION", "STATE_FORMAT_VERSION", "CollectorConfig", "SampleCollector", "check_compatible",
-    "available_memory_bytes", "estimate_state_bytes", "merge_counters", "merge_states", "per_latent_fields",
-]
-
-RANK_SHIFT = 40
-HISTOGRAM_BINS = 40
-HISTOGRAM_MAX = 1e4
-HISTOGRAM_MIN_FLOOR = 1e-3
-DENSE_SCAN_ELEMENTS = 1 << 23
-DENSE_GROUP = 32
-
-INTERVAL_RATIO = math.sqrt(10.0)
-
-
-def per_latent_fields(state: dict) -> list[str]:
-    """Names of a state's statistics indexed by latent (first dimension ``F``); the tables are apart."""
-    return [field.name for field in LATENT_FIELDS if field.name in state]
-
-
-def sample_priority(step: int, order: Tensor, seed: int = 0) -> Tensor:
-    """A pseudo-random priority in ``[0, 2**31)`` (as float64) for samples seen at ``(step, order)``.
-
-    A SplitMix64 hash: the same sample gets the same priority in every process, run and resume, so
-    keeping the largest priorities is a reproducible uniform sample that merges exactly.
-    """
-    x = mix64(order + signed64(step * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03))
-    return shift_right(x, 33).double()
-
-
-def interval_edges(threshold: float, num_intervals: int) -> Tensor:
-    """Edges of the activation intervals sampled per latent: half-decades up from the threshold.
-
-    The last interval is open above; values below the first edge (threshold 0) fall into the first.
-    """
-    low = max(float(threshold), HISTOGRAM_MIN_FLOOR)
-    return low * INTERVAL_RATIO ** torch.arange(num_intervals + 1, dtype=torch.float64)
+STATE_VERSION = 1
+DEFAULT_KEYS = InputKeys()
+# Which argument bounds each kind of sample table, for the out-of-memory message.
+_TABLE_ARGUMENT = {
+    "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",
+}
+# Settings a resumed collection must share with the one that wrote the checkpoint.
+RESUME_SETTINGS = (
+    "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals", "recent_window_steps",
+    "recent_samples_per_feature", "seed", "deduplicate_contexts",
+)
+PathLike = Union[str, Path]
+Gather = Callable[[SampleCollector], Optional[dict]]
 
 
-def histogram_edges(threshold: float, num_bins: int = HISTOGRAM_BINS) -> Tensor:
-    """Fixed log-spaced bin edges for activation histograms.
+class _ProcessGroup:
+    """``all_gather`` over the default ``torch.distributed`` process group, stacked on a new first dimension."""
 
-    The edges run from ``max(threshold, 1e-3)`` to ``1e4``; values outside fall into the first or
-    last bin. Fixed edges make histograms of different processes and resumed runs add up exactly.
-    """
-    low = max(float(threshold), HISTOGRAM_MIN_FLOOR)
-    if low >= HISTOGRAM_MAX:
-        low = HISTOGRAM_MAX / 10
-    return torch.logspace(math.log10(low), math.log10(HISTOGRAM_MAX), num_bins + 1, dtype=torch.float64)
+    def __init__(self) -> None:
+        self.world_size = torch.distributed.get_world_size()
+        nccl = torch.distributed.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
-
-def above_threshold(values: Tensor, threshold: float) -> Tensor:
-    """Mask of ``values > threshold`` evaluated exactly, whatever the dtype of ``values``.
-
-    Comparing a bf16/fp16/fp32 tensor with a Python float rounds the threshold to the tensor's dtype
-    first, which can admit or drop values equal to the rounded threshold. This picks ``>`` or ``>=``
-    against the rounded threshold so the result equals the comparison in exact arithmetic.
-    """
-    rounded, inclusive = _rounded_threshold(float(threshold), values.dtype)
-    return values >= rounded if inclusive else values > rounded
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
 
 
-@functools.lru_cache(maxsize=64)
-def _rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
-    """``threshold`` rounded to ``dtype``, and whether ``>=`` against it equals ``>`` against the exact one.
-
-    Cached: a collection asks with the same threshold and dtype every time, and pays no tensor op for it.
-    """
-    rounded = float(torch.tensor(threshold, dtype=torch.float64).to(dtype))
-    return rounded, rounded > threshold
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def dense_hits(rows: Tensor, threshold: float) -> Tensor:
-    """Flat indices (row-major, ascending) of the entries of a contiguous ``[n, F]`` block above ``threshold``.
+class ActivationSampleCollector:
+    r"""Exact top activating contexts and streaming statistics of every SAE latent, for any training loop.
 
-    Columns are read in groups of up to :data:`DENSE_GROUP`: a group's maximum says whether any of its
-    entries is above the threshold (a NaN maximum is looked into as well), and only those groups are
-    compared entry by entry. With sparse rows (ReLU or TopK latents) few groups are, so most entries are
-    read once, by the maximum.
-    """
-    n, f = rows.shape
-    group = math.gcd(f, DENSE_GROUP)
-    peak = rows.view(n, f // group, group).amax(dim=2)
-    opened = (above_threshold(peak, threshold) | torch.isnan(peak)).view(-1).nonzero(as_tuple=True)[0]
-    inside, column = above_threshold(rows.view(-1, group).index_select(0, opened), threshold).nonzero(as_tuple=True)
-    return opened[inside] * group + column
-
-
-def padding_positions(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-    """``[B, T]`` bool, True at padding: a negative token id, or 0/False in ``attention_mask``."""
-    padding = tokens < 0
-    if attention_mask is not None:
-        padding = padding | ~attention_mask.to(device=tokens.device, dtype=torch.bool)
-    return padding
-
-
-class TokenPositions:
-    """Which positions of a ``[B, T]`` batch are collected, and the segment each one belongs to.
-
-    Padding (``attention_mask`` 0/False, or a negative token id) is not collected and does not count as
-    seen; excluded positions count as seen but are not collected. Segments split each sequence at its
-    padding: a context window reaches only tokens of its own segment, as if each padding position were a
-    sequence edge.
+    The engine of :class:`~lightning_sae_samples.ActivationSampleCallback`, without Lightning: call
+    :meth:`update` on the steps you want collected (it costs nothing on the others, since you do not call
+    it), :meth:`save` to write the samples directory (``docs/format.md``) that the analyzer, the reports
+    and ``lightning-sae-samples`` read, and keep :meth:`state_dict` in your checkpoint.
 
     Args:
-        tokens: Token ids ``[B, T]``.
-        attention_mask: ``[B, T]``, 0/False at padding, or ``None``.
-        excluded: ``[B, T]`` bool, True at positions not to collect, or ``None``.
-    """
-
-    def __init__(
-        self, tokens: Tensor, attention_mask: Optional[Tensor] = None, excluded: Optional[Tensor] = None
-    ) -> None:
-        batch, seq = tokens.shape
-        padding = padding_positions(tokens, attention_mask)
-        collect = ~padding if excluded is None else ~padding & ~excluded.to(tokens.device)
-        self.tokens = tokens
-        self.collect = collect.reshape(-1)
-        self.num_seen = (~padding).sum()
-        index = torch.arange(batch * seq, device=tokens.device).view(batch, seq)
-        # Unmasked tokens: the sequence and the count of padding positions before them (each padding
-        # position starts a new segment); padding: a negative id of its own, shared with nothing.
-        inside = (index // seq) * (seq + 1) + torch.cumsum(padding, dim=1)
-        self.segment = torch.where(padding, -1 - index, inside).reshape(-1)
-
-
-class SparseWindowActs:
-    """Activations of each sample's latent on its context tokens, read from TopK-style latents.
-
-    Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it,
-    and further entries are further away; walking out one entry at a time therefore finds every one inside
-    the window, and a sample leaves the walk at its first miss (usually the first step).
-
-    Args:
-        indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
-        values: Their activations ``[N, k]``.
-        entry: Flat index into ``indices`` of each candidate sample.
-        picked: Activation of each candidate sample (finite).
-        segment: Segment id of each token ``[N]`` (see :func:`token_segments`): a window reaches only the
-            tokens of its own segment.
-        half_window: Context tokens on each side.
-    """
-
-    def __init__(
-        self, indices: Tensor, values: Tensor, entry: Tensor, picked: Tensor, segment: Tensor, half_window: int
-    ) -> None:
-        self.indices, self.values, self.entry, self.picked = indices, values.reshape(-1), entry, picked
-        self.segment, self.half = segment, half_window
-        self._sorted: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
-
-    def _sort(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self._sorted is None:
-            num_tokens, k = self.indices.shape
-            # Entries come in token order, so a stable sort by latent orders them by (latent, token).
-            latent, order = torch.sort(self.indices.reshape(-1).to(torch.int32), stable=True)
-            token = order // k
-            keys = latent.long() * num_tokens + token
-            where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-            segment = self.segment[token]
-            linked = (
-                (latent[1:] == latent[:-1]) & (segment[1:] == segment[:-1]) & (keys[1:] - keys[:-1] <= self.half)
-            )
-            self._sorted = keys, order, where, linked
-        return self._sorted
-
-    def __call__(self, candidate: Tensor) -> Tensor:
-        """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside their segment)."""
-        keys, order, where, linked = self._sort()
-        half, last = self.half, len(keys) - 1
-        at = where[self.entry[candidate]]
-        dtype = acts_dtype_for(self.values.dtype)
-        acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
-        acts[:, half] = self.picked[candidate].to(dtype)
-        for direction in (1, -1):
-            # `linked[i]`: sorted entries i and i + 1 are the same latent, in one segment, within the window.
-            if direction == 1:
-                starts = linked[at.clamp(max=last - 1)] & (at < last)
-            else:
-                starts = linked[(at - 1).clamp(min=0)] & (at > 0)
-            walking = starts.nonzero(as_tuple=True)[0]
-            own = keys[at[walking]]
-            for distance in range(1, half + 1):
-                neighbour = (at[walking] + direction * distance).clamp(0, last)
-                offset = keys[neighbour] - own
-                hit = (offset != 0) & (offset.abs() <= half)
-                if distance > 1:
-                    hit &= linked[torch.minimum(neighbour, neighbour - direction)]
-                # One nonzero (one host sync) selects the samples still walking from all four tensors.
-                going = hit.nonzero(as_tuple=True)[0]
-                if not len(going):
-                    break
-                walking, neighbour, offset, own = (t.index_select(0, going) for t in (walking, neighbour, offset, own))
-                found = self.values[order[neighbour]].to(dtype)
-                acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
-        return acts
-
-
-@dataclass
-class CollectorConfig:
-    """Shape of a collector's state.
-
-    Args:
-        num_latents: Number of latents ``F``.
-        max_samples: Top samples kept per latent ``K``.
-        context_size: Context tokens around the activating one (``context_size // 2`` on each side).
-        threshold: An activation counts only if strictly greater than this.
-        samples_per_interval: Random samples kept per latent and activation interval (0: none).
-        num_intervals: Number of activation intervals (half-decades from the threshold up).
-        recent_window_steps: Block length in steps of the recent-top window (``None``: no recent top).
-        recent_samples: Top samples kept per latent for the recent window.
+        num_latents: Latent count ``F``; required for sparse latents, inferred from dense ones.
+        max_samples_per_feature: Top samples kept in memory per latent.
+        context_size: Context tokens kept around the activating one (``context_size // 2`` on each side,
+            clipped at the sequence's edges and at padding).
+        activation_threshold: An activation counts only if strictly greater than this.
+        top_features_to_save: Features written as JSON files at each save, best first by ``rank_features_by``.
+        samples_per_feature_to_save: Samples written per feature file (the full-state file keeps all).
+        rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
+        samples_per_interval: Random samples kept per latent from each activation interval (0: none).
+        num_intervals: Number of activation intervals (half-decades above the threshold).
+        recent_window_steps: Also keep the top samples of the current and previous block of this many steps.
+        recent_samples_per_feature: Samples kept per latent for the recent window (default:
+            ``samples_per_feature_to_save``).
         seed: Seed of the interval sampling.
-        deduplicate_contexts: Apply the de-duplication rule of :mod:`lightning_sae_samples.dedup` to the top
-            and recent tables.
-        stage_limit: Samples a table stages before merging them into its sorted rows (``None``: a quarter of
-            the table's size). Lower trades speed for memory; the kept samples do not depend on it.
-    """
+        deduplicate_contexts: No two kept samples of a latent with overlapping windows in one sequence or
+            identical context tokens.
+        exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP): no statistics and no sample centred
+            there, but they count in ``tokens_seen`` and show in other samples' contexts.
+        write_report: Also write ``interpretability_report.md`` at each :meth:`save`.
+        state_device: Where the collection lives (e.g. ``"cpu"`` for an SAE that fills the accelerator's
+            memory); default: the latents' device. Each collection then copies there only the active entries
+            and the context windows of those that may enter the kept samples.
 
-    num_latents: int
-    max_samples: int
-    context_size: int
-    threshold: float
-    samples_per_interval: int = 0
-    num_intervals: int = 8
-    recent_window_steps: Optional[int] = None
-    recent_samples: int = 10
-    seed: int = 0
-    deduplicate_contexts: bool = False
-    stage_limit: Optional[int] = None
+    Raises:
+        ValueError: If an argument is out of range; the message names the argument and a fix.
 
-    @property
-    def half_window(self) -> int:
-        """Tokens kept on each side of the activating token."""
-        return self.context_size // 2
+    Example::
 
-    @property
-    def window(self) -> int:
-        """Length of a stored context window (activating token at index ``half_window``)."""
-        return 2 * self.half_window + 1
-
-
-_CONFIG_KEYS = {field.name: field.name for field in CONFIG_FIELDS}
-
-
-def _table_bytes(rows: int, capacity: int, window: int, random: bool, dedup: bool, stored: int) -> tuple[int, int]:
-    """Bytes of a sample table: its sorted per-row keys, and its window pool holding ``stored`` samples."""
-    per_place = 4 + 4 + 8 + 4 + (8 if random else 0) + (8 if dedup else 0)  # values, step, order, slot, ...
-    per_sample = 4 + 2 * 4 * window  # position, context tokens and activations at their widest (int32, fp32)
-    return rows * capacity * per_place + rows * 8, min(stored, rows * capacity) * per_sample
-
-
-def estimate_state_bytes(config: CollectorConfig, stored_samples: Optional[int] = None) -> dict[str, int]:
-    """Bytes a collector's state takes in memory.
-
-    Args:
-        config: The collector's configuration.
-        stored_samples: Samples stored per table (the window pools grow with them); ``None``: every table full.
-
-    Returns:
-        ``{"fixed": ..., "samples": ..., "total": ...}``: the part allocated up front (per-latent statistics and
-        every table's sorted keys), the window pools, and their sum; plus ``"top"``, ``"interval"`` and
-        ``"recent"``: each table kind's share of the total, to tell which argument to lower.
-    """
-    num_latents, window = config.num_latents, config.window
-    dedup = config.deduplicate_contexts
-    bins = HISTOGRAM_BINS
-    stats = num_latents * (8 + 8 + 8 + 4 + 4 + 8 * bins + 8 + 8)
-    tables = {"top": [(num_latents, config.max_samples, False, dedup)]}
-    if config.samples_per_interval:
-        stats += num_latents * config.num_intervals * 8
-        tables["interval"] = [(num_latents * config.num_intervals, config.samples_per_interval, True, False)]
-    if config.recent_window_steps:
-        tables["recent"] = [(num_latents, config.recent_samples, False, dedup)] * 2
-    out = {"fixed": stats, "samples": 0}
-    for kind, specs in tables.items():
-        out[kind] = 0
-        for rows, capacity, random, dup in specs:
-            stored = rows * capacity if stored_samples is None else stored_samples
-            keys, pool = _table_bytes(rows, capacity, window, random, dup, stored)
-            out["fixed"] += keys
-            out["samples"] += pool
-            out[kind] += keys + pool
-    out["total"] = out["fixed"] + out["samples"]
-    return out
-
-
-def available_memory_bytes(device: torch.device | str) -> Optional[int]:
-    """Memory free for new tensors on ``device``: host RAM (``MemAvailable``, else free pages) or CUDA memory.
-
-    ``None`` where it cannot be told (other accelerators).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-class SampleCollector:
-    """Exact top-k activating contexts and streaming statistics for every latent.
-
-    Args:
-        config: Sizes, threshold and optional sample groups.
-        device: Where the state lives; put it on the latents' device.
-        hist_edges: Histogram bin edges; defaults to :func:`histogram_edges` of the threshold.
+        >>> import torch
+        >>> from lightning_sae_samples import ActivationSampleCollector
+        >>> collector = ActivationSampleCollector(context_size=4)
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> collector.update(tokens, latents=torch.rand(2, 8, 16), step=0)
+        >>> collector.num_latents
+        16
     """
 
     def __init__(
         self,
-        config: CollectorConfig,
-        device: torch.device | str = "cpu",
-        hist_edges: Optional[Tensor] = None,
+        num_latents: Optional[int] = None,
+        *,
+        max_samples_per_feature: int = 100,
+        context_size: int = 20,
+        activation_threshold: float = 0.1,
+        top_features_to_save: int = 100,
+        samples_per_feature_to_save: int = 10,
+        rank_features_by: str = "max_activation",
+        samples_per_interval: int = 2,
+        num_intervals: int = 8,
+        recent_window_steps: Optional[int] = None,
+        recent_samples_per_feature: Optional[int] = None,
+        seed: int = 0,
+        deduplicate_contexts: bool = False,
+        exclude_token_ids: Sequence[int] = (),
+        write_report: bool = True,
+        state_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        self.config = config
-        device = torch.device(device)
-        num_latents, w = config.num_latents, config.window
-        edges = histogram_edges(config.threshold) if hist_edges is None else hist_edges
-        self.hist_edges = edges.to(torch.float64).cpu()
-        self._inner_edges = self.hist_edges[1:-1].to(device=device)
-        num_bins = len(self.hist_edges) - 1
-
-        radius = 2 * config.half_window if config.deduplicate_contexts else None
-        stage = config.stage_limit
-        self.tables: dict[str, SampleTable] = {
-            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius, stage_limit=stage)
-        }
-        self.interval_edges: Optional[Tensor] = None
-        if config.samples_per_interval:
-            self.interval_edges = interval_edges(config.threshold, config.num_intervals)
-            self._interval_inner = self.interval_edges[1:-1].to(device=device)
-            self.tables["interval"] = SampleTable(
-                num_latents * config.num_intervals,
-                config.samples_per_interval,
-                w,
-                device,
-                random_priority=True,
-                stage_limit=stage,
-            )
-            for field in INTERVAL_FIELDS:
-                setattr(self, field.name, empty_field(field, (num_latents, config.num_intervals), device))
-        self.recent_block = EMPTY
-        if config.recent_window_steps:
-            for name in ("recent", "recent_prev"):
-                self.tables[name] = SampleTable(
-                    num_latents, config.recent_samples, w, device, dedup_radius=radius, stage_limit=stage
-                )
-
-        for field in STAT_FIELDS:
-            shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
-            setattr(self, field.name, empty_field(field, shape, device))
-        for field in RUN_FIELDS:
-            value = empty_field(field, (), device) if field.dtype is not None else field.fill
-            setattr(self, field.name, value)
-        self.last_active = 0
-        self.last_seen: Tensor | int = 0
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the state tensors."""
-        return self.count.device
-
-    @property
-    def top_values(self) -> Tensor:
-        """Kept top activations ``[F, K]``, best first (``-inf`` where empty)."""
-        self.tables["top"].flush()
-        return self.tables["top"].values
-
-    # ------------------------------------------------------------------ update
-    def update_dense(
-        self,
-        tokens: Tensor,
-        latents: Tensor,
-        step: int,
-        order_base: int = 0,
-        attention_mask: Optional[Tensor] = None,
-        excluded: Optional[Tensor] = None,
-    ) -> None:
-        """Fold dense latents into the state.
-
-        Args:
-            tokens: Token ids ``[B, T]``; negative ids count as padding.
-            latents: Activations ``[B, T, F]`` (any float dtype, any device).
-            step: Global optimizer step of this batch.
-            order_base: Order key of the batch's first token (``rank << 40 | offset``).
-            attention_mask: ``[B, T]``, 0/False at padding: not collected, not counted in ``tokens_seen``,
-                and context windows stop there as at a sequence edge.
-            excluded: ``[B, T]`` bool, True where nothing is collected although the token counts as seen
-                and shows in other samples' contexts (e.g. BOS).
-        """
-        batch, seq = tokens.shape
-        positions = TokenPositions(tokens, attention_mask, excluded)
-        flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
-        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
-        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
-        num_latents = self.config.num_latents
-        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
-        found, bad = [], []
-        for start in range(0, len(flat), block):
-            rows = flat[start : start + block]
-            found.append(dense_hits(rows, self.config.threshold) + start * num_latents)
-            bad.append(~torch.isfinite(rows.sum(dim=1)) & positions.collect[start : start + block])
-        entry = torch.cat(found)
-        values = flat.view(-1)[entry].float()
-        keep = torch.isfinite(values) & positions.collect[entry // num_latents]
-        if not bool(keep.all()):
-            entry, values = entry[keep], values[keep]
-        token_idx, latent_idx = entry // num_latents, entry % num_latents
-        self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
-        segment = positions.segment
-
-        def window_acts(candidate: Tensor) -> Tensor:
-            token, latent = token_idx[candidate], latent_idx[candidate]
-            position = token % seq
-            offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
-            shifted = position.unsqueeze(1) + offsets
-            rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
-            acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].to(acts_dtype_for(flat.dtype))
-            inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
-            return torch.where(inside & torch.isfinite(acts), acts, 0.0)
-
-        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts, flat.dtype)
-
-    def update_sparse(
-        self,
-        tokens: Tensor,
-        indices: Tensor,
-        values: Tensor,
-        step: int,
-        order_base: int = 0,
-        attention_mask: Optional[Tensor] = None,
-        excluded: Optional[Tensor] = None,
-    ) -> None:
-        """Fold TopK-style sparse latents into the state without densifying them.
-
-        Args:
-            tokens: Token ids ``[B, T]``; negative ids count as padding.
-            indices: Active latent indices ``[B, T, k]``.
-            values: Their activations ``[B, T, k]``.
-            step: Global optimizer step of this batch.
-            order_base: Order key of the batch's first token (``rank << 40 | offset``).
-            attention_mask: ``[B, T]``, 0/False at padding (see :meth:`update_dense`).
-            excluded: ``[B, T]`` bool, True where nothing is collected (see :meth:`update_dense`).
-        """
-        batch, seq = tokens.shape
-        positions = TokenPositions(tokens, attention_mask, excluded)
-        flat_idx = indices.detach().reshape(batch * seq, -1)
-        flat_val = values.detach().reshape(batch * seq, -1)
-        k = flat_idx.shape[1]
-        collect = positions.collect.unsqueeze(1)
-        finite = torch.isfinite(flat_val)
-        self.nonfinite_skipped += (~finite & collect).sum()
-        entry = (above_threshold(flat_val, self.config.threshold) & finite & collect).view(-1).nonzero(as_tuple=True)[0]
-        token_idx = entry // k
-        latent_idx = flat_idx.view(-1)[entry].long()
-        picked = flat_val.view(-1)[entry].float()
-        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
-        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts, flat_val.dtype)
-
-    def _fold(
-        self,
-        positions: TokenPositions,
-        token_idx: Tensor,
-        latent_idx: Tensor,
-        values: Tensor,
-        step: int,
-        order_base: int,
-        window_acts: Callable[[Tensor], Tensor],
-        latent_dtype: torch.dtype,
-    ) -> None:
-        cfg = self.config
-        dev = self.device
-        source = values.device
-        if source != dev:
-            # The state lives elsewhere (e.g. host memory): windows are read where the latents are, and only
-            # those of the samples that may enter are copied.
-            read_windows = window_acts
-
-            def window_acts(candidate: Tensor) -> Tensor:
-                return read_windows(candidate.to(source)).to(dev)
-
-        token_dtype = token_dtype_for(int(positions.tokens.max()) if positions.tokens.numel() else 0)
-        for table in self.tables.values():
-            table.widen(token_dtype, acts_dtype_for(latent_dtype))
-        token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
-        self.last_seen = positions.num_seen
-        self.tokens_seen += positions.num_seen.to(dev)
-        if self.first_collected_step == EMPTY:
-            self.first_collected_step = step
-        if self.last_collected_step != step:
-            self.steps_collected += 1
-            self.last_collected_step = step
-
-        self._update_statistics(latent_idx, values, step)
-        self.last_active = len(values)
-        offers = [(self.tables["top"], latent_idx, values)]
-        if "interval" in self.tables:
-            interval = torch.bucketize(values.double(), self._interval_inner, right=True)
-            rows = latent_idx * cfg.num_intervals + interval
-            self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
-            offers.append((self.tables["interval"], rows, sample_priority(step, order_base + token_idx, cfg.seed)))
-        if "recent" in self.tables:
-            self._rotate_recent(step)
-            offers.append((self.tables["recent"], latent_idx, values))
-        may_enter = [table.can_enter(rows, priority) for table, rows, priority in offers]
-        anywhere = may_enter[0]
-        for mask in may_enter[1:]:
-            anywhere = anywhere | mask
-        batch = BatchContext(
-            positions.tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts,
-            segment=positions.segment.to(dev), token_dtype=token_dtype,
+        try:
+            self.state_device = None if state_device is None else torch.device(state_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`state_device` must name a torch device such as 'cpu' or 'cuda:0', or be None (the latents'"
+                f" device); got {state_device!r}: {err}"
+            ) from None
+        self.num_latents = optional_positive_int(num_latents, "num_latents", "It is the SAE's latent count F.")
+        self.max_samples_per_feature = positive_int(
+            max_samples_per_feature, "max_samples_per_feature", "Keep at least one sample per latent, e.g. 100."
         )
-        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
-        for (table, rows, priority), mask in zip(offers, may_enter):
-            candidate = mask.nonzero(as_tuple=True)[0]
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
+        self.context_size = positive_int(
+            context_size, "context_size", "Use 0 for the activating token alone, e.g. 20 for ten each side.", 0
+        )
+        self.activation_threshold = finite_float(
+            activation_threshold, "activation_threshold", "Use e.g. 0.1; only activations strictly above it count."
+        )
+        self.top_features_to_save = positive_int(
+            top_features_to_save, "top_features_to_save", "It is how many feature files each save writes.", 0
+        )
+        self.samples_per_feature_to_save = positive_int(
+            samples_per_feature_to_save, "samples_per_feature_to_save", "Use e.g. 10."
+        )
+        if self.samples_per_feature_to_save > self.max_samples_per_feature:
+            raise ValueError(
+                f"`samples_per_feature_to_save` ({samples_per_feature_to_save}) cannot exceed"
+                f" `max_samples_per_feature` ({max_samples_per_feature}): raise the latter or lower the former."
+            )
+        self.rank_features_by = choice(rank_features_by, "rank_features_by", RANK_CHOICES)
+        self.samples_per_interval = positive_int(
+            samples_per_interval, "samples_per_interval", "Use 0 to keep no interval samples, e.g. 2.", 0
+        )
+        self.num_intervals = positive_int(num_intervals, "num_intervals", "Use e.g. 8 half-decade intervals.")
+        self.recent_window_steps = optional_positive_int(
+            recent_window_steps, "recent_window_steps", "Use a window of several collection steps, or None."
+        )
+        if recent_samples_per_feature is None:
+            recent_samples_per_feature = self.samples_per_feature_to_save
+        self.recent_samples_per_feature = positive_int(
+            recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
+        )
+        self.seed = integer(seed, "seed")
+        self.deduplicate_contexts = bool(deduplicate_contexts)
+        self.exclude_token_ids = token_ids(exclude_token_ids, "exclude_token_ids")
+        self.write_report = bool(write_report)
 
-    def _rotate_recent(self, step: int) -> None:
-        block = step // int(self.config.recent_window_steps)
-        if block == self.recent_block:
-            return
-        current, previous = self.tables["recent"], self.tables["recent_prev"]
-        if block == self.recent_block + 1:
-            self.tables["recent_prev"], self.tables["recent"] = current, previous
-            previous.clear()
-        else:
-            current.clear()
-            previous.clear()
-        self.recent_block = block
+        self.collector: Optional[SampleCollector] = None
+        self.rank: Optional[int] = None
+        self._pending_state: Optional[dict] = None
+        self._excluded: Optional[Tensor] = None
+        self._offset_step = -1
+        self._token_offset = 0
+        self._warned_nonfinite = 0
 
-    def _update_statistics(self, latent_idx: Tensor, values: Tensor, step: int) -> None:
-        num_latents = self.config.num_latents
-        fired_now = torch.bincount(latent_idx, minlength=num_latents)
-        self.count += fired_now
-        as_double = values.double()
-        self.sum.index_add_(0, latent_idx, as_double)
-        self.sum_sq.index_add_(0, latent_idx, as_double * as_double)
-        self.max.scatter_reduce_(0, latent_idx, values, reduce="amax")
-        self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
-        num_bins = self.hist.shape[1]
-        bins = torch.bucketize(values.double(), self._inner_edges, right=True)
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, torch.ones_like(bins))
-        fired = fired_now > 0
-        self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)
-        self.last_step = torch.where(fired, step, self.last_step)
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict[str, Any]:
+        """The configuration as JSON-friendly values."""
+        return {
+            "max_samples_per_feature": self.max_samples_per_feature,
+            "context_size": self.context_size,
+            "activation_threshold": self.activation_threshold,
+            "top_features_to_save": self.top_features_to_save,
+            "samples_per_feature_to_save": self.samples_per_feature_to_save,
+            "rank_features_by": self.rank_features_by,
+            "num_latents": self.num_latents,
+            "samples_per_interval": self.samples_per_interval,
+            "num_intervals": self.num_intervals,
+            "recent_window_steps": self.recent_window_steps,
+            "recent_samples_per_feature": self.recent_samples_per_feature,
+            "seed": self.seed,
+            "deduplicate_contexts": self.deduplicate_contexts,
+            "exclude_token_ids": list(self.exclude_token_ids),
+        }
 
-    # ------------------------------------------------------------------ state
-    def _run_state(self) -> dict:
-        """The state's run-level entries: format, configuration, edges and counters."""
-        cfg = self.config
-        state: dict = {"format_version": STATE_FORMAT_VERSION}
-        state.update({key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()})
-        state.update(half_window=cfg.half_window, hist_edges=self.hist_edges.clone())
-        if self.interval_edges is not None:
-            state["interval_edges"] = self.interval_edges.clone()
-        for field in RUN_FIELDS:
-            value = getattr(self, field.name)
-            state[field.name] = value.clone() if isinstance(value, Tensor) else value
-        return state
+    def exclude_tokens(self, ids: Sequence[int]) -> None:
+        """Also exclude these token ids from collection (e.g. a tokenizer's ``all_special_ids``)."""
+        self.exclude_token_ids = token_ids((*self.exclude_token_ids, *ids), "exclude_token_ids")
+        self._excluded = None
 
-    def _export(self, latents: slice, padded: bool) -> dict:
-        cfg = self.config
-        state = self._run_state()
-        start, stop, _ = latents.indices(cfg.num_latents)
-        for name, table in self.tables.items():
-            per = cfg.num_intervals if name == "interval" else 1
-            rows = slice(start * per, stop * per)
-            state[name] = table.export_padded(rows) if padded else table.export(rows)
-        for field in LATENT_FIELDS:
-            if hasattr(self, field.name):
-                rows = getattr(self, field.name)[start:stop]
-                state[field.name] = sparse_counts(rows) if field.sparse and not padded else rows.clone()
-        return state
+    def _rank(self) -> int:
+        if self.rank is None:
+            self.rank = torch.distributed.get_rank() if _distributed() else 0
+        return self.rank
 
-    def export(self, latents: slice = slice(None)) -> dict:
-        """The state of a range of latents in compact form (see :mod:`~lightning_sae_samples.state_format`).
+    # ------------------------------------------------------------------ collection
+    def update(
+        self,
+        tokens: Tensor,
+        *,
+        latents: Optional[Tensor] = None,
+        latent_indices: Optional[Tensor] = None,
+        latent_values: Optional[Tensor] = None,
+        step: int,
+        attention_mask: Optional[Tensor] = None,
+    ) -> None:
+        """Fold one batch into the collection.
 
-        Per-latent statistics and the tables' rows cover ``latents``; run-level entries are whole. Tensors
-        are new and on the state's device. This is what :func:`merge_states`, the checkpoint and the
-        full-state file hold.
-        """
-        return self._export(latents, padded=False)
+        Several calls with the same ``step`` are micro-batches of one optimizer step; steps must not go back.
 
-    def export_padded(self, latents: slice = slice(None)) -> dict:
-        """Like :meth:`export`, with every table as padded ``[rows, capacity, ...]`` tensors.
-
-        The shapes depend only on the configuration, as collectives across processes need.
-        """
-        return self._export(latents, padded=True)
-
-    def state_dict(self) -> dict:
-        """The whole state, compact, on the CPU (loadable with ``torch.load(weights_only=True)``)."""
-        return _to_cpu(self.export())
-
-    @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
-        """Rebuild a collector from :meth:`state_dict` output, on ``device``.
+        Args:
+            tokens: Token ids ``[B, T]``. Negative ids are padding.
+            latents: Dense latents ``[B, T, F]`` or ``[B*T, F]``.
+            latent_indices: Or sparse (TopK) active latent indices ``[B, T, k]`` or ``[B*T, k]``, distinct per
+                token; needs ``num_latents``.
+            latent_values: Their activations, same shape.
+            step: The optimizer step (an integer >= 0).
+            attention_mask: ``[B, T]``, 0/False at padding: padding is not collected, not counted in
+                ``tokens_seen``, and context windows stop at it as at a sequence edge.
 
         Raises:
-            ValueError: ``state`` is not a compact collector state of this version, or does not fit its own
-                configuration.
+            LatentInputError: The inputs have wrong shapes or dtypes, a sparse index is out of range or
+                repeated within one token, or a token id does not fit the stored int32.
         """
-        check_state_version(state)
-        missing = [f.name for f in (*CONFIG_FIELDS[:3], *STAT_FIELDS) if f.name not in state]
-        missing += [name for name in ("top", "hist_edges") if name not in state]
-        if missing:
-            raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
-        defaults = CollectorConfig(0, 0, 0, 0.0)
-        config = CollectorConfig(
-            **{attr: state.get(key, getattr(defaults, attr)) for key, attr in _CONFIG_KEYS.items()}
-        )
-        collector = cls(config, device, state["hist_edges"])
-        for name, table in collector.tables.items():
-            if name not in state:
-                raise ValueError(f"Collector state is missing its {name!r} sample table.")
-            table.load(state[name])
-        for field in LATENT_FIELDS:
-            if not hasattr(collector, field.name):
-                continue
-            target = getattr(collector, field.name)
-            value = state.get(field.name)
-            if field.sparse and isinstance(value, dict) and _valid_counts(value, target):
-                value = dense_counts(value)
-            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"Collector state field {field.name!r} is missing or not of shape {tuple(target.shape)}."
+        batch = check_latents(tokens, latents, latent_indices, latent_values, attention_mask, DEFAULT_KEYS)
+        step = positive_int(step, "step", "Pass the optimizer step (0, 1, ...).", 0)
+        self.fold(batch, step)
+
+    def fold(self, batch: LatentBatch, step: int, keys: InputKeys = DEFAULT_KEYS) -> None:
+        """Fold an already checked batch (see :func:`~lightning_sae_samples.inputs.check_latents`)."""
+        if batch.tokens.numel() == 0:
+            return
+        source = batch.dense if batch.dense is not None else batch.values
+        device = source.device
+        tokens = batch.tokens.to(device)
+        mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+        real = ~padding_positions(tokens, mask)
+        check_token_ids(tokens, real, keys.tokens)
+        num_latents = self._num_latents_of(batch, keys)
+        if batch.indices is not None:
+            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)
+            check_distinct_indices(batch.indices, real, keys.latent_indices)
+        collector = self._collector_for(num_latents, device)
+        if collector.last_collected_step > step:
+            raise LatentInputError(
+                f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
+                " never decreases; calls with the same step are micro-batches of that step."
+            )
+        if step != self._offset_step:
+            self._offset_step, self._token_offset = step, 0
+        order_base = (self._rank() << RANK_SHIFT) + self._token_offset
+        self._token_offset += tokens.numel()
+        excluded = self._excluded_positions(tokens)
+        if batch.dense is not None:
+            collector.update_dense(tokens, batch.dense, step, order_base, attention_mask=mask, excluded=excluded)
+        else:
+            collector.update_sparse(
+                tokens, batch.indices, batch.values, step, order_base, attention_mask=mask, excluded=excluded
+            )
+
+    def _excluded_positions(self, tokens: Tensor) -> Optional[Tensor]:
+        if not self.exclude_token_ids:
+            return None
+        if self._excluded is None or self._excluded.device != tokens.device:
+            self._excluded = torch.tensor(self.exclude_token_ids, dtype=tokens.dtype, device=tokens.device)
+        return torch.isin(tokens, self._excluded.to(tokens.dtype))
+
+    def _num_latents_of(self, batch: LatentBatch, keys: InputKeys) -> int:
+        if batch.dense is not None:
+            found = batch.dense.shape[-1]
+            if self.collector is None and self.num_latents is not None and found != self.num_latents:
+                raise LatentInputError(
+                    f"`{keys.latents}` has {found} latents but `num_latents` is {self.num_latents}. Pass the"
+                    " SAE's latent count as `num_latents`, or leave it out for dense latents."
                 )
-            target.copy_(value)
-        for field in RUN_FIELDS:
-            value = state.get(field.name, field.fill)
-            if field.dtype is not None:
-                getattr(collector, field.name).fill_(int(value))
-            else:
-                setattr(collector, field.name, int(value))
-        return collector
+            return found
+        if self.num_latents is not None:
+            return self.num_latents
+        if self.collector is not None:
+            return self.collector.config.num_latents
+        if self._pending_state is not None:
+            return int(self._pending_state["num_latents"])
+        raise LatentInputError(
+            "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
+        )
 
-    def empty_like(self) -> SampleCollector:
-        """A collector with the same configuration, histogram edges and step counters, and no samples."""
-        empty = SampleCollector(self.config, self.device, self.hist_edges)
-        for field in RUN_FIELDS:
-            if field.dtype is None:
-                setattr(empty, field.name, getattr(self, field.name))
-        return empty
+    def _collector_for(self, num_latents: int, device: torch.device) -> SampleCollector:
+        collector = self.collector
+        if collector is not None:
+            if collector.config.num_latents != num_latents:
+                raise LatentInputError(
+                    f"The latent count changed from {collector.config.num_latents} to {num_latents} between"
+                    " steps. Return latents of the same SAE at every step."
+                )
+            return collector
+        if self._pending_state is not None:
+            saved = int(self._pending_state["num_latents"])
+            if saved != num_latents:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
+                    f" {num_latents}. Resume the same SAE, or start a new collection without the checkpoint."
+                )
+        self.collector = self._materialize(num_latents, self.state_device or device)
+        return self.collector
+
+    def collector_config(self, num_latents: int) -> CollectorConfig:
+        """The tensor engine's configuration for ``num_latents`` latents."""
+        return CollectorConfig(
+            num_latents,
+            self.max_samples_per_feature,
+            self.context_size,
+            self.activation_threshold,
+            samples_per_interval=self.samples_per_interval,
+            num_intervals=self.num_intervals,
+            recent_window_steps=self.recent_window_steps,
+            recent_samples=self.recent_samples_per_feature,
+            seed=self.seed,
+            deduplicate_contexts=self.deduplicate_contexts,
+        )
+
+    def check_memory(self, num_latents: int, device: Union[torch.device, str], owner: str = "") -> None:
+        """Refuse a state whose up-front part cannot fit ``device``, before allocating it.
+
+        Raises:
+            ValueError: Naming the bytes needed and available, and the argument to lower.
+        """
+        need = estimate_state_bytes(self.collector_config(num_latents), stored_samples=0)
+        device = self.state_device or device
+        available = available_memory_bytes(device)
+        if available is None or need["total"] <= available:
+            return
+        argument = _TABLE_ARGUMENT[max(_TABLE_ARGUMENT, key=lambda kind: need.get(kind, 0))]
+        raise ValueError(
+            f"{owner or type(self).__name__}'s state for {num_latents} latents needs {need['total']:,} bytes up"
+            f" front on {device}, which has {available:,} bytes available. Lower `{argument}` (now"
+            f" {getattr(self, argument)}), or collect on a device with more memory."
+        )
+
+    def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
+        pending, self._pending_state = self._pending_state, None
+        if self.num_latents is None:
+            self.num_latents = num_latents
+        if pending is None:
+            self.check_memory(num_latents, device)
+            return SampleCollector(self.collector_config(num_latents), device)
+        restored = SampleCollector.from_state_dict(pending, device)
+        # Every process loads the same merged checkpoint; keeping it on one process only makes the next
+        # merge count each sample once.
+        return restored if self._rank() == 0 else restored.empty_like()
+
+    # ------------------------------------------------------------------ state
+    def merged_state(self, device: Optional[torch.device] = None, gather: Optional[Gather] = None) -> Optional[dict]:
+        """The collection of all processes merged exactly (collective under ``torch.distributed``).
+
+        Args:
+            device: Where to rebuild a restored state that no :meth:`update` has placed yet (default: CPU).
+            gather: Merges this process's collector with the others' and returns the result on rank 0;
+                default: over ``torch.distributed``'s default group when its world size is above 1.
+
+        Returns:
+            The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
+        """
+        if self.collector is None and self._pending_state is not None:
+            where = self.state_device or device or torch.device("cpu")
+            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
+        if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
+            group = _ProcessGroup()
+            collecting = group.all_gather(torch.tensor([self.collector is not None], device=group.device)).view(-1)
+            if not bool(collecting.any()):
+                return None
+            if not bool(collecting.all()):
+                idle = collecting.logical_not().nonzero().view(-1).tolist()
+                raise RuntimeError(
+                    f"ActivationSampleCollector: rank(s) {idle} have not called `update` yet while others have;"
+                    " every process must collect at least one batch before `state_dict` or `save`."
+                )
+            return gather_merged_state(self.collector, group, is_root=self._rank() == 0)
+        if self.collector is None:
+            return None
+        if gather is not None:
+            return gather(self.collector)
+        return self.collector.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: the configuration and the merged collection.
+
+        A collective under ``torch.distributed`` (every process calls it); the collection is held by rank 0's
+        result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
+        """
+        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state()}
+
+    @property
+    def has_collection(self) -> bool:
+        """Whether there is anything to save: collected batches or a restored state."""
+        return self.collector is not None or self._pending_state is not None
+
+    def load_state_dict(self, state: dict[str, Any], owner: str = "ActivationSampleCollector") -> None:
+        """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
+
+        Raises:
+            ValueError: The checkpoint was made with other sizes (named in the message) or latent count.
+        """
+        config = state.get("config", {})
+        for name in RESUME_SETTINGS:
+            saved, current = config.get(name), getattr(self, name)
+            if name in config and saved != current:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint's {owner} has {name}={saved}, this one has {name}={current}."
+                    " Use the same value, or start a new collection without the checkpoint."
+                )
+        collected = state.get("collector")
+        if collected is not None and self.num_latents is not None and int(collected["num_latents"]) != self.num_latents:
+            raise ValueError(
+                f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
+                f" num_latents={self.num_latents}. Resume the same SAE or start a new collection."
+            )
+        if collected is not None and float(collected["threshold"]) != self.activation_threshold:
+            rank_zero_warn(
+                f"Resuming a collection made with activation_threshold={collected['threshold']}; this {owner} has"
+                f" {self.activation_threshold}. Statistics mix both thresholds."
+            )
+        self._pending_state = collected
+        self.collector = None
+        self._offset_step, self._token_offset = -1, 0
+
+    # ------------------------------------------------------------------ saving
+    def save(
+        self, dirpath: PathLike, tokenizer: Any = None, *, global_step: Optional[int] = None, full_state: bool = True
+    ) -> list[int]:
+        """Write the samples directory (and the Markdown report unless ``write_report=False``).
+
+        A collective under ``torch.distributed``: every process calls it, rank 0 writes.
+
+        Args:
+            dirpath: The samples directory (created if missing; replaced atomically).
+            tokenizer: A tokenizer object, a Hugging Face name or path, or ``None`` to show token ids.
+            global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write ``full_state.pt`` (every latent's samples); a save without it removes the
+                previous one, which would be older than the summary.
+
+        Returns:
+            The saved feature indices, best first (empty on other ranks or when nothing was collected).
+        """
+        merged = self.merged_state()
+        if self._rank() != 0:
+            return []
+        tokenizer = load_tokenizer(tokenizer)
+        return self.write(
+            dirpath,
+            merged,
+            tokenizer=tokenizer,
+            config={**self.config(), "tokenizer": describe_tokenizer(tokenizer)},
+            global_step=global_step,
+            full_state=full_state,
+        )
+
+    def write(
+        self,
+        dirpath: PathLike,
+        merged: Optional[dict],
+        *,
+        tokenizer: Any,
+        config: dict[str, Any],
+        global_step: Optional[int] = None,
+        full_state: bool = True,
+        feature_extras: Optional[dict[int, dict]] = None,
+        owner: Optional[str] = None,
+    ) -> list[int]:
+        """Write the samples directory of a merged state (see :meth:`merged_state`), on one process.
+
+        Warns once per new batch of skipped non-finite values, logs one line saying what was saved, and writes
+        the report unless ``write_report=False`` (a failing report only warns).
+
+        Args:
+            dirpath: The samples directory.
+            merged: The merged state, or ``None`` when nothing was collected (then nothing is written).
+            tokenizer: A tokenizer object or ``None``.
+            config: Recorded in the summary.
+            global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write ``full_state.pt``.
+            feature_extras: Extra keys per saved feature file (see ``write_samples_dir``).
+            owner: Who saves, in log messages (default: this class's name).
+
+        Returns:
+            The saved feature indices, best first.
+        """
+        owner = owner or type(self).__name__
+        if merged is None:
+            rank_zero_info(f"{owner}: nothing collected yet, no samples written.")
+            return []
+        self._warn_nonfinite(merged, owner)
+        step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
+        saved = write_samples_dir(
+            dirpath,
+            merged,
+            config=config,
+            tokenizer=tokenizer,
+            top_features=self.top_features_to_save,
+            samples_per_feature=self.samples_per_feature_to_save,
+            rank_by=self.rank_features_by,
+            global_step=step,
+            full_state=full_state,
+            feature_extras=feature_extras,
+        )
+        kept = kept_per_latent(merged)
+        in_files = int(kept[saved].clamp(max=self.samples_per_feature_to_save).sum()) if saved else 0
+        rank_zero_info(
+            f"{owner}: saved samples to {dirpath} at step {step}: {len(saved)} feature files ({in_files} samples)"
+            + (f" and the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
+               if full_state else ".")
+        )
+        if self.write_report:
+            try:
+                write_report(dirpath, tokenizer=tokenizer)
+            except Exception as err:  # noqa: BLE001 - a report must never stop training
+                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+        return saved
+
+    def _warn_nonfinite(self, merged: dict, owner: str) -> None:
+        skipped = int(merged["nonfinite_skipped"])
+        if skipped > self._warned_nonfinite:
+            rank_zero_warn(
+                f"{owner} skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"
+                " not counted or stored. Check the SAE for overflow (e.g. fp16) or diverging training."
+            )
+            self._warned_nonfinite = skipped
 
 
-def _valid_counts(counts: dict, target: Tensor) -> bool:
-    index = counts.get("index")
-    return (
-        [int(n) for n in counts.get("shape", [])] == list(target.shape)
-        and isinstance(index, Tensor) and isinstance(counts.get("value"), Tensor)
-        and index.shape == counts["value"].shape
-        and (not len(index) or (int(index.min()) >= 0 and int(index.max()) < target.numel()))
-        and bool((index[1:] > index[:-1]).all())
-    )
-
-
-def _to_cpu(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        out[key] = _to_cpu(value) if isinstance(value, dict) else value.cpu() if isinstance(value, Tensor) else value
-    return out
+# In 0.1 this module was the tensor engine; its names resolve for one more release, with a DeprecationWarning.
+__getattr__ = forwarder(
+    __name__,
+    homes_of(
+        "lightning_sae_samples.engine.sample_collector",
+        "lightning_sae_samples.engine.windows",
+        "lightning_sae_samples.engine.bins",
+        "lightning_sae_samples.engine.memory",
+        "lightning_sae_samples.memory",
+        "lightning_sae_samples.state.merge",
+    ),
+)

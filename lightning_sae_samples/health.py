@@ -127,7 +127,7 @@ class FeatureHealthMonitor:
 
         Args:
             trainer: The Lightning trainer (its ``loggers`` receive the metrics).
-            collector: The :class:`~lightning_sae_samples.collector.SampleCollector` after the step.
+            collector: The :class:`~lightning_sae_samples.engine.SampleCollector` after the step.
         """
         step, active, tokens = self._step, self._active, self._tokens
         self._step, self._active, self._tokens = None, None, 0

@@ -41,7 +41,7 @@ class OracleFeature:
 
 
 def deduplicate(samples: list, radius: int) -> list:
-    """The two-stage rule of lightning_sae_samples.dedup, written plainly."""
+    """The two-stage rule of lightning_sae_samples.engine.dedup, written plainly."""
     by_sequence: dict = {}
     for s in samples:
         by_sequence.setdefault((s[1], s[2], s[3]), []).append(s)
@@ -104,7 +104,8 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
 
 def assert_groups_match(record: dict, feat: OracleFeature, config: dict, last_step: int, n: int) -> None:
     """Interval samples (uniform by hash priority) and the recent window's top, against the oracle."""
-    from lightning_sae_samples.collector import interval_edges, sample_priority
+    from lightning_sae_samples.engine.bins import interval_edges
+    from lightning_sae_samples.engine.priority import sample_priority
 
     if config.get("samples_per_interval"):
         # Intervals and histogram bins hold exactly the values v with edge_i <= v < edge_i+1 (float64 edges).

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from lightning_sae_samples.collector import CollectorConfig, SampleCollector
-from lightning_sae_samples.storage import write_samples_dir
+from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.samples_dir.writer import write_samples_dir
 
 HOSTILE_TOKENS = [
     "<script>alert(1)</script>",

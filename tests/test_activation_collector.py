@@ -11,7 +11,7 @@ from helpers import assert_same, read_dir
 from oracle import Seen, assert_dir_matches_oracle
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError
-from lightning_sae_samples.state_format import padded_state
+from lightning_sae_samples.state.tables import padded_state
 
 F, K, CTX, THR = 9, 4, 6, 0.5
 PAD = -100

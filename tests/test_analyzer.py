@@ -5,15 +5,11 @@ import torch
 from helpers import SyntheticSAE, loader, trainer
 from render_support import FakeTokenizer, write_fixture_dir
 
-from lightning_sae_samples.analyzer import (
-    ActivationSampleAnalyzer,
-    FeatureSamples,
-    FeatureStats,
-    UnknownFeatureError,
-)
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, UnknownFeatureError
+from lightning_sae_samples.analysis.records import FeatureSamples, FeatureStats
 from lightning_sae_samples.callback import ActivationSampleCallback
-from lightning_sae_samples.state_format import padded_state
-from lightning_sae_samples.storage import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.state.tables import padded_state
 
 VOCAB = [f"w{i}" for i in range(30)]
 F, SAVED, PER_FILE, K = 10, 3, 2, 5
@@ -208,9 +204,9 @@ def test_package_modules_import_each_other_without_a_cycle():
     graph = {name: imports(path) - {name} for name, path in modules.items() if not name.endswith("__main__")}
     # The package's __init__ re-exports: a module importing the package itself is not a cycle of the reading side.
     graph["lightning_sae_samples"] = set()
-    assert not graph["lightning_sae_samples.records"] & {"lightning_sae_samples.analyzer"}
-    for reader in [m for m in graph if m.startswith(("lightning_sae_samples.render", "lightning_sae_samples.export"))]:
-        assert "lightning_sae_samples.analyzer" not in graph[reader], reader
+    assert not graph["lightning_sae_samples.analysis.records"] & {"lightning_sae_samples.analysis.analyzer"}
+    for reader in [m for m in graph if m.startswith(("lightning_sae_samples.render", "lightning_sae_samples.analysis.export"))]:
+        assert "lightning_sae_samples.analysis.analyzer" not in graph[reader], reader
 
     state: dict = {}
 

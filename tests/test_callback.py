@@ -6,9 +6,10 @@ from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import assert_dir_matches_oracle
 
-from lightning_sae_samples import ActivationSampleCallback, sample_table
+from lightning_sae_samples import ActivationSampleCallback
+from lightning_sae_samples.engine import sample_table
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.state_format import padded_state
+from lightning_sae_samples.state.tables import padded_state
 
 F, K, CTX, THR = 10, 4, 4, 0.5
 

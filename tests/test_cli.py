@@ -5,7 +5,7 @@ import sys
 import pytest
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.cli import main
 
 

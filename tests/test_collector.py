@@ -4,15 +4,11 @@ import pytest
 import torch
 from oracle import Seen, oracle, tokens_seen
 
-from lightning_sae_samples import sample_table
-from lightning_sae_samples.collector import (
-    RANK_SHIFT,
-    CollectorConfig,
-    SampleCollector,
-    above_threshold,
-    merge_states,
-)
-from lightning_sae_samples.state_format import padded_state
+from lightning_sae_samples.engine import sample_table
+from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.windows import above_threshold
+from lightning_sae_samples.state.merge import merge_states
+from lightning_sae_samples.state.tables import padded_state
 
 F, K, CTX, THR = 7, 5, 4, 0.5
 
@@ -199,7 +195,8 @@ def _samples(seen, threshold=THR, seq=6):
 
 
 def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval(stage_limit):
-    from lightning_sae_samples.collector import interval_edges, sample_priority
+    from lightning_sae_samples.engine.bins import interval_edges
+    from lightning_sae_samples.engine.priority import sample_priority
 
     cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, samples_per_interval=2, num_intervals=4, seed=3)
     c = SampleCollector(cfg)
@@ -234,7 +231,7 @@ def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval(s
 
 
 def test_interval_sampling_is_close_to_uniform():
-    from lightning_sae_samples.collector import sample_priority
+    from lightning_sae_samples.engine.priority import sample_priority
 
     # the hash priority picks each of 8 candidates equally often over many independent sequences
     orders = torch.arange(8)
@@ -257,7 +254,7 @@ def test_recent_window_keeps_the_top_of_the_current_and_previous_block(stage_lim
     by_latent = {}
     for f, v, step, order, p in _samples(window):
         by_latent.setdefault(f, []).append((-v, step, order, p))
-    from lightning_sae_samples.sample_table import TABLE_FIELDS, merge_exported
+    from lightning_sae_samples.engine.sample_table import TABLE_FIELDS, merge_exported
 
     prev = {name: state[f"recent_prev_{name}"] for name in TABLE_FIELDS}
     cur = {name: state[f"recent_{name}"] for name in TABLE_FIELDS}

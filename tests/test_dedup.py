@@ -1,6 +1,6 @@
 import torch
 
-from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
+from lightning_sae_samples.engine.dedup import best_of_each_class, context_hash, suppress_overlaps
 
 
 def greedy(group, position, value, radius):

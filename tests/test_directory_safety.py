@@ -12,7 +12,8 @@ import pytest
 from helpers import SyntheticSAE, TokenDataset, loader, make_callback, trainer
 
 from lightning_sae_samples import read_samples_dir
-from lightning_sae_samples.storage import LOCK_NAME, MANIFEST_NAME, PENDING_DIR, PENDING_MARKER, read_manifest
+from lightning_sae_samples.samples_dir.commit import read_manifest
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, MANIFEST_NAME, PENDING_DIR, PENDING_MARKER
 
 F = 10
 

@@ -19,6 +19,7 @@ import torch
 L = pytest.importorskip("lightning")
 sae_samples = pytest.importorskip("lightning_sae_samples")
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
+from lightning_sae_samples.state import padded_state  # noqa: E402
 
 VOCAB = 24  # = number of latents F
 SEQ_LEN = 16
@@ -178,7 +179,7 @@ def check_samples_dir(seqs: torch.Tensor, dirpath) -> None:
 
     # The full state holds every latent's kept samples as token windows with the activating token at h.
     assert directory.full_state_path is not None
-    state = sae_samples.state_format.padded_state(torch.load(directory.full_state_path, weights_only=True))
+    state = padded_state(torch.load(directory.full_state_path, weights_only=True))
     h = int(state["half_window"])
     for j in range(VOCAB):
         kept = state["top_values"][j] > -math.inf

@@ -82,7 +82,7 @@ def test_example_trains_collects_and_reports(tmp_path):
     assert (samples / "interpretability_report.md").is_file()
     out = done.stdout
     assert str(samples.resolve()) in out
-    if importlib.util.find_spec("lightning_sae_samples.analyzer") is not None:
+    if importlib.util.find_spec("lightning_sae_samples.analysis.analyzer") is not None:
         assert (samples / "report.html").is_file()
         assert "HTML report" in out
         assert f"Feature {ranked[0]['feature_idx']}" in out

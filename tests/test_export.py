@@ -7,10 +7,10 @@ import pytest
 import torch
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir, write_run_dir
 
-from lightning_sae_samples import export
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis import export
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.export import FEATURE_COLUMNS, SAMPLE_COLUMNS
 from lightning_sae_samples.cli import main
-from lightning_sae_samples.export import FEATURE_COLUMNS, SAMPLE_COLUMNS
 
 ALL_GROUPS = ("top", "interval", "recent")
 # The columns of export version 1: still the first ones, with the same values for the top samples.

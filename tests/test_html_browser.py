@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir, write_run_dir
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.render.escaping import visible
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)

@@ -11,8 +11,8 @@ from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
 from rich.console import Console
 
 from lightning_sae_samples import ActivationSampleCallback
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
-from lightning_sae_samples.logit_effects import compute_logit_effects, top_logit_effects
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.logit_effects import compute_logit_effects, top_logit_effects
 from lightning_sae_samples.render.escaping import markdown_text, token_label
 
 VOCAB, D_MODEL = 30, 8

@@ -10,7 +10,7 @@ from oracle import assert_dir_matches_oracle
 from torch.utils.data import Dataset
 
 from lightning_sae_samples import ActivationSampleCallback, LatentInputError
-from lightning_sae_samples.collector import histogram_edges, interval_edges
+from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 
 F, K, CTX, THR = 10, 4, 4, 0.5
 PAD_ACTIVATION = 9.0

@@ -5,7 +5,7 @@ import pytest
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
 from rich.console import Console
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.render.escaping import visible
 
 
@@ -82,8 +82,7 @@ def test_unknown_feature_message_gives_range_and_nearby_saved(analyzer):
 def test_console_marks_leading_spaces_in_token_lists_and_spaces_undecoded_ids(analyzer):
     import dataclasses
 
-    from lightning_sae_samples.logit_effects import LogitEffects, TokenEffect
-    from lightning_sae_samples.records import ContextToken
+    from lightning_sae_samples.analysis.records import ContextToken, LogitEffects, TokenEffect
     from lightning_sae_samples.render.console import print_feature
 
     feature = analyzer.feature(analyzer.saved_features[0], 1)

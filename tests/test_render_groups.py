@@ -16,10 +16,12 @@ from markdown_it import MarkdownIt
 from render_support import FakeTokenizer, hostile_vocab
 from rich.console import Console
 
-from lightning_sae_samples.analyzer import DRIFT_THRESHOLD, ActivationSampleAnalyzer, IntervalGroup
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, IntervalGroup
 from lightning_sae_samples.callback import ActivationSampleCallback
 from lightning_sae_samples.render.escaping import visible
-from lightning_sae_samples.storage import feature_filename, write_samples_dir
+from lightning_sae_samples.samples_dir.names import feature_filename
+from lightning_sae_samples.samples_dir.writer import write_samples_dir
 
 F, SAVED, PER_FILE, WINDOW, DRIFT_STEP = 12, 6, 3, 2, 2
 VOCAB = hostile_vocab()

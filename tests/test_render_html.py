@@ -3,7 +3,7 @@ from html.parser import HTMLParser
 import pytest
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.render.escaping import visible
 
 

@@ -2,9 +2,10 @@ import pytest
 from markdown_it import MarkdownIt
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir
 
-from lightning_sae_samples.analyzer import ActivationSampleAnalyzer, write_report
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+from lightning_sae_samples.analysis.reports import write_report
 from lightning_sae_samples.render.escaping import visible
-from lightning_sae_samples.storage import REPORT_NAME
+from lightning_sae_samples.samples_dir.names import REPORT_NAME
 
 MD = MarkdownIt("commonmark").enable("table")
 
@@ -113,7 +114,7 @@ def test_user_template_overrides_markdown_and_html_falls_back(hostile_dir, tmp_p
 
 # ---------------------------------------------------------------- token text a reader sees in the file
 def _sample(texts, position, activations=None):
-    from lightning_sae_samples.records import ContextToken, Sample
+    from lightning_sae_samples.analysis.records import ContextToken, Sample
 
     acts = activations or [1.0] * len(texts)
     context = tuple(ContextToken(i, t, a) for i, (t, a) in enumerate(zip(texts, acts)))
@@ -152,7 +153,7 @@ def test_bold_token_is_glued_to_its_word_pieces_and_plain_text_stays_plain():
 def test_token_lists_show_a_leading_space_and_byte_tokens_stay_distinct(hostile_dir):
     import dataclasses
 
-    from lightning_sae_samples.logit_effects import LogitEffects, TokenEffect
+    from lightning_sae_samples.analysis.records import LogitEffects, TokenEffect
     from lightning_sae_samples.render.markdown import feature_context
 
     analyzer = ActivationSampleAnalyzer(hostile_dir)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from oracle import deduplicate
 
-from lightning_sae_samples import sample_table
-from lightning_sae_samples.sample_table import EMPTY, BatchContext, SampleTable
+from lightning_sae_samples.engine import sample_table
+from lightning_sae_samples.engine.sample_table import EMPTY, BatchContext, SampleTable
 
 ROWS, CAP, HALF, SEQ, NSEQ = 5, 3, 1, 6, 2
 W = 2 * HALF + 1

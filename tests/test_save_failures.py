@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples import callback as callback_module
-from lightning_sae_samples.state_format import kept_per_latent
-from lightning_sae_samples.storage import PENDING_DIR
+from lightning_sae_samples.samples_dir.names import PENDING_DIR
+from lightning_sae_samples.state.tables import kept_per_latent
 
 F = 10
 

@@ -11,9 +11,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import Seen, oracle
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCallback, SamplesDirectoryError
-from lightning_sae_samples.collector import CollectorConfig, SampleCollector, estimate_state_bytes, merge_states
-from lightning_sae_samples.state_format import STATE_FORMAT_VERSION, padded_state
-from lightning_sae_samples.storage import FULL_STATE_NAME, write_samples_dir
+from lightning_sae_samples.engine.memory import estimate_state_bytes
+from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.samples_dir.names import FULL_STATE_NAME
+from lightning_sae_samples.samples_dir.writer import write_samples_dir
+from lightning_sae_samples.state.merge import merge_states
+from lightning_sae_samples.state.schema import STATE_FORMAT_VERSION
+from lightning_sae_samples.state.tables import padded_state
 
 F, K, CTX, THR = 6, 3, 4, 0.5
 WRITE = dict(config={}, tokenizer=None, top_features=F, samples_per_feature=2, rank_by="max_activation")
@@ -124,7 +128,7 @@ BLOCKED = textwrap.dedent(
     """
     import sys
 
-    ENGINE = {{"collector", "sample_table", "dedup", "distributed", "inputs"}}
+    ENGINE = {{"engine", "collector", "callback", "inputs"}}
 
     class Block:
         def find_spec(self, name, path=None, target=None):
@@ -133,7 +137,7 @@ BLOCKED = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Block())
-    from lightning_sae_samples.analyzer import ActivationSampleAnalyzer
+    from lightning_sae_samples import ActivationSampleAnalyzer
 
     analyzer = ActivationSampleAnalyzer({path!r})
     features = analyzer.features(limit=None)

@@ -8,17 +8,12 @@ import textwrap
 import pytest
 import torch
 
-from lightning_sae_samples.collector import CollectorConfig, SampleCollector
-from lightning_sae_samples.storage import (
-    MANIFEST_NAME,
-    PENDING_DIR,
-    SUMMARY_NAME,
-    SamplesDirectoryError,
-    load_json,
-    read_manifest,
-    read_samples_dir,
-    write_samples_dir,
-)
+from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.samples_dir.commit import read_manifest
+from lightning_sae_samples.samples_dir.files import load_json
+from lightning_sae_samples.samples_dir.names import MANIFEST_NAME, PENDING_DIR, SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import read_samples_dir
+from lightning_sae_samples.samples_dir.writer import write_samples_dir
 
 WRITE = dict(config={}, tokenizer=None, top_features=3, samples_per_feature=2, rank_by="max_activation")
 
@@ -57,14 +52,15 @@ KILL = textwrap.dedent(
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from test_storage import state_after, WRITE
-    from lightning_sae_samples import storage
+    from lightning_sae_samples.samples_dir.names import PENDING_DIR
+    from lightning_sae_samples.samples_dir.writer import write_samples_dir
     where = sys.argv[2]
-    storage.write_samples_dir(sys.argv[1], state_after(1), global_step=1, **WRITE)
+    write_samples_dir(sys.argv[1], state_after(1), global_step=1, **WRITE)
     real_replace, calls = os.replace, []
 
     def replace(src, dst):
         real_replace(src, dst)
-        if str(dst).endswith(".json") and storage.PENDING_DIR not in str(dst):
+        if str(dst).endswith(".json") and PENDING_DIR not in str(dst):
             calls.append(dst)
             if len(calls) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -72,9 +68,9 @@ KILL = textwrap.dedent(
     def before_commit(pending):
         if where == "before":
             os.kill(os.getpid(), signal.SIGKILL)
-        storage.os.replace = replace
+        os.replace = replace
 
-    storage.write_samples_dir(sys.argv[1], state_after(6, seed=3), global_step=6, before_commit=before_commit, **WRITE)
+    write_samples_dir(sys.argv[1], state_after(6, seed=3), global_step=6, before_commit=before_commit, **WRITE)
     """
 )
 
@@ -146,7 +142,7 @@ def test_a_foreign_directory_is_refused_by_the_writer_itself(tmp_path):
 
 
 def test_a_first_save_interrupted_while_committing_is_finished_not_refused(tmp_path, monkeypatch):
-    from lightning_sae_samples import storage
+    from lightning_sae_samples.samples_dir import commit as storage
 
     real_move, moved = storage._move_in, []
 

@@ -16,7 +16,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from lightning_sae_samples.records import DRIFT_THRESHOLD, FeatureSamples, FeatureStats, RunSummary, Sample
+from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, FeatureSamples, FeatureStats, RunSummary, Sample
 from lightning_sae_samples.render import formatting, heat
 from lightning_sae_samples.render.escaping import token_label, visible
 from lightning_sae_samples.render.histogram import display_bins, text_bar

@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Optional, Union
 
-from lightning_sae_samples.records import FeatureSamples, RunSummary, Sample
+from lightning_sae_samples.analysis.records import FeatureSamples, RunSummary, Sample
 from lightning_sae_samples.render import heat, views
 from lightning_sae_samples.render.escaping import visible
 from lightning_sae_samples.render.histogram import DisplayBin

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
-from lightning_sae_samples.records import FeatureSamples, RunSummary, Sample
+from lightning_sae_samples.analysis.records import FeatureSamples, RunSummary, Sample
 from lightning_sae_samples.render import views
 from lightning_sae_samples.render.escaping import markdown_emphasis, markdown_text, token_label
 from lightning_sae_samples.render.histogram import text_histogram

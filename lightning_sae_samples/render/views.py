@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Callable, Optional
 
-from lightning_sae_samples.records import DRIFT_THRESHOLD, FeatureSamples, RunSummary, Sample
+from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, FeatureSamples, RunSummary, Sample
 from lightning_sae_samples.render import formatting, heat
 from lightning_sae_samples.render.escaping import is_undecoded
 from lightning_sae_samples.render.histogram import display_bins
@@ -158,7 +158,7 @@ def drift_view(summary: RunSummary, features: Sequence[FeatureSamples]) -> Optio
 
     Returns:
         ``window`` (steps of the recent window), ``block_steps``, ``threshold`` and ``flagged``: the reported
-        features below :data:`~lightning_sae_samples.records.DRIFT_THRESHOLD` as ``{"idx", "anchor",
+        features below :data:`~lightning_sae_samples.analysis.records.DRIFT_THRESHOLD` as ``{"idx", "anchor",
         "overlap"}``, in report order.
     """
     if summary.recent_window_steps is None:

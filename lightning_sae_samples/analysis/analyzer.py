@@ -11,34 +11,35 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
 import torch
 
-from lightning_sae_samples.logit_effects import LogitEffects, compute_logit_effects
-from lightning_sae_samples.records import (
+from lightning_sae_samples.analysis.logit_effects import compute_logit_effects
+from lightning_sae_samples.analysis.records import (
     DRIFT_THRESHOLD,
     FeatureSamples,
     FeatureStats,
     Histogram,
     IntervalGroup,
+    LogitEffects,
     RunSummary,
     Sample,
 )
-from lightning_sae_samples.statistics import RANK_CHOICES, feature_statistics, rank_features
-from lightning_sae_samples.storage import (
-    REPORT_NAME,
-    SamplesDirectoryError,
-    atomic_write_bytes,
-    load_full_state,
-    load_json,
-    read_samples_dir,
+from lightning_sae_samples.arguments import choice
+from lightning_sae_samples.samples_dir.atomic import write_text_file
+from lightning_sae_samples.samples_dir.files import load_json
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import load_full_state, read_samples_dir
+from lightning_sae_samples.samples_dir.serialize import (
     sample_groups,
     sample_records,
     window_token_ids,
     with_recent_view,
 )
+from lightning_sae_samples.state.statistics import RANK_CHOICES, feature_statistics, rank_features
 from lightning_sae_samples.tokens import TokenDecoder, is_undecoded, load_tokenizer, undecoded
 
 __all__ = [
@@ -51,10 +52,15 @@ __all__ = [
     "RunSummary",
     "Sample",
     "UnknownFeatureError",
-    "write_report",
 ]
+
+
 PathLike = Union[str, os.PathLike]
+
+
 _T = TypeVar("_T")
+
+
 _FULL_STATE_KEYS = (
     "num_latents",
     "half_window",
@@ -65,6 +71,12 @@ _FULL_STATE_KEYS = (
     "hist_edges",
     "tokens_seen",
 )
+
+
+_RENDERERS = {
+    "markdown": ("lightning_sae_samples.render.markdown", "render_markdown"),
+    "html": ("lightning_sae_samples.render.html", "render_html"),
+}
 
 
 class UnknownFeatureError(KeyError):
@@ -293,7 +305,7 @@ class ActivationSampleAnalyzer:
     ) -> tuple[tuple[IntervalGroup, ...], tuple[Sample, ...], Optional[float]]:
         """Interval groups, recent samples and recent overlap of a latent, as a feature file would hold them.
 
-        Built by :func:`~lightning_sae_samples.storage.sample_groups` with the run's
+        Built by :func:`~lightning_sae_samples.samples_dir.serialize.sample_groups` with the run's
         ``samples_per_feature_to_save``, so ``recent_overlap`` is the value the writer would record.
         """
         if "interval" not in state and "recent" not in state:
@@ -486,7 +498,7 @@ class ActivationSampleAnalyzer:
         """
         if W_U is None and callable(W_dec):
             W_dec, W_U = W_dec()
-        from lightning_sae_samples.logit_effects import check_matrices
+        from lightning_sae_samples.analysis.logit_effects import check_matrices
 
         check_matrices(W_dec, W_U, self.num_features)
         indices = self.saved_features if features is None else [self._check_index(f) for f in features]
@@ -526,7 +538,7 @@ class ActivationSampleAnalyzer:
             ImportError: pandas is not installed (``pip install pandas``).
             ValueError: ``level`` is neither ``"feature"`` nor ``"sample"``.
         """
-        from lightning_sae_samples.export import to_dataframe
+        from lightning_sae_samples.analysis.export import to_dataframe
 
         return to_dataframe(self, level, features, num_examples, groups=groups)
 
@@ -550,7 +562,7 @@ class ActivationSampleAnalyzer:
         Returns:
             The written paths by table name (``"features"``, ``"samples"``, ``"summary"``).
         """
-        from lightning_sae_samples.export import export_samples
+        from lightning_sae_samples.analysis.export import export_samples
 
         return export_samples(self, out_dir, format, features, num_examples, groups=groups)
 
@@ -585,114 +597,41 @@ class ActivationSampleAnalyzer:
         rank = self._check_rank(rank_by)
         print_summary(self.summary, self.top_features(top_k, 10, rank), rank, console=console)
 
-    def render_markdown(
-        self, top_k_features: int = 50, examples_per_feature: int = 10, rank_by: Optional[str] = None,
-        progress: bool = False,
-    ) -> str:
-        """The Markdown report as a string (see :meth:`generate_interpretability_report`)."""
-        from lightning_sae_samples.render.markdown import render_markdown
-
-        rank = self._check_rank(rank_by)
-        features = self.top_features(top_k_features, examples_per_feature, rank, progress)
-        return render_markdown(self.summary, features, rank, template_dir=self.template_dir)
-
-    def render_html(
-        self, top_k_features: int = 50, examples_per_feature: int = 10, rank_by: Optional[str] = None,
-        progress: bool = False,
-    ) -> str:
-        """The HTML report as a string (see :meth:`generate_html_report`)."""
-        from lightning_sae_samples.render.html import render_html
-
-        rank = self._check_rank(rank_by)
-        features = self.top_features(top_k_features, examples_per_feature, rank, progress)
-        return render_html(self.summary, features, rank, template_dir=self.template_dir)
-
-    def generate_interpretability_report(
+    def render_report(
         self,
-        output_path: PathLike,
+        kind: str,
         top_k_features: int = 50,
         examples_per_feature: int = 10,
         rank_by: Optional[str] = None,
         progress: bool = False,
-    ) -> Path:
-        """Write the Markdown report: run summary, top-feature table, one section per feature.
+    ) -> str:
+        """A report as a string: run summary, top-feature table, one section per feature.
 
         Args:
-            output_path: File to write (atomically).
+            kind: ``"markdown"`` or ``"html"`` (self-contained: inline CSS and SVG, no network access).
             top_k_features: Features in the report.
             examples_per_feature: Examples per feature.
             rank_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"`` (default: the run's).
             progress: Show a progress bar on stderr.
-
-        Returns:
-            The written path.
         """
-        text = self.render_markdown(top_k_features, examples_per_feature, rank_by, progress)
-        return _write_text(output_path, text)
+        module, function = _RENDERERS[choice(kind, "kind", _RENDERERS)]
+        render = getattr(import_module(module), function)
+        rank = self._check_rank(rank_by)
+        features = self.top_features(top_k_features, examples_per_feature, rank, progress)
+        return render(self.summary, features, rank, template_dir=self.template_dir)
 
-    def generate_html_report(
-        self,
-        output_path: PathLike,
-        top_k_features: int = 50,
-        examples_per_feature: int = 10,
-        rank_by: Optional[str] = None,
-        progress: bool = False,
-    ) -> Path:
-        """Write a self-contained HTML report (inline CSS and SVG, no network access).
+    def render_markdown(self, *args: Any, **kwargs: Any) -> str:
+        """The Markdown report as a string; the arguments of :meth:`render_report` after ``kind``."""
+        return self.render_report("markdown", *args, **kwargs)
 
-        Args:
-            output_path: File to write (atomically).
-            top_k_features: Features in the report.
-            examples_per_feature: Examples per feature.
-            rank_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"`` (default: the run's).
-            progress: Show a progress bar on stderr.
+    def render_html(self, *args: Any, **kwargs: Any) -> str:
+        """The HTML report as a string; the arguments of :meth:`render_report` after ``kind``."""
+        return self.render_report("html", *args, **kwargs)
 
-        Returns:
-            The written path.
-        """
-        text = self.render_html(top_k_features, examples_per_feature, rank_by, progress)
-        return _write_text(output_path, text)
+    def generate_interpretability_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
+        """Write the Markdown report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        return write_text_file(output_path, self.render_markdown(*args, **kwargs))
 
-
-def _write_text(output_path: PathLike, text: str) -> Path:
-    path = Path(output_path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it first.")
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return path
-
-
-def write_report(
-    dirpath: PathLike,
-    tokenizer: Any = None,
-    *,
-    top_k_features: Optional[int] = None,
-    examples_per_feature: Optional[int] = None,
-    rank_by: Optional[str] = None,
-    template_dir: Optional[PathLike] = None,
-) -> Path:
-    """Write ``interpretability_report.md`` into a samples directory, atomically.
-
-    Meant to be called after each save. With the defaults it reads only the saved feature files (all
-    of them, with every sample they hold), never ``full_state.pt``.
-
-    Args:
-        dirpath: The samples directory just written.
-        tokenizer: The run's tokenizer (only used for latents read from ``full_state.pt``).
-        top_k_features: Features in the report (default: every saved feature).
-        examples_per_feature: Examples per feature (default: the run's ``samples_per_feature_to_save``).
-        rank_by: Ranking (default: the run's ``rank_features_by``).
-        template_dir: Folder overriding ``report.md.j2``.
-
-    Returns:
-        The path of the report.
-    """
-    analyzer = ActivationSampleAnalyzer(dirpath, template_dir=template_dir, tokenizer=tokenizer)
-    top_k = len(analyzer.saved_features) if top_k_features is None else top_k_features
-    if examples_per_feature is None:
-        saved_counts = [len(analyzer.feature(i).samples) for i in analyzer.saved_features]
-        examples_per_feature = int(analyzer.summary.config.get("samples_per_feature_to_save") or 0) or max(
-            saved_counts, default=0
-        )
-    path = analyzer.directory.path / REPORT_NAME
-    return analyzer.generate_interpretability_report(path, top_k, examples_per_feature, rank_by)
+    def generate_html_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
+        """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        return write_text_file(output_path, self.render_html(*args, **kwargs))

@@ -15,8 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
-from lightning_sae_samples.records import FeatureSamples, IntervalGroup, Sample
-from lightning_sae_samples.storage import SamplesDirectory, atomic_write_bytes
+from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Sample
+from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
+from lightning_sae_samples.samples_dir.reader import SamplesDirectory
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("jsonl", "parquet")

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state_format import EMPTY, dense_counts, kept_per_latent, row_samples
+from lightning_sae_samples.state.schema import EMPTY
+from lightning_sae_samples.state.tables import dense_counts, kept_per_latent, row_samples
 
 RANK_CHOICES = ("max_activation", "activation_count", "frequency")
 

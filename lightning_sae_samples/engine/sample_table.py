@@ -22,16 +22,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.dedup import best_of_each_class, context_hash, suppress_overlaps
-from lightning_sae_samples.hashing import signed64
-from lightning_sae_samples.state_format import (
-    EMPTY,
-    SAMPLE_FIELD,
-    TABLE_FIELDS,
-    WINDOW_FIELDS,
-    merge_padded_tables,
-    sort_samples,
-)
+from lightning_sae_samples.engine.dedup import best_of_each_class, context_hash, suppress_overlaps
+from lightning_sae_samples.engine.hashing import signed64
+from lightning_sae_samples.state.merge import merge_padded_tables, sort_samples
+from lightning_sae_samples.state.schema import EMPTY, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
 
 __all__ = ["EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "SampleTable", "merge_exported", "sort_samples"]
 
@@ -128,7 +122,7 @@ class BatchContext:
         self.window_of[candidate] = torch.arange(len(candidate), device=candidate.device)
 
     def context_hashes(self, window: Tensor) -> Tensor:
-        """:func:`~lightning_sae_samples.dedup.context_hash` of windows, computed once per batch."""
+        """:func:`~lightning_sae_samples.engine.dedup.context_hash` of windows, computed once per batch."""
         if self._hashes is None:
             self._hashes = context_hash(self.windows["context_tokens"])
         return self._hashes[window]
@@ -163,7 +157,7 @@ class SampleTable:
         device: Where the table lives.
         random_priority: Priorities are hashes (integers below ``2**31``, held in float64) stored beside the
             activation values; otherwise the activation value is the priority.
-        dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.dedup`): samples of one sequence
+        dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.engine.dedup`): samples of one sequence
             at most this many positions apart overlap. ``None`` keeps every sample.
         stage_limit: Staged samples that trigger a merge; defaults to a quarter of the table's size.
         token_dtype: Dtype of the stored context token ids (see :meth:`widen`).
@@ -555,7 +549,7 @@ class SampleTable:
     def export(self, rows: slice = slice(None)) -> dict:
         """Rows in compact form: ``capacity``, per-row ``count`` and the kept samples packed row-major, best first.
 
-        See :mod:`lightning_sae_samples.state_format`. New tensors on the table's device.
+        See :mod:`lightning_sae_samples.state.tables`. New tensors on the table's device.
         """
         self.flush()
         # Kept samples fill a prefix of each row, and no row more than `fill_bound` places.

@@ -8,20 +8,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.collector import SampleCollector
-from lightning_sae_samples.sample_table import ACTS_DTYPES, TOKEN_DTYPES, wider
-from lightning_sae_samples.state_format import (
-    LATENT_FIELDS,
-    RUN_FIELDS,
-    TABLE_NAMES,
-    concat_sparse_counts,
-    concat_tables,
-    merge_counters,
-    merge_field,
-    merge_padded_tables,
-    pack_table,
-    sparse_counts,
-)
+from lightning_sae_samples.engine.sample_collector import SampleCollector
+from lightning_sae_samples.engine.sample_table import ACTS_DTYPES, TOKEN_DTYPES, wider
+from lightning_sae_samples.state.merge import merge_counters, merge_field, merge_padded_tables
+from lightning_sae_samples.state.schema import LATENT_FIELDS, RUN_FIELDS, TABLE_NAMES
+from lightning_sae_samples.state.tables import concat_sparse_counts, concat_tables, pack_table, sparse_counts
 
 CHUNK_BYTES = 32 * 2**20
 _RUN_COUNTERS = tuple(field.name for field in RUN_FIELDS if field.merge != "same")

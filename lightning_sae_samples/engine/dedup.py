@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.hashing import mix64, signed64
+from lightning_sae_samples.engine.hashing import mix64, signed64
 
 _POWER_BASE = 1_000_003
 

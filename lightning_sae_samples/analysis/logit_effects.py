@@ -12,66 +12,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.analysis.records import LogitEffects, TokenEffect
 from lightning_sae_samples.tokens import TokenDecoder
 
 CHUNK_ELEMENTS = 1 << 26
+
+
 LogitEffectsFn = Callable[[Any], "tuple[Tensor, Tensor]"]
-
-
-@dataclass(frozen=True)
-class TokenEffect:
-    """One token's logit change from a latent's decoder direction.
-
-    Attributes:
-        token_id: Vocabulary id.
-        token: Raw display string (not escaped; see ``render/escaping.py`` before showing it).
-        value: ``(W_dec[j] @ W_U)[token_id]``.
-    """
-
-    token_id: int
-    token: str
-    value: float
-
-    def to_json(self) -> dict:
-        """``{"token_id", "token", "value"}``."""
-        return {"token_id": self.token_id, "token": self.token, "value": self.value}
-
-
-@dataclass(frozen=True)
-class LogitEffects:
-    """The tokens a latent promotes and suppresses most.
-
-    Attributes:
-        feature_idx: Latent index.
-        promoted: Largest logit changes, largest first.
-        suppressed: Smallest (most negative) logit changes, smallest first.
-    """
-
-    feature_idx: int
-    promoted: tuple[TokenEffect, ...]
-    suppressed: tuple[TokenEffect, ...]
-
-    def to_json(self) -> dict:
-        """The ``logit_effects`` object of a feature file (see ``docs/format.md``)."""
-        return {
-            "promoted": [t.to_json() for t in self.promoted],
-            "suppressed": [t.to_json() for t in self.suppressed],
-        }
-
-    @classmethod
-    def from_json(cls, feature_idx: int, record: dict) -> LogitEffects:
-        """Build from a feature file's ``logit_effects`` object."""
-
-        def effects(items: list) -> tuple[TokenEffect, ...]:
-            return tuple(TokenEffect(int(e["token_id"]), str(e["token"]), float(e["value"])) for e in items)
-
-        return cls(int(feature_idx), effects(record["promoted"]), effects(record["suppressed"]))
 
 
 def check_matrices(w_dec: Any, w_u: Any, num_latents: Optional[int] = None) -> None:
@@ -250,7 +202,7 @@ def logit_effect_extras(
         return None
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-    from lightning_sae_samples.statistics import rank_features
+    from lightning_sae_samples.state.statistics import rank_features
 
     features = rank_features(state, rank_by, top_features).tolist()
     if not features:

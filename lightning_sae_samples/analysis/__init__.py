@@ -1,0 +1,1 @@
+"""Reading a samples directory back: records, the analyzer, logit effects, export and reports."""

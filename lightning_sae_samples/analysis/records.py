@@ -1,0 +1,354 @@
+"""The records a samples directory is read into: typed, frozen, and shared by every reader.
+
+:class:`~lightning_sae_samples.ActivationSampleAnalyzer` returns them; the renderers
+(``render/``) and the export (``export.py``) take them. This module imports no other reader module,
+so none of them imports another through it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+#: A latent whose ``recent_overlap`` is below this is flagged: its meaning may have moved.
+DRIFT_THRESHOLD = 0.25
+
+
+
+@dataclass(frozen=True)
+class TokenEffect:
+    """One token's logit change from a latent's decoder direction.
+
+    Attributes:
+        token_id: Vocabulary id.
+        token: Raw display string (not escaped; see ``render/escaping.py`` before showing it).
+        value: ``(W_dec[j] @ W_U)[token_id]``.
+    """
+
+    token_id: int
+    token: str
+    value: float
+
+    def to_json(self) -> dict:
+        """``{"token_id", "token", "value"}``."""
+        return {"token_id": self.token_id, "token": self.token, "value": self.value}
+
+
+@dataclass(frozen=True)
+class LogitEffects:
+    """The tokens a latent promotes and suppresses most.
+
+    Attributes:
+        feature_idx: Latent index.
+        promoted: Largest logit changes, largest first.
+        suppressed: Smallest (most negative) logit changes, smallest first.
+    """
+
+    feature_idx: int
+    promoted: tuple[TokenEffect, ...]
+    suppressed: tuple[TokenEffect, ...]
+
+    def to_json(self) -> dict:
+        """The ``logit_effects`` object of a feature file (see ``docs/format.md``)."""
+        return {
+            "promoted": [t.to_json() for t in self.promoted],
+            "suppressed": [t.to_json() for t in self.suppressed],
+        }
+
+    @classmethod
+    def from_json(cls, feature_idx: int, record: dict) -> LogitEffects:
+        """Build from a feature file's ``logit_effects`` object."""
+
+        def effects(items: list) -> tuple[TokenEffect, ...]:
+            return tuple(TokenEffect(int(e["token_id"]), str(e["token"]), float(e["value"])) for e in items)
+
+        return cls(int(feature_idx), effects(record["promoted"]), effects(record["suppressed"]))
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts over fixed bins.
+
+    Attributes:
+        bin_edges: ``len(counts) + 1`` edges.
+        counts: Count per bin.
+    """
+
+    bin_edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, record: dict) -> Histogram:
+        """Build from ``{"bin_edges": [...], "counts": [...]}``."""
+        return cls(tuple(float(e) for e in record["bin_edges"]), tuple(int(c) for c in record["counts"]))
+
+    @property
+    def total(self) -> int:
+        """Sum of all counts."""
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Statistics of one latent over everything collected (see ``docs/format.md``).
+
+    Attributes:
+        feature_idx: Latent index.
+        num_samples: Top samples kept in memory for it.
+        max_activation: Largest kept activation.
+        mean_activation: Mean over all activations above the threshold.
+        std_activation: Population standard deviation of those.
+        min_activation: Smallest activation above the threshold.
+        activation_count: Number of activations above the threshold.
+        all_time_max: Largest activation seen.
+        tokens_seen: Tokens in the collected batches.
+        frequency: ``activation_count / tokens_seen``.
+        first_step: First step it fired at (``None`` if never).
+        last_step: Last step it fired at (``None`` if never).
+        histogram: Histogram of its activation values.
+        recent_overlap: Jaccard overlap of the activating tokens of its recent-window and all-time top
+            samples (low: its meaning may have moved); ``None`` when the run kept no recent window.
+    """
+
+    feature_idx: int
+    num_samples: int
+    max_activation: float
+    mean_activation: float
+    std_activation: float
+    min_activation: float
+    activation_count: int
+    all_time_max: float
+    tokens_seen: int
+    frequency: float
+    first_step: Optional[int]
+    last_step: Optional[int]
+    histogram: Histogram
+    recent_overlap: Optional[float] = None
+
+    @classmethod
+    def from_json(cls, record: dict) -> FeatureStats:
+        """Build from a feature file's ``statistics`` object."""
+        return cls(
+            feature_idx=int(record["feature_idx"]),
+            num_samples=int(record["num_samples"]),
+            max_activation=float(record["max_activation"]),
+            mean_activation=float(record["mean_activation"]),
+            std_activation=float(record["std_activation"]),
+            min_activation=float(record["min_activation"]),
+            activation_count=int(record["activation_count"]),
+            all_time_max=float(record["all_time_max"]),
+            tokens_seen=int(record["tokens_seen"]),
+            frequency=float(record["frequency"]),
+            first_step=None if record["first_step"] is None else int(record["first_step"]),
+            last_step=None if record["last_step"] is None else int(record["last_step"]),
+            histogram=Histogram.from_json(record["histogram"]),
+            recent_overlap=None if record.get("recent_overlap") is None else float(record["recent_overlap"]),
+        )
+
+
+@dataclass(frozen=True)
+class ContextToken:
+    """One token of a sample's context window.
+
+    Attributes:
+        token_id: Token id.
+        text: Raw display string (not escaped; see ``render/escaping.py`` before showing it).
+        activation: The latent's activation on this token.
+    """
+
+    token_id: int
+    text: str
+    activation: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One top-activating occurrence of a latent.
+
+    Attributes:
+        feature_idx: Latent index.
+        activation_value: Activation on the activating token.
+        step: Global step at which it was seen.
+        position: Position of the activating token in its sequence.
+        context: Tokens around it, clipped at the sequence edges.
+        context_position: Index of the activating token in ``context``.
+        context_text: Decoded context.
+    """
+
+    feature_idx: int
+    activation_value: float
+    step: int
+    position: int
+    context: tuple[ContextToken, ...]
+    context_position: int
+    context_text: str
+
+    @property
+    def activating_token(self) -> ContextToken:
+        """The token the latent fired on."""
+        return self.context[self.context_position]
+
+    @classmethod
+    def from_json(cls, record: dict) -> Sample:
+        """Build from one ``top_samples`` record."""
+        ids, strs, acts = record["context_tokens"], record["context_token_strs"], record["context_activations"]
+        if not (len(ids) == len(strs) == len(acts)) or not 0 <= int(record["context_position"]) < len(ids):
+            raise ValueError("context_tokens, context_token_strs and context_activations disagree")
+        return cls(
+            feature_idx=int(record["feature_idx"]),
+            activation_value=float(record["activation_value"]),
+            step=int(record["step"]),
+            position=int(record["position"]),
+            context=tuple(ContextToken(int(i), str(s), float(a)) for i, s, a in zip(ids, strs, acts)),
+            context_position=int(record["context_position"]),
+            context_text=str(record["context_text"]),
+        )
+
+
+@dataclass(frozen=True)
+class IntervalGroup:
+    """Samples drawn uniformly at random among a latent's activations in one activation interval.
+
+    The intervals are half-decades above the activation threshold: the first holds the values above the
+    threshold and below its upper edge, the others ``low <= value < high``, the last is open above.
+
+    Attributes:
+        low: Lower edge (for the first interval: the threshold, itself excluded).
+        high: Upper edge (excluded), or ``None`` for the last, open interval.
+        count: Activations of the latent in this interval over the whole collection.
+        samples: The random samples kept from it, in the order the feature file lists them.
+        low_open: Whether ``low`` itself is excluded (the first interval, starting at the threshold).
+    """
+
+    low: float
+    high: Optional[float]
+    count: int
+    samples: tuple[Sample, ...]
+    low_open: bool = False
+
+    @classmethod
+    def from_json(cls, record: dict, first: bool = False) -> IntervalGroup:
+        """Build from one ``interval_samples`` record (``first``: the lowest interval)."""
+        low, high = record["interval"]
+        return cls(
+            low=float(low),
+            high=None if high is None else float(high),
+            count=int(record["count"]),
+            samples=tuple(Sample.from_json(s) for s in record["samples"]),
+            low_open=first,
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSamples:
+    """A latent's statistics and its top samples, best first, with its optional sample groups.
+
+    Attributes:
+        stats: Its statistics.
+        samples: Its top samples (as many as were asked for and are available).
+        saved: Whether it has a feature file (else it comes from ``full_state.pt`` only).
+        logit_effects: Tokens its decoder direction promotes and suppresses most, when known (from its
+            feature file, or computed with :meth:`ActivationSampleAnalyzer.logit_effects`).
+        interval_groups: Random samples per activation interval, lowest interval first (empty when the
+            run kept none: ``samples_per_interval=0``). Intervals the latent never reached are included
+            with ``count == 0``.
+        recent_samples: Its top samples of the recent window, best first (empty when the run kept no
+            recent window, or the latent did not fire in it; see :attr:`recent_overlap`).
+    """
+
+    stats: FeatureStats
+    samples: tuple[Sample, ...]
+    saved: bool = True
+    logit_effects: Optional[LogitEffects] = None
+    interval_groups: tuple[IntervalGroup, ...] = ()
+    recent_samples: tuple[Sample, ...] = ()
+
+    @property
+    def feature_idx(self) -> int:
+        """Latent index."""
+        return self.stats.feature_idx
+
+    @property
+    def recent_overlap(self) -> Optional[float]:
+        """Jaccard overlap of the recent and all-time top activating tokens (``None``: no recent window)."""
+        return self.stats.recent_overlap
+
+    @property
+    def recent_drift(self) -> bool:
+        """Whether :attr:`recent_overlap` is below :data:`DRIFT_THRESHOLD`: its meaning may have moved."""
+        return self.recent_overlap is not None and self.recent_overlap < DRIFT_THRESHOLD
+
+    def top_tokens(self, limit: int = 5) -> list[tuple[str, int]]:
+        """The activating tokens it fires on most among its samples, as ``(text, occurrences)``."""
+        counts = Counter(s.activating_token.text for s in self.samples)
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Run-level facts from ``collection_summary.json``.
+
+    Attributes:
+        path: The samples directory.
+        global_step: Trainer step at the save.
+        save_id: Save counter (``None`` if not recorded).
+        num_features_tracked: Number of latents ``F``.
+        alive_features: Latents that fired at least once.
+        never_fired_features: Latents that never fired.
+        total_samples_seen: Activations above threshold, over all latents.
+        total_samples_stored: Kept top samples over all latents.
+        steps_collected: Optimizer steps that were collected.
+        tokens_seen: Tokens in collected batches.
+        first_collected_step: First collected step.
+        last_collected_step: Last collected step.
+        frequency_histogram: Histogram of log10 firing frequency of alive latents.
+        rank_by: Ranking used to choose the saved features.
+        saved_features: Saved feature indices, in rank order.
+        has_full_state: Whether ``full_state.pt`` is present (every latent reachable).
+        config: The callback configuration recorded with the run.
+    """
+
+    path: Path
+    global_step: int
+    save_id: Optional[int]
+    num_features_tracked: int
+    alive_features: int
+    never_fired_features: int
+    total_samples_seen: int
+    total_samples_stored: int
+    steps_collected: int
+    tokens_seen: int
+    first_collected_step: Optional[int]
+    last_collected_step: Optional[int]
+    frequency_histogram: Histogram
+    rank_by: str
+    saved_features: tuple[int, ...]
+    has_full_state: bool
+    config: dict = field(default_factory=dict)
+
+    @property
+    def alive_fraction(self) -> float:
+        """Share of latents that fired."""
+        return self.alive_features / self.num_features_tracked if self.num_features_tracked else 0.0
+
+    @property
+    def recent_window_steps(self) -> Optional[int]:
+        """Block length in steps of the recent window (``None``: the run kept no recent window)."""
+        steps = self.config.get("recent_window_steps")
+        return int(steps) if steps else None
+
+    @property
+    def recent_window(self) -> Optional[tuple[int, int]]:
+        """First and last step of the recent window at this save: the current and the previous block.
+
+        ``None`` when the run kept no recent window or collected nothing.
+        """
+        block_steps = self.recent_window_steps
+        if block_steps is None or self.last_collected_step is None:
+            return None
+        last = int(self.last_collected_step)
+        start = (last // block_steps - 1) * block_steps
+        if self.first_collected_step is not None:
+            start = max(start, int(self.first_collected_step))
+        return max(start, 0), last

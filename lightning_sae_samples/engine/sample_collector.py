@@ -1,0 +1,449 @@
+"""The collector's tensor state: exact per-latent top-k samples and streaming statistics, in pure torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
+from lightning_sae_samples.engine.priority import sample_priority
+from lightning_sae_samples.engine.sample_table import BatchContext, SampleTable, acts_dtype_for, token_dtype_for
+from lightning_sae_samples.engine.windows import (
+    DENSE_SCAN_ELEMENTS,
+    SparseWindowActs,
+    TokenPositions,
+    above_threshold,
+    dense_hits,
+)
+from lightning_sae_samples.state.schema import (
+    CONFIG_FIELDS,
+    EMPTY,
+    INTERVAL_FIELDS,
+    LATENT_FIELDS,
+    RUN_FIELDS,
+    STAT_FIELDS,
+    STATE_FORMAT_VERSION,
+    check_state_version,
+    empty_field,
+)
+from lightning_sae_samples.state.tables import dense_counts, sparse_counts
+
+RANK_SHIFT = 40
+
+
+def per_latent_fields(state: dict) -> list[str]:
+    """Names of a state's statistics indexed by latent (first dimension ``F``); the tables are apart."""
+    return [field.name for field in LATENT_FIELDS if field.name in state]
+
+
+@dataclass
+class CollectorConfig:
+    """Shape of a collector's state.
+
+    Args:
+        num_latents: Number of latents ``F``.
+        max_samples: Top samples kept per latent ``K``.
+        context_size: Context tokens around the activating one (``context_size // 2`` on each side).
+        threshold: An activation counts only if strictly greater than this.
+        samples_per_interval: Random samples kept per latent and activation interval (0: none).
+        num_intervals: Number of activation intervals (half-decades from the threshold up).
+        recent_window_steps: Block length in steps of the recent-top window (``None``: no recent top).
+        recent_samples: Top samples kept per latent for the recent window.
+        seed: Seed of the interval sampling.
+        deduplicate_contexts: Apply the de-duplication rule of :mod:`lightning_sae_samples.engine.dedup` to the top
+            and recent tables.
+        stage_limit: Samples a table stages before merging them into its sorted rows (``None``: a quarter of
+            the table's size). Lower trades speed for memory; the kept samples do not depend on it.
+    """
+
+    num_latents: int
+    max_samples: int
+    context_size: int
+    threshold: float
+    samples_per_interval: int = 0
+    num_intervals: int = 8
+    recent_window_steps: Optional[int] = None
+    recent_samples: int = 10
+    seed: int = 0
+    deduplicate_contexts: bool = False
+    stage_limit: Optional[int] = None
+
+    @property
+    def half_window(self) -> int:
+        """Tokens kept on each side of the activating token."""
+        return self.context_size // 2
+
+    @property
+    def window(self) -> int:
+        """Length of a stored context window (activating token at index ``half_window``)."""
+        return 2 * self.half_window + 1
+
+
+_CONFIG_KEYS = {field.name: field.name for field in CONFIG_FIELDS}
+
+
+class SampleCollector:
+    """Exact top-k activating contexts and streaming statistics for every latent.
+
+    Args:
+        config: Sizes, threshold and optional sample groups.
+        device: Where the state lives; put it on the latents' device.
+        hist_edges: Histogram bin edges; defaults to :func:`histogram_edges` of the threshold.
+    """
+
+    def __init__(
+        self,
+        config: CollectorConfig,
+        device: torch.device | str = "cpu",
+        hist_edges: Optional[Tensor] = None,
+    ) -> None:
+        self.config = config
+        device = torch.device(device)
+        num_latents, w = config.num_latents, config.window
+        edges = histogram_edges(config.threshold) if hist_edges is None else hist_edges
+        self.hist_edges = edges.to(torch.float64).cpu()
+        self._inner_edges = self.hist_edges[1:-1].to(device=device)
+        num_bins = len(self.hist_edges) - 1
+
+        radius = 2 * config.half_window if config.deduplicate_contexts else None
+        stage = config.stage_limit
+        self.tables: dict[str, SampleTable] = {
+            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius, stage_limit=stage)
+        }
+        self.interval_edges: Optional[Tensor] = None
+        if config.samples_per_interval:
+            self.interval_edges = interval_edges(config.threshold, config.num_intervals)
+            self._interval_inner = self.interval_edges[1:-1].to(device=device)
+            self.tables["interval"] = SampleTable(
+                num_latents * config.num_intervals,
+                config.samples_per_interval,
+                w,
+                device,
+                random_priority=True,
+                stage_limit=stage,
+            )
+            for field in INTERVAL_FIELDS:
+                setattr(self, field.name, empty_field(field, (num_latents, config.num_intervals), device))
+        self.recent_block = EMPTY
+        if config.recent_window_steps:
+            for name in ("recent", "recent_prev"):
+                self.tables[name] = SampleTable(
+                    num_latents, config.recent_samples, w, device, dedup_radius=radius, stage_limit=stage
+                )
+
+        for field in STAT_FIELDS:
+            shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
+            setattr(self, field.name, empty_field(field, shape, device))
+        for field in RUN_FIELDS:
+            value = empty_field(field, (), device) if field.dtype is not None else field.fill
+            setattr(self, field.name, value)
+        self.last_active = 0
+        self.last_seen: Tensor | int = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the state tensors."""
+        return self.count.device
+
+    @property
+    def top_values(self) -> Tensor:
+        """Kept top activations ``[F, K]``, best first (``-inf`` where empty)."""
+        self.tables["top"].flush()
+        return self.tables["top"].values
+
+    # ------------------------------------------------------------------ update
+    def update_dense(
+        self,
+        tokens: Tensor,
+        latents: Tensor,
+        step: int,
+        order_base: int = 0,
+        attention_mask: Optional[Tensor] = None,
+        excluded: Optional[Tensor] = None,
+    ) -> None:
+        """Fold dense latents into the state.
+
+        Args:
+            tokens: Token ids ``[B, T]``; negative ids count as padding.
+            latents: Activations ``[B, T, F]`` (any float dtype, any device).
+            step: Global optimizer step of this batch.
+            order_base: Order key of the batch's first token (``rank << 40 | offset``).
+            attention_mask: ``[B, T]``, 0/False at padding: not collected, not counted in ``tokens_seen``,
+                and context windows stop there as at a sequence edge.
+            excluded: ``[B, T]`` bool, True where nothing is collected although the token counts as seen
+                and shows in other samples' contexts (e.g. BOS).
+        """
+        batch, seq = tokens.shape
+        positions = TokenPositions(tokens, attention_mask, excluded)
+        flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
+        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
+        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
+        num_latents = self.config.num_latents
+        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
+        found, bad = [], []
+        for start in range(0, len(flat), block):
+            rows = flat[start : start + block]
+            found.append(dense_hits(rows, self.config.threshold) + start * num_latents)
+            bad.append(~torch.isfinite(rows.sum(dim=1)) & positions.collect[start : start + block])
+        entry = torch.cat(found)
+        values = flat.view(-1)[entry].float()
+        keep = torch.isfinite(values) & positions.collect[entry // num_latents]
+        if not bool(keep.all()):
+            entry, values = entry[keep], values[keep]
+        token_idx, latent_idx = entry // num_latents, entry % num_latents
+        self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
+        segment = positions.segment
+
+        def window_acts(candidate: Tensor) -> Tensor:
+            token, latent = token_idx[candidate], latent_idx[candidate]
+            position = token % seq
+            offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
+            shifted = position.unsqueeze(1) + offsets
+            rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
+            acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].to(acts_dtype_for(flat.dtype))
+            inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
+            return torch.where(inside & torch.isfinite(acts), acts, 0.0)
+
+        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts, flat.dtype)
+
+    def update_sparse(
+        self,
+        tokens: Tensor,
+        indices: Tensor,
+        values: Tensor,
+        step: int,
+        order_base: int = 0,
+        attention_mask: Optional[Tensor] = None,
+        excluded: Optional[Tensor] = None,
+    ) -> None:
+        """Fold TopK-style sparse latents into the state without densifying them.
+
+        Args:
+            tokens: Token ids ``[B, T]``; negative ids count as padding.
+            indices: Active latent indices ``[B, T, k]``.
+            values: Their activations ``[B, T, k]``.
+            step: Global optimizer step of this batch.
+            order_base: Order key of the batch's first token (``rank << 40 | offset``).
+            attention_mask: ``[B, T]``, 0/False at padding (see :meth:`update_dense`).
+            excluded: ``[B, T]`` bool, True where nothing is collected (see :meth:`update_dense`).
+        """
+        batch, seq = tokens.shape
+        positions = TokenPositions(tokens, attention_mask, excluded)
+        flat_idx = indices.detach().reshape(batch * seq, -1)
+        flat_val = values.detach().reshape(batch * seq, -1)
+        k = flat_idx.shape[1]
+        collect = positions.collect.unsqueeze(1)
+        finite = torch.isfinite(flat_val)
+        self.nonfinite_skipped += (~finite & collect).sum()
+        entry = (above_threshold(flat_val, self.config.threshold) & finite & collect).view(-1).nonzero(as_tuple=True)[0]
+        token_idx = entry // k
+        latent_idx = flat_idx.view(-1)[entry].long()
+        picked = flat_val.view(-1)[entry].float()
+        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
+        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts, flat_val.dtype)
+
+    def _fold(
+        self,
+        positions: TokenPositions,
+        token_idx: Tensor,
+        latent_idx: Tensor,
+        values: Tensor,
+        step: int,
+        order_base: int,
+        window_acts: Callable[[Tensor], Tensor],
+        latent_dtype: torch.dtype,
+    ) -> None:
+        cfg = self.config
+        dev = self.device
+        source = values.device
+        if source != dev:
+            # The state lives elsewhere (e.g. host memory): windows are read where the latents are, and only
+            # those of the samples that may enter are copied.
+            read_windows = window_acts
+
+            def window_acts(candidate: Tensor) -> Tensor:
+                return read_windows(candidate.to(source)).to(dev)
+
+        token_dtype = token_dtype_for(int(positions.tokens.max()) if positions.tokens.numel() else 0)
+        for table in self.tables.values():
+            table.widen(token_dtype, acts_dtype_for(latent_dtype))
+        token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
+        self.last_seen = positions.num_seen
+        self.tokens_seen += positions.num_seen.to(dev)
+        if self.first_collected_step == EMPTY:
+            self.first_collected_step = step
+        if self.last_collected_step != step:
+            self.steps_collected += 1
+            self.last_collected_step = step
+
+        self._update_statistics(latent_idx, values, step)
+        self.last_active = len(values)
+        offers = [(self.tables["top"], latent_idx, values)]
+        if "interval" in self.tables:
+            interval = torch.bucketize(values.double(), self._interval_inner, right=True)
+            rows = latent_idx * cfg.num_intervals + interval
+            self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
+            offers.append((self.tables["interval"], rows, sample_priority(step, order_base + token_idx, cfg.seed)))
+        if "recent" in self.tables:
+            self._rotate_recent(step)
+            offers.append((self.tables["recent"], latent_idx, values))
+        may_enter = [table.can_enter(rows, priority) for table, rows, priority in offers]
+        anywhere = may_enter[0]
+        for mask in may_enter[1:]:
+            anywhere = anywhere | mask
+        batch = BatchContext(
+            positions.tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts,
+            segment=positions.segment.to(dev), token_dtype=token_dtype,
+        )
+        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
+        for (table, rows, priority), mask in zip(offers, may_enter):
+            candidate = mask.nonzero(as_tuple=True)[0]
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
+
+    def _rotate_recent(self, step: int) -> None:
+        block = step // int(self.config.recent_window_steps)
+        if block == self.recent_block:
+            return
+        current, previous = self.tables["recent"], self.tables["recent_prev"]
+        if block == self.recent_block + 1:
+            self.tables["recent_prev"], self.tables["recent"] = current, previous
+            previous.clear()
+        else:
+            current.clear()
+            previous.clear()
+        self.recent_block = block
+
+    def _update_statistics(self, latent_idx: Tensor, values: Tensor, step: int) -> None:
+        num_latents = self.config.num_latents
+        fired_now = torch.bincount(latent_idx, minlength=num_latents)
+        self.count += fired_now
+        as_double = values.double()
+        self.sum.index_add_(0, latent_idx, as_double)
+        self.sum_sq.index_add_(0, latent_idx, as_double * as_double)
+        self.max.scatter_reduce_(0, latent_idx, values, reduce="amax")
+        self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
+        num_bins = self.hist.shape[1]
+        bins = torch.bucketize(values.double(), self._inner_edges, right=True)
+        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, torch.ones_like(bins))
+        fired = fired_now > 0
+        self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)
+        self.last_step = torch.where(fired, step, self.last_step)
+
+    # ------------------------------------------------------------------ state
+    def _run_state(self) -> dict:
+        """The state's run-level entries: format, configuration, edges and counters."""
+        cfg = self.config
+        state: dict = {"format_version": STATE_FORMAT_VERSION}
+        state.update({key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()})
+        state.update(half_window=cfg.half_window, hist_edges=self.hist_edges.clone())
+        if self.interval_edges is not None:
+            state["interval_edges"] = self.interval_edges.clone()
+        for field in RUN_FIELDS:
+            value = getattr(self, field.name)
+            state[field.name] = value.clone() if isinstance(value, Tensor) else value
+        return state
+
+    def _export(self, latents: slice, padded: bool) -> dict:
+        cfg = self.config
+        state = self._run_state()
+        start, stop, _ = latents.indices(cfg.num_latents)
+        for name, table in self.tables.items():
+            per = cfg.num_intervals if name == "interval" else 1
+            rows = slice(start * per, stop * per)
+            state[name] = table.export_padded(rows) if padded else table.export(rows)
+        for field in LATENT_FIELDS:
+            if hasattr(self, field.name):
+                rows = getattr(self, field.name)[start:stop]
+                state[field.name] = sparse_counts(rows) if field.sparse and not padded else rows.clone()
+        return state
+
+    def export(self, latents: slice = slice(None)) -> dict:
+        """The state of a range of latents in compact form (see :mod:`~lightning_sae_samples.state.tables`).
+
+        Per-latent statistics and the tables' rows cover ``latents``; run-level entries are whole. Tensors
+        are new and on the state's device. This is what :func:`merge_states`, the checkpoint and the
+        full-state file hold.
+        """
+        return self._export(latents, padded=False)
+
+    def export_padded(self, latents: slice = slice(None)) -> dict:
+        """Like :meth:`export`, with every table as padded ``[rows, capacity, ...]`` tensors.
+
+        The shapes depend only on the configuration, as collectives across processes need.
+        """
+        return self._export(latents, padded=True)
+
+    def state_dict(self) -> dict:
+        """The whole state, compact, on the CPU (loadable with ``torch.load(weights_only=True)``)."""
+        return _to_cpu(self.export())
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
+        """Rebuild a collector from :meth:`state_dict` output, on ``device``.
+
+        Raises:
+            ValueError: ``state`` is not a compact collector state of this version, or does not fit its own
+                configuration.
+        """
+        check_state_version(state)
+        missing = [f.name for f in (*CONFIG_FIELDS[:3], *STAT_FIELDS) if f.name not in state]
+        missing += [name for name in ("top", "hist_edges") if name not in state]
+        if missing:
+            raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
+        defaults = CollectorConfig(0, 0, 0, 0.0)
+        config = CollectorConfig(
+            **{attr: state.get(key, getattr(defaults, attr)) for key, attr in _CONFIG_KEYS.items()}
+        )
+        collector = cls(config, device, state["hist_edges"])
+        for name, table in collector.tables.items():
+            if name not in state:
+                raise ValueError(f"Collector state is missing its {name!r} sample table.")
+            table.load(state[name])
+        for field in LATENT_FIELDS:
+            if not hasattr(collector, field.name):
+                continue
+            target = getattr(collector, field.name)
+            value = state.get(field.name)
+            if field.sparse and isinstance(value, dict) and _valid_counts(value, target):
+                value = dense_counts(value)
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"Collector state field {field.name!r} is missing or not of shape {tuple(target.shape)}."
+                )
+            target.copy_(value)
+        for field in RUN_FIELDS:
+            value = state.get(field.name, field.fill)
+            if field.dtype is not None:
+                getattr(collector, field.name).fill_(int(value))
+            else:
+                setattr(collector, field.name, int(value))
+        return collector
+
+    def empty_like(self) -> SampleCollector:
+        """A collector with the same configuration, histogram edges and step counters, and no samples."""
+        empty = SampleCollector(self.config, self.device, self.hist_edges)
+        for field in RUN_FIELDS:
+            if field.dtype is None:
+                setattr(empty, field.name, getattr(self, field.name))
+        return empty
+
+
+def _valid_counts(counts: dict, target: Tensor) -> bool:
+    index = counts.get("index")
+    return (
+        [int(n) for n in counts.get("shape", [])] == list(target.shape)
+        and isinstance(index, Tensor) and isinstance(counts.get("value"), Tensor)
+        and index.shape == counts["value"].shape
+        and (not len(index) or (int(index.min()) >= 0 and int(index.max()) < target.numel()))
+        and bool((index[1:] > index[:-1]).all())
+    )
+
+
+def _to_cpu(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        out[key] = _to_cpu(value) if isinstance(value, dict) else value.cpu() if isinstance(value, Tensor) else value
+    return out

@@ -1,0 +1,1 @@
+"""The samples directory on disk: names, commit protocol, writer and reader."""

@@ -1,0 +1,227 @@
+"""The commit protocol: pending directory, ``COMMIT`` record, manifest, and what is ours to touch."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
+from lightning_sae_samples.samples_dir.names import (
+    COMMIT_NAME,
+    FULL_STATE_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    PENDING_MARKER,
+    SUMMARY_NAME,
+    WRITER_ID,
+    PathLike,
+    SamplesDirectoryError,
+    _is_stale_name,
+    is_writer_name,
+)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _writer_names(names: Any, source: Path, field: str) -> list[str]:
+    """The entries of a record read from disk that are names this writer produces; the rest is ignored."""
+    if not isinstance(names, list):
+        _warn(f"Ignored `{field}` in {source}: expected a list of file names, got {type(names).__name__}.")
+        return []
+    kept = [name for name in names if is_writer_name(name)]
+    for name in names:
+        if not is_writer_name(name):
+            _warn(
+                f"Ignored {name!r} in `{field}` of {source}: not a file name this writer produces (only"
+                f" {SUMMARY_NAME}, {FULL_STATE_NAME}, {MANIFEST_NAME} and feature_NNNNN_samples.json, no paths)."
+            )
+    return kept
+
+
+def _is_empty_dir(path: Path) -> bool:
+    info = lstat_or_none(path)
+    return info is not None and stat.S_ISDIR(info.st_mode) and not any(path.iterdir())
+
+
+def _pending_is_ours(pending: Path) -> bool:
+    """A real directory (not a symlink) holding our marker file."""
+    info = lstat_or_none(pending)
+    if info is None or not stat.S_ISDIR(info.st_mode) or not is_plain_file(pending / PENDING_MARKER):
+        return False
+    try:
+        marker = json.loads((pending / PENDING_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(marker, dict) and marker.get("writer") == WRITER_ID
+
+
+def foreign_entries(dirpath: PathLike) -> list[Path]:
+    """Pending directories in ``dirpath`` that this writer did not create; they are left alone."""
+    dirpath = Path(dirpath)
+    found = []
+    for name in (PENDING_DIR, ".pending"):
+        path = dirpath / name
+        if lstat_or_none(path) is not None and not _pending_is_ours(path) and not _is_empty_dir(path):
+            found.append(path)
+    return found
+
+
+def read_manifest(dirpath: PathLike) -> Optional[list[str]]:
+    """The files the last committed save wrote into ``dirpath``, or ``None`` if it holds no manifest.
+
+    Raises:
+        SamplesDirectoryError: The manifest exists but is not one this writer wrote.
+    """
+    path = Path(dirpath) / MANIFEST_NAME
+    if lstat_or_none(path) is None:
+        return None
+    record = load_json(path) if is_plain_file(path) else None
+    if not isinstance(record, dict) or record.get("writer") != WRITER_ID:
+        raise SamplesDirectoryError(
+            f"{path} is not a manifest written by {WRITER_ID}. Remove it only if the directory is yours to"
+            " overwrite, or pass another `dirpath`."
+        )
+    return _writer_names(record.get("files"), path, "files")
+
+
+def claim_samples_dir(dirpath: PathLike) -> bool:
+    """Check that ``dirpath`` is ours to write.
+
+    Returns:
+        ``True`` if it holds an earlier save of ours (its manifest), ``False`` if it is empty (ignoring our
+        lock file and a pending directory of ours).
+
+    Raises:
+        SamplesDirectoryError: The directory is not empty and holds no manifest of ours.
+    """
+    dirpath = Path(dirpath)
+    if read_manifest(dirpath) is not None or _commits_a_manifest(dirpath / PENDING_DIR):
+        return True
+    others = sorted(
+        p.name
+        for p in dirpath.iterdir()
+        if p.name != LOCK_NAME
+        and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
+        and not p.name.startswith(".write_probe_")
+    )
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise SamplesDirectoryError(
+            f"Samples directory {dirpath} is not empty ({shown}) and holds no {MANIFEST_NAME} of an earlier"
+            f" {WRITER_ID} save, so its files are not ours to overwrite or delete. Pass an empty or new"
+            " `dirpath`, or move its contents away."
+        )
+    return False
+
+
+def load_commit(pending: Path) -> Optional[dict]:
+    """The commit record of our pending directory, or ``None`` when there is none (or it is not ours)."""
+    commit = pending / COMMIT_NAME
+    if not _pending_is_ours(pending) or not is_plain_file(commit):
+        return None
+    try:
+        record = load_json(commit)
+    except SamplesDirectoryError as err:
+        _warn(f"Ignored the commit record: {err}")
+        return None
+    if not isinstance(record, dict):
+        _warn(f"Ignored {commit}: not a commit record.")
+        return None
+    return record
+
+
+def _commits_a_manifest(pending: Path) -> bool:
+    """Whether our pending directory holds a commit (interrupted while moving) that brings a manifest."""
+    record = load_commit(pending)
+    files = record.get("files") if record is not None else None
+    return isinstance(files, list) and MANIFEST_NAME in files and is_plain_file(pending / MANIFEST_NAME)
+
+
+def commit_plan(dirpath: Path, record: dict) -> tuple[list[str], list[str]]:
+    """The names a commit record may move into place and remove, by the rules for untrusted records.
+
+    A file may be removed only if it is a feature file or the full-state file that the manifest on disk lists
+    (what the previous save wrote) and the commit does not write it again.
+    """
+    source = dirpath / PENDING_DIR / COMMIT_NAME
+    moves = _writer_names(record.get("files", []), source, "files")
+    previous = set(read_manifest(dirpath) or ())
+    removes = []
+    for name in _writer_names(record.get("remove", []), source, "remove"):
+        if _is_stale_name(name) and name in previous and name not in moves:
+            removes.append(name)
+        else:
+            _warn(f"Ignored {name!r} in `remove` of {source}: not a stale file of the last save's manifest.")
+    return moves, removes
+
+
+def _move_in(pending: Path, dirpath: Path, name: str) -> None:
+    source = pending / name
+    info = lstat_or_none(source)
+    if info is None:
+        return  # moved already, before an interruption
+    if not stat.S_ISREG(info.st_mode):
+        _warn(f"Did not move {source} into place: not a regular file.")
+        return
+    os.replace(source, dirpath / name)
+
+
+def _apply_commit(dirpath: Path, record: dict) -> None:
+    """Move the new files into place, remove the stale ones, then move the manifest (last: it is the proof)."""
+    pending = dirpath / PENDING_DIR
+    moves, removes = commit_plan(dirpath, record)
+    for name in moves:
+        if name != MANIFEST_NAME:
+            _move_in(pending, dirpath, name)
+    for name in removes:
+        try:
+            os.unlink(dirpath / name)  # unlinks a symlink itself, never its target
+        except FileNotFoundError:
+            pass
+    if MANIFEST_NAME in moves:
+        _move_in(pending, dirpath, MANIFEST_NAME)
+    (pending / COMMIT_NAME).unlink(missing_ok=True)
+
+
+def _is_pending_name(name: str) -> bool:
+    """A name the writer creates in its pending directory: its files, the record, the marker, their temp files."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return name in (COMMIT_NAME, PENDING_MARKER) or is_writer_name(name)
+
+
+def _clear_pending(pending: Path) -> None:
+    """Remove our pending directory: only the names we write in it; anything else stays, with a warning."""
+    if _is_empty_dir(pending):
+        pending.rmdir()
+        return
+    if not _pending_is_ours(pending):
+        return
+    for name in os.listdir(pending):
+        if _is_pending_name(name) and name != PENDING_MARKER:
+            try:
+                os.unlink(pending / name)  # a symlink is unlinked itself, never followed
+            except IsADirectoryError:
+                pass
+    left = sorted(name for name in os.listdir(pending) if name != PENDING_MARKER)
+    if left:
+        _warn(f"Left {pending} in place: it holds entries this writer did not write ({', '.join(left[:5])}).")
+        return
+    (pending / PENDING_MARKER).unlink()
+    pending.rmdir()
+
+
+def _recover(dirpath: Path) -> None:
+    """Finish an interrupted commit of ours and clear our pending directory; a foreign one is left alone."""
+    pending = dirpath / PENDING_DIR
+    record = load_commit(pending)
+    if record is not None:
+        _apply_commit(dirpath, record)
+    _clear_pending(pending)

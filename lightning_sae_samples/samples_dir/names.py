@@ -1,0 +1,66 @@
+"""The names a samples directory holds, and which of them this writer produces."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Union
+
+SUMMARY_NAME = "collection_summary.json"
+
+
+FULL_STATE_NAME = "full_state.pt"
+
+
+REPORT_NAME = "interpretability_report.md"
+
+
+MANIFEST_NAME = "sae_samples_manifest.json"
+
+
+LOCK_NAME = "sae_samples.lock"
+
+
+PENDING_DIR = ".sae_samples_pending"
+
+
+PENDING_MARKER = "WRITER"
+
+
+COMMIT_NAME = "COMMIT"
+
+
+WRITER_ID = "lightning-sae-samples"
+
+
+_FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
+
+
+_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, REPORT_NAME, MANIFEST_NAME})
+
+
+PathLike = Union[str, os.PathLike]
+
+
+class SamplesDirectoryError(ValueError):
+    """A samples directory is missing, empty, corrupt, of an unknown format version, or not ours to write."""
+
+
+def feature_filename(feature_idx: int) -> str:
+    """File name of one feature's samples."""
+    return f"feature_{int(feature_idx):05d}_samples.json"
+
+
+def _is_feature_name(name: str) -> bool:
+    match = _FEATURE_FILE.fullmatch(name)
+    return match is not None and feature_filename(int(match.group(1))) == name
+
+
+def _is_stale_name(name: str) -> bool:
+    """A file a later save may remove when it does not write it again: a feature file or the full state."""
+    return name == FULL_STATE_NAME or _is_feature_name(name)
+
+
+def is_writer_name(name: Any) -> bool:
+    """Whether ``name`` is a plain file name the writer produces (no separator, no ``..``, nothing else)."""
+    return isinstance(name, str) and (name in _FIXED_NAMES or _is_feature_name(name))

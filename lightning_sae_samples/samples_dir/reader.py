@@ -1,0 +1,104 @@
+"""Open a samples directory without modifying it; everything read is validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lightning_sae_samples.samples_dir.commit import commit_plan, load_commit
+from lightning_sae_samples.samples_dir.files import is_plain_file, load_json
+from lightning_sae_samples.samples_dir.names import (
+    _FEATURE_FILE,
+    FULL_STATE_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    SUMMARY_NAME,
+    PathLike,
+    SamplesDirectoryError,
+    is_writer_name,
+)
+from lightning_sae_samples.state.schema import FORMAT_VERSION, check_state_version
+
+
+@dataclass
+class SamplesDirectory:
+    """What a samples directory holds, with an interrupted commit already resolved.
+
+    Attributes:
+        path: The directory.
+        summary: Parsed ``collection_summary.json``.
+        feature_files: Feature index to the file holding its samples.
+        full_state_path: The full-state file, if present.
+    """
+
+    path: Path
+    summary: dict
+    feature_files: dict[int, Path]
+    full_state_path: Optional[Path]
+
+
+def _visible_files(dirpath: Path) -> dict[str, Path]:
+    """Our files in ``dirpath``, overlaid by a committed but unfinished save, by the writer's rules."""
+    files = {p.name: p for p in dirpath.iterdir() if is_writer_name(p.name) and p.name != MANIFEST_NAME and p.is_file()}
+    pending = dirpath / PENDING_DIR
+    record = load_commit(pending)
+    if record is not None:
+        moves, removes = commit_plan(dirpath, record)
+        for name in removes:
+            files.pop(name, None)
+        for name in moves:
+            if name != MANIFEST_NAME and is_plain_file(pending / name):
+                files[name] = pending / name
+    return files
+
+
+def read_samples_dir(path: PathLike) -> SamplesDirectory:
+    """Open a samples directory without modifying it.
+
+    Raises:
+        SamplesDirectoryError: The directory is missing, holds no samples, is corrupt, or was written
+            by an incompatible version.
+    """
+    dirpath = Path(path)
+    if not dirpath.is_dir():
+        raise SamplesDirectoryError(
+            f"Samples directory {dirpath} does not exist. Pass the `dirpath` the callback wrote to"
+            " (default: <log_dir>/activation_samples)."
+        )
+    files = _visible_files(dirpath)
+    if SUMMARY_NAME not in files:
+        raise SamplesDirectoryError(
+            f"{dirpath} holds no samples: {SUMMARY_NAME} is missing. A run writes it at each checkpoint"
+            " and at the end of training."
+        )
+    summary = load_json(files[SUMMARY_NAME])
+    if not isinstance(summary, dict) or "format_version" not in summary:
+        raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} has no `format_version`; it is not a samples summary.")
+    if summary["format_version"] != FORMAT_VERSION:
+        raise SamplesDirectoryError(
+            f"{files[SUMMARY_NAME]} has format_version {summary['format_version']}, this version reads"
+            f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
+        )
+    features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
+    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME))
+
+
+def load_full_state(path: PathLike) -> dict:
+    """Load a full-state file safely (tensors only, no pickle).
+
+    Raises:
+        SamplesDirectoryError: The file is corrupt, or holds a state of another format version (the dense
+            layout of version 1 included).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
+    try:
+        check_state_version(state, f"full-state file {path}")
+    except ValueError as err:
+        raise SamplesDirectoryError(str(err)) from err
+    return state

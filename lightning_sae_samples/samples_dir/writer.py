@@ -1,0 +1,140 @@
+"""Write a samples directory for a merged collector state, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lightning_sae_samples.samples_dir.atomic import atomic_torch_save, atomic_write_json
+from lightning_sae_samples.samples_dir.commit import (
+    _apply_commit,
+    _clear_pending,
+    _pending_is_ours,
+    _recover,
+    claim_samples_dir,
+    lstat_or_none,
+    read_manifest,
+)
+from lightning_sae_samples.samples_dir.names import (
+    COMMIT_NAME,
+    FULL_STATE_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    PENDING_MARKER,
+    SUMMARY_NAME,
+    WRITER_ID,
+    PathLike,
+    SamplesDirectoryError,
+    _is_stale_name,
+    feature_filename,
+)
+from lightning_sae_samples.samples_dir.serialize import (
+    _window_token_ids,
+    sample_groups,
+    sample_records,
+    with_recent_view,
+)
+from lightning_sae_samples.state.schema import FORMAT_VERSION
+from lightning_sae_samples.state.statistics import feature_statistics, rank_features, run_summary
+from lightning_sae_samples.tokens import TokenDecoder
+
+
+def write_samples_dir(
+    dirpath: PathLike,
+    state: dict,
+    *,
+    config: dict,
+    tokenizer: Any,
+    top_features: int,
+    samples_per_feature: int,
+    rank_by: str,
+    global_step: int,
+    before_commit: Optional[Callable[[Path], None]] = None,
+    feature_extras: Optional[dict[int, dict]] = None,
+    full_state: bool = True,
+) -> list[int]:
+    """Write the samples directory for a merged collector state, atomically.
+
+    Args:
+        dirpath: Target directory (created if missing).
+        state: A merged collector state dict (CPU tensors).
+        config: The callback's configuration, recorded in the summary.
+        tokenizer: Tokenizer object or ``None``.
+        top_features: How many features get a feature file.
+        samples_per_feature: Samples written per feature file.
+        rank_by: Ranking used to choose and order the saved features.
+        global_step: Trainer step at save time.
+        before_commit: Called with the pending directory once every new file is complete (tests use it
+            to simulate a crash).
+        feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
+            (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
+        full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
+
+    Returns:
+        The saved feature indices, in rank order.
+
+    Raises:
+        SamplesDirectoryError: ``dirpath`` is not empty and holds no manifest of ours (see
+            :func:`claim_samples_dir`), or something that is not ours sits where the pending directory goes.
+    """
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    claim_samples_dir(dirpath)
+    _recover(dirpath)
+    pending = dirpath / PENDING_DIR
+    if lstat_or_none(pending) is not None and not _pending_is_ours(pending):
+        raise SamplesDirectoryError(
+            f"{pending} exists and was not created by {WRITER_ID}; it is left alone. Move it away so saves can"
+            " use this name."
+        )
+    pending.mkdir(exist_ok=True)
+    atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
+
+    ranked = rank_features(state, rank_by, top_features).tolist()
+    view = with_recent_view(state)
+    decoder = TokenDecoder(tokenizer)
+    if ranked:
+        decoder.prepare(_window_token_ids(view, ranked, samples_per_feature))
+
+    names = []
+    entries = []
+    for idx in ranked:
+        stats = feature_statistics(state, idx)
+        name = feature_filename(idx)
+        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)}
+        groups = sample_groups(view, idx, samples_per_feature, decoder)
+        if "recent_overlap" in groups:
+            stats["recent_overlap"] = groups.pop("recent_overlap")
+        record.update(groups)
+        record.update((k, v) for k, v in (feature_extras or {}).get(idx, {}).items() if k not in record)
+        atomic_write_json(pending / name, record)
+        names.append(name)
+        entries.append(
+            {
+                "feature_idx": idx,
+                "max_activation": stats["max_activation"],
+                "num_samples": stats["num_samples"],
+                "activation_count": stats["activation_count"],
+                "frequency": stats["frequency"],
+                "mean_activation": stats["mean_activation"],
+                **({"recent_overlap": stats["recent_overlap"]} if "recent_overlap" in stats else {}),
+                "file": name,
+            }
+        )
+    summary = {"format_version": FORMAT_VERSION, "global_step": int(global_step), **run_summary(state)}
+    summary["config"] = config
+    summary["top_features_by_activation"] = entries
+    atomic_write_json(pending / SUMMARY_NAME, summary)
+    if full_state:
+        atomic_torch_save(pending / FULL_STATE_NAME, state)
+
+    written = [*names, *([FULL_STATE_NAME] if full_state else []), SUMMARY_NAME]
+    atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "files": sorted(written)})
+    stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
+    if before_commit is not None:
+        before_commit(pending)
+    record = {"files": [*written, MANIFEST_NAME], "remove": stale}
+    atomic_write_json(pending / COMMIT_NAME, record)
+    _apply_commit(dirpath, record)
+    _clear_pending(pending)
+    return ranked
