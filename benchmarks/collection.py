@@ -58,6 +58,7 @@ try:
 except ImportError:  # pragma: no cover - run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lightning_sae_samples import ActivationSampleCallback
+from lightning_sae_samples.config import CollectionConfig  # noqa: E402
 
 console = Console(width=int(os.environ.get("COLUMNS", "150")))
 NEVER = {10**12: 1}  # a schedule whose first collected step is never reached
@@ -247,6 +248,11 @@ def collector_bytes(callback: ActivationSampleCallback) -> int:
     return 0 if collector is None else tensor_bytes(collector)
 
 
+def engine_settings(num_latents: int, threshold: float, **settings: Any) -> CollectionConfig:
+    """The engine's settings of the benchmark: the defaults (100 samples, 20 context tokens, 2 per interval)."""
+    return CollectionConfig(num_latents=num_latents, activation_threshold=threshold, **settings)
+
+
 def memory_probe(args) -> None:
     """Child-process mode: peak extra memory of one collection, printed as JSON on stdout.
 
@@ -255,13 +261,14 @@ def memory_probe(args) -> None:
     """
     import json
 
-    from lightning_sae_samples import CollectorConfig, SampleCollector
+    from lightning_sae_samples.engine import SampleCollector
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     batch = make_batch(args.tokens, args.seq_len, args.d_model, args.vocab)
     model = TopKSAE(args.d_model, args.num_latents, args.k, dense=args.memory_probe == "dense").to(device)
-    collector = SampleCollector(CollectorConfig(args.num_latents, 100, 20, args.threshold), device=device)
+    settings = engine_settings(args.num_latents, args.threshold, samples_per_interval=0)
+    collector = SampleCollector(settings, device=device)
     dev_batch = {key: v.to(device) for key, v in batch.items()}
 
     def one(step: int) -> None:
@@ -493,9 +500,9 @@ def collector_phases(
     ``K * F / (tokens * k)`` collections; after that, ever fewer activations enter it. Means include the
     merges of staged samples whenever they happen.
     """
-    from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+    from lightning_sae_samples.engine import SampleCollector
 
-    config = CollectorConfig(num_latents, 100, 20, threshold, samples_per_interval=2, **extra)
+    config = engine_settings(num_latents, threshold, **extra)
     collector = SampleCollector(config, device)
     gen = torch.Generator().manual_seed(0)
     batch = tokens // seq_len
@@ -647,7 +654,7 @@ def dispatch_counts(args) -> dict:
     """Operators dispatched and host synchronisations of one collection (collector alone, sparse latents)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lightning_sae_samples import CollectorConfig, SampleCollector
+    from lightning_sae_samples.engine import SampleCollector
 
     class Counter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -668,7 +675,7 @@ def dispatch_counts(args) -> dict:
             return func(*args, **(kwargs or {}))
 
     tokens = torch.randint(0, args.vocab, (args.scale_tokens // args.seq_len, args.seq_len))
-    collector = SampleCollector(CollectorConfig(args.num_latents, 100, 20, args.threshold, samples_per_interval=2))
+    collector = SampleCollector(engine_settings(args.num_latents, args.threshold))
     counts = []
     for step in range(args.dispatch_collections):
         gen = torch.Generator().manual_seed(step)

@@ -37,7 +37,6 @@ _LAZY = {
 # Engine internals that the top level exported in 0.1; they still resolve, with a DeprecationWarning.
 _MOVED = {
     "SampleCollector": "lightning_sae_samples.engine",
-    "CollectorConfig": "lightning_sae_samples.engine",
     "estimate_state_bytes": "lightning_sae_samples.engine",
     "merge_states": "lightning_sae_samples.state",
     "padded_state": "lightning_sae_samples.state",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -16,26 +15,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_sae_samples.analysis.logit_effects import logit_effect_extras, resolve_logit_effects_fn
-from lightning_sae_samples.arguments import choice, positive_int
 from lightning_sae_samples.collector import STATE_VERSION, ActivationSampleCollector
+from lightning_sae_samples.config import CallbackConfig
 from lightning_sae_samples.engine.distributed import gather_merged_state
 from lightning_sae_samples.engine.sample_collector import SampleCollector
+from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SamplesDirectoryError
-from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
-_SAVE_ERROR_CHOICES = ("log", "raise")
-SAVE_FULL_STATE_CHOICES = ("every", "end", "never")
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
 _log = logging.getLogger("lightning.pytorch").getChild(__name__)
-
-
-def _engine_setting(name: str) -> property:
-    """A read-only view of a setting validated and held by the callback's :class:`ActivationSampleCollector`."""
-    return property(lambda self: getattr(self.engine, name), doc=f"``{name}`` of the collection.")
 
 
 class ActivationSampleCallback(Callback):
@@ -49,14 +41,6 @@ class ActivationSampleCallback(Callback):
     so a resumed run ends with exactly what an uninterrupted one would.
 
     Args:
-        collection_freq: Collect every N-th optimizer step (all micro-batches of that step), or a schedule
-            ``{start_step: N, ...}`` such as ``{0: 5000, 20000: 1000}``.
-        max_samples_per_feature: Top samples kept in memory per latent.
-        context_size: Context tokens kept around the activating one (``context_size // 2`` on each side,
-            clipped at the sequence's edges).
-        activation_threshold: An activation counts only if strictly greater than this.
-        top_features_to_save: Features written as JSON files at each save, best first by ``rank_features_by``.
-        samples_per_feature_to_save: Samples written per feature file (the full-state file keeps all).
         dirpath: Where to write; default ``<trainer.log_dir or default_root_dir>/activation_samples``. The
             directory must be empty or hold an earlier save of this callback (its manifest); only one run may
             write it at a time (a lock file held from ``setup`` to ``teardown``).
@@ -64,59 +48,18 @@ class ActivationSampleCallback(Callback):
             (loaded in ``setup``: local files or the cache first, the Hub only when reachable and not offline),
             or ``None`` to use ``datamodule.tokenizer`` or ``pl_module.tokenizer`` when present, else to show
             token ids.
-        rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
-        num_latents: Latent count ``F``; needed for sparse latents unless it is found at fit start as a
-            ``num_latents`` (or ``d_sae``) attribute or hyperparameter of the LightningModule, or an attribute of
-            its ``cfg``, of a direct submodule or of that submodule's ``cfg`` (``self.sae.num_latents`` as in
-            sparsify, ``self.sae.cfg.d_sae`` as in SAELens).
-        latents_key: Outputs key of dense latents.
-        latent_indices_key: Outputs key of sparse latent indices.
-        latent_values_key: Outputs key of sparse latent values.
-        tokens_key: Outputs or batch key of the token ids.
-        attention_mask_key: Outputs or batch key of the attention mask ``[B, T]`` (optional): positions where
-            it is 0/False are padding, neither collected nor counted in ``tokens_seen``, and context windows
-            stop at them as at a sequence edge. Without a mask, negative token ids (``-100``, ``-1``) are
-            padding.
-        exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP, whose attention-sink activations
-            would fill the tops): no statistics and no sample centred there, but they count in
-            ``tokens_seen`` and show in other samples' contexts.
-        exclude_special_tokens: Also exclude the tokenizer's ``all_special_ids`` (resolved at fit start).
-        write_report: Also write ``interpretability_report.md`` into ``dirpath`` at each save.
-        state_device: Keep the collection on this device (e.g. ``"cpu"`` when the SAE fills the GPU); default:
-            the latents' device.
-        samples_per_interval: Besides the top, keep this many samples per latent from each activation interval
-            (half-decades above the threshold), drawn uniformly at random among the activations that fell in
-            it, reproducibly for a ``seed`` and across processes and resumes; 0 turns it off.
-        num_intervals: Number of activation intervals for ``samples_per_interval``.
-        recent_window_steps: Also keep, per latent, the top samples of the recent steps: those of the current
-            and the previous block of this many optimizer steps (``None`` turns it off). Feature files then
-            show them and ``recent_overlap``, the share of activating tokens they have in common with the
-            all-time top (low when the latent's meaning moved).
-        recent_samples_per_feature: Samples kept per latent for the recent window (default:
-            ``samples_per_feature_to_save``).
-        seed: Seed of the interval sampling.
-        deduplicate_contexts: A latent keeps no two top (or recent) samples whose context windows overlap in
-            the same sequence or whose context tokens are identical; the kept set is the exact top-k under
-            that rule (see :mod:`lightning_sae_samples.engine.dedup`). Useful on repetitive text.
-        log_feature_health: At each collected step (and only then), log ``feature_health/never_fired_frac``,
-            ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0`` to ``trainer.loggers``, and a histogram of
-            log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see
-            :mod:`lightning_sae_samples.health`. Under DDP these are global rank 0's local view.
-        dead_window_steps: A latent counts as dead if it did not fire in the last this many optimizer steps;
-            make it span several collection steps. ``dead_frac`` is logged once the collection covers a
-            whole window.
         logit_effects: A function taking the LightningModule and returning ``(W_dec [F, d_model],
             W_U [d_model, vocab])``, or its import path ``"package.module:function"`` (for YAML configs).
             Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
             decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
-        logit_effects_k: Tokens per side in ``logit_effects``.
-        on_save_error: What a samples save that fails (unwritable directory, full disk) does: ``"log"`` reports
-            it at error level and training goes on, the collection kept in memory and in the model checkpoint
-            and the next save retrying; ``"raise"`` stops training with the error.
-        save_full_state: When the samples directory gets ``full_state.pt`` (every latent's samples, for the
-            analyzer): ``"every"`` save, at the ``"end"`` of training only, or ``"never"``. The checkpoint holds the
-            same state, so ``"end"`` or ``"never"`` make checkpoints of large SAEs faster. A save without it removes
-            the previous one, which would be older than the summary.
+        config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
+            keywords).
+        merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
+            samples never depend on it).
+        **settings: Any field of :class:`~lightning_sae_samples.config.CallbackConfig`, which documents,
+            defaults and checks each one: the collection's (``collection_freq``, ``max_samples_per_feature``,
+            ``context_size``, ``activation_threshold``, ...) and the callback's (``latents_key``, ...,
+            ``save_full_state``). LightningCLI and ``--help`` list them as this class's arguments.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -130,87 +73,29 @@ class ActivationSampleCallback(Callback):
 
     def __init__(
         self,
-        collection_freq: Union[int, dict[int, int]] = 1000,
-        max_samples_per_feature: int = 100,
-        context_size: int = 20,
-        activation_threshold: float = 0.1,
-        top_features_to_save: int = 100,
-        samples_per_feature_to_save: int = 10,
         dirpath: Optional[Union[str, Path]] = None,
         tokenizer: Optional[Any] = None,
-        rank_features_by: str = "max_activation",
-        num_latents: Optional[int] = None,
-        latents_key: str = "latents",
-        latent_indices_key: str = "latent_indices",
-        latent_values_key: str = "latent_values",
-        tokens_key: str = "tokens",
-        write_report: bool = True,
-        samples_per_interval: int = 2,
-        num_intervals: int = 8,
-        recent_window_steps: Optional[int] = None,
-        recent_samples_per_feature: Optional[int] = None,
-        seed: int = 0,
-        deduplicate_contexts: bool = False,
-        log_feature_health: bool = True,
-        dead_window_steps: int = 10_000,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
-        logit_effects_k: int = 10,
-        attention_mask_key: str = "attention_mask",
-        exclude_token_ids: Sequence[int] = (),
-        exclude_special_tokens: bool = False,
-        on_save_error: str = "log",
-        save_full_state: str = "every",
-        state_device: Optional[Union[str, torch.device]] = None,
+        *,
+        config: Optional[CallbackConfig] = None,
+        merge_policy: Optional[MergePolicy] = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        self.schedule = CollectionSchedule(collection_freq)
-        self.engine = ActivationSampleCollector(
-            num_latents,
-            max_samples_per_feature=max_samples_per_feature,
-            context_size=context_size,
-            activation_threshold=activation_threshold,
-            top_features_to_save=top_features_to_save,
-            samples_per_feature_to_save=samples_per_feature_to_save,
-            rank_features_by=rank_features_by,
-            samples_per_interval=samples_per_interval,
-            num_intervals=num_intervals,
-            recent_window_steps=recent_window_steps,
-            recent_samples_per_feature=recent_samples_per_feature,
-            seed=seed,
-            deduplicate_contexts=deduplicate_contexts,
-            exclude_token_ids=exclude_token_ids,
-            write_report=write_report,
-            state_device=state_device,
-        )
-        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
-            raise ValueError(f"`dirpath` must be a path or None, got {type(dirpath).__name__}.")
-        self.dirpath: Optional[Path] = Path(dirpath) if dirpath is not None else None
+        if config is None:
+            CallbackConfig.check_names(settings, type(self).__name__)
+            config = CallbackConfig(**settings)
+        elif settings:
+            raise TypeError(f"Pass {type(self).__name__} either `config` or keyword settings, not both.")
+        self.settings = config
+        self.engine = ActivationSampleCollector(config=config, merge_policy=merge_policy)
+        self.schedule = config.schedule
+        self.keys = InputKeys(*(getattr(config, name) for name in config.input_key_names()))
+        self._health = FeatureHealthMonitor(config.dead_window_steps) if config.log_feature_health else None
+        self.dirpath: Optional[Path] = self._check_dirpath(dirpath)
         self._dirpath_arg = None if dirpath is None else os.fspath(dirpath)
-        try:
-            check_tokenizer(tokenizer)
-        except TypeError as err:
-            raise ValueError(str(err)) from None
-        self.tokenizer = tokenizer
-        keys = (latents_key, latent_indices_key, latent_values_key, tokens_key, attention_mask_key)
-        if not all(isinstance(k, str) and k for k in keys):
-            raise ValueError("`latents_key`, `latent_indices_key`, `latent_values_key`, `tokens_key` and"
-                             " `attention_mask_key` must be non-empty strings naming entries of the training_step"
-                             " outputs or batch.")
-        self.keys = InputKeys(*keys)
-        self.exclude_special_tokens = bool(exclude_special_tokens)
-        dead_window_steps = positive_int(
-            dead_window_steps, "dead_window_steps", "Use a window of several collection steps, e.g. 10000."
-        )
-        self._health = FeatureHealthMonitor(dead_window_steps) if log_feature_health else None
+        self.tokenizer = self._check_tokenizer(tokenizer)
         self.logit_effects = resolve_logit_effects_fn(logit_effects)
-        self.logit_effects_k = positive_int(logit_effects_k, "logit_effects_k", "Use e.g. 10 tokens per side.")
-        if on_save_error not in _SAVE_ERROR_CHOICES:
-            raise ValueError(
-                f"`on_save_error` must be one of {_SAVE_ERROR_CHOICES}, got {on_save_error!r}. Use 'log' to keep"
-                " training when a samples save fails, 'raise' to stop."
-            )
-        self.on_save_error = on_save_error
-        self.save_full_state = choice(save_full_state, "save_full_state", SAVE_FULL_STATE_CHOICES)
 
         self._found_num_latents: Optional[int] = None
         self._collecting = False
@@ -223,21 +108,19 @@ class ActivationSampleCallback(Callback):
         self._resolved_tokenizer: Any = None
         self._lock: Optional[FileLock] = None
 
-    max_samples_per_feature = _engine_setting("max_samples_per_feature")
-    context_size = _engine_setting("context_size")
-    activation_threshold = _engine_setting("activation_threshold")
-    top_features_to_save = _engine_setting("top_features_to_save")
-    samples_per_feature_to_save = _engine_setting("samples_per_feature_to_save")
-    rank_features_by = _engine_setting("rank_features_by")
-    num_latents = _engine_setting("num_latents")
-    samples_per_interval = _engine_setting("samples_per_interval")
-    num_intervals = _engine_setting("num_intervals")
-    recent_window_steps = _engine_setting("recent_window_steps")
-    recent_samples_per_feature = _engine_setting("recent_samples_per_feature")
-    seed = _engine_setting("seed")
-    deduplicate_contexts = _engine_setting("deduplicate_contexts")
-    exclude_token_ids = _engine_setting("exclude_token_ids")
-    write_report = _engine_setting("write_report")
+    @staticmethod
+    def _check_dirpath(dirpath: Any) -> Optional[Path]:
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise ValueError(f"`dirpath` must be a path or None, got {type(dirpath).__name__}.")
+        return Path(dirpath) if dirpath is not None else None
+
+    @staticmethod
+    def _check_tokenizer(tokenizer: Any) -> Any:
+        try:
+            check_tokenizer(tokenizer)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        return tokenizer
 
     @property
     def collector(self) -> Optional[SampleCollector]:
@@ -263,18 +146,8 @@ class ActivationSampleCallback(Callback):
 
     def config(self) -> dict[str, Any]:
         """The configuration as JSON-friendly values: the collection's, plus what the callback decides."""
-        return {
-            "collection_freq": self.schedule.as_config(),
-            **self.engine.config(),
-            "latents_key": self.keys.latents,
-            "latent_indices_key": self.keys.latent_indices,
-            "latent_values_key": self.keys.latent_values,
-            "tokens_key": self.keys.tokens,
-            "tokenizer": describe_tokenizer(self.tokenizer if self.tokenizer is not None else self._resolved_tokenizer),
-            "attention_mask_key": self.keys.attention_mask,
-            "exclude_special_tokens": self.exclude_special_tokens,
-            "save_full_state": self.save_full_state,
-        }
+        tokenizer = self.tokenizer if self.tokenizer is not None else self._resolved_tokenizer
+        return {**self.engine.config(), "tokenizer": describe_tokenizer(tokenizer)}
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -294,7 +167,7 @@ class ActivationSampleCallback(Callback):
                 " samples are written at those saves (only at the end of training). Use save_weights_only=False,"
                 " or add a ModelCheckpoint without it, to resume the collection."
             )
-        num_latents = self.num_latents or find_num_latents(pl_module)
+        num_latents = self.settings.num_latents or find_num_latents(pl_module)
         if num_latents is not None:
             self.engine.check_memory(num_latents, trainer.strategy.root_device, owner="ActivationSampleCallback")
         problem = self._take_dirpath() if trainer.is_global_zero else None
@@ -358,7 +231,7 @@ class ActivationSampleCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the latent count on the module and the tokenizer's special ids before the first step."""
         self._found_num_latents = find_num_latents(pl_module)
-        if self.exclude_special_tokens:
+        if self.settings.exclude_special_tokens:
             tokenizer = self._tokenizer(trainer, pl_module)
             special = getattr(tokenizer, "all_special_ids", None)
             if special is None:
@@ -465,7 +338,7 @@ class ActivationSampleCallback(Callback):
         if outputs is None:
             return
         latents = read_latents(outputs, batch, self.keys)
-        if latents.dense is None and self.engine.num_latents is None:
+        if latents.dense is None and self.settings.num_latents is None:
             self._sparse_num_latents(pl_module)
         self.engine.rank = self._rank
         self.engine.fold(latents, self._batch_step, self.keys)
@@ -476,7 +349,7 @@ class ActivationSampleCallback(Callback):
     def _sparse_num_latents(self, pl_module: pl.LightningModule) -> None:
         found = self._found_num_latents or find_num_latents(pl_module)
         if found is not None:
-            self.engine.num_latents = found
+            self.settings.num_latents = found
         elif not self.engine.has_collection:
             raise LatentInputError(
                 "Sparse latents do not tell the latent count: pass `num_latents=F` to ActivationSampleCallback or"
@@ -509,7 +382,7 @@ class ActivationSampleCallback(Callback):
         try:
             self._write(trainer, pl_module, merged, final)
         except Exception as err:
-            if self.on_save_error == "raise":
+            if self.settings.on_save_error == "raise":
                 raise
             _log.error(
                 "ActivationSampleCallback could not save samples to %s at step %d: %s: %s. Training goes on: the"
@@ -523,8 +396,8 @@ class ActivationSampleCallback(Callback):
         if merged is not None:
             tokenizer = self._tokenizer(trainer, pl_module)
             extras = logit_effect_extras(
-                self.logit_effects, pl_module, merged, self.rank_features_by, self.top_features_to_save,
-                self.logit_effects_k, tokenizer,
+                self.logit_effects, pl_module, merged, self.settings.rank_features_by,
+                self.settings.top_features_to_save, self.settings.logit_effects_k, tokenizer,
             )
         self.engine.write(
             self.dirpath,
@@ -532,7 +405,7 @@ class ActivationSampleCallback(Callback):
             tokenizer=tokenizer,
             config=self.config(),
             global_step=trainer.global_step,
-            full_state=self.save_full_state == "every" or (final and self.save_full_state == "end"),
+            full_state=self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end"),
             feature_extras=extras,
             owner="ActivationSampleCallback",
         )

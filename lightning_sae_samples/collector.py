@@ -9,6 +9,7 @@ exactly (both are collectives: call them on every process).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -20,16 +21,14 @@ from torch import Tensor
 from lightning_sae_samples._moved import forwarder, homes_of
 from lightning_sae_samples.analysis.reports import write_report
 from lightning_sae_samples.arguments import (
-    choice,
-    finite_float,
-    integer,
-    optional_positive_int,
     positive_int,
     token_ids,
 )
+from lightning_sae_samples.config import CollectionConfig
 from lightning_sae_samples.engine.distributed import gather_merged_state
 from lightning_sae_samples.engine.memory import estimate_state_bytes
-from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
+from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import padding_positions
 from lightning_sae_samples.inputs import (
     InputKeys,
@@ -43,7 +42,6 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.names import REPORT_NAME
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
-from lightning_sae_samples.state.statistics import RANK_CHOICES
 from lightning_sae_samples.state.tables import kept_per_latent
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
@@ -53,11 +51,6 @@ DEFAULT_KEYS = InputKeys()
 _TABLE_ARGUMENT = {
     "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",
 }
-# Settings a resumed collection must share with the one that wrote the checkpoint.
-RESUME_SETTINGS = (
-    "max_samples_per_feature", "context_size", "samples_per_interval", "num_intervals", "recent_window_steps",
-    "recent_samples_per_feature", "seed", "deduplicate_contexts",
-)
 PathLike = Union[str, Path]
 Gather = Callable[[SampleCollector], Optional[dict]]
 
@@ -90,27 +83,11 @@ class ActivationSampleCollector:
 
     Args:
         num_latents: Latent count ``F``; required for sparse latents, inferred from dense ones.
-        max_samples_per_feature: Top samples kept in memory per latent.
-        context_size: Context tokens kept around the activating one (``context_size // 2`` on each side,
-            clipped at the sequence's edges and at padding).
-        activation_threshold: An activation counts only if strictly greater than this.
-        top_features_to_save: Features written as JSON files at each save, best first by ``rank_features_by``.
-        samples_per_feature_to_save: Samples written per feature file (the full-state file keeps all).
-        rank_features_by: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``.
-        samples_per_interval: Random samples kept per latent from each activation interval (0: none).
-        num_intervals: Number of activation intervals (half-decades above the threshold).
-        recent_window_steps: Also keep the top samples of the current and previous block of this many steps.
-        recent_samples_per_feature: Samples kept per latent for the recent window (default:
-            ``samples_per_feature_to_save``).
-        seed: Seed of the interval sampling.
-        deduplicate_contexts: No two kept samples of a latent with overlapping windows in one sequence or
-            identical context tokens.
-        exclude_token_ids: Token ids never collected (e.g. BOS/CLS/SEP): no statistics and no sample centred
-            there, but they count in ``tokens_seen`` and show in other samples' contexts.
-        write_report: Also write ``interpretability_report.md`` at each :meth:`save`.
-        state_device: Where the collection lives (e.g. ``"cpu"`` for an SAE that fills the accelerator's
-            memory); default: the latents' device. Each collection then copies there only the active entries
-            and the context windows of those that may enter the kept samples.
+        config: The settings as one :class:`~lightning_sae_samples.CollectionConfig` (instead of keywords).
+        merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
+            samples never depend on it).
+        **settings: Any field of :class:`~lightning_sae_samples.CollectionConfig` (``max_samples_per_feature``,
+            ``context_size``, ``activation_threshold``, ...), with its default and checks.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument and a fix.
@@ -130,68 +107,17 @@ class ActivationSampleCollector:
         self,
         num_latents: Optional[int] = None,
         *,
-        max_samples_per_feature: int = 100,
-        context_size: int = 20,
-        activation_threshold: float = 0.1,
-        top_features_to_save: int = 100,
-        samples_per_feature_to_save: int = 10,
-        rank_features_by: str = "max_activation",
-        samples_per_interval: int = 2,
-        num_intervals: int = 8,
-        recent_window_steps: Optional[int] = None,
-        recent_samples_per_feature: Optional[int] = None,
-        seed: int = 0,
-        deduplicate_contexts: bool = False,
-        exclude_token_ids: Sequence[int] = (),
-        write_report: bool = True,
-        state_device: Optional[Union[str, torch.device]] = None,
+        config: Optional[CollectionConfig] = None,
+        merge_policy: Optional[MergePolicy] = None,
+        **settings: Any,
     ) -> None:
-        try:
-            self.state_device = None if state_device is None else torch.device(state_device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(
-                f"`state_device` must name a torch device such as 'cpu' or 'cuda:0', or be None (the latents'"
-                f" device); got {state_device!r}: {err}"
-            ) from None
-        self.num_latents = optional_positive_int(num_latents, "num_latents", "It is the SAE's latent count F.")
-        self.max_samples_per_feature = positive_int(
-            max_samples_per_feature, "max_samples_per_feature", "Keep at least one sample per latent, e.g. 100."
-        )
-        self.context_size = positive_int(
-            context_size, "context_size", "Use 0 for the activating token alone, e.g. 20 for ten each side.", 0
-        )
-        self.activation_threshold = finite_float(
-            activation_threshold, "activation_threshold", "Use e.g. 0.1; only activations strictly above it count."
-        )
-        self.top_features_to_save = positive_int(
-            top_features_to_save, "top_features_to_save", "It is how many feature files each save writes.", 0
-        )
-        self.samples_per_feature_to_save = positive_int(
-            samples_per_feature_to_save, "samples_per_feature_to_save", "Use e.g. 10."
-        )
-        if self.samples_per_feature_to_save > self.max_samples_per_feature:
-            raise ValueError(
-                f"`samples_per_feature_to_save` ({samples_per_feature_to_save}) cannot exceed"
-                f" `max_samples_per_feature` ({max_samples_per_feature}): raise the latter or lower the former."
-            )
-        self.rank_features_by = choice(rank_features_by, "rank_features_by", RANK_CHOICES)
-        self.samples_per_interval = positive_int(
-            samples_per_interval, "samples_per_interval", "Use 0 to keep no interval samples, e.g. 2.", 0
-        )
-        self.num_intervals = positive_int(num_intervals, "num_intervals", "Use e.g. 8 half-decade intervals.")
-        self.recent_window_steps = optional_positive_int(
-            recent_window_steps, "recent_window_steps", "Use a window of several collection steps, or None."
-        )
-        if recent_samples_per_feature is None:
-            recent_samples_per_feature = self.samples_per_feature_to_save
-        self.recent_samples_per_feature = positive_int(
-            recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
-        )
-        self.seed = integer(seed, "seed")
-        self.deduplicate_contexts = bool(deduplicate_contexts)
-        self.exclude_token_ids = token_ids(exclude_token_ids, "exclude_token_ids")
-        self.write_report = bool(write_report)
-
+        if config is None:
+            CollectionConfig.check_names(settings, type(self).__name__)
+            config = CollectionConfig(num_latents=num_latents, **settings)
+        elif settings or num_latents is not None:
+            raise TypeError(f"Pass {type(self).__name__} either `config` or keyword settings, not both.")
+        self.settings = config
+        self.merge_policy = merge_policy or MergePolicy()
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
         self._pending_state: Optional[dict] = None
@@ -202,27 +128,12 @@ class ActivationSampleCollector:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
-        """The configuration as JSON-friendly values."""
-        return {
-            "max_samples_per_feature": self.max_samples_per_feature,
-            "context_size": self.context_size,
-            "activation_threshold": self.activation_threshold,
-            "top_features_to_save": self.top_features_to_save,
-            "samples_per_feature_to_save": self.samples_per_feature_to_save,
-            "rank_features_by": self.rank_features_by,
-            "num_latents": self.num_latents,
-            "samples_per_interval": self.samples_per_interval,
-            "num_intervals": self.num_intervals,
-            "recent_window_steps": self.recent_window_steps,
-            "recent_samples_per_feature": self.recent_samples_per_feature,
-            "seed": self.seed,
-            "deduplicate_contexts": self.deduplicate_contexts,
-            "exclude_token_ids": list(self.exclude_token_ids),
-        }
+        """The settings recorded in the summary and checkpoints, as JSON-friendly values."""
+        return self.settings.summary()
 
     def exclude_tokens(self, ids: Sequence[int]) -> None:
         """Also exclude these token ids from collection (e.g. a tokenizer's ``all_special_ids``)."""
-        self.exclude_token_ids = token_ids((*self.exclude_token_ids, *ids), "exclude_token_ids")
+        self.settings.exclude_token_ids = token_ids((*self.settings.exclude_token_ids, *ids), "exclude_token_ids")
         self._excluded = None
 
     def _rank(self) -> int:
@@ -296,23 +207,23 @@ class ActivationSampleCollector:
             )
 
     def _excluded_positions(self, tokens: Tensor) -> Optional[Tensor]:
-        if not self.exclude_token_ids:
+        if not self.settings.exclude_token_ids:
             return None
         if self._excluded is None or self._excluded.device != tokens.device:
-            self._excluded = torch.tensor(self.exclude_token_ids, dtype=tokens.dtype, device=tokens.device)
+            self._excluded = torch.tensor(self.settings.exclude_token_ids, dtype=tokens.dtype, device=tokens.device)
         return torch.isin(tokens, self._excluded.to(tokens.dtype))
 
     def _num_latents_of(self, batch: LatentBatch, keys: InputKeys) -> int:
         if batch.dense is not None:
             found = batch.dense.shape[-1]
-            if self.collector is None and self.num_latents is not None and found != self.num_latents:
+            if self.collector is None and self.settings.num_latents is not None and found != self.settings.num_latents:
                 raise LatentInputError(
-                    f"`{keys.latents}` has {found} latents but `num_latents` is {self.num_latents}. Pass the"
+                    f"`{keys.latents}` has {found} latents but `num_latents` is {self.settings.num_latents}. Pass the"
                     " SAE's latent count as `num_latents`, or leave it out for dense latents."
                 )
             return found
-        if self.num_latents is not None:
-            return self.num_latents
+        if self.settings.num_latents is not None:
+            return self.settings.num_latents
         if self.collector is not None:
             return self.collector.config.num_latents
         if self._pending_state is not None:
@@ -337,23 +248,12 @@ class ActivationSampleCollector:
                     f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
                     f" {num_latents}. Resume the same SAE, or start a new collection without the checkpoint."
                 )
-        self.collector = self._materialize(num_latents, self.state_device or device)
+        self.collector = self._materialize(num_latents, self.settings.device or device)
         return self.collector
 
-    def collector_config(self, num_latents: int) -> CollectorConfig:
-        """The tensor engine's configuration for ``num_latents`` latents."""
-        return CollectorConfig(
-            num_latents,
-            self.max_samples_per_feature,
-            self.context_size,
-            self.activation_threshold,
-            samples_per_interval=self.samples_per_interval,
-            num_intervals=self.num_intervals,
-            recent_window_steps=self.recent_window_steps,
-            recent_samples=self.recent_samples_per_feature,
-            seed=self.seed,
-            deduplicate_contexts=self.deduplicate_contexts,
-        )
+    def engine_config(self, num_latents: int) -> CollectionConfig:
+        """The settings with ``num_latents`` set, as the tensor engine takes them."""
+        return dataclasses.replace(self.settings, num_latents=num_latents)
 
     def check_memory(self, num_latents: int, device: Union[torch.device, str], owner: str = "") -> None:
         """Refuse a state whose up-front part cannot fit ``device``, before allocating it.
@@ -361,8 +261,8 @@ class ActivationSampleCollector:
         Raises:
             ValueError: Naming the bytes needed and available, and the argument to lower.
         """
-        need = estimate_state_bytes(self.collector_config(num_latents), stored_samples=0)
-        device = self.state_device or device
+        need = estimate_state_bytes(self.engine_config(num_latents), stored_samples=0)
+        device = self.settings.device or device
         available = available_memory_bytes(device)
         if available is None or need["total"] <= available:
             return
@@ -370,17 +270,17 @@ class ActivationSampleCollector:
         raise ValueError(
             f"{owner or type(self).__name__}'s state for {num_latents} latents needs {need['total']:,} bytes up"
             f" front on {device}, which has {available:,} bytes available. Lower `{argument}` (now"
-            f" {getattr(self, argument)}), or collect on a device with more memory."
+            f" {getattr(self.settings, argument)}), or collect on a device with more memory."
         )
 
     def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
         pending, self._pending_state = self._pending_state, None
-        if self.num_latents is None:
-            self.num_latents = num_latents
+        if self.settings.num_latents is None:
+            self.settings.num_latents = num_latents
         if pending is None:
             self.check_memory(num_latents, device)
-            return SampleCollector(self.collector_config(num_latents), device)
-        restored = SampleCollector.from_state_dict(pending, device)
+            return SampleCollector(self.engine_config(num_latents), device, policy=self.merge_policy)
+        restored = SampleCollector.from_state_dict(pending, device, self.merge_policy)
         # Every process loads the same merged checkpoint; keeping it on one process only makes the next
         # merge count each sample once.
         return restored if self._rank() == 0 else restored.empty_like()
@@ -398,7 +298,7 @@ class ActivationSampleCollector:
             The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
         """
         if self.collector is None and self._pending_state is not None:
-            where = self.state_device or device or torch.device("cpu")
+            where = self.settings.device or device or torch.device("cpu")
             self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
         if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
             group = _ProcessGroup()
@@ -437,24 +337,24 @@ class ActivationSampleCollector:
         Raises:
             ValueError: The checkpoint was made with other sizes (named in the message) or latent count.
         """
-        config = state.get("config", {})
-        for name in RESUME_SETTINGS:
-            saved, current = config.get(name), getattr(self, name)
-            if name in config and saved != current:
-                raise ValueError(
-                    f"Cannot resume: the checkpoint's {owner} has {name}={saved}, this one has {name}={current}."
-                    " Use the same value, or start a new collection without the checkpoint."
-                )
+        mismatch = self.settings.resume_mismatch(state.get("config", {}))
+        if mismatch is not None:
+            name, saved, current = mismatch
+            raise ValueError(
+                f"Cannot resume: the checkpoint's {owner} has {name}={saved}, this one has {name}={current}."
+                " Use the same value, or start a new collection without the checkpoint."
+            )
         collected = state.get("collector")
-        if collected is not None and self.num_latents is not None and int(collected["num_latents"]) != self.num_latents:
+        expected = self.settings.num_latents
+        if collected is not None and expected is not None and int(collected["num_latents"]) != expected:
             raise ValueError(
                 f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
-                f" num_latents={self.num_latents}. Resume the same SAE or start a new collection."
+                f" num_latents={self.settings.num_latents}. Resume the same SAE or start a new collection."
             )
-        if collected is not None and float(collected["threshold"]) != self.activation_threshold:
+        if collected is not None and float(collected["threshold"]) != self.settings.activation_threshold:
             rank_zero_warn(
                 f"Resuming a collection made with activation_threshold={collected['threshold']}; this {owner} has"
-                f" {self.activation_threshold}. Statistics mix both thresholds."
+                f" {self.settings.activation_threshold}. Statistics mix both thresholds."
             )
         self._pending_state = collected
         self.collector = None
@@ -532,21 +432,21 @@ class ActivationSampleCollector:
             merged,
             config=config,
             tokenizer=tokenizer,
-            top_features=self.top_features_to_save,
-            samples_per_feature=self.samples_per_feature_to_save,
-            rank_by=self.rank_features_by,
+            top_features=self.settings.top_features_to_save,
+            samples_per_feature=self.settings.samples_per_feature_to_save,
+            rank_by=self.settings.rank_features_by,
             global_step=step,
             full_state=full_state,
             feature_extras=feature_extras,
         )
         kept = kept_per_latent(merged)
-        in_files = int(kept[saved].clamp(max=self.samples_per_feature_to_save).sum()) if saved else 0
+        in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0
         rank_zero_info(
             f"{owner}: saved samples to {dirpath} at step {step}: {len(saved)} feature files ({in_files} samples)"
             + (f" and the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
                if full_state else ".")
         )
-        if self.write_report:
+        if self.settings.write_report:
             try:
                 write_report(dirpath, tokenizer=tokenizer)
             except Exception as err:  # noqa: BLE001 - a report must never stop training

@@ -141,3 +141,15 @@ def make_callback(dirpath, **kwargs):
                 top_features_to_save=6, samples_per_feature_to_save=2, dirpath=dirpath, write_report=False)
     args.update(kwargs)
     return ActivationSampleCallback(**args)
+
+
+def engine_config(num_latents, max_samples, context_size, threshold, *, recent_samples=10, **settings):
+    """The engine's settings in the short positional form the engine tests use (no interval samples by default)."""
+    from lightning_sae_samples.config import CollectionConfig
+
+    settings.setdefault("samples_per_interval", 0)
+    return CollectionConfig(
+        num_latents=num_latents, max_samples_per_feature=max_samples, context_size=context_size,
+        activation_threshold=threshold, samples_per_feature_to_save=min(max_samples, 10),
+        recent_samples_per_feature=recent_samples, **settings,
+    )

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from helpers import engine_config
 
-from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 
 HOSTILE_TOKENS = [
@@ -77,7 +78,7 @@ def collect_state(vocab: int = 30, num_latents: int = 16, steps: int = 3, seed: 
     for f in range(num_latents):
         table[f % vocab, f] = 2.0 + f * 0.5
     table[:, 14:] = 0.0
-    collector = SampleCollector(CollectorConfig(num_latents=num_latents, max_samples=8, context_size=6, threshold=0.3))
+    collector = SampleCollector(engine_config(num_latents, 8, 6, 0.3))
     for step in range(steps):
         tokens = torch.randint(0, vocab, (4, 12), generator=gen)
         noise = torch.rand(4, 12, num_latents, generator=gen)

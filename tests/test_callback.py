@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import assert_dir_matches_oracle
 
 from lightning_sae_samples import ActivationSampleCallback
-from lightning_sae_samples.engine import sample_table
+from lightning_sae_samples.engine import MergePolicy
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.state.tables import padded_state
 
@@ -15,11 +15,9 @@ F, K, CTX, THR = 10, 4, 4, 0.5
 
 
 @pytest.fixture(params=["merge-when-read", "merge-often"])
-def merge_policy(request, monkeypatch):
+def merge_policy(request):
     """With "merge-often", tables this small merge their staged samples every few inserts (default: at saves)."""
-    if request.param == "merge-often":
-        monkeypatch.setattr(sample_table, "MIN_STAGE_LIMIT", 1)
-    return request.param
+    return MergePolicy(min_stage_limit=1) if request.param == "merge-often" else MergePolicy()
 
 
 def make_callback(tmp_path, **kwargs):
@@ -40,7 +38,8 @@ def check_against_oracle(dirpath, seen, n=K):
 @pytest.mark.parametrize("mode, dedup", [("dense", False), ("flat", True), ("sparse", False), ("sparse", True)])
 def test_files_match_brute_force_oracle(tmp_path, mode, dedup, merge_policy):
     module = SyntheticSAE(num_latents=F, mode=mode)
-    cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7, deduplicate_contexts=dedup)
+    cb = make_callback(tmp_path, recent_window_steps=3, samples_per_interval=2, seed=7, deduplicate_contexts=dedup,
+                       merge_policy=merge_policy)
     data = TokenDataset(vocab=3) if dedup else TokenDataset()  # few tokens: identical contexts across sequences
     trainer(tmp_path, [cb], max_epochs=2).fit(module, loader(data))
     seen = collected(module, 2)
@@ -126,25 +125,28 @@ def test_half_precision_latents_requiring_grad_are_collected_and_untouched(tmp_p
 RESUME_ARGS = dict(collection_freq=2, recent_window_steps=4, samples_per_interval=3, deduplicate_contexts=True)
 
 
-def _two_epoch_run(tmp_path, mode):
+def _two_epoch_run(tmp_path, mode, merge_policy=None):
     module = SyntheticSAE(num_latents=F, mode=mode)
-    cb = make_callback(tmp_path, **RESUME_ARGS)
+    cb = make_callback(tmp_path, merge_policy=merge_policy, **RESUME_ARGS)
     trainer(tmp_path, [cb], max_epochs=2).fit(module, loader())
     return read_dir(tmp_path / "samples")
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_resume_writes_identical_files(tmp_path, mode, merge_policy):
-    full = _two_epoch_run(tmp_path / "full", mode)
+    full = _two_epoch_run(tmp_path / "full", mode, merge_policy)
 
     ckpt_dir = tmp_path / "ckpt"
     first = trainer(
         tmp_path / "part",
-        [make_callback(tmp_path / "part", **RESUME_ARGS), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        [make_callback(tmp_path / "part", merge_policy=merge_policy, **RESUME_ARGS),
+         ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
         max_epochs=1, enable_checkpointing=True,
     )
     first.fit(SyntheticSAE(num_latents=F, mode=mode), loader())
-    resumed = trainer(tmp_path / "part", [make_callback(tmp_path / "part", **RESUME_ARGS)], max_epochs=2)
+    resumed = trainer(
+        tmp_path / "part", [make_callback(tmp_path / "part", merge_policy=merge_policy, **RESUME_ARGS)], max_epochs=2
+    )
     resumed.fit(SyntheticSAE(num_latents=F, mode=mode), loader(), ckpt_path=ckpt_dir / "last.ckpt")
     part = read_dir(tmp_path / "part" / "samples")
 

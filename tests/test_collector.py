@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
+from helpers import engine_config
 from oracle import Seen, oracle, tokens_seen
 
-from lightning_sae_samples.engine import sample_table
-from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
+from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import above_threshold
 from lightning_sae_samples.state.merge import merge_states
 from lightning_sae_samples.state.tables import padded_state
@@ -17,17 +18,15 @@ F, K, CTX, THR = 7, 5, 4, 0.5
     params=[None, 1, 7, "rows-one-by-one"],
     ids=["merge-when-read", "merge-every-insert", "merge-every-7-samples", "merge-when-read-by-chunks-of-rows"],
 )
-def stage_limit(request, monkeypatch):
+def stage_limit(request):
     """How many staged samples trigger a merge; the kept samples must not depend on it.
 
     ``"rows-one-by-one"``: merges when read, a chunk of one touched row at a time (as wide states do), into a
     window pool that starts with 2 slots (so merges grow it).
     """
     if request.param == "rows-one-by-one":
-        monkeypatch.setattr(sample_table, "MERGE_CELLS", 1)
-        monkeypatch.setattr(sample_table, "MIN_POOL_SLOTS", 2)
-        return None
-    return request.param
+        return MergePolicy(merge_cells=1, min_pool_slots=2)
+    return MergePolicy(stage_limit=request.param)
 
 
 def random_batches(n, batch=3, seq=6, seed=0, vocab=20):
@@ -74,7 +73,7 @@ def assert_state_matches_oracle(state, seen, k=K, exclude=()):
 
 
 def test_dense_updates_equal_brute_force_topk(stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(8)):
         c.update_dense(tokens, latents, step)
@@ -83,7 +82,7 @@ def test_dense_updates_equal_brute_force_topk(stage_limit):
 
 
 def test_sparse_updates_equal_brute_force_topk(stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(8, seed=3)):
         indices, values, dense = to_sparse(latents)
@@ -93,8 +92,8 @@ def test_sparse_updates_equal_brute_force_topk(stage_limit):
 
 
 def test_sparse_and_dense_paths_agree(stage_limit):
-    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
-    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    dense_c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
+    sparse_c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     for step, (tokens, latents) in enumerate(random_batches(5, seed=4)):
         indices, values, dense = to_sparse(latents)
         dense_c.update_dense(tokens, dense, step)
@@ -106,7 +105,7 @@ def test_sparse_and_dense_paths_agree(stage_limit):
 
 
 def test_merge_of_two_ranks_equals_oracle_over_the_union(stage_limit):
-    ranks = [SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit)) for _ in range(2)]
+    ranks = [SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit) for _ in range(2)]
     seen = []
     batches = random_batches(10, seed=7)
     for i, (tokens, latents) in enumerate(batches):
@@ -126,10 +125,10 @@ def test_merge_of_two_ranks_equals_oracle_over_the_union(stage_limit):
 
 def test_state_dict_round_trip_continues_exactly(stage_limit):
     batches = random_batches(6, seed=9)
-    straight = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    straight = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     for step, (tokens, latents) in enumerate(batches):
         straight.update_dense(tokens, latents, step)
-    first = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    first = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     for step, (tokens, latents) in enumerate(batches[:3]):
         first.update_dense(tokens, latents, step)
     resumed = SampleCollector.from_state_dict(first.state_dict())
@@ -149,7 +148,7 @@ def test_threshold_is_strict_in_exact_arithmetic_for_every_dtype(dtype):
 
 
 def test_non_finite_values_are_skipped_and_counted(stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     tokens, latents = random_batches(1, seed=11)[0]
     clean = latents.clone()
     latents[0, 1, 2] = math.nan
@@ -160,7 +159,7 @@ def test_non_finite_values_are_skipped_and_counted(stage_limit):
     assert int(state["nonfinite_skipped"]) == 3
     assert torch.isfinite(state["top_context_acts"]).all()
     clean[0, 1, 2] = clean[1, 2, 3] = clean[2, 0, 4] = 0.0
-    ref = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    ref = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     ref.update_dense(tokens, clean, 0)
     assert torch.equal(ref.state_dict()["count"], state["count"])
     assert torch.equal(padded_state(ref.state_dict())["top_values"], state["top_values"])
@@ -171,7 +170,7 @@ def test_non_finite_values_are_skipped_and_counted(stage_limit):
 
 
 def test_memory_is_bounded_by_k_per_latent():
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR))
+    c = SampleCollector(engine_config(F, K, CTX, THR))
     sizes = set()
     for step, (tokens, latents) in enumerate(random_batches(6, seed=12)):
         c.update_dense(tokens, latents, step)
@@ -198,8 +197,8 @@ def test_interval_samples_are_the_reproducible_uniform_sample_of_each_interval(s
     from lightning_sae_samples.engine.bins import interval_edges
     from lightning_sae_samples.engine.priority import sample_priority
 
-    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, samples_per_interval=2, num_intervals=4, seed=3)
-    c = SampleCollector(cfg)
+    cfg = engine_config(F, K, CTX, THR, samples_per_interval=2, num_intervals=4, seed=3)
+    c = SampleCollector(cfg, policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(12, seed=21)):
         latents = latents.abs() * 3
@@ -242,8 +241,8 @@ def test_interval_sampling_is_close_to_uniform():
 
 
 def test_recent_window_keeps_the_top_of_the_current_and_previous_block(stage_limit):
-    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, recent_window_steps=3, recent_samples=2)
-    c = SampleCollector(cfg)
+    cfg = engine_config(F, K, CTX, THR, recent_window_steps=3, recent_samples=2)
+    c = SampleCollector(cfg, policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(11, seed=5)):
         c.update_dense(tokens, latents, step)
@@ -267,11 +266,11 @@ def test_recent_window_keeps_the_top_of_the_current_and_previous_block(stage_lim
 
 
 def test_merge_with_interval_and_recent_tables_equals_single_process(stage_limit):
-    cfg = CollectorConfig(
-        F, K, CTX, THR, stage_limit=stage_limit, samples_per_interval=2, num_intervals=3, recent_window_steps=2
+    cfg = engine_config(
+        F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2
     )
-    single = SampleCollector(cfg)
-    ranks = [SampleCollector(cfg) for _ in range(2)]
+    single = SampleCollector(cfg, policy=stage_limit)
+    ranks = [SampleCollector(cfg, policy=stage_limit) for _ in range(2)]
     for i, (tokens, latents) in enumerate(random_batches(10, seed=8)):
         step, rank = i // 2, i % 2
         order = rank << RANK_SHIFT
@@ -313,8 +312,8 @@ def assert_top_equals(state, feats):
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_deduplicated_top_equals_oracle_with_the_same_rule(mode, stage_limit):
-    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, deduplicate_contexts=True)
-    c = SampleCollector(cfg)
+    cfg = engine_config(F, K, CTX, THR, deduplicate_contexts=True)
+    c = SampleCollector(cfg, policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(repetitive_batches(10, seed=1)):
         if mode == "sparse":
@@ -336,8 +335,8 @@ def test_deduplicated_top_equals_oracle_with_the_same_rule(mode, stage_limit):
 
 
 def test_deduplicated_merge_of_two_ranks_equals_oracle(stage_limit):
-    cfg = CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit, deduplicate_contexts=True)
-    ranks = [SampleCollector(cfg) for _ in range(2)]
+    cfg = engine_config(F, K, CTX, THR, deduplicate_contexts=True)
+    ranks = [SampleCollector(cfg, policy=stage_limit) for _ in range(2)]
     seen = []
     for i, (tokens, latents) in enumerate(repetitive_batches(12, seed=2)):
         step, rank = i // 2, i % 2
@@ -357,8 +356,8 @@ def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence
     latents[0, 0, 2] = 2.0
     latents[0, 1, 2] = 1.0
     indices, values, dense = to_sparse(latents, k=2)
-    sparse_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
-    dense_c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    sparse_c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
+    dense_c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     sparse_c.update_sparse(tokens, indices, values, 0)
     dense_c.update_dense(tokens, dense, 0)
     state = padded_state(sparse_c.state_dict())
@@ -370,7 +369,7 @@ def test_sparse_windows_do_not_leak_between_neighbouring_latents_of_one_sequence
 
 
 def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(8, seed=13)):
         mask = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(step)) > 0.3
@@ -390,7 +389,7 @@ def test_padding_and_excluded_positions_equal_the_oracle_that_skips_them(stage_l
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_latents_keep_the_oracle_samples_with_context_acts_in_their_own_dtype(mode, dtype, stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, samples_per_interval=1, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR, samples_per_interval=1), policy=stage_limit)
     seen = []
     for step, (tokens, latents) in enumerate(random_batches(6, seed=21)):
         half = latents.to(dtype)  # the 0.5 grid is exact in both dtypes
@@ -408,7 +407,7 @@ def test_half_precision_latents_keep_the_oracle_samples_with_context_acts_in_the
 
 
 def test_a_token_id_that_needs_widening_mid_run_keeps_earlier_samples_exact(stage_limit):
-    c = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     seen = []
     batches = random_batches(6, seed=23)
     for step, (tokens, latents) in enumerate(batches):
@@ -426,10 +425,10 @@ def test_a_token_id_that_needs_widening_mid_run_keeps_earlier_samples_exact(stag
 
 def test_compact_window_dtypes_round_trip_through_torch_load_and_merges_widen(tmp_path, stage_limit):
     batches = random_batches(6, seed=25)
-    straight = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    straight = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     for step, (tokens, latents) in enumerate(batches):
         straight.update_dense(tokens, latents.bfloat16(), step)
-    first = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    first = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     for step, (tokens, latents) in enumerate(batches[:3]):
         first.update_dense(tokens, latents.bfloat16(), step)
     torch.save(first.state_dict(), tmp_path / "state.pt")
@@ -445,7 +444,7 @@ def test_compact_window_dtypes_round_trip_through_torch_load_and_merges_widen(tm
         assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
 
     # A rank that saw a wide token id and float32 latents merges with a narrow bfloat16 one: the merge widens.
-    wide = SampleCollector(CollectorConfig(F, K, CTX, THR, stage_limit=stage_limit))
+    wide = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
     seen = [Seen(step, 0, 0, tokens, latents.bfloat16().float()) for step, (tokens, latents) in enumerate(batches)]
     tokens, latents = random_batches(1, seed=26)[0]
     tokens[1, 1] = 50_000
@@ -476,7 +475,7 @@ def test_state_device_keeps_the_collection_where_asked_with_identical_files(tmp_
             SyntheticSAE(mode="sparse", num_latents=10), loader()
         )
         assert callback.engine.collector.device == torch.device("cpu")
-        assert callback.engine.state_device == (None if device is None else torch.device("cpu"))
+        assert callback.settings.device == (None if device is None else torch.device("cpu"))
         dirs[name] = read_dir(tmp_path / name)
     state = dirs["default"].pop("full_state.pt")
     assert_same(state, dirs["cpu"].pop("full_state.pt"))

@@ -8,8 +8,7 @@ import pytest
 import torch
 from oracle import deduplicate
 
-from lightning_sae_samples.engine import sample_table
-from lightning_sae_samples.engine.sample_table import EMPTY, BatchContext, SampleTable
+from lightning_sae_samples.engine.sample_table import EMPTY, BatchContext, MergePolicy, SampleTable
 
 ROWS, CAP, HALF, SEQ, NSEQ = 5, 3, 1, 6, 2
 W = 2 * HALF + 1
@@ -82,7 +81,7 @@ def random_batch(gen, vocab=9):
 
 @pytest.mark.parametrize("stage_limit", [1, 4, 10**6], ids=["merge-every-insert", "merge-every-4", "merge-at-read"])
 def test_staged_merges_keep_the_exact_top_k_with_their_windows(stage_limit):
-    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), stage_limit=stage_limit), {}
+    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), policy=MergePolicy(stage_limit=stage_limit)), {}
     gen = torch.Generator().manual_seed(0)
     for step in range(12):
         offer(table, model, *random_batch(gen), step=step)
@@ -92,7 +91,8 @@ def test_staged_merges_keep_the_exact_top_k_with_their_windows(stage_limit):
 
 
 def test_random_priority_rows_keep_the_largest_priorities():
-    table, model = SampleTable(ROWS, 2, W, torch.device("cpu"), random_priority=True, stage_limit=3), {}
+    policy = MergePolicy(stage_limit=3)
+    table, model = SampleTable(ROWS, 2, W, torch.device("cpu"), random_priority=True, policy=policy), {}
     gen = torch.Generator().manual_seed(1)
     for step in range(8):
         tokens, rows, _ = random_batch(gen)
@@ -102,7 +102,7 @@ def test_random_priority_rows_keep_the_largest_priorities():
 
 
 def test_pushed_out_samples_give_their_slots_to_the_samples_that_enter():
-    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), stage_limit=1), {}
+    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), policy=MergePolicy(stage_limit=1)), {}
     gen = torch.Generator().manual_seed(2)
     for step in range(30):
         tokens, rows, _ = random_batch(gen)
@@ -116,10 +116,10 @@ def test_pushed_out_samples_give_their_slots_to_the_samples_that_enter():
     assert len(kept.unique()) == len(kept), "two kept samples share a pool slot"
 
 
-def test_the_pool_grows_with_the_samples_stored(monkeypatch):
-    monkeypatch.setattr(sample_table, "MIN_POOL_SLOTS", 2)
+def test_the_pool_grows_with_the_samples_stored():
     rows, cap = 40, 4
-    table, model = SampleTable(rows, cap, W, torch.device("cpu"), stage_limit=1), {}
+    policy = MergePolicy(stage_limit=1, min_pool_slots=2)
+    table, model = SampleTable(rows, cap, W, torch.device("cpu"), policy=policy), {}
     assert table.pool_slots == 0
     gen = torch.Generator().manual_seed(3)
     sizes = []
@@ -137,7 +137,8 @@ def test_the_pool_grows_with_the_samples_stored(monkeypatch):
 
 def test_deduplicated_rows_evict_a_kept_sample_when_a_better_one_of_its_context_arrives():
     radius = 2 * HALF
-    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), dedup_radius=radius, stage_limit=2), {}
+    policy = MergePolicy(stage_limit=2)
+    table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), dedup_radius=radius, policy=policy), {}
     evicted, evict = [], table._evict
     table._evict = lambda rows, columns: (evicted.append(len(rows)), evict(rows, columns))
     gen = torch.Generator().manual_seed(4)
@@ -152,13 +153,13 @@ def test_deduplicated_rows_evict_a_kept_sample_when_a_better_one_of_its_context_
 def test_load_of_an_export_continues_exactly():
     gen = torch.Generator().manual_seed(5)
     batches = [random_batch(gen) for _ in range(10)]
-    straight, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), stage_limit=3), {}
-    first = SampleTable(ROWS, CAP, W, torch.device("cpu"), stage_limit=3)
+    straight, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), policy=MergePolicy(stage_limit=3)), {}
+    first = SampleTable(ROWS, CAP, W, torch.device("cpu"), policy=MergePolicy(stage_limit=3))
     for step, batch in enumerate(batches):
         offer(straight, model, *batch, step=step)
         if step < 5:
             offer(first, {}, *batch, step=step)
-    resumed = SampleTable(ROWS, CAP, W, torch.device("cpu"), stage_limit=3)
+    resumed = SampleTable(ROWS, CAP, W, torch.device("cpu"), policy=MergePolicy(stage_limit=3))
     resumed.load(first.export())
     assert resumed.pool_slots >= int(first.export()["count"].sum())
     for step, batch in enumerate(batches[5:], start=5):

@@ -6,13 +6,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import SyntheticSAE, assert_same, loader, trainer
+from helpers import SyntheticSAE, assert_same, engine_config, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import Seen, oracle
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCallback, SamplesDirectoryError
 from lightning_sae_samples.engine.memory import estimate_state_bytes
-from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import SampleCollector
+from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.samples_dir.names import FULL_STATE_NAME
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 from lightning_sae_samples.state.merge import merge_states
@@ -35,9 +36,9 @@ def batches(n, seed=0, batch=2, seq=5, density=1.0):
     return out
 
 
-def config(stage_limit=None):
-    return CollectorConfig(F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2,
-                           deduplicate_contexts=True, stage_limit=stage_limit)
+def config():
+    return engine_config(F, K, CTX, THR, samples_per_interval=2, num_intervals=3, recent_window_steps=2,
+                         deduplicate_contexts=True)
 
 
 # fill levels: nothing seen; a few sparse batches (rows partly filled); many dense batches (firing rows full);
@@ -48,7 +49,7 @@ FILLS = {"empty": (0, 0.3, None), "partial": (2, 0.2, None), "full": (12, 1.0, N
 @pytest.mark.parametrize("fill", FILLS)
 def test_compact_round_trip_through_a_weights_only_file(tmp_path, fill):
     n, density, stage_limit = FILLS[fill]
-    c = SampleCollector(config(stage_limit))
+    c = SampleCollector(config(), policy=MergePolicy(stage_limit=stage_limit))
     data = batches(n, seed=3, density=density)
     for step, (tokens, latents) in enumerate(data):
         c.update_dense(tokens, latents, step)
@@ -181,12 +182,12 @@ def test_a_state_larger_than_memory_is_refused_before_training_with_what_to_lowe
 
 
 def test_state_estimate_counts_the_pools_by_what_is_stored():
-    cfg = CollectorConfig(1 << 20, 100, 20, 0.1, samples_per_interval=2, num_intervals=8)
+    cfg = engine_config(1 << 20, 100, 20, 0.1, samples_per_interval=2, num_intervals=8)
     empty, full = estimate_state_bytes(cfg, stored_samples=0), estimate_state_bytes(cfg)
     assert empty["samples"] == 0 and empty["fixed"] == full["fixed"]
     assert full["total"] > 10 * 2**30  # a full pool of a million latents x 100 windows is large ...
     assert empty["fixed"] / (1 << 20) < 3 * 1024  # ... the part allocated up front is under 3 KB per latent
-    c = SampleCollector(CollectorConfig(64, 4, 4, 0.5, samples_per_interval=1, num_intervals=2))
+    c = SampleCollector(engine_config(64, 4, 4, 0.5, samples_per_interval=1, num_intervals=2))
     measured = sum(t.numel() * t.element_size() for t in c.__dict__.values() if torch.is_tensor(t))
     measured += sum(t.numel() * t.element_size() for table in c.tables.values()
                     for t in table.__dict__.values() if torch.is_tensor(t))

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import engine_config
 
-from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.samples_dir.commit import read_manifest
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import MANIFEST_NAME, PENDING_DIR, SUMMARY_NAME, SamplesDirectoryError
@@ -20,7 +21,7 @@ WRITE = dict(config={}, tokenizer=None, top_features=3, samples_per_feature=2, r
 
 def state_after(steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    c = SampleCollector(CollectorConfig(8, 3, 2, 0.5))
+    c = SampleCollector(engine_config(8, 3, 2, 0.5))
     for step in range(steps):
         c.update_dense(torch.randint(0, 9, (2, 5), generator=gen), torch.randn(2, 5, 8, generator=gen) * 2, step)
     return c.state_dict()

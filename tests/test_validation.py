@@ -160,5 +160,5 @@ trainer:
     cli = LightningCLI(SyntheticSAE, DataModule, args=["fit", "--config", str(config)], save_config_callback=None)
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, ActivationSampleCallback))
     assert cb.schedule.as_config() == {0: 1, 2: 5}
-    assert cb.rank_features_by == "activation_count"
+    assert cb.settings.rank_features_by == "activation_count"
     assert (tmp_path / "yaml_samples" / "collection_summary.json").exists()

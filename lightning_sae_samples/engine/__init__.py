@@ -5,6 +5,7 @@ top-k samples with their context windows, interval and recent samples, and strea
 """
 
 from lightning_sae_samples.engine.memory import estimate_state_bytes
-from lightning_sae_samples.engine.sample_collector import CollectorConfig, SampleCollector
+from lightning_sae_samples.engine.sample_collector import SampleCollector
+from lightning_sae_samples.engine.sample_table import MergePolicy
 
-__all__ = ["CollectorConfig", "SampleCollector", "estimate_state_bytes"]
+__all__ = ["MergePolicy", "SampleCollector", "estimate_state_bytes"]

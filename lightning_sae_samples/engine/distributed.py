@@ -38,8 +38,8 @@ def state_bytes_per_latent(padded: dict) -> int:
 def window_dtypes(collector: SampleCollector) -> tuple[torch.dtype, torch.dtype]:
     """The widest dtypes of a collector's stored context token ids and activations, over its tables."""
     tables = collector.tables.values()
-    tokens = functools.reduce(wider, [t.pool_context_tokens.dtype for t in tables])
-    return tokens, functools.reduce(wider, [t.pool_context_acts.dtype for t in tables])
+    tokens = functools.reduce(wider, [t.pool["context_tokens"].dtype for t in tables])
+    return tokens, functools.reduce(wider, [t.pool["context_acts"].dtype for t in tables])
 
 
 def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool) -> Optional[dict]:

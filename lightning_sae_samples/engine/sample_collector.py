@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 from lightning_sae_samples.engine.priority import sample_priority
-from lightning_sae_samples.engine.sample_table import BatchContext, SampleTable, acts_dtype_for, token_dtype_for
+from lightning_sae_samples.engine.sample_table import (
+    DEFAULT_POLICY,
+    BatchContext,
+    MergePolicy,
+    SampleTable,
+    acts_dtype_for,
+    token_dtype_for,
+)
 from lightning_sae_samples.engine.windows import (
     DENSE_SCAN_ELEMENTS,
     SparseWindowActs,
@@ -19,7 +26,6 @@ from lightning_sae_samples.engine.windows import (
     dense_hits,
 )
 from lightning_sae_samples.state.schema import (
-    CONFIG_FIELDS,
     EMPTY,
     INTERVAL_FIELDS,
     LATENT_FIELDS,
@@ -39,83 +45,73 @@ def per_latent_fields(state: dict) -> list[str]:
     return [field.name for field in LATENT_FIELDS if field.name in state]
 
 
-@dataclass
-class CollectorConfig:
-    """Shape of a collector's state.
-
-    Args:
-        num_latents: Number of latents ``F``.
-        max_samples: Top samples kept per latent ``K``.
-        context_size: Context tokens around the activating one (``context_size // 2`` on each side).
-        threshold: An activation counts only if strictly greater than this.
-        samples_per_interval: Random samples kept per latent and activation interval (0: none).
-        num_intervals: Number of activation intervals (half-decades from the threshold up).
-        recent_window_steps: Block length in steps of the recent-top window (``None``: no recent top).
-        recent_samples: Top samples kept per latent for the recent window.
-        seed: Seed of the interval sampling.
-        deduplicate_contexts: Apply the de-duplication rule of :mod:`lightning_sae_samples.engine.dedup` to the top
-            and recent tables.
-        stage_limit: Samples a table stages before merging them into its sorted rows (``None``: a quarter of
-            the table's size). Lower trades speed for memory; the kept samples do not depend on it.
-    """
-
-    num_latents: int
-    max_samples: int
-    context_size: int
-    threshold: float
-    samples_per_interval: int = 0
-    num_intervals: int = 8
-    recent_window_steps: Optional[int] = None
-    recent_samples: int = 10
-    seed: int = 0
-    deduplicate_contexts: bool = False
-    stage_limit: Optional[int] = None
-
-    @property
-    def half_window(self) -> int:
-        """Tokens kept on each side of the activating token."""
-        return self.context_size // 2
-
-    @property
-    def window(self) -> int:
-        """Length of a stored context window (activating token at index ``half_window``)."""
-        return 2 * self.half_window + 1
-
-
-_CONFIG_KEYS = {field.name: field.name for field in CONFIG_FIELDS}
-
-
 class SampleCollector:
     """Exact top-k activating contexts and streaming statistics for every latent.
 
+    The state's tensors are declared below, one attribute each (see :mod:`lightning_sae_samples.state.schema`
+    for their dtypes, fill values and merge rules); the kept samples live in :attr:`tables`.
+
     Args:
-        config: Sizes, threshold and optional sample groups.
+        config: The collection's settings, with ``num_latents`` set; the engine reads those with a ``state`` key
+            (see :mod:`lightning_sae_samples.config`).
         device: Where the state lives; put it on the latents' device.
         hist_edges: Histogram bin edges; defaults to :func:`histogram_edges` of the threshold.
+        policy: When the sample tables merge what they staged (the kept samples do not depend on it).
+
+    Raises:
+        ValueError: ``config.num_latents`` is not set.
     """
+
+    #: Activations above the threshold per latent.
+    count: Tensor
+    #: Their sum and sum of squares (float64), for mean and standard deviation.
+    sum: Tensor
+    sum_sq: Tensor
+    #: Largest and smallest activation above the threshold per latent.
+    max: Tensor
+    min: Tensor
+    #: Activation histogram per latent over the fixed log-spaced :attr:`hist_edges`.
+    hist: Tensor
+    #: First and last step each latent fired (``EMPTY`` if never).
+    first_step: Tensor
+    last_step: Tensor
+    #: Activations per latent and interval (only with interval sampling).
+    interval_count: Tensor
+    #: Run-level counters.
+    tokens_seen: Tensor
+    nonfinite_skipped: Tensor
+    steps_collected: int
+    first_collected_step: int
+    last_collected_step: int
+    recent_block: int
 
     def __init__(
         self,
-        config: CollectorConfig,
+        config: CollectionConfig,
         device: torch.device | str = "cpu",
         hist_edges: Optional[Tensor] = None,
+        policy: MergePolicy = DEFAULT_POLICY,
     ) -> None:
+        if config.num_latents is None:
+            raise ValueError("SampleCollector needs `config.num_latents`: the SAE's latent count F.")
         self.config = config
+        self.policy = policy
         device = torch.device(device)
         num_latents, w = config.num_latents, config.window
-        edges = histogram_edges(config.threshold) if hist_edges is None else hist_edges
+        edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
         self._inner_edges = self.hist_edges[1:-1].to(device=device)
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
-        stage = config.stage_limit
         self.tables: dict[str, SampleTable] = {
-            "top": SampleTable(num_latents, config.max_samples, w, device, dedup_radius=radius, stage_limit=stage)
+            "top": SampleTable(
+                num_latents, config.max_samples_per_feature, w, device, dedup_radius=radius, policy=policy
+            )
         }
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
-            self.interval_edges = interval_edges(config.threshold, config.num_intervals)
+            self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
             self._interval_inner = self.interval_edges[1:-1].to(device=device)
             self.tables["interval"] = SampleTable(
                 num_latents * config.num_intervals,
@@ -123,7 +119,7 @@ class SampleCollector:
                 w,
                 device,
                 random_priority=True,
-                stage_limit=stage,
+                policy=policy,
             )
             for field in INTERVAL_FIELDS:
                 setattr(self, field.name, empty_field(field, (num_latents, config.num_intervals), device))
@@ -131,7 +127,7 @@ class SampleCollector:
         if config.recent_window_steps:
             for name in ("recent", "recent_prev"):
                 self.tables[name] = SampleTable(
-                    num_latents, config.recent_samples, w, device, dedup_radius=radius, stage_limit=stage
+                    num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius, policy=policy
                 )
 
         for field in STAT_FIELDS:
@@ -186,7 +182,7 @@ class SampleCollector:
         found, bad = [], []
         for start in range(0, len(flat), block):
             rows = flat[start : start + block]
-            found.append(dense_hits(rows, self.config.threshold) + start * num_latents)
+            found.append(dense_hits(rows, self.config.activation_threshold) + start * num_latents)
             bad.append(~torch.isfinite(rows.sum(dim=1)) & positions.collect[start : start + block])
         entry = torch.cat(found)
         values = flat.view(-1)[entry].float()
@@ -238,7 +234,8 @@ class SampleCollector:
         collect = positions.collect.unsqueeze(1)
         finite = torch.isfinite(flat_val)
         self.nonfinite_skipped += (~finite & collect).sum()
-        entry = (above_threshold(flat_val, self.config.threshold) & finite & collect).view(-1).nonzero(as_tuple=True)[0]
+        above = above_threshold(flat_val, self.config.activation_threshold)
+        entry = (above & finite & collect).view(-1).nonzero(as_tuple=True)[0]
         token_idx = entry // k
         latent_idx = flat_idx.view(-1)[entry].long()
         picked = flat_val.view(-1)[entry].float()
@@ -337,7 +334,7 @@ class SampleCollector:
         """The state's run-level entries: format, configuration, edges and counters."""
         cfg = self.config
         state: dict = {"format_version": STATE_FORMAT_VERSION}
-        state.update({key: getattr(cfg, attr) for key, attr in _CONFIG_KEYS.items()})
+        state.update(cfg.state_entries())
         state.update(half_window=cfg.half_window, hist_edges=self.hist_edges.clone())
         if self.interval_edges is not None:
             state["interval_edges"] = self.interval_edges.clone()
@@ -381,7 +378,9 @@ class SampleCollector:
         return _to_cpu(self.export())
 
     @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device | str = "cpu") -> SampleCollector:
+    def from_state_dict(
+        cls, state: dict, device: torch.device | str = "cpu", policy: MergePolicy = DEFAULT_POLICY
+    ) -> SampleCollector:
         """Rebuild a collector from :meth:`state_dict` output, on ``device``.
 
         Raises:
@@ -389,15 +388,13 @@ class SampleCollector:
                 configuration.
         """
         check_state_version(state)
-        missing = [f.name for f in (*CONFIG_FIELDS[:3], *STAT_FIELDS) if f.name not in state]
+        required = [f.metadata["state"] for f in engine_fields()[:3]]
+        required += [f.name for f in STAT_FIELDS]
+        missing = [name for name in required if name not in state]
         missing += [name for name in ("top", "hist_edges") if name not in state]
         if missing:
             raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
-        defaults = CollectorConfig(0, 0, 0, 0.0)
-        config = CollectorConfig(
-            **{attr: state.get(key, getattr(defaults, attr)) for key, attr in _CONFIG_KEYS.items()}
-        )
-        collector = cls(config, device, state["hist_edges"])
+        collector = cls(CollectionConfig.from_state(state), device, state["hist_edges"], policy)
         for name, table in collector.tables.items():
             if name not in state:
                 raise ValueError(f"Collector state is missing its {name!r} sample table.")
@@ -424,7 +421,7 @@ class SampleCollector:
 
     def empty_like(self) -> SampleCollector:
         """A collector with the same configuration, histogram edges and step counters, and no samples."""
-        empty = SampleCollector(self.config, self.device, self.hist_edges)
+        empty = SampleCollector(self.config, self.device, self.hist_edges, self.policy)
         for field in RUN_FIELDS:
             if field.dtype is None:
                 setattr(empty, field.name, getattr(self, field.name))

@@ -17,6 +17,7 @@ so its memory follows the samples stored, not the capacity ``rows * capacity``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -27,13 +28,11 @@ from lightning_sae_samples.engine.hashing import signed64
 from lightning_sae_samples.state.merge import merge_padded_tables, sort_samples
 from lightning_sae_samples.state.schema import EMPTY, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
 
-__all__ = ["EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "SampleTable", "merge_exported", "sort_samples"]
+__all__ = [
+    "DEFAULT_POLICY", "EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "MergePolicy", "SampleTable",
+    "merge_exported", "sort_samples",
+]
 
-MIN_STAGE_LIMIT = 1 << 14
-#: Pool slots a table starts with; the pool then doubles as samples are stored.
-MIN_POOL_SLOTS = 1 << 10
-#: Row places a merge works on at once (touched rows x places that can change): bounds its temporaries.
-MERGE_CELLS = 1 << 22
 #: Dtypes of the sorted per-row keys: ``step`` fits int32 (steps below 2**31), and so do pool slots.
 STEP_DTYPE = torch.int32
 SLOT_DTYPE = torch.int32
@@ -142,6 +141,32 @@ def _class_key(row: Tensor, hashes: Tensor) -> Tensor:
     return hashes ^ (row * signed64(0x9E3779B97F4A7C15))
 
 
+@dataclass(frozen=True)
+class MergePolicy:
+    """When a table merges its staged samples and how big its pieces are; the kept samples never depend on it.
+
+    Args:
+        stage_limit: Staged samples that trigger a merge (``None``: a quarter of the table's size, at least
+            ``min_stage_limit``). Lower trades speed for memory.
+        min_stage_limit: The smallest default stage limit, so that small tables merge when read.
+        min_pool_slots: Window pool slots a table starts with; the pool then doubles as samples are stored.
+        merge_cells: Row places a merge works on at once (touched rows x places that can change): bounds its
+            temporaries.
+    """
+
+    stage_limit: Optional[int] = None
+    min_stage_limit: int = 1 << 14
+    min_pool_slots: int = 1 << 10
+    merge_cells: int = 1 << 22
+
+    def stage_limit_for(self, places: int) -> int:
+        """The stage limit of a table of ``places`` row places."""
+        return max(places // 4, self.min_stage_limit) if self.stage_limit is None else self.stage_limit
+
+
+DEFAULT_POLICY = MergePolicy()
+
+
 class SampleTable:
     """Per row, the ``capacity`` samples with the largest priority.
 
@@ -159,7 +184,7 @@ class SampleTable:
             activation values; otherwise the activation value is the priority.
         dedup_radius: De-duplicate contexts (see :mod:`lightning_sae_samples.engine.dedup`): samples of one sequence
             at most this many positions apart overlap. ``None`` keeps every sample.
-        stage_limit: Staged samples that trigger a merge; defaults to a quarter of the table's size.
+        policy: When staged samples are merged, and in what pieces.
         token_dtype: Dtype of the stored context token ids (see :meth:`widen`).
         acts_dtype: Dtype of the stored context activations (see :meth:`widen`).
     """
@@ -172,14 +197,15 @@ class SampleTable:
         device: torch.device,
         random_priority: bool = False,
         dedup_radius: Optional[int] = None,
-        stage_limit: Optional[int] = None,
+        policy: MergePolicy = DEFAULT_POLICY,
         token_dtype: torch.dtype = torch.int16,
         acts_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.rows, self.capacity, self.window = rows, capacity, window
         self.random_priority = random_priority
         self.dedup_radius = dedup_radius
-        self.stage_limit = max(rows * capacity // 4, MIN_STAGE_LIMIT) if stage_limit is None else stage_limit
+        self.policy = policy
+        self.stage_limit = policy.stage_limit_for(rows * capacity)
         shape = (rows, capacity)
         self.values = torch.full(shape, -math.inf, device=device)
         self.priority = torch.full(shape, -math.inf, dtype=torch.float64, device=device) if random_priority else None
@@ -187,9 +213,12 @@ class SampleTable:
         self.order = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
         self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
-        self.pool_position = torch.empty(0, dtype=torch.int32, device=device)
-        self.pool_context_tokens = torch.empty((0, window), dtype=token_dtype, device=device)
-        self.pool_context_acts = torch.empty((0, window), dtype=acts_dtype, device=device)
+        #: The window fields of stored samples, one row per pool slot (rows point at them through ``slot``).
+        self.pool: dict[str, Tensor] = {
+            "position": torch.empty(0, dtype=torch.int32, device=device),
+            "context_tokens": torch.empty((0, window), dtype=token_dtype, device=device),
+            "context_acts": torch.empty((0, window), dtype=acts_dtype, device=device),
+        }
         self.next_unused = 0
         self.fill_bound = 0
         self.released = torch.empty(0, dtype=torch.int64, device=device)
@@ -210,14 +239,14 @@ class SampleTable:
         takes ``acts_dtype`` as is.
         """
         if token_dtype is not None:
-            dtype = wider(self.pool_context_tokens.dtype, token_dtype)
-            if dtype != self.pool_context_tokens.dtype:
-                self.pool_context_tokens = self.pool_context_tokens.to(dtype)
+            dtype = wider(self.pool["context_tokens"].dtype, token_dtype)
+            if dtype != self.pool["context_tokens"].dtype:
+                self.pool["context_tokens"] = self.pool["context_tokens"].to(dtype)
         if acts_dtype is not None:
-            current = self.pool_context_acts.dtype
+            current = self.pool["context_acts"].dtype
             dtype = acts_dtype if self.next_unused == 0 else wider(current, acts_dtype)
             if dtype != current:
-                self.pool_context_acts = self.pool_context_acts.to(dtype)
+                self.pool["context_acts"] = self.pool["context_acts"].to(dtype)
 
     def clear(self) -> None:
         """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
@@ -226,8 +255,8 @@ class SampleTable:
             if tensor is not None:
                 tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
         for name in WINDOW_FIELDS:
-            pool = getattr(self, f"pool_{name}")
-            setattr(self, f"pool_{name}", pool.new_empty((0, *pool.shape[1:])))
+            pool = self.pool[name]
+            self.pool[name] = pool.new_empty((0, *pool.shape[1:]))
         self.next_unused = 0
         self.fill_bound = 0
         self.released = self.released[:0]
@@ -294,7 +323,7 @@ class SampleTable:
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
         is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
-        are bounded by :data:`MERGE_CELLS` places, whatever the number of rows touched.
+        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched.
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -316,7 +345,7 @@ class SampleTable:
         span = min(cap, self.fill_bound + width)
         arrived = sum(len(index) for _, index in arrivals)
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        chunk = max(1, MERGE_CELLS // (span + width))
+        chunk = max(1, self.policy.merge_cells // (span + width))
         if chunk >= len(touched):
             self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
         else:
@@ -432,7 +461,7 @@ class SampleTable:
             if not len(entering):
                 continue
             for name in WINDOW_FIELDS:
-                pool = getattr(self, f"pool_{name}")
+                pool = self.pool[name]
                 pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -466,20 +495,20 @@ class SampleTable:
     @property
     def pool_slots(self) -> int:
         """Slots the context-window pool holds now (it grows as samples are stored)."""
-        return len(self.pool_position)
+        return len(self.pool["position"])
 
     def _reserve(self, slots: int) -> None:
         """Grow the pool to hold at least ``slots`` windows: doubling, at most ``rows * capacity``."""
         size = self.pool_slots
         if slots <= size:
             return
-        grown = min(max(slots, 2 * size, MIN_POOL_SLOTS), self.rows * self.capacity)
+        grown = min(max(slots, 2 * size, self.policy.min_pool_slots), self.rows * self.capacity)
         for name in WINDOW_FIELDS:
-            pool = getattr(self, f"pool_{name}")
+            pool = self.pool[name]
             # Slots past `next_unused` are written before they are read, so the new part needs no fill.
             bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
             bigger[:size] = pool
-            setattr(self, f"pool_{name}", bigger)
+            self.pool[name] = bigger
 
     def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
         """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column.
@@ -535,7 +564,7 @@ class SampleTable:
         at = slot[filled].long()
         out = {"values": self.values[rows].clone(), "step": self.step[rows].long(), "order": self.order[rows].clone()}
         for name in WINDOW_FIELDS:
-            pool = getattr(self, f"pool_{name}")
+            pool = self.pool[name]
             shape = (*slot.shape, *pool.shape[1:])
             padded = torch.full(shape, SAMPLE_FIELD[name].fill, dtype=pool.dtype, device=pool.device)
             padded[filled] = pool.index_select(0, at)
@@ -565,7 +594,7 @@ class SampleTable:
         out["step"] = out["step"].long()
         at = slot[row, column].long()
         for name in WINDOW_FIELDS:
-            out[name] = getattr(self, f"pool_{name}").index_select(0, at)
+            out[name] = self.pool[name].index_select(0, at)
         return out
 
     def load(self, table: dict) -> None:
@@ -587,9 +616,9 @@ class SampleTable:
             dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
             if dtype not in allowed:
                 raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
-        self.pool_context_tokens = self.pool_context_tokens.to(wider(self.pool_context_tokens.dtype,
+        self.pool["context_tokens"] = self.pool["context_tokens"].to(wider(self.pool["context_tokens"].dtype,
                                                                      table["context_tokens"].dtype))
-        self.pool_context_acts = self.pool_context_acts.to(table["context_acts"].dtype)
+        self.pool["context_acts"] = self.pool["context_acts"].to(table["context_acts"].dtype)
         names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
         for name in (*names, *WINDOW_FIELDS):
             trailing = (self.window,) if name.startswith("context_") else ()
@@ -605,5 +634,5 @@ class SampleTable:
         self.next_unused = total
         self.fill_bound = int(count.max()) if len(count) else 0
         for name in WINDOW_FIELDS:
-            pool = getattr(self, f"pool_{name}")
+            pool = self.pool[name]
             pool[:total] = table[name].to(device=dev, dtype=pool.dtype)

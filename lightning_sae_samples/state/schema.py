@@ -9,6 +9,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.config import engine_fields
+
 #: Version of the collection summary and feature files (``collection_summary.json``).
 FORMAT_VERSION = 1
 
@@ -60,24 +62,8 @@ class StateField:
     sparse: bool = False
 
 
-#: Configuration entries: equal in states that merge (``check_compatible``).
-CONFIG_FIELDS = (
-    StateField("num_latents", "run", None, 0, "same"),
-    StateField("max_samples", "run", None, 0, "same"),
-    StateField("context_size", "run", None, 0, "same"),
-    StateField("threshold", "run", None, 0.0, "same"),
-    StateField("samples_per_interval", "run", None, 0, "same"),
-    StateField("num_intervals", "run", None, 8, "same"),
-    StateField("recent_window_steps", "run", None, None, "same"),
-    StateField("recent_samples", "run", None, 10, "same"),
-    StateField("seed", "run", None, 0, "same"),
-    StateField("deduplicate_contexts", "run", None, False, "same"),
-)
-
-
-#: Config entries whose difference makes two states unmergeable (the threshold shows in the edges).
-MERGE_KEYS = ("num_latents", "max_samples", "context_size", "samples_per_interval", "recent_window_steps",
-              "deduplicate_contexts")
+#: State keys of the settings whose difference makes two states unmergeable (the threshold shows in the edges).
+MERGE_KEYS = tuple(f.metadata["state"] for f in engine_fields() if f.metadata["merge"])
 
 
 #: Run-level counters.
