@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, UnknownFeatureError
@@ -23,7 +24,10 @@ from lightning_sae_samples.analysis.reports import write_report
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import SamplesDirectory, read_samples_dir
 
-__version__ = "0.2.0"
+try:
+    __version__ = version("lightning-sae-samples")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "ActivationSampleCallback": "lightning_sae_samples.callback",
