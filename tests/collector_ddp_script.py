@@ -10,14 +10,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from helpers import assert_same  # noqa: E402
-from test_activation_collector import make, padded_batches, to_sparse  # noqa: E402
+from helpers import assert_same, make_collector, padded_batches, to_sparse  # noqa: E402
 
 
 def worker(rank: int, world: int, out: Path, mode: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    collector = make(num_latents=9)
+    collector = make_collector(num_latents=9)
     seen = []
     for i, (tokens, mask, latents) in enumerate(padded_batches(6, seed=20 + rank)):
         step, rows = i // 2, (i % 2) * tokens.shape[0]
@@ -37,7 +36,7 @@ def worker(rank: int, world: int, out: Path, mode: str, port: int) -> None:
         assert state["collector"] is None and saved == []
     dist.barrier()
     # Every process loads the same checkpoint; the merge after it must count each sample once.
-    resumed = make(num_latents=9)
+    resumed = make_collector(num_latents=9)
     resumed.load_state_dict(torch.load(out / "state.pt", weights_only=True))
     again = resumed.state_dict()
     if rank == 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from oracle import Seen
+from oracle import Seen, assert_dir_matches_oracle
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sae_samples import ActivationSampleCallback
@@ -135,12 +135,89 @@ def assert_same(a, b, where="state"):
             assert value == b[key], f"{where}.{key}"
 
 
-def make_callback(dirpath, **kwargs):
-    """A callback on small settings that collects every step into ``dirpath`` (no report)."""
-    args = dict(collection_freq=1, max_samples_per_feature=3, context_size=2, activation_threshold=0.5,
-                top_features_to_save=6, samples_per_feature_to_save=2, dirpath=dirpath, write_report=False)
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
+def callback_factory(subdir: str | None = "samples", **defaults):
+    """``make_callback(root, **settings)``: a callback on ``defaults`` updated by ``settings``.
+
+    It writes into ``root / subdir`` (``root`` itself when ``subdir`` is None). Each test module states the small
+    settings it is written for once, here, instead of a copy of this function.
+    """
+
+    def make_callback(root, **settings):
+        dirpath = Path(root) / subdir if subdir else root
+        return ActivationSampleCallback(**{**defaults, "dirpath": dirpath, **settings})
+
+    return make_callback
+
+
+#: A callback on small settings that collects every step into the given directory (no report).
+make_callback = callback_factory(
+    None, collection_freq=1, max_samples_per_feature=3, context_size=2, activation_threshold=0.5,
+    top_features_to_save=6, samples_per_feature_to_save=2, write_report=False,
+)
+
+#: The small collection of the Trainer oracle tests (test_callback, test_padding, the DDP scripts).
+F, K, CTX, THR = 10, 4, 4, 0.5
+
+
+def check_against_oracle(dirpath, seen, n=K, exclude=()):
+    """The samples directory at ``dirpath`` equals the brute-force oracle over ``seen`` (the small collection)."""
+    return assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, n=n, exclude=exclude)
+
+
+def to_sparse(latents, k=3):
+    """TopK of dense latents: ``(indices, values, the dense latents with only those kept)``."""
+    values, indices = torch.topk(latents, k, dim=-1)
+    return indices, values, torch.zeros_like(latents).scatter(-1, indices, values)
+
+
+PAD = -100
+PAD_ACTIVATION = 9.0
+
+
+def padded_batches(n, batch=3, seq=8, seed=0, vocab=12, num_latents=9, pad_id=PAD):
+    """Token batches with right padding (``PAD`` and mask 0) of random length, and latents on a 0.5 grid."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=gen)
+        lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
+        mask = torch.arange(seq).unsqueeze(0) < lengths.unsqueeze(1)
+        mask[0, 2] = False  # a hole inside a sequence: windows stop at it from both sides
+        tokens = torch.where(mask, tokens, pad_id)
+        latents = torch.round(torch.randn(batch, seq, num_latents, generator=gen) * 2) / 2
+        latents[..., 0] = 0.0
+        latents[~mask] = PAD_ACTIVATION  # padding holds activations above any real one: never to be collected
+        out.append((tokens, mask, latents))
+    return out
+
+
+#: The plain-loop collection of test_activation_collector and its DDP script: 9 latents, top 4, context 6.
+COLLECTOR_SETTINGS = dict(
+    max_samples_per_feature=4, context_size=6, activation_threshold=0.5, top_features_to_save=9,
+    samples_per_feature_to_save=4, samples_per_interval=2, recent_window_steps=3, write_report=False,
+)
+
+
+def make_collector(**settings):
+    """An ``ActivationSampleCollector`` on ``COLLECTOR_SETTINGS`` updated by ``settings``."""
+    from lightning_sae_samples import ActivationSampleCollector
+
+    return ActivationSampleCollector(**{**COLLECTOR_SETTINGS, **settings})
+
+
+#: Arguments of ``write_samples_dir`` for a small state (test_storage and its subprocess script).
+WRITE = dict(config={}, tokenizer=None, top_features=3, samples_per_feature=2, rank_by="max_activation")
+
+
+def state_after(steps, seed=0):
+    """The compact state of a small engine after ``steps`` dense updates of random latents."""
+    from lightning_sae_samples.engine import SampleCollector
+
+    gen = torch.Generator().manual_seed(seed)
+    c = SampleCollector(engine_config(8, 3, 2, 0.5))
+    for step in range(steps):
+        c.update_dense(torch.randint(0, 9, (2, 5), generator=gen), torch.randn(2, 5, 8, generator=gen) * 2, step)
+    return c.state_dict()
 
 
 def engine_config(num_latents, max_samples, context_size, threshold, *, recent_samples=10, **settings):

@@ -2,16 +2,24 @@ import json
 
 import pytest
 import torch
-from helpers import SyntheticSAE, TokenDataset, loader, read_dir, trainer
+from helpers import (
+    CTX,
+    THR,
+    F,
+    K,
+    SyntheticSAE,
+    TokenDataset,
+    callback_factory,
+    check_against_oracle,
+    loader,
+    read_dir,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from oracle import assert_dir_matches_oracle
 
-from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples.engine import MergePolicy
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.state.tables import padded_state
-
-F, K, CTX, THR = 10, 4, 4, 0.5
 
 
 @pytest.fixture(params=["merge-when-read", "merge-often"])
@@ -20,19 +28,14 @@ def merge_policy(request):
     return MergePolicy(min_stage_limit=1) if request.param == "merge-often" else MergePolicy()
 
 
-def make_callback(tmp_path, **kwargs):
-    args = dict(collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
-                top_features_to_save=F, samples_per_feature_to_save=K, dirpath=tmp_path / "samples")
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
+make_callback = callback_factory(
+    collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR, top_features_to_save=F,
+    samples_per_feature_to_save=K,
+)
 
 
 def collected(module, schedule):
     return [s for s in module.seen if CollectionSchedule(schedule).is_due(s.step)]
-
-
-def check_against_oracle(dirpath, seen, n=K):
-    return assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, n=n)
 
 
 @pytest.mark.parametrize("mode, dedup", [("dense", False), ("flat", True), ("sparse", False), ("sparse", True)])
@@ -162,13 +165,11 @@ def test_resume_writes_identical_files(tmp_path, mode, merge_policy):
             assert full[name] == part[name], name
 
 
-def test_resume_with_other_sizes_is_a_clear_error(tmp_path):
+def test_resume_with_another_latent_count_is_a_clear_error(tmp_path):
+    # (other sizes: test_entry_points, for the callback and the collector)
     ckpt_dir = tmp_path / "ckpt"
     trainer(tmp_path, [make_callback(tmp_path), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
             enable_checkpointing=True).fit(SyntheticSAE(num_latents=F), loader())
-    with pytest.raises(ValueError, match=r"max_samples_per_feature=4.*max_samples_per_feature=5"):
-        trainer(tmp_path, [make_callback(tmp_path, max_samples_per_feature=5)], max_epochs=2).fit(
-            SyntheticSAE(num_latents=F), loader(), ckpt_path=ckpt_dir / "last.ckpt")
     with pytest.raises(ValueError, match=r"10 latents.*12"):
         trainer(tmp_path, [make_callback(tmp_path)], max_epochs=2).fit(
             SyntheticSAE(num_latents=12), loader(), ckpt_path=ckpt_dir / "last.ckpt")

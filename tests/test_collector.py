@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import engine_config
+from helpers import engine_config, to_sparse
 from oracle import Seen, oracle, tokens_seen
 
 from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
@@ -38,11 +38,6 @@ def random_batches(n, batch=3, seq=6, seed=0, vocab=20):
         latents[..., 0] = 0.0  # never fires
         out.append((tokens, latents))
     return out
-
-
-def to_sparse(latents, k=3):
-    values, indices = torch.topk(latents, k, dim=-1)
-    return indices, values, torch.zeros_like(latents).scatter(-1, indices, values)
 
 
 def assert_state_matches_oracle(state, seen, k=K, exclude=()):

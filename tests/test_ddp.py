@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_callback import check_against_oracle
+from helpers import check_against_oracle
 
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 

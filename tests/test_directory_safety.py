@@ -141,8 +141,7 @@ HOLD = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from helpers import SyntheticSAE, loader, trainer
-    from test_directory_safety import make_callback
+    from helpers import SyntheticSAE, loader, make_callback, trainer
 
     class Hang(SyntheticSAE):
         def training_step(self, batch, batch_idx):

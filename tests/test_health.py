@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import SyntheticSAE, TokenDataset, loader, trainer
+from helpers import SyntheticSAE, TokenDataset, callback_factory, loader, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sae_samples import ActivationSampleCallback
@@ -13,12 +13,10 @@ F, THR = 10, 0.5
 NAMES = ("never_fired_frac", "alive_frac", "dense_frac", "dead_frac", "l0")
 
 
-def make_callback(tmp_path, **kwargs):
-    args = dict(collection_freq=3, max_samples_per_feature=4, context_size=2, activation_threshold=THR,
-                top_features_to_save=3, samples_per_feature_to_save=2, dirpath=tmp_path / "samples",
-                write_report=False, dead_window_steps=4)
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
+make_callback = callback_factory(
+    collection_freq=3, max_samples_per_feature=4, context_size=2, activation_threshold=THR, top_features_to_save=3,
+    samples_per_feature_to_save=2, write_report=False, dead_window_steps=4,
+)
 
 
 def read_rows(logger):

@@ -5,14 +5,12 @@ import math
 
 import pytest
 import torch
-from helpers import SyntheticSAE, loader, read_dir, trainer
-from oracle import assert_dir_matches_oracle
+from helpers import CTX, THR, F, K, SyntheticSAE, callback_factory, check_against_oracle, loader, trainer
 from torch.utils.data import Dataset
 
-from lightning_sae_samples import ActivationSampleCallback, LatentInputError
+from lightning_sae_samples import LatentInputError
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 
-F, K, CTX, THR = 10, 4, 4, 0.5
 PAD_ACTIVATION = 9.0
 
 
@@ -59,37 +57,10 @@ class PaddedSAE(SyntheticSAE):
         return out
 
 
-def make_callback(tmp_path, **kwargs):
-    args = dict(collection_freq=1, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
-                top_features_to_save=F, samples_per_feature_to_save=K, dirpath=tmp_path / "samples",
-                samples_per_interval=2, recent_window_steps=2)
-    args.update(kwargs)
-    return ActivationSampleCallback(**args)
-
-
-def check_against_oracle(dirpath, seen, exclude=()):
-    return assert_dir_matches_oracle(read_dir(dirpath), seen, F, K, CTX, THR, exclude=exclude)
-
-
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-@pytest.mark.parametrize("pad_id", [-100, -1, 0])
-def test_padded_stream_with_attention_mask_equals_oracle_that_skips_padding(tmp_path, mode, pad_id):
-    module = PaddedSAE(num_latents=F, mode=mode)
-    trainer(tmp_path, [make_callback(tmp_path)], max_epochs=2).fit(module, loader(PaddedDataset(pad_id)))
-    files = check_against_oracle(tmp_path / "samples", module.seen)
-    summary = files["collection_summary.json"]
-    assert summary["tokens_seen"] < sum(s.tokens.numel() for s in module.seen)
-    for name, record in files.items():
-        if name.startswith("feature_"):
-            for sample in record["top_samples"]:
-                assert sample["activation_value"] < PAD_ACTIVATION  # padding activations are never kept
-                assert pad_id not in sample["context_tokens"] or pad_id >= 0
-
-
-def test_negative_token_ids_without_a_mask_are_padding(tmp_path):
-    module = PaddedSAE(num_latents=F)
-    trainer(tmp_path, [make_callback(tmp_path)]).fit(module, loader(PaddedDataset(-1, with_mask=False)))
-    check_against_oracle(tmp_path / "samples", module.seen)
+make_callback = callback_factory(
+    collection_freq=1, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR, top_features_to_save=F,
+    samples_per_feature_to_save=K, samples_per_interval=2, recent_window_steps=2,
+)
 
 
 def test_attention_mask_key_names_the_mask(tmp_path):
@@ -119,15 +90,13 @@ class SpecialTokenizer:
         return "".join(f"t{i}" for i in ids)
 
 
-@pytest.mark.parametrize("how", ["ids", "special"])
-def test_excluded_tokens_are_seen_not_collected_and_shown_in_contexts(tmp_path, how):
+def test_excluded_special_tokens_are_resolved_seen_not_collected_and_shown_in_contexts(tmp_path):
     class BosSAE(PaddedSAE):
         def training_step(self, batch, batch_idx):
             self.table[0] = 5.0  # BOS (every sequence starts with it) has the largest activations
             return super().training_step(batch, batch_idx)
 
-    kwargs = dict(exclude_token_ids=[0, 1]) if how == "ids" else dict(exclude_special_tokens=True,
-                                                                      tokenizer=SpecialTokenizer())
+    kwargs = dict(exclude_special_tokens=True, tokenizer=SpecialTokenizer())  # (exclude_token_ids: test_entry_points)
     module = BosSAE(num_latents=F, vocab=4)
     trainer(tmp_path, [make_callback(tmp_path, **kwargs)]).fit(module, loader(PaddedDataset(-100, vocab=4, bos=True)))
     files = check_against_oracle(tmp_path / "samples", module.seen, exclude=(0, 1))

@@ -6,25 +6,13 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from helpers import engine_config
+from helpers import WRITE, state_after
 
-from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.samples_dir.commit import read_manifest
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import MANIFEST_NAME, PENDING_DIR, SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import read_samples_dir
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
-
-WRITE = dict(config={}, tokenizer=None, top_features=3, samples_per_feature=2, rank_by="max_activation")
-
-
-def state_after(steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    c = SampleCollector(engine_config(8, 3, 2, 0.5))
-    for step in range(steps):
-        c.update_dense(torch.randint(0, 9, (2, 5), generator=gen), torch.randn(2, 5, 8, generator=gen) * 2, step)
-    return c.state_dict()
 
 
 def snapshot(path):
@@ -52,7 +40,7 @@ KILL = textwrap.dedent(
     """
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_storage import state_after, WRITE
+    from helpers import state_after, WRITE
     from lightning_sae_samples.samples_dir.names import PENDING_DIR
     from lightning_sae_samples.samples_dir.writer import write_samples_dir
     where = sys.argv[2]

@@ -19,19 +19,11 @@ from lightning_sae_samples.inputs import InputKeys, read_latents
         (dict(collection_freq=-5), "collection_freq"),
         (dict(collection_freq={0: 10, 100: 0}), "collection_freq"),
         (dict(collection_freq={}), "collection_freq"),
-        (dict(max_samples_per_feature=0), "max_samples_per_feature"),
-        (dict(context_size=-1), "context_size"),
-        (dict(activation_threshold=math.nan), "activation_threshold"),
-        (dict(activation_threshold="high"), "activation_threshold"),
-        (dict(top_features_to_save=-1), "top_features_to_save"),
-        (dict(samples_per_feature_to_save=0), "samples_per_feature_to_save"),
-        (dict(samples_per_feature_to_save=20, max_samples_per_feature=10), "cannot exceed"),
-        (dict(rank_features_by="size"), "rank_features_by"),
-        (dict(num_latents=0), "num_latents"),
         (dict(tokens_key=""), "tokens_key"),
     ],
 )
-def test_bad_arguments_name_the_argument(kwargs, match):
+def test_bad_callback_arguments_name_the_argument(kwargs, match):
+    # (the collection's settings: test_entry_points, for the callback and the collector)
     with pytest.raises(ValueError, match=match):
         ActivationSampleCallback(**kwargs)
 
