@@ -7,15 +7,17 @@ sums, so the writer, the analyzer and the reports agree.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.config import RankBy
 from lightning_sae_samples.state.schema import EMPTY
 from lightning_sae_samples.state.tables import dense_counts, kept_per_latent, row_samples
 
-RANK_CHOICES = ("max_activation", "activation_count", "frequency")
+#: How features can be ranked (the choices of `rank_features_by`).
+RANK_CHOICES: tuple[str, ...] = get_args(RankBy)
 
 
 def _mean_std(state: dict, idx: Tensor) -> tuple[Tensor, Tensor]:
