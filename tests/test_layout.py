@@ -101,3 +101,30 @@ def test_only_the_shims_and_the_package_are_outside_the_folders_or_named_top_lev
     expected = {"__main__", "arguments", "callback", "cli", "collector", "config", "health", "inputs", "memory",
                 "schedule", "tokens"}
     assert {m.split(".")[1] for m in top} <= expected, sorted(top)
+
+
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("lightning_sae_samples.storage", "read_samples_dir", "lightning_sae_samples.samples_dir.reader"),
+        ("lightning_sae_samples.storage", "SUMMARY_NAME", "lightning_sae_samples.samples_dir.names"),
+        ("lightning_sae_samples.records", "FeatureSamples", "lightning_sae_samples.analysis.records"),
+        ("lightning_sae_samples.collector", "histogram_edges", "lightning_sae_samples.engine.bins"),
+        ("lightning_sae_samples.collector", "merge_states", "lightning_sae_samples.state.merge"),
+        ("lightning_sae_samples", "padded_state", "lightning_sae_samples.state.tables"),
+        ("lightning_sae_samples", "estimate_state_bytes", "lightning_sae_samples.engine.memory"),
+    ],
+)
+def test_old_import_paths_still_resolve_with_a_deprecation_warning(old, name, new):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=new.rsplit(".", 1)[0]):
+        found = getattr(importlib.import_module(old), name)
+    assert found is getattr(importlib.import_module(new), name)
+
+
+def test_the_top_level_lists_what_users_call_and_not_the_engine():
+    names = dir(lightning_sae_samples)
+    assert {"ActivationSampleCallback", "ActivationSampleCollector", "CollectionConfig", "__version__"} <= set(names)
+    assert not {"SampleCollector", "merge_states", "padded_state", "estimate_state_bytes"} & set(names)
+    assert lightning_sae_samples.CollectionConfig.__module__ == "lightning_sae_samples.config"
