@@ -124,6 +124,7 @@ class ActivationSampleCollector:
         self._excluded: Optional[Tensor] = None
         self._offset_step = -1
         self._token_offset = 0
+        self._step_seq_len = 0
         self._warned_nonfinite = 0
 
     # ------------------------------------------------------------------ config
@@ -194,8 +195,14 @@ class ActivationSampleCollector:
                 f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
                 " never decreases; calls with the same step are micro-batches of that step."
             )
+        if step == self._offset_step and tokens.shape[1] != self._step_seq_len:
+            raise LatentInputError(
+                f"`{keys.tokens}` has {tokens.shape[1]} positions per sequence but an earlier micro-batch of step"
+                f" {step} had {self._step_seq_len}. Micro-batches of one step must share the sequence length: pad"
+                " them to one length (with an attention mask), or give each its own step."
+            )
         if step != self._offset_step:
-            self._offset_step, self._token_offset = step, 0
+            self._offset_step, self._token_offset, self._step_seq_len = step, 0, tokens.shape[1]
         order_base = (self._rank() << RANK_SHIFT) + self._token_offset
         self._token_offset += tokens.numel()
         excluded = self._excluded_positions(tokens)

@@ -82,8 +82,18 @@ def _lookup(outputs: Mapping, batch: Any, key: str) -> Any:
     return None
 
 
+def _plain(tensor: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``tensor`` detached, in ``dtype``, with ordinary strides: the caller's own tensor when it already is one.
+
+    The collection only reads what it is given, so it works on any view the caller hands over (slices,
+    transposes, ``expand``, results of ``topk`` or ``sort``) without writing to it; a copy is made only where the
+    strides or the dtype differ.
+    """
+    return tensor.detach().to(dtype or tensor.dtype).contiguous()
+
+
 def check_tokens(tokens: Any, key: str) -> Tensor:
-    """``tokens`` detached, if it is a ``[batch, seq]`` integer tensor."""
+    """``tokens`` as detached int64 ids, if it is a ``[batch, seq]`` integer tensor of any integer dtype."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise LatentInputError(f"`{key}` must be a [batch, seq] tensor of token ids, got {shape}.")
@@ -92,7 +102,7 @@ def check_tokens(tokens: Any, key: str) -> Tensor:
             f"`{key}` must hold integer token ids, got dtype {tokens.dtype}. Pass the ids (e.g. `input_ids`),"
             " not embeddings or masks."
         )
-    return tokens.detach()
+    return _plain(tokens, torch.int64)
 
 
 def find_tokens(outputs: Mapping, batch: Any, key: str) -> Tensor:
@@ -116,12 +126,13 @@ def check_attention_mask(mask: Any, tokens: Tensor, key: str) -> Optional[Tensor
             f"`{key}` has shape {shape} but tokens have shape {tuple(tokens.shape)}: pass one 0/1 (or bool) entry"
             f" per token, 0 at padding, or set `attention_mask_key` to the right entry."
         )
-    if mask.is_floating_point() or mask.is_complex():
+    if mask.is_complex() or (mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all())):
+        found = sorted({float(v) for v in mask.detach().flatten()[:1000].tolist()} - {0.0, 1.0})[:3]
         raise LatentInputError(
-            f"`{key}` must be a bool or integer 0/1 tensor, got dtype {mask.dtype}. Pass the tokenizer's"
-            " attention_mask, not an additive (float) mask."
+            f"`{key}` must hold 0/1 (or bool) entries, 0 at padding; got values such as {found} (dtype"
+            f" {mask.dtype}). Pass the tokenizer's attention_mask, not an additive (-inf/0) mask."
         )
-    return mask.detach() if mask.dtype == torch.bool else mask.detach() != 0
+    return _plain(mask != 0 if mask.dtype != torch.bool else mask)
 
 
 def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
@@ -173,7 +184,7 @@ def check_latents(
             )
         if not isinstance(dense, Tensor) or not dense.is_floating_point():
             raise LatentInputError(f"`{keys.latents}` must be a floating-point tensor.")
-        return LatentBatch(tokens=tokens, dense=_as_rows(dense.detach(), tokens, keys.latents), attention_mask=mask)
+        return LatentBatch(tokens=tokens, dense=_plain(_as_rows(dense, tokens, keys.latents)), attention_mask=mask)
     if indices is None or values is None:
         raise LatentInputError(
             f"No latents: pass dense `{keys.latents}` [B, T, F], or sparse `{keys.latent_indices}` and"
@@ -194,8 +205,8 @@ def check_latents(
         )
     return LatentBatch(
         tokens=tokens,
-        indices=_as_rows(indices.detach(), tokens, keys.latent_indices),
-        values=_as_rows(values.detach(), tokens, keys.latent_values),
+        indices=_plain(_as_rows(indices, tokens, keys.latent_indices), torch.int64),
+        values=_plain(_as_rows(values, tokens, keys.latent_values)),
         attention_mask=mask,
     )
 

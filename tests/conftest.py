@@ -24,9 +24,10 @@ F, K, CTX, THR = 9, COLLECTOR_SETTINGS["max_samples_per_feature"], COLLECTOR_SET
 class ReplaySAE(L.LightningModule):
     """Returns, at optimizer step ``i``, the ``i``-th given latents (dense, or their TopK) for the batch's tokens."""
 
-    def __init__(self, batches: list, mode: str, num_latents: int) -> None:
+    def __init__(self, batches: list, mode: str, num_latents: int, hand_over=None) -> None:
         super().__init__()
         self.batches, self.mode, self.num_latents = batches, mode, num_latents
+        self.hand_over = hand_over  # outputs dict -> what training_step returns instead (views, other dtypes)
         self.weight = torch.nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, batch_idx):
@@ -34,8 +35,10 @@ class ReplaySAE(L.LightningModule):
         loss = self.weight**2
         if self.mode == "sparse":
             indices, values, _ = to_sparse(latents)
-            return {"loss": loss, "latent_indices": indices, "latent_values": values}
-        return {"loss": loss, "latents": latents}
+            out = {"loss": loss, "latent_indices": indices, "latent_values": values}
+        else:
+            out = {"loss": loss, "latents": latents}
+        return out if self.hand_over is None else self.hand_over(out)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -51,7 +54,7 @@ class EntryPoint:
         self.kind, self.root = kind, root
 
     def collect(self, batches: list, mode: str = "dense", dirpath: Path | None = None, ckpt: Path | None = None,
-                resume: Path | None = None, **settings) -> tuple[Path, list]:
+                resume: Path | None = None, hand_over=None, **settings) -> tuple[Path, list]:
         """Collect and save; returns the samples directory and what the oracle must see."""
         dirpath = dirpath or self.root / "samples"
         settings = {**COLLECTOR_SETTINGS, **settings}
@@ -77,7 +80,7 @@ class EntryPoint:
         callbacks = [ActivationSampleCallback(collection_freq=1, dirpath=dirpath, **settings)]
         if ckpt is not None:
             callbacks.append(ModelCheckpoint(dirpath=ckpt.parent, filename=ckpt.stem, save_last=False))
-        module = ReplaySAE(batches, mode, batches[0][2].shape[-1])
+        module = ReplaySAE(batches, mode, batches[0][2].shape[-1], hand_over)
         run = trainer(self.root, callbacks, max_steps=len(batches), enable_checkpointing=ckpt is not None)
         run.fit(module, torch.utils.data.DataLoader(items, batch_size=None),
                 ckpt_path=None if resume is None else resume)
@@ -98,3 +101,20 @@ def entry(request, tmp_path) -> EntryPoint:
     """Each entry point in turn: ``ActivationSampleCallback`` in a Trainer, ``ActivationSampleCollector`` in a loop."""
     (tmp_path / "ckpt").mkdir()
     return EntryPoint(request.param, tmp_path)
+
+
+def _hypothesis_profiles() -> None:
+    """``default``: few examples, derandomized (a fixed seed), fast enough for every run; ``long``: by hand."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the property tests skip themselves
+        return
+    import os
+
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("default", max_examples=60, derandomize=True, **common)
+    settings.register_profile("long", max_examples=3000, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+_hypothesis_profiles()

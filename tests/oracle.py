@@ -192,3 +192,36 @@ def assert_dir_matches_oracle(files: dict, seen: list[Seen], num_latents: int, k
     for f in set(range(num_latents)) - set(alive):
         assert f"feature_{f:05d}_samples.json" not in files
     return files
+
+
+def assert_state_matches(state: dict, seen: list[Seen], num_latents: int, k: int, context_size: int, threshold: float,
+                         exclude: tuple = ()) -> None:
+    """A collector state (compact or padded) holds the oracle's statistics and exact top-k with their windows."""
+    import pytest
+
+    from lightning_sae_samples.state.tables import padded_state
+
+    state = padded_state(state)
+    feats = oracle(seen, num_latents, k, context_size, threshold, exclude=exclude)
+    half = context_size // 2
+    assert int(state["tokens_seen"]) == tokens_seen(seen)
+    for f, feat in feats.items():
+        assert int(state["count"][f]) == feat.count, f"latent {f}: count"
+        kept = int(torch.isfinite(state["top_values"][f]).sum())
+        assert kept == len(feat.samples), f"latent {f}: kept"
+        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
+            assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
+            assert int(state["top_step"][f, j]) == step
+            assert int(state["top_position"][f, j]) == pos
+            window = state["top_context_tokens"][f, j].tolist()
+            assert window[half - ctx_pos : half - ctx_pos + len(ctx)] == ctx
+            assert [t for t in window if t >= 0] == ctx
+            got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
+            assert got_acts == pytest.approx(acts)
+        if feat.count:
+            values = torch.tensor(feat.values, dtype=torch.float64)
+            assert float(state["sum"][f]) == pytest.approx(float(values.sum()))
+            assert float(state["max"][f]) == float(values.max())
+            assert float(state["min"][f]) == float(values.min())
+        else:
+            assert int(state["first_step"][f]) == -1

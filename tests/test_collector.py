@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from helpers import engine_config, to_sparse
-from oracle import Seen, oracle, tokens_seen
+from oracle import Seen, assert_state_matches, oracle
 
 from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
@@ -41,30 +41,7 @@ def random_batches(n, batch=3, seq=6, seed=0, vocab=20):
 
 
 def assert_state_matches_oracle(state, seen, k=K, exclude=()):
-    state = padded_state(state)
-    feats = oracle(seen, F, k, CTX, THR, exclude=exclude)
-    half = CTX // 2
-    assert int(state["tokens_seen"]) == tokens_seen(seen)
-    for f, feat in feats.items():
-        assert int(state["count"][f]) == feat.count
-        kept = int(torch.isfinite(state["top_values"][f]).sum())
-        assert kept == len(feat.samples)
-        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
-            assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
-            assert int(state["top_step"][f, j]) == step
-            assert int(state["top_position"][f, j]) == pos
-            window = state["top_context_tokens"][f, j].tolist()
-            assert window[half - ctx_pos : half - ctx_pos + len(ctx)] == ctx
-            assert [t for t in window if t >= 0] == ctx
-            got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
-            assert got_acts == pytest.approx(acts)
-        if feat.count:
-            values = torch.tensor(feat.values, dtype=torch.float64)
-            assert float(state["sum"][f]) == pytest.approx(float(values.sum()))
-            assert float(state["max"][f]) == float(values.max())
-            assert float(state["min"][f]) == float(values.min())
-        else:
-            assert int(state["first_step"][f]) == -1
+    assert_state_matches(state, seen, F, k, CTX, THR, exclude=exclude)
 
 
 def test_dense_updates_equal_brute_force_topk(stage_limit):

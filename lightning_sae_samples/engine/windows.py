@@ -139,6 +139,8 @@ class SparseWindowActs:
         dtype = acts_dtype_for(self.values.dtype)
         acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
         acts[:, half] = self.picked[candidate].to(dtype)
+        if last < 1:  # one active entry in the whole batch: no neighbour to walk to
+            return acts
         for direction in (1, -1):
             # `linked[i]`: sorted entries i and i + 1 are the same latent, in one segment, within the window.
             if direction == 1:
