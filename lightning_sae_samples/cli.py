@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 on success, 1 on a user error)."""
+    """Run the command line; returns the exit status (0 on success, 2 on an error, as for a bad argument)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     export = _is_export(argv)
     parser = build_export_parser() if export else build_parser()
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes one line, never a traceback
         message = " ".join(str(err).split()) or type(err).__name__
         sys.stderr.write(f"{PROG}: error: {message}\n")
-        return 1
+        return 2
     return 0
 
 

@@ -84,12 +84,12 @@ def test_cli_help_shows_an_example(capsys):
 
 
 def test_cli_reports_bad_arguments_in_one_line(samples, tmp_path, capsys):
-    assert main([str(samples), "--report", str(tmp_path / "no" / "such" / "r.md")]) == 1
+    assert main([str(samples), "--report", str(tmp_path / "no" / "such" / "r.md")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist. Create it first." in err
-    assert main([str(samples), "--top-k", "-1"]) == 1
+    assert main([str(samples), "--top-k", "-1"]) == 2
     assert "--top-k must be >= 0" in capsys.readouterr().err
-    assert main([str(samples), "--feature", "999"]) == 1
+    assert main([str(samples), "--feature", "999"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lightning-sae-samples: error: Feature 999 does not exist: valid indices are 0 to 15.")
     assert err.count("\n") == 1 and "Saved features near 999" in err
@@ -110,7 +110,7 @@ def test_a_parent_of_samples_directories_suggests_them(samples, tmp_path):
     inside = tmp_path / "lightning_logs" / "version_0" / "activation_samples"
     shutil.copytree(samples, inside)
     (result,) = run_all([[str(tmp_path / "lightning_logs")]], cwd=tmp_path)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "collection_summary.json is missing" in lines[0]
     assert f"Run: lightning-sae-samples {inside}" in lines[0]
@@ -143,7 +143,7 @@ def test_an_unavailable_tokenizer_name_fails_at_once_with_a_clear_message(undeco
         [[str(undecodable), "--feature", "3", "--tokenizer", "bogus-org/bogus-tokenizer"]], cwd=tmp_path, timeout=40,
         HF_HUB_OFFLINE=offline, HF_ENDPOINT="http://127.0.0.1:9",
     )
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     head = "lightning-sae-samples: error: Tokenizer 'bogus-org/bogus-tokenizer'"
     assert len(lines) == 1 and lines[0].startswith(head)

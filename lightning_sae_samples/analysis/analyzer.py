@@ -194,7 +194,7 @@ class ActivationSampleAnalyzer:
                 has_full_state=self.directory.full_state_path is not None,
                 config=dict(raw.get("config") or {}),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
                 f"{self.directory.path / 'collection_summary.json'} is not a valid samples summary"
                 f" ({type(err).__name__}: {err}). Re-run the save, or point to a directory the callback wrote."
@@ -219,7 +219,7 @@ class ActivationSampleAnalyzer:
                 IntervalGroup.from_json(g, first=n == 0) for n, g in enumerate(record.get("interval_samples") or [])
             )
             recent = tuple(Sample.from_json(s) for s in record.get("recent_samples") or [])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."

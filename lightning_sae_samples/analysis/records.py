@@ -7,13 +7,54 @@ so none of them imports another through it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 #: A latent whose ``recent_overlap`` is below this is flagged: its meaning may have moved.
 DRIFT_THRESHOLD = 0.25
+
+
+def _int(record: dict, key: str) -> int:
+    """``record[key]`` if it is an integer (not a bool), else a ``ValueError`` naming the field."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{key}` must be an integer, got {value!r}")
+    return value
+
+
+def _optional_int(record: dict, key: str) -> Optional[int]:
+    return None if record.get(key) is None else _int(record, key)
+
+
+def _float(record: dict, key: str) -> float:
+    """``record[key]`` as a float if it is a finite number (not a bool), else a ``ValueError`` naming the field."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{key}` must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _list(record: dict, key: str) -> list:
+    value = record[key]
+    if not isinstance(value, list):
+        raise ValueError(f"`{key}` must be a list, got {type(value).__name__}")
+    return value
+
+
+def _str(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"`{key}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _record(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object, got {type(value).__name__}")
+    return value
 
 
 
@@ -61,10 +102,12 @@ class LogitEffects:
     def from_json(cls, feature_idx: int, record: dict) -> LogitEffects:
         """Build from a feature file's ``logit_effects`` object."""
 
-        def effects(items: list) -> tuple[TokenEffect, ...]:
-            return tuple(TokenEffect(int(e["token_id"]), str(e["token"]), float(e["value"])) for e in items)
+        def effects(key: str) -> tuple[TokenEffect, ...]:
+            items = [_record(e, f"an entry of `logit_effects.{key}`") for e in _list(record, key)]
+            return tuple(TokenEffect(_int(e, "token_id"), _str(e, "token"), _float(e, "value")) for e in items)
 
-        return cls(int(feature_idx), effects(record["promoted"]), effects(record["suppressed"]))
+        record = _record(record, "`logit_effects`")
+        return cls(int(feature_idx), effects("promoted"), effects("suppressed"))
 
 @dataclass(frozen=True)
 class Histogram:
@@ -81,7 +124,12 @@ class Histogram:
     @classmethod
     def from_json(cls, record: dict) -> Histogram:
         """Build from ``{"bin_edges": [...], "counts": [...]}``."""
-        return cls(tuple(float(e) for e in record["bin_edges"]), tuple(int(c) for c in record["counts"]))
+        record = _record(record, "`histogram`")
+        edges, counts = _list(record, "bin_edges"), _list(record, "counts")
+        if len(edges) != len(counts) + 1:
+            raise ValueError(f"`bin_edges` must have one entry more than `counts` ({len(edges)} and {len(counts)})")
+        return cls(tuple(_float({"bin_edges": e}, "bin_edges") for e in edges),
+                   tuple(_int({"counts": c}, "counts") for c in counts))
 
     @property
     def total(self) -> int:
@@ -129,21 +177,22 @@ class FeatureStats:
     @classmethod
     def from_json(cls, record: dict) -> FeatureStats:
         """Build from a feature file's ``statistics`` object."""
+        record = _record(record, "`statistics`")
         return cls(
-            feature_idx=int(record["feature_idx"]),
-            num_samples=int(record["num_samples"]),
-            max_activation=float(record["max_activation"]),
-            mean_activation=float(record["mean_activation"]),
-            std_activation=float(record["std_activation"]),
-            min_activation=float(record["min_activation"]),
-            activation_count=int(record["activation_count"]),
-            all_time_max=float(record["all_time_max"]),
-            tokens_seen=int(record["tokens_seen"]),
-            frequency=float(record["frequency"]),
-            first_step=None if record["first_step"] is None else int(record["first_step"]),
-            last_step=None if record["last_step"] is None else int(record["last_step"]),
+            feature_idx=_int(record, "feature_idx"),
+            num_samples=_int(record, "num_samples"),
+            max_activation=_float(record, "max_activation"),
+            mean_activation=_float(record, "mean_activation"),
+            std_activation=_float(record, "std_activation"),
+            min_activation=_float(record, "min_activation"),
+            activation_count=_int(record, "activation_count"),
+            all_time_max=_float(record, "all_time_max"),
+            tokens_seen=_int(record, "tokens_seen"),
+            frequency=_float(record, "frequency"),
+            first_step=_optional_int(record, "first_step"),
+            last_step=_optional_int(record, "last_step"),
             histogram=Histogram.from_json(record["histogram"]),
-            recent_overlap=None if record.get("recent_overlap") is None else float(record["recent_overlap"]),
+            recent_overlap=None if record.get("recent_overlap") is None else _float(record, "recent_overlap"),
         )
 
 
@@ -192,17 +241,25 @@ class Sample:
     @classmethod
     def from_json(cls, record: dict) -> Sample:
         """Build from one ``top_samples`` record."""
-        ids, strs, acts = record["context_tokens"], record["context_token_strs"], record["context_activations"]
-        if not (len(ids) == len(strs) == len(acts)) or not 0 <= int(record["context_position"]) < len(ids):
-            raise ValueError("context_tokens, context_token_strs and context_activations disagree")
+        record = _record(record, "a sample")
+        ids, strs = _list(record, "context_tokens"), _list(record, "context_token_strs")
+        acts = _list(record, "context_activations")
+        if not (len(ids) == len(strs) == len(acts)) or not 0 <= _int(record, "context_position") < len(ids):
+            raise ValueError("`context_tokens`, `context_token_strs`, `context_activations` and `context_position`"
+                             " disagree")
+        context = tuple(
+            ContextToken(_int({"context_tokens": i}, "context_tokens"), _str({"context_token_strs": s},
+                         "context_token_strs"), _float({"context_activations": a}, "context_activations"))
+            for i, s, a in zip(ids, strs, acts)
+        )
         return cls(
-            feature_idx=int(record["feature_idx"]),
-            activation_value=float(record["activation_value"]),
-            step=int(record["step"]),
-            position=int(record["position"]),
-            context=tuple(ContextToken(int(i), str(s), float(a)) for i, s, a in zip(ids, strs, acts)),
-            context_position=int(record["context_position"]),
-            context_text=str(record["context_text"]),
+            feature_idx=_int(record, "feature_idx"),
+            activation_value=_float(record, "activation_value"),
+            step=_int(record, "step"),
+            position=_int(record, "position"),
+            context=context,
+            context_position=_int(record, "context_position"),
+            context_text=_str(record, "context_text"),
         )
 
 
@@ -230,12 +287,15 @@ class IntervalGroup:
     @classmethod
     def from_json(cls, record: dict, first: bool = False) -> IntervalGroup:
         """Build from one ``interval_samples`` record (``first``: the lowest interval)."""
-        low, high = record["interval"]
+        record = _record(record, "an interval group")
+        bounds = _list(record, "interval")
+        if len(bounds) != 2:
+            raise ValueError(f"`interval` must be [low, high], got {bounds!r}")
         return cls(
-            low=float(low),
-            high=None if high is None else float(high),
-            count=int(record["count"]),
-            samples=tuple(Sample.from_json(s) for s in record["samples"]),
+            low=_float({"interval": bounds[0]}, "interval"),
+            high=None if bounds[1] is None else _float({"interval": bounds[1]}, "interval"),
+            count=_int(record, "count"),
+            samples=tuple(Sample.from_json(s) for s in _list(record, "samples")),
             low_open=first,
         )
 

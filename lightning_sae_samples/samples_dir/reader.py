@@ -21,6 +21,7 @@ from lightning_sae_samples.samples_dir.names import (
     is_writer_name,
 )
 from lightning_sae_samples.state.schema import FORMAT_VERSION, check_state_version
+from lightning_sae_samples.state.validate import check_state
 
 
 @dataclass
@@ -101,4 +102,8 @@ def load_full_state(path: PathLike) -> dict:
         check_state_version(state, f"full-state file {path}")
     except ValueError as err:
         raise SamplesDirectoryError(str(err)) from err
+    try:
+        check_state(state)
+    except ValueError as err:
+        raise SamplesDirectoryError(f"{path} is not a usable collector state: {err}. Re-run the save.") from err
     return state

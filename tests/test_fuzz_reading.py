@@ -1,0 +1,168 @@
+"""Fuzzing the reading side: whatever a stranger leaves in a samples directory, readers fail with one clear error.
+
+Random, truncated and type-confused ``collection_summary.json``, feature files, manifests and ``full_state.pt``
+dicts go through the analyzer, the reports, the export and the CLI. They must end in ``SamplesDirectoryError`` (or
+the analyzer's ``UnknownFeatureError``) naming the file, never another exception type, never a hang, and never
+write outside the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from render_support import write_fixture_dir
+
+from lightning_sae_samples import ActivationSampleAnalyzer, SamplesDirectoryError, UnknownFeatureError
+from lightning_sae_samples.analysis.export import export_samples
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+ALLOWED = (SamplesDirectoryError, UnknownFeatureError)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+TENSORS = st.sampled_from([
+    torch.zeros(0), torch.zeros(3, 2, 5), torch.full((4,), 2**40, dtype=torch.int64), torch.ones(2, dtype=torch.bool),
+    torch.tensor([float("nan")]), torch.tensor(-7), torch.arange(10**6 // 8, dtype=torch.int64),
+])
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return write_fixture_dir(tmp_path_factory.mktemp("pristine") / "samples", keep_full_state=True)
+
+
+def _paths(value, prefix=()):
+    """Every (path, value) inside a JSON value."""
+    yield prefix, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _paths(item, (*prefix, i))
+
+
+def _set(root, path, value):
+    if not path:
+        return value
+    node = root
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return root
+
+
+@st.composite
+def corruptions(draw):
+    target = draw(st.sampled_from(["summary", "feature", "manifest", "full_state"]))
+    kind = draw(st.sampled_from(["truncate", "replace", "confuse", "delete"]))
+    return target, kind, draw(st.randoms(use_true_random=False)), draw(JSON), draw(TENSORS)
+
+
+def _corrupt(directory: Path, target, kind, rng, junk, tensor) -> str:
+    if target == "summary":
+        path = directory / "collection_summary.json"
+    elif target == "manifest":
+        path = directory / "sae_samples_manifest.json"
+    elif target == "feature":
+        path = rng.choice(sorted(directory.glob("feature_*_samples.json")))
+    else:
+        path = directory / "full_state.pt"
+    if kind == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: rng.randrange(len(data))])
+        return path.name
+    if target == "full_state":
+        state = torch.load(path, weights_only=True)
+        key = rng.choice(sorted(state))
+        if kind == "delete":
+            del state[key]
+        elif kind == "confuse" and isinstance(state[key], dict) and state[key]:
+            state[key][rng.choice(sorted(state[key]))] = tensor
+        else:
+            state[key] = tensor if kind == "confuse" else junk
+        torch.save(state, path)
+        return path.name
+    record = json.loads(path.read_text(encoding="utf-8"))
+    places = list(_paths(record))
+    where, _ = rng.choice(places)
+    if kind == "replace":
+        record = junk
+    elif kind == "delete" and where:
+        parent = record
+        for key in where[:-1]:
+            parent = parent[key]
+        del parent[where[-1]]
+    else:
+        record = _set(record, where, junk)
+    path.write_text(json.dumps(record), encoding="utf-8")
+    return path.name
+
+
+def _listing(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def read_everything(directory: Path, out: Path) -> None:
+    analyzer = ActivationSampleAnalyzer(directory)
+    analyzer.summary  # noqa: B018 - reading it is the test
+    features = analyzer.features(limit=None)
+    for idx in [*analyzer.saved_features[:3], *[f.feature_idx for f in features[-2:]]]:
+        analyzer.feature(idx, num_examples=3)
+    analyzer.generate_interpretability_report(out / "report.md", top_k_features=3, examples_per_feature=2)
+    analyzer.generate_html_report(out / "report.html", top_k_features=3, examples_per_feature=2)
+    export_samples(analyzer, out / "export", format="jsonl")
+
+
+@hypothesis.settings(max_examples=80)
+@hypothesis.given(corruptions())
+def test_a_corrupt_directory_gives_one_clear_error_and_writes_nothing_outside(tmp_path_factory, pristine, case):
+    root = tmp_path_factory.mktemp("case")
+    directory = shutil.copytree(pristine, root / "samples")
+    name = _corrupt(directory, *case)
+    (root / "out").mkdir()
+    before = _listing(directory)
+    try:
+        read_everything(directory, root / "out")
+    except ALLOWED as err:
+        assert name in str(err) or "samples directory" in str(err).lower() or isinstance(err, UnknownFeatureError), (
+            f"the error does not name {name}: {err}"
+        )
+    assert _listing(directory) == before, "a reader wrote into the samples directory"
+    assert {p.name for p in root.iterdir()} == {"samples", "out"}
+
+
+@pytest.mark.parametrize("target, kind", [("summary", "truncate"), ("feature", "confuse"), ("full_state", "confuse"),
+                                          ("manifest", "replace"), ("summary", "confuse")])
+def test_the_cli_answers_a_corrupt_directory_with_exit_code_2_and_one_line(tmp_path, pristine, target, kind):
+    import random
+
+    directory = shutil.copytree(pristine, tmp_path / "samples")
+    for seed in range(20):  # the first corruption this seed makes that a reader refuses
+        shutil.rmtree(directory)
+        shutil.copytree(pristine, directory)
+        _corrupt(directory, target, kind, random.Random(seed), {"x": [1, "y"]}, torch.zeros(3, 2, 5))
+        try:
+            read_everything(directory, tmp_path)
+        except ALLOWED:
+            break
+    else:
+        pytest.skip("no refused corruption found for this target")
+    for args in ([str(directory)], [str(directory), "--feature", "3"], [str(directory), "--report", "r.md"]):
+        proc = subprocess.run([sys.executable, "-m", "lightning_sae_samples", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env={**os.environ, "COLUMNS": "100"})
+        if proc.returncode == 0:
+            continue  # this command does not read the corrupt part
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
