@@ -307,7 +307,10 @@
     state.route = route;
     var done = route.kind === "feature" ? showFeature(route.idx)
       : route.kind === "search" ? showSearch(route.mode, route.query) : showList();
-    return done.then(fine, problem);
+    return done.then(function () {
+      fine();
+      if (!same && route.kind === "feature") { $("feature-view").scrollIntoView({ block: "start" }); }
+    }, problem);
   }
   function go(hash) { if (location.hash === hash) { render(); } else { location.hash = hash; } }
   function loadRun() {
