@@ -267,28 +267,30 @@ class ContextCorpus:
     def __init__(self, windows: Tensor, strings: dict[int, str]) -> None:
         ids = sorted(strings)
         encoded = [strings[i].casefold().encode("utf-8") for i in ids]
-        lookup = torch.full((max(ids, default=0) + 2,), len(ids), dtype=torch.int64)  # -1 maps to the empty slot
-        lookup[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
-        lengths = torch.tensor([len(b) for b in encoded] + [0], dtype=torch.int64)
+        outside, separator = len(ids), len(ids) + 1  # slots after the tokens': no byte, and one NUL byte
+        lengths = torch.tensor([len(b) for b in encoded] + [0, 1], dtype=torch.int64)
         starts = torch.cumsum(lengths, 0) - lengths
-        table = torch.frombuffer(bytearray(b"".join(encoded) or b"\x00"), dtype=torch.uint8)
-        parts, offsets, position = [], [], 0
-        for first in range(0, len(windows), _CORPUS_CHUNK):
+        table = torch.frombuffer(bytearray(b"".join(encoded) + b"\x00"), dtype=torch.uint8)
+        lookup = torch.full((max(ids, default=0) + 2,), outside, dtype=torch.int64)  # id -1 reads the last entry
+        lookup[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
+
+        def slots(first: int) -> Tensor:
             chunk = lookup[windows[first : first + _CORPUS_CHUNK].to(torch.int64).clamp(min=-1)]
-            chunk = torch.cat([chunk, torch.full((len(chunk), 1), len(ids), dtype=torch.int64)], 1)  # separator slot
-            size = lengths[chunk]
-            size[:, -1] = 1
-            flat, flat_size = chunk.reshape(-1), size.reshape(-1)
-            out_start = torch.cumsum(flat_size, 0) - flat_size
-            source = torch.repeat_interleave(starts[flat] - out_start, flat_size) + torch.arange(int(flat_size.sum()))
-            data = table[source.clamp(max=max(len(table) - 1, 0))]
-            ends = torch.cumsum(size.sum(1), 0)
-            data[ends - 1] = 0
-            offsets.append(ends - size.sum(1) + position)
-            position += int(data.numel())
-            parts.append(data.numpy().tobytes())
-        self.data = b"".join(parts)
-        self.starts = torch.cat(offsets) if offsets else torch.zeros(0, dtype=torch.int64)
+            return torch.cat([chunk, torch.full((len(chunk), 1), separator, dtype=torch.int64)], 1)
+
+        chunks = range(0, len(windows), _CORPUS_CHUNK)
+        # Sized first, so that the corpus is written in place: no second copy of it ever exists.
+        sizes = torch.cat([lengths[slots(first)].sum(1) for first in chunks]) if len(windows) else lengths[:0]
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.data = bytearray(int(sizes.sum()))
+        corpus = torch.frombuffer(self.data, dtype=torch.uint8) if self.data else None
+        for first in chunks:
+            flat = slots(first).reshape(-1)
+            size = lengths[flat]
+            into = torch.cumsum(size, 0) - size
+            source = torch.repeat_interleave(starts[flat] - into, size) + torch.arange(int(size.sum()))
+            begin = int(self.starts[first])
+            corpus[begin : begin + len(source)] = table[source]
 
     def find(self, text: str, offset: int, limit: int) -> tuple[list[int], bool]:
         """Samples whose context holds ``text`` (case-insensitive), from the ``offset``-th match on.
