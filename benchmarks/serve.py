@@ -54,7 +54,8 @@ def build(num_latents: int, dirpath: str, tokens: int, seq_len: int, vocab: int)
     from lightning_sae_samples import ActivationSampleCallback
 
     k, collections = (64, 3) if num_latents >= 1 << 20 else (32, 4)
-    batch = {"tokens": torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=torch.Generator().manual_seed(0))}
+    gen = torch.Generator().manual_seed(0)
+    batch = {"tokens": torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=gen)}
     callback = ActivationSampleCallback(collection_freq=1, dirpath=dirpath, write_report=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=collections, callbacks=[callback], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
