@@ -116,6 +116,8 @@ class FeatureTable:
         """Row order by ``key`` (stable: ties keep the lower latent first; missing values last), cached."""
         if key not in SORT_KEYS:
             raise BadRequestError(f"`sort` must be one of {', '.join(SORT_KEYS)}; got {key!r}.")
+        if key == "frequency":
+            key = "activation_count"  # frequency is count / tokens_seen: the same order
         with self._lock:
             cached = self._orders.get((key, descending))
             if cached is not None:
@@ -125,6 +127,7 @@ class FeatureTable:
         values = -values if descending else values
         values = torch.nan_to_num(values, nan=math.inf)
         order = torch.argsort(values, stable=True)
+        order = order.to(torch.int32) if len(order) < 1 << 31 else order  # half the memory of each cached order
         with self._lock:
             self._orders[(key, descending)] = order
             while len(self._orders) > _SORT_CACHE:
