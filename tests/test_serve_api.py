@@ -366,3 +366,27 @@ def test_local_server_refuses_foreign_host_names_and_bad_directories(run_dir, tm
     finally:
         server.stop()
     assert main([str(tmp_path / "missing")]) == 1
+
+
+def test_without_full_state_the_saved_features_are_served(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    collector = ActivationSampleCollector(num_latents=10, max_samples_per_feature=3, context_size=2,
+                                          activation_threshold=0.2, top_features_to_save=4,
+                                          samples_per_feature_to_save=3, write_report=False)
+    for s in range(3):
+        tokens = torch.randint(0, 20, (2, 6), generator=gen)
+        collector.update(tokens, latents=torch.rand(2, 6, 10, generator=gen), step=s)
+    collector.save(tmp_path / "s", full_state=False)
+    analyzer = ActivationSampleAnalyzer(tmp_path / "s")
+    assert analyzer.directory.full_state_path is None
+    with TestClient(create_app(RunSet(tmp_path / "s"))) as test_client:
+        rows = get(test_client, "/api/features?sort=index&order=asc&limit=500")["rows"]
+        assert [r["idx"] for r in rows] == sorted(analyzer.saved_features)
+        feature = analyzer.feature(analyzer.saved_features[0])
+        token = feature.samples[0].activating_token.token_id
+        found = get(test_client, f"/api/search/token?id={token}")["rows"]
+        assert feature.feature_idx in [r["idx"] for r in found]
+        page = get(test_client, f"/api/features/{feature.feature_idx}")
+        assert len(page["examples"]) == len(feature.samples)
+        unsaved = next(i for i in range(10) if i not in analyzer.saved_features)
+        assert "no full_state.pt" in get(test_client, f"/api/features/{unsaved}", 404)["error"]
