@@ -27,9 +27,12 @@ EPILOG = f"""examples:
   {PROG} activation_samples --feature 42 --num-examples 20
   {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
+  {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
 """
 EXPORT_COMMAND = "export"
 EXPORT_USAGE = f"{PROG} {EXPORT_COMMAND} SAMPLES_DIR OUT [--format {{jsonl,parquet}}] [--top-k K] [...]"
+SERVE_COMMAND = "serve"
+SERVE_USAGE = f"{PROG} {SERVE_COMMAND} DIR [--host HOST] [--port PORT] [--open]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face tokenizer name or local folder to decode latents only full_state.pt holds"
         " (default: the one the run recorded, from local files)",
     )
-    parser.usage = f"{parser.format_usage().removeprefix('usage: ').strip()}\n       {EXPORT_USAGE}"
+    parser.usage = (
+        f"{parser.format_usage().removeprefix('usage: ').strip()}\n       {EXPORT_USAGE}\n       {SERVE_USAGE}"
+    )
     return parser
 
 
@@ -136,9 +141,9 @@ def _run_export(args: argparse.Namespace, console: Console) -> None:
     _note_undecoded(analyzer)
 
 
-def _is_export(argv: Sequence[str]) -> bool:
+def _is_export(argv: Sequence[str], command: str = EXPORT_COMMAND) -> bool:
     # A samples directory literally named "export" stays reachable as before (or as ./export).
-    return bool(argv) and argv[0] == EXPORT_COMMAND and not os.path.isfile(os.path.join(EXPORT_COMMAND, SUMMARY))
+    return bool(argv) and argv[0] == command and not os.path.isfile(os.path.join(command, SUMMARY))
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -166,6 +171,10 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 on success, 2 on an error, as for a bad argument)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _is_export(argv, SERVE_COMMAND):
+        from lightning_sae_samples.serve import main as serve_main
+
+        return serve_main(argv[1:])
     export = _is_export(argv)
     parser = build_export_parser() if export else build_parser()
     args = parser.parse_args(argv[1:] if export else argv)

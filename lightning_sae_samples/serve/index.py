@@ -1,0 +1,575 @@
+"""The in-memory index of one save, built once when it is loaded: every request is answered from it.
+
+:class:`RunIndex` opens a samples directory through :class:`~lightning_sae_samples.ActivationSampleAnalyzer`
+(which validates everything it reads) and builds, with vectorized torch over the latents and the kept samples:
+
+* a feature table: one column per statistic over all ``F`` latents of ``full_state.pt`` (only the saved
+  features when there is none), sorted per column on first use and cached, filtered by boolean masks;
+* a token index: the distinct (activating token, latent) pairs of the kept top samples with their counts,
+  sorted by token (which latents fire on a token) and by latent (which tokens a latent fires on);
+* a context corpus: the kept top samples' context texts, lower-cased, in one byte string searched by
+  ``bytes.find``, with each sample's start offset.
+
+Nothing here touches the file system after the load, and no request loops in Python over latents or samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, UnknownFeatureError
+from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, Sample
+from lightning_sae_samples.health import DENSE_FREQUENCY
+from lightning_sae_samples.render import formatting, html, views
+from lightning_sae_samples.render.escaping import token_label, visible
+from lightning_sae_samples.samples_dir.serialize import with_recent_view
+from lightning_sae_samples.state.schema import EMPTY
+from lightning_sae_samples.state.statistics import frequency_histogram
+from lightning_sae_samples.state.tables import row_offsets, rows_index
+
+#: Columns the feature list sorts by, with the direction a user expects first.
+SORT_KEYS = (
+    "max_activation",
+    "activation_count",
+    "frequency",
+    "mean_activation",
+    "recent_overlap",
+    "first_step",
+    "last_step",
+    "index",
+)
+FILTERS = ("all", "alive", "dead", "dense", "drifting")
+DEFAULT_DEAD_WINDOW = 10_000
+#: Most rows a list page, token search or context search returns.
+MAX_PAGE = 500
+_SEPARATOR = b"\x00"
+_CORPUS_CHUNK = 1 << 13  # samples per vectorized gather when the corpus is built (bounds its temporaries)
+_SORT_CACHE = 6
+
+
+class NotFoundError(LookupError):
+    """A request names something this save does not hold (the message says what and the valid range)."""
+
+
+class BadRequestError(ValueError):
+    """A request argument is malformed (the message names it and what is allowed)."""
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types of a view: dataclasses as dicts, tuples as lists, non-finite floats as ``None``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def example_json(sample: Sample, feature_max: float) -> dict:
+    """The HTML report's example view with each token's display text (``shown``), ready for ``textContent``."""
+    view = html.example_view(sample, feature_max)
+    for token in view["tokens"]:
+        token["shown"] = visible(token["text"])
+    view["feature_idx"] = sample.feature_idx
+    return view
+
+
+def _labelled(items: Sequence[dict]) -> list[dict]:
+    return [{**item, "label": token_label(item["text"])} for item in items]
+
+
+class FeatureTable:
+    """Statistic columns over the listed latents (all ``F``, or the saved ones), sorted and filtered on demand.
+
+    Args:
+        latents: Latent index per row (int64).
+        columns: Name to a float64 column per row; ``NaN`` where a value is missing (never fired, no window).
+        tokens_seen: Tokens of the collected batches (frequency = count / tokens_seen).
+        dead_before: A latent whose last firing step is below this is dead (``None``: only never-fired ones).
+    """
+
+    def __init__(self, latents: Tensor, columns: dict[str, Tensor], dead_before: Optional[int]) -> None:
+        self.latents = latents
+        self.columns = columns
+        self.dead_before = dead_before
+        self._orders: OrderedDict[tuple[str, bool], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def order(self, key: str, descending: bool) -> Tensor:
+        """Row order by ``key`` (stable: ties keep the lower latent first; missing values last), cached."""
+        if key not in SORT_KEYS:
+            raise BadRequestError(f"`sort` must be one of {', '.join(SORT_KEYS)}; got {key!r}.")
+        if key == "frequency":
+            key = "activation_count"  # frequency is count / tokens_seen: the same order
+        with self._lock:
+            cached = self._orders.get((key, descending))
+            if cached is not None:
+                self._orders.move_to_end((key, descending))
+                return cached
+        values = self.latents.double() if key == "index" else self.columns[key]
+        values = -values if descending else values
+        values = torch.nan_to_num(values, nan=math.inf)
+        order = torch.argsort(values, stable=True)
+        order = order.to(torch.int32) if len(order) < 1 << 31 else order  # half the memory of each cached order
+        with self._lock:
+            self._orders[(key, descending)] = order
+            while len(self._orders) > _SORT_CACHE:
+                self._orders.popitem(last=False)
+        return order
+
+    def mask(
+        self,
+        kind: str = "all",
+        dense_above: float = DENSE_FREQUENCY,
+        log10_frequency: Optional[tuple[float, float]] = None,
+    ) -> Optional[Tensor]:
+        """Rows kept by a filter (``None``: all rows).
+
+        Args:
+            kind: ``"all"``, ``"alive"`` (fired at least once), ``"dead"`` (never fired, or not within the run's
+                ``dead_window_steps`` before its last collected step), ``"dense"`` (frequency above
+                ``dense_above``) or ``"drifting"`` (recent overlap below 0.25).
+            dense_above: The frequency bound of ``"dense"``.
+            log10_frequency: Also keep only latents whose log10 frequency lies in ``[low, high]``.
+        """
+        if kind not in FILTERS:
+            raise BadRequestError(f"`filter` must be one of {', '.join(FILTERS)}; got {kind!r}.")
+        count, frequency = self.columns["activation_count"], self.columns["frequency"]
+        keep: Optional[Tensor] = None
+        if kind == "alive":
+            keep = count > 0
+        elif kind == "dead":
+            keep = count == 0
+            if self.dead_before is not None:
+                keep |= self.columns["last_step"] < self.dead_before
+        elif kind == "dense":
+            keep = frequency > dense_above
+        elif kind == "drifting":
+            keep = self.columns["recent_overlap"] < DRIFT_THRESHOLD
+        if log10_frequency is not None:
+            low, high = log10_frequency
+            logf = torch.log10(frequency)
+            in_range = (logf >= low - 1e-9) & (logf <= high + 1e-9)
+            keep = in_range if keep is None else keep & in_range
+        return keep
+
+    def page(self, order: Tensor, keep: Optional[Tensor], offset: int, limit: int) -> tuple[Tensor, int]:
+        """Rows ``offset .. offset + limit`` of ``order`` among the kept ones, and how many are kept."""
+        selected = order if keep is None else order[keep[order]]
+        return selected[offset : offset + limit], len(selected)
+
+
+def _column_or_nan(values: Tensor, fired: Tensor) -> Tensor:
+    return torch.where(fired, values.double(), torch.tensor(math.nan, dtype=torch.float64))
+
+
+def _activating_pairs(table: dict, num_latents: int, half: int, limit: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Latent and activating token of each of the first ``limit`` kept samples of every latent (int64 each)."""
+    count = table["count"].to(torch.int64)
+    if limit is not None:
+        count = count.clamp(max=limit)
+        index = rows_index(table, torch.arange(num_latents), limit)
+    else:
+        index = None
+    latents = torch.repeat_interleave(torch.arange(num_latents), count)
+    tokens = table["context_tokens"][:, half] if index is None else table["context_tokens"][index, half]
+    return latents, tokens.to(torch.int64)
+
+
+def recent_overlaps(view: dict, limit: int) -> Tensor:
+    """Per latent, the writer's ``recent_overlap`` (float64 ``[F]``).
+
+    The Jaccard overlap of the activating tokens of the first ``limit`` recent and all-time top samples (1 when
+    neither has any), as :func:`~lightning_sae_samples.samples_dir.serialize.sample_groups` computes it.
+    """
+    num_latents, half = int(view["num_latents"]), int(view["half_window"])
+    sets = []
+    for name in ("top", "recent"):
+        latents, tokens = _activating_pairs(view[name], num_latents, half, limit)
+        sets.append(torch.unique(latents * (1 << 32) + tokens))
+    both, times = torch.unique(torch.cat(sets), return_counts=True)
+    owner = both // (1 << 32)
+    union = torch.bincount(owner, minlength=num_latents).double()
+    common = torch.bincount(owner[times == 2], minlength=num_latents).double()
+    return torch.where(union > 0, common / union.clamp(min=1), torch.ones_like(union))
+
+
+class TokenIndex:
+    """Distinct (activating token, latent) pairs of the kept top samples, with how many samples each has.
+
+    Args:
+        latents: Latent of each kept sample.
+        tokens: Activating token id of each kept sample.
+        num_latents: ``F``.
+    """
+
+    def __init__(self, latents: Tensor, tokens: Tensor, num_latents: int) -> None:
+        self.num_latents = num_latents
+        keys, counts = torch.unique(tokens * num_latents + latents, return_counts=True)
+        self.keys, self.counts = keys, counts
+        self.pair_latent = keys % num_latents
+        self.tokens = torch.unique(keys // num_latents)
+        # By latent, most frequent token first (ties: the lower id first, as ``keys`` is sorted by token).
+        spread = int(counts.max()) + 1 if len(counts) else 1
+        self.by_latent = torch.argsort(self.pair_latent * spread - counts, stable=True)
+        self.latent_start = torch.zeros(num_latents + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(self.pair_latent, minlength=num_latents), 0, out=self.latent_start[1:])
+
+    def latents_for(self, token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Latents whose kept samples have any of ``token_ids`` as activating token, and how many; most first."""
+        if not token_ids:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64)
+        bounds = torch.searchsorted(self.keys, torch.stack([ids * self.num_latents, (ids + 1) * self.num_latents]))
+        spans = bounds[1] - bounds[0]
+        picked = torch.repeat_interleave(bounds[0] - (torch.cumsum(spans, 0) - spans), spans) + torch.arange(
+            int(spans.sum())
+        )
+        latents, counts = self.pair_latent[picked], self.counts[picked]
+        if len(ids) > 1:  # the same latent under several matching tokens: add their counts
+            latents, inverse = torch.unique(latents, return_inverse=True)
+            counts = torch.zeros(len(latents), dtype=torch.int64).scatter_add_(0, inverse, counts)
+        order = torch.argsort(latents.double() - counts.double() * (self.num_latents + 1), stable=True)
+        return latents[order], counts[order]
+
+    def top_tokens(self, latent: int, limit: int = 3) -> list[tuple[int, int]]:
+        """The ``limit`` activating tokens most frequent among a latent's kept samples: ``(token_id, samples)``."""
+        start, stop = int(self.latent_start[latent]), int(self.latent_start[latent + 1])
+        picked = self.by_latent[start : min(stop, start + limit)]
+        tokens = (self.keys[picked] // self.num_latents).tolist()
+        return list(zip(tokens, self.counts[picked].tolist()))
+
+
+class ContextCorpus:
+    """The kept top samples' context texts, lower-cased, joined by NUL bytes into one searchable byte string.
+
+    Built by gathers over a byte table of the distinct tokens' strings, a chunk of samples at a time.
+
+    Args:
+        windows: Token ids ``[N, W]`` of each kept sample's window (``-1`` outside the sequence).
+        strings: Display string of each token id that occurs.
+    """
+
+    def __init__(self, windows: Tensor, strings: dict[int, str]) -> None:
+        ids = sorted(strings)
+        encoded = [strings[i].casefold().encode("utf-8") for i in ids]
+        outside, separator = len(ids), len(ids) + 1  # slots after the tokens': no byte, and one NUL byte
+        lengths = torch.tensor([len(b) for b in encoded] + [0, 1], dtype=torch.int64)
+        starts = torch.cumsum(lengths, 0) - lengths
+        table = torch.frombuffer(bytearray(b"".join(encoded) + b"\x00"), dtype=torch.uint8)
+        lookup = torch.full((max(ids, default=0) + 2,), outside, dtype=torch.int64)  # id -1 reads the last entry
+        lookup[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
+
+        def slots(first: int) -> Tensor:
+            chunk = lookup[windows[first : first + _CORPUS_CHUNK].to(torch.int64).clamp(min=-1)]
+            return torch.cat([chunk, torch.full((len(chunk), 1), separator, dtype=torch.int64)], 1)
+
+        chunks = range(0, len(windows), _CORPUS_CHUNK)
+        # Sized first, so that the corpus is written in place: no second copy of it ever exists.
+        sizes = torch.cat([lengths[slots(first)].sum(1) for first in chunks]) if len(windows) else lengths[:0]
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.data = bytearray(int(sizes.sum()))
+        corpus = torch.frombuffer(self.data, dtype=torch.uint8) if self.data else None
+        for first in chunks:
+            flat = slots(first).reshape(-1)
+            size = lengths[flat]
+            into = torch.cumsum(size, 0) - size
+            source = torch.repeat_interleave(starts[flat] - into, size) + torch.arange(int(size.sum()))
+            begin = int(self.starts[first])
+            corpus[begin : begin + len(source)] = table[source]
+
+    def find(self, text: str, offset: int, limit: int) -> tuple[list[int], bool]:
+        """Samples whose context holds ``text`` (case-insensitive), from the ``offset``-th match on.
+
+        Returns:
+            At most ``limit`` sample indices in corpus order, and whether more follow.
+        """
+        needle = text.casefold().encode("utf-8")
+        if not needle or _SEPARATOR in needle:
+            return [], False
+        found: list[int] = []
+        at, skipped = 0, 0
+        while len(found) <= limit:
+            at = self.data.find(needle, at)
+            if at < 0:
+                break
+            sample = int(torch.searchsorted(self.starts, torch.tensor(at), right=True)) - 1
+            if skipped < offset:
+                skipped += 1
+            else:
+                found.append(sample)
+            next_start = self.starts[sample + 1] if sample + 1 < len(self.starts) else len(self.data)
+            at = int(next_start)
+        return found[:limit], len(found) > limit
+
+
+@dataclasses.dataclass
+class RunIndex:
+    """One loaded save of a samples directory and everything built from it.
+
+    Use :meth:`load`. Answering a request reads only memory; feature pages go through the analyzer (one
+    request at a time, as its caches are not thread-safe).
+    """
+
+    analyzer: ActivationSampleAnalyzer
+    table: FeatureTable
+    tokens: TokenIndex
+    corpus: ContextCorpus
+    sample_latent: Tensor
+    sample_rank: Tensor
+    token_strings: dict[int, str]
+    token_lookup: dict[str, list[int]]
+    histogram: dict
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def summary(self):
+        """The run summary of this save."""
+        return self.analyzer.summary
+
+    @classmethod
+    def load(cls, path: Path, tokenizer: Any = None) -> RunIndex:
+        """Read a samples directory (raises ``SamplesDirectoryError`` for a bad one) and build the index."""
+        analyzer = ActivationSampleAnalyzer(path, tokenizer=tokenizer)
+        state = analyzer._full_state()  # noqa: SLF001 - the analyzer validates it; loaded once, here
+        if state is not None:
+            return cls._from_state(analyzer, state)
+        return cls._from_saved(analyzer)
+
+    @classmethod
+    def _from_state(cls, analyzer: ActivationSampleAnalyzer, state: dict) -> RunIndex:
+        num_latents, half = int(state["num_latents"]), int(state["half_window"])
+        count = state["count"].to(torch.int64)
+        fired = count > 0
+        tokens_seen = int(state["tokens_seen"])
+        safe = count.clamp(min=1).double()
+        view = with_recent_view(state)
+        if "recent" in view:
+            limit = int(analyzer.summary.config.get("samples_per_feature_to_save") or state["top"]["capacity"])
+            overlap = recent_overlaps(view, limit)
+        else:
+            overlap = torch.full((num_latents,), math.nan, dtype=torch.float64)
+        step = lambda name: torch.where(state[name] == EMPTY, math.nan, state[name].double())  # noqa: E731
+        columns = {
+            "max_activation": _column_or_nan(state["max"], fired).nan_to_num(0.0),
+            "activation_count": count.double(),
+            "frequency": count.double() / tokens_seen if tokens_seen else torch.zeros(num_latents, dtype=torch.float64),
+            "mean_activation": _column_or_nan(state["sum"] / safe, fired).nan_to_num(0.0),
+            "recent_overlap": overlap,
+            "first_step": step("first_step"),
+            "last_step": step("last_step"),
+        }
+        # Warm the analyzer's caches so the first feature page costs what the others do.
+        analyzer._view = view  # noqa: SLF001
+        row_offsets(state["top"])
+        top = state["top"]
+        latents = torch.repeat_interleave(torch.arange(num_latents), top["count"].to(torch.int64))
+        ranks = torch.arange(len(latents)) - row_offsets(top)[latents]
+        activating = top["context_tokens"][:, half].to(torch.int64)
+        decoder = analyzer._decoder()  # noqa: SLF001 - the decoding the feature pages use
+        windows = top["context_tokens"]
+        distinct = torch.unique(windows[windows >= 0]).tolist()
+        decoder.prepare(distinct)
+        strings = {i: decoder.token_str(i) for i in distinct}
+        return cls._build(analyzer, torch.arange(num_latents), columns, latents, ranks, activating, windows, strings,
+                          frequency_histogram(state))
+
+    @classmethod
+    def _from_saved(cls, analyzer: ActivationSampleAnalyzer) -> RunIndex:
+        """Without ``full_state.pt``: the saved features only, from their files (a bounded set)."""
+        features = [analyzer.feature(i) for i in analyzer.saved_features]
+        stats = [f.stats for f in features]
+        latents = torch.tensor([s.feature_idx for s in stats], dtype=torch.int64)
+
+        def column(name: str) -> Tensor:
+            values = [getattr(s, name) for s in stats]
+            return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+
+        columns = {name: column(name) for name in SORT_KEYS if name != "index"}
+        samples = [s for f in features for s in f.samples]
+        width = max((len(s.context) for s in samples), default=1)
+        windows = torch.full((len(samples), width), -1, dtype=torch.int64)
+        strings: dict[int, str] = {}
+        for n, sample in enumerate(samples):
+            windows[n, : len(sample.context)] = torch.tensor([t.token_id for t in sample.context])
+            strings.update((t.token_id, t.text) for t in sample.context)
+        owner = torch.tensor([s.feature_idx for s in samples], dtype=torch.int64)
+        ranks = torch.tensor([r for f in features for r in range(len(f.samples))], dtype=torch.int64)
+        activating = torch.tensor([s.activating_token.token_id for s in samples], dtype=torch.int64)
+        summary = analyzer.summary.frequency_histogram
+        histogram = {"bin_edges": list(summary.bin_edges), "counts": list(summary.counts)}
+        return cls._build(analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram)
+
+    @classmethod
+    def _build(cls, analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram) -> RunIndex:
+        config = analyzer.summary.config
+        last = analyzer.summary.last_collected_step
+        window = int(config.get("dead_window_steps") or DEFAULT_DEAD_WINDOW)
+        first = analyzer.summary.first_collected_step
+        dead_before = last - window + 1 if last is not None and last - window + 1 >= (first or 0) else None
+        num_latents = analyzer.num_features
+        lookup: dict[str, list[int]] = {}
+        for token_id in torch.unique(activating).tolist():
+            lookup.setdefault(strings.get(token_id, "").strip().casefold(), []).append(token_id)
+        return cls(
+            analyzer=analyzer,
+            table=FeatureTable(latents, columns, dead_before),
+            tokens=TokenIndex(owner, activating, num_latents),
+            corpus=ContextCorpus(windows, strings),
+            sample_latent=owner,
+            sample_rank=ranks,
+            token_strings=strings,
+            token_lookup=lookup,
+            histogram=histogram,
+        )
+
+    # ------------------------------------------------------------------ answers
+    def summary_json(self) -> dict:
+        """The run summary view of the HTML report plus the list's frequency histogram and choices."""
+        run = views.summary_view(self.summary)
+        run["summary"] = {
+            "path": str(self.summary.path), "save_id": self.summary.save_id,
+            "has_full_state": self.summary.has_full_state, "rank_by": self.summary.rank_by,
+            "saved_features": len(self.summary.saved_features),
+            "num_features": self.analyzer.num_features, "listed_features": len(self.table),
+        }
+        run["frequency_bins"] = [dataclasses.asdict(b) for b in run["frequency_bins"]]
+        run["histogram"] = {"log10_edges": self.histogram["bin_edges"], "counts": self.histogram["counts"]}
+        run["sort_keys"], run["filters"] = list(SORT_KEYS), list(FILTERS)
+        run["dense_default"] = DENSE_FREQUENCY
+        run["drift_threshold"] = DRIFT_THRESHOLD
+        run["decoding_note"] = self.analyzer.decoding_note
+        return jsonable(run)
+
+    def _rows(self, rows: Tensor) -> list[dict]:
+        columns = {name: values[rows].tolist() for name, values in self.table.columns.items()}
+        latents = self.table.latents[rows].tolist()
+        out = []
+        for n, latent in enumerate(latents):
+            value = {name: columns[name][n] for name in columns}
+            overlap = value["recent_overlap"]
+            out.append(
+                {
+                    "idx": latent,
+                    "max": formatting.value(value["max_activation"]),
+                    "mean": formatting.value(value["mean_activation"]),
+                    "count": formatting.count(value["activation_count"]),
+                    "frequency": formatting.frequency(value["frequency"]),
+                    "recent_overlap": None if math.isnan(overlap) else formatting.overlap(overlap),
+                    "drift": overlap < DRIFT_THRESHOLD,
+                    "first_step": None if math.isnan(value["first_step"]) else int(value["first_step"]),
+                    "last_step": None if math.isnan(value["last_step"]) else int(value["last_step"]),
+                    "values": value,
+                    "top_tokens": [
+                        {"token_id": t, "label": token_label(self.token_strings.get(t, str(t))), "samples": c}
+                        for t, c in self.tokens.top_tokens(latent)
+                    ],
+                }
+            )
+        return jsonable(out)
+
+    def feature_list(
+        self,
+        sort: str = "max_activation",
+        descending: bool = True,
+        kind: str = "all",
+        dense_above: float = DENSE_FREQUENCY,
+        log10_frequency: Optional[tuple[float, float]] = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> dict:
+        """One page of the sorted, filtered feature list: ``total`` rows kept and this page's ``rows``."""
+        order = self.table.order(sort, descending)
+        keep = self.table.mask(kind, dense_above, log10_frequency)
+        rows, total = self.table.page(order, keep, offset, limit)
+        return {"total": total, "offset": offset, "rows": self._rows(rows)}
+
+    def check_index(self, idx: int) -> int:
+        """``idx`` if it is a latent of this run."""
+        if not 0 <= idx < self.analyzer.num_features:
+            raise NotFoundError(
+                f"Feature {idx} does not exist: this run has latents 0 to {self.analyzer.num_features - 1}."
+            )
+        return idx
+
+    def feature_page(self, idx: int, num_examples: Optional[int] = None) -> dict:
+        """Everything the HTML report shows of one latent, as JSON (``render/html.py``'s feature view)."""
+        self.check_index(idx)
+        with self.lock:
+            try:
+                feature = self.analyzer.feature(idx, num_examples)
+            except UnknownFeatureError as err:
+                raise NotFoundError(str(err)) from err
+            view = html.feature_view(feature)
+        feature_max = feature.stats.max_activation
+        view["examples"] = [example_json(s, feature_max) for s in feature.samples]
+        for group in view["interval_groups"]:
+            group.pop("examples")
+        for group, source in zip(view["interval_groups"], [g for g in feature.interval_groups if g.count or g.samples]):
+            group["examples"] = [example_json(s, feature_max) for s in source.samples]
+        if view["recent"] is not None:
+            view["recent"]["examples"] = [example_json(s, feature_max) for s in feature.recent_samples]
+        if view["logit_effects"] is not None:
+            view["logit_effects"] = {side: _labelled(items) for side, items in view["logit_effects"].items()}
+        view["top_tokens"] = [{"label": token_label(text), "samples": n} for text, n in view["top_tokens"]]
+        view["stats"] = dataclasses.asdict(feature.stats)
+        view["stats"].pop("histogram")
+        view["bins"] = [dataclasses.asdict(b) for b in view["bins"]]
+        for bar in view["bars"]:
+            bar["bin"] = dataclasses.asdict(bar["bin"])
+        view["kept_samples"] = feature.stats.num_samples
+        view["num_features"] = self.analyzer.num_features
+        view["recent_window"] = formatting.step_range(self.summary.recent_window)
+        return jsonable(view)
+
+    def token_ids_for(self, text: str) -> list[int]:
+        """Activating token ids whose display text equals ``text``, ignoring case and outer spaces."""
+        return self.token_lookup.get(text.strip().casefold(), [])
+
+    def token_search(self, token_ids: Sequence[int], offset: int = 0, limit: int = 50) -> dict:
+        """The latents whose kept top samples most often have one of ``token_ids`` as activating token."""
+        latents, counts = self.tokens.latents_for(token_ids)
+        page, page_counts = latents[offset : offset + limit], counts[offset : offset + limit].tolist()
+        kept = self.analyzer.num_features
+        rows = self._rows(self._table_rows(page)) if kept else []
+        for row, n in zip(rows, page_counts):
+            row["token_samples"] = n
+        tokens = [{"token_id": t, "label": token_label(self.token_strings.get(t, str(t)))} for t in token_ids]
+        return {"total": len(latents), "offset": offset, "tokens": tokens, "rows": rows}
+
+    def _table_rows(self, latents: Tensor) -> Tensor:
+        """Rows of the feature table holding these latents (it lists every latent, or only the saved ones)."""
+        if len(self.table) == self.analyzer.num_features:
+            return latents
+        sorted_latents, where = torch.sort(self.table.latents)
+        return where[torch.searchsorted(sorted_latents, latents)]
+
+    def context_search(self, text: str, offset: int = 0, limit: int = 20) -> dict:
+        """Kept top samples whose context holds ``text`` (case-insensitive), each with its latent."""
+        found, more = self.corpus.find(text, offset, limit)
+        hits = []
+        for sample in found:
+            latent, rank = int(self.sample_latent[sample]), int(self.sample_rank[sample])
+            with self.lock:
+                feature = self.analyzer.feature(latent, rank + 1)
+            hit = example_json(feature.samples[rank], feature.stats.max_activation)
+            hit["rank"] = rank + 1
+            hits.append(hit)
+        return jsonable({"offset": offset, "hits": hits, "more": more})

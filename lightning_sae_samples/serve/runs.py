@@ -1,0 +1,223 @@
+"""The runs a server shows, found once at start, and the watcher that swaps in each new committed save.
+
+A run's save is replaced atomically: a request takes :attr:`LiveRun.current` once and reads only that
+:class:`~lightning_sae_samples.serve.index.RunIndex`, so it sees the old save or the new one, never a mix. A new
+save is recognised by the commit protocol (``docs/format.md``): the manifest is moved into place last, so a
+change of the manifest (or of the summary, for a directory without one) marks a complete save. A load that
+overlaps a commit is detected (the directory's signature differs before and after it) and redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_sae_samples.samples_dir.files import lstat_or_none
+from lightning_sae_samples.samples_dir.names import (
+    COMMIT_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    SUMMARY_NAME,
+    SamplesDirectoryError,
+)
+from lightning_sae_samples.serve.index import RunIndex
+
+log = logging.getLogger(__name__)
+
+#: How deep below a parent folder runs are looked for.
+SEARCH_DEPTH = 6
+MAX_RUNS = 200
+POLL_SECONDS = 1.0
+LOAD_ATTEMPTS = 5
+
+
+def _stat_key(path: Path) -> Optional[tuple[int, int, int]]:
+    info = lstat_or_none(path)
+    return None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def signature(path: Path) -> tuple:
+    """What changes when a save is committed: the manifest's and summary's identity, and an open commit."""
+    return (
+        _stat_key(path / MANIFEST_NAME),
+        _stat_key(path / SUMMARY_NAME),
+        lstat_or_none(path / PENDING_DIR / COMMIT_NAME) is not None,
+    )
+
+
+def is_run_dir(path: Path) -> bool:
+    """A samples directory, written already or waiting for its first save (it holds our lock or is empty)."""
+    if any(lstat_or_none(path / name) is not None for name in (SUMMARY_NAME, MANIFEST_NAME, LOCK_NAME)):
+        return True
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def find_runs(root: Path, depth: int = SEARCH_DEPTH, limit: int = MAX_RUNS) -> list[Path]:
+    """Samples directories below ``root`` (hidden folders skipped, links not followed), sorted by path."""
+    found: list[Path] = []
+    start = os.path.normpath(root)
+    for current, dirs, files in os.walk(start):
+        level = 0 if current == start else os.path.relpath(current, start).count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
+        if current != start and (SUMMARY_NAME in files or MANIFEST_NAME in files or LOCK_NAME in files):
+            found.append(Path(current))
+            dirs[:] = []
+            if len(found) >= limit:
+                break
+    return sorted(found)
+
+
+@dataclass
+class Status:
+    """What the page polls: whether a save is loaded, which one, and a counter that changes at each swap."""
+
+    state: str  # "waiting" (no save yet), "ready", or "error" (the message says why)
+    version: int
+    save_id: Optional[int]
+    global_step: Optional[int]
+    message: Optional[str]
+
+
+class LiveRun:
+    """One samples directory: its current loaded save, reloaded when a new one is committed.
+
+    Args:
+        name: The name the page shows and requests use (from the list built at start).
+        path: The directory.
+        tokenizer: Passed to the analyzer for latents only ``full_state.pt`` holds.
+    """
+
+    def __init__(self, name: str, path: Path, tokenizer: Any = None) -> None:
+        self.name, self.path, self.tokenizer = name, path, tokenizer
+        self.current: Optional[RunIndex] = None
+        self.version = 0
+        self.error: Optional[str] = None
+        self._loaded_signature: Optional[tuple] = None
+        self._refresh_lock = threading.Lock()
+
+    def status(self) -> Status:
+        """The page's view of this run now."""
+        current = self.current
+        if current is not None:
+            summary = current.summary
+            return Status("ready", self.version, summary.save_id, summary.global_step, self.error)
+        return Status("error" if self.error else "waiting", self.version, None, None, self.error)
+
+    def refresh(self) -> bool:
+        """Load the directory's save if it changed since the last load; returns whether a new one was swapped in.
+
+        A failure keeps the save already loaded and is reported by :meth:`status` (``message``).
+        """
+        with self._refresh_lock:
+            before = signature(self.path)
+            if before == self._loaded_signature:
+                return False
+            if before[0] is None and before[1] is None:
+                return False  # no save committed yet
+            error: Optional[str] = None
+            for _ in range(LOAD_ATTEMPTS):
+                try:
+                    loaded = RunIndex.load(self.path, self.tokenizer)
+                except Exception as err:  # noqa: BLE001 - a directory is untrusted input; report, keep the old save
+                    loaded, error = None, " ".join(str(err).split()) or type(err).__name__
+                after = signature(self.path)
+                if after == before:
+                    break
+                before = after  # a commit ran during the load: read it again
+                time.sleep(0.05)
+            else:
+                return False  # the directory keeps changing; the next poll tries again
+            self._loaded_signature = before
+            if loaded is None:
+                self.error = error
+                log.warning("Cannot load %s: %s", self.path, error)
+                return False
+            self.current, self.error = loaded, None
+            self.version += 1
+            return True
+
+
+class RunSet:
+    """The runs of one server, by name, in the order they were found; a thread polls the loaded ones.
+
+    Args:
+        root: A samples directory, or a folder holding several (found once, here).
+        tokenizer: For latents only ``full_state.pt`` holds.
+
+    Raises:
+        SamplesDirectoryError: ``root`` is not a folder, or holds no samples directory.
+    """
+
+    def __init__(self, root: Path, tokenizer: Any = None, poll_seconds: float = POLL_SECONDS) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise SamplesDirectoryError(
+                f"{root} is not a directory. Pass a samples directory (the callback's `dirpath`) or a folder"
+                " holding some, such as lightning_logs."
+            )
+        if is_run_dir(root):
+            paths = [root]
+            names = [root.name or str(root)]
+        else:
+            paths = find_runs(root)
+            names = [p.relative_to(root).as_posix() for p in paths]
+        if not paths:
+            raise SamplesDirectoryError(
+                f"{root} holds no samples directory (no {SUMMARY_NAME} or {MANIFEST_NAME} within {SEARCH_DEPTH}"
+                " levels). Pass the callback's `dirpath` (default: <log_dir>/activation_samples)."
+            )
+        self.root = root
+        self.runs: dict[str, LiveRun] = {name: LiveRun(name, path, tokenizer) for name, path in zip(names, paths)}
+        self._wanted: set[str] = set()
+        self._poll = poll_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def names(self) -> Sequence[str]:
+        """Run names in order."""
+        return list(self.runs)
+
+    def get(self, name: Optional[str]) -> Optional[LiveRun]:
+        """The run called ``name`` (the first run when ``None``), loaded on first use; ``None`` if unknown."""
+        run = self.runs.get(name) if name is not None else next(iter(self.runs.values()))
+        if run is None:
+            return None
+        if run.name not in self._wanted:
+            self._wanted.add(run.name)
+            run.refresh()
+        return run
+
+    def start(self) -> None:
+        """Start polling the runs that were asked for (and the first one)."""
+        self.get(None)
+        self._thread = threading.Thread(target=self._watch, name="sae-samples-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for name in list(self._wanted):
+                try:
+                    self.runs[name].refresh()
+                except Exception:  # noqa: BLE001 - the watcher must survive anything a directory holds
+                    log.exception("Reloading %s failed", self.runs[name].path)
+            self._wake.wait(self._poll)
+            self._wake.clear()

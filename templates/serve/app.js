@@ -1,0 +1,382 @@
+// The page of `lightning-sae-samples serve`: a hash router over the JSON API. Plain JS, nothing fetched but
+// this server's /api. Token text only ever goes into the DOM as textContent (never as markup).
+(function () {
+  "use strict";
+  var $ = function (id) { return document.getElementById(id); };
+  var SVG = "http://www.w3.org/2000/svg";
+  var PAGE_SIZE = 50;
+  var state = {
+    run: null, version: null, summary: null, route: null,
+    list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, offset: 0 },
+    examples: 20, searchOffset: 0,
+  };
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (key) {
+      if (key === "text") { node.textContent = attrs[key]; }
+      else if (key === "className") { node.className = attrs[key]; }
+      else if (key === "style") { node.style.cssText = attrs[key]; }
+      else { node.setAttribute(key, attrs[key]); }
+    });
+    (children || []).forEach(function (child) {
+      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
+    });
+    return node;
+  }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } return node; }
+  function show(id, on) { $(id).hidden = !on; }
+
+  function api(path, params) {
+    var query = new URLSearchParams(params || {});
+    if (state.run !== null) { query.set("run", state.run); }
+    return fetch("/api/" + path + "?" + query.toString(), { headers: { Accept: "application/json" } })
+      .then(function (response) {
+        return response.json().then(function (body) {
+          if (!response.ok) { var err = new Error(body.error || response.statusText); err.status = response.status; throw err; }
+          return body;
+        });
+      });
+  }
+  function problem(err) {
+    $("error-banner").textContent = err.message;
+    show("error-banner", true);
+  }
+  function fine() { show("error-banner", false); }
+
+  // ------------------------------------------------------------------ shared pieces
+  function chip(label, extra, title) {
+    var node = el("span", { className: "chip" }, [label + " ", el("span", { className: "n", text: extra })]);
+    if (title) { node.title = title; }
+    return node;
+  }
+  function tokenChips(cell, tokens) {
+    tokens.forEach(function (t) { cell.appendChild(chip(t.label, "×" + t.samples)); });
+  }
+  function example(e, head) {
+    var ctx = el("span", { className: "ctx" });
+    e.tokens.forEach(function (t) {
+      if (t.gap_before) { ctx.appendChild(document.createTextNode(" ")); }
+      var tok = el("span", { className: "tok" + (t.activating ? " act" : "") + (t.punct ? " punct" : ""),
+        style: t.style, title: t.title, text: t.shown });
+      if (t.activating) {
+        ctx.appendChild(el("span", { className: "act-wrap" }, [tok,
+          el("span", { className: "val", title: "activation on the activating token", text: t.value })]));
+      } else {
+        ctx.appendChild(tok);
+      }
+    });
+    var meta = el("span", { className: "meta" }, [el("b", { text: e.value }), " · step " + e.step + " · pos " + e.position]);
+    var item = el("li", {}, head ? [head, meta, " ", ctx] : [meta, " ", ctx]);
+    return item;
+  }
+  function bars(svg, items, width, height, labelSpace, onClick, selected) {
+    clear(svg);
+    var plot = height - labelSpace;
+    svg.appendChild(svgNode("line", { x1: 0, y1: plot, x2: width, y2: plot }));
+    items.forEach(function (b, i) {
+      var rect = svgNode("rect", { "class": "bar" + (selected === i ? " selected" : ""), x: b.x, y: b.y, width: b.w, height: b.h });
+      var title = svgNode("title", {});
+      title.textContent = b.title;
+      rect.appendChild(title);
+      if (onClick) { rect.addEventListener("click", function () { onClick(i); }); rect.setAttribute("data-bin", i); }
+      svg.appendChild(rect);
+    });
+    if (items.length) {
+      var low = svgNode("text", { x: 0, y: height - 3 }); low.textContent = items[0].low;
+      var high = svgNode("text", { x: width, y: height - 3, "text-anchor": "end" }); high.textContent = items[items.length - 1].high;
+      svg.appendChild(low); svg.appendChild(high);
+    }
+  }
+  function svgNode(tag, attrs) {
+    var node = document.createElementNS(SVG, tag);
+    Object.keys(attrs).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  }
+  function fact(term, value, note) {
+    var dd = el("dd", { text: value });
+    if (note) { dd.appendChild(document.createTextNode(" ")); dd.appendChild(el("span", { className: "caption", text: note })); }
+    return el("div", {}, [el("dt", { text: term }), dd]);
+  }
+  function rowCells(row, extra) {
+    var link = el("a", { href: "#/feature/" + row.idx, text: String(row.idx) });
+    var tokens = el("td", { className: "tokens" });
+    tokenChips(tokens, row.top_tokens);
+    var cells = [el("td", {}, [link])].concat(extra || []);
+    return { link: link, tokens: tokens, cells: cells };
+  }
+  function clickRow(tr, idx) {
+    tr.setAttribute("data-feature", idx);
+    tr.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") { location.hash = "#/feature/" + idx; } });
+  }
+
+  // ------------------------------------------------------------------ summary and frequency histogram
+  function renderSummary(s) {
+    state.summary = s;
+    $("run-path").textContent = s.summary.path;
+    $("save-info").textContent = "step " + s.global_step + (s.summary.save_id !== null ? " · save " + s.summary.save_id : "");
+    var facts = clear($("facts"));
+    facts.appendChild(fact("Global step", String(s.global_step)));
+    facts.appendChild(fact("Steps collected", s.steps_collected, "(" + s.first_step + "–" + s.last_step + ")"));
+    facts.appendChild(fact("Tokens seen", s.tokens_seen));
+    facts.appendChild(fact("Latents tracked", s.latents));
+    facts.appendChild(fact("Alive latents", s.alive, "(" + s.alive_share + ")"));
+    facts.appendChild(fact("Never fired", s.never_fired));
+    facts.appendChild(fact("Top samples kept", s.samples_stored));
+    if (!s.summary.has_full_state) { facts.appendChild(fact("Listed", String(s.summary.listed_features), "saved features only (no full_state.pt)")); }
+    var edges = s.histogram.log10_edges, counts = s.histogram.counts;
+    var top = Math.max.apply(null, counts.concat([1])), step = 480 / Math.max(counts.length, 1), plot = 94;
+    var items = counts.map(function (c, i) {
+      var h = c ? Math.max(1, c / top * plot) : 0;
+      return { x: i * step + 1, y: plot - h, w: Math.max(step - 2, 1), h: h, low: fmtPow(edges[0]), high: fmtPow(edges[edges.length - 1]),
+        title: "frequency " + fmtPow(edges[i]) + "–" + fmtPow(edges[i + 1]) + ": " + c + " latents" };
+    });
+    var selected = null;
+    if (state.list.range) { selected = edges.indexOf(state.list.range[0]); }
+    bars($("frequency-histogram"), items, 480, 110, 16, function (i) {
+      state.list.range = [edges[i], edges[i + 1]];
+      state.list.offset = 0;
+      if (state.list.filter === "dead") { state.list.filter = "all"; }
+      go("#/");
+    }, selected);
+    show("frequency-chart", counts.length > 0);
+    show("run-summary", true);
+    show("controls", true);
+  }
+  function fmtPow(e) { return Number(Math.pow(10, e).toPrecision(2)).toString(); }
+
+  // ------------------------------------------------------------------ the feature list
+  function syncControls() {
+    $("sort-select").value = state.list.sort;
+    $("order-select").value = state.list.order;
+    $("filter-select").value = state.list.filter;
+    $("dense-input").value = state.list.dense;
+    show("dense-label", state.list.filter === "dense");
+    show("range-chip", state.list.range !== null);
+    if (state.list.range) { $("range-text").textContent = "frequency " + fmtPow(state.list.range[0]) + "–" + fmtPow(state.list.range[1]); }
+  }
+  function showList() {
+    syncControls();
+    var l = state.list, params = { sort: l.sort, order: l.order, filter: l.filter, offset: l.offset, limit: PAGE_SIZE };
+    if (l.filter === "dense") { params.dense_above = l.dense; }
+    if (l.range) { params.log10_low = l.range[0]; params.log10_high = l.range[1]; }
+    return api("features", params).then(function (page) {
+      var body = clear($("feature-rows"));
+      page.rows.forEach(function (row) {
+        var overlap = el("td", { className: "overlap" + (row.drift ? " drift" : ""), text: (row.drift ? "⚠ " : "") + (row.recent_overlap === null ? "–" : row.recent_overlap) });
+        var parts = rowCells(row, [el("td", { text: row.max }), el("td", { text: row.mean }), el("td", { text: row.count }),
+          el("td", { text: row.frequency }), overlap, el("td", { text: row.first_step === null ? "–" : String(row.first_step) }),
+          el("td", { text: row.last_step === null ? "–" : String(row.last_step) })]);
+        var tr = el("tr", {}, parts.cells.concat([parts.tokens]));
+        clickRow(tr, row.idx);
+        body.appendChild(tr);
+      });
+      $("list-title").textContent = "Features by " + $("sort-select").selectedOptions[0].textContent;
+      $("list-count").textContent = page.total.toLocaleString("en-US") + " latents";
+      $("page-info").textContent = page.total ? "rows " + (l.offset + 1) + "–" + (l.offset + page.rows.length) + " of " + page.total.toLocaleString("en-US") : "no latent matches";
+      $("page-prev").disabled = l.offset === 0;
+      $("page-next").disabled = l.offset + page.rows.length >= page.total;
+      state.listTotal = page.total;
+      showView("list-view");
+    });
+  }
+
+  // ------------------------------------------------------------------ one feature
+  function showFeature(idx) {
+    return api("features/" + idx, { examples: state.examples }).then(function (f) {
+      $("feature-title").textContent = "Feature " + f.idx;
+      $("feature-title").href = "#/feature/" + f.idx;
+      $("feature-badge").textContent = f.saved ? "" : "from full_state.pt";
+      var drift = f.recent && f.recent.drift;
+      $("drift-badge").textContent = drift ? "⚠ meaning may have moved" : "";
+      $("drift-badge").title = drift || "";
+      show("drift-badge", Boolean(drift));
+      var prev = $("prev-feature"), next = $("next-feature");
+      prev.href = "#/feature/" + Math.max(0, f.idx - 1); prev.hidden = f.idx === 0;
+      next.href = "#/feature/" + Math.min(f.num_features - 1, f.idx + 1); next.hidden = f.idx >= f.num_features - 1;
+      var stats = clear($("feature-stats"));
+      stats.appendChild(fact("Max", f.max));
+      stats.appendChild(fact("Mean ± std", f.mean + " ± " + f.std));
+      stats.appendChild(fact("Min", f.min));
+      stats.appendChild(fact("Count", f.count));
+      stats.appendChild(fact("Frequency", f.frequency));
+      stats.appendChild(fact("Samples kept", f.num_samples));
+      stats.appendChild(fact("Fired at steps", f.first_step + "–" + f.last_step));
+      if (f.recent) { stats.appendChild(fact("Recent overlap", f.recent_overlap)); }
+      var items = f.bars.map(function (b) {
+        return { x: b.x, y: b.y, w: b.w, h: b.h, low: Number(b.bin.low.toPrecision(3)).toString(),
+          high: Number(b.bin.high.toPrecision(3)).toString(), title: "activation " + b.bin.label + ": " + b.bin.count };
+      });
+      bars($("feature-histogram"), items, 320, 90, 16, null, null);
+      show("feature-chart", items.length > 0);
+      var logits = clear($("feature-logits"));
+      if (f.logit_effects) {
+        [["promoted", "Promotes"], ["suppressed", "Suppresses"]].forEach(function (side) {
+          var p = el("p", { className: "logit-" + side[0] }, [el("span", { className: "caption", text: side[1] }), " "]);
+          f.logit_effects[side[0]].forEach(function (t) { p.appendChild(chip(t.label, t.value, t.title)); });
+          logits.appendChild(p);
+        });
+      }
+      show("feature-logits", Boolean(f.logit_effects));
+      var list = clear($("feature-examples"));
+      f.examples.forEach(function (e) { list.appendChild(example(e)); });
+      if (!f.examples.length) { list.appendChild(el("li", { className: "caption", text: "No samples: this latent never fired above the threshold." })); }
+      $("examples-caption").textContent = f.examples.length + " of " + f.kept_samples + " kept";
+      show("more-examples", f.examples.length < f.kept_samples);
+      var intervals = clear($("interval-list"));
+      f.interval_groups.forEach(function (g) {
+        intervals.appendChild(el("h3", {}, [g.label + " ", el("span", { className: "caption", text: g.count + " activations (" + g.share + ")" })]));
+        var ol = el("ol", { className: "examples" });
+        g.examples.forEach(function (e) { ol.appendChild(example(e)); });
+        intervals.appendChild(g.examples.length ? ol : el("p", { className: "caption", text: "No samples kept." }));
+      });
+      $("intervals-caption").textContent = f.interval_groups.length + " intervals reached";
+      show("feature-intervals", f.has_intervals);
+      var recent = clear($("recent-examples"));
+      if (f.recent) {
+        f.recent.examples.forEach(function (e) { recent.appendChild(example(e)); });
+        $("recent-caption").textContent = "steps " + f.recent_window + (drift ? " · ⚠ " + drift : " · recent overlap " + f.recent.overlap);
+        $("feature-recent").classList.toggle("drifted", Boolean(drift));
+        if (drift) { $("feature-recent").open = true; }
+      }
+      show("feature-recent", Boolean(f.recent));
+      showView("feature-view");
+    });
+  }
+
+  // ------------------------------------------------------------------ search
+  function showSearch(mode, query) {
+    $("search-mode").value = mode;
+    $("search-input").value = query;
+    show("token-results", false); show("context-results", false); show("search-empty", false); show("search-pager", false);
+    if (mode === "context") {
+      return api("search/context", { text: query, offset: state.searchOffset, limit: 20 }).then(function (r) {
+        var list = state.searchOffset ? $("context-results") : clear($("context-results"));
+        list.setAttribute("start", 1);
+        r.hits.forEach(function (e) {
+          var head = el("span", { className: "hit-head" }, [el("a", { href: "#/feature/" + e.feature_idx, text: "Feature " + e.feature_idx }),
+            el("span", { className: "caption", text: " · sample " + e.rank })]);
+          list.appendChild(example(e, head));
+        });
+        $("search-title").textContent = "Context holding “" + query + "”";
+        $("search-count").textContent = list.children.length + (r.more ? "+" : "") + " kept samples";
+        show("context-results", list.children.length > 0);
+        emptyNote(list.children.length === 0, "No kept sample's context holds this text.");
+        show("search-pager", r.more);
+        showView("search-view");
+      });
+    }
+    var params = mode === "token-id" ? { id: query } : { text: query };
+    params.offset = state.searchOffset; params.limit = PAGE_SIZE;
+    return api("search/token", params).then(function (r) {
+      var body = state.searchOffset ? $("token-rows") : clear($("token-rows"));
+      r.rows.forEach(function (row) {
+        var parts = rowCells(row, [el("td", { text: String(row.token_samples) }), el("td", { text: row.max }),
+          el("td", { text: row.count }), el("td", { text: row.frequency })]);
+        var tr = el("tr", {}, parts.cells.concat([parts.tokens]));
+        clickRow(tr, row.idx);
+        body.appendChild(tr);
+      });
+      var names = r.tokens.map(function (t) { return t.label + " (id " + t.token_id + ")"; }).join(", ");
+      $("search-title").textContent = "Latents that fire on " + (mode === "token-id" ? "token id " + query : "“" + query + "”");
+      $("search-count").textContent = r.total + " latents" + (names ? " · tokens " + names : "");
+      show("token-results", r.total > 0);
+      emptyNote(r.total === 0, r.tokens.length ? "No kept top sample has this activating token." : "No kept top sample's activating token reads like this.");
+      show("search-pager", body.children.length < r.total);
+      showView("search-view");
+    });
+  }
+  function emptyNote(on, text) { $("search-empty").textContent = text; show("search-empty", on); }
+
+  // ------------------------------------------------------------------ routing and the live save
+  function showView(id) {
+    ["list-view", "search-view", "feature-view"].forEach(function (v) { show(v, v === id); });
+  }
+  function parseRoute() {
+    var hash = location.hash.replace(/^#\/?/, "");
+    var m = /^feature\/(\d+)$/.exec(hash);
+    if (m) { return { kind: "feature", idx: Number(m[1]) }; }
+    m = /^(token|token-id|context)\/(.*)$/.exec(hash);
+    if (m) { return { kind: "search", mode: m[1], query: decodeURIComponent(m[2]) }; }
+    return { kind: "list" };
+  }
+  function render() {
+    var route = parseRoute();
+    var same = state.route && JSON.stringify(state.route) === JSON.stringify(route);
+    if (!same) { state.searchOffset = 0; if (route.kind === "feature" && (!state.route || state.route.idx !== route.idx)) { state.examples = 20; } }
+    state.route = route;
+    var done = route.kind === "feature" ? showFeature(route.idx)
+      : route.kind === "search" ? showSearch(route.mode, route.query) : showList();
+    return done.then(function () {
+      fine();
+      if (!same && route.kind === "feature") { $("feature-view").scrollIntoView({ block: "start" }); }
+    }, problem);
+  }
+  function go(hash) { if (location.hash === hash) { render(); } else { location.hash = hash; } }
+  function loadRun() {
+    return api("summary").then(function (s) {
+      state.version = s.version;
+      renderSummary(s);
+      return render();
+    }, function (err) {
+      state.version = null;
+      problem(err);
+    });
+  }
+  function poll() {
+    api("status").then(function (s) {
+      if (s.state === "ready" && s.version !== state.version) {
+        var first = state.version === null;
+        if (!first) {
+          $("live-banner").textContent = "New save at step " + s.global_step + (s.save_id !== null ? " (save " + s.save_id + ")" : "") + ": the page shows it.";
+          show("live-banner", true);
+        }
+        loadRun();
+      } else if (s.state !== "ready" && s.message) {
+        problem(new Error(s.message));
+      }
+    }).catch(function () { /* the server is restarting or gone; the next poll tries again */ })
+      .then(function () { setTimeout(poll, 1500); });
+  }
+
+  function bind() {
+    $("search-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var mode = $("search-mode").value, query = $("search-input").value;
+      if (mode === "feature") {
+        var n = query.trim().replace(/^#/, "");
+        if (!/^\d+$/.test(n)) { problem(new Error("A feature is a number, e.g. 42.")); return; }
+        go("#/feature/" + Number(n));
+      } else if (query.trim() !== "" || mode === "token") {
+        go("#/" + mode + "/" + encodeURIComponent(query));
+      }
+    });
+    function relist() { state.list.offset = 0; go("#/"); }
+    $("sort-select").addEventListener("change", function () { state.list.sort = this.value; relist(); });
+    $("order-select").addEventListener("change", function () { state.list.order = this.value; relist(); });
+    $("filter-select").addEventListener("change", function () { state.list.filter = this.value; relist(); });
+    $("dense-input").addEventListener("change", function () { state.list.dense = Number(this.value) || 0; relist(); });
+    $("range-clear").addEventListener("click", function () { state.list.range = null; relist(); if (state.summary) { renderSummary(state.summary); } });
+    $("page-prev").addEventListener("click", function () { state.list.offset = Math.max(0, state.list.offset - PAGE_SIZE); showList().then(fine, problem); });
+    $("page-next").addEventListener("click", function () { state.list.offset += PAGE_SIZE; showList().then(fine, problem); });
+    $("more-examples").addEventListener("click", function () { state.examples *= 5; render(); });
+    $("search-more").addEventListener("click", function () {
+      state.searchOffset = state.route.mode === "context" ? $("context-results").children.length : $("token-rows").children.length;
+      showSearch(state.route.mode, state.route.query).then(fine, problem);
+    });
+    $("run-select").addEventListener("change", function () { state.run = this.value; state.version = null; location.hash = "#/"; loadRun(); });
+    window.addEventListener("hashchange", render);
+  }
+
+  function start() {
+    bind();
+    fetch("/api/runs").then(function (r) { return r.json(); }).then(function (r) {
+      var select = $("run-select");
+      r.runs.forEach(function (run) { select.appendChild(el("option", { value: run.name, text: run.name })); });
+      state.run = r.runs.length ? r.runs[0].name : null;
+      show("run-pick", r.runs.length > 1);
+      return loadRun();
+    }).then(poll, problem);
+  }
+  if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
+})();
