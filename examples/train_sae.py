@@ -61,6 +61,8 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
     if callback is None:
         console.print("[yellow]No ActivationSampleCallback in trainer.callbacks: nothing collected.[/yellow]")
         return
+    from lightning_sae_samples.serve import serve_command
+
     samples = samples_dir_of(callback, trainer)
     console.rule("[bold]Activation samples")
     console.print(f"samples directory : {samples.resolve()}", soft_wrap=True)
@@ -88,6 +90,8 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         feature = _strongest_feature(samples)
         if feature is not None:
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)
+        console.print(f"Browse every latent: pip install '.[serve]' && {serve_command(samples)}", soft_wrap=True,
+                      markup=False)
     except Exception as err:  # noqa: BLE001 - training is done; a report problem must not hide the paths
         console.print(f"[red]Report failed: {type(err).__name__}: {err}[/red]")
         console.print(f"The samples directory is complete: lightning-sae-samples {samples} (or the analyzer API).")

@@ -24,6 +24,7 @@ from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SamplesDirectoryError
+from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
@@ -177,6 +178,8 @@ class ActivationSampleCallback(Callback):
         sparse = self.schedule.sparse_run_warning(trainer.max_steps)
         if sparse:
             rank_zero_warn(f"ActivationSampleCallback: {sparse}")
+        if self.settings.log_serve_command:
+            rank_zero_info(f"ActivationSampleCallback: browse the samples live: {serve_command(self.dirpath)}")
 
     def _take_dirpath(self) -> Optional[str]:
         """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""

@@ -299,6 +299,9 @@ class CallbackConfig(CollectionConfig):
     With ``"log"`` it is reported at error level and training goes on, the collection kept in memory and in the
     model checkpoint and the next save retrying; ``"raise"`` stops training with the error."""
 
+    log_serve_command: bool = field(default=True, metadata={"summary": False})
+    """Log, at fit start, the one-line ``lightning-sae-samples serve DIR`` command that browses the samples live."""
+
     save_full_state: SaveFullState = "every"
     """When ``full_state.pt`` (every latent's samples) is written: at ``"every"`` save, the ``"end"``, or ``"never"``.
 

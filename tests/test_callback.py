@@ -251,3 +251,15 @@ def test_wordpiece_display_strings_read_as_text(tmp_path):
                 assert joined.strip() == s["context_text"].replace("##", "")
                 checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_fit_start_logs_the_serve_command_for_the_directory(tmp_path, caplog, on):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    trainer(tmp_path, [make_callback(tmp_path, log_serve_command=on)]).fit(SyntheticSAE(num_latents=F), loader())
+    lines = [r.getMessage() for r in caplog.records if "lightning-sae-samples serve" in r.getMessage()]
+    assert len(lines) == int(on)
+    if on:
+        assert lines[0].endswith(f"lightning-sae-samples serve {tmp_path / 'samples'}")
