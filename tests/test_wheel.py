@@ -25,6 +25,8 @@ def test_installed_wheel_writes_reports_with_shipped_templates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "lightning_sae_samples/templates/report.md.j2" in names
     assert "lightning_sae_samples/templates/report.html.j2" in names
+    for shipped in ("report.css", "serve/index.html", "serve/app.js", "serve/serve.css"):
+        assert f"lightning_sae_samples/templates/{shipped}" in names, shipped
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     ).decode()
