@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_sae_samples.analysis.logit_effects import logit_effect_extras, resolve_logit_effects_fn
 from lightning_sae_samples.collector import STATE_VERSION, ActivationSampleCollector
-from lightning_sae_samples.config import CallbackConfig
+from lightning_sae_samples.config import CallbackConfig, seed_settings
 from lightning_sae_samples.engine.distributed import gather_merged_state
 from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
@@ -105,9 +105,29 @@ class ActivationSampleCallback(Callback):
         self._rank = 0
         self._strategy: Any = None
         self._merged: Optional[dict] = None
+        self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
+        self._last_full_state = False
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
         self._lock: Optional[FileLock] = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> Optional[ActivationSampleCallback]:
+        """The callback a configuration of the tool this project replaces asks for, or ``None``.
+
+        Reads ``save_activation_samples`` (false: returns ``None``, with an info line), ``sample_collection_freq``,
+        ``max_samples_per_feature``, ``sample_context_size``, ``sample_activation_threshold``,
+        ``top_features_to_save`` and ``samples_per_feature_to_save`` from a mapping or an object with those
+        attributes (see :data:`lightning_sae_samples.config.SEED_KEYS`); ``overrides`` are further arguments.
+
+        Raises:
+            ValueError: A key that looks like one of these but is not; the message names the closest.
+        """
+        settings = seed_settings(cfg)
+        if settings is None:
+            rank_zero_info("ActivationSampleCallback.from_config: save_activation_samples is false; no callback.")
+            return None
+        return cls(**{**settings, **overrides})
 
     @staticmethod
     def _check_dirpath(dirpath: Any) -> Optional[Path]:
@@ -395,6 +415,14 @@ class ActivationSampleCallback(Callback):
             )
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
+        full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
+        written = None if merged is None else _collected_so_far(merged)
+        if written is not None and written == self._last_written and (self._last_full_state or not full_state):
+            rank_zero_info(
+                f"ActivationSampleCallback: nothing collected since the save of {self.dirpath} at step"
+                f" {int(merged['last_collected_step'])}; it is not written again."
+            )
+            return
         tokenizer = extras = None
         if merged is not None:
             tokenizer = self._tokenizer(trainer, pl_module)
@@ -408,7 +436,15 @@ class ActivationSampleCallback(Callback):
             tokenizer=tokenizer,
             config=self.config(),
             global_step=trainer.global_step,
-            full_state=self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end"),
+            full_state=full_state,
             feature_extras=extras,
             owner="ActivationSampleCallback",
         )
+        if written is not None:
+            self._last_written, self._last_full_state = written, full_state
+
+
+def _collected_so_far(merged: dict) -> tuple[int, ...]:
+    """What tells two merged states apart when nothing was collected in between: the run's counters."""
+    return tuple(int(merged[name]) for name in ("steps_collected", "tokens_seen", "last_collected_step",
+                                                "nonfinite_skipped"))

@@ -403,3 +403,42 @@ def settings_table(cls: type = CallbackConfig) -> str:
         first = " ".join(docs[f.name].split("\n\n")[0].split()).rstrip(".").replace("``", "`").replace("|", "\\|")
         rows.append(f"| `{f.name}` | `{f.default!r}` | {first} |")
     return "\n".join(rows)
+
+
+#: The configuration keys of the tool this project replaces, and the setting each one is here.
+SEED_KEYS = {
+    "sample_collection_freq": "collection_freq",
+    "max_samples_per_feature": "max_samples_per_feature",
+    "sample_context_size": "context_size",
+    "sample_activation_threshold": "activation_threshold",
+    "top_features_to_save": "top_features_to_save",
+    "samples_per_feature_to_save": "samples_per_feature_to_save",
+}
+#: The seed's switch: false means no collection at all.
+SEED_SWITCH = "save_activation_samples"
+
+
+def seed_settings(cfg: Any) -> Optional[dict[str, Any]]:
+    """The settings a seed-tool configuration (a mapping, or an object with attributes) asks for.
+
+    Returns ``None`` when ``save_activation_samples`` is false. Keys that are not the seed's but look like them
+    (close to a seed key or to a setting's name) are an error naming the closest key, so a typo is not ignored.
+
+    Raises:
+        ValueError: For a look-alike key; the message names the key and the one meant.
+    """
+    items = dict(cfg) if isinstance(cfg, Mapping) else {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
+    if not items.get(SEED_SWITCH, True):
+        return None
+    known = [*SEED_KEYS, SEED_SWITCH]
+    for key in items:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(str(key), [*known, *CallbackConfig.setting_names()], n=1, cutoff=0.8)
+        if near or "sample" in str(key):
+            meant = near[0] if near else difflib.get_close_matches(str(key), known, n=1, cutoff=0)[0]
+            raise ValueError(
+                f"Unknown activation-sample key {key!r} in the config: did you mean {meant!r}? The keys read are"
+                f" {', '.join(known)}."
+            )
+    return {SEED_KEYS[key]: value for key, value in items.items() if key in SEED_KEYS}

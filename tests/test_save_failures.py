@@ -82,7 +82,20 @@ def test_a_failed_save_is_logged_and_training_goes_on(tmp_path, logged):
     assert summary["tokens_seen"] == sum(s.tokens.numel() for s in module.seen)
     assert not (samples / PENDING_DIR).exists()
     saves = [r.getMessage() for r in logged if r.levelno == logging.INFO and "saved samples to" in r.getMessage()]
-    assert [m.split(" at step ")[1].split(":")[0] for m in saves] == ["1", "3", "4", "5", "5"]
+    # one save per checkpoint, and none at the end of training: nothing was collected after step 5's save
+    assert [m.split(" at step ")[1].split(":")[0] for m in saves] == ["1", "3", "4", "5"]
+
+
+def test_a_step_with_two_checkpoint_saves_writes_the_samples_once(tmp_path, logged):
+    samples = tmp_path / "samples"
+    checkpoints = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, save_last=True)]
+    trainer(tmp_path, [make_callback(samples, collection_freq=1), *checkpoints], max_steps=4,
+            enable_checkpointing=True).fit(SyntheticSAE(num_latents=F), loader())
+    saves = [r.getMessage() for r in logged if r.levelno == logging.INFO and "saved samples to" in r.getMessage()]
+    skipped = [r.getMessage() for r in logged if "nothing collected since the save" in r.getMessage()]
+    assert [m.split(" at step ")[1].split(":")[0] for m in saves] == ["2", "4"]
+    assert len(skipped) >= 2  # save_last at steps 2 and 4, and the end of training, found nothing new
+    assert json.loads((samples / "collection_summary.json").read_text())["global_step"] == 4
 
 
 def test_on_save_error_raise_stops_training(tmp_path):
