@@ -91,7 +91,7 @@ class ActivationSampleCallback(Callback):
         self.settings = config
         self.engine = ActivationSampleCollector(config=config, merge_policy=merge_policy)
         self.schedule = config.schedule
-        self.keys = InputKeys(*(getattr(config, name) for name in config.input_key_names()))
+        self.keys = InputKeys.of(config)
         self._health = FeatureHealthMonitor(config.dead_window_steps) if config.log_feature_health else None
         self.dirpath: Optional[Path] = self._check_dirpath(dirpath)
         self._dirpath_arg = None if dirpath is None else os.fspath(dirpath)

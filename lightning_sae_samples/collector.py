@@ -31,6 +31,7 @@ from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleColl
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import padding_positions
 from lightning_sae_samples.inputs import (
+    DEFAULT_KEYS,
     InputKeys,
     LatentBatch,
     LatentInputError,
@@ -46,7 +47,6 @@ from lightning_sae_samples.state.tables import kept_per_latent
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
-DEFAULT_KEYS = InputKeys()
 # Which argument bounds each kind of sample table, for the out-of-memory message.
 _TABLE_ARGUMENT = {
     "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.arguments import TOKEN_ID_MAX
+from lightning_sae_samples.config import CallbackConfig
 
 NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
 
@@ -20,7 +21,7 @@ class LatentInputError(ValueError):
 
 @dataclass(frozen=True)
 class InputKeys:
-    """Names of the entries the callback reads.
+    """Names of the entries the callback reads (defaults: ``CallbackConfig``'s ``*_key`` settings).
 
     Args:
         latents: Dense latents ``[B, T, F]`` or ``[B*T, F]`` in the training-step outputs.
@@ -31,11 +32,20 @@ class InputKeys:
             optional.
     """
 
-    latents: str = "latents"
-    latent_indices: str = "latent_indices"
-    latent_values: str = "latent_values"
-    tokens: str = "tokens"
-    attention_mask: str = "attention_mask"
+    latents: str
+    latent_indices: str
+    latent_values: str
+    tokens: str
+    attention_mask: str
+
+    @classmethod
+    def of(cls, settings: CallbackConfig) -> InputKeys:
+        """The keys ``settings`` name."""
+        return cls(*(getattr(settings, name) for name in settings.input_key_names()))
+
+
+#: The keys of the default settings, which the plain-loop collector's messages use.
+DEFAULT_KEYS = InputKeys.of(CallbackConfig())
 
 
 @dataclass
@@ -167,7 +177,7 @@ def check_latents(
     indices: Any = None,
     values: Any = None,
     attention_mask: Any = None,
-    keys: InputKeys = InputKeys(),
+    keys: InputKeys = DEFAULT_KEYS,
 ) -> LatentBatch:
     """Validate one batch's tokens, latents (dense, or sparse indices and values) and attention mask.
 

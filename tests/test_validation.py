@@ -9,7 +9,7 @@ import torch
 from helpers import SyntheticSAE, loader, trainer
 
 from lightning_sae_samples import ActivationSampleCallback, LatentInputError
-from lightning_sae_samples.inputs import InputKeys, read_latents
+from lightning_sae_samples.inputs import DEFAULT_KEYS, read_latents
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_bad_callback_arguments_name_the_argument(kwargs, match):
         ActivationSampleCallback(**kwargs)
 
 
-KEYS = InputKeys()
+KEYS = DEFAULT_KEYS
 TOK = torch.zeros(2, 5, dtype=torch.long)
 
 
