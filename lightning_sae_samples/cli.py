@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
-from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import find_samples_dirs
 from lightning_sae_samples.state.statistics import RANK_CHOICES
 
 if TYPE_CHECKING:
     from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 
-SUMMARY = "collection_summary.json"
+
 #: How deep below a given folder the command looks for samples directories to suggest.
 SEARCH_DEPTH = 4
 MAX_SUGGESTIONS = 5
@@ -89,21 +90,6 @@ def build_export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_samples_dirs(root: str, depth: int = SEARCH_DEPTH, limit: int = MAX_SUGGESTIONS) -> list[str]:
-    """Folders below ``root`` (at most ``depth`` levels, hidden ones skipped) that hold a samples summary."""
-    found: list[str] = []
-    start = os.path.normpath(root)
-    for current, dirs, files in os.walk(start):
-        level = 0 if current == start else os.path.relpath(current, start).count(os.sep) + 1
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
-        if current != start and SUMMARY in files:
-            found.append(current)
-            dirs[:] = []
-            if len(found) >= limit:
-                break
-    return found
-
-
 def open_analyzer(samples_dir: str, **kwargs: object) -> ActivationSampleAnalyzer:
     """The analyzer of ``samples_dir``; when it is a parent of samples directories, the error names them."""
     from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
@@ -111,13 +97,13 @@ def open_analyzer(samples_dir: str, **kwargs: object) -> ActivationSampleAnalyze
     try:
         return ActivationSampleAnalyzer(samples_dir, **kwargs)  # type: ignore[arg-type]
     except SamplesDirectoryError as err:
-        if not os.path.isdir(samples_dir) or os.path.isfile(os.path.join(samples_dir, SUMMARY)):
+        if not os.path.isdir(samples_dir) or os.path.isfile(os.path.join(samples_dir, SUMMARY_NAME)):
             raise
-        found = find_samples_dirs(samples_dir)
+        found = [str(p) for p in find_samples_dirs(samples_dir, SEARCH_DEPTH, MAX_SUGGESTIONS)]
         if not found:
             raise
         raise SamplesDirectoryError(
-            f"{samples_dir} is not a samples directory ({SUMMARY} is missing), but it holds"
+            f"{samples_dir} is not a samples directory ({SUMMARY_NAME} is missing), but it holds"
             f" {'one' if len(found) == 1 else 'some'}: {', '.join(found)}. Run: {PROG} {found[0]}"
         ) from err
 
@@ -143,7 +129,7 @@ def _run_export(args: argparse.Namespace, console: Console) -> None:
 
 def _is_export(argv: Sequence[str], command: str = EXPORT_COMMAND) -> bool:
     # A samples directory literally named "export" stays reachable as before (or as ./export).
-    return bool(argv) and argv[0] == command and not os.path.isfile(os.path.join(command, SUMMARY))
+    return bool(argv) and argv[0] == command and not os.path.isfile(os.path.join(command, SUMMARY_NAME))
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:

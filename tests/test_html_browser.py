@@ -9,110 +9,27 @@ groups report's goes next to it, as ``/some/file.groups.png``).
 
 import json
 import os
-import shutil
 import struct
-import subprocess
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import pytest
+from chromium import CHROMIUM, open_chromium
 from render_support import FakeTokenizer, hostile_vocab, write_fixture_dir, write_run_dir
 
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.render.escaping import visible
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
 ]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-port=0", "--window-size=1280,1600"]
 WIDTH, HEIGHT = 1280, 1600
-
-
-class DevTools:
-    """A minimal CDP client for one page: commands in order, events kept."""
-
-    def __init__(self, url: str) -> None:
-        websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
-        self.ws = websocket.create_connection(url, timeout=30, suppress_origin=True)
-        self.events: list[dict] = []
-        self._id = 0
-
-    def send(self, method: str, **params):
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self._id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self.events.append(message)
-
-    def wait_for(self, method: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events:
-                if event.get("method") == method:
-                    self.events.remove(event)
-                    return event
-            self.events.append(json.loads(self.ws.recv()))
-        raise TimeoutError(method)
-
-    def js(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(result["exceptionDetails"])
-        return result["result"].get("value")
-
-    def errors(self) -> list[dict]:
-        bad = []
-        for event in self.events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.exceptionThrown" or method == "Page.javascriptDialogOpening":
-                bad.append(event)
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                bad.append(event)
-            elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-                bad.append(event)
-            elif method == "Network.requestWillBeSent" and not params["request"]["url"].startswith(("file:", "data:")):
-                bad.append(event)
-        return bad
 
 
 def open_report(report: Path, profile: Path):
     """Chromium showing ``report``; yields its DevTools client, closes the browser after."""
-    proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            assert proc.poll() is None, "chromium exited at start"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-        url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        tools = DevTools(url)
-        for domain in ("Runtime", "Log", "Page", "Network"):
-            tools.send(f"{domain}.enable")
-        tools.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
-        tools.send("Page.navigate", url=report.resolve().as_uri())
-        tools.wait_for("Page.loadEventFired")
-        yield tools
-        tools.ws.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    yield from open_chromium(report.resolve().as_uri(), profile, WIDTH, HEIGHT)
 
 
 @pytest.fixture(scope="module")

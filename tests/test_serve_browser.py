@@ -7,14 +7,13 @@ client it reuses. Set ``SAE_SERVE_SCREENSHOT=/some/file.png`` to keep screenshot
 import base64
 import json
 import os
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from chromium import CHROMIUM, open_chromium
 from render_support import FakeTokenizer, hostile_vocab
-from test_html_browser import CHROMIUM, FLAGS, DevTools
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCallback
 from lightning_sae_samples.render.escaping import visible
@@ -42,31 +41,7 @@ def fit(root: Path, epochs: int) -> Path:
 
 def open_page(url: str, profile: Path):
     """Chromium showing ``url``; yields its DevTools client, closes the browser after."""
-    proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            assert proc.poll() is None, "chromium exited at start"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-        tools = DevTools(next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"))
-        for domain in ("Runtime", "Log", "Page", "Network"):
-            tools.send(f"{domain}.enable")
-        tools.send("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
-        tools.send("Page.navigate", url=url)
-        tools.wait_for("Page.loadEventFired")
-        yield tools
-        tools.ws.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    yield from open_chromium(url, profile, 1280, 1000)
 
 
 def wait_js(tools, expression: str, timeout: float = 20.0):

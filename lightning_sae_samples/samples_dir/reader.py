@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -107,3 +108,23 @@ def load_full_state(path: PathLike) -> dict:
     except ValueError as err:
         raise SamplesDirectoryError(f"{path} is not a usable collector state: {err}. Re-run the save.") from err
     return state
+
+
+def find_samples_dirs(
+    root: PathLike, depth: int, limit: int, markers: tuple[str, ...] = (SUMMARY_NAME,)
+) -> list[Path]:
+    """Folders below ``root`` (at most ``depth`` levels, hidden ones skipped, links not followed) holding a marker.
+
+    A folder that holds one is not searched further. At most ``limit`` are returned, in walk order (sorted names).
+    """
+    found: list[Path] = []
+    start = os.path.normpath(root)
+    for current, dirs, files in os.walk(start):
+        level = 0 if current == start else os.path.relpath(current, start).count(os.sep) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
+        if current != start and any(name in files for name in markers):
+            found.append(Path(current))
+            dirs[:] = []
+            if len(found) >= limit:
+                break
+    return found

@@ -10,7 +10,6 @@ overlaps a commit is detected (the directory's signature differs before and afte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from lightning_sae_samples.samples_dir.names import (
     SUMMARY_NAME,
     SamplesDirectoryError,
 )
+from lightning_sae_samples.samples_dir.reader import find_samples_dirs
 from lightning_sae_samples.serve.index import RunIndex
 
 log = logging.getLogger(__name__)
@@ -63,18 +63,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(root: Path, depth: int = SEARCH_DEPTH, limit: int = MAX_RUNS) -> list[Path]:
-    """Samples directories below ``root`` (hidden folders skipped, links not followed), sorted by path."""
-    found: list[Path] = []
-    start = os.path.normpath(root)
-    for current, dirs, files in os.walk(start):
-        level = 0 if current == start else os.path.relpath(current, start).count(os.sep) + 1
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
-        if current != start and (SUMMARY_NAME in files or MANIFEST_NAME in files or LOCK_NAME in files):
-            found.append(Path(current))
-            dirs[:] = []
-            if len(found) >= limit:
-                break
-    return sorted(found)
+    """Samples directories below ``root`` (also ones still waiting for their first save), sorted by path."""
+    return sorted(find_samples_dirs(root, depth, limit, (SUMMARY_NAME, MANIFEST_NAME, LOCK_NAME)))
 
 
 @dataclass
