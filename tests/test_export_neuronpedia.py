@@ -152,7 +152,7 @@ def test_values_match_the_samples_directory(run_dir, tmp_path):
             assert a["maxValue"] == max(a["values"]) == a["values"][a["maxValueTokenIndex"]]
             assert a["minValue"] == min(a["values"])
             assert a["binMax"] == f.stats.all_time_max and a["binContains"] == -1
-        groups = [g for g in f.interval_groups if g.samples]
+        groups = [g for g in f.interval_groups if g.samples][::-1]  # highest interval first, as SAEDashboard
         assert len(intervals) == sum(len(g.samples) for g in groups) > 0
         it = iter(intervals)
         for g in groups:
@@ -160,10 +160,12 @@ def test_values_match_the_samples_directory(run_dir, tmp_path):
                 a = next(it)
                 assert a["binMin"] == g.low
                 assert a["binMax"] == (f.stats.all_time_max if g.high is None else g.high)
-                assert a["binContains"] == g.count / f.stats.activation_count
+                assert a["binContains"] == g.count / f.stats.tokens_seen
                 assert g.low <= a["values"][a["qualifyingTokenIndex"]] == s.activation_value
-        # Each interval's share once: together they hold at most all of the latent's activations.
-        assert sum({a["binMin"]: a["binContains"] for a in intervals}.values()) <= 1 + 1e-12
+        # Every interval the latent reached has samples here, so their shares add up to its density.
+        shares = {a["binMin"]: a["binContains"] for a in intervals}
+        assert sum(shares.values()) == pytest.approx(row["frac_nonzero"], rel=1e-12)
+        assert list(shares) == sorted(shares, reverse=True)
 
 
 def test_odd_tokens_keep_their_text_and_each_record_stays_on_one_line(run_dir, tmp_path):

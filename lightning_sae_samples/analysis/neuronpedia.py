@@ -5,7 +5,7 @@
 ``release.jsonl``, ``model.jsonl``, ``sourceset.jsonl``, ``source.jsonl``, ``features/batch-N.jsonl.gz`` and
 ``activations/batch-N.jsonl.gz``. Per feature: its index, density, the tokens its decoder direction promotes
 and suppresses (when the run recorded ``logit_effects``), and activation examples: the top group, then one
-group per activation interval with its bounds and the share of the latent's activations it holds. Token strings
+group per activation interval with its bounds and the share of the collected token activations it holds. Token strings
 are the tokenizer's vocabulary pieces (``convert_ids_to_tokens``) with the whitespace stand-ins replaced as
 Neuronpedia's dashboard runner replaces them. Every row respects the limits of Neuronpedia's upload route.
 :func:`package_features` reads such a folder back into the ``neuronpedia`` package's ``Feature`` objects,
@@ -249,10 +249,13 @@ def _window(sample: Sample, limit: int) -> tuple[int, int]:
 
 
 def _groups(feature: FeatureSamples) -> list[tuple[str, int, Optional[IntervalGroup], tuple[Sample, ...]]]:
-    """``(group name, group index, interval or None, samples)``: the top group, then each non-empty interval."""
+    """``(group name, group index, interval or None, samples)``: the top group, then each non-empty interval.
+
+    Intervals come highest first, the order of SAEDashboard's interval groups.
+    """
     groups: list[tuple[str, int, Optional[IntervalGroup], tuple[Sample, ...]]] = [("top", 0, None, feature.samples)]
-    groups += [("interval", n, g, g.samples) for n, g in enumerate(feature.interval_groups) if g.samples]
-    return groups
+    intervals = [("interval", n, g, g.samples) for n, g in enumerate(feature.interval_groups) if g.samples]
+    return groups + intervals[::-1]
 
 
 def activation_rows(
@@ -262,7 +265,8 @@ def activation_rows(
 
     A top-group row has ``binMin = binContains = -1`` and ``binMax`` the latent's largest activation; an
     interval row has the interval's bounds (the open last interval ends at the latent's largest activation)
-    and ``binContains`` the share of the latent's activations above the threshold that fall in it.
+    and ``binContains`` the share of all collected token activations that fall in it (``count / tokens_seen``,
+    as SAEDashboard's "CONTAINS x%" counts the tokens in an interval among all tokens).
     """
     stats = feature.stats
     top_max = stats.all_time_max
@@ -272,7 +276,7 @@ def activation_rows(
             bin_min, bin_max, contains = TOP_GROUP_BIN, top_max, TOP_GROUP_BIN
         else:
             bin_min, bin_max = interval.low, top_max if interval.high is None else interval.high
-            contains = interval.count / stats.activation_count if stats.activation_count else 0.0
+            contains = interval.count / stats.tokens_seen if stats.tokens_seen else 0.0
         pieces.prepare(t.token_id for s in samples for t in s.context)
         for rank, sample in enumerate(samples):
             start, stop = _window(sample, MAX_ACTIVATION_TOKENS)
