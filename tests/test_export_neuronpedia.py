@@ -277,3 +277,23 @@ def test_the_command_line_writes_the_export(run_dir, tmp_path):
          "neuronpedia", "--model-id", "a/../b"], capture_output=True, text=True, env=env, timeout=120,
     )
     assert bad.returncode == 1 and "model_id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_analyzer_export_takes_the_format_with_default_ids(run_dir, tmp_path):
+    samples, tok = run_dir
+    with pytest.warns(npx.MixedSAEStatesWarning):
+        paths = ActivationSampleAnalyzer(samples).export(tmp_path / "out", "neuronpedia")
+    # The model id defaults to the recorded tokenizer's name (here its folder, "tok"), the source to 0-sae.
+    assert paths["source"] == tmp_path / "out" / tok.name / "0-sae"
+    assert json.loads(paths["manifest"].read_text())["files"]
+    assert read_gz_lines(paths["source"] / "features" / "batch-0.jsonl.gz")
+
+
+def test_a_link_in_the_output_folder_is_refused(run_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out" / "tiny-lm").mkdir(parents=True)
+    (tmp_path / "out" / "tiny-lm" / "3-test-saes").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        export(run_dir[0], tmp_path / "out")
+    assert list(elsewhere.iterdir()) == []
