@@ -297,3 +297,12 @@ def test_a_link_in_the_output_folder_is_refused(run_dir, tmp_path):
     with pytest.raises(FileExistsError, match="not a folder"):
         export(run_dir[0], tmp_path / "out")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_vocabulary_pieces_of_a_real_tokenizer_and_ids_it_does_not_hold(run_dir):
+    from transformers import AutoTokenizer
+
+    pieces = npx.TokenPieces(AutoTokenizer.from_pretrained(str(run_dir[1])))
+    pieces.prepare([1, 3, 5, len(WORDS) + 500])
+    assert [pieces.piece(i, "unused") for i in (1, 3, 5)] == [" the", "\n", "—"]
+    assert pieces.piece(len(WORDS) + 500, "unused") == npx.OUT_OF_RANGE_TOKEN and not pieces.used_fallback
