@@ -12,16 +12,14 @@ from datetime import datetime, timezone
 import pytest
 import torch
 from helpers import SyntheticSAE, TokenDataset, loader, make_collector, trainer
+from neuronpedia.np_activation import Activation  # the `neuronpedia` package (test extra)
+from neuronpedia.np_feature import Feature
+from neuronpedia.requests.feature_request import FeatureRequest
 from render_support import save_word_tokenizer
 
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples.analysis import neuronpedia as npx
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
-
-neuronpedia = pytest.importorskip("neuronpedia")
-from neuronpedia.np_activation import Activation  # noqa: E402
-from neuronpedia.np_feature import Feature  # noqa: E402
-from neuronpedia.requests.feature_request import FeatureRequest  # noqa: E402
 
 NUM_LATENTS, D_MODEL, LOGITS_K = 10, 4, 25
 # Vocabulary pieces as byte-level BPE stores them: Neuronpedia shows "Ġ" as a space, "Ċ" as a newline, ...
