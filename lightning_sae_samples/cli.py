@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
+from lightning_sae_samples.analysis import neuronpedia
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import find_samples_dirs
 from lightning_sae_samples.state.statistics import RANK_CHOICES
@@ -28,10 +30,11 @@ EPILOG = f"""examples:
   {PROG} activation_samples --feature 42 --num-examples 20
   {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
+  {PROG} export snapshots/step_1000 --format neuronpedia np/ --model-id gpt2-small --layer 6 --source-set my-saes
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
 """
 EXPORT_COMMAND = "export"
-EXPORT_USAGE = f"{PROG} {EXPORT_COMMAND} SAMPLES_DIR OUT [--format {{jsonl,parquet}}] [--top-k K] [...]"
+EXPORT_USAGE = f"{PROG} {EXPORT_COMMAND} SAMPLES_DIR OUT [--format {{jsonl,parquet,neuronpedia}}] [--top-k K] [...]"
 SERVE_COMMAND = "serve"
 SERVE_USAGE = f"{PROG} {SERVE_COMMAND} DIR [--host HOST] [--port PORT] [--open]"
 
@@ -87,6 +90,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer", metavar="NAME", help="Hugging Face tokenizer for latents only full_state.pt holds"
     )
+    neuronpedia.add_arguments(parser)
     return parser
 
 
@@ -121,10 +125,29 @@ def _run_export(args: argparse.Namespace, console: Console) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     analyzer = open_analyzer(args.samples_dir, tokenizer=args.tokenizer)
     features = analyzer.saved_features if args.top_k is None else analyzer.saved_features[: args.top_k]
+    if args.format == neuronpedia.FORMAT_NAME:
+        _run_neuronpedia_export(args, analyzer, features, console)
+        return
     paths = analyzer.export(args.out, args.format, features, args.examples_per_feature)
     names = ", ".join(p.name for p in paths.values())
     console.print(f"Wrote {names} to {paths['summary'].parent}", highlight=False, markup=False)
     _note_undecoded(analyzer)
+
+
+def _run_neuronpedia_export(
+    args: argparse.Namespace, analyzer: ActivationSampleAnalyzer, features: list[int], console: Console
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = neuronpedia.export_neuronpedia(
+            analyzer, args.out, neuronpedia.source_from_args(args, analyzer.summary), features,
+            args.examples_per_feature, tokenizer=args.tokenizer, progress=True,
+        )
+    for warning in caught:
+        sys.stderr.write(f"{PROG}: warning: {' '.join(str(warning.message).split())}\n")
+    kind = "one SAE state" if result.kind == "snapshot" else "mixed SAE states"
+    console.print(f"Wrote {result.features} features and {result.activations} activations ({kind}) for Neuronpedia"
+                  f" to {result.source_dir}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _is_export(argv: Sequence[str], command: str = EXPORT_COMMAND) -> bool:

@@ -20,7 +20,9 @@ from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
 from lightning_sae_samples.samples_dir.reader import SamplesDirectory
 
 PathLike = Union[str, os.PathLike]
-FORMATS = ("jsonl", "parquet")
+#: Flat-table formats; ``"neuronpedia"`` writes Neuronpedia's bulk export instead (``analysis/neuronpedia.py``).
+TABLE_FORMATS = ("jsonl", "parquet")
+FORMATS = (*TABLE_FORMATS, "neuronpedia")
 LEVELS = ("feature", "sample")
 #: Sample groups, in the order their rows come per feature (``group`` column of the samples table).
 GROUPS = ("top", "interval", "recent")
@@ -318,10 +320,14 @@ def export_samples(
 ) -> dict[str, Path]:
     """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir``.
 
+    ``format="neuronpedia"`` writes Neuronpedia's bulk export instead, with default ids (see
+    :func:`~lightning_sae_samples.analysis.neuronpedia.export_neuronpedia` for the ids and records), and returns
+    ``{"source": OUT/<model>/<source>, "manifest": OUT/neuronpedia_export_manifest.json}``.
+
     Args:
         analyzer: The opened samples directory.
         out_dir: Output folder (created if missing); existing export files in it are replaced.
-        format: ``"jsonl"`` or ``"parquet"``.
+        format: ``"jsonl"``, ``"parquet"`` or ``"neuronpedia"``.
         features: Latent indices; default: the saved features in rank order.
         num_examples: Top (and recent) samples per feature; default: those in its feature file.
         groups: Sample groups in the samples table, among ``("top", "interval", "recent")`` (default: all).
@@ -336,6 +342,11 @@ def export_samples(
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
     chosen = _check_groups(groups)
+    if format == "neuronpedia":
+        from lightning_sae_samples.analysis.neuronpedia import EXPORT_MANIFEST_NAME, export_neuronpedia
+
+        result = export_neuronpedia(analyzer, out_dir, features=features, num_examples=num_examples)  # type: ignore[arg-type]
+        return {"source": result.source_dir, "manifest": result.out_dir / EXPORT_MANIFEST_NAME}
     if format == "parquet":
         _require("pyarrow", "The parquet format")
     out = Path(out_dir)
