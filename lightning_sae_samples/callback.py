@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -23,11 +24,13 @@ from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
-from lightning_sae_samples.samples_dir.names import LOCK_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
+#: Trainer stages of the evaluation loops, by the name ``collect_in`` gives them.
+_EVAL_LOOPS = {"validate": "validate", "test": "test", "predict": "predict"}
 _log = logging.getLogger("lightning.pytorch").getChild(__name__)
 
 
@@ -107,6 +110,8 @@ class ActivationSampleCallback(Callback):
         self._merged: Optional[dict] = None
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
+        self._snapshot: Optional[ActivationSampleCollector] = None
+        self._snapshot_loop = "validate"
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
         self._lock: Optional[FileLock] = None
@@ -179,6 +184,8 @@ class ActivationSampleCallback(Callback):
             root = trainer.log_dir or trainer.default_root_dir
             self.dirpath = Path(root) / "activation_samples"
         if stage != "fit":
+            if _EVAL_LOOPS.get(stage) in self.settings.collect_in:
+                self._take_dirpath_everywhere(trainer)
             return
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
         if weights_only:
@@ -191,15 +198,18 @@ class ActivationSampleCallback(Callback):
         num_latents = self.settings.num_latents or find_num_latents(pl_module)
         if num_latents is not None:
             self.engine.check_memory(num_latents, trainer.strategy.root_device, owner="ActivationSampleCallback")
-        problem = self._take_dirpath() if trainer.is_global_zero else None
-        problem = trainer.strategy.broadcast(problem)
-        if problem:
-            raise ValueError(problem)
+        self._take_dirpath_everywhere(trainer)
         sparse = self.schedule.sparse_run_warning(trainer.max_steps)
         if sparse:
             rank_zero_warn(f"ActivationSampleCallback: {sparse}")
         if self.settings.log_serve_command:
             rank_zero_info(f"ActivationSampleCallback: browse the samples live: {serve_command(self.dirpath)}")
+
+    def _take_dirpath_everywhere(self, trainer: pl.Trainer) -> None:
+        problem = self._take_dirpath() if trainer.is_global_zero else None
+        problem = trainer.strategy.broadcast(problem)
+        if problem:
+            raise ValueError(problem)
 
     def _take_dirpath(self) -> Optional[str]:
         """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""
@@ -285,7 +295,7 @@ class ActivationSampleCallback(Callback):
         step = trainer.global_step
         if step > self._due_step:
             self._due_step = self.schedule.next_due(step)
-        self._collecting = step == self._due_step
+        self._collecting = step == self._due_step and "train" in self.settings.collect_in
         self._batch_step = step
 
     def on_train_batch_end(
@@ -356,6 +366,94 @@ class ActivationSampleCallback(Callback):
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
         self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback")
 
+    # ------------------------------------------------------------------ evaluation snapshots
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start an empty snapshot collection when validation runs are collected (not the sanity check)."""
+        self._start_snapshot(trainer, "validate")
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Fold the batch's latents into the snapshot (with the step of the weights)."""
+        self._snapshot_batch(trainer, pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Merge the ranks' snapshot exactly and write it to ``snapshots/step_<global_step>/``."""
+        self._end_snapshot(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`on_validation_epoch_start`."""
+        self._start_snapshot(trainer, "test")
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """See :meth:`on_validation_batch_end`."""
+        self._snapshot_batch(trainer, pl_module, outputs, batch)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`on_validation_epoch_end`."""
+        self._end_snapshot(trainer, pl_module)
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`on_validation_epoch_start`."""
+        self._start_snapshot(trainer, "predict")
+
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """See :meth:`on_validation_batch_end`."""
+        self._snapshot_batch(trainer, pl_module, outputs, batch)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`on_validation_epoch_end`."""
+        self._end_snapshot(trainer, pl_module)
+
+    def _start_snapshot(self, trainer: pl.Trainer, loop: str) -> None:
+        self._snapshot = None
+        if loop not in self.settings.collect_in or trainer.sanity_checking:
+            return
+        self._rank, self._strategy = trainer.global_rank, trainer.strategy
+        snapshot = ActivationSampleCollector(config=dataclasses.replace(self.settings),
+                                             merge_policy=self.engine.merge_policy)
+        snapshot.ragged_steps = True  # every batch has the weights' step, whatever its sequence length
+        snapshot.rank = self._rank
+        self._snapshot, self._snapshot_loop = snapshot, loop
+
+    def _snapshot_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        snapshot = self._snapshot
+        if snapshot is None or outputs is None:
+            return
+        latents = read_latents(outputs, batch, self.keys)
+        if latents.dense is None and snapshot.settings.num_latents is None:
+            found = self.settings.num_latents or find_num_latents(pl_module)
+            if found is None:
+                raise LatentInputError(
+                    "Sparse latents do not tell the latent count: pass `num_latents=F` to ActivationSampleCallback"
+                    f" or give the LightningModule (or its SAE submodule, or their `cfg`) one of {NUM_LATENTS_ATTRS}."
+                )
+            snapshot.settings.num_latents = found
+        snapshot.fold(latents, trainer.global_step, self.keys)
+
+    def _end_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None:
+            return
+        merged = self._merged_state(snapshot)
+        if not trainer.is_global_zero or merged is None:
+            return
+        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(trainer.global_step)
+        dirpath.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer = self._tokenizer(trainer, pl_module)
+        snapshot.write(
+            dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=trainer.global_step,
+            full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",
+            source=self._snapshot_loop,
+        )
+
     # ------------------------------------------------------------------ collection
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         if outputs is None:
@@ -380,15 +478,16 @@ class ActivationSampleCallback(Callback):
             )
 
     # ------------------------------------------------------------------ saving
-    def _merged_state(self) -> Optional[dict]:
+    def _merged_state(self, owner: Optional[ActivationSampleCollector] = None) -> Optional[dict]:
         strategy = self._strategy
         device = strategy.root_device if strategy is not None else None
         gather = None
         if strategy is not None and strategy.world_size > 1:
             def gather(collector: SampleCollector) -> Optional[dict]:
                 return gather_merged_state(collector, strategy, is_root=self._rank == 0)
-        self.engine.rank = self._rank
-        return self.engine.merged_state(device, gather)
+        owner = owner or self.engine
+        owner.rank = self._rank
+        return owner.merged_state(device, gather)
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self._resolved_tokenizer is None:

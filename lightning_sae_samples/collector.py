@@ -125,6 +125,9 @@ class ActivationSampleCollector:
         self._offset_step = -1
         self._token_offset = 0
         self._step_seq_len = 0
+        #: Whether micro-batches of one step may have other sequence lengths (an evaluation run: every batch
+        #: has the weights' step); their order keys stay the cumulative token offsets, which remain exact.
+        self.ragged_steps = False
         self._warned_nonfinite = 0
 
     # ------------------------------------------------------------------ config
@@ -195,7 +198,7 @@ class ActivationSampleCollector:
                 f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
                 " never decreases; calls with the same step are micro-batches of that step."
             )
-        if step == self._offset_step and tokens.shape[1] != self._step_seq_len:
+        if step == self._offset_step and tokens.shape[1] != self._step_seq_len and not self.ragged_steps:
             raise LatentInputError(
                 f"`{keys.tokens}` has {tokens.shape[1]} positions per sequence but an earlier micro-batch of step"
                 f" {step} had {self._step_seq_len}. Micro-batches of one step must share the sequence length: pad"
@@ -409,6 +412,7 @@ class ActivationSampleCollector:
         full_state: bool = True,
         feature_extras: Optional[dict[int, dict]] = None,
         owner: Optional[str] = None,
+        source: str = "train",
     ) -> list[int]:
         """Write the samples directory of a merged state (see :meth:`merged_state`), on one process.
 
@@ -424,6 +428,7 @@ class ActivationSampleCollector:
             full_state: Also write ``full_state.pt``.
             feature_extras: Extra keys per saved feature file (see ``write_samples_dir``).
             owner: Who saves, in log messages (default: this class's name).
+            source: What the collection is (see ``write_samples_dir``): ``"train"`` or an evaluation loop's name.
 
         Returns:
             The saved feature indices, best first.
@@ -445,6 +450,7 @@ class ActivationSampleCollector:
             global_step=step,
             full_state=full_state,
             feature_extras=feature_extras,
+            source=source,
         )
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0

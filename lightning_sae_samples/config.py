@@ -41,6 +41,7 @@ from lightning_sae_samples.schedule import CollectionSchedule
 RankBy = Literal["max_activation", "activation_count", "frequency"]
 OnSaveError = Literal["log", "raise"]
 SaveFullState = Literal["every", "end", "never"]
+Loop = Literal["train", "validate", "test", "predict"]
 
 
 def _engine(state_key: str, resume: bool = True, merge: bool = False) -> dict[str, Any]:
@@ -74,7 +75,7 @@ class CollectionConfig:
     """Samples written per feature file (the full-state file keeps all)."""
 
     rank_features_by: RankBy = "max_activation"
-    """How saved features are chosen and ordered: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``."""
+    """How saved features are ranked: ``"max_activation"``, ``"activation_count"`` or ``"frequency"``."""
 
     samples_per_interval: int = field(default=2, metadata=_engine("samples_per_interval", merge=True))
     """Random samples kept per latent from each activation interval, besides the top (0: none).
@@ -86,7 +87,7 @@ class CollectionConfig:
     """Number of activation intervals for ``samples_per_interval``."""
 
     recent_window_steps: Optional[int] = field(default=None, metadata=_engine("recent_window_steps", merge=True))
-    """Also keep each latent's top samples of the current and the previous block of this many steps (``None``: off).
+    """Also keep each latent's top samples of the last one to two blocks of this many steps (``None``: off).
 
     Feature files then show them and ``recent_overlap``, the share of activating tokens they have in common with
     the all-time top (low when the latent's meaning moved)."""
@@ -98,13 +99,13 @@ class CollectionConfig:
     """Seed of the interval sampling."""
 
     deduplicate_contexts: bool = field(default=False, metadata=_engine("deduplicate_contexts", merge=True))
-    """No two kept top (or recent) samples of a latent with overlapping windows in a sequence or identical contexts.
+    """Keep no two top (or recent) samples of a latent with overlapping windows or identical contexts.
 
     The kept set is the exact top-k under that rule (see :mod:`lightning_sae_samples.engine.dedup`). Useful on
     repetitive text."""
 
     exclude_token_ids: Sequence[int] = ()
-    """Token ids never collected, such as BOS/CLS/SEP, whose attention-sink activations would fill the tops.
+    """Token ids never collected, such as BOS/CLS/SEP (attention sinks would fill the tops).
 
     No statistics and no sample are centred there, but they count in ``tokens_seen`` and show in other samples'
     contexts."""
@@ -113,7 +114,7 @@ class CollectionConfig:
     """Also write ``interpretability_report.md`` into the samples directory at each save."""
 
     state_device: Optional[Union[str, torch.device]] = field(default=None, metadata={"summary": False})
-    """Keep the collection on this device, such as ``"cpu"`` when the SAE fills the GPU (default: the latents').
+    """Keep the collection on this device, e.g. ``"cpu"`` for an SAE that fills the GPU (default: the latents').
 
     Each collection then copies there only the active entries and the context windows of those that may enter
     the kept samples."""
@@ -257,6 +258,13 @@ class CallbackConfig(CollectionConfig):
 
     For example ``{0: 5000, 20000: 1000}`` collects every 5000 steps, then every 1000 from step 20000."""
 
+    collect_in: tuple[Loop, ...] = ("train",)
+    """Loops that collect: ``"train"``, and ``"validate"``/``"test"``/``"predict"`` as one-SAE-state snapshots.
+
+    Each evaluation run then collects, with the same settings and one SAE state, into its own samples directory
+    ``<dirpath>/snapshots/step_<global_step>/``; ``trainer.validate(model, ckpt_path=...)`` alone is a post-hoc
+    pass over any checkpoint. Snapshots never enter the training collection or the checkpoint."""
+
     latents_key: str = "latents"
     """Outputs key of dense latents ``[B, T, F]`` or ``[B*T, F]``."""
 
@@ -270,7 +278,7 @@ class CallbackConfig(CollectionConfig):
     """Outputs or batch key of the token ids ``[B, T]``."""
 
     attention_mask_key: str = "attention_mask"
-    """Outputs or batch key of the optional attention mask ``[B, T]``: 0/False marks padding.
+    """Outputs or batch key of the optional attention mask ``[B, T]`` (0 at padding).
 
     Padding is neither collected nor counted in ``tokens_seen``, and context windows stop at it as at a sequence
     edge. Without a mask, negative token ids (``-100``, ``-1``) are padding."""
@@ -279,7 +287,7 @@ class CallbackConfig(CollectionConfig):
     """Also exclude the tokenizer's ``all_special_ids`` (resolved at fit start)."""
 
     log_feature_health: bool = field(default=True, metadata={"summary": False})
-    """Log feature-health metrics to the trainer's loggers at each collected step (and only then).
+    """Log feature-health metrics to the trainer's loggers at collected steps.
 
     ``feature_health/never_fired_frac``, ``dead_frac``, ``dense_frac``, ``alive_frac`` and ``l0``, and a histogram
     of log10 firing frequencies to loggers with ``experiment.add_histogram`` (TensorBoard); see
@@ -294,16 +302,16 @@ class CallbackConfig(CollectionConfig):
     """Tokens per side in ``logit_effects``."""
 
     on_save_error: OnSaveError = field(default="log", metadata={"summary": False})
-    """What a failing samples save (unwritable directory, full disk) does: ``"log"`` it and go on, or ``"raise"``.
+    """What a failing samples save does: ``"log"`` it and go on, or ``"raise"``.
 
     With ``"log"`` it is reported at error level and training goes on, the collection kept in memory and in the
     model checkpoint and the next save retrying; ``"raise"`` stops training with the error."""
 
     log_serve_command: bool = field(default=True, metadata={"summary": False})
-    """Log, at fit start, the one-line ``lightning-sae-samples serve DIR`` command that browses the samples live."""
+    """Log, at fit start, the ``lightning-sae-samples serve DIR`` command that browses the samples live."""
 
     save_full_state: SaveFullState = "every"
-    """When ``full_state.pt`` (every latent's samples) is written: at ``"every"`` save, the ``"end"``, or ``"never"``.
+    """When ``full_state.pt`` is written: at ``"every"`` save, at the ``"end"``, or ``"never"``.
 
     The checkpoint holds the same state, so ``"end"`` or ``"never"`` make checkpoints of large SAEs faster. A save
     without it removes the previous one, which would be older than the summary."""
@@ -311,6 +319,15 @@ class CallbackConfig(CollectionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         CollectionSchedule(self.collection_freq)
+        if isinstance(self.collect_in, str):
+            self.collect_in = (self.collect_in,)
+        bad = [loop for loop in self.collect_in if loop not in _choices(Loop)]
+        if bad or not isinstance(self.collect_in, (tuple, list)):
+            raise ValueError(
+                f"`collect_in` must list loops among {_choices(Loop)}, got {self.collect_in!r}. Use e.g."
+                " ('train', 'validate') to also snapshot every validation run."
+            )
+        self.collect_in = tuple(dict.fromkeys(self.collect_in))
         keys = self.input_key_names()
         if not all(isinstance(getattr(self, k), str) and getattr(self, k) for k in keys):
             raise ValueError(

@@ -49,20 +49,17 @@ class SyntheticSAE(L.LightningModule):
         self.register_buffer("table", latent_table(vocab, num_latents), persistent=False)
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.seen: list[Seen] = []
+        self.eval_runs: list[list[Seen]] = []
         self._row_offset: dict[int, int] = {}
 
     def latents_for(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device) % 3 == 0
         return self.table[tokens] + 0.5 * pos.view(1, -1, 1)
 
-    def training_step(self, batch, batch_idx):
-        tokens = batch["tokens"]
+    def _outputs(self, tokens):
+        """The step's outputs in this module's mode, and the dense view of its latents."""
         lat = (self.latents_for(tokens) * self.scale).to(self.latent_dtype)
-        loss = (self.scale - 1.0) ** 2 + 0.0 * lat.float().sum()
-        step = self.trainer.global_step
-        offset = self._row_offset.get(step, 0)
-        self._row_offset[step] = offset + tokens.shape[0]
-        out = {"loss": loss}
+        out = {"loss": (self.scale - 1.0) ** 2 + 0.0 * lat.float().sum()}
         if self.mode == "sparse":
             vals, idx = torch.topk(lat, self.k, dim=-1)
             dense = torch.zeros_like(lat).scatter(-1, idx, vals)
@@ -70,8 +67,38 @@ class SyntheticSAE(L.LightningModule):
         else:
             dense = lat
             out["latents"] = lat if self.mode == "dense" else lat.reshape(-1, lat.shape[-1])
-        self.seen.append(Seen(step, self.global_rank, offset, tokens.detach().cpu(), dense.detach().float().cpu()))
+        return out, dense.detach().float().cpu()
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch["tokens"]
+        step = self.trainer.global_step
+        offset = self._row_offset.get(step, 0)
+        self._row_offset[step] = offset + tokens.shape[0]
+        out, dense = self._outputs(tokens)
+        self.seen.append(Seen(step, self.global_rank, offset, tokens.detach().cpu(), dense))
         return out
+
+    def _evaluate(self, batch):
+        """An evaluation step: the same outputs, kept per evaluation run in ``eval_runs`` (not the sanity check)."""
+        tokens = batch["tokens"]
+        out, dense = self._outputs(tokens)
+        if not self.trainer.sanity_checking:
+            run = self.eval_runs[-1]
+            rows = sum(s.tokens.shape[0] for s in run)
+            run.append(Seen(self.trainer.global_step, self.global_rank, rows, tokens.detach().cpu(), dense))
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch)
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch)
+
+    def on_validation_epoch_start(self):
+        if not self.trainer.sanity_checking:
+            self.eval_runs.append([])
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_train_end(self):
         if getattr(self, "seen_dir", None):  # under ddp_spawn the parent never sees the workers' module

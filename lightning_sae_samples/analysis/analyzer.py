@@ -193,6 +193,7 @@ class ActivationSampleAnalyzer:
                 saved_features=saved,
                 has_full_state=self.directory.full_state_path is not None,
                 config=dict(raw.get("config") or {}),
+                source=str(raw.get("source") or "train"),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(

@@ -367,6 +367,7 @@ class RunSummary:
         saved_features: Saved feature indices, in rank order.
         has_full_state: Whether ``full_state.pt`` is present (every latent reachable).
         config: The callback configuration recorded with the run.
+        source: ``"train"`` (training-time, many SAE states) or the evaluation loop of a snapshot (one state).
     """
 
     path: Path
@@ -386,6 +387,17 @@ class RunSummary:
     saved_features: tuple[int, ...]
     has_full_state: bool
     config: dict = field(default_factory=dict)
+    source: str = "train"
+
+    @property
+    def kind(self) -> str:
+        """What the directory is, in words: a training-time collection (many SAE states) or a snapshot (one)."""
+        if self.source != "train":
+            return f"snapshot of one SAE state (step {self.global_step}, {self.source} run)"
+        first, last = self.first_collected_step, self.last_collected_step
+        if first is None or first == last:
+            return "training-time collection" + ("" if first is None else f" (step {first})")
+        return f"training-time collection, mixing the SAE states of steps {first}–{last}"
 
     @property
     def alive_fraction(self) -> float:

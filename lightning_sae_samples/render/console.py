@@ -254,6 +254,7 @@ def print_summary(
     facts.add_column()
     facts.add_row("Samples directory", Text(str(summary.path)))
     facts.add_row("Global step", str(summary.global_step))
+    facts.add_row("What it is", Text(summary.kind))
     facts.add_row(
         "Steps collected",
         f"{summary.steps_collected} ({formatting.step(summary.first_collected_step)}"

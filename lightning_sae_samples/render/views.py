@@ -182,6 +182,7 @@ def summary_view(summary: RunSummary) -> dict:
     return {
         "summary": summary,
         "global_step": summary.global_step,
+        "kind": summary.kind,
         "steps_collected": formatting.count(summary.steps_collected),
         "first_step": formatting.step(summary.first_collected_step),
         "last_step": formatting.step(summary.last_collected_step),

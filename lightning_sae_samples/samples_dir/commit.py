@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from lightning_sae_samples.samples_dir.names import (
     MANIFEST_NAME,
     PENDING_DIR,
     PENDING_MARKER,
+    SNAPSHOTS_DIR,
     SUMMARY_NAME,
     WRITER_ID,
     PathLike,
@@ -91,6 +93,18 @@ def read_manifest(dirpath: PathLike) -> Optional[list[str]]:
     return _writer_names(record.get("files"), path, "files")
 
 
+def _holds_only_snapshots(path: Path) -> bool:
+    """A real directory (not a link) whose entries are all ``step_<N>`` samples directories of ours."""
+    info = lstat_or_none(path)
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        return False
+    return all(
+        re.fullmatch(r"step_\d+", child.name) and (read_manifest(child) is not None or _is_empty_dir(child)
+                                                   or _commits_a_manifest(child / PENDING_DIR))
+        for child in path.iterdir()
+    )
+
+
 def claim_samples_dir(dirpath: PathLike) -> bool:
     """Check that ``dirpath`` is ours to write.
 
@@ -110,6 +124,7 @@ def claim_samples_dir(dirpath: PathLike) -> bool:
         if p.name != LOCK_NAME
         and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
         and not p.name.startswith(".write_probe_")
+        and not (p.name == SNAPSHOTS_DIR and _holds_only_snapshots(p))
     )
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

@@ -28,6 +28,8 @@ PENDING_MARKER = "WRITER"
 
 
 COMMIT_NAME = "COMMIT"
+#: Evaluation-run snapshots, each a complete samples directory ``snapshots/step_<N>/`` inside the training one.
+SNAPSHOTS_DIR = "snapshots"
 
 
 WRITER_ID = "lightning-sae-samples"
@@ -64,3 +66,8 @@ def _is_stale_name(name: str) -> bool:
 def is_writer_name(name: Any) -> bool:
     """Whether ``name`` is a plain file name the writer produces (no separator, no ``..``, nothing else)."""
     return isinstance(name, str) and (name in _FIXED_NAMES or _is_feature_name(name))
+
+
+def snapshot_dirname(global_step: int) -> str:
+    """Folder name of the snapshot taken with the weights of ``global_step``."""
+    return f"step_{int(global_step)}"

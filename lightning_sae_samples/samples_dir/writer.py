@@ -52,6 +52,7 @@ def write_samples_dir(
     before_commit: Optional[Callable[[Path], None]] = None,
     feature_extras: Optional[dict[int, dict]] = None,
     full_state: bool = True,
+    source: str = "train",
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -63,7 +64,10 @@ def write_samples_dir(
         top_features: How many features get a feature file.
         samples_per_feature: Samples written per feature file.
         rank_by: Ranking used to choose and order the saved features.
-        global_step: Trainer step at save time.
+        global_step: Trainer step at save time (of a snapshot: the step of the weights it was taken with).
+        source: ``"train"`` for the training-time collection (samples from many SAE states); ``"validate"``,
+            ``"test"`` or ``"predict"`` for a snapshot of one evaluation run, recorded as the summary's ``source``
+            with its ``weights_step``.
         before_commit: Called with the pending directory once every new file is complete (tests use it
             to simulate a crash).
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
@@ -123,6 +127,8 @@ def write_samples_dir(
         )
     summary = {"format_version": FORMAT_VERSION, "global_step": int(global_step), **run_summary(state)}
     summary["config"] = config
+    if source != "train":
+        summary["source"], summary["weights_step"] = source, int(global_step)
     summary["top_features_by_activation"] = entries
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:

@@ -1,0 +1,156 @@
+"""Snapshots with one SAE state: evaluation loops collect into their own samples directory per run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    CTX,
+    F,
+    K,
+    SyntheticSAE,
+    TokenDataset,
+    assert_same,
+    callback_factory,
+    check_against_oracle,
+    loader,
+    read_dir,
+)
+from helpers import trainer as make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_sae_samples import ActivationSampleAnalyzer
+
+make_callback = callback_factory(
+    collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=0.5, top_features_to_save=F,
+    samples_per_feature_to_save=K, write_report=False,
+)
+VAL = TokenDataset(num_sequences=12, seed=5)
+
+
+def snapshot_dir(root, step):
+    return root / "samples" / "snapshots" / f"step_{step}"
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_trainer_validate_alone_writes_a_snapshot_equal_to_the_oracle_with_one_step(tmp_path, mode):
+    module = SyntheticSAE(num_latents=F, mode=mode)
+    trainer = make_trainer(tmp_path, [make_callback(tmp_path, collect_in=("validate",))])
+    trainer.validate(module, loader(VAL))
+    (run,) = module.eval_runs
+    files = check_against_oracle(snapshot_dir(tmp_path, 0), run)
+    summary = files["collection_summary.json"]
+    assert summary["source"] == "validate" and summary["weights_step"] == 0
+    assert summary["tokens_seen"] == sum(s.tokens.numel() for s in run)
+    assert summary["first_collected_step"] == summary["last_collected_step"] == 0  # one SAE state
+    assert not (tmp_path / "samples" / "collection_summary.json").exists()  # no training collection
+
+
+def test_validation_runs_during_fit_are_snapshots_that_never_enter_the_training_collection(tmp_path):
+    def fit(root, collect_in):
+        module = SyntheticSAE(num_latents=F)
+        callbacks = [make_callback(root, collect_in=collect_in), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]
+        run = make_trainer(root, callbacks, max_epochs=2, enable_checkpointing=True, check_val_every_n_epoch=1,
+                           num_sanity_val_steps=2)
+        run.fit(module, loader(), loader(VAL))
+        return module, run
+
+    module, run = fit(tmp_path / "with", ("train", "validate"))
+    plain, _ = fit(tmp_path / "without", ("train",))
+    assert len(module.eval_runs) == 2  # one per epoch; the sanity check is not collected
+    for eval_run in module.eval_runs:
+        step = eval_run[0].step
+        check_against_oracle(snapshot_dir(tmp_path / "with", step), eval_run)
+    with_val, without = read_dir(tmp_path / "with" / "samples"), read_dir(tmp_path / "without" / "samples")
+    for name in without:  # the training collection is what a run without snapshots collects
+        if name == "collection_summary.json":
+            for files in (with_val, without):
+                files[name]["config"].pop("collect_in"), files[name]["config"].pop("dirpath", None)
+        assert_same(with_val[name], without[name], name)
+    ckpt = torch.load(tmp_path / "with" / "ckpt" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ActivationSampleCallback"))
+    assert int(state["collector"]["tokens_seen"]) == sum(s.tokens.numel() for s in module.seen if s.step % 2 == 0)
+
+
+def test_resuming_with_snapshots_continues_the_training_collection_exactly(tmp_path):
+    full = tmp_path / "full"
+    make_trainer(full, [make_callback(full, collect_in=("train", "validate"))], max_epochs=2,
+                 num_sanity_val_steps=0).fit(SyntheticSAE(num_latents=F), loader(), loader(VAL))
+    part = tmp_path / "part"
+    first = [make_callback(part, collect_in=("train", "validate")), ModelCheckpoint(dirpath=part / "ckpt",
+                                                                                      save_last=True)]
+    make_trainer(part, first, max_epochs=1, enable_checkpointing=True, num_sanity_val_steps=0).fit(
+        SyntheticSAE(num_latents=F), loader(), loader(VAL))
+    make_trainer(part, [make_callback(part, collect_in=("train", "validate"))], max_epochs=2,
+                 num_sanity_val_steps=0).fit(SyntheticSAE(num_latents=F), loader(), loader(VAL),
+                                             ckpt_path=part / "ckpt" / "last.ckpt")
+    a, b = read_dir(full / "samples"), read_dir(part / "samples")
+    for files in (a, b):
+        files["collection_summary.json"]["config"].pop("dirpath", None)
+    assert a.keys() == b.keys()
+    assert_same(a, b)
+    last = max(int(p.name.split("_")[1]) for p in (full / "samples" / "snapshots").iterdir())
+    assert_same(read_dir(snapshot_dir(full, last)), read_dir(snapshot_dir(part, last)))
+
+
+def test_the_analyzer_reads_a_snapshot_and_a_later_fit_reuses_the_directory(tmp_path):
+    module = SyntheticSAE(num_latents=F)
+    make_trainer(tmp_path, [make_callback(tmp_path, collect_in=("validate",))]).validate(module, loader(VAL))
+    analyzer = ActivationSampleAnalyzer(snapshot_dir(tmp_path, 0))
+    assert analyzer.saved_features and analyzer.summary.tokens_seen == 12 * 9
+    make_trainer(tmp_path, [make_callback(tmp_path)]).fit(SyntheticSAE(num_latents=F), loader())  # not refused
+    assert json.loads((tmp_path / "samples" / "collection_summary.json").read_text())["steps_collected"] > 0
+    assert (snapshot_dir(tmp_path, 0) / "collection_summary.json").exists()  # the snapshot is left alone
+
+
+DDP = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import lightning as L
+from helpers import SyntheticSAE, TokenDataset, callback_factory, loader
+from test_snapshots import make_callback, VAL
+root = {root!r}
+module = SyntheticSAE(num_latents=10)
+trainer = L.Trainer(accelerator="cpu", devices={devices}, strategy="ddp" if {devices} > 1 else "auto", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                    callbacks=[make_callback(root, collect_in=("validate",))])
+trainer.validate(module, loader(VAL))
+torch.save(module.eval_runs[-1], f"{{root}}/eval_{{trainer.global_rank}}.pt")
+"""
+
+
+def test_a_ddp_validation_snapshot_equals_the_single_process_one(tmp_path):
+    tests = str(Path(__file__).parent)
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices_{devices}"
+        root.mkdir()
+        script = root / "run.py"
+        script.write_text(DDP.format(tests=tests, root=str(root), devices=devices))
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen = [s for f in sorted(root.glob("eval_*.pt")) for s in torch.load(f, weights_only=False)]
+        check_against_oracle(snapshot_dir(root, 0), seen)
+        runs[devices] = read_dir(snapshot_dir(root, 0))
+    one, two = runs[1], runs[2]
+    for name in one:
+        if name.startswith("feature_"):
+            values = [[s["activation_value"], s["context_tokens"]] for s in one[name]["top_samples"]]
+            assert values == [[s["activation_value"], s["context_tokens"]] for s in two[name]["top_samples"]], name
+            assert one[name]["statistics"] == two[name]["statistics"], name
+    assert one["collection_summary.json"]["tokens_seen"] == two["collection_summary.json"]["tokens_seen"]
+
+
+def test_reports_say_which_kind_of_directory_they_show(tmp_path):
+    module = SyntheticSAE(num_latents=F)
+    make_trainer(tmp_path, [make_callback(tmp_path, collect_in=("train", "validate"))], max_epochs=2,
+                 num_sanity_val_steps=0).fit(module, loader(), loader(VAL))
+    training = ActivationSampleAnalyzer(tmp_path / "samples")
+    assert "training-time collection, mixing the SAE states of steps 0–" in training.render_markdown()
+    last = max(int(p.name.split("_")[1]) for p in (tmp_path / "samples" / "snapshots").iterdir())
+    snapshot = ActivationSampleAnalyzer(snapshot_dir(tmp_path, last))
+    assert f"snapshot of one SAE state (step {last}, validate run)" in snapshot.render_html()
+    assert snapshot.summary.kind.startswith("snapshot")
