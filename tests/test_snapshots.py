@@ -138,8 +138,11 @@ def test_a_ddp_validation_snapshot_equals_the_single_process_one(tmp_path):
     one, two = runs[1], runs[2]
     for name in one:
         if name.startswith("feature_"):
-            values = [[s["activation_value"], s["context_tokens"]] for s in one[name]["top_samples"]]
-            assert values == [[s["activation_value"], s["context_tokens"]] for s in two[name]["top_samples"]], name
+            # Equal values and statistics; among equal values the order follows (step, rank, position), and
+            # DistributedSampler puts other sequences on rank 0, so which of two tied samples is kept may differ
+            # (each directory equals the oracle over what its ranks saw, above).
+            values = [s["activation_value"] for s in one[name]["top_samples"]]
+            assert values == [s["activation_value"] for s in two[name]["top_samples"]], name
             assert one[name]["statistics"] == two[name]["statistics"], name
     assert one["collection_summary.json"]["tokens_seen"] == two["collection_summary.json"]["tokens_seen"]
 
