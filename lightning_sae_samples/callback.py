@@ -112,6 +112,7 @@ class ActivationSampleCallback(Callback):
         self._last_full_state = False
         self._snapshot: Optional[ActivationSampleCollector] = None
         self._snapshot_loop = "validate"
+        self._snapshot_step = 0
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
         self._lock: Optional[FileLock] = None
@@ -421,7 +422,25 @@ class ActivationSampleCallback(Callback):
                                              merge_policy=self.engine.merge_policy)
         snapshot.ragged_steps = True  # every batch has the weights' step, whatever its sequence length
         snapshot.rank = self._rank
-        self._snapshot, self._snapshot_loop = snapshot, loop
+        self._snapshot, self._snapshot_loop, self._snapshot_step = snapshot, loop, self._weights_step(trainer)
+
+    @staticmethod
+    def _weights_step(trainer: pl.Trainer) -> int:
+        """The optimizer step of the weights being evaluated: the trainer's, or that of the checkpoint loaded.
+
+        ``trainer.validate(ckpt_path=...)`` restores the weights but not the trainer's step counter.
+        """
+        if trainer.state.fn == "fit" or not trainer.ckpt_path:
+            return trainer.global_step
+        try:
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            return int(checkpoint["global_step"])
+        except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the trainer's, with a warning
+            rank_zero_warn(
+                f"ActivationSampleCallback could not read the step of {trainer.ckpt_path} ({err}); the snapshot"
+                f" is recorded at step {trainer.global_step}."
+            )
+            return trainer.global_step
 
     def _snapshot_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         snapshot = self._snapshot
@@ -436,7 +455,7 @@ class ActivationSampleCallback(Callback):
                     f" or give the LightningModule (or its SAE submodule, or their `cfg`) one of {NUM_LATENTS_ATTRS}."
                 )
             snapshot.settings.num_latents = found
-        snapshot.fold(latents, trainer.global_step, self.keys)
+        snapshot.fold(latents, self._snapshot_step, self.keys)
 
     def _end_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snapshot, self._snapshot = self._snapshot, None
@@ -445,11 +464,11 @@ class ActivationSampleCallback(Callback):
         merged = self._merged_state(snapshot)
         if not trainer.is_global_zero or merged is None:
             return
-        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(trainer.global_step)
+        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
         dirpath.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = self._tokenizer(trainer, pl_module)
         snapshot.write(
-            dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=trainer.global_step,
+            dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=self._snapshot_step,
             full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",
             source=self._snapshot_loop,
         )

@@ -157,3 +157,19 @@ def test_reports_say_which_kind_of_directory_they_show(tmp_path):
     snapshot = ActivationSampleAnalyzer(snapshot_dir(tmp_path, last))
     assert f"snapshot of one SAE state (step {last}, validate run)" in snapshot.render_html()
     assert snapshot.summary.kind.startswith("snapshot")
+
+
+def test_trainer_validate_with_ckpt_path_snapshots_the_checkpoint_weights(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    callbacks = [make_callback(tmp_path), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)]
+    make_trainer(tmp_path, callbacks, max_epochs=1, enable_checkpointing=True).fit(SyntheticSAE(num_latents=F),
+                                                                                    loader())
+    steps = json.loads((tmp_path / "samples" / "collection_summary.json").read_text())["global_step"]
+    module = SyntheticSAE(num_latents=F)
+    post_hoc = make_trainer(tmp_path, [make_callback(tmp_path, collect_in=("validate",))])
+    post_hoc.validate(module, loader(VAL), ckpt_path=ckpt_dir / "last.ckpt")
+    (run,) = module.eval_runs
+    for seen in run:  # the trainer's counter stays 0 in validate; the snapshot has the checkpoint's step
+        seen.step = steps
+    files = check_against_oracle(snapshot_dir(tmp_path, steps), run)
+    assert files["collection_summary.json"]["weights_step"] == steps
