@@ -243,6 +243,8 @@ class ActivationDataModule(L.LightningDataModule):
             ``[BOS] + drop_first_positions + seq_len`` tokens; the dropped ones are the end of the previous
             window, so no text is lost.
         max_tokens: Stop after this many tokens (rounded down to whole windows).
+        val_tokens: Tokens of held-out documents for ``val_dataloader`` (0: none): the documents after the
+            ones training reads, so validation (and the samples callback's snapshot) sees text training did not.
         shuffle_documents: Shuffle documents (KJV: chapters) before taking ``max_tokens`` tokens, so a
             small budget covers the whole text instead of its beginning.
         seed: Seed for document shuffling and batch order.
@@ -267,6 +269,7 @@ class ActivationDataModule(L.LightningDataModule):
         seq_len: int = 128,
         drop_first_positions: int = 0,
         max_tokens: int = 400_000,
+        val_tokens: int = 0,
         shuffle_documents: bool = True,
         seed: int = 0,
         batch_size: int = 8,
@@ -296,6 +299,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.seq_len = seq_len
         self.drop_first_positions = drop_first_positions
         self.max_tokens = max_tokens
+        self.val_tokens = val_tokens
         self.shuffle_documents = shuffle_documents
         self.seed = seed
         self.batch_size = batch_size
@@ -307,6 +311,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._d_model: Optional[int] = None
         self.tokens: Optional[Tensor] = None
         self.activations: Optional[Tensor] = None
+        self.val_tokens_t: Optional[Tensor] = None
+        self.val_activations: Optional[Tensor] = None
         self.cache_path: Optional[Path] = None
 
     # -- lazily loaded facts -------------------------------------------------------------------------
@@ -366,6 +372,7 @@ class ActivationDataModule(L.LightningDataModule):
             "seq_len": self.seq_len,
             **({"drop_first_positions": self.drop_first_positions} if self.drop_first_positions else {}),
             "max_tokens": self.max_tokens,
+            **({"val_tokens": self.val_tokens} if self.val_tokens else {}),
             "shuffle": self.shuffle_documents,
             "seed": self.seed,
             "dtype": str(self.cache_dtype),
@@ -387,20 +394,22 @@ class ActivationDataModule(L.LightningDataModule):
             random.Random(self.seed).shuffle(docs)
         return docs
 
-    def _token_windows(self) -> tuple[Tensor, Tensor]:
+    def _token_windows(self, docs: Optional[list[str]] = None, max_tokens: Optional[int] = None):
         """Tokenize documents until ``max_tokens`` and pack them into windows.
 
-        Returns ``(windows [N, seq_len], leading [N, drop_first_positions])``: ``leading[i]`` are the
-        stream tokens just before ``windows[i]``, which the model sees but the SAE does not.
+        Returns ``(windows [N, seq_len], leading [N, drop_first_positions], documents read)``: ``leading[i]``
+        are the stream tokens just before ``windows[i]``, which the model sees but the SAE does not.
         """
         tok = self.tokenizer
         stream: list[int] = []
         lead = self.drop_first_positions
-        budget = max(self.max_tokens, self.seq_len) + lead
-        for doc in self._documents():
+        budget = max(self.max_tokens if max_tokens is None else max_tokens, self.seq_len) + lead
+        read = 0
+        for doc in self._documents() if docs is None else docs:
             # Documents are longer than the model's context on purpose: windows are cut below.
             ids = tok(doc, add_special_tokens=False, verbose=False)["input_ids"]
             stream.extend(ids)
+            read += 1
             if len(stream) >= budget:
                 break
         n = (min(len(stream), budget) - lead) // self.seq_len
@@ -409,7 +418,7 @@ class ActivationDataModule(L.LightningDataModule):
         used = torch.tensor(stream[: lead + n * self.seq_len], dtype=torch.long)
         starts = torch.arange(n).unsqueeze(1) * self.seq_len
         leading = used[starts + torch.arange(lead)]
-        return used[lead:].view(n, self.seq_len), leading
+        return used[lead:].view(n, self.seq_len), leading, read
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
         """Tokens the model sees around each window: ``[CLS] ... [SEP]`` for BERT-like, ``[BOS] ...`` else.
@@ -424,13 +433,43 @@ class ActivationDataModule(L.LightningDataModule):
         return [], []
 
     def _compute(self, path: Path) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        windows, leading = self._token_windows()
-        n, t = windows.shape
-        prefix, suffix = self._special_ids()
+        docs = self._documents()
+        windows, leading, read = self._token_windows(docs)
+        held_out = self._token_windows(docs[read:], self.val_tokens) if self.val_tokens else None
         model = load_model(self.model_name)
         truncate_layers(model, self.layer + 1)
+        acts = self._hidden_states(model, windows, leading, "")
+        val_acts = self._hidden_states(model, held_out[0], held_out[1], " (held out)") if held_out else None
+        del model
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(windows, tmp / "tokens.pt")
+        torch.save(acts, tmp / "activations.pt")
+        if held_out:
+            torch.save(held_out[0], tmp / "val_tokens.pt")
+            torch.save(val_acts, tmp / "val_activations.pt")
+        n, t = windows.shape
+        meta = {
+            "model_name": self.model_name,
+            "layer": self.layer,
+            "num_windows": n,
+            "seq_len": t,
+            "num_tokens": n * t,
+            "val_tokens": 0 if held_out is None else held_out[0].numel(),
+            "d_model": self.d_model,
+            "source": self._source_key()["source"],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():  # a concurrent run finished first
+            return
+        os.replace(tmp, path)
+
+    def _hidden_states(self, model, windows: Tensor, leading: Tensor, what: str) -> Tensor:
+        """The model's hidden states at ``layer`` for each window ``[N, seq_len, d_model]``, with a progress bar."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        n, t = windows.shape
+        prefix, suffix = self._special_ids()
         acts = torch.empty((n, t, self.d_model), dtype=self.cache_dtype)
         start = time.perf_counter()
         with Progress(
@@ -440,7 +479,7 @@ class ActivationDataModule(L.LightningDataModule):
             TextColumn("windows  {task.fields[rate]}"),
             TimeRemainingColumn(),
         ) as progress:
-            task = progress.add_task("cache", total=n, what=f"{self.model_name} layer {self.layer}", rate="")
+            task = progress.add_task("cache", total=n, what=f"{self.model_name} layer {self.layer}{what}", rate="")
             with torch.inference_mode():
                 for i in range(0, n, self.lm_batch_size):
                     chunk = windows[i : i + self.lm_batch_size]
@@ -461,25 +500,7 @@ class ActivationDataModule(L.LightningDataModule):
                     done = i + b
                     rate = done * t / (time.perf_counter() - start)
                     progress.update(task, completed=done, rate=f"{rate:,.0f} tokens/s")
-        del model
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(windows, tmp / "tokens.pt")
-        torch.save(acts, tmp / "activations.pt")
-        meta = {
-            "model_name": self.model_name,
-            "layer": self.layer,
-            "num_windows": n,
-            "seq_len": t,
-            "num_tokens": n * t,
-            "d_model": self.d_model,
-            "seconds": round(time.perf_counter() - start, 1),
-            "source": self._source_key()["source"],
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():  # a concurrent run finished first
-            return
-        os.replace(tmp, path)
+        return acts
 
     def prepare_data(self) -> None:
         """Compute and cache the activations once (rank 0); later runs find them on disk."""
@@ -497,6 +518,9 @@ class ActivationDataModule(L.LightningDataModule):
         self.cache_path = path
         self.tokens = torch.load(path / "tokens.pt", mmap=True, weights_only=True)
         self.activations = torch.load(path / "activations.pt", mmap=True, weights_only=True)
+        if self.val_tokens:
+            self.val_tokens_t = torch.load(path / "val_tokens.pt", mmap=True, weights_only=True)
+            self.val_activations = torch.load(path / "val_activations.pt", mmap=True, weights_only=True)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches ``{"tokens": [B, T], "activations": [B, T, d_model]}``."""
@@ -510,4 +534,13 @@ class ActivationDataModule(L.LightningDataModule):
             generator=gen,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self):
+        """Held-out batches in order (see ``val_tokens``); none when ``val_tokens`` is 0."""
+        if self.val_tokens_t is None:
+            return []
+        return DataLoader(
+            WindowDataset(self.val_tokens_t, self.val_activations), batch_size=self.batch_size,
+            num_workers=self.num_workers,
         )

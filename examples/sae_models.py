@@ -202,6 +202,16 @@ class TopKSAE(SAEModule):
             "tokens": tokens,
         }
 
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Held-out FVU; returns the latents, which a samples callback with ``collect_in`` validate reads."""
+        tokens = batch["tokens"]
+        b, t = tokens.shape
+        x, mask = self._inputs(batch)
+        _, vals, idx = self.encode(x)
+        self.log("val/fvu", self._mse(self.decode(vals, idx), x, mask)[1])
+        return {"latent_indices": idx.view(b, t, self.k), "latent_values": vals.view(b, t, self.k), "tokens": tokens}
+
 
 class ReLUSAE(SAEModule):
     """ReLU sparse autoencoder with an L1 penalty, returning dense latents ``[B, T, F]``.
@@ -256,3 +266,13 @@ class ReLUSAE(SAEModule):
         self.log("train/fvu", fvu, prog_bar=True, on_step=True)
         self.log("train/l0", (z > 0).float().sum(-1).mean(), prog_bar=True, on_step=True)
         return {"loss": loss, "latents": z.detach().view(b, t, self.num_latents), "tokens": tokens}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Held-out FVU; returns the latents, which a samples callback with ``collect_in`` validate reads."""
+        tokens = batch["tokens"]
+        b, t = tokens.shape
+        x, mask = self._inputs(batch)
+        z = self.encode(x)
+        self.log("val/fvu", self._mse(self.decoder(z), x, mask)[1])
+        return {"latents": z.view(b, t, self.num_latents), "tokens": tokens}

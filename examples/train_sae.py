@@ -11,7 +11,10 @@ Use ``--data.source files --data.text_files '["notes/**/*.txt"]'`` for your own 
 ``--data.model_name <hugging-face-name>`` for another model (hidden size is picked up automatically).
 
 After ``fit`` the program prints where the samples directory and the reports are, and prints the
-console report of the strongest feature. The configs set no ``dirpath``, so every run writes its own
+console report of the strongest feature. With ``data.val_tokens`` and a callback whose ``collect_in`` has
+``validate`` (the default config), it then runs ``trainer.validate(model, datamodule=dm, ckpt_path="last")``: the
+final SAE over held-out KJV chapters, written as a snapshot of that one SAE state, and prints where it is.
+The configs set no ``dirpath``, so every run writes its own
 ``<default_root_dir>/lightning_logs/version_N/activation_samples``. ``ActivationSampleCallback`` (configured under
 ``trainer.callbacks``) finds the tokenizer on the datamodule (``trainer.datamodule.tokenizer``).
 """
@@ -106,6 +109,15 @@ def _strongest_feature(samples: Path):
     return int(ranked[0]["feature_idx"]) if ranked else None
 
 
+def validate_final_sae(trainer, model, datamodule):
+    """``trainer.validate`` of the last checkpoint on the held-out text; the snapshot's directory, or ``None``."""
+    callback = find_sample_callback(trainer)
+    if callback is None or "validate" not in callback.settings.collect_in or not getattr(datamodule, "val_tokens", 0):
+        return None
+    trainer.validate(model, datamodule=datamodule, ckpt_path="last" if trainer.checkpoint_callback else None)
+    return callback.last_snapshot_dir
+
+
 class SAECLI(LightningCLI):
     """LightningCLI that takes the SAE input width from the datamodule and reports after ``fit``."""
 
@@ -120,6 +132,7 @@ class SAECLI(LightningCLI):
         self._fit_start = time.perf_counter()
 
     def after_fit(self) -> None:
+        snapshot = validate_final_sae(self.trainer, self.model, self.datamodule)
         if self.trainer.global_rank != 0:
             return
         console.print(f"fit took {time.perf_counter() - self._fit_start:.1f} s")
@@ -130,6 +143,10 @@ class SAECLI(LightningCLI):
             top_k_features=rep.get("top_k_features", 50),
             examples_per_feature=rep.get("examples_per_feature", 10),
         )
+        if snapshot is not None:
+            console.rule("[bold]Snapshot of the final SAE on held-out text")
+            console.print(f"snapshot directory: {snapshot.resolve()}", soft_wrap=True)
+            console.print(f"  lightning-sae-samples {snapshot}", soft_wrap=True, markup=False)
 
 
 def main(args=None) -> None:

@@ -113,6 +113,8 @@ class ActivationSampleCallback(Callback):
         self._snapshot: Optional[ActivationSampleCollector] = None
         self._snapshot_loop = "validate"
         self._snapshot_step = 0
+        #: Where the last evaluation snapshot was written (``None`` before the first).
+        self.last_snapshot_dir: Optional[Path] = None
         self._warned_nonfinite = 0
         self._resolved_tokenizer: Any = None
         self._lock: Optional[FileLock] = None
@@ -435,11 +437,12 @@ class ActivationSampleCallback(Callback):
         try:
             checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             return int(checkpoint["global_step"])
-        except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the trainer's, with a warning
-            rank_zero_warn(
-                f"ActivationSampleCallback could not read the step of {trainer.ckpt_path} ({err}); the snapshot"
-                f" is recorded at step {trainer.global_step}."
-            )
+        except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the trainer's
+            if trainer.global_step == 0:  # after a fit of this trainer its counter is the step of "last"
+                rank_zero_warn(
+                    f"ActivationSampleCallback could not read the step of {trainer.ckpt_path} ({err}); the snapshot"
+                    " is recorded at step 0."
+                )
             return trainer.global_step
 
     def _snapshot_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
@@ -467,6 +470,7 @@ class ActivationSampleCallback(Callback):
         dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
         dirpath.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = self._tokenizer(trainer, pl_module)
+        self.last_snapshot_dir = dirpath
         snapshot.write(
             dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=self._snapshot_step,
             full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",

@@ -40,6 +40,7 @@ def tiny_config(tmp_path: Path) -> Path:
     config["model"]["init_args"].update(num_latents=256, k=8, warmup_steps=5, dead_after_tokens=4096)
     config["data"].update(
         max_tokens=16_000,  # about 500 verses
+        val_tokens=2048,  # the chapters after those: the snapshot's held-out text
         seq_len=64,
         batch_size=4,
         cache_dir=str(tmp_path / "cache"),
@@ -78,6 +79,12 @@ def test_example_trains_collects_and_reports(tmp_path):
     sample = first["top_samples"][0]
     # The callback found the tokenizer on the datamodule: contexts are words, not token ids.
     assert any(ch.isalpha() for ch in sample["context_text"]), sample["context_text"]
+    # After fit: the final SAE over the held-out chapters, as a snapshot of step 40, and where it is.
+    snapshot = samples / "snapshots" / "step_40"
+    held_out = json.loads((snapshot / "collection_summary.json").read_text())
+    assert (held_out["source"], held_out["weights_step"], held_out["steps_collected"]) == ("validate", 40, 1)
+    assert held_out["tokens_seen"] == 2048
+    assert f"snapshot directory: {snapshot.resolve()}" in " ".join(done.stdout.split())
     assert sample["context_tokens"][sample["context_position"]] == sample["tokens"][-1]
     assert (samples / "interpretability_report.md").is_file()
     out = done.stdout
