@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
@@ -29,6 +29,7 @@ from lightning_sae_samples.analysis.records import (
     Sample,
 )
 from lightning_sae_samples.arguments import choice
+from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
@@ -89,19 +90,6 @@ class UnknownFeatureError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _progress(items: Sequence[_T], enabled: bool, description: str) -> Iterator[_T]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield from items
-        return
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            progress.advance(task)
 
 
 class _KnownTokenStrings:
@@ -461,7 +449,7 @@ class ActivationSampleAnalyzer:
         ranked = self.features(rank_by, top_k)
         return [
             self.feature(s.feature_idx, examples_per_feature)
-            for s in _progress(ranked, progress, "Reading features")
+            for s in progress_bar(ranked, progress, "Reading features")
         ]
 
     def logit_effects(

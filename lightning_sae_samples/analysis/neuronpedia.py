@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
 from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, RunSummary, Sample
+from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import WRITER_ID
@@ -582,7 +583,7 @@ def export_neuronpedia(
     feature_rows: list[dict] = []
     activations: list[list[dict]] = []
     skipped: list[int] = []
-    for idx in _progress(indices, progress, "Converting features"):
+    for idx in progress_bar(indices, progress, "Converting features"):
         feature = analyzer.feature(idx, num_examples)
         rows = activation_rows(feature, source, pieces, created_at)
         if not rows:
@@ -656,19 +657,6 @@ def _write_owned(root: Path, source_dir: Path, contents: dict[Path, bytes]) -> t
     return tuple(sorted(names))
 
 
-def _progress(items: Sequence[Any], enabled: bool, description: str) -> Iterator[Any]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield from items
-        return
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
 
 
 # ---------------------------------------------------------------------------------------------- reading back
