@@ -422,7 +422,6 @@ class ActivationSampleCallback(Callback):
         self._rank, self._strategy = trainer.global_rank, trainer.strategy
         snapshot = ActivationSampleCollector(config=dataclasses.replace(self.settings),
                                              merge_policy=self.engine.merge_policy)
-        snapshot.ragged_steps = True  # every batch has the weights' step, whatever its sequence length
         snapshot.rank = self._rank
         self._snapshot, self._snapshot_loop, self._snapshot_step = snapshot, loop, self._weights_step(trainer)
 

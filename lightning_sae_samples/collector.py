@@ -124,10 +124,6 @@ class ActivationSampleCollector:
         self._excluded: Optional[Tensor] = None
         self._offset_step = -1
         self._token_offset = 0
-        self._step_seq_len = 0
-        #: Whether micro-batches of one step may have other sequence lengths (an evaluation run: every batch
-        #: has the weights' step); their order keys stay the cumulative token offsets, which remain exact.
-        self.ragged_steps = False
         self._warned_nonfinite = 0
 
     # ------------------------------------------------------------------ config
@@ -198,14 +194,10 @@ class ActivationSampleCollector:
                 f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
                 " never decreases; calls with the same step are micro-batches of that step."
             )
-        if step == self._offset_step and tokens.shape[1] != self._step_seq_len and not self.ragged_steps:
-            raise LatentInputError(
-                f"`{keys.tokens}` has {tokens.shape[1]} positions per sequence but an earlier micro-batch of step"
-                f" {step} had {self._step_seq_len}. Micro-batches of one step must share the sequence length: pad"
-                " them to one length (with an attention mask), or give each its own step."
-            )
+        # Micro-batches of one step (gradient accumulation, evaluation batches) may have any sequence lengths:
+        # each token's order key is its offset among all tokens folded at this step, which stays exact.
         if step != self._offset_step:
-            self._offset_step, self._token_offset, self._step_seq_len = step, 0, tokens.shape[1]
+            self._offset_step, self._token_offset = step, 0
         order_base = (self._rank() << RANK_SHIFT) + self._token_offset
         self._token_offset += tokens.numel()
         excluded = self._excluded_positions(tokens)

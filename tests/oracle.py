@@ -67,6 +67,13 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
     """
     half = context_size // 2
     feats = {f: OracleFeature() for f in range(num_latents)}
+    # A token's order key is its offset among the tokens its rank folded at its step, micro-batches in row order
+    # (their sequence lengths may differ).
+    token_offset, folded = {}, {}
+    for item in sorted(seen, key=lambda s: (s.step, s.rank, s.row_offset)):
+        key = (item.step, item.rank)
+        token_offset[id(item)] = folded.get(key, 0)
+        folded[key] = folded.get(key, 0) + item.tokens.numel()
     for item in seen:
         tokens = item.tokens.tolist()
         lat = item.latents.double()
@@ -92,7 +99,7 @@ def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, thresh
                     ctx = tokens[b][lo:hi]
                     acts = [float(lat[b, q, f]) if math.isfinite(float(lat[b, q, f])) else 0.0 for q in range(lo, hi)]
                     feat.samples.append((v, item.step, item.rank, item.row_offset + b, p, ctx, acts, p - lo))
-                    order = (item.rank << 40) + (item.row_offset + b) * seq + p
+                    order = (item.rank << 40) + token_offset[id(item)] + b * seq + p
                     feat.every.append((v, item.step, order, p, item.rank, item.row_offset + b, ctx))
     for feat in feats.values():
         if dedup:
