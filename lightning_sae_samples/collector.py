@@ -337,7 +337,8 @@ class ActivationSampleCollector:
         """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
 
         Raises:
-            ValueError: The checkpoint was made with other sizes (named in the message) or latent count.
+            ValueError: The checkpoint was made with other sizes (named in the message), latent count or
+                ``activation_threshold``.
         """
         mismatch = self.settings.resume_mismatch(state.get("config", {}))
         if mismatch is not None:
@@ -353,10 +354,16 @@ class ActivationSampleCollector:
                 f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
                 f" num_latents={self.settings.num_latents}. Resume the same SAE or start a new collection."
             )
+        # The threshold is checked against the collection itself (what its counts were made with), not the config
+        # block: a checkpoint that holds no collection yet resumes at the new threshold, since nothing was counted.
         if collected is not None and float(collected["threshold"]) != self.settings.activation_threshold:
-            rank_zero_warn(
-                f"Resuming a collection made with activation_threshold={collected['threshold']}; this {owner} has"
-                f" {self.settings.activation_threshold}. Statistics mix both thresholds."
+            saved, current = float(collected["threshold"]), self.settings.activation_threshold
+            raise ValueError(
+                f"Cannot resume: the checkpoint's collection was made with activation_threshold={saved}, this"
+                f" {owner} has activation_threshold={current}. Its counts, statistics and samples hold only"
+                f" activations above {saved}, so it cannot go on at {current}. Pass"
+                f" activation_threshold={saved} to continue it, or start a new collection at {current}"
+                " without the checkpoint's collection."
             )
         self._pending_state = collected
         self.collector = None
