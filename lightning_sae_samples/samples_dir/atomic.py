@@ -5,19 +5,47 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Optional, Union
 
 import torch
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``."""
+    """Call ``write`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``.
+
+    On failure the temporary file is removed at once (a full disk gets its space back), and an error whose cause
+    is an ``OSError`` (``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, the
+    ``OSError`` chained to it) is raised as that ``OSError``, naming ``path``.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = _os_error_behind(err)
+        if cause is None or cause is err:
+            raise
+        raise OSError(cause.errno, f"Cannot write {path}: {cause.strerror or cause} ({type(err).__name__}:"
+                                   f" {' '.join(str(err).split())[:200]})") from err
+
+
+def _os_error_behind(err: BaseException) -> Optional[OSError]:
+    """The first ``OSError`` along ``err``'s chain of causes and contexts (``err`` itself included)."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -25,10 +53,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda handle: handle.write(data))
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write strict JSON (no NaN/Infinity) atomically."""
-    text = json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False)
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_json(path: Path, payload: Any) -> bytes:
+    """Write strict JSON (no NaN/Infinity) atomically; returns the bytes written."""
+    data = json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    atomic_write_bytes(path, data)
+    return data
 
 
 def atomic_torch_save(path: Path, payload: dict) -> None:
