@@ -13,7 +13,13 @@ from helpers import WRITE, make_collector, padded_batches, read_dir, state_after
 
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
 from lightning_sae_samples.samples_dir import atomic
-from lightning_sae_samples.samples_dir.names import FULL_STATE_NAME, MANIFEST_NAME, PENDING_DIR, SUMMARY_NAME
+from lightning_sae_samples.samples_dir.names import (
+    FULL_STATE_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    SUMMARY_NAME,
+)
 from lightning_sae_samples.samples_dir.reader import read_samples_dir
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 
@@ -116,7 +122,7 @@ def test_a_full_disk_is_named_and_the_partial_files_go_at_once(tmp_path, full_di
     assert caught.value.errno == errno.ENOSPC and str(tmp_path / PENDING_DIR / FULL_STATE_NAME) in str(caught.value)
     assert isinstance(caught.value.__cause__, RuntimeError)  # torch.save's own error stays in the chain
     assert not (tmp_path / PENDING_DIR).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # nothing else: no partial file stays
 
 
 def test_a_full_disk_in_a_training_run_is_logged_by_its_cause(tmp_path, full_disk, caplog):

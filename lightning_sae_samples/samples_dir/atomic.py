@@ -9,6 +9,9 @@ from typing import IO, Any, Callable, Optional, Union
 
 import torch
 
+from lightning_sae_samples.samples_dir.files import samples_dir_of
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write`` on a temporary file next to ``path``, flush it to disk, then rename it to ``path``.
@@ -66,9 +69,26 @@ def atomic_torch_save(path: Path, payload: dict) -> None:
 
 
 def write_text_file(output_path: Union[str, os.PathLike], text: str) -> Path:
-    """Write ``text`` as UTF-8 to ``output_path`` atomically, in a folder that must exist."""
+    """Write ``text`` as UTF-8 to ``output_path`` atomically, in a folder that must exist.
+
+    Raises:
+        SamplesDirectoryError: ``output_path`` is a file of a samples directory (see
+            :func:`~lightning_sae_samples.samples_dir.files.samples_dir_of`): a report never replaces the run's files.
+        FileNotFoundError: The folder does not exist.
+    """
     path = Path(output_path)
+    refuse_samples_dir_file(path, "a report")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it first.")
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
+
+
+def refuse_samples_dir_file(path: Path, what: str) -> None:
+    """Raise :class:`SamplesDirectoryError` if ``path`` is a file of a samples directory, naming it and the fix."""
+    samples_dir = samples_dir_of(path)
+    if samples_dir is not None:
+        raise SamplesDirectoryError(
+            f"Will not write {what} to {path}: it is a file of the samples directory {samples_dir}, which only the"
+            " run writes. Choose a path outside it, e.g. report.html."
+        )

@@ -44,7 +44,8 @@ class SamplesDirectory:
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
     """Our files in ``dirpath``, overlaid by a committed but unfinished save, by the writer's rules."""
-    files = {p.name: p for p in dirpath.iterdir() if is_writer_name(p.name) and p.name != MANIFEST_NAME and p.is_file()}
+    files = {p.name: p for p in dirpath.iterdir()
+             if is_writer_name(p.name) and p.name != MANIFEST_NAME and is_plain_file(p)}  # links are not followed
     pending = dirpath / PENDING_DIR
     record = load_commit(pending)
     if record is not None:
@@ -65,6 +66,11 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             by an incompatible version.
     """
     dirpath = Path(path)
+    if dirpath.exists() and not dirpath.is_dir():
+        raise SamplesDirectoryError(
+            f"{dirpath} is not a directory. Pass the samples directory the callback wrote to (its `dirpath`), not a"
+            " file in it."
+        )
     if not dirpath.is_dir():
         raise SamplesDirectoryError(
             f"Samples directory {dirpath} does not exist. Pass the `dirpath` the callback wrote to"
