@@ -79,12 +79,14 @@ def test_reports_refuse_every_file_of_a_samples_directory_also_through_a_link(sa
     analyzer = ActivationSampleAnalyzer(samples)
     (tmp_path / "link.html").symlink_to(samples / SUMMARY_NAME)
     for target in (samples / SUMMARY_NAME, samples / "full_state.pt", samples / "sae_samples_manifest.json",
-                   samples / "interpretability_report.md", tmp_path / "link.html"):
+                   samples / "sae_samples.lock", samples / ".sae_samples_pending" / "x.md", tmp_path / "link.html"):
         with pytest.raises(ValueError, match="Will not write a report"):
             analyzer.generate_html_report(target, 3, 2)
-    # a file of another name in the directory is the user's to write, as anything else there
+    # a file of another name in the directory is the user's to write, as anything else there, and the run's
+    # Markdown report may be rewritten (with other settings) as examples/train_sae.py does
     assert analyzer.generate_html_report(samples / "my_report.html", 3, 2).is_file()
     (samples / "my_report.html").unlink()
+    assert analyzer.generate_interpretability_report(samples / "interpretability_report.md", 3, 2).is_file()
 
 
 def test_a_table_export_replaces_only_what_an_earlier_export_wrote(samples, tmp_path):
@@ -109,8 +111,9 @@ def test_the_reader_does_not_follow_links_to_regular_files(samples, tmp_path):
     shutil.move(feature, elsewhere)
     feature.symlink_to(elsewhere)
     index = int(feature.name.split("_")[1])
-    assert index not in read_samples_dir(copy).feature_files
+    with pytest.warns(UserWarning, match="not a regular file"):
+        assert index not in read_samples_dir(copy).feature_files
     (copy / SUMMARY_NAME).rename(tmp_path / "summary.json")
     (copy / SUMMARY_NAME).symlink_to(tmp_path / "summary.json")
-    with pytest.raises(ValueError, match="holds no samples"):
+    with pytest.raises(ValueError, match="holds no samples"), pytest.warns(UserWarning, match="not a regular file"):
         read_samples_dir(copy)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, PathLike
-from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
 from lightning_sae_samples.samples_dir.names import REPORT_NAME
 
 
@@ -43,6 +42,4 @@ def write_report(
             saved_counts, default=0
         )
     path = analyzer.directory.path / REPORT_NAME
-    # The run's own report, the one file of a samples directory that reports write (write_text_file refuses it).
-    atomic_write_bytes(path, analyzer.render_markdown(top_k, examples_per_feature, rank_by).encode("utf-8"))
-    return path
+    return analyzer.generate_interpretability_report(path, top_k, examples_per_feature, rank_by)
