@@ -182,6 +182,7 @@ class ActivationSampleAnalyzer:
                 has_full_state=self.directory.full_state_path is not None,
                 config=dict(raw.get("config") or {}),
                 source=str(raw.get("source") or "train"),
+                trained_step=None if raw.get("trained_step") is None else int(raw["trained_step"]),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(

@@ -368,6 +368,7 @@ class RunSummary:
         has_full_state: Whether ``full_state.pt`` is present (every latent reachable).
         config: The callback configuration recorded with the run.
         source: ``"train"`` (training-time, many SAE states) or the evaluation loop of a snapshot (one state).
+        trained_step: Of a snapshot whose weights predate the run's last training step: that step (else ``None``).
     """
 
     path: Path
@@ -388,12 +389,17 @@ class RunSummary:
     has_full_state: bool
     config: dict = field(default_factory=dict)
     source: str = "train"
+    trained_step: Optional[int] = None
 
     @property
     def kind(self) -> str:
         """What the directory is, in words: a training-time collection (many SAE states) or a snapshot (one)."""
         if self.source != "train":
-            return f"snapshot of one SAE state (step {self.global_step}, {self.source} run)"
+            older = (
+                f"; older than the run's last training step {self.trained_step}"
+                if self.trained_step is not None and self.trained_step > self.global_step else ""
+            )
+            return f"snapshot of one SAE state (step {self.global_step}, {self.source} run{older})"
         first, last = self.first_collected_step, self.last_collected_step
         if first is None or first == last:
             return "training-time collection" + ("" if first is None else f" (step {first})")

@@ -53,6 +53,7 @@ def write_samples_dir(
     feature_extras: Optional[dict[int, dict]] = None,
     full_state: bool = True,
     source: str = "train",
+    trained_step: Optional[int] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -68,6 +69,8 @@ def write_samples_dir(
         source: ``"train"`` for the training-time collection (samples from many SAE states); ``"validate"``,
             ``"test"`` or ``"predict"`` for a snapshot of one evaluation run, recorded as the summary's ``source``
             with its ``weights_step``.
+        trained_step: Of a snapshot: the run's last training step, recorded as ``trained_step`` when it is newer
+            than the weights' step (the evaluation loaded an older checkpoint).
         before_commit: Called with the pending directory once every new file is complete (tests use it
             to simulate a crash).
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
@@ -129,6 +132,8 @@ def write_samples_dir(
     summary["config"] = config
     if source != "train":
         summary["source"], summary["weights_step"] = source, int(global_step)
+        if trained_step is not None and int(trained_step) > int(global_step):
+            summary["trained_step"] = int(trained_step)
     summary["top_features_by_activation"] = entries
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:
