@@ -30,6 +30,7 @@ from lightning_sae_samples.samples_dir.names import (
 )
 from lightning_sae_samples.samples_dir.serialize import (
     _window_token_ids,
+    activating_tokens_record,
     sample_groups,
     sample_records,
     with_recent_view,
@@ -108,7 +109,8 @@ def write_samples_dir(
     for idx in ranked:
         stats = feature_statistics(state, idx)
         name = feature_filename(idx)
-        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)}
+        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder),
+                  "activating_tokens": activating_tokens_record(state, idx, decoder)}
         groups = sample_groups(view, idx, samples_per_feature, decoder)
         if "recent_overlap" in groups:
             stats["recent_overlap"] = groups.pop("recent_overlap")
