@@ -32,7 +32,7 @@ EPILOG = f"""examples:
   {PROG} activation_samples --feature 42 --num-examples 20
   {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
-  {PROG} export snapshots/step_1000 --format neuronpedia np/ --model-id gpt2-small --layer 6 --source-set my-saes
+  {PROG} export snapshots/step_1500 --format neuronpedia np/ --model-id all-minilm-l6-v2 --layer 3 --source-set res-topk
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
 """
 EXPORT_COMMAND = "export"
