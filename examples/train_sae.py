@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from log_progress import progress_bar_for  # noqa: E402
 from rich.console import Console  # noqa: E402
 from sae_data import ActivationDataModule  # noqa: E402
 from sae_models import SAEModule  # noqa: E402
@@ -160,6 +161,8 @@ def main(args=None) -> None:
         ActivationDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        # On a terminal a rich bar labelled with steps; in a log file a line every 5% of the steps or minute.
+        trainer_defaults={"callbacks": [progress_bar_for()]},
         args=args,
     )
 

@@ -92,6 +92,11 @@ def test_example_trains_collects_and_reports(tmp_path):
     assert f"snapshot directory: {snapshot.resolve()}" in " ".join(done.stdout.split())
     assert sample["context_tokens"][sample["context_position"]] == sample["tokens"][-1]
     assert (samples / "interpretability_report.md").is_file()
+    # Output to a pipe, not a terminal: caching, training and validation log progress lines as they go.
+    logged = done.stderr.splitlines()
+    assert any(line.startswith("caching minilm layer 3") and "windows" in line for line in logged), logged[-20:]
+    assert "training: Epoch 0 · step 0/40 (a line every 2 steps or 60 s)" in logged
+    assert any(line.startswith("validation: done, ") for line in logged)
     out = done.stdout
     assert str(samples.resolve()) in out
     if importlib.util.find_spec("lightning_sae_samples.analysis.analyzer") is not None:
