@@ -458,6 +458,7 @@ class ActivationSampleCollector:
         feature_extras: Optional[dict[int, dict]] = None,
         owner: Optional[str] = None,
         source: str = "train",
+        trained_step: Optional[int] = None,
     ) -> list[int]:
         """Write the samples directory of a merged state (see :meth:`merged_state`), on one process.
 
@@ -474,6 +475,8 @@ class ActivationSampleCollector:
             feature_extras: Extra keys per saved feature file (see ``write_samples_dir``).
             owner: Who saves, in log messages (default: this class's name).
             source: What the collection is (see ``write_samples_dir``): ``"train"`` or an evaluation loop's name.
+            trained_step: Of a snapshot: the run's last training step, said and recorded when newer than the
+                weights' step (see ``write_samples_dir``).
 
         Returns:
             The saved feature indices, best first.
@@ -496,11 +499,17 @@ class ActivationSampleCollector:
             full_state=full_state,
             feature_extras=feature_extras,
             source=source,
+            trained_step=trained_step,
         )
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0
+        older = (
+            f" (weights of step {step}, older than the run's last training step {int(trained_step)})"
+            if trained_step is not None and int(trained_step) > step else ""
+        )
         rank_zero_info(
-            f"{owner}: saved samples to {dirpath} at step {step}: {len(saved)} feature files ({in_files} samples)"
+            f"{owner}: saved samples to {dirpath} at step {step}{older}: {len(saved)} feature files"
+            f" ({in_files} samples)"
             + (f" and the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
                if full_state else ".")
         )

@@ -33,6 +33,7 @@ from lightning_sae_samples.samples_dir.names import (
 )
 from lightning_sae_samples.samples_dir.serialize import (
     _window_token_ids,
+    activating_tokens_record,
     sample_groups,
     sample_records,
     with_recent_view,
@@ -59,6 +60,7 @@ def write_samples_dir(
     feature_extras: Optional[dict[int, dict]] = None,
     full_state: bool = True,
     source: str = "train",
+    trained_step: Optional[int] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -74,6 +76,8 @@ def write_samples_dir(
         source: ``"train"`` for the training-time collection (samples from many SAE states); ``"validate"``,
             ``"test"`` or ``"predict"`` for a snapshot of one evaluation run, recorded as the summary's ``source``
             with its ``weights_step``.
+        trained_step: Of a snapshot: the run's last training step, recorded as ``trained_step`` when it is newer
+            than the weights' step (the evaluation loaded an older checkpoint).
         before_commit: Called with the pending directory once every new file is complete (tests use it
             to simulate a crash).
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
@@ -102,7 +106,7 @@ def write_samples_dir(
         ranked, written, stale = _write_pending(
             dirpath, pending, state, config=config, tokenizer=tokenizer, top_features=top_features,
             samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=global_step,
-            feature_extras=feature_extras, full_state=full_state, source=source,
+            feature_extras=feature_extras, full_state=full_state, source=source, trained_step=trained_step,
         )
         if before_commit is not None:
             before_commit(pending)
@@ -136,6 +140,7 @@ def _write_pending(
     feature_extras: Optional[dict[int, dict]],
     full_state: bool,
     source: str,
+    trained_step: Optional[int],
 ) -> tuple[list[int], list[str], list[str]]:
     """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
     atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
@@ -154,7 +159,8 @@ def _write_pending(
     for idx in ranked:
         stats = feature_statistics(state, idx)
         name = feature_filename(idx)
-        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder)}
+        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder),
+                  "activating_tokens": activating_tokens_record(state, idx, decoder)}
         groups = sample_groups(view, idx, samples_per_feature, decoder)
         if "recent_overlap" in groups:
             stats["recent_overlap"] = groups.pop("recent_overlap")
@@ -179,6 +185,8 @@ def _write_pending(
     summary["config"] = config
     if source != "train":
         summary["source"], summary["weights_step"] = source, int(global_step)
+        if trained_step is not None and int(trained_step) > int(global_step):
+            summary["trained_step"] = int(trained_step)
     summary["top_features_by_activation"] = entries
     digest.update(json.dumps([summary, sorted(written)], sort_keys=True, ensure_ascii=False).encode("utf-8"))
     summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
