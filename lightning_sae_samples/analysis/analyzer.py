@@ -160,35 +160,16 @@ class ActivationSampleAnalyzer:
         self._state: Optional[dict] = None
         self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
-        raw = self.directory.summary
         try:
-            saved = tuple(int(e["feature_idx"]) for e in raw.get("top_features_by_activation", []))
-            self.summary = RunSummary(
-                path=self.directory.path,
-                global_step=int(raw.get("global_step", 0)),
-                save_id=raw.get("save_id"),
-                num_features_tracked=int(raw["num_features_tracked"]),
-                alive_features=int(raw["alive_features"]),
-                never_fired_features=int(raw["never_fired_features"]),
-                total_samples_seen=int(raw["total_samples_seen"]),
-                total_samples_stored=int(raw["total_samples_stored"]),
-                steps_collected=int(raw["steps_collected"]),
-                tokens_seen=int(raw["tokens_seen"]),
-                first_collected_step=raw.get("first_collected_step"),
-                last_collected_step=raw.get("last_collected_step"),
-                frequency_histogram=Histogram.from_json(raw["frequency_histogram"]),
-                rank_by=str((raw.get("config") or {}).get("rank_features_by") or RANK_CHOICES[0]),
-                saved_features=saved,
-                has_full_state=self.directory.full_state_path is not None,
-                config=dict(raw.get("config") or {}),
-                source=str(raw.get("source") or "train"),
+            self.summary = RunSummary.from_json(
+                self.directory.summary, self.directory.path, self.directory.full_state_path is not None
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
                 f"{self.directory.path / 'collection_summary.json'} is not a valid samples summary"
                 f" ({type(err).__name__}: {err}). Re-run the save, or point to a directory the callback wrote."
             ) from err
-        self._saved = {idx: self._load_feature_file(idx) for idx in saved}
+        self._saved = {idx: self._load_feature_file(idx) for idx in self.summary.saved_features}
 
     # ------------------------------------------------------------------ loading
     def _load_feature_file(self, idx: int) -> FeatureSamples:
@@ -213,6 +194,13 @@ class ActivationSampleAnalyzer:
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."
             ) from err
+        if stats.feature_idx != idx or any(s.feature_idx != idx for s in samples):
+            raise SamplesDirectoryError(f"{path} holds samples of another feature than {idx} (`feature_idx`).")
+        if stats.tokens_seen != self.summary.tokens_seen:
+            raise SamplesDirectoryError(
+                f"{path} was written after {stats.tokens_seen} tokens (`statistics.tokens_seen`) but the summary"
+                f" after {self.summary.tokens_seen}: the directory mixes two saves. Re-run the save."
+            )
         return FeatureSamples(
             stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent
         )
@@ -228,6 +216,11 @@ class ActivationSampleAnalyzer:
                 raise SamplesDirectoryError(
                     f"{path} tracks {int(state['num_latents'])} latents but the summary says"
                     f" {self.summary.num_features_tracked}; the directory mixes two runs."
+                )
+            if int(state["tokens_seen"]) != self.summary.tokens_seen:
+                raise SamplesDirectoryError(
+                    f"{path} holds a collection of {int(state['tokens_seen'])} tokens (`tokens_seen`) but the summary"
+                    f" one of {self.summary.tokens_seen}: the directory mixes two saves. Re-run the save."
                 )
             self._state = state
         return self._state

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from lightning_sae_samples.samples_dir.commit import commit_plan, load_commit
-from lightning_sae_samples.samples_dir.files import is_plain_file, load_json
+from lightning_sae_samples.samples_dir.files import is_plain_file, json_problem, load_json
 from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
     FULL_STATE_NAME,
@@ -79,6 +79,10 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
     summary = load_json(files[SUMMARY_NAME])
     if not isinstance(summary, dict) or "format_version" not in summary:
         raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} has no `format_version`; it is not a samples summary.")
+    problem = json_problem(summary)
+    if problem is not None:
+        raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} is not a valid samples summary: {problem}. Re-run the"
+                                    " save.")
     if summary["format_version"] != FORMAT_VERSION:
         raise SamplesDirectoryError(
             f"{files[SUMMARY_NAME]} has format_version {summary['format_version']}, this version reads"
