@@ -33,7 +33,13 @@ from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import load_full_state, read_samples_dir
+from lightning_sae_samples.samples_dir.reader import (
+    SaveChangedError,
+    load_full_state,
+    read_one_save,
+    read_samples_dir,
+    save_signature,
+)
 from lightning_sae_samples.samples_dir.serialize import (
     sample_groups,
     sample_records,
@@ -144,14 +150,19 @@ class ActivationSampleAnalyzer:
             loaded from local files only. Without either, they show the strings known from the saved
             feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
+    The summary and feature files are read at once, ``full_state.pt`` on first use; all come from one committed
+    save (a read that overlaps a commit is redone, see ``docs/format.md``).
+
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
+        SaveChangedError: Saves were committed during every attempt to read one (later, when ``full_state.pt``
+            is first needed: a save was committed since this analyzer was opened; open a new one).
     """
 
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
-        self.directory = read_samples_dir(samples_dir)
+        _, self._signature = read_one_save(samples_dir, lambda: self._read(samples_dir))
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
         self._recorded_tokenizer_tried = tokenizer is not None
@@ -160,6 +171,11 @@ class ActivationSampleAnalyzer:
         self._state: Optional[dict] = None
         self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
+
+    # ------------------------------------------------------------------ loading
+    def _read(self, samples_dir: PathLike) -> None:
+        """The summary and every saved feature file (``full_state.pt`` is read on first use, from the same save)."""
+        self.directory = read_samples_dir(samples_dir)
         try:
             self.summary = RunSummary.from_json(
                 self.directory.summary, self.directory.path, self.directory.full_state_path is not None
@@ -171,7 +187,6 @@ class ActivationSampleAnalyzer:
             ) from err
         self._saved = {idx: self._load_feature_file(idx) for idx in self.summary.saved_features}
 
-    # ------------------------------------------------------------------ loading
     def _load_feature_file(self, idx: int) -> FeatureSamples:
         path = self.directory.feature_files.get(idx)
         if path is None:
@@ -208,7 +223,13 @@ class ActivationSampleAnalyzer:
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
             path = self.directory.full_state_path
-            state = load_full_state(path)
+            self._check_same_save()
+            try:
+                state, signature = read_one_save(self.directory.path, lambda: load_full_state(path))
+            except SamplesDirectoryError:
+                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+                raise
+            self._check_same_save(signature)
             missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
@@ -224,6 +245,15 @@ class ActivationSampleAnalyzer:
                 )
             self._state = state
         return self._state
+
+    def _check_same_save(self, signature: Optional[tuple] = None) -> None:
+        """Raise :class:`SaveChangedError` if the directory no longer holds the save this analyzer read."""
+        if (signature or save_signature(self.directory.path)) != self._signature:
+            raise SaveChangedError(
+                f"{self.directory.path}: a save was committed while reading; retry (this analyzer read the save of"
+                f" step {self.summary.global_step}: open a new ActivationSampleAnalyzer for the full_state.pt of"
+                " the current one)."
+            )
 
     @property
     def recorded_tokenizer(self) -> Optional[str]:
