@@ -21,7 +21,7 @@ from lightning_sae_samples.serve.runs import RunSet  # noqa: E402
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """A real save with interval and recent samples and a full state."""
-    collector = ActivationSampleCollector(num_latents=8, max_samples_per_feature=3, context_size=2,
+    collector = ActivationSampleCollector(num_latents=8, max_samples_per_feature=3, context_size=4,
                                           activation_threshold=0.2, top_features_to_save=3,
                                           samples_per_feature_to_save=2, samples_per_interval=2,
                                           recent_window_steps=2, write_report=False)
@@ -71,6 +71,16 @@ def _first(state, key, value):
     state[key].view(-1)[0] = value
 
 
+def _hole(state):
+    """A -1 inside a window, between real tokens: not the fill beyond a sequence's edge."""
+    window = state["top"]["context_tokens"]
+    window[int((window >= 0).all(1).nonzero()[0]), 1] = -1
+
+
+def _fired(state):
+    return int((state["count"] > 0).nonzero()[0])
+
+
 CASES = {
     "NaN in max": (_state(lambda s: s["max"].__setitem__(0, math.nan)), "`max`"),
     "Inf in sum": (_state(lambda s: s["sum"].__setitem__(0, math.inf)), "`sum`"),
@@ -110,6 +120,8 @@ CASES = {
                                                                           [-1e308, 1e308])), "histogram.bin_edges"),
     "feature histogram counts of 10**30": (_json("feature", lambda r: _set(r, ["statistics", "histogram", "counts"],
                                                                            [10**30] * 40)), "histogram.counts"),
+    "sum of 1e308 (a mean beyond float32)": (_state(lambda s: s["sum"].__setitem__(_fired(s), 1e308)), "`sum`"),
+    "EMPTY inside a window": (_state(_hole), "`top.context_tokens`"),
     "feature NaN max": (_json("feature", lambda r: _set(r, ["statistics", "max_activation"], math.nan)),
                         "`max_activation`"),
     "feature negative token": (_json("feature", lambda r: _set(r, ["top_samples", 0, "context_tokens", 0], -1)),
@@ -140,3 +152,4 @@ def test_a_bad_value_is_refused_naming_the_file_and_the_field(tmp_path, pristine
 def test_the_pristine_save_reads(pristine):
     analyzer = ActivationSampleAnalyzer(pristine)
     assert [analyzer.feature(i).stats.feature_idx for i in range(8)] == list(range(8))
+

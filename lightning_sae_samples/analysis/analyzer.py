@@ -304,13 +304,26 @@ class ActivationSampleAnalyzer:
                 strings.update((t.token_id, t.text) for t in sample.context if not is_undecoded(t.text))
         return _KnownTokenStrings(strings, self._undecoded_ids)
 
+    def _state_stats(self, state: dict, idx: int) -> FeatureStats:
+        try:
+            return FeatureStats.from_json(feature_statistics(state, idx))
+        except ValueError as err:  # a checked state gives none; say where, should one get through
+            raise SamplesDirectoryError(
+                f"{self.directory.full_state_path} gives latent {idx} statistics out of range ({err})."
+            ) from err
+
     def _state_samples(self, state: dict, idx: int, start: int, stop: int) -> list[Sample]:
         if stop <= start:
             return []
         decoder = self._decoder()
         decoder.prepare(window_token_ids(state, "top", [idx], stop).tolist())
         records = sample_records(state, idx, stop, decoder)
-        return [Sample.from_json(r) for r in records[start:]]
+        try:
+            return [Sample.from_json(r) for r in records[start:]]
+        except ValueError as err:  # a checked state gives none; say where, should one get through
+            raise SamplesDirectoryError(
+                f"{self.directory.full_state_path} gives latent {idx} a bad sample ({err})."
+            ) from err
 
     def _state_groups(
         self, state: dict, idx: int
@@ -379,7 +392,7 @@ class ActivationSampleAnalyzer:
         assert state is not None
         ranked = rank_features(state, rank, limit).tolist()
         return [
-            self._saved[i].stats if i in self._saved else FeatureStats.from_json(feature_statistics(state, i))
+            self._saved[i].stats if i in self._saved else self._state_stats(state, i)
             for i in ranked
         ]
 
@@ -418,7 +431,7 @@ class ActivationSampleAnalyzer:
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
                 f" to read it from. {self._nearby_message(idx)}"
             )
-        stats = FeatureStats.from_json(feature_statistics(state, idx))
+        stats = self._state_stats(state, idx)
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
         samples = tuple(self._state_samples(state, idx, 0, limit))
         groups, recent, overlap = self._state_groups(state, idx)

@@ -96,8 +96,14 @@ def _table(state: dict, name: str, rows: int, window: int) -> None:
         _at_least(table[field], f"{name}.{field}", 0)
     tokens = table["context_tokens"]
     _at_least(tokens, f"{name}.context_tokens", EMPTY)
-    _values(tokens[:, window // 2] >= 0, f"{name}.context_tokens",
-            f"a token id >= 0 at each sample's own position (column {window // 2}; {EMPTY} only outside the sequence)")
+    centre = window // 2
+    inside = (tokens >= 0).to(torch.int8)
+    edges_only = (inside[:, 1 : centre + 1] >= inside[:, :centre]).all(1) & (
+        inside[:, centre + 1 :] <= inside[:, centre:-1]
+    ).all(1)
+    _values(inside[:, centre].bool() & edges_only, f"{name}.context_tokens",
+            f"token ids >= 0 from each sample's own position (column {centre}) outwards, {EMPTY} only beyond the"
+            " sequence's edges")
     if "priority" in table:
         priority = table["priority"]
         if not isinstance(priority, Tensor) or tuple(priority.shape) != (stored,) or not priority.is_floating_point():
@@ -165,9 +171,13 @@ def _check_statistics(state: dict, tokens_seen: int) -> None:
     """The per-latent statistics hold values the collector can produce (shapes are checked already)."""
     count = state["count"]
     _values((count >= 0) & (count <= tokens_seen), "count", f"counts in [0, tokens_seen = {tokens_seen}]")
+    # Sums of float32 activations: their mean, and mean square, stay within float32's range (0 where none).
+    counted = count.to(torch.float64)
     _finite(state["sum"], "sum", math.inf)
+    _values(state["sum"].abs() <= counted * FLOAT_LIMIT, "sum", "sums of count float32 activations")
     _finite(state["sum_sq"], "sum_sq", math.inf)
-    _at_least(state["sum_sq"], "sum_sq", 0)
+    _values((state["sum_sq"] >= 0) & (state["sum_sq"] <= counted * FLOAT_LIMIT**2), "sum_sq",
+            "sums of count squared float32 activations")
     fired = count > 0
     for key, empty in (("max", -math.inf), ("min", math.inf)):
         value = state[key]
