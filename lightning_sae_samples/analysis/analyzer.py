@@ -32,7 +32,7 @@ from lightning_sae_samples.arguments import choice
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
@@ -213,8 +213,9 @@ class ActivationSampleAnalyzer:
             raise SamplesDirectoryError(f"{path} holds samples of another feature than {idx} (`feature_idx`).")
         if stats.tokens_seen != self.summary.tokens_seen:
             raise SamplesDirectoryError(
-                f"{path} was written after {stats.tokens_seen} tokens (`statistics.tokens_seen`) but the summary"
-                f" after {self.summary.tokens_seen}: the directory mixes two saves. Re-run the save."
+                f"{path} was written after {stats.tokens_seen} tokens (`statistics.tokens_seen`) but"
+                f" {self.directory.path / SUMMARY_NAME} after {self.summary.tokens_seen} (`tokens_seen`): the"
+                " directory mixes two saves. Re-run the save."
             )
         return FeatureSamples(
             stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent
@@ -235,13 +236,14 @@ class ActivationSampleAnalyzer:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
             if int(state["num_latents"]) != self.summary.num_features_tracked:
                 raise SamplesDirectoryError(
-                    f"{path} tracks {int(state['num_latents'])} latents but the summary says"
-                    f" {self.summary.num_features_tracked}; the directory mixes two runs."
+                    f"{path} tracks {int(state['num_latents'])} latents but {self.directory.path / SUMMARY_NAME} says"
+                    f" {self.summary.num_features_tracked} (`num_features_tracked`); the directory mixes two runs."
                 )
             if int(state["tokens_seen"]) != self.summary.tokens_seen:
                 raise SamplesDirectoryError(
-                    f"{path} holds a collection of {int(state['tokens_seen'])} tokens (`tokens_seen`) but the summary"
-                    f" one of {self.summary.tokens_seen}: the directory mixes two saves. Re-run the save."
+                    f"{path} holds a collection of {int(state['tokens_seen'])} tokens (`tokens_seen`) but"
+                    f" {self.directory.path / SUMMARY_NAME} one of {self.summary.tokens_seen}: the directory mixes"
+                    " two saves. Re-run the save."
                 )
             self._state = state
         return self._state
