@@ -102,7 +102,8 @@ def measure(dirpath: str, repeat: int) -> None:
     saved = list(index.analyzer.saved_features[:repeat])
     feature = [timed(f"/api/features/{i}") for i in picks]
     feature_saved = [timed(f"/api/features/{i}") for i in saved]
-    common = torch.argsort(torch.bincount(index.tokens.keys // num_latents), descending=True)[:repeat].tolist()
+    pair_tokens, pairs = torch.unique(index.tokens.pair_token, return_counts=True)
+    common = pair_tokens[torch.argsort(pairs, descending=True)][:repeat].tolist()
     token = [timed(f"/api/search/token?id={t}") for t in common]
     texts = [index.token_strings[t] for t in common]
     token_text = [timed("/api/search/token?text=" + __import__("urllib.parse").parse.quote(t)) for t in texts]

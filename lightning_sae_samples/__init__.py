@@ -22,7 +22,7 @@ from lightning_sae_samples.analysis.records import (
 )
 from lightning_sae_samples.analysis.reports import write_report
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import SamplesDirectory, read_samples_dir
+from lightning_sae_samples.samples_dir.reader import SamplesDirectory, SaveChangedError, read_samples_dir
 
 try:
     __version__ = version("lightning-sae-samples")
@@ -62,6 +62,7 @@ __all__ = [
     "Sample",
     "SamplesDirectory",
     "SamplesDirectoryError",
+    "SaveChangedError",
     "TokenEffect",
     "UnknownFeatureError",
     "__version__",

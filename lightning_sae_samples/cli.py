@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
@@ -14,7 +14,7 @@ from rich.console import Console
 from lightning_sae_samples.analysis import neuronpedia
 from lightning_sae_samples.arguments import OneLineErrorParser
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import find_samples_dirs
+from lightning_sae_samples.samples_dir.reader import READ_ATTEMPTS, SaveChangedError, find_samples_dirs
 from lightning_sae_samples.state.statistics import RANK_CHOICES
 
 if TYPE_CHECKING:
@@ -206,21 +206,34 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             print_runs(args.samples_dir, runs, console)
             return
     analyzer = open_analyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
+    # Everything is read before anything is printed, so that a command redone after a commit prints once.
+    written = []
+    if args.report:
+        written.append(("Markdown", analyzer.generate_interpretability_report(
+            args.report, args.top_k, args.examples_per_feature, args.rank_by, progress=True
+        )))
+    if args.html:
+        written.append(("HTML", analyzer.generate_html_report(
+            args.html, args.top_k, args.examples_per_feature, args.rank_by, progress=True
+        )))
     if args.feature is not None:
         analyzer.print_feature_report(args.feature, args.num_examples, console=console)
-    if args.report:
-        path = analyzer.generate_interpretability_report(
-            args.report, args.top_k, args.examples_per_feature, args.rank_by, progress=True
-        )
-        console.print(f"Wrote Markdown report to {path}", highlight=False, markup=False)
-    if args.html:
-        path = analyzer.generate_html_report(
-            args.html, args.top_k, args.examples_per_feature, args.rank_by, progress=True
-        )
-        console.print(f"Wrote HTML report to {path}", highlight=False, markup=False)
+    for kind, path in written:
+        console.print(f"Wrote {kind} report to {path}", highlight=False, markup=False)
     if args.feature is None and not args.report and not args.html:
         analyzer.print_summary(args.top_k, args.rank_by, console=console)
     _note_undecoded(analyzer)
+
+
+def _run_one_save(run: Callable[[argparse.Namespace, Console], None], args: argparse.Namespace) -> None:
+    """``run``, redone with a fresh analyzer when a save was committed between reading its parts."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            run(args, Console())
+            return
+        except SaveChangedError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -234,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_export_parser() if export else build_parser()
     args = parser.parse_args(argv[1:] if export else argv)
     try:
-        (_run_export if export else _run)(args, Console())
+        _run_one_save(_run_export if export else _run, args)
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         return 130

@@ -9,6 +9,7 @@ write outside the output path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -166,3 +167,109 @@ def test_the_cli_answers_a_corrupt_directory_with_exit_code_2_and_one_line(tmp_p
             continue  # this command does not read the corrupt part
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------------- values, not only shapes and types
+_DEEP = "__deeply_nested__"
+#: Values a stranger's file may hold where the writer writes a number, a string or a list.
+SPECIAL_VALUES = [math.nan, math.inf, -math.inf, 1e308, -1e308, 3.5e38, 10**30, -(10**30), 2**63, 2**64, -1, -7,
+                  -(2**31), "abc", "", "1e3", None, True, [], {}, [math.nan], {"x": math.inf}, _DEEP]
+VALUES = st.one_of(
+    st.sampled_from(SPECIAL_VALUES),
+    st.sampled_from(SPECIAL_VALUES),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=4),
+)
+#: Values put into one element of a tensor of ``full_state.pt`` (cast to its dtype).
+TENSOR_SPECIALS = [math.nan, math.inf, -math.inf, 1e308, -1e308, -1, -2, -(2**31), 2**31 - 1, 2**62, -(2**62)]
+TENSOR_VALUES = st.one_of(
+    st.sampled_from(TENSOR_SPECIALS),
+    st.sampled_from(TENSOR_SPECIALS),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**63), 2**63 - 1),
+)
+EXAMPLES = 20 if os.environ.get("HYPOTHESIS_PROFILE", "default") == "default" else None
+
+
+def _tensors(state, prefix=()):
+    """Every (path, tensor) inside a state, tables and sparse counts included."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.numel():
+            yield (*prefix, key), value
+        elif isinstance(value, dict):
+            yield from _tensors(value, (*prefix, key))
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    path.unlink()  # the copy is hard-linked to the pristine directory: never write through the link
+    path.write_bytes(data)
+
+
+@st.composite
+def bad_values(draw):
+    target = draw(st.sampled_from(["summary", "feature", "full_state"]))
+    pick, element = draw(st.integers(0, 255)), draw(st.integers(0, 255))
+    if target == "full_state":
+        return target, pick, draw(TENSOR_VALUES), element
+    return target, pick, draw(VALUES), draw(st.sampled_from([2, 40, 100_000]))
+
+
+def _put_value(directory: Path, target, pick, value, extra) -> str:
+    if target == "full_state":
+        path = directory / "full_state.pt"
+        state = torch.load(path, weights_only=True)
+        places = sorted(_tensors(state), key=lambda p: p[0])
+        where, tensor = places[pick % len(places)]
+        flat = tensor.view(-1)
+        element = extra % flat.numel()
+        if tensor.is_floating_point():
+            flat[element] = torch.tensor(float(value), dtype=torch.float64).to(tensor.dtype)  # 1e308: inf in fp32
+        else:
+            info = torch.iinfo(tensor.dtype)
+            flat[element] = max(info.min, min(info.max, int(value) if math.isfinite(value) else -1))
+        data = __import__("io").BytesIO()
+        torch.save(state, data)
+        _replace_file(path, data.getvalue())
+        return path.name
+    if target == "summary":
+        path = directory / "collection_summary.json"
+    else:
+        files = sorted(directory.glob("feature_*_samples.json"))
+        path = files[pick % len(files)]
+    record = json.loads(path.read_text(encoding="utf-8"))
+    places = [p for p, _ in _paths(record) if p]
+    where = places[pick % len(places)]
+    record = _set(record, where, value)
+    text = json.dumps(record)  # NaN and Infinity are written as a stranger's file may hold them
+    text = text.replace(json.dumps(_DEEP), "[" * extra + "]" * extra)
+    _replace_file(path, text.encode("utf-8"))
+    return path.name
+
+
+def read_and_serve(directory: Path) -> None:
+    from lightning_sae_samples.serve.index import RunIndex
+
+    analyzer = ActivationSampleAnalyzer(directory)
+    for idx in range(analyzer.num_features):
+        analyzer.feature(idx, num_examples=3)
+    analyzer.render_html(top_k_features=4, examples_per_feature=2)
+    index = RunIndex.load(directory)
+    index.summary_json()
+    index.feature_list(sort="mean_activation", kind="alive")
+    for idx in index.analyzer.saved_features[:2]:
+        index.feature_page(idx, 3)
+    index.token_search(index.token_ids_for("1"))
+    index.context_search("1", 0, 5)
+
+
+@hypothesis.settings(max_examples=EXAMPLES) if EXAMPLES else (lambda test: test)
+@hypothesis.given(bad_values())
+def test_a_bad_value_anywhere_gives_one_clear_error_naming_the_file(tmp_path_factory, pristine, case):
+    directory = tmp_path_factory.mktemp("value") / "samples"
+    shutil.copytree(pristine, directory, copy_function=os.link)
+    name = _put_value(directory, *case)
+    try:
+        read_and_serve(directory)
+    except ALLOWED as err:
+        assert name in str(err) or isinstance(err, UnknownFeatureError), f"the error does not name {name}: {err}"

@@ -32,8 +32,14 @@ from lightning_sae_samples.arguments import choice
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import load_full_state, read_samples_dir
+from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import (
+    SaveChangedError,
+    load_full_state,
+    read_one_save,
+    read_samples_dir,
+    save_signature,
+)
 from lightning_sae_samples.samples_dir.serialize import (
     ACTIVATING_TOKENS_LISTED,
     activating_token_counts,
@@ -146,14 +152,19 @@ class ActivationSampleAnalyzer:
             loaded from local files only. Without either, they show the strings known from the saved
             feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
+    The summary and feature files are read at once, ``full_state.pt`` on first use; all come from one committed
+    save (a read that overlaps a commit is redone, see ``docs/format.md``).
+
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
+        SaveChangedError: Saves were committed during every attempt to read one (later, when ``full_state.pt``
+            is first needed: a save was committed since this analyzer was opened; open a new one).
     """
 
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
-        self.directory = read_samples_dir(samples_dir)
+        _, self._signature = read_one_save(samples_dir, lambda: self._read(samples_dir))
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
         self._recorded_tokenizer_tried = tokenizer is not None
@@ -162,38 +173,22 @@ class ActivationSampleAnalyzer:
         self._state: Optional[dict] = None
         self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
-        raw = self.directory.summary
+
+    # ------------------------------------------------------------------ loading
+    def _read(self, samples_dir: PathLike) -> None:
+        """The summary and every saved feature file (``full_state.pt`` is read on first use, from the same save)."""
+        self.directory = read_samples_dir(samples_dir)
         try:
-            saved = tuple(int(e["feature_idx"]) for e in raw.get("top_features_by_activation", []))
-            self.summary = RunSummary(
-                path=self.directory.path,
-                global_step=int(raw.get("global_step", 0)),
-                save_id=raw.get("save_id"),
-                num_features_tracked=int(raw["num_features_tracked"]),
-                alive_features=int(raw["alive_features"]),
-                never_fired_features=int(raw["never_fired_features"]),
-                total_samples_seen=int(raw["total_samples_seen"]),
-                total_samples_stored=int(raw["total_samples_stored"]),
-                steps_collected=int(raw["steps_collected"]),
-                tokens_seen=int(raw["tokens_seen"]),
-                first_collected_step=raw.get("first_collected_step"),
-                last_collected_step=raw.get("last_collected_step"),
-                frequency_histogram=Histogram.from_json(raw["frequency_histogram"]),
-                rank_by=str((raw.get("config") or {}).get("rank_features_by") or RANK_CHOICES[0]),
-                saved_features=saved,
-                has_full_state=self.directory.full_state_path is not None,
-                config=dict(raw.get("config") or {}),
-                source=str(raw.get("source") or "train"),
-                trained_step=None if raw.get("trained_step") is None else int(raw["trained_step"]),
+            self.summary = RunSummary.from_json(
+                self.directory.summary, self.directory.path, self.directory.full_state_path is not None
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
                 f"{self.directory.path / 'collection_summary.json'} is not a valid samples summary"
                 f" ({type(err).__name__}: {err}). Re-run the save, or point to a directory the callback wrote."
             ) from err
-        self._saved = {idx: self._load_feature_file(idx) for idx in saved}
+        self._saved = {idx: self._load_feature_file(idx) for idx in self.summary.saved_features}
 
-    # ------------------------------------------------------------------ loading
     def _load_feature_file(self, idx: int) -> FeatureSamples:
         path = self.directory.feature_files.get(idx)
         if path is None:
@@ -217,6 +212,14 @@ class ActivationSampleAnalyzer:
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."
             ) from err
+        if stats.feature_idx != idx or any(s.feature_idx != idx for s in samples):
+            raise SamplesDirectoryError(f"{path} holds samples of another feature than {idx} (`feature_idx`).")
+        if stats.tokens_seen != self.summary.tokens_seen:
+            raise SamplesDirectoryError(
+                f"{path} was written after {stats.tokens_seen} tokens (`statistics.tokens_seen`) but"
+                f" {self.directory.path / SUMMARY_NAME} after {self.summary.tokens_seen} (`tokens_seen`): the"
+                " directory mixes two saves. Re-run the save."
+            )
         return FeatureSamples(
             stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent,
             kept_token_counts=kept_counts, kept_samples=kept,
@@ -225,17 +228,38 @@ class ActivationSampleAnalyzer:
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
             path = self.directory.full_state_path
-            state = load_full_state(path)
+            self._check_same_save()
+            try:
+                state, signature = read_one_save(self.directory.path, lambda: load_full_state(path))
+            except SamplesDirectoryError:
+                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+                raise
+            self._check_same_save(signature)
             missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
             if int(state["num_latents"]) != self.summary.num_features_tracked:
                 raise SamplesDirectoryError(
-                    f"{path} tracks {int(state['num_latents'])} latents but the summary says"
-                    f" {self.summary.num_features_tracked}; the directory mixes two runs."
+                    f"{path} tracks {int(state['num_latents'])} latents but {self.directory.path / SUMMARY_NAME} says"
+                    f" {self.summary.num_features_tracked} (`num_features_tracked`); the directory mixes two runs."
+                )
+            if int(state["tokens_seen"]) != self.summary.tokens_seen:
+                raise SamplesDirectoryError(
+                    f"{path} holds a collection of {int(state['tokens_seen'])} tokens (`tokens_seen`) but"
+                    f" {self.directory.path / SUMMARY_NAME} one of {self.summary.tokens_seen}: the directory mixes"
+                    " two saves. Re-run the save."
                 )
             self._state = state
         return self._state
+
+    def _check_same_save(self, signature: Optional[tuple] = None) -> None:
+        """Raise :class:`SaveChangedError` if the directory no longer holds the save this analyzer read."""
+        if (signature or save_signature(self.directory.path)) != self._signature:
+            raise SaveChangedError(
+                f"{self.directory.path}: a save was committed while reading; retry (this analyzer read the save of"
+                f" step {self.summary.global_step}: open a new ActivationSampleAnalyzer for the full_state.pt of"
+                " the current one)."
+            )
 
     @property
     def recorded_tokenizer(self) -> Optional[str]:
@@ -286,13 +310,26 @@ class ActivationSampleAnalyzer:
                 strings.update((t.token_id, t.text) for t in sample.context if not is_undecoded(t.text))
         return _KnownTokenStrings(strings, self._undecoded_ids)
 
+    def _state_stats(self, state: dict, idx: int) -> FeatureStats:
+        try:
+            return FeatureStats.from_json(feature_statistics(state, idx))
+        except ValueError as err:  # a checked state gives none; say where, should one get through
+            raise SamplesDirectoryError(
+                f"{self.directory.full_state_path} gives latent {idx} statistics out of range ({err})."
+            ) from err
+
     def _state_samples(self, state: dict, idx: int, start: int, stop: int) -> list[Sample]:
         if stop <= start:
             return []
         decoder = self._decoder()
         decoder.prepare(window_token_ids(state, "top", [idx], stop).tolist())
         records = sample_records(state, idx, stop, decoder)
-        return [Sample.from_json(r) for r in records[start:]]
+        try:
+            return [Sample.from_json(r) for r in records[start:]]
+        except ValueError as err:  # a checked state gives none; say where, should one get through
+            raise SamplesDirectoryError(
+                f"{self.directory.full_state_path} gives latent {idx} a bad sample ({err})."
+            ) from err
 
     def _state_groups(
         self, state: dict, idx: int
@@ -361,7 +398,7 @@ class ActivationSampleAnalyzer:
         assert state is not None
         ranked = rank_features(state, rank, limit).tolist()
         return [
-            self._saved[i].stats if i in self._saved else FeatureStats.from_json(feature_statistics(state, i))
+            self._saved[i].stats if i in self._saved else self._state_stats(state, i)
             for i in ranked
         ]
 
@@ -400,7 +437,7 @@ class ActivationSampleAnalyzer:
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
                 f" to read it from. {self._nearby_message(idx)}"
             )
-        stats = FeatureStats.from_json(feature_statistics(state, idx))
+        stats = self._state_stats(state, idx)
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
         samples = tuple(self._state_samples(state, idx, 0, limit))
         groups, recent, overlap = self._state_groups(state, idx)

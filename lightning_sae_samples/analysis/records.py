@@ -11,29 +11,43 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
+
+from lightning_sae_samples.config import RankBy
 
 #: A latent whose ``recent_overlap`` is below this is flagged: its meaning may have moved.
 DRIFT_THRESHOLD = 0.25
+#: Lowest log10 firing frequency a frequency histogram edge may have (one token in 10**64: far below any run).
+LOG10_FREQUENCY_FLOOR = -64.0
 
 
-def _int(record: dict, key: str) -> int:
-    """``record[key]`` if it is an integer (not a bool), else a ``ValueError`` naming the field."""
+#: Largest integer a reader accepts: counts, steps and ids are int64 on the writer's side.
+INT_LIMIT = 2**63 - 1
+#: Largest magnitude of an activation-like number: activations are float32.
+FLOAT_LIMIT = 3.4028234663852886e38
+
+
+def _int(record: dict, key: str, minimum: int = 0) -> int:
+    """``record[key]`` if it is an integer in ``[minimum, 2**63)`` (not a bool), else a ``ValueError`` naming it."""
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{key}` must be an integer, got {value!r}")
+        raise ValueError(f"`{key}` must be an integer, got {value!r:.60}")
+    if not minimum <= value <= INT_LIMIT:
+        raise ValueError(f"`{key}` must be an integer in [{minimum}, 2**63), got {value!r:.60}")
     return value
 
 
-def _optional_int(record: dict, key: str) -> Optional[int]:
-    return None if record.get(key) is None else _int(record, key)
+def _optional_int(record: dict, key: str, minimum: int = 0) -> Optional[int]:
+    return None if record.get(key) is None else _int(record, key, minimum)
 
 
-def _float(record: dict, key: str) -> float:
-    """``record[key]`` as a float if it is a finite number (not a bool), else a ``ValueError`` naming the field."""
+def _float(record: dict, key: str, low: float = -FLOAT_LIMIT, high: float = FLOAT_LIMIT) -> float:
+    """``record[key]`` as a float if it is a number in ``[low, high]`` (not a bool), else a ``ValueError`` naming it."""
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{key}` must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{key}` must be a number, got {value!r:.60}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"`{key}` must be a finite number in [{low:.4g}, {high:.4g}], got {value!r:.60}")
     return float(value)
 
 
@@ -122,14 +136,18 @@ class Histogram:
     counts: tuple[int, ...]
 
     @classmethod
-    def from_json(cls, record: dict) -> Histogram:
-        """Build from ``{"bin_edges": [...], "counts": [...]}``."""
-        record = _record(record, "`histogram`")
+    def from_json(cls, record: dict, name: str = "histogram", log10: bool = False) -> Histogram:
+        """Build from ``{"bin_edges": [...], "counts": [...]}`` (``log10``: edges are log10 frequencies, <= 0)."""
+        record = _record(record, f"`{name}`")
         edges, counts = _list(record, "bin_edges"), _list(record, "counts")
-        if len(edges) != len(counts) + 1:
-            raise ValueError(f"`bin_edges` must have one entry more than `counts` ({len(edges)} and {len(counts)})")
-        return cls(tuple(_float({"bin_edges": e}, "bin_edges") for e in edges),
-                   tuple(_int({"counts": c}, "counts") for c in counts))
+        if len(edges) != len(counts) + 1 and (edges or counts):
+            raise ValueError(f"`{name}.bin_edges` must have one entry more than `counts` ({len(edges)} and"
+                             f" {len(counts)})")
+        low, high = (LOG10_FREQUENCY_FLOOR, 0.0) if log10 else (-FLOAT_LIMIT, FLOAT_LIMIT)
+        bin_edges = tuple(_float({f"{name}.bin_edges": e}, f"{name}.bin_edges", low, high) for e in edges)
+        if any(b <= a for a, b in zip(bin_edges, bin_edges[1:])):
+            raise ValueError(f"`{name}.bin_edges` must be ascending, got {list(bin_edges)[:8]!r:.80}")
+        return cls(bin_edges, tuple(_int({f"{name}.counts": c}, f"{name}.counts") for c in counts))
 
     @property
     def total(self) -> int:
@@ -183,16 +201,16 @@ class FeatureStats:
             num_samples=_int(record, "num_samples"),
             max_activation=_float(record, "max_activation"),
             mean_activation=_float(record, "mean_activation"),
-            std_activation=_float(record, "std_activation"),
+            std_activation=_float(record, "std_activation", 0.0),
             min_activation=_float(record, "min_activation"),
             activation_count=_int(record, "activation_count"),
             all_time_max=_float(record, "all_time_max"),
             tokens_seen=_int(record, "tokens_seen"),
-            frequency=_float(record, "frequency"),
+            frequency=_float(record, "frequency", 0.0, 1.0),
             first_step=_optional_int(record, "first_step"),
             last_step=_optional_int(record, "last_step"),
             histogram=Histogram.from_json(record["histogram"]),
-            recent_overlap=None if record.get("recent_overlap") is None else _float(record, "recent_overlap"),
+            recent_overlap=None if record.get("recent_overlap") is None else _float(record, "recent_overlap", 0.0, 1.0),
         )
 
 
@@ -409,6 +427,51 @@ class RunSummary:
     source: str = "train"
     trained_step: Optional[int] = None
 
+    @classmethod
+    def from_json(cls, raw: Any, path: Path, has_full_state: bool) -> RunSummary:
+        """Build from a parsed ``collection_summary.json`` of the samples directory ``path``.
+
+        Raises:
+            ValueError: A field is missing or holds a value the writer never writes (the message names it).
+        """
+        raw = _record(raw, "the summary")
+        config = _config(raw.get("config"))
+        num_features = _int(raw, "num_features_tracked", 1)
+        saved = tuple(
+            _int(_record(e, "an entry of `top_features_by_activation`"), "feature_idx")
+            for e in _list({"top_features_by_activation": raw.get("top_features_by_activation", [])},
+                           "top_features_by_activation")
+        )
+        if saved and max(saved) >= num_features:
+            raise ValueError(f"`top_features_by_activation` lists feature {max(saved)}, beyond"
+                             f" `num_features_tracked` = {num_features}")
+        alive, never = _int(raw, "alive_features"), _int(raw, "never_fired_features")
+        if alive > num_features or never > num_features:
+            raise ValueError(f"`alive_features` ({alive}) and `never_fired_features` ({never}) cannot exceed"
+                             f" `num_features_tracked` ({num_features})")
+        source = raw.get("source", "train")
+        return cls(
+            path=path,
+            global_step=_int(raw, "global_step") if "global_step" in raw else 0,
+            save_id=raw.get("save_id"),
+            num_features_tracked=num_features,
+            alive_features=alive,
+            never_fired_features=never,
+            total_samples_seen=_int(raw, "total_samples_seen"),
+            total_samples_stored=_int(raw, "total_samples_stored"),
+            steps_collected=_int(raw, "steps_collected"),
+            tokens_seen=_int(raw, "tokens_seen"),
+            first_collected_step=_optional_int(raw, "first_collected_step"),
+            last_collected_step=_optional_int(raw, "last_collected_step"),
+            frequency_histogram=Histogram.from_json(raw["frequency_histogram"], "frequency_histogram", log10=True),
+            rank_by=config.get("rank_features_by") or _RANK_CHOICES[0],
+            saved_features=saved,
+            has_full_state=has_full_state,
+            config=config,
+            source=_str({"source": source}, "source") if source is not None else "train",
+            trained_step=_optional_int(raw, "trained_step"),
+        )
+
     @property
     def kind(self) -> str:
         """What the directory is, in words: a training-time collection (many SAE states) or a snapshot (one)."""
@@ -448,3 +511,36 @@ class RunSummary:
         if self.first_collected_step is not None:
             start = max(start, int(self.first_collected_step))
         return max(start, 0), last
+
+
+_RANK_CHOICES = get_args(RankBy)
+#: Settings of ``config`` that readers compute with, and the smallest value each may take (``None``: unset).
+_CONFIG_INTEGERS = {"recent_window_steps": 0, "samples_per_feature_to_save": 0, "dead_window_steps": 0,
+                    "max_samples_per_feature": 0, "samples_per_interval": 0}
+#: Deepest nesting of ``config`` (the writer writes plain settings: one level, lists of ids in two).
+_CONFIG_DEPTH = 8
+
+
+def _config(value: Any) -> dict:
+    """The summary's ``config`` checked where readers compute with it (the rest is shown as recorded)."""
+    if value is None:
+        return {}
+    config = dict(_record(value, "`config`"))
+    for key, minimum in _CONFIG_INTEGERS.items():
+        if config.get(key) is not None:
+            _int(config, key, minimum)
+    rank = config.get("rank_features_by")
+    if rank is not None and rank not in _RANK_CHOICES:
+        raise ValueError(f"`config.rank_features_by` must be one of {', '.join(_RANK_CHOICES)}, got {rank!r:.60}")
+    if config.get("activation_threshold") is not None:
+        _float(config, "activation_threshold")
+    nodes = [(v, 1) for v in config.values()]
+    while nodes:
+        node, depth = nodes.pop()
+        if depth > _CONFIG_DEPTH:
+            raise ValueError(f"`config` is nested more than {_CONFIG_DEPTH} levels deep")
+        if isinstance(node, dict):
+            nodes.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            nodes.extend((v, depth + 1) for v in node)
+    return config

@@ -1,19 +1,22 @@
-"""Open a samples directory without modifying it; everything read is validated."""
+"""Open a samples directory without modifying it; everything read is validated, and comes from one save."""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 
 from lightning_sae_samples.samples_dir.commit import commit_plan, load_commit
-from lightning_sae_samples.samples_dir.files import is_plain_file, load_json
+from lightning_sae_samples.samples_dir.files import is_plain_file, json_problem, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
+    COMMIT_NAME,
     FULL_STATE_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
@@ -24,6 +27,63 @@ from lightning_sae_samples.samples_dir.names import (
 )
 from lightning_sae_samples.state.schema import FORMAT_VERSION, check_state_version
 from lightning_sae_samples.state.validate import check_state
+
+_T = TypeVar("_T")
+#: Reads of one save tried before a reader gives up because saves keep being committed while it reads.
+READ_ATTEMPTS = 5
+_RETRY_SECONDS = 0.05
+
+
+class SaveChangedError(SamplesDirectoryError):
+    """A save was committed while reading, at every attempt: reading again later gets one whole save."""
+
+
+def _stat_key(path: Path) -> Optional[tuple[int, int, int]]:
+    info = lstat_or_none(path)
+    return None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def save_signature(path: PathLike) -> tuple:
+    """What changes when a save is committed: the manifest's, summary's and commit record's identity.
+
+    The commit protocol moves the manifest into place last and the commit record exists while files move, so two
+    equal signatures taken before and after reading mean that no commit ran in between (``docs/format.md``).
+    """
+    path = Path(path)
+    names = (MANIFEST_NAME, SUMMARY_NAME, f"{PENDING_DIR}/{COMMIT_NAME}")
+    return tuple(_stat_key(path / name) for name in names)
+
+
+def read_one_save(path: PathLike, read: Callable[[], _T], attempts: int = READ_ATTEMPTS) -> tuple[_T, tuple]:
+    """``read()``, redone until it ran while no save was committed; returns its result and the save's signature.
+
+    A read counts when :func:`save_signature` is the same before and after it. An error counts the same way, but
+    not while a commit record is there (its files may still be moving): it is retried, and raised only if the
+    directory stays as it is (an interrupted commit whose files really are bad).
+
+    Raises:
+        SaveChangedError: A save was committed during each of ``attempts`` reads.
+        SamplesDirectoryError: What ``read`` raised on a directory that did not change meanwhile.
+    """
+    error: Optional[Exception] = None
+    before = after = None
+    for attempt in range(attempts):
+        before = save_signature(path)
+        try:
+            result, error = read(), None
+        except (SamplesDirectoryError, OSError) as err:
+            result, error = None, err
+        after = save_signature(path)
+        if after == before and (error is None or before[2] is None):
+            if error is not None:
+                raise error
+            return result, before  # type: ignore[return-value]
+        time.sleep(_RETRY_SECONDS * (attempt + 1))
+    if error is not None and after == before:
+        raise error
+    raise SaveChangedError(
+        f"{path}: a save was committed while reading; retry ({attempts} reads in a row overlapped a commit)."
+    )
 
 
 @dataclass
@@ -92,6 +152,10 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
     summary = load_json(files[SUMMARY_NAME])
     if not isinstance(summary, dict) or "format_version" not in summary:
         raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} has no `format_version`; it is not a samples summary.")
+    problem = json_problem(summary)
+    if problem is not None:
+        raise SamplesDirectoryError(f"{files[SUMMARY_NAME]} is not a valid samples summary: {problem}. Re-run the"
+                                    " save.")
     if summary["format_version"] != FORMAT_VERSION:
         raise SamplesDirectoryError(
             f"{files[SUMMARY_NAME]} has format_version {summary['format_version']}, this version reads"

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from lightning_sae_samples.health import DENSE_FREQUENCY
 from lightning_sae_samples.render.templates import shipped_template_dir
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 from lightning_sae_samples.serve.index import MAX_PAGE, BadRequestError, NotFoundError, RunIndex, jsonable
 from lightning_sae_samples.serve.runs import LiveRun, RunSet
 
@@ -235,6 +236,7 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
             NotFoundError: on_not_found,
             BadRequestError: on_bad_request,
             NotReadyError: on_not_ready,
+            SamplesDirectoryError: on_not_ready,
             HTTPException: on_http,
             Exception: on_crash,
         },

@@ -214,47 +214,65 @@ def recent_overlaps(view: dict, limit: int) -> Tensor:
 class TokenIndex:
     """Distinct (activating token, latent) pairs of the kept top samples, with how many samples each has.
 
+    Indexed by the distinct token ids and latents present (ranks found by ``searchsorted``), so its size follows
+    the kept samples, never the largest token id or the latent count a summary claims.
+
     Args:
         latents: Latent of each kept sample.
         tokens: Activating token id of each kept sample.
-        num_latents: ``F``.
     """
 
-    def __init__(self, latents: Tensor, tokens: Tensor, num_latents: int) -> None:
-        self.num_latents = num_latents
-        keys, counts = torch.unique(tokens * num_latents + latents, return_counts=True)
-        self.keys, self.counts = keys, counts
-        self.pair_latent = keys % num_latents
-        self.tokens = torch.unique(keys // num_latents)
+    def __init__(self, latents: Tensor, tokens: Tensor) -> None:
+        self.token_ids, token_rank = torch.unique(tokens, return_inverse=True)
+        self.latent_ids, latent_rank = torch.unique(latents, return_inverse=True)
+        width = max(len(self.latent_ids), 1)
+        keys, counts = torch.unique(token_rank * width + latent_rank, return_counts=True)
+        #: Per pair (sorted by token, then latent): its token rank, token id, latent id and sample count.
+        self.keys, self.counts, self._width = keys, counts, width
+        self.pair_token = self.token_ids[keys // width]
+        pair_latent_rank = keys % width
+        self.pair_latent = self.latent_ids[pair_latent_rank]
         # By latent, most frequent token first (ties: the lower id first, as ``keys`` is sorted by token).
-        spread = int(counts.max()) + 1 if len(counts) else 1
-        self.by_latent = torch.argsort(self.pair_latent * spread - counts, stable=True)
-        self.latent_start = torch.zeros(num_latents + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(self.pair_latent, minlength=num_latents), 0, out=self.latent_start[1:])
+        by_count = torch.argsort(-counts, stable=True)
+        self.by_latent = by_count[torch.argsort(pair_latent_rank[by_count], stable=True)]
+        self.latent_start = torch.zeros(len(self.latent_ids) + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(pair_latent_rank, minlength=len(self.latent_ids)), 0, out=self.latent_start[1:])
+
+    @staticmethod
+    def _ranks(present: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor]:
+        """Rank in ``present`` (sorted, distinct) of each ``wanted`` value, and whether it is there."""
+        if not len(present):
+            return wanted, torch.zeros_like(wanted, dtype=torch.bool)
+        rank = torch.searchsorted(present, wanted).clamp(max=len(present) - 1)
+        return rank, present[rank] == wanted
 
     def latents_for(self, token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Latents whose kept samples have any of ``token_ids`` as activating token, and how many; most first."""
-        if not token_ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64)
-        bounds = torch.searchsorted(self.keys, torch.stack([ids * self.num_latents, (ids + 1) * self.num_latents]))
+        rank, found = self._ranks(self.token_ids, ids)
+        rank = rank[found]
+        if not len(rank):
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        bounds = torch.searchsorted(self.keys, torch.stack([rank * self._width, (rank + 1) * self._width]))
         spans = bounds[1] - bounds[0]
         picked = torch.repeat_interleave(bounds[0] - (torch.cumsum(spans, 0) - spans), spans) + torch.arange(
             int(spans.sum())
         )
         latents, counts = self.pair_latent[picked], self.counts[picked]
-        if len(ids) > 1:  # the same latent under several matching tokens: add their counts
+        if len(rank) > 1:  # the same latent under several matching tokens: add their counts
             latents, inverse = torch.unique(latents, return_inverse=True)
             counts = torch.zeros(len(latents), dtype=torch.int64).scatter_add_(0, inverse, counts)
-        order = torch.argsort(latents.double() - counts.double() * (self.num_latents + 1), stable=True)
+        order = torch.argsort(-counts, stable=True)  # latents are ascending: ties keep the lower one first
         return latents[order], counts[order]
 
     def top_tokens(self, latent: int, limit: int = 3) -> list[tuple[int, int]]:
         """The ``limit`` activating tokens most frequent among a latent's kept samples: ``(token_id, samples)``."""
-        start, stop = int(self.latent_start[latent]), int(self.latent_start[latent + 1])
+        rank, found = self._ranks(self.latent_ids, torch.tensor([int(latent)], dtype=torch.int64))
+        if not bool(found[0]):
+            return []
+        start, stop = int(self.latent_start[rank[0]]), int(self.latent_start[rank[0] + 1])
         picked = self.by_latent[start : min(stop, start + limit)]
-        tokens = (self.keys[picked] // self.num_latents).tolist()
-        return list(zip(tokens, self.counts[picked].tolist()))
+        return list(zip(self.pair_token[picked].tolist(), self.counts[picked].tolist()))
 
     def samples_of(self, latent: int) -> int:
         """How many kept samples of the latent :meth:`top_tokens` counts over."""
@@ -279,12 +297,13 @@ class ContextCorpus:
         lengths = torch.tensor([len(b) for b in encoded] + [0, 1], dtype=torch.int64)
         starts = torch.cumsum(lengths, 0) - lengths
         table = torch.frombuffer(bytearray(b"".join(encoded) + b"\x00"), dtype=torch.uint8)
-        lookup = torch.full((max(ids, default=0) + 2,), outside, dtype=torch.int64)  # id -1 reads the last entry
-        lookup[torch.tensor(ids, dtype=torch.int64)] = torch.arange(len(ids))
+        present = torch.tensor(ids, dtype=torch.int64)  # sorted: a token's slot is its rank (no table by id)
 
         def slots(first: int) -> Tensor:
-            chunk = lookup[windows[first : first + _CORPUS_CHUNK].to(torch.int64).clamp(min=-1)]
-            return torch.cat([chunk, torch.full((len(chunk), 1), separator, dtype=torch.int64)], 1)
+            chunk = windows[first : first + _CORPUS_CHUNK].to(torch.int64)
+            rank, found = TokenIndex._ranks(present, chunk)
+            slot = torch.where(found, rank, outside)
+            return torch.cat([slot, torch.full((len(slot), 1), separator, dtype=torch.int64)], 1)
 
         chunks = range(0, len(windows), _CORPUS_CHUNK)
         # Sized first, so that the corpus is written in place: no second copy of it ever exists.
@@ -445,14 +464,13 @@ class RunIndex:
         window = int(config.get("dead_window_steps") or DEFAULT_DEAD_WINDOW)
         first = analyzer.summary.first_collected_step
         dead_before = last - window + 1 if last is not None and last - window + 1 >= (first or 0) else None
-        num_latents = analyzer.num_features
         lookup: dict[str, list[int]] = {}
         for token_id in torch.unique(activating).tolist():
             lookup.setdefault(strings.get(token_id, "").strip().casefold(), []).append(token_id)
         return cls(
             analyzer=analyzer,
             table=FeatureTable(latents, columns, dead_before),
-            tokens=TokenIndex(owner, activating, num_latents),
+            tokens=TokenIndex(owner, activating),
             corpus=ContextCorpus(windows, strings),
             sample_latent=owner,
             sample_rank=ranks,

@@ -4,7 +4,8 @@ A run's save is replaced atomically: a request takes :attr:`LiveRun.current` onc
 :class:`~lightning_sae_samples.serve.index.RunIndex`, so it sees the old save or the new one, never a mix. A new
 save is recognised by the commit protocol (``docs/format.md``): the manifest is moved into place last, so a
 change of the manifest (or of the summary, for a directory without one) marks a complete save. A load that
-overlaps a commit is detected (the directory's signature differs before and after it) and redone.
+overlaps a commit is detected (:func:`~lightning_sae_samples.samples_dir.reader.save_signature` differs before
+and after it, the check every reader makes) and redone.
 """
 
 from __future__ import annotations
@@ -18,15 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_sae_samples.samples_dir.files import lstat_or_none
-from lightning_sae_samples.samples_dir.names import (
-    COMMIT_NAME,
-    LOCK_NAME,
-    MANIFEST_NAME,
-    PENDING_DIR,
-    SUMMARY_NAME,
-    SamplesDirectoryError,
-)
-from lightning_sae_samples.samples_dir.reader import find_samples_dirs
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, MANIFEST_NAME, SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import find_samples_dirs, save_signature
 from lightning_sae_samples.serve.index import RunIndex
 
 log = logging.getLogger(__name__)
@@ -36,20 +30,6 @@ SEARCH_DEPTH = 6
 MAX_RUNS = 200
 POLL_SECONDS = 1.0
 LOAD_ATTEMPTS = 5
-
-
-def _stat_key(path: Path) -> Optional[tuple[int, int, int]]:
-    info = lstat_or_none(path)
-    return None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-def signature(path: Path) -> tuple:
-    """What changes when a save is committed: the manifest's and summary's identity, and an open commit."""
-    return (
-        _stat_key(path / MANIFEST_NAME),
-        _stat_key(path / SUMMARY_NAME),
-        lstat_or_none(path / PENDING_DIR / COMMIT_NAME) is not None,
-    )
 
 
 def is_run_dir(path: Path) -> bool:
@@ -109,7 +89,7 @@ class LiveRun:
         A failure keeps the save already loaded and is reported by :meth:`status` (``message``).
         """
         with self._refresh_lock:
-            before = signature(self.path)
+            before = save_signature(self.path)
             if before == self._loaded_signature:
                 return False
             if before[0] is None and before[1] is None:
@@ -120,7 +100,7 @@ class LiveRun:
                     loaded = RunIndex.load(self.path, self.tokenizer)
                 except Exception as err:  # noqa: BLE001 - a directory is untrusted input; report, keep the old save
                     loaded, error = None, " ".join(str(err).split()) or type(err).__name__
-                after = signature(self.path)
+                after = save_signature(self.path)
                 if after == before:
                     break
                 before = after  # a commit ran during the load: read it again

@@ -2,7 +2,10 @@
 
 A ``full_state.pt`` (or a checkpoint entry) is input from a stranger: every declared field must be there with
 the dtype kind and shape the schema gives it, every table's counts must add up to its packed samples, and every
-index must stay inside what it indexes. :func:`check_state` raises a ``ValueError`` naming the field otherwise.
+index must stay inside what it indexes. Values are checked too, as the collector produces them: no NaN, no
+infinity except the empty fill of ``max``/``min``, counts and steps not below their empty value, activations and
+bin edges within the float32 range, and token ids not below ``EMPTY`` (the fill outside a sequence; never at a
+sample's own token). :func:`check_state` raises a ``ValueError`` naming the field otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state.schema import INTERVAL_FIELDS, STAT_FIELDS, TABLE_FIELDS, TABLE_NAMES
+from lightning_sae_samples.state.schema import EMPTY, INTERVAL_FIELDS, STAT_FIELDS, TABLE_FIELDS, TABLE_NAMES
+
+#: Largest magnitude of an activation or a bin edge: activations are float32.
+FLOAT_LIMIT = float(torch.finfo(torch.float32).max)
 
 
 def _integer(state: dict, key: str, minimum: int = 0) -> int:
@@ -23,6 +29,22 @@ def _integer(state: dict, key: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{key}` must be an integer >= {minimum}, got {_show(value)}")
     return value
+
+
+def _values(ok: Tensor, key: str, rule: str) -> None:
+    """Raise naming ``key`` and its first offending entry unless ``ok`` holds everywhere."""
+    if ok.numel() and not bool(ok.all()):
+        first = int((~ok).reshape(-1).nonzero()[0])
+        raise ValueError(f"`{key}` must hold {rule}; entry {first} does not")
+
+
+def _finite(value: Tensor, key: str, limit: float = FLOAT_LIMIT) -> None:
+    bound = "" if math.isinf(limit) else f" of magnitude <= {limit:.4g}"
+    _values(torch.isfinite(value) & (value.abs() <= limit), key, f"finite numbers{bound}")
+
+
+def _at_least(value: Tensor, key: str, minimum: int) -> None:
+    _values(value >= minimum, key, f"values >= {minimum}")
 
 
 def _show(value: Any) -> str:
@@ -68,6 +90,26 @@ def _table(state: dict, name: str, rows: int, window: int) -> None:
     for field in TABLE_FIELDS:
         shape = (stored, window) if field.startswith("context_") else (stored,)
         _tensor(table.get(field), f"{name}.{field}", shape, floating=field in ("values", "context_acts"))
+    for field in ("values", "context_acts"):
+        _finite(table[field], f"{name}.{field}")
+    for field in ("step", "order", "position"):
+        _at_least(table[field], f"{name}.{field}", 0)
+    tokens = table["context_tokens"]
+    _at_least(tokens, f"{name}.context_tokens", EMPTY)
+    centre = window // 2
+    inside = (tokens >= 0).to(torch.int8)
+    edges_only = (inside[:, 1 : centre + 1] >= inside[:, :centre]).all(1) & (
+        inside[:, centre + 1 :] <= inside[:, centre:-1]
+    ).all(1)
+    _values(inside[:, centre].bool() & edges_only, f"{name}.context_tokens",
+            f"token ids >= 0 from each sample's own position (column {centre}) outwards, {EMPTY} only beyond the"
+            " sequence's edges")
+    if "priority" in table:
+        priority = table["priority"]
+        if not isinstance(priority, Tensor) or tuple(priority.shape) != (stored,) or not priority.is_floating_point():
+            raise ValueError(f"`{name}.priority` must be a floating-point tensor of shape {(stored,)}, got"
+                             f" {_show(priority)}")
+        _values(~torch.isnan(priority), f"{name}.priority", "numbers (no NaN)")
 
 
 def check_state(state: Any) -> None:
@@ -81,7 +123,12 @@ def check_state(state: Any) -> None:
         bool(torch.isfinite(edges).all()) and bool((edges[1:] > edges[:-1]).all())
     ):
         raise ValueError(f"`hist_edges` must be ascending finite bin edges, got {_show(edges)}")
-    _integer(state, "tokens_seen")
+    _finite(edges, "hist_edges")
+    tokens_seen = _integer(state, "tokens_seen")
+    for key, minimum in (("steps_collected", 0), ("nonfinite_skipped", 0), ("first_collected_step", EMPTY),
+                         ("last_collected_step", EMPTY)):
+        if key in state:
+            _integer(state, key, minimum)
     for field in STAT_FIELDS:
         if field.name not in state:
             raise ValueError(f"`{field.name}` is missing")
@@ -94,8 +141,17 @@ def check_state(state: Any) -> None:
         for field in INTERVAL_FIELDS:
             _counts(state.get(field.name), field.name, (num_latents, intervals))
         interval_edges = state.get("interval_edges")
-        if not isinstance(interval_edges, Tensor) or tuple(interval_edges.shape) != (intervals + 1,):
+        if not isinstance(interval_edges, Tensor) or tuple(interval_edges.shape) != (intervals + 1,) or (
+            not interval_edges.is_floating_point()
+        ):
             raise ValueError(f"`interval_edges` must have {intervals + 1} entries, got {_show(interval_edges)}")
+        _finite(interval_edges, "interval_edges")
+        _values(interval_edges[1:] > interval_edges[:-1], "interval_edges", "ascending edges")
+        threshold = state.get("threshold")
+        if isinstance(threshold, Tensor) and threshold.numel() == 1:
+            threshold = threshold.item()
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"`threshold` must be a finite number, got {_show(threshold)}")
     if "recent" in state and "recent_prev" not in state:
         raise ValueError("`recent_prev` is missing beside `recent`")
     if "top" not in state:
@@ -104,3 +160,31 @@ def check_state(state: Any) -> None:
         if name in state:
             rows = num_latents * int(state["num_intervals"]) if name == "interval" else num_latents
             _table(state, name, rows, 2 * half + 1)
+    _check_statistics(state, tokens_seen)
+
+
+def _count_values(value: Any) -> Tensor:
+    return value if isinstance(value, Tensor) else value["value"]
+
+
+def _check_statistics(state: dict, tokens_seen: int) -> None:
+    """The per-latent statistics hold values the collector can produce (shapes are checked already)."""
+    count = state["count"]
+    _values((count >= 0) & (count <= tokens_seen), "count", f"counts in [0, tokens_seen = {tokens_seen}]")
+    # Sums of float32 activations: their mean, and mean square, stay within float32's range (0 where none).
+    counted = count.to(torch.float64)
+    _finite(state["sum"], "sum", math.inf)
+    _values(state["sum"].abs() <= counted * FLOAT_LIMIT, "sum", "sums of count float32 activations")
+    _finite(state["sum_sq"], "sum_sq", math.inf)
+    _values((state["sum_sq"] >= 0) & (state["sum_sq"] <= counted * FLOAT_LIMIT**2), "sum_sq",
+            "sums of count squared float32 activations")
+    fired = count > 0
+    for key, empty in (("max", -math.inf), ("min", math.inf)):
+        value = state[key]
+        _values((torch.isfinite(value) & (value.abs() <= FLOAT_LIMIT)) | (~fired & (value == empty)), key,
+                f"finite activations (or {empty} where the latent never fired)")
+    for key in ("first_step", "last_step"):
+        _at_least(state[key], key, EMPTY)
+    _at_least(_count_values(state["hist"]), "hist", 0)
+    if "interval_count" in state:
+        _at_least(_count_values(state["interval_count"]), "interval_count", 0)
