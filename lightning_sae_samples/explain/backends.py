@@ -216,13 +216,18 @@ class LocalBackend:
     """
 
     def __init__(self, model: str = DEFAULT_LOCAL_MODEL, batch_size: int = 8) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
         self.model_name = model
         self.batch_size = batch_size
+        self.model: Any = None
+
+    def _load(self) -> None:
+        """Load the model on first use (a run with nothing left to do never loads it)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = self.model_name
         source: Any = dequantized_default_model() if model == DEFAULT_LOCAL_MODEL else model
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.tokenizer.padding_side = "left"
@@ -235,6 +240,8 @@ class LocalBackend:
 
     def answers(self, conversations: Sequence[Conversation], max_tokens: int) -> Iterator[tuple[int, str]]:
         """Yield the answers batch by batch."""
+        if conversations and self.model is None:
+            self._load()
         for start in range(0, len(conversations), self.batch_size):
             batch = list(conversations[start : start + self.batch_size])
             prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]

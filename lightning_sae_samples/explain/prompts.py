@@ -23,19 +23,22 @@ MAX_EXPLANATION_CHARS = 200
 Message = dict[str, str]
 
 _SYSTEM = (
-    "You are an interpretability researcher. You study one feature of a neural network that reads text. You will"
-    " see text examples on which the feature fires. In each example the tokens where it fires are between"
-    " delimiters <<like this>>; consecutive firing tokens share one pair of delimiters. After each example, the"
-    " firing tokens are listed with how strongly the feature fires on them, from 0 to 10.\n"
-    "Find what the examples have in common: the kind of word or symbol marked, and the context around it.\n"
-    "Write one short explanation (a phrase of at most 15 words). Do not list the examples. The last line of your"
-    " answer must be the explanation, after [EXPLANATION]:"
+    "You explain what a feature of a neural network detects in text. In each example, the tokens where the feature"
+    " fires are between <<delimiters>>, and listed after it with how strongly it fires, from 0 to 10. Find what"
+    " the marked tokens and their contexts have in common. Answer with one short phrase on a line starting with"
+    " [EXPLANATION]:"
+)
+#: A worked example shown before the real one, so that small models answer in the expected form.
+_DEMONSTRATION = (
+    'Example 1: and the <<LORD>> said unto Moses\nActivations: ("LORD", 10)\n\n'
+    'Example 2: for the <<Lord>> thy God is\nActivations: ("Lord", 8)\n\n'
+    'Example 3: praise ye the <<Lord>>.\nActivations: ("Lord", 6)\n\nWhat does the feature detect?',
+    "[EXPLANATION]: the word Lord, as a name of God",
 )
 
 _SYSTEM_DETECTION = (
-    "You are an interpretability researcher. A feature of a neural network that reads text has this"
-    " explanation. You will see one short text. Say whether the feature fires on some token of it, that is,"
-    " whether the text contains what the explanation describes. Answer with Yes or No only."
+    "You check explanations of a feature of a neural network. Given the explanation and a short text, say whether"
+    " the text contains what the explanation describes. Answer Yes or No."
 )
 
 
@@ -88,6 +91,8 @@ def explanation_prompt(samples: Sequence[Sample]) -> list[Message]:
     """The chat messages asking for an explanation of the latent these samples come from."""
     return [
         {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": _DEMONSTRATION[0]},
+        {"role": "assistant", "content": _DEMONSTRATION[1]},
         {"role": "user", "content": example_block(samples) + "\n\nWhat does the feature detect?"},
     ]
 
@@ -101,8 +106,7 @@ def detection_prompt(explanation: str, text: str) -> list[Message]:
     """The chat messages asking whether a latent with ``explanation`` fires on ``text``."""
     return [
         {"role": "system", "content": _SYSTEM_DETECTION},
-        {"role": "user", "content": f"Explanation: {explanation}\n\nText: {text}\n\nDoes the feature fire on this"
-                                    " text? Answer Yes or No."},
+        {"role": "user", "content": f"Explanation: {explanation}\nText: {text}\nDoes the text contain it? Yes or No?"},
     ]
 
 
