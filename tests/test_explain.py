@@ -122,8 +122,8 @@ def test_held_out_contexts_are_never_in_the_prompt(samples):
     analyzer = ActivationSampleAnalyzer(samples)
     for idx in analyzer.saved_features:
         split = split_samples(analyzer.feature(idx, 20), 6, 2, 5)
-        shown = {(s.step, s.position, context_text(s)) for s in split.shown}
-        held = {(s.step, s.position, context_text(s)) for s in split.held_out}
+        shown = {context_text(s) for s in split.shown}
+        held = {context_text(s) for s in split.held_out}
         assert split.shown and not shown & held and all(s.feature_idx == idx for s in split.held_out)
 
 
@@ -141,16 +141,22 @@ def test_explain_scores_every_latent_and_a_perfect_rule_beats_a_random_explanati
     baseline = sum(r.random_score for r in records.values()) / 5
     assert mean > baseline
     assert result.requests == 5 + 5 * 6 * 2
-    # Held-out contexts of a latent are not in its explanation prompt.
+    # Each context is asked twice: with the latent's explanation, then with a random one: another latent's.
+    for k, latent in enumerate(result.latents):
+        asked = [re.search(r"Explanation: (.*)", c[-1]["content"]).group(1)
+                 for c in backend.conversations[5 + 12 * k: 5 + 12 * (k + 1)]]
+        assert set(asked[0::2]) == {records[latent].text}
+        (baseline,) = set(asked[1::2])
+        assert baseline in {r.text for i, r in records.items() if i != latent} and baseline != records[latent].text
+    # Held-out contexts of a latent are not in its explanation prompt; some of its own contexts are asked about.
     analyzer = ActivationSampleAnalyzer(fresh)
-    prompts = {i: backend.conversations[n][-1]["content"] for n, i in enumerate(result.latents)}
-    for latent in result.latents:
+    for k, latent in enumerate(result.latents):
         own = {context_text(s) for s in analyzer.feature(latent, 30).samples}
         prompt_texts = {" ".join(t.replace("<<", "").replace(">>", "").split())
-                        for t in re.findall(r"Example \d+: (.*)", prompts[latent])}
-        asked = {re.search(r"Text: (.*)", c[-1]["content"]).group(1) for c in backend.conversations[5:]
-                 if f"Explanation: {records[latent].text}\n" in c[-1]["content"]}
-        assert asked & own and not asked & prompt_texts
+                        for t in re.findall(r"Example \d+: (.*)", backend.conversations[k][-1]["content"])}
+        asked = {re.search(r"Text: (.*)", c[-1]["content"]).group(1)
+                 for c in backend.conversations[5 + 12 * k: 5 + 12 * (k + 1)]}
+        assert asked & own and not asked & prompt_texts and len(prompt_texts) >= 6
 
 
 def test_a_rerun_skips_what_is_done_and_another_model_explains_again(fresh):

@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(bool(missing), reason=f"explain extras not installed: {missing} (see scripts/test.sh)"),
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SMALL = ["--shown-top", "6", "--shown-interval", "2", "--max-tokens", "30"]
+SMALL = ["--shown-top", "4", "--shown-interval", "1", "--max-tokens", "24", "--positives", "1", "--negatives", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +89,16 @@ def _check_records(samples, model, count):
         assert record.model == model and record.prompt_version == PROMPT_VERSION and record.source == "explain"
         assert record.text and record.samples_step == 60
         assert record.score is not None and 0 <= record.score <= 1 and record.random_score is not None
-        assert record.score_contexts == 4
+        assert record.score_contexts == 2
     return records
 
 
 def test_the_default_local_model_explains_scores_and_resumes(samples):
-    proc = _explain(samples, "--top", "2", "--positives", "2", "--negatives", "2")
+    proc = _explain(samples, "--top", "2")
     assert "Explained 2 and scored 2 of 2 latents" in proc.stdout and "Mean detection score" in proc.stdout
     _check_records(samples, "SmolLM2-135M-Instruct", 2)
     lines = len(list(iter_explanation_records(samples)))
-    again = _explain(samples, "--top", "2", "--positives", "2", "--negatives", "2")
+    again = _explain(samples, "--top", "2")
     assert "(2 already done) with 0 requests" in again.stdout
     assert len(list(iter_explanation_records(samples))) == lines
 
@@ -137,8 +137,7 @@ def test_the_endpoint_backend_against_a_real_openai_compatible_server(samples, t
             pytest.fail("transformers serve did not start: " + (tmp_path / "server.log").read_text()[-2000:])
         other = tmp_path / "samples"
         shutil.copytree(samples, other, ignore=shutil.ignore_patterns("explanations"))
-        args = ["--endpoint", f"{base}/v1", "--model", folder, "--top", "1", "--positives", "2", "--negatives", "2",
-                "--concurrency", "2", "--timeout", "120"]
+        args = ["--endpoint", f"{base}/v1", "--model", folder, "--top", "1", "--concurrency", "2", "--timeout", "120"]
         proc = _explain(other, *args)
         assert "Explained 1 and scored 1 of 1 latents" in proc.stdout
         _check_records(other, folder, 1)

@@ -239,7 +239,8 @@ def explain_latents(
                 record = ExplanationRecord(latent=latent, text=text, model=backend.model_name,
                                            prompt_version=PROMPT_VERSION, samples_step=step, source="explain")
                 append_explanations(samples_dir, [record])
-                existing[latent] = others[latent] = result.records[latent] = record
+                existing[latent] = result.records[latent] = record
+                others[latent] = text
                 result.explained.append(latent)
                 result.requests += 1
                 progress.advance()

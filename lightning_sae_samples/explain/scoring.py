@@ -1,7 +1,8 @@
 """Which samples the explainer sees, which it is scored on, and the detection score (delphi's definition).
 
 A latent's samples (its top samples, then its interval samples) are split once, with a generator seeded by the
-latent index: the explanation prompt gets the first ``shown_top`` top samples and every other interval sample;
+latent index, after dropping samples whose text repeats an earlier one: the explanation prompt
+gets the first ``shown_top`` top samples and every other interval sample;
 the scorer gets up to ``positives`` of the rest (held out: never in the prompt). The non-activating contexts are
 samples of other latents (their text differs from every context of this latent). The score is the balanced
 accuracy of the model's yes/no answers: the mean of the share of activating contexts it called activating and
@@ -26,14 +27,15 @@ class SplitSamples:
     held_out: tuple[Sample, ...]
 
 
-def _key(sample: Sample) -> tuple:
-    return (sample.step, sample.position, context_text(sample))
+def _key(sample: Sample) -> str:
+    """Samples with the same text are one for the explainer: a held-out one must differ in text from those shown."""
+    return context_text(sample)
 
 
 def split_samples(feature: FeatureSamples, shown_top: int, shown_interval: int, positives: int) -> SplitSamples:
     """The prompt's samples and up to ``positives`` held-out ones (none shared, duplicates dropped)."""
     rng = random.Random(feature.feature_idx)
-    seen: set[tuple] = set()
+    seen: set[str] = set()
 
     def fresh(samples: Sequence[Sample]) -> list[Sample]:
         kept = []
