@@ -75,7 +75,7 @@ def samples(tmp_path_factory):
     return root / "samples"
 
 
-def _explain(samples, *args, timeout=300):
+def _explain(samples, *args, timeout=900):
     proc = subprocess.run([sys.executable, "-m", "lightning_sae_samples", "explain", str(samples), *SMALL, *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
