@@ -115,22 +115,22 @@ class EndpointBackend:
         """Yield answers as they arrive, with at most ``concurrency`` requests in flight."""
         pending: dict[Future, int] = {}
         todo = iter(range(len(conversations)))
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="explain-request") as pool:
-            try:
-                while True:
-                    while len(pending) < self.concurrency:
-                        i = next(todo, None)
-                        if i is None:
-                            break
-                        pending[pool.submit(self._post, conversations[i], max_tokens)] = i
-                    if not pending:
-                        return
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield pending.pop(future), future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="explain-request")
+        try:
+            while True:
+                while len(pending) < self.concurrency:
+                    i = next(todo, None)
+                    if i is None:
+                        break
+                    pending[pool.submit(self._post, conversations[i], max_tokens)] = i
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future.result()
+        finally:
+            # On an error or Ctrl-C, do not wait for the requests in flight (each may take --timeout seconds).
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Close the HTTP connections."""
