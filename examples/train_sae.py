@@ -153,6 +153,11 @@ class SAECLI(LightningCLI):
             console.rule("[bold]Snapshot of the final SAE on held-out text")
             console.print(f"snapshot directory: {snapshot.resolve()}", soft_wrap=True)
             console.print(f"  lightning-sae-samples {snapshot}", soft_wrap=True, markup=False)
+        callback = find_sample_callback(self.trainer)
+        if callback is not None:
+            samples = samples_dir_of(callback, self.trainer)
+            console.print(f"explain its latents in words: lightning-sae-samples explain {samples} --top 20",
+                          soft_wrap=True, markup=False)
 
 
 def main(args=None) -> None:

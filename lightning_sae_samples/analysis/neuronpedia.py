@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
+from lightning_sae_samples.analysis.explanations import ExplanationRecord, read_explanations
 from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, RunSummary, Sample
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
@@ -65,6 +66,11 @@ DEFAULT_STEER_STRENGTH = 10.0
 EXPORT_MANIFEST_NAME = "neuronpedia_export_manifest.json"
 RECORD_NAMES = ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl")
 BATCH_FOLDERS = ("features", "activations")
+#: Folder of the explanation rows (from the samples directory's ``explanations/`` sidecar), batched as the features.
+EXPLANATIONS_FOLDER = "explanations"
+#: Neuronpedia ``typeName`` of an exported explanation, by the sidecar record's ``source``.
+EXPLANATION_TYPES = {"explain": "lightning-sae-samples", "delphi": "eleuther_delphi", "neuronpedia": "neuronpedia",
+                     "label": "human"}
 #: ``collection_summary.json`` ``source`` values of a directory collected with one SAE state (a snapshot).
 SNAPSHOT_SOURCES = ("validate", "test", "predict")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -397,6 +403,30 @@ def feature_row(
     }
 
 
+def explanation_row(record: ExplanationRecord, source: NeuronpediaSource) -> dict[str, Any]:
+    """Neuronpedia's explanation row (its export's ``explanations/batch-N.jsonl.gz`` shape) of a sidecar record.
+
+    The detection score, its context count, the random explanation's score and the samples' step go into
+    ``notes`` (JSON text), which Neuronpedia keeps as it is.
+    """
+    notes = {"score": record.score, "score_contexts": record.score_contexts, "random_score": record.random_score,
+             "prompt_version": record.prompt_version, "samples_step": record.samples_step, "kind": record.kind}
+    return {
+        "id": _activation_id(source.model_id, source.source_id, record.latent, "explanation", record.time),
+        "modelId": source.model_id,
+        "layer": source.source_id,
+        "index": str(record.latent),
+        "description": record.text,
+        "authorId": source.creator_id,
+        "triggeredByUserId": None,
+        "notes": json.dumps(notes, allow_nan=False),
+        "typeName": EXPLANATION_TYPES[record.source],
+        "explanationModelName": record.model or None,
+        "createdAt": record.time,
+        "updatedAt": record.time,
+    }
+
+
 def source_records(source: NeuronpediaSource, summary: RunSummary, created_at: str) -> dict[str, dict[str, Any]]:
     """The ``release.jsonl``, ``model.jsonl``, ``sourceset.jsonl`` and ``source.jsonl`` records."""
     title = source.release_title or source.release_name
@@ -561,6 +591,7 @@ class NeuronpediaExport:
         skipped_features: Latents left out because they have no sample.
         kind: ``"snapshot"`` (one SAE state) or ``"training"`` (mixed states; warned).
         token_strings: ``"tokenizer"`` (vocabulary pieces) or ``"display"`` (no tokenizer: the recorded strings).
+        explanations: Explanation rows exported (the latest explanation of each exported latent that has one).
     """
 
     out_dir: Path
@@ -571,6 +602,7 @@ class NeuronpediaExport:
     skipped_features: tuple[int, ...]
     kind: str
     token_strings: str
+    explanations: int = 0
 
 
 def export_neuronpedia(
@@ -619,6 +651,7 @@ def export_neuronpedia(
     pieces = TokenPieces(_resolve_tokenizer(analyzer, tokenizer))
     indices = analyzer.saved_features if features is None else list(features)
 
+    explained = read_explanations(analyzer.directory.path)
     feature_rows: list[dict] = []
     activations: list[list[dict]] = []
     skipped: list[int] = []
@@ -660,12 +693,17 @@ def export_neuronpedia(
         contents[source_dir / "activations" / f"batch-{n}.jsonl.gz"] = _jsonl_gz(
             r for rows in activations[chunk] for r in rows
         )
+        explanation_rows = [explanation_row(explained[int(row["index"])], source) for row in feature_rows[chunk]
+                            if int(row["index"]) in explained]
+        if explanation_rows:
+            contents[source_dir / EXPLANATIONS_FOLDER / f"batch-{n}.jsonl.gz"] = _jsonl_gz(explanation_rows)
     written = _write_owned(root, source_dir, contents)
     return NeuronpediaExport(
         out_dir=root, source_dir=source_dir, files=written, features=len(feature_rows),
         activations=sum(map(len, activations)), skipped_features=tuple(skipped),
         kind=collection_kind(analyzer.directory.summary),
         token_strings="tokenizer" if pieces.has_tokenizer else "display",
+        explanations=sum(int(row["index"]) in explained for row in feature_rows),
     )
 
 
@@ -679,7 +717,7 @@ def _write_owned(root: Path, source_dir: Path, contents: dict[Path, bytes]) -> t
                 f"{path} exists and this export did not write it (it is not in {root / EXPORT_MANIFEST_NAME});"
                 " move it away or export into another folder."
             )
-    batch_folders = {_relative(source_dir / folder, root) for folder in BATCH_FOLDERS}
+    batch_folders = {_relative(source_dir / folder, root) for folder in (*BATCH_FOLDERS, EXPLANATIONS_FOLDER)}
     stale = sorted(n for n in owned - names.keys()
                    if n.rpartition("/")[0] in batch_folders and _BATCH_FILE.fullmatch(n.rpartition("/")[2]))
     for path in sorted({p.parent for p in contents}):
@@ -701,15 +739,25 @@ def _write_owned(root: Path, source_dir: Path, contents: dict[Path, bytes]) -> t
 # ---------------------------------------------------------------------------------------------- reading back
 def read_batches(source_dir: PathLike) -> tuple[list[dict], list[dict]]:
     """The feature rows and activation rows of an exported source folder, batch after batch."""
+    rows = _read_batch_folders(source_dir, BATCH_FOLDERS)
+    return rows["features"], rows["activations"]
+
+
+def read_explanation_batches(source_dir: PathLike) -> list[dict]:
+    """The explanation rows of an exported source folder (none if it has no ``explanations/`` folder)."""
+    return _read_batch_folders(source_dir, (EXPLANATIONS_FOLDER,))[EXPLANATIONS_FOLDER]
+
+
+def _read_batch_folders(source_dir: PathLike, kinds: Sequence[str]) -> dict[str, list[dict]]:
     folder = Path(source_dir)
     out: dict[str, list[dict]] = {}
-    for kind in BATCH_FOLDERS:
+    for kind in kinds:
         files = sorted(
             (p for p in (folder / kind).iterdir() if _BATCH_FILE.fullmatch(p.name) and is_plain_file(p)),
             key=lambda p: int(_BATCH_FILE.fullmatch(p.name).group(1)),  # type: ignore[union-attr]
         ) if (folder / kind).is_dir() else []
         out[kind] = [json.loads(line) for p in files for line in gzip.decompress(p.read_bytes()).splitlines() if line]
-    return out["features"], out["activations"]
+    return out
 
 
 def package_features(source_dir: PathLike, batch_size: int = MAX_FEATURES_PER_UPLOAD) -> Iterator[list[Any]]:
@@ -726,6 +774,7 @@ def package_features(source_dir: PathLike, batch_size: int = MAX_FEATURES_PER_UP
     """
     try:
         from neuronpedia.np_activation import Activation
+        from neuronpedia.np_explanation import Explanation
         from neuronpedia.np_feature import Feature, Logit
     except ImportError as err:
         raise ImportError("`package_features` needs the `neuronpedia` package: run `pip install neuronpedia`.") from err
@@ -740,6 +789,12 @@ def package_features(source_dir: PathLike, batch_size: int = MAX_FEATURES_PER_UP
             quantileFraction=None if row["binContains"] == TOP_GROUP_BIN else row["binContains"],
         )
         by_feature.setdefault((row["modelId"], row["layer"], str(row["index"])), []).append(activation)
+    explanations: dict[tuple[str, str, str], list[Any]] = {}
+    for row in read_explanation_batches(source_dir):
+        explanations.setdefault((row["modelId"], row["layer"], str(row["index"])), []).append(Explanation(
+            modelId=row["modelId"], source=row["layer"], index=int(row["index"]), text=row["description"],
+            method=row["typeName"], explainer_model=row["explanationModelName"],
+        ))
     batch: list[Any] = []
     for row in feature_rows:
         key = (row["modelId"], row["layer"], str(row["index"]))
@@ -747,7 +802,7 @@ def package_features(source_dir: PathLike, batch_size: int = MAX_FEATURES_PER_UP
             modelId=row["modelId"], source=row["layer"], index=int(row["index"]), density=row["frac_nonzero"],
             top_logits=[Logit(t, v) for t, v in zip(row["pos_str"], row["pos_values"])],
             bottom_logits=[Logit(t, v) for t, v in zip(row["neg_str"], row["neg_values"])],
-            activations=by_feature.get(key, []),
+            activations=by_feature.get(key, []), explanations=explanations.get(key) or None,
         ))
         if len(batch) == batch_size:
             yield batch

@@ -13,6 +13,9 @@ from typing import Any, Optional
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
+    EXPLANATIONS_DIR,
+    EXPLANATIONS_LOCK,
+    EXPLANATIONS_NAME,
     FULL_STATE_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
@@ -105,6 +108,14 @@ def _holds_only_snapshots(path: Path) -> bool:
     )
 
 
+def _holds_only_explanations(path: Path) -> bool:
+    """A real directory (not a link) holding nothing but the explainer's sidecar and its lock."""
+    info = lstat_or_none(path)
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        return False
+    return all(child.name in (EXPLANATIONS_NAME, EXPLANATIONS_LOCK) for child in path.iterdir())
+
+
 def claim_samples_dir(dirpath: PathLike) -> bool:
     """Check that ``dirpath`` is ours to write.
 
@@ -125,6 +136,7 @@ def claim_samples_dir(dirpath: PathLike) -> bool:
         and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
         and not p.name.startswith(".write_probe_")
         and not (p.name == SNAPSHOTS_DIR and _holds_only_snapshots(p))
+        and not (p.name == EXPLANATIONS_DIR and _holds_only_explanations(p))
     )
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

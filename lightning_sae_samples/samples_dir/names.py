@@ -32,6 +32,16 @@ COMMIT_NAME = "COMMIT"
 SNAPSHOTS_DIR = "snapshots"
 
 
+#: The explainer's sidecar folder (``explanations.jsonl`` and its lock); saves never touch it.
+EXPLANATIONS_DIR = "explanations"
+
+
+EXPLANATIONS_NAME = "explanations.jsonl"
+
+
+EXPLANATIONS_LOCK = "explanations.lock"
+
+
 WRITER_ID = "lightning-sae-samples"
 
 

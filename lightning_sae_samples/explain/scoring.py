@@ -1,0 +1,90 @@
+"""Which samples the explainer sees, which it is scored on, and the detection score (delphi's definition).
+
+A latent's samples (its top samples, then its interval samples) are split once, with a generator seeded by the
+latent index, after dropping samples whose text repeats an earlier one: the explanation prompt
+gets the first ``shown_top`` top samples and every other interval sample;
+the scorer gets up to ``positives`` of the rest (held out: never in the prompt). The non-activating contexts are
+samples of other latents (their text differs from every context of this latent). The score is the balanced
+accuracy of the model's yes/no answers: the mean of the share of activating contexts it called activating and
+the share of non-activating ones it called not activating. 0.5 is chance, whatever the mix.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lightning_sae_samples.analysis.records import FeatureSamples, Sample
+from lightning_sae_samples.explain.prompts import context_text
+
+
+@dataclass(frozen=True)
+class SplitSamples:
+    """A latent's samples for the explanation prompt, and its held-out ones for scoring."""
+
+    shown: tuple[Sample, ...]
+    held_out: tuple[Sample, ...]
+
+
+def _key(sample: Sample) -> str:
+    """Samples with the same text are one for the explainer: a held-out one must differ in text from those shown."""
+    return context_text(sample)
+
+
+def split_samples(feature: FeatureSamples, shown_top: int, shown_interval: int, positives: int) -> SplitSamples:
+    """The prompt's samples and up to ``positives`` held-out ones (none shared, duplicates dropped)."""
+    rng = random.Random(feature.feature_idx)
+    seen: set[str] = set()
+
+    def fresh(samples: Sequence[Sample]) -> list[Sample]:
+        kept = []
+        for sample in samples:
+            if _key(sample) not in seen:
+                seen.add(_key(sample))
+                kept.append(sample)
+        return kept
+
+    top = fresh(feature.samples)
+    interval = fresh([s for group in feature.interval_groups for s in group.samples])
+    shown = top[:shown_top] + interval[0::2][:shown_interval]
+    shown_keys = {_key(s) for s in shown}
+    rest = [s for s in top[shown_top:] + interval if _key(s) not in shown_keys]
+    rng.shuffle(rest)
+    return SplitSamples(tuple(shown), tuple(rest[:positives]))
+
+
+def non_activating(
+    latent: int, pool: Sequence[Sample], avoid: Sequence[Sample], count: int
+) -> list[Sample]:
+    """``count`` samples of other latents drawn from ``pool`` (seeded by ``latent``), none with a text in ``avoid``."""
+    texts = {context_text(s) for s in avoid}
+    candidates = [s for s in pool if s.feature_idx != latent and context_text(s) not in texts]
+    rng = random.Random(latent + 1_000_003)
+    rng.shuffle(candidates)
+    chosen, used = [], set()
+    for sample in candidates:
+        text = context_text(sample)
+        if text not in used:
+            used.add(text)
+            chosen.append(sample)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def balanced_accuracy(activating: Sequence[bool], predicted: Sequence[bool]) -> float:
+    """Mean of the true-positive and true-negative rates (a class with no example counts as 0.5)."""
+    if len(activating) != len(predicted):
+        raise ValueError("`activating` and `predicted` differ in length")
+    positives = [p for a, p in zip(activating, predicted) if a]
+    negatives = [not p for a, p in zip(activating, predicted) if not a]
+    tpr = sum(positives) / len(positives) if positives else 0.5
+    tnr = sum(negatives) / len(negatives) if negatives else 0.5
+    return (tpr + tnr) / 2
+
+
+def random_words(rng: random.Random, pool: Sequence[Sample], count: int = 4) -> str:
+    """A nonsense explanation: ``count`` words drawn from the pool's contexts (the baseline when no other exists)."""
+    words = sorted({w for s in pool for w in context_text(s).split() if w.isalpha()})
+    return " ".join(rng.sample(words, min(count, len(words)))) if words else "the token x"

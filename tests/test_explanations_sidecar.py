@@ -1,0 +1,135 @@
+"""The explanations sidecar: appended under a lock, validated on read, kept by later saves."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+from helpers import SyntheticSAE, TokenDataset, loader, make_callback, trainer
+
+from lightning_sae_samples import read_samples_dir
+from lightning_sae_samples.analysis.explanations import (
+    ExplanationRecord,
+    append_explanations,
+    explanations_path,
+    iter_explanation_records,
+    read_explanations,
+    read_labels,
+)
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+
+def record(latent, text="numbers", **kw):
+    return ExplanationRecord(latent=latent, text=text, model="m", prompt_version="v1", samples_step=3, **kw)
+
+
+def test_latest_record_per_latent_and_kind_counts(tmp_path):
+    append_explanations(tmp_path, [record(1, "old"), record(2, "two", score=0.75, score_contexts=40)])
+    append_explanations(tmp_path, [record(1, "new"), record(1, "Bible verses", kind="label", source="label")])
+    explained = read_explanations(tmp_path)
+    assert {k: v.text for k, v in explained.items()} == {1: "new", 2: "two"}
+    assert explained[2].score == 0.75 and explained[2].score_contexts == 40
+    assert {k: v.text for k, v in read_labels(tmp_path).items()} == {1: "Bible verses"}
+    assert len(list(iter_explanation_records(tmp_path))) == 4
+
+
+def test_no_sidecar_reads_empty(tmp_path):
+    assert read_explanations(tmp_path) == {} and read_labels(tmp_path) == {}
+
+
+def test_a_torn_last_line_is_ignored_and_cut_by_the_next_append(tmp_path):
+    append_explanations(tmp_path, [record(1), record(2)])
+    path = explanations_path(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b'{"latent": 3, "text": "cut in the mid')
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert sorted(read_explanations(tmp_path)) == [1, 2]
+    append_explanations(tmp_path, [record(4)])
+    assert sorted(read_explanations(tmp_path)) == [1, 2, 4]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('{"latent": -1}', "latent"),
+        ('{"latent": true}', "latent"),
+        ('{"score": NaN}', "NaN"),
+        ('{"score": 1.5}', "score"),
+        ('{"kind": "x"}', "kind"),
+        ('{"text": 5}', "text"),
+        ('{"time": "yesterday"}', "time"),
+        ('{"source": "web"}', "source"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_hostile_lines_are_refused_naming_file_line_and_field(tmp_path, line, field):
+    append_explanations(tmp_path, [record(1)])
+    path = explanations_path(tmp_path)
+    good = json.loads(path.read_text())
+    bad = line if line.startswith("[") else json.dumps({**good, **json.loads(line.replace("NaN", "0"))})
+    if "NaN" in line:
+        bad = json.dumps(good).replace('"score": null', '"score": NaN')
+    with open(path, "a") as handle:
+        handle.write(bad + "\n")
+    with pytest.raises(SamplesDirectoryError, match=rf"explanations.jsonl, line 2: .*{field}"):
+        read_explanations(tmp_path)
+
+
+def test_missing_field_is_named(tmp_path):
+    (tmp_path / "explanations").mkdir()
+    explanations_path(tmp_path).write_text('{"latent": 1, "text": "a"}\n')
+    with pytest.raises(SamplesDirectoryError, match="line 1: missing field `kind`"):
+        read_explanations(tmp_path)
+
+
+def test_links_are_never_followed(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    samples = tmp_path / "samples"
+    (samples / "explanations").mkdir(parents=True)
+    os.symlink(outside, explanations_path(samples))
+    with pytest.raises(SamplesDirectoryError, match="not a regular file"):
+        append_explanations(samples, [record(1)])
+    with pytest.raises(SamplesDirectoryError, match="not a regular file"):
+        read_explanations(samples)
+    assert outside.read_text() == ""
+
+
+def _append_many(samples, start):
+    for i in range(start, start + 50):
+        append_explanations(samples, [record(i, "x" * 2000)])
+
+
+def test_concurrent_appenders_interleave_whole_lines(tmp_path):
+    workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(tmp_path, s))
+               for s in (0, 1000)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(read_explanations(tmp_path)) == [*range(50), *range(1000, 1050)]
+
+
+def test_a_later_save_keeps_the_sidecar_and_a_new_run_may_reuse_the_directory(tmp_path):
+    samples = tmp_path / "samples"
+    trainer(tmp_path, [make_callback(samples)], max_steps=2).fit(SyntheticSAE(), loader(TokenDataset()))
+    append_explanations(samples, [record(3)])
+    before = explanations_path(samples).read_bytes()
+    trainer(tmp_path, [make_callback(samples)], max_steps=3).fit(SyntheticSAE(), loader(TokenDataset(seed=1)))
+    assert read_samples_dir(samples).summary["global_step"] == 3
+    assert explanations_path(samples).read_bytes() == before
+
+
+def test_a_directory_holding_only_the_sidecar_is_accepted(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    append_explanations(samples, [record(3)])
+    trainer(tmp_path, [make_callback(samples)], max_steps=2).fit(SyntheticSAE(), loader(TokenDataset()))
+    assert read_samples_dir(samples).summary["global_step"] == 2
+    assert sorted(read_explanations(samples)) == [3]
+
+
+def test_records_are_validated_when_made():
+    with pytest.raises(ValueError, match="score"):
+        record(1, score=2.0)
