@@ -142,3 +142,62 @@ def test_a_hostile_history_file_gives_one_line_naming_file_and_field(tmp_path, f
         load_history(path)
     message = str(err.value)
     assert "\n" not in message and str(path) in message and f"`{named}`" in message
+
+
+def test_reports_console_and_export_tell_each_saved_feature_through_training(tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+
+    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    analyzer = ActivationSampleAnalyzer(tmp_path / "samples")
+    history = analyzer.history
+    latent = analyzer.saved_features[0]
+    story = analyzer.feature(latent).story
+    first = history.feature(latent)[0].window
+    assert story.startswith(f"born at step {first.start}") and "frequency " in story
+    assert len(story.rsplit("frequency ", 1)[1]) == len(history.windows)
+    # The drifting SAE moves its odd latents to other tokens from step 3: some change meaning, listed by step.
+    changed = [e for e in history.events() if e.kind == "meaning_change"]
+    assert changed and all(e.latent % 2 == 1 for e in changed)
+    assert "meaning changed at step" in analyzer.feature(changed[0].latent).story
+    out = io.StringIO()
+    analyzer.print_feature_report(latent, console=Console(file=out, width=200, color_system=None))
+    assert f"Through training: {story}" in out.getvalue()
+    assert "Through training: born at step" in analyzer.render_markdown()
+    assert "Through training: born at step" in analyzer.render_html()
+    paths = analyzer.export(tmp_path / "export")
+    rows = [json.loads(line) for line in paths["history"].read_text().splitlines()]
+    assert {row["latent"] for row in rows} <= set(analyzer.saved_features)
+    want = [r for r in history.rows() if r["latent"] == latent]
+    assert [r for r in rows if r["latent"] == latent] == want and len(want) == len(history.feature(latent))
+
+
+def test_serve_answers_the_timeline_the_run_chart_and_the_history_filters(tmp_path):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.serve.app import create_app
+    from lightning_sae_samples.serve.runs import RunSet
+
+    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    history = ActivationSampleAnalyzer(tmp_path / "samples").history
+    changed = history.most_changed(100)
+    with TestClient(create_app(RunSet(tmp_path / "samples"))) as client:
+        page = client.get(f"/api/history/features/{changed[0]}").json()
+        assert [w["count"] for w in page["windows"]] == [s.count for s in history.feature(changed[0])]
+        assert [e["kind"] for e in page["events"]][0] == "birth" and "meaning_change" in [e["kind"] for e in
+                                                                                          page["events"]]
+        chart = client.get("/api/history/run").json()["windows"]
+        assert [w["alive"] for w in chart] == [len(w["latent"]) for w in windows(tmp_path)]
+        listed = client.get("/api/history/latents?filter=changed&sort=changes").json()
+        assert [r["latent"] for r in listed["rows"]] == changed and listed["total"] == len(changed)
+        born = client.get("/api/history/latents?filter=born_after&step=0&sort=birth").json()["rows"]
+        assert all(r["birth"] > 0 for r in born)
+        assert client.get("/api/history/latents?filter=nonsense").status_code == 400
+        assert client.get("/api/history/features/x").status_code == 404

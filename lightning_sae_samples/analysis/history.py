@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.samples_dir.history_file import load_history, payload_vocab, windows_of_payload
-from lightning_sae_samples.samples_dir.names import HISTORY_NAME, PathLike, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import read_samples_dir
 
 #: Default top-token overlap (Jaccard of the top-token sets) below which two consecutive windows differ in meaning.
 MEANING_CHANGE_OVERLAP = 0.2
@@ -143,12 +145,19 @@ class FeatureHistory:
     def from_dir(cls, path: PathLike) -> Optional[FeatureHistory]:
         """The history of a samples directory, or ``None`` when it has none (older runs, snapshots).
 
+        A committed but unfinished save's history is read, as :func:`read_samples_dir` reads its other files.
+
         Raises:
             SamplesDirectoryError: The file is there but corrupt or hostile (one line naming it and the field).
         """
-        file = Path(path) / HISTORY_NAME
-        if not file.exists():
+        return cls.from_file(read_samples_dir(path).history_path)
+
+    @classmethod
+    def from_file(cls, file: Optional[PathLike]) -> Optional[FeatureHistory]:
+        """The history in ``file`` (``None``: none)."""
+        if file is None:
             return None
+        file = Path(file)
         if file.is_symlink() or not file.is_file():
             raise SamplesDirectoryError(f"{file} is not a regular file; it is not read.")
         return cls(load_history(file), file)
@@ -279,12 +288,20 @@ class FeatureHistory:
                  "deaths": per_kind["death"][w.index], "revivals": per_kind["revival"][w.index],
                  "meaning_changes": per_kind["meaning_change"][w.index]} for w in self.windows]
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per (window, latent that fired): step, latent, count, max, mean, top tokens (for export)."""
+    def rows(self, latents: Optional[Iterable[int]] = None) -> list[dict[str, Any]]:
+        """One row per (window, latent that fired): step, latent, count, max, mean, top tokens (for export).
+
+        Args:
+            latents: Only these latents (default: all).
+        """
         out = []
+        wanted = None if latents is None else torch.tensor(sorted({int(i) for i in latents}), dtype=torch.int64)
         for info, window in zip(self.windows, self._windows):
             counts, sums = window["count"].tolist(), window["sum"].tolist()
-            for r, latent in enumerate(window["latent"].tolist()):
+            picked = range(len(counts)) if wanted is None else torch.isin(window["latent"].long(), wanted).nonzero(
+                as_tuple=True)[0].tolist()
+            for r in picked:
+                latent = int(window["latent"][r])
                 tokens = [t for t in window["token_ids"][r].tolist() if t >= 0]
                 out.append({
                     "step": info.end, "window_start": info.start, "latent": latent, "count": counts[r],
@@ -300,3 +317,37 @@ class FeatureHistory:
         changes = self.event_counts(change_overlap)["meaning_change"]
         ranked = torch.argsort(-changes, stable=True)[:limit]
         return [int(i) for i in ranked if int(changes[i]) > 0]
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One block character per value, scaled to the largest (a zero shows as a space)."""
+    top = max(values, default=0.0)
+    if top <= 0:
+        return " " * len(values)
+    return "".join(" " if v <= 0 else SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))]
+                   for v in values)
+
+
+def story_line(history: FeatureHistory, latent: int, change_overlap: float = MEANING_CHANGE_OVERLAP,
+               tokens: int = 3) -> Optional[str]:
+    """A latent's "through training" line (raw token text), or ``None`` when it never fired in the history.
+
+    For example ``born at step 0 · meaning changed at step 8,000 ( the  of / Lord  God) · frequency ▁▃█▅``.
+    """
+    active = {stats.window.index: stats for stats in history.feature(latent)}
+    if not active:
+        return None
+    parts = []
+    for event in history.events(latent, change_overlap):
+        if event.kind == "meaning_change":
+            parts.append(f"meaning changed at step {event.step:,} ({' '.join(event.before[:tokens])} /"
+                         f" {' '.join(event.after[:tokens])})")
+        else:
+            verb = {"birth": "born", "death": "died", "revival": "revived"}[event.kind]
+            parts.append(f"{verb} at step {event.step:,}")
+    frequencies = [active[w.index].frequency if w.index in active else 0.0 for w in history.windows]
+    parts.append(f"frequency {sparkline(frequencies)}")
+    return " · ".join(parts)

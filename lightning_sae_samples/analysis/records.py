@@ -315,6 +315,8 @@ class FeatureSamples:
             with ``count == 0``.
         recent_samples: Its top samples of the recent window, best first (empty when the run kept no
             recent window, or the latent did not fire in it; see :attr:`recent_overlap`).
+        story: Its "through training" line from the run's history (birth, meaning changes, deaths, revivals
+            and a frequency sparkline; raw token text), or ``None`` without a history.
     """
 
     stats: FeatureStats
@@ -323,6 +325,7 @@ class FeatureSamples:
     logit_effects: Optional[LogitEffects] = None
     interval_groups: tuple[IntervalGroup, ...] = ()
     recent_samples: tuple[Sample, ...] = ()
+    story: Optional[str] = None
 
     @property
     def feature_idx(self) -> int:

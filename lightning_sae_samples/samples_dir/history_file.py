@@ -98,10 +98,14 @@ def read_existing_history(path: Path) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------- checks
-def _int(payload: dict, key: str, minimum: int) -> int:
+#: Bounds that keep every reader's arithmetic in int64 and its per-latent tensors of a sane size.
+_MAX_STEP = 2**62
+
+
+def _int(payload: dict, key: str, minimum: int, maximum: int = _MAX_STEP) -> int:
     value = payload.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{key}` must be an integer >= {minimum}, got {_show(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"`{key}` must be an integer in [{minimum}, {maximum}], got {_show(value)}")
     return value
 
 
@@ -137,9 +141,9 @@ def check_history(payload: Any) -> None:
     version = payload.get("format_version")
     if version != HISTORY_FORMAT_VERSION:
         raise ValueError(f"`format_version` is {_show(version)}; this version reads {HISTORY_FORMAT_VERSION}")
-    num_latents = _int(payload, "num_latents", 1)
-    top = _int(payload, "top_tokens", 1)
-    width = _int(payload, "context_window", 1)
+    num_latents = _int(payload, "num_latents", 1, 2**31)
+    top = _int(payload, "top_tokens", 1, 1024)
+    width = _int(payload, "context_window", 1, 4097)
     _int(payload, "dead_window_steps", 1)
     table = _group(payload, "windows")
     first = table.get("start")
@@ -148,8 +152,8 @@ def check_history(payload: Any) -> None:
         raise ValueError(f"`windows.start` must be a 1-d integer tensor, got {_show(first)}")
     for name in (*WINDOW_SCALARS, "rows", "sample_rows"):
         value = _tensor(table.get(name), f"windows.{name}", (count,), floating=False)
-        if count and int(value.min()) < 0:
-            raise ValueError(f"`windows.{name}` must not be negative")
+        if count and (int(value.min()) < 0 or int(value.max()) > _MAX_STEP):
+            raise ValueError(f"`windows.{name}` must lie in [0, {_MAX_STEP}]")
     if count and (bool((table["end"] < table["start"]).any()) or bool((table["end"][1:] < table["end"][:-1]).any())):
         raise ValueError("`windows.end` must not precede its `start` nor the previous window's end")
     rows, samples = _group(payload, "rows"), _group(payload, "samples")
