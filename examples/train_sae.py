@@ -52,6 +52,21 @@ def find_sample_callback(trainer):
     return None
 
 
+def print_meaning_changes(analyzer) -> None:
+    """The three latents whose meaning changed most through training (from the samples' history)."""
+    from lightning_sae_samples.analysis.history import story_line
+
+    history = analyzer.history
+    if history is None:
+        return
+    changed = history.most_changed(3)
+    console.print(f"\nLatents whose meaning changed most ({len(history.windows)} history windows):")
+    for latent in changed:
+        console.print(f"  latent {latent}: {story_line(history, latent)}", markup=False, soft_wrap=True)
+    if not changed:
+        console.print("  none: every latent kept its top tokens from window to window.")
+
+
 def samples_dir_of(callback, trainer) -> Path:
     """Where the callback wrote its samples (its resolved ``dirpath``, else the documented default)."""
     if getattr(callback, "dirpath", None):
@@ -95,6 +110,7 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         feature = _strongest_feature(samples)
         if feature is not None:
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)
+        print_meaning_changes(analyzer)
         console.print(f"Browse every latent: pip install '.[serve]' && {serve_command(samples)}", soft_wrap=True,
                       markup=False)
     except Exception as err:  # noqa: BLE001 - training is done; a report problem must not hide the paths

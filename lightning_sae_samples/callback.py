@@ -26,6 +26,7 @@ from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInp
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
+from lightning_sae_samples.state.history import reset_window_entries
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
@@ -107,6 +108,7 @@ class ActivationSampleCallback(Callback):
         self._batch_step = 0
         self._rank = 0
         self._strategy: Any = None
+        self._trainer: Optional[pl.Trainer] = None
         self._merged: Optional[dict] = None
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
@@ -184,6 +186,7 @@ class ActivationSampleCallback(Callback):
         """Resolve ``dirpath``, take it (writable, ours, locked) and load a named tokenizer before the first step."""
         self._rank = trainer.global_rank
         self._strategy = trainer.strategy
+        self._trainer = trainer
         if self.dirpath is None:
             root = trainer.log_dir or trainer.default_root_dir
             self.dirpath = Path(root) / "activation_samples"
@@ -320,10 +323,16 @@ class ActivationSampleCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Merge all processes' collections (collective) and return what exact resume needs."""
         self._merged = self._merged_state()
+        # The save that follows writes the current history window: the checkpoint (and this run) go on with a new one.
+        step = self._trainer.global_step if self._trainer is not None else None
+        self.engine.reset_window(step)
+        collected = self._merged
+        if collected is not None and step is not None:
+            collected = reset_window_entries(collected, step)
         return {
             "version": STATE_VERSION,
             "config": self.config(),
-            "collector": self._merged if self._rank == 0 else None,
+            "collector": collected if self._rank == 0 else None,
         }
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -337,6 +346,7 @@ class ActivationSampleCallback(Callback):
         if self._health is not None and trainer.is_global_zero and self._health.pending_step is not None:
             self._health.log(trainer, self.collector)
         merged = self._merged_state()
+        self.engine.reset_window(trainer.global_step)
         if trainer.is_global_zero:
             self._save(trainer, pl_module, merged, final=True)
 

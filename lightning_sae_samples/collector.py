@@ -50,9 +50,12 @@ from lightning_sae_samples.state.tables import kept_per_latent
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
+#: ``CallbackConfig.dead_window_steps``'s default, recorded in a plain loop's history (the collector has no health).
+DEFAULT_DEAD_WINDOW_STEPS = 10_000
 # Which argument bounds each kind of sample table, for the out-of-memory message.
 _TABLE_ARGUMENT = {
     "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",
+    "window": "history_samples_per_feature",
 }
 PathLike = Union[str, Path]
 Gather = Callable[[SampleCollector], Optional[dict]]
@@ -324,6 +327,11 @@ class ActivationSampleCollector:
             return gather(self.collector)
         return self.collector.state_dict()
 
+    def reset_window(self, step: Optional[int]) -> None:
+        """Start a new history window at ``step`` (after a save wrote the current one); on every process."""
+        if self.collector is not None and step is not None:
+            self.collector.reset_window(int(step))
+
     def state_dict(self) -> dict[str, Any]:
         """What an exact resume needs: the configuration and the merged collection.
 
@@ -397,6 +405,12 @@ class ActivationSampleCollector:
                 not ours to write.
         """
         merged = self.merged_state()
+        local = self.collector
+        step = global_step if global_step is not None else (
+            int(merged["last_collected_step"]) if merged is not None else None)
+        if step is None and local is not None:
+            step = local.last_collected_step  # other ranks: the merged window start is the largest
+        self.reset_window(step)
         if self._rank() != 0:
             return []
         if merged is not None:
@@ -499,6 +513,7 @@ class ActivationSampleCollector:
             full_state=full_state,
             feature_extras=feature_extras,
             source=source,
+            history=self._history_settings() if source == "train" else None,
             trained_step=trained_step,
         )
         kept = kept_per_latent(merged)
@@ -519,6 +534,14 @@ class ActivationSampleCollector:
             except Exception as err:  # noqa: BLE001 - a report must never stop training
                 rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
         return saved
+
+    def _history_settings(self) -> dict[str, int]:
+        settings = self.settings
+        return {
+            "top_tokens": settings.history_top_tokens, "per_level": settings.history_windows_per_level,
+            "samples_per_feature": settings.history_samples_per_feature,
+            "dead_window_steps": getattr(settings, "dead_window_steps", DEFAULT_DEAD_WINDOW_STEPS),
+        }
 
     def _warn_nonfinite(self, merged: dict, owner: str) -> None:
         skipped = int(merged["nonfinite_skipped"])

@@ -106,6 +106,21 @@ class CollectionConfig:
     The kept set is the exact top-k under that rule (see :mod:`lightning_sae_samples.engine.dedup`). Useful on
     repetitive text."""
 
+    history_samples_per_feature: int = field(default=3, metadata=_engine("history_samples", merge=True))
+    """Top samples kept per latent for the current history window (between two saves); 0: none.
+
+    Each save adds the window's count, max, mean and top tokens of every latent that fired to
+    ``training_history.pt``, and these samples for the saved features (see ``docs/history.md``)."""
+
+    history_top_tokens: int = 5
+    """Most frequent activating token ids recorded per latent and history window, with their counts."""
+
+    history_windows_per_level: int = 4
+    """History windows kept per level before the two oldest of a level merge into one twice as long.
+
+    A save adds a window of level 0; older windows are thinned so that ``n`` saves keep about
+    ``history_windows_per_level * log2(n)`` windows (see ``docs/history.md``)."""
+
     exclude_token_ids: Sequence[int] = ()
     """Token ids never collected, such as BOS/CLS/SEP (attention sinks would fill the tops).
 
@@ -161,6 +176,16 @@ class CollectionConfig:
             self.recent_samples_per_feature, "recent_samples_per_feature", "Use e.g. 10."
         )
         self.seed = integer(self.seed, "seed")
+        self.history_samples_per_feature = positive_int(
+            self.history_samples_per_feature, "history_samples_per_feature", "Use 0 to keep no window samples, e.g. 3.",
+            0,
+        )
+        self.history_top_tokens = positive_int(
+            self.history_top_tokens, "history_top_tokens", "Use e.g. 5 tokens per latent and window."
+        )
+        self.history_windows_per_level = positive_int(
+            self.history_windows_per_level, "history_windows_per_level", "Use e.g. 4 windows per level."
+        )
 
     def _check_choices(self) -> None:
         self.rank_features_by = choice(self.rank_features_by, "rank_features_by", _choices(RankBy))

@@ -273,3 +273,35 @@ def test_a_bad_value_anywhere_gives_one_clear_error_naming_the_file(tmp_path_fac
         read_and_serve(directory)
     except ALLOWED as err:
         assert name in str(err) or isinstance(err, UnknownFeatureError), f"the error does not name {name}: {err}"
+HISTORY = dict(top_tokens=3, per_level=2, samples_per_feature=2, dead_window_steps=10)
+
+
+@pytest.fixture(scope="module")
+def history_dir(tmp_path_factory):
+    from render_support import collect_state
+
+    from lightning_sae_samples.samples_dir.writer import write_samples_dir
+
+    path = tmp_path_factory.mktemp("history") / "samples"
+    write_samples_dir(path, collect_state(), config={}, tokenizer=None, top_features=3, samples_per_feature=2,
+                      rank_by="max_activation", global_step=30, history=HISTORY)
+    return path
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(data=st.data())
+def test_a_hostile_history_file_is_one_line_naming_it(tmp_path_factory, history_dir, data):
+    from lightning_sae_samples.analysis.history import FeatureHistory, story_line
+
+    payload = torch.load(history_dir / "training_history.pt", weights_only=True)
+    group = data.draw(st.sampled_from([None, "windows", "rows", "samples", "vocab"]))
+    target = payload if group is None else payload[group]
+    target[data.draw(st.sampled_from(sorted(target)))] = data.draw(TENSORS | JSON)
+    copy = tmp_path_factory.mktemp("hostile_history") / "samples"
+    shutil.copytree(history_dir, copy)
+    torch.save(payload, copy / "training_history.pt")
+    try:
+        history = FeatureHistory.from_dir(copy)
+        history.events(), history.rows(), history.run_series(), story_line(history, 0)
+    except SamplesDirectoryError as err:
+        assert "\n" not in str(err) and "training_history.pt" in str(err)

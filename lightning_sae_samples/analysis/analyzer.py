@@ -17,6 +17,7 @@ from typing import Any, Optional, TypeVar, Union
 
 import torch
 
+from lightning_sae_samples.analysis.history import FeatureHistory, story_line
 from lightning_sae_samples.analysis.logit_effects import compute_logit_effects
 from lightning_sae_samples.analysis.records import (
     DRIFT_THRESHOLD,
@@ -86,6 +87,9 @@ _RENDERERS = {
     "markdown": ("lightning_sae_samples.render.markdown", "render_markdown"),
     "html": ("lightning_sae_samples.render.html", "render_html"),
 }
+
+
+_UNREAD = object()
 
 
 class UnknownFeatureError(KeyError):
@@ -188,6 +192,7 @@ class ActivationSampleAnalyzer:
                 f" ({type(err).__name__}: {err}). Re-run the save, or point to a directory the callback wrote."
             ) from err
         self._saved = {idx: self._load_feature_file(idx) for idx in self.summary.saved_features}
+        self._history: Any = _UNREAD
 
     def _load_feature_file(self, idx: int) -> FeatureSamples:
         path = self.directory.feature_files.get(idx)
@@ -419,6 +424,24 @@ class ActivationSampleAnalyzer:
             UnknownFeatureError: The index is out of range, or it has no feature file and there is no
                 ``full_state.pt``.
         """
+        return dataclasses.replace(self._feature(feature_idx, num_examples), story=self._story(feature_idx))
+
+    @property
+    def history(self) -> Optional[FeatureHistory]:
+        """Every latent's windows through training (``training_history.pt``), or ``None`` when the run has none.
+
+        Raises:
+            SamplesDirectoryError: The history file is corrupt or hostile.
+        """
+        if self._history is _UNREAD:
+            self._history = FeatureHistory.from_file(self.directory.history_path)
+        return self._history
+
+    def _story(self, feature_idx: int) -> Optional[str]:
+        history = self.history
+        return None if history is None else story_line(history, int(feature_idx))
+
+    def _feature(self, feature_idx: int, num_examples: Optional[int]) -> FeatureSamples:
         idx = self._check_index(feature_idx)
         saved = self._saved.get(idx)
         state = None

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
+from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Sample
 from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes, refuse_samples_dir_file
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
@@ -32,6 +33,12 @@ EXPORT_VERSION = 2
 FEATURES_NAME = "features"
 SAMPLES_NAME = "samples"
 SUMMARY_NAME = "summary.json"
+HISTORY_TABLE_NAME = "history"
+#: Columns of ``history.<ext>``: one row per (history window, exported latent that fired in it).
+HISTORY_COLUMNS = {
+    "step": "int", "window_start": "int", "latent": "int", "count": "int", "max": "float", "mean": "float",
+    "frequency": "float", "top_token_ids": "list<int>", "top_tokens": "list<str>", "top_token_counts": "list<int>",
+}
 #: The files a table export wrote into its folder: the only ones a later export replaces (as Neuronpedia's does).
 TABLES_MANIFEST_NAME = "export_manifest.json"
 
@@ -322,7 +329,7 @@ def export_samples(
     num_examples: Optional[int] = None,
     groups: Optional[Iterable[str]] = None,
 ) -> dict[str, Path]:
-    """Write ``features.<ext>``, ``samples.<ext>`` and ``summary.json`` into ``out_dir``.
+    """Write ``features.<ext>``, ``samples.<ext>``, ``history.<ext>`` (with a history) and ``summary.json``.
 
     ``format="neuronpedia"`` writes Neuronpedia's bulk export instead, with default ids (see
     :func:`~lightning_sae_samples.analysis.neuronpedia.export_neuronpedia` for the ids and records), and returns
@@ -338,7 +345,8 @@ def export_samples(
         groups: Sample groups in the samples table, among ``("top", "interval", "recent")`` (default: all).
 
     Returns:
-        ``{"features": path, "samples": path, "summary": path}``.
+        ``{"features": path, "samples": path, "summary": path}``, and ``"history": path`` when the directory has a
+        history (``training_history.pt``): its rows for the exported features.
 
     Raises:
         ValueError: Unknown ``format`` or group.
@@ -371,6 +379,9 @@ def export_samples(
         FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
         SAMPLES_NAME: ([row for f in selected for row in sample_rows(f, chosen)], SAMPLE_COLUMNS),
     }
+    history = FeatureHistory.from_file(analyzer.directory.history_path)
+    if history is not None:
+        tables[HISTORY_TABLE_NAME] = (history.rows([f.feature_idx for f in selected]), HISTORY_COLUMNS)
     paths: dict[str, Path] = {}
     for name, (rows, columns) in tables.items():
         path = out / f"{name}.{format}"
@@ -386,6 +397,7 @@ def export_samples(
         "features": len(tables[FEATURES_NAME][0]),
         "samples": len(tables[SAMPLES_NAME][0]),
         "samples_by_group": {g: sum(r["group"] == g for r in tables[SAMPLES_NAME][0]) for g in chosen},
+        **({"history_rows": len(tables[HISTORY_TABLE_NAME][0])} if history is not None else {}),
         "run": analyzer.directory.summary,
     }
     paths["summary"] = out / SUMMARY_NAME

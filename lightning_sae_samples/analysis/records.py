@@ -333,6 +333,8 @@ class FeatureSamples:
             with ``count == 0``.
         recent_samples: Its top samples of the recent window, best first (empty when the run kept no
             recent window, or the latent did not fire in it; see :attr:`recent_overlap`).
+        story: Its "through training" line from the run's history (birth, meaning changes, deaths, revivals
+            and a frequency sparkline; raw token text), or ``None`` without a history.
         kept_token_counts: ``(token_id, text, samples)`` of its first activating tokens among all its kept top
             samples, most first (ties: the lower id first): its file's ``activating_tokens``, or from
             ``full_state.pt``; empty for files of earlier versions.
@@ -345,6 +347,7 @@ class FeatureSamples:
     logit_effects: Optional[LogitEffects] = None
     interval_groups: tuple[IntervalGroup, ...] = ()
     recent_samples: tuple[Sample, ...] = ()
+    story: Optional[str] = None
     kept_token_counts: tuple[tuple[int, str, int], ...] = ()
     kept_samples: int = 0
 

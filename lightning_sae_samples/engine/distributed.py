@@ -11,8 +11,9 @@ from torch import Tensor
 from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.engine.sample_table import ACTS_DTYPES, TOKEN_DTYPES, wider
 from lightning_sae_samples.state.merge import merge_counters, merge_field, merge_padded_tables
-from lightning_sae_samples.state.schema import LATENT_FIELDS, RUN_FIELDS, TABLE_NAMES
+from lightning_sae_samples.state.schema import LATENT_FIELDS, RUN_FIELDS, TABLE_NAMES, WINDOW_TOKENS
 from lightning_sae_samples.state.tables import concat_sparse_counts, concat_tables, pack_table, sparse_counts
+from lightning_sae_samples.state.window_tokens import merge_pairs
 
 CHUNK_BYTES = 32 * 2**20
 _RUN_COUNTERS = tuple(field.name for field in RUN_FIELDS if field.merge != "same")
@@ -76,7 +77,9 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
         entry = {**run, **dict(zip(_RUN_COUNTERS, row))}
         entry["tokens_seen"] = torch.tensor(entry["tokens_seen"])
         entry["nonfinite_skipped"] = torch.tensor(entry["nonfinite_skipped"])
+        entry["window_tokens_seen"] = torch.tensor(entry["window_tokens_seen"])
         per_rank.append(entry)
+    pairs = _gather_pairs(collector.window_pairs, strategy, device)
 
     num_latents = collector.config.num_latents
     merged: Optional[dict] = functools.reduce(merge_counters, per_rank) if is_root else None
@@ -106,8 +109,25 @@ def gather_merged_state(collector: SampleCollector, strategy: Any, is_root: bool
             best = functools.reduce(lambda a, b: merge_padded_tables(a, b, capacity), parts)
             tables.setdefault(table, []).append(pack_table(best, capacity))
     if merged is not None:
+        merged[WINDOW_TOKENS.name] = pairs
         merged["hist_edges"] = head["hist_edges"]
         for name, parts in stats.items():
             merged[name] = concat_sparse_counts(parts) if _FIELD[name].sparse else torch.cat(parts)
         merged.update({name: concat_tables(parts) for name, parts in tables.items()})
+    return merged
+
+
+def _gather_pairs(pairs: dict[str, Tensor], strategy: Any, device: torch.device) -> dict[str, Tensor]:
+    """Every process's window (latent, token) counts, merged (on every process; they are small)."""
+    length = torch.tensor([len(pairs["key"])], dtype=torch.int64, device=device)
+    lengths = strategy.all_gather(length).reshape(-1).cpu().tolist()
+    longest = max(lengths)
+    parts = {}
+    for name in ("key", "count"):
+        padded = torch.zeros(longest, dtype=torch.int64, device=device)
+        padded[: len(pairs[name])] = pairs[name].to(device)
+        parts[name] = strategy.all_gather(padded).reshape(len(lengths), longest).cpu()
+    merged = {"key": parts["key"][0, : lengths[0]], "count": parts["count"][0, : lengths[0]]}
+    for rank in range(1, len(lengths)):
+        merged = merge_pairs(merged, {name: parts[name][rank, : lengths[rank]] for name in ("key", "count")})
     return merged

@@ -43,20 +43,22 @@ def estimate_state_bytes(
     Returns:
         ``{"fixed": ..., "samples": ..., "total": ...}``: the part allocated up front (per-latent statistics and
         every table's sorted keys), the window pools, and their sum; plus ``"top"``, ``"interval"`` and
-        ``"recent"``: each table kind's share of the total, to tell which argument to lower.
+        ``"recent"`` and ``"window"``: each table kind's share of the total, to tell which argument to lower.
     """
     num_latents, window = config.num_latents, config.window
     token_dtype = torch.int32 if vocab_size is None else token_dtype_for(max(vocab_size - 1, 0))
     window_bytes = token_dtype.itemsize + acts_dtype_for(latent_dtype).itemsize
     dedup = config.deduplicate_contexts
     bins = HISTOGRAM_BINS
-    stats = num_latents * (8 + 8 + 8 + 4 + 4 + 8 * bins + 8 + 8)
+    stats = num_latents * (8 + 8 + 8 + 4 + 4 + 8 * bins + 8 + 8 + 8 + 8 + 4)  # + the history window's statistics
     tables = {"top": [(num_latents, config.max_samples_per_feature, False, dedup)]}
     if config.samples_per_interval:
         stats += num_latents * config.num_intervals * 8
         tables["interval"] = [(num_latents * config.num_intervals, config.samples_per_interval, True, False)]
     if config.recent_window_steps:
         tables["recent"] = [(num_latents, config.recent_samples_per_feature, False, dedup)] * 2
+    if config.history_samples_per_feature:
+        tables["window"] = [(num_latents, config.history_samples_per_feature, False, dedup)]
     out = {"fixed": stats, "samples": 0}
     for kind, specs in tables.items():
         out[kind] = 0

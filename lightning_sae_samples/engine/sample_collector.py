@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,12 +32,20 @@ from lightning_sae_samples.state.schema import (
     RUN_FIELDS,
     STAT_FIELDS,
     STATE_FORMAT_VERSION,
+    TOKEN_BITS,
+    WINDOW_STAT_FIELDS,
+    WINDOW_TOKENS,
     check_state_version,
     empty_field,
 )
 from lightning_sae_samples.state.tables import dense_counts, sparse_counts
+from lightning_sae_samples.state.window_tokens import compact_pairs, empty_pairs, merge_pairs, pair_keys
 
 RANK_SHIFT = 40
+
+
+#: Staged window token keys are folded into the sorted counts once this many wait (or more than they hold).
+PAIR_STAGE_LIMIT = 1 << 20
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -77,6 +85,12 @@ class SampleCollector:
     last_step: Tensor
     #: Activations per latent and interval (only with interval sampling).
     interval_count: Tensor
+    #: The current history window's count, sum and max per latent (since the last save; see :meth:`reset_window`).
+    window_count: Tensor
+    window_sum: Tensor
+    window_max: Tensor
+    window_tokens_seen: Tensor
+    window_start: int
     #: Run-level counters.
     tokens_seen: Tensor
     nonfinite_skipped: Tensor
@@ -130,9 +144,18 @@ class SampleCollector:
                     num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius, policy=policy
                 )
 
+        if config.history_samples_per_feature:
+            self.tables["window"] = SampleTable(
+                num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius, policy=policy
+            )
         for field in STAT_FIELDS:
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
             setattr(self, field.name, empty_field(field, shape, device))
+        for field in WINDOW_STAT_FIELDS:
+            setattr(self, field.name, empty_field(field, (num_latents,), device))
+        self._pairs = empty_pairs(device)
+        self._staged_keys: list[Tensor] = []
+        self._staged_count = 0
         for field in RUN_FIELDS:
             value = empty_field(field, (), device) if field.dtype is not None else field.fill
             setattr(self, field.name, value)
@@ -270,6 +293,7 @@ class SampleCollector:
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
         self.last_seen = positions.num_seen
         self.tokens_seen += positions.num_seen.to(dev)
+        self.window_tokens_seen += positions.num_seen.to(dev)
         if self.first_collected_step == EMPTY:
             self.first_collected_step = step
         if self.last_collected_step != step:
@@ -277,8 +301,11 @@ class SampleCollector:
             self.last_collected_step = step
 
         self._update_statistics(latent_idx, values, step)
+        self._stage_pairs(latent_idx, positions.tokens.reshape(-1).to(dev)[token_idx])
         self.last_active = len(values)
         offers = [(self.tables["top"], latent_idx, values)]
+        if "window" in self.tables:
+            offers.append((self.tables["window"], latent_idx, values))
         if "interval" in self.tables:
             interval = torch.bucketize(values.double(), self._interval_inner, right=True)
             rows = latent_idx * cfg.num_intervals + interval
@@ -299,6 +326,37 @@ class SampleCollector:
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]
             table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
+
+    # ------------------------------------------------------------------ history window
+    def _stage_pairs(self, latent_idx: Tensor, token_ids: Tensor) -> None:
+        keys = pair_keys(latent_idx, token_ids)
+        self._staged_keys.append(keys)
+        self._staged_count += len(keys)
+        if self._staged_count > max(PAIR_STAGE_LIMIT, len(self._pairs["key"])):
+            self._fold_staged_pairs()
+
+    def _fold_staged_pairs(self) -> None:
+        if self._staged_keys:
+            staged = compact_pairs(torch.cat(self._staged_keys))
+            self._pairs = merge_pairs(self._pairs, staged)
+            self._staged_keys, self._staged_count = [], 0
+
+    @property
+    def window_pairs(self) -> dict[str, Tensor]:
+        """The current history window's activations per (latent, token id), sparse (see ``state.window_tokens``)."""
+        self._fold_staged_pairs()
+        return self._pairs
+
+    def reset_window(self, step: int) -> None:
+        """Start a new history window at ``step`` (a save wrote the current one): its counters and samples empty."""
+        for field in WINDOW_STAT_FIELDS:
+            getattr(self, field.name).fill_(field.fill)
+        self._pairs = empty_pairs(self.device)
+        self._staged_keys, self._staged_count = [], 0
+        self.window_tokens_seen.zero_()
+        self.window_start = int(step)
+        if "window" in self.tables:
+            self.tables["window"].clear()
 
     def _rotate_recent(self, step: int) -> None:
         block = step // int(self.config.recent_window_steps)
@@ -325,6 +383,9 @@ class SampleCollector:
         num_bins = self.hist.shape[1]
         bins = torch.bucketize(values.double(), self._inner_edges, right=True)
         self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, torch.ones_like(bins))
+        self.window_count += fired_now
+        self.window_sum.index_add_(0, latent_idx, as_double)
+        self.window_max.scatter_reduce_(0, latent_idx, values, reduce="amax")
         fired = fired_now > 0
         self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)
         self.last_step = torch.where(fired, step, self.last_step)
@@ -355,7 +416,17 @@ class SampleCollector:
             if hasattr(self, field.name):
                 rows = getattr(self, field.name)[start:stop]
                 state[field.name] = sparse_counts(rows) if field.sparse and not padded else rows.clone()
+        if not padded:  # variable length: collectives gather it apart (see `engine.distributed`)
+            state[WINDOW_TOKENS.name] = self.window_pairs_of(latents)
         return state
+
+    def window_pairs_of(self, latents: slice = slice(None)) -> dict[str, Tensor]:
+        """The window's (latent, token) counts of a range of latents (new tensors)."""
+        start, stop, _ = latents.indices(self.config.num_latents)
+        pairs = self.window_pairs
+        bounds = torch.tensor([start << TOKEN_BITS, stop << TOKEN_BITS], dtype=torch.int64, device=self.device)
+        lo, hi = torch.searchsorted(pairs["key"], bounds).tolist()
+        return {name: value[lo:hi].clone() for name, value in pairs.items()}
 
     def export(self, latents: slice = slice(None)) -> dict:
         """The state of a range of latents in compact form (see :mod:`~lightning_sae_samples.state.tables`).
@@ -396,11 +467,22 @@ class SampleCollector:
             raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
         collector = cls(CollectionConfig.from_state(state), device, state["hist_edges"], policy)
         for name, table in collector.tables.items():
+            if name == "window" and name not in state:
+                continue  # a state of an earlier version: its history window starts empty
             if name not in state:
                 raise ValueError(f"Collector state is missing its {name!r} sample table.")
             table.load(state[name])
+        pairs = state.get(WINDOW_TOKENS.name)
+        if pairs is not None:
+            if not _valid_pairs(pairs, collector.config.num_latents):
+                raise ValueError(
+                    f"Collector state field {WINDOW_TOKENS.name!r} is not a set of sorted distinct (latent, token)"
+                    " keys with positive counts."
+                )
+            collector._pairs = {name: pairs[name].to(device=collector.device, dtype=torch.int64).clone()
+                                for name in ("key", "count")}
         for field in LATENT_FIELDS:
-            if not hasattr(collector, field.name):
+            if not hasattr(collector, field.name) or (field in WINDOW_STAT_FIELDS and field.name not in state):
                 continue
             target = getattr(collector, field.name)
             value = state.get(field.name)
@@ -436,6 +518,18 @@ def _valid_counts(counts: dict, target: Tensor) -> bool:
         and index.shape == counts["value"].shape
         and (not len(index) or (int(index.min()) >= 0 and int(index.max()) < target.numel()))
         and bool((index[1:] > index[:-1]).all())
+    )
+
+
+def _valid_pairs(pairs: Any, num_latents: int) -> bool:
+    key, count = (pairs.get("key"), pairs.get("count")) if isinstance(pairs, dict) else (None, None)
+    if not isinstance(key, Tensor) or not isinstance(count, Tensor) or key.dim() != 1 or key.shape != count.shape:
+        return False
+    if key.is_floating_point() or count.is_floating_point():
+        return False
+    return not len(key) or (
+        bool((key[1:] > key[:-1]).all()) and int(key[0]) >= 0 and int(key[-1] >> TOKEN_BITS) < num_latents
+        and bool((count > 0).all())
     )
 
 

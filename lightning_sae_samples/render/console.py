@@ -216,6 +216,10 @@ def print_feature(
             histogram_text(hist.bin_edges, hist.counts),
         )
     )
+    if feature.story:
+        story = Text("\nThrough training: ", style="bold")
+        story.append(visible(feature.story), style="")
+        console.print(story)
     effects = logit_effects_table(feature)
     if effects is not None:
         console.print(Text(""), effects)

@@ -127,8 +127,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         ``idx``, ``anchor``, ``saved``, ``stats``, the formatted statistics (``max``, ``mean``, ``std``, ``min``,
         ``count``, ``frequency``, ``num_samples``, ``first_step``, ``last_step``, ``recent_overlap``), the
         histogram's display ``bins``, ``top_tokens`` (``(text, samples)``) and ``top_tokens_over`` (over how many
-        kept samples), ``logit_effects``
-        (:func:`logit_effects_view`), ``examples`` and the keys of :func:`groups_view`.
+        kept samples), ``logit_effects`` (:func:`logit_effects_view`), ``story`` (the "through training" line, raw
+        text, or ``None``), ``examples`` and the keys of :func:`groups_view`.
     """
     stats = feature.stats
     return {
@@ -150,6 +150,7 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         "top_tokens": feature.top_tokens(3),
         "top_tokens_over": feature.top_tokens_over,
         "logit_effects": logit_effects_view(feature),
+        "story": feature.story,
         "examples": [example(s, stats.max_activation) for s in feature.samples],
         **groups_view(feature, example),
     }

@@ -15,6 +15,10 @@ FULL_STATE_NAME = "full_state.pt"
 REPORT_NAME = "interpretability_report.md"
 
 
+#: Every latent's story through training: one window per save (see ``docs/history.md``).
+HISTORY_NAME = "training_history.pt"
+
+
 MANIFEST_NAME = "sae_samples_manifest.json"
 
 
@@ -48,7 +52,7 @@ WRITER_ID = "lightning-sae-samples"
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
 
 
-_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, REPORT_NAME, MANIFEST_NAME})
+_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, REPORT_NAME, MANIFEST_NAME, HISTORY_NAME})
 
 
 PathLike = Union[str, os.PathLike]

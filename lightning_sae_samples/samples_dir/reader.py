@@ -18,6 +18,7 @@ from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
     COMMIT_NAME,
     FULL_STATE_NAME,
+    HISTORY_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
     SUMMARY_NAME,
@@ -101,6 +102,8 @@ class SamplesDirectory:
     summary: dict
     feature_files: dict[int, Path]
     full_state_path: Optional[Path]
+    #: The history file (``training_history.pt``), if present.
+    history_path: Optional[Path] = None
 
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
@@ -162,7 +165,7 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
-    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME))
+    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(HISTORY_NAME))
 
 
 def load_full_state(path: PathLike) -> dict:

@@ -18,9 +18,17 @@ from lightning_sae_samples.samples_dir.commit import (
     lstat_or_none,
     read_manifest,
 )
+from lightning_sae_samples.samples_dir.history_file import (
+    history_payload,
+    history_token_ids,
+    payload_vocab,
+    read_existing_history,
+    windows_of_payload,
+)
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
     FULL_STATE_NAME,
+    HISTORY_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
     PENDING_MARKER,
@@ -38,6 +46,7 @@ from lightning_sae_samples.samples_dir.serialize import (
     sample_records,
     with_recent_view,
 )
+from lightning_sae_samples.state.history import append_window, window_of_state, without_window_entries
 from lightning_sae_samples.state.schema import FORMAT_VERSION
 from lightning_sae_samples.state.statistics import feature_statistics, rank_features, run_summary
 from lightning_sae_samples.tokens import TokenDecoder
@@ -61,6 +70,7 @@ def write_samples_dir(
     full_state: bool = True,
     source: str = "train",
     trained_step: Optional[int] = None,
+    history: Optional[dict] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -83,6 +93,8 @@ def write_samples_dir(
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
             (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
         full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
+        history: Append the state's history window to ``training_history.pt``, thinned: a dict of ``top_tokens``,
+            ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots).
 
     Returns:
         The saved feature indices, in rank order.
@@ -107,6 +119,7 @@ def write_samples_dir(
             dirpath, pending, state, config=config, tokenizer=tokenizer, top_features=top_features,
             samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=global_step,
             feature_extras=feature_extras, full_state=full_state, source=source, trained_step=trained_step,
+            history=history,
         )
         if before_commit is not None:
             before_commit(pending)
@@ -141,6 +154,7 @@ def _write_pending(
     full_state: bool,
     source: str,
     trained_step: Optional[int],
+    history: Optional[dict] = None,
 ) -> tuple[list[int], list[str], list[str]]:
     """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
     atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
@@ -180,7 +194,11 @@ def _write_pending(
                 "file": name,
             }
         )
-    written = [*names, *([FULL_STATE_NAME] if full_state else []), SUMMARY_NAME]
+    wrote_history = history is not None and "window_count" in state
+    if wrote_history:
+        _write_history(dirpath, pending, state, ranked, int(global_step), history, decoder)
+    written = [*names, *([FULL_STATE_NAME] if full_state else []), *([HISTORY_NAME] if wrote_history else []),
+               SUMMARY_NAME]
     summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
     summary["config"] = config
     if source != "train":
@@ -192,8 +210,31 @@ def _write_pending(
     summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:
-        atomic_torch_save(pending / FULL_STATE_NAME, state)
+        atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
 
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "save_id": save_id, "files": sorted(written)})
     stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
     return ranked, written, stale
+
+
+def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int], step: int, settings: dict,
+                   decoder: TokenDecoder) -> None:
+    """Append the state's window to the committed history (read and checked) and write it into ``pending``."""
+    previous = read_existing_history(dirpath / HISTORY_NAME)
+    windows = windows_of_payload(previous) if previous is not None else []
+    vocab = payload_vocab(previous) if previous is not None else {}
+    window = window_of_state(state, step, int(settings["top_tokens"]), ranked, int(settings["samples_per_feature"]))
+    if previous is not None and int(previous["top_tokens"]) != window["token_ids"].shape[1]:
+        windows = []  # recorded with another `history_top_tokens`: the windows do not line up; start afresh
+    windows = append_window(windows, window, int(settings["per_level"]), int(settings["samples_per_feature"]))
+    ids = history_token_ids(windows).tolist()
+    new = [i for i in ids if i not in vocab]
+    decoder.prepare(new)
+    vocab.update((i, decoder.token_str(i)) for i in new)
+    vocab = {i: vocab[i] for i in ids}
+    payload = history_payload(
+        windows, num_latents=int(state["num_latents"]), top_tokens=int(settings["top_tokens"]),
+        context_window=2 * int(state["half_window"]) + 1, dead_window_steps=int(settings["dead_window_steps"]),
+        vocab=vocab,
+    )
+    atomic_torch_save(pending / HISTORY_NAME, payload)

@@ -21,9 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.health import DENSE_FREQUENCY
 from lightning_sae_samples.render.templates import shipped_template_dir
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.serve.history_api import history_list, run_chart, timeline
 from lightning_sae_samples.serve.index import MAX_PAGE, BadRequestError, NotFoundError, RunIndex, jsonable
 from lightning_sae_samples.serve.runs import LiveRun, RunSet
 
@@ -200,6 +202,37 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
         offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 20, 1, 100)
         return _json({"query": text, **index.context_search(text, offset, limit)})
 
+    # ------------------------------------------------------------------ history (training_history.pt)
+    def loaded_history(request: Request) -> FeatureHistory:
+        index = loaded(request)
+        history = index.analyzer.history
+        if history is None:
+            raise NotFoundError(f"{index.analyzer.directory.path} has no training history (training_history.pt).")
+        return history
+
+    def history_timeline(request: Request) -> Response:
+        history = loaded_history(request)
+        index = loaded(request)
+        raw = request.path_params["idx"]
+        if not raw.isascii() or not raw.isdigit():
+            raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number.")
+        return _json(timeline(history, index.check_index(int(raw))))
+
+    def history_run(request: Request) -> Response:
+        return _json(run_chart(loaded_history(request)))
+
+    def history_latents(request: Request) -> Response:
+        history = loaded_history(request)
+        params = request.query_params
+        step = _int_arg(request, "step", -1, low=-1, high=1 << 62) if "step" in params else None
+        try:
+            return _json(history_list(
+                history, params.get("filter", "all"), step, params.get("sort", "changes"),
+                _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, low=1),
+            ))
+        except ValueError as err:
+            raise BadRequestError(str(err)) from None
+
     async def on_not_found(request: Request, exc: Exception) -> Response:
         return _error(404, str(exc))
 
@@ -227,6 +260,9 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
         Route("/api/features/{idx}", feature),
         Route("/api/search/token", token_search),
         Route("/api/search/context", context_search),
+        Route("/api/history/run", history_run),
+        Route("/api/history/latents", history_latents),
+        Route("/api/history/features/{idx}", history_timeline),
     ]
     middleware = [] if allowed_hosts is None else [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)]
     return Starlette(

@@ -7,7 +7,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state.schema import EMPTY, LATENT_FIELDS, MERGE_KEYS, RUN_FIELDS, TABLE_NAMES, StateField
+from lightning_sae_samples.state.schema import (
+    EMPTY,
+    LATENT_FIELDS,
+    MERGE_KEYS,
+    RUN_FIELDS,
+    TABLE_NAMES,
+    TOKEN_BITS,
+    WINDOW_TOKENS,
+    StateField,
+)
 from lightning_sae_samples.state.tables import (
     _window_of,
     concat_tables,
@@ -18,6 +27,7 @@ from lightning_sae_samples.state.tables import (
     sample_fields,
     sparse_counts,
 )
+from lightning_sae_samples.state.window_tokens import empty_pairs, merge_pairs
 
 #: Latent chunk of whole-state merges, which go through padded ``[rows, capacity]`` tables.
 MERGE_CHUNK_SAMPLES = 1 << 20
@@ -110,6 +120,9 @@ def merge_counters(a: dict, b: dict) -> dict:
     """Merge the run-level entries of two states: every entry that is neither per latent nor a table."""
     per_latent = {f.name for f in LATENT_FIELDS} | set(TABLE_NAMES)
     merged = {key: value for key, value in a.items() if key not in per_latent}
+    if WINDOW_TOKENS.name in a or WINDOW_TOKENS.name in b:
+        merged[WINDOW_TOKENS.name] = merge_pairs(a.get(WINDOW_TOKENS.name) or empty_pairs(),
+                                                 b.get(WINDOW_TOKENS.name) or empty_pairs())
     for field in RUN_FIELDS:
         if field.name not in a:
             continue
@@ -137,6 +150,11 @@ def merge_states(a: dict, b: dict, latents: Optional[slice] = None) -> dict:
         elif field.name in a:
             merged[field.name] = merge_field(field, a[field.name][sel], b[field.name][sel])
     start, stop, _ = sel.indices(int(a["num_latents"]))
+    if WINDOW_TOKENS.name in merged:
+        pairs = merged[WINDOW_TOKENS.name]
+        bounds = torch.tensor([start << TOKEN_BITS, stop << TOKEN_BITS], dtype=torch.int64)
+        lo, hi = torch.searchsorted(pairs["key"].cpu(), bounds).tolist()
+        merged[WINDOW_TOKENS.name] = {name: value[lo:hi] for name, value in pairs.items()}
     for name in TABLE_NAMES:
         if name in a:
             per = int(a["num_intervals"]) if name == "interval" else 1

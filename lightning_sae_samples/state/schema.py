@@ -23,7 +23,7 @@ EMPTY = -1
 
 
 #: Sample tables, in the order they appear in a state.
-TABLE_NAMES = ("top", "interval", "recent", "recent_prev")
+TABLE_NAMES = ("top", "interval", "recent", "recent_prev", "window")
 
 
 #: Per-sample fields that say where a sample was seen; the rest of a sample's fields are its sort keys.
@@ -74,6 +74,9 @@ RUN_FIELDS = (
     StateField("first_collected_step", "run", None, EMPTY, "first"),
     StateField("last_collected_step", "run", None, EMPTY, "last"),
     StateField("recent_block", "run", None, EMPTY, "same"),
+    # The current history window (since the last save): its tokens, and the step it began at (the last save's).
+    StateField("window_tokens_seen", "run", torch.int64, 0, "sum"),
+    StateField("window_start", "run", None, 0, "max"),
 )
 
 
@@ -88,6 +91,23 @@ STAT_FIELDS = (
     StateField("first_step", "latent", torch.int64, EMPTY, "first"),
     StateField("last_step", "latent", torch.int64, EMPTY, "last"),
 )
+
+
+#: Statistics per latent of the current history window (since the last save), reset by each save.
+WINDOW_STAT_FIELDS = (
+    StateField("window_count", "latent", torch.int64, 0, "sum"),
+    StateField("window_sum", "latent", torch.float64, 0.0, "sum"),
+    StateField("window_max", "latent", torch.float32, -math.inf, "max"),
+)
+
+
+#: The current history window's activations per (latent, token id): a run-level entry holding the sorted
+#: distinct keys ``latent << 32 | token`` and their counts; two states merge by summing the counts of equal keys.
+WINDOW_TOKENS = StateField("window_tokens", "pairs", torch.int64, 0, "sum")
+
+
+#: Bits of a window token key below the latent.
+TOKEN_BITS = 32
 
 
 #: Activations per latent and interval (only with interval sampling).
@@ -113,7 +133,7 @@ SAMPLE_FIELD = {f.name: f for f in SAMPLE_FIELDS}
 
 
 #: Per-latent tensors of a state (indexed by latent), with their declarations.
-LATENT_FIELDS = (*STAT_FIELDS, *INTERVAL_FIELDS)
+LATENT_FIELDS = (*STAT_FIELDS, *WINDOW_STAT_FIELDS, *INTERVAL_FIELDS)
 
 
 def empty_field(field: StateField, shape: tuple[int, ...], device: Union[torch.device, str] = "cpu") -> Tensor:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state.schema import LATENT_FIELDS, SAMPLE_FIELD, TABLE_NAMES, empty_field
+from lightning_sae_samples.state.schema import LATENT_FIELDS, SAMPLE_FIELD, TABLE_NAMES, WINDOW_TOKENS, empty_field
 
 
 def sparse_counts(dense: Tensor) -> dict:
@@ -152,6 +152,9 @@ def padded_state(state: dict) -> dict:
     the tables' capacity, not what was seen.
     """
     out = {key: value for key, value in state.items() if key not in TABLE_NAMES}
+    pairs = out.pop(WINDOW_TOKENS.name, None)
+    if pairs is not None:  # the history window's (latent, token) counts, as two flat tensors
+        out[f"{WINDOW_TOKENS.name}_key"], out[f"{WINDOW_TOKENS.name}_count"] = pairs["key"], pairs["count"]
     for field in LATENT_FIELDS:
         if field.sparse and field.name in state:
             out[field.name] = dense_counts(state[field.name])

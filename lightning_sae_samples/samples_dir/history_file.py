@@ -1,0 +1,185 @@
+"""``training_history.pt``: the windows of a history laid out as concatenated tensors, and checked when read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
+from lightning_sae_samples.state.history import (
+    HISTORY_FORMAT_VERSION,
+    HISTORY_SAMPLE_FIELDS,
+    ROW_FIELDS,
+    WINDOW_SCALARS,
+)
+
+
+def history_payload(windows: list[dict], *, num_latents: int, top_tokens: int, context_window: int,
+                    dead_window_steps: int, vocab: dict[int, str]) -> dict:
+    """The file's content for a list of windows (see ``docs/format.md``); ``vocab``: token id to display string."""
+    table: dict[str, Any] = {name: torch.tensor([int(w[name]) for w in windows], dtype=torch.int64)
+                             for name in WINDOW_SCALARS}
+    table["rows"] = torch.tensor([len(w["latent"]) for w in windows], dtype=torch.int64)
+    table["sample_rows"] = torch.tensor([len(w["samples"]["latent"]) for w in windows], dtype=torch.int64)
+    rows = {name: _cat([w[name] for w in windows], dtype, (top_tokens,) if name.startswith("token_") else ())
+            for name, dtype in ROW_FIELDS.items()}
+    samples = {name: _cat([w["samples"][name] for w in windows], dtype,
+                          (context_window,) if name.startswith("context_") else ())
+               for name, dtype in HISTORY_SAMPLE_FIELDS.items()}
+    ids = sorted(vocab)
+    return {
+        "format_version": HISTORY_FORMAT_VERSION, "num_latents": int(num_latents), "top_tokens": int(top_tokens),
+        "context_window": int(context_window), "dead_window_steps": int(dead_window_steps),
+        "windows": table, "rows": rows, "samples": samples,
+        "vocab": {"ids": torch.tensor(ids, dtype=torch.int64), "strings": [vocab[i] for i in ids]},
+    }
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype, trailing: tuple[int, ...]) -> Tensor:
+    if not parts:
+        return torch.empty((0, *trailing), dtype=dtype)
+    return torch.cat([p.to(dtype) for p in parts])
+
+
+def history_token_ids(windows: list[dict]) -> Tensor:
+    """Every token id a history shows (top tokens and sample contexts), distinct."""
+    parts = [w["token_ids"].reshape(-1) for w in windows] + [w["samples"]["context_tokens"].reshape(-1)
+                                                             for w in windows]
+    if not parts:
+        return torch.empty(0, dtype=torch.int64)
+    ids = torch.unique(torch.cat([p.to(torch.int64) for p in parts]))
+    return ids[ids >= 0]
+
+
+def windows_of_payload(payload: dict) -> list[dict]:
+    """The windows of a checked payload (see :func:`check_history`), oldest first."""
+    table, rows, samples = payload["windows"], payload["rows"], payload["samples"]
+    row_ends = torch.cumsum(table["rows"], 0).tolist()
+    sample_ends = torch.cumsum(table["sample_rows"], 0).tolist()
+    windows, row_start, sample_start = [], 0, 0
+    for w, (row_end, sample_end) in enumerate(zip(row_ends, sample_ends)):
+        window = {name: int(table[name][w]) for name in WINDOW_SCALARS}
+        window.update({name: rows[name][row_start:row_end] for name in ROW_FIELDS})
+        window["samples"] = {name: samples[name][sample_start:sample_end] for name in HISTORY_SAMPLE_FIELDS}
+        windows.append(window)
+        row_start, sample_start = row_end, sample_end
+    return windows
+
+
+def payload_vocab(payload: dict) -> dict[int, str]:
+    """Token id to display string, as the writer decoded them."""
+    return dict(zip(payload["vocab"]["ids"].tolist(), payload["vocab"]["strings"]))
+
+
+def load_history(path: PathLike) -> dict:
+    """Load and check ``training_history.pt`` (tensors only, no pickle).
+
+    Raises:
+        SamplesDirectoryError: One line naming the file and the first field that is not usable.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise SamplesDirectoryError(f"Cannot load {path}: {type(err).__name__}. The file is corrupt or unreadable."
+                                    ) from err
+    try:
+        check_history(payload)
+    except ValueError as err:
+        raise SamplesDirectoryError(f"{path} is not a usable feature history: {err}.") from err
+    return payload
+
+
+def read_existing_history(path: Path) -> Optional[dict]:
+    """The payload at ``path`` if one is there (checked), else ``None``."""
+    return load_history(path) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------- checks
+#: Bounds that keep every reader's arithmetic in int64 and its per-latent tensors of a sane size.
+_MAX_STEP = 2**62
+
+
+def _int(payload: dict, key: str, minimum: int, maximum: int = _MAX_STEP) -> int:
+    value = payload.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"`{key}` must be an integer in [{minimum}, {maximum}], got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _tensor(value: Any, key: str, shape: tuple[int, ...], floating: bool) -> Tensor:
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.is_floating_point() != floating or (
+        value.is_complex() or value.dtype == torch.bool
+    ):
+        kind = "float" if floating else "integer"
+        raise ValueError(f"`{key}` must be an {kind} tensor of shape {shape}, got {_show(value)}")
+    if floating and value.numel() and bool(torch.isnan(value).any()):
+        raise ValueError(f"`{key}` holds NaN")
+    return value
+
+
+def _group(payload: dict, key: str) -> dict:
+    value = payload.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"`{key}` must be a dict, got {_show(value)}")
+    return value
+
+
+def check_history(payload: Any) -> None:
+    """Raise a ``ValueError`` naming the first field of a history payload a reader could not use safely."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"the file must hold a dict, got {_show(payload)}")
+    version = payload.get("format_version")
+    if version != HISTORY_FORMAT_VERSION:
+        raise ValueError(f"`format_version` is {_show(version)}; this version reads {HISTORY_FORMAT_VERSION}")
+    num_latents = _int(payload, "num_latents", 1, 2**31)
+    top = _int(payload, "top_tokens", 1, 1024)
+    width = _int(payload, "context_window", 1, 4097)
+    _int(payload, "dead_window_steps", 1)
+    table = _group(payload, "windows")
+    first = table.get("start")
+    count = len(first) if isinstance(first, Tensor) and first.dim() == 1 else -1
+    if count < 0:
+        raise ValueError(f"`windows.start` must be a 1-d integer tensor, got {_show(first)}")
+    for name in (*WINDOW_SCALARS, "rows", "sample_rows"):
+        value = _tensor(table.get(name), f"windows.{name}", (count,), floating=False)
+        if count and (int(value.min()) < 0 or int(value.max()) > _MAX_STEP):
+            raise ValueError(f"`windows.{name}` must lie in [0, {_MAX_STEP}]")
+    if count and (bool((table["end"] < table["start"]).any()) or bool((table["end"][1:] < table["end"][:-1]).any())):
+        raise ValueError("`windows.end` must not precede its `start` nor the previous window's end")
+    rows, samples = _group(payload, "rows"), _group(payload, "samples")
+    total = int(table["rows"].sum())
+    for name, dtype in ROW_FIELDS.items():
+        shape = (total, top) if name.startswith("token_") else (total,)
+        _tensor(rows.get(name), f"rows.{name}", shape, floating=dtype.is_floating_point)
+    latent = rows["latent"]
+    if total and (int(latent.min()) < 0 or int(latent.max()) >= num_latents):
+        raise ValueError(f"`rows.latent` must lie in [0, {num_latents})")
+    if total and (int(rows["count"].min()) < 1 or int(rows["token_counts"].min()) < 0):
+        raise ValueError("`rows.count` must be positive and `rows.token_counts` not negative")
+    if total and int(rows["token_ids"].min()) < -1:
+        raise ValueError("`rows.token_ids` must be token ids, or -1 where none")
+    stored = int(table["sample_rows"].sum())
+    for name, dtype in HISTORY_SAMPLE_FIELDS.items():
+        shape = (stored, width) if name.startswith("context_") else (stored,)
+        _tensor(samples.get(name), f"samples.{name}", shape, floating=dtype.is_floating_point)
+    if stored and (int(samples["latent"].min()) < 0 or int(samples["latent"].max()) >= num_latents):
+        raise ValueError(f"`samples.latent` must lie in [0, {num_latents})")
+    if stored and int(samples["context_tokens"].min()) < -1:
+        raise ValueError("`samples.context_tokens` must be token ids, or -1 outside the sequence")
+    vocab = _group(payload, "vocab")
+    ids = vocab.get("ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
+        raise ValueError(f"`vocab.ids` must be a 1-d integer tensor, got {_show(ids)}")
+    strings = vocab.get("strings")
+    if not isinstance(strings, list) or len(strings) != len(ids) or not all(isinstance(s, str) for s in strings):
+        raise ValueError(f"`vocab.strings` must be a list of {len(ids)} strings, got {_show(strings)}")

@@ -1,0 +1,77 @@
+"""The history answers of ``serve`` (``/api/history/...``): a feature's timeline, the run's chart, filtered lists.
+
+Kept apart from the other answers so that each stays one idea; every answer reads the loaded save's
+``FeatureHistory`` (``ActivationSampleAnalyzer.history``) and only memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lightning_sae_samples.analysis.history import FeatureHistory
+
+#: History list filters: latents born after a step, that died, came back, or changed meaning.
+HISTORY_FILTERS = ("all", "born_after", "died", "revived", "changed")
+
+
+#: History list orders.
+HISTORY_SORTS = ("changes", "birth", "latent")
+
+
+def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
+    """A feature's timeline: per window its steps, count, frequency, max, mean, top tokens and kept samples."""
+    windows = []
+    for stats in history.feature(latent):
+        windows.append({
+            "index": stats.window.index, "start": stats.window.start, "end": stats.window.end,
+            "count": stats.count, "frequency": stats.frequency, "max": stats.max_activation,
+            "mean": stats.mean_activation,
+            "top_tokens": [{"token_id": t.token_id, "text": t.text, "count": t.count} for t in stats.top_tokens],
+            "samples": [{"value": s.activation_value, "step": s.step, "tokens": list(s.context_token_strs),
+                         "activations": list(s.context_activations), "position": s.context_position}
+                        for s in stats.samples],
+        })
+    return {"latent": int(latent), "windows": windows, "events": [e.to_json() for e in history.events(latent)],
+            "steps": [[w.start, w.end] for w in history.windows]}
+
+
+def run_chart(history: FeatureHistory) -> dict[str, Any]:
+    """Per window: alive latents, births, deaths, revivals and meaning changes (what health logs, for the run)."""
+    return {"windows": history.run_series(), "dead_window_steps": history.dead_window_steps}
+
+
+def history_list(history: FeatureHistory, kind: str = "all", step: Optional[int] = None, sort: str = "changes",
+                 offset: int = 0, limit: int = 50) -> dict[str, Any]:
+    """Latents filtered by their events and sorted, one page of rows ``{latent, birth, changes, deaths, ...}``.
+
+    Raises:
+        ValueError: An unknown filter or sort, or ``born_after`` without a step.
+    """
+    if kind not in HISTORY_FILTERS:
+        raise ValueError(f"`filter` must be one of {HISTORY_FILTERS}; got {kind!r}.")
+    if sort not in HISTORY_SORTS:
+        raise ValueError(f"`sort` must be one of {HISTORY_SORTS}; got {sort!r}.")
+    counts = history.event_counts()
+    birth = history.first_event_step("birth")
+    keep = birth >= 0
+    if kind == "born_after":
+        if step is None:
+            raise ValueError("`filter=born_after` needs `step`: the step after which the latents were born.")
+        keep &= birth > step
+    elif kind == "died":
+        keep &= counts["death"] > 0
+    elif kind == "revived":
+        keep &= counts["revival"] > 0
+    elif kind == "changed":
+        keep &= counts["meaning_change"] > 0
+    latents = keep.nonzero(as_tuple=True)[0]
+    if sort == "changes":
+        latents = latents[torch.argsort(-counts["meaning_change"][latents], stable=True)]
+    elif sort == "birth":
+        latents = latents[torch.argsort(birth[latents], stable=True)]
+    page = latents[offset: offset + limit].tolist()
+    rows = [{"latent": i, "birth": int(birth[i]), "changes": int(counts["meaning_change"][i]),
+             "deaths": int(counts["death"][i]), "revivals": int(counts["revival"][i])} for i in page]
+    return {"total": len(latents), "offset": offset, "rows": rows}

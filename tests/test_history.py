@@ -1,0 +1,203 @@
+"""The history of every latent through training (training_history.pt): windows, thinning, resume, DDP, reading."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DriftingSAE, TokenDataset, assert_same, loader, make_callback, trainer
+from history_oracle import assert_window_matches, window_oracle
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_sae_samples.samples_dir.history_file import load_history, windows_of_payload
+from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+F, THR, CTX = 10, 0.5, 2
+SCRIPT = Path(__file__).parent / "history_ddp_script.py"
+
+
+def fit(root, max_steps, ckpt_every=2, ckpt_path=None, **settings):
+    model = DriftingSAE(drift_step=3, mode="sparse", num_latents=F)
+    callback = make_callback(root / "samples", **settings)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
+    run = trainer(root, [callback, checkpoints], max_steps=max_steps, max_epochs=None, enable_checkpointing=True)
+    run.fit(model, loader(TokenDataset(num_sequences=40)), ckpt_path=ckpt_path)
+    return model, callback
+
+
+def windows(root):
+    return windows_of_payload(load_history(root / "samples" / "training_history.pt"))
+
+
+def saved_features(root):
+    import json
+
+    summary = json.loads((root / "samples" / "collection_summary.json").read_text())
+    return {entry["feature_idx"] for entry in summary["top_features_by_activation"]}
+
+
+def test_each_save_appends_the_window_the_brute_force_oracle_gives(tmp_path):
+    model, callback = fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    found = windows(tmp_path)
+    assert [(w["start"], w["end"]) for w in found] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    for window in found:
+        seen = [s for s in model.seen if window["start"] <= s.step < window["end"]]
+        expected = window_oracle(seen, F, THR, CTX, top_tokens=5, samples=3)
+        # Only the last window's saved features are known from the summary; its samples are checked exactly.
+        saved = saved_features(tmp_path) if window is found[-1] else set(window["samples"]["latent"].tolist())
+        assert_window_matches(window, expected, saved)
+    assert found[-1]["tokens_seen"] == sum(s.tokens.numel() for s in model.seen if s.step >= 6)
+
+
+def test_thinning_merges_the_oldest_windows_of_a_level_and_keeps_the_totals(tmp_path):
+    model, _ = fit(tmp_path, max_steps=8, ckpt_every=1, history_windows_per_level=1)
+    found = windows(tmp_path)
+    # 8 saves with one window per level: a binary counter, here one window of level 3 covering everything.
+    assert [(w["start"], w["end"], w["level"], w["saves"]) for w in found] == [(0, 8, 3, 8)]
+    state = torch.load(tmp_path / "samples" / "full_state.pt", weights_only=True)
+    latents = found[0]["latent"].long()
+    assert torch.equal(found[0]["count"], state["count"][latents])
+    assert torch.equal(found[0]["max"], state["max"][latents])
+    assert found[0]["tokens_seen"] == int(state["tokens_seen"])
+
+
+def test_resume_from_an_earlier_checkpoint_gives_the_uninterrupted_history(tmp_path):
+    def run(root, epochs, ckpt_path=None):
+        callback = make_callback(root / "samples", history_windows_per_level=2)
+        checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=2, save_top_k=-1)
+        fit_run = trainer(root, [callback, checkpoints], max_epochs=epochs, enable_checkpointing=True)
+        fit_run.fit(DriftingSAE(drift_step=3, mode="sparse", num_latents=F), loader(TokenDataset(num_sequences=8)),
+                    ckpt_path=ckpt_path)
+
+    run(tmp_path / "ref", 6)  # saves at steps 4, 8, 12
+    resumed = tmp_path / "resumed"
+    run(resumed, 5)  # saves at 4, 8 and at the end, mid-window (10): the resumed run replaces that window
+    run(resumed, 6, ckpt_path=resumed / "ckpt" / "epoch=3-step=8.ckpt")
+    a = load_history(tmp_path / "ref" / "samples" / "training_history.pt")
+    b = load_history(resumed / "samples" / "training_history.pt")
+    assert [(w["start"], w["end"]) for w in windows_of_payload(a)] == [(0, 8), (8, 12)]
+    assert_same(a, b, "history")
+
+
+def test_plain_loop_resume_mid_window_is_exact(tmp_path):
+    from helpers import make_collector
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 20, (2, 6), generator=gen), torch.relu(torch.randn(2, 6, 9, generator=gen)) * 2)
+               for _ in range(6)]
+
+    def run(dirpath, resume_at=None):
+        collector = make_collector()
+        for step, (tokens, latents) in enumerate(batches):
+            if step == resume_at:
+                state = collector.state_dict()  # mid-window: the window so far is in the checkpoint
+                collector = make_collector()
+                collector.load_state_dict(state)
+            collector.update(tokens, latents=latents, step=step)
+            if step in (1, 5):
+                collector.save(dirpath)
+        return load_history(dirpath / "training_history.pt")
+
+    assert_same(run(tmp_path / "a"), run(tmp_path / "b", resume_at=3), "history")
+
+
+def test_two_process_ddp_history_equals_the_oracle_over_both_ranks(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = []
+    for file in sorted(tmp_path.glob("seen_*.pt")):
+        seen.extend(torch.load(file, weights_only=False))
+    assert {s.rank for s in seen} == {0, 1}
+    found = windows(tmp_path)
+    assert [(w["start"], w["end"]) for w in found] == [(0, 2), (2, 4), (4, 5)]
+    for window in found:
+        part = [s for s in seen if window["start"] <= s.step < window["end"]]
+        expected = window_oracle(part, F, THR, CTX, top_tokens=5, samples=3)
+        saved = saved_features(tmp_path) if window is found[-1] else set(window["samples"]["latent"].tolist())
+        assert_window_matches(window, expected, saved)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("format_version", 7, "format_version"),
+    ("rows.latent", "out of range", "rows.latent"),
+    ("windows.end", "backwards", "windows.end"),
+    ("vocab.strings", [1], "vocab.strings"),
+    ("samples.context_tokens", torch.zeros(3), "samples.context_tokens"),
+])
+def test_a_hostile_history_file_gives_one_line_naming_file_and_field(tmp_path, field, value, named):
+    fit(tmp_path, max_steps=4)
+    path = tmp_path / "samples" / "training_history.pt"
+    payload = torch.load(path, weights_only=True)
+    group, _, key = field.rpartition(".")
+    target = payload[group] if group else payload
+    if value == "out of range":
+        value = target[key] + F
+    elif value == "backwards":
+        value = target[key].flip(0) - 10
+    target[key] = value
+    torch.save(payload, path)
+    with pytest.raises(SamplesDirectoryError) as err:
+        load_history(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and f"`{named}`" in message
+
+
+def test_reports_console_and_export_tell_each_saved_feature_through_training(tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+
+    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    analyzer = ActivationSampleAnalyzer(tmp_path / "samples")
+    history = analyzer.history
+    latent = analyzer.saved_features[0]
+    story = analyzer.feature(latent).story
+    first = history.feature(latent)[0].window
+    assert story.startswith(f"born at step {first.start}") and "frequency " in story
+    assert len(story.rsplit("frequency ", 1)[1]) == len(history.windows)
+    # The drifting SAE moves its odd latents to other tokens from step 3: some change meaning, listed by step.
+    changed = [e for e in history.events() if e.kind == "meaning_change"]
+    assert changed and all(e.latent % 2 == 1 for e in changed)
+    assert "meaning changed at step" in analyzer.feature(changed[0].latent).story
+    out = io.StringIO()
+    analyzer.print_feature_report(latent, console=Console(file=out, width=200, color_system=None))
+    assert f"Through training: {story}" in out.getvalue()
+    assert "Through training: born at step" in analyzer.render_markdown()
+    assert "Through training: born at step" in analyzer.render_html()
+    paths = analyzer.export(tmp_path / "export")
+    rows = [json.loads(line) for line in paths["history"].read_text().splitlines()]
+    assert {row["latent"] for row in rows} <= set(analyzer.saved_features)
+    want = [r for r in history.rows() if r["latent"] == latent]
+    assert [r for r in rows if r["latent"] == latent] == want and len(want) == len(history.feature(latent))
+
+
+def test_serve_answers_the_timeline_the_run_chart_and_the_history_filters(tmp_path):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.serve.app import create_app
+    from lightning_sae_samples.serve.runs import RunSet
+
+    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    history = ActivationSampleAnalyzer(tmp_path / "samples").history
+    changed = history.most_changed(100)
+    with TestClient(create_app(RunSet(tmp_path / "samples"))) as client:
+        page = client.get(f"/api/history/features/{changed[0]}").json()
+        assert [w["count"] for w in page["windows"]] == [s.count for s in history.feature(changed[0])]
+        assert [e["kind"] for e in page["events"]][0] == "birth" and "meaning_change" in [e["kind"] for e in
+                                                                                          page["events"]]
+        chart = client.get("/api/history/run").json()["windows"]
+        assert [w["alive"] for w in chart] == [len(w["latent"]) for w in windows(tmp_path)]
+        listed = client.get("/api/history/latents?filter=changed&sort=changes").json()
+        assert [r["latent"] for r in listed["rows"]] == changed and listed["total"] == len(changed)
+        born = client.get("/api/history/latents?filter=born_after&step=0&sort=birth").json()["rows"]
+        assert all(r["birth"] > 0 for r in born)
+        assert client.get("/api/history/latents?filter=nonsense").status_code == 400
+        assert client.get("/api/history/features/x").status_code == 404
