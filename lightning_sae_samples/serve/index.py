@@ -265,19 +265,21 @@ class TokenIndex:
         order = torch.argsort(-counts, stable=True)  # latents are ascending: ties keep the lower one first
         return latents[order], counts[order]
 
-    def top_tokens(self, latent: int, limit: int = 3) -> list[tuple[int, int]]:
-        """The ``limit`` activating tokens most frequent among a latent's kept samples: ``(token_id, samples)``."""
+    def _pairs_of(self, latent: int) -> Tensor:
+        """The latent's pairs, most samples first (none when it has no kept sample)."""
         rank, found = self._ranks(self.latent_ids, torch.tensor([int(latent)], dtype=torch.int64))
         if not bool(found[0]):
-            return []
-        start, stop = int(self.latent_start[rank[0]]), int(self.latent_start[rank[0] + 1])
-        picked = self.by_latent[start : min(stop, start + limit)]
+            return self.by_latent[:0]
+        return self.by_latent[int(self.latent_start[rank[0]]) : int(self.latent_start[rank[0] + 1])]
+
+    def top_tokens(self, latent: int, limit: int = 3) -> list[tuple[int, int]]:
+        """The ``limit`` activating tokens most frequent among a latent's kept samples: ``(token_id, samples)``."""
+        picked = self._pairs_of(latent)[:limit]
         return list(zip(self.pair_token[picked].tolist(), self.counts[picked].tolist()))
 
     def samples_of(self, latent: int) -> int:
         """How many kept samples of the latent :meth:`top_tokens` counts over."""
-        start, stop = int(self.latent_start[latent]), int(self.latent_start[latent + 1])
-        return int(self.counts[self.by_latent[start:stop]].sum())
+        return int(self.counts[self._pairs_of(latent)].sum())
 
 
 class ContextCorpus:
