@@ -60,7 +60,8 @@ class ActivationSampleCallback(Callback):
         token_source: For shuffled activation rows: where their ``token_refs`` (outputs' or batch's
             ``token_refs_key``) find their tokens, an :class:`~lightning_sae_samples.token_sources.ArrayTokenSource`
             or :class:`~lightning_sae_samples.token_sources.TokenRing`, or its import path
-            ``"package.module:attribute"`` (an object, or a function returning one; for YAML). See ``docs/rows.md``.
+            ``"package.module:attribute"`` (an object, or a function returning one; for YAML); default the
+            datamodule's or module's ``token_source`` attribute, if any. See ``docs/rows.md``.
         config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
             keywords).
         merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
@@ -274,8 +275,12 @@ class ActivationSampleCallback(Callback):
         return None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Find the latent count on the module and the tokenizer's special ids before the first step."""
+        """Find the latent count on the module, a token source and the tokenizer's special ids before the first step."""
         self._found_num_latents = find_num_latents(pl_module)
+        if self.token_source is None:
+            places = (getattr(trainer, "datamodule", None), pl_module)
+            found = next((s for s in (getattr(p, "token_source", None) for p in places) if s is not None), None)
+            self.token_source = self.engine.token_source = load_token_source(found, type(self).__name__)
         if self.settings.exclude_special_tokens:
             tokenizer = self._tokenizer(trainer, pl_module)
             special = getattr(tokenizer, "all_special_ids", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -253,6 +254,17 @@ def test_the_feature_files_say_unknown_as_null_and_readers_show_only_the_activat
     for text in shown:
         assert "each row knows only its own token" in text
     assert "activation unknown: trained on shuffled rows" in shown[1]  # the neighbours' hover titles
+    paths = analyzer.export(tmp_path / "export", "jsonl")
+    row = json.loads(paths["samples"].read_text().splitlines()[0])
+    assert row["context_activations"][row["context_position"]] == row["activation_value"]
+    assert row["context_activations"].count(None) == len(row["context_activations"]) - 1
+    from lightning_sae_samples.analysis.neuronpedia import export_neuronpedia, read_batches
+
+    with pytest.warns(UserWarning, match="only the activating token"):
+        exported = export_neuronpedia(analyzer, tmp_path / "np")
+    activation = read_batches(exported.source_dir)[1][0]
+    assert activation["values"][activation["maxValueTokenIndex"]] == activation["maxValue"] > 0
+    assert sorted(activation["values"])[:-1] == [0.0] * (len(activation["values"]) - 1)
 
 
 SOURCE = ArrayTokenSource(torch.zeros(2, 4, dtype=torch.long))

@@ -53,6 +53,14 @@ def test_a_yaml_style_import_path_names_the_source(tmp_path):
     assert_dir_matches_oracle(read_dir(tmp_path / "samples"), collected(module), F, K, CTX, THR)
 
 
+def test_without_a_token_source_the_callback_takes_the_modules(tmp_path):
+    callback = ActivationSampleCallback(dirpath=tmp_path / "samples", **SETTINGS)
+    module = RowSAE()
+    module.token_source = token_source()
+    trainer(tmp_path, [callback]).fit(module, shuffled_rows())
+    assert_dir_matches_oracle(read_dir(tmp_path / "samples"), collected(module), F, K, CTX, THR)
+
+
 def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     def fit(epochs, ckpt_path=None):
         callbacks = [ActivationSampleCallback(dirpath=tmp_path / "samples", token_source=token_source(), **SETTINGS),
