@@ -497,9 +497,12 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _hidden_states(self, model, windows: Tensor, leading: Tensor, what: str) -> Tensor:
         """The model's hidden states at ``layer`` for each window ``[N, seq_len, d_model]``, with a progress bar."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+        from log_progress import Ticker
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         n, t = windows.shape
+        ticker = Ticker(n)  # outside a terminal the bar shows nothing until the end: log lines instead
         prefix, suffix = self._special_ids()
         acts = torch.empty((n, t, self.d_model), dtype=self.cache_dtype)
         start = time.perf_counter()
@@ -531,6 +534,9 @@ class ActivationDataModule(L.LightningDataModule):
                     done = i + b
                     rate = done * t / (time.perf_counter() - start)
                     progress.update(task, completed=done, rate=f"{rate:,.0f} tokens/s")
+                    if not progress.console.is_terminal and (ticker.due(done) or done == n):
+                        rank_zero_info(f"caching {self.model_name} layer {self.layer}{what}: {done}/{n} windows,"
+                                       f" {rate:,.0f} tokens/s")
         return acts
 
     def prepare_data(self) -> None:

@@ -12,8 +12,9 @@ Use ``--data.source files --data.text_files '["notes/**/*.txt"]'`` for your own 
 
 After ``fit`` the program prints where the samples directory and the reports are, and prints the
 console report of the strongest feature. With ``data.val_tokens`` and a callback whose ``collect_in`` has
-``validate`` (the default config), it then runs ``trainer.validate(model, datamodule=dm, ckpt_path="last")``: the
-final SAE over held-out KJV chapters, written as a snapshot of that one SAE state, and prints where it is.
+``validate`` (the default config), it then runs ``trainer.validate(model, datamodule=dm)`` on the weights training
+ended with (not a checkpoint: ``last.ckpt`` may be older) over held-out KJV chapters, written as a snapshot of that
+one SAE state, and prints where it is.
 The configs set no ``dirpath``, so every run writes its own
 ``<default_root_dir>/lightning_logs/version_N/activation_samples``. ``ActivationSampleCallback`` (configured under
 ``trainer.callbacks``) finds the tokenizer on the datamodule (``trainer.datamodule.tokenizer``).
@@ -31,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from log_progress import progress_bar_for  # noqa: E402
 from rich.console import Console  # noqa: E402
 from sae_data import ActivationDataModule  # noqa: E402
 from sae_models import SAEModule  # noqa: E402
@@ -110,11 +112,15 @@ def _strongest_feature(samples: Path):
 
 
 def validate_final_sae(trainer, model, datamodule):
-    """``trainer.validate`` of the last checkpoint on the held-out text; the snapshot's directory, or ``None``."""
+    """``trainer.validate`` of the weights training ended with, on held-out text; the snapshot's directory or ``None``.
+
+    The in-memory model, not ``ckpt_path="last"``: with ``every_n_train_steps`` and ``save_last``, Lightning writes
+    ``last.ckpt`` at the last periodic save and not again at the end, so it can be hundreds of steps older.
+    """
     callback = find_sample_callback(trainer)
     if callback is None or "validate" not in callback.settings.collect_in or not getattr(datamodule, "val_tokens", 0):
         return None
-    trainer.validate(model, datamodule=datamodule, ckpt_path="last" if trainer.checkpoint_callback else None)
+    trainer.validate(model, datamodule=datamodule)
     return callback.last_snapshot_dir
 
 
@@ -155,6 +161,8 @@ def main(args=None) -> None:
         ActivationDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        # On a terminal a rich bar labelled with steps; in a log file a line every 5% of the steps or minute.
+        trainer_defaults={"callbacks": [progress_bar_for()]},
         args=args,
     )
 

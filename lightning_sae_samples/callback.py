@@ -120,6 +120,7 @@ class ActivationSampleCallback(Callback):
         self._merged: Optional[dict] = None
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
+        self._last_save_step: Optional[int] = None
         self._snapshot: Optional[ActivationSampleCollector] = None
         self._snapshot_loop = "validate"
         self._snapshot_step = 0
@@ -198,7 +199,7 @@ class ActivationSampleCallback(Callback):
             self.dirpath = Path(root) / "activation_samples"
         if stage != "fit":
             if _EVAL_LOOPS.get(stage) in self.settings.collect_in:
-                self._take_dirpath_everywhere(trainer)
+                self._take_dirpath_everywhere(trainer, replaces=False)
             return
         weights_only = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_weights_only", False)]
         if weights_only:
@@ -218,14 +219,18 @@ class ActivationSampleCallback(Callback):
         if self.settings.log_serve_command:
             rank_zero_info(f"ActivationSampleCallback: browse the samples live: {serve_command(self.dirpath)}")
 
-    def _take_dirpath_everywhere(self, trainer: pl.Trainer) -> None:
-        problem = self._take_dirpath() if trainer.is_global_zero else None
+    def _take_dirpath_everywhere(self, trainer: pl.Trainer, replaces: bool = True) -> None:
+        problem = self._take_dirpath(replaces) if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem:
             raise ValueError(problem)
 
-    def _take_dirpath(self) -> Optional[str]:
-        """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it."""
+    def _take_dirpath(self, replaces: bool = True) -> Optional[str]:
+        """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it.
+
+        ``replaces``: whether this run's saves replace an earlier save there (fit), or only add snapshots (the
+        evaluation loops, which then have nothing to warn about).
+        """
         self._release_lock()  # a lock still held from an earlier fit of this callback that did not end cleanly
         if isinstance(self.tokenizer, (str, os.PathLike)):
             try:
@@ -264,7 +269,7 @@ class ActivationSampleCallback(Callback):
             lock.release()
             return f"ActivationSampleCallback will not write into `dirpath`: {err}"
         self._lock = lock
-        if reused:
+        if reused and replaces:
             rank_zero_warn(
                 f"Samples directory {path} exists and is not empty: it holds an earlier save of"
                 " ActivationSampleCallback, which this run's saves replace. Files that save did not write are"
@@ -488,6 +493,8 @@ class ActivationSampleCallback(Callback):
             dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=self._snapshot_step,
             full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",
             source=self._snapshot_loop,
+            # After a fit, the trainer's counter is the run's last training step, which ckpt_path may predate.
+            trained_step=trainer.global_step,
         )
 
     # ------------------------------------------------------------------ collection
@@ -555,10 +562,11 @@ class ActivationSampleCallback(Callback):
         full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
         written = None if merged is None else _collected_so_far(merged)
         if written is not None and written == self._last_written and (self._last_full_state or not full_state):
-            rank_zero_info(
-                f"ActivationSampleCallback: nothing collected since the save of {self.dirpath} at step"
-                f" {int(merged['last_collected_step'])}; it is not written again."
-            )
+            if trainer.global_step != self._last_save_step:  # a second save of one step (save_last) says nothing
+                rank_zero_info(
+                    f"ActivationSampleCallback: nothing collected since the samples saved at step"
+                    f" {self._last_save_step}; {self.dirpath} is not written again."
+                )
             return
         tokenizer = extras = None
         if merged is not None:
@@ -579,6 +587,7 @@ class ActivationSampleCallback(Callback):
         )
         if written is not None:
             self._last_written, self._last_full_state = written, full_state
+            self._last_save_step = trainer.global_step
 
 
 def _collected_so_far(merged: dict) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 
 from lightning_sae_samples.analysis import neuronpedia
+from lightning_sae_samples.arguments import OneLineErrorParser
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import find_samples_dirs
 from lightning_sae_samples.state.statistics import RANK_CHOICES
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 #: How deep below a given folder the command looks for samples directories to suggest.
 SEARCH_DEPTH = 4
 MAX_SUGGESTIONS = 5
+#: Runs listed for a parent folder.
+MAX_LISTED_RUNS = 200
 
 PROG = "lightning-sae-samples"
 EPILOG = f"""examples:
@@ -30,7 +33,7 @@ EPILOG = f"""examples:
   {PROG} activation_samples --feature 42 --num-examples 20
   {PROG} activation_samples --report report.md --html report.html --top-k 100 --rank-by frequency
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
-  {PROG} export snapshots/step_1000 --format neuronpedia np/ --model-id gpt2-small --layer 6 --source-set my-saes
+  {PROG} export snapshots/step_1500 --format neuronpedia np/ --model-id all-minilm-l6-v2 --layer 3 --source-set res-topk
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
 """
 EXPORT_COMMAND = "export"
@@ -41,7 +44,7 @@ SERVE_USAGE = f"{PROG} {SERVE_COMMAND} DIR [--host HOST] [--port PORT] [--open]"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by ``python -m lightning_sae_samples``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Show the top activating contexts of SAE latents collected by ActivationSampleCallback,"
         " and write Markdown or HTML reports. Without --feature/--report/--html it prints a summary table.",
@@ -72,7 +75,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-sae-samples export SAMPLES_DIR --format jsonl|parquet OUT``."""
     from lightning_sae_samples.analysis.export import FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=f"{PROG} {EXPORT_COMMAND}",
         description="Write the saved features, their statistics and samples as flat tables (features.<ext>,"
         " samples.<ext>, summary.json) that pandas, DuckDB or a static viewer read directly. Schema: docs/export.md.",
@@ -110,6 +113,39 @@ def open_analyzer(samples_dir: str, **kwargs: object) -> ActivationSampleAnalyze
             f"{samples_dir} is not a samples directory ({SUMMARY_NAME} is missing), but it holds"
             f" {'one' if len(found) == 1 else 'some'}: {', '.join(found)}. Run: {PROG} {found[0]}"
         ) from err
+
+
+def runs_below(folder: str) -> list[str]:
+    """The samples directories below ``folder`` when it is not one itself (a parent folder), else ``[]``."""
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, SUMMARY_NAME)):
+        return []
+    return [str(p) for p in find_samples_dirs(folder, SEARCH_DEPTH, MAX_LISTED_RUNS)]
+
+
+def print_runs(folder: str, runs: list[str], console: Console) -> None:
+    """A table of the samples directories below a parent folder: what each is, its step and size."""
+    from rich.table import Table
+
+    from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+
+    table = Table(title=f"Samples directories under {folder}", title_justify="left")
+    table.add_column("Run", no_wrap=True)
+    table.add_column("What it is")
+    for column in ("Step", "Latents", "Saved features"):
+        table.add_column(column, justify="right")
+    for run in runs:
+        name = os.path.relpath(run, folder)
+        try:
+            summary = ActivationSampleAnalyzer(run).summary
+        except SamplesDirectoryError as err:
+            table.add_row(name, f"unreadable: {' '.join(str(err).split())}", "", "", "")
+            continue
+        table.add_row(name, summary.kind, str(summary.global_step), f"{summary.num_features_tracked:,}",
+                      str(len(summary.saved_features)))
+    console.print(table)
+    more = " (the first ones)" if len(runs) >= MAX_LISTED_RUNS else ""
+    console.print(f"{len(runs)} samples directories{more}. Look at one: {PROG} {runs[0]}", highlight=False,
+                  markup=False, soft_wrap=True)
 
 
 def _note_undecoded(analyzer: ActivationSampleAnalyzer) -> None:
@@ -159,6 +195,16 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     for name in ("num_examples", "top_k", "examples_per_feature"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
+    if args.template_dir is not None and not os.path.isdir(args.template_dir):
+        raise ValueError(
+            f"--template-dir {args.template_dir} is not a directory. Pass a folder holding report.md.j2 and/or"
+            " report.html.j2, or leave it out to use the shipped templates."
+        )
+    if args.feature is None and not args.report and not args.html:
+        runs = runs_below(args.samples_dir)
+        if runs:
+            print_runs(args.samples_dir, runs, console)
+            return
     analyzer = open_analyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
     if args.feature is not None:
         analyzer.print_feature_report(args.feature, args.num_examples, console=console)

@@ -99,17 +99,32 @@ def test_usage_line_names_the_export_subcommand(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage: lightning-sae-samples" in err
-    assert "lightning-sae-samples export SAMPLES_DIR OUT" in err.split("error:")[0]
+    err = capsys.readouterr().err  # one line that points to --help, whose usage names the subcommands
+    assert err == ("lightning-sae-samples: error: the following arguments are required: SAMPLES_DIR."
+                   " See `lightning-sae-samples --help`.\n")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "usage: lightning-sae-samples" in usage and "lightning-sae-samples export SAMPLES_DIR OUT" in usage
 
 
-def test_a_parent_of_samples_directories_suggests_them(samples, tmp_path):
+def test_a_parent_folder_lists_its_runs_and_suggests_them_for_one_run_commands(samples, tmp_path):
     import shutil
 
-    inside = tmp_path / "lightning_logs" / "version_0" / "activation_samples"
-    shutil.copytree(samples, inside)
-    (result,) = run_all([[str(tmp_path / "lightning_logs")]], cwd=tmp_path)
+    runs = [tmp_path / "lightning_logs" / f"version_{n}" / "activation_samples" for n in (0, 1)]
+    for run in runs:
+        shutil.copytree(samples, run)
+    listing, feature = run_all([[str(tmp_path / "lightning_logs")],
+                                [str(tmp_path / "lightning_logs"), "--feature", "0"]], cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    out = " ".join(listing.stdout.split())
+    summary = ActivationSampleAnalyzer(samples).summary
+    for n in (0, 1):
+        assert f"version_{n}/activation_samples" in out
+    assert listing.stdout.count(summary.kind.split(",")[0]) == 2
+    assert f"2 samples directories. Look at one: lightning-sae-samples {runs[0]}" in out
+    # --feature needs one run: the error names them.
+    result, inside = feature, runs[0]
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "collection_summary.json is missing" in lines[0]

@@ -29,6 +29,7 @@ def tiny_config(tmp_path: Path) -> Path:
 
     config = yaml.safe_load(CONFIG.read_text())
     trainer = config["trainer"]
+    shipped_steps = trainer["max_steps"]
     trainer["max_steps"] = 40
     trainer["log_every_n_steps"] = 10
     trainer["default_root_dir"] = str(tmp_path / "run")
@@ -36,7 +37,11 @@ def tiny_config(tmp_path: Path) -> Path:
     sample_cb = next(cb for cb in callbacks if cb["class_path"].endswith("ActivationSampleCallback"))
     assert "dirpath" not in sample_cb["init_args"], "the shipped config must let each run write its own version dir"
     sample_cb["init_args"]["collection_freq"] = {0: 10, 20: 1}
-    trainer["callbacks"] = [sample_cb]  # no checkpoints needed here
+    # The shipped schedule's shape: a checkpoint before the end (1000 of 1500 there, 25 of 40 here) and
+    # save_last, which Lightning does not write again at the end; the final snapshot must still be of step 40.
+    checkpoint = next(cb for cb in callbacks if cb["class_path"].endswith("ModelCheckpoint"))
+    assert checkpoint["init_args"]["every_n_train_steps"] < shipped_steps, "the shipped run saves mid-run"
+    checkpoint["init_args"]["every_n_train_steps"] = 25
     config["model"]["init_args"].update(num_latents=256, k=8, warmup_steps=5, dead_after_tokens=4096)
     config["data"].update(
         max_tokens=16_000,  # about 500 verses
@@ -87,6 +92,11 @@ def test_example_trains_collects_and_reports(tmp_path):
     assert f"snapshot directory: {snapshot.resolve()}" in " ".join(done.stdout.split())
     assert sample["context_tokens"][sample["context_position"]] == sample["tokens"][-1]
     assert (samples / "interpretability_report.md").is_file()
+    # Output to a pipe, not a terminal: caching, training and validation log progress lines as they go.
+    logged = done.stderr.splitlines()
+    assert any(line.startswith("caching minilm layer 3") and "windows" in line for line in logged), logged[-20:]
+    assert "training: Epoch 0 · step 0/40 (a line every 2 steps or 60 s)" in logged
+    assert any(line.startswith("validation: done, ") for line in logged)
     out = done.stdout
     assert str(samples.resolve()) in out
     if importlib.util.find_spec("lightning_sae_samples.analysis.analyzer") is not None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 from datetime import datetime, timezone
 
@@ -277,14 +278,32 @@ def test_the_command_line_writes_the_export(run_dir, tmp_path):
     assert bad.returncode == 2 and "model_id" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_analyzer_export_takes_the_format_with_default_ids(run_dir, tmp_path):
+def test_a_local_tokenizer_folder_names_no_model_so_the_model_id_is_asked_for(run_dir, tmp_path):
     samples, tok = run_dir
-    with pytest.warns(npx.MixedSAEStatesWarning):
-        paths = ActivationSampleAnalyzer(samples).export(tmp_path / "out", "neuronpedia")
-    # The model id defaults to the recorded tokenizer's name (here its folder, "tok"), the source to 0-sae.
-    assert paths["source"] == tmp_path / "out" / tok.name / "0-sae"
-    assert json.loads(paths["manifest"].read_text())["files"]
-    assert read_gz_lines(paths["source"] / "features" / "batch-0.jsonl.gz")
+    with pytest.raises(ValueError, match=r"Pass --model-id .*recorded the tokenizer '.*tok', which names no model"):
+        ActivationSampleAnalyzer(samples).export(tmp_path / "out", "neuronpedia")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "lightning_sae_samples", "export", str(samples), str(tmp_path / "o"),
+                           "--format", "neuronpedia"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "error: Pass --model-id" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o" / "model").exists()
+
+
+@pytest.mark.parametrize(("recorded", "model_id"), [("google/gemma-2-2b", "gemma-2-2b"), ("gpt2", "gpt2")])
+def test_a_hub_tokenizer_name_gives_the_default_model_id(recorded, model_id):
+    summary = types.SimpleNamespace(config={"tokenizer": recorded})
+    assert npx.default_model_id(summary) == model_id
+
+
+def test_a_model_id_of_another_model_than_the_recorded_tokenizer_warns(run_dir, tmp_path):
+    samples, tok = run_dir  # recorded tokenizer: a local folder named "tok"
+    analyzer = ActivationSampleAnalyzer(samples)
+    with pytest.warns(npx.ModelIdMismatchWarning, match=r"'gpt2-small' does not look like the model of the run's"):
+        npx.export_neuronpedia(analyzer, tmp_path / "out", npx.NeuronpediaSource(model_id="gpt2-small"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        npx.export_neuronpedia(analyzer, tmp_path / "out2", npx.NeuronpediaSource(model_id="tok-lm"))
+    assert not [w for w in caught if issubclass(w.category, npx.ModelIdMismatchWarning)]
 
 
 def test_a_link_in_the_output_folder_is_refused(run_dir, tmp_path):

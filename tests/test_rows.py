@@ -258,10 +258,10 @@ def test_the_feature_files_say_unknown_as_null_and_readers_show_only_the_activat
     row = json.loads(paths["samples"].read_text().splitlines()[0])
     assert row["context_activations"][row["context_position"]] == row["activation_value"]
     assert row["context_activations"].count(None) == len(row["context_activations"]) - 1
-    from lightning_sae_samples.analysis.neuronpedia import export_neuronpedia, read_batches
+    from lightning_sae_samples.analysis.neuronpedia import NeuronpediaSource, export_neuronpedia, read_batches
 
     with pytest.warns(UserWarning, match="only the activating token"):
-        exported = export_neuronpedia(analyzer, tmp_path / "np")
+        exported = export_neuronpedia(analyzer, tmp_path / "np", NeuronpediaSource(model_id="test-model"))
     activation = read_batches(exported.source_dir)[1][0]
     assert activation["values"][activation["maxValueTokenIndex"]] == activation["maxValue"] > 0
     assert sorted(activation["values"])[:-1] == [0.0] * (len(activation["values"]) - 1)

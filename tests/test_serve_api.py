@@ -365,7 +365,7 @@ def test_local_server_refuses_foreign_host_names_and_bad_directories(run_dir, tm
         assert err.value.code == 400
     finally:
         server.stop()
-    assert main([str(tmp_path / "missing")]) == 1
+    assert main([str(tmp_path / "missing")]) == 2
 
 
 def test_without_full_state_the_saved_features_are_served(tmp_path):
@@ -390,3 +390,36 @@ def test_without_full_state_the_saved_features_are_served(tmp_path):
         assert len(page["examples"]) == len(feature.samples)
         unsaved = next(i for i in range(10) if i not in analyzer.saved_features)
         assert "no full_state.pt" in get(test_client, f"/api/features/{unsaved}", 404)["error"]
+
+
+def test_fires_most_on_is_counted_over_the_kept_samples_in_the_report_and_in_serve(client, run_dir):
+    # samples_per_feature=2 per file, up to 8 kept: both count every kept sample and say over how many.
+    analyzer = ActivationSampleAnalyzer(run_dir, tokenizer=FakeTokenizer(VOCAB))
+    rows = {row["idx"]: row for row in all_rows(client, "sort=max_activation")}
+    markdown, html = analyzer.render_markdown(4), analyzer.render_html(4)
+    checked = 0
+    for idx in analyzer.saved_features:
+        feature = analyzer.feature(idx)
+        kept = feature.stats.num_samples
+        assert len(feature.samples) <= 2 and feature.top_tokens_over == kept == rows[idx]["top_tokens_over"]
+        by_serve = [(chip["token_id"], chip["samples"]) for chip in rows[idx]["top_tokens"]]
+        brute = {}
+        for sample in analyzer.feature(idx, 1000).samples:
+            token = sample.activating_token.token_id
+            brute[token] = brute.get(token, 0) + 1
+        assert by_serve == sorted(brute.items(), key=lambda item: (-item[1], item[0]))[:3]
+        assert [n for _, n in feature.top_tokens(3)] == [n for _, n in by_serve]
+        assert f"(of {kept})" in markdown and f"of {kept}</span>" in html
+        checked += kept > len(feature.samples)
+    assert checked, "no saved feature keeps more samples than its file shows: the test shows nothing"
+
+    # Without full_state.pt, serve shows the counts the feature files hold: the same ones.
+    import shutil
+
+    bare = shutil.copytree(run_dir, run_dir.parent / "no-full-state")
+    (bare / "full_state.pt").unlink()
+    with TestClient(create_app(RunSet(bare))) as bare_client:
+        bare_rows = {row["idx"]: row for row in all_rows(bare_client, "sort=max_activation")}
+    assert {i: (r["top_tokens"], r["top_tokens_over"]) for i, r in bare_rows.items()} == {
+        i: (rows[i]["top_tokens"], rows[i]["top_tokens_over"]) for i in analyzer.saved_features
+    }

@@ -1,8 +1,10 @@
 """Snapshots with one SAE state: evaluation loops collect into their own samples directory per run."""
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,49 @@ def test_trainer_validate_with_ckpt_path_snapshots_the_checkpoint_weights(tmp_pa
         seen.step = steps
     files = check_against_oracle(snapshot_dir(tmp_path, steps), run)
     assert files["collection_summary.json"]["weights_step"] == steps
+
+
+def test_a_snapshot_of_a_checkpoint_older_than_the_run_says_so(tmp_path, caplog):
+    # every_n_train_steps + save_last: Lightning writes last.ckpt at the last periodic save, not at the end.
+    caplog.set_level(logging.INFO)
+    ckpt_dir = tmp_path / "ckpt"
+    callbacks = [make_callback(tmp_path, collect_in=("train", "validate")),
+                 ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_last=True)]
+    run = make_trainer(tmp_path, callbacks, max_steps=8, max_epochs=-1, enable_checkpointing=True)
+    module = SyntheticSAE(num_latents=F)
+    run.fit(module, loader())
+    assert run.global_step == 8
+    caplog.clear()
+    run.validate(module, loader(VAL), ckpt_path="last")
+    summary = json.loads((snapshot_dir(tmp_path, 6) / "collection_summary.json").read_text())
+    assert (summary["weights_step"], summary["trained_step"]) == (6, 8)
+    saved = [r.getMessage() for r in caplog.records if "saved samples" in r.getMessage()]
+    assert len(saved) == 1 and "at step 6 (weights of step 6, older than the run's last training step 8)" in saved[0]
+    report = ActivationSampleAnalyzer(snapshot_dir(tmp_path, 6)).render_markdown()
+    assert "snapshot of one SAE state (step 6, validate run; older than the run's last training step 8)" in report
+
+    run.validate(module, loader(VAL))  # the in-memory weights: those training ended with, nothing to say
+    final = json.loads((snapshot_dir(tmp_path, 8) / "collection_summary.json").read_text())
+    assert final["weights_step"] == 8 and "trained_step" not in final
+
+
+def test_save_and_validation_log_lines_are_true_and_minimal(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    callbacks = [make_callback(tmp_path, collection_freq=4, collect_in=("train", "validate")),
+                 ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True)]
+    run = make_trainer(tmp_path, callbacks, max_steps=8, max_epochs=-1, enable_checkpointing=True)
+    module = SyntheticSAE(num_latents=F)
+    run.fit(module, loader())  # collects steps 0 and 4; saves at 3 (twice: periodic and last), 6 (twice) and 8
+    ours = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ActivationSampleCallback: ")]
+    saves = [m for m in ours if "saved samples" in m or "not written again" in m]
+    assert [m.split(" at step ")[1][:1] for m in saves if "saved samples" in m] == ["3", "6"]
+    # The second save of a step is silent; the final save, with nothing new since step 6, says so truly.
+    assert [m for m in saves if "not written again" in m] == [
+        f"ActivationSampleCallback: nothing collected since the samples saved at step 6; {tmp_path / 'samples'}"
+        " is not written again."
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.validate(module, loader(VAL))  # writes a snapshot beside the run's samples, replacing nothing
+    assert not [str(w.message) for w in caught if "amples" in str(w.message)]
+    assert (snapshot_dir(tmp_path, 8) / "collection_summary.json").is_file()

@@ -35,6 +35,8 @@ from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import load_full_state, read_samples_dir
 from lightning_sae_samples.samples_dir.serialize import (
+    ACTIVATING_TOKENS_LISTED,
+    activating_token_counts,
     sample_groups,
     sample_records,
     window_token_ids,
@@ -182,6 +184,7 @@ class ActivationSampleAnalyzer:
                 has_full_state=self.directory.full_state_path is not None,
                 config=dict(raw.get("config") or {}),
                 source=str(raw.get("source") or "train"),
+                trained_step=None if raw.get("trained_step") is None else int(raw["trained_step"]),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
@@ -208,13 +211,15 @@ class ActivationSampleAnalyzer:
                 IntervalGroup.from_json(g, first=n == 0) for n, g in enumerate(record.get("interval_samples") or [])
             )
             recent = tuple(Sample.from_json(s) for s in record.get("recent_samples") or [])
+            kept_counts, kept = _activating_tokens(record.get("activating_tokens"))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise SamplesDirectoryError(
                 f"{path} is not a valid feature samples file ({type(err).__name__}: {err})."
                 " The file is corrupt; re-run the save."
             ) from err
         return FeatureSamples(
-            stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent
+            stats, samples, saved=True, logit_effects=effects, interval_groups=groups, recent_samples=recent,
+            kept_token_counts=kept_counts, kept_samples=kept,
         )
 
     def _full_state(self) -> Optional[dict]:
@@ -401,9 +406,17 @@ class ActivationSampleAnalyzer:
         groups, recent, overlap = self._state_groups(state, idx)
         if overlap is not None:
             stats = dataclasses.replace(stats, recent_overlap=float(overlap))
+        ids, counts, kept = activating_token_counts(state, idx)  # as the writer's `activating_tokens`
+        decoder = self._decoder()
+        decoder.prepare(ids.tolist())
         return FeatureSamples(
             stats,
             samples,
+            kept_token_counts=tuple(
+                (t, decoder.token_str(t), n)
+                for t, n in zip(ids[:ACTIVATING_TOKENS_LISTED].tolist(), counts[:ACTIVATING_TOKENS_LISTED].tolist())
+            ),
+            kept_samples=kept,
             saved=False,
             logit_effects=self._computed_effects.get(idx),
             interval_groups=groups,
@@ -624,3 +637,14 @@ class ActivationSampleAnalyzer:
     def generate_html_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
         """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
         return write_text_file(output_path, self.render_html(*args, **kwargs))
+
+
+def _activating_tokens(record: Any) -> tuple[tuple[tuple[int, str, int], ...], int]:
+    """A feature file's ``activating_tokens`` as ``(kept_token_counts, kept_samples)``; ``((), 0)`` when absent."""
+    if record is None:  # files of earlier versions
+        return (), 0
+    kept = int(record["over"])
+    counts = tuple((int(t["token_id"]), t["token"], int(t["samples"])) for t in record["tokens"])
+    if kept < 0 or any(not isinstance(text, str) or not 0 < n <= kept for _, text, n in counts):
+        raise ValueError("`activating_tokens` holds a token that is not a string or a count outside 1..`over`")
+    return counts, kept

@@ -32,7 +32,7 @@ from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import WRITER_ID
 from lightning_sae_samples.samples_dir.reader import SamplesDirectory
-from lightning_sae_samples.tokens import load_tokenizer
+from lightning_sae_samples.tokens import load_tokenizer, without_surrogates
 
 PathLike = Union[str, os.PathLike]
 
@@ -89,6 +89,14 @@ class FeatureSource(Protocol):
 
 class MixedSAEStatesWarning(UserWarning):
     """A training-time samples directory was exported: its samples were scored by different SAE states."""
+
+
+class ModelIdMismatchWarning(UserWarning):
+    """The Neuronpedia model id does not name the model of the tokenizer the run recorded."""
+
+
+#: A Hugging Face Hub tokenizer name (``gpt2``, ``google/gemma-2-2b``), as opposed to a local folder.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def _checked_name(value: Any, name: str, example: str) -> str:
@@ -158,20 +166,48 @@ class NeuronpediaSource:
 
 
 def default_model_id(summary: RunSummary) -> str:
-    """A Neuronpedia model id from the run's recorded tokenizer name (``"bert-base-uncased"``), else ``"model"``."""
+    """A Neuronpedia model id from the run's recorded Hub tokenizer name (``"google/gemma-2-2b"``: ``gemma-2-2b``).
+
+    Raises:
+        ValueError: The run recorded a local folder, a class name or nothing, which names no model: the message
+            asks for the id.
+    """
     name = summary.config.get("tokenizer")
-    if isinstance(name, str) and name.strip():
-        tail = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(name.rstrip("/\\"))).strip("-._").lower()
-        if tail and _NAME.fullmatch(tail) and ".." not in tail:
+    if isinstance(name, str) and _HUB_NAME.fullmatch(name) and "Tokenizer" not in name and not os.path.exists(name):
+        tail = name.rsplit("/", 1)[-1].lower()
+        if _NAME.fullmatch(tail) and ".." not in tail:
             return tail
-    return "model"
+    recorded = f"the tokenizer {name!r}" if isinstance(name, str) and name.strip() else "no tokenizer name"
+    raise ValueError(
+        f"Pass --model-id (Python: NeuronpediaSource(model_id=...)), Neuronpedia's id of the model the SAE read, e.g."
+        f" gpt2-small: the run recorded {recorded}, which names no model on the Hugging Face Hub."
+    )
+
+
+def _model_family(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _warn_if_other_model(summary: RunSummary, model_id: str) -> None:
+    """Warn when the model id's first word (``gpt2`` of ``gpt2-small``) is not in the recorded tokenizer's name."""
+    name = summary.config.get("tokenizer")
+    if not isinstance(name, str) or not name.strip() or "Tokenizer" in name:
+        return  # nothing to compare with
+    family = _model_family(re.split(r"[-_.]", model_id, maxsplit=1)[0])
+    if family and family not in _model_family(name):
+        warnings.warn(
+            f"The model id {model_id!r} does not look like the model of the run's tokenizer ({name}): Neuronpedia"
+            f" would show these latents under {model_id}. Pass the id of the model the SAE was trained on.",
+            ModelIdMismatchWarning,
+            stacklevel=3,
+        )
 
 
 def neuronpedia_piece(piece: Optional[str]) -> str:
     """A vocabulary piece as Neuronpedia shows it: whitespace stand-ins replaced; ``None`` is out of range."""
     if piece is None:
         return OUT_OF_RANGE_TOKEN
-    text = str(piece)
+    text = without_surrogates(str(piece))
     for stand_in, replacement in WHITESPACE_PIECES.items():
         text = text.replace(stand_in, replacement)
     return text
@@ -559,7 +595,8 @@ def export_neuronpedia(
     Args:
         analyzer: The opened samples directory.
         out_dir: Output folder (created if missing).
-        source: Neuronpedia ids and records; default: model id from the recorded tokenizer, source ``0-sae``.
+        source: Neuronpedia ids and records; default: model id from the recorded Hub tokenizer name, source
+            ``0-sae``. Warns (:class:`ModelIdMismatchWarning`) when the model id does not match that tokenizer.
         features: Latent indices; default: the saved features in rank order.
         num_examples: Top samples per feature; default: those in its feature file.
         tokenizer: Tokenizer (object, name or local path) for the vocabulary pieces; default: the analyzer's,
@@ -568,7 +605,8 @@ def export_neuronpedia(
         progress: Show a progress bar on stderr.
 
     Raises:
-        ValueError: Bad ids or ``features_per_batch``.
+        ValueError: Bad ids or ``features_per_batch``, or no ``source`` for a run that recorded no Hub tokenizer
+            name (see :func:`default_model_id`).
         FileExistsError: A file in the way that this export did not write.
     """
     if isinstance(features_per_batch, bool) or not isinstance(features_per_batch, int) or not (
@@ -577,6 +615,7 @@ def export_neuronpedia(
         raise ValueError(f"`features_per_batch` must be an int from 1 to {MAX_FEATURES_PER_UPLOAD}; got"
                          f" {features_per_batch!r}.")
     source = source or NeuronpediaSource(model_id=default_model_id(analyzer.summary))
+    _warn_if_other_model(analyzer.summary, source.model_id)
     _warn_if_mixed(analyzer)
     created_at = source.timestamp()
     pieces = TokenPieces(_resolve_tokenizer(analyzer, tokenizer))
@@ -732,7 +771,8 @@ def package_features(source_dir: PathLike, batch_size: int = MAX_FEATURES_PER_UP
 def add_arguments(parser: Any) -> None:
     """The ``export --format neuronpedia`` options (an ``argparse`` parser's argument group)."""
     group = parser.add_argument_group("--format neuronpedia (Neuronpedia's bulk export; see docs/export.md)")
-    group.add_argument("--model-id", metavar="ID", help="Neuronpedia model id (default: from the recorded tokenizer)")
+    group.add_argument("--model-id", metavar="ID",
+                       help="Neuronpedia model id (default: from the recorded Hub tokenizer name; needed otherwise)")
     group.add_argument("--source-set", metavar="NAME", default="sae", help="source set name, without layer")
     group.add_argument("--layer", type=int, default=0, metavar="N", help="model layer (source id: N-SOURCE_SET)")
     group.add_argument("--release-id", metavar="ID", help="release id (default: the source set name)")

@@ -323,6 +323,10 @@ class FeatureSamples:
             with ``count == 0``.
         recent_samples: Its top samples of the recent window, best first (empty when the run kept no
             recent window, or the latent did not fire in it; see :attr:`recent_overlap`).
+        kept_token_counts: ``(token_id, text, samples)`` of its first activating tokens among all its kept top
+            samples, most first (ties: the lower id first): its file's ``activating_tokens``, or from
+            ``full_state.pt``; empty for files of earlier versions.
+        kept_samples: How many kept top samples ``kept_token_counts`` counts over (0: not known).
     """
 
     stats: FeatureStats
@@ -331,6 +335,8 @@ class FeatureSamples:
     logit_effects: Optional[LogitEffects] = None
     interval_groups: tuple[IntervalGroup, ...] = ()
     recent_samples: tuple[Sample, ...] = ()
+    kept_token_counts: tuple[tuple[int, str, int], ...] = ()
+    kept_samples: int = 0
 
     @property
     def feature_idx(self) -> int:
@@ -348,9 +354,21 @@ class FeatureSamples:
         return self.recent_overlap is not None and self.recent_overlap < DRIFT_THRESHOLD
 
     def top_tokens(self, limit: int = 5) -> list[tuple[str, int]]:
-        """The activating tokens it fires on most among its samples, as ``(text, occurrences)``."""
-        counts = Counter(s.activating_token.text for s in self.samples)
-        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        """The activating tokens it fires on most, as ``(text, samples)``, over :attr:`top_tokens_over` samples.
+
+        Over every kept top sample when ``full_state.pt`` holds them (what ``serve`` counts), else over
+        :attr:`samples`; most first, ties the lower token id first.
+        """
+        if self.kept_samples:
+            return [(text, n) for _, text, n in self.kept_token_counts[:limit]]
+        counts = Counter((s.activating_token.token_id, s.activating_token.text) for s in self.samples)
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0][0]))
+        return [(text, n) for (_, text), n in ranked[:limit]]
+
+    @property
+    def top_tokens_over(self) -> int:
+        """How many top samples :meth:`top_tokens` counts over."""
+        return self.kept_samples or len(self.samples)
 
 
 @dataclass(frozen=True)
@@ -376,6 +394,7 @@ class RunSummary:
         has_full_state: Whether ``full_state.pt`` is present (every latent reachable).
         config: The callback configuration recorded with the run.
         source: ``"train"`` (training-time, many SAE states) or the evaluation loop of a snapshot (one state).
+        trained_step: Of a snapshot whose weights predate the run's last training step: that step (else ``None``).
     """
 
     path: Path
@@ -396,12 +415,17 @@ class RunSummary:
     has_full_state: bool
     config: dict = field(default_factory=dict)
     source: str = "train"
+    trained_step: Optional[int] = None
 
     @property
     def kind(self) -> str:
         """What the directory is, in words: a training-time collection (many SAE states) or a snapshot (one)."""
         if self.source != "train":
-            return f"snapshot of one SAE state (step {self.global_step}, {self.source} run)"
+            older = (
+                f"; older than the run's last training step {self.trained_step}"
+                if self.trained_step is not None and self.trained_step > self.global_step else ""
+            )
+            return f"snapshot of one SAE state (step {self.global_step}, {self.source} run{older})"
         first, last = self.first_collected_step, self.last_collected_step
         if first is None or first == last:
             return "training-time collection" + ("" if first is None else f" (step {first})")

@@ -241,6 +241,8 @@ def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
             text.append(", ")
         text.append(token_label(token), style="bold")
         text.append(f" ×{occurrences}", style="dim")
+    if text:
+        text.append(f" (of {feature.top_tokens_over})", style="dim")
     return text
 
 

@@ -38,9 +38,10 @@ def context_markdown(sample: Sample) -> str:
     return tokens_markdown(views.token_views(sample, 0.0))
 
 
-def top_tokens_markdown(top_tokens: Sequence[tuple[str, int]]) -> str:
-    """``token ×n, ...`` for a table cell (leading spaces shown as ``·``)."""
-    return ", ".join(f"{markdown_text(token_label(text))} ×{n}" for text, n in top_tokens)
+def top_tokens_markdown(top_tokens: Sequence[tuple[str, int]], over: int) -> str:
+    """``token ×n, ... (of N)`` for a table cell (leading spaces shown as ``·``)."""
+    tokens = ", ".join(f"{markdown_text(token_label(text))} ×{n}" for text, n in top_tokens)
+    return f"{tokens} (of {over})" if tokens else ""
 
 
 def logit_effects_markdown(effects: Optional[dict]) -> Optional[dict]:
@@ -65,7 +66,7 @@ def feature_context(feature: FeatureSamples) -> dict:
     """Template variables of one feature section: the shared feature view plus its Markdown fields."""
     view = views.feature_view(feature, example_context)
     view["histogram_lines"] = text_histogram(view["bins"], 24)
-    view["top_tokens_md"] = top_tokens_markdown(view["top_tokens"])
+    view["top_tokens_md"] = top_tokens_markdown(view["top_tokens"], view["top_tokens_over"])
     view["logit_effects"] = logit_effects_markdown(view["logit_effects"])
     recent = view["recent"]
     if recent is not None:

@@ -142,9 +142,9 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
     Returns:
         ``idx``, ``anchor``, ``saved``, ``stats``, the formatted statistics (``max``, ``mean``, ``std``, ``min``,
         ``count``, ``frequency``, ``num_samples``, ``first_step``, ``last_step``, ``recent_overlap``), the
-        histogram's display ``bins``, ``top_tokens`` (``(text, occurrences)``), ``logit_effects``
-        (:func:`logit_effects_view`), ``examples``, ``unknown_note`` (:func:`unknown_note`) and the keys of
-        :func:`groups_view`.
+        histogram's display ``bins``, ``top_tokens`` (``(text, samples)``) and ``top_tokens_over`` (over how many
+        kept samples), ``logit_effects`` (:func:`logit_effects_view`), ``examples``, ``unknown_note``
+        (:func:`unknown_note`) and the keys of :func:`groups_view`.
     """
     stats = feature.stats
     return {
@@ -164,6 +164,7 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         "recent_overlap": formatting.overlap(feature.recent_overlap),
         "bins": display_bins(stats.histogram.bin_edges, stats.histogram.counts),
         "top_tokens": feature.top_tokens(3),
+        "top_tokens_over": feature.top_tokens_over,
         "logit_effects": logit_effects_view(feature),
         "examples": [example(s, stats.max_activation) for s in feature.samples],
         "unknown_note": unknown_note([*feature.samples, *feature.recent_samples,

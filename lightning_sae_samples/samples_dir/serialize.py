@@ -126,3 +126,29 @@ def _window_token_ids(state: dict, ranked: list[int], limit: int) -> list[int]:
     prefixes = [prefix for prefix in ("top", "interval", "recent") if prefix in state]
     ids = [window_token_ids(state, prefix, ranked, limit) for prefix in prefixes]
     return torch.cat(ids).unique().tolist()
+
+
+#: Activating tokens a feature file lists in ``activating_tokens`` ("Fires most on").
+ACTIVATING_TOKENS_LISTED = 5
+
+
+def activating_token_counts(state: dict, feature_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Activating token ids among all kept top samples of a latent, with how many samples each, most first.
+
+    Ties: the lower token id first (what ``serve``'s token index does). Returns ``(ids, samples, kept)``.
+    """
+    top = state["top"]
+    rows = rows_index(top, torch.tensor([feature_idx], dtype=torch.int64))
+    activating = top["context_tokens"][rows, int(state["half_window"])].to(torch.int64)
+    ids, counts = torch.unique(activating, return_counts=True)
+    order = torch.argsort(-counts, stable=True)
+    return ids[order], counts[order], len(rows)
+
+
+def activating_tokens_record(state: dict, feature_idx: int, decoder: TokenDecoder) -> dict[str, Any]:
+    """The ``activating_tokens`` of a feature file: the first few of :func:`activating_token_counts`."""
+    ids, counts, kept = activating_token_counts(state, feature_idx)
+    ids, counts = ids[:ACTIVATING_TOKENS_LISTED].tolist(), counts[:ACTIVATING_TOKENS_LISTED].tolist()
+    decoder.prepare(ids)
+    return {"over": kept, "tokens": [{"token_id": t, "token": decoder.token_str(t), "samples": n}
+                                     for t, n in zip(ids, counts)]}

@@ -256,6 +256,11 @@ class TokenIndex:
         tokens = (self.keys[picked] // self.num_latents).tolist()
         return list(zip(tokens, self.counts[picked].tolist()))
 
+    def samples_of(self, latent: int) -> int:
+        """How many kept samples of the latent :meth:`top_tokens` counts over."""
+        start, stop = int(self.latent_start[latent]), int(self.latent_start[latent + 1])
+        return int(self.counts[self.by_latent[start:stop]].sum())
+
 
 class ContextCorpus:
     """The kept top samples' context texts, lower-cased, joined by NUL bytes into one searchable byte string.
@@ -338,6 +343,8 @@ class RunIndex:
     token_lookup: dict[str, list[int]]
     histogram: dict
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    #: Without ``full_state.pt``: each saved feature's "Fires most on" from its file (over all its kept samples).
+    listed_tokens: Optional[dict[int, tuple[list[tuple[int, int]], int]]] = None
 
     @property
     def summary(self):
@@ -415,7 +422,21 @@ class RunIndex:
         activating = torch.tensor([s.activating_token.token_id for s in samples], dtype=torch.int64)
         summary = analyzer.summary.frequency_histogram
         histogram = {"bin_edges": list(summary.bin_edges), "counts": list(summary.counts)}
-        return cls._build(analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram)
+        index = cls._build(analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram)
+        index.listed_tokens = {
+            f.feature_idx: ([(t, n) for t, _, n in f.kept_token_counts], f.kept_samples)
+            for f in features if f.kept_samples
+        }
+        for f in features:
+            strings.update((t, text) for t, text, _ in f.kept_token_counts)
+        return index
+
+    def _top_tokens(self, latent: int, limit: int = 3) -> tuple[list[tuple[int, int]], int]:
+        """A latent's "Fires most on" as ``(token_id, samples)`` over how many kept samples: the report's counts."""
+        if self.listed_tokens is not None and latent in self.listed_tokens:
+            tokens, over = self.listed_tokens[latent]
+            return tokens[:limit], over
+        return self.tokens.top_tokens(latent, limit), self.tokens.samples_of(latent)
 
     @classmethod
     def _build(cls, analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram) -> RunIndex:
@@ -464,6 +485,7 @@ class RunIndex:
         out = []
         for n, latent in enumerate(latents):
             value = {name: columns[name][n] for name in columns}
+            top_tokens, over = self._top_tokens(latent)
             overlap = value["recent_overlap"]
             out.append(
                 {
@@ -479,8 +501,9 @@ class RunIndex:
                     "values": value,
                     "top_tokens": [
                         {"token_id": t, "label": token_label(self.token_strings.get(t, str(t))), "samples": c}
-                        for t, c in self.tokens.top_tokens(latent)
+                        for t, c in top_tokens
                     ],
+                    "top_tokens_over": over,
                 }
             )
         return jsonable(out)

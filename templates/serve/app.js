@@ -102,6 +102,7 @@
     var link = el("a", { href: "#/feature/" + row.idx, text: String(row.idx) });
     var tokens = el("td", { className: "tokens" });
     tokenChips(tokens, row.top_tokens);
+    if (row.top_tokens.length) { tokens.appendChild(el("span", { className: "n", text: "of " + row.top_tokens_over })); }
     var cells = [el("td", {}, [link])].concat(extra || []);
     return { link: link, tokens: tokens, cells: cells };
   }
