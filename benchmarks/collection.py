@@ -23,6 +23,8 @@ Rows of the printed table:
     top 100 features), and peak extra memory of one collection.
 (f) the collector alone (no Trainer, no model) over hundreds of collections from an empty state: mean
     cost per collection by phase, as the tops fill and ever fewer activations enter them.
+(g) ``--rows``: the collector alone fed the same tokens as ``[B, T]`` sequences and as shuffled rows with
+    token refs into an ``ArrayTokenSource``, alternating; the ratio of their mean costs, and the state size.
 
 Nothing here asserts a time; the targets are printed next to the measurements.
 """
@@ -526,6 +528,62 @@ def collector_phases(
     return {(lo, hi): statistics.mean(times[lo - 1 : hi]) for lo, hi in PHASES if hi <= steps}
 
 
+def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:
+    """Collecting shuffled rows (token refs into an ``ArrayTokenSource``) against the same tokens as sequences.
+
+    Two collectors over the same random TopK codes, one fed ``[B, T]`` batches, the other the same tokens as
+    shuffled rows ``[N, k]`` with their refs; the updates alternate, so both see the same machine load. The
+    means include the merges; ``--rows-collections`` collections from an empty state (the fill phase first).
+    """
+    from lightning_sae_samples import ActivationSampleCollector
+    from lightning_sae_samples.token_sources import ArrayTokenSource
+
+    device = torch.device(args.device)
+    num_latents, k, seq_len, steps = args.num_latents, args.k, args.seq_len, args.rows_collections
+    batch = args.tokens // seq_len
+    gen = torch.Generator().manual_seed(0)
+    corpus = torch.randint(0, 30522, (batch * steps, seq_len), generator=gen)
+    settings = dict(num_latents=num_latents, activation_threshold=args.threshold)
+    sequences = ActivationSampleCollector(**settings)
+    rows = ActivationSampleCollector(token_source=ArrayTokenSource(corpus), **settings)
+    times: dict[str, list[float]] = {"sequences": [], "rows": []}
+    for step in range(steps):
+        start = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen)
+        stride = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen) | 1
+        indices = ((start + torch.arange(k) * stride) % num_latents).to(device)
+        values = (torch.rand(batch * seq_len, k, generator=gen) * 5).to(device)
+        tokens = corpus[step * batch : (step + 1) * batch].to(device)
+        perm = torch.randperm(batch * seq_len, generator=gen)
+        refs = (step * batch * seq_len + perm).to(device)
+        for name in ("sequences", "rows") if step % 2 == 0 else ("rows", "sequences"):
+            sync(device)
+            t0 = time.perf_counter()
+            if name == "sequences":
+                sequences.update(tokens, latent_indices=indices.view(batch, seq_len, k),
+                                 latent_values=values.view(batch, seq_len, k), step=step)
+            else:
+                rows.update(token_refs=refs, latent_indices=indices[perm.to(device)],
+                            latent_values=values[perm.to(device)], step=step)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    # The first update of each also allocates its state: left out of the means.
+    seq_mean, rows_mean = statistics.mean(times["sequences"][1:]), statistics.mean(times["rows"][1:])
+    sizes = {}
+    for name, collector in (("sequences", sequences), ("rows", rows)):
+        path = Path(tempfile.mkdtemp(prefix="sae-rows-bench-")) / "state.pt"
+        torch.save(collector.state_dict(), path)
+        sizes[name] = path.stat().st_size
+        shutil.rmtree(path.parent)
+    note = f"F={num_latents}, k={k}, {args.tokens} tokens, collections 2..{steps} from empty, {device}"
+    return [
+        ("(g) collection from [B, T] sequences", fmt_ms(seq_mean), "per collection", note),
+        ("(g) collection from shuffled rows + refs", fmt_ms(rows_mean), f"{rows_mean / seq_mean:.2f}x sequences",
+         "one gather of the windows from an ArrayTokenSource; neighbour activations unknown (none read)"),
+        ("(g) checkpointed state, sequences / rows", fmt_bytes(sizes["sequences"]), fmt_bytes(sizes["rows"]),
+         "torch.save of state_dict(): windows stored either way"),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # Scale: state, checkpoint and save at F = 16k .. 1M (each size in a fresh process)
 # --------------------------------------------------------------------------------------------------
@@ -764,7 +822,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--dispatch-collections", type=int, default=3,
                    help="collections counted by the dispatch rows (h), at --num-latents and --k; 0: none")
     p.add_argument("--scale-row", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rows", action="store_true", help="only (g): collecting shuffled rows against sequences")
+    p.add_argument("--rows-collections", type=int, default=40, help="collections of each kind for --rows")
     args = p.parse_args(argv)
+    if args.rows:
+        table = Table(title="Shuffled rows against sequences (collector alone)")
+        for column in ("measurement", "value", "", "notes"):
+            table.add_column(column)
+        for row in rows_vs_sequences(args):
+            table.add_row(*row)
+        console.print(table)
+        return
     if args.memory_probe:
         memory_probe(args)
         return

@@ -218,6 +218,23 @@ class WindowDataset(Dataset):
         return {"tokens": self.tokens[i].long(), "activations": self.activations[i].float()}
 
 
+class RowDataset(Dataset):
+    """Single token rows of cached hidden states, each with its token ref (``window * seq_len + position``).
+
+    What SAE trainers that shuffle rows see (SAELens' mixing buffer, dictionary_learning's buffer): one
+    activation at a time, with no sequence around it; the ref lets the samples callback find its context.
+    """
+
+    def __init__(self, activations: Tensor) -> None:
+        self.activations = activations.reshape(-1, activations.shape[-1])
+
+    def __len__(self) -> int:
+        return self.activations.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"activations": self.activations[i].float(), "token_refs": torch.tensor(i)}
+
+
 class ActivationDataModule(L.LightningDataModule):
     """Tokens and cached hidden states of a frozen language model, for SAE training.
 
@@ -253,6 +270,9 @@ class ActivationDataModule(L.LightningDataModule):
         cache_dir: Where cached activations (and GGUF tokenizers) are kept.
         cache_dtype: Storage dtype of cached hidden states (``"float16"`` halves disk and memory).
         num_workers: DataLoader workers.
+        shuffled_rows: Train on single token rows shuffled across the whole cache (``batch_size * seq_len`` rows a
+            step, each with its ``token_refs``), as SAE trainers with a mixing buffer do, instead of windows. The
+            samples callback then reads the contexts from :attr:`token_source`.
     """
 
     def __init__(
@@ -277,6 +297,7 @@ class ActivationDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/lightning-sae-samples",
         cache_dtype: str = "float16",
         num_workers: int = 0,
+        shuffled_rows: bool = False,
     ) -> None:
         super().__init__()
         if source not in ("kjv", "files", "hf_dataset"):
@@ -307,6 +328,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.cache_dtype = getattr(torch, cache_dtype)
         self.num_workers = num_workers
+        self.shuffled_rows = shuffled_rows
         self._tokenizer = None
         self._d_model: Optional[int] = None
         self.tokens: Optional[Tensor] = None
@@ -323,6 +345,15 @@ class ActivationDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model_name, self.cache_dir)
         return self._tokenizer
+
+    @property
+    def token_source(self):
+        """With ``shuffled_rows``: the cached windows as the samples callback's token source (else ``None``)."""
+        if not self.shuffled_rows or self.tokens is None:
+            return None
+        from lightning_sae_samples.token_sources import ArrayTokenSource
+
+        return ArrayTokenSource(self.tokens)
 
     @property
     def d_model(self) -> int:
@@ -532,6 +563,11 @@ class ActivationDataModule(L.LightningDataModule):
         """Shuffled batches ``{"tokens": [B, T], "activations": [B, T, d_model]}``."""
         assert self.tokens is not None and self.activations is not None, "call setup() first"
         gen = torch.Generator().manual_seed(self.seed)
+        if self.shuffled_rows:
+            return DataLoader(
+                RowDataset(self.activations), batch_size=self.tokens_per_batch, shuffle=True, drop_last=True,
+                generator=gen, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            )
         return DataLoader(
             WindowDataset(self.tokens, self.activations),
             batch_size=self.batch_size,

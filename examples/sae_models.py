@@ -161,8 +161,8 @@ class TopKSAE(SAEModule):
         return self.decode(vals, idx).view(activations.shape)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        tokens = batch["tokens"]
-        b, t = tokens.shape
+        rows = "token_refs" in batch  # shuffled single rows: no sequences, the refs locate each token
+        tokens = None if rows else batch["tokens"]
         x, mask = self._inputs(batch)
         pre, vals, idx = self.encode(x)
         if mask is not None:
@@ -195,6 +195,9 @@ class TopKSAE(SAEModule):
         self.log("train/fvu", fvu, prog_bar=True, on_step=True)
         self.log("train/dead_frac", dead.float().mean(), prog_bar=True, on_step=True)
         self.log("train/l0", (vals > 0).float().sum(-1).mean(), on_step=True)
+        if rows:  # rows [N, k]; the callback reads `token_refs` from the batch
+            return {"loss": loss, "latent_indices": idx.detach(), "latent_values": vals.detach()}
+        b, t = tokens.shape
         return {
             "loss": loss,
             "latent_indices": idx.detach().view(b, t, self.k),
