@@ -116,13 +116,17 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+#: Fields that may hold NaN: a shuffled row's neighbours' activations are unknown.
+MAY_BE_UNKNOWN = ("samples.context_acts",)
+
+
 def _tensor(value: Any, key: str, shape: tuple[int, ...], floating: bool) -> Tensor:
     if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.is_floating_point() != floating or (
         value.is_complex() or value.dtype == torch.bool
     ):
         kind = "float" if floating else "integer"
         raise ValueError(f"`{key}` must be an {kind} tensor of shape {shape}, got {_show(value)}")
-    if floating and value.numel() and bool(torch.isnan(value).any()):
+    if floating and key not in MAY_BE_UNKNOWN and value.numel() and bool(torch.isnan(value).any()):
         raise ValueError(f"`{key}` holds NaN")
     return value
 

@@ -2,10 +2,11 @@
 
 A ``full_state.pt`` (or a checkpoint entry) is input from a stranger: every declared field must be there with
 the dtype kind and shape the schema gives it, every table's counts must add up to its packed samples, and every
-index must stay inside what it indexes. Values are checked too, as the collector produces them: no NaN, no
-infinity except the empty fill of ``max``/``min``, counts and steps not below their empty value, activations and
-bin edges within the float32 range, and token ids not below ``EMPTY`` (the fill outside a sequence; never at a
-sample's own token). :func:`check_state` raises a ``ValueError`` naming the field otherwise.
+index must stay inside what it indexes. Values are checked too, as the collector produces them: no NaN (but for
+the unknown context activations of shuffled rows), no infinity except the empty fill of ``max``/``min``, counts
+and steps not below their empty value, activations and bin edges within the float32 range, and token ids not
+below ``EMPTY`` (the fill outside a sequence; never at a sample's own token). :func:`check_state` raises a
+``ValueError`` naming the field otherwise.
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def _table(state: dict, name: str, rows: int, window: int) -> None:
     for field in TABLE_FIELDS:
         shape = (stored, window) if field.startswith("context_") else (stored,)
         _tensor(table.get(field), f"{name}.{field}", shape, floating=field in ("values", "context_acts"))
-    for field in ("values", "context_acts"):
-        _finite(table[field], f"{name}.{field}")
+    _finite(table["values"], f"{name}.values")
+    # A shuffled row's neighbours were seen in other rows: their activations are unknown, stored as NaN.
+    acts = table["context_acts"]
+    _values(torch.isnan(acts) | (acts.abs() <= FLOAT_LIMIT), f"{name}.context_acts",
+            f"finite numbers of magnitude <= {FLOAT_LIMIT:.4g}, or NaN (unknown)")
     for field in ("step", "order", "position"):
         _at_least(table[field], f"{name}.{field}", 0)
     tokens = table["context_tokens"]
