@@ -26,6 +26,7 @@ from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInp
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
+from lightning_sae_samples.token_sources import TokenSource, load_token_source
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
@@ -56,6 +57,10 @@ class ActivationSampleCallback(Callback):
             W_U [d_model, vocab])``, or its import path ``"package.module:function"`` (for YAML configs).
             Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
             decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
+        token_source: For shuffled activation rows: where their ``token_refs`` (outputs' or batch's
+            ``token_refs_key``) find their tokens, an :class:`~lightning_sae_samples.token_sources.ArrayTokenSource`
+            or :class:`~lightning_sae_samples.token_sources.TokenRing`, or its import path
+            ``"package.module:attribute"`` (an object, or a function returning one; for YAML). See ``docs/rows.md``.
         config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
             keywords).
         merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
@@ -80,6 +85,7 @@ class ActivationSampleCallback(Callback):
         dirpath: Optional[Union[str, Path]] = None,
         tokenizer: Optional[Any] = None,
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
+        token_source: Optional[Union[TokenSource, str]] = None,
         *,
         config: Optional[CallbackConfig] = None,
         merge_policy: Optional[MergePolicy] = None,
@@ -92,7 +98,10 @@ class ActivationSampleCallback(Callback):
         elif settings:
             raise TypeError(f"Pass {type(self).__name__} either `config` or keyword settings, not both.")
         self.settings = config
-        self.engine = ActivationSampleCollector(config=config, merge_policy=merge_policy)
+        self.token_source = load_token_source(token_source, type(self).__name__)
+        self.engine = ActivationSampleCollector(
+            config=config, merge_policy=merge_policy, token_source=self.token_source
+        )
         self.schedule = config.schedule
         self.keys = InputKeys.of(config)
         self._health = FeatureHealthMonitor(config.dead_window_steps) if config.log_feature_health else None
@@ -421,7 +430,7 @@ class ActivationSampleCallback(Callback):
             return
         self._rank, self._strategy = trainer.global_rank, trainer.strategy
         snapshot = ActivationSampleCollector(config=dataclasses.replace(self.settings),
-                                             merge_policy=self.engine.merge_policy)
+                                             merge_policy=self.engine.merge_policy, token_source=self.token_source)
         snapshot.rank = self._rank
         self._snapshot, self._snapshot_loop, self._snapshot_step = snapshot, loop, self._weights_step(trainer)
 
@@ -486,7 +495,9 @@ class ActivationSampleCallback(Callback):
         self.engine.rank = self._rank
         self.engine.fold(latents, self._batch_step, self.keys)
         collector = self.collector
-        if self._health is not None and self._rank == 0 and collector is not None and latents.tokens.numel():
+        if self._health is not None and self._rank == 0 and collector is not None and (
+            latents.tokens.numel() or latents.token_refs is not None
+        ):
             self._health.observe(self._batch_step, collector.last_active, int(collector.last_seen))
 
     def _sparse_num_latents(self, pl_module: pl.LightningModule) -> None:

@@ -27,6 +27,7 @@ from lightning_sae_samples.arguments import (
 from lightning_sae_samples.config import CollectionConfig
 from lightning_sae_samples.engine.distributed import gather_merged_state
 from lightning_sae_samples.engine.memory import estimate_state_bytes
+from lightning_sae_samples.engine.rows import TokenWindows
 from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import padding_positions
@@ -38,12 +39,14 @@ from lightning_sae_samples.inputs import (
     check_distinct_indices,
     check_indices_in_range,
     check_latents,
+    check_rows,
     check_token_ids,
 )
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.names import REPORT_NAME
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 from lightning_sae_samples.state.tables import kept_per_latent
+from lightning_sae_samples.token_sources import TokenSource, load_token_source
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
@@ -86,6 +89,9 @@ class ActivationSampleCollector:
         config: The settings as one :class:`~lightning_sae_samples.CollectionConfig` (instead of keywords).
         merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
             samples never depend on it).
+        token_source: Where shuffled rows' ``token_refs`` find their tokens (an
+            :class:`~lightning_sae_samples.token_sources.ArrayTokenSource` or
+            :class:`~lightning_sae_samples.token_sources.TokenRing`, or an import path to one); see ``docs/rows.md``.
         **settings: Any field of :class:`~lightning_sae_samples.CollectionConfig` (``max_samples_per_feature``,
             ``context_size``, ``activation_threshold``, ...), with its default and checks.
 
@@ -109,6 +115,7 @@ class ActivationSampleCollector:
         *,
         config: Optional[CollectionConfig] = None,
         merge_policy: Optional[MergePolicy] = None,
+        token_source: Optional[Union[TokenSource, str]] = None,
         **settings: Any,
     ) -> None:
         if config is None:
@@ -118,6 +125,7 @@ class ActivationSampleCollector:
             raise TypeError(f"Pass {type(self).__name__} either `config` or keyword settings, not both.")
         self.settings = config
         self.merge_policy = merge_policy or MergePolicy()
+        self.token_source = load_token_source(token_source, type(self).__name__)
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
         self._pending_state: Optional[dict] = None
@@ -144,8 +152,9 @@ class ActivationSampleCollector:
     # ------------------------------------------------------------------ collection
     def update(
         self,
-        tokens: Tensor,
+        tokens: Optional[Tensor] = None,
         *,
+        token_refs: Optional[Tensor] = None,
         latents: Optional[Tensor] = None,
         latent_indices: Optional[Tensor] = None,
         latent_values: Optional[Tensor] = None,
@@ -158,6 +167,8 @@ class ActivationSampleCollector:
 
         Args:
             tokens: Token ids ``[B, T]``. Negative ids are padding.
+            token_refs: Or, for shuffled rows, where each row's token stands in ``token_source`` ``[N]``
+                (int64); the latents are then rows ``[N, F]`` or ``[N, k]``, and ``attention_mask`` ``[N]``.
             latents: Dense latents ``[B, T, F]`` or ``[B*T, F]``.
             latent_indices: Or sparse (TopK) active latent indices ``[B, T, k]`` or ``[B*T, k]``, distinct per
                 token; needs ``num_latents``.
@@ -168,14 +179,26 @@ class ActivationSampleCollector:
 
         Raises:
             LatentInputError: The inputs have wrong shapes or dtypes, a sparse index is out of range or
-                repeated within one token, or a token id does not fit the stored int32.
+                repeated within one token, a token id does not fit the stored int32, or a token ref is out of
+                its source's range; nothing is folded then.
         """
-        batch = check_latents(tokens, latents, latent_indices, latent_values, attention_mask, DEFAULT_KEYS)
+        if (tokens is None) == (token_refs is None):
+            raise LatentInputError(
+                "Pass exactly one of `tokens` [B, T] (sequences) or `token_refs` [N] (shuffled rows with a"
+                " `token_source`)."
+            )
+        if token_refs is not None:
+            batch = check_rows(token_refs, latents, latent_indices, latent_values, attention_mask, DEFAULT_KEYS)
+        else:
+            batch = check_latents(tokens, latents, latent_indices, latent_values, attention_mask, DEFAULT_KEYS)
         step = positive_int(step, "step", "Pass the optimizer step (0, 1, ...).", 0)
         self.fold(batch, step)
 
     def fold(self, batch: LatentBatch, step: int, keys: InputKeys = DEFAULT_KEYS) -> None:
         """Fold an already checked batch (see :func:`~lightning_sae_samples.inputs.check_latents`)."""
+        if batch.token_refs is not None:
+            self._fold_rows(batch, step, keys)
+            return
         if batch.tokens.numel() == 0:
             return
         source = batch.dense if batch.dense is not None else batch.values
@@ -206,6 +229,56 @@ class ActivationSampleCollector:
         else:
             collector.update_sparse(
                 tokens, batch.indices, batch.values, step, order_base, attention_mask=mask, excluded=excluded
+            )
+
+    def _fold_rows(self, batch: LatentBatch, step: int, keys: InputKeys) -> None:
+        refs = batch.token_refs
+        assert refs is not None
+        if not len(refs):
+            return
+        if self.token_source is None:
+            raise LatentInputError(
+                f"`{keys.token_refs}` point into a token source, and none was given: pass `token_source=` (an"
+                " ArrayTokenSource over the pretokenized data, or a TokenRing fed each token batch); see docs/rows.md."
+            )
+        source = batch.dense if batch.dense is not None else batch.values
+        device = source.device
+        # Every check comes before anything changes: a bad ref leaves the collection as it was.
+        windows = self.token_source.windows(refs, self.settings.half_window, keys.token_refs).to(device)
+        if batch.attention_mask is not None:
+            mask = batch.attention_mask.to(device)
+            windows = TokenWindows(torch.where(mask.unsqueeze(1), windows.tokens, -1), windows.position,
+                                   windows.sequence)
+        real = windows.tokens[:, self.settings.half_window] >= 0
+        check_token_ids(windows.tokens, windows.tokens >= 0, f"the token source of `{keys.token_refs}`")
+        num_latents = self._num_latents_of(batch, keys)
+        if batch.indices is not None:
+            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)
+            check_distinct_indices(batch.indices.unsqueeze(0), real.unsqueeze(0), keys.latent_indices)
+        if self.collector is not None and self.collector.last_collected_step > step:
+            self._check_step(self.collector.last_collected_step, step)
+        order = refs.to(device)
+        if not getattr(self.token_source, "global_refs", True):
+            if int(refs.max()) >= 1 << RANK_SHIFT:
+                raise LatentInputError(
+                    f"`{keys.token_refs}` reached {int(refs.max())}, beyond the 2**{RANK_SHIFT} refs a per-process"
+                    " source can order; start a new TokenRing (and collection) for this run."
+                )
+            order = order + (self._rank() << RANK_SHIFT)
+        collector = self._collector_for(num_latents, device)
+        self._check_step(collector.last_collected_step, step)
+        excluded = self._excluded_positions(windows.tokens[:, self.settings.half_window])
+        if batch.dense is not None:
+            collector.update_rows_dense(windows, batch.dense, step, order, excluded)
+        else:
+            collector.update_rows_sparse(windows, batch.indices, batch.values, step, order, excluded)
+
+    @staticmethod
+    def _check_step(last: int, step: int) -> None:
+        if last > step:
+            raise LatentInputError(
+                f"`step` went back from {last} to {step}. Pass the optimizer step, which"
+                " never decreases; calls with the same step are micro-batches of that step."
             )
 
     def _excluded_positions(self, tokens: Tensor) -> Optional[Tensor]:

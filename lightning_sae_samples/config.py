@@ -277,6 +277,12 @@ class CallbackConfig(CollectionConfig):
     tokens_key: str = "tokens"
     """Outputs or batch key of the token ids ``[B, T]``."""
 
+    token_refs_key: str = "token_refs"
+    """Outputs or batch key of shuffled rows' token refs ``[N]``, read when there are no tokens.
+
+    Each ref points at its row's token in the callback's ``token_source``; the latents are then rows ``[N, F]``
+    (dense) or ``[N, k]`` (sparse)."""
+
     attention_mask_key: str = "attention_mask"
     """Outputs or batch key of the optional attention mask ``[B, T]`` (0 at padding).
 
@@ -350,7 +356,10 @@ class CallbackConfig(CollectionConfig):
     @staticmethod
     def input_key_names() -> tuple[str, ...]:
         """The settings that name entries of the outputs or batch."""
-        return ("latents_key", "latent_indices_key", "latent_values_key", "tokens_key", "attention_mask_key")
+        return (
+            "latents_key", "latent_indices_key", "latent_values_key", "tokens_key", "attention_mask_key",
+            "token_refs_key",
+        )
 
     @property
     def schedule(self) -> CollectionSchedule:

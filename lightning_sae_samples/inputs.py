@@ -30,6 +30,7 @@ class InputKeys:
         tokens: Token ids ``[B, T]``, in the outputs or else in the batch.
         attention_mask: Attention mask ``[B, T]`` (0/False at padding), in the outputs or else in the batch;
             optional.
+        token_refs: Shuffled rows' token refs ``[N]`` (into a token source), read when there are no tokens.
     """
 
     latents: str
@@ -37,6 +38,7 @@ class InputKeys:
     latent_values: str
     tokens: str
     attention_mask: str
+    token_refs: str = "token_refs"
 
     @classmethod
     def of(cls, settings: CallbackConfig) -> InputKeys:
@@ -52,7 +54,8 @@ DEFAULT_KEYS = InputKeys.of(CallbackConfig())
 class LatentBatch:
     """One step's latents, detached, reshaped to ``[B, T, ...]`` and validated.
 
-    Exactly one of ``dense`` or (``indices``, ``values``) is set.
+    Exactly one of ``dense`` or (``indices``, ``values``) is set. Shuffled rows carry ``token_refs`` ``[N]`` in
+    place of ``tokens`` (then empty ``[0, 0]``), with latents ``[N, ...]`` and an optional mask ``[N]``.
     """
 
     tokens: Tensor
@@ -60,6 +63,7 @@ class LatentBatch:
     indices: Optional[Tensor] = None
     values: Optional[Tensor] = None
     attention_mask: Optional[Tensor] = None
+    token_refs: Optional[Tensor] = None
 
     @property
     def num_latents(self) -> Optional[int]:
@@ -166,9 +170,64 @@ def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
             f" `{keys.latents}` or sparse `{keys.latent_indices}` + `{keys.latent_values}`; set the"
             " callback's `latents_key` / `latent_indices_key` / `latent_values_key` to your names."
         )
-    tokens = find_tokens(outputs, batch, keys.tokens)
     mask = _lookup(outputs, batch, keys.attention_mask)
-    return check_latents(tokens, dense, indices, values, mask, keys)
+    tokens = _lookup(outputs, batch, keys.tokens)
+    refs = _lookup(outputs, batch, keys.token_refs) if tokens is None else None
+    if refs is not None:
+        return check_rows(refs, dense, indices, values, mask, keys)
+    if tokens is None:
+        raise LatentInputError(
+            f"No token ids found: expected `{keys.tokens}` (or shuffled rows' `{keys.token_refs}`) in the"
+            f" training_step outputs (keys: {_keys_of(outputs)}) or in the batch (keys: {_keys_of(batch)})."
+            f" Return them as `{keys.tokens}` or set `tokens_key` (`token_refs_key`)."
+        )
+    return check_latents(check_tokens(tokens, keys.tokens), dense, indices, values, mask, keys)
+
+
+def check_rows(
+    refs: Any,
+    dense: Any = None,
+    indices: Any = None,
+    values: Any = None,
+    attention_mask: Any = None,
+    keys: InputKeys = DEFAULT_KEYS,
+) -> LatentBatch:
+    """Validate shuffled rows: token refs ``[N]``, latents ``[N, F]`` or ``[N, k]``, an optional mask ``[N]``.
+
+    Raises:
+        LatentInputError: Naming the entry, the shapes or dtype found, and a fix.
+    """
+    if not isinstance(refs, Tensor) or refs.dim() != 1:
+        shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
+        raise LatentInputError(f"`{keys.token_refs}` must be a [N] tensor of token refs (one per row), got {shape}.")
+    if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
+        raise LatentInputError(f"`{keys.token_refs}` must hold integer token refs, got dtype {refs.dtype}.")
+    refs = _plain(refs, torch.int64)
+    # As a [1, N] batch, the rows pass the sequence path's latent checks unchanged.
+    as_batch = refs.view(1, -1)
+    for name, tensor in ((keys.latents, dense), (keys.latent_indices, indices), (keys.latent_values, values)):
+        if isinstance(tensor, Tensor) and (tensor.dim() != 2 or tensor.shape[0] != len(refs)):
+            raise LatentInputError(
+                f"`{name}` has shape {tuple(tensor.shape)} but `{keys.token_refs}` has {len(refs)} rows: expected"
+                f" [{len(refs)}, F] (dense) or [{len(refs)}, k] (sparse), one row per ref."
+            )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 1:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise LatentInputError(
+                f"`{keys.attention_mask}` has shape {shape}; with `{keys.token_refs}` it must be [N], 0 where a row is"
+                " padding."
+            )
+        attention_mask = attention_mask.view(1, -1)
+    checked = check_latents(as_batch, dense, indices, values, attention_mask, keys)
+    return LatentBatch(
+        tokens=refs.new_empty((0, 0)),
+        dense=None if checked.dense is None else checked.dense[0],
+        indices=None if checked.indices is None else checked.indices[0],
+        values=None if checked.values is None else checked.values[0],
+        attention_mask=None if checked.attention_mask is None else checked.attention_mask[0],
+        token_refs=refs,
+    )
 
 
 def check_latents(

@@ -25,9 +25,57 @@ class Seen:
         return int(self.tokens[b, p]) < 0 or (self.mask is not None and not bool(self.mask[b, p]))
 
 
-def tokens_seen(seen: list[Seen]) -> int:
-    """Tokens that count as seen: every position that is not padding."""
-    return sum(not s.padding(b, p) for s in seen for b in range(s.tokens.shape[0]) for p in range(s.tokens.shape[1]))
+@dataclass
+class RowsSeen:
+    """One collected batch of shuffled rows: each row's ref into a token source, and its dense latents ``[N, F]``.
+
+    ``source``: the source's tokens ``[S, T]`` as a plain tensor (negative ids and ``pad_id`` are padding) for
+    an array source, where a ref is ``s * T + t``; for a ring, ``ring`` lists its batches ``(first_ref, [B, T])``
+    and ``source`` is unused. ``call`` numbers the update calls: de-duplication's first stage groups the rows of
+    one sequence within one call (as the sequence path groups a row of one micro-batch).
+    """
+
+    step: int
+    rank: int
+    refs: list
+    latents: torch.Tensor  # [N, F]
+    source: torch.Tensor | None = None
+    pad_id: int | None = None
+    ring: list | None = None
+    call: int = 0
+    mask: list | None = None  # [N] 0/False: the row is padding
+
+    def locate(self, ref: int) -> tuple[list, int, int]:
+        """(the ref's sequence as a list of ids with None at padding, its position, a sequence key)."""
+        if self.ring is None:
+            seq_len = self.source.shape[1]
+            s, t = divmod(ref, seq_len)
+            row = [None if (v < 0 or v == self.pad_id) else v for v in self.source[s].tolist()]
+            return row, t, s
+        for first, tokens in self.ring:
+            if first <= ref < first + tokens.numel():
+                b, t = divmod(ref - first, tokens.shape[1])
+                row = [None if v < 0 else v for v in tokens[b].tolist()]
+                return row, t, first + b * tokens.shape[1]
+        raise AssertionError(f"ref {ref} is in no ring batch")
+
+
+def tokens_seen(seen: list) -> int:
+    """Tokens that count as seen: every position (or row) that is not padding."""
+    total = 0
+    for s in seen:
+        if isinstance(s, RowsSeen):
+            total += sum(_row_token(s, i) is not None for i in range(len(s.refs)))
+        else:
+            total += sum(not s.padding(b, p) for b in range(s.tokens.shape[0]) for p in range(s.tokens.shape[1]))
+    return total
+
+
+def _row_token(item: RowsSeen, i: int):
+    if item.mask is not None and not item.mask[i]:
+        return None
+    row, t, _ = item.locate(item.refs[i])
+    return row[t]
 
 
 @dataclass
@@ -44,7 +92,7 @@ def deduplicate(samples: list, radius: int) -> list:
     """The two-stage rule of lightning_sae_samples.engine.dedup, written plainly."""
     by_sequence: dict = {}
     for s in samples:
-        by_sequence.setdefault((s[1], s[2], s[3]), []).append(s)
+        by_sequence.setdefault(s[8] if len(s) > 8 else (s[1], s[2], s[3]), []).append(s)
     survivors = []
     for group in by_sequence.values():
         accepted = []
@@ -58,15 +106,54 @@ def deduplicate(samples: list, radius: int) -> list:
     return list(best.values())
 
 
-def oracle(seen: list[Seen], num_latents: int, k: int, context_size: int, threshold: float,
+def _fold_rows(item: RowsSeen, feats: dict, half: int, threshold: float, exclude: tuple) -> None:
+    """A batch of rows: the window of each from its source, the row's own activation known, the others NaN.
+
+    Ties go by order key: the ref (array source), or ``rank << 40 | ref`` (a per-process ring); as
+    (step, rank, sequence, position) tuples that is the same order.
+    """
+    lat = item.latents.double()
+    for i, ref in enumerate(item.refs):
+        token = _row_token(item, i)
+        if token is None or token in exclude:
+            continue
+        row, p, sequence = item.locate(ref)
+        lo, hi = p, p + 1
+        while lo > max(0, p - half) and row[lo - 1] is not None:
+            lo -= 1
+        while hi < min(len(row), p + half + 1) and row[hi] is not None:
+            hi += 1
+        ctx = row[lo:hi]
+        rank = 0 if item.ring is None else item.rank
+        order = (rank << 40) + ref
+        for f in range(lat.shape[1]):
+            v = float(lat[i, f])
+            if not math.isfinite(v) or not v > threshold:
+                continue
+            feat = feats[f]
+            feat.count += 1
+            feat.values.append(v)
+            feat.first_step = item.step if feat.first_step is None else min(feat.first_step, item.step)
+            feat.last_step = item.step if feat.last_step is None else max(feat.last_step, item.step)
+            acts = [v if q == p else math.nan for q in range(lo, hi)]
+            group = (item.step, item.rank, item.call, sequence)
+            feat.samples.append((v, item.step, rank, sequence, p, ctx, acts, p - lo, group))
+            feat.every.append((v, item.step, order, p, (item.rank, item.call), sequence, ctx))
+
+
+def oracle(seen: list, num_latents: int, k: int, context_size: int, threshold: float,
            dedup: bool = False, exclude: tuple = ()) -> dict[int, OracleFeature]:
     """Every activation above threshold at a position that is neither padding nor an excluded token id.
 
     A context window runs up to ``context_size // 2`` tokens each side, stopping before the sequence's edge
-    and before the nearest padding position on each side.
+    and before the nearest padding position on each side. ``seen`` may mix ``[B, T]`` batches and rows.
     """
     half = context_size // 2
     feats = {f: OracleFeature() for f in range(num_latents)}
+    for item in seen:
+        if isinstance(item, RowsSeen):
+            _fold_rows(item, feats, half, threshold, exclude)
+    seen = [item for item in seen if not isinstance(item, RowsSeen)]
     # A token's order key is its offset among the tokens its rank folded at its step, micro-batches in row order
     # (their sequence lengths may differ).
     token_offset, folded = {}, {}
@@ -163,11 +250,13 @@ def assert_feature_file_matches(record: dict, feat: OracleFeature, tokens_seen: 
     want = feat.samples[:n]
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        value, step, _rank, _row, pos, ctx, acts, ctx_pos = w
+        value, step, _rank, _row, pos, ctx, acts, ctx_pos = w[:8]
         assert g["activation_value"] == float(torch.tensor(value, dtype=torch.float32))
         assert (g["step"], g["position"], g["context_tokens"], g["context_position"]) == (step, pos, ctx, ctx_pos)
         assert g["tokens"][-1] == ctx[ctx_pos]
-        assert torch.allclose(torch.tensor(g["context_activations"]), torch.tensor(acts, dtype=torch.float32))
+        # Unknown activations (a shuffled row's neighbours) are null in the file, NaN in the oracle.
+        got_acts = [math.nan if a is None else a for a in g["context_activations"]]
+        assert torch.allclose(torch.tensor(got_acts), torch.tensor(acts, dtype=torch.float32), equal_nan=True)
 
 
 def assert_dir_matches_oracle(files: dict, seen: list[Seen], num_latents: int, k: int, context_size: int,
@@ -182,7 +271,7 @@ def assert_dir_matches_oracle(files: dict, seen: list[Seen], num_latents: int, k
                    exclude=exclude)
     seen_tokens = tokens_seen(seen)
     assert summary["tokens_seen"] == seen_tokens
-    assert summary["steps_collected"] == len({s.step for s in seen if s.tokens.numel()})
+    assert summary["steps_collected"] == len({s.step for s in seen if isinstance(s, RowsSeen) or s.tokens.numel()})
     alive = [f for f, feat in feats.items() if feat.count]
     assert summary["alive_features"] == len(alive)
     assert summary["never_fired_features"] == num_latents - len(alive)
@@ -216,7 +305,7 @@ def assert_state_matches(state: dict, seen: list[Seen], num_latents: int, k: int
         assert int(state["count"][f]) == feat.count, f"latent {f}: count"
         kept = int(torch.isfinite(state["top_values"][f]).sum())
         assert kept == len(feat.samples), f"latent {f}: kept"
-        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(feat.samples):
+        for j, (value, step, _rank, _row, pos, ctx, acts, ctx_pos) in enumerate(s[:8] for s in feat.samples):
             assert float(state["top_values"][f, j]) == float(torch.tensor(value, dtype=torch.float32))
             assert int(state["top_step"][f, j]) == step
             assert int(state["top_position"][f, j]) == pos
@@ -224,7 +313,7 @@ def assert_state_matches(state: dict, seen: list[Seen], num_latents: int, k: int
             assert window[half - ctx_pos : half - ctx_pos + len(ctx)] == ctx
             assert [t for t in window if t >= 0] == ctx
             got_acts = [a for a, t in zip(state["top_context_acts"][f, j].tolist(), window) if t >= 0]
-            assert got_acts == pytest.approx(acts)
+            assert got_acts == pytest.approx(acts, nan_ok=True)
         if feat.count:
             values = torch.tensor(feat.values, dtype=torch.float64)
             assert float(state["sum"][f]) == pytest.approx(float(values.sum()))

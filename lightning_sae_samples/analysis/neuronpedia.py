@@ -282,7 +282,9 @@ def activation_rows(
         for rank, sample in enumerate(samples):
             start, stop = _window(sample, MAX_ACTIVATION_TOKENS)
             context = sample.context[start:stop]
-            values = [float(t.activation) for t in context]
+            # Neuronpedia's values are numbers: a shuffled row's unknown neighbours go as 0 (unshaded), and the
+            # export warns that only the activating token's value is known.
+            values = [0.0 if t.activation is None else float(t.activation) for t in context]
             max_value = max(values)
             rows.append({
                 "id": _activation_id(source.model_id, source.source_id, stats.feature_idx, group, number, rank,
@@ -583,8 +585,10 @@ def export_neuronpedia(
     feature_rows: list[dict] = []
     activations: list[list[dict]] = []
     skipped: list[int] = []
+    unknown = False
     for idx in progress_bar(indices, progress, "Converting features"):
         feature = analyzer.feature(idx, num_examples)
+        unknown = unknown or any(not s.neighbours_known for _, _, _, samples in _groups(feature) for s in samples)
         rows = activation_rows(feature, source, pieces, created_at)
         if not rows:
             skipped.append(int(idx))
@@ -593,6 +597,13 @@ def export_neuronpedia(
         check_upload_limits(row, rows)
         feature_rows.append(row)
         activations.append(rows)
+    if unknown:
+        warnings.warn(
+            "The samples come from shuffled rows, which know only the activating token's activation: its"
+            " neighbours' values are unknown and exported as 0, so Neuronpedia shades only the activating token.",
+            UserWarning,
+            stacklevel=2,
+        )
     if skipped:
         warnings.warn(
             f"{len(skipped)} latent(s) have no sample and are left out (Neuronpedia needs at least one activation"

@@ -203,12 +203,13 @@ class ContextToken:
     Attributes:
         token_id: Token id.
         text: Raw display string (not escaped; see ``render/escaping.py`` before showing it).
-        activation: The latent's activation on this token.
+        activation: The latent's activation on this token, or ``None`` where it is unknown: a shuffled row knows
+            only its own token's activation, not its neighbours' (see ``docs/rows.md``).
     """
 
     token_id: int
     text: str
-    activation: float
+    activation: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,11 @@ class Sample:
         """The token the latent fired on."""
         return self.context[self.context_position]
 
+    @property
+    def neighbours_known(self) -> bool:
+        """Whether the activations of the context's other tokens are known (not so for shuffled rows)."""
+        return all(t.activation is not None for t in self.context)
+
     @classmethod
     def from_json(cls, record: dict) -> Sample:
         """Build from one ``top_samples`` record."""
@@ -249,8 +255,10 @@ class Sample:
                              " disagree")
         context = tuple(
             ContextToken(_int({"context_tokens": i}, "context_tokens"), _str({"context_token_strs": s},
-                         "context_token_strs"), _float({"context_activations": a}, "context_activations"))
-            for i, s, a in zip(ids, strs, acts)
+                         "context_token_strs"),
+                         None if a is None and n != record["context_position"]
+                         else _float({"context_activations": a}, "context_activations"))
+            for n, (i, s, a) in enumerate(zip(ids, strs, acts))
         )
         return cls(
             feature_idx=_int(record, "feature_idx"),

@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 from lightning_sae_samples.engine.priority import sample_priority
+from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
 from lightning_sae_samples.engine.sample_table import (
     DEFAULT_POLICY,
     BatchContext,
@@ -175,22 +176,7 @@ class SampleCollector:
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
-        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
-        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
-        num_latents = self.config.num_latents
-        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
-        found, bad = [], []
-        for start in range(0, len(flat), block):
-            rows = flat[start : start + block]
-            found.append(dense_hits(rows, self.config.activation_threshold) + start * num_latents)
-            bad.append(~torch.isfinite(rows.sum(dim=1)) & positions.collect[start : start + block])
-        entry = torch.cat(found)
-        values = flat.view(-1)[entry].float()
-        keep = torch.isfinite(values) & positions.collect[entry // num_latents]
-        if not bool(keep.all()):
-            entry, values = entry[keep], values[keep]
-        token_idx, latent_idx = entry // num_latents, entry % num_latents
-        self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum()
+        token_idx, latent_idx, values = self._dense_entries(flat, positions.collect)
         segment = positions.segment
 
         def window_acts(candidate: Tensor) -> Tensor:
@@ -203,7 +189,10 @@ class SampleCollector:
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & torch.isfinite(acts), acts, 0.0)
 
-        self._fold(positions, token_idx, latent_idx, values, step, order_base, window_acts, flat.dtype)
+        self._fold(
+            positions.num_seen, _max_id(positions.tokens), token_idx, latent_idx, values, step, window_acts,
+            flat.dtype, self._sequence_batch(positions, step, order_base),
+        )
 
     def update_sparse(
         self,
@@ -230,28 +219,139 @@ class SampleCollector:
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
-        k = flat_idx.shape[1]
-        collect = positions.collect.unsqueeze(1)
-        finite = torch.isfinite(flat_val)
-        self.nonfinite_skipped += (~finite & collect).sum()
-        above = above_threshold(flat_val, self.config.activation_threshold)
-        entry = (above & finite & collect).view(-1).nonzero(as_tuple=True)[0]
-        token_idx = entry // k
-        latent_idx = flat_idx.view(-1)[entry].long()
-        picked = flat_val.view(-1)[entry].float()
+        entry, token_idx, latent_idx, picked = self._sparse_entries(flat_idx, flat_val, positions.collect)
         window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
-        self._fold(positions, token_idx, latent_idx, picked, step, order_base, window_acts, flat_val.dtype)
+        self._fold(
+            positions.num_seen, _max_id(positions.tokens), token_idx, latent_idx, picked, step, window_acts,
+            flat_val.dtype, self._sequence_batch(positions, step, order_base),
+        )
 
-    def _fold(
+    def update_rows_dense(
+        self, windows: TokenWindows, latents: Tensor, step: int, order: Tensor, excluded: Optional[Tensor] = None
+    ) -> None:
+        """Fold dense latents of shuffled rows, whose windows a token source read.
+
+        Args:
+            windows: The rows' context windows (see :class:`~lightning_sae_samples.engine.rows.TokenWindows`); a
+                row whose token is padding (``-1`` at the centre) is neither collected nor counted as seen.
+            latents: Activations ``[N, F]``.
+            step: Global optimizer step.
+            order: Order key of each row ``[N]`` (int64): ties among equal activations go to the lower one.
+            excluded: ``[N]`` bool, True where nothing is collected although the row counts as seen.
+        """
+        real, collect = self._row_positions(windows, excluded)
+        flat = latents.detach().reshape(len(real), self.config.num_latents).contiguous()
+        token_idx, latent_idx, values = self._dense_entries(flat, collect)
+        self._fold_rows(windows, real, token_idx, latent_idx, values, step, order, flat.dtype)
+
+    def update_rows_sparse(
         self,
-        positions: TokenPositions,
+        windows: TokenWindows,
+        indices: Tensor,
+        values: Tensor,
+        step: int,
+        order: Tensor,
+        excluded: Optional[Tensor] = None,
+    ) -> None:
+        """Fold TopK-style sparse latents ``[N, k]`` of shuffled rows (see :meth:`update_rows_dense`)."""
+        real, collect = self._row_positions(windows, excluded)
+        flat_idx = indices.detach().reshape(len(real), -1)
+        flat_val = values.detach().reshape(len(real), -1)
+        _, token_idx, latent_idx, picked = self._sparse_entries(flat_idx, flat_val, collect)
+        self._fold_rows(windows, real, token_idx, latent_idx, picked, step, order, flat_val.dtype)
+
+    @staticmethod
+    def _row_positions(windows: TokenWindows, excluded: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        real = windows.tokens[:, windows.tokens.shape[1] // 2] >= 0
+        collect = real if excluded is None else real & ~excluded.to(real.device)
+        return real, collect
+
+    def _fold_rows(
+        self,
+        windows: TokenWindows,
+        real: Tensor,
         token_idx: Tensor,
         latent_idx: Tensor,
         values: Tensor,
         step: int,
-        order_base: int,
+        order: Tensor,
+        latent_dtype: torch.dtype,
+    ) -> None:
+        half, acts_dtype = self.config.half_window, acts_dtype_for(latent_dtype)
+        # New samples of equal priority keep their arrival order: in ref order, the kept samples do not
+        # depend on the shuffle (as a [B, T] batch's come in token order).
+        by_ref = torch.argsort(order.to(token_idx.device)[token_idx], stable=True)
+        token_idx, latent_idx, values = token_idx[by_ref], latent_idx[by_ref], values[by_ref]
+        windows, order = windows.to(self.device), order.to(self.device)
+        rows_values = values.to(self.device)
+
+        def window_acts(candidate: Tensor) -> Tensor:
+            return unknown_neighbours(rows_values[candidate], half, acts_dtype)
+
+        def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor], token_dtype: torch.dtype) -> BatchContext:
+            return RowBatchContext(windows, token_idx, step, order, half, window_acts, token_dtype)
+
+        self._fold(real.sum(), _max_id(windows.tokens), token_idx, latent_idx, values, step, window_acts,
+                   latent_dtype, make_batch)
+
+    def _dense_entries(self, flat: Tensor, collect: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(token, latent, value) of every collected finite entry of ``flat`` ``[N, F]`` above the threshold.
+
+        Counts the non-finite values of collected tokens in ``nonfinite_skipped``.
+        """
+        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
+        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
+        num_latents = self.config.num_latents
+        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
+        found, bad = [], []
+        for start in range(0, len(flat), block):
+            rows = flat[start : start + block]
+            found.append(dense_hits(rows, self.config.activation_threshold) + start * num_latents)
+            bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
+        entry = torch.cat(found) if found else torch.empty(0, dtype=torch.int64, device=flat.device)
+        values = flat.view(-1)[entry].float()
+        keep = torch.isfinite(values) & collect[entry // num_latents]
+        if not bool(keep.all()):
+            entry, values = entry[keep], values[keep]
+        if bad:
+            self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum().to(self.nonfinite_skipped.device)
+        return entry // num_latents, entry % num_latents, values
+
+    def _sparse_entries(
+        self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(flat entry, token, latent, value) of every collected finite active entry above the threshold."""
+        k = flat_idx.shape[1]
+        collect = collect.unsqueeze(1)
+        finite = torch.isfinite(flat_val)
+        self.nonfinite_skipped += (~finite & collect).sum().to(self.nonfinite_skipped.device)
+        above = above_threshold(flat_val, self.config.activation_threshold)
+        entry = (above & finite & collect).view(-1).nonzero(as_tuple=True)[0]
+        return entry, entry // k, flat_idx.view(-1)[entry].long(), flat_val.view(-1)[entry].float()
+
+    def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
+        half = self.config.half_window
+
+        def make_batch(token_idx: Tensor, window_acts: Callable, token_dtype: torch.dtype) -> BatchContext:
+            dev = self.device
+            return BatchContext(
+                positions.tokens.to(dev), token_idx, step, order_base, half, window_acts,
+                segment=positions.segment.to(dev), token_dtype=token_dtype,
+            )
+
+        return make_batch
+
+    def _fold(
+        self,
+        num_seen: Tensor,
+        max_id: int,
+        token_idx: Tensor,
+        latent_idx: Tensor,
+        values: Tensor,
+        step: int,
         window_acts: Callable[[Tensor], Tensor],
         latent_dtype: torch.dtype,
+        make_batch: Callable[[Tensor, Callable[[Tensor], Tensor], torch.dtype], BatchContext],
     ) -> None:
         cfg = self.config
         dev = self.device
@@ -264,12 +364,13 @@ class SampleCollector:
             def window_acts(candidate: Tensor) -> Tensor:
                 return read_windows(candidate.to(source)).to(dev)
 
-        token_dtype = token_dtype_for(int(positions.tokens.max()) if positions.tokens.numel() else 0)
+        token_dtype = token_dtype_for(max_id)
         for table in self.tables.values():
             table.widen(token_dtype, acts_dtype_for(latent_dtype))
         token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
-        self.last_seen = positions.num_seen
-        self.tokens_seen += positions.num_seen.to(dev)
+        batch = make_batch(token_idx, window_acts, token_dtype)
+        self.last_seen = num_seen
+        self.tokens_seen += num_seen.to(dev)
         if self.first_collected_step == EMPTY:
             self.first_collected_step = step
         if self.last_collected_step != step:
@@ -283,7 +384,8 @@ class SampleCollector:
             interval = torch.bucketize(values.double(), self._interval_inner, right=True)
             rows = latent_idx * cfg.num_intervals + interval
             self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
-            offers.append((self.tables["interval"], rows, sample_priority(step, order_base + token_idx, cfg.seed)))
+            priority = sample_priority(step, batch.token_order(token_idx), cfg.seed)
+            offers.append((self.tables["interval"], rows, priority))
         if "recent" in self.tables:
             self._rotate_recent(step)
             offers.append((self.tables["recent"], latent_idx, values))
@@ -291,10 +393,6 @@ class SampleCollector:
         anywhere = may_enter[0]
         for mask in may_enter[1:]:
             anywhere = anywhere | mask
-        batch = BatchContext(
-            positions.tokens.to(dev), token_idx, step, order_base, cfg.half_window, window_acts,
-            segment=positions.segment.to(dev), token_dtype=token_dtype,
-        )
         batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]
@@ -426,6 +524,10 @@ class SampleCollector:
             if field.dtype is None:
                 setattr(empty, field.name, getattr(self, field.name))
         return empty
+
+
+def _max_id(tokens: Tensor) -> int:
+    return int(tokens.max()) if tokens.numel() else 0
 
 
 def _valid_counts(counts: dict, target: Tensor) -> bool:

@@ -93,6 +93,19 @@ class BatchContext:
         self.window_of: Optional[Tensor] = None
         self._hashes: Optional[Tensor] = None
 
+    def token_order(self, token_idx: Tensor) -> Tensor:
+        """Order key of each token (ties among equal priorities go to the earliest ``(step, order)``)."""
+        return self.order_base + token_idx
+
+    def overlap_groups(self, row: Tensor, token_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """De-duplication stage 1: a group per (table row, sequence) and each sample's position in it."""
+        nseq, seq = self.tokens.shape
+        return row * nseq + token_idx // seq, token_idx % seq
+
+    def positions_of(self, token_idx: Tensor) -> Tensor:
+        """Position of each token in its sequence (int32)."""
+        return (token_idx % self.tokens.shape[1]).to(torch.int32)
+
     def window_tokens(self, token_idx: Tensor) -> Tensor:
         """Token ids of each sample's window ``[S, W]`` (``token_dtype``, ``-1`` outside the sequence or segment)."""
         seq = self.tokens.shape[1]
@@ -113,7 +126,7 @@ class BatchContext:
         """Compute the windows of these candidates (the union of what every table may keep), once."""
         token_idx = self.token_idx[candidate]
         self.windows = {
-            "position": (token_idx % self.tokens.shape[1]).to(torch.int32),
+            "position": self.positions_of(token_idx),
             "context_tokens": self.window_tokens(token_idx),
             "context_acts": self.window_acts(candidate),
         }
@@ -282,8 +295,8 @@ class SampleTable:
             return
         token_idx = batch.token_idx[candidate]
         if self.dedup_radius is not None:
-            nseq, seq = batch.tokens.shape
-            keep = suppress_overlaps(row * nseq + token_idx // seq, token_idx % seq, priority, self.dedup_radius)
+            group, position = batch.overlap_groups(row, token_idx)
+            keep = suppress_overlaps(group, position, priority, self.dedup_radius)
             row, candidate, priority, value, token_idx = (
                 t[keep] for t in (row, candidate, priority, value, token_idx)
             )
@@ -293,7 +306,7 @@ class SampleTable:
             "sort": priority,
             "values": value,
             "step": torch.full_like(token_idx, batch.step),
-            "order": batch.order_base + token_idx,
+            "order": batch.token_order(token_idx),
             "window": window,
         }
         if self.dedup_radius is not None:

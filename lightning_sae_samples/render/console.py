@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, FeatureSamples, FeatureStats, RunSummary, Sample
-from lightning_sae_samples.render import formatting, heat
+from lightning_sae_samples.render import formatting, heat, views
 from lightning_sae_samples.render.escaping import token_label, visible
 from lightning_sae_samples.render.histogram import display_bins, text_bar
 from lightning_sae_samples.render.views import interval_share, needs_gap
@@ -27,7 +27,7 @@ ACTIVATING = Style(bold=True, underline=True)
 VALUE_STYLE = Style(color="bright_red", bold=True)
 
 
-def token_style(activation: float, feature_max: float) -> Style:
+def token_style(activation: Optional[float], feature_max: float) -> Style:
     """Style of a context token: background strength follows its activation relative to the max."""
     level = heat.strength(activation, feature_max)
     if level == 0:
@@ -223,6 +223,9 @@ def print_feature(
         console.print(Text("\nNo examples: this latent never fired above the threshold.", style="dim"))
         return
     console.print(Text(f"\nTop {len(feature.samples)} examples", style="bold"))
+    note = views.unknown_note(feature.samples)
+    if note is not None:
+        console.print(Text(note, style="dim"))
     console.print(examples_table(feature.samples, stats.max_activation))
     intervals = interval_table(feature)
     if intervals is not None:

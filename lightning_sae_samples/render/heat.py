@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 _LOW = (255, 243, 214)
 _HIGH = (234, 88, 12)
 
 
-def strength(activation: float, feature_max: float) -> float:
-    """``activation / feature_max`` clipped to ``[0, 1]`` (0 when the maximum is not positive)."""
-    if feature_max <= 0 or activation <= 0:
+def strength(activation: Optional[float], feature_max: float) -> float:
+    """``activation / feature_max`` clipped to ``[0, 1]`` (0 when the maximum is not positive or it is unknown)."""
+    if activation is None or feature_max <= 0 or activation <= 0:
         return 0.0
     return min(1.0, activation / feature_max)
 

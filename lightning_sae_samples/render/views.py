@@ -47,13 +47,29 @@ def token_views(sample: Sample, feature_max: float) -> list[dict]:
                 "activation": token.activation,
                 "level": heat.strength(token.activation, feature_max),
                 "activating": i == sample.context_position,
-                "value": formatting.value(token.activation),
-                "title": f"activation {token.activation:.6g} (token id {token.token_id})",
+                "value": "" if token.activation is None else formatting.value(token.activation),
+                "title": (
+                    f"activation unknown: {UNKNOWN_REASON} (token id {token.token_id})" if token.activation is None
+                    else f"activation {token.activation:.6g} (token id {token.token_id})"
+                ),
                 "gap_before": previous is not None and needs_gap(previous, token.text),
             }
         )
         previous = token.text
     return views
+
+
+#: Why a shuffled row's context shows only the activating token's activation (said wherever it shows).
+UNKNOWN_REASON = "trained on shuffled rows, each row knows only its own token's activation"
+UNKNOWN_NOTE = (
+    "Only the activating token is shaded: the SAE was trained on shuffled rows, and each row knows only its own"
+    " token's activation; the neighbours' are unknown."
+)
+
+
+def unknown_note(samples: Sequence[Sample]) -> Optional[str]:
+    """:data:`UNKNOWN_NOTE` when some of these samples do not know their neighbours' activations, else ``None``."""
+    return UNKNOWN_NOTE if any(not s.neighbours_known for s in samples) else None
 
 
 def example_view(sample: Sample, feature_max: float) -> dict:
@@ -127,7 +143,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         ``idx``, ``anchor``, ``saved``, ``stats``, the formatted statistics (``max``, ``mean``, ``std``, ``min``,
         ``count``, ``frequency``, ``num_samples``, ``first_step``, ``last_step``, ``recent_overlap``), the
         histogram's display ``bins``, ``top_tokens`` (``(text, occurrences)``), ``logit_effects``
-        (:func:`logit_effects_view`), ``examples`` and the keys of :func:`groups_view`.
+        (:func:`logit_effects_view`), ``examples``, ``unknown_note`` (:func:`unknown_note`) and the keys of
+        :func:`groups_view`.
     """
     stats = feature.stats
     return {
@@ -149,6 +166,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         "top_tokens": feature.top_tokens(3),
         "logit_effects": logit_effects_view(feature),
         "examples": [example(s, stats.max_activation) for s in feature.samples],
+        "unknown_note": unknown_note([*feature.samples, *feature.recent_samples,
+                                      *(s for g in feature.interval_groups for s in g.samples)]),
         **groups_view(feature, example),
     }
 

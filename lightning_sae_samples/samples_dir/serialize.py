@@ -56,7 +56,8 @@ def sample_records(
                 "context_tokens": context,
                 "context_text": decoder.context_text(context),
                 "context_token_strs": [decoder.token_str(t) for t in context],
-                "context_activations": act[start:stop],
+                # NaN: unknown (a shuffled row's neighbours), written as null.
+                "context_activations": [None if a != a else a for a in act[start:stop]],
                 "context_position": centre,
             }
         )

@@ -221,7 +221,8 @@
       var list = clear($("feature-examples"));
       f.examples.forEach(function (e) { list.appendChild(example(e)); });
       if (!f.examples.length) { list.appendChild(el("li", { className: "caption", text: "No samples: this latent never fired above the threshold." })); }
-      $("examples-caption").textContent = f.examples.length + " of " + f.kept_samples + " kept";
+      $("examples-caption").textContent = f.examples.length + " of " + f.kept_samples + " kept"
+        + (f.unknown_note ? " · " + f.unknown_note : "");
       show("more-examples", f.examples.length < f.kept_samples);
       var intervals = clear($("interval-list"));
       f.interval_groups.forEach(function (g) {
