@@ -104,7 +104,8 @@ def main(argv=None) -> Path:
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.d_model, d_sae=args.num_latents, k=args.k))
     run = Path(args.out) if args.out else next_version_dir(Path(args.root))
     cfg = SAETrainerConfig(
-        total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size, lr=args.lr,
+        total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size,
+        lr=args.lr, lr_end=args.lr,
         n_checkpoints=args.checkpoints, checkpoint_path=str(run / "checkpoints"), feature_sampling_window=100,
     )
     collect_from = args.collect_from if args.collect_from is not None else args.steps * 2 // 3
