@@ -122,6 +122,7 @@ def main(argv=None) -> Path:
         sae.load_weights_from_checkpoint(args.resume)
         console.print(f"resumed from {args.resume} at step {trainer.steps_taken}")
     trainer.fit()
+    rows.close()
     report(trainer.samples_dir)
     return trainer.samples_dir
 

@@ -139,6 +139,12 @@ class TokenRefRows(Iterator[Tensor]):
         self._last = (rows, refs)
         return rows
 
+    def close(self) -> None:
+        """Stop the underlying generators (SAELens' mixing buffer) now rather than at interpreter exit."""
+        close = getattr(self._packed, "close", None)
+        if close is not None:
+            close()
+
     def refs_of(self, batch: Tensor) -> Optional[Tensor]:
         """The token refs ``[N]`` of ``batch`` if it is the batch yielded last, else ``None``."""
         if self._last is not None and batch is self._last[0]:
