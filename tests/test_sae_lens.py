@@ -120,6 +120,40 @@ def test_refs_ride_through_sae_lens_mixing_and_filtering_with_their_rows(dtype):
     assert not torch.equal(refs, torch.sort(refs).values)  # and mixed
 
 
+def test_an_activations_store_of_cached_activations_gives_rows_with_their_refs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from lightning_sae_samples.integrations.sae_lens import activations_store_rows
+
+    tokens, _ = synthetic()
+    index = torch.arange(S * T, dtype=torch.float32).view(S, T, 1)  # each cached row holds its own index
+    acts = torch.cat([index, torch.randn(S, T, D - 1)], dim=-1)
+    features = datasets.Features({"blocks.0.hook_resid_post": datasets.Array2D(shape=(T, D), dtype="float32"),
+                                  "token_ids": datasets.Sequence(datasets.Value("int32"), length=T)})
+    table = datasets.Dataset.from_dict({"blocks.0.hook_resid_post": acts.numpy(), "token_ids": tokens.numpy()},
+                                       features=features)
+    table.save_to_disk(str(tmp_path / "cache"))
+    excluded = int(tokens[0, 0])
+    store = ActivationsStore(
+        model=None, dataset=None, streaming=False, hook_name="blocks.0.hook_resid_post", hook_head_index=None,
+        context_size=T, d_in=D, n_batches_in_buffer=8, total_training_tokens=10_000, store_batch_size_prompts=4,
+        train_batch_size_tokens=16, prepend_bos=False, normalize_activations="none", device="cpu",
+        dtype="float32", cached_activations_path=str(tmp_path / "cache"),
+        exclude_special_tokens=torch.tensor([excluded]),
+    )
+    rows = activations_store_rows(store)
+    served = []
+    for batch in itertools.islice(rows, 50):  # 800 rows: past the end of the cache, into its second epoch
+        refs = rows.refs_of(batch)
+        assert batch.shape == (16, D)
+        assert torch.equal(batch[:, 0].long(), refs.remainder(S * T))  # the row's ref is its place in the cache
+        served.append(refs.remainder(S * T))
+    served = torch.cat(served)
+    assert not torch.isin(tokens.view(-1)[served], torch.tensor([excluded])).any()
+    assert not torch.equal(served, torch.sort(served).values)  # mixed by the store's own buffer settings
+
+
 def test_pack_refs_keeps_every_bit_of_the_refs():
     refs = torch.tensor([0, 1, 2**31 - 1, 2**31, 0x7FC00000, 0x7F800001, 2**62 + 12345], dtype=torch.int64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -273,7 +273,8 @@ def activations_store_rows(store: Any, *, ring_capacity_tokens: Optional[int] = 
                     "The ActivationsStore's cached activations have no `token_ids` column, so the rows' tokens are"
                     " unknown. Cache them again with SAELens' CacheActivationsRunner, which writes `token_ids`."
                 )
-            yield activations, token_ids.reshape(-1, context)
+            # A cached table's token ids come in the activations' dtype (SAELens sets one format for both).
+            yield activations, token_ids.reshape(-1, context).to(torch.int64)
 
     exclude = store.exclude_special_tokens
     return mixed_rows(
