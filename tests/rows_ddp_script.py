@@ -1,0 +1,34 @@
+"""Two DDP processes (gloo on CPU) train on shuffled rows with token refs (launched by tests as a subprocess)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from rows_helpers import RowSAE  # noqa: E402
+from test_rows_trainer import SETTINGS, shuffled_rows  # noqa: E402
+
+from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", default="dense")
+    args = parser.parse_args()
+    callback = ActivationSampleCallback(dirpath=args.out / "samples", token_source="rows_helpers:token_source",
+                                        **SETTINGS)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=args.out, callbacks=[callback],
+    )
+    module = RowSAE(args.mode)
+    trainer.fit(module, shuffled_rows())
+    torch.save(module.seen, args.out / f"seen_{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
