@@ -46,10 +46,14 @@ class RecordingCollector(ActivationSampleCollector):
         super().__init__(*args, **kwargs)
         self.fed: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def update(self, tokens=None, *, token_refs=None, latents=None, step, **kwargs):
-        assert latents is not None, "SAELens' TopK SAE gives dense feature_acts here"
-        self.fed.append((step, token_refs.clone(), latents.clone()))
-        super().update(tokens, token_refs=token_refs, latents=latents, step=step, **kwargs)
+    def update(self, tokens=None, *, token_refs=None, latents=None, latent_indices=None, latent_values=None, step,
+               **kwargs):
+        dense = latents
+        if dense is None:  # sparse TopK rows, as the oracle's dense view
+            dense = torch.zeros(len(token_refs), self.settings.num_latents).scatter(1, latent_indices, latent_values)
+        self.fed.append((step, token_refs.clone(), dense.clone()))
+        super().update(tokens, token_refs=token_refs, latents=latents, latent_indices=latent_indices,
+                       latent_values=latent_values, step=step, **kwargs)
 
 
 class RecordingTrainer(SamplesSAETrainer):
@@ -167,10 +171,11 @@ def test_pack_refs_keeps_every_bit_of_the_refs():
         unpack_refs(packed, 4)
 
 
-def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, **settings):
+def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, **settings):
     cls = cls or SamplesSAETrainer
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=16, k=3))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=16, k=3, use_sparse_activations=sparse,
+                                                 rescale_acts_by_decoder_norm=not sparse))
     cfg = SAETrainerConfig(total_training_samples=steps * 16, train_batch_size_samples=16, lr=3e-3, lr_end=3e-3,
                            n_checkpoints=1, checkpoint_path=str(tmp_path / "checkpoints"))
     collector = RecordingCollector(num_latents=16, token_source=source, context_size=4, activation_threshold=0.0,
@@ -220,6 +225,22 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
     assert_identical(again["full_state.pt"], files["full_state.pt"])
     assert again["collection_summary.json"]["top_features_by_activation"] == \
         files["collection_summary.json"]["top_features_by_activation"]
+
+
+def test_sparse_feature_acts_are_collected_as_topk_rows(tmp_path):
+    tokens, acts = synthetic()
+    source = ArrayTokenSource(tokens)
+    rows = mixed_rows(lm_batches(tokens, acts, with_refs=True), buffer_size=96, batch_size=16, token_source=source)
+    trainer = tiny_trainer(tmp_path, rows, source, steps=8, freq=2, sparse=True)
+    fed_sparse = []
+    update = trainer.collector.update
+    trainer.collector.update = lambda *a, **kw: (fed_sparse.append(kw.get("latent_indices") is not None),
+                                                 update(*a, **kw))
+    trainer.fit()
+    assert fed_sparse == [True] * 4  # SAELens' COO feature_acts went in as [N, k] indices and values
+    seen = [RowsSeen(step, 0, refs.tolist(), dense, source=tokens, call=i)
+            for i, (step, refs, dense) in enumerate(trainer.collector.fed)]
+    assert_dir_matches_oracle(read_dir(tmp_path / "samples"), seen, 16, 5, 4, 0.0)
 
 
 def test_a_scheduled_step_without_refs_says_what_to_pass(tmp_path):
