@@ -238,6 +238,11 @@ def mixed_rows(
         for index, item in enumerate(itertools.chain([first], items)):
             activations, tokens, refs = _parse(item, index)
             if refs is None:
+                if not isinstance(ring, TokenRing):
+                    raise ValueError(
+                        f"`batches` item {index} has no refs, but the first had refs into a"
+                        f" {type(ring).__name__}: yield (activations, tokens, refs) for every batch."
+                    )
                 refs = ring.add(tokens) + torch.arange(tokens.numel(), device=tokens.device)
             rows = pack_refs(activations, refs.reshape(-1))
             if exclude is not None:
