@@ -254,6 +254,19 @@ def test_a_scheduled_step_without_refs_says_what_to_pass(tmp_path):
     assert [s for s, _, _ in trainer.collector.fed] == [0]
 
 
+def test_a_samples_dir_that_is_not_ours_is_refused_before_training(tmp_path):
+    from lightning_sae_samples import SamplesDirectoryError
+
+    tokens, acts = synthetic()
+    rows = mixed_rows(lm_batches(tokens, acts), buffer_size=96, batch_size=16)
+    trainer = tiny_trainer(tmp_path, rows, rows.token_source)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "notes.txt").write_text("mine")
+    with pytest.raises(SamplesDirectoryError, match="not ours to overwrite"):
+        trainer.fit()
+    assert trainer.n_training_steps == 0 and (tmp_path / "samples" / "notes.txt").read_text() == "mine"
+
+
 def test_a_checkpoint_state_that_is_not_ours_is_refused(tmp_path):
     tokens, acts = synthetic()
     rows = mixed_rows(lm_batches(tokens, acts), buffer_size=96, batch_size=16)
