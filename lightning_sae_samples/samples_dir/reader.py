@@ -13,6 +13,7 @@ from lightning_sae_samples.samples_dir.commit import commit_plan, load_commit
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json
 from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
+    DECODER_NAME,
     FULL_STATE_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
@@ -34,12 +35,14 @@ class SamplesDirectory:
         summary: Parsed ``collection_summary.json``.
         feature_files: Feature index to the file holding its samples.
         full_state_path: The full-state file, if present.
+        decoder_path: The decoder directions file (``decoder_directions.pt``), if present.
     """
 
     path: Path
     summary: dict
     feature_files: dict[int, Path]
     full_state_path: Optional[Path]
+    decoder_path: Optional[Path] = None
 
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
@@ -85,7 +88,7 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
-    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME))
+    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(DECODER_NAME))
 
 
 def load_full_state(path: PathLike) -> dict:

@@ -15,8 +15,10 @@ from lightning_sae_samples.samples_dir.commit import (
     lstat_or_none,
     read_manifest,
 )
+from lightning_sae_samples.samples_dir.decoder import decoder_payload, unit_directions
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
+    DECODER_NAME,
     FULL_STATE_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
@@ -53,6 +55,7 @@ def write_samples_dir(
     feature_extras: Optional[dict[int, dict]] = None,
     full_state: bool = True,
     source: str = "train",
+    decoder: Any = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -73,6 +76,8 @@ def write_samples_dir(
         feature_extras: Extra top-level keys per feature file, as feature index to a JSON-ready dict
             (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
         full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
+        decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: written as ``decoder_directions.pt`` (unit rows,
+            float16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
 
     Returns:
         The saved feature indices, in rank order.
@@ -82,6 +87,7 @@ def write_samples_dir(
             :func:`claim_samples_dir`), or something that is not ours sits where the pending directory goes.
     """
     dirpath = Path(dirpath)
+    directions = None if decoder is None else unit_directions(decoder, int(state["num_latents"]))
     dirpath.mkdir(parents=True, exist_ok=True)
     claim_samples_dir(dirpath)
     _recover(dirpath)
@@ -133,8 +139,11 @@ def write_samples_dir(
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:
         atomic_torch_save(pending / FULL_STATE_NAME, state)
+    if directions is not None:
+        atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
 
-    written = [*names, *([FULL_STATE_NAME] if full_state else []), SUMMARY_NAME]
+    written = [*names, *([FULL_STATE_NAME] if full_state else []), *([DECODER_NAME] if directions is not None else []),
+               SUMMARY_NAME]
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "files": sorted(written)})
     stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
     if before_commit is not None:
