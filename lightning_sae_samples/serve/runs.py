@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_sae_samples.analysis.explanations import explanations_path, read_explanations, read_labels
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
@@ -27,6 +28,7 @@ from lightning_sae_samples.samples_dir.names import (
     SamplesDirectoryError,
 )
 from lightning_sae_samples.samples_dir.reader import find_samples_dirs
+from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
 from lightning_sae_samples.serve.index import RunIndex
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Status:
     save_id: Optional[int]
     global_step: Optional[int]
     message: Optional[str]
+    explanations_version: int = 0
 
 
 class LiveRun:
@@ -90,6 +93,11 @@ class LiveRun:
     def __init__(self, name: str, path: Path, tokenizer: Any = None) -> None:
         self.name, self.path, self.tokenizer = name, path, tokenizer
         self.current: Optional[RunIndex] = None
+        #: The explanations and labels of the sidecar, rebuilt when it changes (or a new save is loaded).
+        self.explanations: ExplanationIndex = empty_index(0)
+        self.explanations_error: Optional[str] = None
+        self._explanations_key: Optional[tuple] = None
+        self.explanations_version = 0
         self.version = 0
         self.error: Optional[str] = None
         self._loaded_signature: Optional[tuple] = None
@@ -100,7 +108,8 @@ class LiveRun:
         current = self.current
         if current is not None:
             summary = current.summary
-            return Status("ready", self.version, summary.save_id, summary.global_step, self.error)
+            return Status("ready", self.version, summary.save_id, summary.global_step,
+                          self.error or self.explanations_error, self.explanations_version)
         return Status("error" if self.error else "waiting", self.version, None, None, self.error)
 
     def refresh(self) -> bool:
@@ -134,7 +143,33 @@ class LiveRun:
                 return False
             self.current, self.error = loaded, None
             self.version += 1
+            self.refresh_explanations()
             return True
+
+    def refresh_explanations(self) -> bool:
+        """Rebuild :attr:`explanations` if the sidecar changed (or the loaded save did); returns whether it did.
+
+        A sidecar that cannot be read keeps the explanations already loaded; :attr:`explanations_error` says why.
+        """
+        current = self.current
+        if current is None:
+            return False
+        key = (_stat_key(explanations_path(self.path)), id(current))
+        if key == self._explanations_key:
+            return False
+        try:
+            num_latents = current.analyzer.num_features
+            built = ExplanationIndex(read_explanations(self.path), read_labels(self.path), num_latents)
+        except Exception as err:  # noqa: BLE001 - the sidecar is untrusted input; report, keep the old index
+            self.explanations_error = " ".join(str(err).split()) or type(err).__name__
+            log.warning("Cannot read the explanations of %s: %s", self.path, self.explanations_error)
+            if self.explanations.num_latents != current.analyzer.num_features:
+                self.explanations = empty_index(current.analyzer.num_features)
+            self._explanations_key = key
+            return False
+        self.explanations, self.explanations_error, self._explanations_key = built, None, key
+        self.explanations_version += 1
+        return True
 
 
 class RunSet:
@@ -207,6 +242,7 @@ class RunSet:
             for name in list(self._wanted):
                 try:
                     self.runs[name].refresh()
+                    self.runs[name].refresh_explanations()
                 except Exception:  # noqa: BLE001 - the watcher must survive anything a directory holds
                     log.exception("Reloading %s failed", self.runs[name].path)
             self._wake.wait(self._poll)
