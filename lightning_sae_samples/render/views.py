@@ -86,6 +86,48 @@ def logit_effects_view(feature: FeatureSamples) -> Optional[dict]:
     return {"promoted": items(effects.promoted), "suppressed": items(effects.suppressed)}
 
 
+def meaning_view(feature: FeatureSamples) -> Optional[dict]:
+    """A latent's explanation and label, or ``None`` when it has neither.
+
+    Returns:
+        ``explanation`` (raw text or ``None``), ``score`` (formatted balanced accuracy, ``"–"`` unscored),
+        ``score_note`` (contexts and the random-explanation baseline), ``model``, ``stale`` (the sentence saying it
+        was written from older samples, or ``None``) and ``label`` (raw text or ``None``).
+    """
+    m = feature.meaning
+    if m is None:
+        return None
+    notes = []
+    if m.score_contexts:
+        notes.append(f"{m.score_contexts} contexts")
+    if m.random_score is not None:
+        notes.append(f"random explanation {m.random_score:.2f}")
+    stale = None
+    if m.explanation is not None and m.stale:
+        stale = f"written from the samples of step {m.samples_step}, older than these"
+    return {
+        "explanation": m.explanation,
+        "score": "–" if m.score is None else f"{m.score:.2f}",
+        "score_note": ", ".join(notes),
+        "model": m.model,
+        "stale": stale,
+        "label": m.label,
+    }
+
+
+def neighbours_view(feature: FeatureSamples) -> list[dict]:
+    """A latent's neighbours, best first.
+
+    Each: ``idx``, ``anchor``, ``cosine`` (formatted), ``explanation`` (raw text or ``None``) and ``top_tokens`` (raw
+    texts, when it has no explanation).
+    """
+    return [
+        {"idx": n.feature_idx, "anchor": f"feature-{n.feature_idx}", "cosine": f"{n.cosine:.3f}",
+         "explanation": n.explanation, "top_tokens": list(n.top_tokens)}
+        for n in feature.neighbours
+    ]
+
+
 def groups_view(feature: FeatureSamples, example: ExampleView = example_view) -> dict:
     """A feature's sample groups.
 
@@ -127,7 +169,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         ``idx``, ``anchor``, ``saved``, ``stats``, the formatted statistics (``max``, ``mean``, ``std``, ``min``,
         ``count``, ``frequency``, ``num_samples``, ``first_step``, ``last_step``, ``recent_overlap``), the
         histogram's display ``bins``, ``top_tokens`` (``(text, occurrences)``), ``logit_effects``
-        (:func:`logit_effects_view`), ``examples`` and the keys of :func:`groups_view`.
+        (:func:`logit_effects_view`), ``meaning`` (:func:`meaning_view`), ``neighbours``
+        (:func:`neighbours_view`), ``examples`` and the keys of :func:`groups_view`.
     """
     stats = feature.stats
     return {
@@ -148,6 +191,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         "bins": display_bins(stats.histogram.bin_edges, stats.histogram.counts),
         "top_tokens": feature.top_tokens(3),
         "logit_effects": logit_effects_view(feature),
+        "meaning": meaning_view(feature),
+        "neighbours": neighbours_view(feature),
         "examples": [example(s, stats.max_activation) for s in feature.samples],
         **groups_view(feature, example),
     }
