@@ -178,3 +178,45 @@ def test_a_read_only_server_refuses_writes(run_dir):
 def test_page_embeds_its_token(client):
     page = client.get("/").text
     assert f'name="sae-samples-token" content="{TOKEN}"' in page
+
+
+def bm25_oracle(texts, query, k1=1.2, b=0.75):
+    """Latents by BM25 relevance to ``query``, computed word by word in Python (ties: the lower latent first)."""
+    import math
+    import re
+
+    docs = {i: re.findall(r"[0-9a-z_]+", t.casefold()) for i, t in texts.items()}
+    average = sum(map(len, docs.values())) / len(docs)
+    words = set(re.findall(r"[0-9a-z_]+", query.casefold()))
+    scores = {}
+    for i, doc in docs.items():
+        total = 0.0
+        for w in words:
+            tf = doc.count(w)
+            if tf:
+                df = sum(w in d for d in docs.values())
+                idf = math.log1p((len(docs) - df + 0.5) / (df + 0.5))
+                total += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / average))
+        if total > 0:
+            scores[i] = total
+    return sorted(scores, key=lambda i: (-round(scores[i], 4), i)), scores
+
+
+@pytest.mark.parametrize("query", ["w1", "w7 w3", "w0", "w0 w1 w2", "W5_", "nothing"])
+def test_explanation_search_ranks_as_bm25_on_both_paths(query):
+    from lightning_sae_samples.serve.explanations import ExplanationIndex
+
+    gen = torch.Generator().manual_seed(0)
+    weights = 1.0 / torch.arange(1, 41, dtype=torch.float64)  # w0 is in most texts (dense path), w7 in few
+    texts = {}
+    for latent in range(0, 400, 2):
+        n = int(torch.randint(3, 9, (1,), generator=gen))
+        texts[latent] = " ".join(f"w{int(i)}" for i in torch.multinomial(weights, n, replacement=True, generator=gen))
+    index = ExplanationIndex({i: ExplanationRecord(latent=i, text=t) for i, t in texts.items()}, {}, 400)
+    expected, scores = bm25_oracle(texts, query)
+    latents, relevance, total = index.search(query, 0, 500)
+    assert total == len(expected)
+    assert latents.tolist() == expected
+    assert relevance.tolist() == pytest.approx([scores[i] for i in expected], rel=1e-4)
+    page = index.search(query, 5, 7)[0].tolist()
+    assert page == expected[5:12]

@@ -44,9 +44,10 @@ def _word_hashes(data: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(inside.any()):
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     previous = torch.cat([torch.zeros(1, dtype=torch.bool), inside[:-1]])
-    starts = (inside & ~previous).nonzero().flatten()
+    first = inside & ~previous
+    starts = first.nonzero().flatten()
     positions = inside.nonzero().flatten()
-    word = torch.searchsorted(starts, positions, right=True) - 1  # the word each byte belongs to
+    word = (torch.cumsum(first, 0) - 1)[positions]  # the word each byte belongs to
     offset = positions - starts[word]
     values = data[positions].to(torch.int64) + 1
     longest = int(offset.max()) + 1
@@ -169,19 +170,29 @@ class ExplanationIndex:
         keys = torch.unique(keys)
         where = torch.searchsorted(self.words, keys).clamp(max=len(self.words) - 1)
         found = where[self.words[where] == keys].tolist()
-        scores = torch.zeros(len(self.doc_latent))
-        for w in found:  # one vectorized add per query word
-            start, stop = int(self.word_start[w]), int(self.word_start[w + 1])
-            scores.index_add_(0, self.post_doc[start:stop], self.post_weight[start:stop])
-        total = int((scores > 0).sum())
+        spans = [(int(self.word_start[w]), int(self.word_start[w + 1])) for w in found]
+        if sum(stop - start for start, stop in spans) * 4 < len(self.doc_latent):
+            # Few postings: score only the latents that hold a query word (no pass over every latent).
+            docs = torch.cat([self.post_doc[a:b] for a, b in spans]) if spans else torch.zeros(0, dtype=torch.int64)
+            weights = torch.cat([self.post_weight[a:b] for a, b in spans]) if spans else torch.zeros(0)
+            if len(spans) > 1:
+                docs, inverse = torch.unique(docs, return_inverse=True)
+                weights = torch.zeros(len(docs)).index_add_(0, inverse, weights)
+        else:
+            scores = torch.zeros(len(self.doc_latent))
+            for start, stop in spans:  # one vectorized add per query word
+                scores.index_add_(0, self.post_doc[start:stop], self.post_weight[start:stop])
+            docs = (scores > 0).nonzero().flatten()
+            weights = scores[docs]
+        total = len(docs)
         take = min(offset + limit, total)
         if take <= offset:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0), total
-        # Best first; equal relevance: the lower latent first (docs are sorted by latent).
-        threshold = torch.topk(scores, take).values[-1]
-        docs = (scores >= threshold).nonzero().flatten()  # ties at the page's edge included: pages never overlap
-        picked = docs[torch.argsort(scores[docs], descending=True, stable=True)][offset:take]
-        return self.doc_latent[picked], scores[picked], total
+        threshold = torch.topk(weights, take).values[-1]
+        near = (weights >= threshold).nonzero().flatten()  # ties at the page's edge included: pages never overlap
+        near = near[torch.argsort(docs[near])]  # equal relevance: the lower latent first
+        picked = near[torch.argsort(weights[near], descending=True, stable=True)][offset:take]
+        return self.doc_latent[docs[picked]], weights[picked], total
 
     def order_by_score(self, latents: Tensor, descending: bool) -> Tensor:
         """Row order of a feature table listing ``latents`` by score (unscored last; ties: table order), cached."""
