@@ -84,48 +84,22 @@ class Explained:
         return out
 
 
-class ExplanationIndex:
-    """The latest explanation and label per latent, a score column and a BM25 word index over their texts.
+class WordIndex:
+    """BM25 postings of the words of one text per latent (see the module docstring).
 
     Args:
-        explanations: Latest explanation record per latent.
-        labels: Latest label record per latent.
-        num_latents: ``F`` (latents beyond it are ignored).
+        latents: The latents, ascending.
+        texts: One text per latent.
     """
 
-    def __init__(self, explanations: dict[int, ExplanationRecord], labels: dict[int, ExplanationRecord],
-                 num_latents: int) -> None:
-        self.explanations = {i: r for i, r in explanations.items() if i < num_latents}
-        self.labels = {i: r for i, r in labels.items() if i < num_latents and r.text}  # an empty label clears one
-        self.num_latents = num_latents
-        scores = torch.full((num_latents,), math.nan, dtype=torch.float64)
-        if self.explanations:
-            explained = torch.tensor(list(self.explanations), dtype=torch.int64)
-            values = [math.nan if r.score is None else float(r.score) for r in self.explanations.values()]
-            scores[explained] = torch.tensor(values, dtype=torch.float64)
-        self.scores = scores
-        self.explained = torch.zeros(num_latents, dtype=torch.bool)
-        if self.explanations:
-            self.explained[torch.tensor(list(self.explanations), dtype=torch.int64)] = True
-        self._orders: dict[tuple[int, bool], Tensor] = {}
-        self._lock = threading.Lock()
-        self._build_words()
-
-    def __len__(self) -> int:
-        return len(self.explanations.keys() | self.labels.keys())
-
-    def _build_words(self) -> None:
-        docs = sorted(self.explanations.keys() | self.labels.keys())
-        self.doc_latent = torch.tensor(docs, dtype=torch.int64)
-        texts = [
-            " ".join(r.text for r in (self.labels.get(i), self.explanations.get(i)) if r is not None) for i in docs
-        ]
+    def __init__(self, latents: list[int], texts: list[str]) -> None:
+        self.doc_latent = torch.tensor(latents, dtype=torch.int64)
         blob = "\x00".join(texts).casefold().encode("utf-8")
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
         keys, starts = _word_hashes(data)
         doc = torch.cumsum((data == 0).to(torch.int64), 0)[starts] if len(starts) else starts
         self.words, word = torch.unique(keys, return_inverse=True)
-        num_docs = max(len(docs), 1)
+        num_docs = max(len(latents), 1)
         pair, tf = torch.unique(word * num_docs + doc, return_counts=True)
         self.post_word, self.post_doc = pair // num_docs, pair % num_docs
         df = torch.bincount(self.post_word, minlength=len(self.words)).double()
@@ -137,6 +111,67 @@ class ExplanationIndex:
         self.post_weight = (idf[self.post_word] * tf * (K1 + 1) / norm).float()
         self.word_start = torch.zeros(len(self.words) + 1, dtype=torch.int64)
         torch.cumsum(torch.bincount(self.post_word, minlength=len(self.words)), 0, out=self.word_start[1:])
+
+    def match(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The latents holding any of the word hashes ``keys`` (ascending) and their summed BM25 weights."""
+        if not len(keys) or not len(self.words):
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+        where = torch.searchsorted(self.words, keys).clamp(max=len(self.words) - 1)
+        found = where[self.words[where] == keys].tolist()
+        spans = [(int(self.word_start[w]), int(self.word_start[w + 1])) for w in found]
+        if sum(stop - start for start, stop in spans) * 4 < len(self.doc_latent):
+            # Few postings: score only the latents that hold a query word (no pass over every latent).
+            docs = torch.cat([self.post_doc[a:b] for a, b in spans]) if spans else torch.zeros(0, dtype=torch.int64)
+            weights = torch.cat([self.post_weight[a:b] for a, b in spans]) if spans else torch.zeros(0)
+            docs, inverse = torch.unique(docs, return_inverse=True)
+            weights = torch.zeros(len(docs)).index_add_(0, inverse, weights)
+        else:
+            scores = torch.zeros(len(self.doc_latent))
+            for start, stop in spans:  # one vectorized add per query word
+                scores.index_add_(0, self.post_doc[start:stop], self.post_weight[start:stop])
+            docs = (scores > 0).nonzero().flatten()
+            weights = scores[docs]
+        return self.doc_latent[docs], weights
+
+
+class ExplanationIndex:
+    """The latest explanation and label per latent, a score column and BM25 word indexes over their texts.
+
+    Explanations and labels have one word index each, so a new label rebuilds only the (small) label index.
+
+    Args:
+        explanations: Latest explanation record per latent.
+        labels: Latest label record per latent.
+        num_latents: ``F`` (latents beyond it are ignored).
+        reuse: An earlier index whose explanations' word index and scores are kept when its explanations are these.
+    """
+
+    def __init__(self, explanations: dict[int, ExplanationRecord], labels: dict[int, ExplanationRecord],
+                 num_latents: int, reuse: Optional[ExplanationIndex] = None) -> None:
+        self.explanations = {i: r for i, r in explanations.items() if i < num_latents}
+        self.labels = {i: r for i, r in labels.items() if i < num_latents and r.text}  # an empty label clears one
+        self.num_latents = num_latents
+        self._orders: dict[tuple[int, bool], Tensor] = {}
+        self._lock = threading.Lock()
+        if reuse is not None and reuse.num_latents == num_latents and reuse.explanations == self.explanations:
+            self.scores, self.explained, self.explanation_words = reuse.scores, reuse.explained, reuse.explanation_words
+            self._orders = reuse._orders
+        else:
+            scores = torch.full((num_latents,), math.nan, dtype=torch.float64)
+            self.explained = torch.zeros(num_latents, dtype=torch.bool)
+            if self.explanations:
+                explained = torch.tensor(list(self.explanations), dtype=torch.int64)
+                values = [math.nan if r.score is None else float(r.score) for r in self.explanations.values()]
+                scores[explained] = torch.tensor(values, dtype=torch.float64)
+                self.explained[explained] = True
+            self.scores = scores
+            ordered = sorted(self.explanations)
+            self.explanation_words = WordIndex(ordered, [self.explanations[i].text for i in ordered])
+        ordered = sorted(self.labels)
+        self.label_words = WordIndex(ordered, [self.labels[i].text for i in ordered])
+
+    def __len__(self) -> int:
+        return len(self.explanations.keys() | self.labels.keys())
 
     def get(self, latent: int) -> Optional[Explained]:
         """What the page shows of one latent's explanation and label, or ``None``."""
@@ -159,40 +194,30 @@ class ExplanationIndex:
     def search(self, query: str, offset: int = 0, limit: int = 50) -> tuple[Tensor, Tensor, int]:
         """Latents whose label or explanation holds words of ``query``, best BM25 score first.
 
+        A latent's label and explanation scores add up; equal scores keep the lower latent first.
+
         Returns:
             ``(latents, scores, total)``: this page's latents and relevance scores, and how many match at all.
         """
         data = query[:MAX_QUERY].casefold().encode("utf-8")
         keys, _ = _word_hashes(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
                                torch.zeros(0, dtype=torch.uint8))
-        if not len(keys) or not len(self.words):
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0), 0
         keys = torch.unique(keys)
-        where = torch.searchsorted(self.words, keys).clamp(max=len(self.words) - 1)
-        found = where[self.words[where] == keys].tolist()
-        spans = [(int(self.word_start[w]), int(self.word_start[w + 1])) for w in found]
-        if sum(stop - start for start, stop in spans) * 4 < len(self.doc_latent):
-            # Few postings: score only the latents that hold a query word (no pass over every latent).
-            docs = torch.cat([self.post_doc[a:b] for a, b in spans]) if spans else torch.zeros(0, dtype=torch.int64)
-            weights = torch.cat([self.post_weight[a:b] for a, b in spans]) if spans else torch.zeros(0)
-            if len(spans) > 1:
-                docs, inverse = torch.unique(docs, return_inverse=True)
-                weights = torch.zeros(len(docs)).index_add_(0, inverse, weights)
+        explained, weights = self.explanation_words.match(keys)
+        labelled, label_weights = self.label_words.match(keys)
+        if len(labelled):
+            docs, inverse = torch.unique(torch.cat([explained, labelled]), return_inverse=True)
+            weights = torch.zeros(len(docs)).index_add_(0, inverse, torch.cat([weights, label_weights]))
         else:
-            scores = torch.zeros(len(self.doc_latent))
-            for start, stop in spans:  # one vectorized add per query word
-                scores.index_add_(0, self.post_doc[start:stop], self.post_weight[start:stop])
-            docs = (scores > 0).nonzero().flatten()
-            weights = scores[docs]
+            docs = explained
         total = len(docs)
         take = min(offset + limit, total)
         if take <= offset:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0), total
         threshold = torch.topk(weights, take).values[-1]
         near = (weights >= threshold).nonzero().flatten()  # ties at the page's edge included: pages never overlap
-        near = near[torch.argsort(docs[near])]  # equal relevance: the lower latent first
         picked = near[torch.argsort(weights[near], descending=True, stable=True)][offset:take]
-        return self.doc_latent[docs[picked]], weights[picked], total
+        return docs[picked], weights[picked], total
 
     def order_by_score(self, latents: Tensor, descending: bool) -> Tensor:
         """Row order of a feature table listing ``latents`` by score (unscored last; ties: table order), cached."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_sae_samples.analysis.explanations import explanations_path, read_explanations, read_labels
+from lightning_sae_samples.analysis.explanations import explanations_path, read_new_records
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
@@ -98,6 +98,8 @@ class LiveRun:
         self.explanations_error: Optional[str] = None
         self._explanations_key: Optional[tuple] = None
         self.explanations_version = 0
+        self._sidecar: tuple[Optional[int], int] = (None, 0)  # inode and byte offset read so far
+        self._records: dict[str, dict] = {"explanation": {}, "label": {}}
         self.version = 0
         self.error: Optional[str] = None
         self._loaded_signature: Optional[tuple] = None
@@ -149,25 +151,38 @@ class LiveRun:
     def refresh_explanations(self) -> bool:
         """Rebuild :attr:`explanations` if the sidecar changed (or the loaded save did); returns whether it did.
 
-        A sidecar that cannot be read keeps the explanations already loaded; :attr:`explanations_error` says why.
+        The sidecar only grows, so only its new lines are read (all of it when it was replaced); a new label alone
+        rebuilds only the label index. A sidecar that cannot be read keeps the explanations already loaded;
+        :attr:`explanations_error` says why.
         """
         current = self.current
         if current is None:
             return False
-        key = (_stat_key(explanations_path(self.path)), id(current))
+        path = explanations_path(self.path)
+        key = (_stat_key(path), id(current))
         if key == self._explanations_key:
             return False
+        num_latents = current.analyzer.num_features
+        inode = None if key[0] is None else key[0][0]
+        previous_inode, offset = self._sidecar
+        if inode != previous_inode or (key[0] is not None and key[0][1] < offset):
+            offset, self._records = 0, {"explanation": {}, "label": {}}  # a new or shortened file: read it all
         try:
-            num_latents = current.analyzer.num_features
-            built = ExplanationIndex(read_explanations(self.path), read_labels(self.path), num_latents)
+            records, offset = read_new_records(self.path, offset)
         except Exception as err:  # noqa: BLE001 - the sidecar is untrusted input; report, keep the old index
             self.explanations_error = " ".join(str(err).split()) or type(err).__name__
             log.warning("Cannot read the explanations of %s: %s", self.path, self.explanations_error)
-            if self.explanations.num_latents != current.analyzer.num_features:
-                self.explanations = empty_index(current.analyzer.num_features)
+            if self.explanations.num_latents != num_latents:
+                self.explanations = empty_index(num_latents)
             self._explanations_key = key
             return False
-        self.explanations, self.explanations_error, self._explanations_key = built, None, key
+        for record in records:
+            self._records[record.kind][record.latent] = record
+        self._sidecar = (inode, offset)
+        reuse = self.explanations if not any(r.kind == "explanation" for r in records) else None
+        self.explanations = ExplanationIndex(self._records["explanation"], self._records["label"], num_latents,
+                                             reuse=reuse)
+        self.explanations_error, self._explanations_key = None, key
         self.explanations_version += 1
         return True
 
