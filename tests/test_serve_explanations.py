@@ -202,19 +202,19 @@ def bm25_oracle(texts, query, k1=1.2, b=0.75):
     return sorted(scores, key=lambda i: (-round(scores[i], 4), i)), scores
 
 
-@pytest.mark.parametrize("query", ["w1", "w7 w3", "w0", "w0 w1 w2", "W5_", "nothing"])
+@pytest.mark.parametrize("query", ["w1", "w7 w3", "w0", "w0 w1 w2", "W5_", "nothing", "w150 w190", "w120 w0"])
 def test_explanation_search_ranks_as_bm25_on_both_paths(query):
     from lightning_sae_samples.serve.explanations import ExplanationIndex
 
     gen = torch.Generator().manual_seed(0)
-    weights = 1.0 / torch.arange(1, 41, dtype=torch.float64)  # w0 is in most texts (dense path), w7 in few
+    weights = 1.0 / torch.arange(1, 201, dtype=torch.float64)  # w0 is in most texts (dense path), w150 in few
     texts = {}
-    for latent in range(0, 400, 2):
+    for latent in range(0, 1600, 2):
         n = int(torch.randint(3, 9, (1,), generator=gen))
         texts[latent] = " ".join(f"w{int(i)}" for i in torch.multinomial(weights, n, replacement=True, generator=gen))
-    index = ExplanationIndex({i: ExplanationRecord(latent=i, text=t) for i, t in texts.items()}, {}, 400)
+    index = ExplanationIndex({i: ExplanationRecord(latent=i, text=t) for i, t in texts.items()}, {}, 1600)
     expected, scores = bm25_oracle(texts, query)
-    latents, relevance, total = index.search(query, 0, 500)
+    latents, relevance, total = index.search(query, 0, 10_000)
     assert total == len(expected)
     assert latents.tolist() == expected
     assert relevance.tolist() == pytest.approx([scores[i] for i in expected], rel=1e-4)

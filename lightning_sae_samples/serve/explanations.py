@@ -119,7 +119,10 @@ class WordIndex:
         where = torch.searchsorted(self.words, keys).clamp(max=len(self.words) - 1)
         found = where[self.words[where] == keys].tolist()
         spans = [(int(self.word_start[w]), int(self.word_start[w + 1])) for w in found]
-        if sum(stop - start for start, stop in spans) * 4 < len(self.doc_latent):
+        if len(spans) == 1:  # one word: its postings are the answer, already by latent
+            start, stop = spans[0]
+            docs, weights = self.post_doc[start:stop], self.post_weight[start:stop]
+        elif sum(stop - start for start, stop in spans) * 16 < len(self.doc_latent):
             # Few postings: score only the latents that hold a query word (no pass over every latent).
             docs = torch.cat([self.post_doc[a:b] for a, b in spans]) if spans else torch.zeros(0, dtype=torch.int64)
             weights = torch.cat([self.post_weight[a:b] for a, b in spans]) if spans else torch.zeros(0)
