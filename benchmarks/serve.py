@@ -190,7 +190,7 @@ def measure_meaning(num_latents: int, d_models: list[int], repeat: int, sidecar:
         shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     index = ExplanationIndex(records, {}, num_latents)
-    rows.append((f"explanation index build ({len(index.post_doc):,} postings)", f"{time.perf_counter() - t0:.1f} s",
+    rows.append((f"explanation index build ({len(index.explanation_words.post_doc):,} postings)", f"{time.perf_counter() - t0:.1f} s",
                  "once per sidecar change"))
     queries = {"one common word": [words[0]], "one rare word": [words[4000]], "three words": words[10:13],
                "five mixed words": [words[1], words[50], words[300], words[2000], words[4999]]}
