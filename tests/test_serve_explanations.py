@@ -220,3 +220,30 @@ def test_explanation_search_ranks_as_bm25_on_both_paths(query):
     assert relevance.tolist() == pytest.approx([scores[i] for i in expected], rel=1e-4)
     page = index.search(query, 5, 7)[0].tolist()
     assert page == expected[5:12]
+
+
+def test_new_lines_only_are_read_and_a_bad_one_is_named(run_dir):
+    from lightning_sae_samples.analysis.explanations import read_new_records
+    from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+    records, offset = read_new_records(run_dir)
+    assert [r.latent for r in records] == list(TEXTS)
+    append_explanations(run_dir, [ExplanationRecord(latent=9, text="later", samples_step=1)])
+    later, end = read_new_records(run_dir, offset)
+    assert [r.text for r in later] == ["later"] and end == explanations_path(run_dir).stat().st_size
+    with open(explanations_path(run_dir), "ab") as handle:
+        handle.write(b'{"latent": 1}\n{"partial"')
+    with pytest.raises(SamplesDirectoryError, match=rf"byte {end}: missing field"):
+        read_new_records(run_dir, end)
+    with open(explanations_path(run_dir), "r+b") as handle:
+        handle.truncate(end)
+        handle.seek(end)
+        bad = {**ExplanationRecord(latent=1, text="x").to_json(), "score": 7}
+        handle.write((json.dumps(bad) + "\n").encode() + b'{"torn')
+    with pytest.raises(SamplesDirectoryError, match=r"field `score` must be null or a number in \[0, 1\]"):
+        read_new_records(run_dir, end)
+    with open(explanations_path(run_dir), "r+b") as handle:
+        handle.truncate(end)
+        handle.seek(end)
+        handle.write(b'{"latent": 3, "te')  # an append in progress: left for the next read
+    assert read_new_records(run_dir, end) == ([], end)

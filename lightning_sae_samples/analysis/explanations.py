@@ -330,8 +330,11 @@ def read_new_records(samples_dir: PathLike, offset: int = 0) -> tuple[list[Expla
             raise SamplesDirectoryError(f"{path}, line at byte {where}: not a JSON object ({err}).") from err
         if not isinstance(obj, dict):
             raise SamplesDirectoryError(f"{path}, line at byte {where}: expected a JSON object.")
-        problem = _record_problem(obj)
-        if problem is not None:
-            raise SamplesDirectoryError(f"{path}, line at byte {where}: {problem}.")
-        records.append(ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__}))
+        missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj))
+        if missing:
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: missing field `{missing[0]}`.")
+        try:  # the record checks its fields (once)
+            records.append(ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__}))
+        except ValueError as err:
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: {err}") from err
     return records, offset + end
