@@ -1,10 +1,11 @@
-"""Argument checks shared by the callback and the collector: each error names the argument and a fix."""
+"""Argument checks shared by the callback, the collector and the commands: each error names the argument and a fix."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 TOKEN_ID_MAX = 2**31 - 1
 
@@ -58,3 +59,11 @@ def token_ids(value: Any, name: str) -> tuple[int, ...]:
             )
         ids.append(item)
     return tuple(sorted(set(ids)))
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line that points to ``--help`` (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit with status 2 and ``PROG: error: MESSAGE. See PROG --help.`` on stderr."""
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')}. See `{self.prog} --help`.\n")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 
 from lightning_sae_samples.analysis import neuronpedia
+from lightning_sae_samples.arguments import OneLineErrorParser
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import find_samples_dirs
 from lightning_sae_samples.state.statistics import RANK_CHOICES
@@ -41,7 +42,7 @@ SERVE_USAGE = f"{PROG} {SERVE_COMMAND} DIR [--host HOST] [--port PORT] [--open]"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by ``python -m lightning_sae_samples``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Show the top activating contexts of SAE latents collected by ActivationSampleCallback,"
         " and write Markdown or HTML reports. Without --feature/--report/--html it prints a summary table.",
@@ -72,7 +73,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-sae-samples export SAMPLES_DIR --format jsonl|parquet OUT``."""
     from lightning_sae_samples.analysis.export import FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=f"{PROG} {EXPORT_COMMAND}",
         description="Write the saved features, their statistics and samples as flat tables (features.<ext>,"
         " samples.<ext>, summary.json) that pandas, DuckDB or a static viewer read directly. Schema: docs/export.md.",
@@ -159,6 +160,11 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     for name in ("num_examples", "top_k", "examples_per_feature"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
+    if args.template_dir is not None and not os.path.isdir(args.template_dir):
+        raise ValueError(
+            f"--template-dir {args.template_dir} is not a directory. Pass a folder holding report.md.j2 and/or"
+            " report.html.j2, or leave it out to use the shipped templates."
+        )
     analyzer = open_analyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
     if args.feature is not None:
         analyzer.print_feature_report(args.feature, args.num_examples, console=console)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -41,7 +42,9 @@ from lightning_sae_samples.inputs import (
     check_token_ids,
 )
 from lightning_sae_samples.memory import available_memory_bytes
-from lightning_sae_samples.samples_dir.names import REPORT_NAME
+from lightning_sae_samples.samples_dir.commit import claim_samples_dir
+from lightning_sae_samples.samples_dir.files import lstat_or_none
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, REPORT_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 from lightning_sae_samples.state.tables import kept_per_latent
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
@@ -125,6 +128,7 @@ class ActivationSampleCollector:
         self._offset_step = -1
         self._token_offset = 0
         self._warned_nonfinite = 0
+        self._lock: Optional[FileLock] = None
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -337,7 +341,8 @@ class ActivationSampleCollector:
         """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
 
         Raises:
-            ValueError: The checkpoint was made with other sizes (named in the message) or latent count.
+            ValueError: The checkpoint was made with other sizes (named in the message), latent count or
+                ``activation_threshold``.
         """
         mismatch = self.settings.resume_mismatch(state.get("config", {}))
         if mismatch is not None:
@@ -353,10 +358,16 @@ class ActivationSampleCollector:
                 f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
                 f" num_latents={self.settings.num_latents}. Resume the same SAE or start a new collection."
             )
+        # The threshold is checked against the collection itself (what its counts were made with), not the config
+        # block: a checkpoint that holds no collection yet resumes at the new threshold, since nothing was counted.
         if collected is not None and float(collected["threshold"]) != self.settings.activation_threshold:
-            rank_zero_warn(
-                f"Resuming a collection made with activation_threshold={collected['threshold']}; this {owner} has"
-                f" {self.settings.activation_threshold}. Statistics mix both thresholds."
+            saved, current = float(collected["threshold"]), self.settings.activation_threshold
+            raise ValueError(
+                f"Cannot resume: the checkpoint's collection was made with activation_threshold={saved}, this"
+                f" {owner} has activation_threshold={current}. Its counts, statistics and samples hold only"
+                f" activations above {saved}, so it cannot go on at {current}. Pass"
+                f" activation_threshold={saved} to continue it, or start a new collection at {current}"
+                " without the checkpoint's collection."
             )
         self._pending_state = collected
         self.collector = None
@@ -388,10 +399,17 @@ class ActivationSampleCollector:
 
         Returns:
             The saved feature indices, best first (empty on other ranks or when nothing was collected).
+
+        Raises:
+            SamplesDirectoryError: Another process (or collector) holds the directory's lock: the first save takes
+                it and keeps it until :meth:`close`, as the callback holds it for its run. Or the directory is
+                not ours to write.
         """
         merged = self.merged_state()
         if self._rank() != 0:
             return []
+        if merged is not None:
+            self._lock_dirpath(Path(dirpath))
         tokenizer = load_tokenizer(tokenizer)
         return self.write(
             dirpath,
@@ -402,6 +420,41 @@ class ActivationSampleCollector:
             full_state=full_state,
             decoder=decoder,
         )
+
+    def close(self) -> None:
+        """Release the lock on the samples directory this collector saved to (see :meth:`save`).
+
+        Saving again takes it again. The lock also goes with the collector object and with its process.
+        """
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def _lock_dirpath(self, dirpath: Path) -> None:
+        """Hold the directory's lock from the first save on, as the callback does from ``setup``: one writer."""
+        if self._lock is not None and Path(self._lock.lock_file).parent == dirpath:
+            return
+        self.close()
+        dirpath.mkdir(parents=True, exist_ok=True)
+        if lstat_or_none(dirpath / LOCK_NAME) is None:
+            claim_samples_dir(dirpath)  # before creating a lock file in a directory that may not be ours
+        # Where a lock file is there, the lock comes first: another writer's half-written save is no reason to
+        # call the directory foreign.
+        lock = FileLock(dirpath / LOCK_NAME)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise SamplesDirectoryError(
+                f"Another run is writing samples to {str(dirpath)!r}: it holds the lock {dirpath / LOCK_NAME}."
+                " Give each run its own directory, or wait for the other run to end (or call `close()` on the"
+                " collector that saved there; a lock of a process that died is released with it)."
+            ) from None
+        try:
+            claim_samples_dir(dirpath)  # again under the lock
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
 
     def write(
         self,

@@ -11,7 +11,9 @@ Field metadata says where a setting goes besides the object itself:
 - ``state``: its key among the run-level entries of a collector state (checkpoint and ``full_state.pt``);
   the engine builds from these and ``merge_states`` requires them equal.
 - ``merge``: two states merge only if their values are equal (the threshold shows in the histogram edges).
-- ``resume``: a resumed collection must have the same value as the one that wrote the checkpoint.
+- ``resume``: a resumed collection must have the same value as the one that wrote the checkpoint (its config
+  block). ``activation_threshold`` is checked against the checkpoint's collection instead, the value its counts
+  were made with (a checkpoint that collected nothing yet resumes at any threshold).
 - ``summary=False``: not recorded in ``collection_summary.json``'s ``config`` block.
 """
 

@@ -14,6 +14,9 @@ from urllib.parse import urlparse
 UNDECODED_FORMAT = "[{}]"
 _UNDECODED = re.compile(r"\[\d+\]")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: What a lone surrogate in a tokenizer's text becomes (U+FFFD, the replacement character).
+REPLACEMENT_CHARACTER = "\ufffd"
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -29,6 +32,15 @@ def undecoded(token_id: int) -> str:
 def is_undecoded(text: str) -> bool:
     """Whether a display string is an undecoded token id (``[12575]``)."""
     return _UNDECODED.fullmatch(text) is not None
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (U+D800 to U+DFFF) replaced by U+FFFD.
+
+    ``bytes.decode("utf-8", "surrogateescape")`` gives such characters (U+DCFF for the byte 0xFF); UTF-8
+    cannot encode them, so they would make every JSON file of a save unwritable.
+    """
+    return _SURROGATE.sub(REPLACEMENT_CHARACTER, text)
 
 
 def hub_offline() -> bool:
@@ -170,7 +182,8 @@ class TokenDecoder:
     """Turns token ids into display strings and context text for one save.
 
     A token that decodes to an incomplete character (``"\ufffd"``: a byte-fallback token) shows as its
-    byte (``<0xE8>``, see :func:`byte_fallback_display`), so distinct bytes stay distinct.
+    byte (``<0xE8>``, see :func:`byte_fallback_display`), so distinct bytes stay distinct. Lone surrogates in
+    what the tokenizer returns become U+FFFD (:func:`without_surrogates`), in display strings and context text.
 
     Args:
         tokenizer: Anything with ``decode`` and/or ``convert_ids_to_tokens``; ``None`` shows ids as ``[12575]``.
@@ -197,7 +210,7 @@ class TokenDecoder:
             text = tok.decode([i]) if hasattr(tok, "decode") else None
             piece = raw[n] if raw is not None else None
             self._raw[i] = str(piece if piece is not None else text)
-            display = str(text if text not in (None, "") else self._raw[i])
+            display = without_surrogates(str(text if text not in (None, "") else self._raw[i]))
             if "\ufffd" in display and piece is not None:
                 display = byte_fallback_display(str(piece)) or display
             if wordpiece:
@@ -225,5 +238,5 @@ class TokenDecoder:
         if tok is None:
             return " ".join(self._strings[i] for i in token_ids)
         if hasattr(tok, "convert_tokens_to_string") and hasattr(tok, "convert_ids_to_tokens"):
-            return str(tok.convert_tokens_to_string([self._raw[i] for i in token_ids]))
+            return without_surrogates(str(tok.convert_tokens_to_string([self._raw[i] for i in token_ids])))
         return "".join(self._strings[i] for i in token_ids)

@@ -99,9 +99,13 @@ def test_usage_line_names_the_export_subcommand(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage: lightning-sae-samples" in err
-    assert "lightning-sae-samples export SAMPLES_DIR OUT" in err.split("error:")[0]
+    err = capsys.readouterr().err  # one line that points to --help, whose usage names the subcommands
+    assert err == ("lightning-sae-samples: error: the following arguments are required: SAMPLES_DIR."
+                   " See `lightning-sae-samples --help`.\n")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "usage: lightning-sae-samples" in usage and "lightning-sae-samples export SAMPLES_DIR OUT" in usage
 
 
 def test_a_parent_of_samples_directories_suggests_them(samples, tmp_path):

@@ -1,5 +1,6 @@
 """What the callback and the plain-loop collector both promise, tested once on each (the ``entry`` fixture)."""
 
+import json
 import math
 
 import pytest
@@ -53,6 +54,28 @@ def test_resuming_with_other_sizes_names_the_setting(entry, setting, first, seco
     entry.collect(padded_batches(2), ckpt=ckpt, **{setting: first})
     with pytest.raises(ValueError, match=rf"{setting}={first}.*{setting}={second}"):
         entry.collect(padded_batches(3), dirpath=entry.root / "again", resume=ckpt, **{setting: second})
+
+
+def test_resuming_with_another_threshold_is_refused_naming_both_values_and_the_fix(entry):
+    # A real checkpoint (Trainer's, or the collector's state_dict) of a collection made at 0.1.
+    ckpt = entry.checkpoint_path("first")
+    entry.collect(padded_batches(2), ckpt=ckpt, activation_threshold=0.1)
+    with pytest.raises(ValueError, match=r"activation_threshold=0\.1, this .* has activation_threshold=0\.9.*"
+                                         r"Pass activation_threshold=0\.1 to continue"):
+        entry.collect(padded_batches(3), dirpath=entry.root / "again", resume=ckpt, activation_threshold=0.9)
+    assert not (entry.root / "again" / "collection_summary.json").exists()
+    # (The same threshold resumes exactly: test_callback's test_resume_writes_identical_files, test_collector's.)
+
+
+def test_a_state_that_holds_no_collection_yet_resumes_at_the_new_threshold(tmp_path):
+    # Nothing collected, so nothing was counted at 0.1.
+    empty = ActivationSampleCollector(activation_threshold=0.1, context_size=CTX).state_dict()
+    collector = ActivationSampleCollector(activation_threshold=0.5, context_size=CTX)
+    collector.load_state_dict(empty)
+    collector.update(torch.arange(8).view(1, 8), latents=torch.full((1, 8, 3), 0.3), step=0)
+    collector.save(tmp_path)
+    summary = json.loads((tmp_path / "collection_summary.json").read_text())
+    assert summary["config"]["activation_threshold"] == 0.5 and summary["total_samples_seen"] == 0
 
 
 @pytest.mark.parametrize("owner", [ActivationSampleCallback, ActivationSampleCollector], ids=["callback", "collector"])

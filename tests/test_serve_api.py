@@ -365,7 +365,7 @@ def test_local_server_refuses_foreign_host_names_and_bad_directories(run_dir, tm
         assert err.value.code == 400
     finally:
         server.stop()
-    assert main([str(tmp_path / "missing")]) == 1
+    assert main([str(tmp_path / "missing")]) == 2
 
 
 def test_without_full_state_the_saved_features_are_served(tmp_path):

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
 from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Sample
-from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
+from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes, refuse_samples_dir_file
+from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
+from lightning_sae_samples.samples_dir.names import WRITER_ID
 from lightning_sae_samples.samples_dir.reader import SamplesDirectory
 
 PathLike = Union[str, os.PathLike]
@@ -30,6 +32,8 @@ EXPORT_VERSION = 2
 FEATURES_NAME = "features"
 SAMPLES_NAME = "samples"
 SUMMARY_NAME = "summary.json"
+#: The files a table export wrote into its folder: the only ones a later export replaces (as Neuronpedia's does).
+TABLES_MANIFEST_NAME = "export_manifest.json"
 
 
 
@@ -326,7 +330,8 @@ def export_samples(
 
     Args:
         analyzer: The opened samples directory.
-        out_dir: Output folder (created if missing); existing export files in it are replaced.
+        out_dir: Output folder (created if missing); the files of an earlier export into it (those its
+            ``export_manifest.json`` lists) are replaced, any other file of the same name stops the export.
         format: ``"jsonl"``, ``"parquet"`` or ``"neuronpedia"``.
         features: Latent indices; default: the saved features in rank order.
         num_examples: Top (and recent) samples per feature; default: those in its feature file.
@@ -338,6 +343,7 @@ def export_samples(
     Raises:
         ValueError: Unknown ``format`` or group.
         ImportError: ``format="parquet"`` without pyarrow.
+        FileExistsError: A file to write is there and an earlier export did not write it.
     """
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
@@ -351,6 +357,15 @@ def export_samples(
         _require("pyarrow", "The parquet format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    targets = [out / f"{FEATURES_NAME}.{format}", out / f"{SAMPLES_NAME}.{format}", out / SUMMARY_NAME]
+    owned = _owned_files(out)
+    for path in targets:
+        refuse_samples_dir_file(path, "an export")
+        if lstat_or_none(path) is not None and (path.name not in owned or not is_plain_file(path)):
+            raise FileExistsError(
+                f"{path} exists and this export did not write it (it is not in {out / TABLES_MANIFEST_NAME});"
+                " move it away or export into another folder."
+            )
     selected = _selected(analyzer, features, num_examples)
     tables = {
         FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
@@ -375,4 +390,20 @@ def export_samples(
     }
     paths["summary"] = out / SUMMARY_NAME
     atomic_write_bytes(paths["summary"], json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False).encode())
+    manifest = {"writer": WRITER_ID, "files": sorted(owned | {p.name for p in targets})}
+    atomic_write_bytes(out / TABLES_MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
     return paths
+
+
+def _owned_files(out: Path) -> set[str]:
+    """The file names an earlier table export listed in ``out``'s manifest; empty when there is none."""
+    path = out / TABLES_MANIFEST_NAME
+    if lstat_or_none(path) is None:
+        return set()
+    record = load_json(path) if is_plain_file(path) else None
+    if not isinstance(record, dict) or record.get("writer") != WRITER_ID or not isinstance(record.get("files"), list):
+        raise FileExistsError(
+            f"{path} is not a manifest lightning-sae-samples wrote; export into another folder or move it away."
+        )
+    allowed = {f"{name}.{ext}" for name in (FEATURES_NAME, SAMPLES_NAME) for ext in TABLE_FORMATS} | {SUMMARY_NAME}
+    return {name for name in record["files"] if name in allowed}

@@ -32,7 +32,7 @@ from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import WRITER_ID
 from lightning_sae_samples.samples_dir.reader import SamplesDirectory
-from lightning_sae_samples.tokens import load_tokenizer
+from lightning_sae_samples.tokens import load_tokenizer, without_surrogates
 
 PathLike = Union[str, os.PathLike]
 
@@ -171,7 +171,7 @@ def neuronpedia_piece(piece: Optional[str]) -> str:
     """A vocabulary piece as Neuronpedia shows it: whitespace stand-ins replaced; ``None`` is out of range."""
     if piece is None:
         return OUT_OF_RANGE_TOKEN
-    text = str(piece)
+    text = without_surrogates(str(piece))
     for stand_in, replacement in WHITESPACE_PIECES.items():
         text = text.replace(stand_in, replacement)
     return text

@@ -8,7 +8,15 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PENDING_DIR,
+    REPORT_NAME,
+    SUMMARY_NAME,
+    SamplesDirectoryError,
+    is_writer_name,
+)
 
 
 def lstat_or_none(path: Path) -> Optional[os.stat_result]:
@@ -31,3 +39,21 @@ def load_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SamplesDirectoryError(f"Cannot read {path}: {err}. The file is corrupt or unreadable.") from err
+
+
+def samples_dir_of(path: Path) -> Optional[Path]:
+    """The samples directory ``path`` is (or would be) a file of, else ``None``.
+
+    A file of a samples directory is one of the names the writer or the callback puts there (summary, full
+    state, manifest, feature files, lock; not the Markdown report, which reports may rewrite) in a folder holding
+    a summary or a manifest, or anything in a pending directory. Links on the way (and a link at ``path``) are
+    followed, so no other name reaches them.
+    """
+    for candidate in {Path(os.path.abspath(path)), Path(path).resolve()}:
+        if PENDING_DIR in candidate.parts:
+            return Path(*candidate.parts[: candidate.parts.index(PENDING_DIR)])
+        folder = candidate.parent
+        ours = (is_writer_name(candidate.name) and candidate.name != REPORT_NAME) or candidate.name == LOCK_NAME
+        if ours and any(lstat_or_none(folder / name) is not None for name in (SUMMARY_NAME, MANIFEST_NAME)):
+            return folder
+    return None

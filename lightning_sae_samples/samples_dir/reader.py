@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,14 @@ class SamplesDirectory:
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
     """Our files in ``dirpath``, overlaid by a committed but unfinished save, by the writer's rules."""
-    files = {p.name: p for p in dirpath.iterdir() if is_writer_name(p.name) and p.name != MANIFEST_NAME and p.is_file()}
+    files = {}
+    for p in dirpath.iterdir():
+        if not is_writer_name(p.name) or p.name == MANIFEST_NAME:
+            continue
+        if is_plain_file(p):
+            files[p.name] = p
+        else:  # a link (even to a regular file) or a folder: never followed, as the writer's rule
+            warnings.warn(f"Ignored {p}: not a regular file (links are not followed).", UserWarning, stacklevel=3)
     pending = dirpath / PENDING_DIR
     record = load_commit(pending)
     if record is not None:
@@ -68,6 +76,11 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             by an incompatible version.
     """
     dirpath = Path(path)
+    if dirpath.exists() and not dirpath.is_dir():
+        raise SamplesDirectoryError(
+            f"{dirpath} is not a directory. Pass the samples directory the callback wrote to (its `dirpath`), not a"
+            " file in it."
+        )
     if not dirpath.is_dir():
         raise SamplesDirectoryError(
             f"Samples directory {dirpath} does not exist. Pass the `dirpath` the callback wrote to"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -12,6 +14,7 @@ from lightning_sae_samples.samples_dir.commit import (
     _pending_is_ours,
     _recover,
     claim_samples_dir,
+    is_plain_file,
     lstat_or_none,
     read_manifest,
 )
@@ -39,6 +42,9 @@ from lightning_sae_samples.samples_dir.serialize import (
 from lightning_sae_samples.state.schema import FORMAT_VERSION
 from lightning_sae_samples.state.statistics import feature_statistics, rank_features, run_summary
 from lightning_sae_samples.tokens import TokenDecoder
+
+#: Hex digits of the digest in a save's ``save_id`` (``"<global_step>-<digits>"``).
+SAVE_ID_DIGITS = 16
 
 
 def write_samples_dir(
@@ -98,7 +104,51 @@ def write_samples_dir(
             " use this name."
         )
     pending.mkdir(exist_ok=True)
+    try:
+        ranked, written, stale = _write_pending(
+            dirpath, pending, state, config=config, tokenizer=tokenizer, top_features=top_features,
+            samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=global_step,
+            feature_extras=feature_extras, full_state=full_state, source=source, directions=directions,
+        )
+        if before_commit is not None:
+            before_commit(pending)
+        record = {"files": [*written, MANIFEST_NAME], "remove": stale}
+        atomic_write_json(pending / COMMIT_NAME, record)
+    except BaseException:
+        # Nothing is committed: the previous save stands, and the partial files go at once (a full disk gets its
+        # space back, and no WRITER stays behind).
+        if not is_plain_file(pending / COMMIT_NAME):
+            try:
+                _clear_pending(pending)
+            except OSError:
+                pass
+        raise
+    _apply_commit(dirpath, record)
+    _clear_pending(pending)
+    return ranked
+
+
+def _write_pending(
+    dirpath: Path,
+    pending: Path,
+    state: dict,
+    *,
+    config: dict,
+    tokenizer: Any,
+    top_features: int,
+    samples_per_feature: int,
+    rank_by: str,
+    global_step: int,
+    feature_extras: Optional[dict[int, dict]],
+    full_state: bool,
+    source: str,
+    directions: Optional[Any] = None,
+) -> tuple[list[int], list[str], list[str]]:
+    """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
     atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
+    # The save's id: its step and a digest of what it wrote, so that a reader can tell two saves apart and an
+    # exact resume still writes the same files as an uninterrupted run.
+    digest = hashlib.sha256()
 
     ranked = rank_features(state, rank_by, top_features).tolist()
     view = with_recent_view(state)
@@ -117,7 +167,7 @@ def write_samples_dir(
             stats["recent_overlap"] = groups.pop("recent_overlap")
         record.update(groups)
         record.update((k, v) for k, v in (feature_extras or {}).get(idx, {}).items() if k not in record)
-        atomic_write_json(pending / name, record)
+        digest.update(atomic_write_json(pending / name, record))
         names.append(name)
         entries.append(
             {
@@ -131,25 +181,21 @@ def write_samples_dir(
                 "file": name,
             }
         )
-    summary = {"format_version": FORMAT_VERSION, "global_step": int(global_step), **run_summary(state)}
+    written = [*names, *([FULL_STATE_NAME] if full_state else []), *([DECODER_NAME] if directions is not None else []),
+               SUMMARY_NAME]
+    summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
     summary["config"] = config
     if source != "train":
         summary["source"], summary["weights_step"] = source, int(global_step)
     summary["top_features_by_activation"] = entries
+    digest.update(json.dumps([summary, sorted(written)], sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:
         atomic_torch_save(pending / FULL_STATE_NAME, state)
     if directions is not None:
         atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
 
-    written = [*names, *([FULL_STATE_NAME] if full_state else []), *([DECODER_NAME] if directions is not None else []),
-               SUMMARY_NAME]
-    atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "files": sorted(written)})
+    atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "save_id": save_id, "files": sorted(written)})
     stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
-    if before_commit is not None:
-        before_commit(pending)
-    record = {"files": [*written, MANIFEST_NAME], "remove": stale}
-    atomic_write_json(pending / COMMIT_NAME, record)
-    _apply_commit(dirpath, record)
-    _clear_pending(pending)
-    return ranked
+    return ranked, written, stale

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_sae_samples.arguments import OneLineErrorParser
+
 PROG = "lightning-sae-samples"
 COMMAND = "serve"
 DEFAULT_HOST = "127.0.0.1"
@@ -31,7 +33,7 @@ def serve_command(dirpath: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-sae-samples serve``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=f"{PROG} {COMMAND}",
         description="Browse every latent of a samples directory (or of the runs in a parent folder) in a local web"
         " page: a sortable, filterable list, feature pages, search by token and by context text. The page follows"
@@ -160,7 +162,7 @@ class Server:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lightning-sae-samples serve``: returns the exit status (1 on a user error, with one line on stderr)."""
+    """``lightning-sae-samples serve``: returns the exit status (2 on an error, with one line on stderr)."""
     from rich.console import Console
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -169,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         server = Server(args.samples_dir, args.host, args.port, args.tokenizer, allow_writes=args.allow_writes)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line, never a traceback
         sys.stderr.write(f"{PROG} {COMMAND}: error: {' '.join(str(err).split()) or type(err).__name__}\n")
-        return 1
+        return 2
     runs = server.runs.names
     console.print(f"Serving {len(runs)} run{'s' if len(runs) != 1 else ''} of {server.runs.root} at {server.url}",
                   highlight=False, markup=False)
