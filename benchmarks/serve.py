@@ -19,6 +19,11 @@ test client, HTTP encoding and JSON included:
   computed and cached) and repeated (median, max);
 * context search: ``/api/search/context?text=`` (20 hits).
 
+``--meaning`` measures, at F = 1,048,576 (``--meaning-latents``), what the feature pages' words and neighbours
+cost: a latent's neighbours over random unit decoder rows in float16 (``--d-model``, one or more), and, with every
+latent explained (synthetic explanations of 6-12 words drawn from a Zipf-distributed vocabulary of 5,000 words),
+reading the sidecar, building the explanation index, ranked explanation searches and the sort by score.
+
 Nothing here asserts a time; the issue's targets are printed next to the measurements.
 """
 
@@ -42,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 TARGETS = {"load": "≤ 15 s", "rss": "≤ 2.5× full_state.pt", "feature": "≤ 200 ms", "token": "≤ 500 ms",
-           "list": "≤ 300 ms"}
+           "list": "≤ 300 ms", "neighbours": "≤ 100 ms", "explanation": "≤ 200 ms"}
 
 
 def build(num_latents: int, dirpath: str, tokens: int, seq_len: int, vocab: int) -> None:
@@ -124,6 +129,85 @@ def measure(dirpath: str, repeat: int) -> None:
     }))
 
 
+def _timed(fn, repeat: int) -> dict:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _ms(times)
+
+
+def measure_meaning(num_latents: int, d_models: list[int], repeat: int, sidecar: bool) -> list[tuple[str, str, str]]:
+    """Neighbours and explanation search at ``num_latents``; rows of (what, measurement, target)."""
+    import torch
+
+    from lightning_sae_samples.analysis.explanations import ExplanationRecord, append_explanations, read_explanations
+    from lightning_sae_samples.analysis.neighbours import nearest_latents
+    from lightning_sae_samples.serve.explanations import ExplanationIndex
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, num_latents, (repeat,), generator=gen).tolist()
+    for d in d_models:
+        directions = torch.empty(num_latents, d, dtype=torch.float16)
+        for start in range(0, num_latents, 1 << 16):
+            block = torch.randn(min(1 << 16, num_latents - start), d, generator=gen)
+            directions[start : start + len(block)] = (block / block.norm(dim=1, keepdim=True)).half()
+        nearest_latents(directions, picks[0], 10)  # first touch of the pages
+        times = []
+        for latent in picks:
+            t0 = time.perf_counter()
+            nearest_latents(directions, latent, 10)
+            times.append(time.perf_counter() - t0)
+        result = _ms(times)
+        rows.append((f"neighbours of one latent (10), d_model {d}, float16 rows {mib(directions.numel() * 2)}",
+                     f"{result['median']:.0f} / {result['max']:.0f} ms", TARGETS["neighbours"]))
+        del directions
+    words = [f"w{n}" for n in range(5000)]
+    zipf = 1.0 / torch.arange(1, len(words) + 1, dtype=torch.float64)
+    lengths = torch.randint(6, 13, (num_latents,), generator=gen)
+    drawn = torch.multinomial(zipf, int(lengths.sum()), replacement=True, generator=gen).tolist()
+    texts, at = [], 0
+    for n in lengths.tolist():
+        texts.append(" ".join(words[i] for i in drawn[at : at + n]))
+        at += n
+    scores = torch.rand(num_latents, generator=gen).tolist()
+    records = {i: ExplanationRecord(latent=i, text=t, score=s, samples_step=1, time="2026-12-03T00:00:00+00:00")
+               for i, (t, s) in enumerate(zip(texts, scores))}
+    if sidecar:
+        folder = Path(tempfile.mkdtemp(prefix="sae-sidecar-bench-"))
+        t0 = time.perf_counter()
+        append_explanations(folder, records.values())
+        write_s = time.perf_counter() - t0
+        size = (folder / "explanations" / "explanations.jsonl").stat().st_size
+        t0 = time.perf_counter()
+        records = read_explanations(folder)
+        read_s = time.perf_counter() - t0
+        rows.append((f"sidecar of {num_latents:,} explanations ({mib(size)}): append / read and validate",
+                     f"{write_s:.1f} s / {read_s:.1f} s", ""))
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    index = ExplanationIndex(records, {}, num_latents)
+    built_s = time.perf_counter() - t0
+    rows.append((f"explanation index build ({len(index.explanation_words.post_doc):,} postings)", f"{built_s:.1f} s",
+                 "once per new explanations"))
+    queries = {"one common word": [words[0]], "one rare word": [words[4000]], "three words": words[10:13],
+               "five mixed words": [words[1], words[50], words[300], words[2000], words[4999]]}
+    for name, query in queries.items():
+        text = " ".join(query)
+        total = index.search(text, 0, 50)[2]
+        result = _timed(lambda text=text: index.search(text, 0, 50), repeat)
+        rows.append((f"explanation search, {name} ({total:,} matches), 50 rows",
+                     f"{result['median']:.0f} / {result['max']:.0f} ms", TARGETS["explanation"]))
+    latents = torch.arange(num_latents)
+    first = _timed(lambda: index.order_by_score(latents, True), 1)
+    rows.append(("sort by score (first call; then cached)", f"{first['median']:.0f} ms", TARGETS["list"]))
+    return rows
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -138,7 +222,24 @@ def main() -> None:
     p.add_argument("--keep", metavar="DIR", help="write the directories under DIR and keep them (reused if present)")
     p.add_argument("--build", nargs=2, metavar=("F", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--measure", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--meaning", action="store_true", help="measure neighbours and explanation search only")
+    p.add_argument("--meaning-latents", type=int, default=1 << 20, metavar="F")
+    p.add_argument("--d-model", type=int, nargs="+", default=[256, 768], metavar="D")
+    p.add_argument("--no-sidecar", action="store_true", help="with --meaning: skip writing and reading the sidecar")
     args = p.parse_args()
+    if args.meaning:
+        from rich.console import Console
+        from rich.table import Table
+
+        load = os.getloadavg()[0]
+        table = Table(title=f"serve: neighbours and explanations at F = {args.meaning_latents:,} (CPU; median / max"
+                            f" of {args.repeat}; load average {load:.1f})")
+        for name in ("row", "measured", "target"):
+            table.add_column(name, justify="left" if name == "row" else "right")
+        for row in measure_meaning(args.meaning_latents, args.d_model, args.repeat, not args.no_sidecar):
+            table.add_row(*row)
+        Console(width=int(os.environ.get("COLUMNS", "150"))).print(table)
+        return
     if args.build:
         build(int(args.build[0]), args.build[1], args.tokens, args.seq_len, args.vocab)
         return

@@ -15,7 +15,11 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_sae_samples.analysis.logit_effects import logit_effect_extras, resolve_logit_effects_fn
+from lightning_sae_samples.analysis.logit_effects import (
+    logit_effect_extras,
+    module_matrices,
+    resolve_logit_effects_fn,
+)
 from lightning_sae_samples.collector import STATE_VERSION, ActivationSampleCollector
 from lightning_sae_samples.config import CallbackConfig, seed_settings
 from lightning_sae_samples.engine.distributed import gather_merged_state
@@ -57,7 +61,9 @@ class ActivationSampleCallback(Callback):
         logit_effects: A function taking the LightningModule and returning ``(W_dec [F, d_model],
             W_U [d_model, vocab])``, or its import path ``"package.module:function"`` (for YAML configs).
             Each saved feature file then gets a ``logit_effects`` key: the ``logit_effects_k`` tokens its
-            decoder direction promotes and suppresses most (``W_dec[j] @ W_U``).
+            decoder direction promotes and suppresses most (``W_dec[j] @ W_U``), and saves that write
+            ``full_state.pt`` (and the last one) write ``W_dec`` as ``decoder_directions.pt`` for each latent's
+            neighbours (``save_decoder_directions``).
         token_source: For shuffled activation rows: where their ``token_refs`` (outputs' or batch's
             ``token_refs_key``) find their tokens, an :class:`~lightning_sae_samples.token_sources.ArrayTokenSource`
             or :class:`~lightning_sae_samples.token_sources.TokenRing`, or its import path
@@ -123,6 +129,7 @@ class ActivationSampleCallback(Callback):
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
         self._last_save_step: Optional[int] = None
+        self._last_decoder = False
         self._snapshot: Optional[ActivationSampleCollector] = None
         self._snapshot_loop = "validate"
         self._snapshot_step = 0
@@ -571,20 +578,26 @@ class ActivationSampleCallback(Callback):
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
         full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
         written = None if merged is None else _collected_so_far(merged)
-        if written is not None and written == self._last_written and (self._last_full_state or not full_state):
+        wants_decoder = self.logit_effects is not None and self.settings.save_decoder_directions and (
+            full_state or final)
+        if (written is not None and written == self._last_written and (self._last_full_state or not full_state)
+                and (self._last_decoder or not wants_decoder)):
             if trainer.global_step != self._last_save_step:  # a second save of one step (save_last) says nothing
                 rank_zero_info(
                     f"ActivationSampleCallback: nothing collected since the samples saved at step"
                     f" {self._last_save_step}; {self.dirpath} is not written again."
                 )
             return
-        tokenizer = extras = None
+        tokenizer = extras = decoder = None
         if merged is not None:
             tokenizer = self._tokenizer(trainer, pl_module)
+            matrices = module_matrices(self.logit_effects, pl_module, int(merged["num_latents"]))
             extras = logit_effect_extras(
-                self.logit_effects, pl_module, merged, self.settings.rank_features_by,
+                matrices, merged, self.settings.rank_features_by,
                 self.settings.top_features_to_save, self.settings.logit_effects_k, tokenizer,
             )
+            if matrices is not None and wants_decoder:
+                decoder = matrices[0]
         self.engine.write(
             self.dirpath,
             merged,
@@ -594,10 +607,12 @@ class ActivationSampleCallback(Callback):
             full_state=full_state,
             feature_extras=extras,
             owner="ActivationSampleCallback",
+            decoder=decoder,
         )
         if written is not None:
             self._last_written, self._last_full_state = written, full_state
             self._last_save_step = trainer.global_step
+            self._last_decoder = decoder is not None
 
 
 def _collected_so_far(merged: dict) -> tuple[int, ...]:

@@ -456,7 +456,13 @@ class ActivationSampleCollector:
 
     # ------------------------------------------------------------------ saving
     def save(
-        self, dirpath: PathLike, tokenizer: Any = None, *, global_step: Optional[int] = None, full_state: bool = True
+        self,
+        dirpath: PathLike,
+        tokenizer: Any = None,
+        *,
+        global_step: Optional[int] = None,
+        full_state: bool = True,
+        decoder: Optional[torch.Tensor] = None,
     ) -> list[int]:
         """Write the samples directory (and the Markdown report unless ``write_report=False``).
 
@@ -468,6 +474,9 @@ class ActivationSampleCollector:
             global_step: Recorded as the save's step (default: the last collected step).
             full_state: Also write ``full_state.pt`` (every latent's samples); a save without it removes the
                 previous one, which would be older than the summary.
+            decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: saved as ``decoder_directions.pt`` (unit rows,
+                float16) so that reports and ``serve`` list each latent's neighbours; a save without it removes
+                the previous one.
 
         Returns:
             The saved feature indices, best first (empty on other ranks or when nothing was collected).
@@ -496,6 +505,7 @@ class ActivationSampleCollector:
             config={**self.config(), "tokenizer": describe_tokenizer(tokenizer)},
             global_step=global_step,
             full_state=full_state,
+            decoder=decoder,
         )
 
     def close(self) -> None:
@@ -546,6 +556,7 @@ class ActivationSampleCollector:
         owner: Optional[str] = None,
         source: str = "train",
         trained_step: Optional[int] = None,
+        decoder: Optional[torch.Tensor] = None,
     ) -> list[int]:
         """Write the samples directory of a merged state (see :meth:`merged_state`), on one process.
 
@@ -564,6 +575,7 @@ class ActivationSampleCollector:
             source: What the collection is (see ``write_samples_dir``): ``"train"`` or an evaluation loop's name.
             trained_step: Of a snapshot: the run's last training step, said and recorded when newer than the
                 weights' step (see ``write_samples_dir``).
+            decoder: The SAE's decoder ``[F, d_model]``, saved as ``decoder_directions.pt`` (see :meth:`save`).
 
         Returns:
             The saved feature indices, best first.
@@ -588,6 +600,7 @@ class ActivationSampleCollector:
             source=source,
             history=self._history_settings() if source == "train" else None,
             trained_step=trained_step,
+            decoder=decoder,
         )
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0

@@ -138,6 +138,7 @@ def write_run_dir(
     top_features: int = 6,
     samples_per_feature: int = 3,
     drift_step: int = 2,
+    logit_effects=None,
 ) -> Path:
     """``root/samples`` written by a real ``Trainer`` run (6 steps) with the callback.
 
@@ -154,6 +155,20 @@ def write_run_dir(
         top_features_to_save=top_features, samples_per_feature_to_save=samples_per_feature,
         dirpath=root / "samples", tokenizer=tokenizer, write_report=False,
         recent_window_steps=recent_window_steps, samples_per_interval=samples_per_interval,
+        logit_effects=logit_effects,
     )
     trainer(root, [cb], max_epochs=1).fit(_drifting_sae(num_latents, drift_step), loader())
     return root / "samples"
+
+
+def decoder_matrices(module, d_model: int = 6, vocab: int = 30):
+    """A fixed ``(W_dec [F, d_model], W_U [d_model, vocab])`` for the ``logit_effects`` of a test SAE.
+
+    Importable as ``render_support:decoder_matrices``; latents ``2j`` and ``2j + 1`` share most of a direction, so
+    each has an obvious nearest neighbour.
+    """
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn((module.num_latents + 1) // 2, d_model, generator=gen)
+    w_dec = base.repeat_interleave(2, 0)[: module.num_latents] + 0.1 * torch.randn(module.num_latents, d_model,
+                                                                                  generator=gen)
+    return w_dec, torch.randn(d_model, vocab, generator=gen)

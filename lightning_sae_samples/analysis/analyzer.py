@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Iterable
 from importlib import import_module
 from pathlib import Path
@@ -26,12 +27,15 @@ from lightning_sae_samples.analysis.records import (
     Histogram,
     IntervalGroup,
     LogitEffects,
+    Meaning,
+    NeighbourInfo,
     RunSummary,
     Sample,
 )
 from lightning_sae_samples.arguments import choice
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
+from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import (
@@ -177,6 +181,9 @@ class ActivationSampleAnalyzer:
         self._state: Optional[dict] = None
         self._view: Optional[dict] = None
         self._computed_effects: dict[int, LogitEffects] = {}
+        self._directions: Optional[torch.Tensor] = None
+        self._explanations: Optional[dict[int, Any]] = None
+        self._labels: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ loading
     def _read(self, samples_dir: PathLike) -> None:
@@ -360,6 +367,85 @@ class ActivationSampleAnalyzer:
         recent = tuple(Sample.from_json(r) for r in raw.get("recent_samples") or [])
         return groups, recent, raw.get("recent_overlap")
 
+    # ------------------------------------------------------------------ meaning: explanations and neighbours
+    def decoder_directions(self) -> Optional[torch.Tensor]:
+        """The unit decoder rows ``[F, d_model]`` of ``decoder_directions.pt`` (validated, memory-mapped), or ``None``.
+
+        Raises:
+            SamplesDirectoryError: The file is corrupt or does not fit the run.
+        """
+        if self._directions is None and self.directory.decoder_path is not None:
+            self._directions = load_decoder_directions(self.directory.decoder_path, self.num_features)
+        return self._directions
+
+    def explanations(self) -> dict[int, Any]:
+        """The latest explanation record per latent from the sidecar (``explanations/explanations.jsonl``), read once.
+
+        Raises:
+            SamplesDirectoryError: A line of the sidecar is not a valid record.
+        """
+        if self._explanations is None:
+            from lightning_sae_samples.analysis.explanations import read_explanations, read_labels
+
+            self._explanations = read_explanations(self.directory.path)
+            self._labels = read_labels(self.directory.path)
+        return self._explanations
+
+    def meaning(self, feature_idx: int) -> Optional[Meaning]:
+        """A latent's explanation, score and label from the sidecar, or ``None`` when it has neither."""
+        record = self.explanations().get(feature_idx)
+        label = self._labels.get(feature_idx)
+        if record is None and label is None:
+            return None
+        if record is None:
+            return Meaning(label=label.text)
+        return Meaning(
+            explanation=record.text, score=record.score, score_contexts=record.score_contexts,
+            random_score=record.random_score, model=record.model, samples_step=record.samples_step,
+            stale=record.samples_step < self.summary.global_step, label=None if label is None else label.text,
+        )
+
+    def _latent_tokens(self, idx: int, limit: int = 3) -> tuple[str, ...]:
+        saved = self._saved.get(idx)
+        if saved is not None:
+            return tuple(text for text, _ in saved.top_tokens(limit))
+        state = self._full_state()
+        if state is None:
+            return ()
+        counts = Counter(s.activating_token.text for s in self._state_samples(state, idx, 0, 10))
+        return tuple(text for text, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit])
+
+    def neighbours(self, features: Iterable[int], k: int = 5) -> dict[int, tuple[NeighbourInfo, ...]]:
+        """Each latent's ``k`` latents of closest decoder direction (cosine), with their explanation or top tokens.
+
+        One chunked pass over ``decoder_directions.pt`` for all of ``features`` (empty tuples without the file).
+        """
+        from lightning_sae_samples.analysis.neighbours import nearest_latents_of
+
+        indices = [self._check_index(f) for f in features]
+        directions = self.decoder_directions()
+        if directions is None or k < 1:
+            return {i: () for i in indices}
+        found = nearest_latents_of(directions, indices, k)
+        out = {}
+        for idx, near in zip(indices, found):
+            infos = []
+            for n in near:
+                meaning = self.meaning(n.feature_idx)
+                text = meaning and (meaning.label or meaning.explanation)
+                infos.append(NeighbourInfo(n.feature_idx, n.cosine, text or None,
+                                           () if text else self._latent_tokens(n.feature_idx)))
+            out[idx] = tuple(infos)
+        return out
+
+    def with_meaning(self, features: list[FeatureSamples], neighbours: int = 5) -> list[FeatureSamples]:
+        """``features`` with their explanations, labels and ``neighbours`` nearest latents attached."""
+        near = self.neighbours([f.feature_idx for f in features], neighbours)
+        return [
+            dataclasses.replace(f, meaning=self.meaning(f.feature_idx), neighbours=near[f.feature_idx])
+            for f in features
+        ]
+
     # ------------------------------------------------------------------ accessors
     @property
     def num_features(self) -> int:
@@ -508,22 +594,28 @@ class ActivationSampleAnalyzer:
         examples_per_feature: int = 10,
         rank_by: Optional[str] = None,
         progress: bool = False,
+        neighbours: int = 5,
     ) -> list[FeatureSamples]:
         """The ``top_k`` best latents with up to ``examples_per_feature`` samples each.
+
+        Each comes with its explanation and label (:meth:`meaning`) and its ``neighbours`` nearest latents by
+        decoder direction (when the run saved ``decoder_directions.pt``).
 
         Args:
             top_k: Number of latents.
             examples_per_feature: Samples per latent.
             rank_by: Ranking (default: the run's).
             progress: Show a progress bar on stderr.
+            neighbours: Neighbours per latent (0: none).
         """
         if top_k < 0 or examples_per_feature < 0:
             raise ValueError("`top_k` and `examples_per_feature` must be >= 0.")
         ranked = self.features(rank_by, top_k)
-        return [
+        features = [
             self.feature(s.feature_idx, examples_per_feature)
             for s in progress_bar(ranked, progress, "Reading features")
         ]
+        return self.with_meaning(features, neighbours)
 
     def logit_effects(
         self,
@@ -642,9 +734,8 @@ class ActivationSampleAnalyzer:
         """
         from lightning_sae_samples.render.console import print_feature
 
-        print_feature(
-            self.feature(feature_idx, num_examples), console=console, recent_window=self.summary.recent_window
-        )
+        feature = self.with_meaning([self.feature(feature_idx, num_examples)])[0]
+        print_feature(feature, console=console, recent_window=self.summary.recent_window)
 
     def print_summary(self, top_k: int = 20, rank_by: Optional[str] = None, console: Any = None) -> None:
         """Print the run summary and a table of the top latents.

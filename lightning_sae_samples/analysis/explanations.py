@@ -298,3 +298,43 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_new_records(samples_dir: PathLike, offset: int = 0) -> tuple[list[ExplanationRecord], int]:
+    """The records of the complete lines after byte ``offset`` of the sidecar, and the offset after them.
+
+    The sidecar only grows (records are appended), so a reader that keeps the offset reads each line once: `serve`
+    follows an explainer's appends this way. An incomplete last line is left for the next call.
+
+    Raises:
+        SamplesDirectoryError: A line is not a valid record (naming the file and the line's byte offset), or the
+            sidecar is a link.
+    """
+    folder = _checked_folder(samples_dir, create=False)
+    path = _checked_file(folder) if folder is not None else None
+    if path is None:
+        return [], 0
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    end = data.rfind(b"\n") + 1
+    records = []
+    at = offset
+    for raw in data[:end].splitlines(keepends=True):
+        where, at = at, at + len(raw)
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: not a JSON object ({err}).") from err
+        if not isinstance(obj, dict):
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: expected a JSON object.")
+        missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj))
+        if missing:
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: missing field `{missing[0]}`.")
+        try:  # the record checks its fields (once)
+            records.append(ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__}))
+        except ValueError as err:
+            raise SamplesDirectoryError(f"{path}, line at byte {where}: {err}") from err
+    return records, offset + end

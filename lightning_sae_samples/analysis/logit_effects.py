@@ -172,9 +172,33 @@ def resolve_logit_effects_fn(spec: Union[str, Callable, None]) -> Optional[Calla
     return target
 
 
+def module_matrices(fn: Optional[Callable], pl_module: Any, num_latents: int) -> Optional[tuple[Tensor, Tensor]]:
+    """``(W_dec, W_U)`` from the callback's ``logit_effects`` function, checked; ``None`` without one or on failure.
+
+    A failure is reported with ``rank_zero_warn``: a save goes on without logit effects and neighbours (a report
+    must never stop training).
+    """
+    if fn is None:
+        return None
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    try:
+        matrices = fn(pl_module)
+        if not (isinstance(matrices, (tuple, list)) and len(matrices) == 2):
+            raise TypeError(f"it must return a pair (W_dec, W_U), got {type(matrices).__name__}")
+        w_dec, w_u = matrices
+        check_matrices(w_dec, w_u, int(num_latents))
+    except Exception as err:  # noqa: BLE001 - a report must never stop training
+        rank_zero_warn(
+            f"ActivationSampleCallback could not compute logit effects with `logit_effects` (nor save the decoder for"
+            f" neighbours): {err}"
+        )
+        return None
+    return w_dec, w_u
+
+
 def logit_effect_extras(
-    fn: Optional[Callable],
-    pl_module: Any,
+    matrices: Optional[tuple[Tensor, Tensor]],
     state: dict,
     rank_by: str,
     top_features: int,
@@ -183,12 +207,10 @@ def logit_effect_extras(
 ) -> Optional[dict[int, dict]]:
     """The ``logit_effects`` entries of the features a save writes, for ``write_samples_dir(feature_extras=)``.
 
-    Calls ``fn(pl_module)`` for ``(W_dec, W_U)``. A failure is reported with ``rank_zero_warn`` and the save
-    goes on without logit effects (a report must never stop training).
+    A failure is reported with ``rank_zero_warn`` and the save goes on without logit effects.
 
     Args:
-        fn: The callback's ``logit_effects`` function, or ``None`` (then nothing is computed).
-        pl_module: The LightningModule passed to ``fn``.
+        matrices: ``(W_dec, W_U)`` from :func:`module_matrices`, or ``None`` (then nothing is computed).
         state: The merged collector state being saved.
         rank_by: The ranking choosing the saved features.
         top_features: How many features the save writes.
@@ -198,7 +220,7 @@ def logit_effect_extras(
     Returns:
         Feature index to ``{"logit_effects": {...}}``, or ``None``.
     """
-    if fn is None or top_features == 0:
+    if matrices is None or top_features == 0:
         return None
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -208,12 +230,7 @@ def logit_effect_extras(
     if not features:
         return None
     try:
-        matrices = fn(pl_module)
-        if not (isinstance(matrices, (tuple, list)) and len(matrices) == 2):
-            raise TypeError(f"it must return a pair (W_dec, W_U), got {type(matrices).__name__}")
-        w_dec, w_u = matrices
-        check_matrices(w_dec, w_u, int(state["num_latents"]))
-        effects = compute_logit_effects(w_dec, w_u, features, k, tokenizer)
+        effects = compute_logit_effects(matrices[0], matrices[1], features, k, tokenizer)
     except Exception as err:  # noqa: BLE001 - a report must never stop training
         rank_zero_warn(f"ActivationSampleCallback could not compute logit effects with `logit_effects`: {err}")
         return None

@@ -327,6 +327,49 @@ class IntervalGroup:
 
 
 @dataclass(frozen=True)
+class NeighbourInfo:
+    """A latent whose decoder direction is close to another's, as reports show it.
+
+    Attributes:
+        feature_idx: The neighbour.
+        cosine: Cosine of the two decoder directions.
+        explanation: Its label or explanation text, when it has one.
+        top_tokens: Its most frequent activating tokens (text), when its samples are known.
+    """
+
+    feature_idx: int
+    cosine: float
+    explanation: Optional[str] = None
+    top_tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """What a latent means in words: its explanation (with its score) and the label a person gave it.
+
+    Attributes:
+        explanation: The latest explanation text, or ``None``.
+        score: Its detection score (balanced accuracy), or ``None`` when not scored.
+        score_contexts: How many contexts the score was computed on.
+        random_score: The score of a random explanation (the noise baseline), or ``None``.
+        model: The model that wrote it.
+        stale: Whether it was written from an older save than the samples shown (its ``samples_step`` is below
+            the save's ``global_step``).
+        samples_step: The step of the save it was written from.
+        label: The latest label a person typed, or ``None``.
+    """
+
+    explanation: Optional[str] = None
+    score: Optional[float] = None
+    score_contexts: Optional[int] = None
+    random_score: Optional[float] = None
+    model: str = ""
+    stale: bool = False
+    samples_step: Optional[int] = None
+    label: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class FeatureSamples:
     """A latent's statistics and its top samples, best first, with its optional sample groups.
 
@@ -347,6 +390,9 @@ class FeatureSamples:
             samples, most first (ties: the lower id first): its file's ``activating_tokens``, or from
             ``full_state.pt``; empty for files of earlier versions.
         kept_samples: How many kept top samples ``kept_token_counts`` counts over (0: not known).
+        meaning: Its explanation, score and label from the explanations sidecar, when it has any.
+        neighbours: The latents of closest decoder direction, best first (empty without
+            ``decoder_directions.pt``, or when not asked for).
     """
 
     stats: FeatureStats
@@ -358,6 +404,8 @@ class FeatureSamples:
     story: Optional[str] = None
     kept_token_counts: tuple[tuple[int, str, int], ...] = ()
     kept_samples: int = 0
+    meaning: Optional[Meaning] = None
+    neighbours: tuple[NeighbourInfo, ...] = ()
 
     @property
     def feature_idx(self) -> int:

@@ -220,6 +220,12 @@ def print_feature(
         story = Text("\nThrough training: ", style="bold")
         story.append(visible(feature.story), style="")
         console.print(story)
+    meaning = meaning_text(feature)
+    if meaning is not None:
+        console.print(Group(Text(""), meaning))
+    neighbours = neighbours_table(feature)
+    if neighbours is not None:
+        console.print(Text(""), neighbours)
     effects = logit_effects_table(feature)
     if effects is not None:
         console.print(Text(""), effects)
@@ -237,6 +243,42 @@ def print_feature(
     print_recent(feature, console, recent_window)
 
 
+def meaning_text(feature: FeatureSamples) -> Optional[Text]:
+    """The latent's label, explanation and score (and whether it is older than the samples), or ``None``."""
+    view = views.meaning_view(feature)
+    if view is None:
+        return None
+    text = Text()
+    if view["label"]:
+        text.append("Label: ", style="bold")
+        text.append(view["label"])
+        text.append("\n")
+    if view["explanation"]:
+        text.append("Explanation: ", style="bold")
+        text.append(view["explanation"])
+        note = f" (score {view['score']}" + (f"; {view['score_note']}" if view["score_note"] else "") + ")"
+        text.append(note, style="dim")
+        if view["stale"]:
+            text.append(f"\n⚠ {view['stale']}", style="bold yellow")
+    text.rstrip()
+    return text if text.plain else None
+
+
+def neighbours_table(feature: FeatureSamples) -> Optional[Table]:
+    """The latents of closest decoder direction with their cosine and explanation or top tokens, or ``None``."""
+    if not feature.neighbours:
+        return None
+    table = Table(title="Neighbours (decoder cosine)", header_style="bold", title_justify="left")
+    table.add_column("Feature", justify="right")
+    table.add_column("Cosine", justify="right")
+    table.add_column("Explanation or top tokens")
+    for n in views.neighbours_view(feature):
+        tokens = ", ".join(token_label(t) for t in n["top_tokens"]) or "–"
+        what = Text(n["explanation"]) if n["explanation"] else Text(tokens, style="dim")
+        table.add_row(str(n["idx"]), n["cosine"], what)
+    return table
+
+
 def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
     """``token ×n`` for the tokens a latent fires on most."""
     text = Text()
@@ -248,6 +290,13 @@ def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
     if text:
         text.append(f" (of {feature.top_tokens_over})", style="dim")
     return text
+
+
+def _meaning_cells(feature: FeatureSamples) -> list[Text]:
+    view = views.meaning_view(feature)
+    if view is None:
+        return [Text(""), Text("–")]
+    return [Text(view["label"] or view["explanation"] or ""), Text(view["score"])]
 
 
 def print_summary(
@@ -291,6 +340,10 @@ def print_summary(
     for name in ("Rank", "Feature", "Max", "Mean", "Count", "Frequency", *(["Recent overlap"] if recent else [])):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("Fires most on")
+    explained = any(f.meaning is not None for f in features)
+    if explained:
+        table.add_column("Explanation")
+        table.add_column("Score", justify="right")
     for rank, feature in enumerate(features, start=1):
         s = feature.stats
         overlap = []
@@ -307,6 +360,7 @@ def print_summary(
             formatting.frequency(s.frequency),
             *overlap,
             top_tokens_text(feature),
+            *(_meaning_cells(feature) if explained else []),
         )
     console.print(table)
     if recent:

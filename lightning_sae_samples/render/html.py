@@ -87,5 +87,7 @@ def render_html(
         features=[feature_view(f) for f in features],
         drift=views.drift_view(summary, features),
         rank_by=rank_by,
+        explained=any(f.meaning is not None for f in features),
+        report_features={f.feature_idx for f in features},
         svg={"width": SVG_WIDTH, "height": SVG_HEIGHT, "label_space": SVG_LABEL_SPACE},
     )

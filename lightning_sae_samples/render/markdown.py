@@ -102,4 +102,5 @@ def render_markdown(
         features=[feature_context(f) for f in features],
         drift=views.drift_view(summary, features),
         rank_by=rank_by,
+        explained=any(f.meaning is not None for f in features),
     )

@@ -102,6 +102,48 @@ def logit_effects_view(feature: FeatureSamples) -> Optional[dict]:
     return {"promoted": items(effects.promoted), "suppressed": items(effects.suppressed)}
 
 
+def meaning_view(feature: FeatureSamples) -> Optional[dict]:
+    """A latent's explanation and label, or ``None`` when it has neither.
+
+    Returns:
+        ``explanation`` (raw text or ``None``), ``score`` (formatted balanced accuracy, ``"–"`` unscored),
+        ``score_note`` (contexts and the random-explanation baseline), ``model``, ``stale`` (the sentence saying it
+        was written from older samples, or ``None``) and ``label`` (raw text or ``None``).
+    """
+    m = feature.meaning
+    if m is None:
+        return None
+    notes = []
+    if m.score_contexts:
+        notes.append(f"{m.score_contexts} contexts")
+    if m.random_score is not None:
+        notes.append(f"random explanation {m.random_score:.2f}")
+    stale = None
+    if m.explanation is not None and m.stale:
+        stale = f"written from the samples of step {m.samples_step}, older than these"
+    return {
+        "explanation": m.explanation,
+        "score": "–" if m.score is None else f"{m.score:.2f}",
+        "score_note": ", ".join(notes),
+        "model": m.model,
+        "stale": stale,
+        "label": m.label,
+    }
+
+
+def neighbours_view(feature: FeatureSamples) -> list[dict]:
+    """A latent's neighbours, best first.
+
+    Each: ``idx``, ``anchor``, ``cosine`` (formatted), ``explanation`` (raw text or ``None``) and ``top_tokens`` (raw
+    texts, when it has no explanation).
+    """
+    return [
+        {"idx": n.feature_idx, "anchor": f"feature-{n.feature_idx}", "cosine": f"{n.cosine:.3f}",
+         "explanation": n.explanation, "top_tokens": list(n.top_tokens)}
+        for n in feature.neighbours
+    ]
+
+
 def groups_view(feature: FeatureSamples, example: ExampleView = example_view) -> dict:
     """A feature's sample groups.
 
@@ -144,7 +186,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         ``count``, ``frequency``, ``num_samples``, ``first_step``, ``last_step``, ``recent_overlap``), the
         histogram's display ``bins``, ``top_tokens`` (``(text, samples)``) and ``top_tokens_over`` (over how many
         kept samples), ``logit_effects`` (:func:`logit_effects_view`), ``story`` (the "through training" line, raw
-        text, or ``None``), ``examples``, ``unknown_note`` (:func:`unknown_note`) and the keys of :func:`groups_view`.
+        text, or ``None``), ``meaning`` (:func:`meaning_view`), ``neighbours`` (:func:`neighbours_view`),
+        ``examples``, ``unknown_note`` (:func:`unknown_note`) and the keys of :func:`groups_view`.
     """
     stats = feature.stats
     return {
@@ -167,6 +210,8 @@ def feature_view(feature: FeatureSamples, example: ExampleView = example_view) -
         "top_tokens_over": feature.top_tokens_over,
         "logit_effects": logit_effects_view(feature),
         "story": feature.story,
+        "meaning": meaning_view(feature),
+        "neighbours": neighbours_view(feature),
         "examples": [example(s, stats.max_activation) for s in feature.samples],
         "unknown_note": unknown_note([*feature.samples, *feature.recent_samples,
                                       *(s for g in feature.interval_groups for s in g.samples)]),

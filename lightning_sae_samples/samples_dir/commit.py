@@ -13,6 +13,7 @@ from typing import Any, Optional
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
+    DECODER_NAME,
     EXPLANATIONS_DIR,
     EXPLANATIONS_LOCK,
     EXPLANATIONS_NAME,
@@ -45,7 +46,8 @@ def _writer_names(names: Any, source: Path, field: str) -> list[str]:
         if not is_writer_name(name):
             _warn(
                 f"Ignored {name!r} in `{field}` of {source}: not a file name this writer produces (only"
-                f" {SUMMARY_NAME}, {FULL_STATE_NAME}, {MANIFEST_NAME} and feature_NNNNN_samples.json, no paths)."
+                f" {SUMMARY_NAME}, {FULL_STATE_NAME}, {DECODER_NAME}, {MANIFEST_NAME} and feature_NNNNN_samples.json,"
+                " no paths)."
             )
     return kept
 

@@ -12,6 +12,10 @@ SUMMARY_NAME = "collection_summary.json"
 FULL_STATE_NAME = "full_state.pt"
 
 
+#: The SAE's decoder directions, unit rows ``[F, d_model]`` in a compact dtype, for a latent's neighbours.
+DECODER_NAME = "decoder_directions.pt"
+
+
 REPORT_NAME = "interpretability_report.md"
 
 
@@ -52,7 +56,7 @@ WRITER_ID = "lightning-sae-samples"
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
 
 
-_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, REPORT_NAME, MANIFEST_NAME, HISTORY_NAME})
+_FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, DECODER_NAME, REPORT_NAME, MANIFEST_NAME, HISTORY_NAME})
 
 
 PathLike = Union[str, os.PathLike]
@@ -73,8 +77,8 @@ def _is_feature_name(name: str) -> bool:
 
 
 def _is_stale_name(name: str) -> bool:
-    """A file a later save may remove when it does not write it again: a feature file or the full state."""
-    return name == FULL_STATE_NAME or _is_feature_name(name)
+    """A file a later save may remove when it does not write it again: a feature file, the full state, the decoder."""
+    return name in (FULL_STATE_NAME, DECODER_NAME) or _is_feature_name(name)
 
 
 def is_writer_name(name: Any) -> bool:

@@ -17,6 +17,7 @@ from lightning_sae_samples.samples_dir.files import is_plain_file, json_problem,
 from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
     COMMIT_NAME,
+    DECODER_NAME,
     FULL_STATE_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
@@ -39,7 +40,8 @@ class SaveChangedError(SamplesDirectoryError):
     """A save was committed while reading, at every attempt: reading again later gets one whole save."""
 
 
-def _stat_key(path: Path) -> Optional[tuple[int, int, int]]:
+def file_identity(path: Path) -> Optional[tuple[int, int, int]]:
+    """Inode, size and modification time of ``path`` (not followed if a link), or ``None`` if it is not there."""
     info = lstat_or_none(path)
     return None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns)
 
@@ -52,7 +54,7 @@ def save_signature(path: PathLike) -> tuple:
     """
     path = Path(path)
     names = (MANIFEST_NAME, SUMMARY_NAME, f"{PENDING_DIR}/{COMMIT_NAME}")
-    return tuple(_stat_key(path / name) for name in names)
+    return tuple(file_identity(path / name) for name in names)
 
 
 def read_one_save(path: PathLike, read: Callable[[], _T], attempts: int = READ_ATTEMPTS) -> tuple[_T, tuple]:
@@ -96,6 +98,7 @@ class SamplesDirectory:
         summary: Parsed ``collection_summary.json``.
         feature_files: Feature index to the file holding its samples.
         full_state_path: The full-state file, if present.
+        decoder_path: The decoder directions file (``decoder_directions.pt``), if present.
     """
 
     path: Path
@@ -104,6 +107,8 @@ class SamplesDirectory:
     full_state_path: Optional[Path]
     #: The history file (``training_history.pt``), if present.
     history_path: Optional[Path] = None
+    #: The decoder directions (``decoder_directions.pt``), if present.
+    decoder_path: Optional[Path] = None
 
 
 def _visible_files(dirpath: Path) -> dict[str, Path]:
@@ -165,7 +170,8 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
-    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(HISTORY_NAME))
+    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(HISTORY_NAME),
+                            files.get(DECODER_NAME))
 
 
 def load_full_state(path: PathLike) -> dict:

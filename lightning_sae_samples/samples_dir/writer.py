@@ -18,6 +18,7 @@ from lightning_sae_samples.samples_dir.commit import (
     lstat_or_none,
     read_manifest,
 )
+from lightning_sae_samples.samples_dir.decoder import decoder_payload, unit_directions
 from lightning_sae_samples.samples_dir.history_file import (
     history_payload,
     history_token_ids,
@@ -27,6 +28,7 @@ from lightning_sae_samples.samples_dir.history_file import (
 )
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
+    DECODER_NAME,
     FULL_STATE_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
@@ -71,6 +73,7 @@ def write_samples_dir(
     source: str = "train",
     trained_step: Optional[int] = None,
     history: Optional[dict] = None,
+    decoder: Any = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -95,6 +98,8 @@ def write_samples_dir(
         full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
         history: Append the state's history window to ``training_history.pt``, thinned: a dict of ``top_tokens``,
             ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots).
+        decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: written as ``decoder_directions.pt`` (unit rows,
+            float16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
 
     Returns:
         The saved feature indices, in rank order.
@@ -104,6 +109,7 @@ def write_samples_dir(
             :func:`claim_samples_dir`), or something that is not ours sits where the pending directory goes.
     """
     dirpath = Path(dirpath)
+    directions = None if decoder is None else unit_directions(decoder, int(state["num_latents"]))
     dirpath.mkdir(parents=True, exist_ok=True)
     claim_samples_dir(dirpath)
     _recover(dirpath)
@@ -119,7 +125,7 @@ def write_samples_dir(
             dirpath, pending, state, config=config, tokenizer=tokenizer, top_features=top_features,
             samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=global_step,
             feature_extras=feature_extras, full_state=full_state, source=source, trained_step=trained_step,
-            history=history,
+            history=history, directions=directions,
         )
         if before_commit is not None:
             before_commit(pending)
@@ -155,6 +161,7 @@ def _write_pending(
     source: str,
     trained_step: Optional[int],
     history: Optional[dict] = None,
+    directions: Optional[Any] = None,
 ) -> tuple[list[int], list[str], list[str]]:
     """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
     atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
@@ -198,6 +205,7 @@ def _write_pending(
     if wrote_history:
         _write_history(dirpath, pending, state, ranked, int(global_step), history, decoder)
     written = [*names, *([FULL_STATE_NAME] if full_state else []), *([HISTORY_NAME] if wrote_history else []),
+               *([DECODER_NAME] if directions is not None else []),
                SUMMARY_NAME]
     summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
     summary["config"] = config
@@ -211,6 +219,8 @@ def _write_pending(
     atomic_write_json(pending / SUMMARY_NAME, summary)
     if full_state:
         atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
+    if directions is not None:
+        atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
 
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "save_id": save_id, "files": sorted(written)})
     stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)

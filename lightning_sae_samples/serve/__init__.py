@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=f"{PROG} {COMMAND}",
         description="Browse every latent of a samples directory (or of the runs in a parent folder) in a local web"
         " page: a sortable, filterable list, feature pages, search by token and by context text. The page follows"
-        " new saves while the training runs. Reads the directory, never writes into it.",
+        " new saves while the training runs. Never writes the samples files: labels typed on a feature page go to"
+        " the explanations sidecar (DIR/explanations/).",
         epilog=f"example:\n  {PROG} {COMMAND} lightning_logs --open",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
+    parser.add_argument(
+        "--allow-writes", action="store_true", help="accept labels typed on the page also when --host is not"
+        " 127.0.0.1 (labels go to DIR/explanations/ only; on 127.0.0.1 they are always accepted from the page)",
+    )
     parser.add_argument(
         "--tokenizer", metavar="NAME", help="Hugging Face tokenizer for latents only full_state.pt holds"
         " (default: the one the run recorded, from local files)",
@@ -102,6 +107,8 @@ class Server:
         port: Port (0: a free one).
         tokenizer: For latents only ``full_state.pt`` holds.
         poll_seconds: How often the directories are checked for a new save.
+        allow_writes: Accept labels from the page on a non-loopback ``host`` too (on the loopback interface they
+            are always accepted from the page itself).
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class Server:
         port: int = 0,
         tokenizer: Any = None,
         poll_seconds: float = 1.0,
+        allow_writes: bool = False,
     ) -> None:
         try:
             import uvicorn
@@ -126,7 +134,9 @@ class Server:
         self.socket = bind_socket(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self.url = url_of(host, self.port)
-        app = create_app(self.runs, allowed_hosts=None if not is_loopback(host) else LOCAL_NAMES)
+        self.writes_allowed = is_loopback(host) or allow_writes
+        app = create_app(self.runs, allowed_hosts=None if not is_loopback(host) else LOCAL_NAMES,
+                         allow_writes=self.writes_allowed)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
 
@@ -158,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     console = Console()
     try:
-        server = Server(args.samples_dir, args.host, args.port, args.tokenizer)
+        server = Server(args.samples_dir, args.host, args.port, args.tokenizer, allow_writes=args.allow_writes)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line, never a traceback
         sys.stderr.write(f"{PROG} {COMMAND}: error: {' '.join(str(err).split()) or type(err).__name__}\n")
         return 2

@@ -8,7 +8,9 @@ error is a JSON object ``{"error": message}`` with its status (400, 404, 503), n
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Optional
@@ -21,10 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightning_sae_samples.analysis.explanations import ExplanationRecord, append_explanations
 from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.health import DENSE_FREQUENCY
 from lightning_sae_samples.render.templates import shipped_template_dir
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.serve.explanations import ExplanationIndex
 from lightning_sae_samples.serve.history_api import history_list, run_chart, timeline
 from lightning_sae_samples.serve.index import MAX_PAGE, BadRequestError, NotFoundError, RunIndex, jsonable
 from lightning_sae_samples.serve.runs import LiveRun, RunSet
@@ -44,6 +48,17 @@ HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"
 #: Most examples a feature page asks for.
 MAX_EXAMPLES = 1000
 DEFAULT_EXAMPLES = 20
+MAX_NEIGHBOURS = 100
+#: Longest label a person may type.
+MAX_LABEL = 500
+#: The header a write must carry with the page's token, and the placeholder of the token in the page.
+TOKEN_HEADER = "X-SAE-Samples-Token"
+_TOKEN_SLOT = b"__SAE_SAMPLES_TOKEN__"
+_WRITES_SLOT = b"__SAE_SAMPLES_WRITES__"
+
+
+class ForbiddenError(PermissionError):
+    """A write the server refuses: not from its own page, or the server is read-only."""
 
 
 class NotReadyError(RuntimeError):
@@ -93,17 +108,62 @@ def _lifespan(runs: RunSet):
     return lifespan
 
 
-def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starlette:
+def _with_explanations(result: dict, explanations: ExplanationIndex, global_step: int) -> dict:
+    """``result`` with each of its ``rows`` given its ``explanation`` (``None`` where the latent has none)."""
+    for row in result.get("rows", []):
+        found = explanations.get(int(row["idx"]))
+        row["explanation"] = None if found is None else jsonable(found.to_json(global_step))
+    return result
+
+
+def check_write(request: Request, token: str, writes_allowed: bool) -> None:
+    """Refuse a write that does not come from this server's own page.
+
+    A write must name this server as its ``Origin`` (scheme and ``Host``), must not be marked cross-site by the
+    browser (``Sec-Fetch-Site``), must be JSON (so a cross-site page needs a preflight the server never grants),
+    and must carry the per-server random token that only the page holds (``X-SAE-Samples-Token``).
+
+    Raises:
+        ForbiddenError: Which of these failed.
+    """
+    if not writes_allowed:
+        raise ForbiddenError(
+            "This server is read-only: it listens beyond 127.0.0.1. Start it with --allow-writes to save labels."
+        )
+    host = request.headers.get("host", "")
+    origin = request.headers.get("origin")
+    if origin is None or origin != f"{request.url.scheme}://{host}":
+        raise ForbiddenError(f"Refused a write from origin {origin!r}: labels are saved only from this server's page.")
+    if request.headers.get("sec-fetch-site", "same-origin") != "same-origin":
+        raise ForbiddenError("Refused a cross-site write: labels are saved only from this server's page.")
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        raise ForbiddenError("Refused a write that is not application/json.")
+    given = request.headers.get(TOKEN_HEADER, "")
+    if not secrets.compare_digest(given.encode(), token.encode()):
+        raise ForbiddenError(f"Refused a write without this server's token ({TOKEN_HEADER}): reload the page.")
+
+
+def create_app(
+    runs: RunSet,
+    allowed_hosts: Optional[list[str]] = None,
+    allow_writes: bool = True,
+    write_token: Optional[str] = None,
+) -> Starlette:
     """The web application over ``runs``.
 
     Args:
         runs: The runs to show (found at start; see :class:`~lightning_sae_samples.serve.runs.RunSet`).
         allowed_hosts: ``Host`` headers accepted (``None``: any). A server on the loopback interface accepts
             only local names, so that a web page elsewhere cannot reach it through DNS rebinding.
+        allow_writes: Accept labels from the page (saved to the run's explanations sidecar, never to its
+            samples files); see :func:`check_write` for what a write must show.
+        write_token: The token the page carries for writes (default: a new random one).
     """
     folder = shipped_template_dir()
     assets = {name: ((folder / path).read_bytes(), media) for name, (path, media) in ASSETS.items()}
-    page = (folder / PAGE).read_bytes()
+    token = write_token or secrets.token_urlsafe(32)
+    page = (folder / PAGE).read_bytes().replace(_TOKEN_SLOT, token.encode("ascii"))
+    page = page.replace(_WRITES_SLOT, b"1" if allow_writes else b"0")
 
     def live(request: Request) -> LiveRun:
         name = request.query_params.get("run")
@@ -147,7 +207,8 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
     def summary(request: Request) -> Response:
         run = live(request)
         index = loaded(request)
-        return _json({"run": run.name, "version": run.version, **index.summary_json()})
+        return _json({"run": run.name, "version": run.version, "explanations_version": run.explanations_version,
+                      "explanations": len(run.explanations), **index.summary_json()})
 
     def features(request: Request) -> Response:
         index = loaded(request)
@@ -158,17 +219,24 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
         low, high = _float_arg(request, "log10_low", None), _float_arg(request, "log10_high", None)
         if (low is None) != (high is None):
             raise BadRequestError("Pass both `log10_low` and `log10_high` (a log10 frequency range), or neither.")
-        return _json(
-            index.feature_list(
-                sort=params.get("sort", "max_activation"),
-                descending=order == "desc",
-                kind=params.get("filter", "all"),
-                dense_above=_float_arg(request, "dense_above", DENSE_FREQUENCY),
-                log10_frequency=None if low is None else (low, high),
-                offset=_int_arg(request, "offset", 0, high=1 << 40),
-                limit=_int_arg(request, "limit", 50, low=1),
-            )
+        score_low, score_high = _float_arg(request, "score_low", None), _float_arg(request, "score_high", None)
+        score_range = None
+        if score_low is not None or score_high is not None:
+            score_range = (-math.inf if score_low is None else score_low,
+                           math.inf if score_high is None else score_high)
+        explanations = live(request).explanations
+        result = index.feature_list(
+            sort=params.get("sort", "max_activation"),
+            descending=order == "desc",
+            kind=params.get("filter", "all"),
+            dense_above=_float_arg(request, "dense_above", DENSE_FREQUENCY),
+            log10_frequency=None if low is None else (low, high),
+            offset=_int_arg(request, "offset", 0, high=1 << 40),
+            limit=_int_arg(request, "limit", 50, low=1),
+            explanations=explanations,
+            score_range=score_range,
         )
+        return _json(_with_explanations(result, explanations, index.summary.global_step))
 
     def feature(request: Request) -> Response:
         index = loaded(request)
@@ -177,7 +245,56 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
             raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number from 0 to"
                                 f" {index.analyzer.num_features - 1}.")
         examples = _int_arg(request, "examples", DEFAULT_EXAMPLES, low=0, high=MAX_EXAMPLES)
-        return _json(index.feature_page(index.check_index(int(raw)), examples))
+        view = index.feature_page(index.check_index(int(raw)), examples)
+        found = live(request).explanations.get(view["idx"])
+        view["explanation"] = None if found is None else jsonable(found.to_json(index.summary.global_step))
+        view["global_step"] = index.summary.global_step
+        view["has_neighbours"] = index.directions is not None
+        return _json(view)
+
+    def feature_idx(request: Request, index: RunIndex) -> int:
+        raw = request.path_params["idx"]
+        if not raw.isascii() or not raw.isdigit():
+            raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number from 0 to"
+                                f" {index.analyzer.num_features - 1}.")
+        return index.check_index(int(raw))
+
+    def neighbours(request: Request) -> Response:
+        index = loaded(request)
+        idx = feature_idx(request, index)
+        k = _int_arg(request, "k", 10, low=1, high=MAX_NEIGHBOURS)
+        return _json({"idx": idx, **index.neighbours(idx, k, live(request).explanations)})
+
+    def explanation_search(request: Request) -> Response:
+        index = loaded(request)
+        text = request.query_params.get("text", "")
+        if not text.strip():
+            raise BadRequestError("Pass `text`: words to look for in the latents' explanations and labels.")
+        if len(text) > 200:
+            raise BadRequestError(f"`text` is limited to 200 characters; got {len(text)}.")
+        offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, 1)
+        explanations = live(request).explanations
+        result = index.explanation_search(explanations, text, offset, limit)
+        return _json({"query": text, **_with_explanations(result, explanations, index.summary.global_step)})
+
+    async def save_label(request: Request) -> Response:
+        check_write(request, token, allow_writes)
+        run = live(request)
+        index = loaded(request)
+        idx = feature_idx(request, index)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequestError('The body must be JSON: {"text": "your label"}.') from None
+        text = body.get("text") if isinstance(body, dict) else None
+        if not isinstance(text, str) or len(text) > MAX_LABEL:
+            raise BadRequestError(f'The body must be {{"text": "..."}} with at most {MAX_LABEL} characters.')
+        record = ExplanationRecord(latent=idx, text=" ".join(text.split()), kind="label", source="label",
+                                   samples_step=index.summary.global_step)
+        append_explanations(run.path, [record])
+        run.refresh_explanations()
+        found = run.explanations.get(idx)
+        return _json({"idx": idx, "explanation": None if found is None else found.to_json(index.summary.global_step)})
 
     def token_search(request: Request) -> Response:
         index = loaded(request)
@@ -189,7 +306,8 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
         else:
             ids = index.token_ids_for(text or "")
         offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, 1)
-        result = index.token_search(ids, offset, limit)
+        result = _with_explanations(index.token_search(ids, offset, limit), live(request).explanations,
+                                    index.summary.global_step)
         return _json({"query": text if token_id is None else int(token_id), **result})
 
     def context_search(request: Request) -> Response:
@@ -242,6 +360,9 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
     async def on_not_ready(request: Request, exc: Exception) -> Response:
         return _error(503, str(exc))
 
+    async def on_forbidden(request: Request, exc: Exception) -> Response:
+        return _error(403, str(exc))
+
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = f"No such page: {request.url.path}." if exc.status_code == 404 else str(exc.detail)
@@ -258,6 +379,9 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
         Route("/api/summary", summary),
         Route("/api/features", features),
         Route("/api/features/{idx}", feature),
+        Route("/api/features/{idx}/neighbours", neighbours),
+        Route("/api/features/{idx}/label", save_label, methods=["POST"]),
+        Route("/api/search/explanation", explanation_search),
         Route("/api/search/token", token_search),
         Route("/api/search/context", context_search),
         Route("/api/history/run", history_run),
@@ -273,6 +397,7 @@ def create_app(runs: RunSet, allowed_hosts: Optional[list[str]] = None) -> Starl
             BadRequestError: on_bad_request,
             NotReadyError: on_not_ready,
             SamplesDirectoryError: on_not_ready,
+            ForbiddenError: on_forbidden,
             HTTPException: on_http,
             Exception: on_crash,
         },

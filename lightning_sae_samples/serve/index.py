@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer, UnknownFeatureError
+from lightning_sae_samples.analysis.neighbours import nearest_latents
 from lightning_sae_samples.analysis.records import DRIFT_THRESHOLD, Sample
 from lightning_sae_samples.health import DENSE_FREQUENCY
 from lightning_sae_samples.render import formatting, html, views
 from lightning_sae_samples.render.escaping import token_label, visible
 from lightning_sae_samples.samples_dir.serialize import with_recent_view
+from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
 from lightning_sae_samples.state.schema import EMPTY
 from lightning_sae_samples.state.statistics import frequency_histogram
 from lightning_sae_samples.state.tables import row_offsets, rows_index
@@ -46,8 +48,11 @@ SORT_KEYS = (
     "first_step",
     "last_step",
     "index",
+    "score",
 )
-FILTERS = ("all", "alive", "dead", "dense", "drifting")
+FILTERS = ("all", "alive", "dead", "dense", "drifting", "explained", "unexplained")
+#: Sort keys and filters answered from the explanations, not the feature table.
+_EXPLANATION_SORTS, _EXPLANATION_FILTERS = ("score",), ("explained", "unexplained")
 DEFAULT_DEAD_WINDOW = 10_000
 #: Most rows a list page, token search or context search returns.
 MAX_PAGE = 500
@@ -114,7 +119,7 @@ class FeatureTable:
 
     def order(self, key: str, descending: bool) -> Tensor:
         """Row order by ``key`` (stable: ties keep the lower latent first; missing values last), cached."""
-        if key not in SORT_KEYS:
+        if key not in SORT_KEYS or key in _EXPLANATION_SORTS:
             raise BadRequestError(f"`sort` must be one of {', '.join(SORT_KEYS)}; got {key!r}.")
         if key == "frequency":
             key = "activation_count"  # frequency is count / tokens_seen: the same order
@@ -151,6 +156,8 @@ class FeatureTable:
         """
         if kind not in FILTERS:
             raise BadRequestError(f"`filter` must be one of {', '.join(FILTERS)}; got {kind!r}.")
+        if kind in _EXPLANATION_FILTERS:
+            kind = "all"  # answered by the explanation index
         count, frequency = self.columns["activation_count"], self.columns["frequency"]
         keep: Optional[Tensor] = None
         if kind == "alive":
@@ -363,6 +370,7 @@ class RunIndex:
     token_strings: dict[int, str]
     token_lookup: dict[str, list[int]]
     histogram: dict
+    directions: Optional[Tensor] = None
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     #: Without ``full_state.pt``: each saved feature's "Fires most on" from its file (over all its kept samples).
     listed_tokens: Optional[dict[int, tuple[list[tuple[int, int]], int]]] = None
@@ -377,9 +385,9 @@ class RunIndex:
         """Read a samples directory (raises ``SamplesDirectoryError`` for a bad one) and build the index."""
         analyzer = ActivationSampleAnalyzer(path, tokenizer=tokenizer)
         state = analyzer._full_state()  # noqa: SLF001 - the analyzer validates it; loaded once, here
-        if state is not None:
-            return cls._from_state(analyzer, state)
-        return cls._from_saved(analyzer)
+        index = cls._from_state(analyzer, state) if state is not None else cls._from_saved(analyzer)
+        index.directions = analyzer.decoder_directions()
+        return index
 
     @classmethod
     def _from_state(cls, analyzer: ActivationSampleAnalyzer, state: dict) -> RunIndex:
@@ -430,7 +438,7 @@ class RunIndex:
             values = [getattr(s, name) for s in stats]
             return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
 
-        columns = {name: column(name) for name in SORT_KEYS if name != "index"}
+        columns = {name: column(name) for name in SORT_KEYS if name not in ("index", *_EXPLANATION_SORTS)}
         samples = [s for f in features for s in f.samples]
         width = max((len(s.context) for s in samples), default=1)
         windows = torch.full((len(samples), width), -1, dtype=torch.int64)
@@ -537,12 +545,58 @@ class RunIndex:
         log10_frequency: Optional[tuple[float, float]] = None,
         offset: int = 0,
         limit: int = 50,
+        explanations: Optional[ExplanationIndex] = None,
+        score_range: Optional[tuple[float, float]] = None,
     ) -> dict:
-        """One page of the sorted, filtered feature list: ``total`` rows kept and this page's ``rows``."""
-        order = self.table.order(sort, descending)
+        """One page of the sorted, filtered feature list: ``total`` rows kept and this page's ``rows``.
+
+        ``sort="score"`` orders by the explanations' detection score; ``kind`` ``"explained"`` / ``"unexplained"``
+        and ``score_range`` filter by them.
+        """
+        explanations = explanations if explanations is not None else empty_index(self.analyzer.num_features)
+        if sort in _EXPLANATION_SORTS:
+            order = explanations.order_by_score(self.table.latents, descending)
+        else:
+            order = self.table.order(sort, descending)
         keep = self.table.mask(kind, dense_above, log10_frequency)
+        meant = explanations.mask(self.table.latents, kind, score_range)
+        if meant is not None:
+            keep = meant if keep is None else keep & meant
         rows, total = self.table.page(order, keep, offset, limit)
         return {"total": total, "offset": offset, "rows": self._rows(rows)}
+
+    def neighbours(self, idx: int, k: int, explanations: Optional[ExplanationIndex] = None) -> dict:
+        """The ``k`` latents of closest decoder direction, each with its cosine, explanation and top tokens."""
+        self.check_index(idx)
+        if self.directions is None:
+            return {"available": False, "neighbours": []}
+        found = nearest_latents(self.directions, idx, k)
+        explanations = explanations if explanations is not None else empty_index(self.analyzer.num_features)
+        out = []
+        for n in found:
+            meant = explanations.get(n.feature_idx)
+            tokens = [
+                {"token_id": t, "label": token_label(self.token_strings.get(t, str(t))), "samples": c}
+                for t, c in self.tokens.top_tokens(n.feature_idx)
+            ]
+            out.append({"idx": n.feature_idx, "cosine": n.cosine, "top_tokens": tokens,
+                        "explanation": None if meant is None else meant.to_json(self.summary.global_step)})
+        return jsonable({"available": True, "neighbours": out})
+
+    def explanation_search(self, explanations: ExplanationIndex, text: str, offset: int = 0, limit: int = 50) -> dict:
+        """The latents whose label or explanation best matches the words of ``text`` (BM25), as list rows."""
+        latents, relevance, total = explanations.search(text, offset, limit)
+        listed = self._listed(latents)
+        rows = self._rows(self._table_rows(latents[listed])) if len(latents) else []
+        for row, value in zip(rows, relevance[listed].tolist()):
+            row["relevance"] = value
+        return {"total": total, "offset": offset, "rows": rows}
+
+    def _listed(self, latents: Tensor) -> Tensor:
+        """Which of ``latents`` the feature table lists (without ``full_state.pt``: the saved ones only)."""
+        if len(self.table) == self.analyzer.num_features:
+            return torch.ones(len(latents), dtype=torch.bool)
+        return torch.isin(latents, self.table.latents)
 
     def check_index(self, idx: int) -> int:
         """``idx`` if it is a latent of this run."""

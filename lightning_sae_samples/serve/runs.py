@@ -18,9 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_sae_samples.analysis.explanations import explanations_path, read_new_records
 from lightning_sae_samples.samples_dir.files import lstat_or_none
-from lightning_sae_samples.samples_dir.names import LOCK_NAME, MANIFEST_NAME, SUMMARY_NAME, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import find_samples_dirs, save_signature
+from lightning_sae_samples.samples_dir.names import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    SUMMARY_NAME,
+    SamplesDirectoryError,
+)
+from lightning_sae_samples.samples_dir.reader import file_identity, find_samples_dirs, save_signature
+from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
 from lightning_sae_samples.serve.index import RunIndex
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ class Status:
     save_id: Optional[int]
     global_step: Optional[int]
     message: Optional[str]
+    explanations_version: int = 0
 
 
 class LiveRun:
@@ -70,6 +78,13 @@ class LiveRun:
     def __init__(self, name: str, path: Path, tokenizer: Any = None) -> None:
         self.name, self.path, self.tokenizer = name, path, tokenizer
         self.current: Optional[RunIndex] = None
+        #: The explanations and labels of the sidecar, rebuilt when it changes (or a new save is loaded).
+        self.explanations: ExplanationIndex = empty_index(0)
+        self.explanations_error: Optional[str] = None
+        self._explanations_key: Optional[tuple] = None
+        self.explanations_version = 0
+        self._sidecar: tuple[Optional[int], int] = (None, 0)  # inode and byte offset read so far
+        self._records: dict[str, dict] = {"explanation": {}, "label": {}}
         self.version = 0
         self.error: Optional[str] = None
         self._loaded_signature: Optional[tuple] = None
@@ -80,7 +95,8 @@ class LiveRun:
         current = self.current
         if current is not None:
             summary = current.summary
-            return Status("ready", self.version, summary.save_id, summary.global_step, self.error)
+            return Status("ready", self.version, summary.save_id, summary.global_step,
+                          self.error or self.explanations_error, self.explanations_version)
         return Status("error" if self.error else "waiting", self.version, None, None, self.error)
 
     def refresh(self) -> bool:
@@ -114,7 +130,46 @@ class LiveRun:
                 return False
             self.current, self.error = loaded, None
             self.version += 1
+            self.refresh_explanations()
             return True
+
+    def refresh_explanations(self) -> bool:
+        """Rebuild :attr:`explanations` if the sidecar changed (or the loaded save did); returns whether it did.
+
+        The sidecar only grows, so only its new lines are read (all of it when it was replaced); a new label alone
+        rebuilds only the label index. A sidecar that cannot be read keeps the explanations already loaded;
+        :attr:`explanations_error` says why.
+        """
+        current = self.current
+        if current is None:
+            return False
+        path = explanations_path(self.path)
+        key = (file_identity(path), id(current))
+        if key == self._explanations_key:
+            return False
+        num_latents = current.analyzer.num_features
+        inode = None if key[0] is None else key[0][0]
+        previous_inode, offset = self._sidecar
+        if inode != previous_inode or (key[0] is not None and key[0][1] < offset):
+            offset, self._records = 0, {"explanation": {}, "label": {}}  # a new or shortened file: read it all
+        try:
+            records, offset = read_new_records(self.path, offset)
+        except Exception as err:  # noqa: BLE001 - the sidecar is untrusted input; report, keep the old index
+            self.explanations_error = " ".join(str(err).split()) or type(err).__name__
+            log.warning("Cannot read the explanations of %s: %s", self.path, self.explanations_error)
+            if self.explanations.num_latents != num_latents:
+                self.explanations = empty_index(num_latents)
+            self._explanations_key = key
+            return False
+        for record in records:
+            self._records[record.kind][record.latent] = record
+        self._sidecar = (inode, offset)
+        reuse = self.explanations if not any(r.kind == "explanation" for r in records) else None
+        self.explanations = ExplanationIndex(self._records["explanation"], self._records["label"], num_latents,
+                                             reuse=reuse)
+        self.explanations_error, self._explanations_key = None, key
+        self.explanations_version += 1
+        return True
 
 
 class RunSet:
@@ -187,6 +242,7 @@ class RunSet:
             for name in list(self._wanted):
                 try:
                     self.runs[name].refresh()
+                    self.runs[name].refresh_explanations()
                 except Exception:  # noqa: BLE001 - the watcher must survive anything a directory holds
                     log.exception("Reloading %s failed", self.runs[name].path)
             self._wake.wait(self._poll)

@@ -7,9 +7,10 @@
   var PAGE_SIZE = 50;
   var state = {
     run: null, version: null, summary: null, route: null,
-    list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, offset: 0 },
-    examples: 20, searchOffset: 0,
+    list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, scoreLow: null, offset: 0 },
+    examples: 20, searchOffset: 0, explanationsVersion: null,
   };
+  function meta(name) { var node = document.querySelector('meta[name="' + name + '"]'); return node ? node.content : ""; }
 
   function el(tag, attrs, children) {
     var node = document.createElement(tag);
@@ -37,6 +38,19 @@
           return body;
         });
       });
+  }
+  function post(path, body) {
+    var query = new URLSearchParams();
+    if (state.run !== null) { query.set("run", state.run); }
+    return fetch("/api/" + path + "?" + query.toString(), {
+      method: "POST", body: JSON.stringify(body),
+      headers: { Accept: "application/json", "Content-Type": "application/json", "X-SAE-Samples-Token": meta("sae-samples-token") },
+    }).then(function (response) {
+      return response.json().then(function (b) {
+        if (!response.ok) { var err = new Error(b.error || response.statusText); err.status = response.status; throw err; }
+        return b;
+      });
+    });
   }
   function problem(err) {
     $("error-banner").textContent = err.message;
@@ -98,13 +112,26 @@
     if (note) { dd.appendChild(document.createTextNode(" ")); dd.appendChild(el("span", { className: "caption", text: note })); }
     return el("div", {}, [el("dt", { text: term }), dd]);
   }
+  function fmtScore(x) { return x === null || x === undefined ? "–" : x.toFixed(2); }
+  function meaningText(e) {
+    if (!e) { return ""; }
+    return e.label ? e.label + (e.text ? " · " + e.text : "") : (e.text || "");
+  }
+  function explanationCells(row) {
+    var e = row.explanation;
+    var text = el("td", { className: "explanation", text: meaningText(e) });
+    if (e && e.stale) { text.appendChild(el("span", { className: "caption stale", text: " (older samples)" })); }
+    var score = el("td", { className: "score", text: e ? fmtScore(e.score) : "–" });
+    if (e && e.random_score !== null && e.random_score !== undefined) { score.title = "random explanation: " + fmtScore(e.random_score); }
+    return [text, score];
+  }
   function rowCells(row, extra) {
     var link = el("a", { href: "#/feature/" + row.idx, text: String(row.idx) });
     var tokens = el("td", { className: "tokens" });
     tokenChips(tokens, row.top_tokens);
     if (row.top_tokens.length) { tokens.appendChild(el("span", { className: "n", text: "of " + row.top_tokens_over })); }
     var cells = [el("td", {}, [link])].concat(extra || []);
-    return { link: link, tokens: tokens, cells: cells };
+    return { link: link, tokens: tokens, cells: cells, meaning: explanationCells(row) };
   }
   function clickRow(tr, idx) {
     tr.setAttribute("data-feature", idx);
@@ -152,6 +179,7 @@
     $("order-select").value = state.list.order;
     $("filter-select").value = state.list.filter;
     $("dense-input").value = state.list.dense;
+    $("score-input").value = state.list.scoreLow === null ? "" : state.list.scoreLow;
     show("dense-label", state.list.filter === "dense");
     show("range-chip", state.list.range !== null);
     if (state.list.range) { $("range-text").textContent = "frequency " + fmtPow(state.list.range[0]) + "–" + fmtPow(state.list.range[1]); }
@@ -161,6 +189,7 @@
     var l = state.list, params = { sort: l.sort, order: l.order, filter: l.filter, offset: l.offset, limit: PAGE_SIZE };
     if (l.filter === "dense") { params.dense_above = l.dense; }
     if (l.range) { params.log10_low = l.range[0]; params.log10_high = l.range[1]; }
+    if (l.scoreLow !== null) { params.score_low = l.scoreLow; }
     return api("features", params).then(function (page) {
       var body = clear($("feature-rows"));
       page.rows.forEach(function (row) {
@@ -168,7 +197,7 @@
         var parts = rowCells(row, [el("td", { text: row.max }), el("td", { text: row.mean }), el("td", { text: row.count }),
           el("td", { text: row.frequency }), overlap, el("td", { text: row.first_step === null ? "–" : String(row.first_step) }),
           el("td", { text: row.last_step === null ? "–" : String(row.last_step) })]);
-        var tr = el("tr", {}, parts.cells.concat([parts.tokens]));
+        var tr = el("tr", {}, parts.cells.concat([parts.tokens]).concat(parts.meaning));
         clickRow(tr, row.idx);
         body.appendChild(tr);
       });
@@ -219,6 +248,8 @@
         });
       }
       show("feature-logits", Boolean(f.logit_effects));
+      renderMeaning(f);
+      loadNeighbours(f);
       var list = clear($("feature-examples"));
       f.examples.forEach(function (e) { list.appendChild(example(e)); });
       if (!f.examples.length) { list.appendChild(el("li", { className: "caption", text: "No samples: this latent never fired above the threshold." })); }
@@ -246,6 +277,48 @@
     });
   }
 
+  function renderMeaning(f) {
+    var e = f.explanation;
+    var text = $("feature-explanation");
+    clear(text);
+    if (e && e.text) {
+      text.appendChild(el("b", { text: "Explanation: " }));
+      text.appendChild(document.createTextNode(e.text));
+    } else {
+      text.appendChild(el("span", { className: "caption", text: "No explanation yet (lightning-sae-samples explain DIR)." }));
+    }
+    var notes = [];
+    if (e && e.text) {
+      notes.push("score " + fmtScore(e.score) + (e.score_contexts ? " on " + e.score_contexts + " contexts" : "")
+        + (e.random_score !== null && e.random_score !== undefined ? " (random explanation " + fmtScore(e.random_score) + ")" : ""));
+      if (e.model) { notes.push(e.model); }
+      if (e.stale) { notes.push("⚠ written from the samples of step " + e.samples_step + ", older than these (step " + f.global_step + ")"); }
+    }
+    $("explanation-note").textContent = notes.join(" · ");
+    $("explanation-note").classList.toggle("stale", Boolean(e && e.stale));
+    $("label-input").value = e && e.label ? e.label : "";
+    $("label-status").textContent = e && e.label ? "label saved" : "";
+    var writable = meta("sae-samples-writes") === "1";
+    $("label-input").disabled = !writable; $("label-save").disabled = !writable;
+    if (!writable) { $("label-status").textContent = "read-only server (start it with --allow-writes to save labels)"; }
+  }
+  function loadNeighbours(f) {
+    var list = clear($("neighbour-list"));
+    show("feature-neighbours", Boolean(f.has_neighbours));
+    if (!f.has_neighbours) { return; }
+    api("features/" + f.idx + "/neighbours", { k: 10 }).then(function (r) {
+      if (!state.route || state.route.idx !== f.idx) { return; }
+      r.neighbours.forEach(function (n) {
+        var item = el("li", { "data-feature": n.idx }, [el("a", { href: "#/feature/" + n.idx, text: "Feature " + n.idx }),
+          el("span", { className: "caption", text: " cos " + n.cosine.toFixed(3) + " " })]);
+        var words = meaningText(n.explanation);
+        if (words) { item.appendChild(el("span", { className: "explanation", text: words })); }
+        else { tokenChips(item, n.top_tokens); }
+        list.appendChild(item);
+      });
+    }).catch(problem);
+  }
+
   // ------------------------------------------------------------------ search
   function showSearch(mode, query) {
     $("search-mode").value = mode;
@@ -268,6 +341,24 @@
         showView("search-view");
       });
     }
+    if (mode === "explanation") {
+      return api("search/explanation", { text: query, offset: state.searchOffset, limit: PAGE_SIZE }).then(function (r) {
+        var body = state.searchOffset ? $("token-rows") : clear($("token-rows"));
+        r.rows.forEach(function (row) {
+          var parts = rowCells(row, [el("td", { text: row.relevance.toFixed(2), title: "relevance (BM25)" }), el("td", { text: row.max }),
+            el("td", { text: row.count }), el("td", { text: row.frequency })]);
+          var tr = el("tr", {}, parts.cells.concat([parts.tokens]).concat(parts.meaning));
+          clickRow(tr, row.idx);
+          body.appendChild(tr);
+        });
+        $("search-title").textContent = "Explanations matching “" + query + "”";
+        $("search-count").textContent = r.total + " latents";
+        show("token-results", r.total > 0);
+        emptyNote(r.total === 0, "No latent's explanation or label holds these words.");
+        show("search-pager", body.children.length < r.total);
+        showView("search-view");
+      });
+    }
     var params = mode === "token-id" ? { id: query } : { text: query };
     params.offset = state.searchOffset; params.limit = PAGE_SIZE;
     return api("search/token", params).then(function (r) {
@@ -275,7 +366,7 @@
       r.rows.forEach(function (row) {
         var parts = rowCells(row, [el("td", { text: String(row.token_samples) }), el("td", { text: row.max }),
           el("td", { text: row.count }), el("td", { text: row.frequency })]);
-        var tr = el("tr", {}, parts.cells.concat([parts.tokens]));
+        var tr = el("tr", {}, parts.cells.concat([parts.tokens]).concat(parts.meaning));
         clickRow(tr, row.idx);
         body.appendChild(tr);
       });
@@ -298,7 +389,7 @@
     var hash = location.hash.replace(/^#\/?/, "");
     var m = /^feature\/(\d+)$/.exec(hash);
     if (m) { return { kind: "feature", idx: Number(m[1]) }; }
-    m = /^(token|token-id|context)\/(.*)$/.exec(hash);
+    m = /^(token|token-id|context|explanation)\/(.*)$/.exec(hash);
     if (m) { return { kind: "search", mode: m[1], query: decodeURIComponent(m[2]) }; }
     return { kind: "list" };
   }
@@ -318,6 +409,7 @@
   function loadRun() {
     return api("summary").then(function (s) {
       state.version = s.version;
+      state.explanationsVersion = s.explanations_version;
       renderSummary(s);
       return render();
     }, function (err) {
@@ -327,7 +419,11 @@
   }
   function poll() {
     api("status").then(function (s) {
-      if (s.state === "ready" && s.version !== state.version) {
+      if (s.state === "ready" && s.version === state.version && state.explanationsVersion !== null
+          && s.explanations_version !== state.explanationsVersion) {
+        state.explanationsVersion = s.explanations_version;
+        render();
+      } else if (s.state === "ready" && s.version !== state.version) {
         var first = state.version === null;
         if (!first) {
           $("live-banner").textContent = "New save at step " + s.global_step + (s.save_id !== null ? " (save " + s.save_id + ")" : "") + ": the page shows it.";
@@ -358,6 +454,15 @@
     $("order-select").addEventListener("change", function () { state.list.order = this.value; relist(); });
     $("filter-select").addEventListener("change", function () { state.list.filter = this.value; relist(); });
     $("dense-input").addEventListener("change", function () { state.list.dense = Number(this.value) || 0; relist(); });
+    $("score-input").addEventListener("change", function () { state.list.scoreLow = this.value === "" ? null : Number(this.value); relist(); });
+    $("label-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var idx = state.route && state.route.idx;
+      $("label-status").textContent = "saving…";
+      post("features/" + idx + "/label", { text: $("label-input").value }).then(function (r) {
+        $("label-status").textContent = r.explanation && r.explanation.label ? "label saved" : "label cleared";
+      }, function (err) { $("label-status").textContent = ""; problem(err); });
+    });
     $("range-clear").addEventListener("click", function () { state.list.range = null; relist(); if (state.summary) { renderSummary(state.summary); } });
     $("page-prev").addEventListener("click", function () { state.list.offset = Math.max(0, state.list.offset - PAGE_SIZE); showList().then(fine, problem); });
     $("page-next").addEventListener("click", function () { state.list.offset += PAGE_SIZE; showList().then(fine, problem); });
