@@ -21,10 +21,10 @@ from lightning_sae_samples.samples_dir.names import (
 
 
 def lstat_or_none(path: Path) -> Optional[os.stat_result]:
-    """``os.lstat`` of ``path`` (links not followed), or ``None`` if nothing is there."""
+    """``os.lstat`` of ``path`` (links not followed), or ``None`` if nothing is there (or a parent is a file)."""
     try:
         return os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
