@@ -21,10 +21,10 @@ from lightning_sae_samples.samples_dir.reader import read_one_save, save_signatu
 SCRIPT = Path(__file__).parent / "save_loop_script.py"
 
 
-def _writer(path: Path, saves: int) -> subprocess.Popen:
+def _writer(path: Path, saves: int, pause: float = 0.0) -> subprocess.Popen:
     root = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path), str(saves)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path), str(saves), str(pause)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout.readline().strip() == "0", "the writer did not commit its first save"
     return proc
@@ -43,7 +43,9 @@ def _check_whole(analyzer: ActivationSampleAnalyzer) -> None:
 
 def test_the_analyzer_reports_and_export_read_one_save_while_saves_keep_coming(tmp_path):
     path = tmp_path / "samples"
-    writer = _writer(path, 12)
+    # Saves far more often than a training run's (a pause of 50 ms), so most reads overlap a commit; the retries
+    # must still give whole reads most of the time on a loaded machine.
+    writer = _writer(path, 12, pause=0.05)
     good, changed, steps = 0, 0, []
     try:
         while writer.poll() is None:
