@@ -98,3 +98,21 @@ def test_a_read_overlapping_commits_every_time_says_so(tmp_path):
     with pytest.raises(SaveChangedError, match="a save was committed while reading; retry"):
         read_one_save(path, read_while_a_save_lands, attempts=3)
     assert read_one_save(path, lambda: "read") == ("read", save_signature(path))
+
+
+def test_the_history_read_on_first_use_belongs_to_the_analyzers_save(tmp_path):
+    import torch
+
+    from lightning_sae_samples import ActivationSampleCollector
+
+    path = tmp_path / "samples"
+    collector = ActivationSampleCollector(num_latents=6, max_samples_per_feature=2, context_size=2,
+                                          top_features_to_save=3, samples_per_feature_to_save=1, write_report=False)
+    for step in range(2):
+        collector.update(torch.randint(0, 9, (2, 5)), latents=torch.rand(2, 5, 6) * (1 + step), step=step)
+        collector.save(path, global_step=step)
+        if step == 0:
+            analyzer = ActivationSampleAnalyzer(path)  # opened on the save of step 0; history not read yet
+    with pytest.raises(SaveChangedError, match="a save was committed while reading"):
+        analyzer.history
+    assert ActivationSampleAnalyzer(path).history is not None  # a new analyzer reads the current save's

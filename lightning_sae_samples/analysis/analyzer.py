@@ -518,9 +518,21 @@ class ActivationSampleAnalyzer:
 
         Raises:
             SamplesDirectoryError: The history file is corrupt or hostile.
+            SaveChangedError: A save was committed since this analyzer read its save (as for ``full_state.pt``).
         """
         if self._history is _UNREAD:
-            self._history = FeatureHistory.from_file(self.directory.history_path)
+            path = self.directory.history_path
+            if path is None:
+                self._history = None
+                return None
+            self._check_same_save()
+            try:
+                history, signature = read_one_save(self.directory.path, lambda: FeatureHistory.from_file(path))
+            except SamplesDirectoryError:
+                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+                raise
+            self._check_same_save(signature)
+            self._history = history
         return self._history
 
     def _story(self, feature_idx: int) -> Optional[str]:

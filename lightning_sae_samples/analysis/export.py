@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
-from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Sample
 from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes, refuse_samples_dir_file
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
@@ -379,7 +378,7 @@ def export_samples(
         FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
         SAMPLES_NAME: ([row for f in selected for row in sample_rows(f, chosen)], SAMPLE_COLUMNS),
     }
-    history = FeatureHistory.from_file(analyzer.directory.history_path)
+    history = analyzer.history  # read from the analyzer's own save
     if history is not None:
         tables[HISTORY_TABLE_NAME] = (history.rows([f.feature_idx for f in selected]), HISTORY_COLUMNS)
     paths: dict[str, Path] = {}
