@@ -114,5 +114,5 @@ def test_the_history_read_on_first_use_belongs_to_the_analyzers_save(tmp_path):
         if step == 0:
             analyzer = ActivationSampleAnalyzer(path)  # opened on the save of step 0; history not read yet
     with pytest.raises(SaveChangedError, match="a save was committed while reading"):
-        analyzer.history
+        _ = analyzer.history
     assert ActivationSampleAnalyzer(path).history is not None  # a new analyzer reads the current save's
