@@ -20,7 +20,7 @@ test client, HTTP encoding and JSON included:
 * context search: ``/api/search/context?text=`` (20 hits).
 
 ``--meaning`` measures, at F = 1,048,576 (``--meaning-latents``), what the feature pages' words and neighbours
-cost: a latent's neighbours over random unit decoder rows in float16 (``--d-model``, one or more), and, with every
+cost: a latent's neighbours over random unit decoder rows in bfloat16 (``--d-model``, one or more), and, with every
 latent explained (synthetic explanations of 6-12 words drawn from a Zipf-distributed vocabulary of 5,000 words),
 reading the sidecar, building the explanation index, ranked explanation searches and the sort by score.
 
@@ -150,10 +150,10 @@ def measure_meaning(num_latents: int, d_models: list[int], repeat: int, sidecar:
     gen = torch.Generator().manual_seed(0)
     picks = torch.randint(0, num_latents, (repeat,), generator=gen).tolist()
     for d in d_models:
-        directions = torch.empty(num_latents, d, dtype=torch.float16)
+        directions = torch.empty(num_latents, d, dtype=torch.bfloat16)  # what a save writes
         for start in range(0, num_latents, 1 << 16):
             block = torch.randn(min(1 << 16, num_latents - start), d, generator=gen)
-            directions[start : start + len(block)] = (block / block.norm(dim=1, keepdim=True)).half()
+            directions[start : start + len(block)] = block / block.norm(dim=1, keepdim=True)
         nearest_latents(directions, picks[0], 10)  # first touch of the pages
         times = []
         for latent in picks:
@@ -161,7 +161,7 @@ def measure_meaning(num_latents: int, d_models: list[int], repeat: int, sidecar:
             nearest_latents(directions, latent, 10)
             times.append(time.perf_counter() - t0)
         result = _ms(times)
-        rows.append((f"neighbours of one latent (10), d_model {d}, float16 rows {mib(directions.numel() * 2)}",
+        rows.append((f"neighbours of one latent (10), d_model {d}, bfloat16 rows {mib(directions.numel() * 2)}",
                      f"{result['median']:.0f} / {result['max']:.0f} ms", TARGETS["neighbours"]))
         del directions
     words = [f"w{n}" for n in range(5000)]

@@ -475,7 +475,7 @@ class ActivationSampleCollector:
             full_state: Also write ``full_state.pt`` (every latent's samples); a save without it removes the
                 previous one, which would be older than the summary.
             decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: saved as ``decoder_directions.pt`` (unit rows,
-                float16) so that reports and ``serve`` list each latent's neighbours; a save without it removes
+                bfloat16) so that reports and ``serve`` list each latent's neighbours; a save without it removes
                 the previous one.
 
         Returns:

@@ -352,7 +352,7 @@ class CallbackConfig(CollectionConfig):
     save_decoder_directions: bool = field(default=True, metadata={"summary": False})
     """Write ``W_dec`` (from ``logit_effects``) as ``decoder_directions.pt`` for each latent's neighbours.
 
-    Unit rows in float16 (``F x d_model x 2`` bytes), written by the saves that write ``full_state.pt`` and by the
+    Unit rows in bfloat16 (``F x d_model x 2`` bytes), written by the saves that write ``full_state.pt`` and by the
     last save of the run; reports and ``serve`` list the latents of closest decoder direction (cosine)."""
 
     def __post_init__(self) -> None:

@@ -31,12 +31,12 @@ def run_dir(tmp_path_factory):
                          logit_effects=decoder_matrices)
 
 
-def test_callback_writes_unit_float16_decoder_in_the_manifest(run_dir):
+def test_callback_writes_unit_bfloat16_decoder_in_the_manifest(run_dir):
     directions = load_decoder_directions(run_dir / DECODER_NAME, NUM_LATENTS)
     w_dec, _ = decoder_matrices(SyntheticSAE(num_latents=NUM_LATENTS))
-    assert directions.dtype == torch.float16 and directions.shape == w_dec.shape
+    assert directions.dtype == torch.bfloat16 and directions.shape == w_dec.shape
     expected = w_dec / w_dec.norm(dim=1, keepdim=True)
-    assert torch.allclose(directions.float(), expected, atol=1e-3)
+    assert torch.allclose(directions.float(), expected, atol=4e-3)
     assert DECODER_NAME in json.loads((run_dir / MANIFEST_NAME).read_text())["files"]
 
 
@@ -48,27 +48,46 @@ def test_analyzer_neighbours_match_brute_force_with_explanations_or_tokens(run_d
     for latent in range(NUM_LATENTS):
         ids, cosines = brute_force(w_dec, latent, 3)
         assert [n.feature_idx for n in found[latent]] == ids
-        assert [n.cosine for n in found[latent]] == pytest.approx(cosines, abs=2e-3)
+        assert [n.cosine for n in found[latent]] == pytest.approx(cosines, abs=4e-3)
     assert found[0][0].feature_idx == 1 and found[0][0].explanation == "the partner of zero"
     fired = next(n for n in found[1] if n.feature_idx in analyzer.saved_features)
     assert fired.explanation is None and fired.top_tokens  # no explanation: its top tokens instead
 
 
-def test_chunked_search_equals_one_chunk():
+def exact_neighbours(unit, latent, k):
+    """The top ``k`` of the stored rows, by float64 cosine, equal ones by latent: what the search must return."""
+    rows = unit.double()
+    cos = (rows * rows[latent]).sum(1).tolist()
+    order = sorted((i for i in range(len(rows)) if i != latent), key=lambda i: (-cos[i], i))
+    return [(i, cos[i]) for i in order[:k]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_search_is_the_exact_top_k_of_the_stored_rows(dtype):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(1000, 16, generator=gen)
-    unit = (w / w.norm(dim=1, keepdim=True)).half()
-    for latent in (0, 500, 999):
-        small = nearest_latents(unit, latent, 7, chunk_rows=97)
-        _, cosines = brute_force(w, latent, 7)
-        # The best 7 cosines, up to float16 rounding (near-ties may swap); each one the true cosine of its latent.
-        assert [n.cosine for n in small] == pytest.approx(cosines, abs=2e-3)
-        true = brute_force(w, latent, 999)
-        exact = dict(zip(*true))
-        assert all(abs(exact[n.feature_idx] - n.cosine) < 2e-3 for n in small)
-        assert small == nearest_latents_of(unit, [latent], 7)[0]
+    for trial in range(12):
+        num, d = int(torch.randint(2, 300, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+        w = torch.randn(num, d, generator=gen)
+        if trial % 3 == 0:
+            w[: num // 2] = w[0]  # many exact ties, which the rounded first pass cannot order
+        unit = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+        k = int(torch.randint(1, 12, (1,), generator=gen))
+        latents = list(range(0, num, max(1, num // 5)))
+        chunk = int(torch.randint(1, 100, (1,), generator=gen))
+        found = nearest_latents_of(unit, latents, k, chunk_rows=chunk)
+        for latent, near in zip(latents, found):
+            assert [(n.feature_idx, n.cosine) for n in near] == exact_neighbours(unit, latent, k)
+            assert near == nearest_latents(unit, latent, k)  # one latent alone: the same answer
     unit[3] = 0
     assert nearest_latents(unit, 3, 5) == []  # a zero direction has no neighbours
+
+
+def test_stored_cosines_are_within_bfloat16_rounding_of_the_true_ones():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 64, generator=gen)
+    unit = (w / w.norm(dim=1, keepdim=True)).bfloat16()
+    true = dict(zip(*brute_force(w, 500, 999)))
+    assert all(abs(true[n.feature_idx] - n.cosine) < 4e-3 for n in nearest_latents(unit, 500, 20))
 
 
 def test_collector_save_takes_a_decoder_and_a_later_save_without_it_removes_it(tmp_path):
@@ -79,7 +98,7 @@ def test_collector_save_takes_a_decoder_and_a_later_save_without_it_removes_it(t
     w_dec = torch.randn(8, 4, generator=gen)
     collector.save(tmp_path / "s", decoder=w_dec)
     assert torch.allclose(load_decoder_directions(tmp_path / "s" / DECODER_NAME, 8).float(),
-                          w_dec / w_dec.norm(dim=1, keepdim=True), atol=1e-3)
+                          w_dec / w_dec.norm(dim=1, keepdim=True), atol=4e-3)
     with pytest.raises(ValueError, match=r"pass `W_dec.T`"):
         collector.save(tmp_path / "s", decoder=w_dec.T)
     collector.save(tmp_path / "s")

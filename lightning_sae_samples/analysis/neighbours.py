@@ -1,9 +1,15 @@
 """A latent's neighbours: the latents whose decoder directions are closest to its own (cosine similarity).
 
 The rows of ``decoder_directions.pt`` are unit vectors, so the cosine of two latents is the dot product of their
-rows. One latent's neighbours are found by a matrix-vector product over chunks of rows (each chunk's top ``k``
-kept, then the best ``k`` of those): no ``F x F`` matrix is ever formed, and the memory beyond the rows is one
-chunk's products.
+rows. One latent's neighbours come from one pass over the rows, a chunk at a time, in the rows' own dtype
+(bfloat16 by default: half the bytes of float32 to read, which is what a pass costs). No ``F x F`` matrix is ever
+formed; the memory beyond the rows is one chunk's products and the candidates.
+
+The pass's products come back rounded to the rows' dtype, so the pass only picks candidates: every row whose
+rounded product is within :func:`rounding_margin` of the ``k``-th best. The candidates are then scored again in
+float64 (where the products of half-precision rows are exact, so equal rows tie exactly) and the best ``k`` of
+those are returned. The result is the exact top ``k`` of the stored rows (equal
+cosines: the lower latent first), not an approximation of it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Rows per chunk of the product (a chunk's float32 products stay at 1 MiB).
+#: Rows per chunk of the product.
 CHUNK_ROWS = 1 << 18
 DEFAULT_NEIGHBOURS = 10
 
@@ -25,6 +31,16 @@ class Neighbour:
 
     feature_idx: int
     cosine: float
+
+
+def rounding_margin(dtype: torch.dtype, d_model: int) -> float:
+    """How far a product of two unit rows, computed in ``dtype``, can be from its float32 value.
+
+    The product is rounded once to ``dtype`` (half a unit in the last place of a value at most 1) after an
+    accumulation whose error is below ``d_model`` float32 roundings; twice their sum leaves room for a backend
+    that rounds the partial sums as well.
+    """
+    return 2.0 * (torch.finfo(dtype).eps + d_model * torch.finfo(torch.float32).eps)
 
 
 @torch.no_grad()
@@ -47,7 +63,7 @@ def nearest_latents(directions: Tensor, latent: int, k: int = DEFAULT_NEIGHBOURS
 def nearest_latents_of(directions: Tensor, latents: Sequence[int], k: int = DEFAULT_NEIGHBOURS,
                        chunk_rows: int = CHUNK_ROWS) -> list[list[Neighbour]]:
     """:func:`nearest_latents` of several latents in one pass over the rows (a report's features)."""
-    num = directions.shape[0]
+    num, d_model = directions.shape
     latents = [int(i) for i in latents]
     bad = [i for i in latents if not 0 <= i < num]
     if bad:
@@ -56,22 +72,35 @@ def nearest_latents_of(directions: Tensor, latents: Sequence[int], k: int = DEFA
         return [[] for _ in latents]
     index = torch.tensor(latents, dtype=torch.int64)
     queries = directions[index]  # [m, d]
-    live = queries.float().abs().sum(1) > 0
-    values, indices = [], []
+    margin = rounding_margin(directions.dtype, d_model)
+    best = torch.full((k, len(latents)), -torch.inf)  # the k best rounded products so far, per query
+    kept_rows, kept_queries, kept_rounded = [], [], []
+    columns = queries.T.contiguous()  # [d, m]: a strided right operand takes a slower kernel
     for start in range(0, num, chunk_rows):
-        cos = (directions[start : start + chunk_rows] @ queries.T).float()  # [chunk, m]
-        inside = (index >= start) & (index < start + len(cos))
-        cos[index[inside] - start, inside.nonzero().flatten()] = -torch.inf
-        top = torch.topk(cos, min(k, len(cos)), dim=0)
-        values.append(top.values)
-        indices.append(top.indices + start)
-    values_all, indices_all = torch.cat(values).T, torch.cat(indices).T  # [m, candidates]
-    by_index = torch.argsort(indices_all, dim=1)  # equal cosines (float16 rounding): the lower latent first
-    values_all, indices_all = torch.gather(values_all, 1, by_index), torch.gather(indices_all, 1, by_index)
-    order = torch.argsort(values_all, dim=1, descending=True, stable=True)[:, :k]
-    best_values = torch.gather(values_all, 1, order).tolist()
-    best_indices = torch.gather(indices_all, 1, order).tolist()
-    return [
-        [Neighbour(i, v) for v, i in zip(vs, ids) if v > -torch.inf] if alive else []
-        for vs, ids, alive in zip(best_values, best_indices, live.tolist())
-    ]
+        chunk = directions[start : start + chunk_rows]
+        rounded = (chunk @ columns[:, 0] if len(latents) == 1 else chunk @ columns).float().view(len(chunk), -1)
+        inside = (index >= start) & (index < start + len(rounded))
+        rounded[index[inside] - start, inside.nonzero().flatten()] = -torch.inf
+        best = torch.topk(torch.cat([best, torch.topk(rounded, min(k, len(rounded)), dim=0).values]), k, dim=0).values
+        floor = (best[-1] - margin).clamp(min=torch.finfo(torch.float32).min)  # never the excluded (-inf) ones
+        row, query = (rounded >= floor).nonzero(as_tuple=True)
+        kept_rows.append(row + start)
+        kept_queries.append(query)
+        kept_rounded.append(rounded[row, query])
+    rows, query, rounded = torch.cat(kept_rows), torch.cat(kept_queries), torch.cat(kept_rounded)
+    near = rounded >= best[-1][query] - margin  # the final k-th best is known only now
+    rows, query = rows[near], query[near]
+    cosine = (directions[rows].double() * queries[query].double()).sum(1)
+    order = torch.argsort(rows, stable=True)
+    order = order[torch.argsort(cosine[order], descending=True, stable=True)]
+    order = order[torch.argsort(query[order], stable=True)]  # per query: best first, equal ones by latent
+    rows, query, cosine = rows[order], query[order], cosine[order]
+    first = torch.searchsorted(query, torch.arange(len(latents)))
+    rank = torch.arange(len(rows)) - first[query]
+    top = rank < k
+    live = queries.float().abs().sum(1) > 0
+    found: list[list[Neighbour]] = [[] for _ in latents]
+    for q, r, c in zip(query[top].tolist(), rows[top].tolist(), cosine[top].tolist()):
+        if live[q]:
+            found[q].append(Neighbour(r, c))
+    return found

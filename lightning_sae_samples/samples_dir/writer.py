@@ -99,7 +99,7 @@ def write_samples_dir(
         history: Append the state's history window to ``training_history.pt``, thinned: a dict of ``top_tokens``,
             ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots).
         decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: written as ``decoder_directions.pt`` (unit rows,
-            float16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
+            bfloat16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
 
     Returns:
         The saved feature indices, in rank order.
