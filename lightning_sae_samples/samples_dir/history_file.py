@@ -44,14 +44,25 @@ def _cat(parts: list[Tensor], dtype: torch.dtype, trailing: tuple[int, ...]) -> 
     return torch.cat([p.to(dtype) for p in parts])
 
 
+#: Token ids below this are collected by marking a table (a vocabulary's size), larger ones by sorting.
+_MARK_IDS_BELOW = 1 << 24
+
+
 def history_token_ids(windows: list[dict]) -> Tensor:
     """Every token id a history shows (top tokens and sample contexts), distinct."""
     parts = [w["token_ids"].reshape(-1) for w in windows] + [w["samples"]["context_tokens"].reshape(-1)
                                                              for w in windows]
-    if not parts:
+    highest = max((int(p.max()) for p in parts if p.numel()), default=-1)
+    if highest < 0:
         return torch.empty(0, dtype=torch.int64)
-    ids = torch.unique(torch.cat([p.to(torch.int64) for p in parts]))
-    return ids[ids >= 0]
+    if highest >= _MARK_IDS_BELOW:
+        ids = torch.unique(torch.cat([p.to(torch.int64) for p in parts]))
+        return ids[ids >= 0]
+    # Counting each id (-1, "none", shifted to 0) is linear in the ids; a sort of a long history's ~10^7 is not.
+    seen = torch.zeros(highest + 2, dtype=torch.int64)
+    for part in parts:
+        seen += torch.bincount(part.to(torch.int64) + 1, minlength=highest + 2)
+    return seen[1:].nonzero().flatten()
 
 
 def windows_of_payload(payload: dict) -> list[dict]:
