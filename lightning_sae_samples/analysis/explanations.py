@@ -15,7 +15,7 @@ import os
 import stat
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +41,14 @@ _MAX_NAME_CHARS = 1_000
 def utc_now() -> str:
     """The current time as ISO 8601 UTC, second precision (``2026-12-03T13:45:00+00:00``)."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class InvalidRecordError(ValueError):
+    """An explanation record with a field of the wrong kind; :attr:`problem` names it."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"Invalid explanation record: {problem}.")
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,14 @@ class ExplanationRecord:
     time: str = field(default_factory=utc_now)
 
     def __post_init__(self) -> None:
-        problem = _record_problem(asdict(self))
+        problem = _record_problem(self.to_json())
         if problem is not None:
-            raise ValueError(f"Invalid explanation record: {problem}.")
+            raise InvalidRecordError(problem)
 
     def to_json(self) -> dict:
         """The record as the JSON object written on one line of the sidecar."""
-        return asdict(self)
+        # Every field is a str, int, float or None: no deep copy (``asdict``) needed, which a million records feel.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def _is_int(value: Any) -> bool:
@@ -93,12 +102,16 @@ def _is_score(value: Any) -> bool:
     )
 
 
+def _missing_field(obj: dict) -> Optional[str]:
+    missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj))
+    return f"missing field `{missing[0]}`" if missing else None
+
+
 def _record_problem(obj: dict) -> Optional[str]:
     """What is wrong with a record's fields (``"field `x`: ..."``), or ``None``."""
-    expected = set(ExplanationRecord.__dataclass_fields__)
-    missing = sorted(expected - set(obj))
+    missing = _missing_field(obj)
     if missing:
-        return f"missing field `{missing[0]}`"
+        return missing
     checks = (
         ("latent", _is_int(obj["latent"]) and obj["latent"] >= 0, "a non-negative integer"),
         ("text", isinstance(obj["text"], str) and len(obj["text"]) <= MAX_TEXT_CHARS,
@@ -175,6 +188,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _record_of(obj: Any, where: str) -> ExplanationRecord:
+    """The record a decoded line holds; ``SamplesDirectoryError`` naming ``where`` and the field if it is not one."""
+    if not isinstance(obj, dict):
+        raise SamplesDirectoryError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+    problem = _missing_field(obj)
+    if problem is None:
+        try:  # the record checks its fields, once
+            return ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__})
+        except InvalidRecordError as err:
+            problem = err.problem
+    raise SamplesDirectoryError(f"{where}: {problem}.")
+
+
 def iter_explanation_records(samples_dir: PathLike) -> Iterator[ExplanationRecord]:
     """Every record of the sidecar in file order, read line by line (nothing if there is none).
 
@@ -207,12 +233,7 @@ def iter_explanation_records(samples_dir: PathLike) -> Iterator[ExplanationRecor
                     )
                     return
                 raise SamplesDirectoryError(f"{path}, line {number}: not a JSON object ({err}).") from err
-            if not isinstance(obj, dict):
-                raise SamplesDirectoryError(f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}.")
-            problem = _record_problem(obj)
-            if problem is not None:
-                raise SamplesDirectoryError(f"{path}, line {number}: {problem}.")
-            yield ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__})
+            yield _record_of(obj, f"{path}, line {number}")
 
 
 def read_explanations(samples_dir: PathLike, kind: str = "explanation") -> dict[int, ExplanationRecord]:
@@ -328,13 +349,5 @@ def read_new_records(samples_dir: PathLike, offset: int = 0) -> tuple[list[Expla
             obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as err:
             raise SamplesDirectoryError(f"{path}, line at byte {where}: not a JSON object ({err}).") from err
-        if not isinstance(obj, dict):
-            raise SamplesDirectoryError(f"{path}, line at byte {where}: expected a JSON object.")
-        missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj))
-        if missing:
-            raise SamplesDirectoryError(f"{path}, line at byte {where}: missing field `{missing[0]}`.")
-        try:  # the record checks its fields (once)
-            records.append(ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__}))
-        except ValueError as err:
-            raise SamplesDirectoryError(f"{path}, line at byte {where}: {err}") from err
+        records.append(_record_of(obj, f"{path}, line at byte {where}"))
     return records, offset + end
