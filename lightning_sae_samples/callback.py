@@ -344,9 +344,9 @@ class ActivationSampleCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Merge all processes' collections (collective) and return what exact resume needs."""
         self._merged = self._merged_state()
-        # The save that follows writes the current history window: the checkpoint (and this run) go on with a new one.
+        # The save that follows writes the current history window: the checkpoint goes on with a new one, and so
+        # does this run once that save has committed (on_save_checkpoint).
         step = self._trainer.global_step if self._trainer is not None else None
-        self.engine.reset_window(step)
         collected = self._merged
         if collected is not None and step is not None:
             collected = reset_window_entries(collected, step)
@@ -357,19 +357,28 @@ class ActivationSampleCallback(Callback):
         }
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        """Write the samples directory for the state merged in :meth:`state_dict`."""
+        """Write the samples directory for the state merged in :meth:`state_dict`.
+
+        A save that fails (and is logged) leaves the history window open, in this run and in this checkpoint, so
+        the next save writes it: every process learns the outcome from rank 0 (one small broadcast a save).
+        """
         merged, self._merged = self._merged, None
-        if trainer.is_global_zero:
-            self._save(trainer, pl_module, merged)
+        saved = self._save(trainer, pl_module, merged) if trainer.is_global_zero else True
+        if trainer.world_size > 1:
+            saved = trainer.strategy.broadcast(saved, src=0)
+        if saved:
+            self.engine.reset_window(trainer.global_step)
+        elif merged is not None and self.state_key in checkpoint.get("callbacks", {}):
+            checkpoint["callbacks"][self.state_key]["collector"] = merged
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
         if self._health is not None and trainer.is_global_zero and self._health.pending_step is not None:
             self._health.log(trainer, self.collector)
         merged = self._merged_state()
-        self.engine.reset_window(trainer.global_step)
         if trainer.is_global_zero:
             self._save(trainer, pl_module, merged, final=True)
+        self.engine.reset_window(trainer.global_step)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Find this callback's state when it was saved under another ``dirpath`` (resuming into a new directory).
@@ -561,10 +570,15 @@ class ActivationSampleCallback(Callback):
 
     def _save(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False
-    ) -> None:
-        """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised."""
+    ) -> bool:
+        """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised.
+
+        Returns:
+            Whether the directory holds this state now (written, or nothing new to write).
+        """
         try:
             self._write(trainer, pl_module, merged, final)
+            return True
         except Exception as err:
             if self.settings.on_save_error == "raise":
                 raise
@@ -574,6 +588,7 @@ class ActivationSampleCallback(Callback):
                 " on_save_error='raise' to stop training instead).",
                 self.dirpath, trainer.global_step, type(err).__name__, str(err).rstrip("."), exc_info=err,
             )
+            return False
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
         full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from oracle import Seen, assert_dir_matches_oracle
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sae_samples import ActivationSampleCallback
+from lightning_sae_samples.samples_dir.names import PENDING_DIR
 
 
 class TokenDataset(Dataset):
@@ -257,3 +259,17 @@ def engine_config(num_latents, max_samples, context_size, threshold, *, recent_s
         activation_threshold=threshold, samples_per_feature_to_save=min(max_samples, 10),
         recent_samples_per_feature=recent_samples, **settings,
     )
+
+
+class BlockPendingDir(Callback):
+    """From step ``block`` a regular file sits where the samples save creates its pending directory (this
+    stops root as well as a user); it is taken away at step ``unblock``."""
+
+    def __init__(self, samples, block, unblock):
+        self.path, self.block, self.unblock = Path(samples) / PENDING_DIR, block, unblock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.block:
+            self.path.write_text("in the way")
+        elif trainer.global_step == self.unblock and self.path.is_file():
+            self.path.unlink()

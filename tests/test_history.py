@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DriftingSAE, TokenDataset, assert_same, loader, make_callback, trainer
+from helpers import BlockPendingDir, DriftingSAE, TokenDataset, assert_same, loader, make_callback, trainer
 from history_oracle import assert_window_matches, window_oracle
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -48,6 +48,28 @@ def test_each_save_appends_the_window_the_brute_force_oracle_gives(tmp_path):
         saved = saved_features(tmp_path) if window is found[-1] else set(window["samples"]["latent"].tolist())
         assert_window_matches(window, expected, saved)
     assert found[-1]["tokens_seen"] == sum(s.tokens.numel() for s in model.seen if s.step >= 6)
+
+
+def test_a_failed_save_leaves_its_window_open_for_the_next_save(tmp_path):
+    model = DriftingSAE(drift_step=3, mode="sparse", num_latents=F)
+    callbacks = [make_callback(tmp_path / "samples", history_windows_per_level=100),
+                 BlockPendingDir(tmp_path / "samples", block=2, unblock=3),
+                 ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)]
+    run = trainer(tmp_path, callbacks, max_steps=5, max_epochs=None, enable_checkpointing=True)
+    run.fit(model, loader(TokenDataset(num_sequences=40)))
+    found = windows(tmp_path)
+    # The save of step 2 failed: its window goes on to the save of step 3, none of its activations lost.
+    assert [(w["start"], w["end"]) for w in found] == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    for window in found[:-1]:
+        seen = [s for s in model.seen if window["start"] <= s.step < window["end"]]
+        assert_window_matches(window, window_oracle(seen, F, THR, CTX, top_tokens=5, samples=3),
+                              set(window["samples"]["latent"].tolist()))
+    # The checkpoint of the failed step holds the open window, so a run resumed from it writes it too.
+    ckpt = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ActivationSampleCallback"))["collector"]
+    assert state["window_start"] == 1
+    before = window_oracle([s for s in model.seen if s.step == 1], F, THR, CTX, top_tokens=5, samples=3)
+    assert int(state["window_count"].sum()) == sum(v["count"] for v in before.values()) > 0
 
 
 def test_thinning_merges_the_oldest_windows_of_a_level_and_keeps_the_totals(tmp_path):

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SyntheticSAE, TokenDataset, assert_same, loader, make_callback, read_dir, trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from helpers import (
+    BlockPendingDir,
+    SyntheticSAE,
+    TokenDataset,
+    assert_same,
+    loader,
+    make_callback,
+    read_dir,
+    trainer,
+)
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sae_samples import ActivationSampleCallback
 from lightning_sae_samples import callback as callback_module
@@ -40,20 +49,6 @@ def logged():
     for lg, level in zip(loggers, levels):
         lg.removeHandler(handler)
         lg.setLevel(level)
-
-
-class BlockPendingDir(Callback):
-    """From step ``block`` a regular file sits where the samples save creates its pending directory (this
-    stops root as well as a user); it is taken away at step ``unblock``."""
-
-    def __init__(self, samples, block, unblock):
-        self.path, self.block, self.unblock = Path(samples) / PENDING_DIR, block, unblock
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.block:
-            self.path.write_text("in the way")
-        elif trainer.global_step == self.unblock and self.path.is_file():
-            self.path.unlink()
 
 
 def run_with_a_failed_save(tmp_path, **kwargs):
