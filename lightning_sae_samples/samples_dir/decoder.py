@@ -4,8 +4,7 @@ The file is written by a save (through the commit protocol, like ``full_state.pt
 ``{"format_version": 1, "directions": Tensor[F, d_model], "global_step": int}``. Rows are divided by their norm
 (a zero row stays zero) and stored as ``bfloat16`` by default: half the bytes of ``float32`` (what one latent's
 neighbour search reads), a cosine error below 4e-3 (2**-8), below the gaps between neighbours a reader compares,
-and the dtype CPUs with AVX-512 BF16 or AMX multiply fastest. Files written as ``float16`` (version 0.2 and
-earlier) still load.
+and the dtype CPUs with AVX-512 BF16 or AMX multiply fastest. Older files in ``float16`` still load.
 """
 
 from __future__ import annotations
