@@ -235,6 +235,14 @@ class ActivationSampleCallback(Callback):
         if problem:
             raise ValueError(problem)
 
+    @staticmethod
+    def _locked_message(path: Path) -> str:
+        return (
+            f"Another run is writing samples to `dirpath` {str(path)!r}: it holds the lock {path / LOCK_NAME}."
+            " Give each run its own `dirpath`, or wait for the other run to end (a lock of a process that"
+            " died is released with it)."
+        )
+
     def _take_dirpath(self, replaces: bool = True) -> Optional[str]:
         """On global rank 0: load a named tokenizer, check ``dirpath`` is writable and ours, and lock it.
 
@@ -248,6 +256,14 @@ class ActivationSampleCallback(Callback):
             except (ImportError, OSError, ValueError) as err:
                 return f"ActivationSampleCallback cannot load `tokenizer`: {err}"
         path = self.dirpath
+        lock = FileLock(path / LOCK_NAME)
+        if (path / LOCK_NAME).is_file():
+            # Our lock is there: a run that holds it may be mid-save, which the check below would misread.
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                return self._locked_message(path)
+            lock.release()
         try:
             path.mkdir(parents=True, exist_ok=True)
             claim_samples_dir(path)  # before writing anything into a directory that may not be ours
@@ -264,15 +280,10 @@ class ActivationSampleCallback(Callback):
                 f"ActivationSampleCallback cannot write to `dirpath` {str(path)!r}: {err.strerror or err}."
                 " Pass a writable directory as `dirpath`."
             )
-        lock = FileLock(path / LOCK_NAME)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            return (
-                f"Another run is writing samples to `dirpath` {str(path)!r}: it holds the lock {path / LOCK_NAME}."
-                " Give each run its own `dirpath`, or wait for the other run to end (a lock of a process that"
-                " died is released with it)."
-            )
+            return self._locked_message(path)
         try:
             reused = claim_samples_dir(path)  # again under the lock
         except (SamplesDirectoryError, OSError) as err:

@@ -166,6 +166,11 @@ def test_one_writer_per_directory_and_a_killed_writer_does_not_block(tmp_path):
         module = SyntheticSAE(num_latents=F)
         with pytest.raises(ValueError, match=rf"holds the lock {samples / LOCK_NAME}"):
             trainer(tmp_path, [make_callback(samples)], max_steps=2).fit(module, loader())
+        # The holder caught committing its first save (a file moved in, the manifest not yet): still the lock.
+        (samples / "feature_00001.json").write_text("{}")
+        with pytest.raises(ValueError, match=rf"holds the lock {samples / LOCK_NAME}"):
+            trainer(tmp_path, [make_callback(samples)], max_steps=2).fit(module, loader())
+        (samples / "feature_00001.json").unlink()
         assert module.seen == []
     finally:
         holder.send_signal(signal.SIGKILL)
