@@ -165,8 +165,12 @@ class LiveRun:
             self._records[record.kind][record.latent] = record
         self._sidecar = (inode, offset)
         reuse = self.explanations if not any(r.kind == "explanation" for r in records) else None
-        self.explanations = ExplanationIndex(self._records["explanation"], self._records["label"], num_latents,
-                                             reuse=reuse)
+        explanations = ExplanationIndex(self._records["explanation"], self._records["label"], num_latents,
+                                        reuse=reuse)
+        if explanations.explanations:
+            # The list's sort by score, best first, is sorted here, off the requests (an argsort of every latent).
+            explanations.order_by_score(current.table.latents, descending=True)
+        self.explanations = explanations
         self.explanations_error, self._explanations_key = None, key
         self.explanations_version += 1
         return True
