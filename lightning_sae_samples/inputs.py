@@ -184,6 +184,16 @@ def read_latents(outputs: Any, batch: Any, keys: InputKeys) -> LatentBatch:
     return check_latents(check_tokens(tokens, keys.tokens), dense, indices, values, mask, keys)
 
 
+def check_refs(refs: Any, key: str = "token_refs") -> Tensor:
+    """``refs`` as a detached int64 ``[N]`` tensor with plain strides, if it is a 1-D integer tensor."""
+    if not isinstance(refs, Tensor) or refs.dim() != 1:
+        shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
+        raise LatentInputError(f"`{key}` must be a [N] tensor of token refs (one per activation row), got {shape}.")
+    if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
+        raise LatentInputError(f"`{key}` must hold integer token refs, got dtype {refs.dtype}.")
+    return _plain(refs, torch.int64)
+
+
 def check_rows(
     refs: Any,
     dense: Any = None,
@@ -197,12 +207,7 @@ def check_rows(
     Raises:
         LatentInputError: Naming the entry, the shapes or dtype found, and a fix.
     """
-    if not isinstance(refs, Tensor) or refs.dim() != 1:
-        shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
-        raise LatentInputError(f"`{keys.token_refs}` must be a [N] tensor of token refs (one per row), got {shape}.")
-    if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
-        raise LatentInputError(f"`{keys.token_refs}` must hold integer token refs, got dtype {refs.dtype}.")
-    refs = _plain(refs, torch.int64)
+    refs = check_refs(refs, keys.token_refs)
     # As a [1, N] batch, the rows pass the sequence path's latent checks unchanged.
     as_batch = refs.view(1, -1)
     for name, tensor in ((keys.latents, dense), (keys.latent_indices, indices), (keys.latent_values, values)):

@@ -21,19 +21,9 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.engine.rows import TokenWindows, clip_at_padding
-from lightning_sae_samples.inputs import LatentInputError, check_attention_mask, check_tokens
+from lightning_sae_samples.inputs import LatentInputError, check_attention_mask, check_refs, check_tokens
 
 __all__ = ["ArrayTokenSource", "TokenRing", "TokenSource", "TokenWindows", "check_refs", "load_token_source"]
-
-
-def check_refs(refs: Any, key: str = "token_refs") -> Tensor:
-    """``refs`` as a detached int64 ``[N]`` tensor, if it is a 1-D integer tensor."""
-    if not isinstance(refs, Tensor) or refs.dim() != 1:
-        shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
-        raise LatentInputError(f"`{key}` must be a [N] tensor of token refs (one per activation row), got {shape}.")
-    if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
-        raise LatentInputError(f"`{key}` must hold integer token refs, got dtype {refs.dtype}.")
-    return refs.detach().to(torch.int64)
 
 
 class TokenSource:
