@@ -208,7 +208,8 @@ def create_app(
         run = live(request)
         index = loaded(request)
         return _json({"run": run.name, "version": run.version, "explanations_version": run.explanations_version,
-                      "explanations": len(run.explanations), **index.summary_json()})
+                      "explanations": len(run.explanations),
+                      "has_history": index.analyzer.directory.history_path is not None, **index.summary_json()})
 
     def features(request: Request) -> Response:
         index = loaded(request)

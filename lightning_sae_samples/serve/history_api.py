@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import math
+
 import torch
 
-from lightning_sae_samples.analysis.history import FeatureHistory
+from lightning_sae_samples.analysis.history import FeatureHistory, HistorySample
+from lightning_sae_samples.analysis.records import ContextToken, Sample
+from lightning_sae_samples.render import formatting
+from lightning_sae_samples.render.escaping import token_label
+from lightning_sae_samples.serve.index import example_json
 
 #: History list filters: latents born after a step, that died, came back, or changed meaning.
 HISTORY_FILTERS = ("all", "born_after", "died", "revived", "changed")
@@ -20,18 +26,34 @@ HISTORY_FILTERS = ("all", "born_after", "died", "revived", "changed")
 HISTORY_SORTS = ("changes", "birth", "latent")
 
 
+def sample_of(sample: HistorySample, latent: int) -> Sample:
+    """A window's kept sample as the page's samples are (its sequence position is not recorded: ``None``)."""
+    context = tuple(
+        ContextToken(token_id, text, value if math.isfinite(value) or i == sample.context_position else None)
+        for i, (token_id, text, value) in enumerate(zip(sample.context_tokens, sample.context_token_strs,
+                                                        sample.context_activations))
+    )
+    return Sample(feature_idx=latent, activation_value=sample.activation_value, step=sample.step, position=None,
+                  context=context, context_position=sample.context_position,
+                  context_text="".join(sample.context_token_strs))
+
+
 def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
-    """A feature's timeline: per window its steps, count, frequency, max, mean, top tokens and kept samples."""
+    """A feature's timeline: per window where it fired its steps, count, frequency, max, mean, top tokens and kept
+    samples (rendered as the feature page's samples, shaded by the window's max), its events and every window's
+    steps (``steps``: the windows where it was silent have no entry in ``windows``).
+    """
     windows = []
     for stats in history.feature(latent):
         windows.append({
             "index": stats.window.index, "start": stats.window.start, "end": stats.window.end,
             "count": stats.count, "frequency": stats.frequency, "max": stats.max_activation,
-            "mean": stats.mean_activation,
-            "top_tokens": [{"token_id": t.token_id, "text": t.text, "count": t.count} for t in stats.top_tokens],
-            "samples": [{"value": s.activation_value, "step": s.step, "tokens": list(s.context_token_strs),
-                         "activations": list(s.context_activations), "position": s.context_position}
-                        for s in stats.samples],
+            "mean": stats.mean_activation, "tokens_seen": stats.window.tokens_seen,
+            "shown": {"frequency": formatting.frequency(stats.frequency), "max": formatting.value(stats.max_activation),
+                      "mean": formatting.value(stats.mean_activation)},
+            "top_tokens": [{"token_id": t.token_id, "text": t.text, "label": token_label(t.text), "count": t.count}
+                           for t in stats.top_tokens],
+            "samples": [example_json(sample_of(s, latent), stats.max_activation) for s in stats.samples],
         })
     return {"latent": int(latent), "windows": windows, "events": [e.to_json() for e in history.events(latent)],
             "steps": [[w.start, w.end] for w in history.windows]}
