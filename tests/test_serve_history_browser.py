@@ -66,7 +66,8 @@ def texts(tools, selector: str) -> list:
 
 
 def click(tools, selector: str) -> None:
-    tools.js(f"document.querySelector({json.dumps(selector)}).dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
+    tools.js(f"document.querySelector({json.dumps(selector)})"
+             ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
 
 
 def chips(tokens) -> list:
@@ -76,7 +77,8 @@ def chips(tokens) -> list:
 def open_feature(tools, latent: int) -> None:
     tools.js(f"location.hash = '#/feature/{latent}'")
     wait_js(tools, f"document.getElementById('feature-title').textContent === 'Feature {latent}'"
-                   " && !document.getElementById('feature-view').hidden && !document.getElementById('feature-history').hidden"
+                   " && !document.getElementById('feature-view').hidden"
+                   " && !document.getElementById('feature-history').hidden"
                    f" && document.getElementById('timeline-caption').dataset.latent === '{latent}'")
 
 
@@ -103,7 +105,7 @@ def check_timeline(tools, history, latent: int) -> None:
 
 def show_window(tools, index: int) -> None:
     click(tools, f"#timeline-chart g.window[data-window='{index}']")
-    wait_js(tools, f"document.getElementById('window-title').textContent.startsWith('Window {index} ')")
+    wait_js(tools, f"document.getElementById('window-detail').dataset.shown === '{index}'")
 
 
 def test_the_timeline_draws_every_window_and_event_and_a_window_shows_its_tokens_and_samples(served):
@@ -178,7 +180,8 @@ def test_the_run_chart_has_one_entry_per_window(served):
     tools.js("document.getElementById('history-link').click()")
     wait_js(tools, "!document.getElementById('history-view').hidden")
     series = history.run_series()
-    assert tools.js("document.querySelectorAll('#run-chart g.run-window').length") == len(series) == len(history.windows)
+    drawn = tools.js("document.querySelectorAll('#run-chart g.run-window').length")
+    assert drawn == len(series) == len(history.windows)
     titles = texts(tools, "#run-chart g.run-window title")
     assert [f"alive {w['alive']} · births {w['births']} · deaths {w['deaths']}" in t for w, t in zip(series, titles)] \
         == [True] * len(series)

@@ -6,9 +6,8 @@ Kept apart from the other answers so that each stays one idea; every answer read
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import math
+from typing import Any, Optional
 
 import torch
 
@@ -39,9 +38,13 @@ def sample_of(sample: HistorySample, latent: int) -> Sample:
 
 
 def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
-    """A feature's timeline: per window where it fired its steps, count, frequency, max, mean, top tokens and kept
-    samples (rendered as the feature page's samples, shaded by the window's max), its events and every window's
-    steps (``steps``: the windows where it was silent have no entry in ``windows``).
+    """A feature's timeline: its windows, its events, and every window's steps.
+
+    Per window where it fired (``windows``; a silent one has no entry, ``steps`` lists them all): its steps, count,
+    frequency, max, mean, top tokens and how many samples were kept (:func:`window_samples` gives them).
+
+    The samples are left out so that the answer stays small however many windows keep some (30 windows of 3
+    samples of 21 tokens, rendered, are about 0.4 MB).
     """
     windows = []
     for stats in history.feature(latent):
@@ -53,10 +56,23 @@ def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
                       "mean": formatting.value(stats.mean_activation)},
             "top_tokens": [{"token_id": t.token_id, "text": t.text, "label": token_label(t.text), "count": t.count}
                            for t in stats.top_tokens],
-            "samples": [example_json(sample_of(s, latent), stats.max_activation) for s in stats.samples],
+            "kept_samples": len(stats.samples),
         })
     return {"latent": int(latent), "windows": windows, "events": [e.to_json() for e in history.events(latent)],
             "steps": [[w.start, w.end] for w in history.windows]}
+
+
+def window_samples(history: FeatureHistory, latent: int, window: int) -> dict[str, Any]:
+    """The samples kept of a latent in one window, rendered as the feature page's (shaded by the window's max).
+
+    Raises:
+        IndexError: There is no such window.
+    """
+    samples = history.samples(latent, window)
+    top = max((s.activation_value for s in samples), default=0.0)
+    info = history.windows[window]
+    return {"latent": int(latent), "window": window, "start": info.start, "end": info.end,
+            "samples": [example_json(sample_of(s, latent), top) for s in samples]}
 
 
 def run_chart(history: FeatureHistory) -> dict[str, Any]:

@@ -67,8 +67,9 @@ def snapshot_runs(path: Path) -> list[Path]:
         return []
     for child in children:
         step = child.name[len("step_"):]
+        marked = any(lstat_or_none(child / name) is not None for name in (SUMMARY_NAME, MANIFEST_NAME))
         if (child.name.startswith("step_") and step.isascii() and step.isdigit() and not child.is_symlink()
-                and child.is_dir() and any(lstat_or_none(child / n) is not None for n in (SUMMARY_NAME, MANIFEST_NAME))):
+                and child.is_dir() and marked):
             found.append((int(step), child))
     return [child for _, child in sorted(found)]
 

@@ -9,7 +9,7 @@
     run: null, version: null, summary: null, route: null,
     list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, scoreLow: null, offset: 0,
       history: "", historyStep: 0 },
-    examples: 20, searchOffset: 0, explanationsVersion: null, runs: [], timeline: null, window: null,
+    examples: 20, searchOffset: 0, explanationsVersion: null, runs: [], timeline: null, window: null, windowSamples: {},
   };
   function meta(name) { var node = document.querySelector('meta[name="' + name + '"]'); return node ? node.content : ""; }
 
@@ -431,7 +431,7 @@
   function chartRow(svg, row, label, top) {
     var y0 = CHART.top + row * (CHART.plot + CHART.gap);
     svgText(svg, 0, y0 + 10, label, "start", "row-label");
-    svgText(svg, CHART.left - 4, y0 + 10, fmtNum(top), "end");
+    svgText(svg, CHART.left - 4, y0 + 22, fmtNum(top), "end");
     svg.appendChild(svgNode("line", { "class": "axis", x1: CHART.left, y1: y0 + CHART.plot, x2: CHART.width - CHART.right, y2: y0 + CHART.plot }));
     return function (value) { return y0 + CHART.plot - (top > 0 ? value / top * CHART.plot : 0); };
   }
@@ -528,9 +528,21 @@
     if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
     else { tokens.appendChild(el("span", { className: "caption", text: "silent in this window" })); }
     container.appendChild(tokens);
-    var list = el("ol", { className: "examples" });
-    (found ? found.samples : []).forEach(function (e) { list.appendChild(example(e)); });
-    container.appendChild(list.children.length ? list : el("p", { className: "caption empty", text: "no samples kept for this window" }));
+    return windowSamples(t.latent, i, found).then(function (samples) {
+      var list = el("ol", { className: "examples" });
+      samples.forEach(function (e) { list.appendChild(example(e)); });
+      container.appendChild(samples.length ? list : el("p", { className: "caption empty", text: "no samples kept for this window" }));
+    });
+  }
+  // A window's kept samples come in an answer of their own (the timeline only counts them), kept per save.
+  function windowSamples(idx, i, found) {
+    if (!found || !found.kept_samples) { return Promise.resolve([]); }
+    var key = [state.run, state.version, idx, i].join("\u0000");
+    if (state.windowSamples[key]) { return Promise.resolve(state.windowSamples[key]); }
+    return api("history/features/" + idx + "/windows/" + i).then(function (r) {
+      state.windowSamples[key] = r.samples;
+      return r.samples;
+    });
   }
   function selectWindow(i) {
     var t = state.timeline;
@@ -545,10 +557,16 @@
     tokens.appendChild(el("span", { className: "caption", text: "Top tokens " }));
     if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
     else { tokens.appendChild(el("span", { className: "caption", text: "it did not fire in this window" })); }
-    var list = clear($("window-samples"));
-    (found ? found.samples : []).forEach(function (e) { list.appendChild(example(e)); });
-    $("window-empty").textContent = "no samples kept for this window";
-    show("window-empty", list.children.length === 0);
+    var list = clear($("window-samples")), detail = $("window-detail");
+    detail.removeAttribute("data-shown");
+    show("window-empty", false);
+    return windowSamples(t.latent, i, found).then(function (samples) {
+      if (state.window !== i || state.timeline !== t) { return; }  // another window was picked meanwhile
+      samples.forEach(function (e) { list.appendChild(example(e)); });
+      $("window-empty").textContent = "no samples kept for this window";
+      show("window-empty", samples.length === 0);
+      detail.setAttribute("data-shown", i);
+    }).catch(problem);
   }
 
   function showHistoryList() {
@@ -582,7 +600,7 @@
       var y1 = CHART.top + CHART.plot + CHART.gap, middle = y1 + CHART.plot / 2;
       svgText(svg, 0, y1 + 10, "births", "start", "row-label");
       svgText(svg, 0, y1 + CHART.plot, "deaths", "start", "row-label");
-      svgText(svg, CHART.left - 4, y1 + 10, fmtNum(topEvents), "end");
+      svgText(svg, CHART.left - 4, y1 + 22, fmtNum(topEvents), "end");
       svg.appendChild(svgNode("line", { "class": "axis", x1: CHART.left, y1: middle, x2: CHART.width - CHART.right, y2: middle }));
       var half = CHART.plot / 2, scale = function (v) { return topEvents > 0 ? v / topEvents * half : 0; };
       var body = clear($("run-rows"));
@@ -614,9 +632,7 @@
           if (!t.steps[i]) { throw new Error("The history has windows 0 to " + (t.steps.length - 1) + "; there is no window " + i + "."); }
         });
         $("compare-title").textContent = "Feature " + route.idx + ": window " + route.a + " and window " + route.b;
-        windowSide(a, t, route.a);
-        windowSide(b, t, route.b);
-        showView("compare-view");
+        return Promise.all([windowSide(a, t, route.a), windowSide(b, t, route.b)]).then(function () { showView("compare-view"); });
       });
     }
     $("compare-title").textContent = "Feature " + route.idx + " in " + route.a + " and " + route.b;
