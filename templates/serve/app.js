@@ -201,8 +201,11 @@
     if (l.scoreLow !== null) { params.score_low = l.scoreLow; }
     show("feature-table", !l.history);
     show("history-table", Boolean(l.history));
-    if (l.history) { return showHistoryList().then(pageDone); }
+    // Only the latest request fills the list: an older answer arriving later (a quick change of the controls) is dropped.
+    var ticket = state.listTicket = (state.listTicket || 0) + 1;
+    if (l.history) { return showHistoryList(ticket).then(pageDone); }
     return api("features", params).then(function (page) {
+      if (ticket !== state.listTicket) { return; }
       var body = clear($("feature-rows"));
       page.rows.forEach(function (row) {
         var overlap = el("td", { className: "overlap" + (row.drift ? " drift" : ""), text: (row.drift ? "⚠ " : "") + (row.recent_overlap === null ? "–" : row.recent_overlap) });
@@ -217,14 +220,16 @@
       pageDone(page);
     });
   }
+  // The list's count and pager, for a page of either list (the statistics one or the history one).
   function pageDone(page) {
-      var l = state.list;
-      $("list-count").textContent = page.total.toLocaleString("en-US") + " latents";
-      $("page-info").textContent = page.total ? "rows " + (l.offset + 1) + "–" + (l.offset + page.rows.length) + " of " + page.total.toLocaleString("en-US") : "no latent matches";
-      $("page-prev").disabled = l.offset === 0;
-      $("page-next").disabled = l.offset + page.rows.length >= page.total;
-      state.listTotal = page.total;
-      showView("list-view");
+    if (!page) { return; }
+    var l = state.list;
+    $("list-count").textContent = page.total.toLocaleString("en-US") + " latents";
+    $("page-info").textContent = page.total ? "rows " + (l.offset + 1) + "–" + (l.offset + page.rows.length) + " of " + page.total.toLocaleString("en-US") : "no latent matches";
+    $("page-prev").disabled = l.offset === 0;
+    $("page-next").disabled = l.offset + page.rows.length >= page.total;
+    state.listTotal = page.total;
+    showView("list-view");
   }
 
   // ------------------------------------------------------------------ one feature
@@ -402,7 +407,7 @@
   // ------------------------------------------------------------------ the training history (training_history.pt)
   var KIND_NAMES = { birth: "birth", death: "death", revival: "revival", meaning_change: "meaning change" };
   var KIND_MARKS = { birth: "▲", death: "▼", revival: "▲", meaning_change: "◆" };
-  var CHART = { width: 640, left: 44, right: 8, top: 6, plot: 68, gap: 22, axis: 28 };
+  var CHART = { width: 640, left: 44, right: 8, top: 6, plot: 68, gap: 22 };
   function fmtNum(x) { return x === null || x === undefined ? "–" : Number(x.toPrecision(3)).toString(); }
   function stepsText(w) { return w[0] + "–" + w[1]; }
   function stepScale(steps) {
@@ -487,7 +492,6 @@
     var points = t.steps.map(function (w, i) {
       return [(x(w[0]) + x(w[1])) / 2, yFreq(byIndex[i] ? byIndex[i].frequency : 0)];
     });
-    svg.appendChild(svgNode("polyline", { "class": "freq-line", points: points.map(function (p) { return p.join(","); }).join(" ") }));
     t.steps.forEach(function (w, i) {
       var found = byIndex[i];
       var g = svgNode("g", { "class": "window" + (found ? "" : " silent"), "data-window": i });
@@ -502,6 +506,7 @@
       g.addEventListener("click", function () { selectWindow(i); });
       svg.appendChild(g);
     });
+    svg.appendChild(svgNode("polyline", { "class": "freq-line", points: points.map(function (p) { return p.join(","); }).join(" ") }));
     var seen = {};
     t.events.forEach(function (e) {
       var at = x(e.step), stack = seen[e.step] = (seen[e.step] || 0) + 1;
@@ -569,11 +574,12 @@
     }).catch(problem);
   }
 
-  function showHistoryList() {
+  function showHistoryList(ticket) {
     var l = state.list, params = { filter: l.history, sort: "changes", offset: l.offset, limit: PAGE_SIZE };
     if (l.history === "most_changes") { params.filter = "all"; }
     if (l.history === "born_after") { params.step = l.historyStep; params.sort = "birth"; }
     return api("history/latents", params).then(function (page) {
+      if (ticket !== state.listTicket) { return null; }
       var body = clear($("history-rows"));
       page.rows.forEach(function (row) {
         var tr = el("tr", {}, [el("td", {}, [el("a", { href: "#/feature/" + row.latent, text: String(row.latent) })]),
