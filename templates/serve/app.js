@@ -189,7 +189,7 @@
     $("history-select").value = state.list.history;
     $("history-step").value = state.list.historyStep;
     show("history-step-label", state.list.history === "born_after");
-    ["sort-select", "order-select", "filter-select"].forEach(function (id) { $(id).disabled = Boolean(state.list.history); });
+    ["sort-select", "order-select", "filter-select", "score-input", "dense-input"].forEach(function (id) { $(id).disabled = Boolean(state.list.history); });
     show("range-chip", state.list.range !== null);
     if (state.list.range) { $("range-text").textContent = "frequency " + fmtPow(state.list.range[0]) + "–" + fmtPow(state.list.range[1]); }
   }
