@@ -24,6 +24,13 @@ cost: a latent's neighbours over random unit decoder rows in bfloat16 (``--d-mod
 latent explained (synthetic explanations of 6-12 words drawn from a Zipf-distributed vocabulary of 5,000 words),
 reading the sidecar, building the explanation index, ranked explanation searches and the sort by score.
 
+``--history`` measures the feature page's timeline answer (``/api/history/features/N``: ``timeline`` and its
+JSON encoding, as the route does) at F = 1,048,576 (``--history-latents``) on a synthetic history of 30 windows
+built as ``benchmarks/history.py`` builds one (a real collector's window of 4 sparse collections, k = 32; two
+such windows from different seeds alternate, so that latents change meaning, die and come back), read from its
+file as the server reads it: the first answer (which finds every latent's events once) and later ones, for saved
+latents (with kept samples) and random ones.
+
 Nothing here asserts a time; the issue's targets are printed next to the measurements.
 """
 
@@ -47,7 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 TARGETS = {"load": "≤ 15 s", "rss": "≤ 2.5× full_state.pt", "feature": "≤ 200 ms", "token": "≤ 500 ms",
-           "list": "≤ 300 ms", "neighbours": "≤ 100 ms", "explanation": "≤ 200 ms"}
+           "list": "≤ 300 ms", "neighbours": "≤ 100 ms", "explanation": "≤ 200 ms", "timeline": "≤ 200 ms"}
 
 
 def build(num_latents: int, dirpath: str, tokens: int, seq_len: int, vocab: int) -> None:
@@ -212,6 +219,66 @@ def measure_meaning(num_latents: int, d_models: list[int], repeat: int, sidecar:
     return rows
 
 
+def measure_history(num_latents: int, repeat: int) -> list[tuple[str, str, str]]:
+    """The timeline answer at ``num_latents`` on a 30-window history; rows of (what, measurement, target)."""
+    import torch
+    from history import PER_LEVEL, SAVES, collected_state, levels_kept
+    from starlette.responses import JSONResponse
+
+    from lightning_sae_samples.analysis.history import FeatureHistory
+    from lightning_sae_samples.samples_dir.history_file import history_payload
+    from lightning_sae_samples.serve.history_api import timeline, window_samples
+    from lightning_sae_samples.serve.index import jsonable
+    from lightning_sae_samples.state.history import window_of_state
+
+    saved = list(range(100))
+    t0 = time.perf_counter()
+    pair = [window_of_state(collected_state(num_latents, 4, seed), 100, 5, saved, 3) for seed in (0, 1)]
+    built_s = time.perf_counter() - t0
+    levels = levels_kept(SAVES, PER_LEVEL)
+    windows = [dict(pair[i % 2], start=100 * i, end=100 * (i + 1), level=lv) for i, lv in enumerate(levels)]
+    folder = Path(tempfile.mkdtemp(prefix="sae-history-bench-"))
+    file = folder / "training_history.pt"
+    torch.save(history_payload(windows, num_latents=num_latents, top_tokens=5, context_window=21,
+                               dead_window_steps=150, vocab={}), file)
+    size = file.stat().st_size
+    t0 = time.perf_counter()
+    history = FeatureHistory.from_file(file)
+    read_s = time.perf_counter() - t0
+
+    def answer(latent: int) -> int:
+        return len(JSONResponse(jsonable(timeline(history, latent))).body)
+
+    gen = torch.Generator().manual_seed(2)
+    fired = torch.unique(torch.cat([w["latent"].long() for w in pair]))
+    picks = fired[torch.randint(0, len(fired), (repeat,), generator=gen)].tolist()
+    t0 = time.perf_counter()
+    answer(picks[0])
+    cold_s = time.perf_counter() - t0
+    sizes = []
+    random_ms = _timed(lambda: sizes.append(answer(picks[len(sizes) % len(picks)])), repeat)
+    saved_sizes = []
+    saved_ms = _timed(lambda: saved_sizes.append(answer(saved[len(saved_sizes) % len(saved)])), repeat)
+    window_sizes = []
+    window_ms = _timed(lambda: window_sizes.append(len(JSONResponse(jsonable(window_samples(
+        history, saved[len(window_sizes) % len(saved)], len(window_sizes) % len(windows)))).body)), repeat)
+    events = len(history.events())
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return [
+        (f"history: {len(windows)} windows, {sum(len(w['latent']) for w in windows):,} rows, {events:,} events,"
+         f" file {mib(size)}", f"built {built_s:.0f} s, read {read_s:.1f} s", ""),
+        ("timeline answer, first (finds every latent's events once)", f"{cold_s * 1e3:.0f} ms", "once per save"),
+        (f"timeline answer, random fired latent (JSON {statistics.median(sizes) / 1024:.1f} KiB)",
+         f"{random_ms['median']:.0f} / {random_ms['max']:.0f} ms", TARGETS["timeline"]),
+        (f"timeline answer, saved latent with kept samples (JSON {statistics.median(saved_sizes) / 1024:.1f} KiB)",
+         f"{saved_ms['median']:.0f} / {saved_ms['max']:.0f} ms", TARGETS["timeline"]),
+        (f"one window's kept samples of a saved latent (JSON {statistics.median(window_sizes) / 1024:.1f} KiB)",
+         f"{window_ms['median']:.0f} / {window_ms['max']:.0f} ms", TARGETS["timeline"]),
+    ]
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -230,7 +297,23 @@ def main() -> None:
     p.add_argument("--meaning-latents", type=int, default=1 << 20, metavar="F")
     p.add_argument("--d-model", type=int, nargs="+", default=[256, 768], metavar="D")
     p.add_argument("--no-sidecar", action="store_true", help="with --meaning: skip writing and reading the sidecar")
+    p.add_argument("--history", action="store_true", help="measure the feature timeline answer only")
+    p.add_argument("--history-latents", type=int, default=1 << 20, metavar="F")
     args = p.parse_args()
+    if args.history:
+        from rich.console import Console
+        from rich.table import Table
+
+        load = os.getloadavg()[0]
+        rows = measure_history(args.history_latents, args.repeat)
+        table = Table(title=f"serve: the feature timeline at F = {args.history_latents:,} (CPU; median / max of"
+                            f" {args.repeat}; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)")
+        for name in ("row", "measured", "target"):
+            table.add_column(name, justify="left" if name == "row" else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=int(os.environ.get("COLUMNS", "150"))).print(table)
+        return
     if args.meaning:
         from rich.console import Console
         from rich.table import Table

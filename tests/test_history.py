@@ -223,3 +223,13 @@ def test_serve_answers_the_timeline_the_run_chart_and_the_history_filters(tmp_pa
         assert all(r["birth"] > 0 for r in born)
         assert client.get("/api/history/latents?filter=nonsense").status_code == 400
         assert client.get("/api/history/features/x").status_code == 404
+        # A window's kept samples come apart from the timeline, which only counts them.
+        kept = next(i for i in sorted(saved_features(tmp_path)) if any(s.samples for s in history.feature(i)))
+        stats = next(s for s in history.feature(kept) if s.samples)
+        counted = {w["index"]: w["kept_samples"] for w in client.get(f"/api/history/features/{kept}").json()["windows"]}
+        assert counted == {s.window.index: len(s.samples) for s in history.feature(kept)}
+        shown = client.get(f"/api/history/features/{kept}/windows/{stats.window.index}").json()["samples"]
+        assert [[t["text"] for t in s["tokens"] if t["activating"]] for s in shown] == [[s.text] for s in stats.samples]
+        assert [s["step"] for s in shown] == [s.step for s in stats.samples]
+        missing = client.get(f"/api/history/features/{kept}/windows/{len(history.windows)}")
+        assert missing.status_code == 404 and "windows 0 to" in missing.json()["error"]

@@ -323,6 +323,23 @@ def test_a_parent_folder_lists_its_runs_and_unknown_folders_are_refused(tmp_path
         RunSet(tmp_path / "other")
 
 
+def test_a_directory_lists_its_snapshots_as_runs_by_step(tmp_path):
+    samples = tmp_path / "logs" / "version_0" / "samples"
+    write_plain_save(samples, 12, 0)
+    for step in (10, 2):
+        write_plain_save(samples / "snapshots" / f"step_{step}", step, step)
+    write_plain_save(tmp_path / "elsewhere", 4, 4)
+    (samples / "snapshots" / "step_7").symlink_to(tmp_path / "elsewhere")  # a link is not followed
+    (samples / "snapshots" / "step_x").mkdir()
+    names = ["samples", "samples/snapshots/step_2", "samples/snapshots/step_10"]
+    assert RunSet(samples).names == names
+    assert RunSet(tmp_path / "logs").names == [f"version_0/{n}" for n in names]
+    with TestClient(create_app(RunSet(samples))) as test_client:
+        assert [r["name"] for r in get(test_client, "/api/runs")["runs"]] == names
+        assert get(test_client, "/api/summary?run=samples/snapshots/step_2")["global_step"] == 2
+        assert get(test_client, "/api/summary")["has_history"] is True  # a plain loop's saves keep one
+
+
 def test_serve_command_quotes_the_directory():
     assert serve_command("/tmp/my runs/samples") == "lightning-sae-samples serve '/tmp/my runs/samples'"
     assert serve_command(Path("logs")) == "lightning-sae-samples serve logs"

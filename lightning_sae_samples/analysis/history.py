@@ -183,6 +183,16 @@ class FeatureHistory:
                                    self._samples(window, int(latent))))
         return out
 
+    def samples(self, latent: int, window: int) -> tuple[HistorySample, ...]:
+        """The samples kept of ``latent`` in the window at position ``window`` (empty when none were kept).
+
+        Raises:
+            IndexError: There is no such window.
+        """
+        if not 0 <= window < len(self._windows):
+            raise IndexError(f"The history has windows 0 to {len(self._windows) - 1}; there is no window {window}.")
+        return self._samples(self._windows[window], int(latent))
+
     def _samples(self, window: dict, latent: int) -> tuple[HistorySample, ...]:
         samples = window["samples"]
         picked = (samples["latent"] == latent).nonzero(as_tuple=True)[0].tolist()

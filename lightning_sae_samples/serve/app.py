@@ -29,7 +29,7 @@ from lightning_sae_samples.health import DENSE_FREQUENCY
 from lightning_sae_samples.render.templates import shipped_template_dir
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 from lightning_sae_samples.serve.explanations import ExplanationIndex
-from lightning_sae_samples.serve.history_api import history_list, run_chart, timeline
+from lightning_sae_samples.serve.history_api import history_list, run_chart, timeline, window_samples
 from lightning_sae_samples.serve.index import MAX_PAGE, BadRequestError, NotFoundError, RunIndex, jsonable
 from lightning_sae_samples.serve.runs import LiveRun, RunSet
 
@@ -208,7 +208,8 @@ def create_app(
         run = live(request)
         index = loaded(request)
         return _json({"run": run.name, "version": run.version, "explanations_version": run.explanations_version,
-                      "explanations": len(run.explanations), **index.summary_json()})
+                      "explanations": len(run.explanations),
+                      "has_history": index.analyzer.directory.history_path is not None, **index.summary_json()})
 
     def features(request: Request) -> Response:
         index = loaded(request)
@@ -330,11 +331,16 @@ def create_app(
 
     def history_timeline(request: Request) -> Response:
         history = loaded_history(request)
-        index = loaded(request)
-        raw = request.path_params["idx"]
-        if not raw.isascii() or not raw.isdigit():
-            raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number.")
-        return _json(timeline(history, index.check_index(int(raw))))
+        return _json(timeline(history, feature_idx(request, loaded(request))))
+
+    def history_window(request: Request) -> Response:
+        history = loaded_history(request)
+        idx = feature_idx(request, loaded(request))
+        raw = request.path_params["window"]
+        if not raw.isascii() or not raw.isdigit() or int(raw) >= len(history.windows):
+            raise NotFoundError(f"Window {raw!r} does not exist: the history has windows 0 to"
+                                f" {len(history.windows) - 1}.")
+        return _json(window_samples(history, idx, int(raw)))
 
     def history_run(request: Request) -> Response:
         return _json(run_chart(loaded_history(request)))
@@ -387,6 +393,7 @@ def create_app(
         Route("/api/history/run", history_run),
         Route("/api/history/latents", history_latents),
         Route("/api/history/features/{idx}", history_timeline),
+        Route("/api/history/features/{idx}/windows/{window}", history_window),
     ]
     middleware = [] if allowed_hosts is None else [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)]
     return Starlette(

@@ -23,6 +23,7 @@ from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     LOCK_NAME,
     MANIFEST_NAME,
+    SNAPSHOTS_DIR,
     SUMMARY_NAME,
     SamplesDirectoryError,
 )
@@ -52,6 +53,25 @@ def is_run_dir(path: Path) -> bool:
 def find_runs(root: Path, depth: int = SEARCH_DEPTH, limit: int = MAX_RUNS) -> list[Path]:
     """Samples directories below ``root`` (also ones still waiting for their first save), sorted by path."""
     return sorted(find_samples_dirs(root, depth, limit, (SUMMARY_NAME, MANIFEST_NAME, LOCK_NAME)))
+
+
+def snapshot_runs(path: Path) -> list[Path]:
+    """The snapshots of a samples directory (``snapshots/step_<N>/`` holding a save), by step; links are skipped."""
+    folder = path / SNAPSHOTS_DIR
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    found = []
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        step = child.name[len("step_"):]
+        marked = any(lstat_or_none(child / name) is not None for name in (SUMMARY_NAME, MANIFEST_NAME))
+        if (child.name.startswith("step_") and step.isascii() and step.isdigit() and not child.is_symlink()
+                and child.is_dir() and marked):
+            found.append((int(step), child))
+    return [child for _, child in sorted(found)]
 
 
 @dataclass
@@ -200,6 +220,14 @@ class RunSet:
         else:
             paths = find_runs(root)
             names = [p.relative_to(root).as_posix() for p in paths]
+        # A directory's snapshots are complete samples directories of their own, listed after it (so that the page
+        # can show a latent in two of them); the search above does not descend into a samples directory.
+        listed: dict[Path, str] = {}
+        for path, name in zip(paths, names):
+            listed.setdefault(path, name)
+            for snapshot in snapshot_runs(path):
+                listed.setdefault(snapshot, f"{name}/{snapshot.relative_to(path).as_posix()}")
+        paths, names = list(listed)[:MAX_RUNS], list(listed.values())[:MAX_RUNS]
         if not paths:
             raise SamplesDirectoryError(
                 f"{root} holds no samples directory (no {SUMMARY_NAME} or {MANIFEST_NAME} within {SEARCH_DEPTH}"

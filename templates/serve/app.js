@@ -7,8 +7,9 @@
   var PAGE_SIZE = 50;
   var state = {
     run: null, version: null, summary: null, route: null,
-    list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, scoreLow: null, offset: 0 },
-    examples: 20, searchOffset: 0, explanationsVersion: null,
+    list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, scoreLow: null, offset: 0,
+      history: "", historyStep: 0 },
+    examples: 20, searchOffset: 0, explanationsVersion: null, runs: [], timeline: null, window: null, windowSamples: {},
   };
   function meta(name) { var node = document.querySelector('meta[name="' + name + '"]'); return node ? node.content : ""; }
 
@@ -30,7 +31,7 @@
 
   function api(path, params) {
     var query = new URLSearchParams(params || {});
-    if (state.run !== null) { query.set("run", state.run); }
+    if (state.run !== null && !query.has("run")) { query.set("run", state.run); }
     return fetch("/api/" + path + "?" + query.toString(), { headers: { Accept: "application/json" } })
       .then(function (response) {
         return response.json().then(function (body) {
@@ -80,7 +81,8 @@
         ctx.appendChild(tok);
       }
     });
-    var meta = el("span", { className: "meta" }, [el("b", { text: e.value }), " · step " + e.step + " · pos " + e.position]);
+    var meta = el("span", { className: "meta" }, [el("b", { text: e.value }), " · step " + e.step
+      + (e.position === null || e.position === undefined ? "" : " · pos " + e.position)]);
     var item = el("li", {}, head ? [head, meta, " ", ctx] : [meta, " ", ctx]);
     return item;
   }
@@ -168,6 +170,9 @@
       go("#/");
     }, selected);
     show("frequency-chart", counts.length > 0);
+    show("history-nav", Boolean(s.has_history));
+    show("history-label", Boolean(s.has_history));
+    if (!s.has_history) { state.list.history = ""; }
     show("run-summary", true);
     show("controls", true);
   }
@@ -181,6 +186,10 @@
     $("dense-input").value = state.list.dense;
     $("score-input").value = state.list.scoreLow === null ? "" : state.list.scoreLow;
     show("dense-label", state.list.filter === "dense");
+    $("history-select").value = state.list.history;
+    $("history-step").value = state.list.historyStep;
+    show("history-step-label", state.list.history === "born_after");
+    ["sort-select", "order-select", "filter-select", "score-input", "dense-input"].forEach(function (id) { $(id).disabled = Boolean(state.list.history); });
     show("range-chip", state.list.range !== null);
     if (state.list.range) { $("range-text").textContent = "frequency " + fmtPow(state.list.range[0]) + "–" + fmtPow(state.list.range[1]); }
   }
@@ -190,7 +199,13 @@
     if (l.filter === "dense") { params.dense_above = l.dense; }
     if (l.range) { params.log10_low = l.range[0]; params.log10_high = l.range[1]; }
     if (l.scoreLow !== null) { params.score_low = l.scoreLow; }
+    show("feature-table", !l.history);
+    show("history-table", Boolean(l.history));
+    // Only the latest request fills the list: an older answer arriving later (a quick change of the controls) is dropped.
+    var ticket = state.listTicket = (state.listTicket || 0) + 1;
+    if (l.history) { return showHistoryList(ticket).then(pageDone); }
     return api("features", params).then(function (page) {
+      if (ticket !== state.listTicket) { return; }
       var body = clear($("feature-rows"));
       page.rows.forEach(function (row) {
         var overlap = el("td", { className: "overlap" + (row.drift ? " drift" : ""), text: (row.drift ? "⚠ " : "") + (row.recent_overlap === null ? "–" : row.recent_overlap) });
@@ -202,13 +217,19 @@
         body.appendChild(tr);
       });
       $("list-title").textContent = "Features by " + $("sort-select").selectedOptions[0].textContent;
-      $("list-count").textContent = page.total.toLocaleString("en-US") + " latents";
-      $("page-info").textContent = page.total ? "rows " + (l.offset + 1) + "–" + (l.offset + page.rows.length) + " of " + page.total.toLocaleString("en-US") : "no latent matches";
-      $("page-prev").disabled = l.offset === 0;
-      $("page-next").disabled = l.offset + page.rows.length >= page.total;
-      state.listTotal = page.total;
-      showView("list-view");
+      pageDone(page);
     });
+  }
+  // The list's count and pager, for a page of either list (the statistics one or the history one).
+  function pageDone(page) {
+    if (!page) { return; }
+    var l = state.list;
+    $("list-count").textContent = page.total.toLocaleString("en-US") + " latents";
+    $("page-info").textContent = page.total ? "rows " + (l.offset + 1) + "–" + (l.offset + page.rows.length) + " of " + page.total.toLocaleString("en-US") : "no latent matches";
+    $("page-prev").disabled = l.offset === 0;
+    $("page-next").disabled = l.offset + page.rows.length >= page.total;
+    state.listTotal = page.total;
+    showView("list-view");
   }
 
   // ------------------------------------------------------------------ one feature
@@ -273,7 +294,9 @@
         if (drift) { $("feature-recent").open = true; }
       }
       show("feature-recent", Boolean(f.recent));
+      syncCompareRuns(f.idx);
       showView("feature-view");
+      return showFeatureHistory(f.idx);
     });
   }
 
@@ -381,14 +404,304 @@
   }
   function emptyNote(on, text) { $("search-empty").textContent = text; show("search-empty", on); }
 
+  // ------------------------------------------------------------------ the training history (training_history.pt)
+  var KIND_NAMES = { birth: "birth", death: "death", revival: "revival", meaning_change: "meaning change" };
+  var KIND_MARKS = { birth: "▲", death: "▼", revival: "▲", meaning_change: "◆" };
+  var CHART = { width: 640, left: 44, right: 8, top: 6, plot: 68, gap: 22 };
+  function fmtNum(x) { return x === null || x === undefined ? "–" : Number(x.toPrecision(3)).toString(); }
+  function stepsText(w) { return w[0] + "–" + w[1]; }
+  function stepScale(steps) {
+    var low = steps.length ? steps[0][0] : 0, high = steps.length ? steps[steps.length - 1][1] : 1;
+    var span = Math.max(high - low, 1), inner = CHART.width - CHART.left - CHART.right;
+    return function (step) { return CHART.left + (step - low) / span * inner; };
+  }
+  function svgText(svg, x, y, text, anchor, cls) {
+    var node = svgNode("text", { x: x, y: y, "text-anchor": anchor || "start" });
+    if (cls) { node.setAttribute("class", cls); }
+    node.textContent = text;
+    svg.appendChild(node);
+    return node;
+  }
+  function titled(node, text) { var t = svgNode("title", {}); t.textContent = text; node.appendChild(t); return node; }
+  function axes(svg, steps, rows) {
+    var x = stepScale(steps), bottom = CHART.top + rows * CHART.plot + (rows - 1) * CHART.gap;
+    svg.appendChild(svgNode("line", { "class": "axis", x1: CHART.left, y1: bottom, x2: CHART.width - CHART.right, y2: bottom }));
+    if (steps.length) {
+      svgText(svg, x(steps[0][0]), bottom + 12, "step " + steps[0][0], "start");
+      svgText(svg, x(steps[steps.length - 1][1]), bottom + 12, String(steps[steps.length - 1][1]), "end");
+    }
+    return { x: x, bottom: bottom };
+  }
+  // One chart row: its label, its top value and the y of a value.
+  function chartRow(svg, row, label, top) {
+    var y0 = CHART.top + row * (CHART.plot + CHART.gap);
+    svgText(svg, 0, y0 + 10, label, "start", "row-label");
+    svgText(svg, CHART.left - 4, y0 + 22, fmtNum(top), "end");
+    svg.appendChild(svgNode("line", { "class": "axis", x1: CHART.left, y1: y0 + CHART.plot, x2: CHART.width - CHART.right, y2: y0 + CHART.plot }));
+    return function (value) { return y0 + CHART.plot - (top > 0 ? value / top * CHART.plot : 0); };
+  }
+
+  function showFeatureHistory(idx) {
+    show("feature-history", false);
+    if (!state.summary || !state.summary.has_history) { return Promise.resolve(); }
+    return api("history/features/" + idx).then(function (t) {
+      if (!state.route || state.route.idx !== idx) { return; }
+      state.timeline = t;
+      drawTimeline(t);
+      var fired = t.windows.length;
+      $("timeline-caption").textContent = "fired in " + fired + " of " + t.steps.length + " windows · "
+        + (t.events.length ? t.events.map(function (e) { return KIND_NAMES[e.kind] + " at step " + e.step; }).join(" · ") : "no events");
+      var body = clear($("timeline-rows"));
+      var byIndex = windowsByIndex(t);
+      t.steps.forEach(function (w, i) {
+        var found = byIndex[i];
+        var tokens = el("td", { className: "tokens" });
+        if (found) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count)); }); }
+        else { tokens.appendChild(el("span", { className: "caption", text: "silent" })); }
+        var tr = el("tr", { "data-window": i }, [el("td", { text: String(i) }), el("td", { text: stepsText(w) }),
+          el("td", { text: found ? String(found.count) : "0" }), el("td", { text: found ? found.shown.frequency : "0" }),
+          el("td", { text: found ? found.shown.max : "–" }), el("td", { text: found ? found.shown.mean : "–" }), tokens]);
+        tr.addEventListener("click", function () { selectWindow(i); });
+        body.appendChild(tr);
+      });
+      [$("compare-window-a"), $("compare-window-b")].forEach(function (select) {
+        clear(select);
+        t.steps.forEach(function (w, i) {
+          select.appendChild(el("option", { value: i, text: "window " + i + " (steps " + stepsText(w) + ")" + (byIndex[i] ? "" : " silent") }));
+        });
+      });
+      var active = t.windows.map(function (w) { return w.index; });
+      $("compare-window-a").value = active.length ? active[0] : 0;
+      $("compare-window-b").value = active.length ? active[active.length - 1] : Math.max(t.steps.length - 1, 0);
+      selectWindow(active.length ? active[active.length - 1] : 0);
+      $("timeline-caption").setAttribute("data-latent", idx);
+      show("feature-history", t.steps.length > 0);
+    });
+  }
+  function windowsByIndex(t) {
+    var out = {};
+    t.windows.forEach(function (w) { out[w.index] = w; });
+    return out;
+  }
+  function drawTimeline(t) {
+    var svg = clear($("timeline-chart")), byIndex = windowsByIndex(t);
+    var topFreq = Math.max.apply(null, t.windows.map(function (w) { return w.frequency; }).concat([0]));
+    var topMax = Math.max.apply(null, t.windows.map(function (w) { return w.max; }).concat([0]));
+    var ax = axes(svg, t.steps, 2), x = ax.x;
+    var yFreq = chartRow(svg, 0, "freq", topFreq), yMax = chartRow(svg, 1, "max", topMax);
+    var points = t.steps.map(function (w, i) {
+      return [(x(w[0]) + x(w[1])) / 2, yFreq(byIndex[i] ? byIndex[i].frequency : 0)];
+    });
+    t.steps.forEach(function (w, i) {
+      var found = byIndex[i];
+      var g = svgNode("g", { "class": "window" + (found ? "" : " silent"), "data-window": i });
+      var left = x(w[0]), right = x(w[1]), width = Math.max(right - left - 2, 1);
+      g.appendChild(svgNode("rect", { "class": "hit", x: left, y: CHART.top, width: Math.max(right - left, 1), height: ax.bottom - CHART.top }));
+      var barTop = found ? yMax(found.max) : yMax(0);
+      g.appendChild(svgNode("rect", { "class": "bar", x: left + 1, y: barTop, width: width, height: yMax(0) - barTop }));
+      g.appendChild(svgNode("circle", { "class": "point", cx: points[i][0], cy: points[i][1], r: 3 }));
+      titled(g, "window " + i + " · steps " + stepsText(w) + (found ? " · count " + found.count + " · frequency " + found.shown.frequency
+        + " · max " + found.shown.max + " · top " + found.top_tokens.map(function (tok) { return tok.label; }).join(" ") : " · silent"));
+      g.addEventListener("mouseenter", function () { selectWindow(i); });
+      g.addEventListener("click", function () { selectWindow(i); });
+      svg.appendChild(g);
+    });
+    svg.appendChild(svgNode("polyline", { "class": "freq-line", points: points.map(function (p) { return p.join(","); }).join(" ") }));
+    var seen = {};
+    t.events.forEach(function (e) {
+      var at = x(e.step), stack = seen[e.step] = (seen[e.step] || 0) + 1;
+      var g = svgNode("g", { "class": "event event-" + e.kind, "data-kind": e.kind, "data-step": e.step, "data-window": e.window });
+      g.appendChild(svgNode("line", { x1: at, y1: CHART.top, x2: at, y2: ax.bottom }));
+      svgText(g, at, CHART.top + 2 + 10 * stack, KIND_MARKS[e.kind], "middle", "mark");
+      var words = KIND_NAMES[e.kind] + " at step " + e.step;
+      if (e.kind === "meaning_change") { words += ": " + e.before.join(" ") + " → " + e.after.join(" ") + " (overlap " + fmtNum(e.overlap) + ")"; }
+      else if (e.after.length) { words += ": " + e.after.join(" "); }
+      titled(g, words);
+      svg.appendChild(g);
+    });
+  }
+  function windowSide(container, t, i, heading) {
+    var w = t.steps[i], found = windowsByIndex(t)[i];
+    container.appendChild(el("h4", { text: heading || "Window " + i + " · steps " + stepsText(w) }));
+    var stats = el("dl", { className: "stats" });
+    stats.appendChild(fact("Count", found ? String(found.count) : "0"));
+    stats.appendChild(fact("Frequency", found ? found.shown.frequency : "0"));
+    stats.appendChild(fact("Max", found ? found.shown.max : "–"));
+    stats.appendChild(fact("Mean", found ? found.shown.mean : "–"));
+    container.appendChild(stats);
+    var tokens = el("p", { className: "window-tokens" }, [el("span", { className: "caption", text: "Top tokens " })]);
+    if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
+    else { tokens.appendChild(el("span", { className: "caption", text: "silent in this window" })); }
+    container.appendChild(tokens);
+    return windowSamples(t.latent, i, found).then(function (samples) {
+      var list = el("ol", { className: "examples" });
+      samples.forEach(function (e) { list.appendChild(example(e)); });
+      container.appendChild(samples.length ? list : el("p", { className: "caption empty", text: "no samples kept for this window" }));
+    });
+  }
+  // A window's kept samples come in an answer of their own (the timeline only counts them), kept per save.
+  function windowSamples(idx, i, found) {
+    if (!found || !found.kept_samples) { return Promise.resolve([]); }
+    var key = [state.run, state.version, idx, i].join("\u0000");
+    if (state.windowSamples[key]) { return Promise.resolve(state.windowSamples[key]); }
+    return api("history/features/" + idx + "/windows/" + i).then(function (r) {
+      state.windowSamples[key] = r.samples;
+      return r.samples;
+    });
+  }
+  function selectWindow(i) {
+    var t = state.timeline;
+    if (!t || !t.steps[i]) { return; }
+    state.window = i;
+    Array.prototype.forEach.call(document.querySelectorAll("#timeline-chart g.window, #timeline-rows tr"), function (node) {
+      node.classList.toggle("selected", Number(node.getAttribute("data-window")) === i);
+    });
+    var found = windowsByIndex(t)[i];
+    $("window-title").textContent = "Window " + i + " · steps " + stepsText(t.steps[i]) + (found ? " · count " + found.count + " · max " + found.shown.max : " · silent");
+    var tokens = clear($("window-tokens"));
+    tokens.appendChild(el("span", { className: "caption", text: "Top tokens " }));
+    if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
+    else { tokens.appendChild(el("span", { className: "caption", text: "it did not fire in this window" })); }
+    var list = clear($("window-samples")), detail = $("window-detail");
+    detail.removeAttribute("data-shown");
+    show("window-empty", false);
+    return windowSamples(t.latent, i, found).then(function (samples) {
+      if (state.window !== i || state.timeline !== t) { return; }  // another window was picked meanwhile
+      samples.forEach(function (e) { list.appendChild(example(e)); });
+      $("window-empty").textContent = "no samples kept for this window";
+      show("window-empty", samples.length === 0);
+      detail.setAttribute("data-shown", i);
+    }).catch(problem);
+  }
+
+  function showHistoryList(ticket) {
+    var l = state.list, params = { filter: l.history, sort: "changes", offset: l.offset, limit: PAGE_SIZE };
+    if (l.history === "most_changes") { params.filter = "all"; }
+    if (l.history === "born_after") { params.step = l.historyStep; params.sort = "birth"; }
+    return api("history/latents", params).then(function (page) {
+      if (ticket !== state.listTicket) { return null; }
+      var body = clear($("history-rows"));
+      page.rows.forEach(function (row) {
+        var tr = el("tr", {}, [el("td", {}, [el("a", { href: "#/feature/" + row.latent, text: String(row.latent) })]),
+          el("td", { text: String(row.birth) }), el("td", { text: String(row.changes) }), el("td", { text: String(row.deaths) }),
+          el("td", { text: String(row.revivals) })]);
+        clickRow(tr, row.latent);
+        body.appendChild(tr);
+      });
+      $("list-title").textContent = "Latents: " + $("history-select").selectedOptions[0].textContent + (l.history === "born_after" ? " " + l.historyStep : "");
+      return page;
+    });
+  }
+
+  function showRunHistory() {
+    if (!state.summary || !state.summary.has_history) {
+      return Promise.reject(new Error("This run has no training history (training_history.pt): it is written by training saves, not by snapshots."));
+    }
+    return api("history/run").then(function (r) {
+      var svg = clear($("run-chart")), steps = r.windows.map(function (w) { return [w.start, w.end]; });
+      var topAlive = Math.max.apply(null, r.windows.map(function (w) { return w.alive; }).concat([0]));
+      var topEvents = Math.max.apply(null, r.windows.map(function (w) { return Math.max(w.births, w.deaths); }).concat([0]));
+      var ax = axes(svg, steps, 2), x = ax.x;
+      var yAlive = chartRow(svg, 0, "alive", topAlive);
+      var y1 = CHART.top + CHART.plot + CHART.gap, middle = y1 + CHART.plot / 2;
+      svgText(svg, 0, y1 + 10, "births", "start", "row-label");
+      svgText(svg, 0, y1 + CHART.plot, "deaths", "start", "row-label");
+      svgText(svg, CHART.left - 4, y1 + 22, fmtNum(topEvents), "end");
+      svg.appendChild(svgNode("line", { "class": "axis", x1: CHART.left, y1: middle, x2: CHART.width - CHART.right, y2: middle }));
+      var half = CHART.plot / 2, scale = function (v) { return topEvents > 0 ? v / topEvents * half : 0; };
+      var body = clear($("run-rows"));
+      r.windows.forEach(function (w, i) {
+        var left = x(w.start), width = Math.max(x(w.end) - left - 2, 1);
+        var g = svgNode("g", { "class": "run-window", "data-window": i });
+        g.appendChild(svgNode("rect", { "class": "bar alive", x: left + 1, y: yAlive(w.alive), width: width, height: yAlive(0) - yAlive(w.alive) }));
+        g.appendChild(svgNode("rect", { "class": "bar births", x: left + 1, y: middle - scale(w.births), width: width, height: scale(w.births) }));
+        g.appendChild(svgNode("rect", { "class": "bar deaths", x: left + 1, y: middle, width: width, height: scale(w.deaths) }));
+        titled(g, "window " + i + " · steps " + w.start + "–" + w.end + " · alive " + w.alive + " · births " + w.births
+          + " · deaths " + w.deaths + " · revivals " + w.revivals + " · meaning changes " + w.meaning_changes);
+        svg.appendChild(g);
+        body.appendChild(el("tr", { "data-window": i }, [el("td", { text: String(i) }), el("td", { text: w.start + "–" + w.end }),
+          el("td", { text: String(w.alive) }), el("td", { text: String(w.births) }), el("td", { text: String(w.deaths) }),
+          el("td", { text: String(w.revivals) }), el("td", { text: String(w.meaning_changes) })]));
+      });
+      $("run-chart-caption").textContent = r.windows.length + " windows · a latent is dead after " + r.dead_window_steps + " silent steps";
+      showView("history-view");
+    });
+  }
+
+  // ------------------------------------------------------------------ side by side
+  function showCompare(route) {
+    $("compare-back").href = "#/feature/" + route.idx;
+    var a = clear($("compare-a")), b = clear($("compare-b"));
+    if (route.by === "windows") {
+      return api("history/features/" + route.idx).then(function (t) {
+        [route.a, route.b].forEach(function (i) {
+          if (!t.steps[i]) { throw new Error("The history has windows 0 to " + (t.steps.length - 1) + "; there is no window " + i + "."); }
+        });
+        $("compare-title").textContent = "Feature " + route.idx + ": window " + route.a + " and window " + route.b;
+        return Promise.all([windowSide(a, t, route.a), windowSide(b, t, route.b)]).then(function () { showView("compare-view"); });
+      });
+    }
+    $("compare-title").textContent = "Feature " + route.idx + " in " + route.a + " and " + route.b;
+    return Promise.all([route.a, route.b].map(function (run) {
+      return api("features/" + route.idx, { run: run, examples: 10 }).then(function (f) { return f; }, function (err) { return err; });
+    })).then(function (found) {
+      [[a, route.a, found[0]], [b, route.b, found[1]]].forEach(function (side) { runSide(side[0], side[1], side[2]); });
+      showView("compare-view");
+    });
+  }
+  function runSide(container, run, f) {
+    container.setAttribute("data-run", run);
+    if (f instanceof Error) {
+      container.appendChild(el("h4", { text: run }));
+      container.appendChild(el("p", { className: "caption", text: f.message }));
+      return;
+    }
+    container.appendChild(el("h4", { text: run + " · step " + f.global_step }));
+    var stats = el("dl", { className: "stats" });
+    stats.appendChild(fact("Max", f.max));
+    stats.appendChild(fact("Mean", f.mean));
+    stats.appendChild(fact("Count", f.count));
+    stats.appendChild(fact("Frequency", f.frequency));
+    stats.appendChild(fact("Samples kept", f.num_samples));
+    container.appendChild(stats);
+    var tokens = el("p", { className: "window-tokens" }, [el("span", { className: "caption", text: "Fires most on " })]);
+    tokenChips(tokens, f.top_tokens);
+    container.appendChild(tokens);
+    var list = el("ol", { className: "examples" });
+    f.examples.forEach(function (e) { list.appendChild(example(e)); });
+    container.appendChild(list.children.length ? list : el("p", { className: "caption empty", text: "No samples: this latent never fired above the threshold here." }));
+  }
+  function syncCompareRuns(idx) {
+    var runs = state.runs || [];
+    show("compare-runs-form", runs.length > 1);
+    if (runs.length < 2) { return; }
+    [$("compare-run-a"), $("compare-run-b")].forEach(function (select) {
+      if (select.options.length !== runs.length) {
+        clear(select);
+        runs.forEach(function (name) { select.appendChild(el("option", { value: name, text: name })); });
+      }
+    });
+    var other = runs.filter(function (name) { return name !== state.run; });
+    $("compare-run-a").value = state.run;
+    $("compare-run-b").value = other[0];
+    state.compareIdx = idx;
+  }
+
   // ------------------------------------------------------------------ routing and the live save
+  var VIEWS = { list: "list-view", search: "search-view", feature: "feature-view", history: "history-view", compare: "compare-view" };
   function showView(id) {
-    ["list-view", "search-view", "feature-view"].forEach(function (v) { show(v, v === id); });
+    if (state.route && VIEWS[state.route.kind] !== id) { return; }  // a slower answer for a page already left
+    ["list-view", "search-view", "feature-view", "history-view", "compare-view"].forEach(function (v) { show(v, v === id); });
   }
   function parseRoute() {
     var hash = location.hash.replace(/^#\/?/, "");
     var m = /^feature\/(\d+)$/.exec(hash);
     if (m) { return { kind: "feature", idx: Number(m[1]) }; }
+    if (hash === "history") { return { kind: "history" }; }
+    m = /^compare\/(\d+)\/windows\/(\d+)\/(\d+)$/.exec(hash);
+    if (m) { return { kind: "compare", by: "windows", idx: Number(m[1]), a: Number(m[2]), b: Number(m[3]) }; }
+    m = /^compare\/(\d+)\/runs\/([^/]+)\/([^/]+)$/.exec(hash);
+    if (m) { return { kind: "compare", by: "runs", idx: Number(m[1]), a: decodeURIComponent(m[2]), b: decodeURIComponent(m[3]) }; }
     m = /^(token|token-id|context|explanation)\/(.*)$/.exec(hash);
     if (m) { return { kind: "search", mode: m[1], query: decodeURIComponent(m[2]) }; }
     return { kind: "list" };
@@ -399,7 +712,9 @@
     if (!same) { state.searchOffset = 0; if (route.kind === "feature" && (!state.route || state.route.idx !== route.idx)) { state.examples = 20; } }
     state.route = route;
     var done = route.kind === "feature" ? showFeature(route.idx)
-      : route.kind === "search" ? showSearch(route.mode, route.query) : showList();
+      : route.kind === "search" ? showSearch(route.mode, route.query)
+      : route.kind === "history" ? showRunHistory()
+      : route.kind === "compare" ? showCompare(route) : showList();
     return done.then(function () {
       fine();
       if (!same && route.kind === "feature") { $("feature-view").scrollIntoView({ block: "start" }); }
@@ -455,6 +770,16 @@
     $("filter-select").addEventListener("change", function () { state.list.filter = this.value; relist(); });
     $("dense-input").addEventListener("change", function () { state.list.dense = Number(this.value) || 0; relist(); });
     $("score-input").addEventListener("change", function () { state.list.scoreLow = this.value === "" ? null : Number(this.value); relist(); });
+    $("history-select").addEventListener("change", function () { state.list.history = this.value; relist(); });
+    $("history-step").addEventListener("change", function () { state.list.historyStep = Math.max(0, Math.floor(Number(this.value) || 0)); relist(); });
+    $("compare-windows-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      go("#/compare/" + state.route.idx + "/windows/" + $("compare-window-a").value + "/" + $("compare-window-b").value);
+    });
+    $("compare-runs-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      go("#/compare/" + state.route.idx + "/runs/" + encodeURIComponent($("compare-run-a").value) + "/" + encodeURIComponent($("compare-run-b").value));
+    });
     $("label-form").addEventListener("submit", function (ev) {
       ev.preventDefault();
       var idx = state.route && state.route.idx;
@@ -480,6 +805,7 @@
     fetch("/api/runs").then(function (r) { return r.json(); }).then(function (r) {
       var select = $("run-select");
       r.runs.forEach(function (run) { select.appendChild(el("option", { value: run.name, text: run.name })); });
+      state.runs = r.runs.map(function (run) { return run.name; });
       state.run = r.runs.length ? r.runs[0].name : null;
       show("run-pick", r.runs.length > 1);
       return loadRun();
