@@ -95,3 +95,28 @@ def open_chromium(url: str, profile: Path, width: int, height: int):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def wait_js(tools, expression: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = tools.js(expression)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.1)
+
+
+def errors(tools, origin: str) -> list:
+    """Console errors, exceptions, and any request that leaves this server."""
+    return [e for e in tools.errors() if not (e.get("method") == "Network.requestWillBeSent"
+                                              and e["params"]["request"]["url"].startswith(origin))]
+
+
+def api(server, path):
+    return json.load(urllib.request.urlopen(server.url + "api/" + path, timeout=10))
+
+
+def choose(tools, select: str, value: str) -> None:
+    tools.js(f"""(() => {{ const s = document.getElementById({json.dumps(select)}); s.value = {json.dumps(value)};
+                 s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")

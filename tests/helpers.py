@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -273,3 +276,18 @@ class BlockPendingDir(Callback):
             self.path.write_text("in the way")
         elif trainer.global_step == self.unblock and self.path.is_file():
             self.path.unlink()
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_sae.py"
+
+
+def run_example(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "fit", "--config", str(config)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_example_train import run_example
+from helpers import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "minilm_kjv_rows.yaml"

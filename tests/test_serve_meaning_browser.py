@@ -9,9 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from chromium import CHROMIUM, open_chromium
+from chromium import CHROMIUM, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, decoder_matrices, hostile_vocab, write_run_dir
-from test_serve_browser import errors, wait_js
 
 from lightning_sae_samples.analysis.explanations import ExplanationRecord, append_explanations, read_labels
 
