@@ -51,6 +51,22 @@ def test_birth_death_revival_and_meaning_change_per_latent(history):
     assert history.events(3) == []
 
 
+def test_one_latents_events_alone_equal_its_share_of_the_run_events():
+    gen = torch.Generator().manual_seed(3)
+    windows = []
+    for w in range(12):
+        fired = (torch.rand(8, generator=gen) < 0.5).nonzero().flatten().tolist()
+        rows = {f: (1 + f, torch.randint(0, 6, (3,), generator=gen).unique().tolist()) for f in fired}
+        windows.append(window(100 * w, 100 * (w + 1), rows))
+    payload = history_payload(windows, num_latents=8, top_tokens=3, context_window=3, dead_window_steps=150,
+                              vocab={i: f"t{i}" for i in range(6)})
+    run = FeatureHistory(payload).events()
+    assert {e.kind for e in run} == {"birth", "death", "revival", "meaning_change"}
+    for latent in range(8):
+        alone = FeatureHistory(payload).events(latent)  # a fresh reader: from the latent's own windows
+        assert alone == [e for e in run if e.latent == latent]
+
+
 def test_run_events_are_listed_by_step_and_counted_per_latent(history):
     steps = [e.step for e in history.events()]
     assert steps == sorted(steps) and len(steps) == 6

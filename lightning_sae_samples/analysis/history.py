@@ -210,9 +210,14 @@ class FeatureHistory:
 
     def events(self, latent: Optional[int] = None, change_overlap: float = MEANING_CHANGE_OVERLAP
                ) -> list[FeatureEvent]:
-        """Births, deaths, revivals and meaning changes of one latent, or of every latent (by step, then latent)."""
-        found = self._all_events(change_overlap)
-        ids = self._sorted_ids
+        """Births, deaths, revivals and meaning changes of one latent, or of every latent (by step, then latent).
+
+        One latent's are found from its own windows, unless every latent's are known already.
+        """
+        if latent is None or change_overlap in self._events:
+            found, ids = self._all_events(change_overlap), self._sorted_ids
+        else:
+            found, ids = self._latent_events(int(latent), change_overlap)
         listed = []
         for rank, kind in enumerate(EVENT_KINDS):
             lat, step, win, row, overlap = found[kind]
@@ -244,12 +249,32 @@ class FeatureHistory:
         cached = self._events.get(change_overlap)
         if cached is not None:
             return cached
+        order = torch.argsort(self._latent * max(len(self.windows), 1) + self._row_window)
+        self._sorted_ids = self._token_ids[order]
+        found = self._find_events(self._latent[order], self._row_window[order], self._sorted_ids, change_overlap)
+        self._events[change_overlap] = found
+        return found
+
+    def _latent_events(self, latent: int, change_overlap: float) -> tuple[dict[str, tuple[Tensor, ...]], Tensor]:
+        """:meth:`_all_events` of one latent, from the windows it fired in, and its rows' top token ids."""
+        windows, ids = [], []
+        for index, window in enumerate(self._windows):
+            rows = window["latent"]
+            at = int(torch.searchsorted(rows, torch.tensor(latent, dtype=rows.dtype)))
+            if at < len(rows) and int(rows[at]) == latent:
+                windows.append(index)
+                ids.append(window["token_ids"][at])
+        top = self._token_ids.shape[1]
+        ids_t = torch.stack(ids) if ids else torch.empty((0, top), dtype=self._token_ids.dtype)
+        window_t = torch.tensor(windows, dtype=torch.int64)
+        return self._find_events(torch.full_like(window_t, latent), window_t, ids_t, change_overlap), ids_t
+
+    def _find_events(self, latent: Tensor, window: Tensor, ids: Tensor, change_overlap: float
+                     ) -> dict[str, tuple[Tensor, ...]]:
+        """The events of rows sorted by latent, then window (``ids``: their top token ids)."""
         count_w = len(self.windows)
         ends = torch.tensor([w.end for w in self.windows], dtype=torch.int64)
         starts = torch.tensor([w.start for w in self.windows], dtype=torch.int64)
-        order = torch.argsort(self._latent * max(count_w, 1) + self._row_window)
-        latent, window, ids = self._latent[order], self._row_window[order], self._token_ids[order]
-        self._sorted_ids = ids
         n = len(latent)
         first = torch.ones(n, dtype=torch.bool)
         first[1:] = latent[1:] != latent[:-1]
@@ -281,7 +306,6 @@ class FeatureHistory:
         low = overlap < change_overlap
         changed = pair[low] + 1
         found["meaning_change"] = pick(changed, starts[window[changed]], window[changed], overlap[low])
-        self._events[change_overlap] = found
         return found
 
     def _strings(self, ids: Tensor) -> tuple[str, ...]:
