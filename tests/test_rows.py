@@ -36,7 +36,8 @@ def sparse(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tables(collector: ActivationSampleCollector) -> dict:
-    return padded_state(collector.state_dict()["collector"])
+    """The collection as padded tensors, windows read from the token source where the samples keep refs."""
+    return padded_state(collector.with_windows(collector.state_dict()["collector"]))
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
