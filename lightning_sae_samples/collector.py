@@ -557,6 +557,8 @@ class ActivationSampleCollector:
                 not ours to write.
         """
         merged = self.merged_state()
+        if self._rank() == 0:
+            merged = self.with_windows(merged)  # before the window resets: a missing source changes nothing
         local = self.collector
         step = global_step if global_step is not None else (
             int(merged["last_collected_step"]) if merged is not None else None)

@@ -149,10 +149,14 @@ class SampleCollector:
         self.recent_block = EMPTY
         if config.recent_window_steps:
             for name in ("recent", "recent_prev"):
-                self.tables[name] = table(num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius)
+                self.tables[name] = table(
+                    num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius
+                )
 
         if config.history_samples_per_feature:
-            self.tables["window"] = table(num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius)
+            self.tables["window"] = table(
+                num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius
+            )
         for field in STAT_FIELDS:
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
             setattr(self, field.name, empty_field(field, shape, device))

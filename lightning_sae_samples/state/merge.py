@@ -10,12 +10,12 @@ from torch import Tensor
 from lightning_sae_samples.state.schema import (
     EMPTY,
     LATENT_FIELDS,
-    ROW_WINDOWS_KEY,
-    TOKEN_SOURCE_KEY,
     MERGE_KEYS,
+    ROW_WINDOWS_KEY,
     RUN_FIELDS,
     TABLE_NAMES,
     TOKEN_BITS,
+    TOKEN_SOURCE_KEY,
     WINDOW_TOKENS,
     StateField,
 )
