@@ -593,17 +593,28 @@ def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:
             times[name].append(time.perf_counter() - t0)
     # The first update of each also allocates its state: left out of the means.
     means = {name: statistics.mean(times[name][1:]) for name in collectors}
-    sizes, memory, save = {}, {}, {}
+    sizes, memory, written = {}, {}, {}
     for name, collector in collectors.items():
         path = Path(tempfile.mkdtemp(prefix="sae-rows-bench-")) / "state.pt"
         torch.save(collector.state_dict(), path)
         sizes[name] = path.stat().st_size
         memory[name] = engine_bytes(collector)
-        t0 = time.perf_counter()
-        collector.save(path.parent / "samples", full_state=True)
-        save[name] = time.perf_counter() - t0
         shutil.rmtree(path.parent)
-    kept = int(collectors["refs"].collector.tables["top"].export()["count"].sum())
+    # What a save of the refs does first: read every kept sample's window back from the source (best of 3).
+    state = collectors["refs"].merged_state()
+    read_back = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        windows = collectors["refs"].with_windows(state)
+        read_back.append(time.perf_counter() - t0)
+    for name, collector in (("rows", collectors["rows"]), ("refs", collectors["refs"])):
+        path = Path(tempfile.mkdtemp(prefix="sae-rows-bench-")) / "full_state.pt"
+        torch.save(collector.with_windows(collector.merged_state()), path)
+        written[name] = path.stat().st_size
+        shutil.rmtree(path.parent)
+    stored = sum(len(windows[t]["values"]) for t in ("top", "interval", "recent", "recent_prev", "window")
+                 if t in windows)
+    kept = int(state["top"]["count"].sum())
     note = f"F={num_latents}, k={k}, {args.tokens} tokens, collections 2..{steps} from empty, {device}"
     out = [("(g) collection from [B, T] sequences", fmt_ms(means["sequences"]), "per collection", note)]
     for name, label in (("rows", "windows kept"), ("refs", "refs kept")):
@@ -612,9 +623,12 @@ def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:
                     "one gather of the windows from an ArrayTokenSource; neighbour activations unknown (none read)"))
     for name, label in (("sequences", "sequences"), ("rows", "rows, windows kept"), ("refs", "rows, refs kept")):
         out.append((f"(g) state of {label}: in memory / checkpointed", fmt_bytes(memory[name][0]),
-                    fmt_bytes(sizes[name]),
-                    f"window pools {fmt_bytes(memory[name][1])}; save with full_state.pt {fmt_ms(save[name])}"
+                    fmt_bytes(sizes[name]), f"of which window pools {fmt_bytes(memory[name][1])}"
                     + (f"; {kept:,} top samples kept" if name == "refs" else "")))
+    out.append(("(g) full_state.pt, rows: windows kept / refs kept", fmt_bytes(written["rows"]),
+                fmt_bytes(written["refs"]), "the same windows written either way"))
+    out.append(("(g) windows read back at save (refs kept)", fmt_ms(min(read_back)), f"{stored:,} samples",
+                "with_windows: one gather over every table's kept samples, best of 3"))
     return out
 
 
