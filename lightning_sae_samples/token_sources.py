@@ -400,7 +400,7 @@ def check_same_source(described: Any, source: Any, owner: str = "ActivationSampl
 def with_windows(state: Optional[dict], source: Any, owner: str = "ActivationSampleCollector") -> Optional[dict]:
     """A state whose kept samples hold token refs, with their windows read from ``source`` instead.
 
-    Every table's refs are read in one gather; the windows are those the samples had when they were kept (a
+    Every table's distinct refs are read in one gather; the windows are those the samples had when they were kept (a
     state keeping windows would hold the same ones), their activations unknown (NaN) but at the centre, where
     they are the sample's value. The result is the form of a state keeping windows (``row_windows="tokens"``);
     a state that keeps windows already is returned as it is.
@@ -415,7 +415,12 @@ def with_windows(state: Optional[dict], source: Any, owner: str = "ActivationSam
     half = int(state["half_window"])
     names = [name for name in TABLE_NAMES if name in state]
     refs = torch.cat([state[name]["token_ref"].reshape(-1).cpu().to(torch.int64) for name in names])
-    tokens = source.windows(refs, half, "token_ref").tokens.cpu()
+    # A row kept by several latents (and tables) is read once.
+    distinct, inverse = torch.unique(refs, return_inverse=True)
+    if len(distinct):
+        tokens = source.windows(distinct, half, "token_ref").tokens.cpu()[inverse]
+    else:
+        tokens = torch.empty((0, 2 * half + 1), dtype=torch.int64)
     dtype = token_dtype_for(int(tokens.max()) if tokens.numel() else 0)
     out = {key: value for key, value in state.items() if key not in (ROW_WINDOWS_KEY, TOKEN_SOURCE_KEY)}
     start = 0

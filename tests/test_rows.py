@@ -417,3 +417,22 @@ def test_a_refs_collection_refuses_sequences_and_a_tampered_checkpoint():
         check_state(bad)
     with pytest.raises(ValueError, match="token_source"):
         check_state({key: value for key, value in state.items() if key != "token_source"})
+
+
+def test_refs_read_back_from_a_datasets_column_and_with_nothing_kept(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tokens, latents = corpus()
+    column = datasets.Dataset.from_dict({"token_ids": tokens.tolist()})["token_ids"]
+    flat = latents.reshape(S * T, F)
+    states = []
+    for data in (tokens, column):
+        collector = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(data, pad_token_id=0),
+                                              **SETTINGS)
+        collector.update(token_refs=torch.arange(S * T), latents=flat, step=0)
+        states.append(collector.with_windows(collector.state_dict()["collector"]))
+    same_tensors(*states)
+    # Nothing above the threshold: no ref to read, and the save still writes (empty) windows.
+    empty = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(column), **SETTINGS)
+    empty.update(token_refs=torch.arange(S * T), latents=torch.zeros(S * T, F), step=0)
+    empty.save(tmp_path / "empty")
+    assert read_dir(tmp_path / "empty")["full_state.pt"]["top"]["context_tokens"].shape == (0, 5)
