@@ -436,3 +436,25 @@ def test_refs_read_back_from_a_datasets_column_and_with_nothing_kept(tmp_path):
     empty.update(token_refs=torch.arange(S * T), latents=torch.zeros(S * T, F), step=0)
     empty.save(tmp_path / "empty")
     assert read_dir(tmp_path / "empty")["full_state.pt"]["top"]["context_tokens"].shape == (0, 5)
+
+
+def test_the_memory_estimate_counts_a_ref_per_kept_sample():
+    from lightning_sae_samples.engine.memory import estimate_state_bytes
+
+    runs = {}
+    tokens, latents = corpus()
+    for row_windows in ("tokens", "refs"):
+        collector = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens),
+                                              row_windows=row_windows, **SETTINGS)
+        collector.update(token_refs=torch.arange(S * T), latents=latents.reshape(-1, F), step=0)
+        engine = collector.collector
+        stored = int(engine.tables["top"].export()["count"].sum())
+        pool = sum(t.numel() * t.element_size() for t in engine.tables["top"].pool.values())
+        per_sample = pool / engine.tables["top"].pool_slots
+        runs[row_windows] = (engine.config, stored, per_sample)
+    (tokens_config, stored, tokens_per_sample), (refs_config, _, refs_per_sample) = runs["tokens"], runs["refs"]
+    assert refs_config.row_windows == "refs" and tokens_config.row_windows == "tokens"
+    assert refs_per_sample == 4 + 8  # position and ref
+    estimate = {name: estimate_state_bytes(config, stored_samples=stored, vocab_size=30)
+                for name, (config, _, _) in runs.items()}
+    assert estimate["tokens"]["top"] - estimate["refs"]["top"] == stored * (tokens_per_sample - refs_per_sample)
