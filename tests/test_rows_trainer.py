@@ -130,3 +130,13 @@ def test_two_process_ddp_equals_one_process_fed_the_same_rows(tmp_path, mode):
     tokens = one_process(seen, mode, row_windows="tokens")
     assert "context_tokens" in tokens.state_dict()["collector"]["top"]
     assert_equal_states(without_window_entries(tokens.state_dict()["collector"]), files["full_state.pt"])
+
+
+def test_refs_with_a_ring_found_on_the_module_are_refused_at_fit_start(tmp_path):
+    from lightning_sae_samples.token_sources import TokenRing
+
+    callback = ActivationSampleCallback(dirpath=tmp_path / "samples", row_windows="refs", **SETTINGS)
+    module = RowSAE()
+    module.token_source = TokenRing(4 * 8)
+    with pytest.raises(ValueError, match=r"row_windows='refs'.*TokenRing.*Set row_windows='tokens'"):
+        trainer(tmp_path, [callback]).fit(module, shuffled_rows())
