@@ -125,6 +125,9 @@ class SampleCollector:
         #: The kept samples hold token refs (``row_windows="refs"``), not windows.
         self.keeps_refs = config.row_windows == "refs"
         self.window_fields = REF_FIELDS if self.keeps_refs else WINDOW_FIELDS
+        # What a batch computes for the candidates: the tables' fields, and the tokens de-duplication hashes.
+        dedup_tokens = ("context_tokens",) if self.keeps_refs and config.deduplicate_contexts else ()
+        self._batch_fields = self.window_fields + dedup_tokens
         #: What the refs point into (an array source's description), recorded in the state.
         self.token_source: Optional[dict] = None
         table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields)
@@ -451,7 +454,7 @@ class SampleCollector:
         anywhere = may_enter[0]
         for mask in may_enter[1:]:
             anywhere = anywhere | mask
-        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0], self.window_fields)
+        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0], self._batch_fields)
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]
             table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)

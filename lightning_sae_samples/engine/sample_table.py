@@ -126,10 +126,12 @@ class BatchContext:
     def compute_windows(self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS) -> None:
         """Compute the window ``fields`` of these candidates (the union of what every table may keep), once.
 
-        ``context_tokens`` is always computed: de-duplication hashes it.
+        De-duplication hashes ``context_tokens``: ask for them where a table keeping refs de-duplicates.
         """
         token_idx = self.token_idx[candidate]
-        self.windows = {"position": self.positions_of(token_idx), "context_tokens": self.window_tokens(token_idx)}
+        self.windows = {"position": self.positions_of(token_idx)}
+        if "context_tokens" in fields:
+            self.windows["context_tokens"] = self.window_tokens(token_idx)
         if "context_acts" in fields:
             self.windows["context_acts"] = self.window_acts(candidate)
         if "token_ref" in fields:
