@@ -24,7 +24,9 @@ Rows of the printed table:
 (f) the collector alone (no Trainer, no model) over hundreds of collections from an empty state: mean
     cost per collection by phase, as the tops fill and ever fewer activations enter them.
 (g) ``--rows``: the collector alone fed the same tokens as ``[B, T]`` sequences and as shuffled rows with
-    token refs into an ``ArrayTokenSource``, alternating; the ratio of their mean costs, and the state size.
+    token refs into an ``ArrayTokenSource``, alternating; the ratio of their mean costs, and the state size in
+    memory and checkpointed, with the rows' kept samples holding their windows (``row_windows="tokens"``) and
+    their refs (``"refs"``), at ``--rows-latents`` (131,072 by default).
 
 Nothing here asserts a time; the targets are printed next to the measurements.
 """
@@ -528,25 +530,47 @@ def collector_phases(
     return {(lo, hi): statistics.mean(times[lo - 1 : hi]) for lo, hi in PHASES if hi <= steps}
 
 
+def engine_bytes(collector: Any) -> tuple[int, int]:
+    """Bytes a collector's engine holds in memory: all its tensors, and the sample tables' window pools alone."""
+    engine = collector.collector
+    total = pools = 0
+    for value in vars(engine).values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    total += sum(v.numel() * v.element_size() for v in engine.window_pairs.values())
+    for table in engine.tables.values():
+        for name in ("values", "priority", "step", "order", "slot", "hash"):
+            tensor = getattr(table, name)
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+        pool = sum(t.numel() * t.element_size() for t in table.pool.values())
+        total, pools = total + pool, pools + pool
+    return total, pools
+
+
 def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:
     """Collecting shuffled rows (token refs into an ``ArrayTokenSource``) against the same tokens as sequences.
 
-    Two collectors over the same random TopK codes, one fed ``[B, T]`` batches, the other the same tokens as
-    shuffled rows ``[N, k]`` with their refs; the updates alternate, so both see the same machine load. The
-    means include the merges; ``--rows-collections`` collections from an empty state (the fill phase first).
+    Three collectors over the same random TopK codes, one fed ``[B, T]`` batches, two the same tokens as
+    shuffled rows ``[N, k]`` with their refs, keeping windows and keeping refs (``row_windows``); the updates
+    rotate, so all see the same machine load. The means include the merges; ``--rows-collections`` collections
+    from an empty state (the fill phase first). Then each state's bytes in memory and checkpointed.
     """
     from lightning_sae_samples import ActivationSampleCollector
     from lightning_sae_samples.token_sources import ArrayTokenSource
 
     device = torch.device(args.device)
-    num_latents, k, seq_len, steps = args.num_latents, args.k, args.seq_len, args.rows_collections
+    num_latents, k, seq_len, steps = args.rows_latents, args.k, args.seq_len, args.rows_collections
     batch = args.tokens // seq_len
     gen = torch.Generator().manual_seed(0)
     corpus = torch.randint(0, 30522, (batch * steps, seq_len), generator=gen)
     settings = dict(num_latents=num_latents, activation_threshold=args.threshold)
-    sequences = ActivationSampleCollector(**settings)
-    rows = ActivationSampleCollector(token_source=ArrayTokenSource(corpus), **settings)
-    times: dict[str, list[float]] = {"sequences": [], "rows": []}
+    collectors = {
+        "sequences": ActivationSampleCollector(**settings),
+        "rows": ActivationSampleCollector(token_source=ArrayTokenSource(corpus), row_windows="tokens", **settings),
+        "refs": ActivationSampleCollector(token_source=ArrayTokenSource(corpus), row_windows="refs", **settings),
+    }
+    times: dict[str, list[float]] = {name: [] for name in collectors}
     for step in range(steps):
         start = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen)
         stride = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen) | 1
@@ -555,33 +579,57 @@ def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:
         tokens = corpus[step * batch : (step + 1) * batch].to(device)
         perm = torch.randperm(batch * seq_len, generator=gen)
         refs = (step * batch * seq_len + perm).to(device)
-        for name in ("sequences", "rows") if step % 2 == 0 else ("rows", "sequences"):
+        names = list(collectors)
+        for name in names[step % 3 :] + names[: step % 3]:
             sync(device)
             t0 = time.perf_counter()
             if name == "sequences":
-                sequences.update(tokens, latent_indices=indices.view(batch, seq_len, k),
-                                 latent_values=values.view(batch, seq_len, k), step=step)
+                collectors[name].update(tokens, latent_indices=indices.view(batch, seq_len, k),
+                                        latent_values=values.view(batch, seq_len, k), step=step)
             else:
-                rows.update(token_refs=refs, latent_indices=indices[perm.to(device)],
-                            latent_values=values[perm.to(device)], step=step)
+                collectors[name].update(token_refs=refs, latent_indices=indices[perm.to(device)],
+                                        latent_values=values[perm.to(device)], step=step)
             sync(device)
             times[name].append(time.perf_counter() - t0)
     # The first update of each also allocates its state: left out of the means.
-    seq_mean, rows_mean = statistics.mean(times["sequences"][1:]), statistics.mean(times["rows"][1:])
-    sizes = {}
-    for name, collector in (("sequences", sequences), ("rows", rows)):
+    means = {name: statistics.mean(times[name][1:]) for name in collectors}
+    sizes, memory, written = {}, {}, {}
+    for name, collector in collectors.items():
         path = Path(tempfile.mkdtemp(prefix="sae-rows-bench-")) / "state.pt"
         torch.save(collector.state_dict(), path)
         sizes[name] = path.stat().st_size
+        memory[name] = engine_bytes(collector)
         shutil.rmtree(path.parent)
+    # What a save of the refs does first: read every kept sample's window back from the source (best of 3).
+    state = collectors["refs"].merged_state()
+    read_back = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        windows = collectors["refs"].with_windows(state)
+        read_back.append(time.perf_counter() - t0)
+    for name, collector in (("rows", collectors["rows"]), ("refs", collectors["refs"])):
+        path = Path(tempfile.mkdtemp(prefix="sae-rows-bench-")) / "full_state.pt"
+        torch.save(collector.with_windows(collector.merged_state()), path)
+        written[name] = path.stat().st_size
+        shutil.rmtree(path.parent)
+    stored = sum(len(windows[t]["values"]) for t in ("top", "interval", "recent", "recent_prev", "window")
+                 if t in windows)
+    kept = int(state["top"]["count"].sum())
     note = f"F={num_latents}, k={k}, {args.tokens} tokens, collections 2..{steps} from empty, {device}"
-    return [
-        ("(g) collection from [B, T] sequences", fmt_ms(seq_mean), "per collection", note),
-        ("(g) collection from shuffled rows + refs", fmt_ms(rows_mean), f"{rows_mean / seq_mean:.2f}x sequences",
-         "one gather of the windows from an ArrayTokenSource; neighbour activations unknown (none read)"),
-        ("(g) checkpointed state, sequences / rows", fmt_bytes(sizes["sequences"]), fmt_bytes(sizes["rows"]),
-         "torch.save of state_dict(): windows stored either way"),
-    ]
+    out = [("(g) collection from [B, T] sequences", fmt_ms(means["sequences"]), "per collection", note)]
+    for name, label in (("rows", "windows kept"), ("refs", "refs kept")):
+        out.append((f"(g) collection from shuffled rows, {label}", fmt_ms(means[name]),
+                    f"{means[name] / means['sequences']:.2f}x sequences",
+                    "one gather of the windows from an ArrayTokenSource; neighbour activations unknown (none read)"))
+    for name, label in (("sequences", "sequences"), ("rows", "rows, windows kept"), ("refs", "rows, refs kept")):
+        out.append((f"(g) state of {label}: in memory / checkpointed", fmt_bytes(memory[name][0]),
+                    fmt_bytes(sizes[name]), f"of which window pools {fmt_bytes(memory[name][1])}"
+                    + (f"; {kept:,} top samples kept" if name == "refs" else "")))
+    out.append(("(g) full_state.pt, rows: windows kept / refs kept", fmt_bytes(written["rows"]),
+                fmt_bytes(written["refs"]), "the same windows written either way"))
+    out.append(("(g) windows read back at save (refs kept)", fmt_ms(min(read_back)), f"{stored:,} samples",
+                "with_windows: one gather over every table's kept samples, best of 3"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -824,6 +872,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--scale-row", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rows", action="store_true", help="only (g): collecting shuffled rows against sequences")
     p.add_argument("--rows-collections", type=int, default=40, help="collections of each kind for --rows")
+    p.add_argument("--rows-latents", type=int, default=131072, help="F of --rows (run it smaller with e.g. 4096)")
     args = p.parse_args(argv)
     if args.rows:
         table = Table(title="Shuffled rows against sequences (collector alone)")

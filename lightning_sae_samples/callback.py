@@ -31,7 +31,7 @@ from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.state.history import reset_window_entries
-from lightning_sae_samples.token_sources import TokenSource, load_token_source
+from lightning_sae_samples.token_sources import TokenSource, load_token_source, row_windows_for
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
 # A child of Lightning's own logger: error-level records go where Lightning's messages go.
@@ -68,7 +68,9 @@ class ActivationSampleCallback(Callback):
             ``token_refs_key``) find their tokens, an :class:`~lightning_sae_samples.token_sources.ArrayTokenSource`
             or :class:`~lightning_sae_samples.token_sources.TokenRing`, or its import path
             ``"package.module:attribute"`` (an object, or a function returning one; for YAML); default the
-            datamodule's or module's ``token_source`` attribute, if any. See ``docs/rows.md``.
+            datamodule's or module's ``token_source`` attribute, if any. With an array source the checkpoint keeps
+            each sample's ref, not its window, and saves read the windows there (``row_windows``). See
+            ``docs/rows.md``.
         config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
             keywords).
         merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
@@ -307,6 +309,7 @@ class ActivationSampleCallback(Callback):
             places = (getattr(trainer, "datamodule", None), pl_module)
             found = next((s for s in (getattr(p, "token_source", None) for p in places) if s is not None), None)
             self.token_source = self.engine.token_source = load_token_source(found, type(self).__name__)
+            row_windows_for(self.settings.row_windows, self.token_source, type(self).__name__)
         if self.settings.exclude_special_tokens:
             tokenizer = self._tokenizer(trainer, pl_module)
             special = getattr(tokenizer, "all_special_ids", None)

@@ -48,8 +48,15 @@ from lightning_sae_samples.samples_dir.commit import claim_samples_dir
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, REPORT_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
+from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
 from lightning_sae_samples.state.tables import kept_per_latent
-from lightning_sae_samples.token_sources import TokenSource, load_token_source
+from lightning_sae_samples.token_sources import (
+    TokenSource,
+    check_same_source,
+    load_token_source,
+    row_windows_for,
+    with_windows,
+)
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
@@ -98,6 +105,7 @@ class ActivationSampleCollector:
         token_source: Where shuffled rows' ``token_refs`` find their tokens (an
             :class:`~lightning_sae_samples.token_sources.ArrayTokenSource` or
             :class:`~lightning_sae_samples.token_sources.TokenRing`, or an import path to one); see ``docs/rows.md``.
+            With an array source the kept samples hold their refs, not their windows (``row_windows``).
         **settings: Any field of :class:`~lightning_sae_samples.CollectionConfig` (``max_samples_per_feature``,
             ``context_size``, ``activation_threshold``, ...), with its default and checks.
 
@@ -132,6 +140,7 @@ class ActivationSampleCollector:
         self.settings = config
         self.merge_policy = merge_policy or MergePolicy()
         self.token_source = load_token_source(token_source, type(self).__name__)
+        row_windows_for(config.row_windows, self.token_source, type(self).__name__)  # refuses refs with a ring
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
         self._pending_state: Optional[dict] = None
@@ -208,6 +217,12 @@ class ActivationSampleCollector:
             return
         if batch.tokens.numel() == 0:
             return
+        if self._keeps_refs():
+            raise LatentInputError(
+                f"`{keys.tokens}` [B, T] came to a collection of shuffled rows that keeps their token refs"
+                " (row_windows='refs' or 'auto' with an ArrayTokenSource), and a sequence has none. Collect rows"
+                " only, or set row_windows='tokens'."
+            )
         source = batch.dense if batch.dense is not None else batch.values
         device = source.device
         tokens = batch.tokens.to(device)
@@ -272,13 +287,22 @@ class ActivationSampleCollector:
                     " source can order; start a new TokenRing (and collection) for this run."
                 )
             order = order + (self._rank() << RANK_SHIFT)
-        collector = self._collector_for(num_latents, device)
+        collector = self._collector_for(num_latents, device, rows=True)
         self._check_step(collector.last_collected_step, step)
         excluded = self._excluded_positions(windows.tokens[:, self.settings.half_window])
+        refs = refs.to(device) if collector.keeps_refs else None
         if batch.dense is not None:
-            collector.update_rows_dense(windows, batch.dense, step, order, excluded)
+            collector.update_rows_dense(windows, batch.dense, step, order, excluded, refs)
         else:
-            collector.update_rows_sparse(windows, batch.indices, batch.values, step, order, excluded)
+            collector.update_rows_sparse(windows, batch.indices, batch.values, step, order, excluded, refs)
+
+    def _keeps_refs(self) -> bool:
+        """Whether this collection's kept samples hold token refs (or will, once created)."""
+        if self.collector is not None:
+            return self.collector.keeps_refs
+        if self._pending_state is not None:
+            return keeps_refs(self._pending_state)
+        return self.settings.row_windows == "refs"
 
     @staticmethod
     def _check_step(last: int, step: int) -> None:
@@ -314,7 +338,7 @@ class ActivationSampleCollector:
             "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
         )
 
-    def _collector_for(self, num_latents: int, device: torch.device) -> SampleCollector:
+    def _collector_for(self, num_latents: int, device: torch.device, rows: bool = False) -> SampleCollector:
         collector = self.collector
         if collector is not None:
             if collector.config.num_latents != num_latents:
@@ -330,20 +354,29 @@ class ActivationSampleCollector:
                     f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
                     f" {num_latents}. Resume the same SAE, or start a new collection without the checkpoint."
                 )
-        self.collector = self._materialize(num_latents, self.settings.device or device)
+        self.collector = self._materialize(num_latents, self.settings.device or device, rows)
         return self.collector
 
-    def engine_config(self, num_latents: int) -> CollectionConfig:
-        """The settings with ``num_latents`` set, as the tensor engine takes them."""
-        return dataclasses.replace(self.settings, num_latents=num_latents)
+    def engine_config(self, num_latents: int, rows: bool = False) -> CollectionConfig:
+        """The settings with ``num_latents`` set, as the tensor engine takes them.
 
-    def check_memory(self, num_latents: int, device: Union[torch.device, str], owner: str = "") -> None:
+        ``row_windows`` is decided: ``"refs"`` for a collection of shuffled ``rows`` whose token source keeps its
+        refs for good (or when asked for), ``"tokens"`` otherwise.
+        """
+        mode = row_windows_for(self.settings.row_windows, self.token_source, type(self).__name__)
+        if not rows and self.settings.row_windows == "auto":
+            mode = "tokens"
+        return dataclasses.replace(self.settings, num_latents=num_latents, row_windows=mode)
+
+    def check_memory(
+        self, num_latents: int, device: Union[torch.device, str], owner: str = "", rows: bool = False
+    ) -> None:
         """Refuse a state whose up-front part cannot fit ``device``, before allocating it.
 
         Raises:
             ValueError: Naming the bytes needed and available, and the argument to lower.
         """
-        need = estimate_state_bytes(self.engine_config(num_latents), stored_samples=0)
+        need = estimate_state_bytes(self.engine_config(num_latents, rows), stored_samples=0)
         device = self.settings.device or device
         available = available_memory_bytes(device)
         if available is None or need["total"] <= available:
@@ -355,17 +388,52 @@ class ActivationSampleCollector:
             f" {getattr(self.settings, argument)}), or collect on a device with more memory."
         )
 
-    def _materialize(self, num_latents: int, device: torch.device) -> SampleCollector:
+    def _materialize(self, num_latents: int, device: torch.device, rows: bool = False) -> SampleCollector:
+        owner = type(self).__name__
+        if self._pending_state is not None:
+            self._check_resumed_windows(self._pending_state)
         pending, self._pending_state = self._pending_state, None
         if self.settings.num_latents is None:
             self.settings.num_latents = num_latents
         if pending is None:
-            self.check_memory(num_latents, device)
-            return SampleCollector(self.engine_config(num_latents), device, policy=self.merge_policy)
+            self.check_memory(num_latents, device, rows=rows)
+            created = SampleCollector(self.engine_config(num_latents, rows), device, policy=self.merge_policy)
+            if created.keeps_refs:
+                if self.token_source is None:
+                    raise ValueError(f"{owner}: row_windows='refs' keeps token refs, and no token_source was given.")
+                created.token_source = self.token_source.description()
+            return created
         restored = SampleCollector.from_state_dict(pending, device, self.merge_policy)
         # Every process loads the same merged checkpoint; keeping it on one process only makes the next
         # merge count each sample once.
         return restored if self._rank() == 0 else restored.empty_like()
+
+    def _check_resumed_windows(self, state: dict, owner: Optional[str] = None) -> None:
+        """Refuse a restored collection whose kind of windows (or whose token source) this one cannot go on with."""
+        owner = owner or type(self).__name__
+        refs = keeps_refs(state)
+        setting = self.settings.row_windows
+        if setting != "auto" and (setting == "refs") != refs:
+            kept = "their token refs (row_windows='refs')" if refs else "their windows (row_windows='tokens')"
+            raise ValueError(
+                f"Cannot resume: the checkpoint's collection keeps {kept}, this {owner} has row_windows="
+                f"{setting!r}. Pass row_windows={'refs' if refs else 'tokens'!r} (or 'auto') to continue it, or"
+                " start a new collection without the checkpoint's collection."
+            )
+        if refs and self.token_source is not None:
+            check_same_source(state.get(TOKEN_SOURCE_KEY), self.token_source, f"Cannot resume: {owner}")
+
+    def with_windows(self, state: Optional[dict]) -> Optional[dict]:
+        """A state (e.g. :meth:`merged_state`'s) with its kept samples' windows read from the token source.
+
+        A collection of shuffled rows from an array source keeps each sample's token ref, not its window
+        (``row_windows``); this gives the form every reader takes, the same windows a collection keeping them
+        holds. A state keeping windows is returned as it is.
+
+        Raises:
+            ValueError: The token source is missing or not the one the refs point into.
+        """
+        return with_windows(state, self.token_source, type(self).__name__)
 
     # ------------------------------------------------------------------ state
     def merged_state(self, device: Optional[torch.device] = None, gather: Optional[Gather] = None) -> Optional[dict]:
@@ -433,6 +501,8 @@ class ActivationSampleCollector:
                 " Use the same value, or start a new collection without the checkpoint."
             )
         collected = state.get("collector")
+        if collected is not None:
+            self._check_resumed_windows(collected, owner)
         expected = self.settings.num_latents
         if collected is not None and expected is not None and int(collected["num_latents"]) != expected:
             raise ValueError(
@@ -487,6 +557,8 @@ class ActivationSampleCollector:
                 not ours to write.
         """
         merged = self.merged_state()
+        if self._rank() == 0:
+            merged = self.with_windows(merged)  # before the window resets: a missing source changes nothing
         local = self.collector
         step = global_step if global_step is not None else (
             int(merged["last_collected_step"]) if merged is not None else None)
@@ -584,6 +656,8 @@ class ActivationSampleCollector:
         if merged is None:
             rank_zero_info(f"{owner}: nothing collected yet, no samples written.")
             return []
+        # Kept refs become windows here, read in one gather: every file written holds windows.
+        merged = with_windows(merged, self.token_source, owner)
         self._warn_nonfinite(merged, owner)
         step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
         saved = write_samples_dir(

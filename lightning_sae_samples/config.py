@@ -44,6 +44,7 @@ RankBy = Literal["max_activation", "activation_count", "frequency"]
 OnSaveError = Literal["log", "raise"]
 SaveFullState = Literal["every", "end", "never"]
 Loop = Literal["train", "validate", "test", "predict"]
+RowWindows = Literal["auto", "tokens", "refs"]
 
 
 def _engine(state_key: str, resume: bool = True, merge: bool = False) -> dict[str, Any]:
@@ -127,6 +128,15 @@ class CollectionConfig:
     No statistics and no sample are centred there, but they count in ``tokens_seen`` and show in other samples'
     contexts."""
 
+    row_windows: RowWindows = "auto"
+    """How a kept sample of a shuffled row holds its context window: ``"auto"``, ``"tokens"`` or ``"refs"``.
+
+    ``"tokens"`` stores the window's ``context_size + 1`` token ids per kept sample; ``"refs"`` stores only the
+    row's token ref (8 bytes) and reads the windows from the token source when the samples are written, which
+    needs an ``ArrayTokenSource`` (its refs are global and permanent; a ``TokenRing``'s leave the ring). ``"auto"``:
+    refs with an array source, tokens otherwise. Either way the written windows are the same (see
+    ``docs/rows.md``)."""
+
     write_report: bool = field(default=True, metadata={"summary": False})
     """Also write ``interpretability_report.md`` into the samples directory at each save."""
 
@@ -189,6 +199,7 @@ class CollectionConfig:
 
     def _check_choices(self) -> None:
         self.rank_features_by = choice(self.rank_features_by, "rank_features_by", _choices(RankBy))
+        self.row_windows = choice(self.row_windows, "row_windows", _choices(RowWindows))
         self.deduplicate_contexts = bool(self.deduplicate_contexts)
         self.exclude_token_ids = token_ids(self.exclude_token_ids, "exclude_token_ids")
         self.write_report = bool(self.write_report)

@@ -9,6 +9,9 @@ exactly as a ``[B, T]`` batch's windows are cut: clipped at the sequence's edges
   column); the ref of sequence ``s``, position ``t`` is ``s * T + t``.
 - :class:`TokenRing`: the recent token batches of a stream; :meth:`TokenRing.add` returns the ref of a batch's
   first token, refs keep increasing and are never reused.
+
+An array source's refs are global and permanent, so a kept sample may hold its ref instead of its window
+(``row_windows="refs"``); :func:`with_windows` reads the windows of a whole state's kept samples at write time.
 """
 
 from __future__ import annotations
@@ -21,9 +24,14 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.engine.rows import TokenWindows, clip_at_padding
+from lightning_sae_samples.engine.sample_table import token_dtype_for
 from lightning_sae_samples.inputs import LatentInputError, check_attention_mask, check_refs, check_tokens
+from lightning_sae_samples.state.schema import ROW_WINDOWS_KEY, TABLE_NAMES, TOKEN_SOURCE_KEY, keeps_refs
 
-__all__ = ["ArrayTokenSource", "TokenRing", "TokenSource", "TokenWindows", "check_refs", "load_token_source"]
+__all__ = [
+    "ArrayTokenSource", "TokenRing", "TokenSource", "TokenWindows", "check_refs", "check_same_source",
+    "load_token_source", "row_windows_for", "with_windows",
+]
 
 
 class TokenSource:
@@ -41,6 +49,13 @@ class TokenSource:
     def ref_range(self) -> tuple[int, int]:
         """The refs this source can read now, ``[low, high)``."""
         raise NotImplementedError
+
+    def description(self) -> Optional[dict]:
+        """What identifies the tokens behind the refs, if refs stay valid for good (else ``None``).
+
+        A state that keeps refs records it, and reads its windows only from a source with the same description.
+        """
+        return None
 
     def check(self, refs: Tensor, key: str = "token_refs") -> None:
         """Raise :class:`LatentInputError` naming the first ref outside :meth:`ref_range`, before any read."""
@@ -100,6 +115,11 @@ class ArrayTokenSource(TokenSource):
 
     def __repr__(self) -> str:
         return f"ArrayTokenSource({self.num_sequences} sequences of {self.seq_len} tokens, {self._kind})"
+
+    def description(self) -> dict:
+        """``{"kind", "num_sequences", "seq_len", "pad_token_id"}``: what a state keeping refs into it records."""
+        return {"kind": type(self).__name__, "num_sequences": self.num_sequences, "seq_len": self.seq_len,
+                "pad_token_id": self.pad_token_id}
 
     def _read(self, refs: Tensor, half_window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         seq = self.seq_len
@@ -313,3 +333,93 @@ def load_token_source(source: Any, owner: str = "ActivationSampleCallback") -> O
             f" {type(source).__name__}."
         )
     return source
+
+
+def row_windows_for(setting: str, source: Any, owner: str = "ActivationSampleCollector") -> str:
+    """How kept samples of shuffled rows hold their windows: ``"refs"`` or ``"tokens"`` (see ``row_windows``).
+
+    ``"auto"`` is ``"refs"`` for a source whose refs are permanent (an :class:`ArrayTokenSource`).
+
+    Raises:
+        ValueError: ``"refs"`` with a source whose refs do not last (a :class:`TokenRing`).
+    """
+    permanent = source is not None and callable(getattr(source, "description", None)) and (
+        source.description() is not None)
+    if setting == "auto":
+        return "refs" if permanent else "tokens"
+    if setting == "refs" and source is not None and not permanent:
+        raise ValueError(
+            f"{owner}: row_windows='refs' keeps each sample's token ref and reads its window when the samples are"
+            f" written, which needs refs that last (an ArrayTokenSource); the refs of this {type(source).__name__}"
+            " leave it as newer batches come. Set row_windows='tokens' (or 'auto', which keeps tokens here)."
+        )
+    return setting
+
+
+def _shown(described: Any) -> str:
+    if isinstance(described, dict) and {"num_sequences", "seq_len"} <= described.keys():
+        pad = described.get("pad_token_id")
+        return (f"an {described.get('kind', 'ArrayTokenSource')} of {described['num_sequences']} sequences of"
+                f" {described['seq_len']} tokens" + (f" (pad_token_id={pad})" if pad is not None else ""))
+    return repr(described)[:80]
+
+
+def check_same_source(described: Any, source: Any, owner: str = "ActivationSampleCollector") -> None:
+    """Raise unless ``source`` is the array source a state's refs point into (its recorded ``described``).
+
+    Raises:
+        ValueError: No source, or one of another shape or padding; the message says what to pass.
+    """
+    if not isinstance(described, dict):
+        raise ValueError(f"{owner}: the collection keeps token refs but does not say which token source they point"
+                         f" into (found {_shown(described)}); it was not written by lightning-sae-samples.")
+    if source is None:
+        raise ValueError(
+            f"{owner}: the collection keeps token refs into {_shown(described)}, and no token source was given:"
+            " pass that source as `token_source=` to resume or write it."
+        )
+    found = source.description() if callable(getattr(source, "description", None)) else None
+    if found != described:
+        raise ValueError(
+            f"{owner}: the collection's token refs point into {_shown(described)}, but the token source given is"
+            f" {source!r}. Pass the token source the collection was made with (the same pretokenized data), or"
+            " start a new collection."
+        )
+
+
+def with_windows(state: Optional[dict], source: Any, owner: str = "ActivationSampleCollector") -> Optional[dict]:
+    """A state whose kept samples hold token refs, with their windows read from ``source`` instead.
+
+    Every table's distinct refs are read in one gather; the windows are those the samples had when they were kept (a
+    state keeping windows would hold the same ones), their activations unknown (NaN) but at the centre, where
+    they are the sample's value. The result is the form of a state keeping windows (``row_windows="tokens"``);
+    a state that keeps windows already is returned as it is.
+
+    Raises:
+        ValueError: ``source`` is not the one the refs point into (see :func:`check_same_source`).
+        LatentInputError: A ref is outside the source.
+    """
+    if state is None or not keeps_refs(state):
+        return state
+    check_same_source(state.get(TOKEN_SOURCE_KEY), source, owner)
+    half = int(state["half_window"])
+    names = [name for name in TABLE_NAMES if name in state]
+    refs = torch.cat([state[name]["token_ref"].reshape(-1).cpu().to(torch.int64) for name in names])
+    # A row kept by several latents (and tables) is read once.
+    distinct, inverse = torch.unique(refs, return_inverse=True)
+    if len(distinct):
+        tokens = source.windows(distinct, half, "token_ref").tokens.cpu()[inverse]
+    else:
+        tokens = torch.empty((0, 2 * half + 1), dtype=torch.int64)
+    dtype = token_dtype_for(int(tokens.max()) if tokens.numel() else 0)
+    out = {key: value for key, value in state.items() if key not in (ROW_WINDOWS_KEY, TOKEN_SOURCE_KEY)}
+    start = 0
+    for name in names:
+        table = {key: value for key, value in state[name].items() if key != "token_ref"}
+        stop = start + len(state[name]["token_ref"])
+        table["context_tokens"] = tokens[start:stop].to(dtype)
+        acts = torch.full((stop - start, 2 * half + 1), float("nan"), dtype=torch.float32)
+        acts[:, half] = table["values"].cpu().float()
+        table["context_acts"] = acts
+        out[name], start = table, stop
+    return out

@@ -2,12 +2,15 @@
 
 Hypothesis draws the corpus (with padding), the latents (on a 0.5 grid: many ties), a random permutation of the
 rows cut into consecutive steps (one update each; rows of a ring batch may come steps after it was added), the
-source, dense or sparse latents, bf16/fp16/fp32, excluded ids, sizes and thresholds; with de-duplication the
-written samples directory is compared. Profiles as in tests/test_fuzz_collector.py.
+source, dense or sparse latents, bf16/fp16/fp32, excluded ids, sizes and thresholds, how kept samples hold their
+windows (``row_windows``: refs into an array source, or tokens) and a resume from a checkpoint written to disk; with
+de-duplication the written samples directory is compared. With an array source the other ``row_windows`` runs
+too, and both keep the same samples with the same windows. Profiles as in tests/test_fuzz_collector.py.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from helpers import read_dir
 from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError
+from lightning_sae_samples.state.tables import padded_state
 from lightning_sae_samples.token_sources import ArrayTokenSource, TokenRing
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -47,10 +51,13 @@ def shuffles(draw):
         exclude=tuple(draw(st.sets(st.integers(1, 9), max_size=2))),
         dedup=draw(st.booleans()),
         ring_batch=draw(st.integers(1, num_seq)),
+        row_windows=draw(st.sampled_from(("auto", "tokens", "refs"))),
+        resume_at=draw(st.integers(0, len(cuts) + 1)),  # before this update (past the last: no resume)
     )
 
 
-def run_case(case):
+def collect(case, row_windows):
+    """Run the case with this ``row_windows``: the collector (resumed where the case says) and what it saw."""
     tokens, latents, perm = case["tokens"], case["latents"].to(case["dtype"]), case["perm"]
     num_seq, seq = tokens.shape
     num_latents = latents.shape[1]
@@ -61,14 +68,26 @@ def run_case(case):
         # Sequences enter the ring a few at a time, and a step's rows may be of any batch added so far.
         ring = TokenRing(tokens.numel(), pad_token_id=case["pad_id"])
         source = ring
-    collector = ActivationSampleCollector(
-        num_latents=num_latents, max_samples_per_feature=case["max_samples"], samples_per_feature_to_save=1,
-        context_size=case["context_size"], activation_threshold=case["threshold"], exclude_token_ids=case["exclude"],
-        deduplicate_contexts=case["dedup"], samples_per_interval=0, token_source=source, write_report=False,
-    )
+
+    def new_collector():
+        return ActivationSampleCollector(
+            num_latents=num_latents, max_samples_per_feature=case["max_samples"], samples_per_feature_to_save=1,
+            context_size=case["context_size"], activation_threshold=case["threshold"],
+            exclude_token_ids=case["exclude"], deduplicate_contexts=case["dedup"], samples_per_interval=1,
+            token_source=source, write_report=False, row_windows=row_windows,
+        )
+
+    collector = new_collector()
     seen, step, start = [], 0, 0
     bounds = [*case["cuts"], len(perm)]
-    for gap, stop in zip(case["step_gaps"], bounds):
+    for call, (gap, stop) in enumerate(zip(case["step_gaps"], bounds)):
+        if call == case["resume_at"]:
+            # A checkpoint on disk, loaded as an untrusted file is, into a new collector over the same source.
+            buffer = io.BytesIO()
+            torch.save(collector.state_dict(), buffer)
+            buffer.seek(0)
+            collector = new_collector()
+            collector.load_state_dict(torch.load(buffer, weights_only=True))
         step += gap
         part = perm[start:stop]
         start = stop
@@ -93,9 +112,38 @@ def run_case(case):
             rows = given.float()
         seen.append(RowsSeen(step, 0, refs.tolist(), rows, source=tokens, pad_id=case["pad_id"],
                              ring=list(ring_batches) if ring is not None else None, call=len(seen)))
-    state = collector.state_dict()["collector"]
-    if state is None:
+    return collector, seen
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal entries, NaN equal to NaN (the window dtypes may differ: tokens mode keeps the latents' own)."""
+    if a.is_floating_point():
+        return torch.equal(a.double().nan_to_num(-7.0), b.double().nan_to_num(-7.0))
+    return torch.equal(a.long(), b.long())
+
+
+def run_case(case):
+    if case["source"] == "ring" and case["row_windows"] == "refs":
+        case = {**case, "row_windows": "tokens"}  # refused: see test_rows.py
+    collector, seen = collect(case, case["row_windows"])
+    num_latents = case["latents"].shape[1]
+    kept = collector.state_dict()["collector"]
+    if kept is None:
         return
+    state = collector.with_windows(kept)
+    if case["source"] == "array":
+        # Array refs last: "auto" keeps them, and the other way of keeping windows keeps the same samples.
+        assert ("token_ref" in kept["top"]) == (case["row_windows"] != "tokens")
+        assert ("context_tokens" in kept["top"]) == (case["row_windows"] == "tokens")
+        other, _ = collect(case, "tokens" if case["row_windows"] != "tokens" else "refs")
+        want = padded_state(other.with_windows(other.state_dict()["collector"]))
+        got = padded_state(state)
+        assert got.keys() == want.keys()
+        for name, value in got.items():
+            if isinstance(value, torch.Tensor):
+                assert same_values(value, want[name]), name
+            else:
+                assert value == want[name], name
     if not case["dedup"]:
         assert_state_matches(state, seen, num_latents, case["max_samples"], case["context_size"], case["threshold"],
                              exclude=case["exclude"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -36,7 +37,8 @@ def sparse(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tables(collector: ActivationSampleCollector) -> dict:
-    return padded_state(collector.state_dict()["collector"])
+    """The collection as padded tensors, windows read from the token source where the samples keep refs."""
+    return padded_state(collector.with_windows(collector.state_dict()["collector"]))
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
@@ -268,3 +270,191 @@ def test_the_feature_files_say_unknown_as_null_and_readers_show_only_the_activat
 
 
 SOURCE = ArrayTokenSource(torch.zeros(2, 4, dtype=torch.long))
+
+
+def same_tensors(a, b, where: str = "state") -> None:
+    """Nested dicts of tensors hold the same entries (NaN equal to NaN, dtypes included)."""
+    assert a.keys() == b.keys(), where
+    for key, value in a.items():
+        if isinstance(value, dict):
+            same_tensors(value, b[key], f"{where}.{key}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            assert len(value) == len(b[key]), f"{where}.{key}"
+            for i, (x, y) in enumerate(zip(value, b[key])):
+                same_tensors(x, y, f"{where}.{key}[{i}]")
+        elif torch.is_tensor(value):
+            assert value.dtype == b[key].dtype, f"{where}.{key}"
+            assert torch.equal(value.nan_to_num(-7.0) if value.is_floating_point() else value,
+                               b[key].nan_to_num(-7.0) if b[key].is_floating_point() else b[key]), f"{where}.{key}"
+        else:
+            assert value == b[key], f"{where}.{key}"
+
+
+def checkpoint_bytes(state: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
+def collect_both_ways(tmp_path, mode: str, **settings) -> dict:
+    """The same shuffled rows over three steps, kept as windows and as refs; each collector saved to its folder."""
+    tokens, latents = corpus(7)
+    flat = latents.reshape(S * T, F)
+    perm = torch.randperm(S * T, generator=torch.Generator().manual_seed(8))
+    out = {}
+    for row_windows in ("tokens", "refs"):
+        collector = ActivationSampleCollector(
+            num_latents=F, token_source=ArrayTokenSource(tokens, pad_token_id=0), row_windows=row_windows,
+            samples_per_interval=1, recent_window_steps=2, **{**SETTINGS, **settings},
+        )
+        for step, part in enumerate(perm.chunk(3)):
+            if mode == "dense":
+                collector.update(token_refs=part, latents=flat[part], step=step)
+            else:
+                indices, values = sparse(flat[part])
+                collector.update(token_refs=part, latent_indices=indices, latent_values=values, step=step)
+        state = collector.state_dict()
+        collector.save(tmp_path / row_windows)
+        out[row_windows] = (collector, state)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_refs_keep_no_windows_and_write_the_windows_tokens_keep(tmp_path, mode, dedup):
+    runs = collect_both_ways(tmp_path, mode, deduplicate_contexts=dedup)
+    (_, with_tokens), (refs_collector, with_refs) = runs["tokens"], runs["refs"]
+    kept = with_refs["collector"]
+    for name in ("top", "interval", "recent", "recent_prev", "window"):
+        assert "token_ref" in kept[name], name
+        assert not {"context_tokens", "context_acts"} & kept[name].keys(), name
+        assert "context_tokens" in with_tokens["collector"][name], name
+    assert kept["token_source"] == {"kind": "ArrayTokenSource", "num_sequences": S, "seq_len": T, "pad_token_id": 0}
+    # Per kept sample 8 bytes of ref instead of a window of token ids and activations: the checkpoint is smaller.
+    assert int(kept["top"]["count"].sum()) > 20
+    assert checkpoint_bytes(with_refs) < checkpoint_bytes(with_tokens)
+    engine = refs_collector.collector
+    assert all("context_tokens" not in t.pool and "context_acts" not in t.pool for t in engine.tables.values())
+    # Read back from the source, the windows are the ones a collection keeping them holds, in every table.
+    same_tensors(refs_collector.with_windows(kept), with_tokens["collector"])
+    # And every file written holds them: feature files, the full state, the history.
+    a, b = read_dir(tmp_path / "tokens"), read_dir(tmp_path / "refs")
+    features = sorted(name for name in a if name.startswith("feature_"))
+    assert features and features == sorted(name for name in b if name.startswith("feature_"))
+    for name in features:
+        assert a[name] == b[name], name
+    same_tensors(a["full_state.pt"], b["full_state.pt"])
+    history = [torch.load(tmp_path / way / "training_history.pt", weights_only=True) for way in ("tokens", "refs")]
+    same_tensors(*history)
+
+
+def test_refs_resume_from_disk_equals_tokens_and_needs_the_same_source(tmp_path):
+    tokens, latents = corpus(9)
+    flat = latents.reshape(S * T, F)
+    parts = torch.randperm(S * T, generator=torch.Generator().manual_seed(10)).chunk(3)
+
+    def run(row_windows, source_tokens=tokens, stop_after=None):
+        def new():
+            return ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(source_tokens),
+                                             row_windows=row_windows, samples_per_interval=1, **SETTINGS)
+
+        collector = new()
+        for step, part in enumerate(parts):
+            if step == stop_after:
+                torch.save(collector.state_dict(), tmp_path / "ckpt.pt")
+                collector = new()
+                collector.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+            collector.update(token_refs=part, latents=flat[part], step=step)
+        return collector
+
+    want = tables(run("tokens"))
+    resumed = run("refs", stop_after=2)
+    got = tables(resumed)
+    assert "top_token_ref" not in got and got.keys() == want.keys()
+    for name, value in got.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value.nan_to_num(-7.0), want[name].nan_to_num(-7.0)), name
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    # Another source (another shape), or none, cannot read these refs: resuming is refused, naming both.
+    settings = dict(SETTINGS, samples_per_interval=1)
+    other = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens[:, :-1]), **settings)
+    with pytest.raises(ValueError, match=rf"Cannot resume.*{S} sequences of {T} tokens.*{S} sequences of {T - 1}"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="row_windows='tokens'.*Pass row_windows='refs'"):
+        ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens), row_windows="tokens",
+                                  **settings).load_state_dict(state)
+    sourceless = ActivationSampleCollector(num_latents=F, **settings)
+    sourceless.load_state_dict(state)
+    with pytest.raises(ValueError, match="no token source was given"):
+        sourceless.save(tmp_path / "out")
+
+
+def test_refs_with_a_ring_are_refused_and_auto_keeps_tokens_there():
+    with pytest.raises(ValueError, match=r"row_windows='refs'.*TokenRing.*leave.*Set row_windows='tokens'"):
+        ActivationSampleCollector(num_latents=F, token_source=TokenRing(4 * T), row_windows="refs", **SETTINGS)
+    with pytest.raises(ValueError, match="row_windows"):
+        ActivationSampleCollector(num_latents=F, row_windows="ref", **SETTINGS)
+    ring = TokenRing(4 * T)
+    collector = ActivationSampleCollector(num_latents=F, token_source=ring, **SETTINGS)
+    first = ring.add(torch.randint(1, 30, (2, T)))
+    collector.update(token_refs=first + torch.arange(2 * T), latents=torch.rand(2 * T, F), step=0)
+    assert "context_tokens" in collector.state_dict()["collector"]["top"]
+
+
+def test_a_refs_collection_refuses_sequences_and_a_tampered_checkpoint():
+    from lightning_sae_samples.state.validate import check_state
+
+    tokens, latents = corpus()
+    collector = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens), **SETTINGS)
+    collector.update(token_refs=torch.arange(S * T), latents=latents.reshape(-1, F), step=0)
+    with pytest.raises(LatentInputError, match="keeps their token refs.*row_windows='tokens'"):
+        collector.update(tokens, latents=latents, step=1)
+    state = collector.state_dict()["collector"]
+    check_state(state)
+    bad = {**state, "top": {**state["top"], "token_ref": state["top"]["token_ref"].clone()}}
+    bad["top"]["token_ref"][0] = S * T
+    with pytest.raises(ValueError, match=rf"top.token_ref.*\[0, {S * T}\)"):
+        check_state(bad)
+    with pytest.raises(ValueError, match="token_source"):
+        check_state({key: value for key, value in state.items() if key != "token_source"})
+
+
+def test_refs_read_back_from_a_datasets_column_and_with_nothing_kept(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tokens, latents = corpus()
+    column = datasets.Dataset.from_dict({"token_ids": tokens.tolist()})["token_ids"]
+    flat = latents.reshape(S * T, F)
+    states = []
+    for data in (tokens, column):
+        collector = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(data, pad_token_id=0),
+                                              **SETTINGS)
+        collector.update(token_refs=torch.arange(S * T), latents=flat, step=0)
+        states.append(collector.with_windows(collector.state_dict()["collector"]))
+    same_tensors(*states)
+    # Nothing above the threshold: no ref to read, and the save still writes (empty) windows.
+    empty = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(column), **SETTINGS)
+    empty.update(token_refs=torch.arange(S * T), latents=torch.zeros(S * T, F), step=0)
+    empty.save(tmp_path / "empty")
+    assert read_dir(tmp_path / "empty")["full_state.pt"]["top"]["context_tokens"].shape == (0, 5)
+
+
+def test_the_memory_estimate_counts_a_ref_per_kept_sample():
+    from lightning_sae_samples.engine.memory import estimate_state_bytes
+
+    runs = {}
+    tokens, latents = corpus()
+    for row_windows in ("tokens", "refs"):
+        collector = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens),
+                                              row_windows=row_windows, **SETTINGS)
+        collector.update(token_refs=torch.arange(S * T), latents=latents.reshape(-1, F), step=0)
+        engine = collector.collector
+        stored = int(engine.tables["top"].export()["count"].sum())
+        pool = sum(t.numel() * t.element_size() for t in engine.tables["top"].pool.values())
+        per_sample = pool / engine.tables["top"].pool_slots
+        runs[row_windows] = (engine.config, stored, per_sample)
+    (tokens_config, stored, tokens_per_sample), (refs_config, _, refs_per_sample) = runs["tokens"], runs["refs"]
+    assert refs_config.row_windows == "refs" and tokens_config.row_windows == "tokens"
+    assert refs_per_sample == 4 + 8  # position and ref
+    estimate = {name: estimate_state_bytes(config, stored_samples=stored, vocab_size=30)
+                for name, (config, _, _) in runs.items()}
+    assert estimate["tokens"]["top"] - estimate["refs"]["top"] == stored * (tokens_per_sample - refs_per_sample)

@@ -62,9 +62,11 @@ def test_without_a_token_source_the_callback_takes_the_modules(tmp_path):
     assert_dir_matches_oracle(read_dir(tmp_path / "samples"), collected(module), F, K, CTX, THR)
 
 
-def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("row_windows", ["auto", "tokens"])
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, row_windows):
     def fit(epochs, ckpt_path=None):
-        callbacks = [ActivationSampleCallback(dirpath=tmp_path / "samples", token_source=token_source(), **SETTINGS),
+        callbacks = [ActivationSampleCallback(dirpath=tmp_path / "samples", token_source=token_source(),
+                                              row_windows=row_windows, **SETTINGS),
                      ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
         module = RowSAE()
         trainer(tmp_path, callbacks, max_epochs=epochs, enable_checkpointing=True).fit(
@@ -73,6 +75,11 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
 
     # Each run shuffles anew: the oracle over the rows both runs saw is what an uninterrupted run over them keeps.
     first = fit(1)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    (kept,) = [s["collector"] for key, s in checkpoint["callbacks"].items() if key.startswith("ActivationSample")]
+    # With an array source the checkpoint holds each kept sample's ref, and no window.
+    assert ("token_ref" in kept["top"]) == (row_windows == "auto")
+    assert ("context_tokens" in kept["top"]) == (row_windows == "tokens")
     second = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert {s.step for s in first}.isdisjoint(s.step for s in second)
     assert_dir_matches_oracle(read_dir(tmp_path / "samples"), first + second, F, K, CTX, THR)
@@ -88,6 +95,22 @@ def assert_equal_states(a: dict, b: dict) -> None:
             assert value == b[name], name
 
 
+def one_process(seen: list, mode: str, **settings) -> ActivationSampleCollector:
+    """One collector fed every rank's rows of each step in one batch."""
+    settings = {**{k: v for k, v in SETTINGS.items() if k != "collection_freq"}, **settings}
+    one = ActivationSampleCollector(num_latents=F, token_source=token_source(), **settings)
+    for step in sorted({s.step for s in seen}):
+        rows = [s for s in seen if s.step == step]
+        refs = torch.tensor([r for s in rows for r in s.refs])
+        latents = torch.cat([s.latents for s in rows])
+        if mode == "sparse":
+            values, indices = latents.topk(3, dim=-1)
+            one.update(token_refs=refs, latent_indices=indices, latent_values=values, step=step)
+        else:
+            one.update(token_refs=refs, latents=latents, step=step)
+    return one
+
+
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_two_process_ddp_equals_one_process_fed_the_same_rows(tmp_path, mode):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--mode", mode],
@@ -100,16 +123,20 @@ def test_two_process_ddp_equals_one_process_fed_the_same_rows(tmp_path, mode):
     assert_dir_matches_oracle(files, seen, F, K, CTX, THR)
     # One process fed both ranks' rows of each step in one batch keeps exactly the same state, ties included:
     # a row's order key is its ref, whichever process saw it.
-    settings = {k: v for k, v in SETTINGS.items() if k != "collection_freq"}
-    one = ActivationSampleCollector(num_latents=F, token_source=token_source(), **settings)
-    for step in sorted({s.step for s in seen}):
-        rows = [s for s in seen if s.step == step]
-        refs = torch.tensor([r for s in rows for r in s.refs])
-        latents = torch.cat([s.latents for s in rows])
-        if mode == "sparse":
-            values, indices = latents.topk(3, dim=-1)
-            one.update(token_refs=refs, latent_indices=indices, latent_values=values, step=step)
-        else:
-            one.update(token_refs=refs, latents=latents, step=step)
-    # full_state.pt leaves out the history window, which the save has just written to training_history.pt.
-    assert_equal_states(without_window_entries(one.state_dict()["collector"]), files["full_state.pt"])
+    one = one_process(seen, mode)
+    # full_state.pt leaves out the history window, which the save has just written to training_history.pt. It holds
+    # windows: the DDP run kept refs (an array source), read back at save, as one process keeping windows has them.
+    assert_equal_states(without_window_entries(one.with_windows(one.state_dict()["collector"])), files["full_state.pt"])
+    tokens = one_process(seen, mode, row_windows="tokens")
+    assert "context_tokens" in tokens.state_dict()["collector"]["top"]
+    assert_equal_states(without_window_entries(tokens.state_dict()["collector"]), files["full_state.pt"])
+
+
+def test_refs_with_a_ring_found_on_the_module_are_refused_at_fit_start(tmp_path):
+    from lightning_sae_samples.token_sources import TokenRing
+
+    callback = ActivationSampleCallback(dirpath=tmp_path / "samples", row_windows="refs", **SETTINGS)
+    module = RowSAE()
+    module.token_source = TokenRing(4 * 8)
+    with pytest.raises(ValueError, match=r"row_windows='refs'.*TokenRing.*Set row_windows='tokens'"):
+        trainer(tmp_path, [callback]).fit(module, shuffled_rows())

@@ -205,7 +205,10 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
     assert [s for s, _, _ in fed] == [0, 3, 6, 9, *range(12, 24)]
     seen = [RowsSeen(step, 0, refs.tolist(), latents, source=tokens, call=i) for i, (step, refs, latents) in
             enumerate(fed)]
-    assert_state_matches(full.collector.state_dict()["collector"], seen, 16, 5, 4, 0.0)
+    # An array source: the state keeps the samples' refs (also in SAELens' checkpoint), the windows read back here.
+    kept = full.collector.state_dict()["collector"]
+    assert "token_ref" in kept["top"] and "context_tokens" not in kept["top"]
+    assert_state_matches(full.collector.with_windows(kept), seen, 16, 5, 4, 0.0)
     files = read_dir(tmp_path / "full" / "samples")
     assert files["collection_summary.json"]["global_step"] == 24
     assert_dir_matches_oracle(files, seen, 16, 5, 4, 0.0)

@@ -37,8 +37,13 @@ def state_bytes_per_latent(padded: dict) -> int:
 
 
 def window_dtypes(collector: SampleCollector) -> tuple[torch.dtype, torch.dtype]:
-    """The widest dtypes of a collector's stored context token ids and activations, over its tables."""
-    tables = collector.tables.values()
+    """The widest dtypes of a collector's stored context token ids and activations, over its tables.
+
+    Tables keeping token refs store neither: the narrowest then (nothing is sent in them).
+    """
+    tables = [t for t in collector.tables.values() if "context_tokens" in t.pool]
+    if not tables:
+        return TOKEN_DTYPES[0], ACTS_DTYPES[0]
     tokens = functools.reduce(wider, [t.pool["context_tokens"].dtype for t in tables])
     return tokens, functools.reduce(wider, [t.pool["context_acts"].dtype for t in tables])
 

@@ -17,9 +17,13 @@ _KEY_BYTES = 4 + STEP_DTYPE.itemsize + 8 + SLOT_DTYPE.itemsize
 def _table_bytes(
     rows: int, capacity: int, window: int, random: bool, dedup: bool, stored: int, window_bytes: int
 ) -> tuple[int, int]:
-    """Bytes of a sample table: its sorted per-row keys, and its window pool holding ``stored`` samples."""
+    """Bytes of a sample table: its sorted per-row keys, and its window pool holding ``stored`` samples.
+
+    ``window_bytes``: bytes per window place (token id and activation), or 0 for a pool of token refs.
+    """
     per_place = _KEY_BYTES + (8 if random else 0) + (8 if dedup else 0)  # + priority, context hash
-    per_sample = 4 + window * window_bytes  # position (int32), context tokens and activations
+    # Position (int32), and the context tokens and activations, or the token ref (int64).
+    per_sample = 4 + (window * window_bytes if window_bytes else 8)
     return rows * capacity * per_place + rows * 8, min(stored, rows * capacity) * per_sample
 
 
@@ -48,6 +52,8 @@ def estimate_state_bytes(
     num_latents, window = config.num_latents, config.window
     token_dtype = torch.int32 if vocab_size is None else token_dtype_for(max(vocab_size - 1, 0))
     window_bytes = token_dtype.itemsize + acts_dtype_for(latent_dtype).itemsize
+    if config.row_windows == "refs":  # kept samples of shuffled rows hold their token refs
+        window_bytes = 0
     dedup = config.deduplicate_contexts
     bins = HISTOGRAM_BINS
     stats = num_latents * (8 + 8 + 8 + 4 + 4 + 8 * bins + 8 + 8 + 8 + 8 + 4)  # + the history window's statistics

@@ -62,6 +62,7 @@ class RowBatchContext(BatchContext):
         half_window: Context tokens kept on each side.
         window_acts: ``candidates [S] -> [S, W]``: the row's own activation at the centre, NaN elsewhere.
         token_dtype: Dtype of the window token ids.
+        refs: Token ref of every row ``[N]``, for tables that keep refs instead of windows (``None``: none do).
     """
 
     def __init__(
@@ -73,10 +74,12 @@ class RowBatchContext(BatchContext):
         half_window: int,
         window_acts: Callable[[Tensor], Tensor],
         token_dtype: torch.dtype = torch.int32,
+        refs: Tensor | None = None,
     ) -> None:
         super().__init__(windows.tokens, token_idx, step, 0, half_window, window_acts, token_dtype=token_dtype)
         self.rows = windows
         self.order = order
+        self.refs = refs
         self._sequence_rank: Tensor | None = None
 
     def token_order(self, token_idx: Tensor) -> Tensor:
@@ -97,6 +100,12 @@ class RowBatchContext(BatchContext):
     def positions_of(self, token_idx: Tensor) -> Tensor:
         """The rows' positions in their sequences."""
         return self.rows.position[token_idx].to(torch.int32)
+
+    def token_refs(self, token_idx: Tensor) -> Tensor:
+        """The rows' token refs."""
+        if self.refs is None:
+            raise ValueError("These rows came without their token refs, which a table keeping refs needs.")
+        return self.refs[token_idx]
 
 
 def unknown_neighbours(values: Tensor, half_window: int, dtype: torch.dtype) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,14 +32,19 @@ from lightning_sae_samples.state.schema import (
     EMPTY,
     INTERVAL_FIELDS,
     LATENT_FIELDS,
+    REF_FIELDS,
+    ROW_WINDOWS_KEY,
     RUN_FIELDS,
     STAT_FIELDS,
     STATE_FORMAT_VERSION,
     TOKEN_BITS,
+    TOKEN_SOURCE_KEY,
+    WINDOW_FIELDS,
     WINDOW_STAT_FIELDS,
     WINDOW_TOKENS,
     check_state_version,
     empty_field,
+    keeps_refs,
 )
 from lightning_sae_samples.state.tables import dense_counts, sparse_counts
 from lightning_sae_samples.state.window_tokens import compact_pairs, empty_pairs, merge_pairs, pair_keys
@@ -58,7 +65,9 @@ class SampleCollector:
     """Exact top-k activating contexts and streaming statistics for every latent.
 
     The state's tensors are declared below, one attribute each (see :mod:`lightning_sae_samples.state.schema`
-    for their dtypes, fill values and merge rules); the kept samples live in :attr:`tables`.
+    for their dtypes, fill values and merge rules); the kept samples live in :attr:`tables`. With
+    ``config.row_windows == "refs"`` they hold shuffled rows' token refs instead of their windows (and only rows
+    can be folded); :attr:`token_source` then describes the array source the refs point into.
 
     Args:
         config: The collection's settings, with ``num_latents`` set; the engine reads those with a ``state`` key
@@ -113,6 +122,15 @@ class SampleCollector:
         self.policy = policy
         device = torch.device(device)
         num_latents, w = config.num_latents, config.window
+        #: The kept samples hold token refs (``row_windows="refs"``), not windows.
+        self.keeps_refs = config.row_windows == "refs"
+        self.window_fields = REF_FIELDS if self.keeps_refs else WINDOW_FIELDS
+        # What a batch computes for the candidates: the tables' fields, and the tokens de-duplication hashes.
+        dedup_tokens = ("context_tokens",) if self.keeps_refs and config.deduplicate_contexts else ()
+        self._batch_fields = self.window_fields + dedup_tokens
+        #: What the refs point into (an array source's description), recorded in the state.
+        self.token_source: Optional[dict] = None
+        table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields)
         edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
         self._inner_edges = self.hist_edges[1:-1].to(device=device)
@@ -120,34 +138,27 @@ class SampleCollector:
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
         self.tables: dict[str, SampleTable] = {
-            "top": SampleTable(
-                num_latents, config.max_samples_per_feature, w, device, dedup_radius=radius, policy=policy
-            )
+            "top": table(num_latents, config.max_samples_per_feature, w, device, dedup_radius=radius)
         }
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
             self._interval_inner = self.interval_edges[1:-1].to(device=device)
-            self.tables["interval"] = SampleTable(
-                num_latents * config.num_intervals,
-                config.samples_per_interval,
-                w,
-                device,
-                random_priority=True,
-                policy=policy,
+            self.tables["interval"] = table(
+                num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
             )
             for field in INTERVAL_FIELDS:
                 setattr(self, field.name, empty_field(field, (num_latents, config.num_intervals), device))
         self.recent_block = EMPTY
         if config.recent_window_steps:
             for name in ("recent", "recent_prev"):
-                self.tables[name] = SampleTable(
-                    num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius, policy=policy
+                self.tables[name] = table(
+                    num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius
                 )
 
         if config.history_samples_per_feature:
-            self.tables["window"] = SampleTable(
-                num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius, policy=policy
+            self.tables["window"] = table(
+                num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius
             )
         for field in STAT_FIELDS:
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
@@ -196,6 +207,7 @@ class SampleCollector:
             excluded: ``[B, T]`` bool, True where nothing is collected although the token counts as seen
                 and shows in other samples' contexts (e.g. BOS).
         """
+        self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
@@ -238,6 +250,7 @@ class SampleCollector:
             attention_mask: ``[B, T]``, 0/False at padding (see :meth:`update_dense`).
             excluded: ``[B, T]`` bool, True where nothing is collected (see :meth:`update_dense`).
         """
+        self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat_idx = indices.detach().reshape(batch * seq, -1)
@@ -249,8 +262,21 @@ class SampleCollector:
             step, window_acts, flat_val.dtype, self._sequence_batch(positions, step, order_base),
         )
 
+    def _check_sequences(self) -> None:
+        if self.keeps_refs:
+            raise ValueError(
+                "This collection keeps shuffled rows' token refs (row_windows='refs'); a [B, T] batch has none."
+                " Collect sequences with row_windows='tokens'."
+            )
+
     def update_rows_dense(
-        self, windows: TokenWindows, latents: Tensor, step: int, order: Tensor, excluded: Optional[Tensor] = None
+        self,
+        windows: TokenWindows,
+        latents: Tensor,
+        step: int,
+        order: Tensor,
+        excluded: Optional[Tensor] = None,
+        refs: Optional[Tensor] = None,
     ) -> None:
         """Fold dense latents of shuffled rows, whose windows a token source read.
 
@@ -261,11 +287,12 @@ class SampleCollector:
             step: Global optimizer step.
             order: Order key of each row ``[N]`` (int64): ties among equal activations go to the lower one.
             excluded: ``[N]`` bool, True where nothing is collected although the row counts as seen.
+            refs: The rows' token refs ``[N]`` (int64), which the samples keep when ``row_windows="refs"``.
         """
         real, collect = self._row_positions(windows, excluded)
         flat = latents.detach().reshape(len(real), self.config.num_latents).contiguous()
         token_idx, latent_idx, values = self._dense_entries(flat, collect)
-        self._fold_rows(windows, real, token_idx, latent_idx, values, step, order, flat.dtype)
+        self._fold_rows(windows, real, token_idx, latent_idx, values, step, order, flat.dtype, refs)
 
     def update_rows_sparse(
         self,
@@ -275,13 +302,14 @@ class SampleCollector:
         step: int,
         order: Tensor,
         excluded: Optional[Tensor] = None,
+        refs: Optional[Tensor] = None,
     ) -> None:
         """Fold TopK-style sparse latents ``[N, k]`` of shuffled rows (see :meth:`update_rows_dense`)."""
         real, collect = self._row_positions(windows, excluded)
         flat_idx = indices.detach().reshape(len(real), -1)
         flat_val = values.detach().reshape(len(real), -1)
         _, token_idx, latent_idx, picked = self._sparse_entries(flat_idx, flat_val, collect)
-        self._fold_rows(windows, real, token_idx, latent_idx, picked, step, order, flat_val.dtype)
+        self._fold_rows(windows, real, token_idx, latent_idx, picked, step, order, flat_val.dtype, refs)
 
     @staticmethod
     def _row_positions(windows: TokenWindows, excluded: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -299,20 +327,24 @@ class SampleCollector:
         step: int,
         order: Tensor,
         latent_dtype: torch.dtype,
+        refs: Optional[Tensor],
     ) -> None:
+        if self.keeps_refs and (refs is None or refs.shape != order.shape):
+            raise ValueError("This collection keeps token refs (row_windows='refs'): pass each row's ref as `refs`.")
         half, acts_dtype = self.config.half_window, acts_dtype_for(latent_dtype)
         # New samples of equal priority keep their arrival order: in ref order, the kept samples do not
         # depend on the shuffle (as a [B, T] batch's come in token order).
         by_ref = torch.argsort(order.to(token_idx.device)[token_idx], stable=True)
         token_idx, latent_idx, values = token_idx[by_ref], latent_idx[by_ref], values[by_ref]
         windows, order = windows.to(self.device), order.to(self.device)
+        refs = refs.to(self.device, torch.int64) if self.keeps_refs else None
         rows_values = values.to(self.device)
 
         def window_acts(candidate: Tensor) -> Tensor:
             return unknown_neighbours(rows_values[candidate], half, acts_dtype)
 
         def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor], token_dtype: torch.dtype) -> BatchContext:
-            return RowBatchContext(windows, token_idx, step, order, half, window_acts, token_dtype)
+            return RowBatchContext(windows, token_idx, step, order, half, window_acts, token_dtype, refs)
 
         activating = windows.tokens[:, half]  # each row's own token, at the centre of its window
         self._fold(real.sum(), _max_id(windows.tokens), activating, token_idx, latent_idx, values, step, window_acts,
@@ -422,7 +454,7 @@ class SampleCollector:
         anywhere = may_enter[0]
         for mask in may_enter[1:]:
             anywhere = anywhere | mask
-        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0])
+        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0], self._batch_fields)
         for (table, rows, priority), mask in zip(offers, may_enter):
             candidate = mask.nonzero(as_tuple=True)[0]
             table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
@@ -499,6 +531,9 @@ class SampleCollector:
         state.update(half_window=cfg.half_window, hist_edges=self.hist_edges.clone())
         if self.interval_edges is not None:
             state["interval_edges"] = self.interval_edges.clone()
+        if self.keeps_refs:
+            state[ROW_WINDOWS_KEY] = "refs"
+            state[TOKEN_SOURCE_KEY] = dict(self.token_source or {})
         for field in RUN_FIELDS:
             value = getattr(self, field.name)
             state[field.name] = value.clone() if isinstance(value, Tensor) else value
@@ -565,7 +600,15 @@ class SampleCollector:
         missing += [name for name in ("top", "hist_edges") if name not in state]
         if missing:
             raise ValueError(f"Collector state is missing {missing}; it was not written by lightning-sae-samples.")
-        collector = cls(CollectionConfig.from_state(state), device, state["hist_edges"], policy)
+        config = CollectionConfig.from_state(state)
+        if keeps_refs(state):
+            config = dataclasses.replace(config, row_windows="refs")
+        collector = cls(config, device, state["hist_edges"], policy)
+        if collector.keeps_refs:
+            described = state.get(TOKEN_SOURCE_KEY)
+            if not isinstance(described, dict):
+                raise ValueError(f"Collector state keeps token refs but its {TOKEN_SOURCE_KEY!r} entry is missing.")
+            collector.token_source = dict(described)
         for name, table in collector.tables.items():
             if name == "window" and name not in state:
                 continue  # a state of an earlier version: its history window starts empty
@@ -604,6 +647,7 @@ class SampleCollector:
     def empty_like(self) -> SampleCollector:
         """A collector with the same configuration, histogram edges and step counters, and no samples."""
         empty = SampleCollector(self.config, self.device, self.hist_edges, self.policy)
+        empty.token_source = self.token_source
         for field in RUN_FIELDS:
             if field.dtype is None:
                 setattr(empty, field.name, getattr(self, field.name))

@@ -26,10 +26,11 @@ from torch import Tensor
 from lightning_sae_samples.engine.dedup import best_of_each_class, context_hash, suppress_overlaps
 from lightning_sae_samples.engine.hashing import signed64
 from lightning_sae_samples.state.merge import merge_padded_tables, sort_samples
-from lightning_sae_samples.state.schema import EMPTY, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
+from lightning_sae_samples.state.schema import EMPTY, REF_FIELDS, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
 
 __all__ = [
-    "DEFAULT_POLICY", "EMPTY", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "MergePolicy", "SampleTable",
+    "DEFAULT_POLICY", "EMPTY", "REF_FIELDS", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "MergePolicy",
+    "SampleTable",
     "merge_exported", "sort_samples",
 ]
 
@@ -122,16 +123,25 @@ class BatchContext:
         same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
         return torch.where(same, tokens, EMPTY)
 
-    def compute_windows(self, candidate: Tensor) -> None:
-        """Compute the windows of these candidates (the union of what every table may keep), once."""
+    def compute_windows(self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS) -> None:
+        """Compute the window ``fields`` of these candidates (the union of what every table may keep), once.
+
+        De-duplication hashes ``context_tokens``: ask for them where a table keeping refs de-duplicates.
+        """
         token_idx = self.token_idx[candidate]
-        self.windows = {
-            "position": self.positions_of(token_idx),
-            "context_tokens": self.window_tokens(token_idx),
-            "context_acts": self.window_acts(candidate),
-        }
+        self.windows = {"position": self.positions_of(token_idx)}
+        if "context_tokens" in fields:
+            self.windows["context_tokens"] = self.window_tokens(token_idx)
+        if "context_acts" in fields:
+            self.windows["context_acts"] = self.window_acts(candidate)
+        if "token_ref" in fields:
+            self.windows["token_ref"] = self.token_refs(token_idx)
         self.window_of = torch.full_like(self.token_idx, EMPTY)
         self.window_of[candidate] = torch.arange(len(candidate), device=candidate.device)
+
+    def token_refs(self, token_idx: Tensor) -> Tensor:
+        """Token refs of these tokens: only rows have them."""
+        raise ValueError("A [B, T] batch has no token refs: a table keeping refs collects shuffled rows only.")
 
     def context_hashes(self, window: Tensor) -> Tensor:
         """:func:`~lightning_sae_samples.engine.dedup.context_hash` of windows, computed once per batch."""
@@ -200,6 +210,8 @@ class SampleTable:
         policy: When staged samples are merged, and in what pieces.
         token_dtype: Dtype of the stored context token ids (see :meth:`widen`).
         acts_dtype: Dtype of the stored context activations (see :meth:`widen`).
+        window_fields: What the pool keeps per sample: :data:`WINDOW_FIELDS` (the window's tokens and
+            activations), or :data:`REF_FIELDS` (a shuffled row's token ref, which gives the window later).
     """
 
     def __init__(
@@ -213,8 +225,12 @@ class SampleTable:
         policy: MergePolicy = DEFAULT_POLICY,
         token_dtype: torch.dtype = torch.int16,
         acts_dtype: torch.dtype = torch.float32,
+        window_fields: tuple[str, ...] = WINDOW_FIELDS,
     ) -> None:
+        if window_fields not in (WINDOW_FIELDS, REF_FIELDS):
+            raise ValueError(f"A sample table keeps {WINDOW_FIELDS} or {REF_FIELDS}, not {window_fields}.")
         self.rows, self.capacity, self.window = rows, capacity, window
+        self.window_fields = window_fields
         self.random_priority = random_priority
         self.dedup_radius = dedup_radius
         self.policy = policy
@@ -227,10 +243,11 @@ class SampleTable:
         self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
         #: The window fields of stored samples, one row per pool slot (rows point at them through ``slot``).
+        dtypes = {"context_tokens": token_dtype, "context_acts": acts_dtype}
         self.pool: dict[str, Tensor] = {
-            "position": torch.empty(0, dtype=torch.int32, device=device),
-            "context_tokens": torch.empty((0, window), dtype=token_dtype, device=device),
-            "context_acts": torch.empty((0, window), dtype=acts_dtype, device=device),
+            name: torch.empty((0, window) if name.startswith("context_") else (0,),
+                              dtype=dtypes.get(name, SAMPLE_FIELD[name].dtype), device=device)
+            for name in window_fields
         }
         self.next_unused = 0
         self.fill_bound = 0
@@ -249,8 +266,10 @@ class SampleTable:
         """Let the pools hold token ids of ``token_dtype`` and activations of ``acts_dtype``, converting in place.
 
         A pool only widens (the values it holds stay exact); an activation pool that never stored a sample
-        takes ``acts_dtype`` as is.
+        takes ``acts_dtype`` as is. A table keeping refs has neither pool.
         """
+        if "context_tokens" not in self.pool:
+            return
         if token_dtype is not None:
             dtype = wider(self.pool["context_tokens"].dtype, token_dtype)
             if dtype != self.pool["context_tokens"].dtype:
@@ -267,7 +286,7 @@ class SampleTable:
             tensor = getattr(self, name)
             if tensor is not None:
                 tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
-        for name in WINDOW_FIELDS:
+        for name in self.window_fields:
             pool = self.pool[name]
             self.pool[name] = pool.new_empty((0, *pool.shape[1:]))
         self.next_unused = 0
@@ -473,7 +492,7 @@ class SampleTable:
             entering = (part != EMPTY).nonzero(as_tuple=True)[0]
             if not len(entering):
                 continue
-            for name in WINDOW_FIELDS:
+            for name in self.window_fields:
                 pool = self.pool[name]
                 pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
 
@@ -516,7 +535,7 @@ class SampleTable:
         if slots <= size:
             return
         grown = min(max(slots, 2 * size, self.policy.min_pool_slots), self.rows * self.capacity)
-        for name in WINDOW_FIELDS:
+        for name in self.window_fields:
             pool = self.pool[name]
             # Slots past `next_unused` are written before they are read, so the new part needs no fill.
             bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
@@ -576,7 +595,7 @@ class SampleTable:
         filled = slot != EMPTY
         at = slot[filled].long()
         out = {"values": self.values[rows].clone(), "step": self.step[rows].long(), "order": self.order[rows].clone()}
-        for name in WINDOW_FIELDS:
+        for name in self.window_fields:
             pool = self.pool[name]
             shape = (*slot.shape, *pool.shape[1:])
             padded = torch.full(shape, SAMPLE_FIELD[name].fill, dtype=pool.dtype, device=pool.device)
@@ -606,7 +625,7 @@ class SampleTable:
                 out[name] = tensor[rows, places][row, column]
         out["step"] = out["step"].long()
         at = slot[row, column].long()
-        for name in WINDOW_FIELDS:
+        for name in self.window_fields:
             out[name] = self.pool[name].index_select(0, at)
         return out
 
@@ -625,15 +644,20 @@ class SampleTable:
                 f" samples per row cannot load into {self.rows} rows of capacity {self.capacity}."
             )
         total = int(count.sum())
-        for name, allowed in (("context_tokens", TOKEN_DTYPES), ("context_acts", ACTS_DTYPES)):
-            dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
-            if dtype not in allowed:
-                raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
-        self.pool["context_tokens"] = self.pool["context_tokens"].to(wider(self.pool["context_tokens"].dtype,
-                                                                     table["context_tokens"].dtype))
-        self.pool["context_acts"] = self.pool["context_acts"].to(table["context_acts"].dtype)
+        other = REF_FIELDS if self.window_fields == WINDOW_FIELDS else WINDOW_FIELDS
+        if any(name in table for name in other if name != "position"):
+            keeps = "token refs" if self.window_fields == REF_FIELDS else "windows"
+            raise ValueError(f"This sample table keeps {keeps}, and the table to load does not.")
+        if "context_tokens" in self.pool:
+            for name, allowed in (("context_tokens", TOKEN_DTYPES), ("context_acts", ACTS_DTYPES)):
+                dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
+                if dtype not in allowed:
+                    raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
+            self.pool["context_tokens"] = self.pool["context_tokens"].to(wider(self.pool["context_tokens"].dtype,
+                                                                         table["context_tokens"].dtype))
+            self.pool["context_acts"] = self.pool["context_acts"].to(table["context_acts"].dtype)
         names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
-        for name in (*names, *WINDOW_FIELDS):
+        for name in (*names, *self.window_fields):
             trailing = (self.window,) if name.startswith("context_") else ()
             if name not in table or tuple(table[name].shape) != (total, *trailing):
                 raise ValueError(f"Sample table field {name!r} is missing or not of shape {(total, *trailing)}.")
@@ -646,6 +670,6 @@ class SampleTable:
         self._reserve(total)
         self.next_unused = total
         self.fill_bound = int(count.max()) if len(count) else 0
-        for name in WINDOW_FIELDS:
+        for name in self.window_fields:
             pool = self.pool[name]
             pool[:total] = table[name].to(device=dev, dtype=pool.dtype)

@@ -11,9 +11,11 @@ from lightning_sae_samples.state.schema import (
     EMPTY,
     LATENT_FIELDS,
     MERGE_KEYS,
+    ROW_WINDOWS_KEY,
     RUN_FIELDS,
     TABLE_NAMES,
     TOKEN_BITS,
+    TOKEN_SOURCE_KEY,
     WINDOW_TOKENS,
     StateField,
 )
@@ -110,6 +112,12 @@ def check_compatible(a: dict, b: dict) -> None:
             raise ValueError(f"Cannot merge collector states with different {key}: {a.get(key)} and {b.get(key)}.")
     if not torch.equal(a["hist_edges"], b["hist_edges"]):
         raise ValueError("Cannot merge collector states with different histogram bin edges (threshold changed).")
+    for key in (ROW_WINDOWS_KEY, TOKEN_SOURCE_KEY):
+        if a.get(key) != b.get(key):
+            raise ValueError(
+                f"Cannot merge collector states with different {key}: {a.get(key)} and {b.get(key)} (a state keeping"
+                " token refs merges only with one keeping refs into the same source)."
+            )
     if a.get("recent_block", EMPTY) != b.get("recent_block", EMPTY):
         raise ValueError(
             f"Cannot merge recent windows of different blocks ({a.get('recent_block')} and {b.get('recent_block')})."

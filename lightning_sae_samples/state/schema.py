@@ -34,6 +34,23 @@ WINDOW_FIELDS = ("position", "context_tokens", "context_acts")
 TABLE_FIELDS = ("values", "step", "order", *WINDOW_FIELDS)
 
 
+#: Where a kept sample was seen when shuffled rows keep their token refs (``row_windows="refs"``): its position
+#: and the ref into an array token source, which gives the window when the sample is written; no window tokens,
+#: and no activations (a row knows only its own, which is the sample's value).
+REF_FIELDS = ("position", "token_ref")
+
+
+#: Per-sample fields of a table that keeps token refs.
+REF_TABLE_FIELDS = ("values", "step", "order", *REF_FIELDS)
+
+
+#: Run-level entries of a state whose tables keep token refs: ``"refs"``, and the array source they point into
+#: (see :meth:`~lightning_sae_samples.token_sources.ArrayTokenSource.description`). A state without them keeps
+#: windows.
+ROW_WINDOWS_KEY = "row_windows"
+TOKEN_SOURCE_KEY = "token_source"
+
+
 Number = Union[int, float]
 
 
@@ -126,6 +143,7 @@ SAMPLE_FIELDS = (
     # below 2**15, else int32; activations in the latents' own bfloat16/float16, else float32. Merges widen.
     StateField("context_tokens", "sample", torch.int32, EMPTY, "top-k"),
     StateField("context_acts", "sample", torch.float32, 0.0, "top-k"),
+    StateField("token_ref", "sample", torch.int64, EMPTY, "top-k"),
 )
 
 
@@ -142,6 +160,11 @@ def empty_field(field: StateField, shape: tuple[int, ...], device: Union[torch.d
 
 
 # ---------------------------------------------------------------------- whole states
+def keeps_refs(state: dict) -> bool:
+    """Whether a state's kept samples hold token refs instead of their windows (``row_windows="refs"``)."""
+    return state.get(ROW_WINDOWS_KEY) == "refs"
+
+
 def check_state_version(state: object, source: str = "collector state") -> None:
     """Raise a clear error unless ``state`` is a compact collector state of this version."""
     if not isinstance(state, dict):

@@ -142,7 +142,8 @@ def concat_tables(parts: list[dict]) -> dict:
 
 
 def _window_of(table: dict) -> int:
-    return int(table["context_tokens"].shape[1])
+    """Window length of a table's context fields (0 for a table keeping token refs, which has none)."""
+    return int(table["context_tokens"].shape[1]) if "context_tokens" in table else 0
 
 
 def padded_state(state: dict) -> dict:

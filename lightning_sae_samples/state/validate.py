@@ -5,19 +5,29 @@ the dtype kind and shape the schema gives it, every table's counts must add up t
 index must stay inside what it indexes. Values are checked too, as the collector produces them: no NaN (but for
 the unknown context activations of shuffled rows), no infinity except the empty fill of ``max``/``min``, counts
 and steps not below their empty value, activations and bin edges within the float32 range, and token ids not
-below ``EMPTY`` (the fill outside a sequence; never at a sample's own token). :func:`check_state` raises a
-``ValueError`` naming the field otherwise.
+below ``EMPTY`` (the fill outside a sequence; never at a sample's own token). A state whose samples keep token
+refs (``row_windows="refs"``) has no window fields: its refs must lie inside the array source it records.
+:func:`check_state` raises a ``ValueError`` naming the field otherwise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.state.schema import EMPTY, INTERVAL_FIELDS, STAT_FIELDS, TABLE_FIELDS, TABLE_NAMES
+from lightning_sae_samples.state.schema import (
+    EMPTY,
+    INTERVAL_FIELDS,
+    REF_TABLE_FIELDS,
+    ROW_WINDOWS_KEY,
+    STAT_FIELDS,
+    TABLE_FIELDS,
+    TABLE_NAMES,
+    TOKEN_SOURCE_KEY,
+)
 
 #: Largest magnitude of an activation or a bin edge: activations are float32.
 FLOAT_LIMIT = float(torch.finfo(torch.float32).max)
@@ -79,7 +89,22 @@ def _counts(value: Any, key: str, shape: tuple[int, ...]) -> None:
         raise ValueError(f"`{key}.index` must be ascending positions below {math.prod(shape)}")
 
 
-def _table(state: dict, name: str, rows: int, window: int) -> None:
+def _ref_source(state: dict) -> tuple[int, int]:
+    """``(S * T, T)`` of the array source a state keeping refs records: its refs lie in ``[0, S * T)``."""
+    described = state.get(TOKEN_SOURCE_KEY)
+    if not isinstance(described, dict):
+        raise ValueError(f"`{TOKEN_SOURCE_KEY}` must describe the array source the refs point into, got"
+                         f" {_show(described)}")
+    pad = described.get("pad_token_id")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
+        raise ValueError(f"`{TOKEN_SOURCE_KEY}.pad_token_id` must be an integer or None, got {_show(pad)}")
+    if not isinstance(described.get("kind"), str):
+        raise ValueError(f"`{TOKEN_SOURCE_KEY}.kind` must name the source's class, got {_show(described.get('kind'))}")
+    seq_len = _integer(described, "seq_len", 1)
+    return _integer(described, "num_sequences", 1) * seq_len, seq_len
+
+
+def _table(state: dict, name: str, rows: int, window: int, ref_source: Optional[tuple[int, int]] = None) -> None:
     table = state[name]
     if not isinstance(table, dict):
         raise ValueError(f"`{name}` must be a sample table, got {_show(table)}")
@@ -88,16 +113,23 @@ def _table(state: dict, name: str, rows: int, window: int) -> None:
     if len(count) and (int(count.min()) < 0 or int(count.max()) > capacity):
         raise ValueError(f"`{name}.count` must lie in [0, {capacity}] (the table's capacity)")
     stored = int(count.sum())
-    for field in TABLE_FIELDS:
+    for field in TABLE_FIELDS if ref_source is None else REF_TABLE_FIELDS:
         shape = (stored, window) if field.startswith("context_") else (stored,)
         _tensor(table.get(field), f"{name}.{field}", shape, floating=field in ("values", "context_acts"))
     _finite(table["values"], f"{name}.values")
+    for field in ("step", "order", "position"):
+        _at_least(table[field], f"{name}.{field}", 0)
+    if ref_source is not None:
+        limit, seq_len = ref_source
+        refs = table["token_ref"]
+        _values((refs >= 0) & (refs < limit), f"{name}.token_ref", f"token refs in [0, {limit})")
+        _values(table["position"] == refs % seq_len, f"{name}.position", "each sample's ref modulo the seq_len")
+        _priority(table, name, stored)
+        return
     # A shuffled row's neighbours were seen in other rows: their activations are unknown, stored as NaN.
     acts = table["context_acts"]
     _values(torch.isnan(acts) | (acts.abs() <= FLOAT_LIMIT), f"{name}.context_acts",
             f"finite numbers of magnitude <= {FLOAT_LIMIT:.4g}, or NaN (unknown)")
-    for field in ("step", "order", "position"):
-        _at_least(table[field], f"{name}.{field}", 0)
     tokens = table["context_tokens"]
     _at_least(tokens, f"{name}.context_tokens", EMPTY)
     centre = window // 2
@@ -108,6 +140,10 @@ def _table(state: dict, name: str, rows: int, window: int) -> None:
     _values(inside[:, centre].bool() & edges_only, f"{name}.context_tokens",
             f"token ids >= 0 from each sample's own position (column {centre}) outwards, {EMPTY} only beyond the"
             " sequence's edges")
+    _priority(table, name, stored)
+
+
+def _priority(table: dict, name: str, stored: int) -> None:
     if "priority" in table:
         priority = table["priority"]
         if not isinstance(priority, Tensor) or tuple(priority.shape) != (stored,) or not priority.is_floating_point():
@@ -160,10 +196,14 @@ def check_state(state: Any) -> None:
         raise ValueError("`recent_prev` is missing beside `recent`")
     if "top" not in state:
         raise ValueError("`top` (the top samples' table) is missing")
+    mode = state.get(ROW_WINDOWS_KEY, "tokens")
+    if mode not in ("tokens", "refs"):
+        raise ValueError(f"`{ROW_WINDOWS_KEY}` must be 'tokens' or 'refs', got {_show(mode)}")
+    ref_source = _ref_source(state) if mode == "refs" else None
     for name in TABLE_NAMES:
         if name in state:
             rows = num_latents * int(state["num_intervals"]) if name == "interval" else num_latents
-            _table(state, name, rows, 2 * half + 1)
+            _table(state, name, rows, 2 * half + 1, ref_source)
     _check_statistics(state, tokens_seen)
 
 
