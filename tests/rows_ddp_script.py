@@ -8,8 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from rows_helpers import RowSAE  # noqa: E402
-from test_rows_trainer import SETTINGS, shuffled_rows  # noqa: E402
+from rows_helpers import SETTINGS, RowSAE, shuffled_rows  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
 

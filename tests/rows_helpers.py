@@ -5,12 +5,16 @@ from __future__ import annotations
 import lightning as L
 import torch
 from oracle import RowsSeen
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_sae_samples.token_sources import ArrayTokenSource
 
 NUM_SEQ, SEQ_LEN, VOCAB, D, F = 12, 8, 20, 6, 10
 PAD = 0
+K, CTX, THR = 4, 4, 0.5
+#: The callback settings of the Trainer tests on rows (and of their DDP script).
+SETTINGS = dict(collection_freq=2, max_samples_per_feature=K, samples_per_feature_to_save=K, context_size=CTX,
+                activation_threshold=THR, top_features_to_save=F, samples_per_interval=2, recent_window_steps=3)
 
 
 def corpus_tokens(seed: int = 0) -> torch.Tensor:
@@ -72,3 +76,9 @@ class RowSAE(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def shuffled_rows(seed: int = 0, batch_size: int = 7) -> DataLoader:
+    """The cached rows in a shuffled ``DataLoader`` (its own seeded order)."""
+    return DataLoader(CachedRows(corpus_tokens()), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))

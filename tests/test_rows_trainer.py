@@ -11,22 +11,13 @@ import torch
 from helpers import read_dir, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from oracle import assert_dir_matches_oracle
-from rows_helpers import CachedRows, F, RowSAE, corpus_tokens, token_source
-from torch.utils.data import DataLoader
+from rows_helpers import CTX, SETTINGS, THR, F, K, RowSAE, shuffled_rows, token_source
 
 from lightning_sae_samples import ActivationSampleCallback, ActivationSampleCollector
 from lightning_sae_samples.state.history import without_window_entries
 from lightning_sae_samples.state.tables import padded_state
 
-K, CTX, THR = 4, 4, 0.5
-SETTINGS = dict(collection_freq=2, max_samples_per_feature=K, samples_per_feature_to_save=K, context_size=CTX,
-                activation_threshold=THR, top_features_to_save=F, samples_per_interval=2, recent_window_steps=3)
 SCRIPT = Path(__file__).parent / "rows_ddp_script.py"
-
-
-def shuffled_rows(seed: int = 0, batch_size: int = 7) -> DataLoader:
-    return DataLoader(CachedRows(corpus_tokens()), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
 
 
 def collected(module: RowSAE) -> list:
