@@ -16,6 +16,7 @@ An array source's refs are global and permanent, so a kept sample may hold its r
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -32,6 +33,11 @@ __all__ = [
     "ArrayTokenSource", "TokenRing", "TokenSource", "TokenWindows", "check_refs", "check_same_source",
     "load_token_source", "row_windows_for", "with_windows",
 ]
+
+
+#: Sequences of an array source its fingerprint reads (evenly spaced, the first and the last included).
+FINGERPRINT_SEQUENCES = 64
+FINGERPRINT_DIGITS = 16
 
 
 class TokenSource:
@@ -105,6 +111,7 @@ class ArrayTokenSource(TokenSource):
         self.tokens = tokens
         self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
         self._kind, self.num_sequences, self.seq_len = _array_kind(tokens)
+        self._fingerprint: Optional[str] = None
 
     def __len__(self) -> int:
         return self.num_sequences * self.seq_len
@@ -117,9 +124,22 @@ class ArrayTokenSource(TokenSource):
         return f"ArrayTokenSource({self.num_sequences} sequences of {self.seq_len} tokens, {self._kind})"
 
     def description(self) -> dict:
-        """``{"kind", "num_sequences", "seq_len", "pad_token_id"}``: what a state keeping refs into it records."""
+        """What a state keeping refs into it records: kind, shape, ``pad_token_id`` and :meth:`fingerprint`."""
         return {"kind": type(self).__name__, "num_sequences": self.num_sequences, "seq_len": self.seq_len,
-                "pad_token_id": self.pad_token_id}
+                "pad_token_id": self.pad_token_id, "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        """A digest of the token ids of up to :data:`FINGERPRINT_SEQUENCES` evenly spaced sequences (cached).
+
+        It tells apart two sources of one shape that hold other tokens (another tokenizer, another shuffle of the
+        data) at the cost of reading those sequences once, not the whole source.
+        """
+        if self._fingerprint is None:
+            count = min(FINGERPRINT_SEQUENCES, self.num_sequences)
+            picks = torch.linspace(0, self.num_sequences - 1, count).round().to(torch.int64).unique()
+            ids = self._gather(picks, torch.arange(self.seq_len).expand(len(picks), -1))
+            self._fingerprint = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:FINGERPRINT_DIGITS]
+        return self._fingerprint
 
     def _read(self, refs: Tensor, half_window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         seq = self.seq_len
@@ -379,6 +399,14 @@ def check_same_source(described: Any, source: Any, owner: str = "ActivationSampl
             " pass that source as `token_source=` to resume or write it."
         )
     found = source.description() if callable(getattr(source, "description", None)) else None
+    if isinstance(found, dict) and {**found, "fingerprint": None} == {**described, "fingerprint": None}:
+        if found != described:
+            raise ValueError(
+                f"{owner}: the collection's token refs point into {_shown(described)}, and the token source given"
+                " has that shape but other tokens (its fingerprint differs: another tokenizer or order of the data?)."
+                " Pass the token source the collection was made with, or start a new collection."
+            )
+        return
     if found != described:
         raise ValueError(
             f"{owner}: the collection's token refs point into {_shown(described)}, but the token source given is"

@@ -171,7 +171,9 @@ def test_array_sources_read_the_same_windows_from_a_tensor_a_memmap_and_a_datase
     column = datasets.Dataset.from_dict({"token_ids": tokens.tolist()})["token_ids"]
     refs = torch.randperm(S * T)
     want = ArrayTokenSource(tokens, pad_token_id=0).windows(refs, 3)
+    fingerprint = ArrayTokenSource(tokens, pad_token_id=0).fingerprint()
     for data in (memmap, column, tokens.tolist()):
+        assert ArrayTokenSource(data, pad_token_id=0).fingerprint() == fingerprint  # the same tokens, any container
         got = ArrayTokenSource(data, pad_token_id=0).windows(refs, 3)
         assert torch.equal(got.tokens, want.tokens)
         assert torch.equal(got.position, want.position)
@@ -329,7 +331,10 @@ def test_refs_keep_no_windows_and_write_the_windows_tokens_keep(tmp_path, mode, 
         assert "token_ref" in kept[name], name
         assert not {"context_tokens", "context_acts"} & kept[name].keys(), name
         assert "context_tokens" in with_tokens["collector"][name], name
-    assert kept["token_source"] == {"kind": "ArrayTokenSource", "num_sequences": S, "seq_len": T, "pad_token_id": 0}
+    fingerprint = refs_collector.token_source.fingerprint()
+    assert kept["token_source"] == {"kind": "ArrayTokenSource", "num_sequences": S, "seq_len": T, "pad_token_id": 0,
+                                    "fingerprint": fingerprint}
+    assert len(fingerprint) == 16
     # Per kept sample 8 bytes of ref instead of a window of token ids and activations: the checkpoint is smaller.
     assert int(kept["top"]["count"].sum()) > 20
     assert checkpoint_bytes(with_refs) < checkpoint_bytes(with_tokens)
@@ -380,6 +385,10 @@ def test_refs_resume_from_disk_equals_tokens_and_needs_the_same_source(tmp_path)
     other = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens[:, :-1]), **settings)
     with pytest.raises(ValueError, match=rf"Cannot resume.*{S} sequences of {T} tokens.*{S} sequences of {T - 1}"):
         other.load_state_dict(state)
+    # The same shape with other tokens (another tokenizer or order): refused too, by the source's fingerprint.
+    reordered = ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens.flip(0)), **settings)
+    with pytest.raises(ValueError, match="has that shape but other tokens"):
+        reordered.load_state_dict(state)
     with pytest.raises(ValueError, match="row_windows='tokens'.*Pass row_windows='refs'"):
         ActivationSampleCollector(num_latents=F, token_source=ArrayTokenSource(tokens), row_windows="tokens",
                                   **settings).load_state_dict(state)

@@ -13,6 +13,7 @@ refs (``row_windows="refs"``) has no window fields: its refs must lie inside the
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional
 
 import torch
@@ -100,6 +101,9 @@ def _ref_source(state: dict) -> tuple[int, int]:
         raise ValueError(f"`{TOKEN_SOURCE_KEY}.pad_token_id` must be an integer or None, got {_show(pad)}")
     if not isinstance(described.get("kind"), str):
         raise ValueError(f"`{TOKEN_SOURCE_KEY}.kind` must name the source's class, got {_show(described.get('kind'))}")
+    fingerprint = described.get("fingerprint")
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{16}", fingerprint):
+        raise ValueError(f"`{TOKEN_SOURCE_KEY}.fingerprint` must be 16 hex digits, got {_show(fingerprint)}")
     seq_len = _integer(described, "seq_len", 1)
     return _integer(described, "num_sequences", 1) * seq_len, seq_len
 
