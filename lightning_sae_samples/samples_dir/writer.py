@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,6 +56,23 @@ from lightning_sae_samples.tokens import TokenDecoder
 
 #: Hex digits of the digest in a save's ``save_id`` (``"<global_step>-<digits>"``).
 SAVE_ID_DIGITS = 16
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """What one save writes besides the state (the keywords of :func:`write_samples_dir`, documented there)."""
+
+    config: dict
+    tokenizer: Any
+    top_features: int
+    samples_per_feature: int
+    rank_by: str
+    global_step: int
+    feature_extras: Optional[dict[int, dict]] = None
+    full_state: bool = True
+    source: str = "train"
+    trained_step: Optional[int] = None
+    history: Optional[dict] = None
 
 
 def write_samples_dir(
@@ -121,12 +139,9 @@ def write_samples_dir(
         )
     pending.mkdir(exist_ok=True)
     try:
-        ranked, written, stale = _write_pending(
-            dirpath, pending, state, config=config, tokenizer=tokenizer, top_features=top_features,
-            samples_per_feature=samples_per_feature, rank_by=rank_by, global_step=global_step,
-            feature_extras=feature_extras, full_state=full_state, source=source, trained_step=trained_step,
-            history=history, directions=directions,
-        )
+        options = SaveOptions(config, tokenizer, top_features, samples_per_feature, rank_by, int(global_step),
+                              feature_extras, full_state, source, trained_step, history)
+        ranked, written, stale = _write_pending(dirpath, pending, state, options, directions)
         if before_commit is not None:
             before_commit(pending)
         record = {"files": [*written, MANIFEST_NAME], "remove": stale}
@@ -146,32 +161,19 @@ def write_samples_dir(
 
 
 def _write_pending(
-    dirpath: Path,
-    pending: Path,
-    state: dict,
-    *,
-    config: dict,
-    tokenizer: Any,
-    top_features: int,
-    samples_per_feature: int,
-    rank_by: str,
-    global_step: int,
-    feature_extras: Optional[dict[int, dict]],
-    full_state: bool,
-    source: str,
-    trained_step: Optional[int],
-    history: Optional[dict] = None,
-    directions: Optional[Any] = None,
+    dirpath: Path, pending: Path, state: dict, options: SaveOptions, directions: Optional[Any] = None,
 ) -> tuple[list[int], list[str], list[str]]:
     """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
+    samples_per_feature, global_step = options.samples_per_feature, options.global_step
+    full_state, history = options.full_state, options.history
     atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
     # The save's id: its step and a digest of what it wrote, so that a reader can tell two saves apart and an
     # exact resume still writes the same files as an uninterrupted run.
     digest = hashlib.sha256()
 
-    ranked = rank_features(state, rank_by, top_features).tolist()
+    ranked = rank_features(state, options.rank_by, options.top_features).tolist()
     view = with_recent_view(state)
-    decoder = TokenDecoder(tokenizer)
+    decoder = TokenDecoder(options.tokenizer)
     if ranked:
         decoder.prepare(_window_token_ids(view, ranked, samples_per_feature))
 
@@ -186,7 +188,7 @@ def _write_pending(
         if "recent_overlap" in groups:
             stats["recent_overlap"] = groups.pop("recent_overlap")
         record.update(groups)
-        record.update((k, v) for k, v in (feature_extras or {}).get(idx, {}).items() if k not in record)
+        record.update((k, v) for k, v in (options.feature_extras or {}).get(idx, {}).items() if k not in record)
         digest.update(atomic_write_json(pending / name, record))
         names.append(name)
         entries.append(
@@ -208,11 +210,11 @@ def _write_pending(
                *([DECODER_NAME] if directions is not None else []),
                SUMMARY_NAME]
     summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
-    summary["config"] = config
-    if source != "train":
-        summary["source"], summary["weights_step"] = source, int(global_step)
-        if trained_step is not None and int(trained_step) > int(global_step):
-            summary["trained_step"] = int(trained_step)
+    summary["config"] = options.config
+    if options.source != "train":
+        summary["source"], summary["weights_step"] = options.source, global_step
+        if options.trained_step is not None and int(options.trained_step) > global_step:
+            summary["trained_step"] = int(options.trained_step)
     summary["top_features_by_activation"] = entries
     digest.update(json.dumps([summary, sorted(written)], sort_keys=True, ensure_ascii=False).encode("utf-8"))
     summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
