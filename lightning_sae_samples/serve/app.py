@@ -51,6 +51,8 @@ DEFAULT_EXAMPLES = 20
 MAX_NEIGHBOURS = 100
 #: Longest label a person may type.
 MAX_LABEL = 500
+#: Longest search text.
+MAX_QUERY = 200
 #: The header a write must carry with the page's token, and the placeholder of the token in the page.
 TOKEN_HEADER = "X-SAE-Samples-Token"
 _TOKEN_SLOT = b"__SAE_SAMPLES_TOKEN__"
@@ -93,6 +95,21 @@ def _float_arg(request: Request, name: str, default: Optional[float]) -> Optiona
     if not math.isfinite(value):
         raise BadRequestError(f"`{name}` must be a finite number; got {raw!r}.")
     return value
+
+
+def _page(request: Request, default_limit: int, most: int = MAX_PAGE) -> tuple[int, int]:
+    """The ``offset`` and ``limit`` of a paged answer."""
+    return _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", default_limit, 1, most)
+
+
+def _query_text(request: Request, what: str) -> str:
+    """The ``text`` of a search: not blank, at most :data:`MAX_QUERY` characters (``what``: what it looks for)."""
+    text = request.query_params.get("text", "")
+    if not text.strip():
+        raise BadRequestError(f"Pass `text`: {what}.")
+    if len(text) > MAX_QUERY:
+        raise BadRequestError(f"`text` is limited to {MAX_QUERY} characters; got {len(text)}.")
+    return text
 
 
 def _json(data: Any) -> JSONResponse:
@@ -226,14 +243,15 @@ def create_app(
             score_range = (-math.inf if score_low is None else score_low,
                            math.inf if score_high is None else score_high)
         explanations = live(request).explanations
+        offset, limit = _page(request, 50)
         result = index.feature_list(
             sort=params.get("sort", "max_activation"),
             descending=order == "desc",
             kind=params.get("filter", "all"),
             dense_above=_float_arg(request, "dense_above", DENSE_FREQUENCY),
             log10_frequency=None if low is None else (low, high),
-            offset=_int_arg(request, "offset", 0, high=1 << 40),
-            limit=_int_arg(request, "limit", 50, low=1),
+            offset=offset,
+            limit=limit,
             explanations=explanations,
             score_range=score_range,
         )
@@ -241,12 +259,9 @@ def create_app(
 
     def feature(request: Request) -> Response:
         index = loaded(request)
-        raw = request.path_params["idx"]
-        if not raw.isascii() or not raw.isdigit():
-            raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number from 0 to"
-                                f" {index.analyzer.num_features - 1}.")
+        idx = feature_idx(request, index)
         examples = _int_arg(request, "examples", DEFAULT_EXAMPLES, low=0, high=MAX_EXAMPLES)
-        view = index.feature_page(index.check_index(int(raw)), examples)
+        view = index.feature_page(idx, examples)
         found = live(request).explanations.get(view["idx"])
         view["explanation"] = None if found is None else jsonable(found.to_json(index.summary.global_step))
         view["global_step"] = index.summary.global_step
@@ -268,12 +283,8 @@ def create_app(
 
     def explanation_search(request: Request) -> Response:
         index = loaded(request)
-        text = request.query_params.get("text", "")
-        if not text.strip():
-            raise BadRequestError("Pass `text`: words to look for in the latents' explanations and labels.")
-        if len(text) > 200:
-            raise BadRequestError(f"`text` is limited to 200 characters; got {len(text)}.")
-        offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, 1)
+        text = _query_text(request, "words to look for in the latents' explanations and labels")
+        offset, limit = _page(request, 50)
         explanations = live(request).explanations
         result = index.explanation_search(explanations, text, offset, limit)
         return _json({"query": text, **_with_explanations(result, explanations, index.summary.global_step)})
@@ -306,36 +317,32 @@ def create_app(
             ids = [_int_arg(request, "id", 0, high=(1 << 31) - 1)]
         else:
             ids = index.token_ids_for(text or "")
-        offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, 1)
+        offset, limit = _page(request, 50)
         result = _with_explanations(index.token_search(ids, offset, limit), live(request).explanations,
                                     index.summary.global_step)
         return _json({"query": text if token_id is None else int(token_id), **result})
 
     def context_search(request: Request) -> Response:
         index = loaded(request)
-        text = request.query_params.get("text", "")
-        if not text.strip():
-            raise BadRequestError("Pass `text`: a piece of context text to look for in the kept samples.")
-        if len(text) > 200:
-            raise BadRequestError(f"`text` is limited to 200 characters; got {len(text)}.")
-        offset, limit = _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 20, 1, 100)
+        text = _query_text(request, "a piece of context text to look for in the kept samples")
+        offset, limit = _page(request, 20, 100)
         return _json({"query": text, **index.context_search(text, offset, limit)})
 
     # ------------------------------------------------------------------ history (training_history.pt)
-    def loaded_history(request: Request) -> FeatureHistory:
-        index = loaded(request)
+    def loaded_history(request: Request) -> tuple[RunIndex, FeatureHistory]:
+        index = loaded(request)  # once: the history and the index are of the same save
         history = index.analyzer.history
         if history is None:
             raise NotFoundError(f"{index.analyzer.directory.path} has no training history (training_history.pt).")
-        return history
+        return index, history
 
     def history_timeline(request: Request) -> Response:
-        history = loaded_history(request)
-        return _json(timeline(history, feature_idx(request, loaded(request))))
+        index, history = loaded_history(request)
+        return _json(timeline(history, feature_idx(request, index)))
 
     def history_window(request: Request) -> Response:
-        history = loaded_history(request)
-        idx = feature_idx(request, loaded(request))
+        index, history = loaded_history(request)
+        idx = feature_idx(request, index)
         raw = request.path_params["window"]
         if not raw.isascii() or not raw.isdigit() or int(raw) >= len(history.windows):
             raise NotFoundError(f"Window {raw!r} does not exist: the history has windows 0 to"
@@ -343,17 +350,15 @@ def create_app(
         return _json(window_samples(history, idx, int(raw)))
 
     def history_run(request: Request) -> Response:
-        return _json(run_chart(loaded_history(request)))
+        return _json(run_chart(loaded_history(request)[1]))
 
     def history_latents(request: Request) -> Response:
-        history = loaded_history(request)
+        history = loaded_history(request)[1]
         params = request.query_params
         step = _int_arg(request, "step", -1, low=-1, high=1 << 62) if "step" in params else None
         try:
-            return _json(history_list(
-                history, params.get("filter", "all"), step, params.get("sort", "changes"),
-                _int_arg(request, "offset", 0, high=1 << 40), _int_arg(request, "limit", 50, low=1),
-            ))
+            return _json(history_list(history, params.get("filter", "all"), step, params.get("sort", "changes"),
+                                      *_page(request, 50)))
         except ValueError as err:
             raise BadRequestError(str(err)) from None
 
