@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -338,6 +339,31 @@ def test_a_directory_lists_its_snapshots_as_runs_by_step(tmp_path):
         assert [r["name"] for r in get(test_client, "/api/runs")["runs"]] == names
         assert get(test_client, "/api/summary?run=samples/snapshots/step_2")["global_step"] == 2
         assert get(test_client, "/api/summary")["has_history"] is True  # a plain loop's saves keep one
+
+
+def test_a_snapshot_written_while_serving_is_listed_and_a_removed_one_goes(tmp_path):
+    samples = tmp_path / "samples"
+    write_plain_save(samples, 12, 0)
+    write_plain_save(samples / "snapshots" / "step_2", 2, 2)
+    runs = RunSet(samples, poll_seconds=0.05)
+    runs.start()
+    try:
+        write_plain_save(samples / "snapshots" / "step_10", 10, 10)
+        wait_for(lambda: runs.names == ["samples", "samples/snapshots/step_2", "samples/snapshots/step_10"])
+        assert runs.get("samples/snapshots/step_10").current.summary.global_step == 10
+        shutil.rmtree(samples / "snapshots" / "step_2")
+        wait_for(lambda: runs.names == ["samples", "samples/snapshots/step_10"])
+        write_plain_save(samples / "snapshots" / "step_20", 20, 20)  # the watcher lived through the removal
+        wait_for(lambda: runs.names[-1] == "samples/snapshots/step_20")
+    finally:
+        runs.stop()
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_serve_command_quotes_the_directory():

@@ -244,3 +244,23 @@ def test_side_by_side_shows_one_latent_in_two_snapshots(served):
                                                                  for t in feature["top_tokens"]]
         assert len(texts(tools, f"#{side} li .act")) == len(feature["examples"]) > 0
     assert errors(tools, server.url) == []
+
+
+def test_a_snapshot_written_while_the_page_is_open_joins_the_run_list(served):
+    import shutil
+
+    tools, server, history = served
+    folder = history.path.parent / "snapshots"
+    first = sorted(folder.iterdir(), key=lambda p: int(p.name.removeprefix("step_")))[0]
+    copy = folder / "step_99"
+    options = "Array.from(document.querySelectorAll('#run-select option')).map(o => o.value)"
+    before = tools.js(options)
+    try:
+        shutil.copytree(first, copy)  # a complete save, as a snapshot written now would be
+        wait_js(tools, f"{options}.includes('samples/snapshots/step_99')")
+        assert tools.js(options) == [*before, "samples/snapshots/step_99"]
+        assert tools.js("document.getElementById('run-select').value") == before[0]  # the run shown stays
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    wait_js(tools, f"!{options}.includes('samples/snapshots/step_99')")
+    assert errors(tools, server.url) == []

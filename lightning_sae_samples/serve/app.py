@@ -211,15 +211,13 @@ def create_app(
         return Response(found[0], media_type=found[1], headers=HEADERS)
 
     def run_list(request: Request) -> Response:
-        out = []
-        for name in runs.names:
-            status = runs.runs[name].status()
-            out.append({"name": name, "path": str(runs.runs[name].path), **status.__dict__})
+        listed = runs.runs  # once: the watcher swaps in a new list when a snapshot comes or goes
+        out = [{"name": name, "path": str(run.path), **run.status().__dict__} for name, run in listed.items()]
         return _json({"root": str(runs.root), "runs": out})
 
     def status(request: Request) -> Response:
         run = live(request)
-        return _json({"run": run.name, **run.status().__dict__})
+        return _json({"run": run.name, "runs": len(runs.runs), **run.status().__dict__})
 
     def summary(request: Request) -> Response:
         run = live(request)

@@ -222,24 +222,37 @@ class RunSet:
             names = [p.relative_to(root).as_posix() for p in paths]
         # A directory's snapshots are complete samples directories of their own, listed after it (so that the page
         # can show a latent in two of them); the search above does not descend into a samples directory.
-        listed: dict[Path, str] = {}
-        for path, name in zip(paths, names):
-            listed.setdefault(path, name)
-            for snapshot in snapshot_runs(path):
-                listed.setdefault(snapshot, f"{name}/{snapshot.relative_to(path).as_posix()}")
-        paths, names = list(listed)[:MAX_RUNS], list(listed.values())[:MAX_RUNS]
         if not paths:
             raise SamplesDirectoryError(
                 f"{root} holds no samples directory (no {SUMMARY_NAME} or {MANIFEST_NAME} within {SEARCH_DEPTH}"
                 " levels). Pass the callback's `dirpath` (default: <log_dir>/activation_samples)."
             )
-        self.root = root
-        self.runs: dict[str, LiveRun] = {name: LiveRun(name, path, tokenizer) for name, path in zip(names, paths)}
+        self.root, self.tokenizer = root, tokenizer
+        #: The directories found at start, whose snapshots the watcher keeps listing as they are written.
+        self._parents = list(zip(paths, names))
+        self.runs: dict[str, LiveRun] = {}
+        self._list_snapshots()
         self._wanted: set[str] = set()
         self._poll = poll_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def _list_snapshots(self) -> bool:
+        """List each found directory's snapshots after it (new ones too); returns whether the list changed."""
+        listed: dict[Path, str] = {}
+        for path, name in self._parents:
+            listed.setdefault(path, name)
+            for snapshot in snapshot_runs(path):
+                listed.setdefault(snapshot, f"{name}/{snapshot.relative_to(path).as_posix()}")
+        names = list(listed.values())[:MAX_RUNS]
+        if names == list(self.runs):
+            return False
+        known = self.runs
+        # A new dict, swapped in whole: a request reads the old list or the new one.
+        self.runs = {name: known.get(name) or LiveRun(name, path, self.tokenizer)
+                     for path, name in list(listed.items())[:MAX_RUNS]}
+        return True
 
     @property
     def names(self) -> Sequence[str]:
@@ -271,11 +284,19 @@ class RunSet:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
+            try:
+                self._list_snapshots()
+            except OSError:
+                log.exception("Listing the snapshots under %s failed", self.root)
+            runs = self.runs
             for name in list(self._wanted):
+                run = runs.get(name)
+                if run is None:
+                    continue  # a snapshot that was removed
                 try:
-                    self.runs[name].refresh()
-                    self.runs[name].refresh_explanations()
+                    run.refresh()
+                    run.refresh_explanations()
                 except Exception:  # noqa: BLE001 - the watcher must survive anything a directory holds
-                    log.exception("Reloading %s failed", self.runs[name].path)
+                    log.exception("Reloading %s failed", run.path)
             self._wake.wait(self._poll)
             self._wake.clear()

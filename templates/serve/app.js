@@ -734,6 +734,7 @@
   }
   function poll() {
     api("status").then(function (s) {
+      if (s.runs !== undefined && state.runs && s.runs !== state.runs.length) { listRuns(); }
       if (s.state === "ready" && s.version === state.version && state.explanationsVersion !== null
           && s.explanations_version !== state.explanationsVersion) {
         state.explanationsVersion = s.explanations_version;
@@ -800,16 +801,22 @@
     window.addEventListener("hashchange", render);
   }
 
-  function start() {
-    bind();
-    fetch("/api/runs").then(function (r) { return r.json(); }).then(function (r) {
-      var select = $("run-select");
+  // The run list (and the run select); snapshots written while the page is open join it.
+  function listRuns() {
+    return fetch("/api/runs").then(function (r) { return r.json(); }).then(function (r) {
+      var select = clear($("run-select"));
       r.runs.forEach(function (run) { select.appendChild(el("option", { value: run.name, text: run.name })); });
       state.runs = r.runs.map(function (run) { return run.name; });
-      state.run = r.runs.length ? r.runs[0].name : null;
+      if (state.run === null || state.runs.indexOf(state.run) < 0) { state.run = r.runs.length ? r.runs[0].name : null; }
+      select.value = state.run;
       show("run-pick", r.runs.length > 1);
-      return loadRun();
-    }).then(poll, problem);
+      if (state.route && state.route.kind === "feature") { syncCompareRuns(state.route.idx); }
+    });
+  }
+
+  function start() {
+    bind();
+    listRuns().then(loadRun).then(poll, problem);
   }
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
 })();
