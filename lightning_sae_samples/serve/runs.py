@@ -220,8 +220,6 @@ class RunSet:
         else:
             paths = find_runs(root)
             names = [p.relative_to(root).as_posix() for p in paths]
-        # A directory's snapshots are complete samples directories of their own, listed after it (so that the page
-        # can show a latent in two of them); the search above does not descend into a samples directory.
         if not paths:
             raise SamplesDirectoryError(
                 f"{root} holds no samples directory (no {SUMMARY_NAME} or {MANIFEST_NAME} within {SEARCH_DEPTH}"
@@ -239,7 +237,11 @@ class RunSet:
         self._thread: Optional[threading.Thread] = None
 
     def _list_snapshots(self) -> bool:
-        """List each found directory's snapshots after it (new ones too); returns whether the list changed."""
+        """List each found directory's snapshots after it (new ones too); returns whether the list changed.
+
+        A snapshot is a complete samples directory of its own (listed so that the page can show a latent in two of
+        them); the search for runs does not descend into a samples directory, so they are listed here.
+        """
         listed: dict[Path, str] = {}
         for path, name in self._parents:
             listed.setdefault(path, name)
