@@ -167,14 +167,21 @@ class FeatureHistory:
         return self._vocab.get(int(token_id), f"[{int(token_id)}]")
 
     # ------------------------------------------------------------------ one latent
+    def _rows_of(self, latent: int) -> list[tuple[int, int]]:
+        """``(window index, row)`` of each window where ``latent`` fired, oldest first (a window's rows are sorted)."""
+        found = []
+        for index, window in enumerate(self._windows):
+            rows = window["latent"]
+            at = int(torch.searchsorted(rows, torch.tensor(latent, dtype=rows.dtype)))
+            if at < len(rows) and int(rows[at]) == latent:
+                found.append((index, at))
+        return found
+
     def feature(self, latent: int) -> list[WindowStats]:
         """The windows where ``latent`` fired, oldest first."""
         out = []
-        for info, window in zip(self.windows, self._windows):
-            rows = window["latent"]
-            at = int(torch.searchsorted(rows, torch.tensor(int(latent), dtype=rows.dtype)))
-            if at >= len(rows) or int(rows[at]) != int(latent):
-                continue
+        for index, at in self._rows_of(int(latent)):
+            info, window = self.windows[index], self._windows[index]
             count = int(window["count"][at])
             tokens = tuple(TopToken(int(t), self.token_str(int(t)), int(c))
                            for t, c in zip(window["token_ids"][at].tolist(), window["token_counts"][at].tolist())
@@ -257,13 +264,9 @@ class FeatureHistory:
 
     def _latent_events(self, latent: int, change_overlap: float) -> tuple[dict[str, tuple[Tensor, ...]], Tensor]:
         """:meth:`_all_events` of one latent, from the windows it fired in, and its rows' top token ids."""
-        windows, ids = [], []
-        for index, window in enumerate(self._windows):
-            rows = window["latent"]
-            at = int(torch.searchsorted(rows, torch.tensor(latent, dtype=rows.dtype)))
-            if at < len(rows) and int(rows[at]) == latent:
-                windows.append(index)
-                ids.append(window["token_ids"][at])
+        found = self._rows_of(latent)
+        windows = [index for index, _ in found]
+        ids = [self._windows[index]["token_ids"][at] for index, at in found]
         top = self._token_ids.shape[1]
         ids_t = torch.stack(ids) if ids else torch.empty((0, top), dtype=self._token_ids.dtype)
         window_t = torch.tensor(windows, dtype=torch.int64)
