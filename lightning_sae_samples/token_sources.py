@@ -399,20 +399,19 @@ def check_same_source(described: Any, source: Any, owner: str = "ActivationSampl
             " pass that source as `token_source=` to resume or write it."
         )
     found = source.description() if callable(getattr(source, "description", None)) else None
-    if isinstance(found, dict) and {**found, "fingerprint": None} == {**described, "fingerprint": None}:
-        if found != described:
-            raise ValueError(
-                f"{owner}: the collection's token refs point into {_shown(described)}, and the token source given"
-                " has that shape but other tokens (its fingerprint differs: another tokenizer or order of the data?)."
-                " Pass the token source the collection was made with, or start a new collection."
-            )
+    if found == described:
         return
-    if found != described:
+    if isinstance(found, dict) and {**found, "fingerprint": None} == {**described, "fingerprint": None}:
         raise ValueError(
-            f"{owner}: the collection's token refs point into {_shown(described)}, but the token source given is"
-            f" {source!r}. Pass the token source the collection was made with (the same pretokenized data), or"
-            " start a new collection."
+            f"{owner}: the collection's token refs point into {_shown(described)}, and the token source given"
+            " has that shape but other tokens (its fingerprint differs: another tokenizer or order of the data?)."
+            " Pass the token source the collection was made with, or start a new collection."
         )
+    raise ValueError(
+        f"{owner}: the collection's token refs point into {_shown(described)}, but the token source given is"
+        f" {source!r}. Pass the token source the collection was made with (the same pretokenized data), or"
+        " start a new collection."
+    )
 
 
 def with_windows(state: Optional[dict], source: Any, owner: str = "ActivationSampleCollector") -> Optional[dict]:
