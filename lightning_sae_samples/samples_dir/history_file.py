@@ -44,7 +44,7 @@ def _cat(parts: list[Tensor], dtype: torch.dtype, trailing: tuple[int, ...]) -> 
     return torch.cat([p.to(dtype) for p in parts])
 
 
-#: Token ids below this are collected by marking a table (a vocabulary's size), larger ones by sorting.
+#: Token ids below this (a vocabulary's size) are collected by counting them in a table, larger ones by sorting.
 _MARK_IDS_BELOW = 1 << 24
 
 
