@@ -28,6 +28,7 @@ from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.health import FeatureHealthMonitor
 from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
+from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.state.history import reset_window_entries
@@ -258,17 +259,12 @@ class ActivationSampleCallback(Callback):
             except (ImportError, OSError, ValueError) as err:
                 return f"ActivationSampleCallback cannot load `tokenizer`: {err}"
         path = self.dirpath
-        lock = FileLock(path / LOCK_NAME)
-        if (path / LOCK_NAME).is_file():
-            # Our lock is there: a run that holds it may be mid-save, which the check below would misread.
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                return self._locked_message(path)
-            lock.release()
         try:
             path.mkdir(parents=True, exist_ok=True)
-            claim_samples_dir(path)  # before writing anything into a directory that may not be ours
+            # Before writing anything into a directory that may not be ours. Where our lock file is there, the lock
+            # comes first: a run holding it may be mid-save, which this check would misread as not ours.
+            if lstat_or_none(path / LOCK_NAME) is None:
+                claim_samples_dir(path)
         except SamplesDirectoryError as err:
             return f"ActivationSampleCallback will not write into `dirpath`: {err}"
         except OSError:
@@ -282,6 +278,7 @@ class ActivationSampleCallback(Callback):
                 f"ActivationSampleCallback cannot write to `dirpath` {str(path)!r}: {err.strerror or err}."
                 " Pass a writable directory as `dirpath`."
             )
+        lock = FileLock(path / LOCK_NAME)
         try:
             lock.acquire(timeout=0)
         except Timeout:
