@@ -529,15 +529,22 @@
     stats.appendChild(fact("Max", found ? found.shown.max : "–"));
     stats.appendChild(fact("Mean", found ? found.shown.mean : "–"));
     container.appendChild(stats);
-    var tokens = el("p", { className: "window-tokens" }, [el("span", { className: "caption", text: "Top tokens " })]);
-    if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
-    else { tokens.appendChild(el("span", { className: "caption", text: "silent in this window" })); }
-    container.appendChild(tokens);
+    container.appendChild(windowTokens(el("p", { className: "window-tokens" }), found, "silent in this window"));
     return windowSamples(t.latent, i, found).then(function (samples) {
       var list = el("ol", { className: "examples" });
       samples.forEach(function (e) { list.appendChild(example(e)); });
       container.appendChild(samples.length ? list : el("p", { className: "caption empty", text: "no samples kept for this window" }));
     });
+  }
+  // A window's top tokens as chips into `node`, or `silent` where the latent did not fire in it.
+  function windowTokens(node, found, silent) {
+    node.appendChild(el("span", { className: "caption", text: "Top tokens " }));
+    if (found && found.top_tokens.length) {
+      found.top_tokens.forEach(function (tok) { node.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); });
+    } else {
+      node.appendChild(el("span", { className: "caption", text: silent }));
+    }
+    return node;
   }
   // A window's kept samples come in an answer of their own (the timeline only counts them), kept per save.
   function windowSamples(idx, i, found) {
@@ -558,10 +565,7 @@
     });
     var found = windowsByIndex(t)[i];
     $("window-title").textContent = "Window " + i + " · steps " + stepsText(t.steps[i]) + (found ? " · count " + found.count + " · max " + found.shown.max : " · silent");
-    var tokens = clear($("window-tokens"));
-    tokens.appendChild(el("span", { className: "caption", text: "Top tokens " }));
-    if (found && found.top_tokens.length) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count, "token id " + tok.token_id)); }); }
-    else { tokens.appendChild(el("span", { className: "caption", text: "it did not fire in this window" })); }
+    windowTokens(clear($("window-tokens")), found, "it did not fire in this window");
     var list = clear($("window-samples")), detail = $("window-detail");
     detail.removeAttribute("data-shown");
     show("window-empty", false);
