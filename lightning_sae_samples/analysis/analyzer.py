@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import IO, Any, Optional, TypeVar, Union
 
 import torch
 
@@ -37,10 +38,11 @@ from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import FULL_STATE_NAME, HISTORY_NAME, SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
+    pin,
     read_one_save,
     read_samples_dir,
     save_signature,
@@ -94,6 +96,12 @@ _RENDERERS = {
 
 
 _UNREAD = object()
+
+
+def _close_all(handles: dict[str, IO[bytes]]) -> None:
+    for handle in handles.values():
+        handle.close()
+    handles.clear()
 
 
 class UnknownFeatureError(KeyError):
@@ -160,18 +168,21 @@ class ActivationSampleAnalyzer:
             loaded from local files only. Without either, they show the strings known from the saved
             feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
-    The summary and feature files are read at once, ``full_state.pt`` on first use; all come from one committed
-    save (a read that overlaps a commit is redone, see ``docs/format.md``).
+    The summary and feature files are read at once, ``full_state.pt`` and ``training_history.pt`` on first use;
+    all come from one committed save (a read that overlaps a commit is redone, see ``docs/format.md``): the
+    analyzer holds those two files open from the start, so later saves do not replace what it reads (POSIX).
 
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
-        SaveChangedError: Saves were committed during every attempt to read one (later, when ``full_state.pt``
-            is first needed: a save was committed since this analyzer was opened; open a new one).
+        SaveChangedError: Saves were committed during every read of one for ``READ_DEADLINE_SECONDS`` (where
+            files cannot be held open, also later: a save was committed before a file was first needed).
     """
 
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
+        self._pinned: dict[str, IO[bytes]] = {}
+        weakref.finalize(self, _close_all, self._pinned)
         _, self._signature = read_one_save(samples_dir, lambda: self._read(samples_dir))
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
@@ -188,7 +199,13 @@ class ActivationSampleAnalyzer:
     # ------------------------------------------------------------------ loading
     def _read(self, samples_dir: PathLike) -> None:
         """The summary and every saved feature file (``full_state.pt`` is read on first use, from the same save)."""
+        _close_all(self._pinned)  # of a read a commit overlapped
         self.directory = read_samples_dir(samples_dir)
+        for name, path in ((FULL_STATE_NAME, self.directory.full_state_path),
+                           (HISTORY_NAME, self.directory.history_path)):
+            opened = pin(path)
+            if opened is not None:
+                self._pinned[name] = opened
         try:
             self.summary = RunSummary.from_json(
                 self.directory.summary, self.directory.path, self.directory.full_state_path is not None
@@ -240,13 +257,7 @@ class ActivationSampleAnalyzer:
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
             path = self.directory.full_state_path
-            self._check_same_save()
-            try:
-                state, signature = read_one_save(self.directory.path, lambda: load_full_state(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
+            state = self._read_pinned(FULL_STATE_NAME, lambda opened: load_full_state(path, opened))
             missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
@@ -263,6 +274,24 @@ class ActivationSampleAnalyzer:
                 )
             self._state = state
         return self._state
+
+    def _read_pinned(self, name: str, load: Callable[[Optional[IO[bytes]]], _T]) -> _T:
+        """``load`` the file ``name`` of this analyzer's save: from the handle opened with the save, else by path.
+
+        By path, the directory must still hold this analyzer's save (else :class:`SaveChangedError`).
+        """
+        opened = self._pinned.pop(name, None)
+        if opened is not None:
+            with opened:
+                return load(opened)
+        self._check_same_save()
+        try:
+            loaded, signature = read_one_save(self.directory.path, lambda: load(None))
+        except SamplesDirectoryError:
+            self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+            raise
+        self._check_same_save(signature)
+        return loaded
 
     def _check_same_save(self, signature: Optional[tuple] = None) -> None:
         """Raise :class:`SaveChangedError` if the directory no longer holds the save this analyzer read."""
@@ -525,14 +554,7 @@ class ActivationSampleAnalyzer:
             if path is None:
                 self._history = None
                 return None
-            self._check_same_save()
-            try:
-                history, signature = read_one_save(self.directory.path, lambda: FeatureHistory.from_file(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
-            self._history = history
+            self._history = self._read_pinned(HISTORY_NAME, lambda opened: FeatureHistory.from_file(path, opened))
         return self._history
 
     def _story(self, feature_idx: int) -> Optional[str]:

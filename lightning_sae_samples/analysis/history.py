@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import torch
 from torch import Tensor
@@ -153,14 +153,14 @@ class FeatureHistory:
         return cls.from_file(read_samples_dir(path).history_path)
 
     @classmethod
-    def from_file(cls, file: Optional[PathLike]) -> Optional[FeatureHistory]:
-        """The history in ``file`` (``None``: none)."""
+    def from_file(cls, file: Optional[PathLike], opened: Optional[IO[bytes]] = None) -> Optional[FeatureHistory]:
+        """The history in ``file`` (``None``: none); read from ``opened`` (``file`` held open) if given."""
         if file is None:
             return None
         file = Path(file)
-        if file.is_symlink() or not file.is_file():
+        if opened is None and (file.is_symlink() or not file.is_file()):
             raise SamplesDirectoryError(f"{file} is not a regular file; it is not read.")
-        return cls(load_history(file), file)
+        return cls(load_history(file, opened), file)
 
     def token_str(self, token_id: int) -> str:
         """Display string of a token id, as the writer decoded it."""
