@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -152,7 +153,10 @@ def _visible_files(dirpath: Path) -> dict[str, Path]:
     for p in dirpath.iterdir():
         if not is_writer_name(p.name) or p.name == MANIFEST_NAME:
             continue
-        if is_plain_file(p):
+        info = lstat_or_none(p)
+        if info is None:
+            continue  # moved or removed by a commit since the listing: the read is redone
+        if stat.S_ISREG(info.st_mode):
             files[p.name] = p
         else:  # a link (even to a regular file) or a folder: never followed, as the writer's rule
             warnings.warn(f"Ignored {p}: not a regular file (links are not followed).", UserWarning, stacklevel=3)
