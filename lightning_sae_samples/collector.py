@@ -537,7 +537,7 @@ class ActivationSampleCollector:
 
     @staticmethod
     def _resumed_history(history: Any, owner: str) -> Optional[dict]:
-        """A checkpoint's history, checked (``None``: the checkpoint has none, as ones of 0.3 and older)."""
+        """A checkpoint's history, checked (``None``: it has none, as older versions' checkpoints)."""
         if history is None:
             return None
         try:
