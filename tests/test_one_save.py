@@ -63,7 +63,7 @@ def test_the_analyzer_reports_and_export_read_one_save_while_saves_keep_coming(t
             steps.append(analyzer.summary.global_step)
     finally:
         writer.kill()
-        writer.wait()
+        writer.communicate()  # waits, and closes its pipe
     assert good >= 5
     assert len(set(steps)) >= 3, "the reads did not overlap the saves"
 
@@ -95,7 +95,7 @@ def test_the_command_line_reads_one_save_while_saves_keep_coming(tmp_path, capsy
             codes.append(cli_main(["export", str(path), str(tmp_path / "e")]))
     finally:
         writer.kill()
-        writer.wait()
+        writer.communicate()  # waits, and closes its pipe
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert codes and set(codes) == {0}, errors
 
