@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_sae_samples.samples_dir.history_file import load_history, payload_vocab, windows_of_payload
 from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import read_samples_dir
+from lightning_sae_samples.samples_dir.reader import read_one_save, read_samples_dir
 
 #: Default top-token overlap (Jaccard of the top-token sets) below which two consecutive windows differ in meaning.
 MEANING_CHANGE_OVERLAP = 0.2
@@ -150,7 +150,7 @@ class FeatureHistory:
         Raises:
             SamplesDirectoryError: The file is there but corrupt or hostile (one line naming it and the field).
         """
-        return cls.from_file(read_samples_dir(path).history_path)
+        return read_one_save(path, lambda: cls.from_file(read_samples_dir(path).history_path))[0]
 
     @classmethod
     def from_file(cls, file: Optional[PathLike], opened: Optional[IO[bytes]] = None) -> Optional[FeatureHistory]:
