@@ -112,7 +112,7 @@ def test_a_read_overlapping_commits_every_time_says_so(tmp_path):
     started = time.monotonic()
     with pytest.raises(SaveChangedError, match=r"a save was committed while reading; retry \(\d+ reads in 0.3 s"):
         read_one_save(path, read_while_a_save_lands, seconds=0.3)
-    assert 0.3 <= time.monotonic() - started < 3, "the reader waits for its deadline, not for a count of reads"
+    assert 0.3 <= time.monotonic() - started < 5, "the reader waits for its deadline, not for a count of reads"
     assert read_one_save(path, lambda: "read") == ("read", save_signature(path))
 
 

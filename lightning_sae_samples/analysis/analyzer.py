@@ -547,7 +547,8 @@ class ActivationSampleAnalyzer:
 
         Raises:
             SamplesDirectoryError: The history file is corrupt or hostile.
-            SaveChangedError: A save was committed since this analyzer read its save (as for ``full_state.pt``).
+            SaveChangedError: Where files cannot be held open (not POSIX): a save was committed since this
+                analyzer read its save (as for ``full_state.pt``).
         """
         if self._history is _UNREAD:
             path = self.directory.history_path
