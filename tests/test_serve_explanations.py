@@ -260,6 +260,13 @@ def test_a_label_holding_nul_leaves_search_on_the_right_latent(run_dir, client):
         assert rows[0]["explanation"]["label"] == read_labels(run_dir)[latent].text
 
 
+def test_a_deeply_nested_label_body_is_a_bad_request(run_dir, client):
+    headers = {"Origin": ORIGIN, TOKEN_HEADER: TOKEN, "Content-Type": "application/json"}
+    response = client.post("/api/features/4/label", content="[" * 100_000 + "]" * 100_000, headers=headers)
+    assert response.status_code == 400 and "The body must be JSON" in response.json()["error"]
+    assert 4 not in read_labels(run_dir)
+
+
 def _corrupt_sidecar(run_dir, line: bytes) -> None:
     with open(explanations_path(run_dir), "ab") as handle:
         handle.write(line + b"\n")
