@@ -195,6 +195,10 @@ def test_context_search_finds_exactly_the_samples_holding_the_text(client, oracl
         ("/api/features/abc", 404, "a number from 0 to 11"),
         ("/api/features/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404, "No such page"),
         ("/api/features/99999999999999999999999", 404, "latents 0 to 11"),
+        ("/api/features/" + "9" * 5000, 404, "latents 0 to 11"),  # int() refuses over 4,300 digits
+        ("/api/features/" + "7" * 5000 + "/neighbours", 404, "latents 0 to 11"),
+        ("/api/history/features/" + "9" * 5000, 404, "latents 0 to 11"),
+        ("/api/history/features/3/windows/" + "9" * 5000, 404, "the history has windows 0 to"),
         ("/api/features/3?examples=lots", 400, "`examples` must be an integer"),
         ("/api/features?sort=bogus", 400, "`sort` must be one of"),
         ("/api/features?filter=bogus", 400, "`filter` must be one of"),

@@ -58,6 +58,10 @@
     show("error-banner", true);
   }
   function fine() { show("error-banner", false); }
+  function explanationsProblem(message) {
+    $("explanations-banner").textContent = message ? "Explanations and labels cannot be read: " + message : "";
+    show("explanations-banner", Boolean(message));
+  }
 
   // ------------------------------------------------------------------ shared pieces
   function chip(label, extra, title) {
@@ -143,6 +147,7 @@
   // ------------------------------------------------------------------ summary and frequency histogram
   function renderSummary(s) {
     state.summary = s;
+    explanationsProblem(s.explanations_error);
     $("run-path").textContent = s.summary.path;
     $("save-info").textContent = "step " + s.global_step + (s.summary.save_id !== null ? " · save " + s.summary.save_id : "");
     var facts = clear($("facts"));
@@ -738,6 +743,7 @@
   }
   function poll() {
     api("status").then(function (s) {
+      if (s.state === "ready") { explanationsProblem(s.explanations_error); }
       if (s.runs !== undefined && state.runs && s.runs !== state.runs.length) { listRuns(); }
       if (s.state === "ready" && s.version === state.version && state.explanationsVersion !== null
           && s.explanations_version !== state.explanationsVersion) {
