@@ -93,3 +93,16 @@ def test_without_a_script_the_command_is_python_dash_m(samples, tmp_path, monkey
     assert script_command(PROG, "lightning_sae_samples") == "bare-bin/python -m lightning_sae_samples"
     done = new_shell(program_command("serve", os.fspath(samples), "--help"), tmp_path)
     assert done.returncode == 0 and "usage: lightning-sae-samples serve" in done.stdout, done.stderr[-2000:]
+
+
+def test_serve_without_its_extra_names_this_environments_pip(samples, monkeypatch):
+    from lightning_sae_samples.serve import Server
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the `serve` extra were not installed
+    with pytest.raises(ImportError) as err:
+        Server(samples)
+    install = f"{pip_command('install', '-e', '.[serve]')} from the checkout"
+    assert install in str(err.value)
+    done = new_shell(with_help(install.removesuffix(" from the checkout")), ROOT)
+    assert done.returncode == 0 and "Usage:" in done.stdout, done.stderr[-2000:]

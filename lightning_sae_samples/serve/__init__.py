@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_sae_samples.arguments import OneLineErrorParser
-from lightning_sae_samples.printed_commands import PROG, program_command
+from lightning_sae_samples.printed_commands import PROG, pip_command, program_command
 
 COMMAND = "serve"
 DEFAULT_HOST = "127.0.0.1"
@@ -126,7 +126,8 @@ class Server:
             import uvicorn
         except ImportError as err:
             raise ImportError(
-                "`lightning-sae-samples serve` needs Starlette and uvicorn: pip install 'lightning-sae-samples[serve]'."
+                f"`{PROG} {COMMAND}` needs Starlette and uvicorn: {pip_command('install', '-e', '.[serve]')} from the"
+                f" checkout (once released: {pip_command('install', 'lightning-sae-samples[serve]')})."
             ) from err
         from lightning_sae_samples.serve.app import create_app
         from lightning_sae_samples.serve.runs import RunSet
