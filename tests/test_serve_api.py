@@ -22,6 +22,7 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCollector  # noqa: E402
+from lightning_sae_samples.printed_commands import program_command  # noqa: E402
 from lightning_sae_samples.serve import serve_command  # noqa: E402
 from lightning_sae_samples.serve.app import create_app  # noqa: E402
 from lightning_sae_samples.serve.runs import RunSet  # noqa: E402
@@ -371,8 +372,9 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 
 
 def test_serve_command_quotes_the_directory():
-    assert serve_command("/tmp/my runs/samples") == "lightning-sae-samples serve '/tmp/my runs/samples'"
-    assert serve_command(Path("logs")) == "lightning-sae-samples serve logs"
+    program = program_command()  # this environment's script by path (tests/test_printed_commands.py runs it)
+    assert serve_command("/tmp/my runs/samples") == f"{program} serve '/tmp/my runs/samples'"
+    assert serve_command(Path("logs")) == f"{program} serve logs"
 
 
 def test_command_line_prints_the_url_warns_for_all_interfaces_and_serves(run_dir):

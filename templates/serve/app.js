@@ -69,6 +69,8 @@
     if (title) { node.title = title; }
     return node;
   }
+  // Raw token strings as "a", " b" (as the reports' "through training" line writes them).
+  function quotedTokens(tokens) { return tokens.map(function (t) { return "\"" + t + "\""; }).join(", "); }
   function tokenChips(cell, tokens) {
     tokens.forEach(function (t) { cell.appendChild(chip(t.label, "×" + t.samples)); });
   }
@@ -519,8 +521,8 @@
       g.appendChild(svgNode("line", { x1: at, y1: CHART.top, x2: at, y2: ax.bottom }));
       svgText(g, at, CHART.top + 2 + 10 * stack, KIND_MARKS[e.kind], "middle", "mark");
       var words = KIND_NAMES[e.kind] + " at step " + e.step;
-      if (e.kind === "meaning_change") { words += ": " + e.before.join(" ") + " → " + e.after.join(" ") + " (overlap " + fmtNum(e.overlap) + ")"; }
-      else if (e.after.length) { words += ": " + e.after.join(" "); }
+      if (e.kind === "meaning_change") { words += ": " + quotedTokens(e.before) + " → " + quotedTokens(e.after) + " (overlap " + fmtNum(e.overlap) + ")"; }
+      else if (e.after.length) { words += ": " + quotedTokens(e.after); }
       titled(g, words);
       svg.appendChild(g);
     });
