@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,47 @@ def test_the_example_trains_checkpoints_reports_and_resumes(tmp_path):
     assert f"resumed from {checkpoint} at step {taken}" in again.stdout.replace("\n", "")
     resumed = json.loads((tmp_path / "resumed" / "activation_samples" / "collection_summary.json").read_text())
     assert resumed["steps_collected"] == 5 and resumed["global_step"] == 24
+
+
+@pytest.mark.parametrize("save", [0, 1], ids=["checkpoint save", "final save"])
+def test_sae_lens_killed_before_any_operation_of_a_samples_save_resumes_to_an_uninterrupted_run(
+    tmp_path, monkeypatch, save
+):
+    """A kill before each kind of file-system operation of the samples save in SAELens' checkpoint (or of the last
+    save), then a resume from the last whole checkpoint, ends with the files an uninterrupted run writes."""
+    from crash_points import count_operations, crash_before, files_of, one_of_each_kind
+
+    monkeypatch.setattr("os.fsync", lambda fd: None)  # a kill, not a power cut: see test_crash_points.py
+    tokens, acts = synthetic()
+    source = ArrayTokenSource(tokens)
+    stream = mixed_rows(lm_batches(tokens, acts, with_refs=True), buffer_size=96, batch_size=16,
+                        token_source=source)
+    batches = [(b, stream.refs_of(b)) for b in itertools.islice(stream, 24)]
+    root = tmp_path / "run"
+
+    def provider(start=0):
+        return TokenRefRows((pack_refs(b, r) for b, r in batches[start:]), D, source)
+
+    def run():
+        tiny_trainer(root, provider(), source).fit()
+
+    def resume():
+        whole = sorted(p.parent for p in (root / "checkpoints").glob("*/trainer_state.pt"))
+        if not whole:
+            return run()
+        taken = torch.load(whole[-1] / STATE_NAME, weights_only=True)["steps_taken"]
+        trainer = tiny_trainer(root, provider(taken), source)
+        trainer.load_trainer_state(whole[-1])
+        trainer.sae.load_weights_from_checkpoint(whole[-1])
+        trainer.fit()
+
+    operations = count_operations(run, root / "samples")
+    expected = files_of(root / "samples", skip=("sae_samples.lock",))
+    shutil.rmtree(root)
+    starts = [i for i, (kind, path) in enumerate(operations) if kind == "mkdir" and ".new-" in path]
+    assert len(starts) == 2, operations
+    for i in one_of_each_kind(operations, range(starts[save], starts[1] if save == 0 else len(operations))):
+        crash_before(i, run, root / "samples")
+        resume()
+        assert files_of(root / "samples", skip=("sae_samples.lock",)) == expected, (i, operations[i])
+        shutil.rmtree(root)

@@ -404,11 +404,18 @@ class SamplesSAETrainer(SAETrainer):
         return self.collector.save(self.samples_dir, self.tokenizer, global_step=self.steps_taken)
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
-        """SAELens' trainer state, the collector's state beside it (``STATE_NAME``), then the samples directory."""
-        super().save_trainer_state(checkpoint_path)
+        """The samples directory, then SAELens' trainer state and the collector's state beside it (``STATE_NAME``).
+
+        The samples go first: a kill during their save leaves this checkpoint without SAELens' trainer state, so a
+        resume takes the previous one and writes the same save again; and the state kept here is the one after the
+        save (its history window closed), which an uninterrupted run goes on with. ``STATE_NAME`` comes before
+        SAELens' state, so a checkpoint with the latter always has the former (it is never taken for a plain
+        ``SAETrainer``'s, whose collection would start afresh).
+        """
+        self.save_samples()
         state = {"version": STATE_VERSION, "steps_taken": self.steps_taken, "collector": self.collector.state_dict()}
         atomic_torch_save(Path(checkpoint_path) / STATE_NAME, state)
-        self.save_samples()
+        super().save_trainer_state(checkpoint_path)
 
     def load_trainer_state(self, checkpoint_path: PathLike) -> None:
         """SAELens' trainer state and the collection saved beside it.
