@@ -20,7 +20,7 @@ import torch
 from helpers import read_dir
 from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
 
-from lightning_sae_samples import ActivationSampleCollector
+from lightning_sae_samples import ActivationSampleCollector, RowsWithRefs
 from lightning_sae_samples.token_sources import ArrayTokenSource, TokenRing
 
 pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[sae-lens]')")
@@ -30,7 +30,6 @@ from sae_lens.config import SAETrainerConfig  # noqa: E402
 from lightning_sae_samples.integrations.sae_lens import (  # noqa: E402
     STATE_NAME,
     SamplesSAETrainer,
-    TokenRefRows,
     mixed_rows,
     pack_refs,
     unpack_refs,
@@ -60,7 +59,7 @@ class RecordingTrainer(SamplesSAETrainer):
     """Keeps each step's SAE input and the refs of its batch (to check they are the same rows)."""
 
     def step(self, batch):
-        refs = self.data_provider.refs_of(batch)
+        refs = self.data_provider.refs_for(batch)
         output = super().step(batch)
         self.trained = getattr(self, "trained", [])
         self.trained.append((refs.clone(), output.sae_in.detach().clone()))
@@ -158,17 +157,25 @@ def test_an_activations_store_of_cached_activations_gives_rows_with_their_refs(t
     assert not torch.equal(served, torch.sort(served).values)  # mixed by the store's own buffer settings
 
 
-def test_pack_refs_keeps_every_bit_of_the_refs():
-    refs = torch.tensor([0, 1, 2**31 - 1, 2**31, 0x7FC00000, 0x7F800001, 2**62 + 12345], dtype=torch.int64)
+def test_pack_refs_keeps_every_bit_of_the_refs_and_refuses_a_transformed_batch():
+    refs = torch.tensor([0, 1, 2**31 - 1, 2**31, 0x7FC00000, 0x7F800001, 2**40 - 1], dtype=torch.int64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         rows = torch.randn(len(refs), 5).to(dtype)
-        packed = pack_refs(rows, refs)
+        with pytest.warns(DeprecationWarning, match="RowsWithRefs"):
+            packed = pack_refs(rows, refs)
         shuffled = packed[torch.randperm(len(refs))]  # what a mixing buffer does to them
         back_rows, back_refs = unpack_refs(torch.cat([shuffled[:3], shuffled[3:]]), 5)
         order, want = torch.argsort(back_refs), torch.argsort(refs)
         assert torch.equal(back_refs[order], refs[want]) and torch.equal(back_rows[order], rows[want])
+        # A trainer's whole-batch normalization divides the ref columns too: refused, not other refs in range.
+        with pytest.raises(ValueError, match="changed after pack_refs.*RowsWithRefs"):
+            unpack_refs(packed / 11.9, 5)
     with pytest.raises(ValueError, match="does not hold rows of width 4"):
         unpack_refs(packed, 4)
+    with pytest.raises(ValueError, match="cast after packing .*RowsWithRefs"):  # float32 columns cast to bf16
+        unpack_refs(pack_refs(torch.randn(3, 5), refs[:3]).bfloat16(), 5)
+    with pytest.raises(ValueError, match="below 2\\*\\*40"):
+        unpack_refs(pack_refs(torch.randn(1, 5), torch.tensor([2**40])), 5)
 
 
 def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, **settings):
@@ -192,8 +199,8 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
                         token_source=source)
     batches = [(b, stream.refs_of(b)) for b in itertools.islice(stream, 24)]
 
-    def provider(start=0):
-        return TokenRefRows((pack_refs(b, r) for b, r in batches[start:]), D, source)
+    def provider(start=0):  # refs beside the rows, from a data source of (activations, refs)
+        return RowsWithRefs(batches[start:], source)
 
     full = tiny_trainer(tmp_path / "full", provider(), source, cls=RecordingTrainer)
     full.fit()
@@ -252,7 +259,7 @@ def test_a_scheduled_step_without_refs_says_what_to_pass(tmp_path):
     trainer = tiny_trainer(tmp_path, rows, rows.token_source, freq=2)
     trainer.step(next(rows))  # step 0: due, with refs
     trainer.step(torch.randn(16, D))  # step 1: not due, nothing asked
-    with pytest.raises(ValueError, match="step 2 has no token refs.*TokenRefRows"):
+    with pytest.raises(ValueError, match="step 2: RowsWithRefs.refs_for: the batch trained on is not the batch"):
         trainer.step(torch.randn(16, D))
     assert [s for s, _, _ in trainer.collector.fed] == [0]
 
