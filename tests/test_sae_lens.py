@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import read_dir
 from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sae_samples import ActivationSampleCollector, RowsWithRefs
 from lightning_sae_samples.token_sources import ArrayTokenSource, TokenRing
@@ -178,13 +179,16 @@ def test_pack_refs_keeps_every_bit_of_the_refs_and_refuses_a_transformed_batch()
         unpack_refs(pack_refs(torch.randn(1, 5), torch.tensor([2**40])), 5)
 
 
-def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, **settings):
+def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, normalize="none",
+                 **settings):
     cls = cls or SamplesSAETrainer
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=16, k=3, use_sparse_activations=sparse,
-                                                 rescale_acts_by_decoder_norm=not sparse))
+                                                 rescale_acts_by_decoder_norm=not sparse,
+                                                 normalize_activations=normalize))
     cfg = SAETrainerConfig(total_training_samples=steps * 16, train_batch_size_samples=16, lr=3e-3, lr_end=3e-3,
-                           n_checkpoints=1, checkpoint_path=str(tmp_path / "checkpoints"))
+                           n_checkpoints=1, checkpoint_path=str(tmp_path / "checkpoints"),
+                           n_batches_for_norm_estimate=5)
     collector = RecordingCollector(num_latents=16, token_source=source, context_size=4, activation_threshold=0.0,
                                    max_samples_per_feature=5, samples_per_feature_to_save=5, write_report=False,
                                    **settings)
@@ -235,6 +239,38 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
     assert_identical(again["full_state.pt"], files["full_state.pt"])
     assert again["collection_summary.json"]["top_features_by_activation"] == \
         files["collection_summary.json"]["top_features_by_activation"]
+
+
+def test_sae_lens_activation_scaler_draws_batches_and_each_step_collects_the_refs_of_its_own(tmp_path):
+    """SAELens scales every batch (and draws batches of its own for the norm estimate): refs beside the rows stay
+    with the batch trained on, from a shuffling DataLoader over cached activations."""
+    tokens, acts = synthetic()
+    source = ArrayTokenSource(tokens)
+    flat = acts.reshape(-1, D) * 5 + 2  # far from SAELens' target norm sqrt(d_in): the scaling factor is not 1
+    loader = DataLoader(TensorDataset(flat, torch.arange(S * T)), batch_size=16, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    rows = RowsWithRefs(itertools.chain.from_iterable(itertools.repeat(loader)), source)
+
+    class ScaleRecordingTrainer(RecordingTrainer):
+        def step(self, batch):
+            output = super().step(batch)
+            self.trained[-1] += (self.activation_scaler.scaling_factor,)
+            return output
+
+    trainer = tiny_trainer(tmp_path, rows, source, steps=10, freq=2, cls=ScaleRecordingTrainer,
+                           normalize="expected_average_only_in")
+    trainer.fit()
+    assert rows.batches_yielded == 5 + 10  # the norm estimate's batches never reach step()
+    factors = {factor for _, _, factor in trainer.trained}
+    assert len(factors) == 1 and abs(factors.pop() - 1) > 0.5
+    for refs, sae_in, factor in trainer.trained:  # the SAE trained on the scaled rows the refs name
+        assert torch.equal(sae_in, flat[refs] * factor)
+    assert [s for s, _, _ in trainer.collector.fed] == [0, 2, 4, 6, 8]
+    seen = [RowsSeen(step, 0, refs.tolist(), latents, source=tokens, call=i)
+            for i, (step, refs, latents) in enumerate(trainer.collector.fed)]
+    assert_state_matches(trainer.collector.with_windows(trainer.collector.state_dict()["collector"]), seen, 16, 5,
+                         4, 0.0)
+    assert_dir_matches_oracle(read_dir(tmp_path / "samples"), seen, 16, 5, 4, 0.0)
 
 
 def test_sparse_feature_acts_are_collected_as_topk_rows(tmp_path):
