@@ -99,8 +99,8 @@ def _pack(activations: Tensor, refs: Tensor) -> Tensor:
     return torch.cat([activations, bits.view(activations.dtype)], dim=1)
 
 
-def _unpack(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The rows, the refs, and ``[N]`` bool: each ref's check bits hold (False where the bytes were bent)."""
+def _unpack(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
+    """The rows and the packed ref bits (see :func:`_refs` and :func:`_intact`)."""
     extra = ref_columns(packed.dtype)
     if packed.dim() != 2 or packed.shape[1] != d_in + extra:
         raise ValueError(
@@ -109,10 +109,18 @@ def _unpack(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor, Tensor]:
             " columns were converted, not copied: carry the refs beside the activations (RowsWithRefs), or pass"
             " the batches of `mixed_rows` / `TokenRefRows`."
         )
-    # A clone starts its own storage: a one-row slice counts as contiguous at an odd offset, which view refuses.
+    # A fresh contiguous copy: a one-row slice counts as contiguous at an odd offset, which view refuses.
     bits = packed[:, d_in:].clone(memory_format=torch.contiguous_format).view(torch.int64).view(-1)
-    refs = bits & _REF_MASK
-    return packed[:, :d_in].contiguous(), refs, (bits >> _REF_BITS) & _CHECK_MASK == _check_bits(refs)
+    return packed[:, :d_in].contiguous(), bits
+
+
+def _refs(bits: Tensor) -> Tensor:
+    return bits & _REF_MASK
+
+
+def _intact(bits: Tensor) -> Tensor:
+    """``[N]`` bool: each packed ref's check bits hold (False where the bytes were bent on the way)."""
+    return (bits >> _REF_BITS) & _CHECK_MASK == _check_bits(_refs(bits))
 
 
 def pack_refs(activations: Tensor, refs: Tensor) -> Tensor:
@@ -141,7 +149,8 @@ def unpack_refs(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
             (e.g. the whole batch was scaled or normalized): the refs would name other tokens.
     """
     warnings.warn(_COLUMNS_DEPRECATED.format("unpack_refs"), DeprecationWarning, stacklevel=2)
-    rows, refs, intact = _unpack(packed, d_in)
+    rows, bits = _unpack(packed, d_in)
+    intact = _intact(bits)
     if not bool(intact.all()):
         row = int((~intact).nonzero()[0, 0])
         raise ValueError(
@@ -150,7 +159,7 @@ def unpack_refs(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
             " the whole batch), so every ref may name another token. Carry the refs beside the activations: yield"
             " (activations, refs) to RowsWithRefs and ask rows.refs_for(batch) at the collection step."
         )
-    return rows, refs
+    return rows, _refs(bits)
 
 
 _COLUMNS_DEPRECATED = (
@@ -194,7 +203,9 @@ class TokenRefRows(RowsWithRefs):
     def __init__(self, packed_batches: Iterable[Tensor], d_in: int, token_source: TokenSource) -> None:
         self.d_in = d_in
         self._packed = iter(packed_batches)
-        super().__init__((_unpack(packed, d_in)[:2] for packed in self._packed), token_source)
+        # Only SAELens' buffer (concatenation, indexing) touched the columns since _pack: the bits are the refs.
+        split = (_unpack(packed, d_in) for packed in self._packed)
+        super().__init__(((rows, _refs(bits)) for rows, bits in split), token_source)
 
     def close(self) -> None:
         """Stop the underlying generators (SAELens' mixing buffer) now rather than at interpreter exit."""
