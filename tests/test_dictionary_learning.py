@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import read_dir
 from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError, RowsWithRefs
@@ -215,3 +216,27 @@ def test_dictionary_learnings_own_train_sae_with_normalization_and_bfloat16(tmp_
     assert_state_matches(collector.with_windows(collector.state_dict()["collector"]), seen, F, 4, 4, 0.0)
     collector.save(tmp_path / "samples")
     assert_dir_matches_oracle(read_dir(tmp_path / "samples"), seen, F, 4, 4, 0.0)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``bool()``, ``int()``): the host syncs on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_refs_for_costs_no_host_sync_for_the_batch_itself_and_one_for_a_copy():
+    tokens, acts = corpus()
+    rows = RowsWithRefs(shuffled_rows(acts), ArrayTokenSource(tokens))
+    batch = next(rows)
+    with HostSyncs() as syncs:
+        rows.refs_for(batch)  # SAELens' step gets the very tensor
+    assert syncs.count == 0
+    with HostSyncs() as syncs:
+        rows.refs_for(batch.bfloat16() / 3)  # trainSAE's copy: one check of all its rows
+    assert syncs.count == 1
