@@ -190,7 +190,11 @@ def check_refs(refs: Any, key: str = "token_refs") -> Tensor:
         shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
         raise LatentInputError(f"`{key}` must be a [N] tensor of token refs (one per activation row), got {shape}.")
     if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
-        raise LatentInputError(f"`{key}` must hold integer token refs, got dtype {refs.dtype}.")
+        raise LatentInputError(
+            f"`{key}` must hold integer token refs, got dtype {refs.dtype}. Refs that went through a float tensor"
+            " (extra columns of the activations) were cast or scaled with it: keep them beside the activations as"
+            " int64 (lightning_sae_samples.RowsWithRefs)."
+        )
     return _plain(refs, torch.int64)
 
 

@@ -418,3 +418,23 @@ def test_the_example_trains_checkpoints_reports_and_resumes(tmp_path):
     assert f"resumed from {checkpoint} at step {taken}" in again.stdout.replace("\n", "")
     resumed = json.loads((tmp_path / "resumed" / "activation_samples" / "collection_summary.json").read_text())
     assert resumed["steps_collected"] == 5 and resumed["global_step"] == 24
+
+
+def test_sparse_feature_acts_with_a_varying_number_per_row_are_padded_not_densified():
+    """A batch-level TopK (or sparse JumpReLU) gives rows different numbers of entries: padded with -1 / 0."""
+    from lightning_sae_samples.integrations.sae_lens import _sparse_topk
+
+    tokens, _ = synthetic()
+    g = torch.Generator().manual_seed(4)
+    dense = torch.relu(torch.randn(40, 16, generator=g) - 1.0)  # 0 to many entries per row
+    counts = (dense > 0).sum(1)
+    assert counts.min() == 0 and len(set(counts.tolist())) > 3
+    indices, values = _sparse_topk(dense.to_sparse())
+    assert indices.shape == (40, int(counts.max())) and bool(((indices == -1) == (values == 0)).all())
+    assert torch.equal(torch.zeros(40, 17).scatter(1, indices.where(indices >= 0, 16), values)[:, :16], dense)
+    source = ArrayTokenSource(tokens)
+    refs = torch.randperm(S * T, generator=g)[:40]
+    padded = ActivationSampleCollector(num_latents=16, token_source=source, activation_threshold=0.0)
+    padded.update(token_refs=refs, latent_indices=indices, latent_values=values, step=0)
+    seen = [RowsSeen(0, 0, refs.tolist(), dense, source=tokens)]
+    assert_state_matches(padded.with_windows(padded.state_dict()["collector"]), seen, 16, 100, 20, 0.0)

@@ -365,16 +365,23 @@ def activations_store_rows(store: Any, *, ring_capacity_tokens: Optional[int] = 
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-def _sparse_topk(feature_acts: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """A COO ``[N, F]`` with the same number of entries in every row as ``(indices, values)`` ``[N, k]``."""
+def _sparse_topk(feature_acts: Tensor) -> tuple[Tensor, Tensor]:
+    """A COO ``[N, F]`` as ``(indices, values)`` ``[N, k]``, ``k`` the most entries of a row (one host sync).
+
+    Rows with fewer entries (a batch-level TopK, a sparse JumpReLU) are padded with index -1 and value 0.
+    """
     acts = feature_acts.coalesce()
     rows, cols = acts.indices()
     n = acts.shape[0]
     counts = torch.bincount(rows, minlength=n)
-    if n == 0 or not bool((counts == counts[0]).all()):
-        return None
-    k = int(counts[0])
-    return cols.view(n, k), acts.values().view(n, k)
+    k = int(counts.max()) if n else 0
+    # Coalesced entries come sorted by row: an entry's slot is its place after its row's first entry.
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - starts[rows]
+    indices = torch.full((n, k), -1, dtype=torch.int64, device=cols.device).index_put_((rows, slot), cols)
+    values = acts.values()
+    padded = torch.zeros((n, k), dtype=values.dtype, device=values.device).index_put_((rows, slot), values)
+    return indices, padded
 
 
 class SamplesSAETrainer(SAETrainer):
@@ -463,11 +470,9 @@ class SamplesSAETrainer(SAETrainer):
 
     def _collect(self, refs: Tensor, feature_acts: Tensor, step: int) -> None:
         if feature_acts.is_sparse:
-            topk = _sparse_topk(feature_acts)
-            if topk is not None:
-                self.collector.update(token_refs=refs, latent_indices=topk[0], latent_values=topk[1], step=step)
-                return
-            feature_acts = feature_acts.to_dense()
+            indices, values = _sparse_topk(feature_acts)
+            self.collector.update(token_refs=refs, latent_indices=indices, latent_values=values, step=step)
+            return
         self.collector.update(token_refs=refs, latents=feature_acts, step=step)
 
     def fit(self) -> Any:
