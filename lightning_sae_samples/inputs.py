@@ -420,14 +420,13 @@ def check_indices_in_range(
     if real is not None:
         outside &= real.unsqueeze(-1)
     if indices.numel() and bool(outside.any()):
-        bad_padding = outside & (indices == PAD_INDEX)
-        if values is not None and bool(bad_padding.any()):
-            value = float(values[bad_padding][0])
+        low, high = int(indices[outside].min()), int(indices[outside].max())
+        if values is not None and low == high == PAD_INDEX:
+            value = float(values[outside][0])
             raise LatentInputError(
                 f"`{key}` pads with index {PAD_INDEX} an entry whose value is {value}: padding must have value 0"
                 f" (set the values of padded entries to 0, or give the entry its latent index)."
             )
-        low, high = int(indices[outside].min()), int(indices[outside].max())
         raise LatentInputError(
             f"`{key}` holds indices in [{low}, {high}] but the SAE has {num_latents} latents (valid:"
             f" 0..{num_latents - 1}). Check `num_latents` and that indices index the latent dimension."
