@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SyntheticSAE
 from oracle import RowsSeen, Seen, assert_state_matches
 
 from lightning_sae_samples import ActivationSampleCollector, LatentInputError
@@ -125,3 +126,48 @@ def test_padding_and_nesting_mistakes_are_messages_that_name_the_fix():
     with pytest.raises(LatentInputError, match="dense latents are .*Pass variable-k latents"):
         collector.update(two, latents=nested_values, step=0)
     assert collector.collector is None  # nothing was folded
+
+
+class BatchTopKSAE(SyntheticSAE):
+    """A batch-level TopK: the batch's ``k * tokens`` largest latents, so each token has its own number of them,
+    returned padded with -1 / 0 (``"padded"``) or as nested tensors (``"nested"``)."""
+
+    def __init__(self, layout: str, **kwargs):
+        super().__init__(mode="sparse", **kwargs)
+        self.layout = layout
+
+    def _outputs(self, tokens):
+        lat = self.latents_for(tokens) * self.scale
+        flat = lat.reshape(-1, lat.shape[-1])
+        keep = torch.zeros_like(flat, dtype=torch.bool).view(-1)
+        keep[flat.view(-1).topk(self.k * len(flat)).indices] = True
+        keep = keep.view_as(flat) & (flat > 0)
+        dense = torch.where(keep, flat, 0.0)
+        width = int(keep.sum(1).max())
+        values, indices = dense.topk(width, dim=-1)
+        indices = torch.where(values > 0, indices, -1)
+        values = torch.where(values > 0, values, 0.0)
+        if self.layout == "nested":
+            indices = torch.nested.nested_tensor([i[i >= 0] for i in indices], layout=torch.jagged)
+            values = torch.nested.nested_tensor([v[v > 0] for v in values.detach()], layout=torch.jagged)
+        out = {"loss": (self.scale - 1.0) ** 2, "latent_indices": indices, "latent_values": values}
+        return out, dense.detach().view_as(lat).float().cpu()
+
+
+@pytest.mark.parametrize("layout", ["padded", "nested"])
+def test_the_callback_collects_batch_topk_latents_exactly(tmp_path, layout):
+    from helpers import CTX as H_CTX
+    from helpers import THR as H_THR
+    from helpers import F as H_F
+    from helpers import K as H_K
+    from helpers import TokenDataset, callback_factory, check_against_oracle, loader, trainer
+
+    make_callback = callback_factory(
+        collection_freq=1, max_samples_per_feature=H_K, context_size=H_CTX, activation_threshold=H_THR,
+        top_features_to_save=H_F, samples_per_feature_to_save=H_K, write_report=False,
+    )
+    module = BatchTopKSAE(layout, num_latents=H_F, k=2)
+    trainer(tmp_path, [make_callback(tmp_path)], max_epochs=1).fit(module, loader(TokenDataset()))
+    counts = {int(c) for s in module.seen for c in (s.latents > 0).sum(-1).view(-1)}
+    assert len(counts) > 2  # tokens really have different numbers of active latents
+    check_against_oracle(tmp_path / "samples", module.seen)
