@@ -72,7 +72,7 @@ def with_samples(trainer_class: type) -> type:
             if self.schedule.is_due(step):
                 refs = self.rows.refs_for(activations)
                 with torch.no_grad():
-                    latents = self.ae.encode(activations.to(_parameter_dtype(self.ae)))
+                    latents = self.ae.encode(_as_parameters(activations, self.ae))
                 self.collector.update(token_refs=refs, latents=latents, step=step)
             return super().update(step, activations)
 
@@ -80,11 +80,11 @@ def with_samples(trainer_class: type) -> type:
     return SamplesTrainer
 
 
-def _parameter_dtype(module: Any) -> torch.dtype:
-    """What ``module``'s own forward computes in.
+def _as_parameters(activations: Tensor, module: Any) -> Tensor:
+    """``activations`` on the device and in the dtype of ``module``'s parameters, as its own ``update`` uses them.
 
-    A batch cast to bfloat16 is encoded as the trainer's ``update`` sees it, after the promotion that its first
-    operation with a float32 parameter makes.
+    ``trainSAE`` hands the batch over where the data source made it (often the CPU) and the trainer moves it; a
+    batch cast to bfloat16 meets float32 parameters, which its first operation promotes it to.
     """
     parameter = next(iter(module.parameters()), None)
-    return torch.float32 if parameter is None else parameter.dtype
+    return activations if parameter is None else activations.to(parameter.device, parameter.dtype)
