@@ -32,6 +32,7 @@ from lightning_sae_samples.engine.rows import TokenWindows
 from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import padding_positions
+from lightning_sae_samples.health import DEFAULT_DEAD_WINDOW_STEPS
 from lightning_sae_samples.inputs import (
     DEFAULT_KEYS,
     InputKeys,
@@ -60,8 +61,6 @@ from lightning_sae_samples.token_sources import (
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
-#: ``CallbackConfig.dead_window_steps``'s default, recorded in a plain loop's history (the collector has no health).
-DEFAULT_DEAD_WINDOW_STEPS = 10_000
 # Which argument bounds each kind of sample table, for the out-of-memory message.
 _TABLE_ARGUMENT = {
     "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
 
 import torch
 
@@ -33,11 +33,12 @@ from lightning_sae_samples.analysis.records import (
     Sample,
 )
 from lightning_sae_samples.arguments import choice
+from lightning_sae_samples.health import health_counts
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import RUN_INDEX_NAME, SUMMARY_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
@@ -45,6 +46,7 @@ from lightning_sae_samples.samples_dir.reader import (
     read_samples_dir,
     save_signature,
 )
+from lightning_sae_samples.samples_dir.run_index import is_run_folder
 from lightning_sae_samples.samples_dir.serialize import (
     ACTIVATING_TOKENS_LISTED,
     activating_token_counts,
@@ -56,6 +58,9 @@ from lightning_sae_samples.samples_dir.serialize import (
 from lightning_sae_samples.state.statistics import RANK_CHOICES, feature_statistics, rank_features
 from lightning_sae_samples.tokens import TokenDecoder, is_undecoded, load_tokenizer, undecoded
 
+if TYPE_CHECKING:
+    from lightning_sae_samples.analysis.run import RunAnalyzer
+
 __all__ = [
     "DRIFT_THRESHOLD",
     "ActivationSampleAnalyzer",
@@ -63,6 +68,7 @@ __all__ = [
     "FeatureStats",
     "Histogram",
     "IntervalGroup",
+    "RunFolderError",
     "RunSummary",
     "Sample",
     "UnknownFeatureError",
@@ -94,6 +100,10 @@ _RENDERERS = {
 
 
 _UNREAD = object()
+
+
+class RunFolderError(SamplesDirectoryError, AttributeError):
+    """What only one SAE's samples directory has was asked of a run folder of many SAEs (the message says which)."""
 
 
 class UnknownFeatureError(KeyError):
@@ -151,8 +161,14 @@ class ActivationSampleAnalyzer:
         analyzer.generate_interpretability_report("report.md", top_k_features=50)
         analyzer.generate_html_report("report.html", top_k_features=50)
 
+    A run folder of many SAEs (``DIR/<name>/`` per SAE and the run index ``sae_samples_run.json``) opens as the run:
+    ``analyzer.saes`` maps each SAE's name to its own analyzer (``analyzer["layers.3.mlp"]``, opened on first use);
+    :meth:`print_summary` prints a row per SAE and the ``generate_*_report`` methods write each SAE's report and an
+    index page linking them (:class:`~lightning_sae_samples.analysis.run.RunAnalyzer`, also ``analyzer.run``).
+    What only one SAE has (``summary``, ``feature()``, ...) raises :class:`RunFolderError` naming the SAEs.
+
     Args:
-        samples_dir: The directory the callback wrote.
+        samples_dir: The directory the callback wrote (or a run folder of many SAEs).
         template_dir: Folder of Jinja templates (``report.md.j2``, ``report.html.j2``) overriding the
             shipped ones by name.
         tokenizer: Tokenizer object or Hugging Face name or local path used to decode latents that only
@@ -172,6 +188,14 @@ class ActivationSampleAnalyzer:
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
+        #: The run folder of many SAEs this analyzer opened (``None`` for one SAE's samples directory).
+        self.run: Optional[RunAnalyzer] = None
+        if is_run_folder(samples_dir):
+            from lightning_sae_samples.analysis.run import RunAnalyzer
+
+            self.run = RunAnalyzer(samples_dir, template_dir, tokenizer)
+            self.template_dir = template_dir
+            return
         _, self._signature = read_one_save(samples_dir, lambda: self._read(samples_dir))
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
@@ -184,6 +208,49 @@ class ActivationSampleAnalyzer:
         self._directions: Optional[torch.Tensor] = None
         self._explanations: Optional[dict[int, Any]] = None
         self._labels: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ a run folder of many SAEs
+    @property
+    def saes(self) -> Mapping[str, ActivationSampleAnalyzer]:
+        """Each SAE's analyzer by name, for a run folder of many SAEs (opened on first use); empty for one SAE."""
+        return {} if self.run is None else self.run
+
+    def __getitem__(self, name: str) -> ActivationSampleAnalyzer:
+        """The analyzer of the SAE ``name`` of a run folder (``analyzer["layers.3.mlp"]``).
+
+        Raises:
+            UnknownSAEError: ``name`` is not one of the run's SAEs, or this is one SAE's samples directory.
+        """
+        if self.run is None:
+            from lightning_sae_samples.analysis.run import UnknownSAEError
+
+            raise UnknownSAEError(
+                f"{self.directory.path} is one SAE's samples directory, not a run folder of many SAEs (it has no"
+                f" {RUN_INDEX_NAME}): use this analyzer itself."
+            )
+        return self.run[name]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what a run folder's analyzer lacks: the attributes of one SAE's samples directory.
+        run = self.__dict__.get("run")
+        if run is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise RunFolderError(
+            f"{run.path} is a run folder of {len(run)} SAEs ({', '.join(run.names)}), not one SAE's samples"
+            f" directory: pick one, e.g. analyzer[{run.names[0]!r}].{name.lstrip('_')} (command line:"
+            f" {run.path / run.names[0]})."
+        )
+
+    def latent_health(self) -> tuple[int, Optional[int], Optional[int]]:
+        """How many latents are alive, dead and dense; dead and dense are ``None`` without ``full_state.pt``.
+
+        Dead: silent for the run's ``dead_window_steps`` up to its last collected step (never fired, while the
+        collection is shorter than that). Dense: firing on more than 10% of the tokens seen.
+        """
+        state = self._full_state()
+        if state is None:
+            return self.summary.alive_features, None, None
+        return health_counts(state["count"], state["last_step"], int(state["tokens_seen"]), self.summary.dead_before)
 
     # ------------------------------------------------------------------ loading
     def _read(self, samples_dir: PathLike) -> None:
@@ -757,6 +824,9 @@ class ActivationSampleAnalyzer:
             rank_by: Ranking (default: the run's).
             console: A ``rich.console.Console``; default: a new one on stdout.
         """
+        if self.run is not None:
+            self.run.print_summary(console)
+            return
         from lightning_sae_samples.render.console import print_summary
 
         rank = self._check_rank(rank_by)
@@ -794,11 +864,23 @@ class ActivationSampleAnalyzer:
         return self.render_report("html", *args, **kwargs)
 
     def generate_interpretability_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
-        """Write the Markdown report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        """Write the Markdown report to ``output_path`` (atomically) and return the path; see :meth:`render_report`.
+
+        For a run folder of many SAEs: each SAE's report beside it and an index page linking them at ``output_path``
+        (:meth:`RunAnalyzer.generate_interpretability_report`).
+        """
+        if self.run is not None:
+            return self.run.generate_interpretability_report(output_path, *args, **kwargs)
         return write_text_file(output_path, self.render_markdown(*args, **kwargs))
 
     def generate_html_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
-        """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`.
+
+        For a run folder of many SAEs: each SAE's report beside it and an index page linking them at ``output_path``
+        (:meth:`RunAnalyzer.generate_html_report`).
+        """
+        if self.run is not None:
+            return self.run.generate_html_report(output_path, *args, **kwargs)
         return write_text_file(output_path, self.render_html(*args, **kwargs))
 
 

@@ -53,6 +53,18 @@ EXPLANATIONS_LOCK = "explanations.lock"
 WRITER_ID = "lightning-sae-samples"
 
 
+#: The run index of a run folder of many SAEs, ``DIR/sae_samples_run.json``: the SAEs' names, each a samples
+#: directory ``DIR/<name>/`` (see ``docs/format.md``).
+RUN_INDEX_NAME = "sae_samples_run.json"
+
+
+_SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+#: Folder names a samples directory uses for itself, which an SAE's folder beside them must not take.
+_RESERVED_SAE_NAMES = frozenset({"snapshots", "explanations"})
+
+
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
 
 
@@ -64,6 +76,23 @@ PathLike = Union[str, os.PathLike]
 
 class SamplesDirectoryError(ValueError):
     """A samples directory is missing, empty, corrupt, of an unknown format version, or not ours to write."""
+
+
+def check_sae_name(name: Any) -> str:
+    """``name`` if it can name an SAE of a run folder (and its folder ``DIR/<name>/``), else ``ValueError``.
+
+    1-100 characters: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, and not
+    ``snapshots`` or ``explanations``; hook names such as ``layers.3.mlp`` or ``blocks.3.hook_resid_pre`` fit.
+    """
+    if not isinstance(name, str) or _SAE_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"An SAE name must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit (it names"
+            f" the SAE's folder); got {name!r}. Use e.g. 'layers.3.mlp'."
+        )
+    if name in _RESERVED_SAE_NAMES:
+        raise ValueError(f"An SAE cannot be called {name!r}: a samples directory uses that folder name. Choose"
+                         " another, e.g. 'layers.3.mlp'.")
+    return name
 
 
 def feature_filename(feature_idx: int) -> str:

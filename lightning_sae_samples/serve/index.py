@@ -53,7 +53,6 @@ SORT_KEYS = (
 FILTERS = ("all", "alive", "dead", "dense", "drifting", "explained", "unexplained")
 #: Sort keys and filters answered from the explanations, not the feature table.
 _EXPLANATION_SORTS, _EXPLANATION_FILTERS = ("score",), ("explained", "unexplained")
-DEFAULT_DEAD_WINDOW = 10_000
 #: Most rows a list page, token search or context search returns.
 MAX_PAGE = 500
 _SEPARATOR = b"\x00"
@@ -469,11 +468,7 @@ class RunIndex:
 
     @classmethod
     def _build(cls, analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram) -> RunIndex:
-        config = analyzer.summary.config
-        last = analyzer.summary.last_collected_step
-        window = int(config.get("dead_window_steps") or DEFAULT_DEAD_WINDOW)
-        first = analyzer.summary.first_collected_step
-        dead_before = last - window + 1 if last is not None and last - window + 1 >= (first or 0) else None
+        dead_before = analyzer.summary.dead_before
         lookup: dict[str, list[int]] = {}
         for token_id in torch.unique(activating).tolist():
             lookup.setdefault(strings.get(token_id, "").strip().casefold(), []).append(token_id)
