@@ -58,6 +58,8 @@ MAX_PAGE = 500
 _SEPARATOR = b"\x00"
 _CORPUS_CHUNK = 1 << 13  # samples per vectorized gather when the corpus is built (bounds its temporaries)
 _SORT_CACHE = 6
+#: Most context matches one search across SAEs reads per SAE before it groups them by latent.
+MAX_CONTEXT_MATCHES = 5000
 
 
 class NotFoundError(LookupError):
@@ -652,6 +654,35 @@ class RunIndex:
             return latents
         sorted_latents, where = torch.sort(self.table.latents)
         return where[torch.searchsorted(sorted_latents, latents)]
+
+    def context_latents(self, text: str, limit: int = 20, matches: int = MAX_CONTEXT_MATCHES) -> dict:
+        """The latents whose kept top samples hold ``text`` in their context (case-insensitive), as list rows.
+
+        Each row adds ``context_samples`` (how many of its top samples hold it) and ``example`` (the best of them);
+        latents come by that count, then by index. At most ``matches`` samples are read (``capped`` says so).
+        """
+        found, capped = self.corpus.find(text, 0, matches)
+        if not found:
+            return {"total": 0, "rows": [], "capped": False}
+        samples = torch.tensor(found, dtype=torch.int64)
+        ranks = self.sample_rank[samples]
+        width = int(ranks.max()) + 1
+        # Sorted by (latent, rank): each latent's run of matches, its best-ranked one first.
+        key = torch.sort(self.sample_latent[samples] * width + ranks).values
+        latents, counts = torch.unique_consecutive(key // width, return_counts=True)
+        best = (key % width)[torch.cumsum(counts, 0) - counts]
+        order = torch.argsort(-counts, stable=True)  # ties stay by latent index
+        latents, counts, best = latents[order], counts[order], best[order]
+        shown = latents[:limit]
+        rows = self._rows(self._table_rows(shown)) if len(shown) else []
+        for row, n, rank in zip(rows, counts[:limit].tolist(), best[:limit].tolist()):
+            latent = row["idx"]
+            with self.lock:
+                feature = self.analyzer.feature(latent, rank + 1)
+            row["context_samples"] = n
+            row["example"] = example_json(feature.samples[rank], feature.stats.max_activation)
+            row["example"]["rank"] = rank + 1
+        return jsonable({"total": len(latents), "rows": rows, "capped": capped})
 
     def context_search(self, text: str, offset: int = 0, limit: int = 20) -> dict:
         """Kept top samples whose context holds ``text`` (case-insensitive), each with its latent."""

@@ -28,6 +28,7 @@ from lightning_sae_samples.samples_dir.names import (
     SamplesDirectoryError,
 )
 from lightning_sae_samples.samples_dir.reader import file_identity, find_samples_dirs, save_signature
+from lightning_sae_samples.samples_dir.run_index import is_run_folder, read_run_index
 from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
 from lightning_sae_samples.serve.index import RunIndex
 
@@ -200,7 +201,8 @@ class RunSet:
     """The runs of one server, by name, in the order they were found; a thread polls the loaded ones.
 
     Args:
-        root: A samples directory, or a folder holding several (found once, here).
+        root: A samples directory, a run folder of many SAEs (each SAE a run named as in its index), or a folder
+            holding several (found once, here).
         tokenizer: For latents only ``full_state.pt`` holds.
 
     Raises:
@@ -214,7 +216,13 @@ class RunSet:
                 f"{root} is not a directory. Pass a samples directory (the callback's `dirpath`) or a folder"
                 " holding some, such as lightning_logs."
             )
-        if is_run_dir(root):
+        #: The SAE names of a run folder of many SAEs (its index, validated), else ``()``.
+        self.sae_names: tuple[str, ...] = ()
+        if is_run_folder(root):
+            self.sae_names = read_run_index(root)
+            paths = [root / name for name in self.sae_names]
+            names = list(self.sae_names)
+        elif is_run_dir(root):
             paths = [root]
             names = [root.name or str(root)]
         else:
@@ -260,6 +268,11 @@ class RunSet:
     def names(self) -> Sequence[str]:
         """Run names in order."""
         return list(self.runs)
+
+    @property
+    def searchable(self) -> list[str]:
+        """The runs a search across SAEs covers by default: each one found at start (snapshots left out)."""
+        return [name for _, name in self._parents if name in self.runs]
 
     def get(self, name: Optional[str]) -> Optional[LiveRun]:
         """The run called ``name`` (the first run when ``None``), loaded on first use; ``None`` if unknown."""
