@@ -66,7 +66,8 @@ def test_the_sae_picker_keeps_the_page_and_puts_the_sae_in_the_address(served):
     wait_js(tools, f"location.search === '?run={FIRST}' && location.hash === '#/feature/3'"
                    f" && document.getElementById('run-path').textContent === {json.dumps(str(run / FIRST))}")
     wait_js(tools, "Array.from(document.querySelectorAll('#feature-stats div')).some(d =>"
-                   f" d.querySelector('dt').textContent === 'Count' && d.querySelector('dd').textContent === '{count:,}')")
+                   " d.querySelector('dt').textContent === 'Count'"
+                   f" && d.querySelector('dd').textContent === '{count:,}')")
     tools.js("history.back()")
     wait_js(tools, f"location.search === '?run={SECOND}' && document.getElementById('run-select').value === '{SECOND}'"
                    f" && document.getElementById('run-path').textContent === {json.dumps(str(run / SECOND))}")

@@ -1,6 +1,7 @@
 """`serve` on a run folder of many SAEs: each SAE a run of its own, and searches across SAEs checked by brute force."""
 
 import json
+import time
 
 import pytest
 from render_support import FakeTokenizer, hostile_vocab
@@ -16,6 +17,7 @@ from lightning_sae_samples.serve.app import create_app  # noqa: E402
 from lightning_sae_samples.serve.runs import RunSet  # noqa: E402
 
 VOCAB = hostile_vocab()
+FIRST = next(iter(SAES))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,24 @@ def test_a_bad_run_index_is_refused_at_start_naming_it(tmp_path):
                                                    "saes": [{"name": "../a", "dir": "../a"}]}))
     with pytest.raises(SamplesDirectoryError, match=RUN_INDEX_NAME):
         RunSet(root)
+
+
+def test_a_run_folder_served_before_its_first_save_lists_its_saes_once_the_index_comes(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    runs = RunSet(root, poll_seconds=0.05)
+    assert runs.names == ["run"] and runs.sae_names == ()
+    runs.start()
+    try:
+        with TestClient(create_app(runs)) as client:
+            assert get(client, "/api/status")["state"] == "waiting"
+            write_run_folder(root)
+            deadline = time.monotonic() + 20
+            while runs.names != list(SAES):
+                assert time.monotonic() < deadline, runs.names
+                time.sleep(0.05)
+            assert get(client, "/api/runs")["saes"] == list(SAES)
+            assert get(client, f"/api/summary?run={FIRST}")["summary"]["num_features"] == SAES[FIRST][0]
+            assert "no run 'run'" in get(client, "/api/status?run=run", 404)["error"]
+    finally:
+        runs.stop()

@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=f"{PROG} {COMMAND}",
         description="Browse every latent of a samples directory (or of the SAEs of a run folder, or of the runs in a"
-        " parent folder) in a local web page: a sortable, filterable list, feature pages, search by token and by context text. The page follows"
-        " new saves while the training runs. Never writes the samples files: labels typed on a feature page go to"
-        " the explanations sidecar (DIR/explanations/).",
+        " parent folder) in a local web page: a sortable, filterable list, feature pages, search by token and by"
+        " context text (across SAEs too). The page follows new saves while the training runs. Never writes the"
+        " samples files: labels typed on a feature page go to the explanations sidecar (DIR/explanations/).",
         epilog=f"example:\n  {PROG} {COMMAND} lightning_logs --open",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

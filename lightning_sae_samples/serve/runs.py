@@ -244,12 +244,30 @@ class RunSet:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def _adopt_run_index(self) -> None:
+        """List the SAEs of a run folder whose index came after the server started (it waited for the first save).
+
+        A run of many SAEs writes its index after their first saves; until then its folder looks like one samples
+        directory waiting for its first save. An index that cannot be read is logged and tried again at the next poll.
+        """
+        if self.sae_names or [path for path, _ in self._parents] != [self.root] or not is_run_folder(self.root):
+            return
+        try:
+            names = read_run_index(self.root)
+        except SamplesDirectoryError as err:
+            log.warning("%s", err)
+            return
+        self.sae_names = names
+        self._parents = [(self.root / name, name) for name in names]
+
     def _list_snapshots(self) -> bool:
         """List each found directory's snapshots after it (new ones too); returns whether the list changed.
 
         A snapshot is a complete samples directory of its own (listed so that the page can show a latent in two of
-        them); the search for runs does not descend into a samples directory, so they are listed here.
+        them); the search for runs does not descend into a samples directory, so they are listed here. A run folder's
+        SAEs replace the folder itself once its index is written (:meth:`_adopt_run_index`).
         """
+        self._adopt_run_index()
         listed: dict[Path, str] = {}
         for path, name in self._parents:
             listed.setdefault(path, name)
@@ -260,8 +278,8 @@ class RunSet:
             return False
         known = self.runs
         # A new dict, swapped in whole: a request reads the old list or the new one.
-        self.runs = {name: known.get(name) or LiveRun(name, path, self.tokenizer)
-                     for path, name in list(listed.items())[:MAX_RUNS]}
+        self.runs = {name: known[name] if name in known and known[name].path == path
+                     else LiveRun(name, path, self.tokenizer) for path, name in list(listed.items())[:MAX_RUNS]}
         return True
 
     @property

@@ -757,7 +757,11 @@
       } else if (s.state !== "ready" && s.message) {
         problem(new Error(s.message));
       }
-    }).catch(function () { /* the server is restarting or gone; the next poll tries again */ })
+    }).catch(function (err) {
+      // A run this page showed is gone from the list (a run folder's SAEs replace it once its index is written).
+      if (err.status === 404) { return listRuns().then(loadRun); }
+      /* the server is restarting or gone; the next poll tries again */
+    })
       .then(function () { setTimeout(poll, 1500); });
   }
 
