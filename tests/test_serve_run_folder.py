@@ -1,6 +1,7 @@
 """`serve` on a run folder of many SAEs: each SAE a run of its own, and searches across SAEs checked by brute force."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -130,3 +131,22 @@ def test_a_run_folder_served_before_its_first_save_lists_its_saes_once_the_index
             assert "no run 'run'" in get(client, "/api/status?run=run", 404)["error"]
     finally:
         runs.stop()
+
+
+def test_requests_racing_to_an_sae_not_loaded_yet_all_get_its_save(run):
+    runs = RunSet(run, tokenizer=FakeTokenizer(VOCAB))
+    second = list(SAES)[1]
+    with TestClient(create_app(runs)) as client:
+        barrier = threading.Barrier(6)
+        codes = []
+
+        def ask():
+            barrier.wait()
+            codes.append(client.get(f"/api/features?run={second}&limit=5").status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert codes == [200] * 6

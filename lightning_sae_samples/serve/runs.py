@@ -297,9 +297,9 @@ class RunSet:
         run = self.runs.get(name) if name is not None else next(iter(self.runs.values()))
         if run is None:
             return None
-        if run.name not in self._wanted:
-            self._wanted.add(run.name)
-            run.refresh()
+        self._wanted.add(run.name)
+        if run.current is None:
+            run.refresh()  # also waits for a first load that another request or the watcher started
         return run
 
     def start(self) -> None:
