@@ -10,6 +10,7 @@ import pytest
 from chromium import CHROMIUM, api, choose, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, hostile_vocab
 from test_run_folder import SAES, write_run_folder
+from test_serve_browser import GEOMETRY
 
 pytest.importorskip("starlette")
 pytestmark = [
@@ -104,4 +105,18 @@ def test_the_search_across_saes_lists_the_latents_of_each_sae_and_opens_one(serv
     wait_js(tools, f"document.getElementById('feature-title').textContent === 'Feature {idx}'"
                    f" && document.getElementById('run-select').value === '{sae}'")
     assert tools.js("location.search") == "?run=" + urllib.parse.quote(sae)
+    assert errors(tools, server.url) == []
+
+
+def test_the_picker_and_the_search_across_saes_fit_a_phone(served):
+    tools, server, _ = served
+    tools.send("Emulation.setDeviceMetricsOverride", width=420, height=900, deviceScaleFactor=1, mobile=False)
+    try:
+        tools.js("location.hash = '#/across/context/lord'")
+        wait_js(tools, "!document.getElementById('across-view').hidden"
+                       " && document.querySelectorAll('#across-rows tr').length > 0")
+        layout = tools.js(GEOMETRY)
+    finally:
+        tools.send("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
+    assert layout["scroll"] <= 420 and layout["cut"] == [], layout
     assert errors(tools, server.url) == []

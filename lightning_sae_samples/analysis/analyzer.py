@@ -237,8 +237,7 @@ class ActivationSampleAnalyzer:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         raise RunFolderError(
             f"{run.path} is a run folder of {len(run)} SAEs ({', '.join(run.names)}), not one SAE's samples"
-            f" directory: pick one, e.g. analyzer[{run.names[0]!r}].{name.lstrip('_')} (command line:"
-            f" {run.path / run.names[0]})."
+            f" directory: pick one, e.g. analyzer[{run.names[0]!r}] (command line: {run.path / run.names[0]})."
         )
 
     def latent_health(self) -> tuple[int, Optional[int], Optional[int]]:

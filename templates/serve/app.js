@@ -855,7 +855,7 @@
           tokenChips(tokens, row.top_tokens);
           var sample = el("td", { className: "example" });
           if (row.example) { sample.appendChild(el("ol", { className: "examples" }, [example(row.example)])); }
-          var tr = el("tr", { "data-sae": s.sae, "data-feature": row.idx }, [el("td", { text: s.sae }), el("td", {}, [link]),
+          var tr = el("tr", { "data-sae": s.sae, "data-feature": row.idx }, [el("td", { className: "sae", text: s.sae }), el("td", {}, [link]),
             el("td", { text: String(mode === "token" ? row.token_samples : row.context_samples) }), el("td", { text: row.max }),
             el("td", { text: row.frequency }), tokens, sample, explanationCells(row)[0]]);
           body.appendChild(tr);
