@@ -157,14 +157,14 @@ def print_runs(folder: str, runs: list[str], console: Console) -> None:
                   markup=False, soft_wrap=True)
 
 
-def _note_undecoded(analyzer: ActivationSampleAnalyzer) -> None:
+def _note_undecoded(analyzer: ActivationSampleAnalyzer, sae: str = "") -> None:
     if analyzer.run is not None:
         for name in analyzer.run.names:
-            _note_undecoded(analyzer.run[name])
+            _note_undecoded(analyzer.run[name], f"SAE {name}: ")
         return
     note = analyzer.decoding_note
     if note is not None:
-        sys.stderr.write(f"{PROG}: note: {note}\n")
+        sys.stderr.write(f"{PROG}: note: {sae}{note}\n")
 
 
 def _run_export(args: argparse.Namespace, console: Console) -> None:
@@ -217,7 +217,7 @@ def _run_export_saes(args: argparse.Namespace, run: RunAnalyzer, console: Consol
         console.print(f"{name}: wrote {', '.join(p.name for p in paths.values())} to {paths['summary'].parent}",
                       highlight=False, markup=False, soft_wrap=True)
     for name in run.names:
-        _note_undecoded(run[name])
+        _note_undecoded(run[name], f"SAE {name}: ")
 
 
 @contextlib.contextmanager
