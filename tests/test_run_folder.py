@@ -245,3 +245,37 @@ def test_export_of_tables_writes_each_sae_into_its_own_folder(run, tmp_path):
         lines = (tmp_path / "t" / name / "features.jsonl").read_text(encoding="utf-8").splitlines()
         expected = ActivationSampleAnalyzer(run / name).saved_features[:2]
         assert [json.loads(line)["feature_idx"] for line in lines] == expected
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+NAMES = st.sampled_from(["a", "b", "../a", "a/b", "", ".", "..", "snapshots", "c", "/etc", "a\x00", "x" * 101])
+ENTRY = st.one_of(
+    NAMES.map(lambda n: {"name": n, "dir": n}),
+    st.fixed_dictionaries({"name": NAMES, "dir": NAMES}),
+    st.dictionaries(st.sampled_from(["name", "dir", "extra"]), NAMES | st.integers() | st.none(), max_size=3),
+    st.none() | st.integers() | NAMES,
+)
+INDEX = st.fixed_dictionaries({
+    "writer": st.sampled_from(["lightning-sae-samples", "other", None]),
+    "run_format_version": st.sampled_from([1, 2, "1", True, None]),
+    "saes": st.lists(ENTRY, max_size=4) | st.none() | st.text(max_size=3),
+})
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(INDEX)
+def test_any_index_gives_names_of_real_folders_inside_or_one_error_naming_it(tmp_path_factory, payload):
+    root = tmp_path_factory.mktemp("fuzz")
+    for folder in ("a", "b"):  # "c" is never there; "../a" exists outside the folder
+        (root / folder).mkdir()
+    (root.parent / "a").mkdir(exist_ok=True)
+    (root / RUN_INDEX_NAME).write_text(json.dumps(payload))
+    try:
+        names = read_run_index(root)
+    except SamplesDirectoryError as err:
+        assert str(root / RUN_INDEX_NAME) in str(err) and "\n" not in str(err)
+        return
+    assert names and set(names) <= {"a", "b"} and len(set(names)) == len(names)
+    assert payload["writer"] == "lightning-sae-samples" and type(payload["run_format_version"]) is int
+    assert payload["run_format_version"] == 1

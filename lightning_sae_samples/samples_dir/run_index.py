@@ -78,7 +78,7 @@ def read_run_index(dirpath: PathLike) -> tuple[str, ...]:
     if not isinstance(raw, dict) or raw.get("writer") != WRITER_ID:
         raise SamplesDirectoryError(f"{path} is not a run index of {WRITER_ID} (`writer` is not {WRITER_ID!r}). {fix}")
     version = raw.get("run_format_version")
-    if version != RUN_FORMAT_VERSION:
+    if type(version) is not int or version != RUN_FORMAT_VERSION:
         raise SamplesDirectoryError(
             f"{path} has run_format_version {version!r}, this version reads {RUN_FORMAT_VERSION}. Install the"
             " lightning-sae-samples version that wrote it."
