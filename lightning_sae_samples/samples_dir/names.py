@@ -58,16 +58,14 @@ EXPLANATIONS_LOCK = "explanations.lock"
 WRITER_ID = "lightning-sae-samples"
 
 
-#: The run index of a run folder of many SAEs, ``DIR/sae_samples_run.json``: the SAEs' names, each a samples
-#: directory ``DIR/<name>/`` (see ``docs/format.md``).
+#: The run index of a run folder of many SAEs (``DIR/<name>/`` each a samples directory); see ``docs/format.md``.
 RUN_INDEX_NAME = "sae_samples_run.json"
 
 
-_SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RUN_FORMAT_VERSION = 1
 
 
-#: Folder names a samples directory uses for itself, which an SAE's folder beside them must not take.
-_RESERVED_SAE_NAMES = frozenset({"snapshots", "explanations"})
+_SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
@@ -81,23 +79,6 @@ PathLike = Union[str, os.PathLike]
 
 class SamplesDirectoryError(ValueError):
     """A samples directory is missing, empty, corrupt, of an unknown format version, or not ours to write."""
-
-
-def check_sae_name(name: Any) -> str:
-    """``name`` if it can name an SAE of a run folder (and its folder ``DIR/<name>/``), else ``ValueError``.
-
-    1-100 characters: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, and not
-    ``snapshots`` or ``explanations``; hook names such as ``layers.3.mlp`` or ``blocks.3.hook_resid_pre`` fit.
-    """
-    if not isinstance(name, str) or _SAE_NAME.fullmatch(name) is None:
-        raise ValueError(
-            f"An SAE name must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit (it names"
-            f" the SAE's folder); got {name!r}. Use e.g. 'layers.3.mlp'."
-        )
-    if name in _RESERVED_SAE_NAMES:
-        raise ValueError(f"An SAE cannot be called {name!r}: a samples directory uses that folder name. Choose"
-                         " another, e.g. 'layers.3.mlp'.")
-    return name
 
 
 def feature_filename(feature_idx: int) -> str:
@@ -123,3 +104,19 @@ def is_writer_name(name: Any) -> bool:
 def snapshot_dirname(global_step: int) -> str:
     """Folder name of the snapshot taken with the weights of ``global_step``."""
     return f"step_{int(global_step)}"
+
+
+def check_sae_name(name: Any) -> str:
+    """``name`` if it can name an SAE of a run and its folder ``DIR/<name>/``, else a ``ValueError`` saying why.
+
+    1 to 100 characters of ``[A-Za-z0-9._-]``, starting with a letter or digit (hook names such as
+    ``layers.3.mlp`` or ``blocks.3.hook_resid_pre`` fit), and not a folder a samples directory holds itself.
+    """
+    if not isinstance(name, str) or not 1 <= len(name) <= 100 or not _SAE_NAME.fullmatch(name):
+        raise ValueError(
+            f"SAE name {name!r} is not 1-100 characters of letters, digits, '.', '_' and '-' starting with a letter"
+            " or digit (e.g. 'layers.3.mlp'); it names the SAE's folder in the run."
+        )
+    if name in (SNAPSHOTS_DIR, EXPLANATIONS_DIR):
+        raise ValueError(f"SAE name {name!r} is the name of a folder a samples directory holds; choose another.")
+    return name

@@ -14,14 +14,13 @@ from pathlib import Path
 from lightning_sae_samples.samples_dir.atomic import atomic_write_json
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
+    RUN_FORMAT_VERSION,
     RUN_INDEX_NAME,
     WRITER_ID,
     PathLike,
     SamplesDirectoryError,
     check_sae_name,
 )
-
-RUN_FORMAT_VERSION = 1
 
 
 def _checked_names(names: Iterable[str]) -> list[str]:
