@@ -16,7 +16,9 @@ Nothing here touches the file system after the load, and no request loops in Pyt
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -58,8 +60,10 @@ MAX_PAGE = 500
 _SEPARATOR = b"\x00"
 _CORPUS_CHUNK = 1 << 13  # samples per vectorized gather when the corpus is built (bounds its temporaries)
 _SORT_CACHE = 6
-#: Most context matches one search across SAEs reads per SAE before it groups them by latent.
+#: Most samples holding a context that one search across SAEs reads per SAE before it groups them by latent.
 MAX_CONTEXT_MATCHES = 5000
+#: Matches read per sample wanted by :meth:`ContextCorpus.samples_holding` (a context may hold the text often).
+_MATCHES_PER_SAMPLE = 4
 
 
 class NotFoundError(LookupError):
@@ -352,6 +356,23 @@ class ContextCorpus:
             next_start = self.starts[sample + 1] if sample + 1 < len(self.starts) else len(self.data)
             at = int(next_start)
         return found[:limit], len(found) > limit
+
+    def samples_holding(self, text: str, limit: int) -> tuple[Tensor, bool]:
+        """The distinct samples whose context holds ``text`` (case-insensitive), in corpus order, at most ``limit``.
+
+        One scan in C (``re.finditer``) and one ``searchsorted`` for all matches. Returns the sample indices and
+        whether the scan stopped before the end (more samples may hold it).
+        """
+        needle = text.casefold().encode("utf-8")
+        if not needle or _SEPARATOR in needle or limit <= 0:
+            return torch.zeros(0, dtype=torch.int64), False
+        # A match never spans two samples: the NUL between them is in no needle.
+        cap = limit * _MATCHES_PER_SAMPLE
+        at = [m.start() for m in itertools.islice(re.finditer(re.escape(needle), self.data), cap + 1)]
+        capped = len(at) > cap
+        samples = torch.searchsorted(self.starts, torch.tensor(at[:cap], dtype=torch.int64), right=True) - 1
+        samples = torch.unique_consecutive(samples)
+        return samples[:limit], capped or len(samples) > limit
 
 
 @dataclasses.dataclass
@@ -661,10 +682,9 @@ class RunIndex:
         Each row adds ``context_samples`` (how many of its top samples hold it) and ``example`` (the best of them);
         latents come by that count, then by index. At most ``matches`` samples are read (``capped`` says so).
         """
-        found, capped = self.corpus.find(text, 0, matches)
-        if not found:
-            return {"total": 0, "rows": [], "capped": False}
-        samples = torch.tensor(found, dtype=torch.int64)
+        samples, capped = self.corpus.samples_holding(text, matches)
+        if not len(samples):
+            return {"total": 0, "rows": [], "capped": capped}
         ranks = self.sample_rank[samples]
         width = int(ranks.max()) + 1
         # Sorted by (latent, rank): each latent's run of matches, its best-ranked one first.
