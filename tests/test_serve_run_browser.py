@@ -1,4 +1,5 @@
-"""The `serve` page of a run folder of many SAEs in headless Chromium: the SAE picker and the search across SAEs.
+"""A run folder of many SAEs in headless Chromium: the `serve` page's SAE picker and search across SAEs, and the
+HTML index page of the reports.
 
 Needs ``chromium`` and ``websocket-client`` (skipped without them), as ``test_serve_browser.py``.
 """
@@ -11,6 +12,8 @@ from chromium import CHROMIUM, api, choose, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, hostile_vocab
 from test_run_folder import SAES, write_run_folder
 from test_serve_browser import GEOMETRY
+
+from lightning_sae_samples import ActivationSampleAnalyzer
 
 pytest.importorskip("starlette")
 pytestmark = [
@@ -120,3 +123,17 @@ def test_the_picker_and_the_search_across_saes_fit_a_phone(served):
         tools.send("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
     assert layout["scroll"] <= 420 and layout["cut"] == [], layout
     assert errors(tools, server.url) == []
+
+
+def test_the_html_index_page_links_each_saes_report_and_runs_nothing(tmp_path, served):
+    _, _, run = served
+    index = ActivationSampleAnalyzer(run).generate_html_report(tmp_path / "report.html", 3, 2)
+    for tools in open_chromium(index.as_uri(), tmp_path / "profile", 1000, 700):
+        links = tools.js("Array.from(document.querySelectorAll('#run-saes a')).map(a => [a.textContent, a.href])")
+        assert [name for name, _ in links] == list(SAES)
+        for name, href in links:
+            assert href == (tmp_path / f"report.{name}.html").as_uri()
+        tools.js("document.querySelector('#run-saes a').click()")
+        wait_js(tools, f"location.href === {json.dumps(links[0][1])}"
+                       " && document.querySelector('section.feature') !== null")
+        assert errors(tools, "file:") == [] and tools.js("document.title").startswith("Interpretability report")
