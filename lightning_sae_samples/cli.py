@@ -38,6 +38,7 @@ EPILOG = f"""examples:
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
   {PROG} export snapshots/step_1500 --format neuronpedia np/ --model-id all-minilm-l6-v2 --layer 3 --source-set res-topk
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
+  {PROG} run_folder   (many SAEs: a row each; --report/--html: an index page and each SAE's report)
   {PROG} explain activation_samples --top 20   (explanations and scores by a local model; docs/explanations.md)
 """
 EXPORT_COMMAND = "export"
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote (or a run of SAEs)")
     parser.add_argument("--feature", type=int, metavar="N", help="print the report of latent N")
     parser.add_argument("--num-examples", type=int, default=10, metavar="K", help="examples for --feature")
     parser.add_argument("--report", metavar="PATH", help="write a Markdown report to PATH")
@@ -91,7 +92,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         epilog=f"example:\n  {PROG} {EXPORT_COMMAND} activation_samples --format parquet exported/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote (or a run of SAEs)")
     parser.add_argument("out", metavar="OUT", help="output folder (created if missing)")
     parser.add_argument("--format", choices=FORMATS, default="jsonl", help="file format (default: jsonl)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="only the K best saved features")
