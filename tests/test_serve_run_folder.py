@@ -96,7 +96,7 @@ def test_token_search_across_saes_agrees_with_a_loop_over_kept_samples(client, k
 
 
 def test_a_search_can_name_its_saes_and_bad_ones_are_refused(client):
-    one = get(client, "/api/search/saes?mode=context&text=lord&saes=layers.3.mlp")
+    one = get(client, "/api/search/saes?mode=context&text=lord&saes=layers.3.mlp,layers.3.mlp")
     assert [s["sae"] for s in one["saes"]] == ["layers.3.mlp"]
     assert "no SAE '..'" in get(client, "/api/search/saes?mode=context&text=lord&saes=..", 404)["error"]
     assert "`mode` must be one of token, context" in get(client, "/api/search/saes?mode=regex&text=a", 400)["error"]

@@ -338,7 +338,7 @@ def create_app(
         limit = _int_arg(request, "limit", 20, low=1, high=100)
         listed = runs.searchable
         wanted = request.query_params.get("saes")
-        names = listed if not wanted else wanted.split(",")
+        names = listed if not wanted else list(dict.fromkeys(wanted.split(",")))
         unknown = [name for name in names if name not in listed]
         if unknown:
             raise NotFoundError(f"There is no SAE {unknown[0]!r} to search. SAEs: {', '.join(listed)}.")
