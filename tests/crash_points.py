@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -120,3 +121,17 @@ def files_of(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
         if path.is_file() and not path.is_symlink() and path.name not in skip:
             out[str(path.relative_to(root))] = path.read_bytes()
     return out
+
+
+def one_of_each_kind(operations: list[list[str]], indices) -> list[int]:
+    """Of ``indices``, the first operation of each kind on each kind of file (feature files count as one name).
+
+    A crash point that restarts a whole training run costs two runs, so those tests take one of each, while the
+    collector's tests take every operation.
+    """
+    chosen: dict[tuple[str, str], int] = {}
+    for i in indices:
+        kind, path = operations[i]
+        what = re.sub(r"\.new-.*", ".new", re.sub(r"feature_\d+", "feature", Path(path).name))
+        chosen.setdefault((kind, what), i)
+    return sorted(chosen.values())

@@ -8,13 +8,12 @@ the directory ends up equal to an uninterrupted run's, byte for byte (the histor
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from crash_points import count_operations, crash_before, files_of
+from crash_points import count_operations, crash_before, files_of, one_of_each_kind
 from helpers import DriftingSAE, TokenDataset, loader, make_callback, make_collector, padded_batches, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -91,12 +90,15 @@ def test_a_crash_before_any_operation_of_a_collector_save_leaves_a_whole_save_an
 
 
 def _fit_to_step_4(root: Path, ckpt_path=None) -> None:
-    """A run that collects every step, saves at steps 2 and 4 (history thinned from the second window) and ends."""
+    """A run that collects every step, saves at steps 2 and 4 (history thinned from the second window) and ends.
+
+    Its epochs are two steps long, so each checkpoint closes one: a plain DataLoader resumes exactly only there.
+    """
     model = DriftingSAE(drift_step=3, mode="sparse", num_latents=10)
     callback = make_callback(root / "samples", history_windows_per_level=1, write_report=True)
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     run = trainer(root, [callback, checkpoints], max_steps=4, max_epochs=None, enable_checkpointing=True)
-    run.fit(model, loader(TokenDataset(num_sequences=40)), ckpt_path=ckpt_path)
+    run.fit(model, loader(TokenDataset(num_sequences=8)), ckpt_path=ckpt_path)
 
 
 def _latest_checkpoint(root: Path):
@@ -111,17 +113,6 @@ def _saves(operations) -> list[range]:
     return [range(a, b) for a, b in zip(starts, [*starts[1:], len(operations)])]
 
 
-def _one_of_each_kind(operations, indices) -> list[int]:
-    """The first operation of each kind on each kind of file: a run per crash point costs two fits, so the Trainer
-    tests take one of each, and the collector's tests take every operation."""
-    chosen: dict[tuple[str, str], int] = {}
-    for i in indices:
-        kind, path = operations[i]
-        what = re.sub(r"\.new-.*", ".new", re.sub(r"feature_\d+", "feature", Path(path).name))
-        chosen.setdefault((kind, what), i)
-    return sorted(chosen.values())
-
-
 @pytest.mark.parametrize("save", [0, 1], ids=["first save", "later save"])
 def test_a_run_killed_before_any_operation_of_a_save_resumes_to_what_an_uninterrupted_run_writes(tmp_path, save):
     root = tmp_path / "run"
@@ -131,7 +122,7 @@ def test_a_run_killed_before_any_operation_of_a_save_resumes_to_what_an_uninterr
     saves = _saves(operations)
     assert len(saves) >= 2, operations
 
-    for i in _one_of_each_kind(operations, saves[save]):
+    for i in one_of_each_kind(operations, saves[save]):
         crash_before(i, lambda: _fit_to_step_4(root), root / "samples")
         # Restarted as a user would: from the last Lightning checkpoint the crash left, or from scratch.
         _fit_to_step_4(root, ckpt_path=_latest_checkpoint(root))
