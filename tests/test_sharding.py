@@ -1,0 +1,147 @@
+"""Latents sharded across processes (tensor parallelism): each collects its own, the shards join exactly."""
+
+import glob
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same, check_against_oracle, make_collector, padded_batches, read_dir, to_sparse
+from oracle import Seen, assert_dir_matches_oracle
+
+from lightning_sae_samples import LatentInputError
+from lightning_sae_samples.sharding import ShardLayout
+from lightning_sae_samples.state.slices import concat_states, slice_state
+
+HERE = Path(__file__).parent
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    return proc
+
+
+def _port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- in one process
+def test_a_state_cut_into_ranges_joins_back_to_itself():
+    collector = make_collector(num_latents=11, deduplicate_contexts=True)
+    for step, (tokens, mask, latents) in enumerate(padded_batches(4, seed=3, num_latents=11)):
+        collector.update(tokens, latents=latents, step=step, attention_mask=mask)
+    state = collector.state_dict()["collector"]
+    parts = [slice_state(state, 0, 4), slice_state(state, 4, 9), slice_state(state, 9, 11)]
+    assert [int(p["num_latents"]) for p in parts] == [4, 5, 2]
+    assert_same(concat_states(parts), state)
+
+
+def test_shards_that_saw_other_tokens_do_not_join():
+    states = []
+    for seed in (1, 2):
+        collector = make_collector(num_latents=4)
+        tokens, mask, latents = padded_batches(1, seed=seed, num_latents=4)[0]
+        collector.update(tokens, latents=latents, step=0, attention_mask=mask)
+        states.append(collector.state_dict()["collector"])
+    with pytest.raises(ValueError, match="did not see the same tokens"):
+        concat_states(states)
+
+
+def test_layouts_split_as_dtensor_and_refuse_ranges_outside_the_sae():
+    assert [(s.offset, s.local) for s in (ShardLayout.even(10, 4, i) for i in range(4))] == [
+        (0, 3), (3, 3), (6, 3), (9, 1)]
+    with pytest.raises(ValueError, match="offset \\+ local <= total"):
+        ShardLayout(8, 4, 10)
+    with pytest.raises(ValueError, match="would be empty"):
+        ShardLayout.even(3, 4, 3)
+
+
+def test_sparse_latents_of_other_shards_select_nothing():
+    whole, shard = make_collector(num_latents=9), make_collector(num_latents=9, shard_layout=ShardLayout(3, 3, 9))
+    for step, (tokens, mask, latents) in enumerate(padded_batches(3, seed=4, num_latents=9)):
+        indices, values, dense = to_sparse(latents, k=4)
+        whole.update(tokens, latents=dense, step=step, attention_mask=mask)
+        shard.update(tokens, latent_indices=indices, latent_values=values, step=step, attention_mask=mask)
+    # Alone (no torch.distributed), a shard's state is its own latents, numbered from 0.
+    assert_same(shard.state_dict()["collector"], slice_state(whole.state_dict()["collector"], 3, 6))
+
+
+def test_a_local_width_other_than_num_latents_names_the_fix():
+    tokens, mask, latents = padded_batches(1, seed=4, num_latents=9)[0]
+    with pytest.raises(LatentInputError, match="shard_layout"):
+        make_collector(num_latents=9).update(tokens, latents=latents[..., :5], step=0)
+    sharded = make_collector(num_latents=9, shard_layout=ShardLayout(0, 5, 9))
+    with pytest.raises(LatentInputError, match="this process's shard holds 5"):
+        sharded.update(tokens, latents=latents, step=0)
+
+
+# ---------------------------------------------------------------------- the plain collector, several processes
+def _collector_run(tmp_path, mode, dp, tp):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--mode", mode, "--dp", dp, "--tp", tp,
+                "--port", _port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [Seen(*item) for rank in range(dp) for item in torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True)]
+    assert {s.rank for s in seen} == set(range(dp))
+    first = [s for s in seen if s.step < 3]
+    assert_dir_matches_oracle(read_dir(tmp_path / "first"), first, 9, 4, 6, 0.5)
+    assert_dir_matches_oracle(read_dir(tmp_path / "second"), seen, 9, 4, 6, 0.5)  # resumed from the checkpoint
+
+
+def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
+    _collector_run(tmp_path, "dense", dp=1, tp=2)
+
+
+@pytest.mark.slow
+def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
+    _collector_run(tmp_path, "sparse", dp=2, tp=2)
+
+
+# ---------------------------------------------------------------------- the callback under ModelParallelStrategy
+def _fit(out, *args):
+    proc = _run("model_parallel_script.py", "--out", out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _seen(out):
+    seen = []
+    for file in sorted(glob.glob(str(out / "seen_*.pt"))):
+        seen.extend(s for s in torch.load(file, weights_only=False) if s.step % 2 == 0)
+    return seen
+
+
+def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
+    # The resumed run returns each process's shard as a plain tensor: its layout comes from `num_latents`.
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--form", "local", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    seen = _seen(tmp_path)
+    assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):
+    proc = _run("model_parallel_script.py", "--out", tmp_path, "--tp", 2, "--form", "full")
+    assert proc.returncode != 0
+    assert "this process's shard holds 5 (latents 0 to 4 of 10)" in proc.stderr
+    assert not (tmp_path / "samples" / "collection_summary.json").exists()
+
+
+def test_fsdp2_data_parallel_stays_exact(tmp_path):
+    _fit(tmp_path, "--tp", 1, "--dp", 2)
+    seen = _seen(tmp_path)
+    assert {s.rank for s in seen} == {0, 1}
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+@pytest.mark.slow
+def test_tensor_and_data_parallel_equal_the_oracle(tmp_path):
+    # No `num_latents` anywhere: each process learns its shard from the DTensor, its replicas from the mesh.
+    _fit(tmp_path, "--tp", 2, "--dp", 2, "--no-num-latents")
+    seen = _seen(tmp_path)
+    assert {s.rank for s in seen} == {0, 1}
+    check_against_oracle(tmp_path / "samples", seen)
