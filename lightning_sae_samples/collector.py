@@ -142,6 +142,9 @@ class ActivationSampleCollector:
         #: This process's shard of the latents (``None``: all of them), given or told by a ``DTensor`` of latents.
         self.shard_layout = shard_layout
         self.replica_group = replica_group
+        #: The shards' ``(start, stop)`` latent ranges at the last merge (``None``: not sharded); saves write the
+        #: full state in these parts.
+        self.shard_ranges: Optional[list[tuple[int, int]]] = None
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
         self._pending_state: Optional[dict] = None
@@ -507,6 +510,7 @@ class ActivationSampleCollector:
                 return None
             self._check_all_collect(shards.collecting)
             if shards.sharded:
+                self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
                 return merge_shards(self.collector, self.shard_layout, shards, gather_merged_state)
             if gather is None:
                 return gather_merged_state(self.collector, GroupGather(), is_root=self._rank() == 0)
@@ -732,6 +736,7 @@ class ActivationSampleCollector:
             history=self._history_settings() if source == "train" else None,
             trained_step=trained_step,
             decoder=decoder,
+            full_state_parts=self.shard_ranges,
         )
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0

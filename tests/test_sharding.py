@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_same, check_against_oracle, make_collector, padded_batches, read_dir, to_sparse
-from oracle import Seen, assert_dir_matches_oracle
+from oracle import Seen, assert_dir_matches_oracle, assert_state_matches
 
 from lightning_sae_samples import LatentInputError
+from lightning_sae_samples.samples_dir.reader import load_full_state
 from lightning_sae_samples.sharding import ShardLayout
 from lightning_sae_samples.state.slices import concat_states, slice_state
 
@@ -90,6 +91,10 @@ def _collector_run(tmp_path, mode, dp, tp):
     first = [s for s in seen if s.step < 3]
     assert_dir_matches_oracle(read_dir(tmp_path / "first"), first, 9, 4, 6, 0.5)
     assert_dir_matches_oracle(read_dir(tmp_path / "second"), seen, 9, 4, 6, 0.5)  # resumed from the checkpoint
+    # The full state is saved in one part per shard, which read back as every latent's exact state.
+    names = {p.name for p in (tmp_path / "second").iterdir()}
+    assert {f"full_state-0000{i}-of-0000{tp}.pt" for i in range(1, tp + 1)} <= names and "full_state.pt" not in names
+    assert_state_matches(load_full_state(tmp_path / "second" / "full_state.index.json"), seen, 9, 4, 6, 0.5)
 
 
 def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
@@ -122,6 +127,7 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
+    assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
 
 
 def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):
@@ -145,3 +151,60 @@ def test_tensor_and_data_parallel_equal_the_oracle(tmp_path):
     seen = _seen(tmp_path)
     assert {s.rank for s in seen} == {0, 1}
     check_against_oracle(tmp_path / "samples", seen)
+
+
+# ---------------------------------------------------------------------- sharded saves
+def _write(path, state, parts=None, **kwargs):
+    from helpers import WRITE
+
+    from lightning_sae_samples.samples_dir.writer import write_samples_dir
+
+    return write_samples_dir(path, state, global_step=int(state["last_collected_step"]), full_state_parts=parts,
+                             **{**WRITE, **kwargs})
+
+
+def test_a_full_state_in_parts_reads_back_as_the_whole_one(tmp_path):
+    from helpers import state_after
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.samples_dir.parts import load_part_of
+    state = state_after(5)
+    _write(tmp_path / "whole", state)
+    _write(tmp_path / "parts", state, parts=[(0, 3), (3, 8)])
+    names = {p.name for p in (tmp_path / "parts").iterdir()}
+    assert {"full_state-00001-of-00002.pt", "full_state-00002-of-00002.pt", "full_state.index.json"} <= names
+    assert "full_state.pt" not in names
+    assert_same(load_full_state(tmp_path / "parts" / "full_state.index.json"),
+                load_full_state(tmp_path / "whole" / "full_state.pt"))
+    part, start = load_part_of(tmp_path / "parts" / "full_state.index.json", 5)  # only the part latent 5 is in
+    assert start == 3 and int(part["num_latents"]) == 5
+    whole, sharded = ActivationSampleAnalyzer(tmp_path / "whole"), ActivationSampleAnalyzer(tmp_path / "parts")
+    unsaved = [f for f in range(8) if f not in whole.saved_features]
+    assert unsaved and all(sharded.feature(f) == whole.feature(f) for f in range(8))
+
+
+def test_a_sharded_save_replaces_the_whole_file_and_back(tmp_path):
+    from helpers import state_after
+
+    state = state_after(3)
+    _write(tmp_path, state)
+    _write(tmp_path, state_after(4), parts=[(0, 4), (4, 8)])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "full_state.pt" not in names and "full_state.index.json" in names
+    _write(tmp_path, state_after(5))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "full_state.pt" in names and not [n for n in names if n.startswith("full_state-")]
+    assert "full_state.index.json" not in names
+
+
+def test_a_part_that_does_not_match_its_index_is_refused(tmp_path):
+    from helpers import state_after
+
+    from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+    _write(tmp_path, state_after(3), parts=[(0, 4), (4, 8)])
+    other = tmp_path / "other"
+    _write(other, state_after(3), parts=[(0, 2), (2, 8)])
+    (other / "full_state-00001-of-00002.pt").replace(tmp_path / "full_state-00001-of-00002.pt")
+    with pytest.raises(SamplesDirectoryError, match="full_state-00001-of-00002.pt holds 2 latents where its index"):
+        load_full_state(tmp_path / "full_state.index.json")
