@@ -180,7 +180,11 @@ def test_a_full_state_in_parts_reads_back_as_the_whole_one(tmp_path):
     assert start == 3 and int(part["num_latents"]) == 5
     whole, sharded = ActivationSampleAnalyzer(tmp_path / "whole"), ActivationSampleAnalyzer(tmp_path / "parts")
     unsaved = [f for f in range(8) if f not in whole.saved_features]
-    assert unsaved and all(sharded.feature(f) == whole.feature(f) for f in range(8))
+    assert [f for f in unsaved if f >= 3], "a latent of the second part that only the full state holds"
+    assert all(sharded.feature(f, num_examples=3) == whole.feature(f, num_examples=3) for f in unsaved)
+    assert sharded._state is None and sorted(sharded._parts) == sorted({0 if f < 3 else 3 for f in unsaved})
+    assert all(sharded.feature(f) == whole.feature(f) for f in range(8))
+    assert sharded.features(rank_by="activation_count") == whole.features(rank_by="activation_count")  # all parts
 
 
 def test_a_sharded_save_replaces_the_whole_file_and_back(tmp_path):

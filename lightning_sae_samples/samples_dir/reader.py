@@ -177,6 +177,12 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
                             files.get(DECODER_NAME))
 
 
+def part_locator(index_path: Path) -> Callable[[str], Optional[Path]]:
+    """Where each file of the save an index of full-state parts belongs to is (a commit may be in progress)."""
+    dirpath = index_path.parent.parent if index_path.parent.name == PENDING_DIR else index_path.parent
+    return _visible_files(dirpath).get
+
+
 def load_full_state(path: PathLike) -> dict:
     """Load a full-state file safely (tensors only, no pickle); of a full state in parts, its index joins them.
 
@@ -186,8 +192,7 @@ def load_full_state(path: PathLike) -> dict:
     """
     path = Path(path)
     if path.name == FULL_STATE_INDEX_NAME:
-        dirpath = path.parent.parent if path.parent.name == PENDING_DIR else path.parent
-        return load_parts(path, _visible_files(dirpath).get)
+        return load_parts(path, part_locator(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
