@@ -76,7 +76,7 @@ class ActivationSampleCallback(Callback):
             ``docs/rows.md``.
         shard_layout: This process's shard of the latents under tensor parallelism, a
             :class:`~lightning_sae_samples.sharding.ShardLayout` or a function of the trainer returning one (called
-            at fit start). Not needed with ``ModelParallelStrategy``: there the latents of a ``DTensor`` sharded on
+            in ``setup``). Not needed with ``ModelParallelStrategy``: there the latents of a ``DTensor`` sharded on
             the latent dimension, or each process's even share of ``num_latents``, tell it (see
             ``docs/integrations.md``).
         config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
@@ -226,6 +226,7 @@ class ActivationSampleCallback(Callback):
         self._rank = trainer.global_rank
         self._strategy = trainer.strategy
         self._trainer = trainer
+        self._shard_latents(trainer, self.settings.num_latents or find_num_latents(pl_module))
         if self.dirpath is None:
             root = trainer.log_dir or trainer.default_root_dir
             self.dirpath = Path(root) / "activation_samples"
@@ -321,7 +322,6 @@ class ActivationSampleCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the latent count on the module, a token source and the tokenizer's special ids before the first step."""
         self._found_num_latents = find_num_latents(pl_module)
-        self._shard_latents(trainer)
         if self.token_source is None:
             places = (getattr(trainer, "datamodule", None), pl_module)
             found = next((s for s in (getattr(p, "token_source", None) for p in places) if s is not None), None)
@@ -338,7 +338,7 @@ class ActivationSampleCallback(Callback):
                 )
             self.engine.exclude_tokens(special)
 
-    def _shard_latents(self, trainer: pl.Trainer) -> None:
+    def _shard_latents(self, trainer: pl.Trainer, num_latents: Optional[int]) -> None:
         """Tell the collection this process's shard of the latents: given, or from ``ModelParallelStrategy``'s mesh.
 
         Under tensor parallelism the processes of one tensor-parallel group train on the same batch, each holding a
@@ -351,7 +351,6 @@ class ActivationSampleCallback(Callback):
             self._tensor_parallel = tensor.size()
             if tensor.size() > 1:
                 self.engine.replica_group = data.get_group() if data.size() > 1 else None
-                num_latents = self.settings.num_latents or self._found_num_latents
                 if layout is None and num_latents is not None:
                     layout = ShardLayout.even(num_latents, tensor.size(), tensor.get_local_rank(),
                                               self.engine.replica_group)

@@ -179,7 +179,7 @@ class ActivationSampleCollector:
         if told is None:
             return self.shard_layout
         if self.shard_layout is None:
-            if self.collector is not None or self._pending_state is not None:
+            if self.collector is not None:  # a restored state not yet placed is cut to the shard when it is
                 raise LatentInputError(
                     f"`{keys.latents}` came as a shard of the latents ({told.offset} to {told.stop - 1} of"
                     f" {told.total}) to a collection that began with all of them on this process. Give the collection"

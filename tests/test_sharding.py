@@ -120,10 +120,11 @@ def _seen(out):
 
 
 def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
-    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
+    # Each process returns its share as a plain tensor: its layout is the even split of the module's `num_latents`.
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
-    # The resumed run returns each process's shard as a plain tensor: its layout comes from `num_latents`.
-    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--form", "local", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
