@@ -38,10 +38,17 @@ from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import RUN_INDEX_NAME, SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import (
+    FULL_STATE_INDEX_NAME,
+    RUN_INDEX_NAME,
+    SUMMARY_NAME,
+    SamplesDirectoryError,
+)
+from lightning_sae_samples.samples_dir.parts import load_part_of
 from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
+    part_locator,
     read_one_save,
     read_samples_dir,
     save_signature,
@@ -203,7 +210,9 @@ class ActivationSampleAnalyzer:
         self._tokenizer_problem: Optional[str] = None
         self._undecoded_ids: set[int] = set()
         self._state: Optional[dict] = None
-        self._view: Optional[dict] = None
+        #: Of a full state in parts: the parts opened so far (one latent at a time), by their first latent.
+        self._parts: dict[int, dict] = {}
+        self._view: Optional[tuple[dict, dict]] = None
         self._computed_effects: dict[int, LogitEffects] = {}
         self._directions: Optional[torch.Tensor] = None
         self._explanations: Optional[dict[int, Any]] = None
@@ -330,6 +339,34 @@ class ActivationSampleAnalyzer:
             self._state = state
         return self._state
 
+    def _state_of(self, idx: int) -> tuple[Optional[dict], int]:
+        """The state that holds latent ``idx`` and the latent's index in it.
+
+        Of a full state in parts, only the part the latent lives in is opened (each part once); else the full state.
+        """
+        path = self.directory.full_state_path
+        if self._state is not None or path is None or path.name != FULL_STATE_INDEX_NAME:
+            return self._full_state(), idx
+        for start, part in self._parts.items():
+            if start <= idx < start + int(part["num_latents"]):
+                return part, idx - start
+        self._check_same_save()
+        try:
+            (part, start), signature = read_one_save(
+                self.directory.path, lambda: load_part_of(path, idx, part_locator(path)))
+        except SamplesDirectoryError:
+            self._check_same_save()
+            raise
+        self._check_same_save(signature)
+        if int(part["tokens_seen"]) != self.summary.tokens_seen:
+            raise SamplesDirectoryError(
+                f"The part of {path} that holds latent {idx} is of a collection of {int(part['tokens_seen'])} tokens"
+                f" but {self.directory.path / SUMMARY_NAME} one of {self.summary.tokens_seen}: the directory mixes"
+                " two saves. Re-run the save."
+            )
+        self._parts[start] = part
+        return part, idx - start
+
     def _check_same_save(self, signature: Optional[tuple] = None) -> None:
         """Raise :class:`SaveChangedError` if the directory no longer holds the save this analyzer read."""
         if (signature or save_signature(self.directory.path)) != self._signature:
@@ -419,9 +456,9 @@ class ActivationSampleAnalyzer:
         """
         if "interval" not in state and "recent" not in state:
             return (), (), None
-        if self._view is None:
-            self._view = with_recent_view(state)
-        view = self._view
+        if self._view is None or self._view[0] is not state:
+            self._view = (state, with_recent_view(state))
+        view = self._view[1]
         limit = int(self.summary.config.get("samples_per_feature_to_save") or state["top"]["capacity"])
         decoder = self._decoder()
         ids = [window_token_ids(view, p, [idx], limit) for p in ("top", "recent", "interval") if p in view]
@@ -608,14 +645,15 @@ class ActivationSampleAnalyzer:
     def _feature(self, feature_idx: int, num_examples: Optional[int]) -> FeatureSamples:
         idx = self._check_index(feature_idx)
         saved = self._saved.get(idx)
-        state = None
+        state, local = None, idx
         if saved is None or (num_examples is not None and num_examples > len(saved.samples)):
             if saved is None or saved.stats.num_samples > len(saved.samples):
-                state = self._full_state()
+                state, local = self._state_of(idx)
         if saved is not None:
             samples = list(saved.samples[:num_examples] if num_examples is not None else saved.samples)
             if state is not None and num_examples is not None:
-                samples += self._state_samples(state, idx, len(samples), num_examples)
+                more = self._state_samples(state, local, len(samples), num_examples)
+                samples += [dataclasses.replace(s, feature_idx=idx) for s in more]
             effects = self._computed_effects.get(idx, saved.logit_effects)
             recent = saved.recent_samples if num_examples is None else saved.recent_samples[:num_examples]
             return dataclasses.replace(saved, samples=tuple(samples), logit_effects=effects, recent_samples=recent)
@@ -624,6 +662,13 @@ class ActivationSampleAnalyzer:
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
                 f" to read it from. {self._nearby_message(idx)}"
             )
+        if local != idx:  # a latent of a full state in parts, read from its part
+            numbered = _numbered(self._state_feature(state, local, num_examples), idx)
+            return dataclasses.replace(numbered, logit_effects=self._computed_effects.get(idx))
+        return self._state_feature(state, idx, num_examples)
+
+    def _state_feature(self, state: dict, idx: int, num_examples: Optional[int]) -> FeatureSamples:
+        """A latent's samples as the writer would build its feature file from ``state`` (latent ``idx`` of it)."""
         stats = self._state_stats(state, idx)
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
         samples = tuple(self._state_samples(state, idx, 0, limit))
@@ -892,3 +937,16 @@ def _activating_tokens(record: Any) -> tuple[tuple[tuple[int, str, int], ...], i
     if kept < 0 or any(not isinstance(text, str) or not 0 < n <= kept for _, text, n in counts):
         raise ValueError("`activating_tokens` holds a token that is not a string or a count outside 1..`over`")
     return counts, kept
+
+
+def _numbered(feature: FeatureSamples, idx: int) -> FeatureSamples:
+    """``feature`` (read from a part of a full state, under the part's numbering) as latent ``idx`` of the SAE."""
+
+    def samples(group: tuple[Sample, ...]) -> tuple[Sample, ...]:
+        return tuple(dataclasses.replace(s, feature_idx=idx) for s in group)
+
+    return dataclasses.replace(
+        feature, stats=dataclasses.replace(feature.stats, feature_idx=idx), samples=samples(feature.samples),
+        recent_samples=samples(feature.recent_samples),
+        interval_groups=tuple(dataclasses.replace(g, samples=samples(g.samples)) for g in feature.interval_groups),
+    )
