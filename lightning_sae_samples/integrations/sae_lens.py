@@ -503,6 +503,7 @@ class SamplesSAETrainer(SAETrainer):
         """
         self.save_samples()
         state = {"version": STATE_VERSION, "steps_taken": self.steps_taken, "collector": self.collector.state_dict()}
+        Path(checkpoint_path).mkdir(parents=True, exist_ok=True)
         atomic_torch_save(Path(checkpoint_path) / STATE_NAME, state)
         super().save_trainer_state(checkpoint_path)
 
@@ -516,6 +517,9 @@ class SamplesSAETrainer(SAETrainer):
                 or was collected with other settings.
         """
         super().load_trainer_state(checkpoint_path)
+        # SAELens keeps every checkpoint threshold after a resume, so the resumed run would checkpoint (and save
+        # samples, closing a history window) again at its next step; an uninterrupted run has passed them.
+        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= self.n_training_samples]
         path = Path(checkpoint_path) / STATE_NAME
         if not path.is_file():
             self.steps_taken = int(self.n_training_samples) // int(self.cfg.train_batch_size_samples)

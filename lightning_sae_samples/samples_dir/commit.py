@@ -264,6 +264,8 @@ def commit_plan(dirpath: Path, record: dict) -> tuple[list[str], list[str]]:
     for name in _writer_names(record.get("remove", []), source, "remove"):
         if _is_stale_name(name) and name in previous and name not in moves:
             removes.append(name)
+        elif _is_stale_name(name) and name not in moves and lstat_or_none(dirpath / name) is None:
+            pass  # removed already: this commit moved its manifest in, or an interrupted one got this far
         else:
             _warn(f"Ignored {name!r} in `remove` of {source}: not a stale file of the last save's manifest.")
     return moves, removes
