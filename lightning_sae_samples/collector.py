@@ -228,7 +228,8 @@ class ActivationSampleCollector:
         tokens = batch.tokens.to(device)
         mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
         real = ~padding_positions(tokens, mask)
-        check_token_ids(tokens, real, keys.tokens)
+        if not batch.ids_checked:
+            check_token_ids(tokens, real, keys.tokens)
         num_latents = self._num_latents_of(batch, keys)
         if batch.indices is not None:
             check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)

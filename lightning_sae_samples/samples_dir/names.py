@@ -53,6 +53,16 @@ EXPLANATIONS_LOCK = "explanations.lock"
 WRITER_ID = "lightning-sae-samples"
 
 
+#: The run index of a run folder of many SAEs (``DIR/<name>/`` each a samples directory); see ``docs/format.md``.
+RUN_INDEX_NAME = "sae_samples_run.json"
+
+
+RUN_FORMAT_VERSION = 1
+
+
+_SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
 
 
@@ -89,3 +99,19 @@ def is_writer_name(name: Any) -> bool:
 def snapshot_dirname(global_step: int) -> str:
     """Folder name of the snapshot taken with the weights of ``global_step``."""
     return f"step_{int(global_step)}"
+
+
+def check_sae_name(name: Any) -> str:
+    """``name`` if it can name an SAE of a run and its folder ``DIR/<name>/``, else a ``ValueError`` saying why.
+
+    1 to 100 characters of ``[A-Za-z0-9._-]``, starting with a letter or digit (hook names such as
+    ``layers.3.mlp`` or ``blocks.3.hook_resid_pre`` fit), and not a folder a samples directory holds itself.
+    """
+    if not isinstance(name, str) or not 1 <= len(name) <= 100 or not _SAE_NAME.fullmatch(name):
+        raise ValueError(
+            f"SAE name {name!r} is not 1-100 characters of letters, digits, '.', '_' and '-' starting with a letter"
+            " or digit (e.g. 'layers.3.mlp'); it names the SAE's folder in the run."
+        )
+    if name in (SNAPSHOTS_DIR, EXPLANATIONS_DIR):
+        raise ValueError(f"SAE name {name!r} is the name of a folder a samples directory holds; choose another.")
+    return name
