@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +247,37 @@ def test_missing_latents_name_the_sae_and_the_fix(tmp_path):
     with pytest.raises(LatentInputError, match="No latents for SAE 'l9'"):
         trainer(tmp_path, [callback], max_steps=1).fit(module, loader())
 
+
+
+# ---------------------------------------------------------------------- 2-process DDP (gloo on CPU, a subprocess)
+DDP_SCRIPT = Path(__file__).parent / "multi_ddp_script.py"
+
+
+def _ddp(out, *args):
+    cmd = [sys.executable, str(DDP_SCRIPT), "--out", str(out), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _seen(out, epochs):
+    seen = {name: [] for name in THREE_SAES}
+    for file in sorted(Path(out).glob(f"seen_{epochs}_*.pt")):
+        for name, items in torch.load(file, weights_only=False).items():
+            seen[name].extend(collected(items, 2))
+    return seen
+
+
+@pytest.mark.parametrize("route", ["outputs", pytest.param("hooks", marks=pytest.mark.slow)])
+def test_two_process_ddp_equals_the_oracle_over_both_ranks(tmp_path, route):
+    _ddp(tmp_path, "--route", route)
+    seen = _seen(tmp_path, 2)
+    assert {s.rank for s in seen["l3"]} == {0, 1}
+    assert_run_matches_oracle(tmp_path / "run", seen, THREE_SAES)
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_one_process_loses_nothing(tmp_path):
+    _ddp(tmp_path, "--devices", 1, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
+    _ddp(tmp_path, "--devices", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    first, second = _seen(tmp_path, 1), _seen(tmp_path, 2)
+    assert_run_matches_oracle(tmp_path / "run", {n: first[n] + second[n] for n in THREE_SAES}, THREE_SAES)
