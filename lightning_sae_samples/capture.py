@@ -85,12 +85,19 @@ def find_module(root: nn.Module, pattern: str, name: str) -> nn.Module:
 
 
 def match_modules(root: nn.Module, pattern: str) -> dict[str, nn.Module]:
-    """Every submodule of ``root`` whose name matches ``pattern`` (fnmatch), by name, in ``named_modules`` order.
+    """The submodules of ``root`` whose names match ``pattern`` (fnmatch), by name, in ``named_modules`` order.
+
+    A match inside another match is left out: ``*`` also matches dots, so ``saes.*`` matches ``saes.l3`` and its
+    own ``saes.l3.encoder``, and only the SAE ``saes.l3`` is meant.
 
     Raises:
         ValueError: None matches.
     """
-    found = {path: module for path, module in root.named_modules() if path and fnmatch.fnmatchcase(path, pattern)}
+    found: dict[str, nn.Module] = {}
+    for path, module in root.named_modules():
+        inside = any(path.startswith(outer + ".") for outer in found)
+        if path and not inside and fnmatch.fnmatchcase(path, pattern):
+            found[path] = module
     if not found:
         names = [path for path, _ in root.named_modules() if path]
         raise ValueError(

@@ -184,6 +184,7 @@ def test_callback_hook_capture_equals_the_outputs_route(tmp_path):
 def test_callback_modules_pattern_names_each_sae_by_its_module(tmp_path):
     saes = {"a": (10, "dense"), "b": (9, "dense")}
     module = MultiSAEModule(saes, route="hooks")
+    module.saes["a"].inner = torch.nn.Linear(2, 2)  # a submodule of an SAE matches "saes.*" too, and is no SAE
     callback = MultiSAECallback(modules="saes.*", dirpath=tmp_path / "run", collection_freq=2, **SETTINGS)
     trainer(tmp_path, [callback], max_epochs=1).fit(module, loader())
     assert callback.names == ["saes.a", "saes.b"]
