@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,22 +80,25 @@ class PrecomputedLatents(L.LightningModule):
 
 
 class HookTimer(Callback):
-    """Time spent in the samples callbacks' ``on_train_batch_end``, per step."""
+    """Time spent in the samples callbacks' ``on_train_batch_end``, per step: wall clock and this process's CPU."""
 
     def __init__(self, callbacks: list[Callback]) -> None:
         self.per_step: list[float] = []
+        self.cpu_per_step: list[float] = []
         for callback in callbacks:
             original = callback.on_train_batch_end
 
             def timed(*args, _original=original, **kwargs):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 _original(*args, **kwargs)
                 self.per_step[-1] += time.perf_counter() - start
+                self.cpu_per_step[-1] += time.process_time() - cpu
 
             callback.on_train_batch_end = timed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.per_step.append(0.0)
+        self.cpu_per_step.append(0.0)
 
 
 def run_variant(args) -> dict:
@@ -114,10 +118,13 @@ def run_variant(args) -> dict:
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*samples, timer],
                         default_root_dir=root)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.save_checkpoint(root / "last.ckpt")
-    save = time.perf_counter() - start
+    save, save_cpu = time.perf_counter() - start, time.process_time() - cpu
+    shutil.rmtree(root, ignore_errors=True)
     return {"first": timer.per_step[0], "median": statistics.median(timer.per_step[1:]), "save": save,
+            "first_cpu": timer.cpu_per_step[0], "median_cpu": statistics.median(timer.cpu_per_step[1:]),
+            "save_cpu": save_cpu,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -167,9 +174,10 @@ def main() -> None:
         table.add_column(column, justify="right")
     for variant, row in results.items():
         label = "1 MultiSAECallback" if variant == "multi" else f"{args.saes} ActivationSampleCallbacks"
-        table.add_row(label, f"{row['first'] * 1e3:,.0f} ms", f"{row['median'] * 1e3:,.0f} ms",
-                      f"{row['peak_rss'] / 2**20:,.0f} MiB", f"{row['save']:.2f} s")
-    console = Console()
+        table.add_row(label, f"{row['first']:.2f} s (CPU {row['first_cpu']:.2f} s)",
+                      f"{row['median']:.2f} s (CPU {row['median_cpu']:.2f} s)", f"{row['peak_rss'] / 2**20:,.0f} MiB",
+                      f"{row['save']:.2f} s (CPU {row['save_cpu']:.2f} s)")
+    console = Console(width=140)
     console.print(table)
     cost = hook_cost(args.saes)
     hooks = Table(title=f"Forward of {args.saes} modules (nn.Identity on [4, 4])")
