@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_sae_samples import ActivationSampleCallback, MultiSAECallback
-from lightning_sae_samples.capture import LatentCapture
+from lightning_sae_samples.multi.capture import LatentCapture
 
 SETTINGS = dict(collection_freq=1, max_samples_per_feature=16, context_size=8, top_features_to_save=100,
                 samples_per_feature_to_save=5, write_report=False, log_serve_command=False, log_feature_health=False)

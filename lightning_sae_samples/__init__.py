@@ -36,8 +36,8 @@ _LAZY = {
     "CollectionSchedule": "lightning_sae_samples.schedule",
     "LatentInputError": "lightning_sae_samples.inputs",
     "LogitEffects": "lightning_sae_samples.analysis.records",
-    "MultiSAECallback": "lightning_sae_samples.multi_callback",
-    "MultiSAECollector": "lightning_sae_samples.multi",
+    "MultiSAECallback": "lightning_sae_samples.multi.callback",
+    "MultiSAECollector": "lightning_sae_samples.multi.collector",
     "TokenEffect": "lightning_sae_samples.analysis.records",
 }
 # Engine internals that the top level exported in 0.1; they still resolve, with a DeprecationWarning.

@@ -24,7 +24,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
 from lightning_sae_samples.integrations.sae_lens import _sparse_topk, mixed_rows
-from lightning_sae_samples.multi import MULTI_STATE_VERSION, MultiSAECollector
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
 from lightning_sae_samples.samples_dir.run_folder import claim_run_dir
 from lightning_sae_samples.schedule import CollectionSchedule

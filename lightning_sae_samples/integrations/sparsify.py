@@ -16,8 +16,8 @@ import torch
 from sparsify import Trainer
 from torch import Tensor
 
-from lightning_sae_samples.capture import LatentCapture
-from lightning_sae_samples.multi import MULTI_STATE_VERSION, MultiSAECollector
+from lightning_sae_samples.multi.capture import LatentCapture
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
 from lightning_sae_samples.schedule import CollectionSchedule
 from lightning_sae_samples.state.validate import check_state

@@ -23,11 +23,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_sae_samples.callback import ActivationSampleCallback, default_dirpath
-from lightning_sae_samples.capture import FoundLatents, LatentCapture, find_module, latents_of, match_modules
 from lightning_sae_samples.config import CallbackConfig
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.inputs import InputKeys, LatentInputError, find_num_latents
-from lightning_sae_samples.multi import MULTI_STATE_VERSION, SAEs, SAESpec, SharedTokens, sae_keys, sae_specs
+from lightning_sae_samples.multi.capture import FoundLatents, LatentCapture, find_module, latents_of, match_modules
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, SAEs, SAESpec, SharedTokens, sae_keys, sae_specs
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 from lightning_sae_samples.samples_dir.run_folder import check_sae_names, lock_run_dir, write_run_index
 from lightning_sae_samples.serve import serve_command

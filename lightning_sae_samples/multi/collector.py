@@ -20,7 +20,6 @@ from filelock import FileLock
 from torch import Tensor, nn
 
 from lightning_sae_samples.arguments import positive_int
-from lightning_sae_samples.capture import LatentCapture, latents_of
 from lightning_sae_samples.collector import ActivationSampleCollector
 from lightning_sae_samples.config import CollectionConfig
 from lightning_sae_samples.engine.sample_table import MergePolicy
@@ -37,6 +36,7 @@ from lightning_sae_samples.inputs import (
     check_token_ids,
     check_tokens,
 )
+from lightning_sae_samples.multi.capture import LatentCapture, latents_of
 from lightning_sae_samples.samples_dir.run_folder import check_sae_names, lock_run_dir, write_run_index
 from lightning_sae_samples.token_sources import TokenSource, load_token_source
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
@@ -217,7 +217,7 @@ class MultiSAECollector:
 
         The hooks exist only inside the ``with`` block: open it on the steps you collect. The next
         :meth:`update` reads what each module returned (a dense tensor, an ``(indices, values)`` pair, sparsify's
-        ``ForwardOutput``, ...; see :func:`~lightning_sae_samples.capture.latents_of`); latents passed to
+        ``ForwardOutput``, ...; see :func:`~lightning_sae_samples.multi.capture.latents_of`); latents passed to
         ``update`` take precedence.
 
         Raises:
