@@ -93,6 +93,23 @@ class MultiSAEModule(L.LightningModule):
             return {"loss": loss, **outputs}
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        """The outputs route in evaluation: each SAE's output under its name; kept in ``eval_seen``."""
+        tokens = batch["tokens"]
+        offset = self._eval_rows
+        self._eval_rows += tokens.shape[0]
+        outputs = {}
+        for name in self.sae_names:
+            sae = self.saes[name.replace(".", "_")]
+            outputs[name] = out = sae(tokens)
+            dense = dense_view(out, (*tokens.shape, sae.num_latents))
+            self.eval_seen.setdefault(name, []).append(
+                Seen(self.trainer.global_step, self.global_rank, offset, tokens.detach().cpu(), dense))
+        return outputs
+
+    def on_validation_epoch_start(self):
+        self.eval_seen, self._eval_rows = {}, 0
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TokenDataset, assert_same, loader, read_dir, trainer
+from helpers import CTX, THR, BlockPendingDir, K, TokenDataset, assert_same, loader, read_dir, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from multi_helpers import (
@@ -21,7 +21,7 @@ from multi_helpers import (
     collected,
     dense_view,
 )
-from oracle import Seen
+from oracle import Seen, assert_dir_matches_oracle
 
 from lightning_sae_samples import (
     ActivationSampleCallback,
@@ -142,7 +142,7 @@ def test_run_folder_refuses_a_one_sae_samples_directory(tmp_path):
 # ---------------------------------------------------------------------- the callback, through a real Trainer
 def multi_callback(root, saes=None, **settings):
     saes = saes if saes is not None else {name: {"num_latents": f} for name, (f, _) in THREE_SAES.items()}
-    return MultiSAECallback(saes, dirpath=root / "run", collection_freq=2, **{**SETTINGS, **settings})
+    return MultiSAECallback(saes, dirpath=root / "run", **{**SETTINGS, "collection_freq": 2, **settings})
 
 
 @pytest.mark.parametrize("saes", [TWO_SAES, THREE_SAES], ids=["two", "three"])
@@ -192,6 +192,31 @@ def test_callback_modules_pattern_names_each_sae_by_its_module(tmp_path):
         tmp_path / "run", {f"saes.{n}": collected(s, 2) for n, s in module.seen.items()},
         {f"saes.{n}": v for n, v in saes.items()},
     )
+
+
+def test_validation_snapshots_are_written_per_sae(tmp_path):
+    module = MultiSAEModule(TWO_SAES)
+    callback = multi_callback(tmp_path, {n: {"num_latents": f} for n, (f, _) in TWO_SAES.items()},
+                              collect_in=("train", "validate"))
+    fit = trainer(tmp_path, [callback], max_epochs=1, limit_val_batches=3, num_sanity_val_steps=0)
+    fit.fit(module, loader(), val_dataloaders=loader())
+    for name, (num_latents, _) in TWO_SAES.items():
+        snapshot = tmp_path / "run" / name / "snapshots" / f"step_{fit.global_step}"
+        assert_dir_matches_oracle(read_dir(snapshot), module.eval_seen[name], num_latents, K, CTX, THR)
+    assert len(module.eval_seen["l3"]) == 3
+
+
+def test_a_failed_save_of_one_sae_keeps_its_collection_and_the_others_save(tmp_path):
+    module = MultiSAEModule(TWO_SAES)
+    callback = multi_callback(tmp_path, {n: {"num_latents": f} for n, (f, _) in TWO_SAES.items()}, collection_freq=1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    blocker = BlockPendingDir(tmp_path / "run" / "l5", block=2, unblock=3)
+    trainer(tmp_path, [callback, blocker, checkpoints], max_steps=5, enable_checkpointing=True).fit(module, loader())
+    ckpt = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)
+    entry = next(v for k, v in ckpt["callbacks"].items() if k.startswith("MultiSAECallback"))
+    # the failed SAE's checkpoint keeps its whole window (not reset), the saved SAE's starts a new one
+    assert int(entry["saes"]["l5"]["collector"]["window_start"]) < int(entry["saes"]["l3"]["collector"]["window_start"])
+    assert_run_matches_oracle(tmp_path / "run", module.seen, TWO_SAES)
 
 
 def _fit(root, ckpt_dir=None, ckpt_path=None, max_epochs=2):
