@@ -38,6 +38,7 @@ _LAZY = {
     "LogitEffects": "lightning_sae_samples.analysis.records",
     "MultiSAECallback": "lightning_sae_samples.multi.callback",
     "MultiSAECollector": "lightning_sae_samples.multi.collector",
+    "RowsWithRefs": "lightning_sae_samples.rows_with_refs",
     "TokenEffect": "lightning_sae_samples.analysis.records",
 }
 # Engine internals that the top level exported in 0.1; they still resolve, with a DeprecationWarning.
@@ -62,6 +63,7 @@ __all__ = [
     "LogitEffects",
     "MultiSAECallback",
     "MultiSAECollector",
+    "RowsWithRefs",
     "RunSummary",
     "Sample",
     "SamplesDirectory",

@@ -382,7 +382,9 @@ class SampleCollector:
         finite = torch.isfinite(flat_val)
         self.nonfinite_skipped += (~finite & collect).sum().to(self.nonfinite_skipped.device)
         above = above_threshold(flat_val, self.config.activation_threshold)
-        entry = (above & finite & collect).view(-1).nonzero(as_tuple=True)[0]
+        # A negative index pads a token's variable number of active latents (checked to have value 0); with a
+        # negative threshold its 0 would count, so the index decides.
+        entry = (above & finite & collect & (flat_idx >= 0)).view(-1).nonzero(as_tuple=True)[0]
         return entry, entry // k, flat_idx.view(-1)[entry].long(), flat_val.view(-1)[entry].float()
 
     def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
