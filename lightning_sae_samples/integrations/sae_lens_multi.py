@@ -206,10 +206,8 @@ class SamplesMultiSAETrainer(MultiSAETrainer):
 
     @staticmethod
     def _latents(feature_acts: Tensor) -> Any:
-        if feature_acts.is_sparse:
-            topk = _sparse_topk(feature_acts)
-            return topk if topk is not None else feature_acts.to_dense()
-        return feature_acts
+        """Dense ``feature_acts``, or a sparse COO's ``(indices, values)`` as SAELens' sparse mode gives them."""
+        return _sparse_topk(feature_acts) if feature_acts.is_sparse else feature_acts
 
     def fit(self) -> Any:
         """SAELens' ``fit``, then the run folder of the whole run."""
