@@ -18,6 +18,7 @@ from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
     COMMIT_NAME,
     DECODER_NAME,
+    FULL_STATE_INDEX_NAME,
     FULL_STATE_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
@@ -27,6 +28,7 @@ from lightning_sae_samples.samples_dir.names import (
     SamplesDirectoryError,
     is_writer_name,
 )
+from lightning_sae_samples.samples_dir.parts import load_parts
 from lightning_sae_samples.state.schema import FORMAT_VERSION, check_state_version
 from lightning_sae_samples.state.validate import check_state
 
@@ -97,7 +99,7 @@ class SamplesDirectory:
         path: The directory.
         summary: Parsed ``collection_summary.json``.
         feature_files: Feature index to the file holding its samples.
-        full_state_path: The full-state file, if present.
+        full_state_path: The full-state file (or the index of its parts), if present.
         decoder_path: The decoder directions file (``decoder_directions.pt``), if present.
     """
 
@@ -170,17 +172,27 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
-    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(HISTORY_NAME),
+    full_state = files.get(FULL_STATE_NAME) or files.get(FULL_STATE_INDEX_NAME)
+    return SamplesDirectory(dirpath, summary, features, full_state, files.get(HISTORY_NAME),
                             files.get(DECODER_NAME))
 
 
+def part_locator(index_path: Path) -> Callable[[str], Optional[Path]]:
+    """Where each file of the save an index of full-state parts belongs to is (a commit may be in progress)."""
+    dirpath = index_path.parent.parent if index_path.parent.name == PENDING_DIR else index_path.parent
+    return _visible_files(dirpath).get
+
+
 def load_full_state(path: PathLike) -> dict:
-    """Load a full-state file safely (tensors only, no pickle).
+    """Load a full-state file safely (tensors only, no pickle); of a full state in parts, its index joins them.
 
     Raises:
         SamplesDirectoryError: The file is corrupt, or holds a state of another format version (the dense
             layout of version 1 included).
     """
+    path = Path(path)
+    if path.name == FULL_STATE_INDEX_NAME:
+        return load_parts(path, part_locator(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
