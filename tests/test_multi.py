@@ -26,6 +26,7 @@ from multi_helpers import (
 from oracle import Seen, assert_dir_matches_oracle
 
 from lightning_sae_samples import (
+    ActivationSampleAnalyzer,
     ActivationSampleCallback,
     ActivationSampleCollector,
     MultiSAECallback,
@@ -62,6 +63,9 @@ def test_collector_equals_the_oracle_per_sae(tmp_path, saes):
         "writer": "lightning-sae-samples", "run_format_version": 1,
         "saes": [{"name": name, "dir": name} for name in saes],
     }
+    analyzer = ActivationSampleAnalyzer(tmp_path / "run")  # the readers open what this writer wrote
+    assert list(analyzer.saes) == list(saes)
+    assert analyzer[next(iter(saes))].saved_features
 
 
 def test_collector_hook_capture_equals_passing_the_latents(tmp_path):

@@ -1,7 +1,8 @@
 """The writing side of a run folder of many SAEs: ``DIR/<name>/`` samples directories and the run index.
 
 One lock (``DIR/sae_samples.lock``) covers the run; each SAE's folder is committed by the one-SAE writer (a crash
-leaves each SAE's last whole save), and the run index ``DIR/sae_samples_run.json`` is written last, atomically.
+leaves each SAE's last whole save), and the run index ``DIR/sae_samples_run.json`` is written last, atomically
+(``run_index.write_run_index``, the index's one home beside its reader).
 """
 
 from __future__ import annotations
@@ -13,38 +14,23 @@ from typing import Optional
 
 from filelock import FileLock, Timeout
 
-from lightning_sae_samples.samples_dir.atomic import atomic_write_json
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     LOCK_NAME,
     MANIFEST_NAME,
-    RUN_FORMAT_VERSION,
     RUN_INDEX_NAME,
     SUMMARY_NAME,
     WRITER_ID,
     SamplesDirectoryError,
-    check_sae_name,
 )
+from lightning_sae_samples.samples_dir.run_index import _checked_names, write_run_index
+
+__all__ = ["check_sae_names", "claim_run_dir", "lock_run_dir", "write_run_index"]
 
 
 def check_sae_names(names: Sequence[str]) -> list[str]:
     """``names`` as a list, each a valid SAE name and none twice (``ValueError`` otherwise)."""
-    names = [check_sae_name(name) for name in names]
-    if not names:
-        raise ValueError("A run of many SAEs needs at least one SAE name.")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"SAE names must be distinct; {repeated} given more than once.")
-    return names
-
-
-def run_index(names: Sequence[str]) -> dict:
-    """The run index record naming ``names``, in their order."""
-    return {
-        "writer": WRITER_ID,
-        "run_format_version": RUN_FORMAT_VERSION,
-        "saes": [{"name": name, "dir": name} for name in names],
-    }
+    return _checked_names(names)
 
 
 def _indexed_names(dirpath: Path) -> Optional[list[str]]:
@@ -116,15 +102,3 @@ def lock_run_dir(dirpath: Path, names: Sequence[str]) -> FileLock:
         lock.release()
         raise
     return lock
-
-
-def write_run_index(dirpath: Path, names: Sequence[str]) -> None:
-    """Write the run index naming ``names`` (after their saves), unless it already says exactly that."""
-    record = run_index(names)
-    path = dirpath / RUN_INDEX_NAME
-    try:
-        if is_plain_file(path) and load_json(path) == record:
-            return
-    except SamplesDirectoryError:
-        pass  # unreadable: written anew
-    atomic_write_json(path, record)
