@@ -429,8 +429,11 @@ class ActivationSampleCallback(Callback):
             saved = trainer.strategy.broadcast(saved, src=0)
         if saved:
             self.engine.reset_window(trainer.global_step)
-        elif merged is not None and self.state_key in checkpoint.get("callbacks", {}):
-            checkpoint["callbacks"][self.state_key]["collector"] = merged
+        ours = checkpoint.get("callbacks", {}).get(self.state_key)
+        if ours is not None:
+            ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
+            if not saved and merged is not None:
+                ours["collector"] = merged
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""

@@ -15,7 +15,7 @@ from rich.console import Console
 from lightning_sae_samples.analysis import neuronpedia
 from lightning_sae_samples.arguments import OneLineErrorParser
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import READ_ATTEMPTS, SaveChangedError, find_samples_dirs
+from lightning_sae_samples.samples_dir.reader import SaveChangedError, find_samples_dirs, retry_pauses
 from lightning_sae_samples.samples_dir.run_index import is_run_folder
 from lightning_sae_samples.state.statistics import RANK_CHOICES
 
@@ -295,14 +295,14 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def _run_one_save(run: Callable[[argparse.Namespace, Console], None], args: argparse.Namespace) -> None:
-    """``run``, redone with a fresh analyzer when a save was committed between reading its parts."""
-    for attempt in range(READ_ATTEMPTS):
+    """``run``, redone with a fresh analyzer when a save was committed between reading its parts (for a while)."""
+    for _ in retry_pauses():
         try:
             run(args, Console())
             return
-        except SaveChangedError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
+        except SaveChangedError as err:
+            error = err
+    raise error
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -47,7 +47,8 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir
 from lightning_sae_samples.samples_dir.files import lstat_or_none
-from lightning_sae_samples.samples_dir.names import LOCK_NAME, REPORT_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
+from lightning_sae_samples.samples_dir.names import HISTORY_NAME, LOCK_NAME, REPORT_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, local_batch, merge_shards
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
@@ -152,6 +153,9 @@ class ActivationSampleCollector:
         self._token_offset = 0
         self._warned_nonfinite = 0
         self._lock: Optional[FileLock] = None
+        #: ``training_history.pt`` as the last save committed it, or as a checkpoint carried it: the next save
+        #: appends to it (whatever ``dirpath`` holds), and :meth:`state_dict` carries it.
+        self._history: Optional[dict] = None
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -540,7 +544,13 @@ class ActivationSampleCollector:
         A collective under ``torch.distributed`` (every process calls it); the collection is held by rank 0's
         result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
         """
-        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state()}
+        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state(),
+                "history": self._history}
+
+    @property
+    def history(self) -> Optional[dict]:
+        """The history (``training_history.pt``'s payload) the last save committed, which a checkpoint carries."""
+        return self._history
 
     @property
     def has_collection(self) -> bool:
@@ -584,6 +594,18 @@ class ActivationSampleCollector:
         self._pending_state = collected
         self.collector = None
         self._offset_step, self._token_offset = -1, 0
+        self._history = self._resumed_history(state.get("history"), owner)
+
+    @staticmethod
+    def _resumed_history(history: Any, owner: str) -> Optional[dict]:
+        """A checkpoint's history, checked (``None``: it has none, as older versions' checkpoints)."""
+        if history is None:
+            return None
+        try:
+            check_history(history)
+        except ValueError as err:
+            raise ValueError(f"Cannot resume: the checkpoint's {owner} history is not usable: {err}.") from None
+        return history
 
     # ------------------------------------------------------------------ saving
     def save(
@@ -721,6 +743,7 @@ class ActivationSampleCollector:
         merged = with_windows(merged, self.token_source, owner)
         self._warn_nonfinite(merged, owner)
         step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
+        history = None if source != "train" else {**self._history_settings(), "previous": self._history}
         saved = write_samples_dir(
             dirpath,
             merged,
@@ -733,11 +756,13 @@ class ActivationSampleCollector:
             full_state=full_state,
             feature_extras=feature_extras,
             source=source,
-            history=self._history_settings() if source == "train" else None,
+            history=history,
             trained_step=trained_step,
             decoder=decoder,
             full_state_parts=self.shard_ranges,
         )
+        if history is not None:
+            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)  # what this save committed
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0
         older = (

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
+from typing import IO, TYPE_CHECKING, Any, Optional, TypeVar, Union
 
 import torch
 
@@ -40,6 +41,8 @@ from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
 from lightning_sae_samples.samples_dir.names import (
     FULL_STATE_INDEX_NAME,
+    FULL_STATE_NAME,
+    HISTORY_NAME,
     RUN_INDEX_NAME,
     SUMMARY_NAME,
     SamplesDirectoryError,
@@ -49,6 +52,7 @@ from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
     part_locator,
+    pin,
     read_one_save,
     read_samples_dir,
     save_signature,
@@ -107,6 +111,12 @@ _RENDERERS = {
 
 
 _UNREAD = object()
+
+
+def _close_all(handles: dict[str, IO[bytes]]) -> None:
+    for handle in handles.values():
+        handle.close()
+    handles.clear()
 
 
 class RunFolderError(SamplesDirectoryError, AttributeError):
@@ -183,18 +193,21 @@ class ActivationSampleAnalyzer:
             loaded from local files only. Without either, they show the strings known from the saved
             feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
-    The summary and feature files are read at once, ``full_state.pt`` on first use; all come from one committed
-    save (a read that overlaps a commit is redone, see ``docs/format.md``).
+    The summary and feature files are read at once, ``full_state.pt`` and ``training_history.pt`` on first use;
+    all come from one committed save (a read that overlaps a commit is redone, see ``docs/format.md``): the
+    analyzer holds those two files open from the start, so later saves do not replace what it reads (POSIX).
 
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
-        SaveChangedError: Saves were committed during every attempt to read one (later, when ``full_state.pt``
-            is first needed: a save was committed since this analyzer was opened; open a new one).
+        SaveChangedError: Saves were committed during every read of one for ``READ_DEADLINE_SECONDS`` (where
+            files cannot be held open, also later: a save was committed before a file was first needed).
     """
 
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
+        self._pinned: dict[str, IO[bytes]] = {}
+        weakref.finalize(self, _close_all, self._pinned)
         #: The run folder of many SAEs this analyzer opened (``None`` for one SAE's samples directory).
         self.run: Optional[RunAnalyzer] = None
         if is_run_folder(samples_dir):
@@ -263,7 +276,15 @@ class ActivationSampleAnalyzer:
     # ------------------------------------------------------------------ loading
     def _read(self, samples_dir: PathLike) -> None:
         """The summary and every saved feature file (``full_state.pt`` is read on first use, from the same save)."""
+        _close_all(self._pinned)  # of a read a commit overlapped
         self.directory = read_samples_dir(samples_dir)
+        single = self.directory.full_state_path
+        if single is not None and single.name != FULL_STATE_NAME:
+            single = None  # a full state in parts: each part is read on its own, checked against this save
+        for name, path in ((FULL_STATE_NAME, single), (HISTORY_NAME, self.directory.history_path)):
+            opened = pin(path)
+            if opened is not None:
+                self._pinned[name] = opened
         try:
             self.summary = RunSummary.from_json(
                 self.directory.summary, self.directory.path, self.directory.full_state_path is not None
@@ -315,13 +336,7 @@ class ActivationSampleAnalyzer:
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
             path = self.directory.full_state_path
-            self._check_same_save()
-            try:
-                state, signature = read_one_save(self.directory.path, lambda: load_full_state(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
+            state = self._read_pinned(FULL_STATE_NAME, lambda opened: load_full_state(path, opened))
             missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
@@ -338,6 +353,24 @@ class ActivationSampleAnalyzer:
                 )
             self._state = state
         return self._state
+
+    def _read_pinned(self, name: str, load: Callable[[Optional[IO[bytes]]], _T]) -> _T:
+        """``load`` the file ``name`` of this analyzer's save: from the handle opened with the save, else by path.
+
+        By path, the directory must still hold this analyzer's save (else :class:`SaveChangedError`).
+        """
+        opened = self._pinned.pop(name, None)
+        if opened is not None:
+            with opened:
+                return load(opened)
+        self._check_same_save()
+        try:
+            loaded, signature = read_one_save(self.directory.path, lambda: load(None))
+        except SamplesDirectoryError:
+            self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+            raise
+        self._check_same_save(signature)
+        return loaded
 
     def _state_of(self, idx: int) -> tuple[Optional[dict], int]:
         """The state that holds latent ``idx`` and the latent's index in it.
@@ -621,21 +654,15 @@ class ActivationSampleAnalyzer:
 
         Raises:
             SamplesDirectoryError: The history file is corrupt or hostile.
-            SaveChangedError: A save was committed since this analyzer read its save (as for ``full_state.pt``).
+            SaveChangedError: Where files cannot be held open (not POSIX): a save was committed since this
+                analyzer read its save (as for ``full_state.pt``).
         """
         if self._history is _UNREAD:
             path = self.directory.history_path
             if path is None:
                 self._history = None
                 return None
-            self._check_same_save()
-            try:
-                history, signature = read_one_save(self.directory.path, lambda: FeatureHistory.from_file(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
-            self._history = history
+            self._history = self._read_pinned(HISTORY_NAME, lambda opened: FeatureHistory.from_file(path, opened))
         return self._history
 
     def _story(self, feature_idx: int) -> Optional[str]:

@@ -118,7 +118,8 @@ def write_samples_dir(
             (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
         full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
         history: Append the state's history window to ``training_history.pt``, thinned: a dict of ``top_tokens``,
-            ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots).
+            ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots),
+            and ``previous``: the history payload to append to (default: the directory's file).
         decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: written as ``decoder_directions.pt`` (unit rows,
             bfloat16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
         full_state_parts: Write the full state in parts cut at these ``(start, stop)`` latent ranges (the shards
@@ -240,8 +241,14 @@ def _write_pending(
 
 def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int], step: int, settings: dict,
                    decoder: TokenDecoder) -> None:
-    """Append the state's window to the committed history (read and checked) and write it into ``pending``."""
-    previous = read_existing_history(dirpath / HISTORY_NAME)
+    """Append the state's window to the history and write it into ``pending``.
+
+    The history is ``settings["previous"]`` when given (the collector's, carried by a checkpoint into any
+    ``dirpath``), else the committed file's (read and checked).
+    """
+    previous = settings.get("previous")
+    if previous is None:
+        previous = read_existing_history(dirpath / HISTORY_NAME)
     windows = windows_of_payload(previous) if previous is not None else []
     vocab = payload_vocab(previous) if previous is not None else {}
     window = window_of_state(state, step, int(settings["top_tokens"]), ranked, int(settings["samples_per_feature"]))
