@@ -36,6 +36,8 @@ _LAZY = {
     "CollectionSchedule": "lightning_sae_samples.schedule",
     "LatentInputError": "lightning_sae_samples.inputs",
     "LogitEffects": "lightning_sae_samples.analysis.records",
+    "MultiSAECallback": "lightning_sae_samples.multi.callback",
+    "MultiSAECollector": "lightning_sae_samples.multi.collector",
     "RowsWithRefs": "lightning_sae_samples.rows_with_refs",
     "TokenEffect": "lightning_sae_samples.analysis.records",
 }
@@ -59,6 +61,8 @@ __all__ = [
     "IntervalGroup",
     "LatentInputError",
     "LogitEffects",
+    "MultiSAECallback",
+    "MultiSAECollector",
     "RowsWithRefs",
     "RunSummary",
     "Sample",

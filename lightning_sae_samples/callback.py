@@ -27,7 +27,14 @@ from lightning_sae_samples.engine.distributed import gather_merged_state
 from lightning_sae_samples.engine.sample_collector import SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.health import FeatureHealthMonitor
-from lightning_sae_samples.inputs import NUM_LATENTS_ATTRS, InputKeys, LatentInputError, find_num_latents, read_latents
+from lightning_sae_samples.inputs import (
+    NUM_LATENTS_ATTRS,
+    InputKeys,
+    LatentBatch,
+    LatentInputError,
+    find_num_latents,
+    read_latents,
+)
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
@@ -194,6 +201,11 @@ class ActivationSampleCallback(Callback):
         return tokenizer
 
     @property
+    def uses_default_dirpath(self) -> bool:
+        """Whether this callback was given no ``dirpath`` (two such callbacks in one Trainer are refused)."""
+        return self._dirpath_arg is None
+
+    @property
     def collector(self) -> Optional[SampleCollector]:
         """The tensor state of this process's collection (``None`` before the first collected batch)."""
         return self.engine.collector
@@ -228,8 +240,7 @@ class ActivationSampleCallback(Callback):
         self._trainer = trainer
         self._shard_latents(trainer, self.settings.num_latents or find_num_latents(pl_module))
         if self.dirpath is None:
-            root = trainer.log_dir or trainer.default_root_dir
-            self.dirpath = Path(root) / "activation_samples"
+            self.dirpath = default_dirpath(self, trainer)
         if stage != "fit":
             if _EVAL_LOOPS.get(stage) in self.settings.collect_in:
                 self._take_dirpath_everywhere(trainer, replaces=False)
@@ -582,7 +593,10 @@ class ActivationSampleCallback(Callback):
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         if outputs is None:
             return
-        latents = read_latents(outputs, batch, self.keys)
+        self._fold(pl_module, read_latents(outputs, batch, self.keys))
+
+    def _fold(self, pl_module: Any, latents: LatentBatch) -> None:
+        """Fold one checked batch (``pl_module``: where a sparse batch's latent count is looked for)."""
         if self._tensor_parallel > 1 and latents.shard is None and self.engine.shard_layout is None:
             raise LatentInputError(
                 f"Under ModelParallelStrategy with tensor_parallel_size={self._tensor_parallel} the processes of a"
@@ -692,6 +706,24 @@ class ActivationSampleCallback(Callback):
             self._last_written, self._last_full_state = written, full_state
             self._last_save_step = trainer.global_step
             self._last_decoder = decoder is not None
+
+
+def default_dirpath(callback: Callback, trainer: pl.Trainer) -> Path:
+    """``<trainer.log_dir or default_root_dir>/activation_samples``, when no other samples callback defaults to it.
+
+    Raises:
+        ValueError: Another samples callback of ``trainer`` has no ``dirpath`` either (both would write there).
+    """
+    path = Path(trainer.log_dir or trainer.default_root_dir) / "activation_samples"
+    others = [cb for cb in trainer.callbacks if cb is not callback and getattr(cb, "uses_default_dirpath", False)]
+    if others and getattr(callback, "uses_default_dirpath", False):
+        names = ", ".join(type(cb).__name__ for cb in (callback, *others))
+        raise ValueError(
+            f"{names} in one Trainer all write to the default `dirpath` {str(path)!r}. Pass each its own"
+            " `dirpath=`, or collect several SAEs with one MultiSAECallback(saes=...), which writes each to"
+            " its own folder."
+        )
+    return path
 
 
 def _collected_so_far(merged: dict) -> tuple[int, ...]:

@@ -262,7 +262,8 @@ class ActivationSampleCollector:
         tokens = batch.tokens.to(device)
         mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
         real = ~padding_positions(tokens, mask)
-        check_token_ids(tokens, real, keys.tokens)
+        if not batch.ids_checked:
+            check_token_ids(tokens, real, keys.tokens)
         layout = self._shard_of(batch, keys)
         num_latents = self._num_latents_of(batch, keys, layout)
         if batch.indices is not None:

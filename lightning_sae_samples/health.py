@@ -114,10 +114,12 @@ class FeatureHealthMonitor:
     Args:
         dead_window_steps: Window, in optimizer steps, of the ``dead_frac`` metric.
         dense_threshold: Firing frequency above which a latent counts as dense.
+        prefix: Of the logged names (``feature_health/<name>/`` for each SAE of a run of many).
     """
 
-    def __init__(self, dead_window_steps: int, dense_threshold: float = DENSE_FREQUENCY) -> None:
+    def __init__(self, dead_window_steps: int, dense_threshold: float = DENSE_FREQUENCY, prefix: str = PREFIX) -> None:
         self.dead_window_steps = dead_window_steps
+        self.prefix = prefix
         self.dense_threshold = dense_threshold
         self._step: Optional[int] = None
         self._active: Optional[int] = None
@@ -164,6 +166,7 @@ class FeatureHealthMonitor:
         )
         if active is not None and tokens:
             metrics[f"{PREFIX}l0"] = float(active) / tokens
+        metrics = {self.prefix + name[len(PREFIX):]: value for name, value in metrics.items()}
         frequencies: Optional[Tensor] = None
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -172,5 +175,5 @@ class FeatureHealthMonitor:
                 if frequencies is None:
                     frequencies = log10_frequencies(collector.count, tokens_seen)
                 if frequencies.numel():
-                    add_histogram(f"{PREFIX}log10_frequency", frequencies, global_step=step)
+                    add_histogram(f"{self.prefix}log10_frequency", frequencies, global_step=step)
         return metrics

@@ -56,6 +56,7 @@ class LatentBatch:
 
     Exactly one of ``dense`` or (``indices``, ``values``) is set. Shuffled rows carry ``token_refs`` ``[N]`` in
     place of ``tokens`` (then empty ``[0, 0]``), with latents ``[N, ...]`` and an optional mask ``[N]``.
+    ``ids_checked``: the token ids were already found to fit the stored dtype (once per step for many SAEs).
     """
 
     tokens: Tensor
@@ -64,6 +65,7 @@ class LatentBatch:
     values: Optional[Tensor] = None
     attention_mask: Optional[Tensor] = None
     token_refs: Optional[Tensor] = None
+    ids_checked: bool = False
     #: Where dense latents that came as a ``DTensor`` sit among the SAE's (a ``sharding.ShardLayout``).
     shard: Optional[Any] = None
 

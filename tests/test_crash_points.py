@@ -17,8 +17,8 @@ from crash_points import count_operations, crash_before, files_of, one_of_each_k
 from helpers import DriftingSAE, TokenDataset, loader, make_callback, make_collector, padded_batches, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_sae_samples import read_samples_dir
-from lightning_sae_samples.samples_dir.names import LOCK_NAME, MANIFEST_NAME, PENDING_DIR
+from lightning_sae_samples import MultiSAECollector, read_samples_dir
+from lightning_sae_samples.samples_dir.names import LOCK_NAME, MANIFEST_NAME, PENDING_DIR, RUN_INDEX_NAME
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="crash points fork a child")
 
@@ -144,3 +144,48 @@ def test_a_pending_folder_an_older_version_left_half_made_is_cleared_and_saves_g
 
     assert read_samples_dir(samples).summary["global_step"] == 4
     assert not (samples / PENDING_DIR).exists()
+
+
+def _fed_run(batches):
+    """Two SAEs (dense and TopK) of one run fed the same batches."""
+    collector = MultiSAECollector({"l3": {}, "l5": {"num_latents": 9}}, context_size=2, write_report=False,
+                                  top_features_to_save=2)
+    for step, (tokens, mask, latents) in enumerate(batches):
+        values, indices = latents.topk(3, dim=-1)
+        collector.update(tokens, latents={"l3": latents, "l5": (indices, values)}, step=step, attention_mask=mask)
+    return collector
+
+
+def _save_run(collector, dirpath: Path, step: int) -> None:
+    try:
+        collector.save(dirpath, global_step=step)
+    finally:
+        collector.close()
+
+
+@pytest.mark.slow
+def test_a_crash_before_any_operation_of_a_run_save_leaves_each_sae_a_whole_save_and_the_next_one_succeeds(tmp_path):
+    batches = padded_batches(6, seed=3)
+    dirpath = tmp_path / "run"
+
+    def prepare() -> None:
+        _save_run(_fed_run(batches[:3]), dirpath, step=2)
+
+    prepare()
+    previous = {name: json.loads((dirpath / name / MANIFEST_NAME).read_text())["save_id"] for name in ("l3", "l5")}
+    operations = count_operations(lambda: _save_run(_fed_run(batches), dirpath, step=5), dirpath)
+    expected = files_of(dirpath, skip=(LOCK_NAME,))
+    new = {name: json.loads((dirpath / name / MANIFEST_NAME).read_text())["save_id"] for name in ("l3", "l5")}
+    shutil.rmtree(dirpath)
+    # One crash point of each kind on each kind of file, in each SAE's folder and the run folder.
+    flat = [[kind, path.replace("/", "|")] for kind, path in operations]
+    for i in one_of_each_kind(flat, range(len(operations))):
+        prepare()
+        crash_before(i, lambda: _save_run(_fed_run(batches), dirpath, step=5), dirpath)
+        for name in ("l3", "l5"):  # each SAE: its previous whole save or its new one, never a mix
+            seen = read_samples_dir(dirpath / name).summary["save_id"]
+            assert seen in (previous[name], new[name]), (i, operations[i], name)
+        assert (dirpath / RUN_INDEX_NAME).is_file(), (i, operations[i])
+        _save_run(_fed_run(batches), dirpath, step=5)
+        assert files_of(dirpath, skip=(LOCK_NAME,)) == expected, (i, operations[i])
+        shutil.rmtree(dirpath)

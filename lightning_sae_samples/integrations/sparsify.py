@@ -1,0 +1,175 @@
+"""EleutherAI sparsify: its own ``Trainer`` on several ``hookpoints``, with one samples directory per hookpoint.
+
+:class:`SamplesSparsifyTrainer` is sparsify's ``Trainer``, unchanged in what it trains. On the steps
+``collection_freq`` schedules, forward hooks on its SAEs (opened only for those language-model passes) catch each
+``ForwardOutput`` (``latent_indices``, ``latent_acts``), and the batch's ``input_ids`` are their tokens; a
+:class:`~lightning_sae_samples.MultiSAECollector` keeps them by hookpoint. Each sparsify checkpoint (``save``)
+writes the collection beside it and the run folder ``samples_dir/<hookpoint>/``; ``load_state`` restores both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from sparsify import Trainer
+from torch import Tensor
+
+from lightning_sae_samples.multi.capture import LatentCapture
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector
+from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
+from lightning_sae_samples.schedule import CollectionSchedule
+from lightning_sae_samples.state.validate import check_state
+from lightning_sae_samples.tokens import load_tokenizer
+
+#: The collection beside each sparsify checkpoint.
+STATE_NAME = "activation_samples_state.pt"
+PathLike = Union[str, Path]
+
+
+def sae_name(sparsify_name: str) -> str:
+    """The SAE (and folder) name of one of sparsify's SAEs: ``layers.3``, or ``layers.3.seed1`` for ``/seed1``."""
+    return sparsify_name.replace("/", ".")
+
+
+class SamplesSparsifyTrainer(Trainer):
+    """sparsify's ``Trainer`` that also keeps every latent's top activating contexts, per hookpoint.
+
+    Args:
+        cfg: sparsify's ``TrainConfig`` (``loss_fn="fvu"``, the default, or ``"ce"``/``"kl"``).
+        dataset: sparsify's dataset of ``input_ids`` sequences.
+        model: The language model.
+        samples_dir: The run folder: ``<hookpoint>/`` per SAE and the run index (default:
+            ``<cfg.save_dir>/<run name>/activation_samples``).
+        collection_freq: Collect every N-th optimizer step, or a schedule ``{start_step: N, ...}``.
+        tokenizer: Decodes the saved contexts: a tokenizer object, a Hugging Face name or path, or ``None``.
+        **settings: Fields of :class:`~lightning_sae_samples.CollectionConfig` for every SAE (``exclude_token_ids``
+            defaults to ``cfg.exclude_tokens``, which sparsify does not train on).
+
+    Raises:
+        ValueError: ``distribute_modules`` or ``micro_acc_steps > 1``, which this class does not collect yet.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        dataset: Any,
+        model: Any,
+        *,
+        samples_dir: Optional[PathLike] = None,
+        collection_freq: Union[int, dict[int, int]] = 1000,
+        tokenizer: Any = None,
+        **settings: Any,
+    ) -> None:
+        if cfg.distribute_modules or cfg.micro_acc_steps > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not collect with distribute_modules=True or micro_acc_steps > 1 yet"
+                " (an SAE then sees other ranks' rows, or runs several times a batch). Train without them."
+            )
+        super().__init__(cfg, dataset, model)
+        self.schedule = CollectionSchedule(collection_freq)
+        self.exclude_tokens_ids = [int(t) for t in cfg.exclude_tokens]
+        settings.setdefault("exclude_token_ids", self.exclude_tokens_ids)
+        self.samples = MultiSAECollector(
+            {sae_name(name): {"num_latents": int(sae.num_latents)} for name, sae in self.saes.items()}, **settings
+        )
+        self.checkpoint_dir = Path(cfg.save_dir) / (cfg.run_name or "unnamed")
+        self.samples_dir = Path(samples_dir) if samples_dir is not None else self.checkpoint_dir / "activation_samples"
+        self.tokenizer = load_tokenizer(tokenizer)
+        self._capture = LatentCapture({sae_name(name): sae for name, sae in self.saes.items()})
+        self._batch_tokens: Optional[Tensor] = None
+        self._batch = -1
+        #: Batches the restored collection covers: a checkpoint of sparsify's records the step of the last batch
+        #: it trained, which a resumed ``fit`` trains again; the collection does not count it twice.
+        self._batches_collected = 0
+        self.model.register_forward_pre_hook(self._before_model, with_kwargs=True)
+        self.model.register_forward_hook(self._after_model)
+
+    @property
+    def optimizer_step(self) -> int:
+        """The optimizer step of the batch being trained (sparsify counts batches in ``global_step``)."""
+        return self.global_step // self.cfg.grad_acc_steps
+
+    def _before_model(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """On a scheduled step, keep the batch's tokens and hook the SAEs for this language-model pass."""
+        self._batch = self.global_step
+        if self.global_step < self._batches_collected or not self.schedule.is_due(self.optimizer_step):
+            return
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if isinstance(tokens, Tensor):
+            self._batch_tokens = tokens
+            self._capture.open()
+
+    def _after_model(self, module: Any, args: tuple, output: Any) -> None:
+        """Fold what the SAEs returned during the pass (none in a clean pass of ``loss_fn="kl"``)."""
+        if not self._capture.is_open:
+            return
+        self._capture.close()
+        outputs, tokens, self._batch_tokens = self._capture.take(), self._batch_tokens, None
+        if not outputs:
+            return
+        latents = {name: self._per_token(tokens, out) for name, out in outputs.items()}
+        self.samples.update(tokens, latents=latents, step=self.optimizer_step)
+
+    def _per_token(self, tokens: Tensor, out: Any) -> tuple[Tensor, Tensor]:
+        """An SAE's ``(indices, values)`` ``[B*T, k]``: sparsify encodes only the tokens it trains on."""
+        indices, values = out.latent_indices, out.latent_acts
+        if not self.exclude_tokens_ids:
+            return indices, values
+        kept = ~torch.isin(tokens, torch.tensor(self.exclude_tokens_ids, device=tokens.device)).view(-1)
+        # Excluded tokens are never collected (exclude_token_ids); they get distinct indices with value 0.
+        all_indices = torch.arange(indices.shape[-1], device=indices.device).expand(kept.numel(), -1).clone()
+        all_values = values.new_zeros(kept.numel(), values.shape[-1])
+        all_indices[kept], all_values[kept] = indices, values
+        return all_indices, all_values
+
+    def save(self) -> None:
+        """The sparsify checkpoint, the collection beside it (``STATE_NAME``), then the run folder."""
+        super().save()
+        batches = max(self._batch + 1, self._batches_collected)
+        state = {"version": MULTI_STATE_VERSION, "batches": batches, "collector": self.samples.state_dict()}
+        if self._rank() == 0:
+            atomic_torch_save(self.checkpoint_dir / STATE_NAME, state)
+        self.save_samples()
+
+    def save_samples(self) -> dict[str, list[int]]:
+        """Write the run folder (a collective under DDP); each SAE's saved feature indices, best first."""
+        return self.samples.save(self.samples_dir, self.tokenizer, global_step=self.optimizer_step)
+
+    def load_state(self, path: str) -> None:
+        """The sparsify state and the collection saved beside it (a checkpoint without one starts afresh).
+
+        Raises:
+            ValueError: ``STATE_NAME`` is not a state this class wrote, or holds other SAEs.
+        """
+        super().load_state(path)
+        file = Path(path) / STATE_NAME
+        if not file.is_file():
+            return
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+            raise ValueError(f"{file} cannot be read as a collector state: {err}") from None
+        if not isinstance(state, dict) or state.get("version") != MULTI_STATE_VERSION:
+            raise ValueError(f"{file}: `version` must be {MULTI_STATE_VERSION}; it is not a state this class wrote.")
+        batches = state.get("batches")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"{file}: `batches` must be an integer >= 0, found {batches!r}.")
+        collected = state.get("collector")
+        saes = collected.get("saes") if isinstance(collected, dict) else None
+        try:
+            for name, entry in (saes or {}).items():
+                if isinstance(entry, dict) and entry.get("collector") is not None:
+                    try:
+                        check_state(entry["collector"])
+                    except ValueError as err:
+                        raise ValueError(f"SAE {name!r}: {err}") from None
+            self.samples.load_state_dict(collected if isinstance(collected, dict) else {})
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
+        self._batches_collected = batches
+
+    def _rank(self) -> int:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return torch.distributed.get_rank() if distributed else 0
