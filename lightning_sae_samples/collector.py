@@ -43,6 +43,7 @@ from lightning_sae_samples.inputs import (
     check_latents,
     check_rows,
     check_token_ids,
+    local_batch,
 )
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir
@@ -50,7 +51,7 @@ from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
 from lightning_sae_samples.samples_dir.names import HISTORY_NAME, LOCK_NAME, REPORT_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
-from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, local_batch, merge_shards
+from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, merge_shards
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
 from lightning_sae_samples.state.slices import slice_state
 from lightning_sae_samples.state.tables import kept_per_latent

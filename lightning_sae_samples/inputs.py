@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from lightning_sae_samples.arguments import TOKEN_ID_MAX
 from lightning_sae_samples.config import CallbackConfig
+from lightning_sae_samples.sharding import ShardLayout
 
 NUM_LATENTS_ATTRS = ("num_latents", "d_sae", "n_latents", "dict_size")
 
@@ -322,8 +324,6 @@ def check_latents(
             )
         if not isinstance(dense, Tensor) or not dense.is_floating_point():
             raise LatentInputError(f"`{keys.latents}` must be a floating-point tensor.")
-        from lightning_sae_samples.sharding import unwrap_dtensor  # it reads batches: imported here, not above
-
         dense, shard = unwrap_dtensor(dense, keys.latents)
         return LatentBatch(tokens=tokens, dense=_plain(_as_rows(dense, tokens, keys.latents)), attention_mask=mask,
                            shard=shard)
@@ -440,3 +440,66 @@ def check_indices_in_range(
             f"`{key}` holds indices in [{low}, {high}] but the SAE has {num_latents} latents (valid:"
             f" 0..{num_latents - 1}). Check `num_latents` and that indices index the latent dimension."
         )
+
+
+def unwrap_dtensor(latents: Any, name: str) -> tuple[Any, Optional[ShardLayout]]:
+    """Dense latents as a local tensor, and the shard layout a ``DTensor`` holding them says.
+
+    A plain tensor comes back as it is, with no layout.
+
+    Raises:
+        LatentInputError: The ``DTensor`` is not sharded on its latent dimension alone (replicated on processes
+            that see the same tokens, partial, or sharded on another dimension).
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return latents, None
+    if not isinstance(latents, DTensor):
+        return latents, None
+    mesh, placements, last = latents.device_mesh, latents.placements, latents.dim() - 1
+    sharded = [i for i, p in enumerate(placements) if p.is_shard() and p.dim % latents.dim() == last]
+    other = [p for i, p in enumerate(placements) if i not in sharded and (not p.is_replicate() or mesh.size(i) > 1)]
+    if len(sharded) != 1 or other:
+        raise LatentInputError(
+            f"`{name}` is a DTensor with placements {tuple(placements)} on a mesh of shape {tuple(mesh.shape)}: the"
+            " collection takes latents sharded on their last (latent) dimension over one mesh dimension, e.g."
+            " `ColwiseParallel(use_local_output=False)` on the encoder. Latents replicated over processes that see"
+            " the same tokens would count each token once per process: return them sharded"
+            " (`.redistribute(mesh, [Shard(-1)])`), or as a plain tensor on one process only."
+        )
+    dim = sharded[0]
+    layout = ShardLayout.even(int(latents.shape[-1]), mesh.size(dim), mesh.get_local_rank(dim))
+    local = latents.to_local()
+    if local.shape[-1] != layout.local:
+        raise LatentInputError(
+            f"`{name}` is a DTensor whose local shard has {local.shape[-1]} latents where an even split of"
+            f" {layout.total} over {mesh.size(dim)} processes gives {layout.local}; pass the collection an explicit"
+            " `shard_layout`."
+        )
+    return local, layout
+
+
+def local_batch(batch: LatentBatch, layout: ShardLayout, key: str) -> LatentBatch:
+    """A checked batch with only this shard's latents, numbered from 0.
+
+    Dense latents must be the shard's own ``[..., local]``. Sparse indices are global ids: the active latents of
+    other shards become entries that select nothing (index ``-1``, a value below any threshold).
+    """
+    if batch.dense is not None:
+        if batch.dense.shape[-1] != layout.local:
+            raise LatentInputError(
+                f"`{key}` has {batch.dense.shape[-1]} latents, and this process's shard holds {layout.local} (latents"
+                f" {layout.offset} to {layout.stop - 1} of {layout.total}); the processes of a tensor-parallel group"
+                " see the same tokens, so all latents on each would count every token once per process. Return this"
+                " process's shard of the latents, or a DTensor sharded on the latent dimension."
+            )
+        return batch
+    assert batch.indices is not None and batch.values is not None
+    inside = (batch.indices >= layout.offset) & (batch.indices < layout.stop)
+    lowest = torch.finfo(batch.values.dtype).min
+    return dataclasses.replace(
+        batch,
+        indices=torch.where(inside, batch.indices - layout.offset, -1),
+        values=torch.where(inside, batch.values, torch.full_like(batch.values, lowest)),
+    )

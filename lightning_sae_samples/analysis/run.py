@@ -103,7 +103,7 @@ class RunAnalyzer(Mapping[str, "ActivationSampleAnalyzer"]):
                 f"{self.path} has no SAE {name!r}; its SAEs are {', '.join(map(repr, self.names))}."
             )
         if name not in self._opened:
-            from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+            from lightning_sae_samples import ActivationSampleAnalyzer  # the public class: analyzer.py opens runs
 
             self._opened[name] = ActivationSampleAnalyzer(self.path / name, self.template_dir, self.tokenizer)
         return self._opened[name]
