@@ -53,6 +53,16 @@ def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
     return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def indices_of(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` True entries of a 1-D ``mask``, ascending, without a host sync (the count is known)."""
+    try:
+        return torch.nonzero_static(mask, size=count).view(-1)
+    except (NotImplementedError, RuntimeError):  # a device without nonzero_static
+        place = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
+        out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+        return out.scatter_(0, place, torch.arange(len(mask), device=mask.device))[:count]
+
+
 def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
     return torch.promote_types(a, b)
@@ -123,17 +133,22 @@ class BatchContext:
         same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
         return torch.where(same, tokens, EMPTY)
 
-    def compute_windows(self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS) -> None:
+    def compute_windows(
+        self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS, walking: Optional[Tensor] = None
+    ) -> None:
         """Compute the window ``fields`` of these candidates (the union of what every table may keep), once.
 
         De-duplication hashes ``context_tokens``: ask for them where a table keeping refs de-duplicates.
+        ``walking``: the candidates whose window holds other activations of their latent, where the window
+        reader tells them apart (see :class:`~lightning_sae_samples.engine.windows.SparseWindowActs`).
         """
         token_idx = self.token_idx[candidate]
         self.windows = {"position": self.positions_of(token_idx)}
         if "context_tokens" in fields:
             self.windows["context_tokens"] = self.window_tokens(token_idx)
         if "context_acts" in fields:
-            self.windows["context_acts"] = self.window_acts(candidate)
+            acts = self.window_acts(candidate) if walking is None else self.window_acts(candidate, walking)
+            self.windows["context_acts"] = acts
         if "token_ref" in fields:
             self.windows["token_ref"] = self.token_refs(token_idx)
         self.window_of = torch.full_like(self.token_idx, EMPTY)
