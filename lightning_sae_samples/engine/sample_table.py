@@ -260,13 +260,16 @@ class SampleTable:
         #: The window fields of stored samples, one row per pool slot (rows point at them through ``slot``).
         dtypes = {"context_tokens": token_dtype, "context_acts": acts_dtype}
         self.pool: dict[str, Tensor] = {
-            name: torch.empty((0, window) if name.startswith("context_") else (0,),
+            name: torch.empty((1, window) if name.startswith("context_") else (1,),
                               dtype=dtypes.get(name, SAMPLE_FIELD[name].dtype), device=device)
             for name in window_fields
         }
         self.next_unused = 0
         self.fill_bound = 0
+        #: Samples kept per row (they fill a prefix of it).
+        self.fill = torch.zeros(rows, dtype=torch.int16 if capacity < 2**15 else torch.int32, device=device)
         self.released = torch.empty(0, dtype=torch.int64, device=device)
+        self._bounds: Optional[Tensor] = None
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
         self._staged_count = 0
@@ -303,9 +306,10 @@ class SampleTable:
                 tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
         for name in self.window_fields:
             pool = self.pool[name]
-            self.pool[name] = pool.new_empty((0, *pool.shape[1:]))
+            self.pool[name] = pool.new_empty((1, *pool.shape[1:]))
         self.next_unused = 0
         self.fill_bound = 0
+        self.fill.zero_()
         self.released = self.released[:0]
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         self._floor = None
@@ -370,58 +374,68 @@ class SampleTable:
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
         is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
-        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched.
+        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size
+        the merge needs is read back from the device at once (one host sync per merge).
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
         # `capacity` new samples can enter.
         perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
         row = new["row"][perm]
-        per_row = torch.bincount(row, minlength=self.rows)
+        per_row = torch.zeros(self.rows, dtype=torch.int64, device=dev).index_add_(0, row, torch.ones_like(row))
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
-        keep = (rank < cap).nonzero(as_tuple=True)[0]
+        arriving = per_row.clamp(max=cap)
+        # A row ends with min(capacity, kept + arriving) samples, so that many minus the kept ones take new slots.
+        fill = (self.fill + arriving).clamp(max=cap)
+        touched = per_row > 0
+        bounds = self._range_ends()
+        sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0), torch.cumsum(fill - self.fill, 0)])
+        head = torch.stack([arriving.max(), fill.max()])
+        sizes = torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)]).tolist()  # the one sync
+        width, fill_bound, count = sizes[0], sizes[1], len(bounds)
+        touched_end, kept_end, fresh_end = (sizes[2 + i * count : 2 + (i + 1) * count] for i in range(3))
+        if not width:
+            return
+        keep = indices_of(rank < cap, kept_end[-1])
         perm, rank = perm[keep], rank[keep]
         new = {name: value[perm] for name, value in new.items()}
-        touched = (per_row > 0).nonzero(as_tuple=True)[0]
-        if not len(touched):
-            return
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
-        width = int(rank.max()) + 1
         span = min(cap, self.fill_bound + width)
         arrived = sum(len(index) for _, index in arrivals)
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        chunk = max(1, self.policy.merge_cells // (span + width))
-        if chunk >= len(touched):
-            self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
-        else:
-            # One chunk takes its slots in one growth anyway; many would double the pool chunk by chunk.
-            self._reserve_for(touched, per_row, span, chunk, len(rank))
-            ends = torch.cumsum(per_row[touched].clamp(max=cap), 0)[chunk - 1 :: chunk].tolist()
-            first, lo = 0, 0
-            for hi in [*ends[: -1 if len(touched) % chunk == 0 else None], len(rank)]:
-                rows = touched[first : first + chunk]
-                part = {name: value[lo:hi] for name, value in new.items()}
-                self._merge_rows(rows, part, rank[lo:hi], width, span, destination, False)
-                first, lo = first + chunk, hi
+        fresh_slots = self._take_slots(fresh_end[-1])
+        first_row = [0, *[end + 1 for end in bounds[:-1]]]
+        touched_start, kept_start, fresh_start = ([0, *column[:-1]] for column in (touched_end, kept_end, fresh_end))
+        # Ranges of rows merged at once: consecutive ones while their touched rows' places fit `merge_cells`.
+        lo = 0
+        for hi in range(1, count + 1):
+            if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
+                continue
+            num_touched = touched_end[hi - 1] - touched_start[lo]
+            if num_touched:
+                r0, r1 = first_row[lo], bounds[hi - 1] + 1
+                rows = indices_of(touched[r0:r1], num_touched) + r0
+                part = slice(kept_start[lo], kept_end[hi - 1])
+                slots = fresh_slots[fresh_start[lo] : fresh_end[hi - 1]]
+                self._merge_rows(rows, {name: value[part] for name, value in new.items()}, rank[part], width, span,
+                                 destination, num_touched == self.rows, slots)
+            lo = hi
+        self.fill.copy_(fill)
+        self.fill_bound = fill_bound
         self._write_windows(destination, arrivals)
 
-    def _reserve_for(self, touched: Tensor, per_row: Tensor, span: int, chunk: int, entering: int) -> None:
-        """Grow the pool once for a merge: by the most never used slots its new samples can take.
+    def _range_ends(self) -> list[int]:
+        """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
+        rows = max(1, self.policy.merge_cells // (2 * self.capacity))
+        return [min(end, self.rows - 1) for end in range(rows - 1, self.rows + rows - 1, rows)] or [0]
 
-        A row takes never used slots only while it has empty places, so at most ``capacity - fill`` of them;
-        one growth up front spares the pool the copies (and the transient double size) of growing chunk by chunk.
-        """
-        needed = self.next_unused + entering - len(self.released)
-        if needed <= self.pool_slots:
-            return
-        bound = 0
-        for first in range(0, len(touched), chunk):
-            rows = touched[first : first + chunk]
-            room = self.capacity - (self.slot[rows, :span] != EMPTY).sum(1)
-            bound += int(torch.minimum(per_row[rows], room).sum())
-        self._reserve(self.next_unused + max(0, bound - len(self.released)))
+    def _bounds_on(self, device: torch.device) -> Tensor:
+        """:meth:`_range_ends` as a tensor on ``device``, made once."""
+        if self._bounds is None:
+            self._bounds = torch.tensor(self._range_ends(), dtype=torch.int64, device=device)
+        return self._bounds
 
     def _merge_rows(
         self,
@@ -432,10 +446,12 @@ class SampleTable:
         span: int,
         destination: Tensor,
         all_rows: bool,
+        fresh_slots: Tensor,
     ) -> None:
         """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
 
-        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival).
+        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival); entering samples
+        that take no pushed-out sample's slot take ``fresh_slots`` in order.
         """
         dev = self.values.device
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -458,22 +474,21 @@ class SampleTable:
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
         taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
-        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], span)
+        pos_old = indices_of((~taken).view(-1), grid[0] * span).view(grid[0], span) % (span + width)
         entered = (pos_new < span).sum(1, keepdim=True)
         pos_old.clamp_(max=span)
         pos_new.clamp_(max=span)
         # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
-        # or never used (or released) ones where they were empty.
+        # or fresh ones where they were empty. A new sample that does not enter lands past the span.
         old_slots = kept("slot")
         new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
-        enters = (rank < entered[local, 0]).nonzero(as_tuple=True)[0]
-        source = new["source"][enters]
-        at = local[enters] * width + rank[enters]
+        enters = rank < entered[local, 0]
+        at = local * width + rank
         slot = new_slots.view(-1)[at]
-        fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
-        if len(fresh):
-            # Never used slots go in row order, so the windows of a row land side by side.
-            slot[fresh] = self._take_slots(len(fresh)).to(slot.dtype)
+        fresh = enters & (slot == EMPTY)
+        if len(fresh_slots):
+            # Fresh slots go in row order, so the windows of a row land side by side.
+            slot = torch.where(fresh, fresh_slots[(torch.cumsum(fresh, 0) - 1).clamp(min=0)].to(slot.dtype), slot)
             new_slots.view(-1)[at] = slot
 
         fields = [
@@ -494,22 +509,22 @@ class SampleTable:
                 getattr(self, name)[:, :span] = merged[:, :span]
             else:
                 getattr(self, name)[touched, :span] = merged[:, :span]
-            if name == "slot":
-                self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
-        destination.index_copy_(0, source, slot.long())
+        destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
-        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""
+        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1.
+
+        The others are written to the pool's scratch row (past its slots), which spares a sync to find them.
+        """
         start = 0
+        scratch = self.pool_slots
         for windows, index in arrivals:
             part = destination[start : start + len(index)]
             start += len(index)
-            entering = (part != EMPTY).nonzero(as_tuple=True)[0]
-            if not len(entering):
-                continue
+            part = torch.where(part == EMPTY, scratch, part)
             for name in self.window_fields:
                 pool = self.pool[name]
-                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
+                pool.index_copy_(0, part, windows[name].index_select(0, index).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
@@ -541,8 +556,8 @@ class SampleTable:
 
     @property
     def pool_slots(self) -> int:
-        """Slots the context-window pool holds now (it grows as samples are stored)."""
-        return len(self.pool["position"])
+        """Slots the context-window pool holds now (it grows as samples are stored); a scratch row follows them."""
+        return len(self.pool["position"]) - 1
 
     def _reserve(self, slots: int) -> None:
         """Grow the pool to hold at least ``slots`` windows: doubling, at most ``rows * capacity``."""
@@ -553,8 +568,8 @@ class SampleTable:
         for name in self.window_fields:
             pool = self.pool[name]
             # Slots past `next_unused` are written before they are read, so the new part needs no fill.
-            bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            bigger[:size] = pool
+            bigger = torch.empty((grown + 1, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            bigger[:size] = pool[:size]
             self.pool[name] = bigger
 
     def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
@@ -586,6 +601,7 @@ class SampleTable:
         if not len(rows):
             return
         self.released = torch.cat([self.released, self.slot[rows, columns].long()])
+        self.fill.index_add_(0, rows, torch.full_like(rows, -1, dtype=self.fill.dtype))
         self.values[rows, columns] = -math.inf
         if self.random_priority:
             self.priority[rows, columns] = -math.inf
@@ -685,6 +701,7 @@ class SampleTable:
         self._reserve(total)
         self.next_unused = total
         self.fill_bound = int(count.max()) if len(count) else 0
+        self.fill.copy_(count)
         for name in self.window_fields:
             pool = self.pool[name]
             pool[:total] = table[name].to(device=dev, dtype=pool.dtype)
