@@ -20,6 +20,7 @@ from lightning_sae_samples.engine.sample_table import (
     MergePolicy,
     SampleTable,
     acts_dtype_for,
+    flush_tables,
     indices_of,
     token_dtype_for,
 )
@@ -29,6 +30,7 @@ from lightning_sae_samples.engine.windows import (
     TokenPositions,
     above_threshold,
     dense_hits,
+    rounded_threshold,
 )
 from lightning_sae_samples.state.schema import (
     EMPTY,
@@ -155,6 +157,8 @@ class SampleCollector:
         self.config = config
         self.policy = policy
         device = torch.device(device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            rounded_threshold(config.activation_threshold, dtype)  # cached: no tensor op in a collection
         num_latents, w = config.num_latents, config.window
         #: The kept samples hold token refs (``row_windows="refs"``), not windows.
         self.keeps_refs = config.row_windows == "refs"
@@ -514,7 +518,8 @@ class SampleCollector:
         batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False)
+        flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
         """Count the non-finite values of the collected rows that hold one (a rare batch has any)."""

@@ -17,6 +17,7 @@ so its memory follows the samples stored, not the capacity ``rows * capacity``.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,7 +31,7 @@ from lightning_sae_samples.state.schema import EMPTY, REF_FIELDS, SAMPLE_FIELD, 
 
 __all__ = [
     "DEFAULT_POLICY", "EMPTY", "REF_FIELDS", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "MergePolicy",
-    "SampleTable",
+    "SampleTable", "flush_tables",
     "merge_exported", "sort_samples",
 ]
 
@@ -163,6 +164,22 @@ class BatchContext:
         if self._hashes is None:
             self._hashes = context_hash(self.windows["context_tokens"])
         return self._hashes[window]
+
+
+def flush_tables(tables: list[SampleTable]) -> None:
+    """Merge the staged samples of several tables, reading back the sizes of all their merges in one host sync."""
+    steps = [table._flush_steps() for table in tables if table._staged]
+    asked = [next(step) for step in steps]
+    if not asked:
+        return
+    sizes = torch.cat(asked).tolist()
+    start = 0
+    for step, ask in zip(steps, asked):
+        try:
+            step.send(sizes[start : start + len(ask)])
+        except StopIteration:
+            pass
+        start += len(ask)
 
 
 def _group_key(row: Tensor, priority: Tensor) -> Tensor:
@@ -324,19 +341,22 @@ class SampleTable:
             self._floor = self.sort_key[:, -1].contiguous()
         return priority > self._floor[row]
 
-    def insert(self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext) -> None:
+    def insert(
+        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext, flush: bool = True
+    ) -> None:
         """Stage candidates of ``batch`` that passed :meth:`can_enter`, in token order.
 
-        Their windows must be in ``batch.windows``. Token order breaks ties among new samples.
+        Their windows must be in ``batch.windows``. Token order breaks ties among new samples. ``flush``: merge
+        when :attr:`due`; ``False`` leaves it to the caller (see :func:`flush_tables`).
         """
         if not len(row):
             return
         token_idx = batch.token_idx[candidate]
         if self.dedup_radius is not None:
             group, position = batch.overlap_groups(row, token_idx)
-            keep = suppress_overlaps(group, position, priority, self.dedup_radius)
+            keep = suppress_overlaps(group, position, priority, self.dedup_radius).nonzero(as_tuple=True)[0]
             row, candidate, priority, value, token_idx = (
-                t[keep] for t in (row, candidate, priority, value, token_idx)
+                t.index_select(0, keep) for t in (row, candidate, priority, value, token_idx)
             )
         window = batch.window_of[candidate]
         staged = {
@@ -352,13 +372,20 @@ class SampleTable:
         self._staged.append(staged)
         self._staged_windows.append(batch.windows)
         self._staged_count += len(row)
-        if self._staged_count >= self.stage_limit:
+        if flush and self.due:
             self.flush()
+
+    @property
+    def due(self) -> bool:
+        """Whether the staged samples should be merged now (they reached :attr:`stage_limit`)."""
+        return self._staged_count >= self.stage_limit
 
     def flush(self) -> None:
         """Merge the staged samples into the sorted rows."""
-        if not self._staged:
-            return
+        flush_tables([self])
+
+    def _flush_steps(self) -> Generator[Tensor, list[int], None]:
+        """:meth:`flush` in two steps: it yields the sizes it must read back, and goes on when sent them."""
         parts, windows = self._staged, self._staged_windows
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
@@ -366,10 +393,12 @@ class SampleTable:
         arrivals = [(batch_windows, part["window"]) for batch_windows, part in zip(windows, parts)]
         if self.dedup_radius is not None:
             new = self._resolve_classes(new)
-        self._merge(new, arrivals)
+        yield from self._merge(new, arrivals)
         self._floor = None
 
-    def _merge(self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
+    def _merge(
+        self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]
+    ) -> Generator[Tensor, list[int], None]:
         """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
@@ -391,7 +420,7 @@ class SampleTable:
         bounds = self._range_ends()
         sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0), torch.cumsum(fill - self.fill, 0)])
         head = torch.stack([arriving.max(), fill.max()])
-        sizes = torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)]).tolist()  # the one sync
+        sizes = yield torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)])  # read back at once
         width, fill_bound, count = sizes[0], sizes[1], len(bounds)
         touched_end, kept_end, fresh_end = (sizes[2 + i * count : 2 + (i + 1) * count] for i in range(3))
         if not width:
@@ -535,15 +564,15 @@ class SampleTable:
         row, priority, hashes = new["row"], new["sort"], new["hash"]
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
-        best = best_of_each_class(row, hashes, preference)
-        new = {name: value[best] for name, value in new.items()}
+        best = best_of_each_class(row, hashes, preference).nonzero(as_tuple=True)[0]
+        new = {name: value.index_select(0, best) for name, value in new.items()}
         row, priority, hashes = new["row"], new["sort"], new["hash"]
         kept_class, column = self._kept_of_class(row, hashes)
         old_wins = kept_class & (self.sort_key[row, column] >= priority.to(self.sort_key.dtype))
         replaced = kept_class & ~old_wins
         self._evict(row[replaced], column[replaced])
-        survive = ~old_wins
-        return {name: value[survive] for name, value in new.items()}
+        survive = (~old_wins).nonzero(as_tuple=True)[0]
+        return {name: value.index_select(0, survive) for name, value in new.items()}
 
     def _take_slots(self, count: int) -> Tensor:
         """Pool slots for new samples: released ones first, then never used ones in order."""

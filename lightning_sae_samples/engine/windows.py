@@ -24,12 +24,12 @@ def above_threshold(values: Tensor, threshold: float) -> Tensor:
     first, which can admit or drop values equal to the rounded threshold. This picks ``>`` or ``>=``
     against the rounded threshold so the result equals the comparison in exact arithmetic.
     """
-    rounded, inclusive = _rounded_threshold(float(threshold), values.dtype)
+    rounded, inclusive = rounded_threshold(float(threshold), values.dtype)
     return values >= rounded if inclusive else values > rounded
 
 
 @functools.lru_cache(maxsize=64)
-def _rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
+def rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
     """``threshold`` rounded to ``dtype``, and whether ``>=`` against it equals ``>`` against the exact one.
 
     Cached: a collection asks with the same threshold and dtype every time, and pays no tensor op for it.
