@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import stat
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_sae_samples.samples_dir.atomic import atomic_write_json
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
@@ -22,6 +24,7 @@ from lightning_sae_samples.samples_dir.names import (
     MANIFEST_NAME,
     PENDING_DIR,
     PENDING_MARKER,
+    PENDING_STAGING_PREFIX,
     SNAPSHOTS_DIR,
     SUMMARY_NAME,
     WRITER_ID,
@@ -57,10 +60,75 @@ def _is_empty_dir(path: Path) -> bool:
     return info is not None and stat.S_ISDIR(info.st_mode) and not any(path.iterdir())
 
 
+#: The marker's temporary name while it is written (see :func:`~.atomic.atomic_write`).
+_MARKER_TMP = f".{PENDING_MARKER}.tmp"
+
+
+def _entries(path: Path) -> Optional[set[str]]:
+    """The names in ``path`` if it is a real directory (not a symlink), else ``None``."""
+    info = lstat_or_none(path)
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        return None
+    return set(os.listdir(path))
+
+
+def _is_half_made_pending(pending: Path) -> bool:
+    """A pending directory that versions before 0.2 created, then died before its marker was complete.
+
+    Those versions made the directory first and wrote the marker into it after, so a kill in between left
+    ``.sae_samples_pending/`` holding only the marker's temporary file; it is ours and is cleared like one.
+    """
+    return _entries(pending) == {_MARKER_TMP} and is_plain_file(pending / _MARKER_TMP)
+
+
+def _is_our_staging(path: Path) -> bool:
+    """A folder where a save was making its pending directory when it died: our name, and only our marker in it."""
+    if not path.name.startswith(PENDING_STAGING_PREFIX):
+        return False
+    names = _entries(path)
+    return names is not None and names <= {PENDING_MARKER, _MARKER_TMP} and all(
+        is_plain_file(path / name) for name in names
+    )
+
+
+def create_pending(dirpath: Path) -> Path:
+    """Make the pending directory with its marker already inside, so it is never seen without one.
+
+    The directory is made under a unique staging name, given its marker, and renamed into place (one atomic
+    step). A crash before the rename leaves only the staging folder, which the next save clears.
+    """
+    pending = dirpath / PENDING_DIR
+    staging = dirpath / f"{PENDING_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(staging)
+    try:
+        atomic_write_json(staging / PENDING_MARKER, {"writer": WRITER_ID})
+        os.rename(staging, pending)
+    except BaseException:
+        _clear_staging(staging)
+        raise
+    return pending
+
+
+def _clear_staging(staging: Path) -> None:
+    """Remove a staging folder of ours (its marker files, then the folder); anything else leaves it in place."""
+    if not _is_our_staging(staging):
+        return
+    try:
+        for name in (_MARKER_TMP, PENDING_MARKER):
+            (staging / name).unlink(missing_ok=True)
+        staging.rmdir()
+    except OSError:
+        pass
+
+
 def _pending_is_ours(pending: Path) -> bool:
-    """A real directory (not a symlink) holding our marker file."""
+    """A real directory (not a symlink) holding our marker file, or one an older version left without it."""
     info = lstat_or_none(pending)
-    if info is None or not stat.S_ISDIR(info.st_mode) or not is_plain_file(pending / PENDING_MARKER):
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        return False
+    if _is_half_made_pending(pending):
+        return True
+    if not is_plain_file(pending / PENDING_MARKER):
         return False
     try:
         marker = json.loads((pending / PENDING_MARKER).read_text(encoding="utf-8"))
@@ -70,13 +138,16 @@ def _pending_is_ours(pending: Path) -> bool:
 
 
 def foreign_entries(dirpath: PathLike) -> list[Path]:
-    """Pending directories in ``dirpath`` that this writer did not create; they are left alone."""
+    """Pending and staging directories in ``dirpath`` that this writer did not create; they are left alone."""
     dirpath = Path(dirpath)
     found = []
     for name in (PENDING_DIR, ".pending"):
         path = dirpath / name
         if lstat_or_none(path) is not None and not _pending_is_ours(path) and not _is_empty_dir(path):
             found.append(path)
+    found.extend(
+        path for path in sorted(dirpath.glob(f"{PENDING_STAGING_PREFIX}*")) if not _is_our_staging(path)
+    )
     return found
 
 
@@ -104,8 +175,9 @@ def _holds_only_snapshots(path: Path) -> bool:
     if info is None or not stat.S_ISDIR(info.st_mode):
         return False
     return all(
-        re.fullmatch(r"step_\d+", child.name) and (read_manifest(child) is not None or _is_empty_dir(child)
-                                                   or _commits_a_manifest(child / PENDING_DIR))
+        re.fullmatch(r"step_\d+", child.name) and (read_manifest(child) is not None
+                                                   or _commits_a_manifest(child / PENDING_DIR)
+                                                   or not _foreign_names(child))
         for child in path.iterdir()
     )
 
@@ -116,6 +188,20 @@ def _holds_only_explanations(path: Path) -> bool:
     if info is None or not stat.S_ISDIR(info.st_mode):
         return False
     return all(child.name in (EXPLANATIONS_NAME, EXPLANATIONS_LOCK) for child in path.iterdir())
+
+
+def _foreign_names(dirpath: Path) -> list[str]:
+    """The entries of a directory without a save of ours that are not what our runs leave there, sorted."""
+    return sorted(
+        p.name
+        for p in dirpath.iterdir()
+        if p.name != LOCK_NAME
+        and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
+        and not _is_our_staging(p)
+        and not p.name.startswith(".write_probe_")
+        and not (p.name == SNAPSHOTS_DIR and _holds_only_snapshots(p))
+        and not (p.name == EXPLANATIONS_DIR and _holds_only_explanations(p))
+    )
 
 
 def claim_samples_dir(dirpath: PathLike) -> bool:
@@ -131,15 +217,7 @@ def claim_samples_dir(dirpath: PathLike) -> bool:
     dirpath = Path(dirpath)
     if read_manifest(dirpath) is not None or _commits_a_manifest(dirpath / PENDING_DIR):
         return True
-    others = sorted(
-        p.name
-        for p in dirpath.iterdir()
-        if p.name != LOCK_NAME
-        and not (p.name == PENDING_DIR and (_pending_is_ours(p) or _is_empty_dir(p)))
-        and not p.name.startswith(".write_probe_")
-        and not (p.name == SNAPSHOTS_DIR and _holds_only_snapshots(p))
-        and not (p.name == EXPLANATIONS_DIR and _holds_only_explanations(p))
-    )
+    others = _foreign_names(dirpath)
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise SamplesDirectoryError(
@@ -243,7 +321,7 @@ def _clear_pending(pending: Path) -> None:
     if left:
         _warn(f"Left {pending} in place: it holds entries this writer did not write ({', '.join(left[:5])}).")
         return
-    (pending / PENDING_MARKER).unlink()
+    (pending / PENDING_MARKER).unlink(missing_ok=True)
     pending.rmdir()
 
 
@@ -254,3 +332,5 @@ def _recover(dirpath: Path) -> None:
     if record is not None:
         _apply_commit(dirpath, record)
     _clear_pending(pending)
+    for staging in sorted(dirpath.glob(f"{PENDING_STAGING_PREFIX}*")):
+        _clear_staging(staging)

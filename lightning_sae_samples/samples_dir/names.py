@@ -35,6 +35,11 @@ PENDING_DIR = ".sae_samples_pending"
 PENDING_MARKER = "WRITER"
 
 
+#: A pending directory is made under ``<prefix><unique>``, given its marker there, then renamed to ``PENDING_DIR``:
+#: so ``PENDING_DIR`` never exists without the marker that proves it ours.
+PENDING_STAGING_PREFIX = f"{PENDING_DIR}.new-"
+
+
 COMMIT_NAME = "COMMIT"
 #: Evaluation-run snapshots, each a complete samples directory ``snapshots/step_<N>/`` inside the training one.
 SNAPSHOTS_DIR = "snapshots"

@@ -15,6 +15,7 @@ from lightning_sae_samples.samples_dir.commit import (
     _pending_is_ours,
     _recover,
     claim_samples_dir,
+    create_pending,
     is_plain_file,
     lstat_or_none,
     read_manifest,
@@ -34,7 +35,6 @@ from lightning_sae_samples.samples_dir.names import (
     HISTORY_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
-    PENDING_MARKER,
     SUMMARY_NAME,
     WRITER_ID,
     PathLike,
@@ -137,7 +137,8 @@ def write_samples_dir(
             f"{pending} exists and was not created by {WRITER_ID}; it is left alone. Move it away so saves can"
             " use this name."
         )
-    pending.mkdir(exist_ok=True)
+    if lstat_or_none(pending) is None:
+        create_pending(dirpath)
     try:
         options = SaveOptions(config, tokenizer, top_features, samples_per_feature, rank_by, int(global_step),
                               feature_extras, full_state, source, trained_step, history)
@@ -166,7 +167,6 @@ def _write_pending(
     """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
     samples_per_feature, global_step = options.samples_per_feature, options.global_step
     full_state, history = options.full_state, options.history
-    atomic_write_json(pending / PENDING_MARKER, {"writer": WRITER_ID})
     # The save's id: its step and a digest of what it wrote, so that a reader can tell two saves apart and an
     # exact resume still writes the same files as an uninterrupted run.
     digest = hashlib.sha256()
