@@ -754,34 +754,11 @@ def scale_row(args) -> None:
     print(json.dumps(result))
 
 
-DATA_DEPENDENT = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "unique_consecutive",
-                  "unique_dim", "repeat_interleave", "item"}
-
-
 def dispatch_counts(args) -> dict:
     """Operators dispatched and host synchronisations of one collection (collector alone, sparse latents)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from lightning_sae_samples.engine import SampleCollector
 
-    class Counter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = 0
-            self.syncs: dict[str, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            name = func.overloadpacket.__name__
-            bool_index = name in ("index", "index_put", "index_put_") and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
-            )
-            if name in DATA_DEPENDENT or bool_index:
-                key = f"{name}[bool]" if bool_index else name
-                self.syncs[key] = self.syncs.get(key, 0) + 1
-            return func(*args, **(kwargs or {}))
-
+    Counter = device_work()
     tokens = torch.randint(0, args.vocab, (args.scale_tokens // args.seq_len, args.seq_len))
     collector = SampleCollector(engine_settings(args.num_latents, args.threshold))
     counts = []
@@ -794,8 +771,8 @@ def dispatch_counts(args) -> dict:
         with Counter() as counter:
             collector.update_sparse(tokens, idx, vals, step)
         counts.append(counter)
-    return {"ops": [c.ops for c in counts], "syncs": [sum(c.syncs.values()) for c in counts],
-            "sync_ops": counts[-1].syncs}
+    return {"ops": [c.operators for c in counts], "syncs": [c.num_syncs for c in counts],
+            "sync_ops": dict(counts[-1].syncs)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1078,7 +1055,7 @@ def run_scale(args) -> list[tuple[str, str, str, str]]:
             " / ".join(str(n) for n in counts["ops"]), "", "collector alone, sparse, per collection from empty",
         ))  # fmt: skip
         rows.append((
-            "(h) host synchronisations per collection (data-dependent sizes, .item())",
+            "(h) host synchronisations per collection (data-dependent sizes, reads to the host)",
             " / ".join(str(n) for n in counts["syncs"]), "", f"last collection: {counts['sync_ops']}",
         ))  # fmt: skip
     return rows

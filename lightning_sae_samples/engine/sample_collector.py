@@ -25,7 +25,6 @@ from lightning_sae_samples.engine.sample_table import (
     token_dtype_for,
 )
 from lightning_sae_samples.engine.windows import (
-    DENSE_SCAN_ELEMENTS,
     SparseWindowActs,
     TokenPositions,
     above_threshold,
@@ -400,20 +399,11 @@ class SampleCollector:
 
         Rows holding a non-finite value are noted, to count their non-finite values in ``nonfinite_skipped``.
         """
-        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
-        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
         num_latents = self.config.num_latents
-        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
-        found, bad = [], []
-        for start in range(0, len(flat), block):
-            rows = flat[start : start + block]
-            found.append(dense_hits(rows, self.config.activation_threshold) + start * num_latents)
-            bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
-        entry = torch.cat(found) if found else torch.empty(0, dtype=torch.int64, device=flat.device)
+        entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
         values = flat.view(-1)[entry].float()
         token_idx = entry // num_latents
         valid = torch.isfinite(values) & collect[token_idx]
-        bad_rows = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool, device=flat.device)
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
     def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
@@ -483,8 +473,9 @@ class SampleCollector:
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
+        as_double = values.double()
         if "interval" in self.tables:
-            interval = torch.bucketize(values.double(), self._interval_inner, right=True)
+            interval = torch.bucketize(as_double, self._interval_inner, right=True)
             interval_rows = latent_idx * cfg.num_intervals + interval
             priority = sample_priority(step, batch.token_order(token_idx), cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
@@ -511,7 +502,7 @@ class SampleCollector:
         for table in self.tables.values():
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
         self.last_active = num_valid
-        self._update_statistics(latent_idx, values, valid, step, interval_rows)
+        self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
         at = indices_of(valid, num_valid)
         self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
         walking = indices_of(walking, num_walking) if walking is not None else None
@@ -573,7 +564,8 @@ class SampleCollector:
         self.recent_block = block
 
     def _update_statistics(
-        self, latent_idx: Tensor, values: Tensor, valid: Tensor, step: int, interval_rows: Optional[Tensor]
+        self, latent_idx: Tensor, values: Tensor, as_double: Tensor, valid: Tensor, step: int,
+        interval_rows: Optional[Tensor],
     ) -> None:
         """Scatter the valid entries into the all-time and the history window's statistics at once.
 
@@ -582,14 +574,14 @@ class SampleCollector:
         fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
         fired_now.index_add_(0, latent_idx, valid.long())
         self._counts += fired_now.unsqueeze(1)
-        as_double = torch.where(valid, values.double(), 0.0)
+        bins = torch.bucketize(as_double, self._inner_edges, right=True)
+        as_double = torch.where(valid, as_double, 0.0)
         self._sums.index_add_(0, latent_idx, torch.stack([as_double, as_double * as_double, as_double], 1))
         spread = latent_idx.unsqueeze(1).expand(-1, 2)
         self._maxima.scatter_reduce_(0, spread, torch.where(valid, values, -math.inf).unsqueeze(1).expand(-1, 2),
                                      reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
         num_bins = self.hist.shape[1]
-        bins = torch.bucketize(values.double(), self._inner_edges, right=True)
         self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, valid.long())
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, valid.long())

@@ -66,7 +66,7 @@ def indices_of(mask: Tensor, count: int) -> Tensor:
 
 def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
-    return torch.promote_types(a, b)
+    return a if a == b else torch.promote_types(a, b)
 merge_exported = merge_padded_tables
 
 

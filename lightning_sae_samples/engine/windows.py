@@ -38,20 +38,36 @@ def rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool
     return rounded, rounded > threshold
 
 
-def dense_hits(rows: Tensor, threshold: float) -> Tensor:
+def dense_hits(flat: Tensor, threshold: float, collect: Tensor) -> tuple[Tensor, Tensor]:
     """Flat indices (row-major, ascending) of the entries of a contiguous ``[n, F]`` block above ``threshold``.
 
     Columns are read in groups of up to :data:`DENSE_GROUP`: a group's maximum says whether any of its
     entries is above the threshold (a NaN maximum is looked into as well), and only those groups are
     compared entry by entry. With sparse rows (ReLU or TopK latents) few groups are, so most entries are
-    read once, by the maximum.
+    read once, by the maximum. Rows are read :data:`DENSE_SCAN_ELEMENTS` entries at a time, which bounds the
+    temporaries; the groups opened in all of them are found at once, and their entries above the threshold too
+    (two host syncs, whatever the size).
+
+    Also returns, per row, whether it is collected and holds a non-finite value (its sum is then non-finite).
     """
-    n, f = rows.shape
+    n, f = flat.shape
     group = math.gcd(f, DENSE_GROUP)
-    peak = rows.view(n, f // group, group).amax(dim=2)
-    opened = (above_threshold(peak, threshold) | torch.isnan(peak)).view(-1).nonzero(as_tuple=True)[0]
-    inside, column = above_threshold(rows.view(-1, group).index_select(0, opened), threshold).nonzero(as_tuple=True)
-    return opened[inside] * group + column
+    block = max(1, DENSE_SCAN_ELEMENTS // f)
+    opened, bad = [], []
+    for start in range(0, n, block):
+        rows = flat[start : start + block]
+        peak = rows.view(len(rows), f // group, group).amax(dim=2)
+        opened.append((above_threshold(peak, threshold) | torch.isnan(peak)).view(-1))
+        bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
+    if not opened:
+        return torch.empty(0, dtype=torch.int64, device=flat.device), collect.new_zeros(0)
+    groups = torch.cat(opened).nonzero(as_tuple=True)[0]
+    entries = flat.view(-1, group)
+    inside = torch.cat([above_threshold(entries.index_select(0, part), threshold)
+                        for part in groups.split(max(1, DENSE_SCAN_ELEMENTS // group))]
+                       or [torch.zeros((0, group), dtype=torch.bool, device=flat.device)])
+    at, column = inside.nonzero(as_tuple=True)
+    return groups[at] * group + column, torch.cat(bad)
 
 
 def padding_positions(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
