@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from log_progress import progress_bar_for  # noqa: E402
+from next_steps import next_steps  # noqa: E402
 from rich.console import Console  # noqa: E402
 from sae_data import ActivationDataModule  # noqa: E402
 from sae_models import SAEModule  # noqa: E402
@@ -81,8 +82,6 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
     if callback is None:
         console.print("[yellow]No ActivationSampleCallback in trainer.callbacks: nothing collected.[/yellow]")
         return
-    from lightning_sae_samples.serve import serve_command
-
     samples = samples_dir_of(callback, trainer)
     console.rule("[bold]Activation samples")
     console.print(f"samples directory : {samples.resolve()}", soft_wrap=True)
@@ -111,11 +110,12 @@ def report(trainer, top_k_features: int = 50, examples_per_feature: int = 10) ->
         if feature is not None:
             analyzer.print_feature_report(feature_idx=feature, num_examples=5)
         print_meaning_changes(analyzer)
-        console.print(f"Browse every latent: pip install '.[serve]' && {serve_command(samples)}", soft_wrap=True,
-                      markup=False)
     except Exception as err:  # noqa: BLE001 - training is done; a report problem must not hide the paths
+        from lightning_sae_samples.printed_commands import program_command
+
         console.print(f"[red]Report failed: {type(err).__name__}: {err}[/red]")
-        console.print(f"The samples directory is complete: lightning-sae-samples {samples} (or the analyzer API).")
+        console.print(f"The samples directory is complete: {program_command(samples)} (or the analyzer API).",
+                      soft_wrap=True, markup=False)
         raise SystemExit(1) from err
 
 
@@ -168,12 +168,11 @@ class SAECLI(LightningCLI):
         if snapshot is not None:
             console.rule("[bold]Snapshot of the final SAE on held-out text")
             console.print(f"snapshot directory: {snapshot.resolve()}", soft_wrap=True)
-            console.print(f"  lightning-sae-samples {snapshot}", soft_wrap=True, markup=False)
         callback = find_sample_callback(self.trainer)
         if callback is not None:
-            samples = samples_dir_of(callback, self.trainer)
-            console.print(f"explain its latents in words: lightning-sae-samples explain {samples} --top 20",
-                          soft_wrap=True, markup=False)
+            console.rule("[bold]Next (each line runs as printed, from this directory, in any shell)")
+            for what, command in next_steps(samples_dir_of(callback, self.trainer), snapshot):
+                console.print(f"{what}:\n  {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def main(args=None) -> None:

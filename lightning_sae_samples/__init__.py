@@ -36,6 +36,7 @@ _LAZY = {
     "CollectionSchedule": "lightning_sae_samples.schedule",
     "LatentInputError": "lightning_sae_samples.inputs",
     "LogitEffects": "lightning_sae_samples.analysis.records",
+    "RowsWithRefs": "lightning_sae_samples.rows_with_refs",
     "TokenEffect": "lightning_sae_samples.analysis.records",
 }
 # Engine internals that the top level exported in 0.1; they still resolve, with a DeprecationWarning.
@@ -58,6 +59,7 @@ __all__ = [
     "IntervalGroup",
     "LatentInputError",
     "LogitEffects",
+    "RowsWithRefs",
     "RunSummary",
     "Sample",
     "SamplesDirectory",

@@ -231,7 +231,7 @@ class ActivationSampleCollector:
         check_token_ids(tokens, real, keys.tokens)
         num_latents = self._num_latents_of(batch, keys)
         if batch.indices is not None:
-            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)
+            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real, batch.values)
             check_distinct_indices(batch.indices, real, keys.latent_indices)
         collector = self._collector_for(num_latents, device)
         if collector.last_collected_step > step:
@@ -275,7 +275,7 @@ class ActivationSampleCollector:
         check_token_ids(windows.tokens, windows.tokens >= 0, f"the token source of `{keys.token_refs}`")
         num_latents = self._num_latents_of(batch, keys)
         if batch.indices is not None:
-            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real)
+            check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real, batch.values)
             check_distinct_indices(batch.indices.unsqueeze(0), real.unsqueeze(0), keys.latent_indices)
         if self.collector is not None and self.collector.last_collected_step > step:
             self._check_step(self.collector.last_collected_step, step)

@@ -46,6 +46,10 @@ SaveFullState = Literal["every", "end", "never"]
 Loop = Literal["train", "validate", "test", "predict"]
 RowWindows = Literal["auto", "tokens", "refs"]
 
+#: Most history windows per level: with at most 63 levels it bounds what thinning keeps, and so what a reader of
+#: ``training_history.pt`` accepts before it builds anything per window.
+MAX_HISTORY_WINDOWS_PER_LEVEL = 256
+
 
 def _engine(state_key: str, resume: bool = True, merge: bool = False) -> dict[str, Any]:
     return {"state": state_key, "resume": resume, "merge": merge}
@@ -120,7 +124,7 @@ class CollectionConfig:
     """History windows kept per level before the two oldest of a level merge into one twice as long.
 
     A save adds a window of level 0; older windows are thinned so that ``n`` saves keep about
-    ``history_windows_per_level * log2(n)`` windows (see ``docs/history.md``)."""
+    ``history_windows_per_level * log2(n)`` windows (see ``docs/history.md``). At most 256."""
 
     exclude_token_ids: Sequence[int] = ()
     """Token ids never collected, such as BOS/CLS/SEP (attention sinks would fill the tops).
@@ -196,6 +200,11 @@ class CollectionConfig:
         self.history_windows_per_level = positive_int(
             self.history_windows_per_level, "history_windows_per_level", "Use e.g. 4 windows per level."
         )
+        if self.history_windows_per_level > MAX_HISTORY_WINDOWS_PER_LEVEL:
+            raise ValueError(
+                f"`history_windows_per_level` must be at most {MAX_HISTORY_WINDOWS_PER_LEVEL}, got"
+                f" {self.history_windows_per_level}. Use e.g. 4 windows per level."
+            )
 
     def _check_choices(self) -> None:
         self.rank_features_by = choice(self.rank_features_by, "rank_features_by", _choices(RankBy))

@@ -190,7 +190,11 @@ def check_refs(refs: Any, key: str = "token_refs") -> Tensor:
         shape = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
         raise LatentInputError(f"`{key}` must be a [N] tensor of token refs (one per activation row), got {shape}.")
     if refs.is_floating_point() or refs.is_complex() or refs.dtype == torch.bool:
-        raise LatentInputError(f"`{key}` must hold integer token refs, got dtype {refs.dtype}.")
+        raise LatentInputError(
+            f"`{key}` must hold integer token refs, got dtype {refs.dtype}. Refs that went through a float tensor"
+            " (extra columns of the activations) were cast or scaled with it: keep them beside the activations as"
+            " int64 (lightning_sae_samples.RowsWithRefs)."
+        )
     return _plain(refs, torch.int64)
 
 
@@ -208,6 +212,7 @@ def check_rows(
         LatentInputError: Naming the entry, the shapes or dtype found, and a fix.
     """
     refs = check_refs(refs, keys.token_refs)
+    indices, values = padded_sparse(indices, values, keys)
     # As a [1, N] batch, the rows pass the sequence path's latent checks unchanged.
     as_batch = refs.view(1, -1)
     for name, tensor in ((keys.latents, dense), (keys.latent_indices, indices), (keys.latent_values, values)):
@@ -235,6 +240,53 @@ def check_rows(
     )
 
 
+#: The index that pads a token's active latents to a rectangle (its value must be 0), as variable-k SAEs pad.
+PAD_INDEX = -1
+
+
+def padded_sparse(indices: Any, values: Any, keys: InputKeys = DEFAULT_KEYS) -> tuple[Any, Any]:
+    """Nested sparse latents (one 1-D component of active latents per token) as ``[N, k_max]`` padded with -1 / 0.
+
+    Anything else is returned as it is, for the shape checks to judge.
+
+    Raises:
+        LatentInputError: Only one of the two is nested, a component is not 1-D, or a token's indices and values
+            differ in length.
+    """
+    nested = [isinstance(t, Tensor) and t.is_nested for t in (indices, values)]
+    if not any(nested):
+        return indices, values
+    fix = (
+        f"Pass `{keys.latent_indices}` and `{keys.latent_values}` as nested tensors of one 1-D component per token"
+        f" (N = B*T components), or padded yourself to [N, k] with index {PAD_INDEX} and value 0."
+    )
+    if not all(nested):
+        which = keys.latent_indices if nested[0] else keys.latent_values
+        raise LatentInputError(f"Only `{which}` is a nested tensor. {fix}")
+    if indices.dim() != 2 or values.dim() != 2:
+        raise LatentInputError(
+            f"Nested `{keys.latent_indices}` / `{keys.latent_values}` have {indices.dim() - 1}-D / {values.dim() - 1}-D"
+            f" components; each must be 1-D (one token's active latents). {fix}"
+        )
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise LatentInputError(
+            f"`{keys.latent_indices}` must be an integer tensor of latent indices, got {indices.dtype}."
+        )
+    if not values.is_floating_point():
+        raise LatentInputError(f"`{keys.latent_values}` must be a floating-point tensor.")
+    indices, values = indices.detach(), values.detach()
+    to_padded = torch.nested.to_padded_tensor
+    index_pad = to_padded(indices, PAD_INDEX) != to_padded(indices, PAD_INDEX - 1)
+    value_pad = to_padded(values, 0.0) != to_padded(values, 1.0)
+    # Two fillings differ exactly at the padding, so the masks match iff every token's two lengths match.
+    if index_pad.shape != value_pad.shape or not bool((index_pad == value_pad).all()):
+        raise LatentInputError(
+            f"Nested `{keys.latent_indices}` and `{keys.latent_values}` differ in a token's number of entries; give"
+            " one value per active index."
+        )
+    return to_padded(indices, PAD_INDEX), to_padded(values, 0.0)
+
+
 def check_latents(
     tokens: Any,
     dense: Any = None,
@@ -250,6 +302,13 @@ def check_latents(
     """
     tokens = check_tokens(tokens, keys.tokens)
     mask = check_attention_mask(attention_mask, tokens, keys.attention_mask)
+    if isinstance(dense, Tensor) and dense.is_nested:
+        raise LatentInputError(
+            f"`{keys.latents}` is a nested tensor; dense latents are [B, T, F] or [B*T, F]. Pass variable-k latents"
+            f" as sparse `{keys.latent_indices}` + `{keys.latent_values}` (nested, or padded with index {PAD_INDEX}"
+            " and value 0)."
+        )
+    indices, values = padded_sparse(indices, values, keys)
     if dense is not None:
         if indices is not None or values is not None:
             raise LatentInputError(
@@ -300,7 +359,7 @@ def check_distinct_indices(indices: Tensor, real: Tensor, key: str) -> None:
     if indices.shape[-1] < 2 or not indices.numel():
         return
     ordered = indices.sort(dim=-1).values
-    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1) & real
+    repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] != PAD_INDEX)).any(dim=-1) & real
     if bool(repeated.any()):
         flat = int(repeated.view(-1).nonzero()[0, 0])
         row = ordered.reshape(-1, ordered.shape[-1])[flat]
@@ -347,13 +406,27 @@ def find_num_latents(module: Any) -> Optional[int]:
     return None
 
 
-def check_indices_in_range(indices: Tensor, num_latents: int, key: str, real: Optional[Tensor] = None) -> None:
-    """Raise if any sparse index (of a real token, when ``real`` ``[B, T]`` is given) is outside ``[0, F)``."""
+def check_indices_in_range(
+    indices: Tensor, num_latents: int, key: str, real: Optional[Tensor] = None, values: Optional[Tensor] = None
+) -> None:
+    """Raise if any sparse index (of a real token, when ``real`` ``[B, T]`` is given) is outside ``[0, F)``.
+
+    With ``values``, an index of ``PAD_INDEX`` whose value is 0 is padding (a variable number of active latents
+    padded to a rectangle) and allowed; with another value it is an error.
+    """
     outside = (indices < 0) | (indices >= num_latents)
+    if values is not None:
+        outside &= (indices != PAD_INDEX) | (values != 0)
     if real is not None:
         outside &= real.unsqueeze(-1)
     if indices.numel() and bool(outside.any()):
         low, high = int(indices[outside].min()), int(indices[outside].max())
+        if values is not None and low == high == PAD_INDEX:
+            value = float(values[outside][0])
+            raise LatentInputError(
+                f"`{key}` pads with index {PAD_INDEX} an entry whose value is {value}: padding must have value 0"
+                f" (set the values of padded entries to 0, or give the entry its latent index)."
+            )
         raise LatentInputError(
             f"`{key}` holds indices in [{low}, {high}] but the SAE has {num_latents} latents (valid:"
             f" 0..{num_latents - 1}). Check `num_latents` and that indices index the latent dimension."

@@ -75,7 +75,8 @@ def test_example_trains_collects_and_reports(tmp_path):
     assert (held_out["source"], held_out["weights_step"], held_out["steps_collected"]) == ("validate", 40, 1)
     assert held_out["tokens_seen"] == 2048
     assert f"snapshot directory: {snapshot.resolve()}" in " ".join(done.stdout.split())
-    assert "explain its latents in words: lightning-sae-samples explain " in " ".join(done.stdout.split())
+    said = " ".join(done.stdout.split())
+    assert "Explain its latents in words: " in said and "lightning-sae-samples explain " in said
     assert sample["context_tokens"][sample["context_position"]] == sample["tokens"][-1]
     assert (samples / "interpretability_report.md").is_file()
     # Output to a pipe, not a terminal: caching, training and validation log progress lines as they go.

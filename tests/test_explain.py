@@ -6,6 +6,7 @@ tests can check what the runner does with answers; the slow tests run real model
 """
 
 import gzip
+import io
 import json
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import SyntheticSAE, TokenDataset, loader, trainer
+from rich.console import Console
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCallback
 from lightning_sae_samples.analysis import neuronpedia as npx
@@ -210,6 +212,86 @@ def test_the_command_refuses_a_large_run_before_sending_anything(fresh):
     )
     assert proc.returncode == 2 and "more than --max-requests 5" in proc.stderr and "--yes" in proc.stderr
     assert not (fresh / "explanations").exists()
+
+
+class FakeClock:
+    """Seconds that pass only when a backend answers (``KeywordBackend`` answers at once)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedKeywordBackend(KeywordBackend):
+    """``KeywordBackend`` taking ``seconds`` of ``clock`` per answer."""
+
+    def __init__(self, clock, seconds=2.0):
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def answers(self, conversations, max_tokens):
+        for answer in super().answers(conversations, max_tokens):
+            self.clock.now += self.seconds
+            yield answer
+
+
+def test_progress_outside_a_terminal_is_a_line_every_few_requests_with_rate_and_time_left(fresh, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_sae_samples.explain import progress as progress_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(monotonic=clock))
+    out = io.StringIO()
+    result = explain_latents(fresh, TimedKeywordBackend(clock), ExplainSettings(top=5, **SETTINGS),
+                             console=Console(file=out, width=200))  # a file: not a terminal
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("explain: 65 requests for 0/5 latents explained, 0/5 latents scored; a line every 3 requests"
+                        " or 60 s")
+    # Two seconds an answer: 0.5 requests/s, and the time left is what is left at that rate.
+    assert lines[1] == ("explain: 3/65 requests, 3/5 latents explained, 0/5 latents scored, 0.50 requests/s,"
+                        " about 2 min 4 s left")
+    assert lines[3].endswith("9/65 requests, 5/5 latents explained, 0/5 latents scored, 0.50 requests/s, about 1 min"
+                             " 52 s left")
+    assert lines[-1] == "explain: 65/65 requests, 5/5 latents explained, 5/5 latents scored, 0.50 requests/s"
+    assert len(lines) == 1 + 65 // 3 + 1 and result.requests == 65
+    # Each latent counts as scored once its last answer is in and its score is written.
+    scored = [int(re.search(r"(\d)/5 latents scored", line).group(1)) for line in lines[1:]]
+    assert scored == sorted(scored) and scored[-1] == 5
+
+
+def test_progress_on_a_terminal_is_a_live_display_of_latents_and_requests(fresh):
+    from lightning_sae_samples.explain.progress import ExplainProgress
+
+    clock = FakeClock()
+    progress = ExplainProgress(Console(file=io.StringIO(), force_terminal=True, width=150), requests=65,
+                               to_explain=5, to_score=5, clock=clock)
+    try:
+        for _ in range(3):
+            clock.now += 2.0
+            progress.advance("explained")
+        shown = Console(file=io.StringIO(), width=150, record=True)
+        shown.print(progress.display.get_renderable())
+        rows = shown.export_text().splitlines()
+    finally:
+        progress.stop()
+    assert [row.split()[0] for row in rows] == ["Latents", "Latents", "Requests"]
+    explained, scored, requests = rows
+    assert "3/5" in explained and "0/5" in scored
+    assert "3/65" in requests and "0.50 requests/s" in requests
+    assert "0:00:06 elapsed" in requests and "0:02:04 left" in requests  # the time left at 0.5 requests/s
+
+
+def test_the_whole_run_shows_on_a_terminal_and_is_taken_down_at_the_end(fresh):
+    out = io.StringIO()
+    explain_latents(fresh, KeywordBackend(), ExplainSettings(top=3, **SETTINGS),
+                    console=Console(file=out, force_terminal=True, width=150))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "Latents explained" in text and "Latents scored" in text and "3/3" in text and "39/39" in text
+    assert "requests/s" in text
+    assert out.getvalue().rstrip().endswith(("\x1b[2K", "\x1b[?25h"))  # transient: erased, cursor back
 
 
 # ------------------------------------------------------------------------------------------------ endpoint

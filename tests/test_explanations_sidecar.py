@@ -133,3 +133,21 @@ def test_a_directory_holding_only_the_sidecar_is_accepted(tmp_path):
 def test_records_are_validated_when_made():
     with pytest.raises(ValueError, match="score"):
         record(1, score=2.0)
+
+
+def test_deeply_nested_json_in_an_imported_file_names_the_file_and_line(tmp_path):
+    from render_support import write_fixture_dir
+
+    from lightning_sae_samples.explain.imports import ImportFormatError, import_explanations
+
+    samples = write_fixture_dir(tmp_path / "samples")
+    deep = "[" * 100_000 + "]" * 100_000
+    batch = tmp_path / "explanations" / "batch-0.jsonl"
+    batch.parent.mkdir()
+    batch.write_text(json.dumps({"index": 1, "description": "fine"}) + "\n" + deep + "\n")
+    with pytest.raises(ImportFormatError, match=r"batch-0\.jsonl, line 2: not valid JSON \(nested too deeply\)"):
+        import_explanations(samples, tmp_path / "explanations", fmt="neuronpedia")
+    (tmp_path / "export.json").write_text(deep)
+    with pytest.raises(ImportFormatError, match=r"export\.json: not valid JSON \(nested too deeply\)"):
+        import_explanations(samples, tmp_path / "export.json", fmt="neuronpedia")
+    assert read_explanations(samples) == {}  # nothing is written

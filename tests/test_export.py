@@ -319,3 +319,23 @@ def test_a_run_without_the_groups_exports_as_before(plain_dir, tmp_path, fmt):
     frame = analyzer.to_dataframe("sample")
     assert frame_records(frame) == frame_records(export.to_dataframe(analyzer, "sample", groups=["top"]))
     assert analyzer.to_dataframe("feature").recent_overlap.isna().all()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_history_table_is_listed_and_a_foreign_one_is_never_overwritten(plain_dir, tmp_path, fmt):
+    """Issue 33 (item 8): `history.<ext>` was missing from the manifest, and a stranger's was overwritten."""
+    analyzer = ActivationSampleAnalyzer(plain_dir)
+    assert analyzer.history is not None
+    out = tmp_path / "out"
+    paths = export.export_samples(analyzer, out, format=fmt)
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["files"] == sorted([f"features.{fmt}", f"history.{fmt}", f"samples.{fmt}", "summary.json"])
+    assert paths["history"] == out / f"history.{fmt}"
+    export.export_samples(analyzer, out, format=fmt)  # the export's own history table: replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / f"history.{fmt}").write_text("someone else's\n")
+    with pytest.raises(FileExistsError, match=f"history.{fmt} exists and this export did not write it"):
+        export.export_samples(analyzer, foreign, format=fmt)
+    assert (foreign / f"history.{fmt}").read_text() == "someone else's\n"
+    assert sorted(p.name for p in foreign.iterdir()) == [f"history.{fmt}"]

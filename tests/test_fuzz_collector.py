@@ -64,7 +64,7 @@ def collections(draw):
         num_latents=num_latents,
         batches=batches,
         layout=layout,
-        mode=draw(st.sampled_from(("dense", "sparse"))),
+        mode=draw(st.sampled_from(("dense", "sparse", "sparse-padded"))),
         k=draw(st.integers(1, num_latents)),
         token_dtype=draw(st.sampled_from(TOKEN_DTYPES)),
         latent_dtype=draw(st.sampled_from(LATENT_DTYPES)),
@@ -94,16 +94,19 @@ def _inputs(case, ids, real, latents):
     given = dict(tokens=strided(tokens.to(case["token_dtype"]), case["layout"]))
     if mask is not None:
         given["attention_mask"] = strided(mask, case["layout"])
-    if case["mode"] == "sparse":
+    if case["mode"].startswith("sparse"):
         order = torch.sort(strided(latents, case["layout"]), dim=-1, descending=True)
         indices = order.indices[..., : case["k"]]  # views of a sort: the reproduction of issue 18
         values = order.values[..., : case["k"]]
+        if case["mode"] == "sparse-padded":  # a variable number per token (JumpReLU at 0.5): the rest padded
+            dropped = values < 0.5
+            indices, values = torch.where(dropped, -1, indices), torch.where(dropped, 0.0, values)
         if case["requires_grad"] and dtype == torch.float32:
             values = values.detach().requires_grad_()
         given.update(latent_indices=indices.to(case["token_dtype"] if case["token_dtype"] != torch.uint8 else
                                                 torch.int64), latent_values=values)
-        dense = torch.zeros_like(latents.float()).scatter(-1, order.indices[..., : case["k"]],
-                                                           order.values[..., : case["k"]].float())
+        spare = torch.where(indices >= 0, indices.long(), latents.shape[-1])  # padding to a column then dropped
+        dense = torch.zeros(*latents.shape[:-1], latents.shape[-1] + 1).scatter(-1, spare, values.float())[..., :-1]
         oracle_view.latents = dense
     else:
         dense = strided(latents, case["layout"])

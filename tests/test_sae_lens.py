@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ import pytest
 import torch
 from helpers import read_dir
 from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sae_samples import ActivationSampleCollector
+from lightning_sae_samples import ActivationSampleCollector, RowsWithRefs
 from lightning_sae_samples.token_sources import ArrayTokenSource, TokenRing
 
 pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[sae-lens]')")
@@ -30,7 +32,6 @@ from sae_lens.config import SAETrainerConfig  # noqa: E402
 from lightning_sae_samples.integrations.sae_lens import (  # noqa: E402
     STATE_NAME,
     SamplesSAETrainer,
-    TokenRefRows,
     mixed_rows,
     pack_refs,
     unpack_refs,
@@ -60,7 +61,7 @@ class RecordingTrainer(SamplesSAETrainer):
     """Keeps each step's SAE input and the refs of its batch (to check they are the same rows)."""
 
     def step(self, batch):
-        refs = self.data_provider.refs_of(batch)
+        refs = self.data_provider.refs_for(batch)
         output = super().step(batch)
         self.trained = getattr(self, "trained", [])
         self.trained.append((refs.clone(), output.sae_in.detach().clone()))
@@ -158,26 +159,37 @@ def test_an_activations_store_of_cached_activations_gives_rows_with_their_refs(t
     assert not torch.equal(served, torch.sort(served).values)  # mixed by the store's own buffer settings
 
 
-def test_pack_refs_keeps_every_bit_of_the_refs():
-    refs = torch.tensor([0, 1, 2**31 - 1, 2**31, 0x7FC00000, 0x7F800001, 2**62 + 12345], dtype=torch.int64)
+def test_pack_refs_keeps_every_bit_of_the_refs_and_refuses_a_transformed_batch():
+    refs = torch.tensor([0, 1, 2**31 - 1, 2**31, 0x7FC00000, 0x7F800001, 2**40 - 1], dtype=torch.int64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         rows = torch.randn(len(refs), 5).to(dtype)
-        packed = pack_refs(rows, refs)
+        with pytest.warns(DeprecationWarning, match="RowsWithRefs"):
+            packed = pack_refs(rows, refs)
         shuffled = packed[torch.randperm(len(refs))]  # what a mixing buffer does to them
         back_rows, back_refs = unpack_refs(torch.cat([shuffled[:3], shuffled[3:]]), 5)
         order, want = torch.argsort(back_refs), torch.argsort(refs)
         assert torch.equal(back_refs[order], refs[want]) and torch.equal(back_rows[order], rows[want])
+        # A trainer's whole-batch normalization divides the ref columns too: refused, not other refs in range.
+        with pytest.raises(ValueError, match="changed after pack_refs.*RowsWithRefs"):
+            unpack_refs(packed / 11.9, 5)
     with pytest.raises(ValueError, match="does not hold rows of width 4"):
         unpack_refs(packed, 4)
+    with pytest.raises(ValueError, match="cast after packing .*RowsWithRefs"):  # float32 columns cast to bf16
+        unpack_refs(pack_refs(torch.randn(3, 5), refs[:3]).bfloat16(), 5)
+    with pytest.raises(ValueError, match="below 2\\*\\*40"):
+        unpack_refs(pack_refs(torch.randn(1, 5), torch.tensor([2**40])), 5)
 
 
-def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, **settings):
+def tiny_trainer(tmp_path, rows, source, steps=24, freq=None, cls=None, seed=0, sparse=False, normalize="none",
+                 **settings):
     cls = cls or SamplesSAETrainer
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=16, k=3, use_sparse_activations=sparse,
-                                                 rescale_acts_by_decoder_norm=not sparse))
+                                                 rescale_acts_by_decoder_norm=not sparse,
+                                                 normalize_activations=normalize))
     cfg = SAETrainerConfig(total_training_samples=steps * 16, train_batch_size_samples=16, lr=3e-3, lr_end=3e-3,
-                           n_checkpoints=1, checkpoint_path=str(tmp_path / "checkpoints"))
+                           n_checkpoints=1, checkpoint_path=str(tmp_path / "checkpoints"),
+                           n_batches_for_norm_estimate=5)
     collector = RecordingCollector(num_latents=16, token_source=source, context_size=4, activation_threshold=0.0,
                                    max_samples_per_feature=5, samples_per_feature_to_save=5, write_report=False,
                                    **settings)
@@ -192,8 +204,8 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
                         token_source=source)
     batches = [(b, stream.refs_of(b)) for b in itertools.islice(stream, 24)]
 
-    def provider(start=0):
-        return TokenRefRows((pack_refs(b, r) for b, r in batches[start:]), D, source)
+    def provider(start=0):  # refs beside the rows, from a data source of (activations, refs)
+        return RowsWithRefs(batches[start:], source)
 
     full = tiny_trainer(tmp_path / "full", provider(), source, cls=RecordingTrainer)
     full.fit()
@@ -230,6 +242,38 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
         files["collection_summary.json"]["top_features_by_activation"]
 
 
+def test_sae_lens_activation_scaler_draws_batches_and_each_step_collects_the_refs_of_its_own(tmp_path):
+    """SAELens scales every batch (and draws batches of its own for the norm estimate): refs beside the rows stay
+    with the batch trained on, from a shuffling DataLoader over cached activations."""
+    tokens, acts = synthetic()
+    source = ArrayTokenSource(tokens)
+    flat = acts.reshape(-1, D) * 5 + 2  # far from SAELens' target norm sqrt(d_in): the scaling factor is not 1
+    loader = DataLoader(TensorDataset(flat, torch.arange(S * T)), batch_size=16, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    rows = RowsWithRefs(itertools.chain.from_iterable(itertools.repeat(loader)), source)
+
+    class ScaleRecordingTrainer(RecordingTrainer):
+        def step(self, batch):
+            output = super().step(batch)
+            self.trained[-1] += (self.activation_scaler.scaling_factor,)
+            return output
+
+    trainer = tiny_trainer(tmp_path, rows, source, steps=10, freq=2, cls=ScaleRecordingTrainer,
+                           normalize="expected_average_only_in")
+    trainer.fit()
+    assert rows.batches_yielded == 5 + 10  # the norm estimate's batches never reach step()
+    factors = {factor for _, _, factor in trainer.trained}
+    assert len(factors) == 1 and abs(factors.pop() - 1) > 0.5
+    for refs, sae_in, factor in trainer.trained:  # the SAE trained on the scaled rows the refs name
+        assert torch.equal(sae_in, flat[refs] * factor)
+    assert [s for s, _, _ in trainer.collector.fed] == [0, 2, 4, 6, 8]
+    seen = [RowsSeen(step, 0, refs.tolist(), latents, source=tokens, call=i)
+            for i, (step, refs, latents) in enumerate(trainer.collector.fed)]
+    assert_state_matches(trainer.collector.with_windows(trainer.collector.state_dict()["collector"]), seen, 16, 5,
+                         4, 0.0)
+    assert_dir_matches_oracle(read_dir(tmp_path / "samples"), seen, 16, 5, 4, 0.0)
+
+
 def test_sparse_feature_acts_are_collected_as_topk_rows(tmp_path):
     tokens, acts = synthetic()
     source = ArrayTokenSource(tokens)
@@ -252,7 +296,7 @@ def test_a_scheduled_step_without_refs_says_what_to_pass(tmp_path):
     trainer = tiny_trainer(tmp_path, rows, rows.token_source, freq=2)
     trainer.step(next(rows))  # step 0: due, with refs
     trainer.step(torch.randn(16, D))  # step 1: not due, nothing asked
-    with pytest.raises(ValueError, match="step 2 has no token refs.*TokenRefRows"):
+    with pytest.raises(ValueError, match="step 2: RowsWithRefs.refs_for: the batch trained on is not the batch"):
         trainer.step(torch.randn(16, D))
     assert [s for s, _, _ in trainer.collector.fed] == [0]
 
@@ -375,3 +419,67 @@ def test_the_example_trains_checkpoints_reports_and_resumes(tmp_path):
     assert f"resumed from {checkpoint} at step {taken}" in again.stdout.replace("\n", "")
     resumed = json.loads((tmp_path / "resumed" / "activation_samples" / "collection_summary.json").read_text())
     assert resumed["steps_collected"] == 5 and resumed["global_step"] == 24
+
+
+@pytest.mark.parametrize("save", [0, 1], ids=["checkpoint save", "final save"])
+def test_sae_lens_killed_before_any_operation_of_a_samples_save_resumes_to_an_uninterrupted_run(
+    tmp_path, monkeypatch, save
+):
+    """A kill before each kind of file-system operation of the samples save in SAELens' checkpoint (or of the last
+    save), then a resume from the last whole checkpoint, ends with the files an uninterrupted run writes."""
+    from crash_points import count_operations, crash_before, files_of, one_of_each_kind
+
+    monkeypatch.setattr("os.fsync", lambda fd: None)  # a kill, not a power cut: see test_crash_points.py
+    tokens, acts = synthetic()
+    source = ArrayTokenSource(tokens)
+    stream = mixed_rows(lm_batches(tokens, acts, with_refs=True), buffer_size=96, batch_size=16,
+                        token_source=source)
+    batches = [(b, stream.refs_of(b)) for b in itertools.islice(stream, 24)]
+    root = tmp_path / "run"
+
+    def provider(start=0):
+        return RowsWithRefs(batches[start:], source)
+
+    def run():
+        tiny_trainer(root, provider(), source).fit()
+
+    def resume():
+        whole = sorted(p.parent for p in (root / "checkpoints").glob("*/trainer_state.pt"))
+        if not whole:
+            return run()
+        taken = torch.load(whole[-1] / STATE_NAME, weights_only=True)["steps_taken"]
+        trainer = tiny_trainer(root, provider(taken), source)
+        trainer.load_trainer_state(whole[-1])
+        trainer.sae.load_weights_from_checkpoint(whole[-1])
+        trainer.fit()
+
+    operations = count_operations(run, root / "samples")
+    expected = files_of(root / "samples", skip=("sae_samples.lock",))
+    shutil.rmtree(root)
+    starts = [i for i, (kind, path) in enumerate(operations) if kind == "mkdir" and ".new-" in path]
+    assert len(starts) == 2, operations
+    for i in one_of_each_kind(operations, range(starts[save], starts[1] if save == 0 else len(operations))):
+        crash_before(i, run, root / "samples")
+        resume()
+        assert files_of(root / "samples", skip=("sae_samples.lock",)) == expected, (i, operations[i])
+        shutil.rmtree(root)
+
+
+def test_sparse_feature_acts_with_a_varying_number_per_row_are_padded_not_densified():
+    """A batch-level TopK (or sparse JumpReLU) gives rows different numbers of entries: padded with -1 / 0."""
+    from lightning_sae_samples.integrations.sae_lens import _sparse_topk
+
+    tokens, _ = synthetic()
+    g = torch.Generator().manual_seed(4)
+    dense = torch.relu(torch.randn(40, 16, generator=g) - 1.0)  # 0 to many entries per row
+    counts = (dense > 0).sum(1)
+    assert counts.min() == 0 and len(set(counts.tolist())) > 3
+    indices, values = _sparse_topk(dense.to_sparse())
+    assert indices.shape == (40, int(counts.max())) and bool(((indices == -1) == (values == 0)).all())
+    assert torch.equal(torch.zeros(40, 17).scatter(1, indices.where(indices >= 0, 16), values)[:, :16], dense)
+    source = ArrayTokenSource(tokens)
+    refs = torch.randperm(S * T, generator=g)[:40]
+    padded = ActivationSampleCollector(num_latents=16, token_source=source, activation_threshold=0.0)
+    padded.update(token_refs=refs, latent_indices=indices, latent_values=values, step=0)
+    seen = [RowsSeen(0, 0, refs.tolist(), dense, source=tokens)]
+    assert_state_matches(padded.with_windows(padded.state_dict()["collector"]), seen, 16, 100, 20, 0.0)

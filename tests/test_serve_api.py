@@ -22,6 +22,7 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleAnalyzer, ActivationSampleCollector  # noqa: E402
+from lightning_sae_samples.printed_commands import program_command  # noqa: E402
 from lightning_sae_samples.serve import serve_command  # noqa: E402
 from lightning_sae_samples.serve.app import create_app  # noqa: E402
 from lightning_sae_samples.serve.runs import RunSet  # noqa: E402
@@ -195,6 +196,10 @@ def test_context_search_finds_exactly_the_samples_holding_the_text(client, oracl
         ("/api/features/abc", 404, "a number from 0 to 11"),
         ("/api/features/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404, "No such page"),
         ("/api/features/99999999999999999999999", 404, "latents 0 to 11"),
+        ("/api/features/" + "9" * 5000, 404, "latents 0 to 11"),  # int() refuses over 4,300 digits
+        ("/api/features/" + "7" * 5000 + "/neighbours", 404, "latents 0 to 11"),
+        ("/api/history/features/" + "9" * 5000, 404, "latents 0 to 11"),
+        ("/api/history/features/3/windows/" + "9" * 5000, 404, "the history has windows 0 to"),
         ("/api/features/3?examples=lots", 400, "`examples` must be an integer"),
         ("/api/features?sort=bogus", 400, "`sort` must be one of"),
         ("/api/features?filter=bogus", 400, "`filter` must be one of"),
@@ -367,8 +372,9 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 
 
 def test_serve_command_quotes_the_directory():
-    assert serve_command("/tmp/my runs/samples") == "lightning-sae-samples serve '/tmp/my runs/samples'"
-    assert serve_command(Path("logs")) == "lightning-sae-samples serve logs"
+    program = program_command()  # this environment's script by path (tests/test_printed_commands.py runs it)
+    assert serve_command("/tmp/my runs/samples") == f"{program} serve '/tmp/my runs/samples'"
+    assert serve_command(Path("logs")) == f"{program} serve logs"
 
 
 def test_command_line_prints_the_url_warns_for_all_interfaces_and_serves(run_dir):

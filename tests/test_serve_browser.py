@@ -190,3 +190,20 @@ def test_a_new_save_appears_without_a_reload(served):
                    f" && d.querySelector('dd').textContent === '{count}')")
     assert tools.js("window.__sameDocument") is True  # no reload happened
     assert errors(tools, server.url) == []
+
+
+def test_a_corrupt_explanations_sidecar_shows_a_warning_until_it_is_fixed(served):
+    from lightning_sae_samples.analysis.explanations import explanations_path
+
+    tools, server, root = served
+    banner = "document.getElementById('explanations-banner')"
+    assert tools.js(f"{banner}.hidden") is True
+    path = explanations_path(root / "samples")
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b'{"latent": 1, "text": \n')  # not a record: the page must not pass it over in silence
+    shown = wait_js(tools, f"!{banner}.hidden && {banner}.textContent", timeout=30)
+    assert "explanations.jsonl, line at byte 0" in shown and "cannot be read" in shown
+    assert tools.js(f"getComputedStyle({banner}).display") != "none"
+    path.unlink()
+    wait_js(tools, f"{banner}.hidden", timeout=30)
+    assert errors(tools, server.url) == []

@@ -247,3 +247,55 @@ def test_new_lines_only_are_read_and_a_bad_one_is_named(run_dir):
         handle.seek(end)
         handle.write(b'{"latent": 3, "te')  # an append in progress: left for the next read
     assert read_new_records(run_dir, end) == ([], end)
+
+
+def test_a_label_holding_nul_leaves_search_on_the_right_latent(run_dir, client):
+    """Issue 33 (item 4): the word index counted NUL bytes to find documents; a NUL in a label moved every later one."""
+    assert label(client, 4, "alpha\x00beta\x00\x00gamma").status_code == 200
+    assert label(client, 6, "zebra crossing").status_code == 200
+    assert label(client, 8, "other words").status_code == 200
+    for word, latent in (("zebra", 6), ("other", 8), ("gamma", 4), ("alpha", 4)):
+        rows = get(client, f"/api/search/explanation?text={word}")["rows"]
+        assert [r["idx"] for r in rows] == [latent], word
+        assert rows[0]["explanation"]["label"] == read_labels(run_dir)[latent].text
+
+
+def test_a_deeply_nested_label_body_is_a_bad_request(run_dir, client):
+    headers = {"Origin": ORIGIN, TOKEN_HEADER: TOKEN, "Content-Type": "application/json"}
+    response = client.post("/api/features/4/label", content="[" * 100_000 + "]" * 100_000, headers=headers)
+    assert response.status_code == 400 and "The body must be JSON" in response.json()["error"]
+    assert 4 not in read_labels(run_dir)
+
+
+def _corrupt_sidecar(run_dir, line: bytes) -> None:
+    with open(explanations_path(run_dir), "ab") as handle:
+        handle.write(line + b"\n")
+
+
+@pytest.mark.parametrize("line, problem", [(b'{"latent": 1, "text": ', "not a JSON object"),
+                                           (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")])
+def test_a_corrupt_sidecar_is_named_in_the_api_and_on_the_page(run_dir, line, problem):
+    _corrupt_sidecar(run_dir, line)
+    runs = RunSet(run_dir)
+    with TestClient(create_app(runs, write_token=TOKEN)) as client:
+        summary = get(client, "/api/summary")
+        status = get(client, "/api/status")
+        for answer in (summary, status):
+            error = answer["explanations_error"]
+            assert str(explanations_path(run_dir)) in error and problem in error and "\n" not in error
+        assert status["state"] == "ready"
+        page = client.get("/").text
+        script = client.get("/static/app.js").text
+    assert 'id="explanations-banner"' in page and 'role="alert"' in page.split('id="explanations-banner"')[1][:40]
+    assert "explanations_error" in script and '"explanations-banner"' in script
+
+
+def test_deeply_nested_json_in_the_sidecar_names_the_file_and_line(run_dir):
+    from lightning_sae_samples.analysis.explanations import iter_explanation_records, read_new_records
+    from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+    _corrupt_sidecar(run_dir, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(SamplesDirectoryError, match=r"explanations\.jsonl, line 5: .*nested too deeply"):
+        list(iter_explanation_records(run_dir))
+    with pytest.raises(SamplesDirectoryError, match=r"explanations\.jsonl, line at byte \d+: .*nested too deeply"):
+        read_new_records(run_dir)

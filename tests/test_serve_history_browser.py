@@ -12,7 +12,7 @@ import pytest
 from chromium import CHROMIUM, api, choose, errors, open_chromium, wait_js
 from render_support import FakeTokenizer, hostile_vocab
 
-from lightning_sae_samples.analysis.history import FeatureHistory
+from lightning_sae_samples.analysis.history import FeatureHistory, quoted_tokens
 from lightning_sae_samples.render.escaping import token_label, visible
 
 pytest.importorskip("starlette")
@@ -114,7 +114,7 @@ def test_the_timeline_draws_every_window_and_event_and_a_window_shows_its_tokens
     check_timeline(tools, history, latent)
     change = next(e for e in history.events(latent) if e.kind == "meaning_change")
     title = tools.js("document.querySelector('#timeline-chart g.event-meaning_change title').textContent")
-    assert " ".join(change.before) in title and " ".join(change.after) in title
+    assert f"{quoted_tokens(change.before)} → {quoted_tokens(change.after)}" in title
     # Clicking a window with kept samples shows them, the activating token marked as on the feature page.
     for stats in history.feature(latent)[:3]:
         show_window(tools, stats.window.index)

@@ -188,6 +188,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _decoded(raw: bytes) -> Any:
+    """One line's JSON value; a ``ValueError`` for anything that is not strict JSON a writer could have written."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply to be an explanation record") from None
+
+
 def _record_of(obj: Any, where: str) -> ExplanationRecord:
     """The record a decoded line holds; ``SamplesDirectoryError`` naming ``where`` and the field if it is not one."""
     if not isinstance(obj, dict):
@@ -222,7 +230,7 @@ def iter_explanation_records(samples_dir: PathLike) -> Iterator[ExplanationRecor
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+                obj = _decoded(raw)
             except (UnicodeDecodeError, ValueError) as err:
                 if torn:
                     warnings.warn(
@@ -346,7 +354,7 @@ def read_new_records(samples_dir: PathLike, offset: int = 0) -> tuple[list[Expla
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            obj = _decoded(raw)
         except (UnicodeDecodeError, ValueError) as err:
             raise SamplesDirectoryError(f"{path}, line at byte {where}: not a JSON object ({err}).") from err
         records.append(_record_of(obj, f"{path}, line at byte {where}"))

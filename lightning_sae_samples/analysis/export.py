@@ -364,7 +364,9 @@ def export_samples(
         _require("pyarrow", "The parquet format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    targets = [out / f"{FEATURES_NAME}.{format}", out / f"{SAMPLES_NAME}.{format}", out / SUMMARY_NAME]
+    history = analyzer.history  # read from the analyzer's own save
+    names = [FEATURES_NAME, SAMPLES_NAME, *([HISTORY_TABLE_NAME] if history is not None else [])]
+    targets = [*(out / f"{name}.{format}" for name in names), out / SUMMARY_NAME]
     owned = _owned_files(out)
     for path in targets:
         refuse_samples_dir_file(path, "an export")
@@ -378,7 +380,6 @@ def export_samples(
         FEATURES_NAME: ([feature_row(f, rank) for rank, f in enumerate(selected, start=1)], FEATURE_COLUMNS),
         SAMPLES_NAME: ([row for f in selected for row in sample_rows(f, chosen)], SAMPLE_COLUMNS),
     }
-    history = analyzer.history  # read from the analyzer's own save
     if history is not None:
         tables[HISTORY_TABLE_NAME] = (history.rows([f.feature_idx for f in selected]), HISTORY_COLUMNS)
     paths: dict[str, Path] = {}
@@ -416,5 +417,6 @@ def _owned_files(out: Path) -> set[str]:
         raise FileExistsError(
             f"{path} is not a manifest lightning-sae-samples wrote; export into another folder or move it away."
         )
-    allowed = {f"{name}.{ext}" for name in (FEATURES_NAME, SAMPLES_NAME) for ext in TABLE_FORMATS} | {SUMMARY_NAME}
+    allowed = {f"{name}.{ext}" for name in (FEATURES_NAME, SAMPLES_NAME, HISTORY_TABLE_NAME) for ext in TABLE_FORMATS
+               } | {SUMMARY_NAME}
     return {name for name in record["files"] if name in allowed}

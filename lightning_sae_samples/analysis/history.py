@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -368,11 +368,17 @@ def sparkline(values: list[float]) -> str:
                    for v in values)
 
 
+def quoted_tokens(tokens: Sequence[str]) -> str:
+    """Tokens as ``"a", " b"``: quoted, so where a token starts and ends (and its spaces) can be seen."""
+    return ", ".join(f'"{token}"' for token in tokens)
+
+
 def story_line(history: FeatureHistory, latent: int, change_overlap: float = MEANING_CHANGE_OVERLAP,
                tokens: int = 3) -> Optional[str]:
     """A latent's "through training" line (raw token text), or ``None`` when it never fired in the history.
 
-    For example ``born at step 0 · meaning changed at step 8,000 ( the  of / Lord  God) · frequency ▁▃█▅``.
+    For example ``born at step 0 · meaning changed at step 8,000 (" the", " of" → " Lord", " God") · frequency
+    ▁▃█▅``: the top tokens before and after, each quoted (word pieces and their leading spaces stay readable).
     """
     active = {stats.window.index: stats for stats in history.feature(latent)}
     if not active:
@@ -380,8 +386,8 @@ def story_line(history: FeatureHistory, latent: int, change_overlap: float = MEA
     parts = []
     for event in history.events(latent, change_overlap):
         if event.kind == "meaning_change":
-            parts.append(f"meaning changed at step {event.step:,} ({' '.join(event.before[:tokens])} /"
-                         f" {' '.join(event.after[:tokens])})")
+            parts.append(f"meaning changed at step {event.step:,} ({quoted_tokens(event.before[:tokens])} →"
+                         f" {quoted_tokens(event.after[:tokens])})")
         else:
             verb = {"birth": "born", "death": "died", "revival": "revived"}[event.kind]
             parts.append(f"{verb} at step {event.step:,}")

@@ -412,7 +412,10 @@ class SampleCollector:
         collect = collect.unsqueeze(1)
         finite = torch.isfinite(flat_val)
         self.nonfinite_skipped += (~finite & collect).sum().to(self.nonfinite_skipped.device)
-        valid = (above_threshold(flat_val, self.config.activation_threshold) & finite & collect).view(-1)
+        above = above_threshold(flat_val, self.config.activation_threshold)
+        # A negative index pads a token's variable number of active latents (checked to have value 0); with a
+        # negative threshold its 0 would count, so the index decides.
+        valid = (above & finite & collect & (flat_idx >= 0)).view(-1)
         token_idx = torch.arange(valid.numel(), device=valid.device) // k
         latent_idx = torch.where(valid, flat_idx.view(-1).long(), 0)
         return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid)

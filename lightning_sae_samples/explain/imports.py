@@ -55,6 +55,8 @@ def _json(text: str, where: str) -> Any:
         return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(f"{name} not allowed")))
     except ValueError as err:
         raise ImportFormatError(f"{where}: not valid JSON ({err}).") from err
+    except RecursionError:
+        raise ImportFormatError(f"{where}: not valid JSON (nested too deeply).") from None
 
 
 def _text(value: Any, where: str) -> str:
@@ -123,7 +125,7 @@ def delphi_records(source: Path, num_latents: int, step: int, model: str, module
         raw = _read_bytes(path).decode("utf-8", errors="replace")
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = raw
         text = _text(value, str(path))
         if latent >= num_latents:

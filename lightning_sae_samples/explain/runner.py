@@ -25,6 +25,7 @@ from lightning_sae_samples.analysis.explanations import (
 )
 from lightning_sae_samples.analysis.records import FeatureSamples, Sample
 from lightning_sae_samples.explain.backends import ChatBackend
+from lightning_sae_samples.explain.progress import ExplainProgress
 from lightning_sae_samples.explain.prompts import (
     PROMPT_VERSION,
     context_text,
@@ -133,40 +134,6 @@ def _ours(record: ExplanationRecord, model: str) -> bool:
             and record.prompt_version == PROMPT_VERSION)
 
 
-class _Progress:
-    """A rich progress bar over requests, with requests/s and the time left; silent without a console."""
-
-    def __init__(self, console: Any, total: int) -> None:
-        self._bar = None
-        if console is None or total == 0:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} requests/s"), TimeRemainingColumn(), console=console, transient=True,
-        )
-        self._task = self._bar.add_task("Explaining", total=total, rate="-")
-        self._start = time.perf_counter()
-        self._done = 0
-        self._bar.start()
-
-    def describe(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, description=text)
-
-    def advance(self) -> None:
-        if self._bar is None:
-            return
-        self._done += 1
-        rate = self._done / max(time.perf_counter() - self._start, 1e-9)
-        self._bar.update(self._task, advance=1, rate=f"{rate:.2f}")
-
-    def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _pool(analyzer: ActivationSampleAnalyzer, loaded: dict[int, FeatureSamples]) -> list[Sample]:
     """Samples of many latents: where the non-activating contexts come from."""
     pool = [s for f in loaded.values() for s in f.samples]
@@ -190,7 +157,7 @@ def explain_latents(
         samples_dir: The samples directory.
         backend: Where the requests go.
         settings: What to do (default: :class:`ExplainSettings`).
-        console: A rich console for the progress bar (none without one).
+        console: A rich console for the progress (:class:`ExplainProgress`; none without one).
         analyzer: The opened directory, if the caller has it.
 
     Raises:
@@ -227,11 +194,10 @@ def explain_latents(
     splits = {i: split_samples(loaded[i], settings.shown_top, settings.shown_interval, settings.positives)
               for i in work}
     step = analyzer.summary.global_step
-    progress = _Progress(console, needed)
+    progress = ExplainProgress(console, needed, len(to_explain), len(to_score))
     started = time.perf_counter()
     try:
         if to_explain:
-            progress.describe("Explaining")
             conversations = [explanation_prompt(splits[i].shown) for i in to_explain]
             for n, answer in backend.answers(conversations, settings.max_tokens):
                 latent = to_explain[n]
@@ -243,9 +209,8 @@ def explain_latents(
                 others[latent] = text
                 result.explained.append(latent)
                 result.requests += 1
-                progress.advance()
+                progress.advance("explained")
         if to_score:
-            progress.describe("Scoring")
             _score(samples_dir, backend, settings, analyzer, loaded, splits, to_score, existing, others, result,
                    progress)
     finally:
@@ -265,7 +230,7 @@ def _score(
     existing: dict[int, ExplanationRecord],
     others: dict[int, str],
     result: ExplainResult,
-    progress: _Progress,
+    progress: ExplainProgress,
 ) -> None:
     pool = _pool(analyzer, loaded)
     conversations: list[list[dict[str, str]]] = []
@@ -284,13 +249,15 @@ def _score(
                 owners.append((latent, activating, is_random))
     answers: dict[int, dict[bool, list[tuple[bool, bool]]]] = {i: {False: [], True: []} for i in to_score}
     remaining = {i: sum(1 for o in owners if o[0] == i) for i in to_score}
+    progress.expect(len(conversations))  # the budget counted every context; a latent may have fewer
     for n, answer in backend.answers(conversations, DETECTION_MAX_TOKENS):
         latent, activating, is_random = owners[n]
         answers[latent][is_random].append((activating, parse_detection(answer)))
         result.requests += 1
-        progress.advance()
         remaining[latent] -= 1
-        if remaining[latent] == 0:
+        if remaining[latent] > 0:
+            progress.advance()
+        else:
             real, baseline_answers = answers[latent][False], answers[latent][True]
             record = dataclasses.replace(
                 existing[latent],
@@ -303,3 +270,4 @@ def _score(
             append_explanations(samples_dir, [record])
             existing[latent] = result.records[latent] = record
             result.scored.append(latent)
+            progress.advance("scored")

@@ -1,11 +1,13 @@
 """SAELens: the exact top activating contexts of an SAE that SAELens' own ``SAETrainer`` trains on shuffled rows.
 
 SAELens trains on rows of activations mixed across many language-model batches: its ``mixing_buffer`` shuffles
-the rows of a buffer with one ``torch.randperm``, after special tokens were dropped. Here every row carries a
-token ref (:mod:`lightning_sae_samples.token_sources`) through that same filtering and that same permutation:
-the ref's 8 bytes ride as extra columns of the activation tensor (viewed in its dtype, so copying moves them
-bit for bit), and :class:`TokenRefRows` splits them off before the SAE sees the batch. The SAE trains on
-exactly the rows it would train on without them.
+the rows of a buffer with one ``torch.randperm``, after special tokens were dropped. Here every row's token ref
+(:mod:`lightning_sae_samples.token_sources`) goes through that same filtering and that same permutation: inside
+:func:`mixed_rows` only, the ref's 8 bytes ride as extra columns of the rows (viewed in their dtype; the buffer
+only concatenates and indexes, which copies them bit for bit), and :class:`TokenRefRows` splits them off as each
+batch leaves the buffer. From there on the refs travel beside the activations
+(:class:`~lightning_sae_samples.RowsWithRefs`): SAELens' activation scaler, evaluators and the SAE see exactly the
+rows they would see without refs, and no transform of them can reach the refs.
 
 :class:`SamplesSAETrainer` is SAELens' ``SAETrainer`` that feeds an
 :class:`~lightning_sae_samples.ActivationSampleCollector` from its public ``step`` on the scheduled steps,
@@ -35,6 +37,8 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
 from lightning_sae_samples.collector import ActivationSampleCollector
+from lightning_sae_samples.inputs import LatentInputError
+from lightning_sae_samples.rows_with_refs import RowsWithRefs
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir
 from lightning_sae_samples.schedule import CollectionSchedule, Frequency
@@ -63,6 +67,19 @@ PathLike = Union[str, Path]
 
 
 # ---------------------------------------------------------------------------------------------- refs as columns
+# Inside mixed_rows only. Each packed ref carries a 24-bit check of its 40 bits, so that a packed tensor that was
+# transformed (scaled, normalized) on its way is refused by unpack_refs instead of giving other refs in range.
+_REF_BITS, _CHECK_BITS = 40, 24
+_REF_MASK = (1 << _REF_BITS) - 1
+_CHECK_MASK = (1 << _CHECK_BITS) - 1
+_CHECK_MULTIPLIER = 0x2545F4914F6CDD1D  # an odd 64-bit constant: multiplying spreads every bit of a ref
+
+
+def _check_bits(refs: Tensor) -> Tensor:
+    # Wrapping int64 multiplication, top bits kept (a multiplicative hash).
+    return ((refs * _CHECK_MULTIPLIER) >> (64 - _CHECK_BITS)) & _CHECK_MASK
+
+
 def ref_columns(dtype: torch.dtype) -> int:
     """Columns of ``dtype`` that hold one int64 ref (2 for float32, 4 for bfloat16 and float16)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -71,30 +88,85 @@ def ref_columns(dtype: torch.dtype) -> int:
     return _REF_BYTES // size
 
 
-def pack_refs(activations: Tensor, refs: Tensor) -> Tensor:
-    """Rows ``[N, d]`` and their int64 refs ``[N]`` as one ``[N, d + c]`` tensor (:func:`ref_columns` ``c``).
-
-    The refs' bytes are viewed in the activations' dtype, never converted: indexing and concatenation (all that
-    a mixing buffer does) copy them bit for bit, and :func:`unpack_refs` gets them back exactly.
-    """
+def _pack(activations: Tensor, refs: Tensor) -> Tensor:
     if activations.dim() != 2 or refs.numel() != activations.shape[0]:
         raise ValueError(
             f"pack_refs needs activations [N, d] and one ref per row, got {tuple(activations.shape)} and"
             f" {refs.numel()} refs."
         )
-    bits = refs.to(device=activations.device, dtype=torch.int64).reshape(-1, 1).contiguous()
+    refs = refs.to(device=activations.device, dtype=torch.int64).reshape(-1, 1)
+    bits = ((_check_bits(refs) << _REF_BITS) | (refs & _REF_MASK)).contiguous()
     return torch.cat([activations, bits.view(activations.dtype)], dim=1)
 
 
-def unpack_refs(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
-    """The rows ``[N, d_in]`` (contiguous, as the SAE would get them) and their refs ``[N]`` of :func:`pack_refs`."""
+def _unpack(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
+    """The rows and the packed ref bits (see :func:`_refs` and :func:`_intact`)."""
     extra = ref_columns(packed.dtype)
     if packed.dim() != 2 or packed.shape[1] != d_in + extra:
         raise ValueError(
             f"A batch of shape {tuple(packed.shape)} does not hold rows of width {d_in} with their token refs"
-            f" ({extra} more columns of {packed.dtype}): pass the batches of `mixed_rows` / `TokenRefRows`."
+            f" ({extra} more columns of {packed.dtype}). If it was cast after packing (e.g. to bfloat16), the ref"
+            " columns were converted, not copied: carry the refs beside the activations (RowsWithRefs), or pass"
+            " the batches of `mixed_rows` / `TokenRefRows`."
         )
-    return packed[:, :d_in].contiguous(), packed[:, d_in:].contiguous().view(torch.int64).view(-1)
+    # A fresh contiguous copy: a one-row slice counts as contiguous at an odd offset, which view refuses.
+    bits = packed[:, d_in:].clone(memory_format=torch.contiguous_format).view(torch.int64).view(-1)
+    return packed[:, :d_in].contiguous(), bits
+
+
+def _refs(bits: Tensor) -> Tensor:
+    return bits & _REF_MASK
+
+
+def _intact(bits: Tensor) -> Tensor:
+    """``[N]`` bool: each packed ref's check bits hold (False where the bytes were bent on the way)."""
+    return (bits >> _REF_BITS) & _CHECK_MASK == _check_bits(_refs(bits))
+
+
+def pack_refs(activations: Tensor, refs: Tensor) -> Tensor:
+    """Rows ``[N, d]`` and their int64 refs ``[N]`` (below 2**40) as one ``[N, d + c]`` tensor.
+
+    ``c`` is :func:`ref_columns`.
+
+    .. deprecated:: Refs that ride inside the activations are bent by any transform of them (a trainer's
+       normalization divides them, a cast converts them). Yield ``(activations, refs)`` to
+       :class:`~lightning_sae_samples.RowsWithRefs` instead, which keeps them beside.
+
+    The refs' bytes are viewed in the activations' dtype, never converted: indexing and concatenation copy them
+    bit for bit, and :func:`unpack_refs` gets them back exactly, or refuses a tensor that was transformed.
+    """
+    warnings.warn(_COLUMNS_DEPRECATED.format("pack_refs"), DeprecationWarning, stacklevel=2)
+    return _pack(activations, refs)
+
+
+def unpack_refs(packed: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
+    """The rows ``[N, d_in]`` (contiguous, as the SAE would get them) and their refs ``[N]`` of :func:`pack_refs`.
+
+    .. deprecated:: See :func:`pack_refs`.
+
+    Raises:
+        ValueError: ``packed`` is not ``d_in`` columns and the refs, or its ref columns were changed on the way
+            (e.g. the whole batch was scaled or normalized): the refs would name other tokens.
+    """
+    warnings.warn(_COLUMNS_DEPRECATED.format("unpack_refs"), DeprecationWarning, stacklevel=2)
+    rows, bits = _unpack(packed, d_in)
+    intact = _intact(bits)
+    if not bool(intact.all()):
+        row = int((~intact).nonzero()[0, 0])
+        raise ValueError(
+            f"unpack_refs: the token ref of row {row} was changed after pack_refs (its check bits no longer match),"
+            " or was not below 2**40: the batch was transformed with its ref columns (a normalization or scaling of"
+            " the whole batch), so every ref may name another token. Carry the refs beside the activations: yield"
+            " (activations, refs) to RowsWithRefs and ask rows.refs_for(batch) at the collection step."
+        )
+    return rows, _refs(bits)
+
+
+_COLUMNS_DEPRECATED = (
+    "{} is deprecated: refs carried as columns of the activations are bent by a trainer's transforms (a"
+    " normalization divides them, a cast converts them). Yield (activations, refs) batches to"
+    " lightning_sae_samples.RowsWithRefs, which keeps them beside the activations."
+)
 
 
 def ring_capacity(buffer_size: int, llm_batch_tokens: int, mix_fraction: float, tokens_per_row: float = 1.0) -> int:
@@ -113,40 +185,40 @@ def ring_capacity(buffer_size: int, llm_batch_tokens: int, mix_fraction: float, 
 
 
 # ---------------------------------------------------------------------------------------------- data providers
-class TokenRefRows(Iterator[Tensor]):
+class TokenRefRows(RowsWithRefs):
     """``SAETrainer``'s data provider: batches of activation rows, each batch with the token refs of its rows.
 
-    Iterating yields the rows ``[batch_size, d_in]`` only (so SAELens' activation scaler and evaluators see plain
-    activations); :meth:`refs_of` gives the refs of the batch it yielded last.
+    A :class:`~lightning_sae_samples.RowsWithRefs` over batches whose refs rode as columns through SAELens'
+    mixing buffer (:func:`mixed_rows`): iterating yields the rows ``[batch_size, d_in]`` only (so SAELens'
+    activation scaler and evaluators see plain activations); :meth:`refs_for` gives the refs of the batch it
+    yielded last, as the trainer holds it.
 
     Args:
-        packed_batches: Batches of :func:`pack_refs` rows (what SAELens' ``mixing_buffer`` yields for them).
+        packed_batches: Batches of rows with their refs as columns (what SAELens' ``mixing_buffer`` yields for
+            :func:`mixed_rows`).
         d_in: The activations' width.
         token_source: Where the refs point (the collector reads the context windows there).
     """
 
     def __init__(self, packed_batches: Iterable[Tensor], d_in: int, token_source: TokenSource) -> None:
         self.d_in = d_in
-        self.token_source = token_source
         self._packed = iter(packed_batches)
-        self._last: Optional[tuple[Tensor, Tensor]] = None
-
-    def __iter__(self) -> TokenRefRows:
-        return self
-
-    def __next__(self) -> Tensor:
-        rows, refs = unpack_refs(next(self._packed), self.d_in)
-        self._last = (rows, refs)
-        return rows
+        # Only SAELens' buffer (concatenation, indexing) touched the columns since _pack: the bits are the refs.
+        split = (_unpack(packed, d_in) for packed in self._packed)
+        super().__init__(((rows, _refs(bits)) for rows, bits in split), token_source)
 
     def close(self) -> None:
         """Stop the underlying generators (SAELens' mixing buffer) now rather than at interpreter exit."""
+        super().close()
         close = getattr(self._packed, "close", None)
         if close is not None:
             close()
 
     def refs_of(self, batch: Tensor) -> Optional[Tensor]:
-        """The token refs ``[N]`` of ``batch`` if it is the batch yielded last, else ``None``."""
+        """The token refs ``[N]`` of ``batch`` if it is the very tensor yielded last, else ``None``.
+
+        :meth:`refs_for` also takes the trainer's copy of the batch (moved, scaled, cast) and says why it refuses.
+        """
         if self._last is not None and batch is self._last[0]:
             return self._last[1]
         return None
@@ -244,7 +316,7 @@ def mixed_rows(
                         f" {type(ring).__name__}: yield (activations, tokens, refs) for every batch."
                     )
                 refs = ring.add(tokens) + torch.arange(tokens.numel(), device=tokens.device)
-            rows = pack_refs(activations, refs.reshape(-1))
+            rows = _pack(activations, refs.reshape(-1))
             if exclude is not None:
                 rows = rows[~torch.isin(tokens.reshape(-1).to(rows.device), exclude.to(rows.device))]
             yield rows
@@ -293,16 +365,23 @@ def activations_store_rows(store: Any, *, ring_capacity_tokens: Optional[int] = 
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-def _sparse_topk(feature_acts: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """A COO ``[N, F]`` with the same number of entries in every row as ``(indices, values)`` ``[N, k]``."""
+def _sparse_topk(feature_acts: Tensor) -> tuple[Tensor, Tensor]:
+    """A COO ``[N, F]`` as ``(indices, values)`` ``[N, k]``, ``k`` the most entries of a row (one host sync).
+
+    Rows with fewer entries (a batch-level TopK, a sparse JumpReLU) are padded with index -1 and value 0.
+    """
     acts = feature_acts.coalesce()
     rows, cols = acts.indices()
     n = acts.shape[0]
     counts = torch.bincount(rows, minlength=n)
-    if n == 0 or not bool((counts == counts[0]).all()):
-        return None
-    k = int(counts[0])
-    return cols.view(n, k), acts.values().view(n, k)
+    k = int(counts.max()) if n else 0
+    # Coalesced entries come sorted by row: an entry's slot is its place after its row's first entry.
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - starts[rows]
+    indices = torch.full((n, k), -1, dtype=torch.int64, device=cols.device).index_put_((rows, slot), cols)
+    values = acts.values()
+    padded = torch.zeros((n, k), dtype=values.dtype, device=values.device).index_put_((rows, slot), values)
+    return indices, padded
 
 
 class SamplesSAETrainer(SAETrainer):
@@ -316,7 +395,8 @@ class SamplesSAETrainer(SAETrainer):
     Args:
         cfg: SAELens' ``SAETrainerConfig``.
         sae: The ``TrainingSAE``.
-        data_provider: A :class:`TokenRefRows` (:func:`mixed_rows`, :func:`activations_store_rows`).
+        data_provider: A :class:`TokenRefRows` (:func:`mixed_rows`, :func:`activations_store_rows`) or any
+            :class:`~lightning_sae_samples.RowsWithRefs`.
         evaluator: As ``SAETrainer``'s.
         save_checkpoint_fn: As ``SAETrainer``'s.
         collector: The collector (default: one over ``sae.cfg.d_sae`` latents reading ``data_provider``'s token
@@ -362,28 +442,37 @@ class SamplesSAETrainer(SAETrainer):
 
         Raises:
             ValueError: On a scheduled step, ``batch`` is not the batch the data provider yielded last (it has
-                no token refs).
+                no token refs), or the data provider keeps no refs.
         """
-        refs_of = getattr(self.data_provider, "refs_of", None)
-        refs = refs_of(batch) if refs_of is not None else None
+        step = self.steps_taken
+        refs = self._refs_of(batch, step) if self.schedule.is_due(step) else None
         output = super().step(batch)
-        step, self.steps_taken = self.steps_taken, self.steps_taken + 1
-        if self.schedule.is_due(step):
-            if refs is None:
-                raise ValueError(
-                    f"{type(self).__name__}: the batch of step {step} has no token refs. Train on a TokenRefRows"
-                    " data provider (mixed_rows or activations_store_rows) and pass step() the batch it yielded."
-                )
+        self.steps_taken += 1
+        if refs is not None:
             self._collect(refs, output.feature_acts.detach(), step)
         return output
 
+    def _refs_of(self, batch: Tensor, step: int) -> Tensor:
+        refs_for = getattr(self.data_provider, "refs_for", None)
+        if refs_for is not None:
+            try:
+                return refs_for(batch)
+            except LatentInputError as err:
+                raise LatentInputError(f"{type(self).__name__}, step {step}: {err}") from None
+        refs_of = getattr(self.data_provider, "refs_of", None)  # a provider of the earlier interface
+        refs = refs_of(batch) if refs_of is not None else None
+        if refs is None:
+            raise ValueError(
+                f"{type(self).__name__}: the batch of step {step} has no token refs. Train on a TokenRefRows"
+                " data provider (mixed_rows or activations_store_rows) and pass step() the batch it yielded."
+            )
+        return refs
+
     def _collect(self, refs: Tensor, feature_acts: Tensor, step: int) -> None:
         if feature_acts.is_sparse:
-            topk = _sparse_topk(feature_acts)
-            if topk is not None:
-                self.collector.update(token_refs=refs, latent_indices=topk[0], latent_values=topk[1], step=step)
-                return
-            feature_acts = feature_acts.to_dense()
+            indices, values = _sparse_topk(feature_acts)
+            self.collector.update(token_refs=refs, latent_indices=indices, latent_values=values, step=step)
+            return
         self.collector.update(token_refs=refs, latents=feature_acts, step=step)
 
     def fit(self) -> Any:
@@ -404,11 +493,18 @@ class SamplesSAETrainer(SAETrainer):
         return self.collector.save(self.samples_dir, self.tokenizer, global_step=self.steps_taken)
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
-        """SAELens' trainer state, the collector's state beside it (``STATE_NAME``), then the samples directory."""
-        super().save_trainer_state(checkpoint_path)
+        """The samples directory, then SAELens' trainer state and the collector's state beside it (``STATE_NAME``).
+
+        The samples go first: a kill during their save leaves this checkpoint without SAELens' trainer state, so a
+        resume takes the previous one and writes the same save again; and the state kept here is the one after the
+        save (its history window closed), which an uninterrupted run goes on with. ``STATE_NAME`` comes before
+        SAELens' state, so a checkpoint with the latter always has the former (it is never taken for a plain
+        ``SAETrainer``'s, whose collection would start afresh).
+        """
+        self.save_samples()
         state = {"version": STATE_VERSION, "steps_taken": self.steps_taken, "collector": self.collector.state_dict()}
         atomic_torch_save(Path(checkpoint_path) / STATE_NAME, state)
-        self.save_samples()
+        super().save_trainer_state(checkpoint_path)
 
     def load_trainer_state(self, checkpoint_path: PathLike) -> None:
         """SAELens' trainer state and the collection saved beside it.

@@ -73,7 +73,7 @@ def _entries(path: Path) -> Optional[set[str]]:
 
 
 def _is_half_made_pending(pending: Path) -> bool:
-    """A pending directory that versions before 0.2 created, then died before its marker was complete.
+    """A pending directory that earlier versions created, then died before its marker was complete.
 
     Those versions made the directory first and wrote the marker into it after, so a kill in between left
     ``.sae_samples_pending/`` holding only the marker's temporary file; it is ours and is cleared like one.

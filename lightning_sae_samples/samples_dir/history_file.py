@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.config import MAX_HISTORY_WINDOWS_PER_LEVEL
 from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
 from lightning_sae_samples.state.history import (
     HISTORY_FORMAT_VERSION,
@@ -111,6 +112,11 @@ def read_existing_history(path: Path) -> Optional[dict]:
 # ---------------------------------------------------------------------- checks
 #: Bounds that keep every reader's arithmetic in int64 and its per-latent tensors of a sane size.
 _MAX_STEP = 2**62
+_INT64_MAX = 2**63 - 1
+#: Highest level: a window of level ``l`` merges at least ``2**l`` saves, and ``saves`` is at most ``_MAX_STEP``.
+_MAX_LEVEL = 62
+#: Most windows thinning can keep: at most ``MAX_HISTORY_WINDOWS_PER_LEVEL`` on each level.
+_MAX_WINDOWS = MAX_HISTORY_WINDOWS_PER_LEVEL * (_MAX_LEVEL + 1)
 
 
 def _int(payload: dict, key: str, minimum: int, maximum: int = _MAX_STEP) -> int:
@@ -137,8 +143,8 @@ def _tensor(value: Any, key: str, shape: tuple[int, ...], floating: bool) -> Ten
     ):
         kind = "float" if floating else "integer"
         raise ValueError(f"`{key}` must be an {kind} tensor of shape {shape}, got {_show(value)}")
-    if floating and key not in MAY_BE_UNKNOWN and value.numel() and bool(torch.isnan(value).any()):
-        raise ValueError(f"`{key}` holds NaN")
+    if floating and key not in MAY_BE_UNKNOWN and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"`{key}` holds NaN or an infinite value")
     return value
 
 
@@ -159,18 +165,24 @@ def check_history(payload: Any) -> None:
     num_latents = _int(payload, "num_latents", 1, 2**31)
     top = _int(payload, "top_tokens", 1, 1024)
     width = _int(payload, "context_window", 1, 4097)
-    _int(payload, "dead_window_steps", 1)
+    dead_window_steps = _int(payload, "dead_window_steps", 1)
     table = _group(payload, "windows")
     first = table.get("start")
     count = len(first) if isinstance(first, Tensor) and first.dim() == 1 else -1
     if count < 0:
         raise ValueError(f"`windows.start` must be a 1-d integer tensor, got {_show(first)}")
+    if count > _MAX_WINDOWS:
+        raise ValueError(f"`windows` holds {count} windows; thinning keeps at most {_MAX_WINDOWS}")
     for name in (*WINDOW_SCALARS, "rows", "sample_rows"):
         value = _tensor(table.get(name), f"windows.{name}", (count,), floating=False)
         if count and (int(value.min()) < 0 or int(value.max()) > _MAX_STEP):
             raise ValueError(f"`windows.{name}` must lie in [0, {_MAX_STEP}]")
     if count and (bool((table["end"] < table["start"]).any()) or bool((table["end"][1:] < table["end"][:-1]).any())):
         raise ValueError("`windows.end` must not precede its `start` nor the previous window's end")
+    if count and int(table["end"][-1]) + dead_window_steps > _INT64_MAX:
+        raise ValueError(f"`dead_window_steps` ({dead_window_steps}) after the last `windows.end`"
+                         f" ({int(table['end'][-1])}) passes the largest int64 step")
+    _check_levels(table["level"])
     rows, samples = _group(payload, "rows"), _group(payload, "samples")
     total = int(table["rows"].sum())
     for name, dtype in ROW_FIELDS.items():
@@ -179,6 +191,7 @@ def check_history(payload: Any) -> None:
     latent = rows["latent"]
     if total and (int(latent.min()) < 0 or int(latent.max()) >= num_latents):
         raise ValueError(f"`rows.latent` must lie in [0, {num_latents})")
+    _check_ascending_within_windows(latent, table["rows"])
     if total and (int(rows["count"].min()) < 1 or int(rows["token_counts"].min()) < 0):
         raise ValueError("`rows.count` must be positive and `rows.token_counts` not negative")
     if total and int(rows["token_ids"].min()) < -1:
@@ -191,6 +204,8 @@ def check_history(payload: Any) -> None:
         raise ValueError(f"`samples.latent` must lie in [0, {num_latents})")
     if stored and int(samples["context_tokens"].min()) < -1:
         raise ValueError("`samples.context_tokens` must be token ids, or -1 outside the sequence")
+    if stored and int(samples["context_tokens"][:, width // 2].min()) < 0:
+        raise ValueError(f"`samples.context_tokens` must hold each sample's activating token at index {width // 2}")
     vocab = _group(payload, "vocab")
     ids = vocab.get("ids")
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
@@ -198,3 +213,27 @@ def check_history(payload: Any) -> None:
     strings = vocab.get("strings")
     if not isinstance(strings, list) or len(strings) != len(ids) or not all(isinstance(s, str) for s in strings):
         raise ValueError(f"`vocab.strings` must be a list of {len(ids)} strings, got {_show(strings)}")
+
+
+def _check_levels(level: Tensor) -> None:
+    """Each level holds at most what thinning keeps on it (checked before anything is built per window)."""
+    if not len(level):
+        return
+    if int(level.max()) > _MAX_LEVEL:
+        raise ValueError(f"`windows.level` must lie in [0, {_MAX_LEVEL}]")
+    crowded = int(torch.bincount(level).max())
+    if crowded > MAX_HISTORY_WINDOWS_PER_LEVEL:
+        raise ValueError(f"`windows.level` puts {crowded} windows on one level; thinning keeps at most"
+                         f" {MAX_HISTORY_WINDOWS_PER_LEVEL}")
+
+
+def _check_ascending_within_windows(latent: Tensor, rows_per_window: Tensor) -> None:
+    """Rows of a window name each latent once, ascending (readers look a latent up by bisection)."""
+    if len(latent) < 2:
+        return
+    starts = torch.cumsum(rows_per_window, 0) - rows_per_window
+    opens_window = torch.zeros(len(latent), dtype=torch.bool)
+    opens_window[starts[rows_per_window > 0]] = True
+    ascending = latent[1:] > latent[:-1]
+    if not bool((ascending | opens_window[1:]).all()):
+        raise ValueError("`rows.latent` must be strictly ascending within each window (each latent once)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shlex
 import socket
 import sys
 import threading
@@ -19,16 +18,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_sae_samples.arguments import OneLineErrorParser
+from lightning_sae_samples.printed_commands import PROG, pip_command, program_command
 
-PROG = "lightning-sae-samples"
 COMMAND = "serve"
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 
 def serve_command(dirpath: Any) -> str:
-    """The one-line shell command that opens ``dirpath`` in the browser (``lightning-sae-samples serve DIR``)."""
-    return f"{PROG} {COMMAND} {shlex.quote(os.fspath(dirpath))}"
+    """The one-line shell command that opens ``dirpath`` in the browser (``lightning-sae-samples serve DIR``).
+
+    The command is named by its path in this environment, so a new shell runs it without activating anything.
+    """
+    return program_command(COMMAND, os.fspath(dirpath))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +126,8 @@ class Server:
             import uvicorn
         except ImportError as err:
             raise ImportError(
-                "`lightning-sae-samples serve` needs Starlette and uvicorn: pip install 'lightning-sae-samples[serve]'."
+                f"`{PROG} {COMMAND}` needs Starlette and uvicorn: {pip_command('install', '-e', '.[serve]')} from the"
+                f" checkout (once released: {pip_command('install', 'lightning-sae-samples[serve]')})."
             ) from err
         from lightning_sae_samples.serve.app import create_app
         from lightning_sae_samples.serve.runs import RunSet

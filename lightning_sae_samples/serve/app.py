@@ -57,6 +57,8 @@ MAX_QUERY = 200
 TOKEN_HEADER = "X-SAE-Samples-Token"
 _TOKEN_SLOT = b"__SAE_SAMPLES_TOKEN__"
 _WRITES_SLOT = b"__SAE_SAMPLES_WRITES__"
+#: Digits of the largest int64: a longer number in a path names no feature and no window.
+_MAX_INDEX_DIGITS = 19
 
 
 class ForbiddenError(PermissionError):
@@ -110,6 +112,11 @@ def _query_text(request: Request, what: str) -> str:
     if len(text) > MAX_QUERY:
         raise BadRequestError(f"`text` is limited to {MAX_QUERY} characters; got {len(text)}.")
     return text
+
+
+def _shown_number(raw: str) -> str:
+    """A path segment as an error message quotes it: a number of thousands of digits is cut."""
+    return repr(raw) if len(raw) <= 40 else repr(raw[:20] + "...")
 
 
 def _json(data: Any) -> JSONResponse:
@@ -223,7 +230,7 @@ def create_app(
         run = live(request)
         index = loaded(request)
         return _json({"run": run.name, "version": run.version, "explanations_version": run.explanations_version,
-                      "explanations": len(run.explanations),
+                      "explanations": len(run.explanations), "explanations_error": run.explanations_error,
                       "has_history": index.analyzer.directory.history_path is not None, **index.summary_json()})
 
     def features(request: Request) -> Response:
@@ -268,9 +275,12 @@ def create_app(
 
     def feature_idx(request: Request, index: RunIndex) -> int:
         raw = request.path_params["idx"]
+        last = index.analyzer.num_features - 1
         if not raw.isascii() or not raw.isdigit():
-            raise NotFoundError(f"Feature {raw!r} does not exist: a feature is a number from 0 to"
-                                f" {index.analyzer.num_features - 1}.")
+            raise NotFoundError(f"Feature {_shown_number(raw)} does not exist: a feature is a number from 0 to"
+                                f" {last}.")
+        if len(raw) > _MAX_INDEX_DIGITS:  # before `int`: thousands of digits raise ValueError there
+            raise NotFoundError(f"Feature {_shown_number(raw)} does not exist: this run has latents 0 to {last}.")
         return index.check_index(int(raw))
 
     def neighbours(request: Request) -> Response:
@@ -294,7 +304,7 @@ def create_app(
         idx = feature_idx(request, index)
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequestError('The body must be JSON: {"text": "your label"}.') from None
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str) or len(text) > MAX_LABEL:
@@ -342,8 +352,9 @@ def create_app(
         index, history = loaded_history(request)
         idx = feature_idx(request, index)
         raw = request.path_params["window"]
-        if not raw.isascii() or not raw.isdigit() or int(raw) >= len(history.windows):
-            raise NotFoundError(f"Window {raw!r} does not exist: the history has windows 0 to"
+        if (not raw.isascii() or not raw.isdigit() or len(raw) > _MAX_INDEX_DIGITS
+                or int(raw) >= len(history.windows)):
+            raise NotFoundError(f"Window {_shown_number(raw)} does not exist: the history has windows 0 to"
                                 f" {len(history.windows) - 1}.")
         return _json(window_samples(history, idx, int(raw)))
 

@@ -94,10 +94,15 @@ class WordIndex:
 
     def __init__(self, latents: list[int], texts: list[str]) -> None:
         self.doc_latent = torch.tensor(latents, dtype=torch.int64)
-        blob = "\x00".join(texts).casefold().encode("utf-8")
+        encoded = [text.casefold().encode("utf-8") for text in texts]
+        # Each text's first byte offset finds the document of each word: the texts may hold any byte, so no
+        # separator can tell them apart. The space between texts only keeps a word from running into the next.
+        blob = b" ".join(encoded)
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
         keys, starts = _word_hashes(data)
-        doc = torch.cumsum((data == 0).to(torch.int64), 0)[starts] if len(starts) else starts
+        lengths = torch.tensor([len(e) + 1 for e in encoded], dtype=torch.int64)
+        doc_starts = torch.cumsum(lengths, 0) - lengths
+        doc = torch.searchsorted(doc_starts, starts, right=True) - 1
         self.words, word = torch.unique(keys, return_inverse=True)
         num_docs = max(len(latents), 1)
         pair, tf = torch.unique(word * num_docs + doc, return_counts=True)

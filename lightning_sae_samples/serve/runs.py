@@ -84,6 +84,8 @@ class Status:
     global_step: Optional[int]
     message: Optional[str]
     explanations_version: int = 0
+    #: Why the explanations sidecar cannot be read (the page shows the explanations loaded before, or none).
+    explanations_error: Optional[str] = None
 
 
 class LiveRun:
@@ -116,7 +118,7 @@ class LiveRun:
         if current is not None:
             summary = current.summary
             return Status("ready", self.version, summary.save_id, summary.global_step,
-                          self.error or self.explanations_error, self.explanations_version)
+                          self.error or self.explanations_error, self.explanations_version, self.explanations_error)
         return Status("error" if self.error else "waiting", self.version, None, None, self.error)
 
     def refresh(self) -> bool:

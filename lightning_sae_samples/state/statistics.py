@@ -86,8 +86,9 @@ def frequency_histogram(state: dict, bins_per_decade: int = 2) -> dict[str, list
     if not tokens_seen or fired.numel() == 0:
         return {"bin_edges": [], "counts": []}
     log_freq = torch.log10(fired / tokens_seen)
-    low = math.floor(float(log_freq.min()) * bins_per_decade) / bins_per_decade
-    num_bins = max(1, math.ceil(-low * bins_per_decade))
+    # At least one bin below 0: when every latent that fired did so on every token, log10 is 0 everywhere.
+    low = min(math.floor(float(log_freq.min()) * bins_per_decade), -1) / bins_per_decade
+    num_bins = math.ceil(-low * bins_per_decade)
     edges = torch.linspace(low, 0.0, num_bins + 1, dtype=torch.float64)
     counts = torch.histc(log_freq, bins=num_bins, min=low, max=0.0).long()
     return {"bin_edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}

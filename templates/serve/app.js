@@ -58,6 +58,10 @@
     show("error-banner", true);
   }
   function fine() { show("error-banner", false); }
+  function explanationsProblem(message) {
+    $("explanations-banner").textContent = message ? "Explanations and labels cannot be read: " + message : "";
+    show("explanations-banner", Boolean(message));
+  }
 
   // ------------------------------------------------------------------ shared pieces
   function chip(label, extra, title) {
@@ -65,6 +69,8 @@
     if (title) { node.title = title; }
     return node;
   }
+  // Raw token strings as "a", " b" (as the reports' "through training" line writes them).
+  function quotedTokens(tokens) { return tokens.map(function (t) { return "\"" + t + "\""; }).join(", "); }
   function tokenChips(cell, tokens) {
     tokens.forEach(function (t) { cell.appendChild(chip(t.label, "×" + t.samples)); });
   }
@@ -143,6 +149,7 @@
   // ------------------------------------------------------------------ summary and frequency histogram
   function renderSummary(s) {
     state.summary = s;
+    explanationsProblem(s.explanations_error);
     $("run-path").textContent = s.summary.path;
     $("save-info").textContent = "step " + s.global_step + (s.summary.save_id !== null ? " · save " + s.summary.save_id : "");
     var facts = clear($("facts"));
@@ -514,8 +521,8 @@
       g.appendChild(svgNode("line", { x1: at, y1: CHART.top, x2: at, y2: ax.bottom }));
       svgText(g, at, CHART.top + 2 + 10 * stack, KIND_MARKS[e.kind], "middle", "mark");
       var words = KIND_NAMES[e.kind] + " at step " + e.step;
-      if (e.kind === "meaning_change") { words += ": " + e.before.join(" ") + " → " + e.after.join(" ") + " (overlap " + fmtNum(e.overlap) + ")"; }
-      else if (e.after.length) { words += ": " + e.after.join(" "); }
+      if (e.kind === "meaning_change") { words += ": " + quotedTokens(e.before) + " → " + quotedTokens(e.after) + " (overlap " + fmtNum(e.overlap) + ")"; }
+      else if (e.after.length) { words += ": " + quotedTokens(e.after); }
       titled(g, words);
       svg.appendChild(g);
     });
@@ -738,6 +745,7 @@
   }
   function poll() {
     api("status").then(function (s) {
+      if (s.state === "ready") { explanationsProblem(s.explanations_error); }
       if (s.runs !== undefined && state.runs && s.runs !== state.runs.length) { listRuns(); }
       if (s.state === "ready" && s.version === state.version && state.explanationsVersion !== null
           && s.explanations_version !== state.explanationsVersion) {
