@@ -34,7 +34,6 @@ Nothing here asserts a time; the targets are printed next to the measurements.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import itertools
 import math
@@ -858,10 +857,12 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
                  extra: dict, collections: int, device: torch.device) -> dict:
     """Collection time over the floor's on the same batches, in the fill phase and once the tops are full.
 
-    Fill: collections 2 to ``collections`` from an empty state. Filled: the top rows are first filled with
-    values in [4, 5) (bigger batches, not timed), then the same uniform batches come, of which only the few
-    above a latent's 100th value may enter. Each batch goes through the collection and the floor, one after the
-    other, and the ratio is of the summed times (merges included, wherever they fall).
+    Fill: collections 2 to ``collections`` from an empty state. Filled: the top rows are first filled with values
+    in [4, 5) (bigger batches, not timed), then the same uniform batches come, of which only the few above a
+    latent's 100th value may enter. Each batch goes through the floor and the collection, one after the other, and
+    the ratio is of the summed times (merges included, wherever they fall). Times are the process's CPU time on a
+    CPU (the machine may be shared), the wall clock on a GPU; the operators and syncs are of one more collection
+    after each phase, untimed.
     """
     from lightning_sae_samples.engine import SampleCollector
 
@@ -871,46 +872,56 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
     floor = Floor(num_latents, threshold, config.half_window, device)
     gen = torch.Generator().manual_seed(0)
 
-    def one(ids, indices, values, step, count: Optional[list] = None) -> tuple[float, float]:
+    # On a GPU the wall clock; on a shared CPU machine the process's CPU time, which other jobs disturb far less.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def one(ids, indices, values, step) -> tuple[float, float]:
         ids, indices, values = ids.to(device), indices.to(device), values.to(device)
         latents = torch.zeros(*ids.shape, num_latents, device=device).scatter_(2, indices, values) if dense else None
         kth = collector.tables["top"].sort_key[:, -1]
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         if dense:
             floor.update(ids, None, latents.view(-1, num_latents), kth)
         else:
             floor.update(ids, indices.view(-1, k), values.view(-1, k), kth)
         sync(device)
-        t1 = time.perf_counter()
-        work = DeviceWork() if count is not None else contextlib.nullcontext()
-        with work:
+        t1 = clock()
+        if dense:
+            collector.update_dense(ids, latents, step)
+        else:
+            collector.update_sparse(ids, indices, values, step)
+        sync(device)
+        return clock() - t1, t1 - t0
+
+    def counted(step: int) -> tuple[int, int]:
+        """Operators and syncs of one more collection (untimed: the counter costs time of its own)."""
+        ids, indices, values = (t.to(device) for t in floor_batches(num_latents, k, tokens, seq_len, gen))
+        latents = torch.zeros(*ids.shape, num_latents, device=device).scatter_(2, indices, values) if dense else None
+        with DeviceWork() as work:
             if dense:
                 collector.update_dense(ids, latents, step)
             else:
                 collector.update_sparse(ids, indices, values, step)
-        sync(device)
-        if count is not None:
-            count.append((work.operators, work.num_syncs))
-        return time.perf_counter() - t1, t1 - t0
+        return work.operators, work.num_syncs
 
-    def phase(first_step: int, low: float = 0.0) -> tuple[float, list]:
-        times, counts = [], []
+    def phase(first_step: int, low: float = 0.0) -> tuple[float, list, list]:
+        times = []
         for step in range(first_step, first_step + collections):
-            batch = floor_batches(num_latents, k, tokens, seq_len, gen, low)
-            times.append(one(*batch, step, counts if step == first_step + collections - 1 else None))
+            times.append(one(*floor_batches(num_latents, k, tokens, seq_len, gen, low), step))
         measured = times[1:]
+        counts = [counted(first_step + collections)]
         return sum(t for t, _ in measured) / sum(f for _, f in measured), measured, counts
 
     fill, fill_times, fill_counts = phase(0)
     # Fill the tops with values in [4, 5) (not timed), then time uniform batches again.
     prefill_tokens = max(tokens, 64 * seq_len)
     needed = math.ceil(num_latents * config.max_samples_per_feature / (prefill_tokens * k) * 1.5)
-    step = collections
-    for step in range(collections, collections + needed):
+    step = collections + 1
+    for step in range(collections + 1, collections + 1 + needed):
         ids, indices, values = floor_batches(num_latents, k, prefill_tokens, seq_len, gen, low=4.0)
         collector.update_sparse(ids.to(device), indices.to(device), values.to(device), step)
-    filled, filled_times, filled_counts = phase(step + 1)
+    filled, filled_times, filled_counts = phase(step + 2)
     full = float(torch.isfinite(collector.top_values[:, -1]).float().mean())
     return {"fill": fill, "filled": filled, "fill_ms": statistics.mean(t for t, _ in fill_times) * 1e3,
             "floor_fill_ms": statistics.mean(f for _, f in fill_times) * 1e3,
@@ -929,7 +940,7 @@ def run_floor(args) -> None:
     table = Table(title=f"Collection over the floor (collector alone, {args.floor_tokens} tokens, k={args.k},"
                         f" {device}); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for column in ("F", "latents", "options", "fill: × floor", "filled: × floor", "collection fill / filled",
-                   "floor fill / filled", "ops, syncs (last fill / last filled)"):
+                   "floor fill / filled", "ops, syncs (one fill / one filled collection)"):
         table.add_column(column)
     for num_latents in args.floor:
         for dense in (False, True):
