@@ -166,7 +166,8 @@ class SparseWindowActs:
             walking = candidate
         row = torch.searchsorted(candidate, walking)
         at = self.where[walking].unsqueeze(1)
-        steps = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(at.device)
+        steps = torch.arange(1, half + 1, device=at.device)
+        steps = torch.cat([-steps.flip(0), steps])  # made on the device: no copy from the host
         neighbour = (at + steps).clamp(0, len(self.keys) - 1)
         offset = self.keys[neighbour] - self.keys[at]
         inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
