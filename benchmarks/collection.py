@@ -938,8 +938,12 @@ def run_floor(args) -> None:
     import lightning_sae_samples
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        # One thread: its CPU time is what the work costs, without the spinning of idle threads that the
+        # shared machine's other jobs keep waiting.
+        torch.set_num_threads(1)
     load = os.getloadavg()
-    console.print(f"engine: {Path(lightning_sae_samples.__file__).parent}")
+    console.print(f"engine: {Path(lightning_sae_samples.__file__).parent}, torch threads {torch.get_num_threads()}")
     table = Table(title=f"Collection over the floor (collector alone, {args.floor_tokens} tokens, k={args.k},"
                         f" {device}); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for column in ("F", "latents", "options", "fill: × floor", "filled: × floor", "collection fill / filled",
