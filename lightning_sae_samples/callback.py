@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_sae_samples.analysis.logit_effects import (
@@ -31,6 +32,7 @@ from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.serve import serve_command
+from lightning_sae_samples.sharding import ShardLayout
 from lightning_sae_samples.state.history import reset_window_entries
 from lightning_sae_samples.token_sources import TokenSource, load_token_source, row_windows_for
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
@@ -72,6 +74,11 @@ class ActivationSampleCallback(Callback):
             datamodule's or module's ``token_source`` attribute, if any. With an array source the checkpoint keeps
             each sample's ref, not its window, and saves read the windows there (``row_windows``). See
             ``docs/rows.md``.
+        shard_layout: This process's shard of the latents under tensor parallelism, a
+            :class:`~lightning_sae_samples.sharding.ShardLayout` or a function of the trainer returning one (called
+            in ``setup``). Not needed with ``ModelParallelStrategy``: there the latents of a ``DTensor`` sharded on
+            the latent dimension, or each process's even share of ``num_latents``, tell it (see
+            ``docs/integrations.md``).
         config: All other settings as one :class:`~lightning_sae_samples.config.CallbackConfig` (instead of
             keywords).
         merge_policy: When the engine's sample tables merge what they staged (tuning and tests; the kept
@@ -98,6 +105,7 @@ class ActivationSampleCallback(Callback):
         logit_effects: Optional[Union[Callable[[pl.LightningModule], tuple[torch.Tensor, torch.Tensor]], str]] = None,
         token_source: Optional[Union[TokenSource, str]] = None,
         *,
+        shard_layout: Optional[Union[ShardLayout, Callable[[pl.Trainer], ShardLayout]]] = None,
         config: Optional[CallbackConfig] = None,
         merge_policy: Optional[MergePolicy] = None,
         **settings: Any,
@@ -120,6 +128,8 @@ class ActivationSampleCallback(Callback):
         self._dirpath_arg = None if dirpath is None else os.fspath(dirpath)
         self.tokenizer = self._check_tokenizer(tokenizer)
         self.logit_effects = resolve_logit_effects_fn(logit_effects)
+        self.shard_layout = self._check_shard_layout(shard_layout)
+        self._tensor_parallel = 1
 
         self._found_num_latents: Optional[int] = None
         self._collecting = False
@@ -167,6 +177,15 @@ class ActivationSampleCallback(Callback):
         return Path(dirpath) if dirpath is not None else None
 
     @staticmethod
+    def _check_shard_layout(layout: Any) -> Any:
+        if layout is not None and not isinstance(layout, ShardLayout) and not callable(layout):
+            raise ValueError(
+                f"`shard_layout` must be a ShardLayout, a function of the trainer returning one, or None; got"
+                f" {type(layout).__name__}."
+            )
+        return layout
+
+    @staticmethod
     def _check_tokenizer(tokenizer: Any) -> Any:
         try:
             check_tokenizer(tokenizer)
@@ -207,6 +226,7 @@ class ActivationSampleCallback(Callback):
         self._rank = trainer.global_rank
         self._strategy = trainer.strategy
         self._trainer = trainer
+        self._shard_latents(trainer, self.settings.num_latents or find_num_latents(pl_module))
         if self.dirpath is None:
             root = trainer.log_dir or trainer.default_root_dir
             self.dirpath = Path(root) / "activation_samples"
@@ -318,6 +338,25 @@ class ActivationSampleCallback(Callback):
                 )
             self.engine.exclude_tokens(special)
 
+    def _shard_latents(self, trainer: pl.Trainer, num_latents: Optional[int]) -> None:
+        """Tell the collection this process's shard of the latents: given, or from ``ModelParallelStrategy``'s mesh.
+
+        Under tensor parallelism the processes of one tensor-parallel group train on the same batch, each holding a
+        share of the latents; the data-parallel group holds the same share for other batches, and merges.
+        """
+        layout = self.shard_layout(trainer) if callable(self.shard_layout) else self.shard_layout
+        strategy = trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            tensor, data = strategy.device_mesh["tensor_parallel"], strategy.device_mesh["data_parallel"]
+            self._tensor_parallel = tensor.size()
+            if tensor.size() > 1:
+                self.engine.replica_group = data.get_group() if data.size() > 1 else None
+                if layout is None and num_latents is not None:
+                    layout = ShardLayout.even(num_latents, tensor.size(), tensor.get_local_rank(),
+                                              self.engine.replica_group)
+        if layout is not None:
+            self.engine.shard_layout = layout
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Release the lock on ``dirpath``."""
         self._release_lock()
@@ -379,8 +418,11 @@ class ActivationSampleCallback(Callback):
             saved = trainer.strategy.broadcast(saved, src=0)
         if saved:
             self.engine.reset_window(trainer.global_step)
-        elif merged is not None and self.state_key in checkpoint.get("callbacks", {}):
-            checkpoint["callbacks"][self.state_key]["collector"] = merged
+        ours = checkpoint.get("callbacks", {}).get(self.state_key)
+        if ours is not None:
+            ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
+            if not saved and merged is not None:
+                ours["collector"] = merged
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
@@ -477,7 +519,9 @@ class ActivationSampleCallback(Callback):
             return
         self._rank, self._strategy = trainer.global_rank, trainer.strategy
         snapshot = ActivationSampleCollector(config=dataclasses.replace(self.settings),
-                                             merge_policy=self.engine.merge_policy, token_source=self.token_source)
+                                             merge_policy=self.engine.merge_policy, token_source=self.token_source,
+                                             shard_layout=self.engine.shard_layout,
+                                             replica_group=self.engine.replica_group)
         snapshot.rank = self._rank
         self._snapshot, self._snapshot_loop, self._snapshot_step = snapshot, loop, self._weights_step(trainer)
 
@@ -539,6 +583,15 @@ class ActivationSampleCallback(Callback):
         if outputs is None:
             return
         latents = read_latents(outputs, batch, self.keys)
+        if self._tensor_parallel > 1 and latents.shard is None and self.engine.shard_layout is None:
+            raise LatentInputError(
+                f"Under ModelParallelStrategy with tensor_parallel_size={self._tensor_parallel} the processes of a"
+                " tensor-parallel group train on the same batch, so latents that are not sharded would count each"
+                f" token {self._tensor_parallel} times. Return `{self.keys.latents}` as a DTensor sharded on the"
+                " latent dimension (e.g. ColwiseParallel(use_local_output=False) on the encoder), or give"
+                " ActivationSampleCallback `num_latents` (or the module a `num_latents`) and return each process's"
+                " share of the latents."
+            )
         if latents.dense is None and self.settings.num_latents is None:
             self._sparse_num_latents(pl_module)
         self.engine.rank = self._rank

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
@@ -14,11 +15,13 @@ from rich.console import Console
 from lightning_sae_samples.analysis import neuronpedia
 from lightning_sae_samples.arguments import OneLineErrorParser
 from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import READ_ATTEMPTS, SaveChangedError, find_samples_dirs
+from lightning_sae_samples.samples_dir.reader import SaveChangedError, find_samples_dirs, retry_pauses
+from lightning_sae_samples.samples_dir.run_index import is_run_folder
 from lightning_sae_samples.state.statistics import RANK_CHOICES
 
 if TYPE_CHECKING:
     from lightning_sae_samples.analysis.analyzer import ActivationSampleAnalyzer
+    from lightning_sae_samples.analysis.run import RunAnalyzer
 
 
 #: How deep below a given folder the command looks for samples directories to suggest.
@@ -35,6 +38,7 @@ EPILOG = f"""examples:
   {PROG} export activation_samples --format parquet exported/   (features, samples and summary tables)
   {PROG} export snapshots/step_1500 --format neuronpedia np/ --model-id all-minilm-l6-v2 --layer 3 --source-set res-topk
   {PROG} serve lightning_logs --open   (every latent in the browser, live while it trains)
+  {PROG} run_folder   (many SAEs: a row each; --report/--html: an index page and each SAE's report)
   {PROG} explain activation_samples --top 20   (explanations and scores by a local model; docs/explanations.md)
 """
 EXPORT_COMMAND = "export"
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote (or a run of SAEs)")
     parser.add_argument("--feature", type=int, metavar="N", help="print the report of latent N")
     parser.add_argument("--num-examples", type=int, default=10, metavar="K", help="examples for --feature")
     parser.add_argument("--report", metavar="PATH", help="write a Markdown report to PATH")
@@ -88,7 +92,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         epilog=f"example:\n  {PROG} {EXPORT_COMMAND} activation_samples --format parquet exported/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote")
+    parser.add_argument("samples_dir", metavar="SAMPLES_DIR", help="directory the callback wrote (or a run of SAEs)")
     parser.add_argument("out", metavar="OUT", help="output folder (created if missing)")
     parser.add_argument("--format", choices=FORMATS, default="jsonl", help="file format (default: jsonl)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="only the K best saved features")
@@ -154,10 +158,14 @@ def print_runs(folder: str, runs: list[str], console: Console) -> None:
                   markup=False, soft_wrap=True)
 
 
-def _note_undecoded(analyzer: ActivationSampleAnalyzer) -> None:
+def _note_undecoded(analyzer: ActivationSampleAnalyzer, sae: str = "") -> None:
+    if analyzer.run is not None:
+        for name in analyzer.run.names:
+            _note_undecoded(analyzer.run[name], f"SAE {name}: ")
+        return
     note = analyzer.decoding_note
     if note is not None:
-        sys.stderr.write(f"{PROG}: note: {note}\n")
+        sys.stderr.write(f"{PROG}: note: {sae}{note}\n")
 
 
 def _run_export(args: argparse.Namespace, console: Console) -> None:
@@ -166,6 +174,9 @@ def _run_export(args: argparse.Namespace, console: Console) -> None:
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     analyzer = open_analyzer(args.samples_dir, tokenizer=args.tokenizer)
+    if analyzer.run is not None:
+        _run_export_saes(args, analyzer.run, console)
+        return
     features = analyzer.saved_features if args.top_k is None else analyzer.saved_features[: args.top_k]
     if args.format == neuronpedia.FORMAT_NAME:
         _run_neuronpedia_export(args, analyzer, features, console)
@@ -176,21 +187,66 @@ def _run_export(args: argparse.Namespace, console: Console) -> None:
     _note_undecoded(analyzer)
 
 
+def _run_export_saes(args: argparse.Namespace, run: RunAnalyzer, console: Console) -> None:
+    """``export`` of a run folder: each SAE as its own Neuronpedia source, or its tables in ``OUT/<name>/``."""
+    if args.format == neuronpedia.FORMAT_NAME:
+        from lightning_sae_samples.analysis.neuronpedia_run import (
+            export_neuronpedia_run,
+            parse_assignments,
+            run_sources,
+        )
+
+        layers = parse_assignments(args.sae_layer, "--sae-layer", run.names)
+        for name, text in layers.items():
+            if not text.isascii() or not text.isdigit():
+                raise ValueError(f"--sae-layer {name}={text}: the layer must be a number >= 0.")
+        sources = run_sources(
+            run.names, neuronpedia.source_from_args(args, run[run.names[0]].summary),
+            {name: int(text) for name, text in layers.items()},
+            parse_assignments(args.sae_source_set, "--sae-source-set", run.names),
+        )
+        with _warnings_to_stderr():
+            results = export_neuronpedia_run(run, args.out, sources, args.top_k, args.examples_per_feature,
+                                             tokenizer=args.tokenizer, progress=True)
+        for name, result in results.items():
+            _print_neuronpedia_result(f"{name}: ", result, console)
+        return
+    for name in run.names:
+        analyzer = run[name]
+        features = analyzer.saved_features if args.top_k is None else analyzer.saved_features[: args.top_k]
+        paths = analyzer.export(os.path.join(args.out, name), args.format, features, args.examples_per_feature)
+        console.print(f"{name}: wrote {', '.join(p.name for p in paths.values())} to {paths['summary'].parent}",
+                      highlight=False, markup=False, soft_wrap=True)
+    for name in run.names:
+        _note_undecoded(run[name], f"SAE {name}: ")
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Warnings raised inside, each as one ``warning:`` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        sys.stderr.write(f"{PROG}: warning: {' '.join(str(warning.message).split())}\n")
+
+
+def _print_neuronpedia_result(prefix: str, result: neuronpedia.NeuronpediaExport, console: Console) -> None:
+    kind = "one SAE state" if result.kind == "snapshot" else "mixed SAE states"
+    explained = f" and {result.explanations} explanations" if result.explanations else ""
+    console.print(f"{prefix}Wrote {result.features} features and {result.activations} activations{explained} ({kind})"
+                  f" for Neuronpedia to {result.source_dir}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _run_neuronpedia_export(
     args: argparse.Namespace, analyzer: ActivationSampleAnalyzer, features: list[int], console: Console
 ) -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _warnings_to_stderr():
         result = neuronpedia.export_neuronpedia(
             analyzer, args.out, neuronpedia.source_from_args(args, analyzer.summary), features,
             args.examples_per_feature, tokenizer=args.tokenizer, progress=True,
         )
-    for warning in caught:
-        sys.stderr.write(f"{PROG}: warning: {' '.join(str(warning.message).split())}\n")
-    kind = "one SAE state" if result.kind == "snapshot" else "mixed SAE states"
-    explained = f" and {result.explanations} explanations" if result.explanations else ""
-    console.print(f"Wrote {result.features} features and {result.activations} activations{explained} ({kind}) for"
-                  f" Neuronpedia to {result.source_dir}", highlight=False, markup=False, soft_wrap=True)
+    _print_neuronpedia_result("", result, console)
 
 
 def _is_export(argv: Sequence[str], command: str = EXPORT_COMMAND) -> bool:
@@ -207,12 +263,18 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             f"--template-dir {args.template_dir} is not a directory. Pass a folder holding report.md.j2 and/or"
             " report.html.j2, or leave it out to use the shipped templates."
         )
-    if args.feature is None and not args.report and not args.html:
+    if args.feature is None and not args.report and not args.html and not is_run_folder(args.samples_dir):
         runs = runs_below(args.samples_dir)
         if runs:
             print_runs(args.samples_dir, runs, console)
             return
     analyzer = open_analyzer(args.samples_dir, template_dir=args.template_dir, tokenizer=args.tokenizer)
+    if analyzer.run is not None and args.feature is not None:
+        run = analyzer.run
+        raise ValueError(
+            f"{run.path} is a run folder of {len(run)} SAEs ({', '.join(run.names)}): --feature shows a latent of one"
+            f" SAE. Run: {PROG} {run.path / run.names[0]} --feature {args.feature}"
+        )
     # Everything is read before anything is printed, so that a command redone after a commit prints once.
     written = []
     if args.report:
@@ -233,14 +295,14 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def _run_one_save(run: Callable[[argparse.Namespace, Console], None], args: argparse.Namespace) -> None:
-    """``run``, redone with a fresh analyzer when a save was committed between reading its parts."""
-    for attempt in range(READ_ATTEMPTS):
+    """``run``, redone with a fresh analyzer when a save was committed between reading its parts (for a while)."""
+    for _ in retry_pauses():
         try:
             run(args, Console())
             return
-        except SaveChangedError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
+        except SaveChangedError as err:
+            error = err
+    raise error
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

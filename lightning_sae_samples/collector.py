@@ -32,6 +32,7 @@ from lightning_sae_samples.engine.rows import TokenWindows
 from lightning_sae_samples.engine.sample_collector import RANK_SHIFT, SampleCollector
 from lightning_sae_samples.engine.sample_table import MergePolicy
 from lightning_sae_samples.engine.windows import padding_positions
+from lightning_sae_samples.health import DEFAULT_DEAD_WINDOW_STEPS
 from lightning_sae_samples.inputs import (
     DEFAULT_KEYS,
     InputKeys,
@@ -46,9 +47,12 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir
 from lightning_sae_samples.samples_dir.files import lstat_or_none
-from lightning_sae_samples.samples_dir.names import LOCK_NAME, REPORT_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
+from lightning_sae_samples.samples_dir.names import HISTORY_NAME, LOCK_NAME, REPORT_NAME, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
+from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, local_batch, merge_shards
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
+from lightning_sae_samples.state.slices import slice_state
 from lightning_sae_samples.state.tables import kept_per_latent
 from lightning_sae_samples.token_sources import (
     TokenSource,
@@ -60,8 +64,6 @@ from lightning_sae_samples.token_sources import (
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
 STATE_VERSION = 1
-#: ``CallbackConfig.dead_window_steps``'s default, recorded in a plain loop's history (the collector has no health).
-DEFAULT_DEAD_WINDOW_STEPS = 10_000
 # Which argument bounds each kind of sample table, for the out-of-memory message.
 _TABLE_ARGUMENT = {
     "top": "max_samples_per_feature", "interval": "samples_per_interval", "recent": "recent_samples_per_feature",
@@ -69,20 +71,6 @@ _TABLE_ARGUMENT = {
 }
 PathLike = Union[str, Path]
 Gather = Callable[[SampleCollector], Optional[dict]]
-
-
-class _ProcessGroup:
-    """``all_gather`` over the default ``torch.distributed`` process group, stacked on a new first dimension."""
-
-    def __init__(self) -> None:
-        self.world_size = torch.distributed.get_world_size()
-        nccl = torch.distributed.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.stack(parts)
 
 
 def _distributed() -> bool:
@@ -106,6 +94,12 @@ class ActivationSampleCollector:
             :class:`~lightning_sae_samples.token_sources.ArrayTokenSource` or
             :class:`~lightning_sae_samples.token_sources.TokenRing`, or an import path to one); see ``docs/rows.md``.
             With an array source the kept samples hold their refs, not their windows (``row_windows``).
+        shard_layout: Under tensor parallelism: this process's range of the latents and its data-parallel replica
+            group (:class:`~lightning_sae_samples.sharding.ShardLayout`). Each process then collects only its own
+            latents, dense ``[..., local]`` or sparse with global ids; not needed when the latents are a ``DTensor``
+            sharded on the latent dimension. ``num_latents`` is the SAE's whole ``F``.
+        replica_group: For latents that come as a ``DTensor``: the process group of the processes that hold the
+            same shard for other tokens (data parallel); ``None``: no other process holds it.
         **settings: Any field of :class:`~lightning_sae_samples.CollectionConfig` (``max_samples_per_feature``,
             ``context_size``, ``activation_threshold``, ...), with its default and checks.
 
@@ -130,6 +124,8 @@ class ActivationSampleCollector:
         config: Optional[CollectionConfig] = None,
         merge_policy: Optional[MergePolicy] = None,
         token_source: Optional[Union[TokenSource, str]] = None,
+        shard_layout: Optional[ShardLayout] = None,
+        replica_group: Any = None,
         **settings: Any,
     ) -> None:
         if config is None:
@@ -141,6 +137,14 @@ class ActivationSampleCollector:
         self.merge_policy = merge_policy or MergePolicy()
         self.token_source = load_token_source(token_source, type(self).__name__)
         row_windows_for(config.row_windows, self.token_source, type(self).__name__)  # refuses refs with a ring
+        if shard_layout is not None and not isinstance(shard_layout, ShardLayout):
+            raise ValueError(f"`shard_layout` must be a ShardLayout or None, got {type(shard_layout).__name__}.")
+        #: This process's shard of the latents (``None``: all of them), given or told by a ``DTensor`` of latents.
+        self.shard_layout = shard_layout
+        self.replica_group = replica_group
+        #: The shards' ``(start, stop)`` latent ranges at the last merge (``None``: not sharded); saves write the
+        #: full state in these parts.
+        self.shard_ranges: Optional[list[tuple[int, int]]] = None
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
         self._pending_state: Optional[dict] = None
@@ -149,6 +153,9 @@ class ActivationSampleCollector:
         self._token_offset = 0
         self._warned_nonfinite = 0
         self._lock: Optional[FileLock] = None
+        #: ``training_history.pt`` as the last save committed it, or as a checkpoint carried it: the next save
+        #: appends to it (whatever ``dirpath`` holds), and :meth:`state_dict` carries it.
+        self._history: Optional[dict] = None
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -164,6 +171,33 @@ class ActivationSampleCollector:
         if self.rank is None:
             self.rank = torch.distributed.get_rank() if _distributed() else 0
         return self.rank
+
+    def _order_rank(self) -> int:
+        """The rank in token order keys and resumes: among the replicas of this process's shard, when sharded."""
+        return self.shard_layout.replica_rank() if self.shard_layout is not None else self._rank()
+
+    def _shard_of(self, batch: LatentBatch, keys: InputKeys) -> Optional[ShardLayout]:
+        """This process's shard for ``batch``: the given layout, or the one its ``DTensor`` tells (then kept)."""
+        told = batch.shard
+        if told is None:
+            return self.shard_layout
+        if self.shard_layout is None:
+            if self.collector is not None:  # a restored state not yet placed is cut to the shard when it is
+                raise LatentInputError(
+                    f"`{keys.latents}` came as a shard of the latents ({told.offset} to {told.stop - 1} of"
+                    f" {told.total}) to a collection that began with all of them on this process. Give the collection"
+                    " its `shard_layout` from the start (the callback: `num_latents`), or return the latents in one"
+                    " form."
+                )
+            self.shard_layout = dataclasses.replace(told, replica_group=self.replica_group)
+        elif not self.shard_layout.same_range(told):
+            layout = self.shard_layout
+            raise LatentInputError(
+                f"`{keys.latents}` is a DTensor holding latents {told.offset} to {told.stop - 1} of {told.total} here,"
+                f" and this process's shard_layout says {layout.offset} to {layout.stop - 1} of {layout.total}."
+                " Pass the layout the latents have, or none with a DTensor."
+            )
+        return self.shard_layout
 
     # ------------------------------------------------------------------ collection
     def update(
@@ -229,11 +263,14 @@ class ActivationSampleCollector:
         mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
         real = ~padding_positions(tokens, mask)
         check_token_ids(tokens, real, keys.tokens)
-        num_latents = self._num_latents_of(batch, keys)
+        layout = self._shard_of(batch, keys)
+        num_latents = self._num_latents_of(batch, keys, layout)
         if batch.indices is not None:
             check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real, batch.values)
             check_distinct_indices(batch.indices, real, keys.latent_indices)
-        collector = self._collector_for(num_latents, device)
+        if layout is not None:
+            batch = local_batch(batch, layout, keys.latents)
+        collector = self._collector_for(num_latents, device, layout=layout)
         if collector.last_collected_step > step:
             raise LatentInputError(
                 f"`step` went back from {collector.last_collected_step} to {step}. Pass the optimizer step, which"
@@ -243,7 +280,7 @@ class ActivationSampleCollector:
         # each token's order key is its offset among all tokens folded at this step, which stays exact.
         if step != self._offset_step:
             self._offset_step, self._token_offset = step, 0
-        order_base = (self._rank() << RANK_SHIFT) + self._token_offset
+        order_base = (self._order_rank() << RANK_SHIFT) + self._token_offset
         self._token_offset += tokens.numel()
         excluded = self._excluded_positions(tokens)
         if batch.dense is not None:
@@ -273,10 +310,13 @@ class ActivationSampleCollector:
                                    windows.sequence)
         real = windows.tokens[:, self.settings.half_window] >= 0
         check_token_ids(windows.tokens, windows.tokens >= 0, f"the token source of `{keys.token_refs}`")
-        num_latents = self._num_latents_of(batch, keys)
+        layout = self._shard_of(batch, keys)
+        num_latents = self._num_latents_of(batch, keys, layout)
         if batch.indices is not None:
             check_indices_in_range(batch.indices, num_latents, keys.latent_indices, real, batch.values)
             check_distinct_indices(batch.indices.unsqueeze(0), real.unsqueeze(0), keys.latent_indices)
+        if layout is not None:
+            batch = local_batch(batch, layout, keys.latents)
         if self.collector is not None and self.collector.last_collected_step > step:
             self._check_step(self.collector.last_collected_step, step)
         order = refs.to(device)
@@ -286,8 +326,8 @@ class ActivationSampleCollector:
                     f"`{keys.token_refs}` reached {int(refs.max())}, beyond the 2**{RANK_SHIFT} refs a per-process"
                     " source can order; start a new TokenRing (and collection) for this run."
                 )
-            order = order + (self._rank() << RANK_SHIFT)
-        collector = self._collector_for(num_latents, device, rows=True)
+            order = order + (self._order_rank() << RANK_SHIFT)
+        collector = self._collector_for(num_latents, device, rows=True, layout=layout)
         self._check_step(collector.last_collected_step, step)
         excluded = self._excluded_positions(windows.tokens[:, self.settings.half_window])
         refs = refs.to(device) if collector.keeps_refs else None
@@ -319,13 +359,23 @@ class ActivationSampleCollector:
             self._excluded = torch.tensor(self.settings.exclude_token_ids, dtype=tokens.dtype, device=tokens.device)
         return torch.isin(tokens, self._excluded.to(tokens.dtype))
 
-    def _num_latents_of(self, batch: LatentBatch, keys: InputKeys) -> int:
+    def _num_latents_of(self, batch: LatentBatch, keys: InputKeys, layout: Optional[ShardLayout] = None) -> int:
+        """The SAE's latent count ``F`` (all shards')."""
+        if layout is not None:
+            if self.settings.num_latents is not None and self.settings.num_latents != layout.total:
+                raise LatentInputError(
+                    f"This process's shard is of an SAE of {layout.total} latents, and `num_latents` is"
+                    f" {self.settings.num_latents}. Pass the whole SAE's latent count as `num_latents`."
+                )
+            return layout.total
         if batch.dense is not None:
             found = batch.dense.shape[-1]
             if self.collector is None and self.settings.num_latents is not None and found != self.settings.num_latents:
                 raise LatentInputError(
                     f"`{keys.latents}` has {found} latents but `num_latents` is {self.settings.num_latents}. Pass the"
-                    " SAE's latent count as `num_latents`, or leave it out for dense latents."
+                    " SAE's latent count as `num_latents`, or leave it out for dense latents. If each process holds"
+                    " a shard of the latents (tensor parallelism), return them as a DTensor sharded on the latent"
+                    " dimension or give the collection its `shard_layout`."
                 )
             return found
         if self.settings.num_latents is not None:
@@ -338,10 +388,13 @@ class ActivationSampleCollector:
             "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
         )
 
-    def _collector_for(self, num_latents: int, device: torch.device, rows: bool = False) -> SampleCollector:
+    def _collector_for(
+        self, num_latents: int, device: torch.device, rows: bool = False, layout: Optional[ShardLayout] = None
+    ) -> SampleCollector:
+        """The engine, created on the first batch; ``num_latents`` is the SAE's, the engine holds its shard's."""
         collector = self.collector
         if collector is not None:
-            if collector.config.num_latents != num_latents:
+            if collector.config.num_latents != (layout.local if layout is not None else num_latents):
                 raise LatentInputError(
                     f"The latent count changed from {collector.config.num_latents} to {num_latents} between"
                     " steps. Return latents of the same SAE at every step."
@@ -395,6 +448,10 @@ class ActivationSampleCollector:
         pending, self._pending_state = self._pending_state, None
         if self.settings.num_latents is None:
             self.settings.num_latents = num_latents
+        layout = self.shard_layout
+        if layout is not None:
+            num_latents = layout.local
+            pending = None if pending is None else slice_state(pending, layout.offset, layout.stop)
         if pending is None:
             self.check_memory(num_latents, device, rows=rows)
             created = SampleCollector(self.engine_config(num_latents, rows), device, policy=self.merge_policy)
@@ -404,9 +461,9 @@ class ActivationSampleCollector:
                 created.token_source = self.token_source.description()
             return created
         restored = SampleCollector.from_state_dict(pending, device, self.merge_policy)
-        # Every process loads the same merged checkpoint; keeping it on one process only makes the next
-        # merge count each sample once.
-        return restored if self._rank() == 0 else restored.empty_like()
+        # Every process loads the same merged checkpoint; keeping it on one process (of those holding the shard) only
+        # makes the next merge count each sample once.
+        return restored if self._order_rank() == 0 else restored.empty_like()
 
     def _check_resumed_windows(self, state: dict, owner: Optional[str] = None) -> None:
         """Refuse a restored collection whose kind of windows (or whose token source) this one cannot go on with."""
@@ -450,23 +507,30 @@ class ActivationSampleCollector:
         if self.collector is None and self._pending_state is not None:
             where = self.settings.device or device or torch.device("cpu")
             self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
-        if gather is None and _distributed() and torch.distributed.get_world_size() > 1:
-            group = _ProcessGroup()
-            collecting = group.all_gather(torch.tensor([self.collector is not None], device=group.device)).view(-1)
-            if not bool(collecting.any()):
+        if _distributed() and torch.distributed.get_world_size() > 1:
+            shards = Shards.exchange(self.shard_layout, self.collector is not None)
+            if not any(shards.collecting):
                 return None
-            if not bool(collecting.all()):
-                idle = collecting.logical_not().nonzero().view(-1).tolist()
-                raise RuntimeError(
-                    f"ActivationSampleCollector: rank(s) {idle} have not called `update` yet while others have;"
-                    " every process must collect at least one batch before `state_dict` or `save`."
-                )
-            return gather_merged_state(self.collector, group, is_root=self._rank() == 0)
+            self._check_all_collect(shards.collecting)
+            if shards.sharded:
+                self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
+                return merge_shards(self.collector, self.shard_layout, shards, gather_merged_state)
+            if gather is None:
+                return gather_merged_state(self.collector, GroupGather(), is_root=self._rank() == 0)
         if self.collector is None:
             return None
         if gather is not None:
             return gather(self.collector)
         return self.collector.state_dict()
+
+    @staticmethod
+    def _check_all_collect(collecting: list[bool]) -> None:
+        if not all(collecting):
+            idle = [rank for rank, busy in enumerate(collecting) if not busy]
+            raise RuntimeError(
+                f"ActivationSampleCollector: rank(s) {idle} have not called `update` yet while others have;"
+                " every process must collect at least one batch before `state_dict` or `save`."
+            )
 
     def reset_window(self, step: Optional[int]) -> None:
         """Start a new history window at ``step`` (after a save wrote the current one); on every process."""
@@ -479,7 +543,13 @@ class ActivationSampleCollector:
         A collective under ``torch.distributed`` (every process calls it); the collection is held by rank 0's
         result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
         """
-        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state()}
+        return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state(),
+                "history": self._history}
+
+    @property
+    def history(self) -> Optional[dict]:
+        """The history (``training_history.pt``'s payload) the last save committed, which a checkpoint carries."""
+        return self._history
 
     @property
     def has_collection(self) -> bool:
@@ -523,6 +593,18 @@ class ActivationSampleCollector:
         self._pending_state = collected
         self.collector = None
         self._offset_step, self._token_offset = -1, 0
+        self._history = self._resumed_history(state.get("history"), owner)
+
+    @staticmethod
+    def _resumed_history(history: Any, owner: str) -> Optional[dict]:
+        """A checkpoint's history, checked (``None``: it has none, as older versions' checkpoints)."""
+        if history is None:
+            return None
+        try:
+            check_history(history)
+        except ValueError as err:
+            raise ValueError(f"Cannot resume: the checkpoint's {owner} history is not usable: {err}.") from None
+        return history
 
     # ------------------------------------------------------------------ saving
     def save(
@@ -660,6 +742,7 @@ class ActivationSampleCollector:
         merged = with_windows(merged, self.token_source, owner)
         self._warn_nonfinite(merged, owner)
         step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
+        history = None if source != "train" else {**self._history_settings(), "previous": self._history}
         saved = write_samples_dir(
             dirpath,
             merged,
@@ -672,10 +755,13 @@ class ActivationSampleCollector:
             full_state=full_state,
             feature_extras=feature_extras,
             source=source,
-            history=self._history_settings() if source == "train" else None,
+            history=history,
             trained_step=trained_step,
             decoder=decoder,
+            full_state_parts=self.shard_ranges,
         )
+        if history is not None:
+            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)  # what this save committed
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0
         older = (

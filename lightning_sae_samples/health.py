@@ -30,6 +30,8 @@ from torch import Tensor
 
 PREFIX = "feature_health/"
 DENSE_FREQUENCY = 0.1
+#: ``CallbackConfig.dead_window_steps``'s default, recorded in a plain loop's history (the collector has no health).
+DEFAULT_DEAD_WINDOW_STEPS = 10_000
 
 
 def health_metrics(
@@ -77,6 +79,23 @@ def health_metrics(
     if window_start >= first:
         metrics[f"{PREFIX}dead_frac"] = dead / num_latents
     return metrics
+
+
+def health_counts(
+    count: Tensor, last_step: Tensor, tokens_seen: int, dead_before: Optional[int],
+    dense_threshold: float = DENSE_FREQUENCY,
+) -> tuple[int, int, int]:
+    """How many latents are alive (fired once), dead and dense, as a saved collection's reader counts them.
+
+    Dead: never fired, or (``dead_before`` not ``None``) last fired before step ``dead_before``. Dense: firing
+    frequency ``count / tokens_seen`` above ``dense_threshold``. One host transfer.
+    """
+    dead = count == 0
+    if dead_before is not None:
+        dead = dead | (last_step < dead_before)
+    dense = count.double() > dense_threshold * tokens_seen if tokens_seen else torch.zeros_like(dead)
+    alive, dead_n, dense_n = torch.stack([(count > 0).sum(), dead.sum(), dense.sum()]).tolist()
+    return alive, dead_n, dense_n
 
 
 def log10_frequencies(count: Tensor, tokens_seen: int) -> Tensor:

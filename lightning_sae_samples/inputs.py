@@ -64,6 +64,8 @@ class LatentBatch:
     values: Optional[Tensor] = None
     attention_mask: Optional[Tensor] = None
     token_refs: Optional[Tensor] = None
+    #: Where dense latents that came as a ``DTensor`` sit among the SAE's (a ``sharding.ShardLayout``).
+    shard: Optional[Any] = None
 
     @property
     def num_latents(self) -> Optional[int]:
@@ -237,6 +239,7 @@ def check_rows(
         values=None if checked.values is None else checked.values[0],
         attention_mask=None if checked.attention_mask is None else checked.attention_mask[0],
         token_refs=refs,
+        shard=checked.shard,
     )
 
 
@@ -317,7 +320,11 @@ def check_latents(
             )
         if not isinstance(dense, Tensor) or not dense.is_floating_point():
             raise LatentInputError(f"`{keys.latents}` must be a floating-point tensor.")
-        return LatentBatch(tokens=tokens, dense=_plain(_as_rows(dense, tokens, keys.latents)), attention_mask=mask)
+        from lightning_sae_samples.sharding import unwrap_dtensor  # it reads batches: imported here, not above
+
+        dense, shard = unwrap_dtensor(dense, keys.latents)
+        return LatentBatch(tokens=tokens, dense=_plain(_as_rows(dense, tokens, keys.latents)), attention_mask=mask,
+                           shard=shard)
     if indices is None or values is None:
         raise LatentInputError(
             f"No latents: pass dense `{keys.latents}` [B, T, F], or sparse `{keys.latent_indices}` and"

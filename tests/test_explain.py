@@ -143,15 +143,21 @@ def test_explain_scores_every_latent_and_a_perfect_rule_beats_a_random_explanati
     baseline = sum(r.random_score for r in records.values()) / 5
     assert mean > baseline
     assert result.requests == 5 + 5 * 6 * 2
-    # Each context is asked twice: with the latent's explanation, then with a random one: another latent's.
+    # Each context is asked twice: with the latent's explanation, then with a decoy: tokens another latent fires on.
+    analyzer = ActivationSampleAnalyzer(fresh)
+    fired_on = {}
+    for i in analyzer.saved_features:
+        feature = analyzer.feature(i)
+        kept = list(feature.samples) + [s for group in feature.interval_groups for s in group.samples]
+        fired_on[i] = {s.activating_token.text for s in kept}
     for k, latent in enumerate(result.latents):
         asked = [re.search(r"Explanation: (.*)", c[-1]["content"]).group(1)
                  for c in backend.conversations[5 + 12 * k: 5 + 12 * (k + 1)]]
         assert set(asked[0::2]) == {records[latent].text}
         (baseline,) = set(asked[1::2])
-        assert baseline in {r.text for i, r in records.items() if i != latent} and baseline != records[latent].text
+        assert baseline != records[latent].text
+        assert any(set(baseline.split()) <= tokens for i, tokens in fired_on.items() if i != latent)
     # Held-out contexts of a latent are not in its explanation prompt; some of its own contexts are asked about.
-    analyzer = ActivationSampleAnalyzer(fresh)
     for k, latent in enumerate(result.latents):
         own = {context_text(s) for s in analyzer.feature(latent, 30).samples}
         prompt_texts = {" ".join(t.replace("<<", "").replace(">>", "").split())
@@ -184,6 +190,29 @@ def test_an_interrupted_run_keeps_what_arrived_and_the_next_run_does_the_rest(fr
     result = explain_latents(fresh, rest, ExplainSettings(top=4, **SETTINGS))
     assert result.explained == [] and len(result.scored) == 3 and len(rest.conversations) == 3 * 12
     assert all(r.score is not None for r in read_explanations(fresh).values())
+
+
+def _scores(samples_dir):
+    return {i: (r.text, r.score, r.random_score, r.score_contexts) for i, r in read_explanations(samples_dir).items()}
+
+
+def test_scores_are_the_same_in_one_go_by_parts_and_resumed(fresh, tmp_path):
+    settings = dict(top=6, **SETTINGS)
+    explain_latents(fresh, KeywordBackend(), ExplainSettings(**settings))
+    whole = _scores(fresh)
+    parts, resumed = tmp_path / "parts", tmp_path / "resumed"
+    for copy in (parts, resumed):
+        shutil.copytree(fresh, copy, ignore=shutil.ignore_patterns("explanations"))
+    latents = list(whole)
+    explain_latents(parts, KeywordBackend(), ExplainSettings(features=latents[4:], **SETTINGS))
+    explain_latents(parts, KeywordBackend(), ExplainSettings(features=latents[1:3], **SETTINGS))
+    explain_latents(parts, KeywordBackend(), ExplainSettings(**settings))  # the rest
+    with pytest.raises(KeyboardInterrupt):  # 6 explanations, then the scores of one latent and a half
+        explain_latents(resumed, KeywordBackend(interrupt_after=6 + 18), ExplainSettings(**settings))
+    explain_latents(resumed, KeywordBackend(), ExplainSettings(**settings))
+    assert len(whole) == 6 and all(score is not None for _, score, _, _ in whole.values())
+    assert _scores(parts) == whole
+    assert _scores(resumed) == whole
 
 
 def test_more_requests_than_allowed_are_refused_unless_yes(fresh):

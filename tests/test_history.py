@@ -10,6 +10,7 @@ from helpers import BlockPendingDir, DriftingSAE, TokenDataset, assert_same, loa
 from history_oracle import assert_window_matches, window_oracle
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_sae_samples.analysis.history import FeatureHistory
 from lightning_sae_samples.samples_dir.history_file import load_history, windows_of_payload
 from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
 
@@ -100,6 +101,25 @@ def test_resume_from_an_earlier_checkpoint_gives_the_uninterrupted_history(tmp_p
     b = load_history(resumed / "samples" / "training_history.pt")
     assert [(w["start"], w["end"]) for w in windows_of_payload(a)] == [(0, 8), (8, 12)]
     assert_same(a, b, "history")
+
+
+def test_resume_into_another_dirpath_carries_the_history(tmp_path):
+    def run(root, epochs, ckpt_path=None):
+        callback = make_callback(root / "samples", history_windows_per_level=2)  # thinned: merged windows travel
+        checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+        fit_run = trainer(root, [callback, checkpoints], max_epochs=epochs, enable_checkpointing=True)
+        fit_run.fit(DriftingSAE(drift_step=3, mode="sparse", num_latents=F), loader(TokenDataset(num_sequences=8)),
+                    ckpt_path=ckpt_path)
+
+    run(tmp_path / "ref", 5)  # 2 steps an epoch: saves at steps 2, 4, 6, 8, 10
+    run(tmp_path / "first", 3)
+    run(tmp_path / "second", 5, ckpt_path=tmp_path / "first" / "ckpt" / "epoch=2-step=6.ckpt")  # a new dirpath
+    ref, resumed = (load_history(tmp_path / name / "samples" / "training_history.pt") for name in ("ref", "second"))
+    assert [(w["start"], w["end"], w["level"]) for w in windows_of_payload(ref)] == [(0, 4, 1), (4, 8, 1), (8, 10, 0)]
+    assert_same(ref, resumed, "history")
+    # No latent reads as born where the second directory's run began.
+    births = [e.step for e in FeatureHistory.from_dir(tmp_path / "second" / "samples").events() if e.kind == "birth"]
+    assert births and 6 not in births
 
 
 def test_plain_loop_resume_mid_window_is_exact(tmp_path):

@@ -23,6 +23,8 @@ from oracle import RowsSeen, assert_dir_matches_oracle, assert_state_matches
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sae_samples import ActivationSampleCollector, RowsWithRefs
+from lightning_sae_samples.samples_dir.history_file import load_history, windows_of_payload
+from lightning_sae_samples.samples_dir.names import HISTORY_NAME
 from lightning_sae_samples.token_sources import ArrayTokenSource, TokenRing
 
 pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[sae-lens]')")
@@ -240,6 +242,14 @@ def test_collects_scheduled_steps_of_sae_lens_fit_exactly_and_resumes_exactly(tm
     assert_identical(again["full_state.pt"], files["full_state.pt"])
     assert again["collection_summary.json"]["top_features_by_activation"] == \
         files["collection_summary.json"]["top_features_by_activation"]
+    # Resumed into another directory, the history goes on from the checkpoint's: the window before it is the
+    # uninterrupted run's (the resumed run checkpoints on its own schedule, so its later windows end elsewhere).
+    full_windows, resumed_windows = (windows_of_payload(load_history(tmp_path / run / "samples" / HISTORY_NAME))
+                                     for run in ("full", "resumed"))
+    assert (resumed_windows[0]["start"], resumed_windows[0]["end"]) == (0, taken)
+    assert_identical(full_windows[0], resumed_windows[0], "history window before the checkpoint")
+    assert resumed_windows[-1]["end"] == 24
+    assert sum(int(w["count"].sum()) for w in resumed_windows) == sum(int(w["count"].sum()) for w in full_windows)
 
 
 def test_sae_lens_activation_scaler_draws_batches_and_each_step_collects_the_refs_of_its_own(tmp_path):

@@ -311,7 +311,7 @@ def test_a_directory_waiting_for_its_first_save(tmp_path):
         assert get(test_client, "/api/status")["state"] == "waiting"
         assert "has no save yet" in get(test_client, "/api/summary", 503)["error"]
         write_plain_save(tmp_path / "samples", 2, 1)
-        assert runs.get(None).refresh()
+        assert runs.runs["samples"].refresh()  # (a request, through runs.get, would load it too)
         assert get(test_client, "/api/summary")["global_step"] == 2
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import IO, TYPE_CHECKING, Any, Optional, TypeVar, Union
 
 import torch
 
@@ -33,18 +34,30 @@ from lightning_sae_samples.analysis.records import (
     Sample,
 )
 from lightning_sae_samples.arguments import choice
+from lightning_sae_samples.health import health_counts
 from lightning_sae_samples.render.progress import progress as progress_bar
 from lightning_sae_samples.samples_dir.atomic import write_text_file
 from lightning_sae_samples.samples_dir.decoder import load_decoder_directions
 from lightning_sae_samples.samples_dir.files import load_json
-from lightning_sae_samples.samples_dir.names import SUMMARY_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import (
+    FULL_STATE_INDEX_NAME,
+    FULL_STATE_NAME,
+    HISTORY_NAME,
+    RUN_INDEX_NAME,
+    SUMMARY_NAME,
+    SamplesDirectoryError,
+)
+from lightning_sae_samples.samples_dir.parts import load_part_of
 from lightning_sae_samples.samples_dir.reader import (
     SaveChangedError,
     load_full_state,
+    part_locator,
+    pin,
     read_one_save,
     read_samples_dir,
     save_signature,
 )
+from lightning_sae_samples.samples_dir.run_index import is_run_folder
 from lightning_sae_samples.samples_dir.serialize import (
     ACTIVATING_TOKENS_LISTED,
     activating_token_counts,
@@ -56,6 +69,9 @@ from lightning_sae_samples.samples_dir.serialize import (
 from lightning_sae_samples.state.statistics import RANK_CHOICES, feature_statistics, rank_features
 from lightning_sae_samples.tokens import TokenDecoder, is_undecoded, load_tokenizer, undecoded
 
+if TYPE_CHECKING:
+    from lightning_sae_samples.analysis.run import RunAnalyzer
+
 __all__ = [
     "DRIFT_THRESHOLD",
     "ActivationSampleAnalyzer",
@@ -63,6 +79,7 @@ __all__ = [
     "FeatureStats",
     "Histogram",
     "IntervalGroup",
+    "RunFolderError",
     "RunSummary",
     "Sample",
     "UnknownFeatureError",
@@ -94,6 +111,16 @@ _RENDERERS = {
 
 
 _UNREAD = object()
+
+
+def _close_all(handles: dict[str, IO[bytes]]) -> None:
+    for handle in handles.values():
+        handle.close()
+    handles.clear()
+
+
+class RunFolderError(SamplesDirectoryError, AttributeError):
+    """What only one SAE's samples directory has was asked of a run folder of many SAEs (the message says which)."""
 
 
 class UnknownFeatureError(KeyError):
@@ -151,8 +178,14 @@ class ActivationSampleAnalyzer:
         analyzer.generate_interpretability_report("report.md", top_k_features=50)
         analyzer.generate_html_report("report.html", top_k_features=50)
 
+    A run folder of many SAEs (``DIR/<name>/`` per SAE and the run index ``sae_samples_run.json``) opens as the run:
+    ``analyzer.saes`` maps each SAE's name to its own analyzer (``analyzer["layers.3.mlp"]``, opened on first use);
+    :meth:`print_summary` prints a row per SAE and the ``generate_*_report`` methods write each SAE's report and an
+    index page linking them (:class:`~lightning_sae_samples.analysis.run.RunAnalyzer`, also ``analyzer.run``).
+    What only one SAE has (``summary``, ``feature()``, ...) raises :class:`RunFolderError` naming the SAEs.
+
     Args:
-        samples_dir: The directory the callback wrote.
+        samples_dir: The directory the callback wrote (or a run folder of many SAEs).
         template_dir: Folder of Jinja templates (``report.md.j2``, ``report.html.j2``) overriding the
             shipped ones by name.
         tokenizer: Tokenizer object or Hugging Face name or local path used to decode latents that only
@@ -160,18 +193,29 @@ class ActivationSampleAnalyzer:
             loaded from local files only. Without either, they show the strings known from the saved
             feature files, else the token ids as ``[12575]`` (see :attr:`decoding_note`).
 
-    The summary and feature files are read at once, ``full_state.pt`` on first use; all come from one committed
-    save (a read that overlaps a commit is redone, see ``docs/format.md``).
+    The summary and feature files are read at once, ``full_state.pt`` and ``training_history.pt`` on first use;
+    all come from one committed save (a read that overlaps a commit is redone, see ``docs/format.md``): the
+    analyzer holds those two files open from the start, so later saves do not replace what it reads (POSIX).
 
     Raises:
         SamplesDirectoryError: The directory is missing, empty, or holds a corrupt file.
-        SaveChangedError: Saves were committed during every attempt to read one (later, when ``full_state.pt``
-            is first needed: a save was committed since this analyzer was opened; open a new one).
+        SaveChangedError: Saves were committed during every read of one for ``READ_DEADLINE_SECONDS`` (where
+            files cannot be held open, also later: a save was committed before a file was first needed).
     """
 
     def __init__(
         self, samples_dir: PathLike, template_dir: Optional[PathLike] = None, tokenizer: Any = None
     ) -> None:
+        self._pinned: dict[str, IO[bytes]] = {}
+        weakref.finalize(self, _close_all, self._pinned)
+        #: The run folder of many SAEs this analyzer opened (``None`` for one SAE's samples directory).
+        self.run: Optional[RunAnalyzer] = None
+        if is_run_folder(samples_dir):
+            from lightning_sae_samples.analysis.run import RunAnalyzer
+
+            self.run = RunAnalyzer(samples_dir, template_dir, tokenizer)
+            self.template_dir = template_dir
+            return
         _, self._signature = read_one_save(samples_dir, lambda: self._read(samples_dir))
         self.template_dir = template_dir
         self.tokenizer = load_tokenizer(tokenizer)
@@ -179,16 +223,68 @@ class ActivationSampleAnalyzer:
         self._tokenizer_problem: Optional[str] = None
         self._undecoded_ids: set[int] = set()
         self._state: Optional[dict] = None
-        self._view: Optional[dict] = None
+        #: Of a full state in parts: the parts opened so far (one latent at a time), by their first latent.
+        self._parts: dict[int, dict] = {}
+        self._view: Optional[tuple[dict, dict]] = None
         self._computed_effects: dict[int, LogitEffects] = {}
         self._directions: Optional[torch.Tensor] = None
         self._explanations: Optional[dict[int, Any]] = None
         self._labels: dict[int, Any] = {}
 
+    # ------------------------------------------------------------------ a run folder of many SAEs
+    @property
+    def saes(self) -> Mapping[str, ActivationSampleAnalyzer]:
+        """Each SAE's analyzer by name, for a run folder of many SAEs (opened on first use); empty for one SAE."""
+        return {} if self.run is None else self.run
+
+    def __getitem__(self, name: str) -> ActivationSampleAnalyzer:
+        """The analyzer of the SAE ``name`` of a run folder (``analyzer["layers.3.mlp"]``).
+
+        Raises:
+            UnknownSAEError: ``name`` is not one of the run's SAEs, or this is one SAE's samples directory.
+        """
+        if self.run is None:
+            from lightning_sae_samples.analysis.run import UnknownSAEError
+
+            raise UnknownSAEError(
+                f"{self.directory.path} is one SAE's samples directory, not a run folder of many SAEs (it has no"
+                f" {RUN_INDEX_NAME}): use this analyzer itself."
+            )
+        return self.run[name]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what a run folder's analyzer lacks: the attributes of one SAE's samples directory.
+        run = self.__dict__.get("run")
+        if run is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise RunFolderError(
+            f"{run.path} is a run folder of {len(run)} SAEs ({', '.join(run.names)}), not one SAE's samples"
+            f" directory: pick one, e.g. analyzer[{run.names[0]!r}] (command line: {run.path / run.names[0]})."
+        )
+
+    def latent_health(self) -> tuple[int, Optional[int], Optional[int]]:
+        """How many latents are alive, dead and dense; dead and dense are ``None`` without ``full_state.pt``.
+
+        Dead: silent for the run's ``dead_window_steps`` up to its last collected step (never fired, while the
+        collection is shorter than that). Dense: firing on more than 10% of the tokens seen.
+        """
+        state = self._full_state()
+        if state is None:
+            return self.summary.alive_features, None, None
+        return health_counts(state["count"], state["last_step"], int(state["tokens_seen"]), self.summary.dead_before)
+
     # ------------------------------------------------------------------ loading
     def _read(self, samples_dir: PathLike) -> None:
         """The summary and every saved feature file (``full_state.pt`` is read on first use, from the same save)."""
+        _close_all(self._pinned)  # of a read a commit overlapped
         self.directory = read_samples_dir(samples_dir)
+        single = self.directory.full_state_path
+        if single is not None and single.name != FULL_STATE_NAME:
+            single = None  # a full state in parts: each part is read on its own, checked against this save
+        for name, path in ((FULL_STATE_NAME, single), (HISTORY_NAME, self.directory.history_path)):
+            opened = pin(path)
+            if opened is not None:
+                self._pinned[name] = opened
         try:
             self.summary = RunSummary.from_json(
                 self.directory.summary, self.directory.path, self.directory.full_state_path is not None
@@ -240,13 +336,7 @@ class ActivationSampleAnalyzer:
     def _full_state(self) -> Optional[dict]:
         if self._state is None and self.directory.full_state_path is not None:
             path = self.directory.full_state_path
-            self._check_same_save()
-            try:
-                state, signature = read_one_save(self.directory.path, lambda: load_full_state(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
+            state = self._read_pinned(FULL_STATE_NAME, lambda opened: load_full_state(path, opened))
             missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
                 raise SamplesDirectoryError(f"{path} is not a full collector state: it lacks {missing}.")
@@ -263,6 +353,52 @@ class ActivationSampleAnalyzer:
                 )
             self._state = state
         return self._state
+
+    def _read_pinned(self, name: str, load: Callable[[Optional[IO[bytes]]], _T]) -> _T:
+        """``load`` the file ``name`` of this analyzer's save: from the handle opened with the save, else by path.
+
+        By path, the directory must still hold this analyzer's save (else :class:`SaveChangedError`).
+        """
+        opened = self._pinned.pop(name, None)
+        if opened is not None:
+            with opened:
+                return load(opened)
+        self._check_same_save()
+        try:
+            loaded, signature = read_one_save(self.directory.path, lambda: load(None))
+        except SamplesDirectoryError:
+            self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
+            raise
+        self._check_same_save(signature)
+        return loaded
+
+    def _state_of(self, idx: int) -> tuple[Optional[dict], int]:
+        """The state that holds latent ``idx`` and the latent's index in it.
+
+        Of a full state in parts, only the part the latent lives in is opened (each part once); else the full state.
+        """
+        path = self.directory.full_state_path
+        if self._state is not None or path is None or path.name != FULL_STATE_INDEX_NAME:
+            return self._full_state(), idx
+        for start, part in self._parts.items():
+            if start <= idx < start + int(part["num_latents"]):
+                return part, idx - start
+        self._check_same_save()
+        try:
+            (part, start), signature = read_one_save(
+                self.directory.path, lambda: load_part_of(path, idx, part_locator(path)))
+        except SamplesDirectoryError:
+            self._check_same_save()
+            raise
+        self._check_same_save(signature)
+        if int(part["tokens_seen"]) != self.summary.tokens_seen:
+            raise SamplesDirectoryError(
+                f"The part of {path} that holds latent {idx} is of a collection of {int(part['tokens_seen'])} tokens"
+                f" but {self.directory.path / SUMMARY_NAME} one of {self.summary.tokens_seen}: the directory mixes"
+                " two saves. Re-run the save."
+            )
+        self._parts[start] = part
+        return part, idx - start
 
     def _check_same_save(self, signature: Optional[tuple] = None) -> None:
         """Raise :class:`SaveChangedError` if the directory no longer holds the save this analyzer read."""
@@ -353,9 +489,9 @@ class ActivationSampleAnalyzer:
         """
         if "interval" not in state and "recent" not in state:
             return (), (), None
-        if self._view is None:
-            self._view = with_recent_view(state)
-        view = self._view
+        if self._view is None or self._view[0] is not state:
+            self._view = (state, with_recent_view(state))
+        view = self._view[1]
         limit = int(self.summary.config.get("samples_per_feature_to_save") or state["top"]["capacity"])
         decoder = self._decoder()
         ids = [window_token_ids(view, p, [idx], limit) for p in ("top", "recent", "interval") if p in view]
@@ -518,21 +654,15 @@ class ActivationSampleAnalyzer:
 
         Raises:
             SamplesDirectoryError: The history file is corrupt or hostile.
-            SaveChangedError: A save was committed since this analyzer read its save (as for ``full_state.pt``).
+            SaveChangedError: Where files cannot be held open (not POSIX): a save was committed since this
+                analyzer read its save (as for ``full_state.pt``).
         """
         if self._history is _UNREAD:
             path = self.directory.history_path
             if path is None:
                 self._history = None
                 return None
-            self._check_same_save()
-            try:
-                history, signature = read_one_save(self.directory.path, lambda: FeatureHistory.from_file(path))
-            except SamplesDirectoryError:
-                self._check_same_save()  # the file was moved or removed by a later save: say so, not "corrupt"
-                raise
-            self._check_same_save(signature)
-            self._history = history
+            self._history = self._read_pinned(HISTORY_NAME, lambda opened: FeatureHistory.from_file(path, opened))
         return self._history
 
     def _story(self, feature_idx: int) -> Optional[str]:
@@ -542,14 +672,15 @@ class ActivationSampleAnalyzer:
     def _feature(self, feature_idx: int, num_examples: Optional[int]) -> FeatureSamples:
         idx = self._check_index(feature_idx)
         saved = self._saved.get(idx)
-        state = None
+        state, local = None, idx
         if saved is None or (num_examples is not None and num_examples > len(saved.samples)):
             if saved is None or saved.stats.num_samples > len(saved.samples):
-                state = self._full_state()
+                state, local = self._state_of(idx)
         if saved is not None:
             samples = list(saved.samples[:num_examples] if num_examples is not None else saved.samples)
             if state is not None and num_examples is not None:
-                samples += self._state_samples(state, idx, len(samples), num_examples)
+                more = self._state_samples(state, local, len(samples), num_examples)
+                samples += [dataclasses.replace(s, feature_idx=idx) for s in more]
             effects = self._computed_effects.get(idx, saved.logit_effects)
             recent = saved.recent_samples if num_examples is None else saved.recent_samples[:num_examples]
             return dataclasses.replace(saved, samples=tuple(samples), logit_effects=effects, recent_samples=recent)
@@ -558,6 +689,13 @@ class ActivationSampleAnalyzer:
                 f"Feature {idx} has no saved samples in {self.directory.path} and there is no full_state.pt"
                 f" to read it from. {self._nearby_message(idx)}"
             )
+        if local != idx:  # a latent of a full state in parts, read from its part
+            numbered = _numbered(self._state_feature(state, local, num_examples), idx)
+            return dataclasses.replace(numbered, logit_effects=self._computed_effects.get(idx))
+        return self._state_feature(state, idx, num_examples)
+
+    def _state_feature(self, state: dict, idx: int, num_examples: Optional[int]) -> FeatureSamples:
+        """A latent's samples as the writer would build its feature file from ``state`` (latent ``idx`` of it)."""
         stats = self._state_stats(state, idx)
         limit = stats.num_samples if num_examples is None else min(num_examples, stats.num_samples)
         samples = tuple(self._state_samples(state, idx, 0, limit))
@@ -757,6 +895,9 @@ class ActivationSampleAnalyzer:
             rank_by: Ranking (default: the run's).
             console: A ``rich.console.Console``; default: a new one on stdout.
         """
+        if self.run is not None:
+            self.run.print_summary(console)
+            return
         from lightning_sae_samples.render.console import print_summary
 
         rank = self._check_rank(rank_by)
@@ -794,11 +935,23 @@ class ActivationSampleAnalyzer:
         return self.render_report("html", *args, **kwargs)
 
     def generate_interpretability_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
-        """Write the Markdown report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        """Write the Markdown report to ``output_path`` (atomically) and return the path; see :meth:`render_report`.
+
+        For a run folder of many SAEs: each SAE's report beside it and an index page linking them at ``output_path``
+        (:meth:`RunAnalyzer.generate_interpretability_report`).
+        """
+        if self.run is not None:
+            return self.run.generate_interpretability_report(output_path, *args, **kwargs)
         return write_text_file(output_path, self.render_markdown(*args, **kwargs))
 
     def generate_html_report(self, output_path: PathLike, *args: Any, **kwargs: Any) -> Path:
-        """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`."""
+        """Write the HTML report to ``output_path`` (atomically) and return the path; see :meth:`render_report`.
+
+        For a run folder of many SAEs: each SAE's report beside it and an index page linking them at ``output_path``
+        (:meth:`RunAnalyzer.generate_html_report`).
+        """
+        if self.run is not None:
+            return self.run.generate_html_report(output_path, *args, **kwargs)
         return write_text_file(output_path, self.render_html(*args, **kwargs))
 
 
@@ -811,3 +964,16 @@ def _activating_tokens(record: Any) -> tuple[tuple[tuple[int, str, int], ...], i
     if kept < 0 or any(not isinstance(text, str) or not 0 < n <= kept for _, text, n in counts):
         raise ValueError("`activating_tokens` holds a token that is not a string or a count outside 1..`over`")
     return counts, kept
+
+
+def _numbered(feature: FeatureSamples, idx: int) -> FeatureSamples:
+    """``feature`` (read from a part of a full state, under the part's numbering) as latent ``idx`` of the SAE."""
+
+    def samples(group: tuple[Sample, ...]) -> tuple[Sample, ...]:
+        return tuple(dataclasses.replace(s, feature_idx=idx) for s in group)
+
+    return dataclasses.replace(
+        feature, stats=dataclasses.replace(feature.stats, feature_idx=idx), samples=samples(feature.samples),
+        recent_samples=samples(feature.recent_samples),
+        interval_groups=tuple(dataclasses.replace(g, samples=samples(g.samples)) for g in feature.interval_groups),
+    )

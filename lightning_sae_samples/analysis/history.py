@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_sae_samples.samples_dir.history_file import load_history, payload_vocab, windows_of_payload
 from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import read_samples_dir
+from lightning_sae_samples.samples_dir.reader import read_one_save, read_samples_dir
 
 #: Default top-token overlap (Jaccard of the top-token sets) below which two consecutive windows differ in meaning.
 MEANING_CHANGE_OVERLAP = 0.2
@@ -150,17 +150,17 @@ class FeatureHistory:
         Raises:
             SamplesDirectoryError: The file is there but corrupt or hostile (one line naming it and the field).
         """
-        return cls.from_file(read_samples_dir(path).history_path)
+        return read_one_save(path, lambda: cls.from_file(read_samples_dir(path).history_path))[0]
 
     @classmethod
-    def from_file(cls, file: Optional[PathLike]) -> Optional[FeatureHistory]:
-        """The history in ``file`` (``None``: none)."""
+    def from_file(cls, file: Optional[PathLike], opened: Optional[IO[bytes]] = None) -> Optional[FeatureHistory]:
+        """The history in ``file`` (``None``: none); read from ``opened`` (``file`` held open) if given."""
         if file is None:
             return None
         file = Path(file)
-        if file.is_symlink() or not file.is_file():
+        if opened is None and (file.is_symlink() or not file.is_file()):
             raise SamplesDirectoryError(f"{file} is not a regular file; it is not read.")
-        return cls(load_history(file), file)
+        return cls(load_history(file, opened), file)
 
     def token_str(self, token_id: int) -> str:
         """Display string of a token id, as the writer decoded it."""

@@ -835,6 +835,10 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--creator-name", metavar="NAME", default="", help="author shown on Neuronpedia")
     group.add_argument("--dataset", metavar="NAME", help="the text the samples came from")
     group.add_argument("--url", metavar="URL", action="append", default=[], help="release link (repeatable)")
+    group.add_argument("--sae-layer", metavar="NAME=N", action="append", default=[],
+                       help="a run folder's SAE NAME is on layer N (default: the one number in its name; repeatable)")
+    group.add_argument("--sae-source-set", metavar="NAME=SET", action="append", default=[],
+                       help="a run folder's SAE NAME goes to source set SET (default: --source-set; repeatable)")
 
 
 def source_from_args(args: Any, summary: RunSummary) -> NeuronpediaSource:

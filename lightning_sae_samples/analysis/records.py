@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 from lightning_sae_samples.config import RankBy
+from lightning_sae_samples.health import DEFAULT_DEAD_WINDOW_STEPS
 
 #: A latent whose ``recent_overlap`` is below this is flagged: its meaning may have moved.
 DRIFT_THRESHOLD = 0.25
@@ -549,6 +550,17 @@ class RunSummary:
     def alive_fraction(self) -> float:
         """Share of latents that fired."""
         return self.alive_features / self.num_features_tracked if self.num_features_tracked else 0.0
+
+    @property
+    def dead_before(self) -> Optional[int]:
+        """A latent whose last firing step is below this is dead (silent for ``dead_window_steps``), or ``None``.
+
+        ``None`` while the collection does not cover one whole window up to its last collected step: then only the
+        latents that never fired are dead.
+        """
+        window = int(self.config.get("dead_window_steps") or DEFAULT_DEAD_WINDOW_STEPS)
+        last, first = self.last_collected_step, self.first_collected_step
+        return last - window + 1 if last is not None and last - window + 1 >= (first or 0) else None
 
     @property
     def recent_window_steps(self) -> Optional[int]:

@@ -24,7 +24,7 @@ from lightning_sae_samples.analysis.explanations import MAX_TEXT_CHARS, Explanat
 from lightning_sae_samples.explain.scoring import balanced_accuracy
 from lightning_sae_samples.samples_dir.files import is_plain_file
 from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import read_samples_dir
+from lightning_sae_samples.samples_dir.reader import read_one_save, read_samples_dir
 
 IMPORT_FORMATS = ("auto", "delphi", "neuronpedia")
 _DELPHI_NAME = re.compile(r"^(?:(?P<module>.+)_latent)?(?P<latent>\d+)\.txt$")
@@ -199,7 +199,7 @@ def import_explanations(samples_dir: PathLike, source: PathLike, fmt: str = "aut
     """
     if fmt not in IMPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(IMPORT_FORMATS)}, got {fmt!r}")
-    directory = read_samples_dir(samples_dir)
+    directory, _ = read_one_save(samples_dir, lambda: read_samples_dir(samples_dir))
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")

@@ -9,7 +9,6 @@ it had received.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,12 +35,12 @@ from lightning_sae_samples.explain.prompts import (
 )
 from lightning_sae_samples.explain.scoring import (
     balanced_accuracy,
+    decoy_explanation,
     non_activating,
-    random_words,
     split_samples,
 )
 
-#: Latents whose samples make up the pool of non-activating contexts (besides the explained ones).
+#: Latents whose samples make up the pool of non-activating contexts: the save's first saved features.
 POOL_LATENTS = 256
 #: Tokens a yes/no answer may take.
 DETECTION_MAX_TOKENS = 3
@@ -134,13 +133,16 @@ def _ours(record: ExplanationRecord, model: str) -> bool:
             and record.prompt_version == PROMPT_VERSION)
 
 
-def _pool(analyzer: ActivationSampleAnalyzer, loaded: dict[int, FeatureSamples]) -> list[Sample]:
-    """Samples of many latents: where the non-activating contexts come from."""
-    pool = [s for f in loaded.values() for s in f.samples]
+def _pool(analyzer: ActivationSampleAnalyzer) -> list[Sample]:
+    """Samples of many latents: where the non-activating contexts come from.
+
+    Taken from the save alone, never from the latents this run explains, so that a latent's contexts and scores
+    are the same whether it is explained with others, alone, or in a run resumed after an interruption.
+    """
+    pool: list[Sample] = []
     for idx in analyzer.saved_features[:POOL_LATENTS]:
-        if idx not in loaded:
-            feature = analyzer.feature(idx)
-            pool += list(feature.samples) + [s for g in feature.interval_groups for s in g.samples]
+        feature = analyzer.feature(idx)
+        pool += list(feature.samples) + [s for g in feature.interval_groups for s in g.samples]
     return pool
 
 
@@ -170,12 +172,9 @@ def explain_latents(
     latents = choose_latents(analyzer, settings)
     result = ExplainResult(latents=latents)
     existing: dict[int, ExplanationRecord] = {}
-    others: dict[int, str] = {}
     for record in iter_explanation_records(samples_dir):
         if _ours(record, backend.model_name):
             existing[record.latent] = record
-        if record.kind == "explanation" and record.text:
-            others[record.latent] = record.text
     to_explain = [i for i in latents if i not in existing]
     to_score = [i for i in latents if settings.score and (i not in existing or existing[i].score is None)]
     result.skipped = [i for i in latents if i not in to_explain and i not in to_score]
@@ -206,12 +205,11 @@ def explain_latents(
                                            prompt_version=PROMPT_VERSION, samples_step=step, source="explain")
                 append_explanations(samples_dir, [record])
                 existing[latent] = result.records[latent] = record
-                others[latent] = text
                 result.explained.append(latent)
                 result.requests += 1
                 progress.advance("explained")
         if to_score:
-            _score(samples_dir, backend, settings, analyzer, loaded, splits, to_score, existing, others, result,
+            _score(samples_dir, backend, settings, analyzer, loaded, splits, to_score, existing, result,
                    progress)
     finally:
         progress.stop()
@@ -228,11 +226,10 @@ def _score(
     splits: dict[int, Any],
     to_score: Sequence[int],
     existing: dict[int, ExplanationRecord],
-    others: dict[int, str],
     result: ExplainResult,
     progress: ExplainProgress,
 ) -> None:
-    pool = _pool(analyzer, loaded)
+    pool = _pool(analyzer)
     conversations: list[list[dict[str, str]]] = []
     owners: list[tuple[int, bool, bool]] = []  # (latent, activating, random explanation)
     for latent in to_score:
@@ -240,9 +237,8 @@ def _score(
         own = list(feature.samples) + [s for g in feature.interval_groups for s in g.samples]
         positives = list(splits[latent].held_out)
         negatives = non_activating(latent, pool, own, settings.negatives)
-        rng = random.Random(latent)
-        candidates = sorted(i for i, text in others.items() if i != latent and text != existing[latent].text)
-        baseline = others[rng.choice(candidates)] if candidates else random_words(rng, pool)
+        # From the save alone (not from the explanations that exist by now), as are the contexts.
+        baseline = decoy_explanation(latent, pool)
         for sample, activating in [(s, True) for s in positives] + [(s, False) for s in negatives]:
             for explanation, is_random in ((existing[latent].text, False), (baseline, True)):
                 conversations.append(detection_prompt(explanation, context_text(sample)))

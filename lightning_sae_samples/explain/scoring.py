@@ -4,7 +4,8 @@ A latent's samples (its top samples, then its interval samples) are split once, 
 latent index, after dropping samples whose text repeats an earlier one: the explanation prompt
 gets the first ``shown_top`` top samples and every other interval sample;
 the scorer gets up to ``positives`` of the rest (held out: never in the prompt). The non-activating contexts are
-samples of other latents (their text differs from every context of this latent). The score is the balanced
+samples of other latents (their text differs from every context of this latent), drawn from a pool that the save
+alone gives, so a latent's contexts do not depend on which latents one run explains. The score is the balanced
 accuracy of the model's yes/no answers: the mean of the share of activating contexts it called activating and
 the share of non-activating ones it called not activating. 0.5 is chance, whatever the mix.
 """
@@ -12,6 +13,7 @@ the share of non-activating ones it called not activating. 0.5 is chance, whatev
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +84,23 @@ def balanced_accuracy(activating: Sequence[bool], predicted: Sequence[bool]) -> 
     tpr = sum(positives) / len(positives) if positives else 0.5
     tnr = sum(negatives) / len(negatives) if negatives else 0.5
     return (tpr + tnr) / 2
+
+
+def decoy_explanation(latent: int, pool: Sequence[Sample], count: int = 3) -> str:
+    """A plausible but wrong explanation of ``latent``, from the pool alone: another latent's tokens.
+
+    The other latent is drawn from the pool's (seeded by ``latent``); the explanation is the ``count`` tokens it
+    fires on most often there, most frequent first (ties: in text order), as a keyword explanation reads. With no
+    other latent in the pool: :func:`random_words`.
+    """
+    rng = random.Random(latent)
+    others = sorted({s.feature_idx for s in pool} - {latent})
+    if not others:
+        return random_words(rng, pool)
+    chosen = rng.choice(others)
+    counts = Counter(" ".join(s.activating_token.text.split()) for s in pool if s.feature_idx == chosen)
+    tokens = [t for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if t][:count]
+    return " ".join(tokens) or random_words(rng, pool)
 
 
 def random_words(rng: random.Random, pool: Sequence[Sample], count: int = 4) -> str:

@@ -6,8 +6,10 @@ markup), after :func:`~lightning_sae_samples.render.escaping.visible`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from rich.color import Color
 from rich.console import Console, Group
@@ -373,3 +375,30 @@ def print_summary(
         else:
             line.append("No feature in this table is flagged for a low recent overlap.", style="dim")
         console.print(line)
+
+
+def print_run_summary(path: object, saes: Sequence[Any], console: Optional[Console] = None) -> None:
+    """Print one table with a row per SAE of a run folder: latents, alive, dead, dense, tokens seen.
+
+    ``saes`` are :class:`~lightning_sae_samples.analysis.run.SAESummary` rows.
+    """
+    console = console or Console()
+    table = Table(title=Text(f"SAEs of the run {path}"), title_justify="left", header_style="bold")
+    table.add_column("SAE", no_wrap=True)
+    for name in ("Latents", "Alive", "Dead", "Dense", "Tokens seen", "Step"):
+        table.add_column(name, justify="right", no_wrap=True)
+
+    def known(number: Optional[int]) -> str:
+        return "–" if number is None else formatting.count(number)
+
+    for s in saes:
+        table.add_row(Text(s.name), formatting.count(s.num_latents), formatting.count(s.alive), known(s.dead),
+                      known(s.dense), formatting.count(s.tokens_seen), str(s.global_step))
+    console.print(table)
+    note = "Dead: silent for the run's dead_window_steps (or never fired); dense: firing on more than 10% of tokens."
+    if any(s.dead is None for s in saes):
+        note += " –: no full_state.pt to count them from."
+    console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
+    first = saes[0].name if saes else "NAME"
+    console.print(f"One SAE: lightning-sae-samples {Path(os.fspath(path)) / first}", highlight=False, markup=False,
+                  soft_wrap=True)

@@ -16,7 +16,7 @@ from lightning_sae_samples.analysis.records import FeatureSamples, RunSummary, S
 from lightning_sae_samples.render import heat, views
 from lightning_sae_samples.render.escaping import visible
 from lightning_sae_samples.render.histogram import DisplayBin
-from lightning_sae_samples.render.templates import HTML_TEMPLATE, make_environment
+from lightning_sae_samples.render.templates import HTML_TEMPLATE, RUN_INDEX_HTML_TEMPLATE, make_environment
 
 SVG_WIDTH = 320
 SVG_HEIGHT = 90
@@ -91,3 +91,11 @@ def render_html(
         report_features={f.feature_idx for f in features},
         svg={"width": SVG_WIDTH, "height": SVG_HEIGHT, "label_space": SVG_LABEL_SPACE},
     )
+
+
+def render_run_index_html(
+    path: object, saes: Sequence[object], links: dict, template_dir: Optional[Union[str, os.PathLike]] = None
+) -> str:
+    """Render ``run_index.html.j2``: a run's SAEs, one table row each, linking to its report (``links[name]``)."""
+    template = make_environment(template_dir).get_template(RUN_INDEX_HTML_TEMPLATE)
+    return template.render(run=views.run_index_view(path, saes, links))

@@ -14,7 +14,7 @@ from lightning_sae_samples.analysis.records import FeatureSamples, RunSummary, S
 from lightning_sae_samples.render import views
 from lightning_sae_samples.render.escaping import markdown_emphasis, markdown_text, token_label
 from lightning_sae_samples.render.histogram import text_histogram
-from lightning_sae_samples.render.templates import MARKDOWN_TEMPLATE, make_environment
+from lightning_sae_samples.render.templates import MARKDOWN_TEMPLATE, RUN_INDEX_MARKDOWN_TEMPLATE, make_environment
 
 
 def tokens_markdown(tokens: Sequence[dict]) -> str:
@@ -104,3 +104,13 @@ def render_markdown(
         rank_by=rank_by,
         explained=any(f.meaning is not None for f in features),
     )
+
+
+def render_run_index_markdown(
+    path: object, saes: Sequence[object], links: dict, template_dir: Optional[Union[str, os.PathLike]] = None
+) -> str:
+    """Render ``run_index.md.j2``: a run's SAEs, one table row each, linking to its report (``links[name]``)."""
+    view = views.run_index_view(path, saes, links)
+    view["path_md"] = markdown_text(view["path"])
+    template = make_environment(template_dir).get_template(RUN_INDEX_MARKDOWN_TEMPLATE)
+    return template.render(run=view)

@@ -20,6 +20,9 @@ from lightning_sae_samples.render import escaping
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MARKDOWN_TEMPLATE = "report.md.j2"
 HTML_TEMPLATE = "report.html.j2"
+#: The index page of a run of many SAEs, linking each SAE's report.
+RUN_INDEX_MARKDOWN_TEMPLATE = "run_index.md.j2"
+RUN_INDEX_HTML_TEMPLATE = "run_index.html.j2"
 
 
 class TemplateNotFoundError(FileNotFoundError):

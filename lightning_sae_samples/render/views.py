@@ -263,3 +263,24 @@ def summary_view(summary: RunSummary) -> dict:
         "recent_window": formatting.step_range(summary.recent_window),
         "has_recent": summary.recent_window_steps is not None,
     }
+
+
+def run_index_view(path: object, saes: Sequence[object], links: dict) -> dict:
+    """The index page of a run of many SAEs: its folder and one row per SAE, each linking to its report.
+
+    ``saes`` are :class:`~lightning_sae_samples.analysis.run.SAESummary` rows; ``links`` maps an SAE name to the
+    address of its report (percent-encoded here, so that a report name with spaces stays one link).
+    """
+    from urllib.parse import quote
+
+    def known(number: Optional[int]) -> str:
+        return "–" if number is None else formatting.count(number)
+
+    rows = [
+        {"name": s.name, "href": quote(links[s.name]), "latents": formatting.count(s.num_latents),
+         "alive": formatting.count(s.alive), "dead": known(s.dead), "dense": known(s.dense),
+         "tokens_seen": formatting.count(s.tokens_seen), "global_step": s.global_step,
+         "saved_features": formatting.count(s.saved_features)}
+        for s in saes  # type: ignore[attr-defined]
+    ]
+    return {"path": str(path), "saes": rows, "health_unknown": any(s.dead is None for s in saes)}  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import torch
 from torch import Tensor
@@ -86,14 +86,16 @@ def payload_vocab(payload: dict) -> dict[int, str]:
     return dict(zip(payload["vocab"]["ids"].tolist(), payload["vocab"]["strings"]))
 
 
-def load_history(path: PathLike) -> dict:
-    """Load and check ``training_history.pt`` (tensors only, no pickle).
+def load_history(path: PathLike, opened: Optional[IO[bytes]] = None) -> dict:
+    """Load and check ``training_history.pt`` (tensors only, no pickle); from ``opened`` (``path`` held open) if given.
 
     Raises:
         SamplesDirectoryError: One line naming the file and the first field that is not usable.
     """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if opened is not None:
+            opened.seek(0)
+        payload = torch.load(path if opened is None else opened, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise SamplesDirectoryError(f"Cannot load {path}: {type(err).__name__}. The file is corrupt or unreadable."
                                     ) from err

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import IO, Optional, TypeVar
 
 import torch
 
@@ -18,6 +19,7 @@ from lightning_sae_samples.samples_dir.names import (
     _FEATURE_FILE,
     COMMIT_NAME,
     DECODER_NAME,
+    FULL_STATE_INDEX_NAME,
     FULL_STATE_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
@@ -27,17 +29,35 @@ from lightning_sae_samples.samples_dir.names import (
     SamplesDirectoryError,
     is_writer_name,
 )
+from lightning_sae_samples.samples_dir.parts import load_parts
 from lightning_sae_samples.state.schema import FORMAT_VERSION, check_state_version
 from lightning_sae_samples.state.validate import check_state
 
 _T = TypeVar("_T")
-#: Reads of one save tried before a reader gives up because saves keep being committed while it reads.
-READ_ATTEMPTS = 5
-_RETRY_SECONDS = 0.05
+#: How long a reader keeps redoing a read that a commit overlapped before it gives up (``SaveChangedError``).
+READ_DEADLINE_SECONDS = 10.0
+#: The first pause between two reads, doubled after each overlap up to the longest: a commit takes milliseconds.
+_FIRST_PAUSE_SECONDS, _LONGEST_PAUSE_SECONDS = 0.005, 0.1
 
 
 class SaveChangedError(SamplesDirectoryError):
-    """A save was committed while reading, at every attempt: reading again later gets one whole save."""
+    """Saves kept being committed while reading, for the whole deadline: reading again later gets one whole save."""
+
+
+def retry_pauses(seconds: float = READ_DEADLINE_SECONDS) -> Iterator[None]:
+    """One turn per attempt, the next after a short pause (doubling, capped) while ``seconds`` have not passed.
+
+    There are always two turns at least: one more after the first pause, however short ``seconds`` is.
+    """
+    deadline = time.monotonic() + seconds
+    pause = _FIRST_PAUSE_SECONDS
+    yield
+    while True:
+        time.sleep(pause)
+        yield
+        if time.monotonic() >= deadline:
+            return
+        pause = min(2 * pause, _LONGEST_PAUSE_SECONDS)
 
 
 def file_identity(path: Path) -> Optional[tuple[int, int, int]]:
@@ -57,20 +77,24 @@ def save_signature(path: PathLike) -> tuple:
     return tuple(file_identity(path / name) for name in names)
 
 
-def read_one_save(path: PathLike, read: Callable[[], _T], attempts: int = READ_ATTEMPTS) -> tuple[_T, tuple]:
+def read_one_save(path: PathLike, read: Callable[[], _T], seconds: float = READ_DEADLINE_SECONDS
+                  ) -> tuple[_T, tuple]:
     """``read()``, redone until it ran while no save was committed; returns its result and the save's signature.
 
     A read counts when :func:`save_signature` is the same before and after it. An error counts the same way, but
     not while a commit record is there (its files may still be moving): it is retried, and raised only if the
-    directory stays as it is (an interrupted commit whose files really are bad).
+    directory stays as it is (an interrupted commit whose files really are bad). Reads are redone after short
+    pauses for up to ``seconds``: a training run's saves leave far longer gaps than a read takes.
 
     Raises:
-        SaveChangedError: A save was committed during each of ``attempts`` reads.
+        SaveChangedError: A save was committed during every read for ``seconds``.
         SamplesDirectoryError: What ``read`` raised on a directory that did not change meanwhile.
     """
     error: Optional[Exception] = None
     before = after = None
-    for attempt in range(attempts):
+    reads = 0
+    for _ in retry_pauses(seconds):
+        reads += 1
         before = save_signature(path)
         try:
             result, error = read(), None
@@ -81,12 +105,26 @@ def read_one_save(path: PathLike, read: Callable[[], _T], attempts: int = READ_A
             if error is not None:
                 raise error
             return result, before  # type: ignore[return-value]
-        time.sleep(_RETRY_SECONDS * (attempt + 1))
     if error is not None and after == before:
         raise error
     raise SaveChangedError(
-        f"{path}: a save was committed while reading; retry ({attempts} reads in a row overlapped a commit)."
+        f"{path}: a save was committed while reading; retry ({reads} reads in {seconds:g} s each overlapped"
+        " a commit)."
     )
+
+
+def pin(path: Optional[Path]) -> Optional[IO[bytes]]:
+    """``path`` opened for reading, so that a later read gets this save's file even after a commit replaced it.
+
+    A commit replaces files by renaming over them, which leaves an open file as it was (POSIX). Elsewhere a file
+    held open would make the writer's rename fail, so nothing is pinned there (``None``), nor a missing file.
+    """
+    if path is None or os.name != "posix":
+        return None
+    try:
+        return open(path, "rb")  # noqa: SIM115 - held until read, or closed with its owner
+    except OSError:
+        return None
 
 
 @dataclass
@@ -97,7 +135,7 @@ class SamplesDirectory:
         path: The directory.
         summary: Parsed ``collection_summary.json``.
         feature_files: Feature index to the file holding its samples.
-        full_state_path: The full-state file, if present.
+        full_state_path: The full-state file (or the index of its parts), if present.
         decoder_path: The decoder directions file (``decoder_directions.pt``), if present.
     """
 
@@ -117,7 +155,10 @@ def _visible_files(dirpath: Path) -> dict[str, Path]:
     for p in dirpath.iterdir():
         if not is_writer_name(p.name) or p.name == MANIFEST_NAME:
             continue
-        if is_plain_file(p):
+        info = lstat_or_none(p)
+        if info is None:
+            continue  # moved or removed by a commit since the listing: the read is redone
+        if stat.S_ISREG(info.st_mode):
             files[p.name] = p
         else:  # a link (even to a regular file) or a folder: never followed, as the writer's rule
             warnings.warn(f"Ignored {p}: not a regular file (links are not followed).", UserWarning, stacklevel=3)
@@ -170,19 +211,33 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
             f" {FORMAT_VERSION}. Install the lightning-sae-samples version that wrote it."
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
-    return SamplesDirectory(dirpath, summary, features, files.get(FULL_STATE_NAME), files.get(HISTORY_NAME),
+    full_state = files.get(FULL_STATE_NAME) or files.get(FULL_STATE_INDEX_NAME)
+    return SamplesDirectory(dirpath, summary, features, full_state, files.get(HISTORY_NAME),
                             files.get(DECODER_NAME))
 
 
-def load_full_state(path: PathLike) -> dict:
-    """Load a full-state file safely (tensors only, no pickle).
+def part_locator(index_path: Path) -> Callable[[str], Optional[Path]]:
+    """Where each file of the save an index of full-state parts belongs to is (a commit may be in progress)."""
+    dirpath = index_path.parent.parent if index_path.parent.name == PENDING_DIR else index_path.parent
+    return _visible_files(dirpath).get
+
+
+def load_full_state(path: PathLike, opened: Optional[IO[bytes]] = None) -> dict:
+    """Load a full-state file safely (tensors only, no pickle); of a full state in parts, its index joins them.
+
+    A single file is read from ``opened`` (``path`` held open) if given.
 
     Raises:
         SamplesDirectoryError: The file is corrupt, or holds a state of another format version (the dense
             layout of version 1 included).
     """
+    path = Path(path)
+    if path.name == FULL_STATE_INDEX_NAME:
+        return load_parts(path, part_locator(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if opened is not None:
+            opened.seek(0)
+        state = torch.load(path if opened is None else opened, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
     try:

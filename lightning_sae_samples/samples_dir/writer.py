@@ -42,6 +42,7 @@ from lightning_sae_samples.samples_dir.names import (
     _is_stale_name,
     feature_filename,
 )
+from lightning_sae_samples.samples_dir.parts import part_names, write_parts
 from lightning_sae_samples.samples_dir.serialize import (
     _window_token_ids,
     activating_tokens_record,
@@ -73,6 +74,7 @@ class SaveOptions:
     source: str = "train"
     trained_step: Optional[int] = None
     history: Optional[dict] = None
+    full_state_parts: Optional[list[tuple[int, int]]] = None
 
 
 def write_samples_dir(
@@ -92,6 +94,7 @@ def write_samples_dir(
     trained_step: Optional[int] = None,
     history: Optional[dict] = None,
     decoder: Any = None,
+    full_state_parts: Optional[list[tuple[int, int]]] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -115,9 +118,12 @@ def write_samples_dir(
             (e.g. ``{"logit_effects": ...}``); features not saved are ignored.
         full_state: Write ``full_state.pt``; without it, a previous one is removed (it would be stale).
         history: Append the state's history window to ``training_history.pt``, thinned: a dict of ``top_tokens``,
-            ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots).
+            ``per_level``, ``samples_per_feature`` and ``dead_window_steps`` (``None``: no history, as in snapshots),
+            and ``previous``: the history payload to append to (default: the directory's file).
         decoder: The SAE's decoder ``W_dec`` ``[F, d_model]``: written as ``decoder_directions.pt`` (unit rows,
             bfloat16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
+        full_state_parts: Write the full state in parts cut at these ``(start, stop)`` latent ranges (the shards
+            of a sharded collection), with ``full_state.index.json``, instead of ``full_state.pt``.
 
     Returns:
         The saved feature indices, in rank order.
@@ -141,7 +147,7 @@ def write_samples_dir(
         create_pending(dirpath)
     try:
         options = SaveOptions(config, tokenizer, top_features, samples_per_feature, rank_by, int(global_step),
-                              feature_extras, full_state, source, trained_step, history)
+                              feature_extras, full_state, source, trained_step, history, full_state_parts)
         ranked, written, stale = _write_pending(dirpath, pending, state, options, directions)
         if before_commit is not None:
             before_commit(pending)
@@ -206,7 +212,9 @@ def _write_pending(
     wrote_history = history is not None and "window_count" in state
     if wrote_history:
         _write_history(dirpath, pending, state, ranked, int(global_step), history, decoder)
-    written = [*names, *([FULL_STATE_NAME] if full_state else []), *([HISTORY_NAME] if wrote_history else []),
+    parts = options.full_state_parts
+    full_state_names = (part_names(parts) if parts else [FULL_STATE_NAME]) if full_state else []
+    written = [*names, *full_state_names, *([HISTORY_NAME] if wrote_history else []),
                *([DECODER_NAME] if directions is not None else []),
                SUMMARY_NAME]
     summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
@@ -219,7 +227,9 @@ def _write_pending(
     digest.update(json.dumps([summary, sorted(written)], sort_keys=True, ensure_ascii=False).encode("utf-8"))
     summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
     atomic_write_json(pending / SUMMARY_NAME, summary)
-    if full_state:
+    if full_state and parts:
+        write_parts(pending, without_window_entries(state), parts)
+    elif full_state:
         atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
     if directions is not None:
         atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
@@ -231,8 +241,14 @@ def _write_pending(
 
 def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int], step: int, settings: dict,
                    decoder: TokenDecoder) -> None:
-    """Append the state's window to the committed history (read and checked) and write it into ``pending``."""
-    previous = read_existing_history(dirpath / HISTORY_NAME)
+    """Append the state's window to the history and write it into ``pending``.
+
+    The history is ``settings["previous"]`` when given (the collector's, carried by a checkpoint into any
+    ``dirpath``), else the committed file's (read and checked).
+    """
+    previous = settings.get("previous")
+    if previous is None:
+        previous = read_existing_history(dirpath / HISTORY_NAME)
     windows = windows_of_payload(previous) if previous is not None else []
     vocab = payload_vocab(previous) if previous is not None else {}
     window = window_of_state(state, step, int(settings["top_tokens"]), ranked, int(settings["samples_per_feature"]))

@@ -37,14 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-sae-samples serve``."""
     parser = OneLineErrorParser(
         prog=f"{PROG} {COMMAND}",
-        description="Browse every latent of a samples directory (or of the runs in a parent folder) in a local web"
-        " page: a sortable, filterable list, feature pages, search by token and by context text. The page follows"
-        " new saves while the training runs. Never writes the samples files: labels typed on a feature page go to"
-        " the explanations sidecar (DIR/explanations/).",
+        description="Browse every latent of a samples directory (or of the SAEs of a run folder, or of the runs in a"
+        " parent folder) in a local web page: a sortable, filterable list, feature pages, search by token and by"
+        " context text (across SAEs too). The page follows new saves while the training runs. Never writes the"
+        " samples files: labels typed on a feature page go to the explanations sidecar (DIR/explanations/).",
         epilog=f"example:\n  {PROG} {COMMAND} lightning_logs --open",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("samples_dir", metavar="DIR", help="a samples directory, or a folder holding several runs")
+    parser.add_argument("samples_dir", metavar="DIR",
+                        help="a samples directory, a run folder of many SAEs, or a folder holding several runs")
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help=f"interface to listen on (default: {DEFAULT_HOST}, this machine only)"
     )
@@ -175,9 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes one line, never a traceback
         sys.stderr.write(f"{PROG} {COMMAND}: error: {' '.join(str(err).split()) or type(err).__name__}\n")
         return 2
-    runs = server.runs.names
-    console.print(f"Serving {len(runs)} run{'s' if len(runs) != 1 else ''} of {server.runs.root} at {server.url}",
-                  highlight=False, markup=False)
+    runs, saes = server.runs.names, server.runs.sae_names
+    what = f"{len(saes)} SAEs of the run" if saes else f"{len(runs)} run{'s' if len(runs) != 1 else ''} of"
+    console.print(f"Serving {what} {server.runs.root} at {server.url}", highlight=False, markup=False)
     if not is_loopback(args.host):
         console.print(
             f"Warning: --host {args.host} makes the page reachable from other machines on the network, with every"

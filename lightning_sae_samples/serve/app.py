@@ -53,6 +53,8 @@ MAX_NEIGHBOURS = 100
 MAX_LABEL = 500
 #: Longest search text.
 MAX_QUERY = 200
+#: What a search across SAEs looks for: an activating token's text, or a piece of context text.
+SEARCH_MODES = ("token", "context")
 #: The header a write must carry with the page's token, and the placeholder of the token in the page.
 TOKEN_HEADER = "X-SAE-Samples-Token"
 _TOKEN_SLOT = b"__SAE_SAMPLES_TOKEN__"
@@ -220,7 +222,8 @@ def create_app(
     def run_list(request: Request) -> Response:
         listed = runs.runs  # once: the watcher swaps in a new list when a snapshot comes or goes
         out = [{"name": name, "path": str(run.path), **run.status().__dict__} for name, run in listed.items()]
-        return _json({"root": str(runs.root), "runs": out})
+        return _json({"root": str(runs.root), "runs": out, "saes": list(runs.sae_names),
+                      "searchable": runs.searchable})
 
     def status(request: Request) -> Response:
         run = live(request)
@@ -336,6 +339,37 @@ def create_app(
         offset, limit = _page(request, 20, 100)
         return _json({"query": text, **index.context_search(text, offset, limit)})
 
+    def sae_search(request: Request) -> Response:
+        """A token or context search in each SAE: which latents, in which SAEs, have it among their top samples."""
+        mode = request.query_params.get("mode", "token")
+        if mode not in SEARCH_MODES:
+            raise BadRequestError(f"`mode` must be one of {', '.join(SEARCH_MODES)}; got {mode!r}.")
+        text = _query_text(request, "a token's text (mode=token) or context text (mode=context) to look for")
+        limit = _int_arg(request, "limit", 20, low=1, high=100)
+        listed = runs.searchable
+        wanted = request.query_params.get("saes")
+        names = listed if not wanted else list(dict.fromkeys(wanted.split(",")))
+        unknown = [name for name in names if name not in listed]
+        if unknown:
+            raise NotFoundError(f"There is no SAE {unknown[0]!r} to search. SAEs: {', '.join(listed)}.")
+        results = []
+        for name in names:
+            run = runs.get(name)
+            current = None if run is None else run.current
+            if run is None or current is None:
+                results.append({"sae": name, "total": 0, "rows": [], "error": None if run is None else
+                                run.status().message or "no save yet"})
+                continue
+            if mode == "token":
+                found = current.token_search(current.token_ids_for(text), 0, limit)
+                found["capped"] = False
+            else:
+                found = current.context_latents(text, limit)
+            _with_explanations(found, run.explanations, current.summary.global_step)
+            results.append({"sae": name, "total": found["total"], "rows": found["rows"], "capped": found["capped"],
+                            "error": None, "global_step": current.summary.global_step})
+        return _json({"query": text, "mode": mode, "saes": results})
+
     # ------------------------------------------------------------------ history (training_history.pt)
     def loaded_history(request: Request) -> tuple[RunIndex, FeatureHistory]:
         index = loaded(request)  # once: the history and the index are of the same save
@@ -404,6 +438,7 @@ def create_app(
         Route("/api/search/explanation", explanation_search),
         Route("/api/search/token", token_search),
         Route("/api/search/context", context_search),
+        Route("/api/search/saes", sae_search),
         Route("/api/history/run", history_run),
         Route("/api/history/latents", history_latents),
         Route("/api/history/features/{idx}", history_timeline),

@@ -16,7 +16,9 @@ Nothing here touches the file system after the load, and no request loops in Pyt
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -53,12 +55,15 @@ SORT_KEYS = (
 FILTERS = ("all", "alive", "dead", "dense", "drifting", "explained", "unexplained")
 #: Sort keys and filters answered from the explanations, not the feature table.
 _EXPLANATION_SORTS, _EXPLANATION_FILTERS = ("score",), ("explained", "unexplained")
-DEFAULT_DEAD_WINDOW = 10_000
 #: Most rows a list page, token search or context search returns.
 MAX_PAGE = 500
 _SEPARATOR = b"\x00"
 _CORPUS_CHUNK = 1 << 13  # samples per vectorized gather when the corpus is built (bounds its temporaries)
 _SORT_CACHE = 6
+#: Most samples holding a context that one search across SAEs reads per SAE before it groups them by latent.
+MAX_CONTEXT_MATCHES = 5000
+#: Matches read per sample wanted by :meth:`ContextCorpus.samples_holding` (a context may hold the text often).
+_MATCHES_PER_SAMPLE = 4
 
 
 class NotFoundError(LookupError):
@@ -352,6 +357,23 @@ class ContextCorpus:
             at = int(next_start)
         return found[:limit], len(found) > limit
 
+    def samples_holding(self, text: str, limit: int) -> tuple[Tensor, bool]:
+        """The distinct samples whose context holds ``text`` (case-insensitive), in corpus order, at most ``limit``.
+
+        One scan in C (``re.finditer``) and one ``searchsorted`` for all matches. Returns the sample indices and
+        whether the scan stopped before the end (more samples may hold it).
+        """
+        needle = text.casefold().encode("utf-8")
+        if not needle or _SEPARATOR in needle or limit <= 0:
+            return torch.zeros(0, dtype=torch.int64), False
+        # A match never spans two samples: the NUL between them is in no needle.
+        cap = limit * _MATCHES_PER_SAMPLE
+        at = [m.start() for m in itertools.islice(re.finditer(re.escape(needle), self.data), cap + 1)]
+        capped = len(at) > cap
+        samples = torch.searchsorted(self.starts, torch.tensor(at[:cap], dtype=torch.int64), right=True) - 1
+        samples = torch.unique_consecutive(samples)
+        return samples[:limit], capped or len(samples) > limit
+
 
 @dataclasses.dataclass
 class RunIndex:
@@ -469,11 +491,7 @@ class RunIndex:
 
     @classmethod
     def _build(cls, analyzer, latents, columns, owner, ranks, activating, windows, strings, histogram) -> RunIndex:
-        config = analyzer.summary.config
-        last = analyzer.summary.last_collected_step
-        window = int(config.get("dead_window_steps") or DEFAULT_DEAD_WINDOW)
-        first = analyzer.summary.first_collected_step
-        dead_before = last - window + 1 if last is not None and last - window + 1 >= (first or 0) else None
+        dead_before = analyzer.summary.dead_before
         lookup: dict[str, list[int]] = {}
         for token_id in torch.unique(activating).tolist():
             lookup.setdefault(strings.get(token_id, "").strip().casefold(), []).append(token_id)
@@ -657,6 +675,34 @@ class RunIndex:
             return latents
         sorted_latents, where = torch.sort(self.table.latents)
         return where[torch.searchsorted(sorted_latents, latents)]
+
+    def context_latents(self, text: str, limit: int = 20, matches: int = MAX_CONTEXT_MATCHES) -> dict:
+        """The latents whose kept top samples hold ``text`` in their context (case-insensitive), as list rows.
+
+        Each row adds ``context_samples`` (how many of its top samples hold it) and ``example`` (the best of them);
+        latents come by that count, then by index. At most ``matches`` samples are read (``capped`` says so).
+        """
+        samples, capped = self.corpus.samples_holding(text, matches)
+        if not len(samples):
+            return {"total": 0, "rows": [], "capped": capped}
+        ranks = self.sample_rank[samples]
+        width = int(ranks.max()) + 1
+        # Sorted by (latent, rank): each latent's run of matches, its best-ranked one first.
+        key = torch.sort(self.sample_latent[samples] * width + ranks).values
+        latents, counts = torch.unique_consecutive(key // width, return_counts=True)
+        best = (key % width)[torch.cumsum(counts, 0) - counts]
+        order = torch.argsort(-counts, stable=True)  # ties stay by latent index
+        latents, counts, best = latents[order], counts[order], best[order]
+        shown = latents[:limit]
+        rows = self._rows(self._table_rows(shown)) if len(shown) else []
+        for row, n, rank in zip(rows, counts[:limit].tolist(), best[:limit].tolist()):
+            latent = row["idx"]
+            with self.lock:
+                feature = self.analyzer.feature(latent, rank + 1)
+            row["context_samples"] = n
+            row["example"] = example_json(feature.samples[rank], feature.stats.max_activation)
+            row["example"]["rank"] = rank + 1
+        return jsonable({"total": len(latents), "rows": rows, "capped": capped})
 
     def context_search(self, text: str, offset: int = 0, limit: int = 20) -> dict:
         """Kept top samples whose context holds ``text`` (case-insensitive), each with its latent."""

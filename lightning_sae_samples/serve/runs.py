@@ -28,6 +28,7 @@ from lightning_sae_samples.samples_dir.names import (
     SamplesDirectoryError,
 )
 from lightning_sae_samples.samples_dir.reader import file_identity, find_samples_dirs, save_signature
+from lightning_sae_samples.samples_dir.run_index import is_run_folder, read_run_index
 from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
 from lightning_sae_samples.serve.index import RunIndex
 
@@ -202,7 +203,8 @@ class RunSet:
     """The runs of one server, by name, in the order they were found; a thread polls the loaded ones.
 
     Args:
-        root: A samples directory, or a folder holding several (found once, here).
+        root: A samples directory, a run folder of many SAEs (each SAE a run named as in its index), or a folder
+            holding several (found once, here).
         tokenizer: For latents only ``full_state.pt`` holds.
 
     Raises:
@@ -216,7 +218,13 @@ class RunSet:
                 f"{root} is not a directory. Pass a samples directory (the callback's `dirpath`) or a folder"
                 " holding some, such as lightning_logs."
             )
-        if is_run_dir(root):
+        #: The SAE names of a run folder of many SAEs (its index, validated), else ``()``.
+        self.sae_names: tuple[str, ...] = ()
+        if is_run_folder(root):
+            self.sae_names = read_run_index(root)
+            paths = [root / name for name in self.sae_names]
+            names = list(self.sae_names)
+        elif is_run_dir(root):
             paths = [root]
             names = [root.name or str(root)]
         else:
@@ -238,12 +246,30 @@ class RunSet:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def _adopt_run_index(self) -> None:
+        """List the SAEs of a run folder whose index came after the server started (it waited for the first save).
+
+        A run of many SAEs writes its index after their first saves; until then its folder looks like one samples
+        directory waiting for its first save. An index that cannot be read is logged and tried again at the next poll.
+        """
+        if self.sae_names or [path for path, _ in self._parents] != [self.root] or not is_run_folder(self.root):
+            return
+        try:
+            names = read_run_index(self.root)
+        except SamplesDirectoryError as err:
+            log.warning("%s", err)
+            return
+        self.sae_names = names
+        self._parents = [(self.root / name, name) for name in names]
+
     def _list_snapshots(self) -> bool:
         """List each found directory's snapshots after it (new ones too); returns whether the list changed.
 
         A snapshot is a complete samples directory of its own (listed so that the page can show a latent in two of
-        them); the search for runs does not descend into a samples directory, so they are listed here.
+        them); the search for runs does not descend into a samples directory, so they are listed here. A run folder's
+        SAEs replace the folder itself once its index is written (:meth:`_adopt_run_index`).
         """
+        self._adopt_run_index()
         listed: dict[Path, str] = {}
         for path, name in self._parents:
             listed.setdefault(path, name)
@@ -254,8 +280,8 @@ class RunSet:
             return False
         known = self.runs
         # A new dict, swapped in whole: a request reads the old list or the new one.
-        self.runs = {name: known.get(name) or LiveRun(name, path, self.tokenizer)
-                     for path, name in list(listed.items())[:MAX_RUNS]}
+        self.runs = {name: known[name] if name in known and known[name].path == path
+                     else LiveRun(name, path, self.tokenizer) for path, name in list(listed.items())[:MAX_RUNS]}
         return True
 
     @property
@@ -263,14 +289,19 @@ class RunSet:
         """Run names in order."""
         return list(self.runs)
 
+    @property
+    def searchable(self) -> list[str]:
+        """The runs a search across SAEs covers by default: each one found at start (snapshots left out)."""
+        return [name for _, name in self._parents if name in self.runs]
+
     def get(self, name: Optional[str]) -> Optional[LiveRun]:
         """The run called ``name`` (the first run when ``None``), loaded on first use; ``None`` if unknown."""
         run = self.runs.get(name) if name is not None else next(iter(self.runs.values()))
         if run is None:
             return None
-        if run.name not in self._wanted:
-            self._wanted.add(run.name)
-            run.refresh()
+        self._wanted.add(run.name)
+        if run.current is None:
+            run.refresh()  # also waits for a first load that another request or the watcher started
         return run
 
     def start(self) -> None:

@@ -6,7 +6,7 @@
   var SVG = "http://www.w3.org/2000/svg";
   var PAGE_SIZE = 50;
   var state = {
-    run: null, version: null, summary: null, route: null,
+    run: new URLSearchParams(location.search).get("run"), version: null, summary: null, route: null,
     list: { sort: "max_activation", order: "desc", filter: "all", dense: 0.1, range: null, scoreLow: null, offset: 0,
       history: "", historyStep: 0 },
     examples: 20, searchOffset: 0, explanationsVersion: null, runs: [], timeline: null, window: null, windowSamples: {},
@@ -699,10 +699,11 @@
   }
 
   // ------------------------------------------------------------------ routing and the live save
-  var VIEWS = { list: "list-view", search: "search-view", feature: "feature-view", history: "history-view", compare: "compare-view" };
+  var VIEWS = { list: "list-view", search: "search-view", feature: "feature-view", history: "history-view", compare: "compare-view",
+    across: "across-view" };
   function showView(id) {
     if (state.route && VIEWS[state.route.kind] !== id) { return; }  // a slower answer for a page already left
-    ["list-view", "search-view", "feature-view", "history-view", "compare-view"].forEach(function (v) { show(v, v === id); });
+    Object.keys(VIEWS).forEach(function (k) { show(VIEWS[k], VIEWS[k] === id); });
   }
   function parseRoute() {
     var hash = location.hash.replace(/^#\/?/, "");
@@ -713,6 +714,8 @@
     if (m) { return { kind: "compare", by: "windows", idx: Number(m[1]), a: Number(m[2]), b: Number(m[3]) }; }
     m = /^compare\/(\d+)\/runs\/([^/]+)\/([^/]+)$/.exec(hash);
     if (m) { return { kind: "compare", by: "runs", idx: Number(m[1]), a: decodeURIComponent(m[2]), b: decodeURIComponent(m[3]) }; }
+    m = /^across\/(token|context)\/(.*)$/.exec(hash);
+    if (m) { return { kind: "across", mode: m[1], query: decodeURIComponent(m[2]) }; }
     m = /^(token|token-id|context|explanation)\/(.*)$/.exec(hash);
     if (m) { return { kind: "search", mode: m[1], query: decodeURIComponent(m[2]) }; }
     return { kind: "list" };
@@ -725,7 +728,8 @@
     var done = route.kind === "feature" ? showFeature(route.idx)
       : route.kind === "search" ? showSearch(route.mode, route.query)
       : route.kind === "history" ? showRunHistory()
-      : route.kind === "compare" ? showCompare(route) : showList();
+      : route.kind === "compare" ? showCompare(route)
+      : route.kind === "across" ? showAcross(route.mode, route.query) : showList();
     return done.then(function () {
       fine();
       if (!same && route.kind === "feature") { $("feature-view").scrollIntoView({ block: "start" }); }
@@ -761,7 +765,11 @@
       } else if (s.state !== "ready" && s.message) {
         problem(new Error(s.message));
       }
-    }).catch(function () { /* the server is restarting or gone; the next poll tries again */ })
+    }).catch(function (err) {
+      // A run this page showed is gone from the list (a run folder's SAEs replace it once its index is written).
+      if (err.status === 404) { return listRuns().then(loadRun); }
+      /* the server is restarting or gone; the next poll tries again */
+    })
       .then(function () { setTimeout(poll, 1500); });
   }
 
@@ -769,7 +777,9 @@
     $("search-form").addEventListener("submit", function (ev) {
       ev.preventDefault();
       var mode = $("search-mode").value, query = $("search-input").value;
-      if (mode === "feature") {
+      if ($("search-across").checked && !$("across-label").hidden && (mode === "token" || mode === "context")) {
+        if (query.trim() !== "") { go("#/across/" + mode + "/" + encodeURIComponent(query)); }
+      } else if (mode === "feature") {
         var n = query.trim().replace(/^#/, "");
         if (!/^\d+$/.test(n)) { problem(new Error("A feature is a number, e.g. 42.")); return; }
         go("#/feature/" + Number(n));
@@ -809,8 +819,68 @@
       state.searchOffset = state.route.mode === "context" ? $("context-results").children.length : $("token-rows").children.length;
       showSearch(state.route.mode, state.route.query).then(fine, problem);
     });
-    $("run-select").addEventListener("change", function () { state.run = this.value; state.version = null; location.hash = "#/"; loadRun(); });
+    // Another SAE (or run) keeps the page as it is: the same route (feature, list, search) and list settings;
+    // its name goes into the address (?run=NAME) so that a reload, a link or Back shows the same page.
+    $("run-select").addEventListener("change", function () { switchRun(this.value, location.hash); });
     window.addEventListener("hashchange", render);
+    window.addEventListener("popstate", function () {
+      var wanted = new URLSearchParams(location.search).get("run");
+      if (wanted !== null && wanted !== state.run && state.runs.indexOf(wanted) >= 0) {
+        state.run = wanted; $("run-select").value = wanted; state.version = null; loadRun();
+      }
+    });
+  }
+
+  function switchRun(name, hash) {
+    if (name === state.run) { go(hash || "#/"); return; }
+    state.run = name;
+    $("run-select").value = name;
+    state.version = null;
+    state.list.offset = 0;
+    history.pushState(null, "", "?run=" + encodeURIComponent(name) + (hash || "#/"));
+    loadRun();
+  }
+
+  // ------------------------------------------------------------------ search across SAEs
+  function showAcross(mode, query) {
+    $("search-mode").value = mode;
+    $("search-input").value = query;
+    $("search-across").checked = true;
+    return api("search/saes", { mode: mode, text: query, limit: 20 }).then(function (r) {
+      var body = clear($("across-rows")), found = 0, saes = 0;
+      var cols = 8;
+      r.saes.forEach(function (s) {
+        if (s.error) {
+          body.appendChild(el("tr", { className: "sae-note", "data-sae": s.sae }, [el("td", { text: s.sae }), el("td", { colspan: cols - 1, text: s.error })]));
+          return;
+        }
+        if (s.rows.length) { saes += 1; }
+        found += s.total;
+        s.rows.forEach(function (row) {
+          var link = el("a", { href: "?run=" + encodeURIComponent(s.sae) + "#/feature/" + row.idx, text: String(row.idx) });
+          link.addEventListener("click", function (ev) { ev.preventDefault(); switchRun(s.sae, "#/feature/" + row.idx); });
+          var tokens = el("td", { className: "tokens" });
+          tokenChips(tokens, row.top_tokens);
+          var sample = el("td", { className: "example" });
+          if (row.example) { sample.appendChild(el("ol", { className: "examples" }, [example(row.example)])); }
+          var tr = el("tr", { "data-sae": s.sae, "data-feature": row.idx }, [el("td", { className: "sae", text: s.sae }), el("td", {}, [link]),
+            el("td", { text: String(mode === "token" ? row.token_samples : row.context_samples) }), el("td", { text: row.max }),
+            el("td", { text: row.frequency }), tokens, sample, explanationCells(row)[0]]);
+          body.appendChild(tr);
+        });
+        if (s.total > s.rows.length) {
+          body.appendChild(el("tr", { className: "sae-note" }, [el("td", { text: s.sae }),
+            el("td", { colspan: cols - 1, text: (s.total - s.rows.length) + " more latents of " + s.sae + (s.capped ? " (and maybe more)" : "") })]));
+        }
+      });
+      show("across-example-head", mode === "context");
+      Array.prototype.forEach.call(body.querySelectorAll("td.example"), function (td) { td.hidden = mode !== "context"; });
+      $("across-title").textContent = (mode === "token" ? "Activating token “" : "Context holding “") + query + "” in every SAE";
+      $("across-count").textContent = found + " latents in " + saes + " of " + r.saes.length + " SAEs";
+      show("across-empty", found === 0);
+      $("across-empty").textContent = found === 0 ? "No SAE has a latent with this among its kept top samples." : "";
+      showView("across-view");
+    });
   }
 
   // The run list (and the run select); snapshots written while the page is open join it.
@@ -822,6 +892,9 @@
       if (state.run === null || state.runs.indexOf(state.run) < 0) { state.run = r.runs.length ? r.runs[0].name : null; }
       select.value = state.run;
       show("run-pick", r.runs.length > 1);
+      $("run-pick-label").textContent = r.saes.length ? "SAE" : "Run";
+      $("run-select").setAttribute("aria-label", r.saes.length ? "SAE" : "Run");
+      show("across-label", r.searchable.length > 1);
       if (state.route && state.route.kind === "feature") { syncCompareRuns(state.route.idx); }
     });
   }

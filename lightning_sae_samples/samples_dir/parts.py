@@ -1,0 +1,140 @@
+"""The full state in parts: one file per shard of latents, and the index that says which latents each holds.
+
+A collection of sharded latents (tensor parallelism) saves its full state as ``full_state-00001-of-0000n.pt`` ...
+``full_state-0000n-of-0000n.pt``, the convention of sharded Hugging Face checkpoints, with
+``full_state.index.json``: each part is the compact state of a range of latents, numbered from 0; the index lists
+the ranges in order. The parts and the index are files of one save, committed together.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from lightning_sae_samples.samples_dir.atomic import atomic_torch_save, atomic_write_json
+from lightning_sae_samples.samples_dir.names import (
+    FULL_STATE_INDEX_NAME,
+    PathLike,
+    SamplesDirectoryError,
+    full_state_part_name,
+    is_full_state_part_name,
+)
+from lightning_sae_samples.state.schema import check_state_version
+from lightning_sae_samples.state.slices import concat_states, slice_state
+from lightning_sae_samples.state.validate import check_state
+
+#: Version of ``full_state.index.json``.
+INDEX_VERSION = 1
+
+
+def part_names(ranges: list[tuple[int, int]]) -> list[str]:
+    """The files of a full state cut at ``ranges``: the parts, then the index."""
+    return [full_state_part_name(number, len(ranges)) for number in range(1, len(ranges) + 1)] + [
+        FULL_STATE_INDEX_NAME]
+
+
+def write_parts(pending: Path, state: dict, ranges: list[tuple[int, int]]) -> None:
+    """Write ``state`` cut at ``ranges`` (``(start, stop)`` in order, covering every latent), then its index."""
+    parts = []
+    for name, (start, stop) in zip(part_names(ranges), ranges):
+        atomic_torch_save(pending / name, slice_state(state, start, stop))
+        parts.append({"file": name, "latents": [int(start), int(stop)]})
+    index = {"index_version": INDEX_VERSION, "num_latents": int(state["num_latents"]), "parts": parts}
+    atomic_write_json(pending / FULL_STATE_INDEX_NAME, index)
+
+
+def read_index(path: PathLike) -> dict:
+    """The index of a full state in parts, checked: valid part names covering ``[0, num_latents)`` in order.
+
+    Raises:
+        SamplesDirectoryError: The index is unreadable or does not describe parts of one state.
+    """
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SamplesDirectoryError(f"Cannot read {path}: {err}. The file is corrupt or unreadable.") from err
+    problem = _index_problem(index)
+    if problem:
+        raise SamplesDirectoryError(f"{path} is not an index of full-state parts: {problem}. Re-run the save.")
+    return index
+
+
+def _index_problem(index: Any) -> str:
+    if not isinstance(index, dict) or index.get("index_version") != INDEX_VERSION:
+        return f"it is not a dict of index_version {INDEX_VERSION}"
+    total, parts = index.get("num_latents"), index.get("parts")
+    if isinstance(total, bool) or not isinstance(total, int) or not isinstance(parts, list) or not parts:
+        return "it lacks `num_latents` or `parts`"
+    covered = 0
+    for number, part in enumerate(parts, start=1):
+        latents = part.get("latents") if isinstance(part, dict) else None
+        if (not isinstance(latents, list) or len(latents) != 2 or latents[0] != covered
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in latents) or latents[1] <= covered):
+            return f"part {number} does not continue the latents at {covered}"
+        if part.get("file") != full_state_part_name(number, len(parts)) or not is_full_state_part_name(part["file"]):
+            return f"part {number} is not named {full_state_part_name(number, len(parts))}"
+        covered = latents[1]
+    if covered != total:
+        return f"its parts cover {covered} of {total} latents"
+    return ""
+
+
+def load_part(path: Path, latents: list[int]) -> dict:
+    """One part's state (tensors only, no pickle), checked to hold ``latents[1] - latents[0]`` latents."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise SamplesDirectoryError(f"Cannot load {path}: {err}. The file is corrupt or unreadable.") from err
+    try:
+        check_state_version(state, f"full-state part {path}")
+        check_state(state)
+    except ValueError as err:
+        raise SamplesDirectoryError(f"{path} is not a usable collector state: {err}. Re-run the save.") from err
+    if int(state["num_latents"]) != latents[1] - latents[0]:
+        raise SamplesDirectoryError(
+            f"{path} holds {int(state['num_latents'])} latents where its index says {latents[1] - latents[0]}"
+            f" (latents {latents[0]} to {latents[1] - 1}); the directory mixes two saves. Re-run the save."
+        )
+    return state
+
+
+def load_parts(index_path: PathLike, locate: Optional[Callable[[str], Optional[Path]]] = None) -> dict:
+    """The whole state of a full state in parts, joined (as ``full_state.pt`` would hold it).
+
+    ``locate``: where a part of this save is (a committed save's parts may still be in its pending folder);
+    default: beside the index.
+    """
+    index_path = Path(index_path)
+    index = read_index(index_path)
+    states = [load_part(_where(index_path, part["file"], locate), part["latents"]) for part in index["parts"]]
+    try:
+        return concat_states(states)
+    except ValueError as err:
+        raise SamplesDirectoryError(f"{index_path}: the parts are not of one save ({err})") from err
+
+
+def _where(index_path: Path, name: str, locate: Optional[Callable[[str], Optional[Path]]]) -> Path:
+    found = locate(name) if locate is not None else index_path.parent / name
+    if found is None:
+        raise SamplesDirectoryError(f"{index_path} lists {name}, which is missing; the save is incomplete.")
+    return found
+
+
+def load_part_of(
+    index_path: PathLike, latent: int, locate: Optional[Callable[[str], Optional[Path]]] = None
+) -> tuple[dict, int]:
+    """The part that holds ``latent``, opened alone, and the global id of its first latent.
+
+    Raises:
+        SamplesDirectoryError: The index is bad, or no part holds ``latent``.
+    """
+    index_path = Path(index_path)
+    for part in read_index(index_path)["parts"]:
+        start, stop = part["latents"]
+        if start <= latent < stop:
+            return load_part(_where(index_path, part["file"], locate), part["latents"]), start
+    raise SamplesDirectoryError(f"{index_path}: no part holds latent {latent}.")

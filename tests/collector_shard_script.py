@@ -1,0 +1,70 @@
+"""Processes that each hold a shard of the latents feed ActivationSampleCollector (gloo on CPU; run by tests).
+
+Ranks form a ``dp x tp`` grid (``rank = dp_rank * tp + tp_rank``): the ranks of one data-parallel replica see the
+same batches, each with its shard of the latents (dense: the shard's columns; sparse: TopK indices as global ids);
+the ranks of one shard merge. It saves, resumes every process from the checkpoint, goes on, and saves again.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from helpers import make_collector, padded_batches, to_sparse  # noqa: E402
+
+from lightning_sae_samples.sharding import ShardLayout  # noqa: E402
+
+F = 9
+
+
+def feed(collector, layout, batches, first_step, mode):
+    seen = []
+    for i, (tokens, mask, latents) in enumerate(batches):
+        step, rows = first_step + i // 2, (i % 2) * tokens.shape[0]
+        if mode == "sparse":
+            indices, values, latents = to_sparse(latents)
+            collector.update(tokens, latent_indices=indices, latent_values=values, step=step, attention_mask=mask)
+        else:
+            collector.update(tokens, latents=latents[..., layout.offset : layout.stop], step=step,
+                             attention_mask=mask)
+        seen.append((step, rows, tokens, latents, mask))
+    return seen
+
+
+def worker(rank: int, dp: int, tp: int, out: Path, mode: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=dp * tp)
+    dp_rank, tp_rank = divmod(rank, tp)
+    groups = [dist.new_group([d * tp + t for d in range(dp)]) for t in range(tp)] if dp > 1 else [None] * tp
+    layout = ShardLayout.even(F, tp, tp_rank, groups[tp_rank])
+    batches = padded_batches(8, seed=20 + dp_rank, num_latents=F)
+    collector = make_collector(num_latents=F, shard_layout=layout)
+    seen = feed(collector, layout, batches[:6], 0, mode)
+    state = collector.state_dict()
+    collector.save(out / "first")
+    if rank == 0:
+        torch.save(state, out / "state.pt")
+    dist.barrier()
+    resumed = make_collector(num_latents=F, shard_layout=layout)
+    resumed.load_state_dict(torch.load(out / "state.pt", weights_only=True))
+    seen += feed(resumed, layout, batches[6:], 3, mode)
+    resumed.save(out / "second")
+    if tp_rank == 0:  # each replica's batches, once
+        torch.save([(step, dp_rank, *rest) for step, *rest in seen], out / f"seen_{dp_rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", default="dense")
+    parser.add_argument("--dp", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--port", type=int, default=29534)
+    args = parser.parse_args()
+    mp.spawn(worker, args=(args.dp, args.tp, args.out, args.mode, args.port), nprocs=args.dp * args.tp)

@@ -1,0 +1,215 @@
+"""Latents sharded across processes (tensor parallelism): each collects its own, the shards join exactly."""
+
+import glob
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same, check_against_oracle, make_collector, padded_batches, read_dir, to_sparse
+from oracle import Seen, assert_dir_matches_oracle, assert_state_matches
+
+from lightning_sae_samples import LatentInputError
+from lightning_sae_samples.samples_dir.reader import load_full_state
+from lightning_sae_samples.sharding import ShardLayout
+from lightning_sae_samples.state.slices import concat_states, slice_state
+
+HERE = Path(__file__).parent
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    return proc
+
+
+def _port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- in one process
+def test_a_state_cut_into_ranges_joins_back_to_itself():
+    collector = make_collector(num_latents=11, deduplicate_contexts=True)
+    for step, (tokens, mask, latents) in enumerate(padded_batches(4, seed=3, num_latents=11)):
+        collector.update(tokens, latents=latents, step=step, attention_mask=mask)
+    state = collector.state_dict()["collector"]
+    parts = [slice_state(state, 0, 4), slice_state(state, 4, 9), slice_state(state, 9, 11)]
+    assert [int(p["num_latents"]) for p in parts] == [4, 5, 2]
+    assert_same(concat_states(parts), state)
+
+
+def test_shards_that_saw_other_tokens_do_not_join():
+    states = []
+    for seed in (1, 2):
+        collector = make_collector(num_latents=4)
+        tokens, mask, latents = padded_batches(1, seed=seed, num_latents=4)[0]
+        collector.update(tokens, latents=latents, step=0, attention_mask=mask)
+        states.append(collector.state_dict()["collector"])
+    with pytest.raises(ValueError, match="did not see the same tokens"):
+        concat_states(states)
+
+
+def test_layouts_split_as_dtensor_and_refuse_ranges_outside_the_sae():
+    assert [(s.offset, s.local) for s in (ShardLayout.even(10, 4, i) for i in range(4))] == [
+        (0, 3), (3, 3), (6, 3), (9, 1)]
+    with pytest.raises(ValueError, match="offset \\+ local <= total"):
+        ShardLayout(8, 4, 10)
+    with pytest.raises(ValueError, match="would be empty"):
+        ShardLayout.even(3, 4, 3)
+
+
+def test_sparse_latents_of_other_shards_select_nothing():
+    whole, shard = make_collector(num_latents=9), make_collector(num_latents=9, shard_layout=ShardLayout(3, 3, 9))
+    for step, (tokens, mask, latents) in enumerate(padded_batches(3, seed=4, num_latents=9)):
+        indices, values, dense = to_sparse(latents, k=4)
+        whole.update(tokens, latents=dense, step=step, attention_mask=mask)
+        shard.update(tokens, latent_indices=indices, latent_values=values, step=step, attention_mask=mask)
+    # Alone (no torch.distributed), a shard's state is its own latents, numbered from 0.
+    assert_same(shard.state_dict()["collector"], slice_state(whole.state_dict()["collector"], 3, 6))
+
+
+def test_a_local_width_other_than_num_latents_names_the_fix():
+    tokens, mask, latents = padded_batches(1, seed=4, num_latents=9)[0]
+    with pytest.raises(LatentInputError, match="shard_layout"):
+        make_collector(num_latents=9).update(tokens, latents=latents[..., :5], step=0)
+    sharded = make_collector(num_latents=9, shard_layout=ShardLayout(0, 5, 9))
+    with pytest.raises(LatentInputError, match="this process's shard holds 5"):
+        sharded.update(tokens, latents=latents, step=0)
+
+
+# ---------------------------------------------------------------------- the plain collector, several processes
+def _collector_run(tmp_path, mode, dp, tp):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--mode", mode, "--dp", dp, "--tp", tp,
+                "--port", _port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [Seen(*item) for rank in range(dp) for item in torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True)]
+    assert {s.rank for s in seen} == set(range(dp))
+    first = [s for s in seen if s.step < 3]
+    assert_dir_matches_oracle(read_dir(tmp_path / "first"), first, 9, 4, 6, 0.5)
+    assert_dir_matches_oracle(read_dir(tmp_path / "second"), seen, 9, 4, 6, 0.5)  # resumed from the checkpoint
+    # The full state is saved in one part per shard, which read back as every latent's exact state.
+    names = {p.name for p in (tmp_path / "second").iterdir()}
+    assert {f"full_state-0000{i}-of-0000{tp}.pt" for i in range(1, tp + 1)} <= names and "full_state.pt" not in names
+    assert_state_matches(load_full_state(tmp_path / "second" / "full_state.index.json"), seen, 9, 4, 6, 0.5)
+
+
+def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
+    _collector_run(tmp_path, "dense", dp=1, tp=2)
+
+
+@pytest.mark.slow
+def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
+    _collector_run(tmp_path, "sparse", dp=2, tp=2)
+
+
+# ---------------------------------------------------------------------- the callback under ModelParallelStrategy
+def _fit(out, *args):
+    proc = _run("model_parallel_script.py", "--out", out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _seen(out):
+    seen = []
+    for file in sorted(glob.glob(str(out / "seen_*.pt"))):
+        seen.extend(s for s in torch.load(file, weights_only=False) if s.step % 2 == 0)
+    return seen
+
+
+def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
+    # Each process returns its share as a plain tensor: its layout is the even split of the module's `num_latents`.
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
+    # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    seen = _seen(tmp_path)
+    assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
+    check_against_oracle(tmp_path / "samples", seen)
+    assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
+
+
+def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):
+    proc = _run("model_parallel_script.py", "--out", tmp_path, "--tp", 2, "--form", "full")
+    assert proc.returncode != 0
+    assert "this process's shard holds 5 (latents 0 to 4 of 10)" in proc.stderr
+    assert not (tmp_path / "samples" / "collection_summary.json").exists()
+
+
+def test_fsdp2_data_parallel_stays_exact(tmp_path):
+    _fit(tmp_path, "--tp", 1, "--dp", 2)
+    seen = _seen(tmp_path)
+    assert {s.rank for s in seen} == {0, 1}
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+@pytest.mark.slow
+def test_tensor_and_data_parallel_equal_the_oracle(tmp_path):
+    # No `num_latents` anywhere: each process learns its shard from the DTensor, its replicas from the mesh.
+    _fit(tmp_path, "--tp", 2, "--dp", 2, "--no-num-latents")
+    seen = _seen(tmp_path)
+    assert {s.rank for s in seen} == {0, 1}
+    check_against_oracle(tmp_path / "samples", seen)
+
+
+# ---------------------------------------------------------------------- sharded saves
+def _write(path, state, parts=None, **kwargs):
+    from helpers import WRITE
+
+    from lightning_sae_samples.samples_dir.writer import write_samples_dir
+
+    return write_samples_dir(path, state, global_step=int(state["last_collected_step"]), full_state_parts=parts,
+                             **{**WRITE, **kwargs})
+
+
+def test_a_full_state_in_parts_reads_back_as_the_whole_one(tmp_path):
+    from helpers import state_after
+
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.samples_dir.parts import load_part_of
+    state = state_after(5)
+    _write(tmp_path / "whole", state)
+    _write(tmp_path / "parts", state, parts=[(0, 3), (3, 8)])
+    names = {p.name for p in (tmp_path / "parts").iterdir()}
+    assert {"full_state-00001-of-00002.pt", "full_state-00002-of-00002.pt", "full_state.index.json"} <= names
+    assert "full_state.pt" not in names
+    assert_same(load_full_state(tmp_path / "parts" / "full_state.index.json"),
+                load_full_state(tmp_path / "whole" / "full_state.pt"))
+    part, start = load_part_of(tmp_path / "parts" / "full_state.index.json", 5)  # only the part latent 5 is in
+    assert start == 3 and int(part["num_latents"]) == 5
+    whole, sharded = ActivationSampleAnalyzer(tmp_path / "whole"), ActivationSampleAnalyzer(tmp_path / "parts")
+    unsaved = [f for f in range(8) if f not in whole.saved_features]
+    assert [f for f in unsaved if f >= 3], "a latent of the second part that only the full state holds"
+    assert all(sharded.feature(f, num_examples=3) == whole.feature(f, num_examples=3) for f in unsaved)
+    assert sharded._state is None and sorted(sharded._parts) == sorted({0 if f < 3 else 3 for f in unsaved})
+    assert all(sharded.feature(f) == whole.feature(f) for f in range(8))
+    assert sharded.features(rank_by="activation_count") == whole.features(rank_by="activation_count")  # all parts
+
+
+def test_a_sharded_save_replaces_the_whole_file_and_back(tmp_path):
+    from helpers import state_after
+
+    state = state_after(3)
+    _write(tmp_path, state)
+    _write(tmp_path, state_after(4), parts=[(0, 4), (4, 8)])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "full_state.pt" not in names and "full_state.index.json" in names
+    _write(tmp_path, state_after(5))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "full_state.pt" in names and not [n for n in names if n.startswith("full_state-")]
+    assert "full_state.index.json" not in names
+
+
+def test_a_part_that_does_not_match_its_index_is_refused(tmp_path):
+    from helpers import state_after
+
+    from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+
+    _write(tmp_path, state_after(3), parts=[(0, 4), (4, 8)])
+    other = tmp_path / "other"
+    _write(other, state_after(3), parts=[(0, 2), (2, 8)])
+    (other / "full_state-00001-of-00002.pt").replace(tmp_path / "full_state-00001-of-00002.pt")
+    with pytest.raises(SamplesDirectoryError, match="full_state-00001-of-00002.pt holds 2 latents where its index"):
+        load_full_state(tmp_path / "full_state.index.json")
