@@ -435,7 +435,7 @@ class RunIndex:
             "last_step": step("last_step"),
         }
         # Warm the analyzer's caches so the first feature page costs what the others do.
-        analyzer._view = view  # noqa: SLF001
+        analyzer._view = (state, view)  # noqa: SLF001 - the analyzer keeps the view with the state it is of
         row_offsets(state["top"])
         top = state["top"]
         latents = torch.repeat_interleave(torch.arange(num_latents), top["count"].to(torch.int64))
