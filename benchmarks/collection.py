@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -752,34 +753,11 @@ def scale_row(args) -> None:
     print(json.dumps(result))
 
 
-DATA_DEPENDENT = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "unique_consecutive",
-                  "unique_dim", "repeat_interleave", "item"}
-
-
 def dispatch_counts(args) -> dict:
     """Operators dispatched and host synchronisations of one collection (collector alone, sparse latents)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from lightning_sae_samples.engine import SampleCollector
 
-    class Counter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = 0
-            self.syncs: dict[str, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            name = func.overloadpacket.__name__
-            bool_index = name in ("index", "index_put", "index_put_") and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
-            )
-            if name in DATA_DEPENDENT or bool_index:
-                key = f"{name}[bool]" if bool_index else name
-                self.syncs[key] = self.syncs.get(key, 0) + 1
-            return func(*args, **(kwargs or {}))
-
+    Counter = device_work()
     tokens = torch.randint(0, args.vocab, (args.scale_tokens // args.seq_len, args.seq_len))
     collector = SampleCollector(engine_settings(args.num_latents, args.threshold))
     counts = []
@@ -792,8 +770,265 @@ def dispatch_counts(args) -> dict:
         with Counter() as counter:
             collector.update_sparse(tokens, idx, vals, step)
         counts.append(counter)
-    return {"ops": [c.ops for c in counts], "syncs": [sum(c.syncs.values()) for c in counts],
-            "sync_ops": counts[-1].syncs}
+    return {"ops": [c.operators for c in counts], "syncs": [c.num_syncs for c in counts],
+            "sync_ops": dict(counts[-1].syncs)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The floor: the least work any exact collection must do on one batch
+# --------------------------------------------------------------------------------------------------
+
+FLOOR_OPTIONS = (
+    ("defaults (history + interval samples)", {}),
+    ("top samples only", {"history_samples_per_feature": 0, "samples_per_interval": 0}),
+    ("history alone", {"samples_per_interval": 0}),
+    ("interval samples alone", {"history_samples_per_feature": 0}),
+    ("recent window alone", {"history_samples_per_feature": 0, "samples_per_interval": 0, "recent_window_steps": 1000}),
+    ("de-duplication alone", {"history_samples_per_feature": 0, "samples_per_interval": 0,
+                              "deduplicate_contexts": True}),
+)
+
+
+class Floor:
+    """The least work an exact top-``K`` collection must do on one batch, with no bookkeeping around it.
+
+    One pass over the active (latent, value) pairs (threshold, counts and sums by ``scatter_add``, max by
+    ``scatter_reduce``), one sort of the candidates (those above their latent's ``K``-th kept value) by
+    (latent, value), and one gather of the winning windows (the candidates' context token ids).
+    """
+
+    def __init__(self, num_latents: int, threshold: float, half_window: int, device: torch.device) -> None:
+        self.threshold, self.half = threshold, half_window
+        self.count = torch.zeros(num_latents, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
+        self.max = torch.full((num_latents,), -math.inf, device=device)
+
+    def update(self, tokens: torch.Tensor, latent: Optional[torch.Tensor], value: torch.Tensor,
+               kth: torch.Tensor) -> torch.Tensor:
+        """``latent``/``value``: ``[N, k]`` (sparse) or ``value`` ``[N, F]`` with ``latent=None`` (dense)."""
+        if latent is None:
+            flat = value.view(-1)
+            entry = (flat > self.threshold).nonzero(as_tuple=True)[0]
+            token, latent, value = entry // value.shape[1], entry % value.shape[1], flat[entry]
+        else:
+            k = latent.shape[1]
+            entry = (value.view(-1) > self.threshold).nonzero(as_tuple=True)[0]
+            token, latent, value = entry // k, latent.view(-1)[entry], value.view(-1)[entry]
+        self.count.scatter_add_(0, latent, torch.ones_like(latent))
+        self.sum.scatter_add_(0, latent, value.double())
+        self.max.scatter_reduce_(0, latent, value, reduce="amax")
+        candidate = (value > kth[latent]).nonzero(as_tuple=True)[0]
+        bits = value[candidate].view(torch.int32).long()  # positive floats: their bits order as they do
+        order = torch.sort(latent[candidate] * (1 << 32) + ((1 << 31) - bits)).indices
+        won = token[candidate[order]]
+        seq = tokens.shape[1]
+        padded = F.pad(tokens, (self.half, self.half), value=-1).view(-1)
+        start = won + (won // seq) * 2 * self.half
+        return padded.unfold(0, 2 * self.half + 1, 1).index_select(0, start)
+
+
+def device_work() -> type:
+    """The operator and sync counter; an engine from before it (a before/after run) gets this checkout's."""
+    try:
+        from lightning_sae_samples.engine.syncs import DeviceWork
+    except ImportError:
+        import importlib.util
+
+        path = Path(__file__).resolve().parents[1] / "lightning_sae_samples" / "engine" / "syncs.py"
+        spec = importlib.util.spec_from_file_location("device_work", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        DeviceWork = module.DeviceWork
+    return DeviceWork
+
+
+def floor_batches(num_latents: int, k: int, tokens: int, seq_len: int, gen: torch.Generator, low: float = 0.0):
+    """One batch of uniform random TopK codes (values in ``[low, 5)``), as the collector-alone rows use."""
+    batch = tokens // seq_len
+    ids = torch.randint(0, 30522, (batch, seq_len), generator=gen)
+    start = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen)
+    stride = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen) | 1
+    indices = ((start + torch.arange(k) * stride) % num_latents).view(batch, seq_len, k)
+    values = low + torch.rand(batch, seq_len, k, generator=gen) * (5 - low)
+    return ids, indices, values
+
+
+def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold: float, dense: bool,
+                 extra: dict, collections: int, device: torch.device) -> dict:
+    """Collection time over the floor's on the same batches, in the fill phase and once the tops are full.
+
+    Fill: collections 2 to ``collections`` from an empty state. Filled: the top rows are first filled with values
+    in [4, 5) (bigger batches, not timed), then the same uniform batches come, of which only the few above a
+    latent's 100th value may enter. Each batch goes through the floor (three times, the least counts) and the
+    collection, one after the other, and the ratio is of the summed times (merges included, wherever they fall).
+    Times are the process's CPU time on a CPU (the machine may be shared), the wall clock on a GPU; the operators
+    and syncs are of one more collection after each phase, untimed.
+    """
+    from lightning_sae_samples.engine import SampleCollector
+
+    DeviceWork = device_work()
+    config = engine_settings(num_latents, threshold, **extra)
+    collector = SampleCollector(config, device)
+    floor = Floor(num_latents, threshold, config.half_window, device)
+    gen = torch.Generator().manual_seed(0)
+
+    # On a GPU the wall clock; on a shared CPU machine the process's CPU time, which other jobs disturb far less.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def one(ids, indices, values, step) -> tuple[float, float]:
+        ids, indices, values = ids.to(device), indices.to(device), values.to(device)
+        latents = torch.zeros(*ids.shape, num_latents, device=device).scatter_(2, indices, values) if dense else None
+        kth = collector.tables["top"].sort_key[:, -1]
+        floor_times = []
+        for _ in range(3):  # the floor keeps no samples, so it can run again: the least of three
+            sync(device)
+            t0 = clock()
+            if dense:
+                floor.update(ids, None, latents.view(-1, num_latents), kth)
+            else:
+                floor.update(ids, indices.view(-1, k), values.view(-1, k), kth)
+            sync(device)
+            floor_times.append(clock() - t0)
+        t1 = clock()
+        if dense:
+            collector.update_dense(ids, latents, step)
+        else:
+            collector.update_sparse(ids, indices, values, step)
+        sync(device)
+        return clock() - t1, min(floor_times)
+
+    def counted(step: int) -> tuple[int, int]:
+        """Operators and syncs of one more collection (untimed: the counter costs time of its own)."""
+        ids, indices, values = (t.to(device) for t in floor_batches(num_latents, k, tokens, seq_len, gen))
+        latents = torch.zeros(*ids.shape, num_latents, device=device).scatter_(2, indices, values) if dense else None
+        with DeviceWork() as work:
+            if dense:
+                collector.update_dense(ids, latents, step)
+            else:
+                collector.update_sparse(ids, indices, values, step)
+        return work.operators, work.num_syncs
+
+    def phase(first_step: int, low: float = 0.0) -> tuple[float, list, list]:
+        times = []
+        for step in range(first_step, first_step + collections):
+            times.append(one(*floor_batches(num_latents, k, tokens, seq_len, gen, low), step))
+        measured = times[1:]
+        counts = [counted(first_step + collections)]
+        return sum(t for t, _ in measured) / sum(f for _, f in measured), measured, counts
+
+    fill, fill_times, fill_counts = phase(0)
+    # Fill the tops with values in [4, 5) (not timed), then time uniform batches again.
+    prefill_tokens = max(tokens, 64 * seq_len)
+    needed = math.ceil(num_latents * config.max_samples_per_feature / (prefill_tokens * k) * 1.5)
+    step = collections + 1
+    for step in range(collections + 1, collections + 1 + needed):
+        ids, indices, values = floor_batches(num_latents, k, prefill_tokens, seq_len, gen, low=4.0)
+        collector.update_sparse(ids.to(device), indices.to(device), values.to(device), step)
+    filled, filled_times, filled_counts = phase(step + 2)
+    full = float(torch.isfinite(collector.top_values[:, -1]).float().mean())
+    return {"fill": fill, "filled": filled, "fill_ms": statistics.mean(t for t, _ in fill_times) * 1e3,
+            "floor_fill_ms": statistics.mean(f for _, f in fill_times) * 1e3,
+            "filled_ms": statistics.mean(t for t, _ in filled_times) * 1e3,
+            "floor_filled_ms": statistics.mean(f for _, f in filled_times) * 1e3,
+            "full_rows": full, "ops_syncs": fill_counts + filled_counts}
+
+
+def run_floor(args) -> None:
+    """The floor rows: the collection as a multiple of the floor, by size, latents kind and option."""
+    import lightning_sae_samples
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        # One thread: its CPU time is what the work costs, without the spinning of idle threads that the
+        # shared machine's other jobs keep waiting.
+        torch.set_num_threads(1)
+    load = os.getloadavg()
+    console.print(f"engine: {Path(lightning_sae_samples.__file__).parent}, torch threads {torch.get_num_threads()}")
+    table = Table(title=f"Collection over the floor (collector alone, {args.floor_tokens} tokens, k={args.k},"
+                        f" {device}); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for column in ("F", "latents", "options", "fill: × floor", "filled: × floor", "collection fill / filled",
+                   "floor fill / filled", "ops, syncs (one fill / one filled collection)"):
+        table.add_column(column)
+    for num_latents in args.floor:
+        for dense in (False, True):
+            if dense and args.no_dense:
+                continue
+            for label, extra in FLOOR_OPTIONS:
+                if args.floor_options and label.split(" ")[0] not in args.floor_options:
+                    continue
+                r = floor_ratios(num_latents, args.k, args.floor_tokens, args.seq_len, args.threshold, dense, extra,
+                                 args.floor_collections, device)
+                (fill_ops, fill_syncs), (filled_ops, filled_syncs) = r["ops_syncs"]
+                row = (f"{num_latents:,}", "dense" if dense else "sparse", label, f"{r['fill']:.2f}×",
+                       f"{r['filled']:.2f}×", f"{r['fill_ms']:.1f} / {r['filled_ms']:.1f} ms",
+                       f"{r['floor_fill_ms']:.1f} / {r['floor_filled_ms']:.1f} ms",
+                       f"{fill_ops}, {fill_syncs} / {filled_ops}, {filled_syncs}")
+                console.print(" | ".join(row) + f" | rows full {r['full_rows']:.0%}")
+                table.add_row(*row)
+    hooks = hooks_alone_us(types.SimpleNamespace(global_step=5), args.threshold, tempfile.mkdtemp())
+    console.print(table)
+    after = os.getloadavg()
+    console.print(f"non-collection step: the two hooks alone {hooks:.2f} µs (200k calls; target < 1 µs)")
+    console.print(f"load average after: {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")
+
+
+def gpu_rows(args) -> None:
+    """Time per collection as a share of a TopK training step, and the host syncs counted by CUDA itself."""
+    import warnings
+
+    from lightning_sae_samples.engine import SampleCollector
+
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise SystemExit("--gpu-rows needs --device cuda and a CUDA device")
+    table = Table(title=f"Collection on {torch.cuda.get_device_name(device)} ({args.tokens} tokens, k={args.k})")
+    for column in ("F", "TopK step", "collection fill / filled", "of a step (fill / filled)", "floor fill / filled",
+                   "syncs per collection (max)"):
+        table.add_column(column)
+    batch = make_batch(args.tokens, args.seq_len, args.d_model, args.vocab)
+    for num_latents in args.gpu_rows:
+        model = TopKSAE(args.d_model, num_latents, args.k).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        dev_batch = {key: v.to(device) for key, v in batch.items()}
+        steps = []
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            out = model.step(dev_batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            sync(device)
+            if i >= args.warmup:
+                steps.append(time.perf_counter() - t0)
+        step = median(steps)
+        del model, opt, out
+        r = floor_ratios(num_latents, args.k, args.tokens, args.seq_len, args.threshold, False, {},
+                         args.floor_collections, device)
+        collector = SampleCollector(engine_settings(num_latents, args.threshold), device)
+        gen = torch.Generator().manual_seed(1)
+        waits = []
+        for i in range(args.floor_collections):
+            ids, indices, values = (t.to(device) for t in floor_batches(num_latents, args.k, args.tokens,
+                                                                        args.seq_len, gen))
+            torch.cuda.synchronize(device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    collector.update_sparse(ids, indices, values, i)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            waits.append(sum("synchroniz" in str(w.message) for w in caught))
+        del collector
+        torch.cuda.empty_cache()
+        row = (f"{num_latents:,}", fmt_ms(step), f"{r['fill_ms']:.2f} / {r['filled_ms']:.2f} ms",
+               f"{r['fill_ms'] / 1e3 / step:.1%} / {r['filled_ms'] / 1e3 / step:.1%}",
+               f"{r['floor_fill_ms']:.2f} / {r['floor_filled_ms']:.2f} ms ({r['fill']:.1f}× / {r['filled']:.1f}×)",
+               f"{max(waits)} ({' '.join(map(str, waits))})")
+        console.print(" | ".join(row))
+        table.add_row(*row)
+    console.print(table)
 
 
 def wall_cpu(seconds: list[float]) -> str:
@@ -838,7 +1073,7 @@ def run_scale(args) -> list[tuple[str, str, str, str]]:
             " / ".join(str(n) for n in counts["ops"]), "", "collector alone, sparse, per collection from empty",
         ))  # fmt: skip
         rows.append((
-            "(h) host synchronisations per collection (data-dependent sizes, .item())",
+            "(h) host synchronisations per collection (data-dependent sizes, reads to the host)",
             " / ".join(str(n) for n in counts["syncs"]), "", f"last collection: {counts['sync_ops']}",
         ))  # fmt: skip
     return rows
@@ -873,7 +1108,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rows", action="store_true", help="only (g): collecting shuffled rows against sequences")
     p.add_argument("--rows-collections", type=int, default=40, help="collections of each kind for --rows")
     p.add_argument("--rows-latents", type=int, default=131072, help="F of --rows (run it smaller with e.g. 4096)")
+    p.add_argument("--floor", type=int, nargs="*", metavar="F",
+                   help="only the floor rows: the collection as a multiple of the floor at these F (e.g. 16384 131072)")
+    p.add_argument("--floor-tokens", type=int, default=2048, help="tokens per collection of the floor rows")
+    p.add_argument("--floor-collections", type=int, default=6, help="timed collections per phase of the floor rows")
+    p.add_argument("--floor-options", nargs="*", help="first words of the options to run (e.g. defaults history)")
+    p.add_argument("--gpu-rows", type=int, nargs="*", metavar="F",
+                   help="only the GPU rows (with --device cuda): collection time as a share of a TopK step at"
+                        " these F (e.g. 131072 1048576), and host syncs counted by torch.cuda.set_sync_debug_mode")
     args = p.parse_args(argv)
+    if args.gpu_rows is not None:
+        gpu_rows(args)
+        return
+    if args.floor is not None:
+        run_floor(args)
+        return
     if args.rows:
         table = Table(title="Shuffled rows against sequences (collector alone)")
         for column in ("measurement", "value", "", "notes"):

@@ -1,4 +1,4 @@
-"""Two processes (gloo on CPU) feed ActivationSampleCollector in a plain loop, then save (run by tests)."""
+"""Two processes (gloo) feed ActivationSampleCollector in a plain loop, then save (run by tests)."""
 
 import argparse
 import os
@@ -13,18 +13,20 @@ import torch.multiprocessing as mp  # noqa: E402
 from helpers import assert_same, make_collector, padded_batches, to_sparse  # noqa: E402
 
 
-def worker(rank: int, world: int, out: Path, mode: str, port: int) -> None:
+def worker(rank: int, world: int, out: Path, mode: str, port: int, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     collector = make_collector(num_latents=9)
     seen = []
     for i, (tokens, mask, latents) in enumerate(padded_batches(6, seed=20 + rank)):
         step, rows = i // 2, (i % 2) * tokens.shape[0]
+        on = {"attention_mask": mask.to(device)}
         if mode == "sparse":
             indices, values, latents = to_sparse(latents)
-            collector.update(tokens, latent_indices=indices, latent_values=values, step=step, attention_mask=mask)
+            collector.update(tokens.to(device), latent_indices=indices.to(device), latent_values=values.to(device),
+                             step=step, **on)
         else:
-            collector.update(tokens, latents=latents, step=step, attention_mask=mask)
+            collector.update(tokens.to(device), latents=latents.to(device), step=step, **on)
         seen.append((step, rank, rows, tokens, latents, mask))
     state = collector.state_dict()
     saved = collector.save(out / "samples")
@@ -49,5 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--mode", default="dense")
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--device", default="cpu", help="where the latents are (both ranks share cuda:0 under gloo)")
     args = parser.parse_args()
-    mp.spawn(worker, args=(2, args.out, args.mode, args.port), nprocs=2)
+    mp.spawn(worker, args=(2, args.out, args.mode, args.port, args.device), nprocs=2)

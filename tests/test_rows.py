@@ -459,11 +459,12 @@ def test_the_memory_estimate_counts_a_ref_per_kept_sample():
         engine = collector.collector
         stored = int(engine.tables["top"].export()["count"].sum())
         pool = sum(t.numel() * t.element_size() for t in engine.tables["top"].pool.values())
-        per_sample = pool / engine.tables["top"].pool_slots
+        per_sample = pool / len(engine.tables["top"].pool["position"])  # bytes per pool row
         runs[row_windows] = (engine.config, stored, per_sample)
     (tokens_config, stored, tokens_per_sample), (refs_config, _, refs_per_sample) = runs["tokens"], runs["refs"]
     assert refs_config.row_windows == "refs" and tokens_config.row_windows == "tokens"
     assert refs_per_sample == 4 + 8  # position and ref
     estimate = {name: estimate_state_bytes(config, stored_samples=stored, vocab_size=30)
                 for name, (config, _, _) in runs.items()}
-    assert estimate["tokens"]["top"] - estimate["refs"]["top"] == stored * (tokens_per_sample - refs_per_sample)
+    # The stored samples and the pool's scratch row.
+    assert estimate["tokens"]["top"] - estimate["refs"]["top"] == (stored + 1) * (tokens_per_sample - refs_per_sample)

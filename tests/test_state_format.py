@@ -188,9 +188,11 @@ def test_state_estimate_counts_the_pools_by_what_is_stored():
     assert full["total"] > 10 * 2**30  # a full pool of a million latents x 100 windows is large ...
     assert empty["fixed"] / (1 << 20) < 3 * 1024  # ... the part allocated up front is under 3 KB per latent
     c = SampleCollector(engine_config(64, 4, 4, 0.5, samples_per_interval=1, num_intervals=2))
-    measured = sum(t.numel() * t.element_size() for t in c.__dict__.values() if torch.is_tensor(t))
-    measured += sum(t.numel() * t.element_size() for table in c.tables.values()
-                    for t in table.__dict__.values() if torch.is_tensor(t))
+    tensors = [t for t in c.__dict__.values() if torch.is_tensor(t)]
+    tensors += [t for table in c.tables.values() for t in (*table.__dict__.values(), *table.pool.values())
+                if torch.is_tensor(t)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # views counted once
+    measured = sum(storages.values())
     small = estimate_state_bytes(c.config, stored_samples=0)
     assert measured <= small["total"] <= measured * 1.1
 

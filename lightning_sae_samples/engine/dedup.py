@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_sae_samples.engine.hashing import mix64, signed64
 
 _POWER_BASE = 1_000_003
+ROUNDS_PER_CHECK = 4
 
 
 def _powers(count: int) -> list[int]:
@@ -64,8 +65,8 @@ def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: in
     keep = torch.ones(n, dtype=torch.bool, device=group.device)
     if n < 2 or radius <= 0:
         return keep
-    span = int(position.max()) + 1
-    perm = torch.argsort(group * span + position)
+    by_position = torch.argsort(position, stable=True)
+    perm = by_position[torch.argsort(group[by_position], stable=True)]
     g, p, v = group[perm], position[perm], value[perm]
     # Sorted by (group, position), a sample overlaps nobody iff neither sorted neighbour is in its group
     # within the radius; only the others need the rounds below.
@@ -84,11 +85,15 @@ def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: in
     better = near & ((v_near > v_rows) | ((v_near == v_rows) & (p_near < p_rows)))
     # Decisions live on all samples (uncrowded ones are accepted from the start); rounds update the crowded.
     undecided, accepted = crowded.clone(), ~crowded
-    while bool(undecided[rows].any()):
-        undecided[rows] &= ~(near & accepted[neighbour]).any(1)
-        newly = undecided[rows] & ~(better & undecided[neighbour]).any(1)
-        accepted[rows] |= newly
-        undecided[rows] &= ~newly
+    # Rounds go in fours between checks (a round after the last changes nothing), so a host sync per four rounds.
+    while True:
+        for _ in range(ROUNDS_PER_CHECK):
+            undecided[rows] &= ~(near & accepted[neighbour]).any(1)
+            newly = undecided[rows] & ~(better & undecided[neighbour]).any(1)
+            accepted[rows] |= newly
+            undecided[rows] &= ~newly
+        if not bool(undecided[rows].any()):
+            break
     keep[perm] = accepted
     return keep
 

@@ -24,7 +24,10 @@ def _table_bytes(
     per_place = _KEY_BYTES + (8 if random else 0) + (8 if dedup else 0)  # + priority, context hash
     # Position (int32), and the context tokens and activations, or the token ref (int64).
     per_sample = 4 + (window * window_bytes if window_bytes else 8)
-    return rows * capacity * per_place + rows * 8, min(stored, rows * capacity) * per_sample
+    # Per row: the merge floor (8) and the fill (int16 below 2**15 places); one scratch window that merges write
+    # the samples that do not enter to.
+    fill = 2 if capacity < 2**15 else 4
+    return rows * capacity * per_place + rows * (8 + fill) + per_sample, min(stored, rows * capacity) * per_sample
 
 
 def estimate_state_bytes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -19,14 +20,16 @@ from lightning_sae_samples.engine.sample_table import (
     MergePolicy,
     SampleTable,
     acts_dtype_for,
+    flush_tables,
+    indices_of,
     token_dtype_for,
 )
 from lightning_sae_samples.engine.windows import (
-    DENSE_SCAN_ELEMENTS,
     SparseWindowActs,
     TokenPositions,
     above_threshold,
     dense_hits,
+    rounded_threshold,
 )
 from lightning_sae_samples.state.schema import (
     EMPTY,
@@ -54,6 +57,38 @@ RANK_SHIFT = 40
 
 #: Staged window token keys are folded into the sorted counts once this many wait (or more than they hold).
 PAIR_STAGE_LIMIT = 1 << 20
+
+
+@dataclasses.dataclass
+class Entries:
+    """A batch's (token, latent, value) entries, of which only the ``valid`` ones count.
+
+    Valid: collected, finite, above the threshold. Keeping the others, masked, spares a host sync to learn how
+    many are valid before using them.
+
+    Attributes:
+        reach: Per entry, whether its context window holds another entry of its latent (sparse sequences only).
+        nonfinite_rows: Per row, whether it holds a non-finite value, and the rows, to count those values.
+    """
+
+    token_idx: Tensor
+    latent_idx: Tensor
+    values: Tensor
+    valid: Tensor
+    reach: Optional[Tensor] = None
+    nonfinite_rows: Optional[tuple[Tensor, Tensor]] = None
+
+    def permuted(self, order: Tensor) -> Entries:
+        """The entries in ``order``."""
+        reach = None if self.reach is None else self.reach[order]
+        return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], reach,
+                       self.nonfinite_rows)
+
+    def to(self, device: torch.device) -> Entries:
+        """The entries on ``device`` (the rows to count non-finite values in stay where they are)."""
+        reach = None if self.reach is None else self.reach.to(device)
+        return Entries(self.token_idx.to(device), self.latent_idx.to(device), self.values.to(device),
+                       self.valid.to(device), reach, self.nonfinite_rows)
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -121,6 +156,8 @@ class SampleCollector:
         self.config = config
         self.policy = policy
         device = torch.device(device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            rounded_threshold(config.activation_threshold, dtype)  # cached: no tensor op in a collection
         num_latents, w = config.num_latents, config.window
         #: The kept samples hold token refs (``row_windows="refs"``), not windows.
         self.keeps_refs = config.row_windows == "refs"
@@ -163,8 +200,7 @@ class SampleCollector:
         for field in STAT_FIELDS:
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
             setattr(self, field.name, empty_field(field, shape, device))
-        for field in WINDOW_STAT_FIELDS:
-            setattr(self, field.name, empty_field(field, (num_latents,), device))
+        self._stat_storage(num_latents, device)
         self._pairs = empty_pairs(device)
         self._staged_keys: list[Tensor] = []
         self._staged_count = 0
@@ -173,6 +209,20 @@ class SampleCollector:
             setattr(self, field.name, value)
         self.last_active = 0
         self.last_seen: Tensor | int = 0
+
+    def _stat_storage(self, num_latents: int, device: torch.device) -> None:
+        """Statistics updated by one scatter share a tensor, each a column of it.
+
+        ``count`` and ``window_count``; ``sum``, ``sum_sq`` and ``window_sum``; ``max`` and ``window_max``.
+        """
+        fields = {field.name: field for field in (*STAT_FIELDS, *WINDOW_STAT_FIELDS)}
+        for shared, names in (("_counts", ("count", "window_count")), ("_sums", ("sum", "sum_sq", "window_sum")),
+                              ("_maxima", ("max", "window_max"))):
+            first = fields[names[0]]
+            storage = torch.full((num_latents, len(names)), first.fill, dtype=first.dtype, device=device)
+            setattr(self, shared, storage)
+            for column, name in enumerate(names):
+                setattr(self, name, storage[:, column])
 
     @property
     def device(self) -> torch.device:
@@ -211,8 +261,9 @@ class SampleCollector:
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
-        token_idx, latent_idx, values = self._dense_entries(flat, positions.collect)
+        found = self._dense_entries(flat, positions.collect)
         segment = positions.segment
+        token_idx, latent_idx = found.token_idx, found.latent_idx
 
         def window_acts(candidate: Tensor) -> Tensor:
             token, latent = token_idx[candidate], latent_idx[candidate]
@@ -224,10 +275,8 @@ class SampleCollector:
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & torch.isfinite(acts), acts, 0.0)
 
-        self._fold(
-            positions.num_seen, _max_id(positions.tokens), positions.tokens.reshape(-1), token_idx, latent_idx, values,
-            step, window_acts, flat.dtype, self._sequence_batch(positions, step, order_base),
-        )
+        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, window_acts, flat.dtype,
+                   self._sequence_batch(positions, step, order_base))
 
     def update_sparse(
         self,
@@ -255,12 +304,11 @@ class SampleCollector:
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
-        entry, token_idx, latent_idx, picked = self._sparse_entries(flat_idx, flat_val, positions.collect)
-        window_acts = SparseWindowActs(flat_idx, flat_val, entry, picked, positions.segment, self.config.half_window)
-        self._fold(
-            positions.num_seen, _max_id(positions.tokens), positions.tokens.reshape(-1), token_idx, latent_idx, picked,
-            step, window_acts, flat_val.dtype, self._sequence_batch(positions, step, order_base),
-        )
+        found = self._sparse_entries(flat_idx, flat_val, positions.collect)
+        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window)
+        found.reach = acts.reach()
+        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, flat_val.dtype,
+                   self._sequence_batch(positions, step, order_base))
 
     def _check_sequences(self) -> None:
         if self.keeps_refs:
@@ -291,8 +339,7 @@ class SampleCollector:
         """
         real, collect = self._row_positions(windows, excluded)
         flat = latents.detach().reshape(len(real), self.config.num_latents).contiguous()
-        token_idx, latent_idx, values = self._dense_entries(flat, collect)
-        self._fold_rows(windows, real, token_idx, latent_idx, values, step, order, flat.dtype, refs)
+        self._fold_rows(windows, real, self._dense_entries(flat, collect), step, order, flat.dtype, refs)
 
     def update_rows_sparse(
         self,
@@ -308,8 +355,8 @@ class SampleCollector:
         real, collect = self._row_positions(windows, excluded)
         flat_idx = indices.detach().reshape(len(real), -1)
         flat_val = values.detach().reshape(len(real), -1)
-        _, token_idx, latent_idx, picked = self._sparse_entries(flat_idx, flat_val, collect)
-        self._fold_rows(windows, real, token_idx, latent_idx, picked, step, order, flat_val.dtype, refs)
+        found = self._sparse_entries(flat_idx, flat_val, collect)
+        self._fold_rows(windows, real, found, step, order, flat_val.dtype, refs)
 
     @staticmethod
     def _row_positions(windows: TokenWindows, excluded: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -321,9 +368,7 @@ class SampleCollector:
         self,
         windows: TokenWindows,
         real: Tensor,
-        token_idx: Tensor,
-        latent_idx: Tensor,
-        values: Tensor,
+        found: Entries,
         step: int,
         order: Tensor,
         latent_dtype: torch.dtype,
@@ -334,49 +379,35 @@ class SampleCollector:
         half, acts_dtype = self.config.half_window, acts_dtype_for(latent_dtype)
         # New samples of equal priority keep their arrival order: in ref order, the kept samples do not
         # depend on the shuffle (as a [B, T] batch's come in token order).
-        by_ref = torch.argsort(order.to(token_idx.device)[token_idx], stable=True)
-        token_idx, latent_idx, values = token_idx[by_ref], latent_idx[by_ref], values[by_ref]
+        found = found.permuted(torch.argsort(order.to(found.token_idx.device)[found.token_idx], stable=True))
         windows, order = windows.to(self.device), order.to(self.device)
         refs = refs.to(self.device, torch.int64) if self.keeps_refs else None
-        rows_values = values.to(self.device)
+        rows_values = found.values.to(self.device)
 
         def window_acts(candidate: Tensor) -> Tensor:
             return unknown_neighbours(rows_values[candidate], half, acts_dtype)
 
-        def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor], token_dtype: torch.dtype) -> BatchContext:
-            return RowBatchContext(windows, token_idx, step, order, half, window_acts, token_dtype, refs)
+        def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor]) -> BatchContext:
+            return RowBatchContext(windows, token_idx, step, order, half, window_acts, refs=refs)
 
         activating = windows.tokens[:, half]  # each row's own token, at the centre of its window
-        self._fold(real.sum(), _max_id(windows.tokens), activating, token_idx, latent_idx, values, step, window_acts,
-                   latent_dtype, make_batch)
+        self._fold(found, real.sum(), activating, step, window_acts, latent_dtype, make_batch,
+                   all_tokens=windows.tokens)
 
-    def _dense_entries(self, flat: Tensor, collect: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(token, latent, value) of every collected finite entry of ``flat`` ``[N, F]`` above the threshold.
+    def _dense_entries(self, flat: Tensor, collect: Tensor) -> Entries:
+        """The entries of ``flat`` ``[N, F]`` above the threshold; those of collected tokens and finite are valid.
 
-        Counts the non-finite values of collected tokens in ``nonfinite_skipped``.
+        Rows holding a non-finite value are noted, to count their non-finite values in ``nonfinite_skipped``.
         """
-        # Scanned in blocks of rows, which bounds the temporaries. A row sum is non-finite iff the row holds
-        # a NaN or an infinity (or overflows); non-finite values are then counted on those rows only.
         num_latents = self.config.num_latents
-        block = max(1, DENSE_SCAN_ELEMENTS // num_latents)
-        found, bad = [], []
-        for start in range(0, len(flat), block):
-            rows = flat[start : start + block]
-            found.append(dense_hits(rows, self.config.activation_threshold) + start * num_latents)
-            bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
-        entry = torch.cat(found) if found else torch.empty(0, dtype=torch.int64, device=flat.device)
+        entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
         values = flat.view(-1)[entry].float()
-        keep = torch.isfinite(values) & collect[entry // num_latents]
-        if not bool(keep.all()):
-            entry, values = entry[keep], values[keep]
-        if bad:
-            self.nonfinite_skipped += (~torch.isfinite(flat[torch.cat(bad)])).sum().to(self.nonfinite_skipped.device)
-        return entry // num_latents, entry % num_latents, values
+        token_idx = entry // num_latents
+        valid = torch.isfinite(values) & collect[token_idx]
+        return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
-    def _sparse_entries(
-        self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(flat entry, token, latent, value) of every collected finite active entry above the threshold."""
+    def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
+        """Every entry of ``[N, k]`` TopK-style latents; the collected finite ones above the threshold are valid."""
         k = flat_idx.shape[1]
         collect = collect.unsqueeze(1)
         finite = torch.isfinite(flat_val)
@@ -384,50 +415,54 @@ class SampleCollector:
         above = above_threshold(flat_val, self.config.activation_threshold)
         # A negative index pads a token's variable number of active latents (checked to have value 0); with a
         # negative threshold its 0 would count, so the index decides.
-        entry = (above & finite & collect & (flat_idx >= 0)).view(-1).nonzero(as_tuple=True)[0]
-        return entry, entry // k, flat_idx.view(-1)[entry].long(), flat_val.view(-1)[entry].float()
+        valid = (above & finite & collect & (flat_idx >= 0)).view(-1)
+        token_idx = torch.arange(valid.numel(), device=valid.device) // k
+        latent_idx = torch.where(valid, flat_idx.view(-1).long(), 0)
+        return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid)
 
     def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
         half = self.config.half_window
 
-        def make_batch(token_idx: Tensor, window_acts: Callable, token_dtype: torch.dtype) -> BatchContext:
+        def make_batch(token_idx: Tensor, window_acts: Callable) -> BatchContext:
             dev = self.device
             return BatchContext(
                 positions.tokens.to(dev), token_idx, step, order_base, half, window_acts,
-                segment=positions.segment.to(dev), token_dtype=token_dtype,
+                segment=positions.segment.to(dev),
             )
 
         return make_batch
 
     def _fold(
         self,
+        found: Entries,
         num_seen: Tensor,
-        max_id: int,
         token_ids: Tensor,
-        token_idx: Tensor,
-        latent_idx: Tensor,
-        values: Tensor,
         step: int,
-        window_acts: Callable[[Tensor], Tensor],
+        window_acts: Callable[..., Tensor],
         latent_dtype: torch.dtype,
-        make_batch: Callable[[Tensor, Callable[[Tensor], Tensor], torch.dtype], BatchContext],
+        make_batch: Callable[[Tensor, Callable[..., Tensor]], BatchContext],
+        all_tokens: Optional[Tensor] = None,
     ) -> None:
+        """Fold a batch's entries into the statistics and every table, in one pass with one host sync.
+
+        Which entries each table may take is decided for all entries at once; one read of their counts (with
+        the largest token id, which picks the windows' token dtype) sizes everything that follows.
+        """
         cfg = self.config
         dev = self.device
-        source = values.device
+        source = found.values.device
         if source != dev:
             # The state lives elsewhere (e.g. host memory): windows are read where the latents are, and only
             # those of the samples that may enter are copied.
             read_windows = window_acts
 
-            def window_acts(candidate: Tensor) -> Tensor:
-                return read_windows(candidate.to(source)).to(dev)
+            def window_acts(candidate: Tensor, walking: Optional[Tensor] = None) -> Tensor:
+                walking = None if walking is None else walking.to(source)
+                return read_windows(candidate.to(source), walking).to(dev)
 
-        token_dtype = token_dtype_for(max_id)
-        for table in self.tables.values():
-            table.widen(token_dtype, acts_dtype_for(latent_dtype))
-        token_idx, latent_idx, values = token_idx.to(dev), latent_idx.to(dev), values.to(dev)
-        batch = make_batch(token_idx, window_acts, token_dtype)
+            found = found.to(dev)
+        token_idx, latent_idx, values, valid = found.token_idx, found.latent_idx, found.values, found.valid
+        batch = make_batch(token_idx, window_acts)
         self.last_seen = num_seen
         self.tokens_seen += num_seen.to(dev)
         self.window_tokens_seen += num_seen.to(dev)
@@ -437,29 +472,55 @@ class SampleCollector:
             self.steps_collected += 1
             self.last_collected_step = step
 
-        self._update_statistics(latent_idx, values, step)
-        self._stage_pairs(latent_idx, token_ids.to(dev)[token_idx])
-        self.last_active = len(values)
         offers = [(self.tables["top"], latent_idx, values)]
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
+        interval_rows = None
+        as_double = values.double()
         if "interval" in self.tables:
-            interval = torch.bucketize(values.double(), self._interval_inner, right=True)
-            rows = latent_idx * cfg.num_intervals + interval
-            self.interval_count.view(-1).index_add_(0, rows, torch.ones_like(interval))
+            interval = torch.bucketize(as_double, self._interval_inner, right=True)
+            interval_rows = latent_idx * cfg.num_intervals + interval
             priority = sample_priority(step, batch.token_order(token_idx), cfg.seed)
-            offers.append((self.tables["interval"], rows, priority))
+            offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
             self._rotate_recent(step)
             offers.append((self.tables["recent"], latent_idx, values))
-        may_enter = [table.can_enter(rows, priority) for table, rows, priority in offers]
-        anywhere = may_enter[0]
-        for mask in may_enter[1:]:
-            anywhere = anywhere | mask
-        batch.compute_windows(anywhere.nonzero(as_tuple=True)[0], self._batch_fields)
-        for (table, rows, priority), mask in zip(offers, may_enter):
-            candidate = mask.nonzero(as_tuple=True)[0]
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch)
+        may_enter = [table.can_enter(rows, priority) & valid for table, rows, priority in offers]
+        anywhere = functools.reduce(torch.logical_or, may_enter)
+        walking = anywhere & found.reach.to(dev) if found.reach is not None else None
+        tokens = token_ids if all_tokens is None else all_tokens
+        largest = tokens.max().to(dev) if tokens.numel() else torch.zeros((), dtype=torch.int64, device=dev)
+        counted = [valid, anywhere, *may_enter] + ([walking] if walking is not None else [])
+        bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
+        if bad_rows is not None:
+            counted.append(bad_rows.to(dev))
+        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long()]).tolist()  # the one sync
+        num_valid, num_anywhere, *per_table = sizes[:-1]
+        max_id = sizes[-1]
+        num_walking = per_table.pop(len(offers)) if walking is not None else None
+        if bad_rows is not None:
+            self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
+
+        batch.token_dtype = token_dtype_for(max_id)
+        for table in self.tables.values():
+            table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
+        self.last_active = num_valid
+        self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
+        at = indices_of(valid, num_valid)
+        self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
+        walking = indices_of(walking, num_walking) if walking is not None else None
+        batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
+        for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
+            candidate = indices_of(mask, count)
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False)
+        flush_tables([table for table, _, _ in offers if table.due])
+
+    def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
+        """Count the non-finite values of the collected rows that hold one (a rare batch has any)."""
+        if num_bad:
+            bad, flat = rows
+            picked = flat.index_select(0, indices_of(bad, num_bad))
+            self.nonfinite_skipped += (~torch.isfinite(picked)).sum().to(self.nonfinite_skipped.device)
 
     # ------------------------------------------------------------------ history window
     def _stage_pairs(self, latent_idx: Tensor, token_ids: Tensor) -> None:
@@ -505,24 +566,31 @@ class SampleCollector:
             previous.clear()
         self.recent_block = block
 
-    def _update_statistics(self, latent_idx: Tensor, values: Tensor, step: int) -> None:
-        num_latents = self.config.num_latents
-        fired_now = torch.bincount(latent_idx, minlength=num_latents)
-        self.count += fired_now
-        as_double = values.double()
-        self.sum.index_add_(0, latent_idx, as_double)
-        self.sum_sq.index_add_(0, latent_idx, as_double * as_double)
-        self.max.scatter_reduce_(0, latent_idx, values, reduce="amax")
-        self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
+    def _update_statistics(
+        self, latent_idx: Tensor, values: Tensor, as_double: Tensor, valid: Tensor, step: int,
+        interval_rows: Optional[Tensor],
+    ) -> None:
+        """Scatter the valid entries into the all-time and the history window's statistics at once.
+
+        Each pair of them shares one tensor (see :meth:`_stat_storage`), so one scatter updates both.
+        """
+        fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
+        fired_now.index_add_(0, latent_idx, valid.long())
+        self._counts += fired_now.unsqueeze(1)
+        bins = torch.bucketize(as_double, self._inner_edges, right=True)
+        as_double = torch.where(valid, as_double, 0.0)
+        self._sums.index_add_(0, latent_idx, torch.stack([as_double, as_double * as_double, as_double], 1))
+        spread = latent_idx.unsqueeze(1).expand(-1, 2)
+        self._maxima.scatter_reduce_(0, spread, torch.where(valid, values, -math.inf).unsqueeze(1).expand(-1, 2),
+                                     reduce="amax")
+        self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
         num_bins = self.hist.shape[1]
-        bins = torch.bucketize(values.double(), self._inner_edges, right=True)
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, torch.ones_like(bins))
-        self.window_count += fired_now
-        self.window_sum.index_add_(0, latent_idx, as_double)
-        self.window_max.scatter_reduce_(0, latent_idx, values, reduce="amax")
+        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, valid.long())
+        if interval_rows is not None:
+            self.interval_count.view(-1).index_add_(0, interval_rows, valid.long())
         fired = fired_now > 0
-        self.first_step = torch.where(fired & (self.first_step == EMPTY), step, self.first_step)
-        self.last_step = torch.where(fired, step, self.last_step)
+        self.first_step.masked_fill_(fired & (self.first_step == EMPTY), step)
+        self.last_step.masked_fill_(fired, step)
 
     # ------------------------------------------------------------------ state
     def _run_state(self) -> dict:
@@ -654,10 +722,6 @@ class SampleCollector:
             if field.dtype is None:
                 setattr(empty, field.name, getattr(self, field.name))
         return empty
-
-
-def _max_id(tokens: Tensor) -> int:
-    return int(tokens.max()) if tokens.numel() else 0
 
 
 def _valid_counts(counts: dict, target: Tensor) -> bool:

@@ -17,6 +17,7 @@ so its memory follows the samples stored, not the capacity ``rows * capacity``.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,7 +31,7 @@ from lightning_sae_samples.state.schema import EMPTY, REF_FIELDS, SAMPLE_FIELD, 
 
 __all__ = [
     "DEFAULT_POLICY", "EMPTY", "REF_FIELDS", "TABLE_FIELDS", "WINDOW_FIELDS", "BatchContext", "MergePolicy",
-    "SampleTable",
+    "SampleTable", "flush_tables",
     "merge_exported", "sort_samples",
 ]
 
@@ -53,9 +54,19 @@ def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
     return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def indices_of(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` True entries of a 1-D ``mask``, ascending, without a host sync (the count is known)."""
+    try:
+        return torch.nonzero_static(mask, size=count).view(-1)
+    except (NotImplementedError, RuntimeError):  # a device without nonzero_static
+        place = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
+        out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+        return out.scatter_(0, place, torch.arange(len(mask), device=mask.device))[:count]
+
+
 def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
-    return torch.promote_types(a, b)
+    return a if a == b else torch.promote_types(a, b)
 merge_exported = merge_padded_tables
 
 
@@ -123,17 +134,22 @@ class BatchContext:
         same = windows(self.segment) == self.segment[token_idx].unsqueeze(1)
         return torch.where(same, tokens, EMPTY)
 
-    def compute_windows(self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS) -> None:
+    def compute_windows(
+        self, candidate: Tensor, fields: tuple[str, ...] = WINDOW_FIELDS, walking: Optional[Tensor] = None
+    ) -> None:
         """Compute the window ``fields`` of these candidates (the union of what every table may keep), once.
 
         De-duplication hashes ``context_tokens``: ask for them where a table keeping refs de-duplicates.
+        ``walking``: the candidates whose window holds other activations of their latent, where the window
+        reader tells them apart (see :class:`~lightning_sae_samples.engine.windows.SparseWindowActs`).
         """
         token_idx = self.token_idx[candidate]
         self.windows = {"position": self.positions_of(token_idx)}
         if "context_tokens" in fields:
             self.windows["context_tokens"] = self.window_tokens(token_idx)
         if "context_acts" in fields:
-            self.windows["context_acts"] = self.window_acts(candidate)
+            acts = self.window_acts(candidate) if walking is None else self.window_acts(candidate, walking)
+            self.windows["context_acts"] = acts
         if "token_ref" in fields:
             self.windows["token_ref"] = self.token_refs(token_idx)
         self.window_of = torch.full_like(self.token_idx, EMPTY)
@@ -148,6 +164,22 @@ class BatchContext:
         if self._hashes is None:
             self._hashes = context_hash(self.windows["context_tokens"])
         return self._hashes[window]
+
+
+def flush_tables(tables: list[SampleTable]) -> None:
+    """Merge the staged samples of several tables, reading back the sizes of all their merges in one host sync."""
+    steps = [table._flush_steps() for table in tables if table._staged]
+    asked = [next(step) for step in steps]
+    if not asked:
+        return
+    sizes = torch.cat(asked).tolist()
+    start = 0
+    for step, ask in zip(steps, asked):
+        try:
+            step.send(sizes[start : start + len(ask)])
+        except StopIteration:
+            pass
+        start += len(ask)
 
 
 def _group_key(row: Tensor, priority: Tensor) -> Tensor:
@@ -245,13 +277,16 @@ class SampleTable:
         #: The window fields of stored samples, one row per pool slot (rows point at them through ``slot``).
         dtypes = {"context_tokens": token_dtype, "context_acts": acts_dtype}
         self.pool: dict[str, Tensor] = {
-            name: torch.empty((0, window) if name.startswith("context_") else (0,),
+            name: torch.empty((1, window) if name.startswith("context_") else (1,),
                               dtype=dtypes.get(name, SAMPLE_FIELD[name].dtype), device=device)
             for name in window_fields
         }
         self.next_unused = 0
         self.fill_bound = 0
+        #: Samples kept per row (they fill a prefix of it).
+        self.fill = torch.zeros(rows, dtype=torch.int16 if capacity < 2**15 else torch.int32, device=device)
         self.released = torch.empty(0, dtype=torch.int64, device=device)
+        self._bounds: Optional[Tensor] = None
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
         self._staged_count = 0
@@ -288,9 +323,10 @@ class SampleTable:
                 tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
         for name in self.window_fields:
             pool = self.pool[name]
-            self.pool[name] = pool.new_empty((0, *pool.shape[1:]))
+            self.pool[name] = pool.new_empty((1, *pool.shape[1:]))
         self.next_unused = 0
         self.fill_bound = 0
+        self.fill.zero_()
         self.released = self.released[:0]
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         self._floor = None
@@ -305,19 +341,22 @@ class SampleTable:
             self._floor = self.sort_key[:, -1].contiguous()
         return priority > self._floor[row]
 
-    def insert(self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext) -> None:
+    def insert(
+        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext, flush: bool = True
+    ) -> None:
         """Stage candidates of ``batch`` that passed :meth:`can_enter`, in token order.
 
-        Their windows must be in ``batch.windows``. Token order breaks ties among new samples.
+        Their windows must be in ``batch.windows``. Token order breaks ties among new samples. ``flush``: merge
+        when :attr:`due`; ``False`` leaves it to the caller (see :func:`flush_tables`).
         """
         if not len(row):
             return
         token_idx = batch.token_idx[candidate]
         if self.dedup_radius is not None:
             group, position = batch.overlap_groups(row, token_idx)
-            keep = suppress_overlaps(group, position, priority, self.dedup_radius)
+            keep = suppress_overlaps(group, position, priority, self.dedup_radius).nonzero(as_tuple=True)[0]
             row, candidate, priority, value, token_idx = (
-                t[keep] for t in (row, candidate, priority, value, token_idx)
+                t.index_select(0, keep) for t in (row, candidate, priority, value, token_idx)
             )
         window = batch.window_of[candidate]
         staged = {
@@ -333,13 +372,20 @@ class SampleTable:
         self._staged.append(staged)
         self._staged_windows.append(batch.windows)
         self._staged_count += len(row)
-        if self._staged_count >= self.stage_limit:
+        if flush and self.due:
             self.flush()
+
+    @property
+    def due(self) -> bool:
+        """Whether the staged samples should be merged now (they reached :attr:`stage_limit`)."""
+        return self._staged_count >= self.stage_limit
 
     def flush(self) -> None:
         """Merge the staged samples into the sorted rows."""
-        if not self._staged:
-            return
+        flush_tables([self])
+
+    def _flush_steps(self) -> Generator[Tensor, list[int], None]:
+        """:meth:`flush` in two steps: it yields the sizes it must read back, and goes on when sent them."""
         parts, windows = self._staged, self._staged_windows
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
@@ -347,66 +393,78 @@ class SampleTable:
         arrivals = [(batch_windows, part["window"]) for batch_windows, part in zip(windows, parts)]
         if self.dedup_radius is not None:
             new = self._resolve_classes(new)
-        self._merge(new, arrivals)
+        yield from self._merge(new, arrivals)
         self._floor = None
 
-    def _merge(self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
+    def _merge(
+        self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]
+    ) -> Generator[Tensor, list[int], None]:
         """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
         ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
         is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
-        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched.
+        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size
+        the merge needs is read back from the device at once (one host sync per merge).
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
         # `capacity` new samples can enter.
         perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
         row = new["row"][perm]
-        per_row = torch.bincount(row, minlength=self.rows)
+        per_row = torch.zeros(self.rows, dtype=torch.int64, device=dev).index_add_(0, row, torch.ones_like(row))
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
-        keep = (rank < cap).nonzero(as_tuple=True)[0]
+        arriving = per_row.clamp(max=cap)
+        # A row ends with min(capacity, kept + arriving) samples, so that many minus the kept ones take new slots.
+        fill = (self.fill + arriving).clamp(max=cap)
+        touched = per_row > 0
+        bounds = self._range_ends()
+        sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0), torch.cumsum(fill - self.fill, 0)])
+        head = torch.stack([arriving.max(), fill.max()])
+        sizes = yield torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)])  # read back at once
+        width, fill_bound, count = sizes[0], sizes[1], len(bounds)
+        touched_end, kept_end, fresh_end = (sizes[2 + i * count : 2 + (i + 1) * count] for i in range(3))
+        if not width:
+            return
+        keep = indices_of(rank < cap, kept_end[-1])
         perm, rank = perm[keep], rank[keep]
         new = {name: value[perm] for name, value in new.items()}
-        touched = (per_row > 0).nonzero(as_tuple=True)[0]
-        if not len(touched):
-            return
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
-        width = int(rank.max()) + 1
         span = min(cap, self.fill_bound + width)
         arrived = sum(len(index) for _, index in arrivals)
         destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
-        chunk = max(1, self.policy.merge_cells // (span + width))
-        if chunk >= len(touched):
-            self._merge_rows(touched, new, rank, width, span, destination, len(touched) == self.rows)
-        else:
-            # One chunk takes its slots in one growth anyway; many would double the pool chunk by chunk.
-            self._reserve_for(touched, per_row, span, chunk, len(rank))
-            ends = torch.cumsum(per_row[touched].clamp(max=cap), 0)[chunk - 1 :: chunk].tolist()
-            first, lo = 0, 0
-            for hi in [*ends[: -1 if len(touched) % chunk == 0 else None], len(rank)]:
-                rows = touched[first : first + chunk]
-                part = {name: value[lo:hi] for name, value in new.items()}
-                self._merge_rows(rows, part, rank[lo:hi], width, span, destination, False)
-                first, lo = first + chunk, hi
+        fresh_slots = self._take_slots(fresh_end[-1])
+        first_row = [0, *[end + 1 for end in bounds[:-1]]]
+        touched_start, kept_start, fresh_start = ([0, *column[:-1]] for column in (touched_end, kept_end, fresh_end))
+        # Ranges of rows merged at once: consecutive ones while their touched rows' places fit `merge_cells`.
+        lo = 0
+        for hi in range(1, count + 1):
+            if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
+                continue
+            num_touched = touched_end[hi - 1] - touched_start[lo]
+            if num_touched:
+                r0, r1 = first_row[lo], bounds[hi - 1] + 1
+                rows = indices_of(touched[r0:r1], num_touched) + r0
+                part = slice(kept_start[lo], kept_end[hi - 1])
+                slots = fresh_slots[fresh_start[lo] : fresh_end[hi - 1]]
+                self._merge_rows(rows, {name: value[part] for name, value in new.items()}, rank[part], width, span,
+                                 destination, num_touched == self.rows, slots)
+            lo = hi
+        self.fill.copy_(fill)
+        self.fill_bound = fill_bound
         self._write_windows(destination, arrivals)
 
-    def _reserve_for(self, touched: Tensor, per_row: Tensor, span: int, chunk: int, entering: int) -> None:
-        """Grow the pool once for a merge: by the most never used slots its new samples can take.
+    def _range_ends(self) -> list[int]:
+        """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
+        rows = max(1, self.policy.merge_cells // (2 * self.capacity))
+        return [min(end, self.rows - 1) for end in range(rows - 1, self.rows + rows - 1, rows)] or [0]
 
-        A row takes never used slots only while it has empty places, so at most ``capacity - fill`` of them;
-        one growth up front spares the pool the copies (and the transient double size) of growing chunk by chunk.
-        """
-        needed = self.next_unused + entering - len(self.released)
-        if needed <= self.pool_slots:
-            return
-        bound = 0
-        for first in range(0, len(touched), chunk):
-            rows = touched[first : first + chunk]
-            room = self.capacity - (self.slot[rows, :span] != EMPTY).sum(1)
-            bound += int(torch.minimum(per_row[rows], room).sum())
-        self._reserve(self.next_unused + max(0, bound - len(self.released)))
+    def _bounds_on(self, device: torch.device) -> Tensor:
+        """:meth:`_range_ends` as a tensor on ``device``, made once."""
+        if self._bounds is None:
+            self._bounds = torch.tensor(self._range_ends(), dtype=torch.int64, device=device)
+        return self._bounds
 
     def _merge_rows(
         self,
@@ -417,10 +475,12 @@ class SampleTable:
         span: int,
         destination: Tensor,
         all_rows: bool,
+        fresh_slots: Tensor,
     ) -> None:
         """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
 
-        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival).
+        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival); entering samples
+        that take no pushed-out sample's slot take ``fresh_slots`` in order.
         """
         dev = self.values.device
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -443,22 +503,21 @@ class SampleTable:
         new_columns = torch.arange(width, device=dev)
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
         taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
-        pos_old = (~taken).nonzero(as_tuple=True)[1].view(grid[0], span)
+        pos_old = indices_of((~taken).view(-1), grid[0] * span).view(grid[0], span) % (span + width)
         entered = (pos_new < span).sum(1, keepdim=True)
         pos_old.clamp_(max=span)
         pos_new.clamp_(max=span)
         # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
-        # or never used (or released) ones where they were empty.
+        # or fresh ones where they were empty. A new sample that does not enter lands past the span.
         old_slots = kept("slot")
         new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
-        enters = (rank < entered[local, 0]).nonzero(as_tuple=True)[0]
-        source = new["source"][enters]
-        at = local[enters] * width + rank[enters]
+        enters = rank < entered[local, 0]
+        at = local * width + rank
         slot = new_slots.view(-1)[at]
-        fresh = (slot == EMPTY).nonzero(as_tuple=True)[0]
-        if len(fresh):
-            # Never used slots go in row order, so the windows of a row land side by side.
-            slot[fresh] = self._take_slots(len(fresh)).to(slot.dtype)
+        fresh = enters & (slot == EMPTY)
+        if len(fresh_slots):
+            # Fresh slots go in row order, so the windows of a row land side by side.
+            slot = torch.where(fresh, fresh_slots[(torch.cumsum(fresh, 0) - 1).clamp(min=0)].to(slot.dtype), slot)
             new_slots.view(-1)[at] = slot
 
         fields = [
@@ -479,22 +538,22 @@ class SampleTable:
                 getattr(self, name)[:, :span] = merged[:, :span]
             else:
                 getattr(self, name)[touched, :span] = merged[:, :span]
-            if name == "slot":
-                self.fill_bound = max(self.fill_bound, int((merged[:, :span] != EMPTY).sum(1).max()))
-        destination.index_copy_(0, source, slot.long())
+        destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
-        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1."""
+        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1.
+
+        The others are written to the pool's scratch row (past its slots), which spares a sync to find them.
+        """
         start = 0
+        scratch = self.pool_slots
         for windows, index in arrivals:
             part = destination[start : start + len(index)]
             start += len(index)
-            entering = (part != EMPTY).nonzero(as_tuple=True)[0]
-            if not len(entering):
-                continue
+            part = torch.where(part == EMPTY, scratch, part)
             for name in self.window_fields:
                 pool = self.pool[name]
-                pool.index_copy_(0, part[entering], windows[name].index_select(0, index[entering]).to(pool.dtype))
+                pool.index_copy_(0, part, windows[name].index_select(0, index).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
@@ -505,15 +564,15 @@ class SampleTable:
         row, priority, hashes = new["row"], new["sort"], new["hash"]
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
-        best = best_of_each_class(row, hashes, preference)
-        new = {name: value[best] for name, value in new.items()}
+        best = best_of_each_class(row, hashes, preference).nonzero(as_tuple=True)[0]
+        new = {name: value.index_select(0, best) for name, value in new.items()}
         row, priority, hashes = new["row"], new["sort"], new["hash"]
         kept_class, column = self._kept_of_class(row, hashes)
         old_wins = kept_class & (self.sort_key[row, column] >= priority.to(self.sort_key.dtype))
         replaced = kept_class & ~old_wins
         self._evict(row[replaced], column[replaced])
-        survive = ~old_wins
-        return {name: value[survive] for name, value in new.items()}
+        survive = (~old_wins).nonzero(as_tuple=True)[0]
+        return {name: value.index_select(0, survive) for name, value in new.items()}
 
     def _take_slots(self, count: int) -> Tensor:
         """Pool slots for new samples: released ones first, then never used ones in order."""
@@ -526,8 +585,8 @@ class SampleTable:
 
     @property
     def pool_slots(self) -> int:
-        """Slots the context-window pool holds now (it grows as samples are stored)."""
-        return len(self.pool["position"])
+        """Slots the context-window pool holds now (it grows as samples are stored); a scratch row follows them."""
+        return len(self.pool["position"]) - 1
 
     def _reserve(self, slots: int) -> None:
         """Grow the pool to hold at least ``slots`` windows: doubling, at most ``rows * capacity``."""
@@ -538,8 +597,8 @@ class SampleTable:
         for name in self.window_fields:
             pool = self.pool[name]
             # Slots past `next_unused` are written before they are read, so the new part needs no fill.
-            bigger = torch.empty((grown, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            bigger[:size] = pool
+            bigger = torch.empty((grown + 1, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            bigger[:size] = pool[:size]
             self.pool[name] = bigger
 
     def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
@@ -571,6 +630,7 @@ class SampleTable:
         if not len(rows):
             return
         self.released = torch.cat([self.released, self.slot[rows, columns].long()])
+        self.fill.index_add_(0, rows, torch.full_like(rows, -1, dtype=self.fill.dtype))
         self.values[rows, columns] = -math.inf
         if self.random_priority:
             self.priority[rows, columns] = -math.inf
@@ -670,6 +730,7 @@ class SampleTable:
         self._reserve(total)
         self.next_unused = total
         self.fill_bound = int(count.max()) if len(count) else 0
+        self.fill.copy_(count)
         for name in self.window_fields:
             pool = self.pool[name]
             pool[:total] = table[name].to(device=dev, dtype=pool.dtype)

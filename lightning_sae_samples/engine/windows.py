@@ -24,12 +24,12 @@ def above_threshold(values: Tensor, threshold: float) -> Tensor:
     first, which can admit or drop values equal to the rounded threshold. This picks ``>`` or ``>=``
     against the rounded threshold so the result equals the comparison in exact arithmetic.
     """
-    rounded, inclusive = _rounded_threshold(float(threshold), values.dtype)
+    rounded, inclusive = rounded_threshold(float(threshold), values.dtype)
     return values >= rounded if inclusive else values > rounded
 
 
 @functools.lru_cache(maxsize=64)
-def _rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
+def rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
     """``threshold`` rounded to ``dtype``, and whether ``>=`` against it equals ``>`` against the exact one.
 
     Cached: a collection asks with the same threshold and dtype every time, and pays no tensor op for it.
@@ -38,20 +38,36 @@ def _rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, boo
     return rounded, rounded > threshold
 
 
-def dense_hits(rows: Tensor, threshold: float) -> Tensor:
+def dense_hits(flat: Tensor, threshold: float, collect: Tensor) -> tuple[Tensor, Tensor]:
     """Flat indices (row-major, ascending) of the entries of a contiguous ``[n, F]`` block above ``threshold``.
 
     Columns are read in groups of up to :data:`DENSE_GROUP`: a group's maximum says whether any of its
     entries is above the threshold (a NaN maximum is looked into as well), and only those groups are
     compared entry by entry. With sparse rows (ReLU or TopK latents) few groups are, so most entries are
-    read once, by the maximum.
+    read once, by the maximum. Rows are read :data:`DENSE_SCAN_ELEMENTS` entries at a time, which bounds the
+    temporaries; the groups opened in all of them are found at once, and their entries above the threshold too
+    (two host syncs, whatever the size).
+
+    Also returns, per row, whether it is collected and holds a non-finite value (its sum is then non-finite).
     """
-    n, f = rows.shape
+    n, f = flat.shape
     group = math.gcd(f, DENSE_GROUP)
-    peak = rows.view(n, f // group, group).amax(dim=2)
-    opened = (above_threshold(peak, threshold) | torch.isnan(peak)).view(-1).nonzero(as_tuple=True)[0]
-    inside, column = above_threshold(rows.view(-1, group).index_select(0, opened), threshold).nonzero(as_tuple=True)
-    return opened[inside] * group + column
+    block = max(1, DENSE_SCAN_ELEMENTS // f)
+    opened, bad = [], []
+    for start in range(0, n, block):
+        rows = flat[start : start + block]
+        peak = rows.view(len(rows), f // group, group).amax(dim=2)
+        opened.append((above_threshold(peak, threshold) | torch.isnan(peak)).view(-1))
+        bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
+    if not opened:
+        return torch.empty(0, dtype=torch.int64, device=flat.device), collect.new_zeros(0)
+    groups = torch.cat(opened).nonzero(as_tuple=True)[0]
+    entries = flat.view(-1, group)
+    inside = torch.cat([above_threshold(entries.index_select(0, part), threshold)
+                        for part in groups.split(max(1, DENSE_SCAN_ELEMENTS // group))]
+                       or [torch.zeros((0, group), dtype=torch.bool, device=flat.device)])
+    at, column = inside.nonzero(as_tuple=True)
+    return groups[at] * group + column, torch.cat(bad)
 
 
 def padding_positions(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -95,71 +111,71 @@ class TokenPositions:
 class SparseWindowActs:
     """Activations of each sample's latent on its context tokens, read from TopK-style latents.
 
-    Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it,
-    and further entries are further away; walking out one entry at a time therefore finds every one inside
-    the window, and a sample leaves the walk at its first miss (usually the first step).
+    Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it, and
+    further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, in
+    the same run of entries whose consecutive ones are the same latent, in one segment, within the window. Only
+    the samples with such a neighbour (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
 
     Args:
         indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
         values: Their activations ``[N, k]``.
-        entry: Flat index into ``indices`` of each candidate sample.
-        picked: Activation of each candidate sample (finite).
-        segment: Segment id of each token ``[N]`` (see :func:`token_segments`): a window reaches only the
+        segment: Segment id of each token ``[N]`` (see :class:`TokenPositions`): a window reaches only the
             tokens of its own segment.
         half_window: Context tokens on each side.
+
+    A sample is a flat index into ``indices`` (an entry).
     """
 
-    def __init__(
-        self, indices: Tensor, values: Tensor, entry: Tensor, picked: Tensor, segment: Tensor, half_window: int
-    ) -> None:
-        self.indices, self.values, self.entry, self.picked = indices, values.reshape(-1), entry, picked
-        self.segment, self.half = segment, half_window
-        self._sorted: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+    def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int) -> None:
+        self.values, self.half = values.reshape(-1), half_window
+        num_tokens, k = indices.shape
+        # Entries come in token order, so a stable sort by latent orders them by (latent, token).
+        latent, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
+        token = order // k
+        self.keys = latent.long() * num_tokens + token
+        self.order = order
+        self.where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        segment = segment[token]
+        keys = self.keys
+        linked = (latent[1:] == latent[:-1]) & (segment[1:] == segment[:-1]) & (keys[1:] - keys[:-1] <= half_window)
+        # Run of each sorted entry: consecutive entries share one while each pair of them is linked.
+        self.run = torch.cat([linked.new_zeros(1, dtype=torch.int64), torch.cumsum(~linked, 0)])
+        near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+        if len(order) > 1:
+            near[1:] |= linked
+            near[:-1] |= linked
+        self._near = near
 
-    def _sort(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self._sorted is None:
-            num_tokens, k = self.indices.shape
-            # Entries come in token order, so a stable sort by latent orders them by (latent, token).
-            latent, order = torch.sort(self.indices.reshape(-1).to(torch.int32), stable=True)
-            token = order // k
-            keys = latent.long() * num_tokens + token
-            where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-            segment = self.segment[token]
-            linked = (
-                (latent[1:] == latent[:-1]) & (segment[1:] == segment[:-1]) & (keys[1:] - keys[:-1] <= self.half)
-            )
-            self._sorted = keys, order, where, linked
-        return self._sorted
+    def reach(self) -> Tensor:
+        """Per entry: whether another entry of its latent lies inside its window (in its segment)."""
+        return self._near[self.where]
 
-    def __call__(self, candidate: Tensor) -> Tensor:
-        """Window activations ``[S, 2 * half_window + 1]`` of candidates (0 outside their segment)."""
-        keys, order, where, linked = self._sort()
-        half, last = self.half, len(keys) - 1
-        at = where[self.entry[candidate]]
+    def __call__(self, candidate: Tensor, walking: Optional[Tensor] = None) -> Tensor:
+        """Window activations ``[S, 2 * half_window + 1]`` of candidate entries (0 outside their segment).
+
+        ``walking``: the candidates (ascending, a subset of ``candidate``) that :meth:`reach` a neighbour; the
+        others get their own activation alone. ``None``: all candidates are looked at.
+        """
+        half = self.half
         dtype = acts_dtype_for(self.values.dtype)
         acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
-        acts[:, half] = self.picked[candidate].to(dtype)
-        if last < 1:  # one active entry in the whole batch: no neighbour to walk to
+        acts[:, half] = self.values[candidate].to(dtype)
+        if len(self.keys) < 2:
             return acts
-        for direction in (1, -1):
-            # `linked[i]`: sorted entries i and i + 1 are the same latent, in one segment, within the window.
-            if direction == 1:
-                starts = linked[at.clamp(max=last - 1)] & (at < last)
-            else:
-                starts = linked[(at - 1).clamp(min=0)] & (at > 0)
-            walking = starts.nonzero(as_tuple=True)[0]
-            own = keys[at[walking]]
-            for distance in range(1, half + 1):
-                neighbour = (at[walking] + direction * distance).clamp(0, last)
-                offset = keys[neighbour] - own
-                hit = (offset != 0) & (offset.abs() <= half)
-                if distance > 1:
-                    hit &= linked[torch.minimum(neighbour, neighbour - direction)]
-                # One nonzero (one host sync) selects the samples still walking from all four tensors.
-                going = hit.nonzero(as_tuple=True)[0]
-                if not len(going):
-                    break
-                walking, neighbour, offset, own = (t.index_select(0, going) for t in (walking, neighbour, offset, own))
-                found = self.values[order[neighbour]].to(dtype)
-                acts[walking, half + offset] = torch.where(torch.isfinite(found), found, 0.0)
-        return acts
+        if walking is None:
+            walking = candidate
+        row = torch.searchsorted(candidate, walking)
+        at = self.where[walking].unsqueeze(1)
+        steps = torch.arange(1, half + 1, device=at.device)
+        steps = torch.cat([-steps.flip(0), steps])  # made on the device: no copy from the host
+        neighbour = (at + steps).clamp(0, len(self.keys) - 1)
+        offset = self.keys[neighbour] - self.keys[at]
+        inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
+        found = self.values[self.order[neighbour]].to(dtype)
+        found = torch.where(inside & torch.isfinite(found), found, 0.0)
+        # Places outside the window write onto a scratch column past the window's end, never read.
+        column = torch.where(inside, half + offset, 2 * half + 1)
+        part = torch.zeros((len(walking), 2 * half + 2), dtype=dtype, device=candidate.device)
+        part.scatter_(1, column, found)
+        part[:, half] = acts[:, half].index_select(0, row)
+        return acts.index_copy_(0, row, part[:, : 2 * half + 1])
