@@ -24,11 +24,10 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
 from lightning_sae_samples.integrations.sae_lens import _sparse_topk, mixed_rows
-from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector, load_trainer_state_file
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
 from lightning_sae_samples.samples_dir.run_folder import claim_run_dir
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.state.validate import check_state
 from lightning_sae_samples.tokens import load_tokenizer
 
 #: The collection beside each SAELens multi-SAE checkpoint.
@@ -245,25 +244,6 @@ class SamplesMultiSAETrainer(MultiSAETrainer):
             self.steps_taken = int(self.n_training_samples) // int(self.cfg.train_batch_size_samples)
             rank_zero_warn(f"{type(self).__name__}: {file} is missing, so the collection starts afresh.")
             return
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-            raise ValueError(f"{file} cannot be read as a collector state: {err}") from None
-        if not isinstance(state, dict) or state.get("version") != MULTI_STATE_VERSION:
-            raise ValueError(f"{file}: `version` must be {MULTI_STATE_VERSION}; it is not a state this class wrote.")
-        steps = state.get("steps_taken")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{file}: `steps_taken` must be an integer >= 0, found {steps!r}.")
-        collected = state.get("collector")
-        try:
-            for name, entry in (collected.get("saes") or {} if isinstance(collected, dict) else {}).items():
-                if isinstance(entry, dict) and entry.get("collector") is not None:
-                    try:
-                        check_state(entry["collector"])
-                    except ValueError as err:
-                        raise ValueError(f"SAE {name!r}: {err}") from None
-            self.collector.load_state_dict(collected if isinstance(collected, dict) else {})
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from None
+        steps = load_trainer_state_file(self.collector, file, "steps_taken")
         self.steps_taken = steps
         self._saved_at = None

@@ -17,10 +17,9 @@ from sparsify import Trainer
 from torch import Tensor
 
 from lightning_sae_samples.multi.capture import LatentCapture
-from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector
+from lightning_sae_samples.multi.collector import MULTI_STATE_VERSION, MultiSAECollector, load_trainer_state_file
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
 from lightning_sae_samples.schedule import CollectionSchedule
-from lightning_sae_samples.state.validate import check_state
 from lightning_sae_samples.tokens import load_tokenizer
 
 #: The collection beside each sparsify checkpoint.
@@ -147,27 +146,7 @@ class SamplesSparsifyTrainer(Trainer):
         file = Path(path) / STATE_NAME
         if not file.is_file():
             return
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-            raise ValueError(f"{file} cannot be read as a collector state: {err}") from None
-        if not isinstance(state, dict) or state.get("version") != MULTI_STATE_VERSION:
-            raise ValueError(f"{file}: `version` must be {MULTI_STATE_VERSION}; it is not a state this class wrote.")
-        batches = state.get("batches")
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
-            raise ValueError(f"{file}: `batches` must be an integer >= 0, found {batches!r}.")
-        collected = state.get("collector")
-        saes = collected.get("saes") if isinstance(collected, dict) else None
-        try:
-            for name, entry in (saes or {}).items():
-                if isinstance(entry, dict) and entry.get("collector") is not None:
-                    try:
-                        check_state(entry["collector"])
-                    except ValueError as err:
-                        raise ValueError(f"SAE {name!r}: {err}") from None
-            self.samples.load_state_dict(collected if isinstance(collected, dict) else {})
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from None
+        batches = load_trainer_state_file(self.samples, file, "batches")
         self._batches_collected = batches
 
     def _rank(self) -> int:

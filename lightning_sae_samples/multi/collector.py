@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
@@ -38,6 +39,7 @@ from lightning_sae_samples.inputs import (
 )
 from lightning_sae_samples.multi.capture import LatentCapture, latents_of
 from lightning_sae_samples.samples_dir.run_folder import check_sae_names, lock_run_dir, write_run_index
+from lightning_sae_samples.state.validate import check_state
 from lightning_sae_samples.token_sources import TokenSource, load_token_source
 from lightning_sae_samples.tokens import describe_tokenizer, load_tokenizer
 
@@ -362,3 +364,39 @@ class MultiSAECollector:
             collector.close()
         if lock is not None:
             lock.release()
+
+
+def load_trainer_state_file(collector: MultiSAECollector, file: Path, counter: str) -> int:
+    """Load a trainer integration's state file (``version``, a step ``counter``, ``collector``) into ``collector``.
+
+    The file is untrusted input: it is loaded tensors-only, and each SAE's state is checked before any is loaded.
+
+    Returns:
+        The file's ``counter`` (the trainer's steps or batches when it was written).
+
+    Raises:
+        ValueError: The file cannot be read, is not a state a multi-SAE integration wrote, or holds other SAEs (the
+            message names the file, the field and the SAE).
+    """
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{file} cannot be read as a collector state: {err}") from None
+    if not isinstance(state, dict) or state.get("version") != MULTI_STATE_VERSION:
+        raise ValueError(f"{file}: `version` must be {MULTI_STATE_VERSION}; it is not a state this class wrote.")
+    count = state.get(counter)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{file}: `{counter}` must be an integer >= 0, found {count!r}.")
+    collected = state.get("collector")
+    saes = collected.get("saes") if isinstance(collected, dict) else None
+    try:
+        for name, entry in (saes if isinstance(saes, dict) else {}).items():
+            if isinstance(entry, dict) and entry.get("collector") is not None:
+                try:
+                    check_state(entry["collector"])
+                except ValueError as err:
+                    raise ValueError(f"SAE {name!r}: {err}") from None
+        collector.load_state_dict(collected if isinstance(collected, dict) else {})
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    return count
