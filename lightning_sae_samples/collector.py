@@ -148,6 +148,9 @@ class ActivationSampleCollector:
         self.shard_ranges: Optional[list[tuple[int, int]]] = None
         self.collector: Optional[SampleCollector] = None
         self.rank: Optional[int] = None
+        #: Whether this process alone collects this SAE (sparsify's ``distribute_modules``): it then merges with no
+        #: other process, keeps what it restores, and writes its own samples directory, as a single process does.
+        self.process_local = False
         self._pending_state: Optional[dict] = None
         self._excluded: Optional[Tensor] = None
         self._offset_step = -1
@@ -170,7 +173,7 @@ class ActivationSampleCollector:
 
     def _rank(self) -> int:
         if self.rank is None:
-            self.rank = torch.distributed.get_rank() if _distributed() else 0
+            self.rank = torch.distributed.get_rank() if _distributed() and not self.process_local else 0
         return self.rank
 
     def _order_rank(self) -> int:
@@ -509,7 +512,7 @@ class ActivationSampleCollector:
         if self.collector is None and self._pending_state is not None:
             where = self.settings.device or device or torch.device("cpu")
             self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
-        if _distributed() and torch.distributed.get_world_size() > 1:
+        if _distributed() and torch.distributed.get_world_size() > 1 and not self.process_local:
             shards = Shards.exchange(self.shard_layout, self.collector is not None)
             if not any(shards.collecting):
                 return None

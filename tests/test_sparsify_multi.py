@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("sparsify")
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 from helpers import read_dir  # noqa: E402
 from oracle import Seen, assert_dir_matches_oracle  # noqa: E402
 from sparsify import SparseCoderConfig, TrainConfig  # noqa: E402
+from sparsify_helpers import (  # noqa: E402
+    CTX,
+    EXCLUDED,
+    HOOKPOINTS,
+    KEEP,
+    SETTINGS,
+    THR,
+    TOPK,
+    F,
+    dense_latents,
+    tiny_bert,
+    token_dataset,
+    token_ids,
+)
 
-from lightning_sae_samples.integrations.sparsify import STATE_NAME, SamplesSparsifyTrainer  # noqa: E402
+from lightning_sae_samples.integrations.sparsify import STATE_NAME, SamplesSparsifyTrainer, state_name  # noqa: E402
 from lightning_sae_samples.samples_dir.names import RUN_INDEX_NAME  # noqa: E402
-
-HOOKPOINTS = ["encoder.layer.0", "encoder.layer.1"]
-F, TOPK, CTX, KEEP, THR = 24, 4, 4, 3, 0.0
-EXCLUDED = 3  # a token id sparsify does not train on
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16)
-    return transformers.BertModel(config).eval()
-
-
-def token_dataset(num=24, seq=8):
-    ids = torch.randint(0, 40, (num, seq), generator=torch.Generator().manual_seed(1))
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
 
 
 def make_trainer(tmp_path, model, dataset, collection_freq=2, **cfg):
@@ -39,9 +43,7 @@ def make_trainer(tmp_path, model, dataset, collection_freq=2, **cfg):
         save_dir=str(tmp_path / "ckpt"), run_name="run", save_every=3, lr=1e-3, exclude_tokens=[EXCLUDED], **cfg,
     )
     return SamplesSparsifyTrainer(
-        config, dataset, model, samples_dir=tmp_path / "samples", collection_freq=collection_freq,
-        max_samples_per_feature=KEEP, context_size=CTX, activation_threshold=THR, top_features_to_save=F,
-        samples_per_feature_to_save=KEEP, write_report=False,
+        config, dataset, model, samples_dir=tmp_path / "samples", collection_freq=collection_freq, **SETTINGS
     )
 
 
@@ -54,11 +56,8 @@ def record(trainer):
     def keeper(name):
         def keep(module, args, out):
             tokens = batch["tokens"]
-            kept = (tokens != EXCLUDED).view(-1)
-            dense = torch.zeros(tokens.numel(), F)
-            rows = torch.zeros(int(kept.sum()), F).scatter(-1, out.latent_indices, out.latent_acts.detach())
-            dense[kept] = rows
-            seen[name].append(Seen(trainer.global_step, 0, 0, tokens, dense.view(*tokens.shape, F)))
+            dense = dense_latents(tokens, out.latent_indices, out.latent_acts.detach())
+            seen[name].append(Seen(trainer.global_step, 0, 0, tokens, dense))
         return keep
 
     for name in HOOKPOINTS:
@@ -108,4 +107,57 @@ def test_sparsify_resume_after_a_crash_equals_the_oracle(tmp_path):
         seen = [s for s in seen_first[name] if s.step <= 1] + [s for s in seen_resumed[name] if s.step >= 2]
         assert [s.step for s in seen] == list(range(6))
         assert_dir_matches_oracle(read_dir(tmp_path / "samples" / name), seen, F, KEEP, CTX, THR,
+                                  exclude=(EXCLUDED,))
+
+
+def run_distributed(tmp_path, *extra):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "sparsify_distribute_script.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--port", str(port), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    owned = [json.loads((tmp_path / f"owned_{rank}.json").read_text()) for rank in (0, 1)]
+    seen = [torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return owned, seen
+
+
+def gathered_batches(steps):
+    """The batch each SAE's rank sees at each step: rank 0's shard rows, then rank 1's (sparsify's gather)."""
+    ids = token_ids(48)
+    shards = [ids[rank::2] for rank in (0, 1)]
+    return [torch.cat([shard[4 * step:4 * step + 4] for shard in shards]) for step in range(steps)]
+
+
+@pytest.mark.slow
+def test_sparsify_distribute_modules_collects_each_sae_on_its_rank(tmp_path):
+    """Two ranks, one SAE each: each collects only its own, over both ranks' rows, and the run folder has both."""
+    owned, seen = run_distributed(tmp_path)
+    assert [o["collects"] for o in owned] == [[name] for name in HOOKPOINTS]
+    batches = gathered_batches(6)
+    for rank, name in enumerate(HOOKPOINTS):
+        assert {entry[0] for entry in seen[rank]} == {name}
+        assert [entry[1] for entry in seen[rank]] == list(range(6))
+        collected = [Seen(step, 0, 0, batches[step], dense_latents(batches[step], indices, values))
+                     for _, step, indices, values in seen[rank] if step % 2 == 0]
+        assert_dir_matches_oracle(read_dir(tmp_path / "samples" / name), collected, F, KEEP, CTX, THR,
+                                  exclude=(EXCLUDED,))
+    index = json.loads((tmp_path / "samples" / RUN_INDEX_NAME).read_text())
+    assert [entry["name"] for entry in index["saes"]] == HOOKPOINTS
+    for rank in (0, 1):
+        assert (tmp_path / "ckpt" / "run" / state_name(rank)).is_file()
+
+
+@pytest.mark.slow
+def test_sparsify_distribute_modules_resume_after_a_crash_equals_the_oracle(tmp_path):
+    """Both ranks stop at batch 3, resume from sparsify's checkpoint (batch 1 again, not counted twice)."""
+    owned, seen = run_distributed(tmp_path, "--crash-at", "3")
+    assert [o["resumed_at"] for o in owned] == [1, 1], "sparsify restarts at the batch its checkpoint was saved in"
+    batches = gathered_batches(6)
+    for rank, name in enumerate(HOOKPOINTS):
+        assert [entry[1] for entry in seen[rank]] == list(range(6))
+        collected = [Seen(step, 0, 0, batches[step], dense_latents(batches[step], indices, values))
+                     for _, step, indices, values in seen[rank]]
+        assert_dir_matches_oracle(read_dir(tmp_path / "samples" / name), collected, F, KEEP, CTX, THR,
                                   exclude=(EXCLUDED,))

@@ -5,6 +5,11 @@
 ``ForwardOutput`` (``latent_indices``, ``latent_acts``), and the batch's ``input_ids`` are their tokens; a
 :class:`~lightning_sae_samples.MultiSAECollector` keeps them by hookpoint. Each sparsify checkpoint (``save``)
 writes the collection beside it and the run folder ``samples_dir/<hookpoint>/``; ``load_state`` restores both.
+
+With ``distribute_modules=True`` each rank trains only its own SAEs, on the batch of every rank (sparsify gathers
+each hookpoint's outputs, in rank order, onto the SAE's rank). So each rank collects only its own SAEs, with the
+gathered batch's tokens, writes their folders and its own collection state (``state_name(rank)``), and rank 0
+writes the run index naming the SAEs of every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ STATE_NAME = "activation_samples_state.pt"
 PathLike = Union[str, Path]
 
 
+def state_name(rank: Optional[int] = None) -> str:
+    """The collection's file beside a checkpoint: ``STATE_NAME``, or with ``distribute_modules`` one per rank."""
+    return STATE_NAME if rank is None else f"activation_samples_state_rank_{rank}.pt"
+
+
 def sae_name(sparsify_name: str) -> str:
     """The SAE (and folder) name of one of sparsify's SAEs: ``layers.3``, or ``layers.3.seed1`` for ``/seed1``."""
     return sparsify_name.replace("/", ".")
@@ -47,7 +57,7 @@ class SamplesSparsifyTrainer(Trainer):
             defaults to ``cfg.exclude_tokens``, which sparsify does not train on).
 
     Raises:
-        ValueError: ``distribute_modules`` or ``micro_acc_steps > 1``, which this class does not collect yet.
+        ValueError: ``micro_acc_steps > 1``, which this class does not collect yet.
     """
 
     def __init__(
@@ -61,17 +71,19 @@ class SamplesSparsifyTrainer(Trainer):
         tokenizer: Any = None,
         **settings: Any,
     ) -> None:
-        if cfg.distribute_modules or cfg.micro_acc_steps > 1:
+        if cfg.micro_acc_steps > 1:
             raise ValueError(
-                f"{type(self).__name__} does not collect with distribute_modules=True or micro_acc_steps > 1 yet"
-                " (an SAE then sees other ranks' rows, or runs several times a batch). Train without them."
+                f"{type(self).__name__} does not collect with micro_acc_steps > 1 yet (an SAE then runs several"
+                " times a batch). Use grad_acc_steps instead."
             )
         super().__init__(cfg, dataset, model)
         self.schedule = CollectionSchedule(collection_freq)
         self.exclude_tokens_ids = [int(t) for t in cfg.exclude_tokens]
         settings.setdefault("exclude_token_ids", self.exclude_tokens_ids)
+        # With distribute_modules, ``self.saes`` holds this rank's SAEs only.
         self.samples = MultiSAECollector(
-            {sae_name(name): {"num_latents": int(sae.num_latents)} for name, sae in self.saes.items()}, **settings
+            {sae_name(name): {"num_latents": int(sae.num_latents)} for name, sae in self.saes.items()},
+            process_local=bool(cfg.distribute_modules), **settings,
         )
         self.checkpoint_dir = Path(cfg.save_dir) / (cfg.run_name or "unnamed")
         self.samples_dir = Path(samples_dir) if samples_dir is not None else self.checkpoint_dir / "activation_samples"
@@ -97,8 +109,17 @@ class SamplesSparsifyTrainer(Trainer):
             return
         tokens = args[0] if args else kwargs.get("input_ids")
         if isinstance(tokens, Tensor):
-            self._batch_tokens = tokens
+            self._batch_tokens = self._gathered(tokens) if self.cfg.distribute_modules else tokens
             self._capture.open()
+
+    @staticmethod
+    def _gathered(tokens: Tensor) -> Tensor:
+        """Every rank's batch ``[world * B, T]`` in rank order: the rows sparsify gathers for each SAE's rank."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return tokens
+        world = tokens.new_empty(tokens.shape[0] * torch.distributed.get_world_size(), *tokens.shape[1:])
+        torch.distributed.all_gather_into_tensor(world, tokens.contiguous())
+        return world
 
     def _after_model(self, module: Any, args: tuple, output: Any) -> None:
         """Fold what the SAEs returned during the pass (none in a clean pass of ``loss_fn="kl"``)."""
@@ -124,13 +145,16 @@ class SamplesSparsifyTrainer(Trainer):
         return all_indices, all_values
 
     def save(self) -> None:
-        """The sparsify checkpoint, the collection beside it (``STATE_NAME``), then the run folder."""
+        """The sparsify checkpoint, the collection beside it (:func:`state_name`), then the run folder."""
         super().save()
         batches = max(self._batch + 1, self._batches_collected)
         state = {"version": MULTI_STATE_VERSION, "batches": batches, "collector": self.samples.state_dict()}
-        if self._rank() == 0:
-            atomic_torch_save(self.checkpoint_dir / STATE_NAME, state)
+        if self.cfg.distribute_modules or self._rank() == 0:
+            atomic_torch_save(self.checkpoint_dir / self._state_name(), state)
         self.save_samples()
+
+    def _state_name(self) -> str:
+        return state_name(self._rank() if self.cfg.distribute_modules else None)
 
     def save_samples(self) -> dict[str, list[int]]:
         """Write the run folder (a collective under DDP); each SAE's saved feature indices, best first."""
@@ -140,10 +164,10 @@ class SamplesSparsifyTrainer(Trainer):
         """The sparsify state and the collection saved beside it (a checkpoint without one starts afresh).
 
         Raises:
-            ValueError: ``STATE_NAME`` is not a state this class wrote, or holds other SAEs.
+            ValueError: The collection's file is not a state this class wrote, or holds other SAEs.
         """
         super().load_state(path)
-        file = Path(path) / STATE_NAME
+        file = Path(path) / self._state_name()
         if not file.is_file():
             return
         batches = load_trainer_state_file(self.samples, file, "batches")

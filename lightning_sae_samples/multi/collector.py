@@ -161,6 +161,10 @@ class MultiSAECollector:
         config: The settings every SAE shares, as one :class:`~lightning_sae_samples.CollectionConfig`.
         merge_policy: See :class:`~lightning_sae_samples.ActivationSampleCollector`.
         token_source: Where shuffled rows' ``token_refs`` find their tokens (shared by the SAEs).
+        process_local: Under ``torch.distributed``, each process holds other SAEs, which no other process
+            collects (sparsify's ``distribute_modules``): each is merged with nothing, ``state_dict`` holds this
+            process's SAEs, and ``save`` writes each SAE's folder from its process and, on rank 0, the run index
+            naming the SAEs of every process.
         **settings: Fields of :class:`~lightning_sae_samples.CollectionConfig` every SAE shares.
 
     Example::
@@ -182,6 +186,7 @@ class MultiSAECollector:
         config: Optional[CollectionConfig] = None,
         merge_policy: Optional[MergePolicy] = None,
         token_source: Optional[Union[TokenSource, str]] = None,
+        process_local: bool = False,
         **settings: Any,
     ) -> None:
         owner = type(self).__name__
@@ -200,6 +205,9 @@ class MultiSAECollector:
             )
             for spec in self.specs
         }
+        self.process_local = bool(process_local)
+        for collector in self.collectors.values():
+            collector.process_local = self.process_local
         self._capture: Optional[LatentCapture] = None
         self._lock: Optional[FileLock] = None
 
@@ -322,6 +330,10 @@ class MultiSAECollector:
             SamplesDirectoryError: Another writer holds the run folder, or it (or an SAE's folder) is not ours.
         """
         dirpath = Path(dirpath)
+        spread = self.process_local and _distributed()
+        run_names = _names_of_every_process(self.names) if spread else self.names
+        if spread:
+            _on_rank_zero_for_all(lambda: self._lock_run(dirpath, run_names))
         merged = {}
         for name, collector in self.collectors.items():
             state = collector.merged_state()
@@ -335,7 +347,8 @@ class MultiSAECollector:
             collector.reset_window(step)
         if next(iter(self.collectors.values()))._rank() != 0:
             return {}
-        self._lock_run(dirpath)
+        if not spread:
+            self._lock_run(dirpath, run_names)
         tokenizer = load_tokenizer(tokenizer)
         described = describe_tokenizer(tokenizer)
         config_of = {name: {**c.config(), "tokenizer": described} for name, c in self.collectors.items()}
@@ -348,14 +361,18 @@ class MultiSAECollector:
                 full_state=full_state, decoder=(decoders or {}).get(name),
                 owner=f"{type(self).__name__}'s SAE {name!r}",
             )
-        write_run_index(dirpath, self.names)
+        if spread:
+            # The index comes last, once every process has committed its SAEs' folders.
+            _on_rank_zero_for_all(lambda: write_run_index(dirpath, run_names))
+        else:
+            write_run_index(dirpath, run_names)
         return saved
 
-    def _lock_run(self, dirpath: Path) -> None:
+    def _lock_run(self, dirpath: Path, names: Sequence[str]) -> None:
         if self._lock is not None and Path(self._lock.lock_file).parent == dirpath:
             return
         self.close()
-        self._lock = lock_run_dir(dirpath, self.names)
+        self._lock = lock_run_dir(dirpath, names)
 
     def close(self) -> None:
         """Release the locks on the run folder and the SAEs' folders (saving again takes them again)."""
@@ -364,6 +381,36 @@ class MultiSAECollector:
             collector.close()
         if lock is not None:
             lock.release()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _names_of_every_process(names: list[str]) -> list[str]:
+    """The SAE names of every process, in rank order (a collective); a name held twice is refused."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    every = [name for held in gathered for name in held]
+    check_sae_names(every)
+    return every
+
+
+def _on_rank_zero_for_all(work: Any) -> None:
+    """Run ``work`` on rank 0 after every process got here; every process raises what it raised (a collective)."""
+    torch.distributed.barrier()
+    failure: Optional[Exception] = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - every process must hear of it, or the others wait forever
+            failure = err
+    said = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    torch.distributed.broadcast_object_list(said, src=0)
+    if failure is not None:
+        raise failure
+    if said[0] is not None:
+        raise RuntimeError(f"Rank 0 could not write the run folder: {said[0]}")
 
 
 def load_trainer_state_file(collector: MultiSAECollector, file: Path, counter: str) -> int:
