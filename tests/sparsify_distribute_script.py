@@ -1,7 +1,8 @@
 """sparsify's own Trainer with distribute_modules on two gloo processes, one SAE each (launched by tests).
 
-Each rank trains on its own shard of the token dataset (rows ``rank::2``); sparsify gathers every hookpoint's
-outputs onto the SAE's rank. Each rank records what its SAEs returned, per batch, in ``seen_<rank>.pt``.
+Two runs, in ``<out>/plain`` and ``<out>/resumed`` (a crash and a resume). Each rank trains on its own shard of the
+token dataset (rows ``rank::2``); sparsify gathers every hookpoint's outputs onto the SAE's rank. Each rank records
+what its SAEs returned, per batch, in ``seen_<rank>.pt`` and the SAEs it collects in ``owned_<rank>.json``.
 """
 
 import argparse
@@ -46,34 +47,44 @@ def make_trainer(out: Path, rank: int, collection_freq: int):
     return trainer, seen
 
 
-def worker(rank: int, out: Path, port: int, crash_at: int) -> None:
+def plain_run(out: Path, rank: int) -> tuple[dict, list]:
+    """Six batches, collected every second one."""
+    trainer, seen = make_trainer(out, rank, collection_freq=2)
+    trainer.fit()
+    return {"collects": trainer.samples.names}, seen
+
+
+def crashed_and_resumed(out: Path, rank: int, crash_at: int = 3) -> tuple[dict, list]:
+    """Every batch collected; both ranks stop at batch ``crash_at`` and resume from sparsify's last checkpoint."""
+    trainer, first = make_trainer(out, rank, collection_freq=1)
+
+    def crash(module, args):
+        if trainer.global_step == crash_at:
+            raise Crash
+
+    trainer.model.register_forward_pre_hook(crash)
+    try:
+        trainer.fit()
+    except Crash:
+        pass
+    trainer.samples.close()
+    dist.barrier()
+    trainer, again = make_trainer(out, rank, collection_freq=1)
+    trainer.load_state(str(out / "ckpt" / "run"))
+    resumed_at = trainer.global_step
+    trainer.fit()
+    # The collection restored holds the batch sparsify trains again, as the first run saw it.
+    seen = [s for s in first if s[1] <= resumed_at] + [s for s in again if s[1] > resumed_at]
+    return {"collects": trainer.samples.names, "resumed_at": resumed_at}, seen
+
+
+def worker(rank: int, out: Path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    trainer, seen = make_trainer(out, rank, collection_freq=1 if crash_at else 2)
-    owned = {"rank": rank, "saes": list(trainer.saes), "collects": trainer.samples.names}
-    if crash_at:
-        def crash(module, args):
-            if trainer.global_step == crash_at:
-                raise Crash
-
-        trainer.model.register_forward_pre_hook(crash)
-        try:
-            trainer.fit()
-        except Crash:
-            pass
-        trainer.samples.close()
-        dist.barrier()
-        first = seen
-        trainer, seen = make_trainer(out, rank, collection_freq=1)
-        trainer.load_state(str(out / "ckpt" / "run"))
-        owned["resumed_at"] = trainer.global_step
-        trainer.fit()
-        # The collection restored holds the batch sparsify trains again, as the first run saw it.
-        seen = [s for s in first if s[1] <= owned["resumed_at"]] + [s for s in seen if s[1] > owned["resumed_at"]]
-    else:
-        trainer.fit()
-    torch.save(seen, out / f"seen_{rank}.pt")
-    (out / f"owned_{rank}.json").write_text(json.dumps(owned))
+    for scenario, run in (("plain", plain_run), ("resumed", crashed_and_resumed)):
+        owned, seen = run(out / scenario, rank)
+        torch.save(seen, out / scenario / f"seen_{rank}.pt")
+        (out / scenario / f"owned_{rank}.json").write_text(json.dumps(owned))
     dist.destroy_process_group()
 
 
@@ -81,6 +92,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--crash-at", type=int, default=0)
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.out, args.port, args.crash_at), nprocs=WORLD)
+    mp.spawn(worker, args=(args.out, args.port), nprocs=WORLD)

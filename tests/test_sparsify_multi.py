@@ -110,16 +110,23 @@ def test_sparsify_resume_after_a_crash_equals_the_oracle(tmp_path):
                                   exclude=(EXCLUDED,))
 
 
-def run_distributed(tmp_path, *extra):
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """Both runs of ``sparsify_distribute_script.py`` (one launch of its two processes): their folder by name."""
+    out = tmp_path_factory.mktemp("distribute")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Path(__file__).parent / "sparsify_distribute_script.py"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--port", str(port), *extra],
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--port", str(port)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    owned = [json.loads((tmp_path / f"owned_{rank}.json").read_text()) for rank in (0, 1)]
-    seen = [torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return out
+
+
+def run_of(out):
+    owned = [json.loads((out / f"owned_{rank}.json").read_text()) for rank in (0, 1)]
+    seen = [torch.load(out / f"seen_{rank}.pt", weights_only=True) for rank in (0, 1)]
     return owned, seen
 
 
@@ -130,34 +137,31 @@ def gathered_batches(steps):
     return [torch.cat([shard[4 * step:4 * step + 4] for shard in shards]) for step in range(steps)]
 
 
-@pytest.mark.slow
-def test_sparsify_distribute_modules_collects_each_sae_on_its_rank(tmp_path):
-    """Two ranks, one SAE each: each collects only its own, over both ranks' rows, and the run folder has both."""
-    owned, seen = run_distributed(tmp_path)
-    assert [o["collects"] for o in owned] == [[name] for name in HOOKPOINTS]
+def check_distributed(out, seen, steps):
     batches = gathered_batches(6)
     for rank, name in enumerate(HOOKPOINTS):
         assert {entry[0] for entry in seen[rank]} == {name}
         assert [entry[1] for entry in seen[rank]] == list(range(6))
         collected = [Seen(step, 0, 0, batches[step], dense_latents(batches[step], indices, values))
-                     for _, step, indices, values in seen[rank] if step % 2 == 0]
-        assert_dir_matches_oracle(read_dir(tmp_path / "samples" / name), collected, F, KEEP, CTX, THR,
-                                  exclude=(EXCLUDED,))
-    index = json.loads((tmp_path / "samples" / RUN_INDEX_NAME).read_text())
+                     for _, step, indices, values in seen[rank] if step in steps]
+        assert_dir_matches_oracle(read_dir(out / "samples" / name), collected, F, KEEP, CTX, THR, exclude=(EXCLUDED,))
+    index = json.loads((out / "samples" / RUN_INDEX_NAME).read_text())
     assert [entry["name"] for entry in index["saes"]] == HOOKPOINTS
     for rank in (0, 1):
-        assert (tmp_path / "ckpt" / "run" / state_name(rank)).is_file()
+        assert (out / "ckpt" / "run" / state_name(rank)).is_file()
 
 
 @pytest.mark.slow
-def test_sparsify_distribute_modules_resume_after_a_crash_equals_the_oracle(tmp_path):
+def test_sparsify_distribute_modules_collects_each_sae_on_its_rank(distributed_runs):
+    """Two ranks, one SAE each: each collects only its own, over both ranks' rows, and the run folder has both."""
+    owned, seen = run_of(distributed_runs / "plain")
+    assert [o["collects"] for o in owned] == [[name] for name in HOOKPOINTS]
+    check_distributed(distributed_runs / "plain", seen, steps=(0, 2, 4))
+
+
+@pytest.mark.slow
+def test_sparsify_distribute_modules_resume_after_a_crash_equals_the_oracle(distributed_runs):
     """Both ranks stop at batch 3, resume from sparsify's checkpoint (batch 1 again, not counted twice)."""
-    owned, seen = run_distributed(tmp_path, "--crash-at", "3")
+    owned, seen = run_of(distributed_runs / "resumed")
     assert [o["resumed_at"] for o in owned] == [1, 1], "sparsify restarts at the batch its checkpoint was saved in"
-    batches = gathered_batches(6)
-    for rank, name in enumerate(HOOKPOINTS):
-        assert [entry[1] for entry in seen[rank]] == list(range(6))
-        collected = [Seen(step, 0, 0, batches[step], dense_latents(batches[step], indices, values))
-                     for _, step, indices, values in seen[rank]]
-        assert_dir_matches_oracle(read_dir(tmp_path / "samples" / name), collected, F, KEEP, CTX, THR,
-                                  exclude=(EXCLUDED,))
+    check_distributed(distributed_runs / "resumed", seen, steps=range(6))
