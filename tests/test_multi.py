@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,34 @@ def test_the_lightning_cli_yaml_trains_an_sae_on_each_of_two_layers(tmp_path):
     for name in ("saes.l2", "saes.l4"):
         summary = json.loads((run / name / "collection_summary.json").read_text())
         assert summary["config"]["num_latents"] == 1024 and summary["tokens_seen"] > 0
+
+
+def test_process_local_saes_write_their_own_folders_and_one_index(tmp_path):
+    """Two processes, each the only collector of its SAE: each folder equals the oracle of its process's batches,
+    rank 0 indexes both; a run folder another writer holds fails on both processes instead of hanging."""
+    from filelock import FileLock
+
+    from lightning_sae_samples.samples_dir.names import LOCK_NAME
+
+    (tmp_path / "locked").mkdir()
+    held = FileLock(tmp_path / "locked" / LOCK_NAME)
+    held.acquire()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "process_local_script.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--port", str(port)],
+                          capture_output=True, text=True, timeout=300)
+    held.release()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["run"] for r in results] == ["saved", "saved"]
+    assert results[0]["locked"].startswith("SamplesDirectoryError: Another run is writing samples")
+    assert results[1]["locked"].startswith("RuntimeError: Rank 0 could not write the run folder")
+    assert not (tmp_path / "locked" / "s1").exists()
+    for rank in (0, 1):
+        seen = [Seen(step, 0, 0, tokens, latents)
+                for step, tokens, latents in torch.load(tmp_path / f"seen_{rank}.pt", weights_only=True)]
+        assert_dir_matches_oracle(read_dir(tmp_path / "run" / f"s{rank}"), seen, 6, 2, 2, 0.0)
+    index = json.loads((tmp_path / "run" / RUN_INDEX_NAME).read_text())
+    assert [entry["name"] for entry in index["saes"]] == ["s0", "s1"]
