@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -46,10 +46,9 @@ from lightning_sae_samples.inputs import (
     local_batch,
 )
 from lightning_sae_samples.memory import available_memory_bytes
-from lightning_sae_samples.samples_dir.commit import claim_samples_dir
-from lightning_sae_samples.samples_dir.files import lstat_or_none
+from lightning_sae_samples.samples_dir.commit import claim_samples_dir, hold_lock
 from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
-from lightning_sae_samples.samples_dir.names import HISTORY_NAME, LOCK_NAME, REPORT_NAME, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
 from lightning_sae_samples.samples_dir.writer import write_samples_dir
 from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, merge_shards
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
@@ -681,26 +680,11 @@ class ActivationSampleCollector:
         if self._lock is not None and Path(self._lock.lock_file).parent == dirpath:
             return
         self.close()
-        dirpath.mkdir(parents=True, exist_ok=True)
-        if lstat_or_none(dirpath / LOCK_NAME) is None:
-            claim_samples_dir(dirpath)  # before creating a lock file in a directory that may not be ours
-        # Where a lock file is there, the lock comes first: another writer's half-written save is no reason to
-        # call the directory foreign.
-        lock = FileLock(dirpath / LOCK_NAME)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise SamplesDirectoryError(
-                f"Another run is writing samples to {str(dirpath)!r}: it holds the lock {dirpath / LOCK_NAME}."
-                " Give each run its own directory, or wait for the other run to end (or call `close()` on the"
-                " collector that saved there; a lock of a process that died is released with it)."
-            ) from None
-        try:
-            claim_samples_dir(dirpath)  # again under the lock
-        except BaseException:
-            lock.release()
-            raise
-        self._lock = lock
+        self._lock = hold_lock(
+            dirpath, claim_samples_dir,
+            "Give each run its own directory, or wait for the other run to end (or call `close()` on the collector"
+            " that saved there; a lock of a process that died is released with it).",
+        )
 
     def write(
         self,

@@ -9,7 +9,9 @@ import secrets
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from filelock import FileLock, Timeout
 
 from lightning_sae_samples.samples_dir.atomic import atomic_write_json
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
@@ -336,3 +338,31 @@ def _recover(dirpath: Path) -> None:
     _clear_pending(pending)
     for staging in sorted(dirpath.glob(f"{PENDING_STAGING_PREFIX}*")):
         _clear_staging(staging)
+
+
+def hold_lock(dirpath: Path, claim: Callable[[Path], Any], busy_fix: str) -> FileLock:
+    """Create ``dirpath``, check with ``claim`` that it is ours, and take its lock (held until released).
+
+    Where a lock file is there already, the lock comes first: another writer's half-written save is no reason to
+    call the directory foreign. ``claim`` runs again under the lock either way.
+
+    Raises:
+        SamplesDirectoryError: Another writer holds the lock (the message ends with ``busy_fix``), or ``claim``
+            refused the directory.
+    """
+    dirpath.mkdir(parents=True, exist_ok=True)
+    if lstat_or_none(dirpath / LOCK_NAME) is None:
+        claim(dirpath)  # before creating a lock file in a directory that may not be ours
+    lock = FileLock(dirpath / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SamplesDirectoryError(
+            f"Another run is writing samples to {str(dirpath)!r}: it holds the lock {dirpath / LOCK_NAME}. {busy_fix}"
+        ) from None
+    try:
+        claim(dirpath)  # again under the lock
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
+from lightning_sae_samples.samples_dir.commit import hold_lock
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import (
     LOCK_NAME,
@@ -85,20 +86,8 @@ def lock_run_dir(dirpath: Path, names: Sequence[str]) -> FileLock:
     Raises:
         SamplesDirectoryError: Another writer holds the lock, or the folder is not ours.
     """
-    dirpath.mkdir(parents=True, exist_ok=True)
-    claim_run_dir(dirpath, names)
-    lock = FileLock(dirpath / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise SamplesDirectoryError(
-            f"Another run is writing samples to {str(dirpath)!r}: it holds the lock {dirpath / LOCK_NAME}. Give each"
-            " run its own `dirpath`, or wait for the other run to end (a lock of a process that died is released"
-            " with it)."
-        ) from None
-    try:
-        claim_run_dir(dirpath, names)  # again under the lock
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+    return hold_lock(
+        dirpath, lambda path: claim_run_dir(path, names),
+        "Give each run its own `dirpath`, or wait for the other run to end (a lock of a process that died is"
+        " released with it).",
+    )
