@@ -179,7 +179,7 @@ def _holds_only_snapshots(path: Path) -> bool:
     return all(
         re.fullmatch(r"step_\d+", child.name) and (read_manifest(child) is not None
                                                    or _commits_a_manifest(child / PENDING_DIR)
-                                                   or not _foreign_names(child))
+                                                   or (_entries(child) is not None and not _foreign_names(child)))
         for child in path.iterdir()
     )
 
