@@ -65,7 +65,7 @@ def print_meaning_changes(analyzer) -> None:
     for latent in changed:
         console.print(f"  latent {latent}: {story_line(history, latent)}", markup=False, soft_wrap=True)
     if not changed:
-        console.print("  none: every latent kept its top tokens from window to window.")
+        console.print("  none: no latent's activating tokens changed beyond sampling noise (docs/history.md).")
 
 
 def samples_dir_of(callback, trainer) -> Path:

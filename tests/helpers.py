@@ -131,6 +131,30 @@ class DriftingSAE(SyntheticSAE):
         return table[tokens] + 0.5 * pos.view(1, -1, 1)
 
 
+class SwitchingSAE(DriftingSAE):
+    """Each live latent fires on two tokens of its own. From ``drift_step`` on, latents 1 mod 4 fire on two
+    other tokens (a meaning change), latents 3 mod 8 stop firing (a death) and latents 7 mod 8 start (a birth).
+
+    Unlike :class:`DriftingSAE`'s broad latents, whose top tokens differ between windows by chance, these changes
+    stand out of sampling noise at a few dozen activations per window (``FeatureHistory``'s meaning changes).
+    """
+
+    def __init__(self, drift_step: int = 2, **kwargs) -> None:
+        super().__init__(drift_step=drift_step, **kwargs)
+        vocab, num_latents = self.table.shape
+        latents = torch.arange(2, num_latents)
+        first = (2 * latents) % vocab
+        self.table.zero_()
+        self.table[first, latents], self.table[(first + 1) % vocab, latents] = 2.0, 1.5
+        self.moved.copy_(self.table)
+        switching = latents[latents % 4 == 1]
+        self.moved[:, switching] = 0.0
+        moved_first = (2 * switching + vocab // 2) % vocab
+        self.moved[moved_first, switching], self.moved[(moved_first + 1) % vocab, switching] = 2.0, 1.5
+        self.moved[:, latents[latents % 8 == 3]] = 0.0
+        self.table[:, latents[latents % 8 == 7]] = 0.0
+
+
 def loader(dataset: Dataset | None = None, batch_size: int = 4) -> DataLoader:
     return DataLoader(dataset or TokenDataset(), batch_size=batch_size, shuffle=False)
 

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BlockPendingDir, DriftingSAE, TokenDataset, assert_same, loader, make_callback, trainer
+from helpers import (
+    BlockPendingDir,
+    DriftingSAE,
+    SwitchingSAE,
+    TokenDataset,
+    assert_same,
+    loader,
+    make_callback,
+    trainer,
+)
 from history_oracle import assert_window_matches, window_oracle
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -18,12 +27,13 @@ F, THR, CTX = 10, 0.5, 2
 SCRIPT = Path(__file__).parent / "history_ddp_script.py"
 
 
-def fit(root, max_steps, ckpt_every=2, ckpt_path=None, **settings):
-    model = DriftingSAE(drift_step=3, mode="sparse", num_latents=F)
+def fit(root, max_steps, ckpt_every=2, ckpt_path=None, switching=False, **settings):
+    """``switching``: latents of two tokens each over longer sequences, so that the odd ones' change shows."""
+    model = (SwitchingSAE if switching else DriftingSAE)(drift_step=3, mode="sparse", num_latents=F)
     callback = make_callback(root / "samples", **settings)
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
     run = trainer(root, [callback, checkpoints], max_steps=max_steps, max_epochs=None, enable_checkpointing=True)
-    run.fit(model, loader(TokenDataset(num_sequences=40)), ckpt_path=ckpt_path)
+    run.fit(model, loader(TokenDataset(num_sequences=40, seq_len=64 if switching else 9)), ckpt_path=ckpt_path)
     return model, callback
 
 
@@ -194,7 +204,7 @@ def test_reports_console_and_export_tell_each_saved_feature_through_training(tmp
 
     from lightning_sae_samples import ActivationSampleAnalyzer
 
-    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    fit(tmp_path, max_steps=7, switching=True, history_windows_per_level=100)
     analyzer = ActivationSampleAnalyzer(tmp_path / "samples")
     history = analyzer.history
     latent = analyzer.saved_features[0]
@@ -202,7 +212,7 @@ def test_reports_console_and_export_tell_each_saved_feature_through_training(tmp
     first = history.feature(latent)[0].window
     assert story.startswith(f"born at step {first.start}") and "frequency " in story
     assert len(story.rsplit("frequency ", 1)[1]) == len(history.windows)
-    # The drifting SAE moves its odd latents to other tokens from step 3: some change meaning, listed by step.
+    # The switching SAE moves its odd latents to other tokens from step 3: they change meaning, listed by step.
     changed = [e for e in history.events() if e.kind == "meaning_change"]
     assert changed and all(e.latent % 2 == 1 for e in changed)
     assert "meaning changed at step" in analyzer.feature(changed[0].latent).story
@@ -227,7 +237,7 @@ def test_serve_answers_the_timeline_the_run_chart_and_the_history_filters(tmp_pa
     from lightning_sae_samples.serve.app import create_app
     from lightning_sae_samples.serve.runs import RunSet
 
-    fit(tmp_path, max_steps=7, history_windows_per_level=100)
+    fit(tmp_path, max_steps=7, switching=True, history_windows_per_level=100)
     history = ActivationSampleAnalyzer(tmp_path / "samples").history
     changed = history.most_changed(100)
     with TestClient(create_app(RunSet(tmp_path / "samples"))) as client:

@@ -20,12 +20,12 @@ WIDTH = 3  # context window of the samples: the activating token at index 1
 
 
 def window(start, end, latents, level=0, samples=()):
-    """A window where each of ``latents`` fired; ``samples``: ``(latent, value, context tokens)``."""
+    """A window where each of ``latents`` fired 6 times; ``samples``: ``(latent, value, context tokens)``."""
     n = len(latents)
     ids = torch.tensor([[1, 2, -1]] * n, dtype=torch.int32).view(n, 3)
     return {
         "start": start, "end": end, "level": level, "saves": 2**level, "tokens_seen": 100,
-        "latent": torch.tensor(latents, dtype=torch.int32), "count": torch.full((n,), 4, dtype=torch.int64),
+        "latent": torch.tensor(latents, dtype=torch.int32), "count": torch.full((n,), 6, dtype=torch.int64),
         "sum": torch.full((n,), 6.0, dtype=torch.float64), "max": torch.full((n,), 2.0),
         "token_ids": ids, "token_counts": (ids >= 0).long(),
         "samples": {

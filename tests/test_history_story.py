@@ -5,7 +5,7 @@ import html
 import io
 
 import pytest
-from helpers import DriftingSAE, TokenDataset, loader, make_callback, trainer
+from helpers import SwitchingSAE, TokenDataset, loader, make_callback, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from render_support import FakeTokenizer
 from rich.console import Console
@@ -24,7 +24,8 @@ def changed(tmp_path_factory):
                              top_features_to_save=10)
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     run = trainer(root, [callback, checkpoints], max_steps=8, max_epochs=None, enable_checkpointing=True)
-    run.fit(DriftingSAE(drift_step=3, mode="sparse", num_latents=10), loader(TokenDataset(num_sequences=40)))
+    sae = SwitchingSAE(drift_step=3, mode="sparse", num_latents=10)
+    run.fit(sae, loader(TokenDataset(num_sequences=40, seq_len=64)))
     analyzer = ActivationSampleAnalyzer(root / "samples")
     latent = next(i for i in analyzer.saved_features if any(
         e.kind == "meaning_change" for e in analyzer.history.events(i)))

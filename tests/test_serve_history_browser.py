@@ -1,7 +1,8 @@
 """The `serve` page's training-history views in headless Chromium over a real server (DevTools protocol).
 
-A real Trainer writes a directory with a history of six windows (a checkpoint every 2 steps; the drifting SAE
-moves its odd latents to other tokens from step 3, so some change meaning) and two validation snapshots. Every
+A real Trainer writes a directory with a history of six windows (a checkpoint every 2 steps; from step 3 the
+switching SAE moves some latents to other tokens, so they change meaning, stops some and starts others) and two
+validation snapshots. Every
 expected value is read from the files (``FeatureHistory``) or the server's API, never written here.
 """
 
@@ -24,7 +25,7 @@ pytestmark = [
 
 def fit(root):
     """Two epochs of 6 steps, a window every 2 steps, a snapshot after each epoch's validation (steps 6 and 12)."""
-    from helpers import DriftingSAE, TokenDataset, loader, trainer
+    from helpers import SwitchingSAE, TokenDataset, loader, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_sae_samples import ActivationSampleCallback
@@ -38,8 +39,8 @@ def fit(root):
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     run = trainer(root, [callback, checkpoints], max_epochs=2, enable_checkpointing=True, check_val_every_n_epoch=1,
                   num_sanity_val_steps=0)
-    run.fit(DriftingSAE(num_latents=48, drift_step=3, mode="sparse"), loader(TokenDataset(num_sequences=24)),
-            loader(TokenDataset(num_sequences=8, seed=5)))
+    sae = SwitchingSAE(num_latents=48, drift_step=3, mode="sparse")
+    run.fit(sae, loader(TokenDataset(num_sequences=24, seq_len=64)), loader(TokenDataset(num_sequences=8, seed=5)))
     return root / "samples"
 
 
@@ -186,8 +187,8 @@ def test_the_run_chart_has_one_entry_per_window(served):
         == [True] * len(series)
     table = tools.js("Array.from(document.querySelectorAll('#run-rows tr')).map(r => Array.from(r.cells).slice(1)"
                      ".map(c => c.textContent))")
-    assert table == [[f"{w['start']}–{w['end']}", str(w["alive"]), str(w["births"]), str(w["deaths"]),
-                      str(w["revivals"]), str(w["meaning_changes"])] for w in series]
+    assert table == [[f"{w['start']}–{w['end']}", str(w["alive"]), str(w["rare"]), str(w["births"]),
+                      str(w["deaths"]), str(w["revivals"]), str(w["meaning_changes"])] for w in series]
     assert errors(tools, server.url) == []
 
 

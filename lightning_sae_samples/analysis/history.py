@@ -5,18 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from lightning_sae_samples.analysis.meaning_change import DEFAULT_RULE, EventRule, token_shift_test
 from lightning_sae_samples.samples_dir.history_file import load_history, payload_vocab, windows_of_payload
 from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
 from lightning_sae_samples.samples_dir.reader import read_one_save, read_samples_dir
-
-#: Default top-token overlap (Jaccard of the top-token sets) below which two consecutive windows differ in meaning.
-MEANING_CHANGE_OVERLAP = 0.2
-
 
 #: Event kinds, in the order they are listed within one step.
 EVENT_KINDS = ("birth", "meaning_change", "death", "revival")
@@ -91,16 +88,18 @@ class FeatureEvent:
     """A moment of a latent's story.
 
     Attributes:
-        kind: ``"birth"`` (first window it fired in), ``"death"`` (silent for ``dead_window_steps``),
-            ``"revival"`` (fired again after a death) or ``"meaning_change"`` (its top tokens overlap those of
-            its previous window below the threshold).
+        kind: ``"birth"`` (first window it was active in), ``"death"`` (silent or rare for ``dead_window_steps``),
+            ``"revival"`` (active again after a death) or ``"meaning_change"`` (its activating tokens differ from
+            those of the last window it had enough data in, beyond sampling noise: see :class:`EventRule`).
         latent: The latent.
         step: Where the window of the event begins; for a death, the end of the window by which it had been
-            silent ``dead_window_steps``.
+            silent or rare ``dead_window_steps``.
         window: The window's index.
         before: Top token strings before (a meaning change), else empty.
         after: Top token strings after (a meaning change, a birth, a revival), else empty.
-        overlap: The top-token overlap of a meaning change, else ``None``.
+        before_window: The window a meaning change compares with, else ``None``.
+        p_value: How likely a meaning change's difference is under sampling noise alone, else ``None``.
+        shift: The share of activations that moved to other tokens in a meaning change (at least), else ``None``.
     """
 
     kind: str
@@ -109,12 +108,51 @@ class FeatureEvent:
     window: int
     before: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
-    overlap: Optional[float] = None
+    before_window: Optional[int] = None
+    p_value: Optional[float] = None
+    shift: Optional[float] = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"kind": self.kind, "latent": self.latent, "step": self.step, "window": self.window,
-                "before": list(self.before), "after": list(self.after), "overlap": self.overlap}
+                "before": list(self.before), "after": list(self.after), "before_window": self.before_window,
+                "p_value": self.p_value, "shift": self.shift}
+
+
+class _Found(NamedTuple):
+    """Events of one kind.
+
+    Per event: its latent, step, window and row (into the latent-sorted rows); for a meaning change, the row it
+    was compared with, the p-value and the shift.
+    """
+
+    latent: Tensor
+    step: Tensor
+    window: Tensor
+    row: Tensor
+    before: Tensor
+    p_value: Tensor
+    shift: Tensor
+
+
+class _Rows(NamedTuple):
+    """History rows sorted by latent, then window: latent, window, top token ids and counts, total count."""
+
+    latent: Tensor
+    window: Tensor
+    token_ids: Tensor
+    token_counts: Tensor
+    count: Tensor
+
+
+def _runs(latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rows sorted by latent: whether each is its latent's first, its last, and the next row's index."""
+    n = len(latent)
+    first = torch.ones(n, dtype=torch.bool)
+    first[1:] = latent[1:] != latent[:-1]
+    last = torch.ones(n, dtype=torch.bool)
+    last[:-1] = first[1:]
+    return first, last, (torch.arange(n) + 1).clamp(max=max(n - 1, 0))
 
 
 class FeatureHistory:
@@ -138,8 +176,9 @@ class FeatureHistory:
         self._row_window = torch.repeat_interleave(torch.arange(len(self._windows)), lengths)
         rows = payload["rows"]
         self._latent, self._count, self._token_ids = rows["latent"].long(), rows["count"], rows["token_ids"]
-        self._events: dict[float, dict[str, tuple[Tensor, ...]]] = {}
-        self._sorted_ids = self._token_ids
+        self._token_counts = rows["token_counts"]
+        self._events: dict[EventRule, dict[str, _Found]] = {}
+        self._sorted_rows = _Rows(self._latent, self._row_window, self._token_ids, self._token_counts, self._count)
 
     @classmethod
     def from_dir(cls, path: PathLike) -> Optional[FeatureHistory]:
@@ -215,113 +254,128 @@ class FeatureHistory:
                                      half - (inside[0] if inside else 0)))
         return tuple(out)
 
-    def events(self, latent: Optional[int] = None, change_overlap: float = MEANING_CHANGE_OVERLAP
-               ) -> list[FeatureEvent]:
+    def events(self, latent: Optional[int] = None, rule: EventRule = DEFAULT_RULE) -> list[FeatureEvent]:
         """Births, deaths, revivals and meaning changes of one latent, or of every latent (by step, then latent).
 
         One latent's are found from its own windows, unless every latent's are known already.
         """
-        if latent is None or change_overlap in self._events:
-            found, ids = self._all_events(change_overlap), self._sorted_ids
+        if latent is None or rule in self._events:
+            found, rows = self._all_events(rule), self._sorted_rows
         else:
-            found, ids = self._latent_events(int(latent), change_overlap)
+            found, rows = self._latent_events(int(latent), rule)
+        ids = rows.token_ids
         listed = []
         for rank, kind in enumerate(EVENT_KINDS):
-            lat, step, win, row, overlap = found[kind]
+            events = found[kind]
+            lat = events.latent
             picked = torch.arange(len(lat)) if latent is None else (lat == int(latent)).nonzero(as_tuple=True)[0]
             for i in picked.tolist():
-                r = int(row[i])
+                r = int(events.row[i])
                 after = self._strings(ids[r]) if kind != "death" else ()
-                before = self._strings(ids[r - 1]) if kind == "meaning_change" else ()
-                value = float(overlap[i]) if kind == "meaning_change" else None
-                listed.append((int(step[i]), rank, int(lat[i]),
-                               FeatureEvent(kind, int(lat[i]), int(step[i]), int(win[i]), before, after, value)))
+                event = FeatureEvent(kind, int(lat[i]), int(events.step[i]), int(events.window[i]), (), after)
+                if kind == "meaning_change":
+                    before = int(events.before[i])
+                    event = FeatureEvent(kind, event.latent, event.step, event.window, self._strings(ids[before]),
+                                         after, int(rows.window[before]), float(events.p_value[i]),
+                                         float(events.shift[i]))
+                listed.append((event.step, rank, event.latent, event))
         listed.sort(key=lambda item: item[:3])
         return [item[3] for item in listed]
 
-    def event_counts(self, change_overlap: float = MEANING_CHANGE_OVERLAP) -> dict[str, Tensor]:
+    def event_counts(self, rule: EventRule = DEFAULT_RULE) -> dict[str, Tensor]:
         """Per latent (``[F]`` int64 each): how many events of each kind it had, by kind."""
-        found = self._all_events(change_overlap)
-        return {kind: torch.bincount(found[kind][0], minlength=self.num_latents) for kind in EVENT_KINDS}
+        found = self._all_events(rule)
+        return {kind: torch.bincount(found[kind].latent, minlength=self.num_latents) for kind in EVENT_KINDS}
 
-    def first_event_step(self, kind: str, change_overlap: float = MEANING_CHANGE_OVERLAP) -> Tensor:
+    def first_event_step(self, kind: str, rule: EventRule = DEFAULT_RULE) -> Tensor:
         """Per latent (``[F]`` int64), the step of its first event of ``kind`` (``-1``: none)."""
-        lat, step = self._all_events(change_overlap)[kind][:2]
+        events = self._all_events(rule)[kind]
         out = torch.full((self.num_latents,), torch.iinfo(torch.int64).max, dtype=torch.int64)
-        out.scatter_reduce_(0, lat, step, reduce="amin")
+        out.scatter_reduce_(0, events.latent, events.step, reduce="amin")
         return torch.where(out == torch.iinfo(torch.int64).max, -1, out)
 
-    def _all_events(self, change_overlap: float) -> dict[str, tuple[Tensor, ...]]:
-        """Per kind: latent, step, window, row (into the latent-sorted rows) and overlap tensors of its events."""
-        cached = self._events.get(change_overlap)
+    def _all_events(self, rule: EventRule) -> dict[str, _Found]:
+        """Per kind, every latent's events (rows index the latent-sorted rows, :attr:`_sorted_rows`)."""
+        cached = self._events.get(rule)
         if cached is not None:
             return cached
         order = torch.argsort(self._latent * max(len(self.windows), 1) + self._row_window)
-        self._sorted_ids = self._token_ids[order]
-        found = self._find_events(self._latent[order], self._row_window[order], self._sorted_ids, change_overlap)
-        self._events[change_overlap] = found
+        self._sorted_rows = _Rows(self._latent[order], self._row_window[order], self._token_ids[order],
+                                  self._token_counts[order], self._count[order])
+        found = self._find_events(self._sorted_rows, rule)
+        self._events[rule] = found
         return found
 
-    def _latent_events(self, latent: int, change_overlap: float) -> tuple[dict[str, tuple[Tensor, ...]], Tensor]:
-        """:meth:`_all_events` of one latent, from the windows it fired in, and its rows' top token ids."""
+    def _latent_events(self, latent: int, rule: EventRule) -> tuple[dict[str, _Found], _Rows]:
+        """:meth:`_all_events` of one latent, from the windows it fired in, and its rows."""
         found = self._rows_of(latent)
-        windows = [index for index, _ in found]
-        ids = [self._windows[index]["token_ids"][at] for index, at in found]
+        windows = torch.tensor([index for index, _ in found], dtype=torch.int64)
         top = self._token_ids.shape[1]
-        ids_t = torch.stack(ids) if ids else torch.empty((0, top), dtype=self._token_ids.dtype)
-        window_t = torch.tensor(windows, dtype=torch.int64)
-        return self._find_events(torch.full_like(window_t, latent), window_t, ids_t, change_overlap), ids_t
 
-    def _find_events(self, latent: Tensor, window: Tensor, ids: Tensor, change_overlap: float
-                     ) -> dict[str, tuple[Tensor, ...]]:
-        """The events of rows sorted by latent, then window (``ids``: their top token ids)."""
+        def stacked(name: str, dtype: torch.dtype) -> Tensor:
+            picked = [self._windows[index][name][at] for index, at in found]
+            return torch.stack(picked) if picked else torch.empty((0, top), dtype=dtype)
+
+        count = torch.tensor([int(self._windows[index]["count"][at]) for index, at in found], dtype=torch.int64)
+        rows = _Rows(torch.full_like(windows, latent), windows, stacked("token_ids", self._token_ids.dtype),
+                     stacked("token_counts", torch.int64), count)
+        return self._find_events(rows, rule), rows
+
+    def _find_events(self, rows: _Rows, rule: EventRule) -> dict[str, _Found]:
+        """The events of rows sorted by latent, then window."""
         count_w = len(self.windows)
         ends = torch.tensor([w.end for w in self.windows], dtype=torch.int64)
         starts = torch.tensor([w.start for w in self.windows], dtype=torch.int64)
-        n = len(latent)
-        first = torch.ones(n, dtype=torch.bool)
-        first[1:] = latent[1:] != latent[:-1]
-        last = torch.ones(n, dtype=torch.bool)
-        last[:-1] = first[1:]
-        following = (torch.arange(n) + 1).clamp(max=max(n - 1, 0))
-        none = torch.empty(0, dtype=torch.float64)
-
-        def pick(rows: Tensor, steps: Tensor, windows: Tensor, overlap: Tensor = none) -> tuple[Tensor, ...]:
-            return latent[rows], steps, windows, rows, overlap
-
         found = {}
+        # Births, deaths and revivals read only the windows where a latent was active (fired often enough).
+        active = (rows.count >= rule.min_active_count).nonzero(as_tuple=True)[0]
+        latent, window = rows.latent[active], rows.window[active]
+        first, last, following = _runs(latent)
+        none_f, none_i = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64)
+
+        def pick(at: Tensor, steps: Tensor, windows: Tensor) -> _Found:
+            return _Found(latent[at], steps, windows, active[at], none_i, none_f, none_f)
+
         births = first.nonzero(as_tuple=True)[0]
         found["birth"] = pick(births, starts[window[births]], window[births])
-        # Dead from the first window ending `dead_window_steps` after its last active one, if it stays silent
-        # until then (the next window it fires in comes later).
+        # Dead from the first window ending `dead_window_steps` after its last active one, if it stays inactive
+        # until then (the next window it is active in comes later).
+        n = len(latent)
         next_window = torch.where(last, torch.full_like(window, count_w), window[following]) if n else window
         death_window = torch.searchsorted(ends, ends[window] + self.dead_window_steps) if n else window
         dead = (death_window < next_window).nonzero(as_tuple=True)[0]
         found["death"] = pick(dead, ends[death_window[dead]], death_window[dead])
         revived = dead[~last[dead]] + 1
         found["revival"] = pick(revived, starts[window[revived]], window[revived])
-        pair = (~last).nonzero(as_tuple=True)[0]
-        a, b = ids[pair], ids[pair + 1]
-        valid_a, valid_b = a >= 0, b >= 0
-        shared = ((a.unsqueeze(2) == b.unsqueeze(1)) & valid_a.unsqueeze(2) & valid_b.unsqueeze(1)).any(2).sum(1)
-        union = valid_a.sum(1) + valid_b.sum(1) - shared
-        overlap = shared.double() / union.clamp(min=1).double()
-        low = overlap < change_overlap
-        changed = pair[low] + 1
-        found["meaning_change"] = pick(changed, starts[window[changed]], window[changed], overlap[low])
+        # A meaning change compares each window with enough data with the latent's last one before it.
+        tested = (rows.count >= rule.min_tested_count).nonzero(as_tuple=True)[0]
+        pair = (~_runs(rows.latent[tested])[1]).nonzero(as_tuple=True)[0]
+        before, after = tested[pair], tested[pair + 1]
+        p_value, shift = token_shift_test(rows.token_ids[before], rows.token_counts[before], rows.count[before],
+                                          rows.token_ids[after], rows.token_counts[after], rows.count[after])
+        changed = (p_value < rule.false_alarm_rate) & (shift >= rule.min_shift)
+        at, was = after[changed], before[changed]
+        found["meaning_change"] = _Found(rows.latent[at], starts[rows.window[at]], rows.window[at], at, was,
+                                         p_value[changed], shift[changed])
         return found
 
     def _strings(self, ids: Tensor) -> tuple[str, ...]:
         return tuple(self.token_str(t) for t in ids.tolist() if t >= 0)
 
     # ------------------------------------------------------------------ the whole run
-    def run_series(self, change_overlap: float = MEANING_CHANGE_OVERLAP) -> list[dict[str, int]]:
-        """Per window: its steps, the latents that fired in it (alive), and the events it saw by kind."""
+    def run_series(self, rule: EventRule = DEFAULT_RULE) -> list[dict[str, int]]:
+        """Per window: its steps, the latents active (alive) and rare in it, and the events it saw by kind.
+
+        A latent is rare in a window where it fired fewer than ``rule.min_active_count`` times.
+        """
         count_w = len(self.windows)
-        alive = torch.bincount(self._row_window, minlength=count_w).tolist()
-        found = self._all_events(change_overlap)
-        per_kind = {kind: torch.bincount(found[kind][2], minlength=count_w).tolist() for kind in EVENT_KINDS}
-        return [{"start": w.start, "end": w.end, "alive": alive[w.index], "births": per_kind["birth"][w.index],
+        active = self._count >= rule.min_active_count
+        alive = torch.bincount(self._row_window[active], minlength=count_w).tolist()
+        rare = torch.bincount(self._row_window[~active], minlength=count_w).tolist()
+        found = self._all_events(rule)
+        per_kind = {kind: torch.bincount(found[kind].window, minlength=count_w).tolist() for kind in EVENT_KINDS}
+        return [{"start": w.start, "end": w.end, "alive": alive[w.index], "rare": rare[w.index],
+                 "births": per_kind["birth"][w.index],
                  "deaths": per_kind["death"][w.index], "revivals": per_kind["revival"][w.index],
                  "meaning_changes": per_kind["meaning_change"][w.index]} for w in self.windows]
 
@@ -349,9 +403,9 @@ class FeatureHistory:
                 })
         return out
 
-    def most_changed(self, limit: int = 3, change_overlap: float = MEANING_CHANGE_OVERLAP) -> list[int]:
+    def most_changed(self, limit: int = 3, rule: EventRule = DEFAULT_RULE) -> list[int]:
         """The latents with the most meaning changes (then the lower index), at most ``limit``."""
-        changes = self.event_counts(change_overlap)["meaning_change"]
+        changes = self.event_counts(rule)["meaning_change"]
         ranked = torch.argsort(-changes, stable=True)[:limit]
         return [int(i) for i in ranked if int(changes[i]) > 0]
 
@@ -373,24 +427,32 @@ def quoted_tokens(tokens: Sequence[str]) -> str:
     return ", ".join(f'"{token}"' for token in tokens)
 
 
-def story_line(history: FeatureHistory, latent: int, change_overlap: float = MEANING_CHANGE_OVERLAP,
-               tokens: int = 3) -> Optional[str]:
+def story_line(history: FeatureHistory, latent: int, rule: EventRule = DEFAULT_RULE, tokens: int = 3
+               ) -> Optional[str]:
     """A latent's "through training" line (raw token text), or ``None`` when it never fired in the history.
 
     For example ``born at step 0 · meaning changed at step 8,000 (" the", " of" → " Lord", " God") · frequency
     ▁▃█▅``: the top tokens before and after, each quoted (word pieces and their leading spaces stay readable).
+    A change found against an earlier window than the previous one reads ``meaning changed between steps 250 and
+    1,000``. A latent never active (see :class:`EventRule`) reads ``rare (...)``.
     """
     active = {stats.window.index: stats for stats in history.feature(latent)}
     if not active:
         return None
     parts = []
-    for event in history.events(latent, change_overlap):
+    for event in history.events(latent, rule):
         if event.kind == "meaning_change":
-            parts.append(f"meaning changed at step {event.step:,} ({quoted_tokens(event.before[:tokens])} →"
+            # Compared with an earlier window than the previous one (those between had too little data).
+            since = event.before_window is not None and event.before_window < event.window - 1
+            when = (f"between steps {history.windows[event.before_window].end:,} and {event.step:,}" if since
+                    else f"at step {event.step:,}")
+            parts.append(f"meaning changed {when} ({quoted_tokens(event.before[:tokens])} →"
                          f" {quoted_tokens(event.after[:tokens])})")
         else:
             verb = {"birth": "born", "death": "died", "revival": "revived"}[event.kind]
             parts.append(f"{verb} at step {event.step:,}")
+    if not parts:
+        parts.append(f"rare (fewer than {rule.min_active_count} activations in every window)")
     frequencies = [active[w.index].frequency if w.index in active else 0.0 for w in history.windows]
     parts.append(f"frequency {sparkline(frequencies)}")
     return " · ".join(parts)

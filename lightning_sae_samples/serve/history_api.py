@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_sae_samples.analysis.history import FeatureHistory, HistorySample
+from lightning_sae_samples.analysis.meaning_change import DEFAULT_RULE
 from lightning_sae_samples.analysis.records import ContextToken, Sample
 from lightning_sae_samples.render import formatting
 from lightning_sae_samples.render.escaping import token_label
@@ -41,7 +42,8 @@ def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
     """A feature's timeline: its windows, its events, and every window's steps.
 
     Per window where it fired (``windows``; a silent one has no entry, ``steps`` lists them all): its steps, count,
-    frequency, max, mean, top tokens and how many samples were kept (:func:`window_samples` gives them).
+    frequency, max, mean, top tokens, how many samples were kept (:func:`window_samples` gives them), whether it
+    fired too rarely there to be active (``rare``) and whether it had enough data to compare (``tested``).
 
     The samples are left out so that the answer stays small however many windows keep some (30 windows of 3
     samples of 21 tokens, rendered, are about 0.4 MB).
@@ -57,6 +59,7 @@ def timeline(history: FeatureHistory, latent: int) -> dict[str, Any]:
             "top_tokens": [{"token_id": t.token_id, "text": t.text, "label": token_label(t.text), "count": t.count}
                            for t in stats.top_tokens],
             "kept_samples": len(stats.samples),
+            "rare": stats.count < DEFAULT_RULE.min_active_count, "tested": stats.count >= DEFAULT_RULE.min_tested_count,
         })
     return {"latent": int(latent), "windows": windows, "events": [e.to_json() for e in history.events(latent)],
             "steps": [[w.start, w.end] for w in history.windows]}

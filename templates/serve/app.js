@@ -465,6 +465,9 @@
         var tokens = el("td", { className: "tokens" });
         if (found) { found.top_tokens.forEach(function (tok) { tokens.appendChild(chip(tok.label, "×" + tok.count)); }); }
         else { tokens.appendChild(el("span", { className: "caption", text: "silent" })); }
+        if (found && (found.rare || !found.tested)) {
+          tokens.appendChild(el("span", { className: "caption", text: found.rare ? " rare" : " too few to compare" }));
+        }
         var tr = el("tr", { "data-window": i }, [el("td", { text: String(i) }), el("td", { text: stepsText(w) }),
           el("td", { text: found ? String(found.count) : "0" }), el("td", { text: found ? found.shown.frequency : "0" }),
           el("td", { text: found ? found.shown.max : "–" }), el("td", { text: found ? found.shown.mean : "–" }), tokens]);
@@ -521,7 +524,10 @@
       g.appendChild(svgNode("line", { x1: at, y1: CHART.top, x2: at, y2: ax.bottom }));
       svgText(g, at, CHART.top + 2 + 10 * stack, KIND_MARKS[e.kind], "middle", "mark");
       var words = KIND_NAMES[e.kind] + " at step " + e.step;
-      if (e.kind === "meaning_change") { words += ": " + quotedTokens(e.before) + " → " + quotedTokens(e.after) + " (overlap " + fmtNum(e.overlap) + ")"; }
+      if (e.kind === "meaning_change") {
+        words += ": " + quotedTokens(e.before) + " → " + quotedTokens(e.after) + " (" + Math.round(e.shift * 100)
+          + "% of activations moved, p " + fmtNum(e.p_value) + ", against window " + e.before_window + ")";
+      }
       else if (e.after.length) { words += ": " + quotedTokens(e.after); }
       titled(g, words);
       svg.appendChild(g);
@@ -628,10 +634,12 @@
         g.appendChild(svgNode("rect", { "class": "bar births", x: left + 1, y: middle - scale(w.births), width: width, height: scale(w.births) }));
         g.appendChild(svgNode("rect", { "class": "bar deaths", x: left + 1, y: middle, width: width, height: scale(w.deaths) }));
         titled(g, "window " + i + " · steps " + w.start + "–" + w.end + " · alive " + w.alive + " · births " + w.births
-          + " · deaths " + w.deaths + " · revivals " + w.revivals + " · meaning changes " + w.meaning_changes);
+          + " · deaths " + w.deaths + " · revivals " + w.revivals + " · meaning changes " + w.meaning_changes
+          + " · rare " + w.rare);
         svg.appendChild(g);
         body.appendChild(el("tr", { "data-window": i }, [el("td", { text: String(i) }), el("td", { text: w.start + "–" + w.end }),
-          el("td", { text: String(w.alive) }), el("td", { text: String(w.births) }), el("td", { text: String(w.deaths) }),
+          el("td", { text: String(w.alive) }), el("td", { text: String(w.rare) }), el("td", { text: String(w.births) }),
+          el("td", { text: String(w.deaths) }),
           el("td", { text: String(w.revivals) }), el("td", { text: String(w.meaning_changes) })]));
       });
       $("run-chart-caption").textContent = r.windows.length + " windows · a latent is dead after " + r.dead_window_steps + " silent steps";
