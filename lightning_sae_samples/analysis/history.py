@@ -270,14 +270,14 @@ class FeatureHistory:
             lat = events.latent
             picked = torch.arange(len(lat)) if latent is None else (lat == int(latent)).nonzero(as_tuple=True)[0]
             for i in picked.tolist():
-                r = int(events.row[i])
-                after = self._strings(ids[r]) if kind != "death" else ()
-                event = FeatureEvent(kind, int(lat[i]), int(events.step[i]), int(events.window[i]), (), after)
+                after = self._strings(ids[int(events.row[i])]) if kind != "death" else ()
+                change: dict[str, Any] = {}
                 if kind == "meaning_change":
-                    before = int(events.before[i])
-                    event = FeatureEvent(kind, event.latent, event.step, event.window, self._strings(ids[before]),
-                                         after, int(rows.window[before]), float(events.p_value[i]),
-                                         float(events.shift[i]))
+                    was = int(events.before[i])
+                    change = {"before": self._strings(ids[was]), "before_window": int(rows.window[was]),
+                              "p_value": float(events.p_value[i]), "shift": float(events.shift[i])}
+                event = FeatureEvent(kind, int(lat[i]), int(events.step[i]), int(events.window[i]), after=after,
+                                     **change)
                 listed.append((event.step, rank, event.latent, event))
         listed.sort(key=lambda item: item[:3])
         return [item[3] for item in listed]
