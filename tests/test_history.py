@@ -245,8 +245,13 @@ def test_serve_answers_the_timeline_the_run_chart_and_the_history_filters(tmp_pa
         assert [w["count"] for w in page["windows"]] == [s.count for s in history.feature(changed[0])]
         assert [e["kind"] for e in page["events"]][0] == "birth" and "meaning_change" in [e["kind"] for e in
                                                                                           page["events"]]
+        change = next(e for e in page["events"] if e["kind"] == "meaning_change")
+        assert change["p_value"] < 0.001 and change["shift"] >= 0.3 and change["before_window"] < change["window"]
+        assert [(w["rare"], w["tested"]) for w in page["windows"]] == [(w["count"] < 5, w["count"] >= 20)
+                                                                       for w in page["windows"]]
         chart = client.get("/api/history/run").json()["windows"]
-        assert [w["alive"] for w in chart] == [len(w["latent"]) for w in windows(tmp_path)]
+        assert [(w["alive"], w["rare"]) for w in chart] == [(int((w["count"] >= 5).sum()), int((w["count"] < 5).sum()))
+                                                            for w in windows(tmp_path)]
         listed = client.get("/api/history/latents?filter=changed&sort=changes").json()
         assert [r["latent"] for r in listed["rows"]] == changed and listed["total"] == len(changed)
         born = client.get("/api/history/latents?filter=born_after&step=0&sort=birth").json()["rows"]
