@@ -62,6 +62,22 @@ def test_birth_death_revival_and_meaning_change_per_latent(history):
     assert story_line(history, 3).startswith("rare (fewer than 5 activations in every window)")
 
 
+def test_a_window_with_too_few_activations_is_skipped_and_the_change_placed_between_the_compared_windows():
+    windows = [
+        window(0, 100, {0: (40, [(1, 40)])}),
+        window(100, 200, {0: (8, [(2, 8)])}),  # active, but too few to compare: neither a change nor a reference
+        window(200, 300, {0: (40, [(2, 40)])}),
+    ]
+    payload = history_payload(windows, num_latents=1, top_tokens=3, context_window=3, dead_window_steps=1000,
+                              vocab={i: f"t{i}" for i in range(3)})
+    history = FeatureHistory(payload)
+    change = [e for e in history.events(0) if e.kind == "meaning_change"]
+    assert [(e.window, e.before_window, e.step) for e in change] == [(2, 0, 200)]
+    assert 'meaning changed between steps 100 and 200 ("t1" → "t2")' in story_line(history, 0)
+    # Compared window by window (8 activations are enough), the change is at window 1.
+    assert [e.window for e in history.events(0, EventRule(min_tested_count=5)) if e.kind == "meaning_change"] == [1]
+
+
 def test_one_latents_events_alone_equal_its_share_of_the_run_events():
     gen = torch.Generator().manual_seed(3)
     windows = []
