@@ -156,3 +156,24 @@ def test_rows_are_the_export_rows(history):
                        "frequency": 0.05, "top_token_ids": [1, 2, 3], "top_tokens": ["t1", "t2", "t3"],
                        "top_token_counts": [30, 15, 5]}
     assert len(rows) == 16
+
+
+def test_pairs_tested_in_batches_give_the_same_events(monkeypatch):
+    from lightning_sae_samples.analysis import meaning_change
+
+    gen = torch.Generator().manual_seed(5)
+    windows = []
+    for w in range(6):
+        rows = {}
+        for f in range(40):
+            tokens = torch.randint(0, 4 + f % 3, (int(torch.randint(1, 120, (1,), generator=gen)),), generator=gen)
+            counts = tokens.bincount()
+            top = torch.argsort(-counts, stable=True)[:3]
+            rows[f] = (len(tokens), [(int(t), int(counts[t])) for t in top if counts[t] > 0])
+        windows.append(window(100 * w, 100 * (w + 1), rows))
+    payload = history_payload(windows, num_latents=40, top_tokens=3, context_window=3, dead_window_steps=150,
+                              vocab={i: f"t{i}" for i in range(6)})
+    whole = FeatureHistory(payload).events(rule=EventRule(false_alarm_rate=0.2, min_shift=0.1))
+    monkeypatch.setattr(meaning_change, "PAIRS_AT_ONCE", 7)
+    batched = FeatureHistory(payload).events(rule=EventRule(false_alarm_rate=0.2, min_shift=0.1))
+    assert batched == whole and sum(e.kind == "meaning_change" for e in whole) > 7

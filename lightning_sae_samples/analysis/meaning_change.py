@@ -53,6 +53,11 @@ class EventRule:
 DEFAULT_RULE = EventRule()
 
 
+#: Pairs of windows tested at once: bounds the test's temporary tables (a few hundred bytes a pair each) on a
+#: history of millions of rows.
+PAIRS_AT_ONCE = 1 << 18
+
+
 def token_shift_test(ids_a: Tensor, counts_a: Tensor, total_a: Tensor, ids_b: Tensor, counts_b: Tensor,
                      total_b: Tensor) -> tuple[Tensor, Tensor]:
     """Per pair of windows: the p-value of "same token distribution" and the share of activations that moved.
@@ -68,31 +73,37 @@ def token_shift_test(ids_a: Tensor, counts_a: Tensor, total_a: Tensor, ids_b: Te
         ``(p_value, shift)`` float64 ``[P]``: Pearson's chi-square test of homogeneity of the 2-row table, and
         the total variation distance between the two rows' shares.
     """
+    inputs = (ids_a, counts_a, total_a, ids_b, counts_b, total_b)
+    if len(total_a) <= PAIRS_AT_ONCE:
+        return _shift_test(*inputs)
+    parts = [_shift_test(*(x[at: at + PAIRS_AT_ONCE] for x in inputs)) for at in range(0, len(total_a), PAIRS_AT_ONCE)]
+    return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _shift_test(ids_a: Tensor, counts_a: Tensor, total_a: Tensor, ids_b: Tensor, counts_b: Tensor,
+                total_b: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`token_shift_test` of one batch of pairs."""
     a = _Window(ids_a, counts_a, total_a)
     b = _Window(ids_b, counts_b, total_b)
-    same = (ids_a.unsqueeze(2) == ids_b.unsqueeze(1)) & a.listed.unsqueeze(2) & b.listed.unsqueeze(1)
+    same = ids_a.unsqueeze(2) == torch.where(b.listed, ids_b, -2).unsqueeze(1)  # -1 (none) never meets -2
     b_of_a, a_of_b = same.any(2), same.any(1)  # A's tokens that B lists; B's tokens that A lists
-    # Columns: A's listed tokens, then B's listed tokens that A does not list, then the others.
-    in_b = (same.double() * b.counts.unsqueeze(1)).sum(2)
-    row_a = torch.cat([a.counts, torch.zeros_like(b.counts)], 1)
-    row_b = torch.cat([in_b, torch.where(a_of_b, 0.0, b.counts)], 1)
-    columns = torch.cat([a.listed, b.listed & ~a_of_b], 1)
-    unknown_b = torch.cat([a.listed & ~b_of_a & b.full.unsqueeze(1), torch.zeros_like(b.listed)], 1)
-    unknown_a = torch.cat([torch.zeros_like(a.listed), b.listed & ~a_of_b & a.full.unsqueeze(1)], 1)
-    row_b, other_b = b.fill(row_b, unknown_b, row_a, a.total)
-    row_a, other_a = a.fill(row_a, unknown_a, row_b, b.total)
-    table = torch.stack([torch.cat([row_a, other_a.unsqueeze(1)], 1), torch.cat([row_b, other_b.unsqueeze(1)], 1)], 1)
-    table = table * torch.cat([columns, torch.ones_like(columns[:, :1])], 1).unsqueeze(1)
-    totals = torch.stack([a.total, b.total], 1)
-    column_total = table.sum(1)
-    expected = totals.unsqueeze(2) * column_total.unsqueeze(1) / totals.sum(1).clamp(min=1).view(-1, 1, 1)
-    used = (column_total > 0).unsqueeze(1)
-    chi2 = torch.where(used, (table - expected) ** 2 / expected.clamp(min=1e-300), 0.0).sum((1, 2))
-    dof = (column_total > 0).sum(1) - 1
-    p_value = torch.where(dof > 0, torch.special.gammaincc(dof.clamp(min=1) / 2.0, chi2 / 2.0),
-                          torch.ones_like(chi2))
-    shares = table / totals.clamp(min=1).unsqueeze(2)
-    shift = 0.5 * (shares[:, 0] - shares[:, 1]).abs().sum(1)
+    # Columns: A's listed tokens, B's listed tokens that A does not list (a token both list is in A's columns
+    # only), and the other tokens. An unknown cell is only ever B's count of one of A's tokens or the reverse.
+    b_in_a_columns = torch.where(b_of_a, b.counts.gather(1, same.to(torch.uint8).argmax(2)), 0.0)
+    guess_b, other_b = b.fill(a.counts, a.listed & ~b_of_a & b.full.unsqueeze(1), a.total)
+    b_in_b_columns = torch.where(a_of_b, 0.0, b.counts)
+    guess_a, other_a = a.fill(b_in_b_columns, b.listed & ~a_of_b & a.full.unsqueeze(1), b.total)
+    row_a = torch.cat([a.counts, guess_a, other_a.unsqueeze(1)], 1)
+    row_b = torch.cat([b_in_a_columns + guess_b, b_in_b_columns, other_b.unsqueeze(1)], 1)
+    # For a 2-row table the chi-square is sum over columns of (a_c n_b - b_c n_a)^2 / (n_a n_b (a_c + b_c)), and
+    # the total variation distance half the sum of |a_c n_b - b_c n_a| / (n_a n_b).
+    scale = (a.total * b.total).clamp(min=1)
+    gap = row_a * b.total.unsqueeze(1) - row_b * a.total.unsqueeze(1)
+    column = row_a + row_b
+    chi2 = (gap.square() / column.clamp(min=1e-300)).sum(1) / scale
+    dof = (column > 0).sum(1) - 1
+    p_value = torch.where(dof > 0, torch.special.gammaincc(dof.clamp(min=1) / 2.0, chi2 / 2.0), 1.0)
+    shift = 0.5 * gap.abs().sum(1) / scale
     return p_value, shift
 
 
@@ -104,18 +115,17 @@ class _Window:
         self.counts = torch.where(self.listed, counts.double(), 0.0)
         self.total = total.double()
         self.full = self.listed.all(1)
-        self.smallest = self.counts[:, -1] if ids.shape[1] else torch.zeros_like(self.total)
+        self.smallest = self.counts[:, -1:] if ids.shape[1] else torch.zeros_like(self.total).unsqueeze(1)
         self.other = (self.total - self.counts.sum(1)).clamp(min=0)
 
-    def fill(self, row: Tensor, unknown: Tensor, other_row: Tensor, other_total: Tensor) -> tuple[Tensor, Tensor]:
-        """``row`` with its unknown cells filled as the other row's shares expect, and what is left for the rest.
+    def fill(self, other_counts: Tensor, unknown: Tensor, other_total: Tensor) -> tuple[Tensor, Tensor]:
+        """This window's counts of the other's tokens where ``unknown`` (else 0), and what is left for the rest.
 
-        A filled cell is at most this window's smallest listed count, and all of them at most its other tokens.
+        An unknown count is filled as the other window's shares expect it, at most this window's smallest listed
+        count, and all of them at most its other tokens.
         """
-        guess = other_row * (self.total / other_total.clamp(min=1)).unsqueeze(1)
-        guess = torch.where(unknown, torch.minimum(guess, self.smallest.unsqueeze(1)), 0.0)
+        guess = other_counts * (self.total / other_total.clamp(min=1)).unsqueeze(1)
+        guess = torch.where(unknown, torch.minimum(guess, self.smallest), 0.0)
         wanted = guess.sum(1)
-        scale = torch.where(wanted > self.other, self.other / wanted.clamp(min=1e-300), 1.0)
-        guess = guess * scale.unsqueeze(1)
-        return row + guess, (self.other - guess.sum(1)).clamp(min=0)
-
+        guess = guess * torch.where(wanted > self.other, self.other / wanted.clamp(min=1e-300), 1.0).unsqueeze(1)
+        return guess, (self.other - guess.sum(1)).clamp(min=0)
