@@ -101,6 +101,17 @@ def check_timeline(tools, history, latent: int) -> None:
                     "r.querySelectorAll('td.tokens .chip')).map(c => c.textContent))")
     by_window = {s.window.index: s for s in history.feature(latent)}
     assert rows == [chips(by_window[i].top_tokens) if i in by_window else [] for i in range(windows)]
+    # A window says when the latent was silent, rare, or had too few activations there to be compared.
+    notes = tools.js("Array.from(document.querySelectorAll('#timeline-rows tr')).map(r => Array.from("
+                     "r.querySelectorAll('td.tokens .caption')).map(c => c.textContent.trim()))")
+
+    def note(i):
+        if i not in by_window:
+            return ["silent"]
+        count = by_window[i].count
+        return ["rare"] if count < 5 else ["too few to compare"] if count < 20 else []
+
+    assert notes == [note(i) for i in range(windows)]
 
 
 def show_window(tools, index: int) -> None:
