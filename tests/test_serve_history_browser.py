@@ -127,6 +127,8 @@ def test_the_timeline_draws_every_window_and_event_and_a_window_shows_its_tokens
     change = next(e for e in history.events(latent) if e.kind == "meaning_change")
     title = tools.js("document.querySelector('#timeline-chart g.event-meaning_change title').textContent")
     assert f"{quoted_tokens(change.before)} → {quoted_tokens(change.after)}" in title
+    assert f"({round(change.shift * 100)}% of activations moved, p " in title
+    assert title.endswith(f", against window {change.before_window})")
     # Clicking a window with kept samples shows them, the activating token marked as on the feature page.
     for stats in history.feature(latent)[:3]:
         show_window(tools, stats.window.index)
