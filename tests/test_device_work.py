@@ -91,12 +91,8 @@ def test_a_collection_without_a_merge_dispatches_no_more_operators_than_today(op
     assert counts[0].operators <= OPERATORS_TODAY and counts[2].operators <= OPERATORS_TODAY, describe(counts)
 
 
-DEDUP_ROUNDS = pytest.mark.xfail(
-    strict=True, reason="de-duplication's overlap rounds still read back their sizes: 7-15 syncs a collection")
-
-
 @pytest.mark.parametrize("option", [
-    {"recent_window_steps": 2}, pytest.param({"deduplicate_contexts": True}, marks=DEDUP_ROUNDS),
+    {"recent_window_steps": 2}, {"deduplicate_contexts": True},
     {"history_samples_per_feature": 0}, {"samples_per_interval": 0}, "dense", "rows",
 ], ids=["recent", "dedup", "no-history", "no-intervals", "dense", "rows"])
 def test_no_option_adds_host_synchronisations(option):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
+from lightning_sae_samples.engine.dedup import OverlapRounds
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
 from lightning_sae_samples.engine.sample_table import (
@@ -494,9 +495,15 @@ class SampleCollector:
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
             counted.append(bad_rows.to(dev))
-        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long()]).tolist()  # the one sync
-        num_valid, num_anywhere, *per_table = sizes[:-1]
-        max_id = sizes[-1]
+        overlaps = None
+        if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
+            sequence, position = batch.sequence_positions(token_idx)
+            overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
+        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long()])
+        sizes = (sizes if overlaps is None else torch.cat([sizes, overlaps.sizes])).tolist()  # the one sync
+        survives = None if overlaps is None else overlaps.keep(sizes[len(counted) + 1 :])
+        num_valid, num_anywhere, *per_table = sizes[: len(counted)]
+        max_id = sizes[len(counted)]
         num_walking = per_table.pop(len(offers)) if walking is not None else None
         if bad_rows is not None:
             self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
@@ -512,7 +519,9 @@ class SampleCollector:
         batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False)
+            alive = survives[candidate] if table.dedup_radius is not None else None
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False,
+                         alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
