@@ -306,7 +306,7 @@ class SampleCollector:
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
         found = self._sparse_entries(flat_idx, flat_val, positions.collect)
-        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window)
+        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window, positions.num_segments)
         found.reach = acts.reach()
         self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, flat_val.dtype,
                    self._sequence_batch(positions, step, order_base))
@@ -583,8 +583,9 @@ class SampleCollector:
 
         Each pair of them shares one tensor (see :meth:`_stat_storage`), so one scatter updates both.
         """
+        ones = valid.long()
         fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
-        fired_now.index_add_(0, latent_idx, valid.long())
+        fired_now.index_add_(0, latent_idx, ones)
         self._counts += fired_now.unsqueeze(1)
         bins = torch.bucketize(as_double, self._inner_edges, right=True)
         as_double = torch.where(valid, as_double, 0.0)
@@ -594,9 +595,9 @@ class SampleCollector:
                                      reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
         num_bins = self.hist.shape[1]
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, valid.long())
+        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, ones)
         if interval_rows is not None:
-            self.interval_count.view(-1).index_add_(0, interval_rows, valid.long())
+            self.interval_count.view(-1).index_add_(0, interval_rows, ones)
         fired = fired_now > 0
         self.first_step.masked_fill_(fired & (self.first_step == EMPTY), step)
         self.last_step.masked_fill_(fired, step)

@@ -438,7 +438,7 @@ class SampleTable:
             return
         keep = indices_of(rank < (cap if alive is None else arriving[row]), kept_end[-1])
         perm, rank = perm[keep], rank[keep]
-        new = {name: value[perm] for name, value in new.items()}
+        new = {name: value[perm] for name, value in new.items() if name not in ("window", "alive")}
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
@@ -454,7 +454,10 @@ class SampleTable:
             if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
                 continue
             num_touched = touched_end[hi - 1] - touched_start[lo]
-            if num_touched:
+            if num_touched and lo == 0 and hi == count:  # one range: all rows, nothing to cut out
+                self._merge_rows(indices_of(touched, num_touched), new, rank, width, span, destination,
+                                 num_touched == self.rows, fresh_slots)
+            elif num_touched:
                 r0, r1 = first_row[lo], bounds[hi - 1] + 1
                 rows = indices_of(touched[r0:r1], num_touched) + r0
                 part = slice(kept_start[lo], kept_end[hi - 1])
@@ -557,11 +560,10 @@ class SampleTable:
         The others are written to the pool's scratch row (past its slots), which spares a sync to find them.
         """
         start = 0
-        scratch = self.pool_slots
+        destination = torch.where(destination == EMPTY, self.pool_slots, destination)
         for windows, index in arrivals:
-            part = destination[start : start + len(index)]
+            part = destination[start : start + len(index)] if len(arrivals) > 1 else destination
             start += len(index)
-            part = torch.where(part == EMPTY, scratch, part)
             for name in self.window_fields:
                 pool = self.pool[name]
                 pool.index_copy_(0, part, windows[name].index_select(0, index).to(pool.dtype))
