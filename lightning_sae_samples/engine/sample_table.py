@@ -532,26 +532,26 @@ class SampleTable:
         if len(fresh_slots):
             # Fresh slots go in row order, so the windows of a row land side by side.
             slot = torch.where(fresh, fresh_slots[(torch.cumsum(fresh, 0) - 1).clamp(min=0)].to(slot.dtype), slot)
-            new_slots.view(-1)[at] = slot
 
-        fields = [
-            ("values", kept("values"), to_grid(new["values"], -math.inf)),
-            ("step", kept("step"), to_grid(new["step"], EMPTY)),
-            ("order", kept("order"), to_grid(new["order"], EMPTY)),
-            ("slot", old_slots, new_slots),
-        ]
+        # Each merged place takes an old place (row-major in the kept block) or an entering sample (numbered after
+        # them): one map, then one gather per field.
+        source = torch.empty((grid[0], span + 1), dtype=torch.int64, device=dev)
+        source.scatter_(1, pos_old, torch.arange(grid[0] * span, device=dev).view(grid[0], span))
+        source.scatter_(1, pos_new, to_grid(torch.arange(grid[0] * span, grid[0] * span + len(rank), device=dev), 0))
+        source = source[:, :span]
+        fields = [("values", new["values"]), ("step", new["step"]), ("order", new["order"]), ("slot", slot)]
         if self.random_priority:
-            fields.append(("priority", old_priority, new_priority))
+            fields.append(("priority", new["sort"]))
         if self.hash is not None:
-            fields.append(("hash", kept("hash"), to_grid(new["hash"], 0)))
-        for name, old, fresh_grid in fields:
-            merged = torch.empty((grid[0], span + 1), dtype=old.dtype, device=dev)
-            merged.scatter_(1, pos_old, old)
-            merged.scatter_(1, pos_new, fresh_grid.to(old.dtype))
+            fields.append(("hash", new["hash"]))
+        for name, arriving in fields:
+            sort_field = "priority" if self.random_priority else "values"
+            old = old_slots if name == "slot" else old_priority if name == sort_field else kept(name)
+            merged = torch.cat([old.reshape(-1), arriving.to(old.dtype)])[source]
             if all_rows:
-                getattr(self, name)[:, :span] = merged[:, :span]
+                getattr(self, name)[:, :span] = merged
             else:
-                getattr(self, name)[touched, :span] = merged[:, :span]
+                getattr(self, name)[touched, :span] = merged
         destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
