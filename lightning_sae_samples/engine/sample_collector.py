@@ -499,11 +499,13 @@ class SampleCollector:
         if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
             sequence, position = batch.sequence_positions(token_idx)
             overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
-        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long()])
+        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long(), num_seen.to(dev)])
         sizes = (sizes if overlaps is None else torch.cat([sizes, overlaps.sizes])).tolist()  # the one sync
-        survives = None if overlaps is None else overlaps.keep(sizes[len(counted) + 1 :])
+        survives = None if overlaps is None else overlaps.keep(sizes[len(counted) + 2 :])
         num_valid, num_anywhere, *per_table = sizes[: len(counted)]
         max_id = sizes[len(counted)]
+        if sizes[len(counted) + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
+            batch.segment = None
         num_walking = per_table.pop(len(offers)) if walking is not None else None
         if bad_rows is not None:
             self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
