@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from lightning_sae_samples.engine.dedup import best_of_each_class, context_hash, suppress_overlaps
+from lightning_sae_samples.engine.dedup import OverlapRounds, best_of_each_class, context_hash, suppress_overlaps
 
 
 def greedy(group, position, value, radius):
@@ -29,6 +30,30 @@ def test_a_monotone_ramp_resolves_to_every_other_peak():
     keep = suppress_overlaps(torch.zeros(12, dtype=torch.long), position, position.float(), 1)
     assert keep.tolist() == greedy([0] * 12, position, position.float(), 1)
     assert keep[11] and not keep[10] and keep[9]
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5])
+def test_the_bounded_rounds_settle_long_chains_and_full_sequences(radius):
+    """The rounds run a number fixed by the read-back sizes, with no check: chains as long as the sequence settle."""
+    seq = 60
+    position = torch.arange(seq).repeat(3)
+    group = torch.arange(3).repeat_interleave(seq)
+    ramps = torch.cat([torch.arange(seq).float(), -torch.arange(seq).float(),
+                       torch.rand(seq, generator=torch.Generator().manual_seed(radius))])
+    assert suppress_overlaps(group, position, ramps, radius).tolist() == greedy(group, position, ramps, radius)
+
+
+def test_one_pass_over_a_batch_keeps_only_valid_entries_and_splits_groups_by_sequence():
+    gen = torch.Generator().manual_seed(3)
+    cell = torch.randperm(3 * 4 * 40, generator=gen)[:300]  # distinct (latent, sequence, position), shuffled
+    latent, sequence, position = cell // 160, cell // 40 % 4, cell % 40
+    value = torch.round(torch.rand(300, generator=gen) * 8) / 2
+    valid = torch.rand(300, generator=gen) < 0.8
+    rounds = OverlapRounds(latent, sequence, position, value, valid, 2)
+    keep = rounds.keep(rounds.sizes.tolist())
+    at = valid.nonzero(as_tuple=True)[0]
+    want = greedy((latent * 4 + sequence)[at].tolist(), position[at], value[at], 2)
+    assert keep[at].tolist() == want and bool(keep[~valid].all())
 
 
 def test_context_hash_ignores_padding_side_and_tells_contexts_apart():

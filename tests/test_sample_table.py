@@ -140,7 +140,7 @@ def test_deduplicated_rows_evict_a_kept_sample_when_a_better_one_of_its_context_
     policy = MergePolicy(stage_limit=2)
     table, model = SampleTable(ROWS, CAP, W, torch.device("cpu"), dedup_radius=radius, policy=policy), {}
     evicted, evict = [], table._evict
-    table._evict = lambda rows, columns: (evicted.append(len(rows)), evict(rows, columns))
+    table._evict = lambda rows, columns, gone: (evicted.append(int(gone.sum())), evict(rows, columns, gone))
     gen = torch.Generator().manual_seed(4)
     for step in range(15):
         offer(table, model, *random_batch(gen, vocab=2), step=step)  # two tokens: contexts repeat often

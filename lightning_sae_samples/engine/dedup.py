@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.engine.hashing import mix64, signed64
+from lightning_sae_samples.engine.indices import indices_of
 
 _POWER_BASE = 1_000_003
-ROUNDS_PER_CHECK = 4
 
 
 def _powers(count: int) -> list[int]:
@@ -44,58 +44,100 @@ def context_hash(windows: Tensor) -> Tensor:
     return mix64(terms.sum(dim=1) + valid.sum(dim=1) * powers[-1])
 
 
-def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: int) -> Tensor:
-    """Greedy suppression of overlapping samples within each group (stage 1 of the rule).
+class OverlapRounds:
+    """Stage 1 of the rule for a batch's entries, in two halves around one host sync.
 
-    Samples of a group are ranked by value descending, then position ascending; a sample is kept unless
-    a kept sample of its group lies within ``radius`` positions. Resolved in parallel rounds: each round
-    accepts the samples that no undecided better neighbour blocks and drops the neighbours of accepted
-    ones, which gives exactly the sequential greedy result.
+    The first half (the constructor) sorts the valid entries by (latent, sequence, position) and marks the
+    crowded ones, those with another entry of their group within ``radius`` positions; :attr:`sizes` then holds
+    what the second half needs: how many are crowded, the most in one group, and the largest position among them.
+    The caller reads :attr:`sizes` back with its own (so the rounds add no sync of their own) and passes them to
+    :meth:`keep`.
+
+    The rounds resolve greedy suppression in parallel: each accepts the samples that no undecided better
+    neighbour blocks and drops the neighbours of accepted ones, which gives exactly the sequential greedy
+    result. Every round accepts the best undecided sample of each group that has one, and a group's accepted
+    samples are more than ``radius`` apart, so it accepts at most ``A = min(its crowded samples,
+    largest position // (radius + 1) + 1)``. After ``A`` rounds an undecided sample is therefore next to an
+    accepted one (else a further round would accept it), and is dropped: ``A`` rounds run, with no check.
+
+    Greedy suppression decides a sample from the better samples of its group only, so the samples above any
+    per-latent floor keep the same decisions as among all valid entries: one pass serves every table that
+    ranks a latent's samples by activation.
 
     Args:
-        group: Group id per sample (one group per latent and sequence); positions are distinct within a group.
-        position: Position in the sequence.
-        value: Activation.
+        latent: Group of each entry (the table row).
+        sequence: Sequence of each entry; a group is a (latent, sequence) pair.
+        position: Position in the sequence (distinct within a group).
+        value: Activation (better: larger, then earlier position).
+        valid: Entries that take part; the others are kept as they are.
         radius: Samples at most this far apart overlap.
-
-    Returns:
-        A boolean mask of the samples kept.
     """
-    n = len(group)
-    keep = torch.ones(n, dtype=torch.bool, device=group.device)
-    if n < 2 or radius <= 0:
-        return keep
-    by_position = torch.argsort(position, stable=True)
-    perm = by_position[torch.argsort(group[by_position], stable=True)]
-    g, p, v = group[perm], position[perm], value[perm]
-    # Sorted by (group, position), a sample overlaps nobody iff neither sorted neighbour is in its group
-    # within the radius; only the others need the rounds below.
-    close = (g[1:] == g[:-1]) & (p[1:] - p[:-1] <= radius)
-    crowded = torch.zeros(n, dtype=torch.bool, device=group.device)
-    crowded[1:] |= close
-    crowded[:-1] |= close
-    rows = crowded.nonzero(as_tuple=True)[0]
-    if not len(rows):
-        return keep
-    offsets = torch.cat([torch.arange(-radius, 0), torch.arange(1, radius + 1)]).to(group.device)
-    neighbour = (rows.unsqueeze(1) + offsets).clamp(0, n - 1)
-    g_rows, p_rows, v_rows = g[rows].unsqueeze(1), p[rows].unsqueeze(1), v[rows].unsqueeze(1)
-    near = (g[neighbour] == g_rows) & ((p[neighbour] - p_rows).abs() <= radius) & (neighbour != rows.unsqueeze(1))
-    v_near, p_near = v[neighbour], p[neighbour]
-    better = near & ((v_near > v_rows) | ((v_near == v_rows) & (p_near < p_rows)))
-    # Decisions live on all samples (uncrowded ones are accepted from the start); rounds update the crowded.
-    undecided, accepted = crowded.clone(), ~crowded
-    # Rounds go in fours between checks (a round after the last changes nothing), so a host sync per four rounds.
-    while True:
-        for _ in range(ROUNDS_PER_CHECK):
+
+    def __init__(self, latent: Tensor, sequence: Tensor, position: Tensor, value: Tensor, valid: Tensor,
+                 radius: int) -> None:
+        self.radius = radius
+        n = len(latent)
+        dev = latent.device
+        perm = torch.argsort(position, stable=True)
+        perm = perm[torch.argsort(sequence[perm], stable=True)]
+        perm = perm[torch.argsort(torch.where(valid, latent, latent.max() + 1 if n else 0)[perm], stable=True)]
+        self.perm = perm
+        self.position, self.value = position[perm], value[perm]
+        both = valid[perm]
+        same = (latent[perm][1:] == latent[perm][:-1]) & (sequence[perm][1:] == sequence[perm][:-1])
+        same &= both[1:] & both[:-1]
+        # Sorted, a group's entries are consecutive: an id per group, and who overlaps a sorted neighbour.
+        self.group = torch.cat([same.new_zeros(1, dtype=torch.int64), torch.cumsum(~same, 0)]) if n else perm
+        close = same & (self.position[1:] - self.position[:-1] <= radius)
+        crowded = torch.zeros(n, dtype=torch.bool, device=dev)
+        if n > 1:
+            crowded[1:] |= close
+            crowded[:-1] |= close
+        self.crowded = crowded
+        per_group = torch.zeros(n + 1, dtype=torch.int64, device=dev).index_add_(0, self.group, crowded.long())
+        largest = torch.where(crowded, self.position.long(), 0).max() if n else per_group.sum()
+        #: ``[crowded samples, the most in one group, their largest position]``, to read back.
+        self.sizes = torch.stack([crowded.sum(), per_group.max(), largest])
+
+    def keep(self, sizes: list[int]) -> Tensor:
+        """Mask of the entries kept, given :attr:`sizes` as read back (invalid entries read True)."""
+        num_crowded, most, largest = sizes
+        n, dev = len(self.perm), self.perm.device
+        keep = torch.ones(n, dtype=torch.bool, device=dev)
+        if not num_crowded or self.radius <= 0:
+            return keep
+        radius = self.radius
+        rows = indices_of(self.crowded, num_crowded)
+        offsets = torch.cat([torch.arange(-radius, 0, device=dev), torch.arange(1, radius + 1, device=dev)])
+        neighbour = (rows.unsqueeze(1) + offsets).clamp(0, n - 1)
+        g, p, v = self.group, self.position, self.value
+        g_rows, p_rows, v_rows = g[rows].unsqueeze(1), p[rows].unsqueeze(1), v[rows].unsqueeze(1)
+        near = (g[neighbour] == g_rows) & ((p[neighbour] - p_rows).abs() <= radius) & (neighbour != rows.unsqueeze(1))
+        v_near, p_near = v[neighbour], p[neighbour]
+        better = near & ((v_near > v_rows) | ((v_near == v_rows) & (p_near < p_rows)))
+        # Decisions live on all samples (the uncrowded are accepted from the start); rounds update the crowded.
+        undecided, accepted = self.crowded.clone(), ~self.crowded
+        for _ in range(min(most, largest // (radius + 1) + 1)):
             undecided[rows] &= ~(near & accepted[neighbour]).any(1)
             newly = undecided[rows] & ~(better & undecided[neighbour]).any(1)
             accepted[rows] |= newly
             undecided[rows] &= ~newly
-        if not bool(undecided[rows].any()):
-            break
-    keep[perm] = accepted
-    return keep
+        keep[self.perm] = accepted
+        return keep
+
+
+def suppress_overlaps(group: Tensor, position: Tensor, value: Tensor, radius: int) -> Tensor:
+    """Greedy suppression of overlapping samples within each group (stage 1 of the rule), on its own.
+
+    Samples of a group are ranked by value descending, then position ascending; a sample is kept unless
+    a kept sample of its group lies within ``radius`` positions (see :class:`OverlapRounds`).
+
+    Returns:
+        A boolean mask of the samples kept.
+    """
+    ones = torch.ones(len(group), dtype=torch.bool, device=group.device)
+    rounds = OverlapRounds(group, torch.zeros_like(group), position, value, ones, radius)
+    return rounds.keep(rounds.sizes.tolist())
 
 
 def best_of_each_class(row: Tensor, key: Tensor, sort_key: Tensor) -> Tensor:

@@ -80,18 +80,14 @@ class RowBatchContext(BatchContext):
         self.rows = windows
         self.order = order
         self.refs = refs
-        self._sequence_rank: Tensor | None = None
 
     def token_order(self, token_idx: Tensor) -> Tensor:
         """The rows' order keys."""
         return self.order[token_idx]
 
-    def overlap_groups(self, row: Tensor, token_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """A group per (table row, source sequence) among this batch's rows, and the positions in it."""
-        if self._sequence_rank is None:
-            self._sequence_rank = torch.unique(self.rows.sequence, return_inverse=True)[1]
-        sequences = int(self._sequence_rank.max()) + 1 if len(self._sequence_rank) else 1
-        return row * sequences + self._sequence_rank[token_idx], self.rows.position[token_idx]
+    def sequence_positions(self, token_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's source sequence, and its position there."""
+        return self.rows.sequence[token_idx], self.rows.position[token_idx]
 
     def window_tokens(self, token_idx: Tensor) -> Tensor:
         """The gathered windows of these rows."""

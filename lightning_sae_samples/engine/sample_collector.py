@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
+from lightning_sae_samples.engine.dedup import OverlapRounds
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
 from lightning_sae_samples.engine.sample_table import (
@@ -305,7 +306,7 @@ class SampleCollector:
         flat_idx = indices.detach().reshape(batch * seq, -1)
         flat_val = values.detach().reshape(batch * seq, -1)
         found = self._sparse_entries(flat_idx, flat_val, positions.collect)
-        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window)
+        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window, positions.num_segments)
         found.reach = acts.reach()
         self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, flat_val.dtype,
                    self._sequence_batch(positions, step, order_base))
@@ -494,9 +495,17 @@ class SampleCollector:
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
             counted.append(bad_rows.to(dev))
-        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long()]).tolist()  # the one sync
-        num_valid, num_anywhere, *per_table = sizes[:-1]
-        max_id = sizes[-1]
+        overlaps = None
+        if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
+            sequence, position = batch.sequence_positions(token_idx)
+            overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
+        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long(), num_seen.to(dev)])
+        sizes = (sizes if overlaps is None else torch.cat([sizes, overlaps.sizes])).tolist()  # the one sync
+        survives = None if overlaps is None else overlaps.keep(sizes[len(counted) + 2 :])
+        num_valid, num_anywhere, *per_table = sizes[: len(counted)]
+        max_id = sizes[len(counted)]
+        if sizes[len(counted) + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
+            batch.segment = None
         num_walking = per_table.pop(len(offers)) if walking is not None else None
         if bad_rows is not None:
             self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
@@ -512,7 +521,9 @@ class SampleCollector:
         batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False)
+            alive = survives[candidate] if table.dedup_radius is not None else None
+            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False,
+                         alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
@@ -574,8 +585,9 @@ class SampleCollector:
 
         Each pair of them shares one tensor (see :meth:`_stat_storage`), so one scatter updates both.
         """
+        ones = valid.long()
         fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
-        fired_now.index_add_(0, latent_idx, valid.long())
+        fired_now.index_add_(0, latent_idx, ones)
         self._counts += fired_now.unsqueeze(1)
         bins = torch.bucketize(as_double, self._inner_edges, right=True)
         as_double = torch.where(valid, as_double, 0.0)
@@ -585,9 +597,9 @@ class SampleCollector:
                                      reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
         num_bins = self.hist.shape[1]
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, valid.long())
+        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, ones)
         if interval_rows is not None:
-            self.interval_count.view(-1).index_add_(0, interval_rows, valid.long())
+            self.interval_count.view(-1).index_add_(0, interval_rows, ones)
         fired = fired_now > 0
         self.first_step.masked_fill_(fired & (self.first_step == EMPTY), step)
         self.last_step.masked_fill_(fired, step)

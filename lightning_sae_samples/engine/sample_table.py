@@ -24,8 +24,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_sae_samples.engine.dedup import best_of_each_class, context_hash, suppress_overlaps
+from lightning_sae_samples.engine.dedup import OverlapRounds, best_of_each_class, context_hash
 from lightning_sae_samples.engine.hashing import signed64
+from lightning_sae_samples.engine.indices import indices_of
 from lightning_sae_samples.state.merge import merge_padded_tables, sort_samples
 from lightning_sae_samples.state.schema import EMPTY, REF_FIELDS, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
 
@@ -52,16 +53,6 @@ def token_dtype_for(max_id: int) -> torch.dtype:
 def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
     """Dtype of stored context activations for latents of this dtype (exact: no rounding of their values)."""
     return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def indices_of(mask: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` True entries of a 1-D ``mask``, ascending, without a host sync (the count is known)."""
-    try:
-        return torch.nonzero_static(mask, size=count).view(-1)
-    except (NotImplementedError, RuntimeError):  # a device without nonzero_static
-        place = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
-        out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
-        return out.scatter_(0, place, torch.arange(len(mask), device=mask.device))[:count]
 
 
 def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -109,10 +100,10 @@ class BatchContext:
         """Order key of each token (ties among equal priorities go to the earliest ``(step, order)``)."""
         return self.order_base + token_idx
 
-    def overlap_groups(self, row: Tensor, token_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """De-duplication stage 1: a group per (table row, sequence) and each sample's position in it."""
-        nseq, seq = self.tokens.shape
-        return row * nseq + token_idx // seq, token_idx % seq
+    def sequence_positions(self, token_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """De-duplication stage 1: each token's sequence, and its position there."""
+        seq = self.tokens.shape[1]
+        return token_idx // seq, token_idx % seq
 
     def positions_of(self, token_idx: Tensor) -> Tensor:
         """Position of each token in its sequence (int32)."""
@@ -167,19 +158,22 @@ class BatchContext:
 
 
 def flush_tables(tables: list[SampleTable]) -> None:
-    """Merge the staged samples of several tables, reading back the sizes of all their merges in one host sync."""
-    steps = [table._flush_steps() for table in tables if table._staged]
-    asked = [next(step) for step in steps]
-    if not asked:
-        return
-    sizes = torch.cat(asked).tolist()
-    start = 0
-    for step, ask in zip(steps, asked):
-        try:
-            step.send(sizes[start : start + len(ask)])
-        except StopIteration:
-            pass
-        start += len(ask)
+    """Merge the staged samples of several tables, reading back the sizes they need together.
+
+    Each table's merge asks for sizes in steps (one, or two with de-duplication); the asks of all tables at one
+    step are read back in one host sync.
+    """
+    waiting = [(steps, next(steps)) for steps in (table._flush_steps() for table in tables if table._staged)]
+    while waiting:
+        sizes = torch.cat([ask for _, ask in waiting]).tolist()
+        start, going_on = 0, []
+        for steps, ask in waiting:
+            try:
+                going_on.append((steps, steps.send(sizes[start : start + len(ask)])))
+            except StopIteration:
+                pass
+            start += len(ask)
+        waiting = going_on
 
 
 def _group_key(row: Tensor, priority: Tensor) -> Tensor:
@@ -286,6 +280,8 @@ class SampleTable:
         #: Samples kept per row (they fill a prefix of it).
         self.fill = torch.zeros(rows, dtype=torch.int16 if capacity < 2**15 else torch.int32, device=device)
         self.released = torch.empty(0, dtype=torch.int64, device=device)
+        #: Pool slots of evicted samples (``EMPTY`` between them), released at the next merge.
+        self._releasing: list[Tensor] = []
         self._bounds: Optional[Tensor] = None
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
@@ -328,6 +324,7 @@ class SampleTable:
         self.fill_bound = 0
         self.fill.zero_()
         self.released = self.released[:0]
+        self._releasing = []
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         self._floor = None
 
@@ -342,22 +339,20 @@ class SampleTable:
         return priority > self._floor[row]
 
     def insert(
-        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext, flush: bool = True
+        self, row: Tensor, candidate: Tensor, priority: Tensor, value: Tensor, batch: BatchContext, flush: bool = True,
+        alive: Optional[Tensor] = None,
     ) -> None:
         """Stage candidates of ``batch`` that passed :meth:`can_enter`, in token order.
 
         Their windows must be in ``batch.windows``. Token order breaks ties among new samples. ``flush``: merge
-        when :attr:`due`; ``False`` leaves it to the caller (see :func:`flush_tables`).
+        when :attr:`due`; ``False`` leaves it to the caller (see :func:`flush_tables`). ``alive``: with
+        de-duplication, the candidates that survive stage 1 of its rule among the batch's entries (the
+        others are staged but never enter, which spares a sync to drop them); ``None``: the table applies
+        stage 1 to these candidates itself.
         """
         if not len(row):
             return
         token_idx = batch.token_idx[candidate]
-        if self.dedup_radius is not None:
-            group, position = batch.overlap_groups(row, token_idx)
-            keep = suppress_overlaps(group, position, priority, self.dedup_radius).nonzero(as_tuple=True)[0]
-            row, candidate, priority, value, token_idx = (
-                t.index_select(0, keep) for t in (row, candidate, priority, value, token_idx)
-            )
         window = batch.window_of[candidate]
         staged = {
             "row": row,
@@ -368,6 +363,12 @@ class SampleTable:
             "window": window,
         }
         if self.dedup_radius is not None:
+            if alive is None:
+                sequence, position = batch.sequence_positions(token_idx)
+                rounds = OverlapRounds(row, sequence, position, priority, torch.ones_like(row, dtype=torch.bool),
+                                       self.dedup_radius)
+                alive = rounds.keep(rounds.sizes.tolist())
+            staged["alive"] = alive
             staged["hash"] = batch.context_hashes(window)
         self._staged.append(staged)
         self._staged_windows.append(batch.windows)
@@ -392,7 +393,7 @@ class SampleTable:
         new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
         arrivals = [(batch_windows, part["window"]) for batch_windows, part in zip(windows, parts)]
         if self.dedup_radius is not None:
-            new = self._resolve_classes(new)
+            yield from self._resolve_classes(new)
         yield from self._merge(new, arrivals)
         self._floor = None
 
@@ -409,25 +410,35 @@ class SampleTable:
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
         # `capacity` new samples can enter.
-        perm = torch.argsort(_group_key(new["row"], new["sort"]), stable=True)
+        alive = new.get("alive")
+        # Samples that must not enter (de-duplication dropped them) sort last in their row and count for nothing.
+        sort = new["sort"] if alive is None else torch.where(alive, new["sort"], -math.inf)
+        perm = torch.argsort(_group_key(new["row"], sort), stable=True)
         row = new["row"][perm]
         per_row = torch.zeros(self.rows, dtype=torch.int64, device=dev).index_add_(0, row, torch.ones_like(row))
         rank = torch.arange(len(row), device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
+        if alive is not None:
+            per_row = torch.zeros_like(per_row).index_add_(0, row, alive[perm].long())
         arriving = per_row.clamp(max=cap)
         # A row ends with min(capacity, kept + arriving) samples, so that many minus the kept ones take new slots.
         fill = (self.fill + arriving).clamp(max=cap)
         touched = per_row > 0
         bounds = self._range_ends()
         sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0), torch.cumsum(fill - self.fill, 0)])
-        head = torch.stack([arriving.max(), fill.max()])
-        sizes = yield torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)])  # read back at once
+        releasing = torch.cat(self._releasing) if self._releasing else None
+        self._releasing = []
+        head = [arriving.max(), fill.max()] + ([] if releasing is None else [(releasing != EMPTY).sum()])
+        sizes = yield torch.cat([torch.stack(head), sums.index_select(1, self._bounds_on(dev)).view(-1)])  # at once
+        if releasing is not None:
+            freed = indices_of(releasing != EMPTY, sizes.pop(2))
+            self.released = torch.cat([self.released, releasing.index_select(0, freed)])
         width, fill_bound, count = sizes[0], sizes[1], len(bounds)
         touched_end, kept_end, fresh_end = (sizes[2 + i * count : 2 + (i + 1) * count] for i in range(3))
         if not width:
             return
-        keep = indices_of(rank < cap, kept_end[-1])
+        keep = indices_of(rank < (cap if alive is None else arriving[row]), kept_end[-1])
         perm, rank = perm[keep], rank[keep]
-        new = {name: value[perm] for name, value in new.items()}
+        new = {name: value[perm] for name, value in new.items() if name not in ("window", "alive")}
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
@@ -443,7 +454,10 @@ class SampleTable:
             if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
                 continue
             num_touched = touched_end[hi - 1] - touched_start[lo]
-            if num_touched:
+            if num_touched and lo == 0 and hi == count:  # one range: all rows, nothing to cut out
+                self._merge_rows(indices_of(touched, num_touched), new, rank, width, span, destination,
+                                 num_touched == self.rows, fresh_slots)
+            elif num_touched:
                 r0, r1 = first_row[lo], bounds[hi - 1] + 1
                 rows = indices_of(touched[r0:r1], num_touched) + r0
                 part = slice(kept_start[lo], kept_end[hi - 1])
@@ -518,26 +532,26 @@ class SampleTable:
         if len(fresh_slots):
             # Fresh slots go in row order, so the windows of a row land side by side.
             slot = torch.where(fresh, fresh_slots[(torch.cumsum(fresh, 0) - 1).clamp(min=0)].to(slot.dtype), slot)
-            new_slots.view(-1)[at] = slot
 
-        fields = [
-            ("values", kept("values"), to_grid(new["values"], -math.inf)),
-            ("step", kept("step"), to_grid(new["step"], EMPTY)),
-            ("order", kept("order"), to_grid(new["order"], EMPTY)),
-            ("slot", old_slots, new_slots),
-        ]
+        # Each merged place takes an old place (row-major in the kept block) or an entering sample (numbered after
+        # them): one map, then one gather per field.
+        source = torch.empty((grid[0], span + 1), dtype=torch.int64, device=dev)
+        source.scatter_(1, pos_old, torch.arange(grid[0] * span, device=dev).view(grid[0], span))
+        source.scatter_(1, pos_new, to_grid(torch.arange(grid[0] * span, grid[0] * span + len(rank), device=dev), 0))
+        source = source[:, :span]
+        fields = [("values", new["values"]), ("step", new["step"]), ("order", new["order"]), ("slot", slot)]
         if self.random_priority:
-            fields.append(("priority", old_priority, new_priority))
+            fields.append(("priority", new["sort"]))
         if self.hash is not None:
-            fields.append(("hash", kept("hash"), to_grid(new["hash"], 0)))
-        for name, old, fresh_grid in fields:
-            merged = torch.empty((grid[0], span + 1), dtype=old.dtype, device=dev)
-            merged.scatter_(1, pos_old, old)
-            merged.scatter_(1, pos_new, fresh_grid.to(old.dtype))
+            fields.append(("hash", new["hash"]))
+        for name, arriving in fields:
+            sort_field = "priority" if self.random_priority else "values"
+            old = old_slots if name == "slot" else old_priority if name == sort_field else kept(name)
+            merged = torch.cat([old.reshape(-1), arriving.to(old.dtype)])[source]
             if all_rows:
-                getattr(self, name)[:, :span] = merged[:, :span]
+                getattr(self, name)[:, :span] = merged
             else:
-                getattr(self, name)[touched, :span] = merged[:, :span]
+                getattr(self, name)[touched, :span] = merged
         destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
 
     def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
@@ -546,33 +560,35 @@ class SampleTable:
         The others are written to the pool's scratch row (past its slots), which spares a sync to find them.
         """
         start = 0
-        scratch = self.pool_slots
+        destination = torch.where(destination == EMPTY, self.pool_slots, destination)
         for windows, index in arrivals:
-            part = destination[start : start + len(index)]
+            part = destination[start : start + len(index)] if len(arrivals) > 1 else destination
             start += len(index)
-            part = torch.where(part == EMPTY, scratch, part)
             for name in self.window_fields:
                 pool = self.pool[name]
                 pool.index_copy_(0, part, windows[name].index_select(0, index).to(pool.dtype))
 
-    def _resolve_classes(self, new: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
 
         Staged samples come in arrival order; of a class, the best staged one survives, and it replaces a
-        kept sample of its class only when strictly better (the kept one was seen earlier).
+        kept sample of its class only when strictly better (the kept one was seen earlier). Updates
+        ``new["alive"]`` in place of dropping samples; yields the one size it reads back (the staged samples
+        whose class a kept sample may hold).
         """
-        row, priority, hashes = new["row"], new["sort"], new["hash"]
+        row, hashes, alive = new["row"], new["hash"], new["alive"]
+        priority = torch.where(alive, new["sort"], -math.inf)
         preference = torch.empty_like(row)
         preference[torch.argsort(_group_key(row, priority), stable=True)] = torch.arange(len(row), device=row.device)
-        best = best_of_each_class(row, hashes, preference).nonzero(as_tuple=True)[0]
-        new = {name: value.index_select(0, best) for name, value in new.items()}
-        row, priority, hashes = new["row"], new["sort"], new["hash"]
+        best = best_of_each_class(row, hashes, preference) & alive
+        maybe = best & self._may_hold_class(row, hashes)
+        (num_maybe,) = yield maybe.sum().view(1)
+        at = indices_of(maybe, num_maybe)
+        row, hashes = row[at], hashes[at]
         kept_class, column = self._kept_of_class(row, hashes)
-        old_wins = kept_class & (self.sort_key[row, column] >= priority.to(self.sort_key.dtype))
-        replaced = kept_class & ~old_wins
-        self._evict(row[replaced], column[replaced])
-        survive = (~old_wins).nonzero(as_tuple=True)[0]
-        return {name: value.index_select(0, survive) for name, value in new.items()}
+        old_wins = kept_class & (self.sort_key[row, column] >= new["sort"][at].to(self.sort_key.dtype))
+        self._evict(row, column, kept_class & ~old_wins)
+        new["alive"] = best.index_put((at,), ~old_wins)
 
     def _take_slots(self, count: int) -> Tensor:
         """Pool slots for new samples: released ones first, then never used ones in order."""
@@ -601,49 +617,54 @@ class SampleTable:
             bigger[:size] = pool[:size]
             self.pool[name] = bigger
 
-    def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
-        """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column.
+    def _may_hold_class(self, row: Tensor, hashes: Tensor) -> Tensor:
+        """Whether a kept sample of each ``(row, hash)``'s row may have that context hash (False: it has not).
 
-        A bit set of the kept ``(row, hash)`` pairs first rules out most pairs; the rest are compared with
-        their row's kept hashes.
+        A bit set of the kept ``(row, hash)`` pairs, over the places that can hold samples.
         """
+        places = min(self.capacity, self.fill_bound)
+        if not places or not len(row):
+            return torch.zeros(len(row), dtype=torch.bool, device=row.device)
+        size = 1 << min(max((self.rows * places).bit_length() + 3, 16), 27)
+        kept_rows = torch.arange(self.rows, device=row.device).unsqueeze(1)
+        keys = _class_key(kept_rows, self.hash[:, :places]) & (size - 1)
+        bits = torch.zeros(size + 1, dtype=torch.bool, device=row.device)  # empty places set the spare last bit
+        bits[torch.where(torch.isfinite(self.sort_key[:, :places]), keys, size).view(-1)] = True
+        return bits[_class_key(row, hashes) & (size - 1)]
+
+    def _kept_of_class(self, row: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether each ``(row, hash)`` has a kept sample of its row with that context hash, and its column."""
         found = torch.zeros(len(row), dtype=torch.bool, device=row.device)
         column = torch.zeros_like(row)
-        filled = torch.isfinite(self.sort_key)
-        kept = filled.view(-1).nonzero(as_tuple=True)[0]
-        if not len(kept) or not len(row):
-            return found, column
-        size = 1 << min(max(int(len(kept)).bit_length() + 3, 16), 27)
-        bits = torch.zeros(size, dtype=torch.bool, device=row.device)
-        bits[_class_key(kept // self.capacity, self.hash.view(-1)[kept]) & (size - 1)] = True
-        maybe = bits[_class_key(row, hashes) & (size - 1)].nonzero(as_tuple=True)[0]
         block = max(1, (1 << 22) // self.capacity)
-        for start in range(0, len(maybe), block):
-            part = maybe[start : start + block]
-            same = (self.hash[row[part]] == hashes[part].unsqueeze(1)) & filled[row[part]]
+        for start in range(0, len(row), block):
+            part = slice(start, start + block)
+            rows = row[part]
+            same = (self.hash[rows] == hashes[part].unsqueeze(1)) & torch.isfinite(self.sort_key[rows])
             found[part] = same.any(1)
             column[part] = same.to(torch.int8).argmax(1)
         return found, column
 
-    def _evict(self, rows: Tensor, columns: Tensor) -> None:
-        """Remove samples, free their pool slots and re-sort their rows (the empty places move to the end)."""
+    def _evict(self, rows: Tensor, columns: Tensor, evicted: Tensor) -> None:
+        """Remove the ``evicted`` of these samples and re-sort their rows (the empty places move to the end).
+
+        ``rows`` may repeat (each row is then re-sorted to the same result); the freed pool slots are released at
+        the next merge, which reads back their count with its own sizes.
+        """
         if not len(rows):
             return
-        self.released = torch.cat([self.released, self.slot[rows, columns].long()])
-        self.fill.index_add_(0, rows, torch.full_like(rows, -1, dtype=self.fill.dtype))
-        self.values[rows, columns] = -math.inf
-        if self.random_priority:
-            self.priority[rows, columns] = -math.inf
-        self.step[rows, columns] = EMPTY
-        self.order[rows, columns] = EMPTY
-        self.slot[rows, columns] = EMPTY
-        self.hash[rows, columns] = 0
-        touched = rows.unique()
-        perm = torch.argsort(self.sort_key[touched], dim=1, descending=True, stable=True)
+        cap = self.capacity
+        self._releasing.append(torch.where(evicted, self.slot[rows, columns].long(), EMPTY))
+        self.fill.index_add_(0, rows, -evicted.to(self.fill.dtype))
+        gone = torch.zeros(self.rows * cap + 1, dtype=torch.bool, device=rows.device)
+        gone[torch.where(evicted, rows * cap + columns, self.rows * cap)] = True
+        gone = gone[:-1].view(self.rows, cap)[rows]
+        perm = torch.argsort(torch.where(gone, -math.inf, self.sort_key[rows]), dim=1, descending=True, stable=True)
         for name in ("values", "priority", "step", "order", "slot", "hash"):
             tensor = getattr(self, name)
             if tensor is not None:
-                tensor[touched] = torch.gather(tensor[touched], 1, perm)
+                fill = SAMPLE_FIELD[name].fill if name != "slot" else EMPTY
+                tensor[rows] = torch.gather(torch.where(gone, fill, tensor[rows]), 1, perm)
 
     def export_padded(self, rows: slice = slice(None)) -> dict[str, Tensor]:
         """Rows as padded ``[rows, capacity, ...]`` tensors, samples best first (as new tensors).

@@ -101,11 +101,12 @@ class TokenPositions:
         self.tokens = tokens
         self.collect = collect.reshape(-1)
         self.num_seen = (~padding).sum()
-        index = torch.arange(batch * seq, device=tokens.device).view(batch, seq)
-        # Unmasked tokens: the sequence and the count of padding positions before them (each padding
-        # position starts a new segment); padding: a negative id of its own, shared with nothing.
-        inside = (index // seq) * (seq + 1) + torch.cumsum(padding, dim=1)
-        self.segment = torch.where(padding, -1 - index, inside).reshape(-1)
+        # Segments are numbered in token order, from 0: within a sequence, each padding position takes an odd
+        # number of its own and the tokens after it the next even one; sequences take ranges apart.
+        #: Segment ids are below this.
+        self.num_segments = batch * (2 * seq + 1)
+        first = torch.arange(0, self.num_segments, 2 * seq + 1, device=tokens.device).unsqueeze(1)
+        self.segment = (first + 2 * torch.cumsum(padding, dim=1) - padding.long()).reshape(-1)
 
 
 class SparseWindowActs:
@@ -120,24 +121,28 @@ class SparseWindowActs:
         indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
         values: Their activations ``[N, k]``.
         segment: Segment id of each token ``[N]`` (see :class:`TokenPositions`): a window reaches only the
-            tokens of its own segment.
+            tokens of its own segment. Ids ascend with the token, from 0.
         half_window: Context tokens on each side.
+        num_segments: Segment ids are below this.
 
     A sample is a flat index into ``indices`` (an entry).
     """
 
-    def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int) -> None:
+    def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int, num_segments: int) -> None:
         self.values, self.half = values.reshape(-1), half_window
         num_tokens, k = indices.shape
         # Entries come in token order, so a stable sort by latent orders them by (latent, token).
         latent, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
         token = order // k
-        self.keys = latent.long() * num_tokens + token
+        # A key per entry, ascending in (latent, token), in which entries of another latent or segment lie more
+        # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps.
+        gap = half_window + 1
+        place = token + gap * segment[token]
+        self.keys = latent.long() * (num_tokens + gap * (num_segments + 1)) + place
         self.order = order
         self.where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        segment = segment[token]
         keys = self.keys
-        linked = (latent[1:] == latent[:-1]) & (segment[1:] == segment[:-1]) & (keys[1:] - keys[:-1] <= half_window)
+        linked = keys[1:] - keys[:-1] <= half_window
         # Run of each sorted entry: consecutive entries share one while each pair of them is linked.
         self.run = torch.cat([linked.new_zeros(1, dtype=torch.int64), torch.cumsum(~linked, 0)])
         near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
