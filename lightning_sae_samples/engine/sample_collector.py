@@ -30,6 +30,7 @@ from lightning_sae_samples.engine.windows import (
     TokenPositions,
     above_threshold,
     dense_hits,
+    finite,
     rounded_threshold,
 )
 from lightning_sae_samples.state.schema import (
@@ -274,7 +275,7 @@ class SampleCollector:
             rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
             acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].to(acts_dtype_for(flat.dtype))
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
-            return torch.where(inside & torch.isfinite(acts), acts, 0.0)
+            return torch.where(inside & finite(acts), acts, 0.0)
 
         self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, window_acts, flat.dtype,
                    self._sequence_batch(positions, step, order_base))
@@ -404,19 +405,19 @@ class SampleCollector:
         entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
         values = flat.view(-1)[entry].float()
         token_idx = entry // num_latents
-        valid = torch.isfinite(values) & collect[token_idx]
+        valid = finite(values) & collect[token_idx]
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
     def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
         """Every entry of ``[N, k]`` TopK-style latents; the collected finite ones above the threshold are valid."""
         k = flat_idx.shape[1]
         collect = collect.unsqueeze(1)
-        finite = torch.isfinite(flat_val)
-        self.nonfinite_skipped += (~finite & collect).sum().to(self.nonfinite_skipped.device)
+        is_finite = finite(flat_val)
+        self.nonfinite_skipped += (~is_finite & collect).sum().to(self.nonfinite_skipped.device)
         above = above_threshold(flat_val, self.config.activation_threshold)
         # A negative index pads a token's variable number of active latents (checked to have value 0); with a
         # negative threshold its 0 would count, so the index decides.
-        valid = (above & finite & collect & (flat_idx >= 0)).view(-1)
+        valid = (above & is_finite & collect & (flat_idx >= 0)).view(-1)
         token_idx = torch.arange(valid.numel(), device=valid.device) // k
         latent_idx = torch.where(valid, flat_idx.view(-1).long(), 0)
         return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid)
@@ -481,7 +482,7 @@ class SampleCollector:
         if "interval" in self.tables:
             interval = torch.bucketize(as_double, self._interval_inner, right=True)
             interval_rows = latent_idx * cfg.num_intervals + interval
-            priority = sample_priority(step, batch.token_order(token_idx), cfg.seed)
+            priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
             self._rotate_recent(step)
@@ -491,20 +492,23 @@ class SampleCollector:
         walking = anywhere & found.reach.to(dev) if found.reach is not None else None
         tokens = token_ids if all_tokens is None else all_tokens
         largest = tokens.max().to(dev) if tokens.numel() else torch.zeros((), dtype=torch.int64, device=dev)
-        counted = [valid, anywhere, *may_enter] + ([walking] if walking is not None else [])
+        entry_masks = [valid, anywhere, *may_enter] + ([walking] if walking is not None else [])
+        asks = [torch.stack(entry_masks).sum(1)]  # every mask over the entries counted by one reduction
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
-            counted.append(bad_rows.to(dev))
+            asks.append(bad_rows.to(dev).sum().view(1))
+        counted = len(entry_masks) + len(asks) - 1
+        asks.append(torch.stack([largest.long(), num_seen.to(dev)]))
         overlaps = None
         if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
             sequence, position = batch.sequence_positions(token_idx)
             overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
-        sizes = torch.stack([mask.sum() for mask in counted] + [largest.long(), num_seen.to(dev)])
-        sizes = (sizes if overlaps is None else torch.cat([sizes, overlaps.sizes])).tolist()  # the one sync
-        survives = None if overlaps is None else overlaps.keep(sizes[len(counted) + 2 :])
-        num_valid, num_anywhere, *per_table = sizes[: len(counted)]
-        max_id = sizes[len(counted)]
-        if sizes[len(counted) + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
+            asks.append(overlaps.sizes)
+        sizes = torch.cat(asks).tolist()  # the one sync
+        survives = None if overlaps is None else overlaps.keep(sizes[counted + 2 :])
+        num_valid, num_anywhere, *per_table = sizes[:counted]
+        max_id = sizes[counted]
+        if sizes[counted + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
             batch.segment = None
         num_walking = per_table.pop(len(offers)) if walking is not None else None
         if bad_rows is not None:
@@ -531,7 +535,7 @@ class SampleCollector:
         if num_bad:
             bad, flat = rows
             picked = flat.index_select(0, indices_of(bad, num_bad))
-            self.nonfinite_skipped += (~torch.isfinite(picked)).sum().to(self.nonfinite_skipped.device)
+            self.nonfinite_skipped += (~finite(picked)).sum().to(self.nonfinite_skipped.device)
 
     # ------------------------------------------------------------------ history window
     def _stage_pairs(self, latent_idx: Tensor, token_ids: Tensor) -> None:

@@ -95,10 +95,18 @@ class BatchContext:
         self.windows: dict[str, Tensor] = {}
         self.window_of: Optional[Tensor] = None
         self._hashes: Optional[Tensor] = None
+        self._orders: Optional[Tensor] = None
 
     def token_order(self, token_idx: Tensor) -> Tensor:
         """Order key of each token (ties among equal priorities go to the earliest ``(step, order)``)."""
         return self.order_base + token_idx
+
+    @property
+    def orders(self) -> Tensor:
+        """:meth:`token_order` of every candidate, computed once per batch for all the tables."""
+        if self._orders is None:
+            self._orders = self.token_order(self.token_idx)
+        return self._orders
 
     def sequence_positions(self, token_idx: Tensor) -> tuple[Tensor, Tensor]:
         """De-duplication stage 1: each token's sequence, and its position there."""
@@ -285,6 +293,8 @@ class SampleTable:
         self._bounds: Optional[Tensor] = None
         self._staged: list[dict[str, Tensor]] = []
         self._staged_windows: list[dict[str, Tensor]] = []
+        #: Windows of the staged batches, all together: a staged sample's ``window`` indexes their concatenation.
+        self._staged_window_rows = 0
         self._staged_count = 0
         self._floor: Optional[Tensor] = None
 
@@ -326,6 +336,7 @@ class SampleTable:
         self.released = self.released[:0]
         self._releasing = []
         self._staged, self._staged_windows, self._staged_count = [], [], 0
+        self._staged_window_rows = 0
         self._floor = None
 
     def can_enter(self, row: Tensor, priority: Tensor) -> Tensor:
@@ -352,19 +363,18 @@ class SampleTable:
         """
         if not len(row):
             return
-        token_idx = batch.token_idx[candidate]
         window = batch.window_of[candidate]
         staged = {
             "row": row,
             "sort": priority,
             "values": value,
-            "step": torch.full_like(token_idx, batch.step),
-            "order": batch.token_order(token_idx),
-            "window": window,
+            "step": torch.full_like(candidate, batch.step),
+            "order": batch.orders[candidate],
+            "window": window + self._staged_window_rows if self._staged_window_rows else window,
         }
         if self.dedup_radius is not None:
             if alive is None:
-                sequence, position = batch.sequence_positions(token_idx)
+                sequence, position = batch.sequence_positions(batch.token_idx[candidate])
                 rounds = OverlapRounds(row, sequence, position, priority, torch.ones_like(row, dtype=torch.bool),
                                        self.dedup_radius)
                 alive = rounds.keep(rounds.sizes.tolist())
@@ -372,6 +382,7 @@ class SampleTable:
             staged["hash"] = batch.context_hashes(window)
         self._staged.append(staged)
         self._staged_windows.append(batch.windows)
+        self._staged_window_rows += len(batch.windows["position"])
         self._staged_count += len(row)
         if flush and self.due:
             self.flush()
@@ -389,21 +400,22 @@ class SampleTable:
         """:meth:`flush` in two steps: it yields the sizes it must read back, and goes on when sent them."""
         parts, windows = self._staged, self._staged_windows
         self._staged, self._staged_windows, self._staged_count = [], [], 0
-        new = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        self._staged_window_rows = 0
+        new = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
-        arrivals = [(batch_windows, part["window"]) for batch_windows, part in zip(windows, parts)]
         if self.dedup_radius is not None:
             yield from self._resolve_classes(new)
-        yield from self._merge(new, arrivals)
+        yield from self._merge(new, windows, [len(part["row"]) for part in parts])
         self._floor = None
 
     def _merge(
-        self, new: dict[str, Tensor], arrivals: list[tuple[dict[str, Tensor], Tensor]]
+        self, new: dict[str, Tensor], windows: list[dict[str, Tensor]], arrivals: list[int]
     ) -> Generator[Tensor, list[int], None]:
         """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
-        ``new["source"]`` is each sample's arrival index. Arrivals come in parts, one per insert; each part
-        is its batch's windows and, per arrival, the index of its window there. The temporaries of a chunk
+        ``new["source"]`` is each sample's arrival index, ``new["window"]`` the index of its window in the
+        concatenation of ``windows``, the windows of the batches staged (one per insert, with ``arrivals`` samples
+        each). The temporaries of a chunk
         are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size
         the merge needs is read back from the device at once (one host sync per merge).
         """
@@ -438,13 +450,13 @@ class SampleTable:
             return
         keep = indices_of(rank < (cap if alive is None else arriving[row]), kept_end[-1])
         perm, rank = perm[keep], rank[keep]
+        window_index = new["window"]
         new = {name: value[perm] for name, value in new.items() if name not in ("window", "alive")}
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
         span = min(cap, self.fill_bound + width)
-        arrived = sum(len(index) for _, index in arrivals)
-        destination = torch.full((arrived,), EMPTY, dtype=torch.int64, device=dev)
+        destination = torch.full((len(window_index),), EMPTY, dtype=torch.int64, device=dev)
         fresh_slots = self._take_slots(fresh_end[-1])
         first_row = [0, *[end + 1 for end in bounds[:-1]]]
         touched_start, kept_start, fresh_start = ([0, *column[:-1]] for column in (touched_end, kept_end, fresh_end))
@@ -467,7 +479,7 @@ class SampleTable:
             lo = hi
         self.fill.copy_(fill)
         self.fill_bound = fill_bound
-        self._write_windows(destination, arrivals)
+        self._write_windows(destination, windows, window_index, arrivals)
 
     def _range_ends(self) -> list[int]:
         """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
@@ -554,19 +566,32 @@ class SampleTable:
                 getattr(self, name)[touched, :span] = merged
         destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
 
-    def _write_windows(self, destination: Tensor, arrivals: list[tuple[dict[str, Tensor], Tensor]]) -> None:
+    def _write_windows(
+        self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor, arrivals: list[int]
+    ) -> None:
         """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1.
 
-        The others are written to the pool's scratch row (past its slots), which spares a sync to find them.
+        ``index``: each arrival's window in the concatenation of ``windows`` (``arrivals`` of them from each batch's
+        windows, in turn). The others are written to the pool's
+        scratch row (past its slots), which spares a sync to find them. The staged batches' windows are
+        concatenated (a gather per field, whatever their number) unless they exceed the merge's temporaries
+        (:attr:`MergePolicy.merge_cells`); then each batch's are gathered in turn.
         """
-        start = 0
         destination = torch.where(destination == EMPTY, self.pool_slots, destination)
-        for windows, index in arrivals:
-            part = destination[start : start + len(index)] if len(arrivals) > 1 else destination
-            start += len(index)
-            for name in self.window_fields:
-                pool = self.pool[name]
-                pool.index_copy_(0, part, windows[name].index_select(0, index).to(pool.dtype))
+        rows = [len(part["position"]) for part in windows]
+        if len(windows) > 1 and sum(rows) * self.window > self.policy.merge_cells:
+            first_row = first_arrival = 0
+            for part, count, arrived in zip(windows, rows, arrivals):
+                mine = slice(first_arrival, first_arrival + arrived)
+                self._write_windows(destination[mine], [part], index[mine] - first_row, [arrived])
+                first_row, first_arrival = first_row + count, first_arrival + arrived
+            return
+        every = windows[0] if len(windows) == 1 else {
+            name: torch.cat([part[name] for part in windows]) for name in self.window_fields
+        }
+        for name in self.window_fields:
+            pool = self.pool[name]
+            pool.index_copy_(0, destination, every[name].index_select(0, index).to(pool.dtype))
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.

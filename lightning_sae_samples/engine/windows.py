@@ -28,6 +28,14 @@ def above_threshold(values: Tensor, threshold: float) -> Tensor:
     return values >= rounded if inclusive else values > rounded
 
 
+def finite(values: Tensor) -> Tensor:
+    """``torch.isfinite(values)`` in two operators; NaN compares false.
+
+    ``torch.isfinite`` dispatches five: an equality, an absolute value, a comparison, a product and an and.
+    """
+    return values.abs() < math.inf
+
+
 @functools.lru_cache(maxsize=64)
 def rounded_threshold(threshold: float, dtype: torch.dtype) -> tuple[float, bool]:
     """``threshold`` rounded to ``dtype``, and whether ``>=`` against it equals ``>`` against the exact one.
@@ -58,7 +66,7 @@ def dense_hits(flat: Tensor, threshold: float, collect: Tensor) -> tuple[Tensor,
         rows = flat[start : start + block]
         peak = rows.view(len(rows), f // group, group).amax(dim=2)
         opened.append((above_threshold(peak, threshold) | torch.isnan(peak)).view(-1))
-        bad.append(~torch.isfinite(rows.sum(dim=1)) & collect[start : start + block])
+        bad.append(~finite(rows.sum(dim=1)) & collect[start : start + block])
     if not opened:
         return torch.empty(0, dtype=torch.int64, device=flat.device), collect.new_zeros(0)
     groups = torch.cat(opened).nonzero(as_tuple=True)[0]
@@ -177,7 +185,7 @@ class SparseWindowActs:
         offset = self.keys[neighbour] - self.keys[at]
         inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
         found = self.values[self.order[neighbour]].to(dtype)
-        found = torch.where(inside & torch.isfinite(found), found, 0.0)
+        found = torch.where(inside & finite(found), found, 0.0)
         # Places outside the window write onto a scratch column past the window's end, never read.
         column = torch.where(inside, half + offset, 2 * half + 1)
         part = torch.zeros((len(walking), 2 * half + 2), dtype=dtype, device=candidate.device)
