@@ -152,12 +152,12 @@ class SparseWindowActs:
         keys = self.keys
         linked = keys[1:] - keys[:-1] <= half_window
         # Run of each sorted entry: consecutive entries share one while each pair of them is linked.
-        self.run = torch.cat([linked.new_zeros(1, dtype=torch.int64), torch.cumsum(~linked, 0)])
-        near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
-        if len(order) > 1:
-            near[1:] |= linked
-            near[:-1] |= linked
-        self._near = near
+        self.run = torch.cumsum(torch.nn.functional.pad(~linked, (1, 0)), 0)
+        if len(order) > 1:  # linked to the entry before or to the one after
+            either_side = torch.nn.functional.pad(linked, (1, 1))
+            self._near = either_side[1:] | either_side[:-1]
+        else:
+            self._near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
 
     def reach(self) -> Tensor:
         """Per entry: whether another entry of its latent lies inside its window (in its segment)."""
@@ -179,8 +179,7 @@ class SparseWindowActs:
             walking = candidate
         row = torch.searchsorted(candidate, walking)
         at = self.where[walking].unsqueeze(1)
-        steps = torch.arange(1, half + 1, device=at.device)
-        steps = torch.cat([-steps.flip(0), steps])  # made on the device: no copy from the host
+        steps = torch.arange(-half, half + 1, device=at.device)  # the centre is the sample itself: never inside
         neighbour = (at + steps).clamp(0, len(self.keys) - 1)
         offset = self.keys[neighbour] - self.keys[at]
         inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
