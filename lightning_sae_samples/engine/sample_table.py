@@ -402,7 +402,6 @@ class SampleTable:
         self._staged, self._staged_windows, self._staged_count = [], [], 0
         self._staged_window_rows = 0
         new = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        new["source"] = torch.arange(len(new["row"]), device=new["row"].device)
         if self.dedup_radius is not None:
             yield from self._resolve_classes(new)
         yield from self._merge(new, windows, [len(part["row"]) for part in parts])
@@ -413,11 +412,10 @@ class SampleTable:
     ) -> Generator[Tensor, list[int], None]:
         """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
-        ``new["source"]`` is each sample's arrival index, ``new["window"]`` the index of its window in the
-        concatenation of ``windows``, the windows of the batches staged (one per insert, with ``arrivals`` samples
-        each). The temporaries of a chunk
-        are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size
-        the merge needs is read back from the device at once (one host sync per merge).
+        ``new["window"]`` is the index of each sample's window in the concatenation of ``windows``, the windows of
+        the batches staged (one per insert, with ``arrivals`` samples each). The temporaries of a chunk are bounded
+        by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size the merge needs
+        is read back from the device at once (one host sync per merge).
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -450,36 +448,41 @@ class SampleTable:
             return
         keep = indices_of(rank < (cap if alive is None else arriving[row]), kept_end[-1])
         perm, rank = perm[keep], rank[keep]
-        window_index = new["window"]
-        new = {name: value[perm] for name, value in new.items() if name not in ("window", "alive")}
+        arrival_window = new["window"]
+        new = {name: value[perm] for name, value in new.items() if name != "alive"}
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
         span = min(cap, self.fill_bound + width)
-        destination = torch.full((len(window_index),), EMPTY, dtype=torch.int64, device=dev)
         fresh_slots = self._take_slots(fresh_end[-1])
         first_row = [0, *[end + 1 for end in bounds[:-1]]]
         touched_start, kept_start, fresh_start = ([0, *column[:-1]] for column in (touched_end, kept_end, fresh_end))
         # Ranges of rows merged at once: consecutive ones while their touched rows' places fit `merge_cells`.
-        lo = 0
+        lo, destination = 0, []
         for hi in range(1, count + 1):
             if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
                 continue
             num_touched = touched_end[hi - 1] - touched_start[lo]
             if num_touched and lo == 0 and hi == count:  # one range: all rows, nothing to cut out
-                self._merge_rows(indices_of(touched, num_touched), new, rank, width, span, destination,
-                                 num_touched == self.rows, fresh_slots)
+                destination.append(self._merge_rows(indices_of(touched, num_touched), new, rank, width, span,
+                                                    num_touched == self.rows, fresh_slots))
             elif num_touched:
                 r0, r1 = first_row[lo], bounds[hi - 1] + 1
                 rows = indices_of(touched[r0:r1], num_touched) + r0
                 part = slice(kept_start[lo], kept_end[hi - 1])
                 slots = fresh_slots[fresh_start[lo] : fresh_end[hi - 1]]
-                self._merge_rows(rows, {name: value[part] for name, value in new.items()}, rank[part], width, span,
-                                 destination, num_touched == self.rows, slots)
+                destination.append(self._merge_rows(rows, {name: value[part] for name, value in new.items()},
+                                                    rank[part], width, span, num_touched == self.rows, slots))
             lo = hi
         self.fill.copy_(fill)
         self.fill_bound = fill_bound
-        self._write_windows(destination, windows, window_index, arrivals)
+        # Pool slot of each sample kept for the merge (sorted by row, then priority), or -1 where it did not enter.
+        destination = destination[0] if len(destination) == 1 else torch.cat(destination)
+        if len(windows) > 1 and sum(len(part["position"]) for part in windows) * self.window > self.policy.merge_cells:
+            by_arrival = torch.full_like(arrival_window, EMPTY).index_copy_(0, perm, destination)
+            self._write_windows_by_batch(by_arrival, windows, arrival_window, arrivals)
+        else:
+            self._write_windows(destination, windows, new["window"])
 
     def _range_ends(self) -> list[int]:
         """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
@@ -499,14 +502,13 @@ class SampleTable:
         rank: Tensor,
         width: int,
         span: int,
-        destination: Tensor,
         all_rows: bool,
         fresh_slots: Tensor,
     ) -> None:
         """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
 
-        Writes the pool slot of every entering sample into ``destination`` (indexed by arrival); entering samples
-        that take no pushed-out sample's slot take ``fresh_slots`` in order.
+        Returns the pool slot of each of these samples, or -1 where it does not enter; entering samples that take no
+        pushed-out sample's slot take ``fresh_slots`` in order.
         """
         dev = self.values.device
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -564,34 +566,36 @@ class SampleTable:
                 getattr(self, name)[:, :span] = merged
             else:
                 getattr(self, name)[touched, :span] = merged
-        destination.index_copy_(0, new["source"], torch.where(enters, slot.long(), EMPTY))
+        return torch.where(enters, slot.long(), EMPTY)
 
-    def _write_windows(
-        self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor, arrivals: list[int]
-    ) -> None:
-        """Copy the windows of entering samples into the pool; ``destination``: pool slot per arrival, or -1.
+    def _write_windows(self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor) -> None:
+        """Copy the windows of entering samples into the pool; ``destination``: each sample's pool slot, or -1.
 
-        ``index``: each arrival's window in the concatenation of ``windows`` (``arrivals`` of them from each batch's
-        windows, in turn). The others are written to the pool's
-        scratch row (past its slots), which spares a sync to find them. The staged batches' windows are
-        concatenated (a gather per field, whatever their number) unless they exceed the merge's temporaries
-        (:attr:`MergePolicy.merge_cells`); then each batch's are gathered in turn.
+        ``index``: each sample's window in the concatenation of ``windows`` (the staged batches' windows, gathered
+        from at once). Samples that do not enter are written to the pool's scratch row (past its slots), which
+        spares a sync to find them.
         """
         destination = torch.where(destination == EMPTY, self.pool_slots, destination)
-        rows = [len(part["position"]) for part in windows]
-        if len(windows) > 1 and sum(rows) * self.window > self.policy.merge_cells:
-            first_row = first_arrival = 0
-            for part, count, arrived in zip(windows, rows, arrivals):
-                mine = slice(first_arrival, first_arrival + arrived)
-                self._write_windows(destination[mine], [part], index[mine] - first_row, [arrived])
-                first_row, first_arrival = first_row + count, first_arrival + arrived
-            return
         every = windows[0] if len(windows) == 1 else {
             name: torch.cat([part[name] for part in windows]) for name in self.window_fields
         }
         for name in self.window_fields:
             pool = self.pool[name]
             pool.index_copy_(0, destination, every[name].index_select(0, index).to(pool.dtype))
+
+    def _write_windows_by_batch(
+        self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor, arrivals: list[int]
+    ) -> None:
+        """:meth:`_write_windows` one staged batch at a time; samples in arrival order, ``arrivals`` from each batch.
+
+        For merges whose staged windows together would exceed the merge's temporaries
+        (:attr:`MergePolicy.merge_cells`).
+        """
+        first_row = first_arrival = 0
+        for part, arrived in zip(windows, arrivals):
+            mine = slice(first_arrival, first_arrival + arrived)
+            self._write_windows(destination[mine], [part], index[mine] - first_row)
+            first_row, first_arrival = first_row + len(part["position"]), first_arrival + arrived
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
