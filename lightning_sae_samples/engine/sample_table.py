@@ -222,6 +222,9 @@ class MergePolicy:
 
 
 DEFAULT_POLICY = MergePolicy()
+#: Bytes of the temporaries a merge holds per row place it works on at once (a few int64 grids): the staged
+#: windows are concatenated only while they take no more than the merge's own temporaries.
+MERGE_PLACE_BYTES = 32
 
 
 class SampleTable:
@@ -478,7 +481,7 @@ class SampleTable:
         self.fill_bound = fill_bound
         # Pool slot of each sample kept for the merge (sorted by row, then priority), or -1 where it did not enter.
         destination = destination[0] if len(destination) == 1 else torch.cat(destination)
-        if len(windows) > 1 and sum(len(part["position"]) for part in windows) * self.window > self.policy.merge_cells:
+        if len(windows) > 1 and self._window_bytes(windows) > MERGE_PLACE_BYTES * self.policy.merge_cells:
             by_arrival = torch.full_like(arrival_window, EMPTY).index_copy_(0, perm, destination)
             self._write_windows_by_batch(by_arrival, windows, arrival_window, arrivals)
         else:
@@ -588,14 +591,17 @@ class SampleTable:
     ) -> None:
         """:meth:`_write_windows` one staged batch at a time; samples in arrival order, ``arrivals`` from each batch.
 
-        For merges whose staged windows together would exceed the merge's temporaries
-        (:attr:`MergePolicy.merge_cells`).
+        For merges whose staged windows, concatenated, would take more memory than the merge's own temporaries.
         """
         first_row = first_arrival = 0
         for part, arrived in zip(windows, arrivals):
             mine = slice(first_arrival, first_arrival + arrived)
             self._write_windows(destination[mine], [part], index[mine] - first_row)
             first_row, first_arrival = first_row + len(part["position"]), first_arrival + arrived
+
+    def _window_bytes(self, windows: list[dict[str, Tensor]]) -> int:
+        """Bytes of the window fields of these batches' windows."""
+        return sum(part[name].element_size() * part[name].numel() for part in windows for name in self.window_fields)
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
