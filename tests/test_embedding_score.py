@@ -6,6 +6,9 @@ must beat every other latent's, and a random explanation must score about 0.5.
 """
 
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +87,14 @@ def planted(tmp_path_factory):
     return root / "samples"
 
 
+@pytest.fixture
+def fresh(planted, tmp_path):
+    """A copy of the planted save without a sidecar."""
+    copy = tmp_path / "samples"
+    shutil.copytree(planted, copy, ignore=shutil.ignore_patterns("explanations"))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def embedder():
     model = SentenceEmbedder()
@@ -123,16 +134,16 @@ def test_top_tokens_explainer_names_the_tokens_and_their_neighbours(planted):
                    for w in text.split("after ")[1].split(";")[0].rstrip(")").replace('"', "").split(", "))
 
 
-def test_planted_meanings_the_right_explanation_beats_every_other_under_the_embedding_score(planted, embedder):
-    result = explain_latents(planted, None, ExplainSettings(**SETTINGS), embedder=embedder)
-    records = read_explanations(planted)
+def test_planted_meanings_the_right_explanation_beats_every_other_under_the_embedding_score(fresh, embedder):
+    result = explain_latents(fresh, None, ExplainSettings(**SETTINGS), embedder=embedder)
+    records = read_explanations(fresh)
     assert sorted(records) == sorted(result.latents) == list(range(len(MEANINGS))) == sorted(result.embedded)
     for record in records.values():
         assert record.model == TOP_TOKENS_MODEL and record.score is None  # no chat backend: no detection score
         assert 25 <= record.embedding_contexts <= 30 and record.embedding_score > 0.8
         assert record.embedding_score > record.embedding_random_score + 0.2
     # Shuffled: each latent's held-out contexts scored with every other latent's explanation.
-    analyzer = ActivationSampleAnalyzer(planted)
+    analyzer = ActivationSampleAnalyzer(fresh)
     vectors_of, explanation_of = {}, {i: records[i].text for i in records}
     rows = []
     for latent in records:
@@ -167,3 +178,52 @@ def test_a_random_explanation_scores_about_one_half(planted, embedder):
     got = auroc(torch.tensor([index[q] for q, _, _ in rows]), padded([[index[t] for t in p] for _, p, _ in rows]),
                 padded([[index[t] for t in n] for _, _, n in rows]), embedder.embed(texts))
     assert abs(got.mean().item() - 0.5) < 0.06 and abs(got.median().item() - 0.5) < 0.08
+
+
+def test_with_a_language_model_both_scores_are_given_and_a_rerun_skips_them(fresh, embedder):
+    from test_explain import KeywordBackend
+
+    backend = KeywordBackend()
+    settings = ExplainSettings(**{**SETTINGS, "explainer": "llm", "positives": 3, "negatives": 3})
+    result = explain_latents(fresh, backend, settings, embedder=embedder)
+    records = read_explanations(fresh)
+    assert sorted(result.scored) == sorted(result.embedded) == sorted(records) == list(range(len(MEANINGS)))
+    for record in records.values():
+        assert record.model == "keyword" and record.score_contexts == 6 and record.embedding_contexts >= 25
+        assert record.score is not None and record.embedding_score > record.embedding_random_score
+    again = explain_latents(fresh, backend, settings, embedder=embedder)
+    assert again.requests == 0 and not again.embedded and sorted(again.skipped) == sorted(records)
+    # The top-tokens explainer is another explainer: it explains and scores again, beside the model's records.
+    other = explain_latents(fresh, None, ExplainSettings(**SETTINGS), embedder=embedder)
+    assert sorted(other.explained) == sorted(records) and other.requests == 0
+
+
+def test_the_command_explains_with_top_tokens_offline_and_reports_the_embedding_auroc(fresh):
+    command = [sys.executable, "-m", "lightning_sae_samples", "explain", str(fresh), "--explainer", "top-tokens",
+               "--shown-top", "6", "--shown-interval", "2", "--embedding-positives", "15"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Explained 8 and scored 8 of 8 latents (0 already done) with 0 requests" in proc.stdout
+    median = float(proc.stdout.split("median ")[1].split()[0])
+    random_mean = float(proc.stdout.split("a random explanation: mean ")[1].split(")")[0])
+    assert median > 0.8 and random_mean < 0.6 and "Mean detection score" not in proc.stdout
+    assert "texts" in proc.stderr  # the embedding's progress, outside a terminal: lines
+    records = read_explanations(fresh)
+    assert all(r.model == TOP_TOKENS_MODEL and r.embedding_score is not None for r in records.values())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "(8 already done) with 0 requests" in again.stdout and "Embedding AUROC" not in again.stdout
+
+
+def test_without_a_language_model_the_command_explains_with_top_tokens(monkeypatch):
+    from lightning_sae_samples.explain import backends, command
+
+    parser = command.build_explain_parser()
+    monkeypatch.setattr(backends, "default_model_available", lambda: False)
+    assert command.chosen_explainer(parser.parse_args(["d"])) == "top-tokens"
+    assert command.chosen_explainer(parser.parse_args(["d", "--endpoint", "http://h/v1", "--model", "m"])) == "llm"
+    assert command.chosen_explainer(parser.parse_args(["d", "--model", "some/chat-model"])) == "llm"
+    monkeypatch.setattr(backends, "default_model_available", lambda: True)
+    assert command.chosen_explainer(parser.parse_args(["d"])) == "llm"
+    assert command.chosen_explainer(parser.parse_args(["d", "--explainer", "top-tokens"])) == "top-tokens"
+    args = parser.parse_args(["d", "--explainer", "top-tokens"])
+    assert command.make_backend(args, "top-tokens") is None
