@@ -198,6 +198,22 @@ def test_with_a_language_model_both_scores_are_given_and_a_rerun_skips_them(fres
     assert sorted(other.explained) == sorted(records) and other.requests == 0
 
 
+def test_on_a_terminal_the_requests_and_the_texts_embedded_show_live(fresh, embedder):
+    import io
+    import re
+
+    from rich.console import Console
+    from test_explain import KeywordBackend
+
+    out = io.StringIO()
+    settings = ExplainSettings(**{**SETTINGS, "explainer": "llm", "positives": 2, "negatives": 2})
+    result = explain_latents(fresh, KeywordBackend(), settings, embedder=embedder,
+                             console=Console(file=out, force_terminal=True, width=150))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert len(result.embedded) == len(result.scored) == len(MEANINGS)
+    assert "Texts" in text and "texts/s" in text and "Requests" in text and "Latents scored" in text
+
+
 def test_the_command_explains_with_top_tokens_offline_and_reports_the_embedding_auroc(fresh):
     command = [sys.executable, "-m", "lightning_sae_samples", "explain", str(fresh), "--explainer", "top-tokens",
                "--shown-top", "6", "--shown-interval", "2", "--embedding-positives", "15"]

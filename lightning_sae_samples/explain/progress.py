@@ -129,6 +129,16 @@ class ExplainProgress:
         self._line(f"{self.done}/{self.requests} {self.unit}, " + (f"{latents}, " if latents else "")
                    + f"{rate:.2f} {self.unit}/s" + (f", {left}" if left else ""))
 
+    def pause(self) -> None:
+        """Take a terminal display down while the embedding shows its own (rich 13 allows one live display)."""
+        if self._bar is not None:
+            self._bar.stop()
+
+    def resume(self) -> None:
+        """Show a display :meth:`pause` took down again."""
+        if self._bar is not None:
+            self._bar.start()
+
     def stop(self) -> None:
         """Take the display down, or write the last line (the command then prints its one-line summary)."""
         if self._bar is not None:

@@ -260,8 +260,10 @@ def explain_latents(
             result.explained += to_explain
         if to_embed:
             assert embedder is not None
+            progress.pause()
             _embedding_scores(samples_dir, embedder, settings, wide, splits, pool, to_embed, existing, result,
                               console)
+            progress.resume()
         if to_score:
             assert backend is not None
             _score(samples_dir, backend, settings, loaded, splits, pool, to_score, existing, result, progress)
