@@ -6,6 +6,7 @@ must beat every other latent's, and a random explanation must score about 0.5.
 """
 
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -200,7 +201,6 @@ def test_with_a_language_model_both_scores_are_given_and_a_rerun_skips_them(fres
 
 def test_on_a_terminal_the_requests_and_the_texts_embedded_show_live(fresh, embedder):
     import io
-    import re
 
     from rich.console import Console
     from test_explain import KeywordBackend
@@ -223,7 +223,9 @@ def test_the_command_explains_with_top_tokens_offline_and_reports_the_embedding_
     median = float(proc.stdout.split("median ")[1].split()[0])
     random_mean = float(proc.stdout.split("a random explanation: mean ")[1].split(")")[0])
     assert median > 0.8 and random_mean < 0.6 and "Mean detection score" not in proc.stdout
-    assert "texts" in proc.stderr  # the embedding's progress, outside a terminal: lines
+    # The embedding's progress, outside a terminal: lines.
+    assert "explain: embedding " in proc.stderr and "texts for the embedding AUROC of 8 latents" in proc.stderr
+    assert re.search(r"explain: (\d+)/\1 texts, [\d.]+ texts/s", proc.stderr)
     records = read_explanations(fresh)
     assert all(r.model == TOP_TOKENS_MODEL and r.embedding_score is not None for r in records.values())
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)

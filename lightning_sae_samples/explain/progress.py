@@ -36,10 +36,12 @@ class ExplainProgress:
         to_score: Latents it scores.
         clock: Seconds, monotonic (default ``time.monotonic``); the rate and the time left are measured on it.
         unit: What is counted: ``"requests"`` (answered), or ``"texts"`` (embedded, for the embedding score).
+        title: What the first line says is done (default: ``"<requests> <unit> for <latents>"``).
     """
 
     def __init__(self, console: Any, requests: int, to_explain: int, to_score: int,
-                 clock: Optional[Callable[[], float]] = None, unit: str = "requests") -> None:
+                 clock: Optional[Callable[[], float]] = None, unit: str = "requests",
+                 title: Optional[str] = None) -> None:
         self.console, self.requests, self.clock, self.unit = console, requests, clock or time.monotonic, unit
         self.done = 0
         self.counts = {"explained": 0, "scored": 0}
@@ -53,7 +55,7 @@ class ExplainProgress:
         elif console.is_terminal:
             self._start_bar()
         else:
-            what = f"{requests} {unit}" + (f" for {self._latents_text()}" if to_explain or to_score else "")
+            what = title or f"{requests} {unit}" + (f" for {self._latents_text()}" if to_explain or to_score else "")
             self._line(f"{what}; a line every {self.every} {unit} or {LINE_EVERY_SECONDS:.0f} s")
 
     def _start_bar(self) -> None:

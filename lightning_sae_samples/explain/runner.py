@@ -304,7 +304,8 @@ def _embedding_scores(
         positives.append([index(context_text(s)) for s in split.held_out if context_text(s) not in shown])
         negatives.append([index(context_text(s)) for s in non_activating(
             latent, pool, _all_samples(feature), settings.embedding_negatives, pool_texts)])
-    progress = ExplainProgress(console, len(texts), 0, 0, unit="texts")
+    progress = ExplainProgress(console, len(texts), 0, 0, unit="texts",
+                               title=f"embedding {len(texts)} texts for the embedding AUROC of {len(to_embed)} latents")
     try:
         vectors = embedder.embed(list(texts), advance=lambda n: progress.advance(count=n))
     finally:
