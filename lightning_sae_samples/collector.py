@@ -47,10 +47,12 @@ from lightning_sae_samples.inputs import (
 )
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, hold_lock
+from lightning_sae_samples.samples_dir.decoder import unit_directions
 from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
 from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
-from lightning_sae_samples.samples_dir.writer import write_samples_dir
-from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, merge_shards
+from lightning_sae_samples.samples_dir.shards import ShardPart, write_sharded_samples_dir
+from lightning_sae_samples.samples_dir.writer import SaveOptions, write_samples_dir
+from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, join_shards, merge_replicas
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
 from lightning_sae_samples.state.slices import slice_state
 from lightning_sae_samples.state.tables import kept_per_latent
@@ -508,17 +510,13 @@ class ActivationSampleCollector:
         Returns:
             The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
         """
-        if self.collector is None and self._pending_state is not None:
-            where = self.settings.device or device or torch.device("cpu")
-            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
+        self._place_pending(device)
         if _distributed() and torch.distributed.get_world_size() > 1 and not self.process_local:
-            shards = Shards.exchange(self.shard_layout, self.collector is not None)
-            if not any(shards.collecting):
+            shards = self._exchange()
+            if shards is None:
                 return None
-            self._check_all_collect(shards.collecting)
             if shards.sharded:
-                self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
-                return merge_shards(self.collector, self.shard_layout, shards, gather_merged_state)
+                return join_shards(self.shard_layout, self._merge_replicas(shards).state)
             if gather is None:
                 return gather_merged_state(self.collector, GroupGather(), is_root=self._rank() == 0)
         if self.collector is None:
@@ -526,6 +524,42 @@ class ActivationSampleCollector:
         if gather is not None:
             return gather(self.collector)
         return self.collector.state_dict()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this collection is a shard of the latents among processes: its saves are sharded saves."""
+        return (self.shard_layout is not None and _distributed() and torch.distributed.get_world_size() > 1
+                and not self.process_local)
+
+    def merged_shard(self, device: Optional[torch.device] = None) -> Optional[ShardPart]:
+        """This process's shard merged over its replicas, on the shard's root (a collective; see :attr:`sharded`).
+
+        Nothing is gathered across shards: this is what a sharded save writes from. ``None`` when nothing was
+        collected on any process.
+        """
+        self._place_pending(device)
+        shards = self._exchange()
+        return None if shards is None else self._merge_replicas(shards)
+
+    def _place_pending(self, device: Optional[torch.device]) -> None:
+        if self.collector is None and self._pending_state is not None:
+            where = self.settings.device or device or torch.device("cpu")
+            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
+
+    def _exchange(self) -> Optional[Shards]:
+        """Every process's part in a merge (a collective); ``None`` when no process has collected anything."""
+        shards = Shards.exchange(self.shard_layout, self.collector is not None)
+        if not any(shards.collecting):
+            return None
+        self._check_all_collect(shards.collecting)
+        if shards.sharded:
+            self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
+        return shards
+
+    def _merge_replicas(self, shards: Shards) -> ShardPart:
+        assert self.shard_layout is not None and self.shard_ranges is not None
+        merged = merge_replicas(self.collector, self.shard_layout, shards, gather_merged_state)
+        return ShardPart(merged, self.shard_layout.offset, self.shard_ranges)
 
     @staticmethod
     def _check_all_collect(collecting: list[bool]) -> None:
@@ -642,6 +676,8 @@ class ActivationSampleCollector:
                 it and keeps it until :meth:`close`, as the callback holds it for its run. Or the directory is
                 not ours to write.
         """
+        if self.sharded:
+            return self._save_shards(Path(dirpath), tokenizer, global_step, full_state, decoder)
         merged = self.merged_state()
         if self._rank() == 0:
             merged = self.with_windows(merged)  # before the window resets: a missing source changes nothing
@@ -665,6 +701,95 @@ class ActivationSampleCollector:
             full_state=full_state,
             decoder=decoder,
         )
+
+    def _save_shards(self, dirpath: Path, tokenizer: Any, global_step: Optional[int], full_state: bool,
+                     decoder: Optional[torch.Tensor]) -> list[int]:
+        """:meth:`save` of a sharded collection: each shard's root writes its own latents (see ``docs/format.md``)."""
+        part = self.merged_shard()
+        if part is None:
+            rank_zero_info(f"{type(self).__name__}: nothing collected yet, no samples written.")
+            return []
+        part = self.shard_with_windows(part)
+        step = global_step
+        if step is None:
+            step = int(part.state["last_collected_step"]) if part.state is not None else (
+                self.collector.last_collected_step if self.collector is not None else None)
+        self.reset_window(step)
+        tokenizer = load_tokenizer(tokenizer) if part.state is not None else None
+        return self.write_shards(
+            dirpath, part, tokenizer=tokenizer, config={**self.config(), "tokenizer": describe_tokenizer(tokenizer)},
+            global_step=global_step, full_state=full_state, decoder=decoder, prepare=self._lock_dirpath,
+        )
+
+    def shard_with_windows(self, part: ShardPart) -> ShardPart:
+        """A shard (of :meth:`merged_shard`) with its kept samples' windows read from the token source."""
+        return dataclasses.replace(part, state=self.with_windows(part.state))
+
+    def write_shards(
+        self,
+        dirpath: PathLike,
+        part: ShardPart,
+        *,
+        tokenizer: Any,
+        config: dict[str, Any],
+        global_step: Optional[int] = None,
+        full_state: bool = True,
+        owner: Optional[str] = None,
+        decoder: Optional[torch.Tensor] = None,
+        prepare: Optional[Callable[[Path], Any]] = None,
+    ) -> list[int]:
+        """Write a sharded save of :meth:`merged_shard`'s parts (a collective: every process calls it).
+
+        Each shard's root writes its latents' feature files and its part of the full state; global rank 0 writes
+        the run-level files and commits (``docs/format.md``). The processes must share a file system.
+
+        Args:
+            dirpath: The samples directory.
+            part: This process's share (see :meth:`merged_shard` and :meth:`shard_with_windows`).
+            tokenizer: A tokenizer object or ``None`` (used by the shards' roots).
+            config: Recorded in the summary.
+            global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write the full state (one part per shard and the index).
+            owner: Who saves, in log messages (default: this class's name).
+            decoder: The SAE's whole decoder ``[F, d_model]`` on global rank 0, for ``decoder_directions.pt``.
+            prepare: Called on global rank 0 with ``dirpath`` before anything is written (takes the lock).
+
+        Returns:
+            The saved feature indices, best first, on global rank 0 (empty elsewhere).
+
+        Raises:
+            ShardedSaveError: Another process failed (every process raises; the one that failed its own error).
+        """
+        owner = owner or type(self).__name__
+        state = part.state
+        step = global_step if global_step is not None else int(state["last_collected_step"]) if state is not None \
+            else None
+        history = {**self._history_settings(), "previous": self._history}
+        rank = torch.distributed.get_rank()
+        directions = None if decoder is None or rank != 0 else unit_directions(decoder, part.num_latents)
+        options = SaveOptions(config, tokenizer, self.settings.top_features_to_save,
+                              self.settings.samples_per_feature_to_save, self.settings.rank_features_by,
+                              int(step) if step is not None else -1, full_state=full_state, history=history)
+        ranked, summary = write_sharded_samples_dir(Path(dirpath), part, options, directions=directions,
+                                                    prepare=prepare)
+        if rank != 0 or summary is None:
+            return []
+        self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)
+        self._warn_nonfinite(int(summary["nonfinite_skipped"]), owner)
+        per_file = self.settings.samples_per_feature_to_save
+        in_files = sum(min(entry["num_samples"], per_file) for entry in summary["top_features_by_activation"])
+        rank_zero_info(
+            f"{owner}: saved samples to {dirpath} at step {summary['global_step']} from {len(part.ranges)} shards:"
+            f" {len(ranked)} feature files ({in_files} samples)"
+            + (f" and the full state in parts ({summary['total_samples_stored']} samples of"
+               f" {summary['num_features_tracked']} latents)." if full_state else ".")
+        )
+        if self.settings.write_report:
+            try:
+                write_report(dirpath, tokenizer=tokenizer)
+            except Exception as err:  # noqa: BLE001 - a report must never stop training
+                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+        return ranked
 
     def close(self) -> None:
         """Release the lock on the samples directory this collector saved to (see :meth:`save`).
@@ -729,7 +854,7 @@ class ActivationSampleCollector:
             return []
         # Kept refs become windows here, read in one gather: every file written holds windows.
         merged = with_windows(merged, self.token_source, owner)
-        self._warn_nonfinite(merged, owner)
+        self._warn_nonfinite(int(merged["nonfinite_skipped"]), owner)
         step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
         history = None if source != "train" else {**self._history_settings(), "previous": self._history}
         saved = write_samples_dir(
@@ -778,8 +903,7 @@ class ActivationSampleCollector:
             "dead_window_steps": getattr(settings, "dead_window_steps", DEFAULT_DEAD_WINDOW_STEPS),
         }
 
-    def _warn_nonfinite(self, merged: dict, owner: str) -> None:
-        skipped = int(merged["nonfinite_skipped"])
+    def _warn_nonfinite(self, skipped: int, owner: str) -> None:
         if skipped > self._warned_nonfinite:
             rank_zero_warn(
                 f"{owner} skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"

@@ -101,6 +101,34 @@ def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "dense", dp=1, tp=2)
 
 
+def _unsharded_save(path, top):
+    """What one process collecting every latent of replica 0's batches saves (``collector_shard_script``'s)."""
+    collector = make_collector(num_latents=9, top_features_to_save=top)
+    for i, (tokens, mask, latents) in enumerate(padded_batches(8, seed=20, num_latents=9)[:6]):
+        collector.update(tokens, latents=latents, step=i // 2, attention_mask=mask)
+    collector.save(path)
+
+
+def test_a_sharded_save_reads_back_as_the_unsharded_one_with_no_shard_sent_to_rank_0(tmp_path):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--dp", 1, "--tp", 2, "--top", 4, "--port", _port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _unsharded_save(tmp_path / "whole", top=4)
+    sharded, whole = read_dir(tmp_path / "first"), read_dir(tmp_path / "whole")
+    features = sorted(name for name in whole if name.startswith("feature_"))
+    assert len(features) == 4 and [n for n in sharded if n.startswith("feature_")] == features
+    assert {f"feature_0000{i}_samples.json" for i in range(5, 9)} & set(features), "a saved latent of shard 2"
+    assert all(sharded[name] == whole[name] for name in features)
+    summaries = [{**d["collection_summary.json"], "save_id": None} for d in (sharded, whole)]
+    assert summaries[0] == summaries[1]
+    assert_same(load_full_state(tmp_path / "first" / "full_state.index.json"),
+                load_full_state(tmp_path / "whole" / "full_state.pt"))
+    # Rank 0 wrote none of shard 2's files and never received its samples: only its top candidates, counts and
+    # history window, much less than the part it wrote.
+    part = (tmp_path / "first" / "full_state-00002-of-00002.pt").stat().st_size
+    received = torch.load(tmp_path / "received_0.pt", weights_only=True)
+    assert received < part / 2, (received, part)
+
+
 @pytest.mark.slow
 def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "sparse", dp=2, tp=2)
