@@ -38,8 +38,9 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
+from lightning_sae_samples.samples_dir.shards import ShardPart
 from lightning_sae_samples.serve import serve_command
-from lightning_sae_samples.sharding import ShardLayout
+from lightning_sae_samples.sharding import ShardLayout, join_shards
 from lightning_sae_samples.state.history import reset_window_entries
 from lightning_sae_samples.token_sources import TokenSource, load_token_source, row_windows_for
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
@@ -146,6 +147,8 @@ class ActivationSampleCallback(Callback):
         self._strategy: Any = None
         self._trainer: Optional[pl.Trainer] = None
         self._merged: Optional[dict] = None
+        self._shard_part: Optional[ShardPart] = None  # a sharded collection's share, from state_dict to its save
+        self._warned_sharded_extras = False
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
         self._last_save_step: Optional[int] = None
@@ -403,8 +406,18 @@ class ActivationSampleCallback(Callback):
             self._health.log(trainer, self.collector)
 
     def state_dict(self) -> dict[str, Any]:
-        """Merge all processes' collections (collective) and return what exact resume needs."""
-        self._merged = self._merged_state()
+        """Merge all processes' collections (collective) and return what exact resume needs.
+
+        Lightning keeps only global rank 0's callback state in a checkpoint (also ``ModelParallelStrategy``'s
+        distributed one: its ``meta.pt``), so the whole collection is joined there; a sharded collection keeps each
+        shard on its root too, for the samples save that follows (which gathers nothing).
+        """
+        if self.engine.sharded:
+            self._shard_part = self.engine.merged_shard(self._device())
+            part = self._shard_part
+            self._merged = None if part is None else join_shards(self.engine.shard_layout, part.state)
+        else:
+            self._merged = self._merged_state()
         # The save that follows writes the current history window: the checkpoint goes on with a new one, and so
         # does this run once that save has committed (on_save_checkpoint).
         step = self._trainer.global_step if self._trainer is not None else None
@@ -424,7 +437,11 @@ class ActivationSampleCallback(Callback):
         the next save writes it: every process learns the outcome from rank 0 (one small broadcast a save).
         """
         merged, self._merged = self._merged, None
-        saved = self._save(trainer, pl_module, merged) if trainer.is_global_zero else True
+        part, self._shard_part = self._shard_part, None
+        if part is not None:
+            saved = self._save(trainer, pl_module, merged, part=part)
+        else:
+            saved = self._save(trainer, pl_module, merged) if trainer.is_global_zero else True
         if trainer.world_size > 1:
             saved = trainer.strategy.broadcast(saved, src=0)
         if saved:
@@ -439,9 +456,14 @@ class ActivationSampleCallback(Callback):
         """Write the final samples directory."""
         if self._health is not None and trainer.is_global_zero and self._health.pending_step is not None:
             self._health.log(trainer, self.collector)
-        merged = self._merged_state()
-        if trainer.is_global_zero:
-            self._save(trainer, pl_module, merged, final=True)
+        if self.engine.sharded:
+            part = self.engine.merged_shard(self._device())
+            if part is not None:
+                self._save(trainer, pl_module, None, final=True, part=part)
+        else:
+            merged = self._merged_state()
+            if trainer.is_global_zero:
+                self._save(trainer, pl_module, merged, final=True)
         self.engine.reset_window(trainer.global_step)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -574,20 +596,26 @@ class ActivationSampleCallback(Callback):
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is None:
             return
+        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
+        # After a fit, the trainer's counter is the run's last training step, which ckpt_path may predate.
+        kept = dict(global_step=self._snapshot_step, full_state=self.settings.save_full_state != "never",
+                    owner="ActivationSampleCallback", source=self._snapshot_loop, trained_step=trainer.global_step)
+        if snapshot.sharded:
+            part = snapshot.merged_shard(self._device())
+            if part is None:
+                return
+            part = snapshot.shard_with_windows(part)
+            tokenizer = self._tokenizer(trainer, pl_module) if part.state is not None else None
+            self.last_snapshot_dir = dirpath
+            snapshot.write_shards(dirpath, part, tokenizer=tokenizer, config=self.config(), **kept)
+            return
         merged = self._merged_state(snapshot)
         if not trainer.is_global_zero or merged is None:
             return
-        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
         dirpath.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = self._tokenizer(trainer, pl_module)
         self.last_snapshot_dir = dirpath
-        snapshot.write(
-            dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=self._snapshot_step,
-            full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",
-            source=self._snapshot_loop,
-            # After a fit, the trainer's counter is the run's last training step, which ckpt_path may predate.
-            trained_step=trainer.global_step,
-        )
+        snapshot.write(dirpath, merged, tokenizer=tokenizer, config=self.config(), **kept)
 
     # ------------------------------------------------------------------ collection
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
@@ -627,9 +655,12 @@ class ActivationSampleCallback(Callback):
             )
 
     # ------------------------------------------------------------------ saving
+    def _device(self) -> Optional[torch.device]:
+        return self._strategy.root_device if self._strategy is not None else None
+
     def _merged_state(self, owner: Optional[ActivationSampleCollector] = None) -> Optional[dict]:
         strategy = self._strategy
-        device = strategy.root_device if strategy is not None else None
+        device = self._device()
         gather = None
         if strategy is not None and strategy.world_size > 1:
             def gather(collector: SampleCollector) -> Optional[dict]:
@@ -647,15 +678,22 @@ class ActivationSampleCallback(Callback):
         return self._resolved_tokenizer
 
     def _save(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False,
+        part: Optional[ShardPart] = None,
     ) -> bool:
         """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised.
+
+        With ``part`` (a sharded collection's share, on every process) it is a sharded save, a collective whose
+        outcome every process shares.
 
         Returns:
             Whether the directory holds this state now (written, or nothing new to write).
         """
         try:
-            self._write(trainer, pl_module, merged, final)
+            if part is not None:
+                self._write_shards(trainer, pl_module, part, final)
+            else:
+                self._write(trainer, pl_module, merged, final)
             return True
         except Exception as err:
             if self.settings.on_save_error == "raise":
@@ -668,8 +706,40 @@ class ActivationSampleCallback(Callback):
             )
             return False
 
+    def _write_shards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part: ShardPart, final: bool) -> None:
+        """A sharded save: each shard's root writes its own latents (no logit effects or decoder directions)."""
+        full_state = self._full_state(final)
+        skip = False
+        if trainer.is_global_zero:  # rank 0 is a shard's root: the run counters are every shard's
+            written = _collected_so_far(part.state)
+            skip = written == self._last_written and (self._last_full_state or not full_state)
+            if skip and trainer.global_step != self._last_save_step:
+                rank_zero_info(
+                    f"ActivationSampleCallback: nothing collected since the samples saved at step"
+                    f" {self._last_save_step}; {self.dirpath} is not written again."
+                )
+        if trainer.strategy.broadcast(skip, src=0):
+            return
+        if self.logit_effects is not None and not self._warned_sharded_extras:
+            self._warned_sharded_extras = True
+            rank_zero_warn(
+                "ActivationSampleCallback: a sharded collection's saves write no logit effects and no decoder"
+                " directions yet (each process holds a shard of the latents); the samples are saved as usual."
+            )
+        part = self.engine.shard_with_windows(part)
+        tokenizer = self._tokenizer(trainer, pl_module) if part.state is not None else None
+        self.engine.write_shards(self.dirpath, part, tokenizer=tokenizer, config=self.config(),
+                                 global_step=trainer.global_step, full_state=full_state,
+                                 owner="ActivationSampleCallback")
+        if trainer.is_global_zero:
+            self._last_written, self._last_full_state = written, full_state
+            self._last_save_step, self._last_decoder = trainer.global_step, False
+
+    def _full_state(self, final: bool) -> bool:
+        return self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
+
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
-        full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
+        full_state = self._full_state(final)
         written = None if merged is None else _collected_so_far(merged)
         wants_decoder = self.logit_effects is not None and self.settings.save_decoder_directions and (
             full_state or final)

@@ -66,7 +66,37 @@ def received_bytes(counter: list) -> None:
             setattr(dist, name, original)
 
 
-def worker(rank: int, dp: int, tp: int, out: Path, mode: str, port: int, top: int) -> None:
+def fail_later_saves(collector, layout, batches, mode, out: Path, fail_rank: int) -> None:
+    """Save into ``first`` again while ``fail_rank`` fails writing its part: first with an error, then by dying."""
+    from lightning_sae_samples.samples_dir import shards
+
+    rank = dist.get_rank()
+    feed(collector, layout, batches[6:], 3, mode)
+    write_part = shards.atomic_torch_save
+
+    def failing(path, obj):
+        raise OSError(f"no space left writing {Path(path).name}")
+
+    if rank == fail_rank:
+        shards.atomic_torch_save = failing
+    try:
+        collector.save(out / "first")
+        outcome = "saved"
+    except Exception as err:  # every rank must raise, none may wait for ever
+        outcome = f"{type(err).__name__}: {err}"
+    torch.save(outcome, out / f"outcome_{rank}.pt")
+    dist.barrier()
+
+    def dying(path, obj):
+        write_part(path, obj)  # the part is complete, and the process dies before it reports to rank 0
+        os._exit(3)
+
+    if rank == fail_rank:
+        shards.atomic_torch_save = dying
+    collector.save(out / "first")
+
+
+def worker(rank: int, dp: int, tp: int, out: Path, mode: str, port: int, top: int, fail_rank: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=dp * tp)
     dp_rank, tp_rank = divmod(rank, tp)
@@ -83,6 +113,9 @@ def worker(rank: int, dp: int, tp: int, out: Path, mode: str, port: int, top: in
     if rank == 0:
         torch.save(state, out / "state.pt")
     dist.barrier()
+    if fail_rank >= 0:
+        fail_later_saves(collector, layout, batches, mode, out, fail_rank)
+        return
     resumed = make_collector(num_latents=F, shard_layout=layout, top_features_to_save=top)
     resumed.load_state_dict(torch.load(out / "state.pt", weights_only=True))
     seen += feed(resumed, layout, batches[6:], 3, mode)
@@ -100,5 +133,7 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--port", type=int, default=29534)
     parser.add_argument("--top", type=int, default=F, help="top_features_to_save")
+    parser.add_argument("--fail-rank", type=int, default=-1, help="a rank that fails the saves after the first")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.dp, args.tp, args.out, args.mode, args.port, args.top), nprocs=args.dp * args.tp)
+    mp.spawn(worker, args=(args.dp, args.tp, args.out, args.mode, args.port, args.top, args.fail_rank),
+             nprocs=args.dp * args.tp)

@@ -129,6 +129,27 @@ def test_a_sharded_save_reads_back_as_the_unsharded_one_with_no_shard_sent_to_ra
     assert received < part / 2, (received, part)
 
 
+def test_a_rank_failing_or_dying_mid_save_leaves_the_previous_save(tmp_path):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--dp", 1, "--tp", 2, "--fail-rank", 1,
+                "--port", _port())
+    assert proc.returncode != 0 and "exit code 3" in proc.stderr, proc.stderr[-3000:]
+    # Rank 1's error reached every rank: it raised its own, rank 0 one that names it; nothing was committed.
+    assert torch.load(tmp_path / "outcome_1.pt", weights_only=True) == (
+        "OSError: no space left writing full_state-00002-of-00002.pt")
+    assert torch.load(tmp_path / "outcome_0.pt", weights_only=True).startswith(
+        "ShardedSaveError: Rank 1 could not write its part of the save")
+    # Then rank 1 died after writing its part: the directory still holds the first save, whole.
+    first = tmp_path / "first"
+    assert read_dir(first)["collection_summary.json"]["last_collected_step"] == 2
+    assert (first / ".sae_samples_pending" / "full_state-00002-of-00002.pt").is_file()
+    state = load_full_state(first / "full_state.index.json")
+    assert int(state["last_collected_step"]) == 2 and int(state["num_latents"]) == 9
+    # The next save (here one process) clears what the dead save left and commits.
+    _unsharded_save(first, top=9)
+    assert not (first / ".sae_samples_pending").exists()
+    assert not [p for p in first.iterdir() if p.name.startswith("full_state-")]
+
+
 @pytest.mark.slow
 def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "sparse", dp=2, tp=2)
@@ -138,6 +159,7 @@ def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
 def _fit(out, *args):
     proc = _run("model_parallel_script.py", "--out", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def _seen(out):
@@ -152,7 +174,9 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
     # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
-    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
+               tmp_path / "ckpt" / "last.ckpt")
+    assert "saved samples to" in log and "from 2 shards" in log  # each shard's root wrote its own part
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
