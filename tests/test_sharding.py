@@ -183,6 +183,17 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
 
 
+def test_tensor_parallel_validation_snapshots_are_sharded_saves_equal_to_the_oracle(tmp_path):
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--validate")
+    files = sorted(glob.glob(str(tmp_path / "eval_seen_*.pt")))
+    seen = [s for file in files for s in torch.load(file, weights_only=False)]
+    (step,) = {s.step for s in seen}
+    snapshot = tmp_path / "samples" / "snapshots" / f"step_{step}"
+    assert (snapshot / "full_state-00002-of-00002.pt").is_file()
+    assert log.count("from 2 shards") == 2  # the snapshot's save and the one at the end of training
+    check_against_oracle(snapshot, seen)
+
+
 def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):
     proc = _run("model_parallel_script.py", "--out", tmp_path, "--tp", 2, "--form", "full")
     assert proc.returncode != 0
