@@ -735,6 +735,8 @@ class ActivationSampleCollector:
         global_step: Optional[int] = None,
         full_state: bool = True,
         owner: Optional[str] = None,
+        source: str = "train",
+        trained_step: Optional[int] = None,
         decoder: Optional[torch.Tensor] = None,
         prepare: Optional[Callable[[Path], Any]] = None,
     ) -> list[int]:
@@ -751,6 +753,8 @@ class ActivationSampleCollector:
             global_step: Recorded as the save's step (default: the last collected step).
             full_state: Also write the full state (one part per shard and the index).
             owner: Who saves, in log messages (default: this class's name).
+            source: ``"train"`` or an evaluation loop's name (a snapshot: no history), as in :meth:`write`.
+            trained_step: Of a snapshot: the run's last training step (see :meth:`write`).
             decoder: The SAE's whole decoder ``[F, d_model]`` on global rank 0, for ``decoder_directions.pt``.
             prepare: Called on global rank 0 with ``dirpath`` before anything is written (takes the lock).
 
@@ -764,17 +768,19 @@ class ActivationSampleCollector:
         state = part.state
         step = global_step if global_step is not None else int(state["last_collected_step"]) if state is not None \
             else None
-        history = {**self._history_settings(), "previous": self._history}
+        history = None if source != "train" else {**self._history_settings(), "previous": self._history}
         rank = torch.distributed.get_rank()
         directions = None if decoder is None or rank != 0 else unit_directions(decoder, part.num_latents)
         options = SaveOptions(config, tokenizer, self.settings.top_features_to_save,
                               self.settings.samples_per_feature_to_save, self.settings.rank_features_by,
-                              int(step) if step is not None else -1, full_state=full_state, history=history)
+                              int(step) if step is not None else -1, full_state=full_state, source=source,
+                              trained_step=trained_step, history=history)
         ranked, summary = write_sharded_samples_dir(Path(dirpath), part, options, directions=directions,
                                                     prepare=prepare)
         if rank != 0 or summary is None:
             return []
-        self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)
+        if history is not None:
+            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)
         self._warn_nonfinite(int(summary["nonfinite_skipped"]), owner)
         per_file = self.settings.samples_per_feature_to_save
         in_files = sum(min(entry["num_samples"], per_file) for entry in summary["top_features_by_activation"])
