@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,8 @@ from lightning_sae_samples.samples_dir.shards import ShardPart
 from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.sharding import ShardLayout, join_shards
 from lightning_sae_samples.state.history import reset_window_entries
+from lightning_sae_samples.state.slices import concat_states
+from lightning_sae_samples.state.split import empty_tensors, join_tensors, split_tensors
 from lightning_sae_samples.token_sources import TokenSource, load_token_source, row_windows_for
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
@@ -49,6 +52,8 @@ from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, lo
 #: Trainer stages of the evaluation loops, by the name ``collect_in`` gives them.
 _EVAL_LOOPS = {"validate": "validate", "test": "test", "predict": "predict"}
 _log = logging.getLogger("lightning.pytorch").getChild(__name__)
+#: Where a checkpoint's callback state says its collection is in parts of the distributed checkpoint.
+_PARTS_KEY = "collector_parts"
 
 
 class ActivationSampleCallback(Callback):
@@ -148,6 +153,7 @@ class ActivationSampleCallback(Callback):
         self._trainer: Optional[pl.Trainer] = None
         self._merged: Optional[dict] = None
         self._shard_part: Optional[ShardPart] = None  # a sharded collection's share, from state_dict to its save
+        self._checkpoint_states: Optional[tuple[dict, dict]] = None  # a root's shard for a per-rank checkpoint
         self._warned_sharded_extras = False
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
@@ -412,15 +418,17 @@ class ActivationSampleCallback(Callback):
         distributed one: its ``meta.pt``), so the whole collection is joined there; a sharded collection keeps each
         shard on its root too, for the samples save that follows (which gathers nothing).
         """
+        step = self._trainer.global_step if self._trainer is not None else None
         if self.engine.sharded:
-            self._shard_part = self.engine.merged_shard(self._device())
-            part = self._shard_part
+            self._shard_part = part = self.engine.merged_shard(self._device())
+            if part is not None and step is not None and self._checkpoints_per_rank():
+                return {"version": STATE_VERSION, "config": self.config(), "collector": None,
+                        _PARTS_KEY: self._checkpoint_parts(part, step)}
             self._merged = None if part is None else join_shards(self.engine.shard_layout, part.state)
         else:
             self._merged = self._merged_state()
         # The save that follows writes the current history window: the checkpoint goes on with a new one, and so
         # does this run once that save has committed (on_save_checkpoint).
-        step = self._trainer.global_step if self._trainer is not None else None
         collected = self._merged
         if collected is not None and step is not None:
             collected = reset_window_entries(collected, step)
@@ -447,10 +455,17 @@ class ActivationSampleCallback(Callback):
         if saved:
             self.engine.reset_window(trainer.global_step)
         ours = checkpoint.get("callbacks", {}).get(self.state_key)
+        states, self._checkpoint_states = self._checkpoint_states, None
+        if states is not None:  # this shard's state goes into the distributed checkpoint, from its root
+            checkpoint["state_dict"][self._part_key(part.number + 1)] = split_tensors(states[0 if saved else 1])[1]
         if ours is not None:
             ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
             if not saved and merged is not None:
                 ours["collector"] = merged
+            if not saved and _PARTS_KEY in ours:
+                ours[_PARTS_KEY]["skeletons"] = ours[_PARTS_KEY].pop("skeletons_unsaved")
+            elif _PARTS_KEY in ours:
+                ours[_PARTS_KEY].pop("skeletons_unsaved")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
@@ -498,7 +513,57 @@ class ActivationSampleCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
+        parts = state_dict.get(_PARTS_KEY)
+        if parts is not None and state_dict.get("collector") is None:
+            state_dict = {**state_dict, "collector": self._load_checkpoint_parts(parts)}
         self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback")
+
+    # ------------------------------------------------------------------ per-rank checkpoints
+    def _checkpoints_per_rank(self) -> bool:
+        """Whether each shard's root can put its own state in the checkpoint: a distributed checkpoint.
+
+        ``ModelParallelStrategy`` hands the checkpoint's ``state_dict`` to ``torch.distributed.checkpoint``, where
+        every process writes its own entries; any other checkpoint keeps global rank 0's alone.
+        """
+        strategy = self._strategy
+        return isinstance(strategy, ModelParallelStrategy) and bool(
+            getattr(strategy, "_save_distributed_checkpoint", False))
+
+    def _part_key(self, number: int) -> str:
+        digest = hashlib.sha256(self.state_key.encode("utf-8")).hexdigest()[:12]
+        return f"activation_samples-{digest}-part{number}"
+
+    def _checkpoint_parts(self, part: ShardPart, step: int) -> dict[str, Any]:
+        """Keep this root's shard for the checkpoint, and say where the parts are (a collective).
+
+        A root keeps its shard as the save leaves it and as it stays if the save fails; the returned entry lists
+        every root's skeleton for both, while the tensors go into the distributed checkpoint with the model's.
+        """
+        states = None if part.state is None else (reset_window_entries(part.state, step), part.state)
+        self._checkpoint_states = states
+        mine = None if states is None else (part.number, *(split_tensors(state)[0] for state in states))
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        roots = sorted(item for item in gathered if item is not None)
+        return {"keys": [self._part_key(number + 1) for number, _, _ in roots], "ranges": part.ranges,
+                "skeletons": [saved for _, saved, _ in roots], "skeletons_unsaved": [kept for _, _, kept in roots]}
+
+    def _load_checkpoint_parts(self, parts: dict[str, Any]) -> dict:
+        """The collection a distributed checkpoint holds in parts, joined (on every process; a collective)."""
+        from torch.distributed.checkpoint import load
+
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        try:
+            templates = {key: empty_tensors(skeleton) for key, skeleton in zip(parts["keys"], parts["skeletons"])}
+            load({"state_dict": templates}, checkpoint_id=path)
+            return concat_states([join_tensors(skeleton, templates[key])
+                                  for key, skeleton in zip(parts["keys"], parts["skeletons"])])
+        except Exception as err:
+            raise ValueError(
+                f"Cannot resume: the checkpoint {path} keeps ActivationSampleCallback's collection in parts"
+                f" ({parts.get('keys')}) in its distributed checkpoint, which could not be read back: {err}. Resume"
+                " from the distributed checkpoint folder with ModelParallelStrategy, or without its collection."
+            ) from err
 
     # ------------------------------------------------------------------ evaluation snapshots
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -172,7 +172,17 @@ def _seen(out):
 def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
     # Each process returns its share as a plain tensor: its layout is the even split of the module's `num_latents`.
     _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    assert checkpoint.is_dir()  # Lightning's distributed checkpoint
+    # Rank 0's metadata holds no samples: each shard's root wrote its own into the distributed checkpoint.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    states = torch.load(checkpoint / "meta.pt", weights_only=True)["callbacks"]
+    (ours,) = [state for key, state in states.items() if key.startswith("ActivationSampleCallback")]
+    assert ours["collector"] is None and len(ours["collector_parts"]["keys"]) == 2
+    stored = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    for key in ours["collector_parts"]["keys"]:
+        assert any(name.startswith(f"state_dict.{key}.top/") for name in stored), key
     # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
     log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
                tmp_path / "ckpt" / "last.ckpt")
