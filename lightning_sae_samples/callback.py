@@ -514,9 +514,11 @@ class ActivationSampleCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
         parts = state_dict.get(_PARTS_KEY)
+        span = None
         if parts is not None and state_dict.get("collector") is None:
-            state_dict = {**state_dict, "collector": self._load_checkpoint_parts(parts)}
-        self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback")
+            collected, span = self._load_checkpoint_parts(parts)
+            state_dict = {**state_dict, "collector": collected}
+        self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback", span=span)
 
     # ------------------------------------------------------------------ per-rank checkpoints
     def _checkpoints_per_rank(self) -> bool:
@@ -548,16 +550,28 @@ class ActivationSampleCallback(Callback):
         return {"keys": [self._part_key(number + 1) for number, _, _ in roots], "ranges": part.ranges,
                 "skeletons": [saved for _, saved, _ in roots], "skeletons_unsaved": [kept for _, _, kept in roots]}
 
-    def _load_checkpoint_parts(self, parts: dict[str, Any]) -> dict:
-        """The collection a distributed checkpoint holds in parts, joined (on every process; a collective)."""
+    def _load_checkpoint_parts(self, parts: dict[str, Any]) -> tuple[dict, Optional[tuple[int, int]]]:
+        """The parts of the collection a distributed checkpoint holds that this process needs, joined (a collective).
+
+        Where this process's shard is known (``num_latents`` or ``shard_layout``), only the parts it overlaps;
+        else all of them. Returns the joined state and, for some parts, ``(first latent, F)`` (else ``None``).
+        """
         from torch.distributed.checkpoint import load
 
         path = self._trainer.ckpt_path if self._trainer is not None else None
+        layout = self.engine.shard_layout
         try:
-            templates = {key: empty_tensors(skeleton) for key, skeleton in zip(parts["keys"], parts["skeletons"])}
+            chosen = list(zip(parts["keys"], parts["skeletons"], parts["ranges"]))
+            total = int(chosen[-1][2][1])
+            if layout is not None and layout.total == total:
+                chosen = [item for item in chosen if item[2][0] < layout.stop and layout.offset < item[2][1]]
+            templates = {key: empty_tensors(skeleton) for key, skeleton, _ in chosen}
             load({"state_dict": templates}, checkpoint_id=path)
-            return concat_states([join_tensors(skeleton, templates[key])
-                                  for key, skeleton in zip(parts["keys"], parts["skeletons"])])
+            state = concat_states([join_tensors(skeleton, templates[key]) for key, skeleton, _ in chosen])
+            _log.info("ActivationSampleCallback on rank %d resumes from %d of the %d parts of its collection in %s.",
+                      self._rank, len(chosen), len(parts["keys"]), path)
+            first = int(chosen[0][2][0])
+            return state, None if first == 0 and int(state["num_latents"]) == total else (first, total)
         except Exception as err:
             raise ValueError(
                 f"Cannot resume: the checkpoint {path} keeps ActivationSampleCallback's collection in parts"

@@ -153,6 +153,9 @@ class ActivationSampleCollector:
         #: other process, keeps what it restores, and writes its own samples directory, as a single process does.
         self.process_local = False
         self._pending_state: Optional[dict] = None
+        #: Of a restored state holding only some latents (the parts of a checkpoint around this shard): the global id
+        #: of its first latent and the SAE's latent count; ``None`` when it holds them all.
+        self._pending_span: Optional[tuple[int, int]] = None
         self._excluded: Optional[Tensor] = None
         self._offset_step = -1
         self._token_offset = 0
@@ -389,7 +392,7 @@ class ActivationSampleCollector:
         if self.collector is not None:
             return self.collector.config.num_latents
         if self._pending_state is not None:
-            return int(self._pending_state["num_latents"])
+            return self._pending_total()
         raise LatentInputError(
             "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
         )
@@ -407,7 +410,7 @@ class ActivationSampleCollector:
                 )
             return collector
         if self._pending_state is not None:
-            saved = int(self._pending_state["num_latents"])
+            saved = self._pending_total()
             if saved != num_latents:
                 raise ValueError(
                     f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
@@ -452,12 +455,14 @@ class ActivationSampleCollector:
         if self._pending_state is not None:
             self._check_resumed_windows(self._pending_state)
         pending, self._pending_state = self._pending_state, None
+        first, _ = self._pending_span or (0, 0)
+        self._pending_span = None
         if self.settings.num_latents is None:
             self.settings.num_latents = num_latents
         layout = self.shard_layout
         if layout is not None:
             num_latents = layout.local
-            pending = None if pending is None else slice_state(pending, layout.offset, layout.stop)
+            pending = None if pending is None else slice_state(pending, layout.offset - first, layout.stop - first)
         if pending is None:
             self.check_memory(num_latents, device, rows=rows)
             created = SampleCollector(self.engine_config(num_latents, rows), device, policy=self.merge_policy)
@@ -544,7 +549,7 @@ class ActivationSampleCollector:
     def _place_pending(self, device: Optional[torch.device]) -> None:
         if self.collector is None and self._pending_state is not None:
             where = self.settings.device or device or torch.device("cpu")
-            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
+            self.collector = self._materialize(self._pending_total(), where)
 
     def _exchange(self) -> Optional[Shards]:
         """Every process's part in a merge (a collective); ``None`` when no process has collected anything."""
@@ -594,8 +599,21 @@ class ActivationSampleCollector:
         """Whether there is anything to save: collected batches or a restored state."""
         return self.collector is not None or self._pending_state is not None
 
-    def load_state_dict(self, state: dict[str, Any], owner: str = "ActivationSampleCollector") -> None:
+    def _pending_total(self) -> int:
+        """The latent count ``F`` of the restored state not yet placed."""
+        assert self._pending_state is not None
+        return self._pending_span[1] if self._pending_span is not None else int(self._pending_state["num_latents"])
+
+    def load_state_dict(
+        self, state: dict[str, Any], owner: str = "ActivationSampleCollector", span: Optional[tuple[int, int]] = None
+    ) -> None:
         """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+            owner: Who restores, in messages.
+            span: ``(first latent, F)`` when ``state["collector"]`` holds only the latents from ``first latent`` on
+                (consecutive shards of a checkpoint), which must cover this process's ``shard_layout``.
 
         Raises:
             ValueError: The checkpoint was made with other sizes (named in the message), latent count or
@@ -612,10 +630,18 @@ class ActivationSampleCollector:
         if collected is not None:
             self._check_resumed_windows(collected, owner)
         expected = self.settings.num_latents
-        if collected is not None and expected is not None and int(collected["num_latents"]) != expected:
+        total = span[1] if span is not None else None if collected is None else int(collected["num_latents"])
+        if collected is not None and expected is not None and total != expected:
             raise ValueError(
-                f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
+                f"Cannot resume: the checkpoint collected {total} latents, this {owner} has"
                 f" num_latents={self.settings.num_latents}. Resume the same SAE or start a new collection."
+            )
+        layout = self.shard_layout
+        if span is not None and collected is not None and (layout is None or not (
+                span[0] <= layout.offset and layout.stop <= span[0] + int(collected["num_latents"]))):
+            raise ValueError(
+                f"Cannot resume: the restored latents {span[0]} to {span[0] + int(collected['num_latents']) - 1} do"
+                f" not cover this process's shard ({'none' if layout is None else (layout.offset, layout.stop)})."
             )
         # The threshold is checked against the collection itself (what its counts were made with), not the config
         # block: a checkpoint that holds no collection yet resumes at the new threshold, since nothing was counted.
@@ -629,6 +655,7 @@ class ActivationSampleCollector:
                 " without the checkpoint's collection."
             )
         self._pending_state = collected
+        self._pending_span = None if collected is None else span
         self.collector = None
         self._offset_step, self._token_offset = -1, 0
         self._history = self._resumed_history(state.get("history"), owner)

@@ -187,10 +187,20 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
                tmp_path / "ckpt" / "last.ckpt")
     assert "saved samples to" in log and "from 2 shards" in log  # each shard's root wrote its own part
+    assert log.count("resumes from 2 of the 2 parts") == 2  # no shard known before the first batch: all parts
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
+
+
+def test_a_resume_whose_shards_are_known_reads_only_its_part_of_the_checkpoint(tmp_path):
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    assert log.count("resumes from 1 of the 2 parts of its collection") == 2, log[-3000:]
+    seen = _seen(tmp_path)
+    assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
+    check_against_oracle(tmp_path / "samples", seen)
 
 
 def test_tensor_parallel_validation_snapshots_are_sharded_saves_equal_to_the_oracle(tmp_path):
