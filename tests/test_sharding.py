@@ -194,24 +194,21 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
 
 
-def test_a_resume_whose_shards_are_known_reads_only_its_part_of_the_checkpoint(tmp_path):
+def test_a_resume_whose_shards_are_known_reads_only_its_part_and_its_snapshots_are_sharded(tmp_path):
     _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
-    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt", "--validate")
     assert log.count("resumes from 1 of the 2 parts of its collection") == 2, log[-3000:]
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
-
-
-def test_tensor_parallel_validation_snapshots_are_sharded_saves_equal_to_the_oracle(tmp_path):
-    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--validate")
+    # The validation run after the resumed epoch: a snapshot saved from the shards' roots, equal to its oracle.
     files = sorted(glob.glob(str(tmp_path / "eval_seen_*.pt")))
-    seen = [s for file in files for s in torch.load(file, weights_only=False)]
-    (step,) = {s.step for s in seen}
+    evaluated = [s for file in files for s in torch.load(file, weights_only=False)]
+    (step,) = {s.step for s in evaluated}
     snapshot = tmp_path / "samples" / "snapshots" / f"step_{step}"
     assert (snapshot / "full_state-00002-of-00002.pt").is_file()
     assert log.count("from 2 shards") == 2  # the snapshot's save and the one at the end of training
-    check_against_oracle(snapshot, seen)
+    check_against_oracle(snapshot, evaluated)
 
 
 def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):
