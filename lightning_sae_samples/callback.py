@@ -414,9 +414,11 @@ class ActivationSampleCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Merge all processes' collections (collective) and return what exact resume needs.
 
-        Lightning keeps only global rank 0's callback state in a checkpoint (also ``ModelParallelStrategy``'s
-        distributed one: its ``meta.pt``), so the whole collection is joined there; a sharded collection keeps each
-        shard on its root too, for the samples save that follows (which gathers nothing).
+        Lightning keeps only global rank 0's callback state in a checkpoint, so the whole collection is joined
+        there; except for a sharded collection under ``ModelParallelStrategy``'s distributed checkpoint, where each
+        shard's root puts its own shard into the checkpoint's ``state_dict`` (see :meth:`on_save_checkpoint`) and
+        this state only says where. A sharded collection keeps each shard on its root for the samples save that
+        follows (which gathers nothing).
         """
         step = self._trainer.global_step if self._trainer is not None else None
         if self.engine.sharded:
@@ -512,7 +514,10 @@ class ActivationSampleCallback(Callback):
         return isinstance(parts, dict) and all(parts.get(k, v) == v for k, v in inputs.items())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
+        """Restore the collection from a checkpoint; the merged state resumes on global rank 0.
+
+        A collection kept in parts of a distributed checkpoint is read back from ``trainer.ckpt_path`` (a collective).
+        """
         parts = state_dict.get(_PARTS_KEY)
         span = None
         if parts is not None and state_dict.get("collector") is None:
