@@ -39,7 +39,7 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
-from lightning_sae_samples.samples_dir.shards import ShardPart
+from lightning_sae_samples.samples_dir.shards import ShardedSaveError, ShardPart
 from lightning_sae_samples.serve import serve_command
 from lightning_sae_samples.sharding import ShardLayout, join_shards
 from lightning_sae_samples.state.history import reset_window_entries
@@ -782,6 +782,8 @@ class ActivationSampleCallback(Callback):
         except Exception as err:
             if self.settings.on_save_error == "raise":
                 raise
+            if isinstance(err, ShardedSaveError) and not trainer.is_global_zero:
+                return False  # another process failed: it and rank 0 log it, not every process
             _log.error(
                 "ActivationSampleCallback could not save samples to %s at step %d: %s: %s. Training goes on: the"
                 " collection stays in memory and in the model checkpoint, and the next save retries (pass"
