@@ -8,9 +8,11 @@ Run from the repository root::
 For each shard count ``P``, ``P`` processes (gloo) each hold ``ShardLayout.even(F, P, rank)`` (tensor parallelism
 alone: no replicas) and fold the same ``--steps`` sparse batches (TopK k = 32 with global ids, every process the
 same, as a TopK SAE under tensor parallelism returns them; 8 x 128 tokens a step). Then one ``save`` (a
-collective: the shards' states are gathered and joined on rank 0, which writes the directory with the full
-state in one part per shard). Printed per rank: peak RSS after collecting and after the save (``ru_maxrss``),
-and the save's wall time; the ratios to one process come last. Nothing is asserted.
+collective: each shard's process writes its own latents' feature files and its part of the full state, rank 0
+the run-level files and the commit; nothing is gathered whole). Printed per rank: peak RSS after collecting and
+after the save (``ru_maxrss``), the save's wall time and the bytes the rank received in collectives during the
+save; then the time ``serve`` takes to load the directory (``RunIndex.load`` in the parent, its second load);
+the ratios to one process come last. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import resource
 import socket
 import sys
@@ -42,6 +45,29 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _count_received() -> list[int]:
+    """From now on, count the bytes this process receives from the others in object and tensor collectives."""
+    rank, counter = dist.get_rank(), [0]
+
+    def others(objects: list) -> int:
+        return sum(len(pickle.dumps(o)) for i, o in enumerate(objects or []) if i != rank)
+
+    def wrap(name: str, received) -> None:
+        original = getattr(dist, name)
+
+        def call(*args, **kwargs):
+            result = original(*args, **kwargs)
+            counter[0] += received(*args, **kwargs)
+            return result
+        setattr(dist, name, call)
+
+    wrap("gather_object", lambda obj, object_gather_list=None, *a, **k: others(object_gather_list))
+    wrap("all_gather_object", lambda object_list, obj, *a, **k: others(object_list))
+    wrap("broadcast_object_list", lambda objs, src=0, *a, **k: 0 if rank == src else others([0, *objs]))
+    wrap("all_gather", lambda tensors, tensor, *a, **k: sum(t.nbytes for t in tensors) - tensor.nbytes)
+    return counter
+
+
 def worker(rank: int, shards: int, num_latents: int, steps: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=shards)
@@ -57,12 +83,14 @@ def worker(rank: int, shards: int, num_latents: int, steps: int, port: int, out:
         collector.update(tokens, latent_indices=indices, latent_values=values, step=step)
     collected = _peak_mib()
     dist.barrier()
+    received = _count_received()
     start = time.perf_counter()
     collector.save(out / "samples")
     dist.barrier()
     seconds = time.perf_counter() - start
     (out / f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "collected_mib": collected, "saved_mib": _peak_mib(), "save_s": seconds}))
+        {"rank": rank, "collected_mib": collected, "saved_mib": _peak_mib(), "save_s": seconds,
+         "received_bytes": received[0]}))
     dist.destroy_process_group()
 
 
@@ -73,6 +101,8 @@ def _port() -> int:
 
 
 def main() -> None:
+    from lightning_sae_samples.serve.index import RunIndex  # here: the workers need not import serve
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-latents", type=int, default=1 << 20)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
@@ -85,11 +115,17 @@ def main() -> None:
             mp.spawn(worker, args=(shards, args.num_latents, args.steps, _port(), out), nprocs=shards)
             ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(shards)]
             parts = sorted(p.name for p in (out / "samples").glob("full_state*"))
+            RunIndex.load(out / "samples")  # the first load also pays for imports and a cold file cache
+            start = time.perf_counter()
+            RunIndex.load(out / "samples")
+            ranks[0]["serve_load_s"] = time.perf_counter() - start
         results[shards] = ranks
-        print(f"{shards} shard(s) of F={args.num_latents:,}: full state {parts}")
+        print(f"{shards} shard(s) of F={args.num_latents:,}: full state {parts};"
+              f" serve loads it in {ranks[0]['serve_load_s']:.2f} s")
         for r in ranks:
             print(f"  rank {r['rank']}: peak RSS {r['collected_mib']:.0f} MiB after collecting,"
-                  f" {r['saved_mib']:.0f} MiB after the save; save {r['save_s']:.2f} s")
+                  f" {r['saved_mib']:.0f} MiB after the save; save {r['save_s']:.2f} s;"
+                  f" received {r['received_bytes']:,} bytes in the save")
     base = results.get(1)
     if base:
         for shards, ranks in results.items():
@@ -98,7 +134,8 @@ def main() -> None:
             print(f"{shards} shard(s) / 1: peak RSS after collecting, rank 0 {first:.2f},"
                   f" other ranks (max) {max(others) / base[0]['collected_mib']:.2f};"
                   f" after the save, rank 0 {ranks[0]['saved_mib'] / base[0]['saved_mib']:.2f};"
-                  f" save time {ranks[0]['save_s'] / base[0]['save_s']:.2f}")
+                  f" save time {ranks[0]['save_s'] / base[0]['save_s']:.2f};"
+                  f" serve load {ranks[0]['serve_load_s'] / base[0]['serve_load_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -38,9 +39,12 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.files import lstat_or_none
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
+from lightning_sae_samples.samples_dir.shards import ShardedSaveError, ShardPart
 from lightning_sae_samples.serve import serve_command
-from lightning_sae_samples.sharding import ShardLayout
+from lightning_sae_samples.sharding import ShardLayout, join_shards
 from lightning_sae_samples.state.history import reset_window_entries
+from lightning_sae_samples.state.slices import concat_states
+from lightning_sae_samples.state.split import empty_tensors, join_tensors, split_tensors
 from lightning_sae_samples.token_sources import TokenSource, load_token_source, row_windows_for
 from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, load_tokenizer
 
@@ -48,6 +52,8 @@ from lightning_sae_samples.tokens import check_tokenizer, describe_tokenizer, lo
 #: Trainer stages of the evaluation loops, by the name ``collect_in`` gives them.
 _EVAL_LOOPS = {"validate": "validate", "test": "test", "predict": "predict"}
 _log = logging.getLogger("lightning.pytorch").getChild(__name__)
+#: Where a checkpoint's callback state says its collection is in parts of the distributed checkpoint.
+_PARTS_KEY = "collector_parts"
 
 
 class ActivationSampleCallback(Callback):
@@ -146,6 +152,9 @@ class ActivationSampleCallback(Callback):
         self._strategy: Any = None
         self._trainer: Optional[pl.Trainer] = None
         self._merged: Optional[dict] = None
+        self._shard_part: Optional[ShardPart] = None  # a sharded collection's share, from state_dict to its save
+        self._checkpoint_states: Optional[tuple[dict, dict]] = None  # a root's shard for a per-rank checkpoint
+        self._warned_sharded_extras = False
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
         self._last_save_step: Optional[int] = None
@@ -403,11 +412,25 @@ class ActivationSampleCallback(Callback):
             self._health.log(trainer, self.collector)
 
     def state_dict(self) -> dict[str, Any]:
-        """Merge all processes' collections (collective) and return what exact resume needs."""
-        self._merged = self._merged_state()
+        """Merge all processes' collections (collective) and return what exact resume needs.
+
+        Lightning keeps only global rank 0's callback state in a checkpoint, so the whole collection is joined
+        there; except for a sharded collection under ``ModelParallelStrategy``'s distributed checkpoint, where each
+        shard's root puts its own shard into the checkpoint's ``state_dict`` (see :meth:`on_save_checkpoint`) and
+        this state only says where. A sharded collection keeps each shard on its root for the samples save that
+        follows (which gathers nothing).
+        """
+        step = self._trainer.global_step if self._trainer is not None else None
+        if self.engine.sharded:
+            self._shard_part = part = self.engine.merged_shard(self._device())
+            if part is not None and step is not None and self._checkpoints_per_rank():
+                return {"version": STATE_VERSION, "config": self.config(), "collector": None,
+                        _PARTS_KEY: self._checkpoint_parts(part, step)}
+            self._merged = None if part is None else join_shards(self.engine.shard_layout, part.state)
+        else:
+            self._merged = self._merged_state()
         # The save that follows writes the current history window: the checkpoint goes on with a new one, and so
         # does this run once that save has committed (on_save_checkpoint).
-        step = self._trainer.global_step if self._trainer is not None else None
         collected = self._merged
         if collected is not None and step is not None:
             collected = reset_window_entries(collected, step)
@@ -424,24 +447,40 @@ class ActivationSampleCallback(Callback):
         the next save writes it: every process learns the outcome from rank 0 (one small broadcast a save).
         """
         merged, self._merged = self._merged, None
-        saved = self._save(trainer, pl_module, merged) if trainer.is_global_zero else True
+        part, self._shard_part = self._shard_part, None
+        if part is not None:
+            saved = self._save(trainer, pl_module, merged, part=part)
+        else:
+            saved = self._save(trainer, pl_module, merged) if trainer.is_global_zero else True
         if trainer.world_size > 1:
             saved = trainer.strategy.broadcast(saved, src=0)
         if saved:
             self.engine.reset_window(trainer.global_step)
         ours = checkpoint.get("callbacks", {}).get(self.state_key)
+        states, self._checkpoint_states = self._checkpoint_states, None
+        if states is not None:  # this shard's state goes into the distributed checkpoint, from its root
+            checkpoint["state_dict"][self._part_key(part.number + 1)] = split_tensors(states[0 if saved else 1])[1]
         if ours is not None:
             ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
             if not saved and merged is not None:
                 ours["collector"] = merged
+            if not saved and _PARTS_KEY in ours:
+                ours[_PARTS_KEY]["skeletons"] = ours[_PARTS_KEY].pop("skeletons_unsaved")
+            elif _PARTS_KEY in ours:
+                ours[_PARTS_KEY].pop("skeletons_unsaved")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final samples directory."""
         if self._health is not None and trainer.is_global_zero and self._health.pending_step is not None:
             self._health.log(trainer, self.collector)
-        merged = self._merged_state()
-        if trainer.is_global_zero:
-            self._save(trainer, pl_module, merged, final=True)
+        if self.engine.sharded:
+            part = self.engine.merged_shard(self._device())
+            if part is not None:
+                self._save(trainer, pl_module, None, final=True, part=part)
+        else:
+            merged = self._merged_state()
+            if trainer.is_global_zero:
+                self._save(trainer, pl_module, merged, final=True)
         self.engine.reset_window(trainer.global_step)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -475,8 +514,75 @@ class ActivationSampleCallback(Callback):
         return isinstance(parts, dict) and all(parts.get(k, v) == v for k, v in inputs.items())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the collection from a checkpoint; the merged state resumes on global rank 0."""
-        self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback")
+        """Restore the collection from a checkpoint; the merged state resumes on global rank 0.
+
+        A collection kept in parts of a distributed checkpoint is read back from ``trainer.ckpt_path`` (a collective).
+        """
+        parts = state_dict.get(_PARTS_KEY)
+        span = None
+        if parts is not None and state_dict.get("collector") is None:
+            collected, span = self._load_checkpoint_parts(parts)
+            state_dict = {**state_dict, "collector": collected}
+        self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback", span=span)
+
+    # ------------------------------------------------------------------ per-rank checkpoints
+    def _checkpoints_per_rank(self) -> bool:
+        """Whether each shard's root can put its own state in the checkpoint: a distributed checkpoint.
+
+        ``ModelParallelStrategy`` hands the checkpoint's ``state_dict`` to ``torch.distributed.checkpoint``, where
+        every process writes its own entries; any other checkpoint keeps global rank 0's alone.
+        """
+        strategy = self._strategy
+        return isinstance(strategy, ModelParallelStrategy) and bool(
+            getattr(strategy, "_save_distributed_checkpoint", False))
+
+    def _part_key(self, number: int) -> str:
+        digest = hashlib.sha256(self.state_key.encode("utf-8")).hexdigest()[:12]
+        return f"activation_samples-{digest}-part{number}"
+
+    def _checkpoint_parts(self, part: ShardPart, step: int) -> dict[str, Any]:
+        """Keep this root's shard for the checkpoint, and say where the parts are (a collective).
+
+        A root keeps its shard as the save leaves it and as it stays if the save fails; the returned entry lists
+        every root's skeleton for both, while the tensors go into the distributed checkpoint with the model's.
+        """
+        states = None if part.state is None else (reset_window_entries(part.state, step), part.state)
+        self._checkpoint_states = states
+        mine = None if states is None else (part.number, *(split_tensors(state)[0] for state in states))
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        roots = sorted(item for item in gathered if item is not None)
+        return {"keys": [self._part_key(number + 1) for number, _, _ in roots], "ranges": part.ranges,
+                "skeletons": [saved for _, saved, _ in roots], "skeletons_unsaved": [kept for _, _, kept in roots]}
+
+    def _load_checkpoint_parts(self, parts: dict[str, Any]) -> tuple[dict, Optional[tuple[int, int]]]:
+        """The parts of the collection a distributed checkpoint holds that this process needs, joined (a collective).
+
+        Where this process's shard is known (``num_latents`` or ``shard_layout``), only the parts it overlaps;
+        else all of them. Returns the joined state and, for some parts, ``(first latent, F)`` (else ``None``).
+        """
+        from torch.distributed.checkpoint import load
+
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        layout = self.engine.shard_layout
+        try:
+            chosen = list(zip(parts["keys"], parts["skeletons"], parts["ranges"]))
+            total = int(chosen[-1][2][1])
+            if layout is not None and layout.total == total:
+                chosen = [item for item in chosen if item[2][0] < layout.stop and layout.offset < item[2][1]]
+            templates = {key: empty_tensors(skeleton) for key, skeleton, _ in chosen}
+            load({"state_dict": templates}, checkpoint_id=path)
+            state = concat_states([join_tensors(skeleton, templates[key]) for key, skeleton, _ in chosen])
+            _log.info("ActivationSampleCallback on rank %d resumes from %d of the %d parts of its collection in %s.",
+                      self._rank, len(chosen), len(parts["keys"]), path)
+            first = int(chosen[0][2][0])
+            return state, None if first == 0 and int(state["num_latents"]) == total else (first, total)
+        except Exception as err:
+            raise ValueError(
+                f"Cannot resume: the checkpoint {path} keeps ActivationSampleCallback's collection in parts"
+                f" ({parts.get('keys')}) in its distributed checkpoint, which could not be read back: {err}. Resume"
+                " from the distributed checkpoint folder with ModelParallelStrategy, or without its collection."
+            ) from err
 
     # ------------------------------------------------------------------ evaluation snapshots
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -574,20 +680,26 @@ class ActivationSampleCallback(Callback):
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is None:
             return
+        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
+        # After a fit, the trainer's counter is the run's last training step, which ckpt_path may predate.
+        kept = dict(global_step=self._snapshot_step, full_state=self.settings.save_full_state != "never",
+                    owner="ActivationSampleCallback", source=self._snapshot_loop, trained_step=trainer.global_step)
+        if snapshot.sharded:
+            part = snapshot.merged_shard(self._device())
+            if part is None:
+                return
+            part = snapshot.shard_with_windows(part)
+            tokenizer = self._tokenizer(trainer, pl_module) if part.state is not None else None
+            self.last_snapshot_dir = dirpath
+            snapshot.write_shards(dirpath, part, tokenizer=tokenizer, config=self.config(), **kept)
+            return
         merged = self._merged_state(snapshot)
         if not trainer.is_global_zero or merged is None:
             return
-        dirpath = self.dirpath / SNAPSHOTS_DIR / snapshot_dirname(self._snapshot_step)
         dirpath.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = self._tokenizer(trainer, pl_module)
         self.last_snapshot_dir = dirpath
-        snapshot.write(
-            dirpath, merged, tokenizer=tokenizer, config=self.config(), global_step=self._snapshot_step,
-            full_state=self.settings.save_full_state != "never", owner="ActivationSampleCallback",
-            source=self._snapshot_loop,
-            # After a fit, the trainer's counter is the run's last training step, which ckpt_path may predate.
-            trained_step=trainer.global_step,
-        )
+        snapshot.write(dirpath, merged, tokenizer=tokenizer, config=self.config(), **kept)
 
     # ------------------------------------------------------------------ collection
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
@@ -627,9 +739,12 @@ class ActivationSampleCallback(Callback):
             )
 
     # ------------------------------------------------------------------ saving
+    def _device(self) -> Optional[torch.device]:
+        return self._strategy.root_device if self._strategy is not None else None
+
     def _merged_state(self, owner: Optional[ActivationSampleCollector] = None) -> Optional[dict]:
         strategy = self._strategy
-        device = strategy.root_device if strategy is not None else None
+        device = self._device()
         gather = None
         if strategy is not None and strategy.world_size > 1:
             def gather(collector: SampleCollector) -> Optional[dict]:
@@ -647,19 +762,28 @@ class ActivationSampleCallback(Callback):
         return self._resolved_tokenizer
 
     def _save(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool = False,
+        part: Optional[ShardPart] = None,
     ) -> bool:
         """Write the samples directory; a failure is logged (the model checkpoint still gets written) or raised.
+
+        With ``part`` (a sharded collection's share, on every process) it is a sharded save, a collective whose
+        outcome every process shares.
 
         Returns:
             Whether the directory holds this state now (written, or nothing new to write).
         """
         try:
-            self._write(trainer, pl_module, merged, final)
+            if part is not None:
+                self._write_shards(trainer, pl_module, part, final)
+            else:
+                self._write(trainer, pl_module, merged, final)
             return True
         except Exception as err:
             if self.settings.on_save_error == "raise":
                 raise
+            if isinstance(err, ShardedSaveError) and not trainer.is_global_zero:
+                return False  # another process failed: it and rank 0 log it, not every process
             _log.error(
                 "ActivationSampleCallback could not save samples to %s at step %d: %s: %s. Training goes on: the"
                 " collection stays in memory and in the model checkpoint, and the next save retries (pass"
@@ -668,8 +792,40 @@ class ActivationSampleCallback(Callback):
             )
             return False
 
+    def _write_shards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part: ShardPart, final: bool) -> None:
+        """A sharded save: each shard's root writes its own latents (no logit effects or decoder directions)."""
+        full_state = self._full_state(final)
+        skip = False
+        if trainer.is_global_zero:  # rank 0 is a shard's root: the run counters are every shard's
+            written = _collected_so_far(part.state)
+            skip = written == self._last_written and (self._last_full_state or not full_state)
+            if skip and trainer.global_step != self._last_save_step:
+                rank_zero_info(
+                    f"ActivationSampleCallback: nothing collected since the samples saved at step"
+                    f" {self._last_save_step}; {self.dirpath} is not written again."
+                )
+        if trainer.strategy.broadcast(skip, src=0):
+            return
+        if self.logit_effects is not None and not self._warned_sharded_extras:
+            self._warned_sharded_extras = True
+            rank_zero_warn(
+                "ActivationSampleCallback: a sharded collection's saves write no logit effects and no decoder"
+                " directions yet (each process holds a shard of the latents); the samples are saved as usual."
+            )
+        part = self.engine.shard_with_windows(part)
+        tokenizer = self._tokenizer(trainer, pl_module) if part.state is not None else None
+        self.engine.write_shards(self.dirpath, part, tokenizer=tokenizer, config=self.config(),
+                                 global_step=trainer.global_step, full_state=full_state,
+                                 owner="ActivationSampleCallback")
+        if trainer.is_global_zero:
+            self._last_written, self._last_full_state = written, full_state
+            self._last_save_step, self._last_decoder = trainer.global_step, False
+
+    def _full_state(self, final: bool) -> bool:
+        return self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
+
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Optional[dict], final: bool) -> None:
-        full_state = self.settings.save_full_state == "every" or (final and self.settings.save_full_state == "end")
+        full_state = self._full_state(final)
         written = None if merged is None else _collected_so_far(merged)
         wants_decoder = self.logit_effects is not None and self.settings.save_decoder_directions and (
             full_state or final)

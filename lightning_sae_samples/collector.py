@@ -47,10 +47,12 @@ from lightning_sae_samples.inputs import (
 )
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, hold_lock
+from lightning_sae_samples.samples_dir.decoder import unit_directions
 from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
 from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
-from lightning_sae_samples.samples_dir.writer import write_samples_dir
-from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, merge_shards
+from lightning_sae_samples.samples_dir.shards import ShardPart, write_sharded_samples_dir
+from lightning_sae_samples.samples_dir.writer import SaveOptions, write_samples_dir
+from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, join_shards, merge_replicas
 from lightning_sae_samples.state.schema import TOKEN_SOURCE_KEY, keeps_refs
 from lightning_sae_samples.state.slices import slice_state
 from lightning_sae_samples.state.tables import kept_per_latent
@@ -151,6 +153,9 @@ class ActivationSampleCollector:
         #: other process, keeps what it restores, and writes its own samples directory, as a single process does.
         self.process_local = False
         self._pending_state: Optional[dict] = None
+        #: Of a restored state holding only some latents (the parts of a checkpoint around this shard): the global id
+        #: of its first latent and the SAE's latent count; ``None`` when it holds them all.
+        self._pending_span: Optional[tuple[int, int]] = None
         self._excluded: Optional[Tensor] = None
         self._offset_step = -1
         self._token_offset = 0
@@ -387,7 +392,7 @@ class ActivationSampleCollector:
         if self.collector is not None:
             return self.collector.config.num_latents
         if self._pending_state is not None:
-            return int(self._pending_state["num_latents"])
+            return self._pending_total()
         raise LatentInputError(
             "Sparse latents do not tell the latent count: pass `num_latents=F` (the SAE's latent count)."
         )
@@ -405,7 +410,7 @@ class ActivationSampleCollector:
                 )
             return collector
         if self._pending_state is not None:
-            saved = int(self._pending_state["num_latents"])
+            saved = self._pending_total()
             if saved != num_latents:
                 raise ValueError(
                     f"Cannot resume: the checkpoint collected {saved} latents but this run's latents have"
@@ -450,12 +455,14 @@ class ActivationSampleCollector:
         if self._pending_state is not None:
             self._check_resumed_windows(self._pending_state)
         pending, self._pending_state = self._pending_state, None
+        first, _ = self._pending_span or (0, 0)
+        self._pending_span = None
         if self.settings.num_latents is None:
             self.settings.num_latents = num_latents
         layout = self.shard_layout
         if layout is not None:
             num_latents = layout.local
-            pending = None if pending is None else slice_state(pending, layout.offset, layout.stop)
+            pending = None if pending is None else slice_state(pending, layout.offset - first, layout.stop - first)
         if pending is None:
             self.check_memory(num_latents, device, rows=rows)
             created = SampleCollector(self.engine_config(num_latents, rows), device, policy=self.merge_policy)
@@ -508,17 +515,13 @@ class ActivationSampleCollector:
         Returns:
             The merged CPU state on rank 0 (``None`` elsewhere), or ``None`` if nothing was collected.
         """
-        if self.collector is None and self._pending_state is not None:
-            where = self.settings.device or device or torch.device("cpu")
-            self.collector = self._materialize(int(self._pending_state["num_latents"]), where)
+        self._place_pending(device)
         if _distributed() and torch.distributed.get_world_size() > 1 and not self.process_local:
-            shards = Shards.exchange(self.shard_layout, self.collector is not None)
-            if not any(shards.collecting):
+            shards = self._exchange()
+            if shards is None:
                 return None
-            self._check_all_collect(shards.collecting)
             if shards.sharded:
-                self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
-                return merge_shards(self.collector, self.shard_layout, shards, gather_merged_state)
+                return join_shards(self.shard_layout, self._merge_replicas(shards).state)
             if gather is None:
                 return gather_merged_state(self.collector, GroupGather(), is_root=self._rank() == 0)
         if self.collector is None:
@@ -526,6 +529,42 @@ class ActivationSampleCollector:
         if gather is not None:
             return gather(self.collector)
         return self.collector.state_dict()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this collection is a shard of the latents among processes: its saves are sharded saves."""
+        return (self.shard_layout is not None and _distributed() and torch.distributed.get_world_size() > 1
+                and not self.process_local)
+
+    def merged_shard(self, device: Optional[torch.device] = None) -> Optional[ShardPart]:
+        """This process's shard merged over its replicas, on the shard's root (a collective; see :attr:`sharded`).
+
+        Nothing is gathered across shards: this is what a sharded save writes from. ``None`` when nothing was
+        collected on any process.
+        """
+        self._place_pending(device)
+        shards = self._exchange()
+        return None if shards is None else self._merge_replicas(shards)
+
+    def _place_pending(self, device: Optional[torch.device]) -> None:
+        if self.collector is None and self._pending_state is not None:
+            where = self.settings.device or device or torch.device("cpu")
+            self.collector = self._materialize(self._pending_total(), where)
+
+    def _exchange(self) -> Optional[Shards]:
+        """Every process's part in a merge (a collective); ``None`` when no process has collected anything."""
+        shards = Shards.exchange(self.shard_layout, self.collector is not None)
+        if not any(shards.collecting):
+            return None
+        self._check_all_collect(shards.collecting)
+        if shards.sharded:
+            self.shard_ranges = [(offset, offset + local) for offset, local, _ in shards.ranges()]
+        return shards
+
+    def _merge_replicas(self, shards: Shards) -> ShardPart:
+        assert self.shard_layout is not None and self.shard_ranges is not None
+        merged = merge_replicas(self.collector, self.shard_layout, shards, gather_merged_state)
+        return ShardPart(merged, self.shard_layout.offset, self.shard_ranges)
 
     @staticmethod
     def _check_all_collect(collecting: list[bool]) -> None:
@@ -560,8 +599,21 @@ class ActivationSampleCollector:
         """Whether there is anything to save: collected batches or a restored state."""
         return self.collector is not None or self._pending_state is not None
 
-    def load_state_dict(self, state: dict[str, Any], owner: str = "ActivationSampleCollector") -> None:
+    def _pending_total(self) -> int:
+        """The latent count ``F`` of the restored state not yet placed."""
+        assert self._pending_state is not None
+        return self._pending_span[1] if self._pending_span is not None else int(self._pending_state["num_latents"])
+
+    def load_state_dict(
+        self, state: dict[str, Any], owner: str = "ActivationSampleCollector", span: Optional[tuple[int, int]] = None
+    ) -> None:
         """Restore a collection from :meth:`state_dict` (on every process); the next update continues it exactly.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+            owner: Who restores, in messages.
+            span: ``(first latent, F)`` when ``state["collector"]`` holds only the latents from ``first latent`` on
+                (consecutive shards of a checkpoint), which must cover this process's ``shard_layout``.
 
         Raises:
             ValueError: The checkpoint was made with other sizes (named in the message), latent count or
@@ -578,10 +630,18 @@ class ActivationSampleCollector:
         if collected is not None:
             self._check_resumed_windows(collected, owner)
         expected = self.settings.num_latents
-        if collected is not None and expected is not None and int(collected["num_latents"]) != expected:
+        total = span[1] if span is not None else None if collected is None else int(collected["num_latents"])
+        if collected is not None and expected is not None and total != expected:
             raise ValueError(
-                f"Cannot resume: the checkpoint collected {int(collected['num_latents'])} latents, this {owner} has"
+                f"Cannot resume: the checkpoint collected {total} latents, this {owner} has"
                 f" num_latents={self.settings.num_latents}. Resume the same SAE or start a new collection."
+            )
+        layout = self.shard_layout
+        if span is not None and collected is not None and (layout is None or not (
+                span[0] <= layout.offset and layout.stop <= span[0] + int(collected["num_latents"]))):
+            raise ValueError(
+                f"Cannot resume: the restored latents {span[0]} to {span[0] + int(collected['num_latents']) - 1} do"
+                f" not cover this process's shard ({'none' if layout is None else (layout.offset, layout.stop)})."
             )
         # The threshold is checked against the collection itself (what its counts were made with), not the config
         # block: a checkpoint that holds no collection yet resumes at the new threshold, since nothing was counted.
@@ -595,6 +655,7 @@ class ActivationSampleCollector:
                 " without the checkpoint's collection."
             )
         self._pending_state = collected
+        self._pending_span = None if collected is None else span
         self.collector = None
         self._offset_step, self._token_offset = -1, 0
         self._history = self._resumed_history(state.get("history"), owner)
@@ -642,6 +703,8 @@ class ActivationSampleCollector:
                 it and keeps it until :meth:`close`, as the callback holds it for its run. Or the directory is
                 not ours to write.
         """
+        if self.sharded:
+            return self._save_shards(Path(dirpath), tokenizer, global_step, full_state, decoder)
         merged = self.merged_state()
         if self._rank() == 0:
             merged = self.with_windows(merged)  # before the window resets: a missing source changes nothing
@@ -665,6 +728,101 @@ class ActivationSampleCollector:
             full_state=full_state,
             decoder=decoder,
         )
+
+    def _save_shards(self, dirpath: Path, tokenizer: Any, global_step: Optional[int], full_state: bool,
+                     decoder: Optional[torch.Tensor]) -> list[int]:
+        """:meth:`save` of a sharded collection: each shard's root writes its own latents (see ``docs/format.md``)."""
+        part = self.merged_shard()
+        if part is None:
+            rank_zero_info(f"{type(self).__name__}: nothing collected yet, no samples written.")
+            return []
+        part = self.shard_with_windows(part)
+        step = global_step
+        if step is None:
+            step = int(part.state["last_collected_step"]) if part.state is not None else (
+                self.collector.last_collected_step if self.collector is not None else None)
+        self.reset_window(step)
+        tokenizer = load_tokenizer(tokenizer) if part.state is not None else None
+        return self.write_shards(
+            dirpath, part, tokenizer=tokenizer, config={**self.config(), "tokenizer": describe_tokenizer(tokenizer)},
+            global_step=global_step, full_state=full_state, decoder=decoder, prepare=self._lock_dirpath,
+        )
+
+    def shard_with_windows(self, part: ShardPart) -> ShardPart:
+        """A shard (of :meth:`merged_shard`) with its kept samples' windows read from the token source."""
+        return dataclasses.replace(part, state=self.with_windows(part.state))
+
+    def write_shards(
+        self,
+        dirpath: PathLike,
+        part: ShardPart,
+        *,
+        tokenizer: Any,
+        config: dict[str, Any],
+        global_step: Optional[int] = None,
+        full_state: bool = True,
+        owner: Optional[str] = None,
+        source: str = "train",
+        trained_step: Optional[int] = None,
+        decoder: Optional[torch.Tensor] = None,
+        prepare: Optional[Callable[[Path], Any]] = None,
+    ) -> list[int]:
+        """Write a sharded save of :meth:`merged_shard`'s parts (a collective: every process calls it).
+
+        Each shard's root writes its latents' feature files and its part of the full state; global rank 0 writes
+        the run-level files and commits (``docs/format.md``). The processes must share a file system.
+
+        Args:
+            dirpath: The samples directory.
+            part: This process's share (see :meth:`merged_shard` and :meth:`shard_with_windows`).
+            tokenizer: A tokenizer object or ``None`` (used by the shards' roots).
+            config: Recorded in the summary.
+            global_step: Recorded as the save's step (default: the last collected step).
+            full_state: Also write the full state (one part per shard and the index).
+            owner: Who saves, in log messages (default: this class's name).
+            source: ``"train"`` or an evaluation loop's name (a snapshot: no history), as in :meth:`write`.
+            trained_step: Of a snapshot: the run's last training step (see :meth:`write`).
+            decoder: The SAE's whole decoder ``[F, d_model]`` on global rank 0, for ``decoder_directions.pt``.
+            prepare: Called on global rank 0 with ``dirpath`` before anything is written (takes the lock).
+
+        Returns:
+            The saved feature indices, best first, on global rank 0 (empty elsewhere).
+
+        Raises:
+            ShardedSaveError: Another process failed (every process raises; the one that failed its own error).
+        """
+        owner = owner or type(self).__name__
+        state = part.state
+        step = global_step if global_step is not None else int(state["last_collected_step"]) if state is not None \
+            else None
+        history = None if source != "train" else {**self._history_settings(), "previous": self._history}
+        rank = torch.distributed.get_rank()
+        directions = None if decoder is None or rank != 0 else unit_directions(decoder, part.num_latents)
+        options = SaveOptions(config, tokenizer, self.settings.top_features_to_save,
+                              self.settings.samples_per_feature_to_save, self.settings.rank_features_by,
+                              int(step) if step is not None else -1, full_state=full_state, source=source,
+                              trained_step=trained_step, history=history)
+        ranked, summary = write_sharded_samples_dir(Path(dirpath), part, options, directions=directions,
+                                                    prepare=prepare)
+        if rank != 0 or summary is None:
+            return []
+        if history is not None:
+            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)
+        self._warn_nonfinite(int(summary["nonfinite_skipped"]), owner)
+        per_file = self.settings.samples_per_feature_to_save
+        in_files = sum(min(entry["num_samples"], per_file) for entry in summary["top_features_by_activation"])
+        rank_zero_info(
+            f"{owner}: saved samples to {dirpath} at step {summary['global_step']} from {len(part.ranges)} shards:"
+            f" {len(ranked)} feature files ({in_files} samples)"
+            + (f" and the full state in parts ({summary['total_samples_stored']} samples of"
+               f" {summary['num_features_tracked']} latents)." if full_state else ".")
+        )
+        if self.settings.write_report:
+            try:
+                write_report(dirpath, tokenizer=tokenizer)
+            except Exception as err:  # noqa: BLE001 - a report must never stop training
+                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+        return ranked
 
     def close(self) -> None:
         """Release the lock on the samples directory this collector saved to (see :meth:`save`).
@@ -729,7 +887,7 @@ class ActivationSampleCollector:
             return []
         # Kept refs become windows here, read in one gather: every file written holds windows.
         merged = with_windows(merged, self.token_source, owner)
-        self._warn_nonfinite(merged, owner)
+        self._warn_nonfinite(int(merged["nonfinite_skipped"]), owner)
         step = int(merged["last_collected_step"]) if global_step is None else int(global_step)
         history = None if source != "train" else {**self._history_settings(), "previous": self._history}
         saved = write_samples_dir(
@@ -778,8 +936,7 @@ class ActivationSampleCollector:
             "dead_window_steps": getattr(settings, "dead_window_steps", DEFAULT_DEAD_WINDOW_STEPS),
         }
 
-    def _warn_nonfinite(self, merged: dict, owner: str) -> None:
-        skipped = int(merged["nonfinite_skipped"])
+    def _warn_nonfinite(self, skipped: int, owner: str) -> None:
         if skipped > self._warned_nonfinite:
             rank_zero_warn(
                 f"{owner} skipped {skipped} non-finite latent values (NaN/Inf) so far; they are"

@@ -171,30 +171,46 @@ def replica_members(shards: Shards, layout: ShardLayout) -> list[int]:
     return list(ranks)
 
 
-def merge_shards(
+def merge_replicas(
     collector: Any, layout: ShardLayout, shards: Shards, gather_replicas: Callable[[Any, GroupGather, bool], Any]
 ) -> Optional[dict]:
-    """Merge each shard's replicas, then join the shards in order; the whole state on global rank 0.
+    """Merge this process's shard over its replicas; the shard's merged state on its root, ``None`` elsewhere.
+
+    The root is the first process of the shard's replica group (global rank 0 is the root of its shard).
 
     Args:
         collector: This process's engine (:class:`~lightning_sae_samples.engine.SampleCollector`) of its shard.
         layout: This process's shard.
         shards: Every process's part (:meth:`Shards.exchange`).
         gather_replicas: ``(collector, GroupGather, is_root) -> Optional[dict]``, the exact data-parallel merge.
-
-    Returns:
-        The merged state of all latents on global rank 0 (``None`` elsewhere).
     """
     shards.ranges()
     members = replica_members(shards, layout)
-    rank = torch.distributed.get_rank()
-    is_root = rank == members[0]
+    is_root = torch.distributed.get_rank() == members[0]
     if len(members) > 1:
-        merged = gather_replicas(collector, GroupGather(layout.replica_group), is_root)
-    else:
-        merged = collector.state_dict()
+        return gather_replicas(collector, GroupGather(layout.replica_group), is_root)
+    return collector.state_dict()
+
+
+def join_shards(layout: ShardLayout, merged: Optional[dict]) -> Optional[dict]:
+    """Every shard's merged state (``merged`` on each root, see :func:`merge_replicas`) joined on global rank 0.
+
+    The whole state of every latent on one process: only for what needs it whole (a checkpoint that Lightning
+    keeps on rank 0 only); sharded saves write each shard from its root instead.
+    """
+    rank = torch.distributed.get_rank()
     parts: Optional[list] = [None] * torch.distributed.get_world_size() if rank == 0 else None
-    torch.distributed.gather_object((layout.offset, merged) if is_root else None, parts, dst=0)
+    torch.distributed.gather_object((layout.offset, merged) if merged is not None else None, parts, dst=0)
     if parts is None:
         return None
     return concat_states([state for _, state in sorted((p for p in parts if p is not None), key=lambda p: p[0])])
+
+
+def merge_shards(
+    collector: Any, layout: ShardLayout, shards: Shards, gather_replicas: Callable[[Any, GroupGather, bool], Any]
+) -> Optional[dict]:
+    """Merge each shard's replicas, then join the shards in order; the whole state on global rank 0.
+
+    See :func:`merge_replicas` for the arguments.
+    """
+    return join_shards(layout, merge_replicas(collector, layout, shards, gather_replicas))

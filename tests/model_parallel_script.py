@@ -38,7 +38,9 @@ class ParallelSAE(L.LightningModule):
         self.encoder.weight.requires_grad_(False)
         self.scale = torch.nn.Parameter(torch.ones(2))
         self.seen: list[Seen] = []
+        self.eval_seen: list[Seen] = []  # the validation batches, each at the step of the weights it ran with
         self._row_offset: dict[int, int] = {}
+        self._eval_offset: dict[int, int] = {}
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -52,6 +54,15 @@ class ParallelSAE(L.LightningModule):
             fully_shard(self, mesh=mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
+        return {"loss": ((self.scale - 1.0) ** 2).sum(), "latents": self._latents(batch, self.seen, self._row_offset)}
+
+    def validation_step(self, batch, batch_idx):
+        return {"latents": self._latents(batch, self.eval_seen, self._eval_offset)}
+
+    def on_validation_epoch_start(self):
+        self._eval_offset = {}
+
+    def _latents(self, batch, seen, row_offset):
         tokens = batch["tokens"]
         flag = (torch.arange(tokens.shape[1]) % 3 == 0).float().view(1, -1, 1).expand(*tokens.shape, 1)
         latents = self.encoder(torch.cat([torch.nn.functional.one_hot(tokens, VOCAB).float(), flag], -1))
@@ -59,13 +70,13 @@ class ParallelSAE(L.LightningModule):
         mesh = self.device_mesh
         if mesh["tensor_parallel"].get_local_rank() == 0:  # the batch of one data-parallel replica, once
             step = self.trainer.global_step
-            offset = self._row_offset.get(step, 0)
-            self._row_offset[step] = offset + tokens.shape[0]
+            offset = row_offset.get(step, 0)
+            row_offset[step] = offset + tokens.shape[0]
             rank = mesh["data_parallel"].get_local_rank()
-            self.seen.append(Seen(step, rank, offset, tokens.detach().cpu(), full.detach().float().cpu()))
+            seen.append(Seen(step, rank, offset, tokens.detach().cpu(), full.detach().float().cpu()))
         if self.form != "dtensor" and hasattr(latents, "to_local"):
             latents = latents.to_local() if self.form == "local" else full
-        return {"loss": ((self.scale - 1.0) ** 2).sum(), "latents": latents}
+        return latents
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -82,12 +93,14 @@ def main() -> None:
     parser.add_argument("--no-num-latents", action="store_true")
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--save-ckpt", type=Path, default=None)
+    parser.add_argument("--validate", action="store_true", help="also collect a snapshot of each validation run")
     args = parser.parse_args()
 
     callbacks = [ActivationSampleCallback(
         collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
         top_features_to_save=args.num_latents, samples_per_feature_to_save=K, dirpath=args.out / "samples",
         recent_window_steps=3, samples_per_interval=2, deduplicate_contexts=True, write_report=False,
+        collect_in=("train", "validate") if args.validate else ("train",),
     )]
     if args.save_ckpt:
         callbacks.append(ModelCheckpoint(dirpath=args.save_ckpt, save_last=True))
@@ -96,10 +109,13 @@ def main() -> None:
         strategy=ModelParallelStrategy(data_parallel_size=args.dp, tensor_parallel_size=args.tp),
         max_epochs=args.max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=bool(args.save_ckpt), default_root_dir=args.out, callbacks=callbacks,
+        limit_val_batches=2 if args.validate else 0, num_sanity_val_steps=0,
     )
     module = ParallelSAE(args.num_latents, form=args.form, tell_num_latents=not args.no_num_latents)
-    trainer.fit(module, loader(TokenDataset()), ckpt_path=args.ckpt_path)
+    trainer.fit(module, loader(TokenDataset()), loader(TokenDataset(seed=1)) if args.validate else None,
+                ckpt_path=args.ckpt_path)
     torch.save(module.seen, args.out / f"seen_{args.max_epochs}_{trainer.global_rank}.pt")
+    torch.save(module.eval_seen, args.out / f"eval_seen_{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

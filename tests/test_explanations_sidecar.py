@@ -60,6 +60,9 @@ def test_a_torn_last_line_is_ignored_and_cut_by_the_next_append(tmp_path):
         ('{"text": 5}', "text"),
         ('{"time": "yesterday"}', "time"),
         ('{"source": "web"}', "source"),
+        ('{"embedding_score": -0.1}', "embedding_score"),
+        ('{"embedding_contexts": 2.5}', "embedding_contexts"),
+        ('{"embedding_random_score": "0.5"}', "embedding_random_score"),
         ("[1, 2]", "JSON object"),
     ],
 )
@@ -74,6 +77,20 @@ def test_hostile_lines_are_refused_naming_file_line_and_field(tmp_path, line, fi
         handle.write(bad + "\n")
     with pytest.raises(SamplesDirectoryError, match=rf"explanations.jsonl, line 2: .*{field}"):
         read_explanations(tmp_path)
+
+
+def test_lines_written_before_the_embedding_auroc_read_it_as_null(tmp_path):
+    append_explanations(tmp_path, [record(1, score=0.7), record(2, embedding_score=0.8, embedding_contexts=40,
+                                                                 embedding_random_score=0.5)])
+    path = explanations_path(tmp_path)
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    old = {k: v for k, v in first.items() if not k.startswith("embedding_")}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(second) + "\n")
+    explained = read_explanations(tmp_path)
+    assert explained[1].score == 0.7 and explained[1].embedding_score is None
+    assert explained[1].embedding_contexts is None and explained[1].embedding_random_score is None
+    assert (explained[2].embedding_score, explained[2].embedding_contexts, explained[2].embedding_random_score) == (
+        0.8, 40, 0.5)
 
 
 def test_missing_field_is_named(tmp_path):

@@ -92,6 +92,10 @@ def expected_features(analyzer):
             "interval_edges": [g.low for g in f.interval_groups] or None,
             "interval_counts": [g.count for g in f.interval_groups] or None,
         })
+        m = analyzer.meaning(idx)
+        row.update({"explanation": m and m.explanation, "detection_score": m and m.score,
+                    "detection_random_score": m and m.random_score, "embedding_auroc": m and m.embedding_score,
+                    "embedding_random_auroc": m and m.embedding_random_score})
         rows.append(row)
     return rows
 
@@ -319,6 +323,30 @@ def test_a_run_without_the_groups_exports_as_before(plain_dir, tmp_path, fmt):
     frame = analyzer.to_dataframe("sample")
     assert frame_records(frame) == frame_records(export.to_dataframe(analyzer, "sample", groups=["top"]))
     assert analyzer.to_dataframe("feature").recent_overlap.isna().all()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_feature_table_names_each_explanation_score(plain_dir, tmp_path, fmt):
+    import shutil
+
+    from lightning_sae_samples.analysis.explanations import ExplanationRecord, append_explanations
+
+    run = tmp_path / "run"
+    shutil.copytree(plain_dir, run)
+    first, second = ActivationSampleAnalyzer(run).saved_features[:2]
+    append_explanations(run, [
+        ExplanationRecord(latent=first, text="commas", score=0.8, score_contexts=10, random_score=0.5,
+                          embedding_score=0.9, embedding_contexts=40, embedding_random_score=0.45),
+        ExplanationRecord(latent=second, text='"," (before "and")', model="top-tokens", embedding_score=0.7),
+    ])
+    out = tmp_path / "out"
+    assert main(["export", str(run), "--format", fmt, str(out)]) == 0
+    rows = {r["feature_idx"]: r for r in read_table(out, "features", fmt)}
+    names = ("explanation", "detection_score", "detection_random_score", "embedding_auroc", "embedding_random_auroc")
+    assert [rows[first][c] for c in names] == ["commas", 0.8, 0.5, 0.9, 0.45]
+    assert [rows[second][c] for c in names] == ['"," (before "and")', None, None, 0.7, None]
+    assert all(rows[i]["explanation"] is None for i in rows if i not in (first, second))
+    assert rows == {r["feature_idx"]: r for r in expected_features(ActivationSampleAnalyzer(run))}
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])

@@ -24,7 +24,8 @@ def run(tmp_path_factory):
     first = saved[0]
     append_explanations(path, [
         ExplanationRecord(latent=first, text=HOSTILE, score=0.8, score_contexts=20, random_score=0.5,
-                          samples_step=step - 1),
+                          samples_step=step - 1, embedding_score=0.91, embedding_contexts=40,
+                          embedding_random_score=0.47),
         ExplanationRecord(latent=first ^ 1, text="partner latent", score=0.6, samples_step=step),
         ExplanationRecord(latent=saved[1], text="typed by hand", kind="label", source="label", samples_step=step),
     ])
@@ -33,10 +34,11 @@ def run(tmp_path_factory):
 
 def test_console_feature_report_shows_explanation_staleness_and_neighbours(run):
     analyzer, first, _ = run
-    console = Console(file=io.StringIO(), width=160, record=True)
+    console = Console(file=io.StringIO(), width=240, record=True)
     analyzer.print_feature_report(first, 2, console=console)
     text = console.export_text()
-    assert f"Explanation: {HOSTILE} (score 0.80; 20 contexts, random explanation 0.50)" in text
+    assert (f"Explanation: {HOSTILE} (detection 0.80 (20 contexts, random explanation 0.50); embedding AUROC 0.91"
+            " (40 contexts, random explanation 0.47))") in text
     assert "written from the samples of step" in text
     assert "Neighbours (decoder cosine)" in text and "partner latent" in text
     partner_line = next(line for line in text.splitlines() if "partner latent" in line)
@@ -48,8 +50,10 @@ def test_console_summary_has_explanation_and_label_columns(run):
     console = Console(file=io.StringIO(), width=200, record=True)
     analyzer.print_summary(4, console=console)
     text = console.export_text()
-    assert "Explanation" in text and "Score" in text
-    assert "typed by hand" in text and "0.80" in text
+    assert "Explanation" in text and "Detection" in text and "Embedding AUROC" in text
+    assert "typed by hand" in text
+    row = next(line for line in text.splitlines() if HOSTILE[:10] in line)
+    assert [c.strip() for c in row.split("│")[-3:-1]] == ["0.80", "0.91"]  # each score in its own column
 
 
 def test_markdown_report_escapes_explanations_and_lists_neighbours(run):
@@ -61,6 +65,8 @@ def test_markdown_report_escapes_explanations_and_lists_neighbours(run):
     assert "&lt;b&gt;bold&lt;/b&gt; *words* | pipes" in html  # shown as typed, nothing interpreted
     assert "Neighbours (decoder cosine): " in md and "partner latent" in md
     assert "⚠ written from the samples of step" in md
+    assert "| Explanation | Detection | Embedding AUROC |" in md and "| 0.80 | 0.91 |" in md
+    assert "(detection 0.80 (20 contexts, random explanation 0.50); embedding AUROC 0.91" in md
 
 
 class _Collect(HTMLParser):
@@ -82,6 +88,7 @@ def test_html_report_escapes_explanations_and_links_neighbours_in_the_report(run
     parsed.feed(page)
     assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page  # text, not markup
     assert HOSTILE in "".join(parsed.text)
+    assert "Detection" in parsed.text and "Embedding AUROC" in parsed.text and "0.91" in parsed.text
     chips = [a for t, a in parsed.tags if t == "span" and "data-neighbour" in a]
     assert len(chips) == 4 * 5
     links = {a["href"] for t, a in parsed.tags if t == "a" and a.get("href", "").startswith("#feature-")}

@@ -94,6 +94,25 @@ def test_sort_and_filter_by_score(client):
     assert [r["idx"] for r in high["rows"]] == [0, 2]
 
 
+def test_sort_by_embedding_auroc_is_its_own_column(run_dir):
+    step = json.loads((run_dir / "collection_summary.json").read_text())["global_step"]
+    append_explanations(run_dir, [  # 3: scored by embedding only (a top-tokens explanation); 0: both
+        ExplanationRecord(latent=3, text='"," (before "and")', model="top-tokens", samples_step=step,
+                          embedding_score=0.95, embedding_contexts=40, embedding_random_score=0.5),
+        ExplanationRecord(latent=0, text=TEXTS[0][0], score=0.9, score_contexts=20, random_score=0.5,
+                          model="tiny-model", samples_step=step, embedding_score=0.6, embedding_contexts=40,
+                          embedding_random_score=0.45),
+    ])
+    with TestClient(create_app(RunSet(run_dir), write_token=TOKEN)) as client:
+        rows = get(client, "/api/features?sort=embedding_score&order=desc&limit=100")["rows"]
+        assert [r["idx"] for r in rows[:2]] == [3, 0]  # the others have no embedding AUROC: last
+        assert rows[0]["explanation"]["embedding_score"] == 0.95 and rows[0]["explanation"]["score"] is None
+        assert rows[1]["explanation"]["embedding_random_score"] == 0.45
+        assert [r["idx"] for r in get(client, "/api/features?sort=score&order=desc&limit=3")["rows"]] == [0, 2, 1]
+        asc = get(client, "/api/features?sort=embedding_score&order=asc&limit=2")["rows"]
+        assert [r["idx"] for r in asc] == [0, 3]
+
+
 def test_neighbours_endpoint_matches_brute_force(client):
     w_dec, _ = decoder_matrices(SyntheticSAE(num_latents=NUM_LATENTS))
     unit = w_dec / w_dec.norm(dim=1, keepdim=True)

@@ -32,8 +32,11 @@ def served(tmp_path_factory):
     step = json.loads((samples / "collection_summary.json").read_text())["global_step"]
     append_explanations(samples, [
         ExplanationRecord(latent=2, text="verses <i>about</i> the Lord", score=0.85, score_contexts=20,
-                          random_score=0.5, samples_step=step - 1),
-        ExplanationRecord(latent=3, text="numbers in a census", score=0.6, samples_step=step),
+                          random_score=0.5, samples_step=step - 1, embedding_score=0.7, embedding_contexts=40,
+                          embedding_random_score=0.48),
+        ExplanationRecord(latent=3, text="numbers in a census", score=0.6, samples_step=step, embedding_score=0.9),
+        ExplanationRecord(latent=5, text='"gold", "silver" (after "of")', model="top-tokens", samples_step=step,
+                          embedding_score=0.8, embedding_contexts=40, embedding_random_score=0.51),
     ])
     server = Server(samples, poll_seconds=0.3)
     server.start_thread()
@@ -49,7 +52,10 @@ def test_list_shows_explanations_and_search_by_explanation_finds_the_latent(serv
     wait_js(tools, f"document.querySelectorAll('#feature-rows tr').length === {NUM_LATENTS}")
     row = "document.querySelector('#feature-rows tr[data-feature=\"2\"]')"
     assert tools.js(f"{row}.querySelector('td.explanation').textContent").startswith("verses <i>about</i> the Lord")
-    assert tools.js(f"{row}.querySelector('td.score').textContent") == "0.85"
+    assert tools.js(f"{row}.querySelector('td.score.detection').textContent") == "0.85"
+    assert tools.js(f"{row}.querySelector('td.score.embedding').textContent") == "0.70"
+    heads = tools.js("Array.from(document.querySelectorAll('#feature-table th.score')).map(th => th.textContent)")
+    assert heads == ["Detection", "Embedding AUROC"]
     assert tools.js(f"{row}.querySelector('i')") is None  # the explanation is text, never markup
     tools.js("""(() => { document.getElementById('search-mode').value = 'explanation';
         document.getElementById('search-input').value = 'census numbers';
@@ -72,12 +78,38 @@ def test_feature_page_shows_staleness_neighbours_and_saves_a_typed_label(served)
     tools.js("document.querySelector('#neighbour-list li a').click()")
     wait_js(tools, "document.getElementById('feature-title').textContent === 'Feature 2'")
     note = wait_js(tools, "document.getElementById('explanation-note').textContent")
-    assert "score 0.85 on 20 contexts (random explanation 0.50)" in note and "older than these" in note
+    assert "detection 0.85 on 20 contexts (random explanation 0.50)" in note and "older than these" in note
+    assert "embedding AUROC 0.70 on 40 contexts (random explanation 0.48)" in note
     tools.js("document.getElementById('label-input').focus()")
     tools.send("Input.insertText", text="the Lord, in verses")
     tools.js("document.getElementById('label-save').click()")
     wait_js(tools, "document.getElementById('label-status').textContent === 'label saved'")
     assert read_labels(samples)[2].text == "the Lord, in verses"
+    assert errors(tools, server.url) == []
+
+
+def _sort_shows_first(tools, sort, first):
+    tools.js(f"""(() => {{ const s = document.getElementById('sort-select'); s.value = '{sort}';
+        s.dispatchEvent(new Event('change')); }})()""")
+    shown = "JSON.stringify(Array.from(document.querySelectorAll('#feature-rows tr'))"
+    shown += f".slice(0, {len(first)}).map(tr => Number(tr.dataset.feature)))"
+    return wait_js(tools, f"{shown} === '{json.dumps(first).replace(' ', '')}'")
+
+
+def test_the_list_sorts_by_either_score_each_named_for_what_it_is(served):
+    tools, server, _ = served
+    tools.js("location.hash = '#/'")
+    wait_js(tools, f"document.querySelectorAll('#feature-rows tr').length === {NUM_LATENTS}")
+    names = tools.js("Array.from(document.querySelectorAll('#sort-select option')).map(o => o.value + ':' + o.text)")
+    assert "score:detection score" in names and "embedding_score:embedding AUROC" in names
+    wait_js(tools, "document.getElementById('order-select').value === 'desc'")
+    assert _sort_shows_first(tools, "embedding_score", [3, 5, 2])
+    row = "document.querySelector('#feature-rows tr[data-feature=\"5\"]')"
+    cells = tools.js(f"Array.from({row}.querySelectorAll('td.score')).map(td => td.textContent)")
+    assert cells == ["–", "0.80"]  # the top-tokens explanation has no detection score
+    assert _sort_shows_first(tools, "score", [2, 3])
+    tools.js("""(() => { const s = document.getElementById('sort-select'); s.value = 'max_activation';
+        s.dispatchEvent(new Event('change')); })()""")
     assert errors(tools, server.url) == []
 
 

@@ -101,6 +101,55 @@ def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "dense", dp=1, tp=2)
 
 
+def _unsharded_save(path, top):
+    """What one process collecting every latent of replica 0's batches saves (``collector_shard_script``'s)."""
+    collector = make_collector(num_latents=9, top_features_to_save=top)
+    for i, (tokens, mask, latents) in enumerate(padded_batches(8, seed=20, num_latents=9)[:6]):
+        collector.update(tokens, latents=latents, step=i // 2, attention_mask=mask)
+    collector.save(path)
+
+
+def test_a_sharded_save_reads_back_as_the_unsharded_one_with_no_shard_sent_to_rank_0(tmp_path):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--dp", 1, "--tp", 2, "--top", 4, "--port", _port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _unsharded_save(tmp_path / "whole", top=4)
+    sharded, whole = read_dir(tmp_path / "first"), read_dir(tmp_path / "whole")
+    features = sorted(name for name in whole if name.startswith("feature_"))
+    assert len(features) == 4 and [n for n in sharded if n.startswith("feature_")] == features
+    assert {f"feature_0000{i}_samples.json" for i in range(5, 9)} & set(features), "a saved latent of shard 2"
+    assert all(sharded[name] == whole[name] for name in features)
+    summaries = [{**d["collection_summary.json"], "save_id": None} for d in (sharded, whole)]
+    assert summaries[0] == summaries[1]
+    assert_same(load_full_state(tmp_path / "first" / "full_state.index.json"),
+                load_full_state(tmp_path / "whole" / "full_state.pt"))
+    # Rank 0 wrote none of shard 2's files and never received its samples: only its top candidates, counts and
+    # history window, much less than the part it wrote.
+    part = (tmp_path / "first" / "full_state-00002-of-00002.pt").stat().st_size
+    received = torch.load(tmp_path / "received_0.pt", weights_only=True)
+    assert received < part / 2, (received, part)
+
+
+def test_a_rank_failing_or_dying_mid_save_leaves_the_previous_save(tmp_path):
+    proc = _run("collector_shard_script.py", "--out", tmp_path, "--dp", 1, "--tp", 2, "--fail-rank", 1,
+                "--port", _port())
+    assert proc.returncode != 0 and "exit code 3" in proc.stderr, proc.stderr[-3000:]
+    # Rank 1's error reached every rank: it raised its own, rank 0 one that names it; nothing was committed.
+    assert torch.load(tmp_path / "outcome_1.pt", weights_only=True) == (
+        "OSError: no space left writing full_state-00002-of-00002.pt")
+    assert torch.load(tmp_path / "outcome_0.pt", weights_only=True).startswith(
+        "ShardedSaveError: Rank 1 could not write its part of the save")
+    # Then rank 1 died after writing its part: the directory still holds the first save, whole.
+    first = tmp_path / "first"
+    assert read_dir(first)["collection_summary.json"]["last_collected_step"] == 2
+    assert (first / ".sae_samples_pending" / "full_state-00002-of-00002.pt").is_file()
+    state = load_full_state(first / "full_state.index.json")
+    assert int(state["last_collected_step"]) == 2 and int(state["num_latents"]) == 9
+    # The next save (here one process) clears what the dead save left and commits.
+    _unsharded_save(first, top=9)
+    assert not (first / ".sae_samples_pending").exists()
+    assert not [p for p in first.iterdir() if p.name.startswith("full_state-")]
+
+
 @pytest.mark.slow
 def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "sparse", dp=2, tp=2)
@@ -110,6 +159,7 @@ def test_collector_shards_and_replicas_equal_the_oracle(tmp_path):
 def _fit(out, *args):
     proc = _run("model_parallel_script.py", "--out", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def _seen(out):
@@ -122,13 +172,43 @@ def _seen(out):
 def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
     # Each process returns its share as a plain tensor: its layout is the even split of the module's `num_latents`.
     _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # Lightning's distributed checkpoint
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    assert checkpoint.is_dir()  # Lightning's distributed checkpoint
+    # Rank 0's metadata holds no samples: each shard's root wrote its own into the distributed checkpoint.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    states = torch.load(checkpoint / "meta.pt", weights_only=True)["callbacks"]
+    (ours,) = [state for key, state in states.items() if key.startswith("ActivationSampleCallback")]
+    assert ours["collector"] is None and len(ours["collector_parts"]["keys"]) == 2
+    stored = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    for key in ours["collector_parts"]["keys"]:
+        assert any(name.startswith(f"state_dict.{key}.top/") for name in stored), key
     # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
-    _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path", tmp_path / "ckpt" / "last.ckpt")
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
+               tmp_path / "ckpt" / "last.ckpt")
+    assert "saved samples to" in log and "from 2 shards" in log  # each shard's root wrote its own part
+    assert log.count("resumes from 2 of the 2 parts") == 2  # no shard known before the first batch: all parts
     seen = _seen(tmp_path)
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
+
+
+def test_a_resume_whose_shards_are_known_reads_only_its_part_and_its_snapshots_are_sharded(tmp_path):
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--save-ckpt", tmp_path / "ckpt")
+    log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--ckpt-path", tmp_path / "ckpt" / "last.ckpt", "--validate")
+    assert log.count("resumes from 1 of the 2 parts of its collection") == 2, log[-3000:]
+    seen = _seen(tmp_path)
+    assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
+    check_against_oracle(tmp_path / "samples", seen)
+    # The validation run after the resumed epoch: a snapshot saved from the shards' roots, equal to its oracle.
+    files = sorted(glob.glob(str(tmp_path / "eval_seen_*.pt")))
+    evaluated = [s for file in files for s in torch.load(file, weights_only=False)]
+    (step,) = {s.step for s in evaluated}
+    snapshot = tmp_path / "samples" / "snapshots" / f"step_{step}"
+    assert (snapshot / "full_state-00002-of-00002.pt").is_file()
+    assert log.count("from 2 shards") == 2  # the snapshot's save and the one at the end of training
+    check_against_oracle(snapshot, evaluated)
 
 
 def test_tensor_parallel_full_latents_on_every_process_are_refused(tmp_path):

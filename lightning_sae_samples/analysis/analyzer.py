@@ -537,7 +537,9 @@ class ActivationSampleAnalyzer:
             return Meaning(label=label.text)
         return Meaning(
             explanation=record.text, score=record.score, score_contexts=record.score_contexts,
-            random_score=record.random_score, model=record.model, samples_step=record.samples_step,
+            random_score=record.random_score, embedding_score=record.embedding_score,
+            embedding_contexts=record.embedding_contexts, embedding_random_score=record.embedding_random_score,
+            model=record.model, samples_step=record.samples_step,
             stale=record.samples_step < self.summary.global_step, label=None if label is None else label.text,
         )
 

@@ -67,6 +67,10 @@ class ExplanationRecord:
         samples_step: The ``global_step`` of the save whose samples the explanation was written from.
         source: ``"explain"``, ``"label"``, ``"delphi"`` or ``"neuronpedia"``.
         time: When the record was written, ISO 8601 UTC.
+        embedding_score: Embedding AUROC in ``[0, 1]``: how well the cosine similarity of the explanation's sentence
+            embedding separates held-out activating contexts from non-activating ones; ``None`` if not scored.
+        embedding_contexts: How many contexts the embedding AUROC was computed on.
+        embedding_random_score: The embedding AUROC of the random explanation (the noise baseline).
     """
 
     latent: int
@@ -80,6 +84,9 @@ class ExplanationRecord:
     samples_step: int = 0
     source: str = "explain"
     time: str = field(default_factory=utc_now)
+    embedding_score: Optional[float] = None
+    embedding_contexts: Optional[int] = None
+    embedding_random_score: Optional[float] = None
 
     def __post_init__(self) -> None:
         problem = _record_problem(self.to_json())
@@ -102,8 +109,12 @@ def _is_score(value: Any) -> bool:
     )
 
 
+#: Fields added after the first version of the sidecar: a line without them reads them as ``None``.
+OPTIONAL_FIELDS = ("embedding_score", "embedding_contexts", "embedding_random_score")
+
+
 def _missing_field(obj: dict) -> Optional[str]:
-    missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj))
+    missing = sorted(set(ExplanationRecord.__dataclass_fields__) - set(obj) - set(OPTIONAL_FIELDS))
     return f"missing field `{missing[0]}`" if missing else None
 
 
@@ -128,6 +139,10 @@ def _record_problem(obj: dict) -> Optional[str]:
         ("samples_step", _is_int(obj["samples_step"]) and obj["samples_step"] >= 0, "a non-negative integer"),
         ("source", obj["source"] in SOURCES, f"one of {', '.join(SOURCES)}"),
         ("time", isinstance(obj["time"], str) and _is_iso_time(obj["time"]), "an ISO 8601 time string"),
+        ("embedding_score", _is_score(obj.get("embedding_score")), "null or a number in [0, 1]"),
+        ("embedding_contexts", obj.get("embedding_contexts") is None or (
+            _is_int(obj["embedding_contexts"]) and obj["embedding_contexts"] >= 0), "null or a non-negative integer"),
+        ("embedding_random_score", _is_score(obj.get("embedding_random_score")), "null or a number in [0, 1]"),
     )
     for name, ok, what in checks:
         if not ok:
@@ -203,7 +218,7 @@ def _record_of(obj: Any, where: str) -> ExplanationRecord:
     problem = _missing_field(obj)
     if problem is None:
         try:  # the record checks its fields, once
-            return ExplanationRecord(**{name: obj[name] for name in ExplanationRecord.__dataclass_fields__})
+            return ExplanationRecord(**{name: obj.get(name) for name in ExplanationRecord.__dataclass_fields__})
         except InvalidRecordError as err:
             problem = err.problem
     raise SamplesDirectoryError(f"{where}: {problem}.")

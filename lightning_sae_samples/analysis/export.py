@@ -9,13 +9,14 @@ is documented in ``docs/export.md``; pandas, DuckDB, Polars or a static viewer r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union
 
-from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Sample
+from lightning_sae_samples.analysis.records import FeatureSamples, IntervalGroup, Meaning, Sample
 from lightning_sae_samples.samples_dir.atomic import atomic_write_bytes, refuse_samples_dir_file
 from lightning_sae_samples.samples_dir.files import is_plain_file, load_json, lstat_or_none
 from lightning_sae_samples.samples_dir.names import WRITER_ID
@@ -55,6 +56,9 @@ class FeatureSource(Protocol):
     def feature(self, feature_idx: int, num_examples: Optional[int] = None) -> FeatureSamples:
         """One latent with up to ``num_examples`` samples."""
 
+    def meaning(self, feature_idx: int) -> Optional[Meaning]:
+        """A latent's explanation and its scores from the explanations sidecar, or ``None``."""
+
 
 # Column name -> type ("int", "float", "bool", "str", or "list<...>"); nullable columns end in "?".
 FEATURE_COLUMNS = {
@@ -84,6 +88,11 @@ FEATURE_COLUMNS = {
     "recent_drift": "bool?",
     "interval_edges": "list<float>?",
     "interval_counts": "list<int>?",
+    "explanation": "str?",
+    "detection_score": "float?",
+    "detection_random_score": "float?",
+    "embedding_auroc": "float?",
+    "embedding_random_auroc": "float?",
 }
 SAMPLE_COLUMNS = {
     "feature_idx": "int",
@@ -112,7 +121,7 @@ def _selected(
     analyzer: FeatureSource, features: Optional[Iterable[int]], num_examples: Optional[int]
 ) -> list[FeatureSamples]:
     indices = analyzer.saved_features if features is None else list(features)
-    return [analyzer.feature(i, num_examples) for i in indices]
+    return [dataclasses.replace(analyzer.feature(i, num_examples), meaning=analyzer.meaning(i)) for i in indices]
 
 
 def _check_groups(groups: Optional[Iterable[str]]) -> tuple[str, ...]:
@@ -160,6 +169,12 @@ def feature_row(feature: FeatureSamples, rank: int) -> dict[str, Any]:
     groups = feature.interval_groups
     row["interval_edges"] = [g.low for g in groups] if groups else None
     row["interval_counts"] = [g.count for g in groups] if groups else None
+    m = feature.meaning
+    row["explanation"] = None if m is None else m.explanation
+    row["detection_score"] = None if m is None else m.score
+    row["detection_random_score"] = None if m is None else m.random_score
+    row["embedding_auroc"] = None if m is None else m.embedding_score
+    row["embedding_random_auroc"] = None if m is None else m.embedding_random_score
     return row
 
 

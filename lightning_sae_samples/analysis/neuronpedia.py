@@ -408,10 +408,13 @@ def feature_row(
 def explanation_row(record: ExplanationRecord, source: NeuronpediaSource) -> dict[str, Any]:
     """Neuronpedia's explanation row (its export's ``explanations/batch-N.jsonl.gz`` shape) of a sidecar record.
 
-    The detection score, its context count, the random explanation's score and the samples' step go into
-    ``notes`` (JSON text), which Neuronpedia keeps as it is.
+    The detection score (``score``), the embedding AUROC (``embedding_score``), the contexts each was computed on,
+    the random explanation's of each and the samples' step go into ``notes`` (JSON text), which Neuronpedia keeps
+    as it is.
     """
     notes = {"score": record.score, "score_contexts": record.score_contexts, "random_score": record.random_score,
+             "embedding_score": record.embedding_score, "embedding_contexts": record.embedding_contexts,
+             "embedding_random_score": record.embedding_random_score,
              "prompt_version": record.prompt_version, "samples_step": record.samples_step, "kind": record.kind}
     return {
         "id": _activation_id(source.model_id, source.source_id, record.latent, "explanation", record.time),

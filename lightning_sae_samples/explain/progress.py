@@ -35,11 +35,14 @@ class ExplainProgress:
         to_explain: Latents it asks an explanation for.
         to_score: Latents it scores.
         clock: Seconds, monotonic (default ``time.monotonic``); the rate and the time left are measured on it.
+        unit: What is counted: ``"requests"`` (answered), or ``"texts"`` (embedded, for the embedding score).
+        title: What the first line says is done (default: ``"<requests> <unit> for <latents>"``).
     """
 
     def __init__(self, console: Any, requests: int, to_explain: int, to_score: int,
-                 clock: Optional[Callable[[], float]] = None) -> None:
-        self.console, self.requests, self.clock = console, requests, clock or time.monotonic
+                 clock: Optional[Callable[[], float]] = None, unit: str = "requests",
+                 title: Optional[str] = None) -> None:
+        self.console, self.requests, self.clock, self.unit = console, requests, clock or time.monotonic, unit
         self.done = 0
         self.counts = {"explained": 0, "scored": 0}
         self.totals = {"explained": to_explain, "scored": to_score}
@@ -52,8 +55,8 @@ class ExplainProgress:
         elif console.is_terminal:
             self._start_bar()
         else:
-            self._line(f"{requests} requests for {self._latents_text()}; a line every {self.every} requests"
-                       f" or {LINE_EVERY_SECONDS:.0f} s")
+            what = title or f"{requests} {unit}" + (f" for {self._latents_text()}" if to_explain or to_score else "")
+            self._line(f"{what}; a line every {self.every} {unit} or {LINE_EVERY_SECONDS:.0f} s")
 
     def _start_bar(self) -> None:
         from rich.progress import (
@@ -73,7 +76,7 @@ class ExplainProgress:
         )
         self._tasks = {stage: self._bar.add_task(f"Latents {stage}", total=total, rate="")
                        for stage, total in self.totals.items() if total}
-        self._requests = self._bar.add_task("Requests", total=self.requests, rate="- requests/s")
+        self._requests = self._bar.add_task(self.unit.capitalize(), total=self.requests, rate=f"- {self.unit}/s")
         self._bar.start()
 
     @property
@@ -82,7 +85,7 @@ class ExplainProgress:
         return self._bar
 
     def rate(self) -> float:
-        """Requests answered per second since the start."""
+        """Requests answered (or texts embedded) per second since the start."""
         elapsed = self.clock() - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
@@ -93,15 +96,18 @@ class ExplainProgress:
     def _line(self, text: str) -> None:
         self.console.print(f"explain: {text}", markup=False, highlight=False, soft_wrap=True)
 
-    def advance(self, latent_stage: Optional[str] = None) -> None:
-        """One request answered; with ``latent_stage`` (``"explained"`` or ``"scored"``), one latent done too."""
+    def advance(self, latent_stage: Optional[str] = None, count: int = 1) -> None:
+        """``count`` requests answered (or texts embedded); with ``latent_stage``, one latent done too.
+
+        ``latent_stage``: ``"explained"`` or ``"scored"``.
+        """
         if self.console is None:
             return
-        self.done += 1
+        self.done += count
         if latent_stage is not None:
             self.counts[latent_stage] += 1
         if self._bar is not None:
-            self._bar.update(self._requests, advance=1, rate=f"{self.rate():.2f} requests/s")
+            self._bar.update(self._requests, advance=count, rate=f"{self.rate():.2f} {self.unit}/s")
             if latent_stage is not None:
                 self._bar.update(self._tasks[latent_stage], advance=1)
             return
@@ -121,8 +127,19 @@ class ExplainProgress:
         self.last_line_time, self.last_line_done = self.clock(), self.done
         rate = self.rate()
         left = time_left(self.requests - self.done, rate)
-        self._line(f"{self.done}/{self.requests} requests, {self._latents_text()}, {rate:.2f} requests/s"
-                   + (f", {left}" if left else ""))
+        latents = self._latents_text()
+        self._line(f"{self.done}/{self.requests} {self.unit}, " + (f"{latents}, " if latents else "")
+                   + f"{rate:.2f} {self.unit}/s" + (f", {left}" if left else ""))
+
+    def pause(self) -> None:
+        """Take a terminal display down while the embedding shows its own (rich 13 allows one live display)."""
+        if self._bar is not None:
+            self._bar.stop()
+
+    def resume(self) -> None:
+        """Show a display :meth:`pause` took down again."""
+        if self._bar is not None:
+            self._bar.start()
 
     def stop(self) -> None:
         """Take the display down, or write the last line (the command then prints its one-line summary)."""

@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 from lightning_sae_samples.analysis.records import FeatureSamples, Sample
 from lightning_sae_samples.explain.prompts import context_text
@@ -57,16 +58,20 @@ def split_samples(feature: FeatureSamples, shown_top: int, shown_interval: int, 
 
 
 def non_activating(
-    latent: int, pool: Sequence[Sample], avoid: Sequence[Sample], count: int
+    latent: int, pool: Sequence[Sample], avoid: Sequence[Sample], count: int,
+    pool_texts: Optional[Sequence[str]] = None,
 ) -> list[Sample]:
-    """``count`` samples of other latents drawn from ``pool`` (seeded by ``latent``), none with a text in ``avoid``."""
+    """``count`` samples of other latents drawn from ``pool`` (seeded by ``latent``), none with a text in ``avoid``.
+
+    ``pool_texts``: the pool's :func:`context_text`, when the caller has them (many latents draw from one pool).
+    """
     texts = {context_text(s) for s in avoid}
-    candidates = [s for s in pool if s.feature_idx != latent and context_text(s) not in texts]
+    pool_texts = pool_texts if pool_texts is not None else [context_text(s) for s in pool]
+    candidates = [(s, t) for s, t in zip(pool, pool_texts) if s.feature_idx != latent and t not in texts]
     rng = random.Random(latent + 1_000_003)
     rng.shuffle(candidates)
     chosen, used = [], set()
-    for sample in candidates:
-        text = context_text(sample)
+    for sample, text in candidates:
         if text not in used:
             used.add(text)
             chosen.append(sample)
@@ -86,6 +91,33 @@ def balanced_accuracy(activating: Sequence[bool], predicted: Sequence[bool]) -> 
     return (tpr + tnr) / 2
 
 
+class Decoys:
+    """Random explanations of many latents from one pool (:func:`decoy_explanation`, the pool read once)."""
+
+    def __init__(self, pool: Sequence[Sample], count: int = 3) -> None:
+        self.pool, self.count = pool, count
+        self.latents = sorted({s.feature_idx for s in pool})
+        self._tokens: dict[int, str] = {}
+
+    def _tokens_of(self, latent: int) -> str:
+        if not self._tokens:
+            counts: dict[int, Counter] = {i: Counter() for i in self.latents}
+            for s in self.pool:
+                counts[s.feature_idx][" ".join(s.activating_token.text.split())] += 1
+            for i, c in counts.items():
+                tokens = [t for t, _ in sorted(c.items(), key=lambda item: (-item[1], item[0])) if t][: self.count]
+                self._tokens[i] = " ".join(tokens)
+        return self._tokens[latent]
+
+    def __call__(self, latent: int) -> str:
+        """The random explanation of ``latent``."""
+        rng = random.Random(latent)
+        others = [i for i in self.latents if i != latent]
+        if not others:
+            return random_words(rng, self.pool)
+        return self._tokens_of(rng.choice(others)) or random_words(rng, self.pool)
+
+
 def decoy_explanation(latent: int, pool: Sequence[Sample], count: int = 3) -> str:
     """A plausible but wrong explanation of ``latent``, from the pool alone: another latent's tokens.
 
@@ -93,14 +125,7 @@ def decoy_explanation(latent: int, pool: Sequence[Sample], count: int = 3) -> st
     fires on most often there, most frequent first (ties: in text order), as a keyword explanation reads. With no
     other latent in the pool: :func:`random_words`.
     """
-    rng = random.Random(latent)
-    others = sorted({s.feature_idx for s in pool} - {latent})
-    if not others:
-        return random_words(rng, pool)
-    chosen = rng.choice(others)
-    counts = Counter(" ".join(s.activating_token.text.split()) for s in pool if s.feature_idx == chosen)
-    tokens = [t for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if t][:count]
-    return " ".join(tokens) or random_words(rng, pool)
+    return Decoys(pool, count)(latent)
 
 
 def random_words(rng: random.Random, pool: Sequence[Sample], count: int = 4) -> str:

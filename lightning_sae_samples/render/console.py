@@ -258,8 +258,7 @@ def meaning_text(feature: FeatureSamples) -> Optional[Text]:
     if view["explanation"]:
         text.append("Explanation: ", style="bold")
         text.append(view["explanation"])
-        note = f" (score {view['score']}" + (f"; {view['score_note']}" if view["score_note"] else "") + ")"
-        text.append(note, style="dim")
+        text.append(f" ({view['scores']})", style="dim")
         if view["stale"]:
             text.append(f"\n⚠ {view['stale']}", style="bold yellow")
     text.rstrip()
@@ -297,8 +296,8 @@ def top_tokens_text(feature: FeatureSamples, limit: int = 3) -> Text:
 def _meaning_cells(feature: FeatureSamples) -> list[Text]:
     view = views.meaning_view(feature)
     if view is None:
-        return [Text(""), Text("–")]
-    return [Text(view["label"] or view["explanation"] or ""), Text(view["score"])]
+        return [Text(""), Text("–"), Text("–")]
+    return [Text(view["label"] or view["explanation"] or ""), Text(view["score"]), Text(view["embedding_score"])]
 
 
 def print_summary(
@@ -345,7 +344,8 @@ def print_summary(
     explained = any(f.meaning is not None for f in features)
     if explained:
         table.add_column("Explanation")
-        table.add_column("Score", justify="right")
+        table.add_column("Detection", justify="right")
+        table.add_column("Embedding AUROC", justify="right")
     for rank, feature in enumerate(features, start=1):
         s = feature.stats
         overlap = []

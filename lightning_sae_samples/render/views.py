@@ -102,29 +102,42 @@ def logit_effects_view(feature: FeatureSamples) -> Optional[dict]:
     return {"promoted": items(effects.promoted), "suppressed": items(effects.suppressed)}
 
 
+def _score_notes(contexts: Optional[int], random_score: Optional[float]) -> str:
+    notes = [f"{contexts} contexts"] if contexts else []
+    if random_score is not None:
+        notes.append(f"random explanation {random_score:.2f}")
+    return ", ".join(notes)
+
+
 def meaning_view(feature: FeatureSamples) -> Optional[dict]:
     """A latent's explanation and label, or ``None`` when it has neither.
 
     Returns:
-        ``explanation`` (raw text or ``None``), ``score`` (formatted balanced accuracy, ``"–"`` unscored),
-        ``score_note`` (contexts and the random-explanation baseline), ``model``, ``stale`` (the sentence saying it
-        was written from older samples, or ``None``) and ``label`` (raw text or ``None``).
+        ``explanation`` (raw text or ``None``), ``score`` (formatted detection score, ``"–"`` unscored),
+        ``score_note`` (contexts and the random-explanation baseline), ``embedding_score`` (formatted embedding
+        AUROC, ``"–"`` unscored), ``embedding_note`` (likewise), ``scores`` (both in words, e.g. ``detection
+        0.80 (10 contexts, random explanation 0.50); embedding AUROC 0.91 (40 contexts, ...)``, or ``"not
+        scored"``), ``model``, ``stale`` (the sentence saying it was written from older samples, or ``None``)
+        and ``label`` (raw text or ``None``).
     """
     m = feature.meaning
     if m is None:
         return None
-    notes = []
-    if m.score_contexts:
-        notes.append(f"{m.score_contexts} contexts")
-    if m.random_score is not None:
-        notes.append(f"random explanation {m.random_score:.2f}")
+    notes = _score_notes(m.score_contexts, m.random_score)
+    embedding_notes = _score_notes(m.embedding_contexts, m.embedding_random_score)
+    named = [f"{name} {value:.2f}" + (f" ({note})" if note else "") for name, value, note in
+             (("detection", m.score, notes), ("embedding AUROC", m.embedding_score, embedding_notes))
+             if value is not None]
     stale = None
     if m.explanation is not None and m.stale:
         stale = f"written from the samples of step {m.samples_step}, older than these"
     return {
         "explanation": m.explanation,
         "score": "–" if m.score is None else f"{m.score:.2f}",
-        "score_note": ", ".join(notes),
+        "score_note": notes,
+        "embedding_score": "–" if m.embedding_score is None else f"{m.embedding_score:.2f}",
+        "embedding_note": embedding_notes,
+        "scores": "; ".join(named) or "not scored",
         "model": m.model,
         "stale": stale,
         "label": m.label,

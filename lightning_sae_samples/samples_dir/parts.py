@@ -38,11 +38,16 @@ def part_names(ranges: list[tuple[int, int]]) -> list[str]:
 
 def write_parts(pending: Path, state: dict, ranges: list[tuple[int, int]]) -> None:
     """Write ``state`` cut at ``ranges`` (``(start, stop)`` in order, covering every latent), then its index."""
-    parts = []
     for name, (start, stop) in zip(part_names(ranges), ranges):
         atomic_torch_save(pending / name, slice_state(state, start, stop))
-        parts.append({"file": name, "latents": [int(start), int(stop)]})
-    index = {"index_version": INDEX_VERSION, "num_latents": int(state["num_latents"]), "parts": parts}
+    write_index(pending, ranges, int(state["num_latents"]))
+
+
+def write_index(pending: Path, ranges: list[tuple[int, int]], num_latents: int) -> None:
+    """Write ``full_state.index.json`` for parts cut at ``ranges`` of ``num_latents`` latents."""
+    parts = [{"file": name, "latents": [int(start), int(stop)]} for name, (start, stop) in zip(part_names(ranges),
+                                                                                                 ranges)]
+    index = {"index_version": INDEX_VERSION, "num_latents": int(num_latents), "parts": parts}
     atomic_write_json(pending / FULL_STATE_INDEX_NAME, index)
 
 

@@ -134,6 +134,27 @@ def write_samples_dir(
     """
     dirpath = Path(dirpath)
     directions = None if decoder is None else unit_directions(decoder, int(state["num_latents"]))
+    pending = ready_pending(dirpath)
+    options = SaveOptions(config, tokenizer, top_features, samples_per_feature, rank_by, int(global_step),
+                          feature_extras, full_state, source, trained_step, history, full_state_parts)
+
+    def write() -> list[str]:
+        ranked[:], written = _write_pending(dirpath, pending, state, options, directions)
+        if before_commit is not None:
+            before_commit(pending)
+        return written
+
+    ranked: list[int] = []
+    commit_pending(dirpath, write)
+    return ranked
+
+
+def ready_pending(dirpath: Path) -> Path:
+    """Claim ``dirpath``, finish or clear an interrupted save of ours, and make the pending directory.
+
+    Raises:
+        SamplesDirectoryError: ``dirpath`` is not ours, or something that is not ours sits at the pending name.
+    """
     dirpath.mkdir(parents=True, exist_ok=True)
     claim_samples_dir(dirpath)
     _recover(dirpath)
@@ -145,13 +166,18 @@ def write_samples_dir(
         )
     if lstat_or_none(pending) is None:
         create_pending(dirpath)
+    return pending
+
+
+def commit_pending(dirpath: Path, write: Callable[[], list[str]]) -> None:
+    """Run ``write`` (fills the pending directory, returns the save's files) and commit what it wrote.
+
+    A failure before the commit record is written leaves the previous save, and the partial files go at once.
+    """
+    pending = dirpath / PENDING_DIR
     try:
-        options = SaveOptions(config, tokenizer, top_features, samples_per_feature, rank_by, int(global_step),
-                              feature_extras, full_state, source, trained_step, history, full_state_parts)
-        ranked, written, stale = _write_pending(dirpath, pending, state, options, directions)
-        if before_commit is not None:
-            before_commit(pending)
-        record = {"files": [*written, MANIFEST_NAME], "remove": stale}
+        written = write()
+        record = {"files": [*written, MANIFEST_NAME], "remove": _stale(dirpath, written)}
         atomic_write_json(pending / COMMIT_NAME, record)
     except BaseException:
         # Nothing is committed: the previous save stands, and the partial files go at once (a full disk gets its
@@ -164,39 +190,72 @@ def write_samples_dir(
         raise
     _apply_commit(dirpath, record)
     _clear_pending(pending)
-    return ranked
 
 
 def _write_pending(
     dirpath: Path, pending: Path, state: dict, options: SaveOptions, directions: Optional[Any] = None,
-) -> tuple[list[int], list[str], list[str]]:
-    """Write the save's files into the pending directory; returns the ranked features, the files and the stale ones."""
-    samples_per_feature, global_step = options.samples_per_feature, options.global_step
-    full_state, history = options.full_state, options.history
+) -> tuple[list[int], list[str]]:
+    """Write the save's files into the pending directory; returns the ranked features and the files."""
     # The save's id: its step and a digest of what it wrote, so that a reader can tell two saves apart and an
     # exact resume still writes the same files as an uninterrupted run.
     digest = hashlib.sha256()
-
     ranked = rank_features(state, options.rank_by, options.top_features).tolist()
-    view = with_recent_view(state)
     decoder = TokenDecoder(options.tokenizer)
-    if ranked:
-        decoder.prepare(_window_token_ids(view, ranked, samples_per_feature))
+    entries = write_feature_files(pending, state, ranked, options, decoder, digest)
+    window = None
+    if options.history is not None and "window_count" in state:
+        window = window_of_state(state, options.global_step, int(options.history["top_tokens"]), ranked,
+                                 int(options.history["samples_per_feature"]))
+    parts = options.full_state_parts
+    names = [entry["file"] for entry in entries]
+    if options.full_state:
+        names += part_names(parts) if parts else [FULL_STATE_NAME]
+    if options.full_state and parts:
+        write_parts(pending, without_window_entries(state), parts)
+    elif options.full_state:
+        atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
+    written = finish_pending(dirpath, pending, state, run_summary(state), entries, names, options, digest,
+                             window=window, directions=directions, decoder=decoder)
+    return ranked, written
 
-    names = []
+
+def write_feature_files(
+    pending: Path, state: dict, features: list[int], options: SaveOptions, decoder: TokenDecoder, digest: Any,
+    offset: int = 0,
+) -> list[dict]:
+    """Write the feature files of ``features`` (latents of ``state``) into ``pending``, in order.
+
+    Args:
+        pending: The save's pending directory.
+        state: The (merged) state, or one shard's.
+        features: Latents of ``state`` (numbered from 0) to write, best first.
+        options: The save's options (samples per feature, extras keyed by global id).
+        decoder: Decodes the windows' token ids (prepared here).
+        digest: A ``hashlib`` object updated with each file's bytes, in order.
+        offset: The global id of ``state``'s first latent (a shard's): the files carry global ids.
+
+    Returns:
+        Each file's entry in the summary's ``top_features_by_activation``.
+    """
+    view = with_recent_view(state)
+    if features:
+        decoder.prepare(_window_token_ids(view, features, options.samples_per_feature))
     entries = []
-    for idx in ranked:
-        stats = feature_statistics(state, idx)
-        name = feature_filename(idx)
-        record = {"statistics": stats, "top_samples": sample_records(state, idx, samples_per_feature, decoder),
-                  "activating_tokens": activating_tokens_record(state, idx, decoder)}
-        groups = sample_groups(view, idx, samples_per_feature, decoder)
+    for local in features:
+        idx = local + offset
+        stats = feature_statistics(state, local)
+        record = {"statistics": stats,
+                  "top_samples": sample_records(state, local, options.samples_per_feature, decoder),
+                  "activating_tokens": activating_tokens_record(state, local, decoder)}
+        groups = sample_groups(view, local, options.samples_per_feature, decoder)
         if "recent_overlap" in groups:
             stats["recent_overlap"] = groups.pop("recent_overlap")
         record.update(groups)
+        if offset:
+            _relabel(record, idx)
         record.update((k, v) for k, v in (options.feature_extras or {}).get(idx, {}).items() if k not in record)
+        name = feature_filename(idx)
         digest.update(atomic_write_json(pending / name, record))
-        names.append(name)
         entries.append(
             {
                 "feature_idx": idx,
@@ -209,15 +268,58 @@ def _write_pending(
                 "file": name,
             }
         )
-    wrote_history = history is not None and "window_count" in state
-    if wrote_history:
-        _write_history(dirpath, pending, state, ranked, int(global_step), history, decoder)
-    parts = options.full_state_parts
-    full_state_names = (part_names(parts) if parts else [FULL_STATE_NAME]) if full_state else []
-    written = [*names, *full_state_names, *([HISTORY_NAME] if wrote_history else []),
-               *([DECODER_NAME] if directions is not None else []),
-               SUMMARY_NAME]
-    summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **run_summary(state)}
+    return entries
+
+
+def _relabel(record: dict, idx: int) -> None:
+    """Give a feature record of a shard's latent, and each of its samples, the latent's global id."""
+    record["statistics"]["feature_idx"] = idx
+    groups = [record["top_samples"], record.get("recent_samples", [])]
+    groups += [interval["samples"] for interval in record.get("interval_samples", [])]
+    for samples in groups:
+        for sample in samples:
+            sample["feature_idx"] = idx
+
+
+def finish_pending(
+    dirpath: Path,
+    pending: Path,
+    state: dict,
+    summary: dict,
+    entries: list[dict],
+    names: list[str],
+    options: SaveOptions,
+    digest: Any,
+    *,
+    window: Optional[dict] = None,
+    directions: Optional[Any] = None,
+    decoder: Optional[TokenDecoder] = None,
+) -> list[str]:
+    """Write the save's run-level files into ``pending``: history, decoder, summary and manifest.
+
+    Args:
+        dirpath: The samples directory (its committed history is appended to when the options carry none).
+        pending: The save's pending directory.
+        state: The state (or, for a sharded save, one shard's) whose run counters the summary records.
+        summary: :func:`~lightning_sae_samples.state.statistics.run_summary` of the whole collection.
+        entries: The saved features' summary entries, best first.
+        names: The files the save wrote besides these (feature files, full state).
+        options: The save's options.
+        digest: A ``hashlib`` object holding what the save wrote so far; it makes the ``save_id``.
+        window: The history window to append (``None``: no history).
+        directions: Unit decoder rows to write as ``decoder_directions.pt`` (``None``: none).
+        decoder: Decodes the history's new token ids.
+
+    Returns:
+        Every file of the save, the manifest aside.
+    """
+    global_step = options.global_step
+    if window is not None:
+        _write_history(dirpath, pending, window, int(summary["num_features_tracked"]),
+                       int(state["half_window"]), global_step, options.history, decoder or TokenDecoder(None))
+    written = [*names, *([HISTORY_NAME] if window is not None else []),
+               *([DECODER_NAME] if directions is not None else []), SUMMARY_NAME]
+    summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **summary}
     summary["config"] = options.config
     if options.source != "train":
         summary["source"], summary["weights_step"] = options.source, global_step
@@ -227,21 +329,20 @@ def _write_pending(
     digest.update(json.dumps([summary, sorted(written)], sort_keys=True, ensure_ascii=False).encode("utf-8"))
     summary["save_id"] = save_id = f"{int(global_step)}-{digest.hexdigest()[:SAVE_ID_DIGITS]}"
     atomic_write_json(pending / SUMMARY_NAME, summary)
-    if full_state and parts:
-        write_parts(pending, without_window_entries(state), parts)
-    elif full_state:
-        atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
     if directions is not None:
         atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
-
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "save_id": save_id, "files": sorted(written)})
-    stale = sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
-    return ranked, written, stale
+    return written
 
 
-def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int], step: int, settings: dict,
-                   decoder: TokenDecoder) -> None:
-    """Append the state's window to the history and write it into ``pending``.
+def _stale(dirpath: Path, written: list[str]) -> list[str]:
+    """The last save's files that this one does not write again (removed at its commit)."""
+    return sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
+
+
+def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int, half_window: int, step: int,
+                   settings: dict, decoder: TokenDecoder) -> None:
+    """Append ``window`` (the state's, see ``window_of_state``) to the history and write it into ``pending``.
 
     The history is ``settings["previous"]`` when given (the collector's, carried by a checkpoint into any
     ``dirpath``), else the committed file's (read and checked).
@@ -251,7 +352,6 @@ def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int],
         previous = read_existing_history(dirpath / HISTORY_NAME)
     windows = windows_of_payload(previous) if previous is not None else []
     vocab = payload_vocab(previous) if previous is not None else {}
-    window = window_of_state(state, step, int(settings["top_tokens"]), ranked, int(settings["samples_per_feature"]))
     if previous is not None and int(previous["top_tokens"]) != window["token_ids"].shape[1]:
         windows = []  # recorded with another `history_top_tokens`: the windows do not line up; start afresh
     windows = append_window(windows, window, int(settings["per_level"]), int(settings["samples_per_feature"]))
@@ -261,8 +361,8 @@ def _write_history(dirpath: Path, pending: Path, state: dict, ranked: list[int],
     vocab.update((i, decoder.token_str(i)) for i in new)
     vocab = {i: vocab[i] for i in ids}
     payload = history_payload(
-        windows, num_latents=int(state["num_latents"]), top_tokens=int(settings["top_tokens"]),
-        context_window=2 * int(state["half_window"]) + 1, dead_window_steps=int(settings["dead_window_steps"]),
+        windows, num_latents=num_latents, top_tokens=int(settings["top_tokens"]),
+        context_window=2 * half_window + 1, dead_window_steps=int(settings["dead_window_steps"]),
         vocab=vocab,
     )
     atomic_torch_save(pending / HISTORY_NAME, payload)

@@ -70,6 +70,9 @@ class Explained:
     score: Optional[float]
     score_contexts: Optional[int]
     random_score: Optional[float]
+    embedding_score: Optional[float]
+    embedding_contexts: Optional[int]
+    embedding_random_score: Optional[float]
     model: str
     samples_step: Optional[int]
     source: Optional[str]
@@ -142,6 +145,10 @@ class WordIndex:
         return self.doc_latent[docs], weights
 
 
+#: The scores a feature list sorts by: the detection score and the embedding AUROC.
+SCORE_FIELDS = ("score", "embedding_score")
+
+
 class ExplanationIndex:
     """The latest explanation and label per latent, a score column and BM25 word indexes over their texts.
 
@@ -159,20 +166,21 @@ class ExplanationIndex:
         self.explanations = {i: r for i, r in explanations.items() if i < num_latents}
         self.labels = {i: r for i, r in labels.items() if i < num_latents and r.text}  # an empty label clears one
         self.num_latents = num_latents
-        self._orders: dict[tuple[int, bool], Tensor] = {}
+        self._orders: dict[tuple[int, bool, str], Tensor] = {}
         self._lock = threading.Lock()
         if reuse is not None and reuse.num_latents == num_latents and reuse.explanations == self.explanations:
-            self.scores, self.explained, self.explanation_words = reuse.scores, reuse.explained, reuse.explanation_words
-            self._orders = reuse._orders
+            self.columns, self.explained = reuse.columns, reuse.explained
+            self.explanation_words, self._orders = reuse.explanation_words, reuse._orders
         else:
-            scores = torch.full((num_latents,), math.nan, dtype=torch.float64)
+            self.columns = {name: torch.full((num_latents,), math.nan, dtype=torch.float64) for name in SCORE_FIELDS}
             self.explained = torch.zeros(num_latents, dtype=torch.bool)
             if self.explanations:
                 explained = torch.tensor(list(self.explanations), dtype=torch.int64)
-                values = [math.nan if r.score is None else float(r.score) for r in self.explanations.values()]
-                scores[explained] = torch.tensor(values, dtype=torch.float64)
+                for name, column in self.columns.items():
+                    values = [getattr(r, name) for r in self.explanations.values()]
+                    column[explained] = torch.tensor([math.nan if v is None else float(v) for v in values],
+                                                     dtype=torch.float64)
                 self.explained[explained] = True
-            self.scores = scores
             ordered = sorted(self.explanations)
             self.explanation_words = WordIndex(ordered, [self.explanations[i].text for i in ordered])
         ordered = sorted(self.labels)
@@ -191,6 +199,9 @@ class ExplanationIndex:
             score=None if record is None else record.score,
             score_contexts=None if record is None else record.score_contexts,
             random_score=None if record is None else record.random_score,
+            embedding_score=None if record is None else record.embedding_score,
+            embedding_contexts=None if record is None else record.embedding_contexts,
+            embedding_random_score=None if record is None else record.embedding_random_score,
             model="" if record is None else record.model,
             samples_step=None if record is None else record.samples_step,
             source=None if record is None else record.source,
@@ -227,14 +238,22 @@ class ExplanationIndex:
         picked = near[torch.argsort(weights[near], descending=True, stable=True)][offset:take]
         return docs[picked], weights[picked], total
 
-    def order_by_score(self, latents: Tensor, descending: bool) -> Tensor:
-        """Row order of a feature table listing ``latents`` by score (unscored last; ties: table order), cached."""
-        key = (id(latents), descending)
+    @property
+    def scores(self) -> Tensor:
+        """``[F]`` detection score per latent (``nan``: none)."""
+        return self.columns["score"]
+
+    def order_by_score(self, latents: Tensor, descending: bool, by: str = "score") -> Tensor:
+        """Row order of a feature table listing ``latents`` by a score (unscored last; ties: table order), cached.
+
+        ``by``: ``"score"`` (detection) or ``"embedding_score"`` (embedding AUROC).
+        """
+        key = (id(latents), descending, by)
         with self._lock:
             cached = self._orders.get(key)
         if cached is not None:
             return cached
-        values = self.scores[latents]
+        values = self.columns[by][latents]
         values = torch.nan_to_num(-values if descending else values, nan=math.inf)
         order = torch.argsort(values, stable=True)
         with self._lock:
@@ -246,7 +265,8 @@ class ExplanationIndex:
     def mask(self, latents: Tensor, kind: str, score_range: Optional[tuple[float, float]]) -> Optional[Tensor]:
         """Rows of a table listing ``latents`` kept by ``kind`` and a score range (``None``: all rows).
 
-        ``kind``: ``"explained"``, ``"unexplained"``, anything else keeps all; ``score_range``: ``(low, high)``.
+        ``kind``: ``"explained"``, ``"unexplained"``, anything else keeps all; ``score_range``: ``(low, high)`` of
+        the detection score.
         """
         keep: Optional[Tensor] = None
         if kind == "explained":

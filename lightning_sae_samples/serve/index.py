@@ -51,10 +51,11 @@ SORT_KEYS = (
     "last_step",
     "index",
     "score",
+    "embedding_score",
 )
 FILTERS = ("all", "alive", "dead", "dense", "drifting", "explained", "unexplained")
 #: Sort keys and filters answered from the explanations, not the feature table.
-_EXPLANATION_SORTS, _EXPLANATION_FILTERS = ("score",), ("explained", "unexplained")
+_EXPLANATION_SORTS, _EXPLANATION_FILTERS = ("score", "embedding_score"), ("explained", "unexplained")
 #: Most rows a list page, token search or context search returns.
 MAX_PAGE = 500
 _SEPARATOR = b"\x00"
@@ -568,12 +569,13 @@ class RunIndex:
     ) -> dict:
         """One page of the sorted, filtered feature list: ``total`` rows kept and this page's ``rows``.
 
-        ``sort="score"`` orders by the explanations' detection score; ``kind`` ``"explained"`` / ``"unexplained"``
-        and ``score_range`` filter by them.
+        ``sort="score"`` orders by the explanations' detection score, ``"embedding_score"`` by their embedding
+        AUROC; ``kind`` ``"explained"`` / ``"unexplained"`` and ``score_range`` (of the detection score) filter by
+        them.
         """
         explanations = explanations if explanations is not None else empty_index(self.analyzer.num_features)
         if sort in _EXPLANATION_SORTS:
-            order = explanations.order_by_score(self.table.latents, descending)
+            order = explanations.order_by_score(self.table.latents, descending, sort)
         else:
             order = self.table.order(sort, descending)
         keep = self.table.mask(kind, dense_above, log10_frequency)

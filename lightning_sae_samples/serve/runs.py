@@ -29,7 +29,7 @@ from lightning_sae_samples.samples_dir.names import (
 )
 from lightning_sae_samples.samples_dir.reader import file_identity, find_samples_dirs, save_signature
 from lightning_sae_samples.samples_dir.run_index import is_run_folder, read_run_index
-from lightning_sae_samples.serve.explanations import ExplanationIndex, empty_index
+from lightning_sae_samples.serve.explanations import SCORE_FIELDS, ExplanationIndex, empty_index
 from lightning_sae_samples.serve.index import RunIndex
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,9 @@ class LiveRun:
         explanations = ExplanationIndex(self._records["explanation"], self._records["label"], num_latents,
                                         reuse=reuse)
         if explanations.explanations:
-            # The list's sort by score, best first, is sorted here, off the requests (an argsort of every latent).
-            explanations.order_by_score(current.table.latents, descending=True)
+            # The list's sorts by score, best first, are sorted here, off the requests (an argsort of every latent).
+            for by in SCORE_FIELDS:
+                explanations.order_by_score(current.table.latents, descending=True, by=by)
         self.explanations = explanations
         self.explanations_error, self._explanations_key = None, key
         self.explanations_version += 1

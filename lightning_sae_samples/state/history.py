@@ -80,6 +80,24 @@ def window_of_state(state: dict, end: int, top_token_count: int, saved: Optional
     return window
 
 
+def join_windows(parts: list[tuple[int, dict]]) -> dict:
+    """One window of all latents from the windows of consecutive shards, as ``(offset, window)`` in order.
+
+    The shards saw the same tokens (their scalars agree); latent ids become global, rows and samples stay sorted.
+    """
+    first = parts[0][1]
+    window = {name: first[name] for name in WINDOW_SCALARS}
+    for name in ROW_FIELDS:
+        values = [part[name] for _, part in parts]
+        window[name] = torch.cat([v + offset for (offset, _), v in zip(parts, values)] if name == "latent" else values)
+    window["samples"] = {
+        name: torch.cat([part["samples"][name] + offset if name == "latent" else part["samples"][name]
+                         for offset, part in parts])
+        for name in HISTORY_SAMPLE_FIELDS
+    }
+    return window
+
+
 def _no_samples(width: int) -> dict[str, Tensor]:
     return {name: torch.empty((0, width) if name.startswith("context_") else (0,), dtype=dtype)
             for name, dtype in HISTORY_SAMPLE_FIELDS.items()}

@@ -129,9 +129,11 @@
     var e = row.explanation;
     var text = el("td", { className: "explanation", text: meaningText(e) });
     if (e && e.stale) { text.appendChild(el("span", { className: "caption stale", text: " (older samples)" })); }
-    var score = el("td", { className: "score", text: e ? fmtScore(e.score) : "–" });
+    var score = el("td", { className: "score detection", text: e ? fmtScore(e.score) : "–" });
     if (e && e.random_score !== null && e.random_score !== undefined) { score.title = "random explanation: " + fmtScore(e.random_score); }
-    return [text, score];
+    var embedding = el("td", { className: "score embedding", text: e ? fmtScore(e.embedding_score) : "–" });
+    if (e && e.embedding_random_score !== null && e.embedding_random_score !== undefined) { embedding.title = "random explanation: " + fmtScore(e.embedding_random_score); }
+    return [text, score, embedding];
   }
   function rowCells(row, extra) {
     var link = el("a", { href: "#/feature/" + row.idx, text: String(row.idx) });
@@ -319,8 +321,15 @@
     }
     var notes = [];
     if (e && e.text) {
-      notes.push("score " + fmtScore(e.score) + (e.score_contexts ? " on " + e.score_contexts + " contexts" : "")
-        + (e.random_score !== null && e.random_score !== undefined ? " (random explanation " + fmtScore(e.random_score) + ")" : ""));
+      if (e.score !== null && e.score !== undefined) {
+        notes.push("detection " + fmtScore(e.score) + (e.score_contexts ? " on " + e.score_contexts + " contexts" : "")
+          + (e.random_score !== null && e.random_score !== undefined ? " (random explanation " + fmtScore(e.random_score) + ")" : ""));
+      }
+      if (e.embedding_score !== null && e.embedding_score !== undefined) {
+        notes.push("embedding AUROC " + fmtScore(e.embedding_score) + (e.embedding_contexts ? " on " + e.embedding_contexts + " contexts" : "")
+          + (e.embedding_random_score !== null && e.embedding_random_score !== undefined ? " (random explanation " + fmtScore(e.embedding_random_score) + ")" : ""));
+      }
+      if ((e.score === null || e.score === undefined) && (e.embedding_score === null || e.embedding_score === undefined)) { notes.push("not scored"); }
       if (e.model) { notes.push(e.model); }
       if (e.stale) { notes.push("⚠ written from the samples of step " + e.samples_step + ", older than these (step " + f.global_step + ")"); }
     }
