@@ -460,8 +460,9 @@ class ActivationSampleCallback(Callback):
         states, self._checkpoint_states = self._checkpoint_states, None
         if states is not None:  # this shard's state goes into the distributed checkpoint, from its root
             checkpoint["state_dict"][self._part_key(part.number + 1)] = split_tensors(states[0 if saved else 1])[1]
+        history = self.engine.whole_history()  # a collective when sharded: each shard's root holds its part
         if ours is not None:
-            ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
+            ours["history"] = history  # as this save committed it: resumed into any dirpath, it goes on
             if not saved and merged is not None:
                 ours["collector"] = merged
             if not saved and _PARTS_KEY in ours:
