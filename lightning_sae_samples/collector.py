@@ -48,7 +48,12 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, hold_lock
 from lightning_sae_samples.samples_dir.decoder import unit_directions
-from lightning_sae_samples.samples_dir.history_file import check_history, join_histories, read_existing_history
+from lightning_sae_samples.samples_dir.history_file import (
+    check_history,
+    history_of_latents,
+    join_histories,
+    read_existing_history,
+)
 from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
 from lightning_sae_samples.samples_dir.shards import ShardPart, write_sharded_samples_dir
 from lightning_sae_samples.samples_dir.writer import SaveOptions, write_samples_dir
@@ -598,6 +603,12 @@ class ActivationSampleCollector:
         After a sharded save, each shard's root holds its own part (see :meth:`whole_history`).
         """
         return self._history
+
+    def shard_history(self) -> Optional[dict]:
+        """This process's shard's part of the history: a root's after a sharded save, else cut from the whole."""
+        if self._history is None or self._history_is_part or self.shard_layout is None:
+            return self._history
+        return history_of_latents(self._history, self.shard_layout.offset, self.shard_layout.stop)
 
     def whole_history(self) -> Optional[dict]:
         """The whole history on global rank 0 (``None`` elsewhere when sharded): the shards' parts joined.

@@ -211,6 +211,10 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     stored = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     for key in ours["collector_parts"]["keys"]:
         assert any(name.startswith(f"state_dict.{key}.top/") for name in stored), key
+    # Nor the history: each shard's root put its part there too.
+    assert ours["history"] is None and len(ours["collector_parts"]["history"]["keys"]) == 2
+    for key in ours["collector_parts"]["history"]["keys"]:
+        assert any(name.startswith(f"state_dict.{key}.rows/") for name in stored), key
     # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
     log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
                tmp_path / "ckpt" / "last.ckpt")
@@ -220,6 +224,12 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
+    # The resumed run's history, in parts, is the story of a run that was never stopped.
+    straight = tmp_path / "straight"
+    _fit(straight, "--tp", 2, "--max-epochs", 2, "--form", "local", "--save-ckpt", straight / "ckpt")
+    resumed = load_history(tmp_path / "samples" / "training_history.index.json")
+    assert resumed["windows"]["end"].tolist() == [6, 12]  # the checkpoint's save, then the last
+    assert_same(resumed, load_history(straight / "samples" / "training_history.index.json"), "history")
 
 
 def test_a_resume_whose_shards_are_known_reads_only_its_part_and_its_snapshots_are_sharded(tmp_path):

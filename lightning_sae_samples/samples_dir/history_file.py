@@ -128,6 +128,38 @@ def join_histories(parts: list[dict], where: PathLike) -> dict:
     return history_payload(windows, **settings, vocab=vocab)
 
 
+def history_to_tensors(payload: dict) -> dict:
+    """A payload whose vocabulary's strings are tensors too (UTF-8 bytes and lengths): all a checkpoint stores."""
+    encoded = [text.encode("utf-8") for text in payload["vocab"]["strings"]]
+    utf8 = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if any(encoded) else torch.empty(
+        0, dtype=torch.uint8)
+    lengths = torch.tensor([len(b) for b in encoded], dtype=torch.int64)
+    return {**payload, "vocab": {"ids": payload["vocab"]["ids"], "utf8": utf8, "lengths": lengths}}
+
+
+def history_from_tensors(stored: dict) -> dict:
+    """The payload :func:`history_to_tensors` stored, checked (see :func:`check_history`).
+
+    Raises:
+        ValueError: The stored history is not usable (its vocabulary's bytes, or a field the check names).
+    """
+    vocab = stored.get("vocab") if isinstance(stored, dict) else None
+    utf8, lengths = (vocab.get("utf8"), vocab.get("lengths")) if isinstance(vocab, dict) else (None, None)
+    if not (isinstance(utf8, Tensor) and utf8.dtype == torch.uint8 and utf8.dim() == 1 and isinstance(lengths, Tensor)
+            and lengths.dim() == 1 and not lengths.is_floating_point() and (not len(lengths) or (
+                int(lengths.min()) >= 0 and int(lengths.sum()) == len(utf8)))):
+        raise ValueError("its vocabulary is not UTF-8 bytes with their lengths")
+    data = bytes(utf8.numpy())
+    ends = torch.cumsum(lengths, 0).tolist()
+    try:
+        strings = [data[end - length:end].decode("utf-8") for end, length in zip(ends, lengths.tolist())]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"its vocabulary is not UTF-8 ({err})") from None
+    payload = {**stored, "vocab": {"ids": vocab.get("ids"), "strings": strings}}
+    check_history(payload)
+    return payload
+
+
 def load_history_parts(index_path: PathLike, locate: Optional[Callable[[str], Optional[Path]]] = None) -> dict:
     """The history in parts that ``training_history.index.json`` lists, each part checked, joined into one.
 
