@@ -331,3 +331,29 @@ def test_a_part_that_does_not_match_its_index_is_refused(tmp_path):
     (other / "full_state-00001-of-00002.pt").replace(tmp_path / "full_state-00001-of-00002.pt")
     with pytest.raises(SamplesDirectoryError, match="full_state-00001-of-00002.pt holds 2 latents where its index"):
         load_full_state(tmp_path / "full_state.index.json")
+
+
+def test_a_history_in_parts_reads_as_the_whole_one_and_a_bad_part_is_refused(tmp_path):
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.samples_dir.history_file import history_of_latents
+    from lightning_sae_samples.samples_dir.names import HISTORY_INDEX_NAME, SamplesDirectoryError
+    from lightning_sae_samples.samples_dir.parts import write_index
+
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    _unsharded_save(whole, top=4, resumed=sharded)  # two saves: a history of two windows
+    payload = load_history(sharded / "training_history.pt")
+    (sharded / "training_history.pt").unlink()
+    parts = {"training_history-00001-of-00002.pt": (0, 4), "training_history-00002-of-00002.pt": (4, 9)}
+    for name, (start, stop) in parts.items():
+        torch.save(history_of_latents(payload, start, stop), sharded / name)
+    write_index(sharded, list(parts.values()), 9, HISTORY_INDEX_NAME)
+    history = ActivationSampleAnalyzer(sharded).history  # what serve, export and the command line read
+    assert len(history.windows) == 2 and history.rows() == FeatureHistory(payload, sharded).rows()
+    assert history.events() == FeatureHistory(payload, sharded).events()
+    first = torch.load(sharded / "training_history-00001-of-00002.pt", weights_only=True)
+    torch.save(first, sharded / "training_history-00002-of-00002.pt")  # part 1's latents where part 2's belong
+    with pytest.raises(SamplesDirectoryError, match="training_history-00002-of-00002.pt holds latents outside 4 to 8"):
+        FeatureHistory.from_dir(sharded)
+    (sharded / "training_history-00002-of-00002.pt").write_bytes(b"not a history")
+    with pytest.raises(SamplesDirectoryError, match="Cannot load .*training_history-00002-of-00002.pt"):
+        FeatureHistory.from_dir(sharded)
