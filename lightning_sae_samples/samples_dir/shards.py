@@ -191,11 +191,17 @@ def _write_history_part(pending: Path, part: ShardPart, options: SaveOptions, mi
     previous = settings.get("previous")
     if previous is None:
         previous = read_committed_history(pending.parent)
-    if previous is not None:
+    if previous is not None and not _within(previous, part.offset, stop):  # the whole history, or other shards'
         previous = history_of_latents(previous, part.offset, stop)
     name = part_names(part.ranges, HISTORY_INDEX_NAME)[part.number]
     return write_history(pending / name, previous, window, part.num_latents, int(state["half_window"]), settings,
                          TokenDecoder(options.tokenizer))
+
+
+def _within(history: dict, start: int, stop: int) -> bool:
+    """Whether a history holds rows and samples of latents ``[start, stop)`` alone (a root's own part)."""
+    return all(not len(ids) or (start <= int(ids.min()) and int(ids.max()) < stop)
+               for ids in (history["rows"]["latent"], history["samples"]["latent"]))
 
 
 def _write_run_files(dirpath: Path, part: ShardPart, options: SaveOptions, ranked: list[int], shared: list[dict],
