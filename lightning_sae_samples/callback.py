@@ -38,6 +38,7 @@ from lightning_sae_samples.inputs import (
 )
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, foreign_entries
 from lightning_sae_samples.samples_dir.files import lstat_or_none
+from lightning_sae_samples.samples_dir.history_file import history_from_tensors, history_to_tensors, join_histories
 from lightning_sae_samples.samples_dir.names import LOCK_NAME, SNAPSHOTS_DIR, SamplesDirectoryError, snapshot_dirname
 from lightning_sae_samples.samples_dir.shards import ShardedSaveError, ShardPart
 from lightning_sae_samples.serve import serve_command
@@ -154,6 +155,7 @@ class ActivationSampleCallback(Callback):
         self._merged: Optional[dict] = None
         self._shard_part: Optional[ShardPart] = None  # a sharded collection's share, from state_dict to its save
         self._checkpoint_states: Optional[tuple[dict, dict]] = None  # a root's shard for a per-rank checkpoint
+        self._parts_pending = False  # state_dict chose a per-rank checkpoint: its history goes in parts too
         self._warned_sharded_extras = False
         self._last_written: Optional[tuple[int, ...]] = None  # the collection the directory holds (this process)
         self._last_full_state = False
@@ -424,6 +426,7 @@ class ActivationSampleCallback(Callback):
         if self.engine.sharded:
             self._shard_part = part = self.engine.merged_shard(self._device())
             if part is not None and step is not None and self._checkpoints_per_rank():
+                self._parts_pending = True
                 return {"version": STATE_VERSION, "config": self.config(), "collector": None,
                         _PARTS_KEY: self._checkpoint_parts(part, step)}
             self._merged = None if part is None else join_shards(self.engine.shard_layout, part.state)
@@ -460,8 +463,15 @@ class ActivationSampleCallback(Callback):
         states, self._checkpoint_states = self._checkpoint_states, None
         if states is not None:  # this shard's state goes into the distributed checkpoint, from its root
             checkpoint["state_dict"][self._part_key(part.number + 1)] = split_tensors(states[0 if saved else 1])[1]
+        per_rank, self._parts_pending = self._parts_pending, False
+        if per_rank:  # each shard's root puts its part of the history into the distributed checkpoint
+            history, located = None, self._checkpoint_history(checkpoint, part)
+        else:  # a collective when sharded: each shard's root holds its part
+            history, located = self.engine.whole_history(), None
         if ours is not None:
-            ours["history"] = self.engine.history  # as this save committed it: resumed into any dirpath, it goes on
+            ours["history"] = history  # as this save committed it: resumed into any dirpath, it goes on
+            if located is not None:
+                ours[_PARTS_KEY]["history"] = located
             if not saved and merged is not None:
                 ours["collector"] = merged
             if not saved and _PARTS_KEY in ours:
@@ -521,8 +531,10 @@ class ActivationSampleCallback(Callback):
         parts = state_dict.get(_PARTS_KEY)
         span = None
         if parts is not None and state_dict.get("collector") is None:
-            collected, span = self._load_checkpoint_parts(parts)
+            collected, span, history = self._load_checkpoint_parts(parts)
             state_dict = {**state_dict, "collector": collected}
+            if history is not None:  # the parts of the history this process's shard needs, joined
+                state_dict["history"] = history
         self.engine.load_state_dict(state_dict, owner="ActivationSampleCallback", span=span)
 
     # ------------------------------------------------------------------ per-rank checkpoints
@@ -555,11 +567,35 @@ class ActivationSampleCallback(Callback):
         return {"keys": [self._part_key(number + 1) for number, _, _ in roots], "ranges": part.ranges,
                 "skeletons": [saved for _, saved, _ in roots], "skeletons_unsaved": [kept for _, _, kept in roots]}
 
-    def _load_checkpoint_parts(self, parts: dict[str, Any]) -> tuple[dict, Optional[tuple[int, int]]]:
+    def _history_key(self, number: int) -> str:
+        return self._part_key(number).replace("-part", "-history", 1)
+
+    def _checkpoint_history(self, checkpoint: dict, part: ShardPart) -> dict[str, Any]:
+        """Put this root's part of the history into the checkpoint, and say where every root's is (a collective).
+
+        Only each part's skeleton (its tensors' names and shapes, a few numbers) travels; the tensors go into the
+        distributed checkpoint with the model's.
+        """
+        mine = None
+        history = self.engine.shard_history() if part.state is not None else None
+        if history is not None:
+            skeleton, tensors = split_tensors(history_to_tensors(history))
+            checkpoint["state_dict"][self._history_key(part.number + 1)] = tensors
+            mine = (part.number, skeleton)
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        roots = sorted((item for item in gathered if item is not None), key=lambda item: item[0])
+        return {"keys": [self._history_key(number + 1) for number, _ in roots],
+                "ranges": [part.ranges[number] for number, _ in roots], "skeletons": [s for _, s in roots]}
+
+    def _load_checkpoint_parts(
+        self, parts: dict[str, Any]
+    ) -> tuple[dict, Optional[tuple[int, int]], Optional[dict]]:
         """The parts of the collection a distributed checkpoint holds that this process needs, joined (a collective).
 
         Where this process's shard is known (``num_latents`` or ``shard_layout``), only the parts it overlaps;
-        else all of them. Returns the joined state and, for some parts, ``(first latent, F)`` (else ``None``).
+        else all of them. Returns the joined state, for some parts ``(first latent, F)`` (else ``None``), and the
+        history of the same parts joined (``None`` where the checkpoint keeps none in parts).
         """
         from torch.distributed.checkpoint import load
 
@@ -570,13 +606,19 @@ class ActivationSampleCallback(Callback):
             total = int(chosen[-1][2][1])
             if layout is not None and layout.total == total:
                 chosen = [item for item in chosen if item[2][0] < layout.stop and layout.offset < item[2][1]]
-            templates = {key: empty_tensors(skeleton) for key, skeleton, _ in chosen}
+            located = parts.get("history") or {"keys": [], "skeletons": [], "ranges": []}
+            spans = [tuple(item[2]) for item in chosen]
+            stories = [item for item in zip(located["keys"], located["skeletons"], located["ranges"])
+                       if tuple(item[2]) in spans]
+            templates = {key: empty_tensors(skeleton) for key, skeleton, _ in chosen + stories}
             load({"state_dict": templates}, checkpoint_id=path)
             state = concat_states([join_tensors(skeleton, templates[key]) for key, skeleton, _ in chosen])
+            history = join_histories([history_from_tensors(join_tensors(skeleton, templates[key]))
+                                      for key, skeleton, _ in stories], path) if stories else None
             _log.info("ActivationSampleCallback on rank %d resumes from %d of the %d parts of its collection in %s.",
                       self._rank, len(chosen), len(parts["keys"]), path)
             first = int(chosen[0][2][0])
-            return state, None if first == 0 and int(state["num_latents"]) == total else (first, total)
+            return state, None if first == 0 and int(state["num_latents"]) == total else (first, total), history
         except Exception as err:
             raise ValueError(
                 f"Cannot resume: the checkpoint {path} keeps ActivationSampleCallback's collection in parts"

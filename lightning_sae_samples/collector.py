@@ -48,7 +48,12 @@ from lightning_sae_samples.inputs import (
 from lightning_sae_samples.memory import available_memory_bytes
 from lightning_sae_samples.samples_dir.commit import claim_samples_dir, hold_lock
 from lightning_sae_samples.samples_dir.decoder import unit_directions
-from lightning_sae_samples.samples_dir.history_file import check_history, read_existing_history
+from lightning_sae_samples.samples_dir.history_file import (
+    check_history,
+    history_of_latents,
+    join_histories,
+    read_existing_history,
+)
 from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
 from lightning_sae_samples.samples_dir.shards import ShardPart, write_sharded_samples_dir
 from lightning_sae_samples.samples_dir.writer import SaveOptions, write_samples_dir
@@ -164,6 +169,8 @@ class ActivationSampleCollector:
         #: ``training_history.pt`` as the last save committed it, or as a checkpoint carried it: the next save
         #: appends to it (whatever ``dirpath`` holds), and :meth:`state_dict` carries it.
         self._history: Optional[dict] = None
+        #: Whether ``_history`` is this shard's part (a sharded save's root), not the whole history.
+        self._history_is_part = False
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -587,12 +594,40 @@ class ActivationSampleCollector:
         result only (``None`` elsewhere), and :meth:`load_state_dict` on every process restores it exactly.
         """
         return {"version": STATE_VERSION, "config": self.config(), "collector": self.merged_state(),
-                "history": self._history}
+                "history": self.whole_history()}
 
     @property
     def history(self) -> Optional[dict]:
-        """The history (``training_history.pt``'s payload) the last save committed, which a checkpoint carries."""
+        """The history (``training_history.pt``'s payload) the last save committed, which a checkpoint carries.
+
+        After a sharded save, each shard's root holds its own part (see :meth:`whole_history`).
+        """
         return self._history
+
+    def shard_history(self) -> Optional[dict]:
+        """This process's shard's part of the history: a root's after a sharded save, else cut from the whole."""
+        if self._history is None or self._history_is_part or self.shard_layout is None:
+            return self._history
+        return history_of_latents(self._history, self.shard_layout.offset, self.shard_layout.stop)
+
+    def whole_history(self) -> Optional[dict]:
+        """The whole history on global rank 0 (``None`` elsewhere when sharded): the shards' parts joined.
+
+        A collective for a sharded collection: only what needs it whole (a checkpoint Lightning keeps on rank 0).
+        """
+        if not self.sharded:
+            return self._history
+        assert self.shard_layout is not None
+        mine = (self.shard_layout.offset, self._history) if self._history_is_part else None
+        rank = torch.distributed.get_rank()
+        parts: Optional[list] = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if parts is None:
+            return None
+        parts = sorted((p for p in parts if p is not None), key=lambda p: p[0])
+        if not parts:
+            return self._history
+        return join_histories([history for _, history in parts], "the shards' histories")
 
     @property
     def has_collection(self) -> bool:
@@ -659,6 +694,7 @@ class ActivationSampleCollector:
         self.collector = None
         self._offset_step, self._token_offset = -1, 0
         self._history = self._resumed_history(state.get("history"), owner)
+        self._history_is_part = False
 
     @staticmethod
     def _resumed_history(history: Any, owner: str) -> Optional[dict]:
@@ -802,12 +838,12 @@ class ActivationSampleCollector:
                               self.settings.samples_per_feature_to_save, self.settings.rank_features_by,
                               int(step) if step is not None else -1, full_state=full_state, source=source,
                               trained_step=trained_step, history=history)
-        ranked, summary = write_sharded_samples_dir(Path(dirpath), part, options, directions=directions,
-                                                    prepare=prepare)
+        ranked, summary, written = write_sharded_samples_dir(Path(dirpath), part, options, directions=directions,
+                                                             prepare=prepare)
+        if written is not None:  # this root's part of the history, as the save committed it
+            self._history, self._history_is_part = written, True
         if rank != 0 or summary is None:
             return []
-        if history is not None:
-            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)
         self._warn_nonfinite(int(summary["nonfinite_skipped"]), owner)
         per_file = self.settings.samples_per_feature_to_save
         in_files = sum(min(entry["num_samples"], per_file) for entry in summary["top_features_by_activation"])

@@ -105,11 +105,11 @@ def worker(rank: int, dp: int, tp: int, out: Path, mode: str, port: int, top: in
     batches = padded_batches(8, seed=20 + dp_rank, num_latents=F)
     collector = make_collector(num_latents=F, shard_layout=layout, top_features_to_save=top)
     seen = feed(collector, layout, batches[:6], 0, mode)
-    state = collector.state_dict()
     received = [0]
     with received_bytes(received):
         collector.save(out / "first")
     torch.save(received[0], out / f"received_{rank}.pt")
+    state = collector.state_dict()  # as a checkpoint after the save: a new history window, the history joined
     if rank == 0:
         torch.save(state, out / "state.pt")
     dist.barrier()

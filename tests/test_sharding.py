@@ -1,6 +1,7 @@
 """Latents sharded across processes (tensor parallelism): each collects its own, the shards join exactly."""
 
 import glob
+import pickle
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from helpers import assert_same, check_against_oracle, make_collector, padded_ba
 from oracle import Seen, assert_dir_matches_oracle, assert_state_matches
 
 from lightning_sae_samples import LatentInputError
+from lightning_sae_samples.analysis.history import FeatureHistory
+from lightning_sae_samples.samples_dir.history_file import load_history
 from lightning_sae_samples.samples_dir.reader import load_full_state
 from lightning_sae_samples.sharding import ShardLayout
 from lightning_sae_samples.state.slices import concat_states, slice_state
@@ -101,18 +104,31 @@ def test_collector_shards_with_an_explicit_layout_equal_the_oracle(tmp_path):
     _collector_run(tmp_path, "dense", dp=1, tp=2)
 
 
-def _unsharded_save(path, top):
-    """What one process collecting every latent of replica 0's batches saves (``collector_shard_script``'s)."""
+def _unsharded_save(path, top, resumed=None):
+    """What one process collecting every latent of replica 0's batches saves (``collector_shard_script``'s).
+
+    ``resumed``: then resume from the collector's state, go on with the last batches and save there too.
+    """
     collector = make_collector(num_latents=9, top_features_to_save=top)
-    for i, (tokens, mask, latents) in enumerate(padded_batches(8, seed=20, num_latents=9)[:6]):
+    batches = padded_batches(8, seed=20, num_latents=9)
+    for i, (tokens, mask, latents) in enumerate(batches[:6]):
         collector.update(tokens, latents=latents, step=i // 2, attention_mask=mask)
     collector.save(path)
+    if resumed is not None:
+        state = collector.state_dict()
+        collector.close()
+        collector = make_collector(num_latents=9, top_features_to_save=top)
+        collector.load_state_dict(state)
+        for i, (tokens, mask, latents) in enumerate(batches[6:]):
+            collector.update(tokens, latents=latents, step=3 + i // 2, attention_mask=mask)
+        collector.save(resumed)
+    collector.close()
 
 
 def test_a_sharded_save_reads_back_as_the_unsharded_one_with_no_shard_sent_to_rank_0(tmp_path):
     proc = _run("collector_shard_script.py", "--out", tmp_path, "--dp", 1, "--tp", 2, "--top", 4, "--port", _port())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _unsharded_save(tmp_path / "whole", top=4)
+    _unsharded_save(tmp_path / "whole", top=4, resumed=tmp_path / "whole_second")
     sharded, whole = read_dir(tmp_path / "first"), read_dir(tmp_path / "whole")
     features = sorted(name for name in whole if name.startswith("feature_"))
     assert len(features) == 4 and [n for n in sharded if n.startswith("feature_")] == features
@@ -127,6 +143,18 @@ def test_a_sharded_save_reads_back_as_the_unsharded_one_with_no_shard_sent_to_ra
     part = (tmp_path / "first" / "full_state-00002-of-00002.pt").stat().st_size
     received = torch.load(tmp_path / "received_0.pt", weights_only=True)
     assert received < part / 2, (received, part)
+    # The history too is written in parts, one per shard, which read back as the unsharded run's history (through a
+    # resume: same windows, rows, samples and events); rank 0 received less than shard 2's window.
+    assert not (tmp_path / "first" / "training_history.pt").exists()
+    sharded_history = FeatureHistory.from_dir(tmp_path / "second")
+    whole_history = FeatureHistory.from_dir(tmp_path / "whole_second")
+    assert len(whole_history.windows) == 2
+    assert_same(load_history(tmp_path / "second" / "training_history.index.json"),
+                load_history(tmp_path / "whole_second" / "training_history.pt"), "history")
+    assert sharded_history.events() == whole_history.events()
+    window = load_history(tmp_path / "first" / "training_history-00002-of-00002.pt")  # shard 2's one window
+    sent = len(pickle.dumps({group: window[group] for group in ("rows", "samples")}))  # as a gather would send it
+    assert received < sent, (received, sent)
 
 
 def test_a_rank_failing_or_dying_mid_save_leaves_the_previous_save(tmp_path):
@@ -183,6 +211,10 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     stored = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     for key in ours["collector_parts"]["keys"]:
         assert any(name.startswith(f"state_dict.{key}.top/") for name in stored), key
+    # Nor the history: each shard's root put its part there too.
+    assert ours["history"] is None and len(ours["collector_parts"]["history"]["keys"]) == 2
+    for key in ours["collector_parts"]["history"]["keys"]:
+        assert any(name.startswith(f"state_dict.{key}.rows/") for name in stored), key
     # The resumed run returns a DTensor and no `num_latents`: the restored state is cut to the shard it tells.
     log = _fit(tmp_path, "--tp", 2, "--max-epochs", 2, "--no-num-latents", "--ckpt-path",
                tmp_path / "ckpt" / "last.ckpt")
@@ -192,6 +224,12 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     assert {s.step for s in seen} == {0, 2, 4, 6, 8, 10}
     check_against_oracle(tmp_path / "samples", seen)
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
+    # The resumed run's history, in parts, is the story of a run that was never stopped.
+    straight = tmp_path / "straight"
+    _fit(straight, "--tp", 2, "--max-epochs", 2, "--form", "local", "--save-ckpt", straight / "ckpt")
+    resumed = load_history(tmp_path / "samples" / "training_history.index.json")
+    assert resumed["windows"]["end"].tolist() == [6, 12]  # the checkpoint's save, then the last
+    assert_same(resumed, load_history(straight / "samples" / "training_history.index.json"), "history")
 
 
 def test_a_resume_whose_shards_are_known_reads_only_its_part_and_its_snapshots_are_sharded(tmp_path):
@@ -293,3 +331,29 @@ def test_a_part_that_does_not_match_its_index_is_refused(tmp_path):
     (other / "full_state-00001-of-00002.pt").replace(tmp_path / "full_state-00001-of-00002.pt")
     with pytest.raises(SamplesDirectoryError, match="full_state-00001-of-00002.pt holds 2 latents where its index"):
         load_full_state(tmp_path / "full_state.index.json")
+
+
+def test_a_history_in_parts_reads_as_the_whole_one_and_a_bad_part_is_refused(tmp_path):
+    from lightning_sae_samples import ActivationSampleAnalyzer
+    from lightning_sae_samples.samples_dir.history_file import history_of_latents
+    from lightning_sae_samples.samples_dir.names import HISTORY_INDEX_NAME, SamplesDirectoryError
+    from lightning_sae_samples.samples_dir.parts import write_index
+
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    _unsharded_save(whole, top=4, resumed=sharded)  # two saves: a history of two windows
+    payload = load_history(sharded / "training_history.pt")
+    (sharded / "training_history.pt").unlink()
+    parts = {"training_history-00001-of-00002.pt": (0, 4), "training_history-00002-of-00002.pt": (4, 9)}
+    for name, (start, stop) in parts.items():
+        torch.save(history_of_latents(payload, start, stop), sharded / name)
+    write_index(sharded, list(parts.values()), 9, HISTORY_INDEX_NAME)
+    history = ActivationSampleAnalyzer(sharded).history  # what serve, export and the command line read
+    assert len(history.windows) == 2 and history.rows() == FeatureHistory(payload, sharded).rows()
+    assert history.events() == FeatureHistory(payload, sharded).events()
+    first = torch.load(sharded / "training_history-00001-of-00002.pt", weights_only=True)
+    torch.save(first, sharded / "training_history-00002-of-00002.pt")  # part 1's latents where part 2's belong
+    with pytest.raises(SamplesDirectoryError, match="training_history-00002-of-00002.pt holds latents outside 4 to 8"):
+        FeatureHistory.from_dir(sharded)
+    (sharded / "training_history-00002-of-00002.pt").write_bytes(b"not a history")
+    with pytest.raises(SamplesDirectoryError, match="Cannot load .*training_history-00002-of-00002.pt"):
+        FeatureHistory.from_dir(sharded)

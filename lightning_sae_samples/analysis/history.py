@@ -12,8 +12,8 @@ from torch import Tensor
 
 from lightning_sae_samples.analysis.meaning_change import DEFAULT_RULE, EventRule, token_shift_test
 from lightning_sae_samples.samples_dir.history_file import load_history, payload_vocab, windows_of_payload
-from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
-from lightning_sae_samples.samples_dir.reader import read_one_save, read_samples_dir
+from lightning_sae_samples.samples_dir.names import HISTORY_INDEX_NAME, PathLike, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.reader import part_locator, read_one_save, read_samples_dir
 
 #: Event kinds, in the order they are listed within one step.
 EVENT_KINDS = ("birth", "meaning_change", "death", "revival")
@@ -199,6 +199,8 @@ class FeatureHistory:
         file = Path(file)
         if opened is None and (file.is_symlink() or not file.is_file()):
             raise SamplesDirectoryError(f"{file} is not a regular file; it is not read.")
+        if file.name == HISTORY_INDEX_NAME:  # a sharded run's history in parts: joined into one
+            return cls(load_history(file, locate=part_locator(file)), file)
         return cls(load_history(file, opened), file)
 
     def token_str(self, token_id: int) -> str:

@@ -1,20 +1,27 @@
-"""``training_history.pt``: the windows of a history laid out as concatenated tensors, and checked when read."""
+"""``training_history.pt``: the windows of a history laid out as concatenated tensors, and checked when read.
+
+A sharded collection writes its history in parts, one per shard of latents (``training_history-0000i-of-0000n.pt``
+with ``training_history.index.json``): each part is a history of the same windows holding only its latents' rows
+and samples (global latent ids); read through the index, the parts join into the one history.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_sae_samples.config import MAX_HISTORY_WINDOWS_PER_LEVEL
-from lightning_sae_samples.samples_dir.names import PathLike, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import HISTORY_INDEX_NAME, HISTORY_NAME, PathLike, SamplesDirectoryError
+from lightning_sae_samples.samples_dir.parts import part_path, read_index
 from lightning_sae_samples.state.history import (
     HISTORY_FORMAT_VERSION,
     HISTORY_SAMPLE_FIELDS,
     ROW_FIELDS,
     WINDOW_SCALARS,
+    join_windows,
 )
 
 
@@ -86,12 +93,109 @@ def payload_vocab(payload: dict) -> dict[int, str]:
     return dict(zip(payload["vocab"]["ids"].tolist(), payload["vocab"]["strings"]))
 
 
-def load_history(path: PathLike, opened: Optional[IO[bytes]] = None) -> dict:
+def history_of_latents(payload: dict, start: int, stop: int) -> dict:
+    """The history of latents ``[start, stop)`` alone: the same windows, only their rows and samples (ids kept)."""
+    windows = []
+    for window in windows_of_payload(payload):
+        rows = (window["latent"] >= start) & (window["latent"] < stop)
+        samples = (window["samples"]["latent"] >= start) & (window["samples"]["latent"] < stop)
+        windows.append({**{name: window[name] for name in WINDOW_SCALARS},
+                        **{name: window[name][rows] for name in ROW_FIELDS},
+                        "samples": {name: value[samples] for name, value in window["samples"].items()}})
+    return history_payload(windows, **_settings_of(payload), vocab=payload_vocab(payload))
+
+
+def _settings_of(payload: dict) -> dict:
+    return {name: int(payload[name]) for name in ("num_latents", "top_tokens", "context_window", "dead_window_steps")}
+
+
+def join_histories(parts: list[dict], where: PathLike) -> dict:
+    """One history from the histories of consecutive shards (same windows, each its latents'), in latent order.
+
+    Raises:
+        SamplesDirectoryError: The parts are not of one save (other windows or settings), naming ``where``.
+    """
+    settings, table = _settings_of(parts[0]), parts[0]["windows"]
+    for number, part in enumerate(parts[1:], start=2):
+        if _settings_of(part) != settings or any(not torch.equal(part["windows"][name], table[name])
+                                                 for name in WINDOW_SCALARS):
+            raise SamplesDirectoryError(f"{where}: history part {number} holds other windows or settings than part 1;"
+                                        " the directory mixes two saves. Re-run the save.")
+    windows = [join_windows([(0, window) for window in same]) for same in zip(*map(windows_of_payload, parts))]
+    vocab: dict[int, str] = {}
+    for part in parts:
+        vocab.update(payload_vocab(part))
+    return history_payload(windows, **settings, vocab=vocab)
+
+
+def history_to_tensors(payload: dict) -> dict:
+    """A payload whose vocabulary's strings are tensors too (UTF-8 bytes and lengths): all a checkpoint stores."""
+    encoded = [text.encode("utf-8") for text in payload["vocab"]["strings"]]
+    utf8 = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if any(encoded) else torch.empty(
+        0, dtype=torch.uint8)
+    lengths = torch.tensor([len(b) for b in encoded], dtype=torch.int64)
+    return {**payload, "vocab": {"ids": payload["vocab"]["ids"], "utf8": utf8, "lengths": lengths}}
+
+
+def history_from_tensors(stored: dict) -> dict:
+    """The payload :func:`history_to_tensors` stored, checked (see :func:`check_history`).
+
+    Raises:
+        ValueError: The stored history is not usable (its vocabulary's bytes, or a field the check names).
+    """
+    vocab = stored.get("vocab") if isinstance(stored, dict) else None
+    utf8, lengths = (vocab.get("utf8"), vocab.get("lengths")) if isinstance(vocab, dict) else (None, None)
+    if not (isinstance(utf8, Tensor) and utf8.dtype == torch.uint8 and utf8.dim() == 1 and isinstance(lengths, Tensor)
+            and lengths.dim() == 1 and not lengths.is_floating_point() and (not len(lengths) or (
+                int(lengths.min()) >= 0 and int(lengths.sum()) == len(utf8)))):
+        raise ValueError("its vocabulary is not UTF-8 bytes with their lengths")
+    data = bytes(utf8.numpy())
+    ends = torch.cumsum(lengths, 0).tolist()
+    try:
+        strings = [data[end - length:end].decode("utf-8") for end, length in zip(ends, lengths.tolist())]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"its vocabulary is not UTF-8 ({err})") from None
+    payload = {**stored, "vocab": {"ids": vocab.get("ids"), "strings": strings}}
+    check_history(payload)
+    return payload
+
+
+def load_history_parts(index_path: PathLike, locate: Optional[Callable[[str], Optional[Path]]] = None) -> dict:
+    """The history in parts that ``training_history.index.json`` lists, each part checked, joined into one.
+
+    ``locate``: where a part of this save is (see ``parts.load_parts``); default: beside the index.
+
+    Raises:
+        SamplesDirectoryError: The index or a part is unusable, or a part holds latents outside its range.
+    """
+    index_path = Path(index_path)
+    index = read_index(index_path)
+    parts = []
+    for part in index["parts"]:
+        path = part_path(index_path, part["file"], locate)
+        payload = load_history(path)
+        start, stop = part["latents"]
+        rows, samples = payload["rows"]["latent"], payload["samples"]["latent"]
+        outside = any(len(v) and (int(v.min()) < start or int(v.max()) >= stop) for v in (rows, samples))
+        if int(payload["num_latents"]) != index["num_latents"] or outside:
+            raise SamplesDirectoryError(f"{path} holds latents outside {start} to {stop - 1} of"
+                                        f" {index['num_latents']}, as its index says; the directory mixes two saves."
+                                        " Re-run the save.")
+        parts.append(payload)
+    return join_histories(parts, index_path)
+
+
+def load_history(path: PathLike, opened: Optional[IO[bytes]] = None,
+                 locate: Optional[Callable[[str], Optional[Path]]] = None) -> dict:
     """Load and check ``training_history.pt`` (tensors only, no pickle); from ``opened`` (``path`` held open) if given.
+
+    Of ``training_history.index.json``, the parts it lists, joined (``locate``: see :func:`load_history_parts`).
 
     Raises:
         SamplesDirectoryError: One line naming the file and the first field that is not usable.
     """
+    if Path(path).name == HISTORY_INDEX_NAME:
+        return load_history_parts(path, locate)
     try:
         if opened is not None:
             opened.seek(0)
@@ -109,6 +213,11 @@ def load_history(path: PathLike, opened: Optional[IO[bytes]] = None) -> dict:
 def read_existing_history(path: Path) -> Optional[dict]:
     """The payload at ``path`` if one is there (checked), else ``None``."""
     return load_history(path) if path.is_file() else None
+
+
+def read_committed_history(dirpath: Path) -> Optional[dict]:
+    """The history a samples directory holds, whole or in parts (checked), else ``None``."""
+    return read_existing_history(dirpath / HISTORY_NAME) or read_existing_history(dirpath / HISTORY_INDEX_NAME)
 
 
 # ---------------------------------------------------------------------- checks

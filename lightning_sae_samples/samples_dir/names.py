@@ -23,6 +23,8 @@ REPORT_NAME = "interpretability_report.md"
 
 #: Every latent's story through training: one window per save (see ``docs/history.md``).
 HISTORY_NAME = "training_history.pt"
+#: The history of sharded latents in parts (``training_history-00001-of-0000n.pt``, ...) and their index.
+HISTORY_INDEX_NAME = "training_history.index.json"
 
 
 MANIFEST_NAME = "sae_samples_manifest.json"
@@ -76,8 +78,11 @@ _FEATURE_FILE = re.compile(r"^feature_(\d+)_samples\.json$")
 _FULL_STATE_PART = re.compile(r"^full_state-(\d{5})-of-(\d{5})\.pt$")
 
 
+_HISTORY_PART = re.compile(r"^training_history-(\d{5})-of-(\d{5})\.pt$")
+
+
 _FIXED_NAMES = frozenset({SUMMARY_NAME, FULL_STATE_NAME, DECODER_NAME, REPORT_NAME, MANIFEST_NAME, HISTORY_NAME,
-                          FULL_STATE_INDEX_NAME})
+                          FULL_STATE_INDEX_NAME, HISTORY_INDEX_NAME})
 
 
 PathLike = Union[str, os.PathLike]
@@ -108,15 +113,30 @@ def is_full_state_part_name(name: str) -> bool:
     return match is not None and 1 <= int(match.group(1)) <= int(match.group(2))
 
 
+def history_part_name(number: int, count: int) -> str:
+    """File name of part ``number`` (from 1) of a history in ``count`` parts."""
+    return f"training_history-{int(number):05d}-of-{int(count):05d}.pt"
+
+
+def is_history_part_name(name: str) -> bool:
+    """Whether ``name`` is the name of a part of a history in parts."""
+    match = _HISTORY_PART.fullmatch(name)
+    return match is not None and 1 <= int(match.group(1)) <= int(match.group(2))
+
+
 def _is_stale_name(name: str) -> bool:
-    """A file a later save may remove when it does not write it again: a feature file, the full state, the decoder."""
-    return (name in (FULL_STATE_NAME, FULL_STATE_INDEX_NAME, DECODER_NAME) or _is_feature_name(name)
-            or is_full_state_part_name(name))
+    """A file a later save may remove when it does not write it again: a feature file, the full state, the decoder.
+
+    A history's parts and index too: a save that writes the history whole replaces them.
+    """
+    return (name in (FULL_STATE_NAME, FULL_STATE_INDEX_NAME, DECODER_NAME, HISTORY_INDEX_NAME)
+            or _is_feature_name(name) or is_full_state_part_name(name) or is_history_part_name(name))
 
 
 def is_writer_name(name: Any) -> bool:
     """Whether ``name`` is a plain file name the writer produces (no separator, no ``..``, nothing else)."""
-    return isinstance(name, str) and (name in _FIXED_NAMES or _is_feature_name(name) or is_full_state_part_name(name))
+    return isinstance(name, str) and (name in _FIXED_NAMES or _is_feature_name(name) or is_full_state_part_name(name)
+                                      or is_history_part_name(name))
 
 
 def snapshot_dirname(global_step: int) -> str:

@@ -21,6 +21,7 @@ from lightning_sae_samples.samples_dir.names import (
     DECODER_NAME,
     FULL_STATE_INDEX_NAME,
     FULL_STATE_NAME,
+    HISTORY_INDEX_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
@@ -143,7 +144,7 @@ class SamplesDirectory:
     summary: dict
     feature_files: dict[int, Path]
     full_state_path: Optional[Path]
-    #: The history file (``training_history.pt``), if present.
+    #: The history file (``training_history.pt``, or the index of its parts), if present.
     history_path: Optional[Path] = None
     #: The decoder directions (``decoder_directions.pt``), if present.
     decoder_path: Optional[Path] = None
@@ -212,12 +213,12 @@ def read_samples_dir(path: PathLike) -> SamplesDirectory:
         )
     features = {int(m.group(1)): p for name, p in files.items() if (m := _FEATURE_FILE.fullmatch(name))}
     full_state = files.get(FULL_STATE_NAME) or files.get(FULL_STATE_INDEX_NAME)
-    return SamplesDirectory(dirpath, summary, features, full_state, files.get(HISTORY_NAME),
-                            files.get(DECODER_NAME))
+    history = files.get(HISTORY_NAME) or files.get(HISTORY_INDEX_NAME)
+    return SamplesDirectory(dirpath, summary, features, full_state, history, files.get(DECODER_NAME))
 
 
 def part_locator(index_path: Path) -> Callable[[str], Optional[Path]]:
-    """Where each file of the save an index of full-state parts belongs to is (a commit may be in progress)."""
+    """Where each file of the save an index of parts belongs to is (a commit may be in progress)."""
     dirpath = index_path.parent.parent if index_path.parent.name == PENDING_DIR else index_path.parent
     return _visible_files(dirpath).get
 

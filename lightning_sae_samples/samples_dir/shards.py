@@ -6,10 +6,11 @@ first process of its replica group), which keeps it. A save is then a collective
 1. Global rank 0 readies the pending directory (claim, recovery, staging rename) and says whether it could.
 2. Each root sends its top ``top_features`` candidates and the summary's counts (``O(top_features)`` each); every
    process ranks the candidates alike, as one state's latents rank.
-3. Each root writes, into the pending directory, the feature files of its saved latents and its part
-   ``full_state-0000i-of-0000n.pt``, and reports back its entries, its frequency-histogram counts and its history
-   window (or the error it met).
-4. Rank 0 writes the index, history, summary and manifest, then ``COMMIT``, and commits; every process learns the
+3. Each root writes, into the pending directory, the feature files of its saved latents, its part
+   ``full_state-0000i-of-0000n.pt`` and its part ``training_history-0000i-of-0000n.pt`` (its latents' history with
+   this save's window appended), and reports back its entries and its frequency-histogram counts (or the error it
+   met).
+4. Rank 0 writes the indexes, summary and manifest, then ``COMMIT``, and commits; every process learns the
    outcome, so a failure on any rank raises everywhere and no rank waits for ever.
 
 No process ever holds another shard's samples. The processes must share a file system (every root writes into
@@ -27,7 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from lightning_sae_samples.samples_dir.atomic import atomic_torch_save
-from lightning_sae_samples.samples_dir.names import PENDING_DIR
+from lightning_sae_samples.samples_dir.history_file import history_of_latents, read_committed_history
+from lightning_sae_samples.samples_dir.names import HISTORY_INDEX_NAME, PENDING_DIR
 from lightning_sae_samples.samples_dir.parts import part_names, write_index
 from lightning_sae_samples.samples_dir.writer import (
     SaveOptions,
@@ -35,8 +37,9 @@ from lightning_sae_samples.samples_dir.writer import (
     finish_pending,
     ready_pending,
     write_feature_files,
+    write_history,
 )
-from lightning_sae_samples.state.history import join_windows, window_of_state, without_window_entries
+from lightning_sae_samples.state.history import window_of_state, without_window_entries
 from lightning_sae_samples.state.statistics import (
     SUMMED_COUNTS,
     best_first,
@@ -85,7 +88,7 @@ def write_sharded_samples_dir(
     *,
     directions: Any = None,
     prepare: Optional[Callable[[Path], None]] = None,
-) -> tuple[list[int], Optional[dict]]:
+) -> tuple[list[int], Optional[dict], Optional[dict]]:
     """Write one save of a sharded collection (a collective: every process of the world calls it).
 
     Args:
@@ -96,7 +99,8 @@ def write_sharded_samples_dir(
         prepare: Called on global rank 0 before anything is written (e.g. to take the directory's lock).
 
     Returns:
-        The saved features, best first (on every process), and the summary on global rank 0 (``None`` elsewhere).
+        The saved features, best first (on every process), the summary on global rank 0 (``None`` elsewhere), and
+        on each root the history part it wrote (``None`` elsewhere, or without a history).
 
     Raises:
         ShardedSaveError: On every process but the one that failed, which raises its own error: nothing is
@@ -126,10 +130,10 @@ def write_sharded_samples_dir(
                         options.top_features).tolist()
     lowest = min((c["lowest"] for c in shared if c["lowest"] is not None), default=None)
 
-    report, failure = None, None
+    report, history, failure = None, None, None
     if part.state is not None:
         try:
-            report = _write_shard(dirpath / PENDING_DIR, part, options, ranked, lowest)
+            report, history = _write_shard(dirpath / PENDING_DIR, part, options, ranked, lowest)
         except Exception as err:
             failure = err
     reports = _gather((rank, None if failure is None else _describe(failure), report))
@@ -146,7 +150,7 @@ def write_sharded_samples_dir(
         except Exception as err:
             outcome = err
     _agree(outcome, "could not complete the save", mine=failure)
-    return ranked, summary
+    return ranked, summary, history
 
 
 def _candidates(part: ShardPart, options: SaveOptions) -> dict:
@@ -159,8 +163,8 @@ def _candidates(part: ShardPart, options: SaveOptions) -> dict:
 
 
 def _write_shard(pending: Path, part: ShardPart, options: SaveOptions, ranked: list[int],
-                 lowest: Optional[float]) -> dict:
-    """A root's files: its saved latents' feature files and its part of the full state; what rank 0 needs back."""
+                 lowest: Optional[float]) -> tuple[dict, Optional[dict]]:
+    """A root's files: its saved latents' feature files and its parts; what rank 0 needs back, its history part."""
     state = part.state
     stop = part.offset + int(state["num_latents"])
     mine = [idx - part.offset for idx in ranked if part.offset <= idx < stop]
@@ -169,17 +173,40 @@ def _write_shard(pending: Path, part: ShardPart, options: SaveOptions, ranked: l
                                   part.offset)
     if options.full_state:
         atomic_torch_save(pending / part_names(part.ranges)[part.number], without_window_entries(state))
-    window = None
+    history = None
     if options.history is not None and "window_count" in state:
-        window = window_of_state(state, options.global_step, int(options.history["top_tokens"]), mine,
-                                 int(options.history["samples_per_feature"]))
+        history = _write_history_part(pending, part, options, mine)
     return {"offset": part.offset, "entries": entries, "digest": digest.hexdigest(),
-            "histogram": frequency_histogram(state, lowest=lowest)["counts"], "window": window}
+            "histogram": frequency_histogram(state, lowest=lowest)["counts"], "history": history is not None}, history
+
+
+def _write_history_part(pending: Path, part: ShardPart, options: SaveOptions, mine: list[int]) -> dict:
+    """A root's part of the history: its latents' history (carried, else committed) with this save's window."""
+    state, settings = part.state, options.history
+    stop = part.offset + int(state["num_latents"])
+    window = window_of_state(state, options.global_step, int(settings["top_tokens"]), mine,
+                             int(settings["samples_per_feature"]))
+    window["latent"] = window["latent"] + part.offset
+    window["samples"]["latent"] = window["samples"]["latent"] + part.offset
+    previous = settings.get("previous")
+    if previous is None:
+        previous = read_committed_history(pending.parent)
+    if previous is not None and not _within(previous, part.offset, stop):  # the whole history, or other shards'
+        previous = history_of_latents(previous, part.offset, stop)
+    name = part_names(part.ranges, HISTORY_INDEX_NAME)[part.number]
+    return write_history(pending / name, previous, window, part.num_latents, int(state["half_window"]), settings,
+                         TokenDecoder(options.tokenizer))
+
+
+def _within(history: dict, start: int, stop: int) -> bool:
+    """Whether a history holds rows and samples of latents ``[start, stop)`` alone (a root's own part)."""
+    return all(not len(ids) or (start <= int(ids.min()) and int(ids.max()) < stop)
+               for ids in (history["rows"]["latent"], history["samples"]["latent"]))
 
 
 def _write_run_files(dirpath: Path, part: ShardPart, options: SaveOptions, ranked: list[int], shared: list[dict],
                      reports: list, directions: Any) -> tuple[list[str], dict]:
-    """On rank 0, once every root has reported: the index, history, summary and manifest; the save's files."""
+    """On rank 0, once every root has reported: the indexes, summary and manifest; the save's files."""
     failed = [(rank, problem) for rank, problem, _ in reports if problem is not None]
     if failed:
         rank, problem = failed[0]
@@ -201,10 +228,11 @@ def _write_run_files(dirpath: Path, part: ShardPart, options: SaveOptions, ranke
     if options.full_state:
         write_index(dirpath / PENDING_DIR, part.ranges, part.num_latents)
         names += part_names(part.ranges)
-    windows = [(shard["offset"], shard["window"]) for shard in shards if shard["window"] is not None]
-    window = join_windows(windows) if windows else None
+    if all(shard["history"] for shard in shards):
+        write_index(dirpath / PENDING_DIR, part.ranges, part.num_latents, HISTORY_INDEX_NAME)
+        names += part_names(part.ranges, HISTORY_INDEX_NAME)
     written = finish_pending(dirpath, dirpath / PENDING_DIR, state, summary, entries, names, options, digest,
-                             window=window, directions=directions, decoder=TokenDecoder(options.tokenizer))
+                             directions=directions, decoder=TokenDecoder(options.tokenizer))
     return written, {**summary, "global_step": options.global_step, "top_features_by_activation": entries}
 
 

@@ -25,13 +25,14 @@ from lightning_sae_samples.samples_dir.history_file import (
     history_payload,
     history_token_ids,
     payload_vocab,
-    read_existing_history,
+    read_committed_history,
     windows_of_payload,
 )
 from lightning_sae_samples.samples_dir.names import (
     COMMIT_NAME,
     DECODER_NAME,
     FULL_STATE_NAME,
+    HISTORY_INDEX_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
     PENDING_DIR,
@@ -337,7 +338,9 @@ def finish_pending(
 
 def _stale(dirpath: Path, written: list[str]) -> list[str]:
     """The last save's files that this one does not write again (removed at its commit)."""
-    return sorted(name for name in read_manifest(dirpath) or () if _is_stale_name(name) and name not in written)
+    stale = [HISTORY_NAME] if HISTORY_INDEX_NAME in written else []  # a history in parts replaces the whole one
+    return sorted(name for name in read_manifest(dirpath) or ()
+                  if (_is_stale_name(name) or name in stale) and name not in written)
 
 
 def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int, half_window: int, step: int,
@@ -345,11 +348,21 @@ def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int,
     """Append ``window`` (the state's, see ``window_of_state``) to the history and write it into ``pending``.
 
     The history is ``settings["previous"]`` when given (the collector's, carried by a checkpoint into any
-    ``dirpath``), else the committed file's (read and checked).
+    ``dirpath``), else the committed file's (read and checked; a history in parts is joined).
     """
     previous = settings.get("previous")
     if previous is None:
-        previous = read_existing_history(dirpath / HISTORY_NAME)
+        previous = read_committed_history(dirpath)
+    write_history(pending / HISTORY_NAME, previous, window, num_latents, half_window, settings, decoder)
+
+
+def write_history(path: Path, previous: Optional[dict], window: dict, num_latents: int, half_window: int,
+                  settings: dict, decoder: TokenDecoder) -> dict:
+    """Write ``previous`` (a history payload or ``None``) with ``window`` appended and thinned to ``path``.
+
+    Thinning depends on the windows' levels alone, so the parts of a sharded history keep the same windows.
+    Returns the payload written.
+    """
     windows = windows_of_payload(previous) if previous is not None else []
     vocab = payload_vocab(previous) if previous is not None else {}
     if previous is not None and int(previous["top_tokens"]) != window["token_ids"].shape[1]:
@@ -365,4 +378,5 @@ def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int,
         context_window=2 * half_window + 1, dead_window_steps=int(settings["dead_window_steps"]),
         vocab=vocab,
     )
-    atomic_torch_save(pending / HISTORY_NAME, payload)
+    atomic_torch_save(path, payload)
+    return payload
