@@ -853,11 +853,7 @@ class ActivationSampleCollector:
             + (f" and the full state in parts ({summary['total_samples_stored']} samples of"
                f" {summary['num_features_tracked']} latents)." if full_state else ".")
         )
-        if self.settings.write_report:
-            try:
-                write_report(dirpath, tokenizer=tokenizer)
-            except Exception as err:  # noqa: BLE001 - a report must never stop training
-                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+        self._write_report(dirpath, tokenizer, owner)
         return ranked
 
     def close(self) -> None:
@@ -957,12 +953,17 @@ class ActivationSampleCollector:
             + (f" and the full state ({int(kept.sum())} samples of {int(merged['num_latents'])} latents)."
                if full_state else ".")
         )
-        if self.settings.write_report:
-            try:
-                write_report(dirpath, tokenizer=tokenizer)
-            except Exception as err:  # noqa: BLE001 - a report must never stop training
-                rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+        self._write_report(dirpath, tokenizer, owner)
         return saved
+
+    def _write_report(self, dirpath: PathLike, tokenizer: Any, owner: str) -> None:
+        """The Markdown report of the save just committed, when the settings ask for it; a failure only warns."""
+        if not self.settings.write_report:
+            return
+        try:
+            write_report(dirpath, tokenizer=tokenizer)
+        except Exception as err:  # noqa: BLE001 - a report must never stop training
+            rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
 
     def _history_settings(self) -> dict[str, int]:
         settings = self.settings
