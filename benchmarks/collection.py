@@ -458,6 +458,25 @@ def baseline_bytes_per_sample(tokenizer, num: int = 2000) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def reference_step_times(model: torch.nn.Module, batch: dict, device: torch.device, warmup: int,
+                         steps: int) -> list[float]:
+    """Seconds of each of ``steps`` plain TopK SAE training steps (Adam, no Trainer), after ``warmup`` more."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dev_batch = {key: v.to(device) for key, v in batch.items()}
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.step(dev_batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -988,21 +1007,8 @@ def gpu_rows(args) -> None:
     batch = make_batch(args.tokens, args.seq_len, args.d_model, args.vocab)
     for num_latents in args.gpu_rows:
         model = TopKSAE(args.d_model, num_latents, args.k).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        dev_batch = {key: v.to(device) for key, v in batch.items()}
-        steps = []
-        for i in range(args.warmup + args.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            out = model.step(dev_batch)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sync(device)
-            if i >= args.warmup:
-                steps.append(time.perf_counter() - t0)
-        step = median(steps)
-        del model, opt, out
+        step = median(reference_step_times(model, batch, device, args.warmup, args.steps))
+        del model
         r = floor_ratios(num_latents, args.k, args.tokens, args.seq_len, args.threshold, False, {},
                          args.floor_collections, device)
         collector = SampleCollector(engine_settings(num_latents, args.threshold), device)
@@ -1163,21 +1169,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # (a) reference step, no Trainer
     model = TopKSAE(args.d_model, num_latents, k).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dev_batch = {key: v.to(device) for key, v in batch.items()}
-    ref_times = []
-    for i in range(total_steps):
-        sync(device)
-        t0 = time.perf_counter()
-        out = model.step(dev_batch)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        sync(device)
-        if i >= args.warmup:
-            ref_times.append(time.perf_counter() - t0)
-    ref = median(ref_times)
-    del opt, out
+    ref = median(reference_step_times(model, batch, device, args.warmup, args.steps))
     rows.append(("(a) reference TopK SAE step (Adam, no Trainer)", fmt_ms(ref), "100%", ""))
     console.print(f"(a) reference step {fmt_ms(ref)}")
 
