@@ -52,9 +52,8 @@ from lightning_sae_samples.samples_dir.history_file import (
     check_history,
     history_of_latents,
     join_histories,
-    read_existing_history,
 )
-from lightning_sae_samples.samples_dir.names import HISTORY_NAME, REPORT_NAME
+from lightning_sae_samples.samples_dir.names import REPORT_NAME
 from lightning_sae_samples.samples_dir.shards import ShardPart, write_sharded_samples_dir
 from lightning_sae_samples.samples_dir.writer import SaveOptions, write_samples_dir
 from lightning_sae_samples.sharding import GroupGather, ShardLayout, Shards, join_shards, merge_replicas
@@ -938,9 +937,8 @@ class ActivationSampleCollector:
             trained_step=trained_step,
             decoder=decoder,
             full_state_parts=self.shard_ranges,
+            on_history=self._keep_history,
         )
-        if history is not None:
-            self._history = read_existing_history(Path(dirpath) / HISTORY_NAME)  # what this save committed
         kept = kept_per_latent(merged)
         in_files = int(kept[saved].clamp(max=self.settings.samples_per_feature_to_save).sum()) if saved else 0
         older = (
@@ -964,6 +962,10 @@ class ActivationSampleCollector:
             write_report(dirpath, tokenizer=tokenizer)
         except Exception as err:  # noqa: BLE001 - a report must never stop training
             rank_zero_warn(f"{owner} could not write {REPORT_NAME}: {err}")
+
+    def _keep_history(self, committed: dict) -> None:
+        """Keep the history a save committed: the next save appends to it, a checkpoint carries it."""
+        self._history = committed
 
     def _history_settings(self) -> dict[str, int]:
         settings = self.settings

@@ -231,8 +231,8 @@ def _write_run_files(dirpath: Path, part: ShardPart, options: SaveOptions, ranke
     if all(shard["history"] for shard in shards):
         write_index(dirpath / PENDING_DIR, part.ranges, part.num_latents, HISTORY_INDEX_NAME)
         names += part_names(part.ranges, HISTORY_INDEX_NAME)
-    written = finish_pending(dirpath, dirpath / PENDING_DIR, state, summary, entries, names, options, digest,
-                             directions=directions, decoder=TokenDecoder(options.tokenizer))
+    written, _ = finish_pending(dirpath, dirpath / PENDING_DIR, state, summary, entries, names, options, digest,
+                                directions=directions, decoder=TokenDecoder(options.tokenizer))
     return written, {**summary, "global_step": options.global_step, "top_features_by_activation": entries}
 
 

@@ -96,6 +96,7 @@ def write_samples_dir(
     history: Optional[dict] = None,
     decoder: Any = None,
     full_state_parts: Optional[list[tuple[int, int]]] = None,
+    on_history: Optional[Callable[[dict], None]] = None,
 ) -> list[int]:
     """Write the samples directory for a merged collector state, atomically.
 
@@ -125,6 +126,8 @@ def write_samples_dir(
             bfloat16) for the latents' neighbours; without it, a previous one is removed (it would be stale).
         full_state_parts: Write the full state in parts cut at these ``(start, stop)`` latent ranges (the shards
             of a sharded collection), with ``full_state.index.json``, instead of ``full_state.pt``.
+        on_history: Called with the ``training_history.pt`` payload this save wrote, once it is committed (not
+            called when the save writes no history).
 
     Returns:
         The saved feature indices, in rank order.
@@ -140,13 +143,16 @@ def write_samples_dir(
                           feature_extras, full_state, source, trained_step, history, full_state_parts)
 
     def write() -> list[str]:
-        ranked[:], written = _write_pending(dirpath, pending, state, options, directions)
+        ranked[:], written, history_written[:] = _write_pending(dirpath, pending, state, options, directions)
         if before_commit is not None:
             before_commit(pending)
         return written
 
     ranked: list[int] = []
+    history_written: list[dict] = []
     commit_pending(dirpath, write)
+    if on_history is not None and history_written:
+        on_history(history_written[0])
     return ranked
 
 
@@ -195,8 +201,12 @@ def commit_pending(dirpath: Path, write: Callable[[], list[str]]) -> None:
 
 def _write_pending(
     dirpath: Path, pending: Path, state: dict, options: SaveOptions, directions: Optional[Any] = None,
-) -> tuple[list[int], list[str]]:
-    """Write the save's files into the pending directory; returns the ranked features and the files."""
+) -> tuple[list[int], list[str], list[dict]]:
+    """Write the save's files into the pending directory.
+
+    Returns:
+        The ranked features, the files, and the history payload written (in a list; empty: no history).
+    """
     # The save's id: its step and a digest of what it wrote, so that a reader can tell two saves apart and an
     # exact resume still writes the same files as an uninterrupted run.
     digest = hashlib.sha256()
@@ -215,9 +225,9 @@ def _write_pending(
         write_parts(pending, without_window_entries(state), parts)
     elif options.full_state:
         atomic_torch_save(pending / FULL_STATE_NAME, without_window_entries(state))
-    written = finish_pending(dirpath, pending, state, run_summary(state), entries, names, options, digest,
-                             window=window, directions=directions, decoder=decoder)
-    return ranked, written
+    written, history = finish_pending(dirpath, pending, state, run_summary(state), entries, names, options, digest,
+                                      window=window, directions=directions, decoder=decoder)
+    return ranked, written, [] if history is None else [history]
 
 
 def write_feature_files(
@@ -295,7 +305,7 @@ def finish_pending(
     window: Optional[dict] = None,
     directions: Optional[Any] = None,
     decoder: Optional[TokenDecoder] = None,
-) -> list[str]:
+) -> tuple[list[str], Optional[dict]]:
     """Write the save's run-level files into ``pending``: history, decoder, summary and manifest.
 
     Args:
@@ -312,12 +322,13 @@ def finish_pending(
         decoder: Decodes the history's new token ids.
 
     Returns:
-        Every file of the save, the manifest aside.
+        Every file of the save, the manifest aside; and the history payload written (``None``: no history).
     """
     global_step = options.global_step
+    history = None
     if window is not None:
-        _write_history(dirpath, pending, window, int(summary["num_features_tracked"]),
-                       int(state["half_window"]), global_step, options.history, decoder or TokenDecoder(None))
+        history = _write_history(dirpath, pending, window, int(summary["num_features_tracked"]),
+                                 int(state["half_window"]), options.history, decoder or TokenDecoder(None))
     written = [*names, *([HISTORY_NAME] if window is not None else []),
                *([DECODER_NAME] if directions is not None else []), SUMMARY_NAME]
     summary = {"format_version": FORMAT_VERSION, "save_id": "", "global_step": int(global_step), **summary}
@@ -333,7 +344,7 @@ def finish_pending(
     if directions is not None:
         atomic_torch_save(pending / DECODER_NAME, decoder_payload(directions, global_step))
     atomic_write_json(pending / MANIFEST_NAME, {"writer": WRITER_ID, "save_id": save_id, "files": sorted(written)})
-    return written
+    return written, history
 
 
 def _stale(dirpath: Path, written: list[str]) -> list[str]:
@@ -343,8 +354,8 @@ def _stale(dirpath: Path, written: list[str]) -> list[str]:
                   if (_is_stale_name(name) or name in stale) and name not in written)
 
 
-def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int, half_window: int, step: int,
-                   settings: dict, decoder: TokenDecoder) -> None:
+def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int, half_window: int,
+                   settings: dict, decoder: TokenDecoder) -> dict:
     """Append ``window`` (the state's, see ``window_of_state``) to the history and write it into ``pending``.
 
     The history is ``settings["previous"]`` when given (the collector's, carried by a checkpoint into any
@@ -353,7 +364,7 @@ def _write_history(dirpath: Path, pending: Path, window: dict, num_latents: int,
     previous = settings.get("previous")
     if previous is None:
         previous = read_committed_history(dirpath)
-    write_history(pending / HISTORY_NAME, previous, window, num_latents, half_window, settings, decoder)
+    return write_history(pending / HISTORY_NAME, previous, window, num_latents, half_window, settings, decoder)
 
 
 def write_history(path: Path, previous: Optional[dict], window: dict, num_latents: int, half_window: int,
