@@ -25,6 +25,7 @@ from lightning_sae_samples.engine.sample_table import (
     indices_of,
     token_dtype_for,
 )
+from lightning_sae_samples.engine.window_pool import WindowPool
 from lightning_sae_samples.engine.windows import (
     SparseWindowActs,
     TokenPositions,
@@ -169,7 +170,9 @@ class SampleCollector:
         self._batch_fields = self.window_fields + dedup_tokens
         #: What the refs point into (an array source's description), recorded in the state.
         self.token_source: Optional[dict] = None
-        table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields)
+        #: The context windows of every table's kept and staged samples, each written once.
+        self.window_pool = WindowPool(self.window_fields, w, device, policy.min_pool_slots)
+        table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields, pool=self.window_pool)
         edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
         self._inner_edges = self.hist_edges[1:-1].to(device=device)
@@ -504,7 +507,12 @@ class SampleCollector:
             sequence, position = batch.sequence_positions(token_idx)
             overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
             asks.append(overlaps.sizes)
+        freed = self.window_pool.ask()
+        if freed is not None:
+            asks.append(freed)
         sizes = torch.cat(asks).tolist()  # the one sync
+        if freed is not None:
+            self.window_pool.answer(sizes.pop())
         survives = None if overlaps is None else overlaps.keep(sizes[counted + 2 :])
         num_valid, num_anywhere, *per_table = sizes[:counted]
         max_id = sizes[counted]

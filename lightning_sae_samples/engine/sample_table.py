@@ -6,12 +6,11 @@ was seen, so the kept ones are a uniform sample that any process or resume repro
 activations of the recent window.
 
 Per row, ``priority``/``value``/``step``/``order`` are kept sorted (best first; among equal priorities the
-earliest ``(step, order)`` first) with a ``slot`` pointer into a pool shared by all rows that holds each
-sample's position and context window. Samples that can enter are staged and merged in bulk: a merge
-re-sorts only the small keys of the rows it touches and copies context windows only for the samples that
-enter, into the slots of the samples they push out or else into never used slots, taken in arrival order
-(so the pool fills front to back). The pool starts small and doubles when it runs out of never used slots,
-so its memory follows the samples stored, not the capacity ``rows * capacity``.
+earliest ``(step, order)`` first) with a ``slot`` pointer into a window pool (shared by all rows, and by a
+collector's tables: see :mod:`~lightning_sae_samples.engine.window_pool`) that holds each sample's position and
+context window. A candidate's window is written to the pool once, when it is staged; staged samples are merged in
+bulk, and a merge re-sorts only the small keys of the rows it touches: the samples that enter keep their slot,
+and those pushed out or that never enter give theirs back.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch import Tensor
 from lightning_sae_samples.engine.dedup import OverlapRounds, best_of_each_class, context_hash
 from lightning_sae_samples.engine.hashing import signed64
 from lightning_sae_samples.engine.indices import indices_of
+from lightning_sae_samples.engine.window_pool import WindowPool
 from lightning_sae_samples.state.merge import merge_padded_tables, sort_samples
 from lightning_sae_samples.state.schema import EMPTY, REF_FIELDS, SAMPLE_FIELD, TABLE_FIELDS, WINDOW_FIELDS
 
@@ -94,6 +94,7 @@ class BatchContext:
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
         self.window_of: Optional[Tensor] = None
+        self._slots: dict[int, Tensor] = {}
         self._hashes: Optional[Tensor] = None
         self._orders: Optional[Tensor] = None
 
@@ -153,6 +154,18 @@ class BatchContext:
             self.windows["token_ref"] = self.token_refs(token_idx)
         self.window_of = torch.full_like(self.token_idx, EMPTY)
         self.window_of[candidate] = torch.arange(len(candidate), device=candidate.device)
+        self._slots = {}
+
+    def slots_in(self, pool: WindowPool) -> Tensor:
+        """The pool slot of each computed window: the first table of ``pool`` to ask writes them there, once.
+
+        Every window written must then be held by some table (the collector computes the windows of the candidates
+        of its tables only), or its slot is never given back.
+        """
+        slots = self._slots.get(id(pool))
+        if slots is None:
+            slots = self._slots[id(pool)] = pool.write(self.windows)
+        return slots
 
     def token_refs(self, token_idx: Tensor) -> Tensor:
         """Token refs of these tokens: only rows have them."""
@@ -169,9 +182,16 @@ def flush_tables(tables: list[SampleTable]) -> None:
     """Merge the staged samples of several tables, reading back the sizes they need together.
 
     Each table's merge asks for sizes in steps (one, or two with de-duplication); the asks of all tables at one
-    step are read back in one host sync.
+    step are read back in one host sync, with the count of the slots their pools got back since the last one.
     """
-    waiting = [(steps, next(steps)) for steps in (table._flush_steps() for table in tables if table._staged)]
+    flushing = [table for table in tables if table._staged]
+    pools = {id(table.window_pool): table.window_pool for table in flushing}.values()
+    waiting = []
+    for steps in [*(table._flush_steps() for table in flushing), *(pool.asks() for pool in pools)]:
+        try:
+            waiting.append((steps, next(steps)))
+        except StopIteration:
+            pass
     while waiting:
         sizes = torch.cat([ask for _, ask in waiting]).tolist()
         start, going_on = 0, []
@@ -222,9 +242,6 @@ class MergePolicy:
 
 
 DEFAULT_POLICY = MergePolicy()
-#: Bytes of the temporaries a merge holds per row place it works on at once (a few int64 grids): the staged
-#: windows are concatenated only while they take no more than the merge's own temporaries.
-MERGE_PLACE_BYTES = 32
 
 
 class SampleTable:
@@ -249,6 +266,7 @@ class SampleTable:
         acts_dtype: Dtype of the stored context activations (see :meth:`widen`).
         window_fields: What the pool keeps per sample: :data:`WINDOW_FIELDS` (the window's tokens and
             activations), or :data:`REF_FIELDS` (a shuffled row's token ref, which gives the window later).
+        pool: The window pool, shared with other tables keeping the same fields (``None``: a pool of its own).
     """
 
     def __init__(
@@ -263,9 +281,12 @@ class SampleTable:
         token_dtype: torch.dtype = torch.int16,
         acts_dtype: torch.dtype = torch.float32,
         window_fields: tuple[str, ...] = WINDOW_FIELDS,
+        pool: Optional[WindowPool] = None,
     ) -> None:
         if window_fields not in (WINDOW_FIELDS, REF_FIELDS):
             raise ValueError(f"A sample table keeps {WINDOW_FIELDS} or {REF_FIELDS}, not {window_fields}.")
+        if pool is not None and tuple(pool.fields) != window_fields:
+            raise ValueError(f"A table keeping {window_fields} cannot share a pool of {tuple(pool.fields)}.")
         self.rows, self.capacity, self.window = rows, capacity, window
         self.window_fields = window_fields
         self.random_priority = random_priority
@@ -279,25 +300,15 @@ class SampleTable:
         self.order = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
         self.slot = torch.full(shape, EMPTY, dtype=SLOT_DTYPE, device=device)
         self.hash = torch.zeros(shape, dtype=torch.int64, device=device) if dedup_radius is not None else None
-        #: The window fields of stored samples, one row per pool slot (rows point at them through ``slot``).
-        dtypes = {"context_tokens": token_dtype, "context_acts": acts_dtype}
-        self.pool: dict[str, Tensor] = {
-            name: torch.empty((1, window) if name.startswith("context_") else (1,),
-                              dtype=dtypes.get(name, SAMPLE_FIELD[name].dtype), device=device)
-            for name in window_fields
-        }
-        self.next_unused = 0
+        #: The window fields of kept and staged samples, one row per pool slot (rows point at them through ``slot``).
+        self.window_pool = pool if pool is not None else WindowPool(
+            window_fields, window, device, policy.min_pool_slots, token_dtype, acts_dtype)
+        self.window_pool.limit += rows * capacity + self.stage_limit
         self.fill_bound = 0
         #: Samples kept per row (they fill a prefix of it).
         self.fill = torch.zeros(rows, dtype=torch.int16 if capacity < 2**15 else torch.int32, device=device)
-        self.released = torch.empty(0, dtype=torch.int64, device=device)
-        #: Pool slots of evicted samples (``EMPTY`` between them), released at the next merge.
-        self._releasing: list[Tensor] = []
         self._bounds: Optional[Tensor] = None
         self._staged: list[dict[str, Tensor]] = []
-        self._staged_windows: list[dict[str, Tensor]] = []
-        #: Windows of the staged batches, all together: a staged sample's ``window`` indexes their concatenation.
-        self._staged_window_rows = 0
         self._staged_count = 0
         self._floor: Optional[Tensor] = None
 
@@ -306,40 +317,38 @@ class SampleTable:
         """The sorted priority column."""
         return self.priority if self.random_priority else self.values
 
-    def widen(self, token_dtype: Optional[torch.dtype] = None, acts_dtype: Optional[torch.dtype] = None) -> None:
-        """Let the pools hold token ids of ``token_dtype`` and activations of ``acts_dtype``, converting in place.
+    @property
+    def pool(self) -> dict[str, Tensor]:
+        """The window pool's fields: one row per slot, and a scratch row past them."""
+        return self.window_pool.fields
 
-        A pool only widens (the values it holds stay exact); an activation pool that never stored a sample
-        takes ``acts_dtype`` as is. A table keeping refs has neither pool.
-        """
-        if "context_tokens" not in self.pool:
-            return
-        if token_dtype is not None:
-            dtype = wider(self.pool["context_tokens"].dtype, token_dtype)
-            if dtype != self.pool["context_tokens"].dtype:
-                self.pool["context_tokens"] = self.pool["context_tokens"].to(dtype)
-        if acts_dtype is not None:
-            current = self.pool["context_acts"].dtype
-            dtype = acts_dtype if self.next_unused == 0 else wider(current, acts_dtype)
-            if dtype != current:
-                self.pool["context_acts"] = self.pool["context_acts"].to(dtype)
+    @property
+    def pool_slots(self) -> int:
+        """Slots the window pool holds now (it grows as samples are stored and staged)."""
+        return self.window_pool.slots
+
+    @property
+    def released(self) -> Tensor:
+        """The window pool's free slots."""
+        return self.window_pool.released
+
+    def widen(self, token_dtype: Optional[torch.dtype] = None, acts_dtype: Optional[torch.dtype] = None) -> None:
+        """Let the pool hold token ids of ``token_dtype`` and activations of ``acts_dtype`` (see
+        :meth:`WindowPool.widen`); a table keeping refs has neither."""
+        self.window_pool.widen(token_dtype, acts_dtype)
 
     def clear(self) -> None:
-        """Drop every sample, in place (the sorted keys keep their memory, the pool is given back)."""
+        """Drop every sample, in place (the sorted keys keep their memory; the pool gets their slots back)."""
+        self.window_pool.let_go(self.slot[:, : max(1, min(self.capacity, self.fill_bound))].reshape(-1))
+        for part in self._staged:
+            self.window_pool.let_go(part["slot"])
         for name in ("values", "priority", "step", "order", "slot", "hash"):
             tensor = getattr(self, name)
             if tensor is not None:
                 tensor.fill_(SAMPLE_FIELD[name].fill if name != "slot" else EMPTY)
-        for name in self.window_fields:
-            pool = self.pool[name]
-            self.pool[name] = pool.new_empty((1, *pool.shape[1:]))
-        self.next_unused = 0
         self.fill_bound = 0
         self.fill.zero_()
-        self.released = self.released[:0]
-        self._releasing = []
-        self._staged, self._staged_windows, self._staged_count = [], [], 0
-        self._staged_window_rows = 0
+        self._staged, self._staged_count = [], 0
         self._floor = None
 
     def can_enter(self, row: Tensor, priority: Tensor) -> Tensor:
@@ -358,7 +367,8 @@ class SampleTable:
     ) -> None:
         """Stage candidates of ``batch`` that passed :meth:`can_enter`, in token order.
 
-        Their windows must be in ``batch.windows``. Token order breaks ties among new samples. ``flush``: merge
+        Their windows must be in ``batch.windows``: the batch writes them to the pool once, whichever tables stage
+        them (see :meth:`BatchContext.slots_in`). Token order breaks ties among new samples. ``flush``: merge
         when :attr:`due`; ``False`` leaves it to the caller (see :func:`flush_tables`). ``alive``: with
         de-duplication, the candidates that survive stage 1 of its rule among the batch's entries (the
         others are staged but never enter, which spares a sync to drop them); ``None``: the table applies
@@ -367,13 +377,15 @@ class SampleTable:
         if not len(row):
             return
         window = batch.window_of[candidate]
+        slot = batch.slots_in(self.window_pool)[window]
+        self.window_pool.hold(slot)
         staged = {
             "row": row,
             "sort": priority,
             "values": value,
             "step": torch.full_like(candidate, batch.step),
             "order": batch.orders[candidate],
-            "window": window + self._staged_window_rows if self._staged_window_rows else window,
+            "slot": slot,
         }
         if self.dedup_radius is not None:
             if alive is None:
@@ -384,8 +396,6 @@ class SampleTable:
             staged["alive"] = alive
             staged["hash"] = batch.context_hashes(window)
         self._staged.append(staged)
-        self._staged_windows.append(batch.windows)
-        self._staged_window_rows += len(batch.windows["position"])
         self._staged_count += len(row)
         if flush and self.due:
             self.flush()
@@ -401,24 +411,21 @@ class SampleTable:
 
     def _flush_steps(self) -> Generator[Tensor, list[int], None]:
         """:meth:`flush` in two steps: it yields the sizes it must read back, and goes on when sent them."""
-        parts, windows = self._staged, self._staged_windows
-        self._staged, self._staged_windows, self._staged_count = [], [], 0
-        self._staged_window_rows = 0
+        parts = self._staged
+        self._staged, self._staged_count = [], 0
         new = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if self.dedup_radius is not None:
             yield from self._resolve_classes(new)
-        yield from self._merge(new, windows, [len(part["row"]) for part in parts])
+        yield from self._merge(new)
         self._floor = None
 
-    def _merge(
-        self, new: dict[str, Tensor], windows: list[dict[str, Tensor]], arrivals: list[int]
-    ) -> Generator[Tensor, list[int], None]:
+    def _merge(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Merge new samples (in arrival order) into the sorted rows, a chunk of touched rows at a time.
 
-        ``new["window"]`` is the index of each sample's window in the concatenation of ``windows``, the windows of
-        the batches staged (one per insert, with ``arrivals`` samples each). The temporaries of a chunk are bounded
-        by :attr:`MergePolicy.merge_cells` places, whatever the number of rows touched. Every size the merge needs
-        is read back from the device at once (one host sync per merge).
+        The temporaries of a chunk are bounded by :attr:`MergePolicy.merge_cells` places, whatever the number of rows
+        touched. Every size the merge needs is read back from the device at once (one host sync per merge). The
+        samples that enter keep their pool slot; the pool gets back the slots of those pushed out and of the new
+        samples that do not enter.
         """
         cap, dev = self.capacity, self.values.device
         # Sorted by row, then priority; a stable sort leaves ties in arrival order. Only a row's best
@@ -433,59 +440,49 @@ class SampleTable:
         if alive is not None:
             per_row = torch.zeros_like(per_row).index_add_(0, row, alive[perm].long())
         arriving = per_row.clamp(max=cap)
-        # A row ends with min(capacity, kept + arriving) samples, so that many minus the kept ones take new slots.
         fill = (self.fill + arriving).clamp(max=cap)
         touched = per_row > 0
         bounds = self._range_ends()
-        sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0), torch.cumsum(fill - self.fill, 0)])
-        releasing = torch.cat(self._releasing) if self._releasing else None
-        self._releasing = []
-        head = [arriving.max(), fill.max()] + ([] if releasing is None else [(releasing != EMPTY).sum()])
-        sizes = yield torch.cat([torch.stack(head), sums.index_select(1, self._bounds_on(dev)).view(-1)])  # at once
-        if releasing is not None:
-            freed = indices_of(releasing != EMPTY, sizes.pop(2))
-            self.released = torch.cat([self.released, releasing.index_select(0, freed)])
+        sums = torch.stack([torch.cumsum(touched, 0), torch.cumsum(arriving, 0)])
+        head = torch.stack([arriving.max(), fill.max()])
+        sizes = yield torch.cat([head, sums.index_select(1, self._bounds_on(dev)).view(-1)])  # at once
         width, fill_bound, count = sizes[0], sizes[1], len(bounds)
-        touched_end, kept_end, fresh_end = (sizes[2 + i * count : 2 + (i + 1) * count] for i in range(3))
+        touched_end, kept_end = sizes[2 : 2 + count], sizes[2 + count : 2 + 2 * count]
         if not width:
+            self.window_pool.let_go(new["slot"])
             return
         keep = indices_of(rank < (cap if alive is None else arriving[row]), kept_end[-1])
         perm, rank = perm[keep], rank[keep]
-        arrival_window = new["window"]
+        staged_slot = new["slot"]
         new = {name: value[perm] for name, value in new.items() if name != "alive"}
         # New samples go into a grid only as wide as the most any row received (often far below capacity).
         # Only the first `span` places of a row can change: no row keeps more than `fill_bound` samples, so
         # places past `fill_bound + width` are empty before and after (sparse merges skip most of the rows' width).
         span = min(cap, self.fill_bound + width)
-        fresh_slots = self._take_slots(fresh_end[-1])
         first_row = [0, *[end + 1 for end in bounds[:-1]]]
-        touched_start, kept_start, fresh_start = ([0, *column[:-1]] for column in (touched_end, kept_end, fresh_end))
+        touched_start, kept_start = ([0, *column[:-1]] for column in (touched_end, kept_end))
         # Ranges of rows merged at once: consecutive ones while their touched rows' places fit `merge_cells`.
-        lo, destination = 0, []
+        lo, entered = 0, []
         for hi in range(1, count + 1):
             if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
                 continue
             num_touched = touched_end[hi - 1] - touched_start[lo]
             if num_touched and lo == 0 and hi == count:  # one range: all rows, nothing to cut out
-                destination.append(self._merge_rows(indices_of(touched, num_touched), new, rank, width, span,
-                                                    num_touched == self.rows, fresh_slots))
+                entered.append(self._merge_rows(indices_of(touched, num_touched), new, rank, width, span,
+                                                num_touched == self.rows))
             elif num_touched:
                 r0, r1 = first_row[lo], bounds[hi - 1] + 1
                 rows = indices_of(touched[r0:r1], num_touched) + r0
                 part = slice(kept_start[lo], kept_end[hi - 1])
-                slots = fresh_slots[fresh_start[lo] : fresh_end[hi - 1]]
-                destination.append(self._merge_rows(rows, {name: value[part] for name, value in new.items()},
-                                                    rank[part], width, span, num_touched == self.rows, slots))
+                entered.append(self._merge_rows(rows, {name: value[part] for name, value in new.items()},
+                                                rank[part], width, span, num_touched == self.rows))
             lo = hi
         self.fill.copy_(fill)
         self.fill_bound = fill_bound
-        # Pool slot of each sample kept for the merge (sorted by row, then priority), or -1 where it did not enter.
-        destination = destination[0] if len(destination) == 1 else torch.cat(destination)
-        if len(windows) > 1 and self._window_bytes(windows) > MERGE_PLACE_BYTES * self.policy.merge_cells:
-            by_arrival = torch.full_like(arrival_window, EMPTY).index_copy_(0, perm, destination)
-            self._write_windows_by_batch(by_arrival, windows, arrival_window, arrivals)
-        else:
-            self._write_windows(destination, windows, new["window"])
+        # The staged samples that did not enter (cut before the merge, or that lost it) give their slots back.
+        entered = entered[0] if len(entered) == 1 else torch.cat(entered)
+        stays = torch.zeros(len(staged_slot), dtype=torch.bool, device=dev).index_put_((perm,), entered)
+        self.window_pool.let_go(torch.where(stays, EMPTY, staged_slot))
 
     def _range_ends(self) -> list[int]:
         """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
@@ -506,12 +503,10 @@ class SampleTable:
         width: int,
         span: int,
         all_rows: bool,
-        fresh_slots: Tensor,
-    ) -> None:
+    ) -> Tensor:
         """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
 
-        Returns the pool slot of each of these samples, or -1 where it does not enter; entering samples that take no
-        pushed-out sample's slot take ``fresh_slots`` in order.
+        Returns whether each of these samples entered; the pool gets back the slots of the kept samples pushed out.
         """
         dev = self.values.device
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -535,28 +530,19 @@ class SampleTable:
         pos_new = new_columns + torch.searchsorted(-old_priority, -new_priority, right=True)
         taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
         pos_old = indices_of((~taken).view(-1), grid[0] * span).view(grid[0], span) % (span + width)
-        entered = (pos_new < span).sum(1, keepdim=True)
+        old_slots = kept("slot")
+        self.window_pool.let_go(torch.where(pos_old >= span, old_slots, EMPTY).view(-1))
+        entered = (pos_new < span).sum(1)
         pos_old.clamp_(max=span)
         pos_new.clamp_(max=span)
-        # The samples pushed out are the last `entered` old ones: new samples take over their pool slots,
-        # or fresh ones where they were empty. A new sample that does not enter lands past the span.
-        old_slots = kept("slot")
-        new_slots = torch.gather(old_slots, 1, (span - entered + new_columns).clamp(max=span - 1))
-        enters = rank < entered[local, 0]
-        at = local * width + rank
-        slot = new_slots.view(-1)[at]
-        fresh = enters & (slot == EMPTY)
-        if len(fresh_slots):
-            # Fresh slots go in row order, so the windows of a row land side by side.
-            slot = torch.where(fresh, fresh_slots[(torch.cumsum(fresh, 0) - 1).clamp(min=0)].to(slot.dtype), slot)
 
         # Each merged place takes an old place (row-major in the kept block) or an entering sample (numbered after
-        # them): one map, then one gather per field.
+        # them): one map, then one gather per field. A new sample that does not enter lands past the span.
         source = torch.empty((grid[0], span + 1), dtype=torch.int64, device=dev)
         source.scatter_(1, pos_old, torch.arange(grid[0] * span, device=dev).view(grid[0], span))
         source.scatter_(1, pos_new, to_grid(torch.arange(grid[0] * span, grid[0] * span + len(rank), device=dev), 0))
         source = source[:, :span]
-        fields = [("values", new["values"]), ("step", new["step"]), ("order", new["order"]), ("slot", slot)]
+        fields = [("values", new["values"]), ("step", new["step"]), ("order", new["order"]), ("slot", new["slot"])]
         if self.random_priority:
             fields.append(("priority", new["sort"]))
         if self.hash is not None:
@@ -569,39 +555,7 @@ class SampleTable:
                 getattr(self, name)[:, :span] = merged
             else:
                 getattr(self, name)[touched, :span] = merged
-        return torch.where(enters, slot.long(), EMPTY)
-
-    def _write_windows(self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor) -> None:
-        """Copy the windows of entering samples into the pool; ``destination``: each sample's pool slot, or -1.
-
-        ``index``: each sample's window in the concatenation of ``windows`` (the staged batches' windows, gathered
-        from at once). Samples that do not enter are written to the pool's scratch row (past its slots), which
-        spares a sync to find them.
-        """
-        destination = torch.where(destination == EMPTY, self.pool_slots, destination)
-        every = windows[0] if len(windows) == 1 else {
-            name: torch.cat([part[name] for part in windows]) for name in self.window_fields
-        }
-        for name in self.window_fields:
-            pool = self.pool[name]
-            pool.index_copy_(0, destination, every[name].index_select(0, index).to(pool.dtype))
-
-    def _write_windows_by_batch(
-        self, destination: Tensor, windows: list[dict[str, Tensor]], index: Tensor, arrivals: list[int]
-    ) -> None:
-        """:meth:`_write_windows` one staged batch at a time; samples in arrival order, ``arrivals`` from each batch.
-
-        For merges whose staged windows, concatenated, would take more memory than the merge's own temporaries.
-        """
-        first_row = first_arrival = 0
-        for part, arrived in zip(windows, arrivals):
-            mine = slice(first_arrival, first_arrival + arrived)
-            self._write_windows(destination[mine], [part], index[mine] - first_row)
-            first_row, first_arrival = first_row + len(part["position"]), first_arrival + arrived
-
-    def _window_bytes(self, windows: list[dict[str, Tensor]]) -> int:
-        """Bytes of the window fields of these batches' windows."""
-        return sum(part[name].element_size() * part[name].numel() for part in windows for name in self.window_fields)
+        return rank < entered[local]
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
         """Stage 2 of the de-duplication rule: one sample per context class, over kept and staged samples.
@@ -624,33 +578,6 @@ class SampleTable:
         old_wins = kept_class & (self.sort_key[row, column] >= new["sort"][at].to(self.sort_key.dtype))
         self._evict(row, column, kept_class & ~old_wins)
         new["alive"] = best.index_put((at,), ~old_wins)
-
-    def _take_slots(self, count: int) -> Tensor:
-        """Pool slots for new samples: released ones first, then never used ones in order."""
-        reused = min(count, len(self.released))
-        taken, self.released = self.released[:reused], self.released[reused:]
-        unused = torch.arange(self.next_unused, self.next_unused + count - reused, device=self.slot.device)
-        self.next_unused += count - reused
-        self._reserve(self.next_unused)
-        return torch.cat([taken, unused])
-
-    @property
-    def pool_slots(self) -> int:
-        """Slots the context-window pool holds now (it grows as samples are stored); a scratch row follows them."""
-        return len(self.pool["position"]) - 1
-
-    def _reserve(self, slots: int) -> None:
-        """Grow the pool to hold at least ``slots`` windows: doubling, at most ``rows * capacity``."""
-        size = self.pool_slots
-        if slots <= size:
-            return
-        grown = min(max(slots, 2 * size, self.policy.min_pool_slots), self.rows * self.capacity)
-        for name in self.window_fields:
-            pool = self.pool[name]
-            # Slots past `next_unused` are written before they are read, so the new part needs no fill.
-            bigger = torch.empty((grown + 1, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            bigger[:size] = pool[:size]
-            self.pool[name] = bigger
 
     def _may_hold_class(self, row: Tensor, hashes: Tensor) -> Tensor:
         """Whether a kept sample of each ``(row, hash)``'s row may have that context hash (False: it has not).
@@ -683,13 +610,13 @@ class SampleTable:
     def _evict(self, rows: Tensor, columns: Tensor, evicted: Tensor) -> None:
         """Remove the ``evicted`` of these samples and re-sort their rows (the empty places move to the end).
 
-        ``rows`` may repeat (each row is then re-sorted to the same result); the freed pool slots are released at
-        the next merge, which reads back their count with its own sizes.
+        ``rows`` may repeat (each row is then re-sorted to the same result); the pool gets the evicted samples'
+        slots back.
         """
         if not len(rows):
             return
         cap = self.capacity
-        self._releasing.append(torch.where(evicted, self.slot[rows, columns].long(), EMPTY))
+        self.window_pool.let_go(torch.where(evicted, self.slot[rows, columns].long(), EMPTY))
         self.fill.index_add_(0, rows, -evicted.to(self.fill.dtype))
         gone = torch.zeros(self.rows * cap + 1, dtype=torch.bool, device=rows.device)
         gone[torch.where(evicted, rows * cap + columns, self.rows * cap)] = True
@@ -769,9 +696,7 @@ class SampleTable:
                 dtype = table[name].dtype if isinstance(table.get(name), Tensor) else None
                 if dtype not in allowed:
                     raise ValueError(f"Sample table field {name!r} has dtype {dtype}; expected one of {allowed}.")
-            self.pool["context_tokens"] = self.pool["context_tokens"].to(wider(self.pool["context_tokens"].dtype,
-                                                                         table["context_tokens"].dtype))
-            self.pool["context_acts"] = self.pool["context_acts"].to(table["context_acts"].dtype)
+            self.widen(table["context_tokens"].dtype, table["context_acts"].dtype if total else None)
         names = [n for n in ("values", "step", "order", "priority", "hash") if getattr(self, n) is not None]
         for name in (*names, *self.window_fields):
             trailing = (self.window,) if name.startswith("context_") else ()
@@ -782,11 +707,8 @@ class SampleTable:
         for name in names:
             target = getattr(self, name)
             target[row, column] = table[name].to(device=dev, dtype=target.dtype)
-        self.slot[row, column] = torch.arange(total, device=dev, dtype=self.slot.dtype)
-        self._reserve(total)
-        self.next_unused = total
+        slots = self.window_pool.write({name: table[name].to(device=dev) for name in self.window_fields})
+        self.window_pool.hold(slots)
+        self.slot[row, column] = slots.to(self.slot.dtype)
         self.fill_bound = int(count.max()) if len(count) else 0
         self.fill.copy_(count)
-        for name in self.window_fields:
-            pool = self.pool[name]
-            pool[:total] = table[name].to(device=dev, dtype=pool.dtype)
