@@ -464,3 +464,32 @@ def test_a_bad_state_device_is_a_clear_error():
 
     with pytest.raises(ValueError, match="state_device"):
         ActivationSampleCollector(state_device="no-such-device")
+
+
+@pytest.mark.parametrize("options", [{}, {"recent_window_steps": 2, "deduplicate_contexts": True}],
+                         ids=["defaults", "recent-and-dedup"])
+def test_the_tables_share_one_window_pool_and_every_slot_is_held_or_free(options):
+    """Each window is written once whichever tables keep it, and no slot is lost: every slot is held by exactly
+    the tables that keep or stage its sample, or is free (given back), through merges, evictions and window resets."""
+    config = engine_config(F, K, CTX, THR, samples_per_interval=1, num_intervals=2, **options)
+    c = SampleCollector(config, policy=MergePolicy(stage_limit=7, min_pool_slots=2))
+    assert len({id(table.window_pool) for table in c.tables.values()}) == 1
+    pool = c.window_pool
+    for step, (tokens, latents) in enumerate(random_batches(8, seed=21)):
+        indices, values, _ = to_sparse(latents, 3)
+        c.update_sparse(tokens, indices, values, step)
+        if step == 4:
+            c.reset_window(step)
+        held = torch.zeros(pool.slots + 1, dtype=torch.int64)
+        for table in c.tables.values():
+            kept = table.slot[table.slot != -1].long()
+            staged = [part["slot"] for part in table._staged]
+            for slots in (kept, *staged):
+                held.index_add_(0, slots, torch.ones_like(slots))
+        used = held[: pool.next_unused]
+        assert torch.equal(pool.refs[: pool.next_unused].long(), used), f"step {step}: a count is off"
+        waiting = torch.cat([pool.released, *[s[s != -1].long() for s in pool._letting_go]])
+        assert len(waiting.unique()) == len(waiting) and not bool(used[waiting].any()), "a held slot is free"
+        assert int((used > 0).sum()) + len(waiting) == pool.next_unused, f"step {step}: slots leaked"
+    sampled = sum(int((table.slot != -1).sum()) for table in c.tables.values())
+    assert int((pool.refs[: pool.next_unused] > 0).sum()) < sampled, "no window is shared by two tables"

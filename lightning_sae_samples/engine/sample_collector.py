@@ -495,8 +495,8 @@ class SampleCollector:
         walking = anywhere & found.reach.to(dev) if found.reach is not None else None
         tokens = token_ids if all_tokens is None else all_tokens
         largest = tokens.max().to(dev) if tokens.numel() else torch.zeros((), dtype=torch.int64, device=dev)
-        entry_masks = [valid, anywhere, *may_enter] + ([walking] if walking is not None else [])
-        asks = [torch.stack(entry_masks).sum(1)]  # every mask over the entries counted by one reduction
+        entry_masks = torch.stack([valid, anywhere, *may_enter] + ([walking] if walking is not None else []))
+        asks = [entry_masks.sum(1)]  # every mask over the entries counted by one reduction
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
             asks.append(bad_rows.to(dev).sum().view(1))
@@ -530,7 +530,11 @@ class SampleCollector:
         at = indices_of(valid, num_valid)
         self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
         walking = indices_of(walking, num_walking) if walking is not None else None
-        batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
+        at_any = indices_of(anywhere, num_anywhere)
+        batch.compute_windows(at_any, self._batch_fields, walking)
+        # Each window is written once; the tables that will stage it hold it from the start.
+        holders = entry_masks.narrow(0, 2, len(offers)).index_select(1, at_any).sum(0, dtype=torch.int8)
+        batch.write_windows(self.window_pool, holders)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
             alive = survives[candidate] if table.dedup_radius is not None else None

@@ -93,8 +93,9 @@ class BatchContext:
         self.step, self.order_base, self.half_window = step, order_base, half_window
         self.window_acts = window_acts
         self.windows: dict[str, Tensor] = {}
-        self.window_of: Optional[Tensor] = None
-        self._slots: dict[int, Tensor] = {}
+        self._candidate: Optional[Tensor] = None
+        self._window_of: Optional[Tensor] = None
+        self._slot_of: dict[int, tuple[Tensor, bool]] = {}
         self._hashes: Optional[Tensor] = None
         self._orders: Optional[Tensor] = None
 
@@ -152,19 +153,35 @@ class BatchContext:
             self.windows["context_acts"] = acts
         if "token_ref" in fields:
             self.windows["token_ref"] = self.token_refs(token_idx)
-        self.window_of = torch.full_like(self.token_idx, EMPTY)
-        self.window_of[candidate] = torch.arange(len(candidate), device=candidate.device)
-        self._slots = {}
+        self._candidate, self._window_of, self._slot_of = candidate, None, {}
 
-    def slots_in(self, pool: WindowPool) -> Tensor:
-        """The pool slot of each computed window: the first table of ``pool`` to ask writes them there, once.
+    @property
+    def window_of(self) -> Tensor:
+        """Per token of the batch, the row of its window in :attr:`windows` (``EMPTY``: none computed)."""
+        if self._window_of is None:
+            self._window_of = torch.full_like(self.token_idx, EMPTY).index_put_(
+                (self._candidate,), torch.arange(len(self._candidate), device=self._candidate.device))
+        return self._window_of
 
-        Every window written must then be held by some table (the collector computes the windows of the candidates
-        of its tables only), or its slot is never given back.
+    def write_windows(self, pool: WindowPool, holders: Optional[Tensor] = None) -> None:
+        """Write the computed windows to ``pool``, once for all the tables that share it.
+
+        ``holders``: how many tables will stage each window (they then hold it already; see
+        :meth:`WindowPool.write`). ``None``: each table holds the windows it stages. Every window written must be
+        staged by some table, or its slot is never given back.
         """
-        slots = self._slots.get(id(pool))
-        if slots is None:
-            slots = self._slots[id(pool)] = pool.write(self.windows)
+        slots = pool.write(self.windows, holders)
+        slot_of = torch.full_like(self.token_idx, EMPTY).index_put_((self._candidate,), slots)
+        self._slot_of[id(pool)] = (slot_of, holders is not None)
+
+    def slots_in(self, pool: WindowPool, candidate: Tensor) -> Tensor:
+        """The pool slots of these candidates' windows, held by the caller (written on the first call)."""
+        if id(pool) not in self._slot_of:
+            self.write_windows(pool)
+        slot_of, held = self._slot_of[id(pool)]
+        slots = slot_of[candidate]
+        if not held:
+            pool.hold(slots)
         return slots
 
     def token_refs(self, token_idx: Tensor) -> Tensor:
@@ -333,8 +350,10 @@ class SampleTable:
         return self.window_pool.released
 
     def widen(self, token_dtype: Optional[torch.dtype] = None, acts_dtype: Optional[torch.dtype] = None) -> None:
-        """Let the pool hold token ids of ``token_dtype`` and activations of ``acts_dtype`` (see
-        :meth:`WindowPool.widen`); a table keeping refs has neither."""
+        """Let the pool hold token ids of ``token_dtype`` and activations of ``acts_dtype``, converting in place.
+
+        See :meth:`WindowPool.widen`; a table keeping refs has neither.
+        """
         self.window_pool.widen(token_dtype, acts_dtype)
 
     def clear(self) -> None:
@@ -376,9 +395,7 @@ class SampleTable:
         """
         if not len(row):
             return
-        window = batch.window_of[candidate]
-        slot = batch.slots_in(self.window_pool)[window]
-        self.window_pool.hold(slot)
+        slot = batch.slots_in(self.window_pool, candidate)
         staged = {
             "row": row,
             "sort": priority,
@@ -394,7 +411,7 @@ class SampleTable:
                                        self.dedup_radius)
                 alive = rounds.keep(rounds.sizes.tolist())
             staged["alive"] = alive
-            staged["hash"] = batch.context_hashes(window)
+            staged["hash"] = batch.context_hashes(batch.window_of[candidate])
         self._staged.append(staged)
         self._staged_count += len(row)
         if flush and self.due:
@@ -462,27 +479,28 @@ class SampleTable:
         first_row = [0, *[end + 1 for end in bounds[:-1]]]
         touched_start, kept_start = ([0, *column[:-1]] for column in (touched_end, kept_end))
         # Ranges of rows merged at once: consecutive ones while their touched rows' places fit `merge_cells`.
-        lo, entered = 0, []
+        lo, entered, pushed_out = 0, [], []
         for hi in range(1, count + 1):
             if hi < count and (touched_end[hi] - touched_start[lo]) * (span + width) <= self.policy.merge_cells:
                 continue
             num_touched = touched_end[hi - 1] - touched_start[lo]
             if num_touched and lo == 0 and hi == count:  # one range: all rows, nothing to cut out
                 entered.append(self._merge_rows(indices_of(touched, num_touched), new, rank, width, span,
-                                                num_touched == self.rows))
+                                                num_touched == self.rows, pushed_out))
             elif num_touched:
                 r0, r1 = first_row[lo], bounds[hi - 1] + 1
                 rows = indices_of(touched[r0:r1], num_touched) + r0
                 part = slice(kept_start[lo], kept_end[hi - 1])
                 entered.append(self._merge_rows(rows, {name: value[part] for name, value in new.items()},
-                                                rank[part], width, span, num_touched == self.rows))
+                                                rank[part], width, span, num_touched == self.rows, pushed_out))
             lo = hi
         self.fill.copy_(fill)
         self.fill_bound = fill_bound
-        # The staged samples that did not enter (cut before the merge, or that lost it) give their slots back.
+        # The staged samples that did not enter (cut before the merge, or that lost it) give their slots back, with
+        # the kept samples they pushed out.
         entered = entered[0] if len(entered) == 1 else torch.cat(entered)
         stays = torch.zeros(len(staged_slot), dtype=torch.bool, device=dev).index_put_((perm,), entered)
-        self.window_pool.let_go(torch.where(stays, EMPTY, staged_slot))
+        self.window_pool.let_go(torch.cat([torch.where(stays, EMPTY, staged_slot), *pushed_out]))
 
     def _range_ends(self) -> list[int]:
         """Last row of each range of rows that a merge may take at once whatever its width (at least one range)."""
@@ -503,10 +521,12 @@ class SampleTable:
         width: int,
         span: int,
         all_rows: bool,
+        pushed_out: list[Tensor],
     ) -> Tensor:
         """Merge into ``touched`` rows their new samples (sorted by row, then priority; ``rank`` within the row).
 
-        Returns whether each of these samples entered; the pool gets back the slots of the kept samples pushed out.
+        Returns whether each of these samples entered; appends to ``pushed_out`` the pool slots of the kept samples
+        pushed out (``EMPTY`` between them).
         """
         dev = self.values.device
         local_of = torch.full((self.rows,), EMPTY, dtype=torch.int64, device=dev)
@@ -531,8 +551,12 @@ class SampleTable:
         taken = torch.zeros((grid[0], span + width), dtype=torch.bool, device=dev).scatter_(1, pos_new, True)
         pos_old = indices_of((~taken).view(-1), grid[0] * span).view(grid[0], span) % (span + width)
         old_slots = kept("slot")
-        self.window_pool.let_go(torch.where(pos_old >= span, old_slots, EMPTY).view(-1))
-        entered = (pos_new < span).sum(1)
+        entered = (pos_new < span).sum(1, keepdim=True)
+        # The samples pushed out are the last `entered` old ones of each row (EMPTY where the row was not full).
+        last = span - entered + new_columns
+        pushed_out.append(torch.where(new_columns < entered, torch.gather(old_slots, 1, last.clamp(max=span - 1)),
+                                      EMPTY).view(-1))
+        entered = entered.view(-1)
         pos_old.clamp_(max=span)
         pos_new.clamp_(max=span)
 

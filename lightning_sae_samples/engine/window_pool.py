@@ -9,7 +9,8 @@ follows the samples kept and staged.
 
 from __future__ import annotations
 
-from typing import Generator, Optional
+from collections.abc import Generator
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ class WindowPool:
             for name in fields
         }
         self.refs = torch.zeros(1, dtype=REFS_DTYPE, device=device)
+        self._minus_one = torch.full((1,), -1, dtype=REFS_DTYPE, device=device)
         self.min_slots = min_slots
         #: Slots the pool grows to at most by doubling (the tables add their places and stage); more only on demand.
         self.limit = 0
@@ -85,21 +87,29 @@ class WindowPool:
             if dtype != current:
                 self.fields["context_acts"] = self.fields["context_acts"].to(dtype)
 
-    def write(self, windows: dict[str, Tensor]) -> Tensor:
-        """Write windows (``[S, ...]`` per field) into free slots, unreferenced; returns their slots."""
+    def write(self, windows: dict[str, Tensor], holders: Optional[Tensor] = None) -> Tensor:
+        """Write windows (``[S, ...]`` per field) into free slots; returns their slots.
+
+        ``holders``: the references each window starts with (``[S]``, int8), e.g. the tables that will stage it;
+        ``None``: none yet (each holder then calls :meth:`hold`).
+        """
         count = len(windows["position"])
         reused = min(count, len(self.released))
         start = self.next_unused
         self._reserve(start + count - reused)
         self.next_unused += count - reused
-        if not reused:  # never used slots, side by side: a slice copy
+        if not reused:  # never used slots, side by side: slice copies
             for name, pool in self.fields.items():
                 pool[start : start + count] = windows[name]
+            if holders is not None:
+                self.refs[start : start + count] = holders
             return torch.arange(start, start + count, device=self.refs.device)
         taken, self.released = self.released[:reused], self.released[reused:]
         slots = torch.cat([taken, torch.arange(start, start + count - reused, device=self.refs.device)])
         for name, pool in self.fields.items():
             pool.index_copy_(0, slots, windows[name].to(pool.dtype))
+        if holders is not None:
+            self.refs.index_copy_(0, slots, holders.to(REFS_DTYPE))
         return slots
 
     def hold(self, slots: Tensor) -> None:
@@ -110,10 +120,9 @@ class WindowPool:
         """One reference less to each of these slots (distinct; ``EMPTY`` entries are skipped)."""
         if not len(slots):
             return
-        some = slots != EMPTY
-        at = torch.where(some, slots.long(), self.slots)  # the scratch row's count is never read
-        self.refs.index_add_(0, at, torch.full((), -1, dtype=REFS_DTYPE, device=at.device).expand(len(at)))
-        self._letting_go.append(torch.where(some & (self.refs[at] == 0), at, EMPTY))
+        at = slots % (self.slots + 1)  # EMPTY: the scratch row, whose count is never read
+        self.refs.index_add_(0, at, self._minus_one.expand(len(at)))
+        self._letting_go.append(torch.where(self.refs[at] == 0, slots, EMPTY))
 
     def ask(self) -> Optional[Tensor]:
         """The count to read back before :meth:`answer` frees the slots let go of so far (``None``: none were)."""
@@ -127,10 +136,11 @@ class WindowPool:
         """Free the slots :meth:`ask` counted (``count`` of them, as read back)."""
         asked, self._asked = self._asked, None
         if count:
-            self.released = torch.cat([self.released, asked.index_select(0, indices_of(asked != EMPTY, count))])
+            freed = asked.index_select(0, indices_of(asked != EMPTY, count)).long()
+            self.released = torch.cat([self.released, freed]) if len(self.released) else freed
 
     def asks(self) -> Generator[Tensor, list[int], None]:
-        """:meth:`ask` and :meth:`answer` as steps of :func:`~lightning_sae_samples.engine.sample_table.flush_tables`."""
+        """:meth:`ask` and :meth:`answer` as steps of ``sample_table.flush_tables``."""
         ask = self.ask()
         if ask is not None:
             (count,) = yield ask
@@ -146,11 +156,11 @@ class WindowPool:
         self._letting_go, self._asked = [], None
 
     def _reserve(self, slots: int) -> None:
-        """Grow the pool to at least ``slots`` slots: doubling, up to :attr:`limit` unless more are needed."""
+        """Grow the pool to at least ``slots`` slots: to twice that, up to :attr:`limit` unless more are needed."""
         size = self.slots
         if slots <= size:
             return
-        grown = max(slots, min(max(2 * size, self.min_slots), max(self.limit, slots)))
+        grown = max(slots, min(max(2 * slots, self.min_slots), self.limit))
         for name, pool in self.fields.items():
             # Slots past `next_unused` are written before they are read, so the new part needs no fill.
             bigger = torch.empty((grown + 1, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
