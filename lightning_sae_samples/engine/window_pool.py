@@ -161,11 +161,8 @@ class WindowPool:
         if slots <= size:
             return
         grown = max(slots, min(max(2 * slots, self.min_slots), self.limit))
-        for name, pool in self.fields.items():
-            # Slots past `next_unused` are written before they are read, so the new part needs no fill.
-            bigger = torch.empty((grown + 1, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            bigger[:size] = pool[:size]
-            self.fields[name] = bigger
-        refs = torch.zeros(grown + 1, dtype=REFS_DTYPE, device=self.refs.device)
-        refs[:size] = self.refs[:size]
-        self.refs = refs
+        # Growing along the first dimension keeps a contiguous tensor's rows where they are. Slots past
+        # `next_unused` are written before they are read, so the new part needs no fill; their counts start at 0.
+        for pool in self.fields.values():
+            pool.resize_((grown + 1, *pool.shape[1:]))
+        self.refs.resize_(grown + 1)[size:].zero_()
