@@ -136,7 +136,8 @@ class WindowPool:
         """Free the slots :meth:`ask` counted (``count`` of them, as read back)."""
         asked, self._asked = self._asked, None
         if count:
-            freed = asked.index_select(0, indices_of(asked != EMPTY, count)).long()
+            # In slot order: windows written to them next land in ascending places of the pool.
+            freed = torch.sort(asked.index_select(0, indices_of(asked != EMPTY, count)).long()).values
             self.released = torch.cat([self.released, freed]) if len(self.released) else freed
 
     def asks(self) -> Generator[Tensor, list[int], None]:
