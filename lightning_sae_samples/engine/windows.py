@@ -121,9 +121,9 @@ class SparseWindowActs:
     """Activations of each sample's latent on its context tokens, read from TopK-style latents.
 
     Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it, and
-    further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, in
-    the same run of entries whose consecutive ones are the same latent, in one segment, within the window. Only
-    the samples with such a neighbour (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
+    further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, and
+    its key (see below) at most ``half_window`` from the sample's. Only the samples with such a neighbour
+    (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
 
     Args:
         indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
@@ -139,25 +139,21 @@ class SparseWindowActs:
     def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int, num_segments: int) -> None:
         self.values, self.half = values.reshape(-1), half_window
         num_tokens, k = indices.shape
-        # Entries come in token order, so a stable sort by latent orders them by (latent, token).
+        # Entries come in token order, so a stable sort by latent orders them by (latent, token); int32 sorts
+        # twice as fast as the int64 keys would.
         latent, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
-        token = order // k
         # A key per entry, ascending in (latent, token), in which entries of another latent or segment lie more
-        # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps.
+        # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps. Two
+        # entries whose keys are at most `half_window` apart are thus of one latent and segment, inside each
+        # other's window, and so is every entry sorted between them.
         gap = half_window + 1
-        place = token + gap * segment[token]
-        self.keys = latent.long() * (num_tokens + gap * (num_segments + 1)) + place
+        place = torch.add(torch.arange(num_tokens, device=segment.device), segment, alpha=gap)
+        self.keys = torch.add(place[order // k], latent, alpha=num_tokens + gap * (num_segments + 1))
         self.order = order
         self.where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        keys = self.keys
-        linked = keys[1:] - keys[:-1] <= half_window
-        # Run of each sorted entry: consecutive entries share one while each pair of them is linked.
-        self.run = torch.cumsum(torch.nn.functional.pad(~linked, (1, 0)), 0)
-        if len(order) > 1:  # linked to the entry before or to the one after
-            either_side = torch.nn.functional.pad(linked, (1, 1))
-            self._near = either_side[1:] | either_side[:-1]
-        else:
-            self._near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+        linked = self.keys[1:] - self.keys[:-1] <= half_window
+        # Linked to the entry before or to the one after.
+        self._near = torch.nn.functional.pad(linked, (1, 0)) | torch.nn.functional.pad(linked, (0, 1))
 
     def reach(self) -> Tensor:
         """Per entry: whether another entry of its latent lies inside its window (in its segment)."""
@@ -171,23 +167,16 @@ class SparseWindowActs:
         """
         half = self.half
         dtype = acts_dtype_for(self.values.dtype)
-        acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
-        acts[:, half] = self.values[candidate].to(dtype)
-        if len(self.keys) < 2:
-            return acts
-        if walking is None:
-            walking = candidate
-        row = torch.searchsorted(candidate, walking)
-        at = self.where[walking].unsqueeze(1)
-        steps = torch.arange(-half, half + 1, device=at.device)  # the centre is the sample itself: never inside
-        neighbour = (at + steps).clamp(0, len(self.keys) - 1)
-        offset = self.keys[neighbour] - self.keys[at]
-        inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
-        found = self.values[self.order[neighbour]].to(dtype)
-        found = torch.where(inside & finite(found), found, 0.0)
-        # Places outside the window write onto a scratch column past the window's end, never read.
-        column = torch.where(inside, half + offset, 2 * half + 1)
-        part = torch.zeros((len(walking), 2 * half + 2), dtype=dtype, device=candidate.device)
-        part.scatter_(1, column, found)
-        part[:, half] = acts[:, half].index_select(0, row)
-        return acts.index_copy_(0, row, part[:, : 2 * half + 1])
+        # Columns 0 and 2 * half + 2 are scratch, for the places that fall outside the window: never read.
+        own = self.values[candidate].to(dtype).unsqueeze(1)
+        acts = torch.nn.functional.pad(own, (half + 1, half + 1))
+        walking = (candidate if walking is None else walking).unsqueeze(1)
+        at = self.where[walking]
+        steps = torch.arange(-half, half + 1, device=at.device)
+        # Clamped places repeat the first or last entry, which then writes its own value twice.
+        neighbour = (at + steps).clamp_(0, len(self.keys) - 1)
+        keys = self.keys[neighbour]
+        column = (keys - keys[:, half : half + 1]).add_(half + 1).clamp_(0, 2 * half + 2)
+        found = torch.nan_to_num(self.values[self.order[neighbour]].to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+        acts.index_put_((torch.searchsorted(candidate, walking), column), found)
+        return acts[:, 1 : 2 * half + 2]
