@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 from lightning_sae_samples.engine.dedup import OverlapRounds
+from lightning_sae_samples.engine.indices import indices_of_rows
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
 from lightning_sae_samples.engine.sample_table import (
@@ -70,6 +71,8 @@ class Entries:
 
     Attributes:
         reach: Per entry, whether its context window holds another entry of its latent (sparse sequences only).
+        nonfinite: Per entry, whether it is collected and not finite (sparse latents), counted in the collection's
+            one sync.
         nonfinite_rows: Per row, whether it holds a non-finite value, and the rows, to count those values.
     """
 
@@ -78,19 +81,22 @@ class Entries:
     values: Tensor
     valid: Tensor
     reach: Optional[Tensor] = None
+    nonfinite: Optional[Tensor] = None
     nonfinite_rows: Optional[tuple[Tensor, Tensor]] = None
 
     def permuted(self, order: Tensor) -> Entries:
         """The entries in ``order``."""
         reach = None if self.reach is None else self.reach[order]
+        nonfinite = None if self.nonfinite is None else self.nonfinite[order]
         return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], reach,
-                       self.nonfinite_rows)
+                       nonfinite, self.nonfinite_rows)
 
     def to(self, device: torch.device) -> Entries:
         """The entries on ``device`` (the rows to count non-finite values in stay where they are)."""
         reach = None if self.reach is None else self.reach.to(device)
+        nonfinite = None if self.nonfinite is None else self.nonfinite.to(device)
         return Entries(self.token_idx.to(device), self.latent_idx.to(device), self.values.to(device),
-                       self.valid.to(device), reach, self.nonfinite_rows)
+                       self.valid.to(device), reach, nonfinite, self.nonfinite_rows)
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -413,14 +419,16 @@ class SampleCollector:
         k = flat_idx.shape[1]
         collect = collect.unsqueeze(1)
         is_finite = finite(flat_val)
-        self.nonfinite_skipped += (~is_finite & collect).sum().to(self.nonfinite_skipped.device)
-        above = above_threshold(flat_val, self.config.activation_threshold)
-        # A negative index pads a token's variable number of active latents (checked to have value 0); with a
-        # negative threshold its 0 would count, so the index decides.
-        valid = (above & is_finite & collect & (flat_idx >= 0)).view(-1)
+        valid = above_threshold(flat_val, self.config.activation_threshold) & is_finite & collect
+        if self.config.activation_threshold < 0:
+            # A negative index pads a token's variable number of active latents (checked to have value 0): the
+            # index decides when a 0 is above the threshold.
+            valid &= flat_idx >= 0
         token_idx = torch.arange(valid.numel(), device=valid.device) // k
-        latent_idx = torch.where(valid, flat_idx.view(-1).long(), 0)
-        return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid)
+        # Invalid entries keep a latent in range (a padding index is negative): masked wherever they are read.
+        latent_idx = flat_idx.view(-1).long().clamp(min=0)
+        return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid.view(-1),
+                       nonfinite=(collect > is_finite).view(-1))  # collected and not finite
 
     def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
         half = self.config.half_window
@@ -487,17 +495,21 @@ class SampleCollector:
         if "recent" in self.tables:
             self._rotate_recent(step)
             offers.append((self.tables["recent"], latent_idx, values))
-        may_enter = [table.can_enter(rows, priority) & valid for table, rows, priority in offers]
-        anywhere = functools.reduce(torch.logical_or, may_enter)
-        walking = anywhere & found.reach.to(dev) if found.reach is not None else None
+        may_enter = torch.stack([table.can_enter(rows, priority) for table, rows, priority in offers]) & valid
+        anywhere = may_enter.any(0)
+        # Every mask over the entries in one stack: one reduction counts them all, one search finds them all.
+        entry_masks = [valid, anywhere]
+        if found.reach is not None:
+            entry_masks.append(anywhere & found.reach.to(dev))  # the candidates whose window holds a neighbour
+        if found.nonfinite is not None:
+            entry_masks.append(found.nonfinite)
+        masks = torch.cat([may_enter, torch.stack(entry_masks)])
         tokens = token_ids if all_tokens is None else all_tokens
         largest = tokens.max().to(dev) if tokens.numel() else torch.zeros((), dtype=torch.int64, device=dev)
-        entry_masks = [valid, anywhere, *may_enter] + ([walking] if walking is not None else [])
-        asks = [torch.stack(entry_masks).sum(1)]  # every mask over the entries counted by one reduction
+        asks = [masks.sum(1)]
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
             asks.append(bad_rows.to(dev).sum().view(1))
-        counted = len(entry_masks) + len(asks) - 1
         asks.append(torch.stack([largest.long(), num_seen.to(dev)]))
         overlaps = None
         if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
@@ -505,29 +517,31 @@ class SampleCollector:
             overlaps = OverlapRounds(latent_idx, sequence, position, values, valid, 2 * cfg.half_window)
             asks.append(overlaps.sizes)
         sizes = torch.cat(asks).tolist()  # the one sync
-        survives = None if overlaps is None else overlaps.keep(sizes[counted + 2 :])
-        num_valid, num_anywhere, *per_table = sizes[:counted]
-        max_id = sizes[counted]
-        if sizes[counted + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
-            batch.segment = None
-        num_walking = per_table.pop(len(offers)) if walking is not None else None
+        counts, sizes = sizes[: len(masks)], sizes[len(masks) :]
         if bad_rows is not None:
-            self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
+            self._count_nonfinite(found.nonfinite_rows, sizes.pop(0))
+        max_id, num_seen_now = sizes[:2]
+        survives = None if overlaps is None else overlaps.keep(sizes[2:])
+        if num_seen_now == len(token_ids):  # no padding: windows stop only at their sequence's edges
+            batch.segment = None
+        if found.nonfinite is not None and counts[-1]:
+            self.nonfinite_skipped += counts[-1]
 
         batch.token_dtype = token_dtype_for(max_id)
         for table in self.tables.values():
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
-        self.last_active = num_valid
+        self.last_active = counts[len(offers)]
         self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
-        at = indices_of(valid, num_valid)
+        found_at = indices_of_rows(masks, counts)
+        entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
         self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
-        walking = indices_of(walking, num_walking) if walking is not None else None
-        batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
-        for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
-            candidate = indices_of(mask, count)
+        walking = more[0] if found.reach is not None else None
+        batch.compute_windows(candidates, self._batch_fields, walking)
+        for (table, rows, priority), candidate in zip(offers, entering):
             alive = survives[candidate] if table.dedup_radius is not None else None
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False,
-                         alive=alive)
+            chosen = priority[candidate]
+            table.insert(rows[candidate], candidate, chosen, chosen if priority is values else values[candidate],
+                         batch, flush=False, alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
