@@ -483,3 +483,15 @@ def test_a_bad_state_device_is_a_clear_error():
 
     with pytest.raises(ValueError, match="state_device"):
         ActivationSampleCollector(state_device="no-such-device")
+
+
+def test_latents_that_require_grad_leave_no_graph_in_the_state():
+    """The update methods run without autograd: nothing kept holds the SAE's graph."""
+    c = SampleCollector(engine_config(F, K, CTX, THR))
+    tokens, latents = random_batches(1, seed=13)[0]
+    latents = (latents * torch.ones((), requires_grad=True)).abs()
+    indices, values, _ = to_sparse(latents)
+    c.update_sparse(tokens, indices, values, 0)
+    c.update_dense(tokens, latents, 1)
+    kept = [value for value in c.state_dict()["top"].values() if torch.is_tensor(value)]
+    assert values.requires_grad and not any(t.requires_grad for t in kept + [c.sum, c.max, c.min])

@@ -244,6 +244,7 @@ class SampleCollector:
         return self.tables["top"].values
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_dense(
         self,
         tokens: Tensor,
@@ -268,7 +269,7 @@ class SampleCollector:
         self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
-        flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
+        flat = latents.reshape(batch * seq, self.config.num_latents).contiguous()
         found = self._dense_entries(flat, positions.collect)
         segment = positions.segment
         token_idx, latent_idx = found.token_idx, found.latent_idx
@@ -286,6 +287,7 @@ class SampleCollector:
         self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, window_acts, flat.dtype,
                    self._sequence_batch(positions, step, order_base))
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_sparse(
         self,
         tokens: Tensor,
@@ -310,12 +312,13 @@ class SampleCollector:
         self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
-        flat_idx = indices.detach().reshape(batch * seq, -1)
-        flat_val = values.detach().reshape(batch * seq, -1)
-        found = self._sparse_entries(flat_idx, flat_val, positions.collect)
-        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window, positions.num_segments)
+        k = indices.shape[-1]
+        entry_idx, entry_val = indices.reshape(-1), values.reshape(-1)
+        found = self._sparse_entries(entry_idx, entry_val, k, positions.collect)
+        acts = SparseWindowActs(entry_idx, entry_val, k, positions.segment, self.config.half_window,
+                                positions.num_segments)
         found.reach = acts.reach()
-        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, flat_val.dtype,
+        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, values.dtype,
                    self._sequence_batch(positions, step, order_base))
 
     def _check_sequences(self) -> None:
@@ -325,6 +328,7 @@ class SampleCollector:
                 " Collect sequences with row_windows='tokens'."
             )
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_rows_dense(
         self,
         windows: TokenWindows,
@@ -346,9 +350,10 @@ class SampleCollector:
             refs: The rows' token refs ``[N]`` (int64), which the samples keep when ``row_windows="refs"``.
         """
         real, collect = self._row_positions(windows, excluded)
-        flat = latents.detach().reshape(len(real), self.config.num_latents).contiguous()
+        flat = latents.reshape(len(real), self.config.num_latents).contiguous()
         self._fold_rows(windows, real, self._dense_entries(flat, collect), step, order, flat.dtype, refs)
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_rows_sparse(
         self,
         windows: TokenWindows,
@@ -361,10 +366,8 @@ class SampleCollector:
     ) -> None:
         """Fold TopK-style sparse latents ``[N, k]`` of shuffled rows (see :meth:`update_rows_dense`)."""
         real, collect = self._row_positions(windows, excluded)
-        flat_idx = indices.detach().reshape(len(real), -1)
-        flat_val = values.detach().reshape(len(real), -1)
-        found = self._sparse_entries(flat_idx, flat_val, collect)
-        self._fold_rows(windows, real, found, step, order, flat_val.dtype, refs)
+        found = self._sparse_entries(indices.reshape(-1), values.reshape(-1), indices.numel() // len(real), collect)
+        self._fold_rows(windows, real, found, step, order, values.dtype, refs)
 
     @staticmethod
     def _row_positions(windows: TokenWindows, excluded: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -414,21 +417,22 @@ class SampleCollector:
         valid = finite(values) & collect[token_idx]
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
-    def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
-        """Every entry of ``[N, k]`` TopK-style latents; the collected finite ones above the threshold are valid."""
-        k = flat_idx.shape[1]
-        collect = collect.unsqueeze(1)
-        is_finite = finite(flat_val)
-        valid = above_threshold(flat_val, self.config.activation_threshold) & is_finite & collect
+    def _sparse_entries(self, indices: Tensor, values: Tensor, k: int, collect: Tensor) -> Entries:
+        """Every entry of TopK-style latents ``[N * k]`` (token order).
+
+        The collected finite ones above the threshold are valid.
+        """
+        token_idx = torch.arange(len(indices), device=indices.device) // k
+        collect = collect[token_idx]
+        is_finite = finite(values)
+        valid = above_threshold(values, self.config.activation_threshold) & is_finite & collect
         if self.config.activation_threshold < 0:
             # A negative index pads a token's variable number of active latents (checked to have value 0): the
             # index decides when a 0 is above the threshold.
-            valid &= flat_idx >= 0
-        token_idx = torch.arange(valid.numel(), device=valid.device) // k
+            valid &= indices >= 0
         # Invalid entries keep a latent in range (a padding index is negative): masked wherever they are read.
-        latent_idx = flat_idx.view(-1).long().clamp(min=0)
-        return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid.view(-1),
-                       nonfinite=(collect > is_finite).view(-1))  # collected and not finite
+        latent_idx = indices.long().clamp(min=0)
+        return Entries(token_idx, latent_idx, values.float(), valid, nonfinite=collect > is_finite)  # and not finite
 
     def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
         half = self.config.half_window

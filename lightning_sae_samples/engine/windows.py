@@ -105,16 +105,17 @@ class TokenPositions:
     ) -> None:
         batch, seq = tokens.shape
         padding = padding_positions(tokens, attention_mask)
-        collect = ~padding if excluded is None else ~padding & ~excluded.to(tokens.device)
+        real = ~padding
+        collect = real if excluded is None else real & ~excluded.to(tokens.device)
         self.tokens = tokens
         self.collect = collect.reshape(-1)
-        self.num_seen = (~padding).sum()
-        # Segments are numbered in token order, from 0: within a sequence, each padding position takes an odd
-        # number of its own and the tokens after it the next even one; sequences take ranges apart.
+        self.num_seen = real.sum()
+        # Segments are numbered in token order: within a sequence, the c-th padding position takes 2c and the
+        # tokens after it 2c + 1 (those before any padding 1); sequences take ranges apart.
         #: Segment ids are below this.
-        self.num_segments = batch * (2 * seq + 1)
-        first = torch.arange(0, self.num_segments, 2 * seq + 1, device=tokens.device).unsqueeze(1)
-        self.segment = (first + 2 * torch.cumsum(padding, dim=1) - padding.long()).reshape(-1)
+        self.num_segments = batch * (2 * seq + 2)
+        first = torch.arange(0, self.num_segments, 2 * seq + 2, device=tokens.device).unsqueeze(1)
+        self.segment = torch.add(first, torch.cumsum(padding, dim=1), alpha=2).add_(real).reshape(-1)
 
 
 class SparseWindowActs:
@@ -126,22 +127,24 @@ class SparseWindowActs:
     (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
 
     Args:
-        indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
-        values: Their activations ``[N, k]``.
+        indices: Active latents of the batch's entries ``[N * k]``, ``k`` a token, in token order.
+        values: Their activations ``[N * k]``.
+        k: Entries per token.
         segment: Segment id of each token ``[N]`` (see :class:`TokenPositions`): a window reaches only the
-            tokens of its own segment. Ids ascend with the token, from 0.
+            tokens of its own segment. Ids ascend with the token, from 0 up.
         half_window: Context tokens on each side.
         num_segments: Segment ids are below this.
 
     A sample is a flat index into ``indices`` (an entry).
     """
 
-    def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int, num_segments: int) -> None:
-        self.values, self.half = values.reshape(-1), half_window
-        num_tokens, k = indices.shape
+    def __init__(self, indices: Tensor, values: Tensor, k: int, segment: Tensor, half_window: int,
+                 num_segments: int) -> None:
+        self.values, self.half = values, half_window
+        num_tokens = len(segment)
         # Entries come in token order, so a stable sort by latent orders them by (latent, token); int32 sorts
         # twice as fast as the int64 keys would.
-        latent, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
+        latent, order = torch.sort(indices.to(torch.int32), stable=True)
         # A key per entry, ascending in (latent, token), in which entries of another latent or segment lie more
         # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps. Two
         # entries whose keys are at most `half_window` apart are thus of one latent and segment, inside each
