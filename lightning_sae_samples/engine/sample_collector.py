@@ -70,7 +70,9 @@ class Entries:
     many are valid before using them.
 
     Attributes:
-        reach: Per entry, whether its context window holds another entry of its latent (sparse sequences only).
+        walking: Sparse sequences only: given the entries that may enter a table (a mask in entry order), the
+            mask of those whose context window holds another entry of their latent, in the window reader's own
+            order (see :meth:`SparseWindowActs.walking`). Entries that carry it are never permuted.
         nonfinite: Per entry, whether it is collected and not finite (sparse latents), counted in the collection's
             one sync.
         nonfinite_rows: Per row, whether it holds a non-finite value, and the rows, to count those values.
@@ -80,23 +82,27 @@ class Entries:
     latent_idx: Tensor
     values: Tensor
     valid: Tensor
-    reach: Optional[Tensor] = None
+    walking: Optional[Callable[[Tensor], Tensor]] = None
     nonfinite: Optional[Tensor] = None
     nonfinite_rows: Optional[tuple[Tensor, Tensor]] = None
 
     def permuted(self, order: Tensor) -> Entries:
         """The entries in ``order``."""
-        reach = None if self.reach is None else self.reach[order]
         nonfinite = None if self.nonfinite is None else self.nonfinite[order]
-        return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], reach,
+        return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], None,
                        nonfinite, self.nonfinite_rows)
 
     def to(self, device: torch.device) -> Entries:
         """The entries on ``device`` (the rows to count non-finite values in stay where they are)."""
-        reach = None if self.reach is None else self.reach.to(device)
         nonfinite = None if self.nonfinite is None else self.nonfinite.to(device)
+        walking, source = self.walking, self.valid.device
+        if walking is not None:  # the window reader stays where the latents are
+
+            def walking(entering: Tensor, read: Callable[[Tensor], Tensor] = self.walking) -> Tensor:
+                return read(entering.to(source)).to(device)
+
         return Entries(self.token_idx.to(device), self.latent_idx.to(device), self.values.to(device),
-                       self.valid.to(device), reach, nonfinite, self.nonfinite_rows)
+                       self.valid.to(device), walking, nonfinite, self.nonfinite_rows)
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -317,7 +323,7 @@ class SampleCollector:
         found = self._sparse_entries(entry_idx, entry_val, k, positions.collect)
         acts = SparseWindowActs(entry_idx, entry_val, k, positions.segment, self.config.half_window,
                                 positions.num_segments)
-        found.reach = acts.reach()
+        found.walking = acts.walking
         self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, values.dtype,
                    self._sequence_batch(positions, step, order_base))
 
@@ -493,7 +499,7 @@ class SampleCollector:
         as_double = values.double()
         if "interval" in self.tables:
             interval = torch.bucketize(as_double, self._interval_inner, right=True)
-            interval_rows = latent_idx * cfg.num_intervals + interval
+            interval_rows = torch.add(interval, latent_idx, alpha=cfg.num_intervals)
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
@@ -503,8 +509,8 @@ class SampleCollector:
         anywhere = may_enter.any(0)
         # Every mask over the entries in one stack: one reduction counts them all, one search finds them all.
         entry_masks = [valid, anywhere]
-        if found.reach is not None:
-            entry_masks.append(anywhere & found.reach.to(dev))  # the candidates whose window holds a neighbour
+        if found.walking is not None:
+            entry_masks.append(found.walking(anywhere))
         if found.nonfinite is not None:
             entry_masks.append(found.nonfinite)
         masks = torch.cat([may_enter, torch.stack(entry_masks)])
@@ -539,7 +545,7 @@ class SampleCollector:
         found_at = indices_of_rows(masks, counts)
         entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
         self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
-        walking = more[0] if found.reach is not None else None
+        walking = more[0] if found.walking is not None else None
         batch.compute_windows(candidates, self._batch_fields, walking)
         for (table, rows, priority), candidate in zip(offers, entering):
             alive = survives[candidate] if table.dedup_radius is not None else None

@@ -124,7 +124,7 @@ class SparseWindowActs:
     Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it, and
     further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, and
     its key (see below) at most ``half_window`` from the sample's. Only the samples with such a neighbour
-    (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
+    (:meth:`walking`) look at their ``2 * half_window`` nearest sorted places.
 
     Args:
         indices: Active latents of the batch's entries ``[N * k]``, ``k`` a token, in token order.
@@ -153,33 +153,34 @@ class SparseWindowActs:
         place = torch.add(torch.arange(num_tokens, device=segment.device), segment, alpha=gap)
         self.keys = torch.add(place[order // k], latent, alpha=num_tokens + gap * (num_segments + 1))
         self.order = order
-        self.where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         linked = self.keys[1:] - self.keys[:-1] <= half_window
         # Linked to the entry before or to the one after.
         self._near = torch.nn.functional.pad(linked, (1, 0)) | torch.nn.functional.pad(linked, (0, 1))
 
-    def reach(self) -> Tensor:
-        """Per entry: whether another entry of its latent lies inside its window (in its segment)."""
-        return self._near[self.where]
+    def walking(self, entering: Tensor) -> Tensor:
+        """Of the ``entering`` entries, those with another entry of their latent inside their window.
 
-    def __call__(self, candidate: Tensor, walking: Optional[Tensor] = None) -> Tensor:
+        ``entering`` is a mask in entry order; the result one in sorted order, whose places :meth:`__call__` takes.
+        """
+        return self._near & entering[self.order]
+
+    def __call__(self, candidate: Tensor, walking: Tensor) -> Tensor:
         """Window activations ``[S, 2 * half_window + 1]`` of candidate entries (0 outside their segment).
 
-        ``walking``: the candidates (ascending, a subset of ``candidate``) that :meth:`reach` a neighbour; the
-        others get their own activation alone. ``None``: all candidates are looked at.
+        ``walking``: the sorted places of the candidates with a neighbour (the True places of :meth:`walking`, of
+        entries in ``candidate``); the others get their own activation alone.
         """
         half = self.half
         dtype = acts_dtype_for(self.values.dtype)
         # Columns 0 and 2 * half + 2 are scratch, for the places that fall outside the window: never read.
         own = self.values[candidate].to(dtype).unsqueeze(1)
         acts = torch.nn.functional.pad(own, (half + 1, half + 1))
-        walking = (candidate if walking is None else walking).unsqueeze(1)
-        at = self.where[walking]
+        at = walking.unsqueeze(1)
         steps = torch.arange(-half, half + 1, device=at.device)
         # Clamped places repeat the first or last entry, which then writes its own value twice.
         neighbour = (at + steps).clamp_(0, len(self.keys) - 1)
         keys = self.keys[neighbour]
         column = (keys - keys[:, half : half + 1]).add_(half + 1).clamp_(0, 2 * half + 2)
         found = torch.nan_to_num(self.values[self.order[neighbour]].to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
-        acts.index_put_((torch.searchsorted(candidate, walking), column), found)
+        acts.index_put_((torch.searchsorted(candidate, self.order[at]), column), found)
         return acts[:, 1 : 2 * half + 2]
