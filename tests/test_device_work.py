@@ -129,3 +129,14 @@ def test_the_counter_sees_each_kind_of_synchronisation():
         torch.nonzero_static(x > 2, size=3)  # a size given up front: no wait
     assert dict(work.syncs) == {"nonzero": 1, "_local_scalar_dense": 1, ".tolist()": 1, "index[bool]": 1,
                                 "_unique2": 1, ".cpu()": 1}
+
+
+def test_the_tokens_seen_of_a_collection_come_back_with_its_one_sync():
+    """The callback's health check reads them after every collection: a tensor would stall the stream again."""
+    collector = SampleCollector(settings())
+    tokens, indices, values = next(topk_batches(1))
+    tokens[0, :5] = -1  # padding
+    with DeviceWork() as work:
+        collector.update_sparse(tokens, indices, values, 0)
+        seen = int(collector.last_seen)
+    assert work.num_syncs == 1 and isinstance(collector.last_seen, int) and seen == BATCH * SEQ - 5

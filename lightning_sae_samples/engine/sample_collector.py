@@ -222,7 +222,7 @@ class SampleCollector:
             value = empty_field(field, (), device) if field.dtype is not None else field.fill
             setattr(self, field.name, value)
         self.last_active = 0
-        self.last_seen: Tensor | int = 0
+        self.last_seen = 0  # tokens seen in the last collection, read back with its sizes
 
     def _stat_storage(self, num_latents: int, device: torch.device) -> None:
         """Statistics updated by one scatter share a tensor, each a column of it.
@@ -290,7 +290,7 @@ class SampleCollector:
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & finite(acts), acts, 0.0)
 
-        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, window_acts, flat.dtype,
+        self._fold(found, positions.num_seen, positions.tokens, step, window_acts, flat.dtype,
                    self._sequence_batch(positions, step, order_base))
 
     @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
@@ -324,7 +324,7 @@ class SampleCollector:
         acts = SparseWindowActs(entry_idx, entry_val, k, positions.segment, self.config.half_window,
                                 positions.num_segments)
         found.walking = acts.walking
-        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, values.dtype,
+        self._fold(found, positions.num_seen, positions.tokens, step, acts, values.dtype,
                    self._sequence_batch(positions, step, order_base))
 
     def _check_sequences(self) -> None:
@@ -466,7 +466,8 @@ class SampleCollector:
         """Fold a batch's entries into the statistics and every table, in one pass with one host sync.
 
         Which entries each table may take is decided for all entries at once; one read of their counts (with
-        the largest token id, which picks the windows' token dtype) sizes everything that follows.
+        the largest token id, which picks the windows' token dtype) sizes everything that follows. ``token_ids``:
+        the token id of each ``found.token_idx`` (flat in memory order; ``[B, T]`` for sequences).
         """
         cfg = self.config
         dev = self.device
@@ -483,7 +484,6 @@ class SampleCollector:
             found = found.to(dev)
         token_idx, latent_idx, values, valid = found.token_idx, found.latent_idx, found.values, found.valid
         batch = make_batch(token_idx, window_acts)
-        self.last_seen = num_seen
         self.tokens_seen += num_seen.to(dev)
         self.window_tokens_seen += num_seen.to(dev)
         if self.first_collected_step == EMPTY:
@@ -532,7 +532,8 @@ class SampleCollector:
             self._count_nonfinite(found.nonfinite_rows, sizes.pop(0))
         max_id, num_seen_now = sizes[:2]
         survives = None if overlaps is None else overlaps.keep(sizes[2:])
-        if num_seen_now == len(token_ids):  # no padding: windows stop only at their sequence's edges
+        self.last_seen = num_seen_now
+        if num_seen_now == token_ids.numel():  # no padding: windows stop only at their sequence's edges
             batch.segment = None
         if found.nonfinite is not None and counts[-1]:
             self.nonfinite_skipped += counts[-1]
@@ -544,7 +545,7 @@ class SampleCollector:
         self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
         found_at = indices_of_rows(masks, counts)
         entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
-        self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
+        self._stage_pairs(latent_idx[at], torch.take(token_ids.to(dev), token_idx[at]))
         walking = more[0] if found.walking is not None else None
         batch.compute_windows(candidates, self._batch_fields, walking)
         for (table, rows, priority), candidate in zip(offers, entering):
