@@ -221,6 +221,9 @@ class SampleCollector:
         for field in RUN_FIELDS:
             value = empty_field(field, (), device) if field.dtype is not None else field.fill
             setattr(self, field.name, value)
+        # Both token counters grow by the same count: one tensor, one add.
+        self._tokens_seen_both = torch.zeros(2, dtype=torch.int64, device=device)
+        self.tokens_seen, self.window_tokens_seen = self._tokens_seen_both.unbind()
         self.last_active = 0
         self.last_seen = 0  # tokens seen in the last collection, read back with its sizes
 
@@ -484,8 +487,7 @@ class SampleCollector:
             found = found.to(dev)
         token_idx, latent_idx, values, valid = found.token_idx, found.latent_idx, found.values, found.valid
         batch = make_batch(token_idx, window_acts)
-        self.tokens_seen += num_seen.to(dev)
-        self.window_tokens_seen += num_seen.to(dev)
+        self._tokens_seen_both += num_seen.to(dev)
         if self.first_collected_step == EMPTY:
             self.first_collected_step = step
         if self.last_collected_step != step:
