@@ -140,3 +140,20 @@ def test_the_tokens_seen_of_a_collection_come_back_with_its_one_sync():
         collector.update_sparse(tokens, indices, values, 0)
         seen = int(collector.last_seen)
     assert work.num_syncs == 1 and isinstance(collector.last_seen, int) and seen == BATCH * SEQ - 5
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["nonzero_static", "without it"])
+def test_one_search_finds_every_masks_entries(static, monkeypatch):
+    from lightning_sae_samples.engine.indices import indices_of_rows
+
+    if not static:  # a device without nonzero_static takes the cumulative-sum path
+        def missing(*args, **kwargs):
+            raise NotImplementedError("nonzero_static")
+
+        monkeypatch.setattr(torch, "nonzero_static", missing)
+    masks = torch.rand(4, 50, generator=torch.Generator().manual_seed(3)) > 0.6
+    masks[2] = False
+    counts = masks.sum(1).tolist()
+    found = indices_of_rows(masks, counts)
+    assert [f.tolist() for f in found] == [row.nonzero().view(-1).tolist() for row in masks]
+    assert all(f.is_contiguous() for f in found)
