@@ -279,7 +279,7 @@ class SampleCollector:
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
         flat = latents.reshape(batch * seq, self.config.num_latents).contiguous()
-        found = self._dense_entries(flat, positions.collect)
+        found = self._dense_entries(flat, positions.collect.reshape(-1))
         segment = positions.segment
         token_idx, latent_idx = found.token_idx, found.latent_idx
 
@@ -429,10 +429,11 @@ class SampleCollector:
     def _sparse_entries(self, indices: Tensor, values: Tensor, k: int, collect: Tensor) -> Entries:
         """Every entry of TopK-style latents ``[N * k]`` (token order).
 
-        The collected finite ones above the threshold are valid.
+        The collected finite ones above the threshold are valid. ``collect``: whether each of the ``N`` tokens is
+        collected, in any shape (read flat).
         """
         token_idx = torch.arange(len(indices), device=indices.device) // k
-        collect = collect[token_idx]
+        collect = torch.take(collect, token_idx)
         is_finite = finite(values)
         valid = above_threshold(values, self.config.activation_threshold) & is_finite & collect
         if self.config.activation_threshold < 0:

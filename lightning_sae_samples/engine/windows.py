@@ -108,7 +108,8 @@ class TokenPositions:
         real = ~padding
         collect = real if excluded is None else real & ~excluded.to(tokens.device)
         self.tokens = tokens
-        self.collect = collect.reshape(-1)
+        #: ``[B, T]``: True at the positions collected.
+        self.collect = collect
         self.num_seen = real.sum()
         # Segments are numbered in token order: within a sequence, the c-th padding position takes 2c and the
         # tokens after it 2c + 1 (those before any padding 1); sequences take ranges apart.
