@@ -141,6 +141,28 @@ def test_non_finite_values_are_skipped_and_counted(stage_limit):
     assert torch.equal(after["count"], state["count"]) and int(after["nonfinite_skipped"]) == 3 + latents.numel()
 
 
+def test_non_finite_sparse_values_are_skipped_and_counted_where_collected(stage_limit):
+    """Sparse latents count their collected non-finite entries (read back with the collection's sizes), and a
+    non-finite neighbour shows as 0 in the windows, as a 0 would."""
+    tokens, latents = random_batches(1, seed=12)[0]
+    indices, values, _ = to_sparse(latents.abs() + 0.5)  # every entry above the threshold: all are neighbours
+    excluded = torch.zeros(tokens.shape, dtype=torch.bool)
+    excluded[2, 3] = True
+    clean = values.clone()
+    for (b, t, j), bad in zip([(0, 1, 0), (1, 2, 1), (2, 0, 2), (2, 3, 0)], [math.nan, math.inf, -math.inf, math.nan]):
+        values[b, t, j] = bad
+        clean[b, t, j] = 0.0
+    state = {}
+    for name, vals in (("bad", values), ("clean", clean)):
+        c = SampleCollector(engine_config(F, K, CTX, THR), policy=stage_limit)
+        c.update_sparse(tokens, indices, vals, 0, excluded=excluded)
+        state[name] = padded_state(c.state_dict())
+    assert int(state["bad"]["nonfinite_skipped"]) == 3  # the one at an excluded token is not collected
+    assert int(state["clean"]["nonfinite_skipped"]) == 0
+    for key in ("count", "sum", "top_values", "top_context_acts", "top_context_tokens"):
+        assert torch.equal(state["bad"][key], state["clean"][key]), key
+
+
 def test_memory_is_bounded_by_k_per_latent():
     c = SampleCollector(engine_config(F, K, CTX, THR), policy=MergePolicy(min_pool_slots=2))
     sizes = set()
@@ -464,6 +486,18 @@ def test_a_bad_state_device_is_a_clear_error():
 
     with pytest.raises(ValueError, match="state_device"):
         ActivationSampleCollector(state_device="no-such-device")
+
+
+def test_latents_that_require_grad_leave_no_graph_in_the_state():
+    """The update methods run without autograd: nothing kept holds the SAE's graph."""
+    c = SampleCollector(engine_config(F, K, CTX, THR))
+    tokens, latents = random_batches(1, seed=13)[0]
+    latents = (latents * torch.ones((), requires_grad=True)).abs()
+    indices, values, _ = to_sparse(latents)
+    c.update_sparse(tokens, indices, values, 0)
+    c.update_dense(tokens, latents, 1)
+    kept = [value for value in c.state_dict()["top"].values() if torch.is_tensor(value)]
+    assert values.requires_grad and not any(t.requires_grad for t in kept + [c.sum, c.max, c.min])
 
 
 @pytest.mark.parametrize("options", [{}, {"recent_window_steps": 2, "deduplicate_contexts": True}],

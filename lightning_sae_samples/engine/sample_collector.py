@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_sae_samples.config import CollectionConfig, engine_fields
 from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
 from lightning_sae_samples.engine.dedup import OverlapRounds
+from lightning_sae_samples.engine.indices import indices_of_rows
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
 from lightning_sae_samples.engine.sample_table import (
@@ -70,7 +71,11 @@ class Entries:
     many are valid before using them.
 
     Attributes:
-        reach: Per entry, whether its context window holds another entry of its latent (sparse sequences only).
+        walking: Sparse sequences only: given the entries that may enter a table (a mask in entry order), the
+            mask of those whose context window holds another entry of their latent, in the window reader's own
+            order (see :meth:`SparseWindowActs.walking`). Entries that carry it are never permuted.
+        nonfinite: Per entry, whether it is collected and not finite (sparse latents), counted in the collection's
+            one sync.
         nonfinite_rows: Per row, whether it holds a non-finite value, and the rows, to count those values.
     """
 
@@ -78,20 +83,27 @@ class Entries:
     latent_idx: Tensor
     values: Tensor
     valid: Tensor
-    reach: Optional[Tensor] = None
+    walking: Optional[Callable[[Tensor], Tensor]] = None
+    nonfinite: Optional[Tensor] = None
     nonfinite_rows: Optional[tuple[Tensor, Tensor]] = None
 
     def permuted(self, order: Tensor) -> Entries:
         """The entries in ``order``."""
-        reach = None if self.reach is None else self.reach[order]
-        return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], reach,
-                       self.nonfinite_rows)
+        nonfinite = None if self.nonfinite is None else self.nonfinite[order]
+        return Entries(self.token_idx[order], self.latent_idx[order], self.values[order], self.valid[order], None,
+                       nonfinite, self.nonfinite_rows)
 
     def to(self, device: torch.device) -> Entries:
         """The entries on ``device`` (the rows to count non-finite values in stay where they are)."""
-        reach = None if self.reach is None else self.reach.to(device)
+        nonfinite = None if self.nonfinite is None else self.nonfinite.to(device)
+        walking, source = self.walking, self.valid.device
+        if walking is not None:  # the window reader stays where the latents are
+
+            def walking(entering: Tensor, read: Callable[[Tensor], Tensor] = self.walking) -> Tensor:
+                return read(entering.to(source)).to(device)
+
         return Entries(self.token_idx.to(device), self.latent_idx.to(device), self.values.to(device),
-                       self.valid.to(device), reach, self.nonfinite_rows)
+                       self.valid.to(device), walking, nonfinite, self.nonfinite_rows)
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -212,8 +224,11 @@ class SampleCollector:
         for field in RUN_FIELDS:
             value = empty_field(field, (), device) if field.dtype is not None else field.fill
             setattr(self, field.name, value)
+        # Both token counters grow by the same count: one tensor, one add.
+        self._tokens_seen_both = torch.zeros(2, dtype=torch.int64, device=device)
+        self.tokens_seen, self.window_tokens_seen = self._tokens_seen_both.unbind()
         self.last_active = 0
-        self.last_seen: Tensor | int = 0
+        self.last_seen = 0  # tokens seen in the last collection, read back with its sizes
 
     def _stat_storage(self, num_latents: int, device: torch.device) -> None:
         """Statistics updated by one scatter share a tensor, each a column of it.
@@ -241,6 +256,7 @@ class SampleCollector:
         return self.tables["top"].values
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_dense(
         self,
         tokens: Tensor,
@@ -265,8 +281,8 @@ class SampleCollector:
         self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
-        flat = latents.detach().reshape(batch * seq, self.config.num_latents).contiguous()
-        found = self._dense_entries(flat, positions.collect)
+        flat = latents.reshape(batch * seq, self.config.num_latents).contiguous()
+        found = self._dense_entries(flat, positions.collect.reshape(-1))
         segment = positions.segment
         token_idx, latent_idx = found.token_idx, found.latent_idx
 
@@ -280,9 +296,10 @@ class SampleCollector:
             inside = (shifted >= 0) & (shifted < seq) & (segment[rows] == segment[token].unsqueeze(1))
             return torch.where(inside & finite(acts), acts, 0.0)
 
-        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, window_acts, flat.dtype,
+        self._fold(found, positions.num_seen, positions.tokens, step, window_acts, flat.dtype,
                    self._sequence_batch(positions, step, order_base))
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_sparse(
         self,
         tokens: Tensor,
@@ -307,12 +324,13 @@ class SampleCollector:
         self._check_sequences()
         batch, seq = tokens.shape
         positions = TokenPositions(tokens, attention_mask, excluded)
-        flat_idx = indices.detach().reshape(batch * seq, -1)
-        flat_val = values.detach().reshape(batch * seq, -1)
-        found = self._sparse_entries(flat_idx, flat_val, positions.collect)
-        acts = SparseWindowActs(flat_idx, flat_val, positions.segment, self.config.half_window, positions.num_segments)
-        found.reach = acts.reach()
-        self._fold(found, positions.num_seen, positions.tokens.reshape(-1), step, acts, flat_val.dtype,
+        k = indices.shape[-1]
+        entry_idx, entry_val = indices.reshape(-1), values.reshape(-1)
+        found = self._sparse_entries(entry_idx, entry_val, k, positions.collect)
+        acts = SparseWindowActs(entry_idx, entry_val, k, positions.segment, self.config.half_window,
+                                positions.num_segments)
+        found.walking = acts.walking
+        self._fold(found, positions.num_seen, positions.tokens, step, acts, values.dtype,
                    self._sequence_batch(positions, step, order_base))
 
     def _check_sequences(self) -> None:
@@ -322,6 +340,7 @@ class SampleCollector:
                 " Collect sequences with row_windows='tokens'."
             )
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_rows_dense(
         self,
         windows: TokenWindows,
@@ -343,9 +362,10 @@ class SampleCollector:
             refs: The rows' token refs ``[N]`` (int64), which the samples keep when ``row_windows="refs"``.
         """
         real, collect = self._row_positions(windows, excluded)
-        flat = latents.detach().reshape(len(real), self.config.num_latents).contiguous()
+        flat = latents.reshape(len(real), self.config.num_latents).contiguous()
         self._fold_rows(windows, real, self._dense_entries(flat, collect), step, order, flat.dtype, refs)
 
+    @torch.no_grad()  # the latents' graph is not kept: no detach to dispatch
     def update_rows_sparse(
         self,
         windows: TokenWindows,
@@ -358,10 +378,8 @@ class SampleCollector:
     ) -> None:
         """Fold TopK-style sparse latents ``[N, k]`` of shuffled rows (see :meth:`update_rows_dense`)."""
         real, collect = self._row_positions(windows, excluded)
-        flat_idx = indices.detach().reshape(len(real), -1)
-        flat_val = values.detach().reshape(len(real), -1)
-        found = self._sparse_entries(flat_idx, flat_val, collect)
-        self._fold_rows(windows, real, found, step, order, flat_val.dtype, refs)
+        found = self._sparse_entries(indices.reshape(-1), values.reshape(-1), indices.numel() // len(real), collect)
+        self._fold_rows(windows, real, found, step, order, values.dtype, refs)
 
     @staticmethod
     def _row_positions(windows: TokenWindows, excluded: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -411,19 +429,23 @@ class SampleCollector:
         valid = finite(values) & collect[token_idx]
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
-    def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
-        """Every entry of ``[N, k]`` TopK-style latents; the collected finite ones above the threshold are valid."""
-        k = flat_idx.shape[1]
-        collect = collect.unsqueeze(1)
-        is_finite = finite(flat_val)
-        self.nonfinite_skipped += (~is_finite & collect).sum().to(self.nonfinite_skipped.device)
-        above = above_threshold(flat_val, self.config.activation_threshold)
-        # A negative index pads a token's variable number of active latents (checked to have value 0); with a
-        # negative threshold its 0 would count, so the index decides.
-        valid = (above & is_finite & collect & (flat_idx >= 0)).view(-1)
-        token_idx = torch.arange(valid.numel(), device=valid.device) // k
-        latent_idx = torch.where(valid, flat_idx.view(-1).long(), 0)
-        return Entries(token_idx, latent_idx, flat_val.view(-1).float(), valid)
+    def _sparse_entries(self, indices: Tensor, values: Tensor, k: int, collect: Tensor) -> Entries:
+        """Every entry of TopK-style latents ``[N * k]`` (token order).
+
+        The collected finite ones above the threshold are valid. ``collect``: whether each of the ``N`` tokens is
+        collected, in any shape (read flat).
+        """
+        token_idx = torch.arange(len(indices), device=indices.device) // k
+        collect = torch.take(collect, token_idx)
+        is_finite = finite(values)
+        valid = above_threshold(values, self.config.activation_threshold) & is_finite & collect
+        if self.config.activation_threshold < 0:
+            # A negative index pads a token's variable number of active latents (checked to have value 0): the
+            # index decides when a 0 is above the threshold.
+            valid &= indices >= 0
+        # Invalid entries keep a latent in range (a padding index is negative): masked wherever they are read.
+        latent_idx = indices.long().clamp(min=0)
+        return Entries(token_idx, latent_idx, values.float(), valid, nonfinite=collect > is_finite)  # and not finite
 
     def _sequence_batch(self, positions: TokenPositions, step: int, order_base: int) -> Callable[..., BatchContext]:
         half = self.config.half_window
@@ -451,7 +473,8 @@ class SampleCollector:
         """Fold a batch's entries into the statistics and every table, in one pass with one host sync.
 
         Which entries each table may take is decided for all entries at once; one read of their counts (with
-        the largest token id, which picks the windows' token dtype) sizes everything that follows.
+        the largest token id, which picks the windows' token dtype) sizes everything that follows. ``token_ids``:
+        the token id of each ``found.token_idx`` (flat in memory order; ``[B, T]`` for sequences).
         """
         cfg = self.config
         dev = self.device
@@ -468,9 +491,7 @@ class SampleCollector:
             found = found.to(dev)
         token_idx, latent_idx, values, valid = found.token_idx, found.latent_idx, found.values, found.valid
         batch = make_batch(token_idx, window_acts)
-        self.last_seen = num_seen
-        self.tokens_seen += num_seen.to(dev)
-        self.window_tokens_seen += num_seen.to(dev)
+        self._tokens_seen_both += num_seen.to(dev)
         if self.first_collected_step == EMPTY:
             self.first_collected_step = step
         if self.last_collected_step != step:
@@ -484,23 +505,27 @@ class SampleCollector:
         as_double = values.double()
         if "interval" in self.tables:
             interval = torch.bucketize(as_double, self._interval_inner, right=True)
-            interval_rows = latent_idx * cfg.num_intervals + interval
+            interval_rows = torch.add(interval, latent_idx, alpha=cfg.num_intervals)
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
             self._rotate_recent(step)
             offers.append((self.tables["recent"], latent_idx, values))
-        may_enter = [table.can_enter(rows, priority) & valid for table, rows, priority in offers]
-        anywhere = functools.reduce(torch.logical_or, may_enter)
-        walking = anywhere & found.reach.to(dev) if found.reach is not None else None
+        may_enter = torch.stack([table.can_enter(rows, priority) for table, rows, priority in offers]) & valid
+        anywhere = may_enter.any(0)
+        # Every mask over the entries in one stack: one reduction counts them all, one search finds them all.
+        entry_masks = [valid, anywhere]
+        if found.walking is not None:
+            entry_masks.append(found.walking(anywhere))
+        if found.nonfinite is not None:
+            entry_masks.append(found.nonfinite)
+        masks = torch.cat([may_enter, torch.stack(entry_masks)])
         tokens = token_ids if all_tokens is None else all_tokens
         largest = tokens.max().to(dev) if tokens.numel() else torch.zeros((), dtype=torch.int64, device=dev)
-        entry_masks = torch.stack([valid, anywhere, *may_enter] + ([walking] if walking is not None else []))
-        asks = [entry_masks.sum(1)]  # every mask over the entries counted by one reduction
+        asks = [masks.sum(1)]
         bad_rows = found.nonfinite_rows[0] if found.nonfinite_rows is not None else None
         if bad_rows is not None:
             asks.append(bad_rows.to(dev).sum().view(1))
-        counted = len(entry_masks) + len(asks) - 1
         asks.append(torch.stack([largest.long(), num_seen.to(dev)]))
         overlaps = None
         if cfg.deduplicate_contexts:  # stage 1 of the rule, once for every table that de-duplicates
@@ -513,33 +538,35 @@ class SampleCollector:
         sizes = torch.cat(asks).tolist()  # the one sync
         if freed is not None:
             self.window_pool.answer(sizes.pop())
-        survives = None if overlaps is None else overlaps.keep(sizes[counted + 2 :])
-        num_valid, num_anywhere, *per_table = sizes[:counted]
-        max_id = sizes[counted]
-        if sizes[counted + 1] == len(token_ids):  # no padding: windows stop only at their sequence's edges
-            batch.segment = None
-        num_walking = per_table.pop(len(offers)) if walking is not None else None
+        counts, sizes = sizes[: len(masks)], sizes[len(masks) :]
         if bad_rows is not None:
-            self._count_nonfinite(found.nonfinite_rows, per_table.pop(len(offers)))
+            self._count_nonfinite(found.nonfinite_rows, sizes.pop(0))
+        max_id, num_seen_now = sizes[:2]
+        survives = None if overlaps is None else overlaps.keep(sizes[2:])
+        self.last_seen = num_seen_now
+        if num_seen_now == token_ids.numel():  # no padding: windows stop only at their sequence's edges
+            batch.segment = None
+        if found.nonfinite is not None and counts[-1]:
+            self.nonfinite_skipped += counts[-1]
 
         batch.token_dtype = token_dtype_for(max_id)
         for table in self.tables.values():
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
-        self.last_active = num_valid
+        self.last_active = counts[len(offers)]
         self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
-        at = indices_of(valid, num_valid)
-        self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
-        walking = indices_of(walking, num_walking) if walking is not None else None
-        at_any = indices_of(anywhere, num_anywhere)
-        batch.compute_windows(at_any, self._batch_fields, walking)
+        found_at = indices_of_rows(masks, counts)
+        entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
+        self._stage_pairs(latent_idx[at], torch.take(token_ids.to(dev), token_idx[at]))
+        walking = more[0] if found.walking is not None else None
+        batch.compute_windows(candidates, self._batch_fields, walking)
         # Each window is written once; the tables that will stage it hold it from the start.
-        holders = entry_masks.narrow(0, 2, len(offers)).index_select(1, at_any).sum(0, dtype=torch.int8)
+        holders = masks.narrow(0, 0, len(offers)).index_select(1, candidates).sum(0, dtype=torch.int8)
         batch.write_windows(self.window_pool, holders)
-        for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
-            candidate = indices_of(mask, count)
+        for (table, rows, priority), candidate in zip(offers, entering):
             alive = survives[candidate] if table.dedup_radius is not None else None
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False,
-                         alive=alive)
+            chosen = priority[candidate]
+            table.insert(rows[candidate], candidate, chosen, chosen if priority is values else values[candidate],
+                         batch, flush=False, alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:

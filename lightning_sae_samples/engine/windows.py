@@ -105,89 +105,83 @@ class TokenPositions:
     ) -> None:
         batch, seq = tokens.shape
         padding = padding_positions(tokens, attention_mask)
-        collect = ~padding if excluded is None else ~padding & ~excluded.to(tokens.device)
+        real = ~padding
+        collect = real if excluded is None else real & ~excluded.to(tokens.device)
         self.tokens = tokens
-        self.collect = collect.reshape(-1)
-        self.num_seen = (~padding).sum()
-        # Segments are numbered in token order, from 0: within a sequence, each padding position takes an odd
-        # number of its own and the tokens after it the next even one; sequences take ranges apart.
+        #: ``[B, T]``: True at the positions collected.
+        self.collect = collect
+        self.num_seen = real.sum()
+        # Segments are numbered in token order: within a sequence, the c-th padding position takes 2c and the
+        # tokens after it 2c + 1 (those before any padding 1); sequences take ranges apart.
         #: Segment ids are below this.
-        self.num_segments = batch * (2 * seq + 1)
-        first = torch.arange(0, self.num_segments, 2 * seq + 1, device=tokens.device).unsqueeze(1)
-        self.segment = (first + 2 * torch.cumsum(padding, dim=1) - padding.long()).reshape(-1)
+        self.num_segments = batch * (2 * seq + 2)
+        first = torch.arange(0, self.num_segments, 2 * seq + 2, device=tokens.device).unsqueeze(1)
+        self.segment = torch.add(first, torch.cumsum(padding, dim=1), alpha=2).add_(real).reshape(-1)
 
 
 class SparseWindowActs:
     """Activations of each sample's latent on its context tokens, read from TopK-style latents.
 
     Active entries sorted by (latent, token) put a sample's neighbours of the same latent right next to it, and
-    further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, in
-    the same run of entries whose consecutive ones are the same latent, in one segment, within the window. Only
-    the samples with such a neighbour (:meth:`reach`) look at their ``2 * half_window`` nearest sorted places.
+    further entries further away: a neighbour inside the window is at most ``half_window`` sorted places away, and
+    its key (see below) at most ``half_window`` from the sample's. Only the samples with such a neighbour
+    (:meth:`walking`) look at their ``2 * half_window`` nearest sorted places.
 
     Args:
-        indices: Active latents ``[N, k]`` of the batch's ``N`` tokens.
-        values: Their activations ``[N, k]``.
+        indices: Active latents of the batch's entries ``[N * k]``, ``k`` a token, in token order.
+        values: Their activations ``[N * k]``.
+        k: Entries per token.
         segment: Segment id of each token ``[N]`` (see :class:`TokenPositions`): a window reaches only the
-            tokens of its own segment. Ids ascend with the token, from 0.
+            tokens of its own segment. Ids ascend with the token, from 0 up.
         half_window: Context tokens on each side.
         num_segments: Segment ids are below this.
 
     A sample is a flat index into ``indices`` (an entry).
     """
 
-    def __init__(self, indices: Tensor, values: Tensor, segment: Tensor, half_window: int, num_segments: int) -> None:
-        self.values, self.half = values.reshape(-1), half_window
-        num_tokens, k = indices.shape
-        # Entries come in token order, so a stable sort by latent orders them by (latent, token).
-        latent, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
-        token = order // k
+    def __init__(self, indices: Tensor, values: Tensor, k: int, segment: Tensor, half_window: int,
+                 num_segments: int) -> None:
+        self.values, self.half = values, half_window
+        num_tokens = len(segment)
+        # Entries come in token order, so a stable sort by latent orders them by (latent, token); int32 sorts
+        # twice as fast as the int64 keys would.
+        latent, order = torch.sort(indices.to(torch.int32), stable=True)
         # A key per entry, ascending in (latent, token), in which entries of another latent or segment lie more
-        # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps.
+        # than `half_window` apart: segments (numbered in token order) and latents are spread out by gaps. Two
+        # entries whose keys are at most `half_window` apart are thus of one latent and segment, inside each
+        # other's window, and so is every entry sorted between them.
         gap = half_window + 1
-        place = token + gap * segment[token]
-        self.keys = latent.long() * (num_tokens + gap * (num_segments + 1)) + place
+        place = torch.add(torch.arange(num_tokens, device=segment.device), segment, alpha=gap)
+        self.keys = torch.add(place[order // k], latent, alpha=num_tokens + gap * (num_segments + 1))
         self.order = order
-        self.where = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        keys = self.keys
-        linked = keys[1:] - keys[:-1] <= half_window
-        # Run of each sorted entry: consecutive entries share one while each pair of them is linked.
-        self.run = torch.cumsum(torch.nn.functional.pad(~linked, (1, 0)), 0)
-        if len(order) > 1:  # linked to the entry before or to the one after
-            either_side = torch.nn.functional.pad(linked, (1, 1))
-            self._near = either_side[1:] | either_side[:-1]
-        else:
-            self._near = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+        linked = self.keys[1:] - self.keys[:-1] <= half_window
+        # Linked to the entry before or to the one after.
+        self._near = torch.nn.functional.pad(linked, (1, 0)) | torch.nn.functional.pad(linked, (0, 1))
 
-    def reach(self) -> Tensor:
-        """Per entry: whether another entry of its latent lies inside its window (in its segment)."""
-        return self._near[self.where]
+    def walking(self, entering: Tensor) -> Tensor:
+        """Of the ``entering`` entries, those with another entry of their latent inside their window.
 
-    def __call__(self, candidate: Tensor, walking: Optional[Tensor] = None) -> Tensor:
+        ``entering`` is a mask in entry order; the result one in sorted order, whose places :meth:`__call__` takes.
+        """
+        return self._near & entering[self.order]
+
+    def __call__(self, candidate: Tensor, walking: Tensor) -> Tensor:
         """Window activations ``[S, 2 * half_window + 1]`` of candidate entries (0 outside their segment).
 
-        ``walking``: the candidates (ascending, a subset of ``candidate``) that :meth:`reach` a neighbour; the
-        others get their own activation alone. ``None``: all candidates are looked at.
+        ``walking``: the sorted places of the candidates with a neighbour (the True places of :meth:`walking`, of
+        entries in ``candidate``); the others get their own activation alone.
         """
         half = self.half
         dtype = acts_dtype_for(self.values.dtype)
-        acts = torch.zeros((len(candidate), 2 * half + 1), dtype=dtype, device=candidate.device)
-        acts[:, half] = self.values[candidate].to(dtype)
-        if len(self.keys) < 2:
-            return acts
-        if walking is None:
-            walking = candidate
-        row = torch.searchsorted(candidate, walking)
-        at = self.where[walking].unsqueeze(1)
-        steps = torch.arange(-half, half + 1, device=at.device)  # the centre is the sample itself: never inside
-        neighbour = (at + steps).clamp(0, len(self.keys) - 1)
-        offset = self.keys[neighbour] - self.keys[at]
-        inside = (self.run[neighbour] == self.run[at]) & (offset != 0) & (offset.abs() <= half)
-        found = self.values[self.order[neighbour]].to(dtype)
-        found = torch.where(inside & finite(found), found, 0.0)
-        # Places outside the window write onto a scratch column past the window's end, never read.
-        column = torch.where(inside, half + offset, 2 * half + 1)
-        part = torch.zeros((len(walking), 2 * half + 2), dtype=dtype, device=candidate.device)
-        part.scatter_(1, column, found)
-        part[:, half] = acts[:, half].index_select(0, row)
-        return acts.index_copy_(0, row, part[:, : 2 * half + 1])
+        # Columns 0 and 2 * half + 2 are scratch, for the places that fall outside the window: never read.
+        own = self.values[candidate].to(dtype).unsqueeze(1)
+        acts = torch.nn.functional.pad(own, (half + 1, half + 1))
+        at = walking.unsqueeze(1)
+        steps = torch.arange(-half, half + 1, device=at.device)
+        # Clamped places repeat the first or last entry, which then writes its own value twice.
+        neighbour = (at + steps).clamp_(0, len(self.keys) - 1)
+        keys = self.keys[neighbour]
+        column = (keys - keys[:, half : half + 1]).add_(half + 1).clamp_(0, 2 * half + 2)
+        found = torch.nan_to_num(self.values[self.order[neighbour]].to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+        acts.index_put_((torch.searchsorted(candidate, self.order[at]), column), found)
+        return acts[:, 1 : 2 * half + 2]
