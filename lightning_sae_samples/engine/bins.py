@@ -38,3 +38,14 @@ def histogram_edges(threshold: float, num_bins: int = HISTOGRAM_BINS) -> Tensor:
     if low >= HISTOGRAM_MAX:
         low = HISTOGRAM_MAX / 10
     return torch.logspace(math.log10(low), math.log10(HISTOGRAM_MAX), num_bins + 1, dtype=torch.float64)
+
+
+def float32_edges(edges: Tensor) -> Tensor:
+    """The smallest float32 at or above each edge.
+
+    A float32 value lies at or above it exactly when it lies at or above the edge, so bucketing float32 values by
+    these edges gives the bins of the float64 edges.
+    """
+    rounded = edges.to(torch.float32)
+    below = rounded.to(edges.dtype) < edges
+    return torch.where(below, torch.nextafter(rounded, torch.tensor(math.inf)), rounded)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_sae_samples.config import CollectionConfig, engine_fields
-from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
+from lightning_sae_samples.engine.bins import float32_edges, histogram_edges, interval_edges
 from lightning_sae_samples.engine.dedup import OverlapRounds
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
@@ -182,7 +181,7 @@ class SampleCollector:
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
-            self._interval_inner = self.interval_edges[1:-1].to(device=device)
+            self._interval_inner = float32_edges(self.interval_edges[1:-1]).to(device=device)
             self.tables["interval"] = table(
                 num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
             )
@@ -199,10 +198,9 @@ class SampleCollector:
             self.tables["window"] = table(
                 num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius
             )
-        for field in STAT_FIELDS:
+        for field in (*STAT_FIELDS, *WINDOW_STAT_FIELDS):
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
             setattr(self, field.name, empty_field(field, shape, device))
-        self._stat_storage(num_latents, device)
         self._pairs = empty_pairs(device)
         self._staged_keys: list[Tensor] = []
         self._staged_count = 0
@@ -211,20 +209,6 @@ class SampleCollector:
             setattr(self, field.name, value)
         self.last_active = 0
         self.last_seen: Tensor | int = 0
-
-    def _stat_storage(self, num_latents: int, device: torch.device) -> None:
-        """Statistics updated by one scatter share a tensor, each a column of it.
-
-        ``count`` and ``window_count``; ``sum``, ``sum_sq`` and ``window_sum``; ``max`` and ``window_max``.
-        """
-        fields = {field.name: field for field in (*STAT_FIELDS, *WINDOW_STAT_FIELDS)}
-        for shared, names in (("_counts", ("count", "window_count")), ("_sums", ("sum", "sum_sq", "window_sum")),
-                              ("_maxima", ("max", "window_max"))):
-            first = fields[names[0]]
-            storage = torch.full((num_latents, len(names)), first.fill, dtype=first.dtype, device=device)
-            setattr(self, shared, storage)
-            for column, name in enumerate(names):
-                setattr(self, name, storage[:, column])
 
     @property
     def device(self) -> torch.device:
@@ -478,9 +462,8 @@ class SampleCollector:
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
-        as_double = values.double()
         if "interval" in self.tables:
-            interval = torch.bucketize(as_double, self._interval_inner, right=True)
+            interval = torch.bucketize(values, self._interval_inner, right=True)
             interval_rows = latent_idx * cfg.num_intervals + interval
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
@@ -518,9 +501,10 @@ class SampleCollector:
         for table in self.tables.values():
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
         self.last_active = num_valid
-        self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
         at = indices_of(valid, num_valid)
-        self._stage_pairs(latent_idx[at], token_ids.to(dev)[token_idx[at]])
+        fired = latent_idx[at]
+        self._update_statistics(fired, values[at], step, None if interval_rows is None else interval_rows[at])
+        self._stage_pairs(fired, token_ids.to(dev)[token_idx[at]])
         walking = indices_of(walking, num_walking) if walking is not None else None
         batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
@@ -582,31 +566,30 @@ class SampleCollector:
         self.recent_block = block
 
     def _update_statistics(
-        self, latent_idx: Tensor, values: Tensor, as_double: Tensor, valid: Tensor, step: int,
-        interval_rows: Optional[Tensor],
+        self, latent_idx: Tensor, values: Tensor, step: int, interval_rows: Optional[Tensor]
     ) -> None:
-        """Scatter the valid entries into the all-time and the history window's statistics at once.
+        """Scatter the valid entries (only those) into the all-time and the history window's statistics.
 
-        Each pair of them shares one tensor (see :meth:`_stat_storage`), so one scatter updates both.
+        Each statistic is its own contiguous tensor updated by a 1-D scatter: on the CPU a scatter with a 2-D
+        source or index takes a slow path, and a flattened one costs more operators to index than it saves.
         """
-        ones = valid.long()
-        fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
-        fired_now.index_add_(0, latent_idx, ones)
-        self._counts += fired_now.unsqueeze(1)
+        ones = torch.ones_like(latent_idx)
+        for count in (self.count, self.window_count):
+            count.index_add_(0, latent_idx, ones)
+        as_double = values.double()
+        addends = ((self.sum, as_double), (self.sum_sq, as_double * as_double), (self.window_sum, as_double))
+        for total, addend in addends:
+            total.index_add_(0, latent_idx, addend)
+        for largest in (self.max, self.window_max):
+            largest.scatter_reduce_(0, latent_idx, values, reduce="amax")
+        self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
         bins = torch.bucketize(as_double, self._inner_edges, right=True)
-        as_double = torch.where(valid, as_double, 0.0)
-        self._sums.index_add_(0, latent_idx, torch.stack([as_double, as_double * as_double, as_double], 1))
-        spread = latent_idx.unsqueeze(1).expand(-1, 2)
-        self._maxima.scatter_reduce_(0, spread, torch.where(valid, values, -math.inf).unsqueeze(1).expand(-1, 2),
-                                     reduce="amax")
-        self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
-        num_bins = self.hist.shape[1]
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, ones)
+        self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + bins, ones)
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, ones)
-        fired = fired_now > 0
-        self.first_step.masked_fill_(fired & (self.first_step == EMPTY), step)
-        self.last_step.masked_fill_(fired, step)
+        self.last_step.index_fill_(0, latent_idx, step)
+        # A latent that never fired has no last step either: one that has it now, and no first, fired now.
+        self.first_step.masked_fill_((self.first_step == EMPTY) & (self.last_step == step), step)
 
     # ------------------------------------------------------------------ state
     def _run_state(self) -> dict:
