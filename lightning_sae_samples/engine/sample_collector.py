@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.config import CollectionConfig, engine_fields
-from lightning_sae_samples.engine.bins import float32_edges, histogram_edges, interval_edges
+from lightning_sae_samples.engine.bins import BinLookup, histogram_edges, interval_edges
 from lightning_sae_samples.engine.dedup import OverlapRounds
 from lightning_sae_samples.engine.priority import sample_priority
 from lightning_sae_samples.engine.rows import RowBatchContext, TokenWindows, unknown_neighbours
@@ -171,7 +171,7 @@ class SampleCollector:
         table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields)
         edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
-        self._inner_edges = self.hist_edges[1:-1].to(device=device)
+        self._hist_bins = BinLookup(self.hist_edges[1:-1], device)
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
@@ -181,7 +181,7 @@ class SampleCollector:
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
-            self._interval_inner = float32_edges(self.interval_edges[1:-1]).to(device=device)
+            self._interval_bins = BinLookup(self.interval_edges[1:-1], device)
             self.tables["interval"] = table(
                 num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
             )
@@ -252,7 +252,7 @@ class SampleCollector:
         token_idx, latent_idx = found.token_idx, found.latent_idx
 
         def window_acts(candidate: Tensor) -> Tensor:
-            token, latent = token_idx[candidate], latent_idx[candidate]
+            token, latent = token_idx.index_select(0, candidate), latent_idx.index_select(0, candidate)
             position = token % seq
             offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
             shifted = position.unsqueeze(1) + offsets
@@ -371,7 +371,7 @@ class SampleCollector:
         rows_values = found.values.to(self.device)
 
         def window_acts(candidate: Tensor) -> Tensor:
-            return unknown_neighbours(rows_values[candidate], half, acts_dtype)
+            return unknown_neighbours(rows_values.index_select(0, candidate), half, acts_dtype)
 
         def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor]) -> BatchContext:
             return RowBatchContext(windows, token_idx, step, order, half, window_acts, refs=refs)
@@ -389,7 +389,7 @@ class SampleCollector:
         entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
         values = flat.view(-1)[entry].float()
         token_idx = entry // num_latents
-        valid = finite(values) & collect[token_idx]
+        valid = finite(values) & collect.index_select(0, token_idx)
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
     def _sparse_entries(self, flat_idx: Tensor, flat_val: Tensor, collect: Tensor) -> Entries:
@@ -463,7 +463,7 @@ class SampleCollector:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
         if "interval" in self.tables:
-            interval = torch.bucketize(values, self._interval_inner, right=True)
+            interval = self._interval_bins(values)
             interval_rows = latent_idx * cfg.num_intervals + interval
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
@@ -502,16 +502,18 @@ class SampleCollector:
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
         self.last_active = num_valid
         at = indices_of(valid, num_valid)
-        fired = latent_idx[at]
-        self._update_statistics(fired, values[at], step, None if interval_rows is None else interval_rows[at])
-        self._stage_pairs(fired, token_ids.to(dev)[token_idx[at]])
+        # index_select, not tensor[index]: on the CPU a 1-D gather by advanced indexing is several times slower.
+        fired = latent_idx.index_select(0, at)
+        self._update_statistics(fired, values.index_select(0, at), step,
+                                None if interval_rows is None else interval_rows.index_select(0, at))
+        self._stage_pairs(fired, token_ids.to(dev).index_select(0, token_idx.index_select(0, at)))
         walking = indices_of(walking, num_walking) if walking is not None else None
         batch.compute_windows(indices_of(anywhere, num_anywhere), self._batch_fields, walking)
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
-            alive = survives[candidate] if table.dedup_radius is not None else None
-            table.insert(rows[candidate], candidate, priority[candidate], values[candidate], batch, flush=False,
-                         alive=alive)
+            alive = survives.index_select(0, candidate) if table.dedup_radius is not None else None
+            table.insert(rows.index_select(0, candidate), candidate, priority.index_select(0, candidate),
+                         values.index_select(0, candidate), batch, flush=False, alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
@@ -583,7 +585,7 @@ class SampleCollector:
         for largest in (self.max, self.window_max):
             largest.scatter_reduce_(0, latent_idx, values, reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
-        bins = torch.bucketize(as_double, self._inner_edges, right=True)
+        bins = self._hist_bins(values)
         self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + bins, ones)
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, ones)
