@@ -28,23 +28,30 @@ def values_around(edges: torch.Tensor) -> torch.Tensor:
     torch.tensor([0.51, 0.52, 0.5200001], dtype=torch.float64),  # closer than the finest cell: bucketize
 ], ids=["hist-0.1", "hist-0", "hist-2000", "intervals-8", "intervals-2", "signed", "close"])
 def test_a_float32_value_gets_the_bin_of_the_float64_edges(edges):
-    lookup = BinLookup(edges)
     values = values_around(edges)
     want = torch.bucketize(values.double(), edges, right=True)
-    got = lookup(values)
+    (got,) = BinLookup([edges])(values)
     assert got.dtype == torch.int64
     compared = ~values.isnan()  # NaN is never a valid entry; its bin needs only to be a bin
     assert torch.equal(got[compared], want[compared])
     assert bool(((got >= 0) & (got <= len(edges))).all())
 
 
-def test_the_default_edges_are_looked_up_and_close_edges_fall_back_to_a_search():
-    assert BinLookup(histogram_edges(0.1)[1:-1]).shift is not None
-    assert BinLookup(interval_edges(0.1, 8)[1:-1]).shift is not None
-    assert BinLookup(torch.tensor([0.51, 0.52, 0.5200001], dtype=torch.float64)).shift is None
+def test_each_set_of_edges_gets_its_own_bins_from_one_lookup():
+    sets = [histogram_edges(0.1)[1:-1], interval_edges(0.1, 8)[1:-1], interval_edges(0.3, 3)[1:-1]]
+    lookup = BinLookup(sets)
+    assert lookup.shift is not None  # the default edges are looked up, not searched
+    values = values_around(torch.cat(sets))
+    compared = ~values.isnan()
+    for got, edges in zip(lookup(values), sets):
+        assert torch.equal(got[compared], torch.bucketize(values.double(), edges, right=True)[compared])
+
+
+def test_edges_closer_than_the_finest_cell_are_searched():
+    assert BinLookup([torch.tensor([0.51, 0.52, 0.5200001], dtype=torch.float64)]).shift is None
 
 
 def test_other_float_dtypes_are_binned_by_the_float64_edges():
     edges = histogram_edges(0.1)[1:-1]
     values = torch.tensor([0.1, 0.13335214321633237, 0.1333521432163324, 7.0, 1e5], dtype=torch.float64)
-    assert torch.equal(BinLookup(edges)(values), torch.bucketize(values, edges, right=True))
+    assert torch.equal(BinLookup([edges])(values)[0], torch.bucketize(values, edges, right=True))

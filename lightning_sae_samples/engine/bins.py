@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -52,36 +53,40 @@ def float32_edges(edges: Tensor) -> Tensor:
 
 
 class BinLookup:
-    """Bins of float32 values by sorted float64 edges, as ``torch.bucketize(values, edges, right=True)``.
+    """Bins of float32 values by sets of sorted float64 edges, each as ``torch.bucketize(values, edges, right=True)``.
 
-    A binary search per value is slow on the CPU; instead a value's float32 bits, shifted, pick a cell of a
-    small table, which holds the bin of the cell's lowest value and the one edge (if any) inside the cell: one
-    comparison finishes the search. The cells are as coarse as leaves at most one edge in each; where edges lie
-    closer than the finest cell allows, the lookup falls back to ``torch.bucketize``.
+    A binary search per value is slow on the CPU; instead a value's float32 bits, shifted, pick a cell, and a
+    small table per set of edges holds the bin of the cell's lowest value and the one edge (if any) inside the
+    cell: one comparison finishes the search. The cells (one cut of the bits for every set) are as coarse as
+    leaves at most one edge of a set in each; where edges lie closer than the finest cell allows, the lookup
+    falls back to ``torch.bucketize``.
     """
 
     #: Shifts of the float32 bits tried, coarsest first (a shift of ``s`` makes ``2**(23 - s)`` cells an octave).
     SHIFTS = (20, 19, 18, 17)
 
-    def __init__(self, edges: Tensor, device: torch.device | str = "cpu") -> None:
-        self.edges = edges.to(device=device, dtype=torch.float64)
-        self.float32_edges = float32_edges(self.edges)
+    def __init__(self, edge_sets: Sequence[Tensor], device: torch.device | str = "cpu") -> None:
+        self.edge_sets = [edges.to(device=device, dtype=torch.float64) for edges in edge_sets]
+        self.float32_edge_sets = [float32_edges(edges) for edges in self.edge_sets]
         self.shift: int | None = None
+        self.tables: list[tuple[Tensor, Tensor]] = []
         for shift in self.SHIFTS:
-            table = _cell_table(self.float32_edges.cpu(), shift)
-            if table is not None:
+            tables = [_cell_table(edges.cpu(), shift) for edges in self.float32_edge_sets]
+            if all(table is not None for table in tables):
                 self.shift = shift
-                self.lowest_bin, self.inner_edge = (t.to(device) for t in table)
+                self.tables = [(lowest.to(device), inner.to(device)) for lowest, inner in tables]
                 break
 
-    def __call__(self, values: Tensor) -> Tensor:
-        """The bin of each value (int64); float32 values take the fast path."""
+    def __call__(self, values: Tensor) -> list[Tensor]:
+        """The bins of each value (int64) by each set of edges; float32 values take the fast path."""
         if values.dtype != torch.float32:
-            return torch.bucketize(values.double(), self.edges, right=True)
+            return [torch.bucketize(values.double(), edges, right=True) for edges in self.edge_sets]
         if self.shift is None:
-            return torch.bucketize(values, self.float32_edges, right=True)
-        cell = (values.view(torch.int32) >> self.shift) & (len(self.lowest_bin) - 1)  # negative values: last cells
-        return self.lowest_bin.index_select(0, cell).add_(values >= self.inner_edge.index_select(0, cell))
+            return [torch.bucketize(values, edges, right=True) for edges in self.float32_edge_sets]
+        cells = 1 << (32 - self.shift)
+        cell = (values.view(torch.int32) >> self.shift) & (cells - 1)  # negative values: the last cells
+        return [lowest.index_select(0, cell).add_(values >= inner.index_select(0, cell))
+                for lowest, inner in self.tables]
 
 
 def _cell_table(edges: Tensor, shift: int) -> tuple[Tensor, Tensor] | None:

@@ -171,7 +171,6 @@ class SampleCollector:
         table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields)
         edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
-        self._hist_bins = BinLookup(self.hist_edges[1:-1], device)
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
@@ -181,7 +180,6 @@ class SampleCollector:
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
-            self._interval_bins = BinLookup(self.interval_edges[1:-1], device)
             self.tables["interval"] = table(
                 num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
             )
@@ -194,6 +192,9 @@ class SampleCollector:
                     num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius
                 )
 
+        # Each value's histogram bin and (with interval samples) its interval, found by one lookup.
+        inner_edges = [edges[1:-1] for edges in (self.hist_edges, self.interval_edges) if edges is not None]
+        self._bins = BinLookup(inner_edges, device)
         if config.history_samples_per_feature:
             self.tables["window"] = table(
                 num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius
@@ -462,8 +463,9 @@ class SampleCollector:
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
+        hist_bin, *interval = self._bins(values)
         if "interval" in self.tables:
-            interval = self._interval_bins(values)
+            interval = interval[0]
             interval_rows = latent_idx * cfg.num_intervals + interval
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
@@ -504,7 +506,7 @@ class SampleCollector:
         at = indices_of(valid, num_valid)
         # index_select, not tensor[index]: on the CPU a 1-D gather by advanced indexing is several times slower.
         fired = latent_idx.index_select(0, at)
-        self._update_statistics(fired, values.index_select(0, at), step,
+        self._update_statistics(fired, values.index_select(0, at), hist_bin.index_select(0, at), step,
                                 None if interval_rows is None else interval_rows.index_select(0, at))
         self._stage_pairs(fired, token_ids.to(dev).index_select(0, token_idx.index_select(0, at)))
         walking = indices_of(walking, num_walking) if walking is not None else None
@@ -512,8 +514,9 @@ class SampleCollector:
         for (table, rows, priority), mask, count in zip(offers, may_enter, per_table):
             candidate = indices_of(mask, count)
             alive = survives.index_select(0, candidate) if table.dedup_radius is not None else None
-            table.insert(rows.index_select(0, candidate), candidate, priority.index_select(0, candidate),
-                         values.index_select(0, candidate), batch, flush=False, alive=alive)
+            value = values.index_select(0, candidate)
+            ranked_by = value if priority is values else priority.index_select(0, candidate)
+            table.insert(rows.index_select(0, candidate), candidate, ranked_by, value, batch, flush=False, alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
@@ -568,7 +571,7 @@ class SampleCollector:
         self.recent_block = block
 
     def _update_statistics(
-        self, latent_idx: Tensor, values: Tensor, step: int, interval_rows: Optional[Tensor]
+        self, latent_idx: Tensor, values: Tensor, hist_bin: Tensor, step: int, interval_rows: Optional[Tensor]
     ) -> None:
         """Scatter the valid entries (only those) into the all-time and the history window's statistics.
 
@@ -585,13 +588,12 @@ class SampleCollector:
         for largest in (self.max, self.window_max):
             largest.scatter_reduce_(0, latent_idx, values, reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
-        bins = self._hist_bins(values)
-        self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + bins, ones)
+        self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + hist_bin, ones)
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, ones)
         self.last_step.index_fill_(0, latent_idx, step)
-        # A latent that never fired has no last step either: one that has it now, and no first, fired now.
-        self.first_step.masked_fill_((self.first_step == EMPTY) & (self.last_step == step), step)
+        # A latent without a first step had no last one either: its last step now is its first (or still EMPTY).
+        torch.where(self.first_step == EMPTY, self.last_step, self.first_step, out=self.first_step)
 
     # ------------------------------------------------------------------ state
     def _run_state(self) -> dict:
