@@ -463,10 +463,9 @@ class SampleCollector:
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
-        hist_bin, *interval = self._bins(values)
+        hist_bin, *interval_bin = self._bins(values)
         if "interval" in self.tables:
-            interval = interval[0]
-            interval_rows = latent_idx * cfg.num_intervals + interval
+            interval_rows = latent_idx * cfg.num_intervals + interval_bin[0]
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
