@@ -388,7 +388,7 @@ class SampleCollector:
         """
         num_latents = self.config.num_latents
         entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
-        values = flat.view(-1)[entry].float()
+        values = flat.view(-1).index_select(0, entry).float()
         token_idx = entry // num_latents
         valid = finite(values) & collect.index_select(0, token_idx)
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
