@@ -75,12 +75,12 @@ def test_a_collection_with_the_defaults_syncs_at_most_four_times_merges_included
 
 
 #: Operators of a collection without a merge, and of one in which tables merge, reached so far: ceilings that
-#: catch a regression while the target above is not met (defaults: 167-169 and 324-486; recent window: 186-187
-#: and 336-655; the code before these ceilings took 227-229 and 384-546, 251-252 and 401-720).
-REACHED = {"defaults": (169, 486), "recent": (187, 655)}
+#: catch a regression while the target above is not met (defaults: 186-189 and 305-439; recent window: 212-213
+#: and 326-579; the code before these ceilings took 227-229 and 384-546, 251-252 and 401-720).
+REACHED = {"defaults": (189, 439), "recent": (213, 579)}
 
 
-@pytest.mark.xfail(strict=True, reason="167-169 operators without a merge, 324-486 with one: the target is not met")
+@pytest.mark.xfail(strict=True, reason="186-189 operators without a merge, 305-439 with one: the target is not met")
 def test_a_collection_with_the_defaults_dispatches_at_most_150_operators():
     counts = counted_collections(settings())
     assert all(w.operators <= MAX_OPERATORS for w in counts), describe(counts)

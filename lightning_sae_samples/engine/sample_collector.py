@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_sae_samples.config import CollectionConfig, engine_fields
-from lightning_sae_samples.engine.bins import histogram_edges, interval_edges
+from lightning_sae_samples.engine.bins import BinLookup, histogram_edges, interval_edges
 from lightning_sae_samples.engine.dedup import OverlapRounds
 from lightning_sae_samples.engine.indices import indices_of_rows
 from lightning_sae_samples.engine.priority import sample_priority
@@ -187,7 +186,6 @@ class SampleCollector:
         table = functools.partial(SampleTable, policy=policy, window_fields=self.window_fields, pool=self.window_pool)
         edges = histogram_edges(config.activation_threshold) if hist_edges is None else hist_edges
         self.hist_edges = edges.to(torch.float64).cpu()
-        self._inner_edges = self.hist_edges[1:-1].to(device=device)
         num_bins = len(self.hist_edges) - 1
 
         radius = 2 * config.half_window if config.deduplicate_contexts else None
@@ -197,7 +195,6 @@ class SampleCollector:
         self.interval_edges: Optional[Tensor] = None
         if config.samples_per_interval:
             self.interval_edges = interval_edges(config.activation_threshold, config.num_intervals)
-            self._interval_inner = self.interval_edges[1:-1].to(device=device)
             self.tables["interval"] = table(
                 num_latents * config.num_intervals, config.samples_per_interval, w, device, random_priority=True
             )
@@ -210,14 +207,16 @@ class SampleCollector:
                     num_latents, config.recent_samples_per_feature, w, device, dedup_radius=radius
                 )
 
+        # Each value's histogram bin and (with interval samples) its interval, found by one lookup.
+        inner_edges = [edges[1:-1] for edges in (self.hist_edges, self.interval_edges) if edges is not None]
+        self._bins = BinLookup(inner_edges, device)
         if config.history_samples_per_feature:
             self.tables["window"] = table(
                 num_latents, config.history_samples_per_feature, w, device, dedup_radius=radius
             )
-        for field in STAT_FIELDS:
+        for field in (*STAT_FIELDS, *WINDOW_STAT_FIELDS):
             shape = (num_latents, num_bins) if field.name == "hist" else (num_latents,)
             setattr(self, field.name, empty_field(field, shape, device))
-        self._stat_storage(num_latents, device)
         self._pairs = empty_pairs(device)
         self._staged_keys: list[Tensor] = []
         self._staged_count = 0
@@ -229,20 +228,6 @@ class SampleCollector:
         self.tokens_seen, self.window_tokens_seen = self._tokens_seen_both.unbind()
         self.last_active = 0
         self.last_seen = 0  # tokens seen in the last collection, read back with its sizes
-
-    def _stat_storage(self, num_latents: int, device: torch.device) -> None:
-        """Statistics updated by one scatter share a tensor, each a column of it.
-
-        ``count`` and ``window_count``; ``sum``, ``sum_sq`` and ``window_sum``; ``max`` and ``window_max``.
-        """
-        fields = {field.name: field for field in (*STAT_FIELDS, *WINDOW_STAT_FIELDS)}
-        for shared, names in (("_counts", ("count", "window_count")), ("_sums", ("sum", "sum_sq", "window_sum")),
-                              ("_maxima", ("max", "window_max"))):
-            first = fields[names[0]]
-            storage = torch.full((num_latents, len(names)), first.fill, dtype=first.dtype, device=device)
-            setattr(self, shared, storage)
-            for column, name in enumerate(names):
-                setattr(self, name, storage[:, column])
 
     @property
     def device(self) -> torch.device:
@@ -287,7 +272,7 @@ class SampleCollector:
         token_idx, latent_idx = found.token_idx, found.latent_idx
 
         def window_acts(candidate: Tensor) -> Tensor:
-            token, latent = token_idx[candidate], latent_idx[candidate]
+            token, latent = token_idx.index_select(0, candidate), latent_idx.index_select(0, candidate)
             position = token % seq
             offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
             shifted = position.unsqueeze(1) + offsets
@@ -408,7 +393,7 @@ class SampleCollector:
         rows_values = found.values.to(self.device)
 
         def window_acts(candidate: Tensor) -> Tensor:
-            return unknown_neighbours(rows_values[candidate], half, acts_dtype)
+            return unknown_neighbours(rows_values.index_select(0, candidate), half, acts_dtype)
 
         def make_batch(token_idx: Tensor, _: Callable[[Tensor], Tensor]) -> BatchContext:
             return RowBatchContext(windows, token_idx, step, order, half, window_acts, refs=refs)
@@ -424,9 +409,9 @@ class SampleCollector:
         """
         num_latents = self.config.num_latents
         entry, bad_rows = dense_hits(flat, self.config.activation_threshold, collect)
-        values = flat.view(-1)[entry].float()
+        values = flat.view(-1).index_select(0, entry).float()
         token_idx = entry // num_latents
-        valid = finite(values) & collect[token_idx]
+        valid = finite(values) & collect.index_select(0, token_idx)
         return Entries(token_idx, entry % num_latents, values, valid, nonfinite_rows=(bad_rows, flat))
 
     def _sparse_entries(self, indices: Tensor, values: Tensor, k: int, collect: Tensor) -> Entries:
@@ -502,10 +487,9 @@ class SampleCollector:
         if "window" in self.tables:
             offers.append((self.tables["window"], latent_idx, values))
         interval_rows = None
-        as_double = values.double()
+        hist_bin, *interval_bin = self._bins(values)
         if "interval" in self.tables:
-            interval = torch.bucketize(as_double, self._interval_inner, right=True)
-            interval_rows = torch.add(interval, latent_idx, alpha=cfg.num_intervals)
+            interval_rows = torch.add(interval_bin[0], latent_idx, alpha=cfg.num_intervals)
             priority = sample_priority(step, batch.orders, cfg.seed)
             offers.append((self.tables["interval"], interval_rows, priority))
         if "recent" in self.tables:
@@ -553,20 +537,23 @@ class SampleCollector:
         for table in self.tables.values():
             table.widen(batch.token_dtype, acts_dtype_for(latent_dtype))
         self.last_active = counts[len(offers)]
-        self._update_statistics(latent_idx, values, as_double, valid, step, interval_rows)
         found_at = indices_of_rows(masks, counts)
         entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
-        self._stage_pairs(latent_idx[at], torch.take(token_ids.to(dev), token_idx[at]))
+        # index_select, not tensor[index]: on the CPU a 1-D gather by advanced indexing is several times slower.
+        fired = latent_idx.index_select(0, at)
+        self._update_statistics(fired, values.index_select(0, at), hist_bin.index_select(0, at), step,
+                                None if interval_rows is None else interval_rows.index_select(0, at))
+        self._stage_pairs(fired, torch.take(token_ids.to(dev), token_idx.index_select(0, at)))
         walking = more[0] if found.walking is not None else None
         batch.compute_windows(candidates, self._batch_fields, walking)
         # Each window is written once; the tables that will stage it hold it from the start.
         holders = masks.narrow(0, 0, len(offers)).index_select(1, candidates).sum(0, dtype=torch.int8)
         batch.write_windows(self.window_pool, holders)
         for (table, rows, priority), candidate in zip(offers, entering):
-            alive = survives[candidate] if table.dedup_radius is not None else None
-            chosen = priority[candidate]
-            table.insert(rows[candidate], candidate, chosen, chosen if priority is values else values[candidate],
-                         batch, flush=False, alive=alive)
+            alive = survives.index_select(0, candidate) if table.dedup_radius is not None else None
+            value = values.index_select(0, candidate)
+            ranked_by = value if priority is values else priority.index_select(0, candidate)
+            table.insert(rows.index_select(0, candidate), candidate, ranked_by, value, batch, flush=False, alive=alive)
         flush_tables([table for table, _, _ in offers if table.due])
 
     def _count_nonfinite(self, rows: tuple[Tensor, Tensor], num_bad: int) -> None:
@@ -621,31 +608,29 @@ class SampleCollector:
         self.recent_block = block
 
     def _update_statistics(
-        self, latent_idx: Tensor, values: Tensor, as_double: Tensor, valid: Tensor, step: int,
-        interval_rows: Optional[Tensor],
+        self, latent_idx: Tensor, values: Tensor, hist_bin: Tensor, step: int, interval_rows: Optional[Tensor]
     ) -> None:
-        """Scatter the valid entries into the all-time and the history window's statistics at once.
+        """Scatter the valid entries (only those) into the all-time and the history window's statistics.
 
-        Each pair of them shares one tensor (see :meth:`_stat_storage`), so one scatter updates both.
+        Each statistic is its own contiguous tensor updated by a 1-D scatter: on the CPU a scatter with a 2-D
+        source or index takes a slow path, and a flattened one costs more operators to index than it saves.
         """
-        ones = valid.long()
-        fired_now = torch.zeros(self.config.num_latents, dtype=torch.int64, device=latent_idx.device)
-        fired_now.index_add_(0, latent_idx, ones)
-        self._counts += fired_now.unsqueeze(1)
-        bins = torch.bucketize(as_double, self._inner_edges, right=True)
-        as_double = torch.where(valid, as_double, 0.0)
-        self._sums.index_add_(0, latent_idx, torch.stack([as_double, as_double * as_double, as_double], 1))
-        spread = latent_idx.unsqueeze(1).expand(-1, 2)
-        self._maxima.scatter_reduce_(0, spread, torch.where(valid, values, -math.inf).unsqueeze(1).expand(-1, 2),
-                                     reduce="amax")
-        self.min.scatter_reduce_(0, latent_idx, torch.where(valid, values, math.inf), reduce="amin")
-        num_bins = self.hist.shape[1]
-        self.hist.view(-1).index_add_(0, latent_idx * num_bins + bins, ones)
+        ones = torch.ones_like(latent_idx)
+        for count in (self.count, self.window_count):
+            count.index_add_(0, latent_idx, ones)
+        as_double = values.double()
+        addends = ((self.sum, as_double), (self.sum_sq, as_double * as_double), (self.window_sum, as_double))
+        for total, addend in addends:
+            total.index_add_(0, latent_idx, addend)
+        for largest in (self.max, self.window_max):
+            largest.scatter_reduce_(0, latent_idx, values, reduce="amax")
+        self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
+        self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + hist_bin, ones)
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, ones)
-        fired = fired_now > 0
-        self.first_step.masked_fill_(fired & (self.first_step == EMPTY), step)
-        self.last_step.masked_fill_(fired, step)
+        self.last_step.index_fill_(0, latent_idx, step)
+        # A latent without a first step had no last one either: its last step now is its first (or still EMPTY).
+        torch.where(self.first_step == EMPTY, self.last_step, self.first_step, out=self.first_step)
 
     # ------------------------------------------------------------------ state
     def _run_state(self) -> dict:
