@@ -878,8 +878,9 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
 
     Fill: collections 2 to ``collections`` from an empty state. Filled: the top rows are first filled with values
     in [4, 5) (bigger batches, not timed, their staged samples merged), then the same uniform batches come, of
-    which only the few above a latent's 100th value may enter. Each batch goes through the floor (three times, the least counts) and the
-    collection, one after the other, and the ratio is of the summed times (merges included, wherever they fall).
+    which only the few above a latent's 100th value may enter. Each batch goes through the floor (three times, the
+    least counts) and the collection, one after the other, and the ratio is of the summed times, merges included
+    wherever the stage limits put them (a phase long enough to hold some).
     Times are the process's CPU time on a CPU (the machine may be shared), the wall clock on a GPU; the operators
     and syncs are of one more collection after each phase, untimed.
     """
@@ -946,7 +947,7 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
     # The filling's own stage is merged before the clock starts: the phase measures collections into full tops.
     for table in collector.tables.values():
         table.flush()
-    collector.window_pairs
+    collector.window_pairs  # noqa: B018 (folds the staged token counts)
     filled, filled_times, filled_counts = phase(step + 2)
     full = float(torch.isfinite(collector.top_values[:, -1]).float().mean())
     return {"fill": fill, "filled": filled, "fill_ms": statistics.mean(t for t, _ in fill_times) * 1e3,
@@ -1121,7 +1122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--floor", type=int, nargs="*", metavar="F",
                    help="only the floor rows: the collection as a multiple of the floor at these F (e.g. 16384 131072)")
     p.add_argument("--floor-tokens", type=int, default=2048, help="tokens per collection of the floor rows")
-    p.add_argument("--floor-collections", type=int, default=6, help="timed collections per phase of the floor rows")
+    p.add_argument("--floor-collections", type=int, default=12, help="timed collections per phase of the floor rows")
     p.add_argument("--floor-options", nargs="*", help="first words of the options to run (e.g. defaults history)")
     p.add_argument("--gpu-rows", type=int, nargs="*", metavar="F",
                    help="only the GPU rows (with --device cuda): collection time as a share of a TopK step at"
