@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import functools
 import inspect
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -444,31 +443,11 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-@functools.cache
-def _top_level_classes(source_file: str) -> dict[str, ast.ClassDef]:
-    """The classes defined at the top of a module, parsed once.
-
-    ``inspect.getsource`` of each class tokenizes the whole module again: every process importing this package paid
-    that three times (about 0.1 s).
-    """
-    with open(source_file, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-
-
-def _class_body(klass: type) -> list[ast.stmt]:
-    source_file = inspect.getsourcefile(klass)
-    found = _top_level_classes(source_file).get(klass.__qualname__) if source_file else None
-    if found is None:  # a class defined inside a function or another class
-        return ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-    return found.body
-
-
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring (the string right after it in the class body), for every class of the MRO."""
     docs: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = _class_body(klass)
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in zip(body, body[1:]):
             if (
                 isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

@@ -36,17 +36,6 @@ def test_every_setting_is_documented_once():
         assert f"        {name}: " in CallbackConfig.__doc__
 
 
-def test_field_docs_read_a_dataclass_defined_in_a_function():
-    @dataclasses.dataclass
-    class Local(CallbackConfig):
-        extra: int = 1
-        """A setting of a class that is not at the top of its module."""
-
-    docs = field_docs(Local)
-    assert docs["extra"] == "A setting of a class that is not at the top of its module."
-    assert docs["context_size"] == field_docs(CallbackConfig)["context_size"]  # and those it inherits
-
-
 @pytest.mark.parametrize(
     "owner", [ActivationSampleCallback, ActivationSampleCollector], ids=["callback", "collector"]
 )
