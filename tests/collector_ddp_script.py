@@ -53,4 +53,9 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--device", default="cpu", help="where the latents are (both ranks share cuda:0 under gloo)")
     args = parser.parse_args()
-    mp.spawn(worker, args=(2, args.out, args.mode, args.port, args.device), nprocs=2)
+    # Forked, not spawned: this parent has run no torch operator (no thread pool for a child to inherit), and a
+    # spawned worker would import torch, this script and its helpers again: seconds each, on every run. CUDA is
+    # not usable in a forked child: on the GPU the workers are spawned.
+    start_method = "spawn" if args.device.startswith("cuda") else "fork"
+    mp.start_processes(worker, args=(2, args.out, args.mode, args.port, args.device), nprocs=2,
+                       start_method=start_method)

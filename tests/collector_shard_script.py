@@ -135,5 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--top", type=int, default=F, help="top_features_to_save")
     parser.add_argument("--fail-rank", type=int, default=-1, help="a rank that fails the saves after the first")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.dp, args.tp, args.out, args.mode, args.port, args.top, args.fail_rank),
-             nprocs=args.dp * args.tp)
+    # Forked, not spawned: this parent has run no torch operator (no thread pool for a child to inherit), and a
+    # spawned worker would import torch, this script and its helpers again: seconds each, on every run.
+    mp.start_processes(worker, args=(args.dp, args.tp, args.out, args.mode, args.port, args.top, args.fail_rank),
+                       nprocs=args.dp * args.tp, start_method="fork")

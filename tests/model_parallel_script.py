@@ -82,20 +82,7 @@ class ParallelSAE(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--num-latents", type=int, default=10)
-    parser.add_argument("--max-epochs", type=int, default=2)
-    parser.add_argument("--form", choices=["dtensor", "local", "full"], default="dtensor")
-    parser.add_argument("--no-num-latents", action="store_true")
-    parser.add_argument("--ckpt-path", default=None)
-    parser.add_argument("--save-ckpt", type=Path, default=None)
-    parser.add_argument("--validate", action="store_true", help="also collect a snapshot of each validation run")
-    args = parser.parse_args()
-
+def fit(args: argparse.Namespace) -> None:
     callbacks = [ActivationSampleCallback(
         collection_freq=2, max_samples_per_feature=K, context_size=CTX, activation_threshold=THR,
         top_features_to_save=args.num_latents, samples_per_feature_to_save=K, dirpath=args.out / "samples",
@@ -116,6 +103,30 @@ def main() -> None:
                 ckpt_path=args.ckpt_path)
     torch.save(module.seen, args.out / f"seen_{args.max_epochs}_{trainer.global_rank}.pt")
     torch.save(module.eval_seen, args.out / f"eval_seen_{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        epilog="Arguments separated by --then are fits run in turn by the same processes (one launch); each group "
+               "takes every option, and all of them the same --dp and --tp.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--num-latents", type=int, default=10)
+    parser.add_argument("--max-epochs", type=int, default=2)
+    parser.add_argument("--form", choices=["dtensor", "local", "full"], default="dtensor")
+    parser.add_argument("--no-num-latents", action="store_true")
+    parser.add_argument("--ckpt-path", default=None)
+    parser.add_argument("--save-ckpt", type=Path, default=None)
+    parser.add_argument("--validate", action="store_true", help="also collect a snapshot of each validation run")
+    groups: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    for group in groups:
+        fit(parser.parse_args(group))
 
 
 if __name__ == "__main__":

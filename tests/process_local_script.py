@@ -54,4 +54,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.out, args.port), nprocs=2)
+    # Forked, not spawned: this parent has run no torch operator (no thread pool for a child to inherit), and a
+    # spawned worker would import torch, this script and its helpers again: seconds each, on every run.
+    mp.start_processes(worker, args=(args.out, args.port), nprocs=2, start_method="fork")

@@ -13,20 +13,26 @@ from rows_helpers import SETTINGS, RowSAE, shuffled_rows  # noqa: E402
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--mode", default="dense")
-    args = parser.parse_args()
-    callback = ActivationSampleCallback(dirpath=args.out / "samples", token_source="rows_helpers:token_source",
+def fit(mode: str, out: Path) -> None:
+    callback = ActivationSampleCallback(dirpath=out / "samples", token_source="rows_helpers:token_source",
                                         **SETTINGS)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=args.out, callbacks=[callback],
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=out, callbacks=[callback],
     )
-    module = RowSAE(args.mode)
+    module = RowSAE(mode)
     trainer.fit(module, shuffled_rows())
-    torch.save(module.seen, args.out / f"seen_{trainer.global_rank}.pt")
+    torch.save(module.seen, out / f"seen_{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--mode", nargs="+", default=["dense"],
+                        help="several: one fit each, in <out>/<mode>, by the same processes (one launch)")
+    args = parser.parse_args()
+    for mode in args.mode:
+        fit(mode, args.out if len(args.mode) == 1 else args.out / mode)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,21 @@ def seen_of(out, epochs):
     return seen
 
 
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory):
+    """One launch of two processes that fit a dense, then a flat SAE: ``<out>/dense``, ``<out>/flat``."""
+    out = tmp_path_factory.mktemp("ddp_modes")
+    run(out, "--mode", "dense", "flat", "--devices", 2)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["dense", "flat"])
-def test_two_process_ddp_equals_oracle_over_both_ranks(tmp_path, mode):
-    run(tmp_path, "--mode", mode, "--devices", 2)
-    seen = seen_of(tmp_path, 2)
+def test_two_process_ddp_equals_oracle_over_both_ranks(modes_run, mode):
+    out = modes_run / mode
+    seen = seen_of(out, 2)
     assert {s.rank for s in seen} == {0, 1}
-    check_against_oracle(tmp_path / "samples", seen)
-    assert not list((tmp_path / "samples").glob(".*")), "no temporary files may remain"
+    check_against_oracle(out / "samples", seen)
+    assert not list((out / "samples").glob(".*")), "no temporary files may remain"
 
 
 def test_ddp_spawn_equals_oracle(tmp_path):

@@ -113,18 +113,23 @@ def test_links_are_never_followed(tmp_path):
     assert outside.read_text() == ""
 
 
-def _append_many(samples, start):
+def _append_many(samples, start, ready):
+    ready.wait()  # both begin together: their appends overlap
     for i in range(start, start + 50):
         append_explanations(samples, [record(i, "x" * 2000)])
 
 
 def test_concurrent_appenders_interleave_whole_lines(tmp_path):
-    workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(tmp_path, s))
-               for s in (0, 1000)]
+    # Forked, not spawned: the workers only append (no torch), and a spawned worker spends seconds importing
+    # this module, so one finished before the other began.
+    context = multiprocessing.get_context("fork")
+    ready = context.Barrier(2)
+    workers = [context.Process(target=_append_many, args=(tmp_path, s, ready)) for s in (0, 1000)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    assert [w.exitcode for w in workers] == [0, 0]
     assert sorted(read_explanations(tmp_path)) == [*range(50), *range(1000, 1050)]
 
 

@@ -300,12 +300,20 @@ def _seen(out, epochs):
     return seen
 
 
-@pytest.mark.parametrize("route", ["outputs", pytest.param("hooks", marks=pytest.mark.slow)])
-def test_two_process_ddp_equals_the_oracle_over_both_ranks(tmp_path, route):
-    _ddp(tmp_path, "--route", route)
-    seen = _seen(tmp_path, 2)
+@pytest.fixture(scope="module")
+def routes_run(tmp_path_factory):
+    """One launch of two processes that fit with latents from the outputs, then from hooks: ``<out>/<route>``."""
+    out = tmp_path_factory.mktemp("multi_ddp")
+    _ddp(out, "--route", "outputs", "hooks")
+    return out
+
+
+@pytest.mark.parametrize("route", ["outputs", "hooks"])
+def test_two_process_ddp_equals_the_oracle_over_both_ranks(routes_run, route):
+    out = routes_run / route
+    seen = _seen(out, 2)
     assert {s.rank for s in seen["l3"]} == {0, 1}
-    assert_run_matches_oracle(tmp_path / "run", seen, THREE_SAES)
+    assert_run_matches_oracle(out / "run", seen, THREE_SAES)
 
 
 @pytest.mark.slow

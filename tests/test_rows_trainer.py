@@ -102,15 +102,23 @@ def one_process(seen: list, mode: str, **settings) -> ActivationSampleCollector:
     return one
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_two_process_ddp_equals_one_process_fed_the_same_rows(tmp_path, mode):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--mode", mode],
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One launch of two DDP processes that fit a dense, then a sparse SAE: ``<out>/dense``, ``<out>/sparse``."""
+    out = tmp_path_factory.mktemp("rows_ddp")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--mode", "dense", "sparse"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = [s for rank in (0, 1) for s in torch.load(tmp_path / f"seen_{rank}.pt", weights_only=False)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_two_process_ddp_equals_one_process_fed_the_same_rows(ddp_run, mode):
+    out = ddp_run / mode
+    seen = [s for rank in (0, 1) for s in torch.load(out / f"seen_{rank}.pt", weights_only=False)
             if s.step % 2 == 0]
     assert {s.rank for s in seen} == {0, 1}
-    files = read_dir(tmp_path / "samples")
+    files = read_dir(out / "samples")
     assert_dir_matches_oracle(files, seen, F, K, CTX, THR)
     # One process fed both ranks' rows of each step in one batch keeps exactly the same state, ties included:
     # a row's order key is its ref, whichever process saw it.

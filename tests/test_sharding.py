@@ -199,7 +199,10 @@ def _seen(out):
 
 def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoint(tmp_path):
     # Each process returns its share as a plain tensor: its layout is the even split of the module's `num_latents`.
-    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt")
+    # The same processes then fit the uninterrupted run to compare with, in `straight` (one launch for both).
+    straight = tmp_path / "straight"
+    _fit(tmp_path, "--tp", 2, "--max-epochs", 1, "--form", "local", "--save-ckpt", tmp_path / "ckpt",
+         "--then", "--out", straight, "--tp", 2, "--max-epochs", 2, "--form", "local", "--save-ckpt", straight / "ckpt")
     checkpoint = tmp_path / "ckpt" / "last.ckpt"
     assert checkpoint.is_dir()  # Lightning's distributed checkpoint
     # Rank 0's metadata holds no samples: each shard's root wrote its own into the distributed checkpoint.
@@ -225,8 +228,6 @@ def test_tensor_parallel_dtensor_latents_resume_through_the_distributed_checkpoi
     check_against_oracle(tmp_path / "samples", seen)
     assert (tmp_path / "samples" / "full_state-00002-of-00002.pt").is_file()
     # The resumed run's history, in parts, is the story of a run that was never stopped.
-    straight = tmp_path / "straight"
-    _fit(straight, "--tp", 2, "--max-epochs", 2, "--form", "local", "--save-ckpt", straight / "ckpt")
     resumed = load_history(tmp_path / "samples" / "training_history.index.json")
     assert resumed["windows"]["end"].tolist() == [6, 12]  # the checkpoint's save, then the last
     assert_same(resumed, load_history(straight / "samples" / "training_history.index.json"), "history")
