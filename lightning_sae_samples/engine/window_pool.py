@@ -122,7 +122,7 @@ class WindowPool:
             return
         at = slots % (self.slots + 1)  # EMPTY: the scratch row, whose count is never read
         self.refs.index_add_(0, at, self._minus_one.expand(len(at)))
-        self._letting_go.append(torch.where(self.refs[at] == 0, slots, EMPTY))
+        self._letting_go.append(torch.where(self.refs.index_select(0, at) == 0, slots, EMPTY))
 
     def ask(self) -> Optional[Tensor]:
         """The count to read back before :meth:`answer` frees the slots let go of so far (``None``: none were)."""
