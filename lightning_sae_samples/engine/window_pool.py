@@ -3,8 +3,8 @@
 A batch's candidate windows are written once, whichever tables take them: each table that stages a candidate holds
 a reference to its slot, and lets go when the sample leaves it or never enters. A slot whose last reference goes is
 free; free slots are gathered at the next size read-back (:meth:`WindowPool.ask`), so they cost no sync of their
-own, and are taken again before never used ones. The pool starts small and doubles when it runs out, so its memory
-follows the samples kept and staged.
+own, and are taken again (in slot order) before never used ones. The pool starts small and grows to twice what it
+needs when it runs out, so its memory follows the samples kept and staged.
 """
 
 from __future__ import annotations
@@ -146,15 +146,6 @@ class WindowPool:
         if ask is not None:
             (count,) = yield ask
             self.answer(count)
-
-    def free_all(self) -> None:
-        """Drop every window (no table may point at one any more): the pool goes back to its scratch row."""
-        for name, pool in self.fields.items():
-            self.fields[name] = pool.new_empty((1, *pool.shape[1:]))
-        self.refs = self.refs.new_zeros(1)
-        self.next_unused = 0
-        self.released = self.released[:0]
-        self._letting_go, self._asked = [], None
 
     def _reserve(self, slots: int) -> None:
         """Grow the pool to at least ``slots`` slots: to twice that, up to :attr:`limit` unless more are needed."""
