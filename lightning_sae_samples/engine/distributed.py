@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from lightning_sae_samples.engine.sample_collector import SampleCollector
-from lightning_sae_samples.engine.sample_table import ACTS_DTYPES, TOKEN_DTYPES, wider
+from lightning_sae_samples.engine.sample_table import ACTS_DTYPES, TOKEN_DTYPES
+from lightning_sae_samples.engine.window_pool import wider
 from lightning_sae_samples.state.merge import merge_counters, merge_field, merge_padded_tables
 from lightning_sae_samples.state.schema import LATENT_FIELDS, RUN_FIELDS, TABLE_NAMES, WINDOW_TOKENS
 from lightning_sae_samples.state.tables import concat_sparse_counts, concat_tables, pack_table, sparse_counts

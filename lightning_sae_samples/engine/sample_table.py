@@ -55,9 +55,6 @@ def acts_dtype_for(latents: torch.dtype) -> torch.dtype:
     return latents if latents in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
-    return a if a == b else torch.promote_types(a, b)
 merge_exported = merge_padded_tables
 
 

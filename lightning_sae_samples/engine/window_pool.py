@@ -22,6 +22,11 @@ from lightning_sae_samples.state.schema import EMPTY, SAMPLE_FIELD
 REFS_DTYPE = torch.int8
 
 
+def wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype that holds every value of both (bfloat16 and float16 together: float32)."""
+    return a if a == b else torch.promote_types(a, b)
+
+
 class WindowPool:
     """Slots of window ``fields`` (one row each, and a scratch row past them), with a reference count per slot.
 
@@ -77,13 +82,12 @@ class WindowPool:
             return
         if token_dtype is not None:
             current = self.fields["context_tokens"].dtype
-            dtype = current if current == token_dtype else torch.promote_types(current, token_dtype)
+            dtype = wider(current, token_dtype)
             if dtype != current:
                 self.fields["context_tokens"] = self.fields["context_tokens"].to(dtype)
         if acts_dtype is not None:
             current = self.fields["context_acts"].dtype
-            dtype = acts_dtype if self.next_unused == 0 or current == acts_dtype else torch.promote_types(
-                current, acts_dtype)
+            dtype = acts_dtype if self.next_unused == 0 else wider(current, acts_dtype)
             if dtype != current:
                 self.fields["context_acts"] = self.fields["context_acts"].to(dtype)
 
