@@ -16,7 +16,7 @@ from lightning_sae_samples.analysis.explanations import (
     read_explanations,
     read_labels,
 )
-from lightning_sae_samples.samples_dir.names import SamplesDirectoryError
+from lightning_sae_samples.samples_dir.names import EXPLANATIONS_LOCK, SamplesDirectoryError
 
 
 def record(latent, text="numbers", **kw):
@@ -131,6 +131,28 @@ def test_concurrent_appenders_interleave_whole_lines(tmp_path):
         w.join()
     assert [w.exitcode for w in workers] == [0, 0]
     assert sorted(read_explanations(tmp_path)) == [*range(50), *range(1000, 1050)]
+
+
+def test_an_appender_waits_for_a_line_another_writer_has_in_progress(tmp_path):
+    """The lock keeps an appender from cutting another writer's half-written line as a torn tail."""
+    import threading
+
+    from filelock import FileLock
+
+    append_explanations(tmp_path, [record(1)])
+    path = explanations_path(tmp_path)
+    line = (json.dumps(record(2).to_json()) + "\n").encode()
+    with FileLock(path.parent / EXPLANATIONS_LOCK):  # another writer, half way through its line
+        with open(path, "ab") as handle:
+            handle.write(line[:20])
+        appender = threading.Thread(target=append_explanations, args=(tmp_path, [record(3)]))
+        appender.start()
+        appender.join(timeout=0.5)
+        assert appender.is_alive(), "the appender did not wait for the lock"
+        with open(path, "ab") as handle:
+            handle.write(line[20:])
+    appender.join()
+    assert sorted(read_explanations(tmp_path)) == [1, 2, 3]
 
 
 def test_a_later_save_keeps_the_sidecar_and_a_new_run_may_reuse_the_directory(tmp_path):
