@@ -551,9 +551,9 @@ def collector_phases(
 
 
 def engine_bytes(collector: Any) -> tuple[int, int]:
-    """Bytes a collector's engine holds in memory: all its tensors, and the sample tables' window pools alone."""
+    """Bytes a collector's engine holds in memory: all its tensors, and the window pool the tables share alone."""
     engine = collector.collector
-    total = pools = 0
+    total = 0
     for value in vars(engine).values():
         if isinstance(value, torch.Tensor):
             total += value.numel() * value.element_size()
@@ -563,9 +563,9 @@ def engine_bytes(collector: Any) -> tuple[int, int]:
             tensor = getattr(table, name)
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
-        pool = sum(t.numel() * t.element_size() for t in table.pool.values())
-        total, pools = total + pool, pools + pool
-    return total, pools
+    pool = engine.window_pool
+    pools = sum(t.numel() * t.element_size() for t in (*pool.fields.values(), pool.refs))
+    return total + pools, pools
 
 
 def rows_vs_sequences(args) -> list[tuple[str, str, str, str]]:

@@ -9,6 +9,7 @@ import torch
 from lightning_sae_samples.config import CollectionConfig
 from lightning_sae_samples.engine.bins import HISTOGRAM_BINS
 from lightning_sae_samples.engine.sample_table import SLOT_DTYPE, STEP_DTYPE, acts_dtype_for, token_dtype_for
+from lightning_sae_samples.engine.window_pool import REFS_DTYPE
 
 #: Bytes of a table's sorted keys per place: values (fp32), step, order (int64), pool slot.
 _KEY_BYTES = 4 + STEP_DTYPE.itemsize + 8 + SLOT_DTYPE.itemsize
@@ -22,8 +23,8 @@ def _table_bytes(
     ``window_bytes``: bytes per window place (token id and activation), or 0 for a pool of token refs.
     """
     per_place = _KEY_BYTES + (8 if random else 0) + (8 if dedup else 0)  # + priority, context hash
-    # Position (int32), and the context tokens and activations, or the token ref (int64).
-    per_sample = 4 + (window * window_bytes if window_bytes else 8)
+    # Position (int32), and the context tokens and activations, or the token ref (int64); the pool's reference count.
+    per_sample = 4 + (window * window_bytes if window_bytes else 8) + REFS_DTYPE.itemsize
     # Per row: the merge floor (8) and the fill (int16 below 2**15 places); one scratch window that merges write
     # the samples that do not enter to.
     fill = 2 if capacity < 2**15 else 4

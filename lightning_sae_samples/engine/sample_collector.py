@@ -25,7 +25,7 @@ from lightning_sae_samples.engine.sample_table import (
     indices_of,
     token_dtype_for,
 )
-from lightning_sae_samples.engine.window_pool import WindowPool
+from lightning_sae_samples.engine.window_pool import REFS_DTYPE, WindowPool
 from lightning_sae_samples.engine.windows import (
     SparseWindowActs,
     TokenPositions,
@@ -547,7 +547,7 @@ class SampleCollector:
         walking = more[0] if found.walking is not None else None
         batch.compute_windows(candidates, self._batch_fields, walking)
         # Each window is written once; the tables that will stage it hold it from the start.
-        holders = masks.narrow(0, 0, len(offers)).index_select(1, candidates).sum(0, dtype=torch.int8)
+        holders = masks.narrow(0, 0, len(offers)).index_select(1, candidates).sum(0, dtype=REFS_DTYPE)
         batch.write_windows(self.window_pool, holders)
         for (table, rows, priority), candidate in zip(offers, entering):
             alive = survives.index_select(0, candidate) if table.dedup_radius is not None else None
