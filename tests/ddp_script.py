@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import SyntheticSAE, loader  # noqa: E402
+from helpers import SyntheticSAE, fit_dirs, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--save-ckpt", type=Path, default=None)
     parser.add_argument("--num-latents", type=int, default=10)
     args = parser.parse_args()
-    for mode in args.mode:
-        fit(args, mode, args.out if len(args.mode) == 1 else args.out / mode)
+    for mode, out in fit_dirs(args.out, args.mode):
+        fit(args, mode, out)
 
 
 if __name__ == "__main__":

@@ -315,3 +315,8 @@ def run_example(config: Path, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=900,
     )
+
+
+def fit_dirs(out, names):
+    """The fits a one-launch test script runs, each with its folder: ``out`` for one fit, ``out/<name>`` for several."""
+    return [(name, out if len(names) == 1 else out / name) for name in names]

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import loader  # noqa: E402
+from helpers import fit_dirs, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from multi_helpers import SETTINGS, THREE_SAES, MultiSAEModule  # noqa: E402
 
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--ckpt-path", default=None)
     parser.add_argument("--save-ckpt", type=Path, default=None)
     args = parser.parse_args()
-    for route in args.route:
-        fit(args, route, args.out if len(args.route) == 1 else args.out / route)
+    for route, out in fit_dirs(args.out, args.route):
+        fit(args, route, out)
 
 
 if __name__ == "__main__":

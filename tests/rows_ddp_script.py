@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from helpers import fit_dirs  # noqa: E402
 from rows_helpers import SETTINGS, RowSAE, shuffled_rows  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
@@ -31,8 +32,8 @@ def main() -> None:
     parser.add_argument("--mode", nargs="+", default=["dense"],
                         help="several: one fit each, in <out>/<mode>, by the same processes (one launch)")
     args = parser.parse_args()
-    for mode in args.mode:
-        fit(mode, args.out if len(args.mode) == 1 else args.out / mode)
+    for mode, out in fit_dirs(args.out, args.mode):
+        fit(mode, out)
 
 
 if __name__ == "__main__":
