@@ -229,3 +229,30 @@ def test_save_full_state_chooses_which_saves_write_it(tmp_path, when, at_checkpo
 def test_save_full_state_is_validated():
     with pytest.raises(ValueError, match=r"`save_full_state` must be one of \('every', 'end', 'never'\), got 'al"):
         ActivationSampleCallback(save_full_state="always")
+
+
+@pytest.mark.parametrize("tamper, rule", [
+    ("first_unset", "EMPTY \\(-1\\) exactly where `last_step` is"),
+    ("last_unset", "EMPTY \\(-1\\) exactly where `last_step` is"),
+    ("first_after_last", "steps no later than `last_step`"),
+])
+def test_a_full_state_whose_first_and_last_steps_disagree_is_refused(tmp_path, tamper, rule):
+    from lightning_sae_samples.samples_dir.reader import load_full_state
+
+    c = SampleCollector(config())
+    for step, (tokens, latents) in enumerate(batches(4, seed=5, density=0.5)):
+        c.update_dense(tokens, latents, step + 10)
+    state = c.state_dict()
+    path = tmp_path / FULL_STATE_NAME
+    torch.save(state, path)
+    assert torch.equal(load_full_state(path)["first_step"], state["first_step"])  # as written, it loads
+    fired = int(torch.nonzero(state["count"])[0])
+    if tamper == "first_unset":
+        state["first_step"][fired] = -1
+    elif tamper == "last_unset":
+        state["last_step"][fired] = -1
+    else:
+        state["first_step"][fired] = state["last_step"][fired] + 1
+    torch.save(state, path)
+    with pytest.raises(SamplesDirectoryError, match=rf"`first_step` must hold {rule}; entry {fired} does not"):
+        load_full_state(path)

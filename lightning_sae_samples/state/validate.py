@@ -233,6 +233,10 @@ def _check_statistics(state: dict, tokens_seen: int) -> None:
                 f"finite activations (or {empty} where the latent never fired)")
     for key in ("first_step", "last_step"):
         _at_least(state[key], key, EMPTY)
+    first, last = state["first_step"], state["last_step"]
+    # A collection derives a latent's first step from its last where it has none: the two are set together.
+    _values((first == EMPTY) == (last == EMPTY), "first_step", "EMPTY (-1) exactly where `last_step` is")
+    _values(first <= last, "first_step", "steps no later than `last_step`")
     _at_least(_count_values(state["hist"]), "hist", 0)
     if "interval_count" in state:
         _at_least(_count_values(state["interval_count"]), "interval_count", 0)
