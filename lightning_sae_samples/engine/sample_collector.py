@@ -76,6 +76,10 @@ class Entries:
         nonfinite: Per entry, whether it is collected and not finite (sparse latents), counted in the collection's
             one sync.
         nonfinite_rows: Per row, whether it holds a non-finite value, and the rows, to count those values.
+        by_latent: The entries sorted by latent (a permutation), where the window reader made one: the statistics
+            then take the valid entries in that order, and their scatters sweep each per-latent tensor from start
+            to end instead of at random (on the CPU, several times faster once the rest of a collection has pushed
+            those tensors out of the cache).
     """
 
     token_idx: Tensor
@@ -85,6 +89,7 @@ class Entries:
     walking: Optional[Callable[[Tensor], Tensor]] = None
     nonfinite: Optional[Tensor] = None
     nonfinite_rows: Optional[tuple[Tensor, Tensor]] = None
+    by_latent: Optional[Tensor] = None
 
     def permuted(self, order: Tensor) -> Entries:
         """The entries in ``order``."""
@@ -101,8 +106,9 @@ class Entries:
             def walking(entering: Tensor, read: Callable[[Tensor], Tensor] = self.walking) -> Tensor:
                 return read(entering.to(source)).to(device)
 
+        by_latent = None if self.by_latent is None else self.by_latent.to(device)
         return Entries(self.token_idx.to(device), self.latent_idx.to(device), self.values.to(device),
-                       self.valid.to(device), walking, nonfinite, self.nonfinite_rows)
+                       self.valid.to(device), walking, nonfinite, self.nonfinite_rows, by_latent)
 
 
 def per_latent_fields(state: dict) -> list[str]:
@@ -314,7 +320,7 @@ class SampleCollector:
         found = self._sparse_entries(entry_idx, entry_val, k, positions.collect)
         acts = SparseWindowActs(entry_idx, entry_val, k, positions.segment, self.config.half_window,
                                 positions.num_segments)
-        found.walking = acts.walking
+        found.walking, found.by_latent = acts.walking, acts.order
         self._fold(found, positions.num_seen, positions.tokens, step, acts, values.dtype,
                    self._sequence_batch(positions, step, order_base))
 
@@ -498,7 +504,7 @@ class SampleCollector:
         may_enter = torch.stack([table.can_enter(rows, priority) for table, rows, priority in offers]) & valid
         anywhere = may_enter.any(0)
         # Every mask over the entries in one stack: one reduction counts them all, one search finds them all.
-        entry_masks = [valid, anywhere]
+        entry_masks = [valid if found.by_latent is None else valid.index_select(0, found.by_latent), anywhere]
         if found.walking is not None:
             entry_masks.append(found.walking(anywhere))
         if found.nonfinite is not None:
@@ -539,6 +545,8 @@ class SampleCollector:
         self.last_active = counts[len(offers)]
         found_at = indices_of_rows(masks, counts)
         entering, (at, candidates, *more) = found_at[: len(offers)], found_at[len(offers) :]
+        if found.by_latent is not None:
+            at = found.by_latent.index_select(0, at)
         # index_select, not tensor[index]: on the CPU a 1-D gather by advanced indexing is several times slower.
         fired = latent_idx.index_select(0, at)
         self._update_statistics(fired, values.index_select(0, at), hist_bin.index_select(0, at), step,
@@ -625,7 +633,7 @@ class SampleCollector:
         for largest in (self.max, self.window_max):
             largest.scatter_reduce_(0, latent_idx, values, reduce="amax")
         self.min.scatter_reduce_(0, latent_idx, values, reduce="amin")
-        self.hist.view(-1).index_add_(0, latent_idx * self.hist.shape[1] + hist_bin, ones)
+        self.hist.view(-1).index_add_(0, torch.add(hist_bin, latent_idx, alpha=self.hist.shape[1]), ones)
         if interval_rows is not None:
             self.interval_count.view(-1).index_add_(0, interval_rows, ones)
         self.last_step.index_fill_(0, latent_idx, step)

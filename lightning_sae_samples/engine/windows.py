@@ -78,6 +78,12 @@ def dense_hits(flat: Tensor, threshold: float, collect: Tensor) -> tuple[Tensor,
     return groups[at] * group + column, torch.cat(bad)
 
 
+@functools.lru_cache(maxsize=16)
+def window_offsets(half_window: int, device: torch.device) -> Tensor:
+    """``-half_window .. half_window``, made once per device (every collection reads windows with them)."""
+    return torch.arange(-half_window, half_window + 1, device=device)
+
+
 def padding_positions(tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """``[B, T]`` bool, True at padding: a negative token id, or 0/False in ``attention_mask``."""
     padding = tokens < 0
@@ -177,7 +183,7 @@ class SparseWindowActs:
         own = self.values[candidate].to(dtype).unsqueeze(1)
         acts = torch.nn.functional.pad(own, (half + 1, half + 1))
         at = walking.unsqueeze(1)
-        steps = torch.arange(-half, half + 1, device=at.device)
+        steps = window_offsets(half, at.device)
         # Clamped places repeat the first or last entry, which then writes its own value twice.
         neighbour = (at + steps).clamp_(0, len(self.keys) - 1)
         keys = self.keys[neighbour]
