@@ -861,14 +861,20 @@ def device_work() -> type:
     return DeviceWork
 
 
-def floor_batches(num_latents: int, k: int, tokens: int, seq_len: int, gen: torch.Generator, low: float = 0.0):
-    """One batch of uniform random TopK codes (values in ``[low, 5)``), as the collector-alone rows use."""
+def floor_batches(num_latents: int, k: int, tokens: int, seq_len: int, gen: torch.Generator, low: float = 0.0,
+                  log_uniform: bool = False):
+    """One batch of uniform random TopK codes (values in ``[low, 5)``), as the collector-alone rows use.
+
+    ``log_uniform``: values spread evenly over the logarithm instead (``low > 0``), so that each half-decade
+    interval of the interval samples gets as many as the next.
+    """
     batch = tokens // seq_len
     ids = torch.randint(0, 30522, (batch, seq_len), generator=gen)
     start = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen)
     stride = torch.randint(0, num_latents, (batch * seq_len, 1), generator=gen) | 1
     indices = ((start + torch.arange(k) * stride) % num_latents).view(batch, seq_len, k)
-    values = low + torch.rand(batch, seq_len, k, generator=gen) * (5 - low)
+    spread = torch.rand(batch, seq_len, k, generator=gen)
+    values = low * (5 / low) ** spread if log_uniform else low + spread * (5 - low)
     return ids, indices, values
 
 
@@ -876,9 +882,10 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
                  extra: dict, collections: int, device: torch.device) -> dict:
     """Collection time over the floor's on the same batches, in the fill phase and once the tops are full.
 
-    Fill: collections 2 to ``collections`` from an empty state. Filled: the top rows are first filled with values
-    in [4, 5) (bigger batches, not timed, their staged samples merged), then the same uniform batches come, of
-    which only the few above a latent's 100th value may enter. Each batch goes through the floor (three times, the
+    Fill: collections 2 to ``collections`` from an empty state. Filled: the interval rows are first seeded with
+    values spread evenly over the intervals, then the top rows filled with values in [4, 5) (bigger batches, not
+    timed, their staged samples merged), then the same uniform batches come, of which only the few above a
+    latent's 100th value, or of high enough priority in their interval, may enter. Each batch goes through the floor (three times, the
     least counts) and the collection, one after the other, and the ratio is of the summed times, merges included
     wherever the stage limits put them (a phase long enough to hold some).
     Times are the process's CPU time on a CPU (the machine may be shared), the wall clock on a GPU; the operators
@@ -937,12 +944,16 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
         return sum(t for t, _ in measured) / sum(f for _, f in measured), measured, counts
 
     fill, fill_times, fill_counts = phase(0)
-    # Fill the tops with values in [4, 5) (not timed), then time uniform batches again.
+    # Not timed: a long run's state, in which every row has seen many samples. First values spread evenly over the
+    # intervals the uniform batches reach (each latent's interval rows see about 40 samples each, so few more
+    # enter), then values in [4, 5) that fill the tops above most of what comes next.
     prefill_tokens = max(tokens, 64 * seq_len)
     needed = math.ceil(num_latents * config.max_samples_per_feature / (prefill_tokens * k) * 1.5)
     step = collections + 1
-    for step in range(collections + 1, collections + 1 + needed):
-        ids, indices, values = floor_batches(num_latents, k, prefill_tokens, seq_len, gen, low=4.0)
+    for step in range(collections + 1, collections + 1 + 2 * needed):
+        spread = step < collections + 1 + needed
+        ids, indices, values = floor_batches(num_latents, k, prefill_tokens, seq_len, gen,
+                                             low=max(threshold, 1e-3) if spread else 4.0, log_uniform=spread)
         collector.update_sparse(ids.to(device), indices.to(device), values.to(device), step)
     # The filling's own stage is merged before the clock starts: the phase measures collections into full tops.
     for table in collector.tables.values():
