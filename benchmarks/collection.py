@@ -885,9 +885,9 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
     Fill: collections 2 to ``collections`` from an empty state. Filled: the interval rows are first seeded with
     values spread evenly over the intervals, then the top rows filled with values in [4, 5) (bigger batches, not
     timed, their staged samples merged), then the same uniform batches come, of which only the few above a
-    latent's 100th value, or of high enough priority in their interval, may enter. Each batch goes through the floor (three times, the
-    least counts) and the collection, one after the other, and the ratio is of the summed times, merges included
-    wherever the stage limits put them (a phase long enough to hold some).
+    latent's 100th value, or of high enough priority in their interval, may enter. Each batch goes through the
+    floor (three times, the least counts) and the collection, one after the other, and the ratio is of the summed
+    times, merges included wherever the stage limits put them (a phase long enough to hold some).
     Times are the process's CPU time on a CPU (the machine may be shared), the wall clock on a GPU; the operators
     and syncs are of one more collection after each phase, untimed.
     """
