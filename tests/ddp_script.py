@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import SyntheticSAE, fit_dirs, loader  # noqa: E402
+from helpers import SyntheticSAE, end_process_group, fit_dirs, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
@@ -51,3 +51,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -320,3 +320,13 @@ def run_example(config: Path, cwd: Path) -> subprocess.CompletedProcess:
 def fit_dirs(out, names):
     """The fits a one-launch test script runs, each with its folder: ``out`` for one fit, ``out/<name>`` for several."""
     return [(name, out if len(names) == 1 else out / name) for name in names]
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    A process that exits with a gloo process group alive can abort (SIGABRT: "terminate called without an active
+    exception") while the interpreter shuts down (pytorch/pytorch#190489); Lightning leaves the group to its caller.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import DriftingSAE, TokenDataset, loader, make_callback  # noqa: E402
+from helpers import DriftingSAE, TokenDataset, end_process_group, loader, make_callback  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 
@@ -29,3 +29,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import CTX, THR, K, TokenDataset, latent_table, loader  # noqa: E402
+from helpers import CTX, THR, K, TokenDataset, end_process_group, latent_table, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from oracle import Seen  # noqa: E402
@@ -131,3 +131,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

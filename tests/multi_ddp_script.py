@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import fit_dirs, loader  # noqa: E402
+from helpers import end_process_group, fit_dirs, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from multi_helpers import SETTINGS, THREE_SAES, MultiSAEModule  # noqa: E402
 
@@ -49,3 +49,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from helpers import fit_dirs  # noqa: E402
+from helpers import end_process_group, fit_dirs  # noqa: E402
 from rows_helpers import SETTINGS, RowSAE, shuffled_rows  # noqa: E402
 
 from lightning_sae_samples import ActivationSampleCallback  # noqa: E402
@@ -38,3 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()
