@@ -537,8 +537,14 @@ class SampleTable:
             out[local, rank] = values
             return out
 
+        def places(name: str) -> Tensor:
+            """The field's first ``span`` places of every row (a view)."""
+            field = getattr(self, name)
+            return field if span == field.shape[1] else field[:, :span]
+
         def kept(name: str) -> Tensor:
-            return getattr(self, name)[:, :span] if all_rows else getattr(self, name)[touched, :span]
+            # index_select, not [touched, :span]: on the CPU a row gather by advanced indexing is 2-3x slower.
+            return places(name) if all_rows else places(name).index_select(0, touched)
 
         new_priority = to_grid(new["sort"].to(self.sort_key.dtype), -math.inf)
         # Merge two descending rows: a new sample lands after every old one greater or equal, and the old
@@ -574,9 +580,9 @@ class SampleTable:
             old = old_slots if name == "slot" else old_priority if name == sort_field else kept(name)
             merged = torch.take(torch.cat([old.reshape(-1), arriving.to(old.dtype)]), source)
             if all_rows:
-                getattr(self, name)[:, :span] = merged
+                places(name).copy_(merged)
             else:
-                getattr(self, name)[touched, :span] = merged
+                places(name).index_copy_(0, touched, merged)
         return rank < entered[local]
 
     def _resolve_classes(self, new: dict[str, Tensor]) -> Generator[Tensor, list[int], None]:
