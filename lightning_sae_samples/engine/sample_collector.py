@@ -33,6 +33,7 @@ from lightning_sae_samples.engine.windows import (
     dense_hits,
     finite,
     rounded_threshold,
+    window_offsets,
 )
 from lightning_sae_samples.state.schema import (
     EMPTY,
@@ -280,7 +281,7 @@ class SampleCollector:
         def window_acts(candidate: Tensor) -> Tensor:
             token, latent = token_idx.index_select(0, candidate), latent_idx.index_select(0, candidate)
             position = token % seq
-            offsets = torch.arange(-self.config.half_window, self.config.half_window + 1, device=token.device)
+            offsets = window_offsets(self.config.half_window, token.device)
             shifted = position.unsqueeze(1) + offsets
             rows = (token - position).unsqueeze(1) + shifted.clamp(0, seq - 1)
             acts = flat[rows, latent.unsqueeze(1).expand_as(rows)].to(acts_dtype_for(flat.dtype))

@@ -156,9 +156,12 @@ class BatchContext:
     def window_of(self) -> Tensor:
         """Per token of the batch, the row of its window in :attr:`windows` (``EMPTY``: none computed)."""
         if self._window_of is None:
-            self._window_of = torch.full_like(self.token_idx, EMPTY).index_put_(
-                (self._candidate,), torch.arange(len(self._candidate), device=self._candidate.device))
+            self._window_of = self._at_candidates(torch.arange(len(self._candidate), device=self._candidate.device))
         return self._window_of
+
+    def _at_candidates(self, values: Tensor) -> Tensor:
+        """Per token of the batch, the value of its candidate (one per :meth:`compute_windows` candidate), or EMPTY."""
+        return torch.full_like(self.token_idx, EMPTY).index_put_((self._candidate,), values)
 
     def write_windows(self, pool: WindowPool, holders: Optional[Tensor] = None) -> None:
         """Write the computed windows to ``pool``, once for all the tables that share it.
@@ -168,8 +171,7 @@ class BatchContext:
         staged by some table, or its slot is never given back.
         """
         slots = pool.write(self.windows, holders)
-        slot_of = torch.full_like(self.token_idx, EMPTY).index_put_((self._candidate,), slots)
-        self._slot_of[id(pool)] = (slot_of, holders is not None)
+        self._slot_of[id(pool)] = (self._at_candidates(slots), holders is not None)
 
     def slots_in(self, pool: WindowPool, candidate: Tensor) -> Tensor:
         """The pool slots of these candidates' windows, held by the caller (written on the first call)."""
