@@ -949,11 +949,12 @@ def floor_ratios(num_latents: int, k: int, tokens: int, seq_len: int, threshold:
     # enter), then values in [4, 5) that fill the tops above most of what comes next.
     prefill_tokens = max(tokens, 64 * seq_len)
     needed = math.ceil(num_latents * config.max_samples_per_feature / (prefill_tokens * k) * 1.5)
+    lowest = float(collector.hist_edges[0])  # the first histogram (and interval) edge
     step = collections + 1
     for step in range(collections + 1, collections + 1 + 2 * needed):
         spread = step < collections + 1 + needed
         ids, indices, values = floor_batches(num_latents, k, prefill_tokens, seq_len, gen,
-                                             low=max(threshold, 1e-3) if spread else 4.0, log_uniform=spread)
+                                             low=lowest if spread else 4.0, log_uniform=spread)
         collector.update_sparse(ids.to(device), indices.to(device), values.to(device), step)
     # The filling's own stage is merged before the clock starts: the phase measures collections into full tops.
     for table in collector.tables.values():
