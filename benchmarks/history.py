@@ -48,6 +48,9 @@ from lightning_sae_samples.tokens import TokenDecoder  # noqa: E402
 
 SAVES = 1000
 PER_LEVEL = 4
+#: The defaults' context_size=20: 10 tokens each side of the activating one.
+HALF_WINDOW = 10
+CONTEXT_WINDOW = 2 * HALF_WINDOW + 1
 
 
 def levels_kept(saves: int, per_level: int) -> list[int]:
@@ -104,12 +107,12 @@ def main() -> None:
         saved = list(range(100))
         window = window_of_state(state, 100, 5, saved, 3)
         rows = len(window["latent"])
-        payload = history_payload([window], num_latents=num_latents, top_tokens=5, context_window=21,
+        payload = history_payload([window], num_latents=num_latents, top_tokens=5, context_window=CONTEXT_WINDOW,
                                   dead_window_steps=10_000, vocab={})
         one = file_bytes(payload)
-        empty = file_bytes(history_payload([], num_latents=num_latents, top_tokens=5, context_window=21,
+        empty = file_bytes(history_payload([], num_latents=num_latents, top_tokens=5, context_window=CONTEXT_WINDOW,
                                            dead_window_steps=10_000, vocab={}))
-        per_row = (one - empty - 3 * len(saved) * 21 * 8) / max(rows, 1)
+        per_row = (one - empty - 3 * len(saved) * CONTEXT_WINDOW * 8) / max(rows, 1)
         measured = kept * (one - empty) + empty
         bound = kept * num_latents * per_row
         full = estimate_state_bytes(CollectionConfig(num_latents=num_latents), latent_dtype=torch.bfloat16,
@@ -123,11 +126,13 @@ def main() -> None:
                 if prior:
                     # The windows 999 saves leave, with their levels; each as wide as this one (rows).
                     previous = [dict(window, start=100 * i, end=100 * (i + 1), level=lv) for i, lv in enumerate(levels)]
-                    torch.save(history_payload(previous, num_latents=num_latents, top_tokens=5, context_window=21,
-                                               dead_window_steps=10_000, vocab={}), root / HISTORY_NAME)
+                    torch.save(history_payload(previous, num_latents=num_latents, top_tokens=5,
+                                               context_window=CONTEXT_WINDOW, dead_window_steps=10_000, vocab={}),
+                               root / HISTORY_NAME)
                 state["window_start"] = 100 * prior
                 start = time.perf_counter()
-                _write_history(root, pending, state, saved, 100 * (prior + 1), settings, TokenDecoder(None))
+                built = window_of_state(state, 100 * (prior + 1), 5, saved, 3)
+                _write_history(root, pending, built, num_latents, HALF_WINDOW, settings, TokenDecoder(None))
                 times.append(time.perf_counter() - start)
                 if prior:
                     # The serve timeline answer of one feature, on the history this save wrote (cold: first events).
