@@ -97,10 +97,19 @@ def open_chromium(url: str, profile: Path, width: int, height: int):
             proc.kill()
 
 
+#: What DevTools answers an evaluation that a navigation of the page cut short (a wait after a click may meet it).
+NAVIGATING = ("navigated or closed", "Execution context was destroyed", "Cannot find default execution context")
+
+
 def wait_js(tools, expression: str, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
-        value = tools.js(expression)
+        try:
+            value = tools.js(expression)
+        except RuntimeError as error:
+            if not any(text in str(error) for text in NAVIGATING):
+                raise
+            value = None
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {expression}"
