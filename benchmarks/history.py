@@ -105,7 +105,7 @@ def main() -> None:
     for num_latents in args.num_latents:
         state = collected_state(num_latents, args.collections)
         saved = list(range(100))
-        window = window_of_state(state, 100, 5, saved, 3)
+        window = window_of_state(state, 100, settings["top_tokens"], saved, settings["samples_per_feature"])
         rows = len(window["latent"])
         payload = history_payload([window], num_latents=num_latents, top_tokens=5, context_window=CONTEXT_WINDOW,
                                   dead_window_steps=10_000, vocab={})
@@ -131,7 +131,8 @@ def main() -> None:
                                root / HISTORY_NAME)
                 state["window_start"] = 100 * prior
                 start = time.perf_counter()
-                built = window_of_state(state, 100 * (prior + 1), 5, saved, 3)
+                built = window_of_state(state, 100 * (prior + 1), settings["top_tokens"], saved,
+                                        settings["samples_per_feature"])
                 _write_history(root, pending, built, num_latents, HALF_WINDOW, settings, TokenDecoder(None))
                 times.append(time.perf_counter() - start)
                 if prior:
